@@ -1,0 +1,193 @@
+"""Self-describing, safe-to-load checkpoint files.
+
+A checkpoint is one safetensors file: tensors (network, EMA network, optimiser moments,
+random states, normalisation) plus a JSON header entry "animeddim" holding the run
+config and counters. safetensors holds no code, so loading one never executes anything.
+Files are written to a temporary name, fsynced and renamed: a crash leaves either the
+old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
+
+from .config import ConfigError, RunConfig
+from .unet import UNet
+
+FORMAT = "animeddim-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, damaged, foreign or incompatible; the message says which."""
+
+
+def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Atomically write tensors and metadata to `path` (temp file + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"animeddim": json.dumps({"format": FORMAT, "version": VERSION, **meta})}
+    data = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, header)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint's tensors and metadata; CheckpointError if it is not a valid one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable animeddim checkpoint (safetensors): {e}"
+        ) from None
+    try:
+        meta = json.loads(header["animeddim"])
+        ok = meta.get("format") == FORMAT
+    except (KeyError, json.JSONDecodeError, AttributeError):
+        ok = False
+    if not ok:
+        raise CheckpointError(
+            f"{str(path)!r} is a safetensors file but not an animeddim checkpoint"
+        )
+    if meta.get("version", 0) > VERSION:
+        raise CheckpointError(
+            f"{str(path)!r} has checkpoint format version {meta['version']}; this animeddim "
+            f"reads up to version {VERSION}: upgrade animeddim"
+        )
+    return tensors, meta
+
+
+def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries under `prefix.` with the prefix stripped."""
+    p = prefix + "."
+    return {k[len(p) :]: v for k, v in tensors.items() if k.startswith(p)}
+
+
+def with_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in state.items()}
+
+
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load a state dict, turning key or shape mismatches into one clear CheckpointError."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or wrong:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            detail.append(
+                f"{len(wrong)} of another shape (e.g. {k}: {tuple(state[k].shape)} in the file, "
+                f"{tuple(own[k].shape)} in the network)"
+            )
+        raise CheckpointError(
+            f"{what} does not match the network its config describes: " + "; ".join(detail)
+        )
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+@dataclass
+class LoadedModel:
+    """An EMA network ready to sample, with everything needed to use it."""
+
+    model: UNet
+    config: RunConfig
+    mean: torch.Tensor  # [C] per-channel mean of the training images, in [0, 1]
+    std: torch.Tensor  # [C] per-channel std of the training images
+    meta: dict[str, Any]
+    path: Path
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder (its checkpoints/last.safetensors)."""
+    p = Path(path)
+    if p.is_dir():
+        f = p / "checkpoints" / "last.safetensors"
+        if not f.is_file():
+            raise CheckpointError(
+                f"run folder {str(p)!r} holds no checkpoint (expected {str(f)!r}); "
+                "is it an animeddim run folder?"
+            )
+        return f
+    if not p.exists():
+        raise CheckpointError(f"{str(p)!r} is neither a run folder nor a checkpoint file")
+    return p
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Rebuild the EMA network described by a checkpoint (file or run folder), eval mode."""
+    f = resolve(path)
+    tensors, meta = load(f)
+    try:
+        config = RunConfig.from_dict(meta["config"]).validate()
+    except (KeyError, ConfigError) as e:
+        raise CheckpointError(f"{str(f)!r} has no usable config: {e}") from None
+    model = UNet(config.model)
+    ema = prefixed(tensors, "ema")
+    if not ema:
+        raise CheckpointError(f"{str(f)!r} holds no EMA network weights")
+    load_state_strict(model, ema, f"the EMA weights in {str(f)!r}")
+    if "norm.mean" not in tensors or "norm.std" not in tensors:
+        raise CheckpointError(f"{str(f)!r} holds no normalisation statistics")
+    model.eval().to(device)
+    return LoadedModel(
+        model=model,
+        config=config,
+        mean=tensors["norm.mean"].float(),
+        std=tensors["norm.std"].float(),
+        meta=meta,
+        path=f,
+    )
+
+
+def export_weights(src: str | Path, out: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Write a small sampling-only file: EMA weights (in `dtype`), normalisation and config."""
+    loaded = load_model(src)
+    state = {
+        k: v.to(dtype) if v.is_floating_point() else v for k, v in loaded.model.state_dict().items()
+    }
+    tensors = {**with_prefix(state, "ema"), "norm.mean": loaded.mean, "norm.std": loaded.std}
+    meta = {k: loaded.meta[k] for k in ("config", "epoch", "step") if k in loaded.meta}
+    meta["kind"] = "ema-weights"
+    return save(out, tensors, meta)

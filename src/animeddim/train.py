@@ -1,0 +1,565 @@
+"""Training: the loop, losses, EMA, validation, per-epoch KID and checkpoint cadence.
+
+One top-to-bottom function split by short section comments. Randomness is a pure
+function of (seed, step) for noise and times and of (seed, epoch, batch) for data order
+and flips, so a resumed run sees exactly what an uninterrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from . import data as data_mod
+from .config import ConfigError, RunConfig
+from .runtime import autocast, maybe_compile, resolve_device, resolve_precision
+from .sampling import generate
+from .schedule import diffuse, predict_x0
+from .unet import UNet
+
+METRIC_COLUMNS = [
+    "epoch",
+    "step",
+    "train_noise_loss",
+    "train_image_loss",
+    "val_noise_loss",
+    "val_image_loss",
+    "kid",
+    "learning_rate",
+    "images_per_s",
+    "epoch_seconds",
+    "wall_seconds",
+]
+VAL_SEED = 0x5EED  # validation noise and times are the same every epoch
+GRID_IMAGES = 18  # 3 x 6 sample grid per epoch, as in the Keras example
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite; the message names the step."""
+
+
+class RunFolderError(ValueError):
+    """The run folder cannot be used (exists with another run, missing on resume, ...)."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    epoch: int
+    step: int
+    interrupted: bool
+    last_row: dict[str, Any] | None
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator of noises and times of optimiser step `step`."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step * 7919 + 17) % (2**63))
+    return g
+
+
+def ema_update(ema: list[torch.Tensor], live: list[torch.Tensor], decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * live, for all tensors in one fused call."""
+    torch._foreach_lerp_(ema, live, 1.0 - decay)
+
+
+def _float_state(module: torch.nn.Module) -> list[torch.Tensor]:
+    # Parameters and BatchNorm running statistics: Keras averages every weight it holds,
+    # non-trainable ones included, so the EMA network's statistics are averaged too.
+    return [t for t in module.state_dict(keep_vars=True).values() if t.is_floating_point()]
+
+
+def losses(
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    noises: torch.Tensor,
+    t: torch.Tensor,
+    cfg: RunConfig,
+    precision_ctx,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MAE noise loss (the objective) and MAE image loss on x0_hat, both fp32 scalars."""
+    noisy_images, signal_rate, noise_rate = diffuse(images, noises, t, cfg.schedule)
+    with precision_ctx:
+        pred_noises = model(noisy_images, (noise_rate**2).view(-1))
+    pred_noises = pred_noises.float()
+    pred_images = predict_x0(noisy_images, pred_noises, signal_rate, noise_rate)
+    return F.l1_loss(pred_noises, noises), F.l1_loss(pred_images, images)
+
+
+def _normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
+    cfg_file = run_dir / "config.json"
+    if resume:
+        if not cfg_file.is_file():
+            raise RunFolderError(f"cannot resume: {str(run_dir)!r} is not an animeddim run folder")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise RunFolderError(
+            f"run folder {str(run_dir)!r} already holds files; use --resume to continue "
+            "that run or choose a new --out"
+        )
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run_dir / "samples").mkdir(exist_ok=True)
+    _atomic_write_text(cfg_file, cfg.to_json() + "\n")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    try:
+        d = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunFolderError(f"cannot read {str(run_dir / 'config.json')!r}: {e}") from None
+    return RunConfig.from_dict(d).validate()
+
+
+def _append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
+    path = run_dir / "metrics.csv"
+    new = not path.exists()
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def _truncate_metrics(run_dir: Path, epoch: int) -> None:
+    """Drop rows of epochs after `epoch` (they came after the checkpoint we resume from)."""
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        return
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= epoch]
+    tmp = path.with_name(".metrics.csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def save_grid(images_u8: torch.Tensor, path: Path, cols: int) -> None:
+    """Tile uint8 [N x H x W x C] images into one PNG."""
+    from PIL import Image
+
+    n, h, w, c = images_u8.shape
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * h, cols * w, c), 255, dtype=np.uint8)
+    for i, im in enumerate(images_u8.numpy()):
+        r, k = divmod(i, cols)
+        grid[r * h : (r + 1) * h, k * w : (k + 1) * w] = im
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(tmp)
+    os.replace(tmp, path)
+
+
+def _training_tensors(model, ema, optimizer, mean, std) -> dict[str, torch.Tensor]:
+    tensors = {
+        **ckpt.with_prefix(model.state_dict(), "model"),
+        **ckpt.with_prefix(ema.state_dict(), "ema"),
+        "norm.mean": mean,
+        "norm.std": std,
+    }
+    for i, state in optimizer.state_dict()["state"].items():
+        for k, v in state.items():
+            tensors[f"optim.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return tensors
+
+
+def _restore_optimizer(optimizer, tensors: dict[str, torch.Tensor], groups: list) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in ckpt.prefixed(tensors, "optim").items():
+        i, name = k.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _all_finite(module: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in _float_state(module))
+
+
+def train(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train (or resume) a DDIM on cfg.data.path, writing everything to run_dir.
+
+    :return: where training stopped; `interrupted` if Ctrl-C saved a checkpoint early.
+    """
+    run_dir = Path(run_dir)
+    if resume:
+        cfg_on_disk = load_run_config(run_dir)
+        cfg_on_disk.train.epochs = cfg.train.epochs  # a resume may extend the run
+        cfg_on_disk.train.device = cfg.train.device
+        cfg = cfg_on_disk
+        _atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
+    cfg.validate()
+    prepare_run_dir(run_dir, cfg, resume)
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    precision = resolve_precision(tc.precision, device)
+    precision_ctx = autocast(device, precision)
+    torch.manual_seed(tc.seed)
+
+    # --- data: decode once, split, statistics of the training split --------------------
+    if not cfg.data.path:
+        raise ConfigError("no training data: give --data DIR (or data.path in the config file)")
+    imageset = data_mod.load_folder(
+        cfg.data.path,
+        cfg.data.image_size,
+        cache=cfg.data.cache,
+        strict=cfg.data.strict,
+        progress=progress,
+    )
+    train_idx, val_idx = data_mod.split_indices(
+        len(imageset.images), cfg.data.val_fraction, cfg.data.split_seed
+    )
+    mean_l, std_l = data_mod.channel_stats(imageset.images, train_idx)
+    mean = torch.tensor(mean_l, dtype=torch.float32)
+    std = torch.tensor(std_l, dtype=torch.float32).clamp(min=1e-3)
+    steps_per_epoch = data_mod.num_batches(len(train_idx), tc.batch_size, drop_last=True)
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"batch_size {tc.batch_size} is larger than the training split "
+            f"({len(train_idx)} images): lower --batch-size"
+        )
+
+    # --- network, EMA copy, optimiser ---------------------------------------------------
+    model = UNet(cfg.model).to(device)
+    ema = copy.deepcopy(model).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=tc.learning_rate,
+        weight_decay=tc.weight_decay,
+        **({"fused": True} if fused else {"foreach": True}),
+    )
+    step, epoch, batch_in_epoch = 0, 0, 0
+    acc = torch.zeros(3, dtype=torch.float64, device=device)  # noise loss, image loss, count
+    best_kid = math.inf
+    last_ckpt = run_dir / "checkpoints" / "last.safetensors"
+    if resume:
+        tensors, meta = ckpt.load(last_ckpt)
+        ckpt.load_state_strict(model, ckpt.prefixed(tensors, "model"), "the network")
+        ckpt.load_state_strict(ema, ckpt.prefixed(tensors, "ema"), "the EMA network")
+        _restore_optimizer(optimizer, tensors, meta["param_groups"])
+        mean, std = tensors["norm.mean"], tensors["norm.std"]
+        step, epoch, batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
+        acc = tensors["train.acc"].to(device)
+        best_kid = meta.get("best_kid", math.inf)
+        _truncate_metrics(run_dir, epoch)
+        log(f"resuming {run_dir} at epoch {epoch + 1}, step {step}")
+    mean_d, std_d = mean.to(device), std.to(device)
+    net = maybe_compile(model, tc.compile, device)
+    ema_state, live_state = _float_state(ema), _float_state(model)
+    # Batch counters are not floats: copy them so the EMA network's BN state stays valid.
+
+    def save_checkpoint(path: Path, extra: dict[str, Any] | None = None) -> None:
+        if not (_all_finite(model) and _all_finite(ema)):
+            raise TrainingDiverged(
+                f"weights are not finite at step {step}; not overwriting {path.name}"
+            )
+        tensors = _training_tensors(model, ema, optimizer, mean, std)
+        tensors["train.acc"] = acc.detach().cpu()
+        meta = {
+            "kind": "training",
+            "config": cfg.to_dict(),
+            "epoch": epoch,
+            "step": step,
+            "batch_in_epoch": batch_in_epoch,
+            "best_kid": best_kid if math.isfinite(best_kid) else None,
+            "param_groups": optimizer.state_dict()["param_groups"],
+            "precision": precision,
+            **(extra or {}),
+        }
+        ckpt.save(path, tensors, meta)
+
+    # Reference images for the report's forward-diffusion figure: first validation images.
+    ref = run_dir / "reference.png"
+    if not ref.exists() and len(val_idx):
+        save_grid(torch.from_numpy(np.asarray(imageset.images[val_idx[:8]])), ref, cols=8)
+
+    kid_metric = _make_kid(tc, device, log) if tc.kid and len(val_idx) else None
+    bar = _progress_bar(progress, tc.epochs * steps_per_epoch, step)
+    t_start = time.perf_counter()
+    interrupted = False
+    last_row = None
+    try:
+        while epoch < tc.epochs:
+            # --- one epoch of optimiser steps -----------------------------------------
+            model.train()
+            t_epoch = time.perf_counter()
+            images_seen = 0
+            batches = data_mod.iterate_batches(
+                imageset.images,
+                train_idx,
+                tc.batch_size,
+                seed=tc.seed,
+                epoch=epoch,
+                shuffle=True,
+                flip=cfg.data.flip,
+                drop_last=True,
+                device=device,
+                start_batch=batch_in_epoch,
+            )
+            for batch in batches:
+                images = _normalise(batch, mean_d, std_d)
+                if device.type != "mps":
+                    images = images.contiguous(memory_format=torch.channels_last)
+                g = step_generator(tc.seed, step, device)
+                noises = torch.randn(images.shape, generator=g, device=device)
+                t = torch.rand(images.shape[0], generator=g, device=device, dtype=torch.float64)
+                noise_loss, image_loss = losses(net, images, noises, t, cfg, precision_ctx)
+                if tc.nan_policy == "skip-batch" and not bool(torch.isfinite(noise_loss)):
+                    warnings.warn(
+                        f"non-finite loss at step {step + 1}: batch skipped", stacklevel=1
+                    )
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    batch_in_epoch += 1
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                noise_loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    ema_update(ema_state, live_state, tc.ema_decay)
+                    acc += torch.stack(
+                        [
+                            noise_loss.detach().double(),
+                            image_loss.detach().double(),
+                            torch.ones((), dtype=torch.float64, device=device),
+                        ]
+                    )
+                step += 1
+                batch_in_epoch += 1
+                images_seen += images.shape[0]
+                if step % tc.log_every == 0 or batch_in_epoch == steps_per_epoch:
+                    # The only device->host read in the loop, once per log interval.
+                    nl, il, cnt = acc.tolist()
+                    if not (math.isfinite(nl) and math.isfinite(il)):
+                        raise TrainingDiverged(
+                            f"loss became non-finite by step {step} (epoch {epoch + 1}); "
+                            "training stopped, the last good checkpoint is kept "
+                            "(lower the learning rate or use --nan-policy skip-batch)"
+                        )
+                    if bar is not None:
+                        dt = time.perf_counter() - t_epoch
+                        bar.set_postfix_str(
+                            f"ep {epoch + 1}/{tc.epochs} noise {nl / max(cnt, 1):.4f} "
+                            f"image {il / max(cnt, 1):.4f} {images_seen / max(dt, 1e-9):.1f} img/s"
+                        )
+                        bar.update(step - bar.n)
+                if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+                    _save_step_checkpoint(save_checkpoint, run_dir, step, tc.keep_checkpoints)
+                if tc.max_steps and step >= tc.max_steps:
+                    break
+            epoch_seconds = time.perf_counter() - t_epoch
+            if tc.max_steps and step >= tc.max_steps and batch_in_epoch < steps_per_epoch:
+                save_checkpoint(last_ckpt)
+                break
+
+            # --- end of epoch: validation of the EMA network, KID, grid, checkpoint -----
+            nl, il, cnt = acc.tolist()
+            if not (math.isfinite(nl) and math.isfinite(il)):
+                raise TrainingDiverged(f"loss became non-finite by step {step}")
+            val_noise, val_image = validate(
+                ema, imageset.images, val_idx, cfg, mean_d, std_d, device, precision_ctx
+            )
+            kid = None
+            if kid_metric is not None:
+                kid = kid_metric(
+                    ema, imageset.images, val_idx, cfg, mean, std, device, precision_ctx
+                )
+            last_row = {
+                "epoch": epoch + 1,
+                "step": step,
+                "train_noise_loss": nl / max(cnt, 1),
+                "train_image_loss": il / max(cnt, 1),
+                "val_noise_loss": val_noise,
+                "val_image_loss": val_image,
+                "kid": kid,
+                "learning_rate": optimizer.param_groups[0]["lr"],
+                "images_per_s": images_seen / max(epoch_seconds, 1e-9),
+                "epoch_seconds": epoch_seconds,
+                "wall_seconds": time.perf_counter() - t_start,
+            }
+            grid = generate(
+                ema,
+                mean=mean,
+                std=std,
+                schedule=cfg.schedule,
+                image_size=cfg.model.image_size,
+                channels=cfg.model.channels,
+                n=GRID_IMAGES,
+                seed=tc.seed,
+                steps=20,
+                batch_size=GRID_IMAGES,
+                device=device,
+                autocast=precision_ctx,
+            )
+            save_grid(grid, run_dir / "samples" / f"epoch-{epoch + 1:04d}.png", cols=6)
+            epoch += 1
+            batch_in_epoch = 0
+            acc.zero_()
+            if kid is not None and kid < best_kid:
+                best_kid = kid
+                save_checkpoint(run_dir / "checkpoints" / "best-kid.safetensors")
+            save_checkpoint(last_ckpt)
+            _append_metrics(run_dir, last_row)
+            log(
+                f"epoch {epoch}/{tc.epochs}: noise loss {last_row['train_noise_loss']:.4f} "
+                f"(val {val_noise:.4f}), image loss {last_row['train_image_loss']:.4f} "
+                f"(val {val_image:.4f})"
+                + (f", KID (paper protocol) {kid:.4f}" if kid is not None else "")
+                + f", {last_row['images_per_s']:.1f} img/s"
+            )
+            if tc.max_steps and step >= tc.max_steps:
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        save_checkpoint(last_ckpt)
+        log(f"interrupted: checkpoint saved at step {step}; continue with --resume {run_dir}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return TrainResult(run_dir, epoch, step, interrupted, last_row)
+
+
+def _save_step_checkpoint(save_checkpoint, run_dir: Path, step: int, keep: int) -> None:
+    d = run_dir / "checkpoints"
+    save_checkpoint(d / f"step-{step:08d}.safetensors")
+    save_checkpoint(d / "last.safetensors")
+    old = sorted(d.glob("step-*.safetensors"))
+    for f in old[:-keep]:
+        f.unlink(missing_ok=True)
+
+
+def _progress_bar(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
+
+
+@torch.no_grad()
+def validate(
+    ema: torch.nn.Module,
+    images: np.ndarray,
+    val_idx: np.ndarray,
+    cfg: RunConfig,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    device: torch.device,
+    precision_ctx,
+) -> tuple[float | None, float | None]:
+    """Noise and image loss of the EMA network on the validation split.
+
+    Noises and times are fixed (seeded by VAL_SEED and the batch index), so numbers are
+    comparable between epochs. Returns (None, None) when there is no validation split.
+    """
+    if len(val_idx) == 0:
+        return None, None
+    ema.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    n = 0
+    bs = cfg.train.batch_size
+    for b, batch in enumerate(
+        data_mod.iterate_batches(
+            images,
+            val_idx,
+            bs,
+            seed=0,
+            epoch=0,
+            shuffle=False,
+            flip=False,
+            drop_last=False,
+            device=device,
+        )
+    ):
+        x = _normalise(batch, mean, std)
+        g = step_generator(VAL_SEED, b, device)
+        noises = torch.randn(x.shape, generator=g, device=device)
+        t = torch.rand(x.shape[0], generator=g, device=device, dtype=torch.float64)
+        nl, il = losses(ema, x, noises, t, cfg, precision_ctx)
+        total += torch.stack([nl.double(), il.double()]) * x.shape[0]
+        n += x.shape[0]
+    nl, il = (total / n).tolist()
+    return nl, il
+
+
+def _make_kid(tc, device: torch.device, log):
+    """Per-epoch paper-protocol KID, or None (with a note) when no Inception weights exist."""
+    try:
+        from . import metrics
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        extractor = metrics.InceptionFeatures(metrics.find_inception_weights(), device=device)
+    except metrics.InceptionWeightsMissing as e:
+        log(f"note: per-epoch KID disabled: {e}")
+        return None
+
+    @torch.no_grad()
+    def kid(ema, images, val_idx, cfg, mean, std, device, precision_ctx) -> float:
+        idx = val_idx if tc.kid_images <= 0 else val_idx[: tc.kid_images]
+        acc = metrics.PaperKID(extractor)
+        bs = tc.batch_size
+        for start in range(0, len(idx), bs):
+            real = torch.from_numpy(np.asarray(images[idx[start : start + bs]]))
+            fake = generate(
+                ema,
+                mean=mean,
+                std=std,
+                schedule=cfg.schedule,
+                image_size=cfg.model.image_size,
+                channels=cfg.model.channels,
+                n=len(real),
+                seed=VAL_SEED,
+                first_index=start,
+                steps=tc.kid_steps,
+                batch_size=bs,
+                device=device,
+                autocast=precision_ctx,
+            )
+            acc.update(real.permute(0, 3, 1, 2), fake.permute(0, 3, 1, 2))
+        return acc.compute()
+
+    return kid

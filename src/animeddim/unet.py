@@ -1,0 +1,122 @@
+"""The Keras-example residual U-Net: (noisy images, noise variance) -> predicted noise.
+
+The network never sees the schedule: it gets the noise variance (noise_rate**2) of each
+image and returns eps_hat. Layer for layer it follows the Keras DDIM example
+(sinusoidal embedding, residual blocks with non-affine BatchNorm and swish, average-pool
+down, bilinear up, zero-initialised 1x1 output), with Keras' initialisers and BatchNorm
+constants so that a port behaves like the original.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import UNetConfig
+
+
+def sinusoidal_embedding(
+    noise_variances: torch.Tensor, dims: int, max_frequency: float
+) -> torch.Tensor:
+    """Embed noise variances with sines and cosines of frequencies 1 .. max_frequency.
+
+    :param noise_variances: [N] or [N x 1 x 1 x 1] values in [0, 1].
+    :return: [N x dims x 1 x 1] embedding (sin half, then cos half).
+    """
+    x = noise_variances.reshape(-1, 1).float()
+    frequencies = torch.exp(
+        torch.linspace(math.log(1.0), math.log(max_frequency), dims // 2, device=x.device)
+    )
+    angular_speeds = 2.0 * math.pi * frequencies
+    emb = torch.cat([torch.sin(angular_speeds * x), torch.cos(angular_speeds * x)], dim=1)
+    return emb[:, :, None, None]
+
+
+def _conv(c_in: int, c_out: int, k: int) -> nn.Conv2d:
+    # Keras Conv2D defaults: glorot-uniform kernel, zero bias, "same" padding.
+    conv = nn.Conv2d(c_in, c_out, k, padding=k // 2)
+    nn.init.xavier_uniform_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+class ResidualBlock(nn.Module):
+    """BN(no affine) -> conv3x3 + swish -> conv3x3, plus a (1x1-projected) residual."""
+
+    def __init__(self, c_in: int, width: int):
+        super().__init__()
+        self.skip = _conv(c_in, width, 1) if c_in != width else nn.Identity()
+        # Keras BatchNormalization(center=False, scale=False): momentum 0.99, epsilon 1e-3.
+        self.norm = nn.BatchNorm2d(c_in, eps=1e-3, momentum=0.01, affine=False)
+        self.conv1 = _conv(c_in, width, 3)
+        self.conv2 = _conv(width, width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = self.skip(x)
+        x = F.silu(self.conv1(self.norm(x)))
+        return self.conv2(x) + residual
+
+
+class UNet(nn.Module):
+    """Residual U-Net predicting eps from x_t.
+
+    forward(noisy_images [N x C x S x S], noise_variances [N]) -> [N x C x S x S].
+    """
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        widths, depth = cfg.widths, cfg.block_depth
+        self.stem = _conv(cfg.channels, widths[0], 1)
+        c = widths[0] + cfg.embedding_dims
+        self.down = nn.ModuleList()
+        skip_channels = []
+        for w in widths[:-1]:
+            blocks = nn.ModuleList()
+            for _ in range(depth):
+                blocks.append(ResidualBlock(c, w))
+                c = w
+                skip_channels.append(c)
+            self.down.append(blocks)
+        self.mid = nn.ModuleList()
+        for _ in range(depth):
+            self.mid.append(ResidualBlock(c, widths[-1]))
+            c = widths[-1]
+        self.up = nn.ModuleList()
+        for w in reversed(widths[:-1]):
+            blocks = nn.ModuleList()
+            for _ in range(depth):
+                blocks.append(ResidualBlock(c + skip_channels.pop(), w))
+                c = w
+            self.up.append(blocks)
+        self.head = _conv(c, cfg.channels, 1)
+        # Zero-initialised output: the untrained network predicts eps_hat = 0.
+        nn.init.zeros_(self.head.weight)
+
+    def forward(self, noisy_images: torch.Tensor, noise_variances: torch.Tensor) -> torch.Tensor:
+        size = noisy_images.shape[-1]
+        e = sinusoidal_embedding(
+            noise_variances, self.cfg.embedding_dims, self.cfg.embedding_max_frequency
+        )
+        e = e.to(noisy_images.dtype).expand(-1, -1, size, size)  # nearest upsampling of 1x1
+        x = torch.cat([self.stem(noisy_images), e], dim=1)
+        skips = []
+        for blocks in self.down:
+            for block in blocks:
+                x = block(x)
+                skips.append(x)
+            x = F.avg_pool2d(x, 2)
+        for block in self.mid:
+            x = block(x)
+        for blocks in self.up:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            for block in blocks:
+                x = block(torch.cat([x, skips.pop()], dim=1))
+        return self.head(x)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
