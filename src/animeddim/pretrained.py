@@ -1,0 +1,27 @@
+"""Models shipped inside the package (EMA weights in half precision, config, normalisation)."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+from .checkpoint import CheckpointError
+
+SHIPPED = {
+    "avatars-64": "avatars-64.safetensors",  # DiceBear 'adventurer' avatars, 64 px
+}
+
+
+def pretrained_path(name: str) -> Path:
+    """Path of a shipped model file; CheckpointError naming the choices if unknown/missing."""
+    if name not in SHIPPED:
+        raise CheckpointError(
+            f"unknown model {name!r}: shipped models are {', '.join(sorted(SHIPPED))}"
+        )
+    path = Path(str(files("animeddim").joinpath("models", SHIPPED[name])))
+    if not path.is_file():
+        raise CheckpointError(
+            f"the shipped model {name!r} is missing from this installation ({path}); "
+            "reinstall animeddim or sample from your own run with --run RUN"
+        )
+    return path
