@@ -22,6 +22,13 @@ class CliError(Exception):
     """A bad option value; printed as one line, exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and a pointer to --help), exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 # --- option helpers -----------------------------------------------------------------------
 
 
@@ -100,17 +107,21 @@ def _add_sampling(p: argparse.ArgumentParser, n_default: int) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="animeddim",
         description="Train denoising diffusion implicit models on image folders and measure "
         "them like the research does.",
     )
     parser.add_argument("--version", action="version", version=f"animeddim {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     # data
     p_data = sub.add_parser("data", help="make or prepare datasets")
-    data_sub = p_data.add_subparsers(dest="data_command", required=True, metavar="WHAT")
+    data_sub = p_data.add_subparsers(
+        dest="data_command", required=True, metavar="WHAT", parser_class=_Parser
+    )
     p = data_sub.add_parser("avatars", help="render built-in DiceBear 'adventurer' avatars")
     p.add_argument("--out", required=True, help="folder to write PNGs into")
     p.add_argument("--n", type=_positive_int("n"), default=10000, help="how many (default 10000)")
@@ -278,6 +289,49 @@ def train_config_from_args(a: argparse.Namespace) -> Any:
     return RunConfig.from_dict(d).validate()
 
 
+RESUME_FLAGS = (  # train settings that may change when a run is resumed
+    "epochs",
+    "device",
+    "precision",
+    "compile",
+    "kid",
+    "kid_images",
+    "max_steps",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "nan_policy",
+)
+
+
+def resume_config_from_args(a: argparse.Namespace) -> Any:
+    """The run's own config.json, with the explicitly given resumable flags applied."""
+    from .train import load_run_config
+
+    fixed = [
+        f"--{d.replace('_', '-')}"
+        for d in (
+            "data",
+            "image_size",
+            "widths",
+            "block_depth",
+            "batch_size",
+            "learning_rate",
+            "seed",
+            "val_fraction",
+            "config",
+        )
+        if getattr(a, d, None) is not None
+    ]
+    if fixed:
+        raise CliError(f"{', '.join(fixed)} cannot change when resuming; the run keeps its own")
+    cfg = load_run_config(Path(a.resume))
+    for dest in RESUME_FLAGS:
+        v = getattr(a, dest, None)
+        if v is not None:
+            setattr(cfg.train, dest, v)
+    return cfg.validate()
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     from .runtime import resolve_device
     from .train import TrainingDiverged, train
@@ -286,7 +340,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         raise CliError("give either --out (new run) or --resume RUN, not both")
     if not a.resume and not a.out:
         raise CliError("give --out RUN for a new run (or --resume RUN to continue one)")
-    cfg = train_config_from_args(a)
+    cfg = resume_config_from_args(a) if a.resume else train_config_from_args(a)
     resolve_device(cfg.train.device)  # fail before decoding any image
     run_dir = Path(a.resume or a.out)
     t = time.perf_counter()

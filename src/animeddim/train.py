@@ -127,6 +127,9 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
+    """The config.json of an existing run folder."""
+    if not (Path(run_dir) / "config.json").is_file():
+        raise RunFolderError(f"{str(run_dir)!r} is not an animeddim run folder (no config.json)")
     try:
         d = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
@@ -219,17 +222,16 @@ def train(
 ) -> TrainResult:
     """Train (or resume) a DDIM on cfg.data.path, writing everything to run_dir.
 
+    To resume, pass `load_run_config(run_dir)` (settings of the data, model and schedule
+    must stay as they were; epochs, device, precision and the like may change).
+
     :return: where training stopped; `interrupted` if Ctrl-C saved a checkpoint early.
     """
     run_dir = Path(run_dir)
-    if resume:
-        cfg_on_disk = load_run_config(run_dir)
-        cfg_on_disk.train.epochs = cfg.train.epochs  # a resume may extend the run
-        cfg_on_disk.train.device = cfg.train.device
-        cfg = cfg_on_disk
-        _atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
     cfg.validate()
     prepare_run_dir(run_dir, cfg, resume)
+    if resume:  # the config may extend the run (more epochs) or move it (device, precision)
+        _atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
     tc = cfg.train
     device = resolve_device(tc.device)
     precision = resolve_precision(tc.precision, device)
@@ -283,7 +285,7 @@ def train(
         mean, std = tensors["norm.mean"], tensors["norm.std"]
         step, epoch, batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
         acc = tensors["train.acc"].to(device)
-        best_kid = meta.get("best_kid", math.inf)
+        best_kid = meta.get("best_kid") or math.inf
         _truncate_metrics(run_dir, epoch)
         log(f"resuming {run_dir} at epoch {epoch + 1}, step {step}")
     mean_d, std_d = mean.to(device), std.to(device)

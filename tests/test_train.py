@@ -1,0 +1,164 @@
+"""Training end to end: CLI train + sample, resume equality, run-folder rules."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import run_cli, tiny_config
+from PIL import Image
+
+from animeddim import checkpoint as ckpt
+from animeddim.train import RunFolderError, load_run_config, train
+
+
+def test_cli_train_then_sample(avatars16, tmp_path):
+    run = tmp_path / "run"
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(
+        json.dumps({"model": {"widths": [8, 16], "block_depth": 1, "embedding_dims": 8}})
+    )
+    p = run_cli(
+        "train",
+        "--data",
+        str(avatars16),
+        "--out",
+        str(run),
+        "--image-size",
+        "16",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "6",
+        "--config",
+        str(cfg),
+        "--no-kid",
+        "--quiet",
+        "--precision",
+        "fp32",
+    )
+    assert "run folder" in p.stdout
+    stored = json.loads((run / "config.json").read_text())
+    assert stored["model"]["widths"] == [8, 16] and stored["train"]["epochs"] == 2
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    for r in rows:
+        for k in (
+            "train_noise_loss",
+            "train_image_loss",
+            "val_noise_loss",
+            "val_image_loss",
+            "learning_rate",
+            "images_per_s",
+            "wall_seconds",
+        ):
+            assert float(r[k]) > 0, k
+    assert (run / "samples" / "epoch-0002.png").is_file()
+    out, grid = tmp_path / "samples", tmp_path / "grid.png"
+    run_cli(
+        "sample",
+        "--run",
+        str(run),
+        "--n",
+        "5",
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+        "--grid",
+        str(grid),
+    )
+    files = sorted(out.glob("*.png"))
+    assert len(files) == 5
+    assert Image.open(files[0]).size == (16, 16)
+    assert Image.open(grid).size == (5 * 16, 16)
+
+
+def _weights(run):
+    tensors, meta = ckpt.load(run / "checkpoints" / "last.safetensors")
+    return tensors, meta
+
+
+def test_resume_is_bitwise_equal_to_uninterrupted(avatars16, tmp_path):
+    full = tmp_path / "full"
+    train(tiny_config(avatars16, epochs=3), full, progress=False, log=lambda s: None)
+    part = tmp_path / "part"
+    train(tiny_config(avatars16, epochs=1), part, progress=False, log=lambda s: None)
+    cfg = load_run_config(part)
+    cfg.train.epochs = 3
+    train(cfg, part, resume=True, progress=False, log=lambda s: None)
+    a, ma = _weights(full)
+    b, mb = _weights(part)
+    assert ma["step"] == mb["step"] and ma["epoch"] == mb["epoch"] == 3
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows_a = list(csv.DictReader(open(full / "metrics.csv")))
+    rows_b = list(csv.DictReader(open(part / "metrics.csv")))
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert ra["val_noise_loss"] == rb["val_noise_loss"]
+        assert ra["train_noise_loss"] == rb["train_noise_loss"]
+
+
+def test_resume_mid_epoch_is_bitwise_equal(avatars16, tmp_path):
+    full = tmp_path / "full"
+    train(tiny_config(avatars16, epochs=2), full, progress=False, log=lambda s: None)
+    part = tmp_path / "part"
+    train(tiny_config(avatars16, epochs=2, max_steps=4), part, progress=False, log=lambda s: None)
+    assert _weights(part)[1]["batch_in_epoch"] == 1  # 3 steps per epoch: stopped mid-epoch
+    cfg = load_run_config(part)
+    cfg.train.max_steps = 0
+    train(cfg, part, resume=True, progress=False, log=lambda s: None)
+    a, b = _weights(full)[0], _weights(part)[0]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_ema_starts_as_exact_copy_and_tracks_network(avatars16, tmp_path):
+    run = tmp_path / "r"
+    train(tiny_config(avatars16, epochs=1, max_steps=1), run, progress=False, log=lambda s: None)
+    t, _ = _weights(run)
+    model, ema = ckpt.prefixed(t, "model"), ckpt.prefixed(t, "ema")
+    k = "stem.weight"
+    # after one step: ema = 0.999 * init + 0.001 * model, so it moved a little towards model
+    assert not torch.equal(model[k], ema[k])
+    assert (model[k] - ema[k]).abs().max() > 0
+
+
+def test_run_folder_rules(avatars16, tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "something.txt").write_text("x")
+    with pytest.raises(RunFolderError, match="already holds files"):
+        train(tiny_config(avatars16), run, progress=False)
+    with pytest.raises(RunFolderError, match="not an animeddim run folder"):
+        load_run_config(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--data", "{empty}", "--out", "{tmp}/r"], "no usable image"),
+        (["train", "--data", "{tmp}/nope", "--out", "{tmp}/r"], "does not exist"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--image-size", "20"], "multiple of"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--device", "tpu"], "unknown device"),
+        (["train", "--resume", "{tmp}/nope"], "not an animeddim run folder"),
+        (["sample", "--run", "{tmp}/nope", "--grid", "{tmp}/g.png"], "neither a run folder"),
+        (["sample", "--run", "{tmp}", "--steps", "0", "--grid", "g.png"], "steps must be"),
+        (["sample", "--run", "{tmp}", "--steps", "1001", "--grid", "g.png"], "steps must be"),
+        (["sample", "--run", "{tmp}", "--eta", "1.5", "--grid", "g.png"], "eta must be"),
+        (["sample", "--run", "{tmp}", "--n", "0", "--grid", "g.png"], "n must be"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args, message, avatars16, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    argv = [a.format(tmp=tmp_path, empty=empty, data=avatars16) for a in args]
+    p = run_cli(*argv, check=False)
+    assert p.returncode == 2, p.stderr
+    assert message in p.stderr
+    assert "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
