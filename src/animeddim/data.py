@@ -1,0 +1,579 @@
+"""Image folders -> uint8 arrays -> float batches. Knows nothing about the model.
+
+Every image is decoded once into an ``(N, size, size, 3)`` uint8 array (in memory or a
+``np.memmap`` on disk); training batches are gathered from it with numpy indexing and converted
+to float32 NCHW in [0, 1] on the target device. Files that cannot be decoded are skipped and
+reported, never silently turned into grey squares.
+
+torch is imported lazily inside :func:`iterate_batches`, so decoding worker processes start in a
+fraction of a second instead of paying for a torch import each.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import concurrent.futures.process
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+if TYPE_CHECKING:
+    import torch
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+# 8192 x 8192: far beyond any training image, far below what would exhaust memory (a 64 Mpx RGBA
+# image is 256 MB). Pillow's own limit (~179 Mpx) is too generous for a batch job.
+MAX_PIXELS = 8192 * 8192
+
+# Above this many bytes of decoded pixels, cache="auto" keeps them in a memmap on disk.
+AUTO_DISK_BYTES = 4 * 1024**3
+
+# Bump when decoding changes, so disk caches made by older code are not reused.
+_CACHE_VERSION = 1
+
+# Domain tags keep the random streams of shuffling and flipping independent of each other and
+# of the train/validation split, even with equal seeds.
+_ORDER_TAG = 0x0DE5
+_FLIP_TAG = 0xF11B
+
+
+class DataError(ValueError):
+    """A user-facing data problem; the message names the folder or file and what went wrong."""
+
+
+class BadImage(Exception):
+    """A file could not be turned into an RGB image; ``reason`` says why in a few words."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class SkippedFilesWarning(UserWarning):
+    """Some files in a folder or archive were skipped because they could not be decoded."""
+
+
+@dataclass
+class Skipped:
+    path: str  # the file (or archive member) as found
+    reason: str  # short reason, e.g. "empty file (0 bytes)"
+
+
+@dataclass
+class ImageSet:
+    images: np.ndarray  # (N, size, size, 3) uint8 RGB; a plain array or a read-only np.memmap
+    paths: list[str]  # source file of each image, same order as ``images``
+    skipped: list[Skipped] = field(default_factory=list)  # files that could not be used
+
+
+# --------------------------------------------------------------------------------------------
+# Finding and decoding single images
+
+
+def find_images(root: Path) -> list[Path]:
+    """All image files under ``root``, recursively, sorted by relative posix path.
+
+    Extensions are matched case-insensitively against :data:`IMAGE_EXTENSIONS`. Directory
+    symlinks are followed, but each real directory is visited once, so symlink loops terminate.
+    Unreadable directories are skipped. A missing ``root`` or one that is not a folder raises
+    :class:`DataError`.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"image folder '{root}' does not exist")
+    if not root.is_dir():
+        raise DataError(f"'{root}' is not a folder (expected a folder of images)")
+    found: list[tuple[str, Path]] = []
+    visited: set[str] = set()
+    stack: list[tuple[Path, str]] = [(root, "")]
+    while stack:
+        folder, rel = stack.pop()
+        real = os.path.realpath(folder)
+        if real in visited:
+            continue
+        visited.add(real)
+        try:
+            with os.scandir(folder) as entries:
+                entries_list = list(entries)
+        except OSError:
+            continue  # unreadable folder: its images are simply not found
+        for entry in entries_list:
+            entry_rel = f"{rel}/{entry.name}" if rel else entry.name
+            try:
+                if entry.is_dir(follow_symlinks=True):
+                    stack.append((folder / entry.name, entry_rel))
+                elif entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    found.append((entry_rel, folder / entry.name))
+            except OSError:
+                continue  # broken symlink or vanished entry
+    found.sort(key=lambda item: item[0])
+    return [path for _, path in found]
+
+
+def load_image(path: Path, size: int | None) -> np.ndarray:
+    """Decode one image file to RGB.
+
+    Returns an ``(H, W, 3)`` uint8 array in [0, 255]: the native size when ``size`` is None,
+    else the largest central square resized (antialiased bicubic) to ``(size, size, 3)``.
+    Transparent pixels are composited on white; EXIF orientation is applied; 16-bit images are
+    scaled (not clipped) to 8 bits. Raises :class:`BadImage` for anything that is not a whole,
+    decodable image of at most :data:`MAX_PIXELS` pixels.
+    """
+    try:
+        if os.stat(path).st_size == 0:
+            raise BadImage("empty file (0 bytes)")
+        with open(path, "rb") as f:
+            return _decode(f, size)
+    except PermissionError:
+        raise BadImage("permission denied") from None
+    except FileNotFoundError:
+        raise BadImage("file not found") from None
+    except OSError as exc:
+        raise BadImage(f"cannot read: {type(exc).__name__}: {exc}") from None
+
+
+def _decode(fileobj: IO[bytes] | bytes, size: int | None) -> np.ndarray:
+    """Decode an open binary file or bytes; same contract as :func:`load_image`."""
+    if isinstance(fileobj, bytes | bytearray):
+        if not fileobj:
+            raise BadImage("empty file (0 bytes)")
+        fileobj = io.BytesIO(fileobj)
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between 89 and 179 Mpx; any bomb warning is a refusal here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(fileobj) as im:
+                width, height = im.size
+                # Checked before load(): the header alone says how much memory decoding takes.
+                if width * height > MAX_PIXELS:
+                    raise BadImage(f"too large: {width}x{height} pixels (decompression bomb?)")
+                if size is not None:
+                    # JPEG can decode at 1/2..1/8 scale almost for free; keep >= 2x the target
+                    # so the antialiased resize below still sets the final quality.
+                    im.draft(None, (2 * size, 2 * size))
+                # load() raises on truncated data because ImageFile.LOAD_TRUNCATED_IMAGES is
+                # left False: a half-decoded image would otherwise be padded with grey.
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                rgb = _to_rgb(im)
+                if size is not None:
+                    rgb = _centre_square(rgb, size)
+                arr = np.asarray(rgb, dtype=np.uint8)
+    except BadImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImage(f"too large (decompression bomb?): {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise BadImage("not an image (unrecognised format)") from None
+    except Exception as exc:  # noqa: BLE001 - every decoder failure becomes a skip reason
+        msg = str(exc).splitlines()[0][:120] if str(exc) else ""
+        raise BadImage(f"cannot decode: {type(exc).__name__}: {msg}") from None
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise BadImage(f"cannot decode: unexpected pixel array of shape {arr.shape}")
+    return arr
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB, compositing transparency on white."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit samples: divide by 257 so 65535 -> 255 and 32768 -> 128 (convert("L") clips).
+        # Mode "I" from files holds 16-bit data (PNG/TIFF), so the same scale applies.
+        wide = np.asarray(im, dtype=np.float64)
+        gray = np.rint(np.clip(wide, 0, 65535) / 257.0).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        im.mode in ("P", "L", "RGB") and "transparency" in im.info
+    )
+    if not has_alpha:
+        return im if im.mode == "RGB" else im.convert("RGB")
+    rgba = np.asarray(im.convert("RGBA"), dtype=np.uint16)
+    alpha = rgba[..., 3:4]
+    # Straight-alpha "over" a white background, rounded: c*a + 255*(255-a), / 255.
+    rgb = (rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255
+    return Image.fromarray(rgb.astype(np.uint8), mode="RGB")
+
+
+def _centre_square(im: Image.Image, size: int) -> Image.Image:
+    """Largest central square of ``im``, resized with antialiasing to ``size`` x ``size``."""
+    width, height = im.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    # Crop first: resize(box=...) would also sample pixels outside the box near its edges.
+    # Pillow widens the bicubic kernel by the scale factor when shrinking: antialiased.
+    square = im.crop((left, top, left + side, top + side))
+    return square.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def _decode_path(path: str, size: int) -> tuple[np.ndarray | None, str | None]:
+    """Worker-side wrapper: ``(pixels, None)`` or ``(None, reason)``, never raises BadImage."""
+    try:
+        return load_image(Path(path), size), None
+    except BadImage as exc:
+        return None, exc.reason
+
+
+# --------------------------------------------------------------------------------------------
+# Whole folders
+
+
+def load_folder(
+    root: str | Path,
+    size: int,
+    *,
+    cache: str = "memory",
+    cache_dir: Path | None = None,
+    workers: int = 0,
+    strict: bool = False,
+    progress: bool = False,
+) -> ImageSet:
+    """Decode every image under ``root`` once into an ``(N, size, size, 3)`` uint8 array.
+
+    ``cache``: "memory" (plain array), "disk" (a read-only ``np.memmap`` in ``cache_dir``,
+    default ``~/.cache/animeddim``, reused while the folder's files, sizes and mtimes are
+    unchanged) or "auto" (disk when the pixels take more than 4 GiB). ``workers``: decoding
+    processes, 0 = one per CPU. Skipped files are reported with a :class:`SkippedFilesWarning`;
+    with ``strict`` they raise :class:`DataError`, as does a folder with no usable image.
+    """
+    root = Path(root)
+    if size < 1:
+        raise DataError(f"image size must be a positive integer, got {size}")
+    if cache not in ("memory", "disk", "auto"):
+        raise DataError(f"cache must be memory, disk or auto, got {cache!r}")
+    files = find_images(root)
+    rels = [p.relative_to(root).as_posix() for p in files]
+    if cache == "auto":
+        cache = "disk" if len(files) * size * size * 3 > AUTO_DISK_BYTES else "memory"
+
+    if not files:
+        result = ImageSet(np.empty((0, size, size, 3), np.uint8), [], [])
+    elif cache == "disk":
+        result = _load_disk_cached(root, files, rels, size, cache_dir, workers, progress)
+    else:
+        out = np.empty((len(files), size, size, 3), dtype=np.uint8)
+        reasons = _decode_into(out, files, size, workers, progress)
+        keep = _compact(out, reasons)
+        images = out[:keep] if keep == len(files) else out[:keep].copy()
+        result = _image_set(root, images, rels, reasons)
+
+    _check_result(root, result, len(files), strict)
+    return result
+
+
+def _decode_into(
+    out: np.ndarray, files: Sequence[Path], size: int, workers: int, progress: bool
+) -> list[str | None]:
+    """Decode ``files`` into rows of ``out``; returns per file None (ok) or the skip reason."""
+    reasons: list[str | None] = [None] * len(files)
+    workers = workers or os.cpu_count() or 1
+    # A process pool costs ~0.3 s to start; not worth it for a handful of files.
+    workers = min(workers, max(1, len(files) // 16))
+    bar = tqdm(total=len(files), desc="decoding", unit="img", disable=not progress)
+    with bar:
+        if workers > 1:
+            try:
+                ctx = _pool_context()
+                chunk = max(1, min(64, len(files) // (workers * 4)))
+                with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                    results = pool.map(
+                        _decode_path, [str(p) for p in files], [size] * len(files), chunksize=chunk
+                    )
+                    _fill(out, reasons, results, bar)
+                return reasons
+            except concurrent.futures.process.BrokenProcessPool as exc:
+                # Workers die at start-up when __main__ cannot be re-imported (a script piped
+                # on stdin, a missing `if __name__ == "__main__":` guard): decode here instead.
+                warnings.warn(f"decoding in one process: worker pool failed ({exc})", stacklevel=3)
+                bar.reset()
+        _fill(out, reasons, (_decode_path(str(p), size) for p in files), bar)
+    return reasons
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """forkserver where available, else spawn: never plain fork, because the parent may hold
+    torch/OpenMP threads whose locks a forked child would inherit in a locked state."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+def _fill(
+    out: np.ndarray,
+    reasons: list[str | None],
+    results: Iterator[tuple[np.ndarray | None, str | None]],
+    bar: tqdm,
+) -> None:
+    for i, (pixels, reason) in enumerate(results):
+        if pixels is None:
+            reasons[i] = reason
+        else:
+            out[i] = pixels
+        bar.update(1)
+
+
+def _compact(out: np.ndarray, reasons: list[str | None]) -> int:
+    """Move the good rows of ``out`` to the front, in order; returns how many there are."""
+    keep = 0
+    for i, reason in enumerate(reasons):
+        if reason is None:
+            if i != keep:
+                out[keep] = out[i]
+            keep += 1
+    return keep
+
+
+def _image_set(
+    root: Path, images: np.ndarray, rels: list[str], reasons: list[str | None]
+) -> ImageSet:
+    paths = [str(root / rel) for rel, r in zip(rels, reasons, strict=True) if r is None]
+    skipped = [
+        Skipped(str(root / rel), r) for rel, r in zip(rels, reasons, strict=True) if r is not None
+    ]
+    return ImageSet(images, paths, skipped)
+
+
+def _check_result(root: Path, result: ImageSet, tried: int, strict: bool) -> None:
+    """Raise for no usable image or strict skips; otherwise warn about skips."""
+    skipped = result.skipped
+    if len(result.paths) == 0:
+        if tried == 0:
+            raise DataError(
+                f"no usable image in folder '{root}': no files with extensions "
+                f"{', '.join(IMAGE_EXTENSIONS)} found"
+            )
+        first = f" (first: {skipped[0].path}: {skipped[0].reason})" if skipped else ""
+        raise DataError(
+            f"no usable image in folder '{root}': {tried} files tried, "
+            f"{len(skipped)} skipped{first}"
+        )
+    if skipped and strict:
+        raise DataError(f"--strict: {skip_summary(skipped, tried)}")
+    if skipped:
+        warnings.warn(skip_summary(skipped, tried), SkippedFilesWarning, stacklevel=3)
+
+
+def skip_summary(skipped: Sequence[Skipped], tried: int, limit: int = 5) -> str:
+    """One line: how many files were skipped and the first ``limit`` with their reasons."""
+    shown = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:limit])
+    more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
+    return f"skipped {len(skipped)} of {tried} files that could not be decoded: {shown}{more}"
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/animeddim`` or ``~/.cache/animeddim``: never inside the user's data."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "animeddim"
+
+
+def _cache_key(root: Path, rels: list[str], files: list[Path], size: int) -> str:
+    """Hash of everything that determines the decoded array: folder, size, and each file's
+    relative path, byte size and mtime (a changed, added or removed file gives a new key)."""
+    entries = []
+    for rel, path in zip(rels, files, strict=True):
+        try:
+            st = path.stat()
+            entries.append([rel, st.st_size, st.st_mtime_ns])
+        except OSError:
+            entries.append([rel, -1, -1])
+    blob = json.dumps([_CACHE_VERSION, str(root.resolve()), size, entries])
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _load_disk_cached(
+    root: Path,
+    files: list[Path],
+    rels: list[str],
+    size: int,
+    cache_dir: Path | None,
+    workers: int,
+    progress: bool,
+) -> ImageSet:
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = _cache_key(root, rels, files, size)
+    data_path, meta_path = cache_dir / f"{key}.u8", cache_dir / f"{key}.json"
+    row = size * size * 3
+
+    cached = _read_cache(data_path, meta_path, key, size)
+    if cached is not None:
+        images, reasons = cached
+        return _image_set(root, images, rels, reasons)
+
+    # Decode straight into a file-backed array (the data may not fit in memory), then publish it
+    # with an atomic rename, and the metadata last: a crash leaves no half-valid cache entry.
+    tmp = cache_dir / f"{key}.{os.getpid()}.tmp"
+    try:
+        mm = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(files), size, size, 3))
+        reasons = _decode_into(mm, files, size, workers, progress)
+        keep = _compact(mm, reasons)
+        mm.flush()
+        del mm
+        os.truncate(tmp, keep * row)
+        if keep:
+            os.replace(tmp, data_path)
+            meta = {"key": key, "size": size, "count": keep, "reasons": reasons}
+            _atomic_write_text(meta_path, json.dumps(meta))
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    if not keep:
+        return _image_set(root, np.empty((0, size, size, 3), np.uint8), rels, reasons)
+    images = np.memmap(data_path, dtype=np.uint8, mode="r", shape=(keep, size, size, 3))
+    return _image_set(root, images, rels, reasons)
+
+
+def _read_cache(
+    data_path: Path, meta_path: Path, key: str, size: int
+) -> tuple[np.ndarray, list[str | None]] | None:
+    """The cached array and skip reasons, or None when absent or inconsistent."""
+    try:
+        meta = json.loads(meta_path.read_text("utf-8"))
+        count = int(meta["count"])
+        if meta["key"] != key or meta["size"] != size or count < 1:
+            return None
+        if data_path.stat().st_size != count * size * size * 3:
+            return None
+        images = np.memmap(data_path, dtype=np.uint8, mode="r", shape=(count, size, size, 3))
+        return images, list(meta["reasons"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, "utf-8")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Splits, statistics and batches
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic train/validation split of ``range(n)``; returns ``(train, val)``.
+
+    Validation is the first ``round(n * val_fraction)`` entries of a seeded permutation, at
+    least 1 when ``val_fraction > 0`` and ``n >= 2``, leaving at least 1 for training. Both are
+    sorted int64 arrays; together they are a partition of ``range(n)``.
+    """
+    if n < 1:
+        raise DataError(f"cannot split {n} images: need at least 1")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = round(n * val_fraction)
+    if val_fraction > 0 and n >= 2:
+        n_val = max(n_val, 1)
+    n_val = min(n_val, n - 1)
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def channel_stats(images: np.ndarray, indices: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (population) std of ``images[indices] / 255``, each in [0, 1].
+
+    ``images`` is ``(N, H, W, 3)`` uint8. Sums are exact integers over chunks of ~64 MB, so a
+    memmap of many GB is read once without loading it whole.
+    """
+    indices = np.sort(np.asarray(indices, dtype=np.int64))  # sorted: sequential memmap reads
+    if len(indices) == 0:
+        raise DataError("channel_stats needs at least one image")
+    per_image = int(np.prod(images.shape[1:]))
+    chunk = max(1, (64 * 1024**2) // per_image)
+    total = np.zeros(3, dtype=np.int64)
+    total_sq = np.zeros(3, dtype=np.int64)
+    for start in range(0, len(indices), chunk):
+        block = np.asarray(images[indices[start : start + chunk]]).reshape(-1, 3)
+        total += block.sum(axis=0, dtype=np.int64)
+        wide = block.astype(np.int64)
+        total_sq += np.einsum("ij,ij->j", wide, wide)
+    count = len(indices) * per_image // 3
+    mean = total / count
+    var = np.maximum(total_sq / count - mean * mean, 0.0)
+    return (mean / 255.0).tolist(), (np.sqrt(var) / 255.0).tolist()
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """A permutation of ``range(n)`` that depends only on ``(seed, epoch)``."""
+    return np.random.default_rng([seed, epoch, _ORDER_TAG]).permutation(n)
+
+
+def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
+    """How many (global) batches :func:`iterate_batches` yields for ``n`` indices."""
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
+def _flip_seed(seed: int, epoch: int, batch: int) -> int:
+    """A 63-bit torch seed that depends only on (seed, epoch, batch index)."""
+    state = np.random.SeedSequence([seed, epoch, batch, _FLIP_TAG]).generate_state(1, np.uint64)
+    return int(state[0]) & (2**63 - 1)
+
+
+def iterate_batches(
+    images: np.ndarray,
+    indices: np.ndarray,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    flip: bool,
+    drop_last: bool,
+    device: torch.device | str = "cpu",
+    start_batch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[torch.Tensor]:
+    """Yield float32 ``(B, 3, H, W)`` batches in [0, 1] on ``device`` from uint8 ``images``.
+
+    ``images`` is ``(N, H, W, 3)`` uint8; ``indices`` selects the images of this split. The
+    order is ``indices`` (shuffled by :func:`epoch_order` when ``shuffle``) cut into global
+    batches of ``batch_size``; this process gets the contiguous slice
+    ``[rank * b / world_size, (rank + 1) * b / world_size)`` of each global batch of length
+    ``b``. Horizontal flips are drawn per global batch from (seed, epoch, batch index), so a
+    batch's content never depends on the number of processes. ``start_batch`` skips batches
+    without reading them (resume mid-epoch). With ``world_size > 1`` use ``drop_last=True``:
+    the incomplete last batch splits unevenly and may give a rank an empty ``(0, 3, H, W)``.
+    """
+    import torch
+
+    if batch_size < 1:
+        raise DataError(f"batch size must be a positive integer, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is not valid for world size {world_size}")
+    if batch_size % world_size:
+        raise DataError(
+            f"batch size {batch_size} is not divisible by the number of processes {world_size}"
+        )
+    device = torch.device(device)
+    order = np.asarray(indices, dtype=np.int64)
+    if shuffle:
+        order = order[epoch_order(len(order), seed, epoch)]
+    pin = device.type == "cuda"
+    for b in range(start_batch, num_batches(len(order), batch_size, drop_last)):
+        glob = order[b * batch_size : (b + 1) * batch_size]
+        lo, hi = rank * len(glob) // world_size, (rank + 1) * len(glob) // world_size
+        # Fancy indexing copies just these rows out of the (possibly memmapped) array.
+        pixels = images[glob[lo:hi]]
+        if flip:
+            # One draw per image of the *global* batch, then this rank's slice: identical flips
+            # whatever the world size. Flipping uint8 here moves 4x fewer bytes than on floats.
+            gen = torch.Generator().manual_seed(_flip_seed(seed, epoch, b))
+            mask = (torch.rand(len(glob), generator=gen) < 0.5).numpy()[lo:hi]
+            pixels[mask] = pixels[mask, :, ::-1]
+        batch = torch.from_numpy(np.ascontiguousarray(pixels))
+        if pin:
+            batch = batch.pin_memory()  # lets the uint8 copy overlap with GPU work
+        # Transfer uint8 (4x fewer bytes than float32) and convert on the device.
+        x = batch.to(device, non_blocking=pin).permute(0, 3, 1, 2)
+        yield x.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)

@@ -1,0 +1,486 @@
+"""Built-in and paper datasets: DiceBear avatars, user-downloaded archives, Oxford flowers.
+
+Every function here writes a plain folder of square RGB PNGs plus a ``manifest.json`` that says
+how it was made, so :func:`animeddim.data.load_folder` can train on it like any other folder.
+Decoding and cropping reuse :mod:`animeddim.data`; nothing is duplicated.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import importlib.metadata
+import io
+import json
+import os
+import re
+import tarfile
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
+from collections.abc import Iterator
+from importlib.resources import files
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from animeddim.data import (
+    IMAGE_EXTENSIONS,
+    BadImage,
+    DataError,
+    Skipped,
+    SkippedFilesWarning,
+    _decode,
+    _pool_context,
+    find_images,
+    skip_summary,
+)
+
+AVATAR_STYLE = "adventurer"
+FLOWERS102_URL = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/102flowers.tgz"
+FLOWERS102_MD5 = "52808999861908f626f3c1f4e79d11fa"
+
+# An archive member larger than this is skipped unread: no training image is 256 MB, and reading
+# one into memory is how a zip bomb would hurt.
+MAX_MEMBER_BYTES = 256 * 1024**2
+
+_PENDING = ".animeddim-pending.json"  # arguments of a generation run that has not finished
+_OUTPUT_NAME = re.compile(r"\d{6}\.png|\..*\.tmp")  # what prepare() writes, bar manifest.json
+_AVATAR_NAME = re.compile(r"avatar-\d{6}\.png")
+_TMP_NAME = re.compile(r"\..*\.tmp")
+
+
+# --------------------------------------------------------------------------------------------
+# DiceBear avatars
+
+_style_cache: dict[str, Any] = {}  # one parsed Style per worker process
+
+
+def _style() -> Any:
+    """The DiceBear "adventurer" style, parsed once per process."""
+    if AVATAR_STYLE not in _style_cache:
+        from dicebear import Style
+
+        _style_cache[AVATAR_STYLE] = Style(_style_json())
+    return _style_cache[AVATAR_STYLE]
+
+
+def _style_json() -> dict[str, Any]:
+    text = files("dicebear_styles").joinpath(f"{AVATAR_STYLE}.json").read_text("utf-8")
+    return json.loads(text)
+
+
+def avatar_seed(seed: int, i: int) -> str:
+    """DiceBear seed string of avatar ``i``: a pure function of ``(seed, i)``."""
+    return f"animeddim-{seed}-{i}"
+
+
+def _render_avatar(seed: int, i: int, size: int) -> np.ndarray:
+    """Avatar ``i`` of set ``seed`` as a ``(size, size, 3)`` uint8 RGB array on white."""
+    import cairosvg
+    from dicebear import Avatar
+
+    svg = Avatar(_style(), {"seed": avatar_seed(seed, i), "size": size}).to_string()
+    png = cairosvg.svg2png(bytestring=svg.encode(), output_width=size, output_height=size)
+    return _decode(png, None)  # composites the transparent background on white
+
+
+def _render_chunk(out: str, seed: int, size: int, indices: list[int]) -> int:
+    """Render and write ``avatar-{i:06d}.png`` for each index; returns how many were written."""
+    for i in indices:
+        _write_png(Path(out) / f"avatar-{i:06d}.png", _render_avatar(seed, i, size))
+    return len(indices)
+
+
+def _write_png(path: Path, pixels: np.ndarray) -> None:
+    """Write an RGB PNG via a temporary name, so an interrupted run never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    Image.fromarray(pixels, mode="RGB").save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _avatar_manifest(n: int, size: int, seed: int) -> dict[str, Any]:
+    return {
+        "style": AVATAR_STYLE,
+        "n": n,
+        "size": size,
+        "seed": seed,
+        "dicebear_core": importlib.metadata.version("dicebear-core"),
+        "dicebear_styles": importlib.metadata.version("dicebear-styles"),
+    }
+
+
+def _credits_text() -> str:
+    meta = _style_json().get("meta", {})
+    lic, creator, source = meta.get("license", {}), meta.get("creator", {}), meta.get("source", {})
+    return (
+        "# Credits\n\n"
+        f"The avatars in this folder are rendered from the DiceBear style "
+        f'"{source.get("name", AVATAR_STYLE)}" ({source.get("url", "")}) '
+        f"by {creator.get('name', 'unknown')} ({creator.get('url', '')}), "
+        f"licensed under {lic.get('name', 'unknown')} ({lic.get('url', '')}).\n\n"
+        f"{lic.get('text', '')}\n\n"
+        "Rendered with DiceBear (https://www.dicebear.com, MIT licence) and CairoSVG.\n"
+    )
+
+
+def generate_avatars(
+    out: str | Path,
+    n: int = 10000,
+    size: int = 64,
+    seed: int = 0,
+    workers: int | None = None,
+    progress: bool = False,
+) -> Path:
+    """Render ``n`` DiceBear "adventurer" avatars as ``out/avatar-{i:06d}.png`` (RGB, on white).
+
+    Image ``i`` depends only on ``(seed, i, size)`` and the DiceBear versions, so the same seed
+    gives the same set and different seeds give fresh faces. ``workers`` processes render in
+    chunks (None = one per CPU). Idempotent: a finished set with the same arguments returns at
+    once; an interrupted one renders only its missing files; a folder holding a different set
+    raises :class:`DataError` rather than mixing two sets. Returns ``out``.
+    """
+    if n < 1 or size < 1:
+        raise DataError(f"need n >= 1 and size >= 1 avatars, got n={n}, size={size}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = _avatar_manifest(n, size, seed)
+    manifest_path, pending_path = out / "manifest.json", out / _PENDING
+    names = [f"avatar-{i:06d}.png" for i in range(n)]
+
+    for previous_path in (manifest_path, pending_path):
+        previous = _read_json(previous_path)
+        if previous is not None and previous != wanted:
+            raise DataError(
+                f"folder '{out}' already holds a different avatar set ({previous}); "
+                f"asked for {wanted}. Use another folder, or empty this one."
+            )
+    if manifest_path.exists() and all((out / name).exists() for name in names):
+        return out
+    if not pending_path.exists() and not manifest_path.exists():
+        _check_only_avatars(out, size)
+
+    # Record the arguments first, so an interrupted run is resumed only with the same ones.
+    pending_path.write_text(json.dumps(wanted), "utf-8")
+    missing = [i for i, name in enumerate(names) if not (out / name).exists()]
+    _render_missing(out, seed, size, missing, workers, progress)
+    (out / "CREDITS.md").write_text(_credits_text(), "utf-8")
+    # The manifest is written last: its presence means every image is complete.
+    tmp = out / f".manifest.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(wanted, indent=2) + "\n", "utf-8")
+    os.replace(tmp, manifest_path)
+    pending_path.unlink()
+    return out
+
+
+def _check_only_avatars(out: Path, size: int) -> None:
+    """Without a manifest, accept only leftovers of an avatar run of this size (else DataError)."""
+    for path in out.iterdir():
+        if path.name == "CREDITS.md" or _TMP_NAME.fullmatch(path.name):
+            continue
+        if not _AVATAR_NAME.fullmatch(path.name):
+            raise DataError(
+                f"folder '{out}' is not empty and holds no avatar set ('{path.name}'); "
+                "use a new or empty folder"
+            )
+        with Image.open(path) as im:
+            if im.size != (size, size):
+                raise DataError(
+                    f"folder '{out}' holds avatars of size {im.size[0]}, not {size}; "
+                    "use another folder"
+                )
+
+
+def _render_missing(
+    out: Path, seed: int, size: int, missing: list[int], workers: int | None, progress: bool
+) -> None:
+    workers = max(1, min(workers or os.cpu_count() or 1, len(missing) // 2 or 1))
+    chunk = max(1, min(256, len(missing) // (workers * 4) or 1))
+    chunks = [missing[k : k + chunk] for k in range(0, len(missing), chunk)]
+    with tqdm(total=len(missing), desc="avatars", unit="img", disable=not progress) as bar:
+        if workers == 1:
+            for part in chunks:
+                bar.update(_render_chunk(str(out), seed, size, part))
+            return
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=_pool_context()) as pool:
+            futures = [pool.submit(_render_chunk, str(out), seed, size, part) for part in chunks]
+            for future in concurrent.futures.as_completed(futures):
+                bar.update(future.result())
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Archives and folders -> square PNGs
+
+
+def _safe_member_name(name: str) -> bool:
+    """False for absolute paths and '..' components: names that would escape a folder."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    parts = path.parts
+    return bool(parts) and not path.is_absolute() and ".." not in parts and ":" not in parts[0]
+
+
+def _archive_members(src: Path) -> Iterator[tuple[str, bytes | None, str | None]]:
+    """Yield ``(name, bytes, None)`` per image member, or ``(name, None, reason)`` to skip it.
+
+    Members are streamed one at a time in archive order (a .tgz is never extracted to disk),
+    and their names are only reported, never used as output paths.
+    """
+    if zipfile.is_zipfile(src):
+        with zipfile.ZipFile(src) as zf:
+            for info in zf.infolist():
+                if info.is_dir() or not info.filename.lower().endswith(IMAGE_EXTENSIONS):
+                    continue
+                yield _read_member(info.filename, info.file_size, lambda i=info: zf.open(i))
+    elif tarfile.is_tarfile(src):
+        # "r|*": a forward-only stream, so a gzip'd tar is decompressed exactly once.
+        with tarfile.open(src, mode="r|*") as tf:
+            for member in tf:
+                if not member.name.lower().endswith(IMAGE_EXTENSIONS):
+                    continue
+                if not member.isfile():
+                    yield member.name, None, "not a regular file (link or device)"
+                    continue
+                yield _read_member(member.name, member.size, lambda m=member: tf.extractfile(m))
+    else:
+        raise DataError(
+            f"'{src}' is not a folder or a .zip/.tar/.tgz/.tar.gz archive animeddim can read"
+        )
+
+
+def _read_member(name: str, declared: int, opener: Any) -> tuple[str, bytes | None, str | None]:
+    if not _safe_member_name(name):
+        return name, None, "unsafe path in archive (absolute or '..'), ignored"
+    if declared > MAX_MEMBER_BYTES:
+        return name, None, f"member too large ({declared} bytes)"
+    try:
+        with opener() as f:
+            # Read one byte past the limit: declared sizes can lie.
+            data = f.read(MAX_MEMBER_BYTES + 1)
+    except Exception as exc:  # noqa: BLE001 - a corrupt member is a skip, not a crash
+        return name, None, f"cannot read member: {type(exc).__name__}: {exc}"
+    if len(data) > MAX_MEMBER_BYTES:
+        return name, None, "member too large"
+    return name, data, None
+
+
+def _folder_members(src: Path) -> Iterator[tuple[str, bytes | None, str | None]]:
+    for path in find_images(src):
+        name = path.relative_to(src).as_posix()
+        try:
+            yield name, path.read_bytes(), None
+        except OSError as exc:
+            yield name, None, f"cannot read: {type(exc).__name__}: {exc}"
+
+
+def _prepare_one(data: bytes, size: int) -> tuple[bytes | None, str | None]:
+    """Decode, centre-crop and resize one image; returns ``(png_bytes, None)`` or a reason."""
+    try:
+        pixels = _decode(data, size)
+    except BadImage as exc:
+        return None, exc.reason
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="RGB").save(buf, format="PNG")
+    return buf.getvalue(), None
+
+
+def _source_id(src: Path, size: int) -> dict[str, Any]:
+    """What identifies a prepared folder: source path, its byte size and mtime, and size."""
+    st = src.stat()
+    return {
+        "source": str(src.resolve()),
+        "source_bytes": st.st_size if src.is_file() else None,
+        "source_mtime_ns": st.st_mtime_ns if src.is_file() else None,
+        "size": size,
+    }
+
+
+def prepare(
+    src: str | Path, out: str | Path, size: int = 64, *, workers: int | None = None
+) -> Path:
+    """Turn an archive (.zip/.tar/.tgz/.tar.gz) or folder of images into ``out/{i:06d}.png``.
+
+    Each image is centre-cropped to its largest square and resized to ``size`` exactly as
+    :func:`animeddim.data.load_image` does; outputs are numbered 0, 1, ... over the usable images
+    in archive order (sorted path order for a folder). Members are read into memory one by one,
+    never extracted by name, so '..' or absolute member paths cannot write outside ``out``.
+    Skipped members are warned about; no usable image raises :class:`DataError`. Re-running with
+    the same source and size returns at once. Returns ``out``.
+    """
+    src, out = Path(src), Path(out)
+    if not src.exists():
+        raise DataError(f"source '{src}' does not exist")
+    if size < 1:
+        raise DataError(f"image size must be a positive integer, got {size}")
+    if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+        raise DataError(f"output folder '{out}' must not be inside the source folder '{src}'")
+    wanted = _source_id(src, size)
+    manifest_path = out / "manifest.json"
+    previous = _read_json(manifest_path)
+    if previous is not None:
+        if any(previous.get(k) != wanted[k] for k in ("source", "size")):
+            raise DataError(
+                f"folder '{out}' already holds images prepared from {previous.get('source')} at "
+                f"size {previous.get('size')}; use another folder"
+            )
+        if src.is_file() and {k: previous.get(k) for k in wanted} == wanted:
+            return out  # same archive, same size: already done
+    elif out.exists() and any(not _OUTPUT_NAME.fullmatch(p.name) for p in out.iterdir()):
+        raise DataError(f"folder '{out}' is not empty; prepare into a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+
+    members = _folder_members(src) if src.is_dir() else _archive_members(src)
+    count, tried, skipped = 0, 0, []
+    workers = max(1, workers or os.cpu_count() or 1)
+    pool = (
+        concurrent.futures.ProcessPoolExecutor(workers, mp_context=_pool_context())
+        if workers > 1
+        else None
+    )
+    try:
+        # Work in windows so memory holds at most a few hundred encoded images at once.
+        for window in _windows(members, 64 * workers):
+            tried += len(window)
+            todo = [(name, data) for name, data, reason in window if data is not None]
+            skipped += [Skipped(name, why or "") for name, data, why in window if data is None]
+            blobs = [data for _, data in todo]
+            results = (
+                pool.map(_prepare_one, blobs, [size] * len(blobs), chunksize=8)
+                if pool is not None
+                else (_prepare_one(b, size) for b in blobs)
+            )
+            for (name, _), (png, reason) in zip(todo, results, strict=True):
+                if png is None:
+                    skipped.append(Skipped(name, reason or ""))
+                    continue
+                _write_bytes(out / f"{count:06d}.png", png)
+                count += 1
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+    if count == 0:
+        first = f" (first: {skipped[0].path}: {skipped[0].reason})" if skipped else ""
+        raise DataError(
+            f"no usable image in '{src}': {tried} files tried, {len(skipped)} skipped{first}"
+        )
+    # Files from an earlier run of this source that had more usable images would mix in.
+    for stale in out.iterdir():
+        if _OUTPUT_NAME.fullmatch(stale.name) and int(stale.name[:6]) >= count:
+            stale.unlink()
+    if skipped:
+        warnings.warn(skip_summary(skipped, tried), SkippedFilesWarning, stacklevel=2)
+    manifest = {
+        **wanted,
+        "count": count,
+        "skipped": [[s.path, s.reason] for s in skipped],
+    }
+    _write_bytes(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
+    return out
+
+
+def _windows(items: Iterator[Any], n: int) -> Iterator[list[Any]]:
+    window: list[Any] = []
+    for item in items:
+        window.append(item)
+        if len(window) == n:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Oxford 102 flowers
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_flowers102(
+    out: str | Path,
+    *,
+    url: str = FLOWERS102_URL,
+    md5: str = FLOWERS102_MD5,
+    size: int = 64,
+    progress: bool = True,
+) -> Path:
+    """Download Oxford 102 flowers (8189 images) and prepare them as ``out/images``.
+
+    The archive goes to ``out/102flowers.tgz.part`` (an existing .part is resumed with an HTTP
+    Range request), is checked against ``md5`` (a mismatch deletes the .part and raises
+    :class:`DataError`), renamed to ``out/102flowers.tgz`` and passed to :func:`prepare`.
+    Network failures raise :class:`DataError` saying how to do it by hand. Returns the folder of
+    prepared images.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    archive = out / "102flowers.tgz"
+    part = archive.with_name(archive.name + ".part")
+    images = out / "images"
+    by_hand = f"download {url} yourself and run `animeddim data prepare {archive} {images}`"
+    if not (archive.exists() and _md5(archive) == md5):
+        try:
+            _download(url, part, progress)
+        except (urllib.error.URLError, OSError) as exc:
+            raise DataError(f"download failed: {exc}; {by_hand}") from None
+        got = _md5(part)
+        if got != md5:
+            part.unlink()
+            raise DataError(
+                f"download of {url} has md5 {got}, expected {md5}; the partial file was "
+                f"deleted, try again or {by_hand}"
+            )
+        os.replace(part, archive)
+    return prepare(archive, images, size)
+
+
+def _download(url: str, part: Path, progress: bool) -> None:
+    """Fetch ``url`` into ``part``, continuing from its current length when the server agrees."""
+    start = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": "animeddim"}
+    if start:
+        headers["Range"] = f"bytes={start}-"
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and start:
+            return  # range past the end: the .part is already complete; the md5 will tell
+        raise
+    with response:
+        resumed = response.status == 206
+        if not resumed:
+            start = 0  # the server ignored the range: start over
+        length = response.headers.get("Content-Length")
+        total = start + int(length) if length is not None else None
+        with (
+            open(part, "ab" if resumed else "wb") as f,
+            tqdm(
+                total=total, initial=start, unit="B", unit_scale=True, disable=not progress
+            ) as bar,
+        ):
+            for block in iter(lambda: response.read(1 << 20), b""):
+                f.write(block)
+                bar.update(len(block))

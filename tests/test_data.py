@@ -1,0 +1,506 @@
+"""Tests for animeddim.data: decoding odd files, folders, caches, splits and batches."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import time
+import tracemalloc
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from animeddim import data
+from animeddim.data import (
+    BadImage,
+    DataError,
+    SkippedFilesWarning,
+    channel_stats,
+    epoch_order,
+    find_images,
+    iterate_batches,
+    load_folder,
+    load_image,
+    num_batches,
+    split_indices,
+)
+
+RED, WHITE = (255, 0, 0), (255, 255, 255)
+
+
+def _rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _save(path: Path, pixels: np.ndarray, **kwargs: object) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, **kwargs)
+    return path
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _fake_size_png(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose IHDR (with a correct CRC) claims ``width`` x ``height``."""
+    raw = bytearray(_png_bytes(np.zeros((1, 1, 3), np.uint8)))
+    # Signature (8) + length (4) + b"IHDR" (4), then width and height as big-endian uint32.
+    raw[16:24] = struct.pack(">II", width, height)
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
+    return bytes(raw)
+
+
+# --------------------------------------------------------------------------------------------
+# load_image: formats and modes
+
+
+@pytest.mark.parametrize("ext", [".png", ".bmp", ".webp"])
+def test_lossless_formats_roundtrip_exactly(tmp_path: Path, ext: str) -> None:
+    pixels = _rgb(12, 20)
+    kwargs = {"lossless": True} if ext == ".webp" else {}
+    out = load_image(_save(tmp_path / f"a{ext}", pixels, **kwargs), None)
+    assert out.dtype == np.uint8 and out.shape == (12, 20, 3)
+    np.testing.assert_array_equal(out, pixels)
+
+
+def test_jpeg_decodes_close_to_source(tmp_path: Path) -> None:
+    pixels = np.full((16, 16, 3), (200, 40, 90), np.uint8)
+    out = load_image(_save(tmp_path / "a.JPG", pixels, quality=95), None)
+    assert np.abs(out.astype(int) - pixels).max() <= 4
+
+
+def test_gif_uses_first_frame(tmp_path: Path) -> None:
+    frames = [Image.new("RGB", (8, 8), RED), Image.new("RGB", (8, 8), (0, 0, 255))]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=50, loop=0)
+    out = load_image(path, None)
+    assert out.shape == (8, 8, 3)
+    assert (out == RED).all()
+
+
+@pytest.mark.parametrize(("orientation", "red_at"), [(6, "top"), (8, "bottom")])
+def test_exif_orientation_is_applied(tmp_path: Path, orientation: int, red_at: str) -> None:
+    pixels = np.zeros((20, 40, 3), np.uint8)  # 40 wide, 20 tall: red left half, blue right
+    pixels[:, :20] = RED
+    pixels[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = _save(tmp_path / "r.jpg", pixels, quality=95, exif=exif.tobytes())
+    out = load_image(path, None)
+    # Orientation 6 = rotate 90 degrees clockwise to display: the left half goes to the top;
+    # 8 = counter-clockwise: it goes to the bottom.
+    assert out.shape == (40, 20, 3)
+    top, bottom = out[5, 10].astype(int), out[35, 10].astype(int)
+    red, other = (top, bottom) if red_at == "top" else (bottom, top)
+    assert red[0] > 200 and red[2] < 50
+    assert other[2] > 200 and other[0] < 50
+
+
+def test_grayscale_becomes_three_equal_channels(tmp_path: Path) -> None:
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    out = load_image(_save(tmp_path / "g.png", gray), None)
+    assert out.shape == (8, 8, 3)
+    for c in range(3):
+        np.testing.assert_array_equal(out[..., c], gray)
+
+
+def test_16bit_png_is_scaled_not_clipped(tmp_path: Path) -> None:
+    wide = np.array([[0, 32768, 65535, 257]], dtype=np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(wide).save(path)
+    assert Image.open(path).mode.startswith("I")
+    out = load_image(path, None)
+    np.testing.assert_array_equal(out[0, :, 0], [0, 128, 255, 1])
+
+
+def test_palette_with_transparency_composites_on_white(tmp_path: Path) -> None:
+    im = Image.new("P", (4, 4), 1)
+    im.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    im.putpixel((0, 0), 0)  # index 0 is the transparent one
+    path = tmp_path / "p.png"
+    im.save(path, transparency=0)
+    out = load_image(path, None)
+    assert tuple(out[0, 0]) == WHITE
+    assert tuple(out[1, 1]) == RED
+
+
+def test_rgba_and_la_composite_on_white(tmp_path: Path) -> None:
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0] = (255, 0, 0, 0)  # fully transparent red -> white
+    rgba[0, 1] = (255, 0, 0, 255)  # opaque red
+    rgba[1, 0] = (0, 0, 0, 128)  # half-transparent black -> mid grey
+    out = load_image(_save(tmp_path / "a.png", rgba), None)
+    assert tuple(out[0, 0]) == WHITE
+    assert tuple(out[0, 1]) == RED
+    assert np.all(np.abs(out[1, 0].astype(int) - 127) <= 1)
+
+    la = Image.new("LA", (2, 1), (0, 0))
+    la.putpixel((1, 0), (0, 255))
+    la.save(tmp_path / "la.png")
+    out = load_image(tmp_path / "la.png", None)
+    assert tuple(out[0, 0]) == WHITE
+    assert tuple(out[0, 1]) == (0, 0, 0)
+
+
+def test_cmyk_jpeg_becomes_rgb(tmp_path: Path) -> None:
+    path = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(path, quality=95)
+    out = load_image(path, None)
+    assert out.shape == (8, 8, 3)
+    r, g, b = out[4, 4].astype(int)
+    assert r > 220 and g < 40 and b < 40
+
+
+def test_one_pixel_image_is_resized_up(tmp_path: Path) -> None:
+    out = load_image(_save(tmp_path / "dot.png", np.full((1, 1, 3), 77, np.uint8)), 16)
+    assert out.shape == (16, 16, 3)
+    assert (out == 77).all()
+
+
+def test_centre_crop_keeps_the_centre(tmp_path: Path) -> None:
+    pixels = np.zeros((16, 48, 3), np.uint8)  # 48 wide: left and right thirds red, centre green
+    pixels[:, :16] = RED
+    pixels[:, 32:] = RED
+    pixels[:, 16:32] = (0, 255, 0)
+    out = load_image(_save(tmp_path / "wide.png", pixels), 8)
+    assert out.shape == (8, 8, 3)
+    assert (out == (0, 255, 0)).all()
+
+
+def test_resize_is_antialiased(tmp_path: Path) -> None:
+    stripes = np.zeros((64, 64, 3), np.uint8)
+    stripes[:, ::2] = 255  # 1-pixel stripes: a point-sampling resize would give 0 or 255
+    out = load_image(_save(tmp_path / "s.png", stripes), 8)
+    assert np.abs(out.astype(int) - 127).max() <= 10
+
+
+# --------------------------------------------------------------------------------------------
+# load_image: files that must be refused
+
+
+def _reason(path: Path) -> str:
+    with pytest.raises(BadImage) as info:
+        load_image(path, 8)
+    return info.value.reason
+
+
+def test_zero_byte_file(tmp_path: Path) -> None:
+    (tmp_path / "z.png").write_bytes(b"")
+    assert "empty" in _reason(tmp_path / "z.png")
+
+
+def test_text_named_png(tmp_path: Path) -> None:
+    (tmp_path / "t.png").write_text("definitely not a picture\n")
+    assert "not an image" in _reason(tmp_path / "t.png")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated_files_are_refused(tmp_path: Path, fmt: str) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(_rgb(64, 64)).save(buf, format=fmt)
+    path = tmp_path / f"cut.{fmt.lower()}"
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    assert "truncated" in _reason(path)
+
+
+def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _save(tmp_path / "locked.png", _rgb(4, 4))
+    if os.geteuid() == 0:
+        # root reads anything whatever the mode bits, so simulate what open() would raise.
+        def deny(*args: object, **kwargs: object) -> None:
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(data, "open", deny, raising=False)
+    else:
+        path.chmod(0)
+    try:
+        assert _reason(path) == "permission denied"
+    finally:
+        path.chmod(0o644)
+
+
+@pytest.mark.parametrize(("width", "height"), [(100_000, 100_000), (9000, 9000)])
+def test_decompression_bomb_is_refused_without_allocating(
+    tmp_path: Path, width: int, height: int
+) -> None:
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_fake_size_png(width, height))
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        reason = _reason(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "too large" in reason and "bomb" in reason
+    assert peak < 100 * 1024**2
+    assert time.perf_counter() - start < 5
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    payload=st.binary(max_size=4096),
+    prefix=st.sampled_from([b"", "png-header", "png-half"]),
+    size=st.sampled_from([None, 8]),
+)
+def test_random_bytes_decode_or_raise_bad_image(
+    payload: bytes, prefix: bytes | str, size: int | None
+) -> None:
+    valid = _png_bytes(_rgb(6, 5))
+    head = {"png-header": valid[:33], "png-half": valid[: len(valid) // 2]}.get(prefix, b"")
+    try:
+        out = data._decode(bytes(head) + payload, size)
+    except BadImage as exc:
+        assert exc.reason
+        return
+    assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3
+    if size is not None:
+        assert out.shape == (size, size, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Folders
+
+
+def test_find_images_recurses_sorted_case_insensitive(tmp_path: Path) -> None:
+    for rel in ["b.PNG", "a/z.jpg", "a/c.JpEg", "A2/x.gif", "notes.txt", "a/deep/d.webp"]:
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    rels = [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)]
+    assert rels == ["A2/x.gif", "a/c.JpEg", "a/deep/d.webp", "a/z.jpg", "b.PNG"]
+
+
+def test_find_images_survives_symlink_loop(tmp_path: Path) -> None:
+    _save(tmp_path / "sub" / "img.png", _rgb(4, 4))
+    (tmp_path / "sub" / "loop").symlink_to(tmp_path, target_is_directory=True)
+    found = find_images(tmp_path)
+    assert [p.name for p in found] == ["img.png"]
+
+
+def test_find_images_missing_or_not_folder(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        find_images(tmp_path / "nope")
+    (tmp_path / "f.png").write_bytes(b"x")
+    with pytest.raises(DataError, match="not a folder"):
+        find_images(tmp_path / "f.png")
+
+
+def _mixed_folder(root: Path) -> None:
+    _save(root / "a.png", _rgb(10, 12, 1))
+    _save(root / "sub" / "b.jpg", _rgb(12, 10, 2), quality=95)
+    _save(root / "sub" / "deeper" / "c.bmp", _rgb(8, 8, 3))
+    (root / "sub" / "empty.png").write_bytes(b"")
+    (root / "text.png").write_text("hello")
+
+
+def test_load_folder_skips_and_warns(tmp_path: Path) -> None:
+    _mixed_folder(tmp_path)
+    with pytest.warns(SkippedFilesWarning, match="skipped 2 of 5") as record:
+        result = load_folder(tmp_path, 8, workers=1)
+    message = str(record[0].message)
+    assert "empty.png" in message and "text.png" in message
+    assert result.images.shape == (3, 8, 8, 3) and result.images.dtype == np.uint8
+    assert [Path(p).name for p in result.paths] == ["a.png", "b.jpg", "c.bmp"]
+    assert sorted(Path(s.path).name for s in result.skipped) == ["empty.png", "text.png"]
+    np.testing.assert_array_equal(result.images[0], load_image(tmp_path / "a.png", 8))
+
+
+def test_load_folder_strict_raises(tmp_path: Path) -> None:
+    _mixed_folder(tmp_path)
+    with pytest.raises(DataError, match="empty.png"):
+        load_folder(tmp_path, 8, workers=1, strict=True)
+
+
+def test_load_folder_without_usable_images(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=f"no usable image in folder '{tmp_path}'"):
+        load_folder(tmp_path, 8)
+    (tmp_path / "x.png").write_text("nope")
+    (tmp_path / "y.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match="2 files tried, 2 skipped"):
+        load_folder(tmp_path, 8)
+    with pytest.raises(DataError, match="does not exist"):
+        load_folder(tmp_path / "missing", 8)
+
+
+def test_load_folder_with_process_pool_matches_serial(tmp_path: Path) -> None:
+    for i in range(40):
+        _save(tmp_path / f"{i:02d}.png", _rgb(9, 11, i))
+    serial = load_folder(tmp_path, 8, workers=1)
+    pooled = load_folder(tmp_path, 8, workers=2)
+    np.testing.assert_array_equal(serial.images, pooled.images)
+    assert serial.paths == pooled.paths
+
+
+def test_disk_cache_is_reused_and_invalidated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, cache = tmp_path / "imgs", tmp_path / "cache"
+    for i in range(4):
+        _save(root / f"{i}.png", _rgb(10, 10, i))
+    first = load_folder(root, 8, cache="disk", cache_dir=cache)
+    assert isinstance(first.images, np.memmap)
+    expected = np.array(first.images)
+
+    def refuse(path: str, size: int) -> None:
+        raise AssertionError("decoded again despite a valid cache")
+
+    monkeypatch.setattr(data, "_decode_path", refuse)
+    again = load_folder(root, 8, cache="disk", cache_dir=cache)
+    np.testing.assert_array_equal(again.images, expected)
+    assert again.paths == first.paths
+    monkeypatch.undo()
+
+    _save(root / "4.png", _rgb(10, 10, 4))  # a new file: new cache entry
+    grown = load_folder(root, 8, cache="disk", cache_dir=cache)
+    assert len(grown.images) == 5
+    _save(root / "0.png", _rgb(10, 10, 99))  # changed content (size/mtime): decoded afresh
+    os.utime(root / "0.png", ns=(1, 1))
+    changed = load_folder(root, 8, cache="disk", cache_dir=cache)
+    np.testing.assert_array_equal(changed.images[0], load_image(root / "0.png", 8))
+    assert not list(cache.glob("*.tmp"))
+
+
+def test_disk_cache_remembers_skipped(tmp_path: Path) -> None:
+    _mixed_folder(tmp_path / "imgs")
+    with pytest.warns(SkippedFilesWarning):
+        load_folder(tmp_path / "imgs", 8, cache="disk", cache_dir=tmp_path / "c")
+    with pytest.warns(SkippedFilesWarning, match="skipped 2 of 5"):
+        again = load_folder(tmp_path / "imgs", 8, cache="disk", cache_dir=tmp_path / "c")
+    assert len(again.images) == 3 and len(again.skipped) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Splits and statistics
+
+
+def test_split_is_deterministic_disjoint_and_complete() -> None:
+    train, val = split_indices(100, 0.2, seed=3)
+    assert len(val) == 20 and len(train) == 80
+    assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(100))
+    assert np.all(np.diff(train) > 0) and np.all(np.diff(val) > 0)
+    again = split_indices(100, 0.2, seed=3)
+    assert np.array_equal(train, again[0]) and np.array_equal(val, again[1])
+    assert not np.array_equal(val, split_indices(100, 0.2, seed=4)[1])
+
+
+def test_split_edge_cases() -> None:
+    assert [len(a) for a in split_indices(2, 0.01, 0)] == [1, 1]  # at least one validation image
+    assert [len(a) for a in split_indices(5, 0.0, 0)] == [5, 0]
+    assert [len(a) for a in split_indices(1, 0.5, 0)] == [1, 0]  # training keeps at least one
+    assert [len(a) for a in split_indices(3, 0.9, 0)] == [1, 2]
+    with pytest.raises(DataError):
+        split_indices(10, 1.0, 0)
+
+
+def test_channel_stats_match_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    images = np.random.default_rng(0).integers(0, 256, (30, 6, 6, 3), dtype=np.uint8)
+    images[..., 2] //= 4  # channels differ
+    idx = np.array([3, 1, 7, 20, 29])
+    mean, std = channel_stats(images, idx)
+    ref = images[idx].astype(np.float64) / 255
+    np.testing.assert_allclose(mean, ref.mean(axis=(0, 1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(std, ref.std(axis=(0, 1, 2)), rtol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+
+
+def _batches(images: np.ndarray, idx: np.ndarray, bs: int, **kw: object) -> list[torch.Tensor]:
+    opts: dict = {"seed": 1, "epoch": 0, "shuffle": True, "flip": True, "drop_last": False}
+    opts.update(kw)
+    return list(iterate_batches(images, idx, bs, **opts))
+
+
+@pytest.fixture
+def images() -> np.ndarray:
+    return np.random.default_rng(5).integers(0, 256, (50, 6, 6, 3), dtype=np.uint8)
+
+
+def test_batches_are_float_nchw_in_unit_range(images: np.ndarray) -> None:
+    batches = _batches(images, np.arange(10, 30), 8, shuffle=False, flip=False)
+    assert [b.shape for b in batches] == [(8, 3, 6, 6), (8, 3, 6, 6), (4, 3, 6, 6)]
+    first = batches[0]
+    assert first.dtype == torch.float32 and first.is_contiguous()
+    expected = torch.from_numpy(images[10:18]).permute(0, 3, 1, 2).float() / 255
+    assert torch.equal(first, expected)
+
+
+def test_batches_are_deterministic_and_epochs_differ(images: np.ndarray) -> None:
+    idx = np.arange(50)
+    a, b = _batches(images, idx, 16), _batches(images, idx, 16)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    c = _batches(images, idx, 16, epoch=1)
+    assert not torch.equal(a[0], c[0])
+    assert np.array_equal(epoch_order(50, 1, 0), epoch_order(50, 1, 0))
+    assert sorted(epoch_order(50, 1, 0)) == list(range(50))
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_rank_slices_concatenate_to_the_single_process_batch(
+    images: np.ndarray, world_size: int
+) -> None:
+    idx = np.arange(3, 47)
+    single = _batches(images, idx, 8, drop_last=True)
+    per_rank = [
+        _batches(images, idx, 8, drop_last=True, rank=r, world_size=world_size)
+        for r in range(world_size)
+    ]
+    assert all(len(r) == len(single) for r in per_rank)
+    for b, whole in enumerate(single):
+        assert torch.equal(torch.cat([r[b] for r in per_rank]), whole)
+
+
+def test_start_batch_equals_dropping_batches(images: np.ndarray) -> None:
+    idx = np.arange(50)
+    full = _batches(images, idx, 8)
+    resumed = _batches(images, idx, 8, start_batch=3)
+    assert len(resumed) == len(full) - 3
+    assert all(torch.equal(x, y) for x, y in zip(full[3:], resumed, strict=True))
+
+
+def test_flips_happen_about_half_the_time() -> None:
+    images = np.random.default_rng(0).integers(0, 256, (400, 4, 4, 3), dtype=np.uint8)
+    batches = _batches(images, np.arange(400), 32, shuffle=False)
+    x = torch.cat(batches)
+    plain = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    flipped = (x == plain.flip(3)).flatten(1).all(1)
+    unflipped = (x == plain).flatten(1).all(1)
+    assert bool((flipped ^ unflipped).all())  # each image is exactly one of the two
+    assert 140 < int(flipped.sum()) < 260
+
+
+def test_drop_last_and_num_batches(images: np.ndarray) -> None:
+    idx = np.arange(10)
+    assert len(_batches(images, idx, 4, drop_last=True)) == num_batches(10, 4, True) == 2
+    assert len(_batches(images, idx, 4, drop_last=False)) == num_batches(10, 4, False) == 3
+    assert num_batches(8, 4, False) == num_batches(8, 4, True) == 2
+
+
+def test_batch_size_must_divide_by_world_size(images: np.ndarray) -> None:
+    with pytest.raises(DataError, match="divisible"):
+        _batches(images, np.arange(10), 6, world_size=4)
+
+
+def test_memmap_images_batch_like_arrays(tmp_path: Path, images: np.ndarray) -> None:
+    mm = np.memmap(tmp_path / "x.u8", dtype=np.uint8, mode="w+", shape=images.shape)
+    mm[:] = images
+    mm.flush()
+    ro = np.memmap(tmp_path / "x.u8", dtype=np.uint8, mode="r", shape=images.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. torch's "non-writable array" warning
+        a = _batches(ro, np.arange(50), 16)
+    b = _batches(images, np.arange(50), 16)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))

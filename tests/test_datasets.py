@@ -1,0 +1,274 @@
+"""Tests for animeddim.datasets: avatars, archive preparation, resumable downloads (local only)."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import socket
+import tarfile
+import threading
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from animeddim import datasets
+from animeddim.data import DataError, SkippedFilesWarning, load_folder, load_image
+from animeddim.datasets import download_flowers102, generate_avatars, prepare
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _pixels(seed: int, h: int = 20, w: int = 30) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _read_all(folder: Path) -> np.ndarray:
+    return np.stack([load_image(p, None) for p in sorted(folder.glob("*.png"))])
+
+
+# --------------------------------------------------------------------------------------------
+# Avatars
+
+
+@pytest.fixture(scope="module")
+def avatars(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_avatars(tmp_path_factory.mktemp("av") / "set", n=6, size=32, workers=2)
+
+
+def test_avatars_are_rgb_pngs_with_credits(avatars: Path) -> None:
+    pngs = sorted(avatars.glob("*.png"))
+    assert [p.name for p in pngs] == [f"avatar-{i:06d}.png" for i in range(6)]
+    for p in pngs:
+        with Image.open(p) as im:
+            assert im.mode == "RGB" and im.size == (32, 32)
+    pixels = _read_all(avatars)
+    assert len({p.tobytes() for p in pixels}) == 6  # six different faces
+    assert (pixels[:, 0, 0] == 255).all()  # transparent background composited on white
+    credits = (avatars / "CREDITS.md").read_text("utf-8")
+    assert "CC BY 4.0" in credits and "Wischofsky" in credits and "DiceBear" in credits
+    manifest = (avatars / "manifest.json").read_text("utf-8")
+    assert '"style": "adventurer"' in manifest and '"n": 6' in manifest
+
+
+def test_avatars_depend_only_on_seed(avatars: Path, tmp_path: Path) -> None:
+    same = generate_avatars(tmp_path / "same", n=3, size=32, workers=1)
+    np.testing.assert_array_equal(_read_all(same), _read_all(avatars)[:3])
+    other = generate_avatars(tmp_path / "other", n=3, size=32, seed=1, workers=1)
+    assert not any(np.array_equal(a, b) for a in _read_all(other) for b in _read_all(avatars)[:3])
+
+
+def test_avatar_rerun_is_a_noop_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = generate_avatars(tmp_path / "a", n=3, size=16, workers=1)
+    first = _read_all(out)
+
+    def refuse(seed: int, i: int, size: int) -> np.ndarray:
+        raise AssertionError(f"rendered avatar {i} again")
+
+    monkeypatch.setattr(datasets, "_render_avatar", refuse)
+    assert generate_avatars(out, n=3, size=16, workers=1) == out
+    monkeypatch.undo()
+
+    # An interrupted run (no manifest, one file missing) renders only what is missing.
+    (out / "manifest.json").unlink()
+    (out / "avatar-000001.png").unlink()
+    rendered: list[int] = []
+    real = datasets._render_avatar
+
+    def spy(seed: int, i: int, size: int) -> np.ndarray:
+        rendered.append(i)
+        return real(seed, i, size)
+
+    monkeypatch.setattr(datasets, "_render_avatar", spy)
+    generate_avatars(out, n=3, size=16, workers=1)
+    assert rendered == [1]
+    np.testing.assert_array_equal(_read_all(out), first)
+
+
+def test_avatars_refuse_to_mix_sets(tmp_path: Path) -> None:
+    out = generate_avatars(tmp_path / "a", n=2, size=16, workers=1)
+    with pytest.raises(DataError, match="different avatar set"):
+        generate_avatars(out, n=2, size=24, workers=1)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "holiday.jpg").write_bytes(b"x")
+    with pytest.raises(DataError, match="not empty"):
+        generate_avatars(tmp_path / "b", n=2, size=16, workers=1)
+
+
+# --------------------------------------------------------------------------------------------
+# prepare
+
+
+def _members() -> list[tuple[str, bytes]]:
+    return [
+        ("faces/a.png", _png(_pixels(1))),
+        ("faces/b.PNG", _png(_pixels(2, 30, 20))),
+        ("faces/broken.jpg", b"\xff\xd8\xff garbage"),
+        ("../evil.png", _png(_pixels(3))),
+        ("readme.txt", b"not an image, not an image member"),
+    ]
+
+
+def _make_zip(path: Path) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, blob in _members():
+            zf.writestr(name, blob)
+    return path
+
+
+def _make_tgz(path: Path) -> Path:
+    with tarfile.open(path, "w:gz") as tf:
+        for name, blob in _members():
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tf.addfile(info, io.BytesIO(blob))
+    return path
+
+
+@pytest.mark.parametrize("make", [_make_zip, _make_tgz], ids=["zip", "tgz"])
+def test_prepare_archive(tmp_path: Path, make: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive = make(tmp_path / ("src.zip" if make is _make_zip else "src.tgz"))  # type: ignore[operator]
+    out = tmp_path / "deep" / "out"
+    with pytest.warns(SkippedFilesWarning, match="skipped 2 of 4") as record:
+        assert prepare(archive, out, size=16, workers=1) == out
+    message = str(record[0].message)
+    assert "broken.jpg" in message and "evil.png" in message and "unsafe" in message
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "manifest.json"]
+    assert not (tmp_path / "deep" / "evil.png").exists() and not (tmp_path / "evil.png").exists()
+    expected = [load_image_bytes(_pixels(1), 16), load_image_bytes(_pixels(2, 30, 20), 16)]
+    np.testing.assert_array_equal(_read_all(out), np.stack(expected))
+
+    # Same archive again: nothing to do, even with the decoder gone.
+    def refuse(data: bytes, size: int) -> None:
+        raise AssertionError("prepared again")
+
+    monkeypatch.setattr(datasets, "_prepare_one", refuse)
+    assert prepare(archive, out, size=16, workers=1) == out
+
+
+def load_image_bytes(pixels: np.ndarray, size: int) -> np.ndarray:
+    """What data.load_image makes of these pixels saved as PNG."""
+    from animeddim.data import _decode
+
+    return _decode(_png(pixels), size)
+
+
+def test_prepare_folder_with_pool_and_reload(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for i in range(5):
+        (src / "x").mkdir(parents=True, exist_ok=True)
+        (src / "x" / f"{i}.png").write_bytes(_png(_pixels(i)))
+    out = prepare(src, tmp_path / "out", size=8, workers=2)
+    loaded = load_folder(out, 8, workers=1)
+    assert loaded.images.shape == (5, 8, 8, 3)
+    np.testing.assert_array_equal(loaded.images[3], load_image_bytes(_pixels(3), 8))
+
+
+def test_prepare_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        prepare(tmp_path / "missing.zip", tmp_path / "out")
+    (tmp_path / "junk.zip").write_bytes(b"not an archive")
+    with pytest.raises(DataError, match="archive"):
+        prepare(tmp_path / "junk.zip", tmp_path / "out")
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("a.png", b"nope")
+    with pytest.raises(DataError, match="no usable image"):
+        prepare(bad, tmp_path / "out2")
+
+
+# --------------------------------------------------------------------------------------------
+# download_flowers102 against a local server
+
+
+class _RangeHandler(http.server.BaseHTTPRequestHandler):
+    payload = b""
+    requests: list[str | None] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if not self.path.endswith("/102flowers.tgz"):
+            self.send_error(404)
+            return
+        rng = self.headers.get("Range")
+        type(self).requests.append(rng)
+        body, status = self.payload, 200
+        if rng:
+            start = int(rng.removeprefix("bytes=").split("-")[0])
+            if start >= len(body):
+                self.send_response(416)
+                self.end_headers()
+                return
+            body, status = body[start:], 206
+            self.send_response(status)
+            self.send_header("Content-Range", f"bytes {start}-{len(self.payload) - 1}/*")
+        else:
+            self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass  # keep test output clean
+
+
+@pytest.fixture
+def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, type]]:
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    blob = _make_tgz(tmp_path / "served.tgz").read_bytes()
+    handler = type("Handler", (_RangeHandler,), {"payload": blob, "requests": []})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/102flowers.tgz", handler
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_download_resumes_and_prepares(tmp_path: Path, server: tuple[str, type]) -> None:
+    url, handler = server
+    md5 = hashlib.md5(handler.payload).hexdigest()
+    out = tmp_path / "flowers"
+    out.mkdir()
+    (out / "102flowers.tgz.part").write_bytes(handler.payload[:100])
+    with pytest.warns(SkippedFilesWarning):
+        images = download_flowers102(out, url=url, md5=md5, size=16, progress=False)
+    assert handler.requests == ["bytes=100-"]
+    assert images == out / "images"
+    assert (out / "102flowers.tgz").read_bytes() == handler.payload
+    assert not (out / "102flowers.tgz.part").exists()
+    assert len(list(images.glob("*.png"))) == 2
+    # Already downloaded and prepared: no request at all.
+    download_flowers102(out, url=url, md5=md5, size=16, progress=False)
+    assert handler.requests == ["bytes=100-"]
+
+
+def test_download_checksum_mismatch(tmp_path: Path, server: tuple[str, type]) -> None:
+    url, _ = server
+    with pytest.raises(DataError, match="expected 0+"):
+        download_flowers102(tmp_path, url=url, md5="0" * 32, progress=False)
+    assert not (tmp_path / "102flowers.tgz.part").exists()
+    assert not (tmp_path / "102flowers.tgz").exists()
+
+
+def test_download_network_failure_is_a_data_error(tmp_path: Path, server: tuple[str, type]) -> None:
+    url, _ = server
+    with pytest.raises(DataError, match="download failed.*404.*animeddim data prepare"):
+        download_flowers102(tmp_path, url=url + ".gone", md5="0" * 32, progress=False)
+    with socket.socket() as s:  # a port nobody listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(DataError, match="download failed"):
+        download_flowers102(tmp_path, url=f"http://127.0.0.1:{port}/x.tgz", progress=False)
