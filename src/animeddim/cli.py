@@ -197,6 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--strict", action="store_true", default=None, help="any undecodable image is an error"
     )
     p.add_argument("--max-steps", type=_positive_int("max-steps", 0), help="stop after N steps")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        dest="time_limit_minutes",
+        metavar="MINUTES",
+        help="stop at the first epoch end after this many minutes",
+    )
+    p.add_argument(
+        "--log-every",
+        type=_positive_int("log-every"),
+        help="steps between progress updates (default 10)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_runtime(p)
     p.set_defaults(func=cmd_train)
@@ -210,7 +222,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for one PNG per image")
     p.add_argument("--grid", help="write all images tiled into this PNG")
     p.set_defaults(func=cmd_sample)
+
+    # bench
+    p = sub.add_parser("bench", help="training/sampling throughput: fp32 baseline vs tuned")
+    p.add_argument(
+        "--image-size", type=_positive_int("image-size", 8), default=64, help="pixels (default 64)"
+    )
+    p.add_argument(
+        "--batch-size", type=_positive_int("batch-size"), default=64, help="(default 64)"
+    )
+    p.add_argument(
+        "--iters",
+        type=_positive_int("iters"),
+        default=5,
+        help="timed iterations per measurement (default 5)",
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_true",
+        default=None,
+        help="compile the tuned path (default on)",
+    )
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument(
+        "--no-kid", dest="kid", action="store_false", help="skip the Inception feature throughput"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_bench)
     return parser
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(a.image_size, a.batch_size, a.device, a.iters, a.json, a.compile, a.kid)
 
 
 # --- commands -----------------------------------------------------------------------------
@@ -264,6 +311,8 @@ TRAIN_FLAGS = {  # CLI dest -> (config section, field)
     "kid": ("train", "kid"),
     "kid_images": ("train", "kid_images"),
     "max_steps": ("train", "max_steps"),
+    "time_limit_minutes": ("train", "time_limit_minutes"),
+    "log_every": ("train", "log_every"),
 }
 
 

@@ -1,14 +1,26 @@
-"""Reverse diffusion: DDIM from noise to images, as plain functions.
+"""Reverse diffusion from noise to images, inversion and interpolation, as plain functions.
 
 Samplers take the denoising network as an argument, together with the starting noise,
 the number of steps, eta and explicit random generators; they return tensors and keep
 no state. Image i's randomness comes from its own generator, seeded by (seed, i), so an
 image is the same whatever the batch size or the number of processes.
+
+Two samplers share the schedule's continuous time t in [0, 1]:
+
+- ``ddim``: DDIM (Song et al. 2021), S steps uniform in t from t = 1 to t = 1/S;
+  deterministic for eta = 0, stochastic for eta > 0.
+- ``dpmpp-2m``: DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), S evaluations uniform in
+  log-SNR lambda from t = 1 to t = 0; second order, deterministic.
+
+Both return the network's data prediction x0_hat at their last evaluation, because the
+schedule's clean end t = 0 still has noise_rate = sqrt(1 - max_signal_rate**2) (0.31 by
+default): the state x_t itself is never noise free.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 
 import torch

@@ -294,7 +294,7 @@ def train(
         _truncate_metrics(run_dir, epoch)
         log(f"resuming {run_dir} at epoch {epoch + 1}, step {step}")
     mean_d, std_d = mean.to(device), std.to(device)
-    net = maybe_compile(model, tc.compile, device)
+    net = _compiled_or_eager(model, tc, device, precision_ctx, channels_last)
     ema_state, live_state = _float_state(ema), _float_state(model)
     # Batch counters are not floats: copy them so the EMA network's BN state stays valid.
 
@@ -459,6 +459,9 @@ def train(
             )
             if tc.max_steps and step >= tc.max_steps:
                 break
+            if tc.time_limit_minutes and time.perf_counter() - t_start > 60 * tc.time_limit_minutes:
+                log(f"time limit of {tc.time_limit_minutes:g} min reached after epoch {epoch}")
+                break
     except KeyboardInterrupt:
         interrupted = True
         save_checkpoint(last_ckpt)
@@ -467,6 +470,32 @@ def train(
         if bar is not None:
             bar.close()
     return TrainResult(run_dir, epoch, step, interrupted, last_row)
+
+
+def _compiled_or_eager(model, tc, device, precision_ctx, channels_last: bool):
+    """torch.compile the network where asked, proving it works on one trial step first.
+
+    Compilation happens at the first call, so a broken toolchain would otherwise fail
+    inside the loop. The trial's effect on BatchNorm statistics and gradients is undone.
+    """
+    net = maybe_compile(model, tc.compile, device)
+    if net is model:
+        return model
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    size, c = model.cfg.image_size, model.cfg.channels
+    x = torch.zeros(tc.batch_size, c, size, size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    try:
+        with precision_ctx:
+            out = net(x, torch.full((tc.batch_size,), 0.5, device=device))
+        out.float().mean().backward()
+    except Exception as e:  # noqa: BLE001 - any backend failure means: run eagerly
+        warnings.warn(f"torch.compile failed ({type(e).__name__}); training eagerly", stacklevel=2)
+        net = model
+    model.load_state_dict(saved)
+    model.zero_grad(set_to_none=True)
+    return net
 
 
 def _save_step_checkpoint(save_checkpoint, run_dir: Path, step: int, keep: int) -> None:

@@ -1,0 +1,301 @@
+"""Throughput benchmark: a plain fp32 eager baseline against the tuned default path.
+
+Both run in one process on the same network and batch, so their ratio is meaningful on
+any machine. Numbers are medians over timed iterations after warm-up.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from .config import ScheduleConfig, UNetConfig
+from .runtime import autocast, maybe_compile, resolve_device, resolve_precision
+from .sampling import ddim_sample
+from .schedule import diffuse, predict_x0
+from .unet import UNet
+
+
+@dataclass
+class PathResult:
+    name: str
+    precision: str
+    compiled: bool
+    channels_last: bool
+    train_images_per_s: float
+    sample_images_per_s: float
+    train_gflop_per_s: float
+    sample_gflop_per_s: float
+    peak_memory_mib: float
+    compile_seconds: float
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_rate(fn: Callable[[], None], items: int, iters: int, device) -> float:
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return items / statistics.median(times)
+
+
+def _flops(fn: Callable[[], None]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _peak_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss is the process high-water mark in KiB (Linux): an upper bound per path.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_path(
+    name: str,
+    cfg: UNetConfig,
+    batch_size: int,
+    device: torch.device,
+    *,
+    precision: str,
+    compile: bool,
+    channels_last: bool,
+    fused: bool,
+    iters: int,
+    sample_steps: int = 20,
+) -> PathResult:
+    """Measure one configuration: training step and DDIM sampling throughput."""
+    torch.manual_seed(0)
+    sched = ScheduleConfig()
+    model = UNet(cfg).to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    ema = copy.deepcopy(model).eval()
+    if fused:
+        kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    else:
+        kw = {"foreach": False}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, **kw)
+    ctx = autocast(device, precision)
+    net = maybe_compile(model, compile, device)
+    ema_net = maybe_compile(ema, compile, device)
+    s = cfg.image_size
+    x0 = torch.randn(batch_size, cfg.channels, s, s, device=device).contiguous(memory_format=fmt)
+    noise = torch.randn_like(x0)
+    t = torch.rand(batch_size, device=device, dtype=torch.float64)
+    ema_p, live_p = list(ema.parameters()), list(model.parameters())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def train_step() -> None:
+        xt, sr, nr = diffuse(x0, noise, t, sched)
+        with ctx:
+            pred = net(xt, (nr**2).view(-1))
+        pred = pred.float()
+        loss = F.l1_loss(pred, noise)
+        _ = F.l1_loss(predict_x0(xt, pred, sr, nr), x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            if fused:
+                torch._foreach_lerp_(ema_p, live_p, 0.001)
+            else:  # the plain port: one update per parameter from Python
+                for e, p in zip(ema_p, live_p, strict=True):
+                    e.mul_(0.999).add_(p.detach(), alpha=0.001)
+
+    @torch.no_grad()
+    def sample() -> None:
+        with ctx:
+            ddim_sample(ema_net, noise, sample_steps, sched)
+
+    t0 = time.perf_counter()
+    train_step()
+    sample()
+    _sync(device)
+    compile_seconds = time.perf_counter() - t0 if compile else 0.0
+    for _ in range(2):  # warm-up (autotuning, allocator, oneDNN primitive caches)
+        train_step()
+        sample()
+    _sync(device)
+    train_rate = _median_rate(train_step, batch_size, iters, device)
+    sample_rate = _median_rate(sample, batch_size, max(2, iters // 2), device)
+    train_flops = _flops(lambda: _eager_train_flops(model, x0, noise, t, sched))
+    sample_flops = _flops(lambda: _eager_forward_flops(ema, x0, t)) * sample_steps
+    return PathResult(
+        name=name,
+        precision=precision,
+        compiled=net is not model,
+        channels_last=channels_last,
+        train_images_per_s=train_rate,
+        sample_images_per_s=sample_rate,
+        train_gflop_per_s=train_flops / batch_size * train_rate / 1e9,
+        sample_gflop_per_s=sample_flops / batch_size * sample_rate / 1e9,
+        peak_memory_mib=_peak_mib(device),
+        compile_seconds=compile_seconds,
+    )
+
+
+def _eager_train_flops(model, x0, noise, t, sched) -> None:
+    xt, _, nr = diffuse(x0, noise, t, sched)
+    model(xt, (nr**2).view(-1)).float().abs().mean().backward()
+    model.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def _eager_forward_flops(model, x0, t) -> None:
+    model(x0, t.float())
+
+
+def data_pipeline_rate(image_size: int, batch_size: int, n: int = 4096) -> float:
+    """Images/s from the uint8 cache to augmented float batches (one epoch, median of 3)."""
+    from .data import iterate_batches
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8)
+    idx = np.arange(n)
+
+    def epoch() -> None:
+        for b in iterate_batches(
+            images, idx, batch_size, seed=0, epoch=0, shuffle=True, flip=True, drop_last=True
+        ):
+            b.sub_(0.5)  # the normalisation the training loop applies
+
+    return _median_rate(epoch, n - n % batch_size, 3, torch.device("cpu"))
+
+
+def feature_rates(batch_size: int, device: torch.device) -> dict[str, float]:
+    """Inception feature extraction images/s per KID protocol (empty if no weights)."""
+    from . import metrics
+
+    try:
+        ext = metrics.InceptionFeatures(device=device)
+    except metrics.InceptionWeightsMissing:
+        return {}
+    images = torch.randint(0, 256, (batch_size, 3, 64, 64), dtype=torch.uint8)
+    out = {}
+    for protocol in ("paper", "standard"):
+        ext.features(images, protocol)  # warm-up
+        out[protocol] = _median_rate(
+            lambda p=protocol: ext.features(images, p), batch_size, 2, device
+        )
+    return out
+
+
+def run(
+    image_size: int = 64,
+    batch_size: int = 64,
+    device_name: str = "auto",
+    iters: int = 5,
+    compile: bool | None = None,
+    kid: bool = True,
+) -> dict:
+    """Run baseline and tuned paths; return a JSON-able dict of results and ratios."""
+    device = resolve_device(device_name)
+    cfg = UNetConfig(image_size=image_size)
+    baseline = run_path(
+        "baseline fp32 eager",
+        cfg,
+        batch_size,
+        device,
+        precision="fp32",
+        compile=False,
+        channels_last=False,
+        fused=False,
+        iters=iters,
+    )
+    precision = resolve_precision("auto", device)
+    do_compile = compile if compile is not None else True
+    tuned = run_path(
+        f"tuned ({precision}{', compiled' if do_compile else ''}"
+        f"{', channels_last' if device.type == 'cuda' else ''})",
+        cfg,
+        batch_size,
+        device,
+        precision=precision,
+        compile=do_compile,
+        channels_last=device.type == "cuda",
+        fused=True,
+        iters=iters,
+    )
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "baseline": asdict(baseline),
+        "tuned": asdict(tuned),
+        "train_speedup": tuned.train_images_per_s / baseline.train_images_per_s,
+        "sample_speedup": tuned.sample_images_per_s / baseline.sample_images_per_s,
+        "data_pipeline_images_per_s": data_pipeline_rate(image_size, batch_size),
+    }
+    result["data_over_train"] = result["data_pipeline_images_per_s"] / tuned.train_images_per_s
+    if kid:
+        result["inception_images_per_s"] = feature_rates(batch_size, device)
+    return result
+
+
+def format_table(r: dict) -> str:
+    b, t = r["baseline"], r["tuned"]
+    rows = [
+        ("training images/s", "train_images_per_s", ".1f"),
+        ("sampling images/s (20 DDIM steps)", "sample_images_per_s", ".2f"),
+        ("training GFLOP/s", "train_gflop_per_s", ".0f"),
+        ("sampling GFLOP/s", "sample_gflop_per_s", ".0f"),
+        ("peak memory MiB", "peak_memory_mib", ".0f"),
+        ("compile seconds", "compile_seconds", ".1f"),
+    ]
+    lines = [
+        f"animeddim bench: {r['device']}, torch {r['torch']}, {r['image_size']}px, "
+        f"batch {r['batch_size']}, {r['date']}",
+        f"| metric | {b['name']} | {t['name']} | ratio |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, key, fmt in rows:
+        ratio = t[key] / b[key] if b[key] else float("nan")
+        lines.append(f"| {label} | {b[key]:{fmt}} | {t[key]:{fmt}} | {ratio:.2f}x |")
+    lines.append(
+        f"data pipeline: {r['data_pipeline_images_per_s']:.0f} images/s "
+        f"({r['data_over_train']:.1f}x tuned training)"
+    )
+    for k, v in r.get("inception_images_per_s", {}).items():
+        lines.append(f"Inception features ({k} protocol): {v:.1f} images/s")
+    return "\n".join(lines)
+
+
+def main(
+    image_size: int,
+    batch_size: int,
+    device: str,
+    iters: int,
+    as_json: bool,
+    compile: bool | None,
+    kid: bool,
+) -> int:
+    r = run(image_size, batch_size, device, iters, compile, kid)
+    print(json.dumps(r, indent=2) if as_json else format_table(r))
+    sys.stdout.flush()
+    return 0
