@@ -1,0 +1,179 @@
+"""Report: every figure and table of the paper written from tiny run folders on disk."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import tiny_config
+from PIL import Image
+
+from animeddim.report import DASH, ReportError, _unique_names, cell_text, sanitise, write_report
+from animeddim.train import train
+
+KIDS = [0.5, 0.25]  # per-epoch paper KID written into the second run's metrics.csv
+STEPS = 3  # DDIM steps of the report's reverse figure and sample grids: tiny and fast
+
+
+def _metrics(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_json(path: Path, d: dict, mtime: float) -> None:
+    path.write_text(json.dumps(d))
+    os.utime(path, (mtime, mtime))  # explicit times: "newest" must not depend on write speed
+
+
+@pytest.fixture(scope="session")
+def runs(avatars16, tmp_path_factory) -> tuple[Path, Path]:
+    """Run A: 2 epochs, no KID. Run B ("run b!"): A plus KID, three evals and a steps study."""
+    root = tmp_path_factory.mktemp("report-runs")
+    a = root / "run-a"
+    train(tiny_config(avatars16, epochs=2), a, progress=False, log=lambda _: None)
+    b = root / "run b!"
+    shutil.copytree(a, b)
+    rows = _metrics(b)
+    for r, kid in zip(rows, KIDS, strict=True):
+        r["kid"] = str(kid)
+    with open(b / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    standard = {"protocol": "standard", "kid_std": 0.004, "fid": 45.6, "n": 100, "steps": 20}
+    standard |= {"eta": 0.0, "checkpoint": str(b / "checkpoints/last.safetensors"), "seconds": 1.5}
+    _write_json(b / "eval-old.json", {**standard, "kid_mean": 0.9, "fid": 99.0}, 1_000_000)
+    _write_json(b / "eval-new.json", {**standard, "kid_mean": 0.123}, 2_000_000)
+    # The newest file of all uses the paper protocol: Table I must still show the standard one.
+    _write_json(b / "eval-paper.json", {"protocol": "paper", "kid_mean": 0.2, "n": 6}, 3_000_000)
+    with open(b / "steps.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["steps", "eta", "sampler", "kid_mean", "kid_std", "seconds_per_image"])
+        for eta in (0.0, 1.0):
+            for steps in (5, 10, 50):
+                w.writerow([steps, eta, "ddim", 1.0 / steps + eta, 0.01, 0.002 * steps])
+    return a, b
+
+
+@pytest.fixture(scope="session")
+def report(runs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report") / "out"
+    page = write_report(list(runs), out, seed=0, steps=STEPS)
+    assert page == out / "report.md"
+    return out
+
+
+def test_every_file_is_written_and_images_open(report):
+    expected = ["report.md", "report.html", "table1.md", "table1.csv", "fig3-kid.png"]
+    expected += ["fig4-losses.png", "steps-table.md", "steps-table.csv", "fig-steps.png"]
+    for name in ("run-a", "run-b"):
+        expected += [f"fig1-forward-{name}.png", f"fig1-reverse-{name}.png"]
+        expected += [f"samples-{name}.png", f"table2-{name}.md", f"table2-{name}.csv"]
+    for f in expected:
+        assert (report / f).is_file(), f
+    for png in report.glob("*.png"):
+        with Image.open(png) as im:
+            im.load()
+            if png.name.startswith("samples-"):
+                assert im.size == (8 * 16, 4 * 16)  # 4 x 8 grid of 16-px images
+            else:
+                assert im.size[0] >= 400 and im.size[1] >= 150, (png.name, im.size)
+    # Fig. 1 forward: 1 clean + 7 times, so the strip is much wider than tall.
+    with Image.open(report / "fig1-forward-run-a.png") as im:
+        assert im.size[0] > 4 * im.size[1]
+
+
+def test_table2_has_one_row_per_epoch_with_the_run_numbers(report, runs):
+    for run, name, kids in ((runs[0], "run-a", [None, None]), (runs[1], "run-b", KIDS)):
+        metrics = _metrics(run)
+        with open(report / f"table2-{name}.csv", newline="") as f:
+            table = list(csv.DictReader(f))
+        assert [int(r["Epoch"]) for r in table] == [1, 2]
+        for row, m, kid in zip(table, metrics, kids, strict=True):
+            assert float(row["Noise Loss"]) == pytest.approx(float(m["val_noise_loss"]))
+            assert float(row["Image Loss"]) == pytest.approx(float(m["val_image_loss"]))
+            assert (row["KID"] == "") if kid is None else float(row["KID"]) == pytest.approx(kid)
+        md = (report / f"table2-{name}.md").read_text()
+        assert "paper protocol" in md and "validation MAE of the EMA network" in md
+        lines = [ln for ln in md.splitlines() if re.match(r"\| \d+ \|", ln)]
+        assert len(lines) == 2
+        if kids[0] is None:
+            assert all(f"| {DASH} |" in ln for ln in lines)
+
+
+def test_table1_one_row_per_run_with_newest_standard_eval(report, runs):
+    with open(report / "table1.csv", newline="") as f:
+        a, b = list(csv.DictReader(f))
+    assert (a["Run"], b["Run"]) == ("run-a", "run-b")
+    data_path = json.loads((runs[0] / "config.json").read_text())["data"]["path"]
+    assert a["Dataset"] == b["Dataset"] == Path(data_path).name
+    last = _metrics(runs[0])[-1]
+    assert int(a["Epochs"]) == 2
+    assert float(a["Noise Loss"]) == pytest.approx(float(last["val_noise_loss"]))
+    assert float(a["Image Loss"]) == pytest.approx(float(last["val_image_loss"]))
+    assert a["KID (paper)"] == a["KID (standard)"] == a["FID (standard)"] == ""
+    assert float(b["KID (paper)"]) == KIDS[-1]
+    assert float(b["KID (standard)"]) == 0.123  # eval-new.json, not the older or paper one
+    assert float(b["KID std (standard)"]) == 0.004
+    assert float(b["FID (standard)"]) == 45.6
+    assert (int(b["n"]), int(b["Steps"])) == (100, 20)
+    md = (report / "table1.md").read_text()
+    assert "0.123 ± 0.004" in md and "| run-a |" in md and DASH in md
+
+
+def test_pages_show_every_image_and_the_paper_headings(report):
+    pngs = {p.name for p in report.glob("*.png")}
+    page = (report / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<table>" in page
+    assert set(re.findall(r'<img src="([^"]+)"', page)) == pngs
+    md = (report / "report.md").read_text()
+    assert set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)) == pngs
+    for heading in ("Fig. 1.", "Fig. 3.", "Fig. 4.", "Table I.", "Table II."):
+        assert f"## {heading}" in md and f"<h2>{heading}" in page
+    for said in ("paper protocol", "torch-fidelity", "Protocol 'paper'", "eval-new.json"):
+        assert said in md
+    assert "0.2" in (report / "steps-table.md").read_text()  # 1/5 steps, eta 0
+
+
+def test_no_kid_no_checkpoint_and_determinism(report, runs, tmp_path):
+    # A run without KID values: no Fig. 3, and the page says why.
+    out = tmp_path / "a"
+    write_report([runs[0]], out, seed=0, steps=STEPS)
+    assert not (out / "fig3-kid.png").exists() and not (out / "steps-table.md").exists()
+    assert "no Fig. 3" in (out / "report.md").read_text()
+    # Seeded sampling: the same grid as in the two-run report, byte for byte.
+    same = (out / "samples-run-a.png").read_bytes() == (report / "samples-run-a.png").read_bytes()
+    assert same
+    # Without a checkpoint the last training grid is copied and Fig. 1 becomes a note.
+    bare = tmp_path / "bare"
+    shutil.copytree(runs[0], bare, ignore=shutil.ignore_patterns("checkpoints"))
+    write_report([bare], tmp_path / "b", steps=STEPS)
+    copied = (tmp_path / "b" / "samples-bare.png").read_bytes()
+    assert copied == (bare / "samples" / "epoch-0002.png").read_bytes()
+    assert not (tmp_path / "b" / "fig1-reverse-bare.png").exists()
+    assert "No usable checkpoint" in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_bad_run_folders_raise_report_error_naming_them(runs, tmp_path):
+    with pytest.raises(ReportError, match="nowhere"):
+        write_report([tmp_path / "nowhere"], tmp_path / "out")
+    half = tmp_path / "half"
+    shutil.copytree(runs[0], half, ignore=shutil.ignore_patterns("metrics.csv"))
+    with pytest.raises(ValueError, match=r"half.*metrics\.csv"):
+        write_report([runs[0], half], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # all folders are read before anything is written
+
+
+def test_cells_and_names():
+    assert [cell_text(v) for v in (None, "", 0.123456, 3, "x")] == [DASH, DASH, "0.1235", "3", "x"]
+    assert sanitise("run b!") == "run-b" and sanitise("..") == "run"
+    assert _unique_names([Path("/x/run"), Path("/y/run"), Path("/z/run")]) == [
+        "run",
+        "run-2",
+        "run-3",
+    ]
