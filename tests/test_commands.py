@@ -200,3 +200,23 @@ def test_missing_weights_is_a_clear_error(avatars16, tmp_path):
         check=False,
     )
     assert p.returncode == 2 and "nope.pt" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_export_then_sample_from_the_small_file(tiny_run, tmp_path):
+    import torch
+
+    from animeddim.checkpoint import load, load_model
+
+    out = tmp_path / "small.safetensors"
+    run_cli("export", "--run", str(tiny_run), "--out", str(out))
+    tensors, meta = load(out)
+    assert meta["kind"] == "ema-weights"
+    assert not any(k.startswith(("model.", "optim.")) for k in tensors)
+    assert tensors["ema.stem.weight"].dtype == torch.float16
+    full = load_model(tiny_run).model.state_dict()
+    small = load_model(out).model.state_dict()
+    for k in full:
+        torch.testing.assert_close(small[k], full[k], atol=1e-3, rtol=1e-3)
+    run_cli(
+        "sample", "--run", str(out), "--n", "2", "--steps", "2", "--grid", str(tmp_path / "g.png")
+    )

@@ -348,6 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_report)
 
+    # export
+    p = sub.add_parser("export", help="small sampling-only file: EMA weights in fp16 + config")
+    p.add_argument("--run", required=True, help="run folder or checkpoint file")
+    p.add_argument("--out", required=True, help="FILE.safetensors")
+    p.add_argument(
+        "--dtype",
+        choices=["fp16", "bf16", "fp32"],
+        default="fp16",
+        help="weight precision (default fp16)",
+    )
+    p.set_defaults(func=cmd_export)
+
     # demo
     p = sub.add_parser("demo", help="the whole pipeline on the built-in avatars (minutes)")
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
@@ -754,6 +766,19 @@ def cmd_report(a: argparse.Namespace) -> int:
         a.run, Path(a.out), device=resolve_device(a.device), seed=a.seed, steps=a.steps
     )
     print(f"report: {page} and {page.with_suffix('.html')}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from .checkpoint import export_weights
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
+    out = export_weights(a.run, a.out, dtype)
+    print(f"exported EMA weights ({a.dtype}) to {out} ({os.path.getsize(out) / 2**20:.1f} MiB)")
     return 0
 
 
