@@ -6,6 +6,7 @@ any machine. Numbers are medians over timed iterations after warm-up.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import platform
@@ -22,7 +23,16 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import ScheduleConfig, UNetConfig
-from .runtime import autocast, maybe_compile, resolve_device, resolve_precision
+from .runtime import (
+    autocast,
+    default_channels_last,
+    default_compile,
+    fused_adamw_supported,
+    maybe_compile,
+    prepare_inference,
+    resolve_device,
+    resolve_precision,
+)
 from .sampling import ddim_sample
 from .schedule import diffuse, predict_x0
 from .unet import UNet
@@ -34,12 +44,15 @@ class PathResult:
     precision: str
     compiled: bool
     channels_last: bool
+    inference_prepared: bool
     train_images_per_s: float
     sample_images_per_s: float
     train_gflop_per_s: float
     sample_gflop_per_s: float
     peak_memory_mib: float
     compile_seconds: float
+    train_compile_seconds: float
+    sample_compile_seconds: float
 
 
 def _sync(device: torch.device) -> None:
@@ -47,14 +60,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_rate(fn: Callable[[], None], items: int, iters: int, device) -> float:
+def _times(fn: Callable[[], None], iters: int, device) -> list[float]:
     times = []
     for _ in range(iters):
         t = time.perf_counter()
         fn()
         _sync(device)
         times.append(time.perf_counter() - t)
-    return items / statistics.median(times)
+    return times
+
+
+def _median_rate(fn: Callable[[], None], items: int, iters: int, device) -> float:
+    return items / statistics.median(_times(fn, iters, device))
 
 
 def _flops(fn: Callable[[], None]) -> int:
@@ -63,11 +80,34 @@ def _flops(fn: Callable[[], None]) -> int:
     return counter.get_total_flops()
 
 
+def _reset_peak(device: torch.device) -> None:
+    """Start a fresh peak-memory window for one path."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    # Linux: writing 5 to clear_refs resets the resident-set high-water mark (VmHWM) to
+    # the current RSS, so each path's peak is its own (plus what the process already held).
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _peak_mib(device: torch.device) -> float:
+    """CUDA: peak allocated by torch. CPU: peak resident set of the process (VmHWM)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    # ru_maxrss is the process high-water mark in KiB (Linux): an upper bound per path.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    # Elsewhere ru_maxrss (KiB on Linux, bytes on macOS) is the process-lifetime maximum.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
 def run_path(
@@ -80,31 +120,38 @@ def run_path(
     compile: bool,
     channels_last: bool,
     fused: bool,
+    prepared_inference: bool,
     iters: int,
+    sample_channels_last: bool | None = None,
+    sample_iters: int = 2,
     sample_steps: int = 20,
 ) -> PathResult:
-    """Measure one configuration: training step and DDIM sampling throughput."""
+    """Measure one configuration: training step and DDIM sampling throughput.
+
+    Training: the loop's step (diffuse, forward under the precision, L1 losses, backward,
+    AdamW, EMA). Sampling: `sample_steps` DDIM steps of the EMA network, either as it is
+    under autocast (baseline) or through `runtime.prepare_inference` (tuned).
+    The peak memory covers this path's warm-up and timed iterations only.
+    """
     torch.manual_seed(0)
     sched = ScheduleConfig()
+    _reset_peak(device)
     model = UNet(cfg).to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    ema = copy.deepcopy(model).eval()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
     if fused:
-        kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        kw = {"fused": True} if fused_adamw_supported(device) else {"foreach": True}
     else:
         kw = {"foreach": False}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, **kw)
     ctx = autocast(device, precision)
     net = maybe_compile(model, compile, device)
-    ema_net = maybe_compile(ema, compile, device)
     s = cfg.image_size
     x0 = torch.randn(batch_size, cfg.channels, s, s, device=device).contiguous(memory_format=fmt)
     noise = torch.randn_like(x0)
     t = torch.rand(batch_size, device=device, dtype=torch.float64)
     ema_p, live_p = list(ema.parameters()), list(model.parameters())
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
     def train_step() -> None:
         xt, sr, nr = diffuse(x0, noise, t, sched)
@@ -123,22 +170,32 @@ def run_path(
                 for e, p in zip(ema_p, live_p, strict=True):
                     e.mul_(0.999).add_(p.detach(), alpha=0.001)
 
-    @torch.no_grad()
-    def sample() -> None:
-        with ctx:
-            ddim_sample(ema_net, noise, sample_steps, sched)
-
     t0 = time.perf_counter()
     train_step()
-    sample()
     _sync(device)
-    compile_seconds = time.perf_counter() - t0 if compile else 0.0
-    for _ in range(2):  # warm-up (autotuning, allocator, oneDNN primitive caches)
-        train_step()
-        sample()
+    train_compile = time.perf_counter() - t0 if net is not model else 0.0
+    train_step()  # warm-up (autotuning, allocator, oneDNN primitive caches)
     _sync(device)
     train_rate = _median_rate(train_step, batch_size, iters, device)
-    sample_rate = _median_rate(sample, batch_size, max(2, iters // 2), device)
+
+    if prepared_inference:
+        sampler_net = prepare_inference(ema, device, precision, channels_last=sample_channels_last)
+        sample_ctx: contextlib.AbstractContextManager = contextlib.nullcontext()
+    else:
+        sampler_net, sample_ctx = ema, ctx
+    sampler = maybe_compile(sampler_net, compile, device)
+
+    @torch.no_grad()
+    def sample() -> None:
+        with sample_ctx:
+            ddim_sample(sampler, noise, sample_steps, sched)
+
+    t0 = time.perf_counter()
+    sample()  # also the warm-up: 20 network calls
+    _sync(device)
+    sample_compile = time.perf_counter() - t0 if sampler is not sampler_net else 0.0
+    sample_rate = _median_rate(sample, batch_size, sample_iters, device)
+    peak = _peak_mib(device)  # before the flop-counting passes below
     train_flops = _flops(lambda: _eager_train_flops(model, x0, noise, t, sched))
     sample_flops = _flops(lambda: _eager_forward_flops(ema, x0, t)) * sample_steps
     return PathResult(
@@ -146,12 +203,15 @@ def run_path(
         precision=precision,
         compiled=net is not model,
         channels_last=channels_last,
+        inference_prepared=prepared_inference,
         train_images_per_s=train_rate,
         sample_images_per_s=sample_rate,
         train_gflop_per_s=train_flops / batch_size * train_rate / 1e9,
         sample_gflop_per_s=sample_flops / batch_size * sample_rate / 1e9,
-        peak_memory_mib=_peak_mib(device),
-        compile_seconds=compile_seconds,
+        peak_memory_mib=peak,
+        compile_seconds=train_compile + sample_compile,
+        train_compile_seconds=train_compile,
+        sample_compile_seconds=sample_compile,
     )
 
 
@@ -221,21 +281,29 @@ def run(
         compile=False,
         channels_last=False,
         fused=False,
+        prepared_inference=False,
         iters=iters,
     )
     precision = resolve_precision("auto", device)
-    do_compile = compile if compile is not None else True
+    do_compile = compile if compile is not None else default_compile(device)
+    channels_last = default_channels_last(device)
+    sample_channels_last = default_channels_last(device, training=False)
+    flags = [precision, "fused AdamW", "folded BN"]
+    flags += ["compiled"] if do_compile else []
+    flags += ["channels_last"] if channels_last else []
+    flags += ["channels_last sampling"] if sample_channels_last and not channels_last else []
     tuned = run_path(
-        f"tuned ({precision}{', compiled' if do_compile else ''}"
-        f"{', channels_last' if device.type == 'cuda' else ''})",
+        f"tuned ({', '.join(flags)})",
         cfg,
         batch_size,
         device,
         precision=precision,
         compile=do_compile,
-        channels_last=device.type == "cuda",
+        channels_last=channels_last,
         fused=True,
+        prepared_inference=True,
         iters=iters,
+        sample_channels_last=sample_channels_last,
     )
     result = {
         "date": time.strftime("%Y-%m-%d"),
@@ -266,7 +334,7 @@ def format_table(r: dict) -> str:
         ("training GFLOP/s", "train_gflop_per_s", ".0f"),
         ("sampling GFLOP/s", "sample_gflop_per_s", ".0f"),
         ("peak memory MiB", "peak_memory_mib", ".0f"),
-        ("compile seconds", "compile_seconds", ".1f"),
+        ("compile seconds (train + sample)", "compile_seconds", ".1f"),
     ]
     lines = [
         f"animeddim bench: {r['device']}, torch {r['torch']}, {r['image_size']}px, "

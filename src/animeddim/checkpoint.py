@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,17 +38,61 @@ def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any
     header = {"animeddim": json.dumps({"format": FORMAT, "version": VERSION, **meta})}
     data = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, header)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    global _saves
+    _saves += 1
     try:
         with open(tmp, "wb") as f:
+            if _kill_requested("write"):  # test hook: die with half the file written
+                f.write(data[: len(data) // 2])
+                f.flush()
+                _die()
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if _kill_requested("rename"):
+            _die()
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is None:  # name the file in the one-line error the CLI prints
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+    if _kill_requested("done"):
+        _die()
     return path
+
+
+# Fault injection for tests/test_reliability.py (see docs/reliability.md): with
+# ANIMEDDIM_TEST_KILL_AT_SAVE="N:PHASE" the process SIGKILLs itself during its N-th save, at
+# PHASE "write" (half of the temporary file written), "rename" (temporary file complete and
+# fsynced, not yet renamed) or "done" (renamed). Unset, it costs one environment lookup.
+KILL_AT_SAVE_ENV = "ANIMEDDIM_TEST_KILL_AT_SAVE"
+_saves = 0  # saves by this process
+
+
+def _kill_requested(phase: str) -> bool:
+    return os.environ.get(KILL_AT_SAVE_ENV) == f"{_saves}:{phase}"
+
+
+def _die() -> None:  # pragma: no cover - the process ends here
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete temporary files a killed process left in `folder` (".NAME.tmp-PID"); return them.
+
+    Only call this when no other process writes into `folder` (e.g. when resuming a run).
+    """
+    removed = []
+    for f in Path(folder).glob(".*.tmp*"):
+        if f.is_file():
+            f.unlink(missing_ok=True)
+            removed.append(f)
+    return removed
 
 
 def _fsync_dir(d: Path) -> None:

@@ -830,7 +830,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except errors as e:
-        print(f"{_prog()}: error: {e}", file=sys.stderr)
+        if not getattr(e, "mirrored", False):  # torchrun: rank 0's error, raised on all ranks
+            print(f"{_prog()}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{_prog()}: interrupted", file=sys.stderr)

@@ -37,6 +37,12 @@ class DataConfig:
         _check(self.image_size >= 8, "data.image_size", self.image_size, "an integer >= 8")
         _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "in [0, 1)")
         _check(
+            0 <= self.split_seed < 2**63,
+            "data.split_seed",
+            self.split_seed,
+            "an integer in 0 .. 2**63 - 1",
+        )
+        _check(
             self.cache in ("memory", "disk", "auto"),
             "data.cache",
             self.cache,
@@ -82,6 +88,12 @@ class UNetConfig:
             self.embedding_dims,
             "an even integer >= 2",
         )
+        _check(
+            0 < self.embedding_max_frequency < math.inf,
+            "model.embedding_max_frequency",
+            self.embedding_max_frequency,
+            "a positive number",
+        )
         factor = 2 ** (len(self.widths) - 1)
         _check(
             self.image_size % factor == 0,
@@ -121,7 +133,9 @@ class TrainConfig:
             self.learning_rate,
             "a positive number",
         )
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        _check(
+            0 <= self.weight_decay < math.inf, "weight_decay", self.weight_decay, "a number >= 0"
+        )
         _check(0.0 <= self.ema_decay < 1.0, "ema_decay", self.ema_decay, "in [0, 1)")
         _check(
             self.precision in ("auto", "fp32", "bf16", "fp16"),
@@ -139,6 +153,15 @@ class TrainConfig:
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, ">= 1")
         _check(1 <= self.kid_steps <= 1000, "kid_steps", self.kid_steps, "in 1..1000")
         _check(self.log_every >= 1, "log_every", self.log_every, ">= 1")
+        _check(0 <= self.seed < 2**63, "seed", self.seed, "an integer in 0 .. 2**63 - 1")
+        _check(self.max_steps >= 0, "max_steps", self.max_steps, ">= 0")
+        _check(self.kid_images >= 0, "kid_images", self.kid_images, ">= 0")
+        _check(
+            0 <= self.time_limit_minutes < math.inf,
+            "time_limit_minutes",
+            self.time_limit_minutes,
+            "a number >= 0",
+        )
 
 
 @dataclass
@@ -230,19 +253,26 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
-    text = p.read_text(encoding="utf-8")
     try:
+        text = p.read_text(encoding="utf-8")  # UnicodeDecodeError is a ValueError too
         if p.suffix.lower() == ".toml":
             if tomllib is None:  # pragma: no cover
                 raise ConfigError("TOML config files need Python 3.11+; use JSON")
-            return tomllib.loads(text)
-        return json.loads(text)
-    except (json.JSONDecodeError, ValueError) as e:
+            d = tomllib.loads(text)
+        else:
+            d = json.loads(text)
+    except ValueError as e:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(
             f"config file {str(p)!r} is not valid {p.suffix[1:] or 'JSON'}: {e}"
         ) from None
+    if not isinstance(d, dict):
+        raise ConfigError(
+            f"config file {str(p)!r} must hold an object with sections "
+            f"data/model/schedule/train, not a {type(d).__name__}"
+        )
+    return d
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -25,8 +26,15 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import data as data_mod
+from . import distributed
 from .config import ConfigError, RunConfig
-from .runtime import autocast, maybe_compile, resolve_device, resolve_precision
+from .runtime import (
+    autocast,
+    fused_adamw_supported,
+    maybe_compile,
+    resolve_device,
+    resolve_precision,
+)
 from .sampling import generate
 from .schedule import diffuse, predict_x0
 from .unet import UNet
@@ -63,6 +71,7 @@ class TrainResult:
     step: int
     interrupted: bool
     last_row: dict[str, Any] | None
+    skipped_summary: str = ""  # one line: the data files skipped and why ("" if none)
 
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -109,6 +118,8 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
     if resume:
         if not cfg_file.is_file():
             raise RunFolderError(f"cannot resume: {str(run_dir)!r} is not an animeddim run folder")
+        for d in (run_dir, run_dir / "checkpoints", run_dir / "samples"):
+            ckpt.remove_stale_temp_files(d)  # half-written files of a killed process
         return
     if run_dir.exists() and any(run_dir.iterdir()):
         raise RunFolderError(
@@ -208,6 +219,62 @@ def _restore_optimizer(optimizer, tensors: dict[str, torch.Tensor], groups: list
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+def latest_checkpoint(
+    run_dir: Path, cfg: RunConfig, log: Callable[[str], None] = print
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and metadata of the newest complete checkpoint of the run in `run_dir`.
+
+    That is last.safetensors, or a step-N file with a higher step: a kill between writing
+    step-N and last.safetensors, or a damaged last.safetensors, leaves step-N the newest.
+    CheckpointError if none is readable or the newest belongs to another model or schedule.
+    """
+    d = run_dir / "checkpoints"
+    found, errors = None, []
+    try:
+        if (d / "last.safetensors").is_file():
+            found = (*ckpt.load(d / "last.safetensors"), d / "last.safetensors")
+    except ckpt.CheckpointError as e:
+        errors.append(str(e))
+    files = d.iterdir() if d.is_dir() else ()
+    names = ((re.fullmatch(r"step-(\d+)\.safetensors", f.name), f) for f in files)
+    steps = [(int(m.group(1)), f) for m, f in names if m]
+    for n, f in sorted(steps, reverse=True):
+        if found is not None and n <= found[1]["step"]:
+            break
+        try:
+            found = (*ckpt.load(f), f)
+            break
+        except ckpt.CheckpointError as e:
+            errors.append(str(e))
+    if found is None:
+        raise ckpt.CheckpointError(
+            f"cannot resume: run folder {str(run_dir)!r} holds no complete checkpoint"
+            + (f" ({errors[0]})" if errors else " (the run stopped before its first one)")
+        )
+    tensors, meta, f = found
+    if f.name != "last.safetensors":
+        log(f"note: resuming from {f.name}, newer than last.safetensors")
+    _check_same_run(meta, cfg, f)
+    return tensors, meta
+
+
+def _check_same_run(meta: dict[str, Any], cfg: RunConfig, path: Path) -> None:
+    """CheckpointError unless the checkpoint's network and schedule are those of `cfg`."""
+    try:
+        stored = RunConfig.from_dict(meta["config"])
+    except (KeyError, ConfigError) as e:
+        raise ckpt.CheckpointError(f"{str(path)!r} has no usable config: {e}") from None
+    for part in ("model", "schedule"):
+        mine, theirs = getattr(cfg, part), getattr(stored, part)
+        diff = [k for k, v in vars(mine).items() if vars(theirs)[k] != v]
+        if diff:
+            k = diff[0]
+            raise ckpt.CheckpointError(
+                f"{str(path)!r} belongs to another run: {part}.{k} is "
+                f"{getattr(theirs, k)!r} there and {getattr(mine, k)!r} in config.json"
+            )
+
+
 def _all_finite(module: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in _float_state(module))
 
@@ -229,11 +296,19 @@ def train(
     """
     run_dir = Path(run_dir)
     cfg.validate()
-    prepare_run_dir(run_dir, cfg, resume)
-    if resume:  # the config may extend the run (more epochs) or move it (device, precision)
-        _atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
     tc = cfg.train
-    device = resolve_device(tc.device)
+    # Under torchrun: join the process group, take this rank's GPU; rank 0 alone writes files.
+    device = distributed.setup(resolve_device(tc.device))
+    distributed.check_global_batch(tc.batch_size)
+
+    def prepare() -> None:
+        prepare_run_dir(run_dir, cfg, resume)
+        if resume:  # the config may extend the run (more epochs) or move it (device, precision)
+            _atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
+
+    distributed.on_main(prepare)
+    if not distributed.is_main():
+        progress, log = False, lambda s: None
     precision = resolve_precision(tc.precision, device)
     precision_ctx = autocast(device, precision)
     torch.manual_seed(tc.seed)
@@ -241,13 +316,14 @@ def train(
     # --- data: decode once, split, statistics of the training split --------------------
     if not cfg.data.path:
         raise ConfigError("no training data: give --data DIR (or data.path in the config file)")
-    imageset = data_mod.load_folder(
-        cfg.data.path,
-        cfg.data.image_size,
-        cache=cfg.data.cache,
-        strict=cfg.data.strict,
-        progress=progress,
-    )
+    with distributed.local_main_first():  # one process per node fills the disk cache
+        imageset = data_mod.load_folder(
+            cfg.data.path,
+            cfg.data.image_size,
+            cache=cfg.data.cache,
+            strict=cfg.data.strict,
+            progress=progress,
+        )
     train_idx, val_idx = data_mod.split_indices(
         len(imageset.images), cfg.data.val_fraction, cfg.data.split_seed
     )
@@ -271,7 +347,9 @@ def train(
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
-    fused = device.type == "cuda"
+    # Under torchrun: BatchNorm statistics of the global batch, as in one process.
+    model = distributed.sync_batchnorm(model, device)
+    fused = fused_adamw_supported(device)  # else foreach: still no loop over parameters
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=tc.learning_rate,
@@ -283,28 +361,48 @@ def train(
     best_kid = math.inf
     last_ckpt = run_dir / "checkpoints" / "last.safetensors"
     if resume:
-        tensors, meta = ckpt.load(last_ckpt)
+        tensors, meta = latest_checkpoint(run_dir, cfg, log)
         ckpt.load_state_strict(model, ckpt.prefixed(tensors, "model"), "the network")
         ckpt.load_state_strict(ema, ckpt.prefixed(tensors, "ema"), "the EMA network")
         _restore_optimizer(optimizer, tensors, meta["param_groups"])
         mean, std = tensors["norm.mean"], tensors["norm.std"]
         step, epoch, batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
         acc = tensors["train.acc"].to(device)
+        if not distributed.is_main():
+            acc.zero_()  # the checkpoint holds the sum over all ranks; rank 0 carries it
         best_kid = meta.get("best_kid") or math.inf
-        _truncate_metrics(run_dir, epoch)
+        if distributed.is_main():
+            _truncate_metrics(run_dir, epoch)
         log(f"resuming {run_dir} at epoch {epoch + 1}, step {step}")
     mean_d, std_d = mean.to(device), std.to(device)
     net = _compiled_or_eager(model, tc, device, precision_ctx, channels_last)
+    net = distributed.wrap_ddp(net, device)  # under torchrun: gradients averaged over ranks
     ema_state, live_state = _float_state(ema), _float_state(model)
     # Batch counters are not floats: copy them so the EMA network's BN state stays valid.
 
-    def save_checkpoint(path: Path, extra: dict[str, Any] | None = None) -> None:
-        if not (_all_finite(model) and _all_finite(ema)):
+    def save_checkpoint(
+        path: Path, extra: dict[str, Any] | None = None, *, collective: bool = True
+    ) -> None:
+        # Under torchrun every rank calls this (collective=True) and rank 0 writes while the
+        # others wait; collective=False (Ctrl-C: ranks may stop at different points) lets rank 0
+        # write alone, with its own share of the running losses standing for all ranks'.
+        if collective:
+            acc_all = distributed.reduced_sum(acc)
+        else:
+            acc_all = acc * distributed.world_size()
+        # Never let NaN weights (or losses) overwrite a good checkpoint.
+        if not (_all_finite(model) and _all_finite(ema) and bool(torch.isfinite(acc_all).all())):
             raise TrainingDiverged(
-                f"weights are not finite at step {step}; not overwriting {path.name}"
+                f"weights or loss became non-finite by step {step}; training stopped without "
+                f"writing {path.name}, the last good checkpoint is kept "
+                "(lower the learning rate or use --nan-policy skip-batch)"
             )
+        if not distributed.is_main():
+            if collective:
+                distributed.barrier()
+            return
         tensors = _training_tensors(model, ema, optimizer, mean, std)
-        tensors["train.acc"] = acc.detach().cpu()
+        tensors["train.acc"] = acc_all.detach().cpu()
         meta = {
             "kind": "training",
             "config": cfg.to_dict(),
@@ -317,15 +415,18 @@ def train(
             **(extra or {}),
         }
         ckpt.save(path, tensors, meta)
+        if collective:
+            distributed.barrier()
 
     # Reference images for the report's forward-diffusion figure: first validation images.
     ref = run_dir / "reference.png"
-    if not ref.exists() and len(val_idx):
+    if distributed.is_main() and not ref.exists() and len(val_idx):
         save_grid(torch.from_numpy(np.asarray(imageset.images[val_idx[:8]])), ref, cols=8)
 
     kid_metric = _make_kid(tc, device, log) if tc.kid and len(val_idx) else None
     bar = _progress_bar(progress, tc.epochs * steps_per_epoch, step)
     t_start = time.perf_counter()
+    lo, hi = distributed.shard(tc.batch_size)  # this rank's slice of every global batch
     interrupted = False
     last_row = None
     try:
@@ -345,16 +446,23 @@ def train(
                 drop_last=True,
                 device=device,
                 start_batch=batch_in_epoch,
+                rank=distributed.rank(),
+                world_size=distributed.world_size(),
             )
             for batch in batches:
                 images = _normalise(batch, mean_d, std_d)
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 g = step_generator(tc.seed, step, device)
-                noises = torch.randn(images.shape, generator=g, device=device)
-                t = torch.rand(images.shape[0], generator=g, device=device, dtype=torch.float64)
+                # Draws for the global batch, then this rank's slice: the same numbers whatever
+                # the number of processes (in one process lo:hi is the whole batch).
+                shape = (tc.batch_size, *images.shape[1:])
+                noises = torch.randn(shape, generator=g, device=device)[lo:hi]
+                t = torch.rand(shape[0], generator=g, device=device, dtype=torch.float64)[lo:hi]
                 noise_loss, image_loss = losses(net, images, noises, t, cfg, precision_ctx)
-                if tc.nan_policy == "skip-batch" and not bool(torch.isfinite(noise_loss)):
+                if tc.nan_policy == "skip-batch" and not distributed.all_true(
+                    torch.isfinite(noise_loss)
+                ):
                     warnings.warn(
                         f"non-finite loss at step {step + 1}: batch skipped", stacklevel=1
                     )
@@ -367,19 +475,24 @@ def train(
                 optimizer.step()
                 with torch.no_grad():
                     ema_update(ema_state, live_state, tc.ema_decay)
-                    acc += torch.stack(
-                        [
-                            noise_loss.detach().double(),
-                            image_loss.detach().double(),
-                            torch.ones((), dtype=torch.float64, device=device),
-                        ]
+                    # Each rank adds its 1/world_size share: the sum over ranks is the global
+                    # mean, so the checkpointed total does not depend on the number of ranks.
+                    acc += (
+                        torch.stack(
+                            [
+                                noise_loss.detach().double(),
+                                image_loss.detach().double(),
+                                torch.ones((), dtype=torch.float64, device=device),
+                            ]
+                        )
+                        / distributed.world_size()
                     )
                 step += 1
                 batch_in_epoch += 1
-                images_seen += images.shape[0]
+                images_seen += images.shape[0] * distributed.world_size()  # global batch
                 if step % tc.log_every == 0 or batch_in_epoch == steps_per_epoch:
                     # The only device->host read in the loop, once per log interval.
-                    nl, il, cnt = acc.tolist()
+                    nl, il, cnt = distributed.reduced_sum(acc).tolist()
                     if not (math.isfinite(nl) and math.isfinite(il)):
                         raise TrainingDiverged(
                             f"loss became non-finite by step {step} (epoch {epoch + 1}); "
@@ -403,7 +516,7 @@ def train(
                 break
 
             # --- end of epoch: validation of the EMA network, KID, grid, checkpoint -----
-            nl, il, cnt = acc.tolist()
+            nl, il, cnt = distributed.reduced_sum(acc).tolist()
             if not (math.isfinite(nl) and math.isfinite(il)):
                 raise TrainingDiverged(f"loss became non-finite by step {step}")
             val_noise, val_image = validate(
@@ -427,8 +540,8 @@ def train(
                 "epoch_seconds": epoch_seconds,
                 "wall_seconds": time.perf_counter() - t_start,
             }
-            grid = generate(
-                ema,
+            grid = distributed.generate(  # sharded by image index, gathered on rank 0
+                model=ema,
                 mean=mean,
                 std=std,
                 schedule=cfg.schedule,
@@ -441,15 +554,19 @@ def train(
                 device=device,
                 autocast=precision_ctx,
             )
-            save_grid(grid, run_dir / "samples" / f"epoch-{epoch + 1:04d}.png", cols=6)
+            if grid is not None:
+                save_grid(grid, run_dir / "samples" / f"epoch-{epoch + 1:04d}.png", cols=6)
             epoch += 1
             batch_in_epoch = 0
             acc.zero_()
             if kid is not None and kid < best_kid:
                 best_kid = kid
                 save_checkpoint(run_dir / "checkpoints" / "best-kid.safetensors")
+            # Metrics row first: a kill between the two resumes from an earlier checkpoint,
+            # which drops this row and writes it again, instead of losing it.
+            if distributed.is_main():
+                _append_metrics(run_dir, last_row)
             save_checkpoint(last_ckpt)
-            _append_metrics(run_dir, last_row)
             log(
                 f"epoch {epoch}/{tc.epochs}: noise loss {last_row['train_noise_loss']:.4f} "
                 f"(val {val_noise:.4f}), image loss {last_row['train_image_loss']:.4f} "
@@ -459,17 +576,21 @@ def train(
             )
             if tc.max_steps and step >= tc.max_steps:
                 break
-            if tc.time_limit_minutes and time.perf_counter() - t_start > 60 * tc.time_limit_minutes:
+            if tc.time_limit_minutes and distributed.any_true(  # rank clocks differ: agree
+                time.perf_counter() - t_start > 60 * tc.time_limit_minutes
+            ):
                 log(f"time limit of {tc.time_limit_minutes:g} min reached after epoch {epoch}")
                 break
     except KeyboardInterrupt:
         interrupted = True
-        save_checkpoint(last_ckpt)
+        save_checkpoint(last_ckpt, collective=False)
         log(f"interrupted: checkpoint saved at step {step}; continue with --resume {run_dir}")
     finally:
         if bar is not None:
             bar.close()
-    return TrainResult(run_dir, epoch, step, interrupted, last_row)
+    skipped, tried = imageset.skipped, len(imageset.paths) + len(imageset.skipped)
+    summary = data_mod.skip_summary(skipped, tried) if skipped else ""
+    return TrainResult(run_dir, epoch, step, interrupted, last_row, summary)
 
 
 def _compiled_or_eager(model, tc, device, precision_ctx, channels_last: bool):
@@ -483,12 +604,13 @@ def _compiled_or_eager(model, tc, device, precision_ctx, channels_last: bool):
         return model
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     size, c = model.cfg.image_size, model.cfg.channels
-    x = torch.zeros(tc.batch_size, c, size, size, device=device)
+    n = tc.batch_size // distributed.world_size()  # this process's share of the global batch
+    x = torch.zeros(n, c, size, size, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     try:
         with precision_ctx:
-            out = net(x, torch.full((tc.batch_size,), 0.5, device=device))
+            out = net(x, torch.full((n,), 0.5, device=device))
         out.float().mean().backward()
     except Exception as e:  # noqa: BLE001 - any backend failure means: run eagerly
         warnings.warn(f"torch.compile failed ({type(e).__name__}); training eagerly", stacklevel=2)
@@ -503,7 +625,7 @@ def _save_step_checkpoint(save_checkpoint, run_dir: Path, step: int, keep: int) 
     save_checkpoint(d / f"step-{step:08d}.safetensors")
     save_checkpoint(d / "last.safetensors")
     old = sorted(d.glob("step-*.safetensors"))
-    for f in old[:-keep]:
+    for f in old[:-keep] if distributed.is_main() else []:
         f.unlink(missing_ok=True)
 
 
@@ -548,16 +670,24 @@ def validate(
             flip=False,
             drop_last=False,
             device=device,
+            rank=distributed.rank(),
+            world_size=distributed.world_size(),
         )
     ):
+        # Under torchrun each rank takes its slice of the global batch and of its draws.
+        n_global = min(bs, len(val_idx) - b * bs)
+        lo, hi = distributed.shard(n_global)
+        if hi == lo:  # the last, short batch may leave a rank nothing
+            continue
         x = _normalise(batch, mean, std)
         g = step_generator(VAL_SEED, b, device)
-        noises = torch.randn(x.shape, generator=g, device=device)
-        t = torch.rand(x.shape[0], generator=g, device=device, dtype=torch.float64)
+        noises = torch.randn((n_global, *x.shape[1:]), generator=g, device=device)[lo:hi]
+        t = torch.rand(n_global, generator=g, device=device, dtype=torch.float64)[lo:hi]
         nl, il = losses(ema, x, noises, t, cfg, precision_ctx)
         total += torch.stack([nl.double(), il.double()]) * x.shape[0]
         n += x.shape[0]
-    nl, il = (total / n).tolist()
+    sums = distributed.all_reduce_sum(torch.cat([total, total.new_tensor([n])]))
+    nl, il = (sums[:2] / sums[2]).tolist()
     return nl, il
 
 
@@ -578,7 +708,10 @@ def _make_kid(tc, device: torch.device, log):
         idx = val_idx if tc.kid_images <= 0 else val_idx[: tc.kid_images]
         acc = metrics.PaperKID(extractor)
         bs = tc.batch_size
-        for start in range(0, len(idx), bs):
+        values = []  # (batch index, its KID) of the batches this rank computed
+        for b, start in enumerate(range(0, len(idx), bs)):
+            if b % distributed.world_size() != distributed.rank():
+                continue  # under torchrun whole batches go round-robin to the ranks
             real = torch.from_numpy(np.asarray(images[idx[start : start + bs]]))
             fake = generate(
                 ema,
@@ -595,7 +728,12 @@ def _make_kid(tc, device: torch.device, log):
                 device=device,
                 autocast=precision_ctx,
             )
-            acc.update(real.permute(0, 3, 1, 2), fake.permute(0, 3, 1, 2))
+            value = acc.update(real.permute(0, 3, 1, 2), fake.permute(0, 3, 1, 2))
+            if value is not None:
+                values.append((b, value))
+        # Every rank gets all per-batch values, in batch order: the same mean everywhere.
+        pairs = sorted(p for part in distributed.all_gather_object(values) for p in part)
+        acc.values = [v for _, v in pairs]
         return acc.compute()
 
     return kid

@@ -9,6 +9,7 @@ constants so that a port behaves like the original.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -116,6 +117,60 @@ class UNet(nn.Module):
             for block in blocks:
                 x = block(torch.cat([x, skips.pop()], dim=1))
         return self.head(x)
+
+
+class NormFoldedConv(nn.Module):
+    """conv(BN(x)) for a non-affine BatchNorm in eval mode, with BN folded into the conv.
+
+    BN(x) = scale * x + shift per input channel (running statistics). The conv's zero
+    padding applies to BN(x), so folding is exact only with a bias *map*, not a bias:
+    conv(W, scale x + shift) = conv(W * scale, x) + conv(W, shift image) + b, where the
+    second term is constant over the batch but smaller at the borders (padded taps).
+    That [1 x C_out x H x W] map is computed once per input size and dtype.
+    """
+
+    def __init__(self, norm: nn.BatchNorm2d, conv: nn.Conv2d):
+        super().__init__()
+        scale = (norm.running_var + norm.eps).rsqrt()
+        self.padding = conv.padding
+        self.weight = nn.Parameter(conv.weight * scale.view(1, -1, 1, 1), requires_grad=False)
+        self.register_buffer("shift", -norm.running_mean * scale)
+        self.register_buffer("conv_weight", conv.weight.detach().clone())
+        self.register_buffer("conv_bias", conv.bias.detach().clone())
+        self._maps: dict[tuple, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def bias_map(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.shape[-2:], x.dtype, x.device)
+        if key not in self._maps:
+            shift = self.shift.double().view(1, -1, 1, 1).expand(1, -1, *x.shape[-2:])
+            m = F.conv2d(shift, self.conv_weight.double(), self.conv_bias.double(), 1, self.padding)
+            self._maps[key] = m.to(x.dtype).contiguous(memory_format=_format_of(x))
+        return self._maps[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, None, 1, self.padding) + self.bias_map(x)
+
+
+def _format_of(x: torch.Tensor) -> torch.memory_format:
+    return (
+        torch.channels_last
+        if x.is_contiguous(memory_format=torch.channels_last)
+        else (torch.contiguous_format)
+    )
+
+
+def fold_batchnorm(model: UNet) -> UNet:
+    """A copy of `model` for inference with every block's BatchNorm folded into its conv1.
+
+    Exact up to rounding (see NormFoldedConv); the copy is in eval mode, without gradients.
+    """
+    folded = copy.deepcopy(model).eval().requires_grad_(False)
+    for m in folded.modules():
+        if isinstance(m, ResidualBlock) and isinstance(m.norm, nn.BatchNorm2d):
+            m.conv1 = NormFoldedConv(m.norm, m.conv1)
+            m.norm = nn.Identity()
+    return folded
 
 
 def count_parameters(model: nn.Module) -> int:

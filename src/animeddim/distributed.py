@@ -1,0 +1,343 @@
+"""torch.distributed under torchrun: process group from the environment, rank helpers, collectives.
+
+torchrun starts one process per device and sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+MASTER_PORT; :func:`setup` joins that group (nccl on CUDA, gloo on the CPU) and picks the GPU of
+LOCAL_RANK. Without torchrun (WORLD_SIZE unset or 1) nothing is initialised and every helper is
+the single-process identity, so callers use them unconditionally.
+
+Equivalence with one process rests on three conventions: the batch size is the *global* batch
+(each rank takes a contiguous slice of it), random draws are made for the global batch and then
+sliced, and images are sharded by index (image i depends only on (seed, i)).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from .config import ConfigError
+
+_COMM_DEVICE = torch.device("cpu")  # where collectives run: this rank's GPU for nccl
+
+
+# --- the process group --------------------------------------------------------------------
+
+
+def env_world_size() -> int:
+    """WORLD_SIZE as set by torchrun (1 when not launched by it)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
+
+
+def local_rank() -> int:
+    """LOCAL_RANK as set by torchrun: this process's index on its node (0 without torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if env_world_size() > 1 else 0
+
+
+def setup(device: torch.device) -> torch.device:
+    """Join torchrun's process group (once) and return this process's device.
+
+    With WORLD_SIZE > 1: backend nccl for CUDA (device ``cuda`` becomes ``cuda:LOCAL_RANK``),
+    gloo for the CPU. Otherwise returns `device` unchanged.
+    """
+    global _COMM_DEVICE
+    if env_world_size() <= 1:
+        return device
+    if not tdist.is_available():
+        raise ConfigError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(
+            f"multi-process training runs on CUDA (nccl) or the CPU (gloo), not {device.type!r}"
+        )
+    if device.type == "cuda" and device.index is None:
+        n = torch.cuda.device_count()
+        if local_rank() >= n:
+            raise ConfigError(
+                f"LOCAL_RANK {local_rank()} but this node has {n} CUDA device(s): "
+                "start at most one process per GPU (torchrun --nproc_per_node)"
+            )
+        device = torch.device("cuda", local_rank())
+    if not tdist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            tdist.init_process_group("nccl", device_id=device)
+        else:
+            tdist.init_process_group("gloo")
+    if tdist.get_backend() == "nccl":
+        _COMM_DEVICE = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def cleanup() -> None:
+    """Leave the process group (no-op when none was joined)."""
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+
+
+def rank() -> int:
+    return tdist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    """True on global rank 0: the one process that writes files and talks to the user."""
+    return rank() == 0
+
+
+def check_global_batch(batch_size: int) -> None:
+    """--batch-size is the global batch: it must split into equal per-process shards."""
+    w = world_size()
+    if batch_size % w:
+        lower, upper = batch_size // w * w, (batch_size // w + 1) * w
+        error = ConfigError(
+            f"--batch-size {batch_size} is the global batch and must be divisible by the "
+            f"number of processes ({w}): use {lower or upper} or {upper}"
+        )
+        error.mirrored = not is_main()  # every rank finds it; rank 0 reports it
+        raise error
+
+
+def shard(n: int) -> tuple[int, int]:
+    """This rank's contiguous block [lo, hi) of n items (as data.iterate_batches slices)."""
+    r, w = rank(), world_size()
+    return r * n // w, (r + 1) * n // w
+
+
+# --- collectives (identities in one process) ----------------------------------------------
+
+
+def barrier() -> None:
+    if is_distributed():
+        tdist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over all ranks, in place; returns `t`."""
+    if is_distributed():
+        c = t.to(_COMM_DEVICE)
+        tdist.all_reduce(c)
+        if c is not t:
+            t.copy_(c)
+    return t
+
+
+def reduced_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of `t` over all ranks as a new tensor (`t` itself in one process)."""
+    return all_reduce_sum(t.detach().clone()) if is_distributed() else t
+
+
+def any_true(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank (a decision all ranks must share)."""
+    if not is_distributed():
+        return bool(flag)
+    return bool(all_reduce_sum(torch.tensor([float(flag)])).item() > 0)
+
+
+def all_true(flag: bool | torch.Tensor) -> bool:
+    """True on every rank if `flag` is true on all ranks."""
+    return not any_true(not bool(flag))
+
+
+def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite `t` with rank `src`'s value, in place; returns `t`."""
+    if is_distributed():
+        c = t.to(_COMM_DEVICE)
+        tdist.broadcast(c, src)
+        if c is not t:
+            t.copy_(c)
+    return t
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's (picklable) `obj`, in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def gather_to_main(t: torch.Tensor) -> torch.Tensor | None:
+    """Concatenate every rank's `t` along dim 0 (rank order) on rank 0; None on other ranks.
+
+    Ranks may hold different lengths; the other dimensions and the dtype must agree.
+    """
+    if not is_distributed():
+        return t
+    c = t.to(_COMM_DEVICE)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=_COMM_DEVICE) for _ in range(world_size())]
+    tdist.all_gather(sizes, torch.tensor([len(c)], device=_COMM_DEVICE))
+    lengths = [int(s.item()) for s in sizes]
+    buf = torch.zeros((max(lengths), *c.shape[1:]), dtype=c.dtype, device=_COMM_DEVICE)
+    buf[: len(c)] = c
+    parts = [torch.empty_like(buf) for _ in lengths] if is_main() else None
+    tdist.gather(buf, parts, dst=0)
+    if parts is None:
+        return None
+    return torch.cat([p[:n] for p, n in zip(parts, lengths, strict=True)]).to(t.device)
+
+
+def on_main(fn: Callable[[], Any]) -> None:
+    """Run `fn` on rank 0 alone (e.g. creating the run folder); if it raises, every rank raises.
+
+    The other ranks raise a copy marked ``mirrored = True`` (the CLI prints it once, on rank 0)
+    instead of waiting in their next collective for a process that has gone.
+    """
+    error = None
+    if is_main():
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - passed on to the other ranks, then re-raised
+            error = e
+    if is_distributed():
+        try:
+            box = [pickle.loads(pickle.dumps(error))]
+        except Exception:  # noqa: BLE001 - an exception that does not pickle
+            box = [RuntimeError(f"{type(error).__name__}: {error}")]
+        tdist.broadcast_object_list(box, src=0)
+        if not is_main() and box[0] is not None:
+            box[0].mirrored = True
+            raise box[0]
+    if error is not None:
+        raise error
+
+
+@contextlib.contextmanager
+def local_main_first() -> Iterator[None]:
+    """Run the body on each node's LOCAL_RANK 0 first, then on the other ranks.
+
+    For work that fills a cache the others can reuse (the decoded-image disk cache).
+    """
+    first = local_rank() == 0
+    if not first:
+        barrier()
+    yield
+    if first:
+        barrier()
+
+
+# --- model ----------------------------------------------------------------------------------
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over ranks: the gradient of each rank's input is the sum over ranks of
+    the output's gradients (every rank's loss depends on every rank's input)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return all_reduce_sum(x.clone())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return all_reduce_sum(grad.clone())
+
+
+class _GlooSyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d synchronised over the ranks for CPU tensors (torch's SyncBatchNorm and DDP
+    accept SyncBatchNorm on GPUs only).
+
+    Batch statistics over the global batch from two differentiable all-reduces (sum, then sum of
+    squared deviations), in float64; the backward pass all-reduces their gradients, as
+    torch.nn.SyncBatchNorm does. Same buffers and state-dict keys as nn.BatchNorm2d.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and x.device.type == "cpu" and is_distributed()):
+            return super().forward(x)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average, as nn.BatchNorm
+                factor = 1.0 / float(self.num_batches_tracked)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        local = torch.tensor([x.numel() // x.shape[1]], dtype=torch.float64)
+        sums = _AllReduceSum.apply(torch.cat([x.sum(dims, dtype=torch.float64), local]))
+        n = sums[-1]
+        mean = sums[:-1] / n
+        centred = x - mean.to(x.dtype).view(shape)
+        var = _AllReduceSum.apply((centred.double() ** 2).sum(dims)) / n  # biased, as BN normalises
+        y = centred * torch.rsqrt(var + self.eps).to(x.dtype).view(shape)
+        if self.weight is not None:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                unbiased = var * (n / (n - 1).clamp(min=1))
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        return y
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm over the global batch (nn.SyncBatchNorm), so training matches one process.
+
+    A no-op in one process. Buffers and parameters are shared with the original layers, so the
+    state dict (and checkpoints) keep their keys.
+    """
+    if not is_distributed():
+        return model
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if type(m) is not nn.BatchNorm2d:
+                raise NotImplementedError(f"no CPU synchronisation for {type(m).__name__}")
+            m.__class__ = _GlooSyncBatchNorm2d  # same state, a forward that syncs over gloo
+    return model
+
+
+def wrap_ddp(net: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel around `net` (gradients averaged over ranks); `net` in one process.
+
+    DDP broadcasts rank 0's parameters and buffers at construction, so all ranks start equal.
+    """
+    if not is_distributed():
+        return net
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(net, device_ids=ids)
+
+
+# --- sampling sharded by image index --------------------------------------------------------
+
+
+def shard_images(
+    make: Callable[[int, int], torch.Tensor], n: int, first_index: int = 0
+) -> torch.Tensor | None:
+    """Images first_index .. first_index + n - 1, made in contiguous blocks over the ranks.
+
+    ``make(count, first)`` returns uint8 [count x H x W x C] images first .. first + count - 1;
+    each rank makes its block and rank 0 receives all n in order (other ranks get None). When
+    image i depends only on (seed, i) this is exactly the single-process result. Every rank must
+    call this.
+    """
+    lo, hi = shard(n)
+    part = make(hi - lo, first_index + lo)
+    return gather_to_main(part.to(torch.uint8) if hi == lo else part)  # empty may come as float
+
+
+def generate(*, n: int, first_index: int = 0, **kwargs: Any) -> torch.Tensor | None:
+    """`sampling.generate` sharded by image index (see :func:`shard_images`)."""
+    from .sampling import generate as generate_images
+
+    def make(count: int, first: int) -> torch.Tensor:
+        return generate_images(n=count, first_index=first, **kwargs)
+
+    return shard_images(make, n, first_index)

@@ -1,0 +1,163 @@
+"""Multi-process training and sampling under torchrun (2 CPU processes, gloo).
+
+Each torchrun call is a real launch, as a user would type it; OMP_NUM_THREADS=1 keeps two
+processes from fighting over the CI machine's cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_MODEL
+from PIL import Image
+
+from animeddim import checkpoint as ckpt
+from animeddim import distributed
+
+TOLERANCE = 1e-5  # float32 weights after 6 AdamW steps; measured differences are ~2e-7
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def animeddim(*args: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m animeddim ARGS`, or the same under `torchrun --nproc_per_node nproc`."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "animeddim", *args]
+    else:
+        # "--" ends torchrun's own options: it would read --run or --n as abbreviations of its
+        # --run-path or --nnodes.
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += ["--nproc_per_node", str(nproc), "-m", "--", "animeddim", *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+    return p
+
+
+def train_args(data: Path, tmp: Path, out: str, *extra: str) -> list[str]:
+    cfg = tmp / "tiny.json"
+    cfg.write_text(json.dumps({"model": TINY_MODEL, "data": {"val_fraction": 0.25}}))
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp / out),
+        "--config",
+        str(cfg),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "6",  # the global batch: 3 images per process
+        "--no-kid",
+        "--quiet",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+def max_differences(run_a: Path, run_b: Path) -> dict[str, float]:
+    """Largest |a - b| over the network's and the EMA network's float tensors."""
+    a, ma = ckpt.load(run_a / "checkpoints" / "last.safetensors")
+    b, mb = ckpt.load(run_b / "checkpoints" / "last.safetensors")
+    assert a.keys() == b.keys()
+    assert (ma["step"], ma["epoch"]) == (mb["step"], mb["epoch"])
+    out = {}
+    for prefix in ("model", "ema"):
+        keys = [k for k in a if k.startswith(prefix + ".") and a[k].is_floating_point()]
+        out[prefix] = max((a[k].double() - b[k].double()).abs().max().item() for k in keys)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process_run(avatars16, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("single")
+    animeddim(*train_args(avatars16, tmp, "run"))
+    return tmp / "run"
+
+
+def test_two_processes_train_like_one(avatars16, one_process_run, tmp_path):
+    p = animeddim(*train_args(avatars16, tmp_path, "run"), nproc=2)
+    assert p.stdout.count("run folder:") == 1  # rank 0 alone reports
+    assert p.stdout.count("epoch 2/2") == 1
+    diff = max_differences(one_process_run, tmp_path / "run")
+    print(f"max |weight difference|, 1 vs 2 processes: {diff}")
+    assert diff["model"] < TOLERANCE and diff["ema"] < TOLERANCE, diff
+    rows_1 = list(csv.DictReader(open(one_process_run / "metrics.csv")))
+    rows_2 = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [r["step"] for r in rows_2] == ["3", "6"]
+    for r1, r2 in zip(rows_1, rows_2, strict=True):
+        for k in ("train_noise_loss", "train_image_loss", "val_noise_loss", "val_image_loss"):
+            assert float(r2[k]) == pytest.approx(float(r1[k]), rel=1e-4), k
+    assert (tmp_path / "run" / "samples" / "epoch-0002.png").is_file()
+
+
+def test_resume_with_another_number_of_processes(avatars16, one_process_run, tmp_path):
+    # 2 processes stop mid-epoch 2 (3 steps per epoch), 1 process finishes the run.
+    animeddim(*train_args(avatars16, tmp_path, "run", "--max-steps", "4"), nproc=2)
+    _, meta = ckpt.load(tmp_path / "run" / "checkpoints" / "last.safetensors")
+    assert (meta["step"], meta["batch_in_epoch"]) == (4, 1)
+    animeddim("train", "--resume", str(tmp_path / "run"), "--max-steps", "0", "--quiet")
+    diff = max_differences(one_process_run, tmp_path / "run")
+    print(f"max |weight difference|, 1 process vs 2 then 1: {diff}")
+    assert diff["model"] < TOLERANCE and diff["ema"] < TOLERANCE, diff
+
+
+def test_two_process_sample_equals_one_process(one_process_run, tmp_path):
+    common = ["sample", "--run", str(one_process_run), "--n", "7", "--steps", "3"]
+    animeddim(*common, "--out", str(tmp_path / "one"), "--grid", str(tmp_path / "one.png"))
+    p = animeddim(
+        *common, "--out", str(tmp_path / "two"), "--grid", str(tmp_path / "two.png"), nproc=2
+    )
+    assert p.stdout.count("images in") == 1
+    names = sorted(f.name for f in (tmp_path / "one").glob("*.png"))
+    assert len(names) == 7
+    assert names == sorted(f.name for f in (tmp_path / "two").glob("*.png"))
+    for name in [*names, "../one.png"]:
+        a = np.asarray(Image.open(tmp_path / "one" / name))
+        b = np.asarray(Image.open(tmp_path / "two" / name.replace("../one", "../two")))
+        assert np.array_equal(a, b), name
+
+
+def test_global_batch_must_divide_into_processes(avatars16, tmp_path):
+    args = train_args(avatars16, tmp_path, "run")
+    args[args.index("--batch-size") + 1] = "5"
+    p = animeddim(*args, nproc=2, check=False)
+    assert p.returncode != 0  # torchrun's own code; both workers exit with 2
+    assert "exitcode  : 2" in p.stderr
+    # One line, from rank 0, although every rank finds the error.
+    assert p.stderr.count("error: --batch-size 5 is the global batch and must be divisible") == 1
+    assert "use 4 or 6" in p.stderr
+
+
+def test_helpers_are_identities_in_one_process():
+    assert not distributed.is_distributed() and distributed.is_main()
+    assert (distributed.rank(), distributed.world_size()) == (0, 1)
+    assert distributed.shard(10) == (0, 10)
+    t = torch.arange(4.0)
+    assert distributed.reduced_sum(t) is t and distributed.gather_to_main(t) is t
+    assert distributed.all_reduce_sum(t) is t and torch.equal(t, torch.arange(4.0))
+    assert distributed.any_true(True) and not distributed.all_true(False)
+    assert distributed.all_gather_object({"a": 1}) == [{"a": 1}]
+    device = torch.device("cpu")
+    assert distributed.setup(device) == device
+    module = torch.nn.BatchNorm2d(3)
+    assert distributed.sync_batchnorm(module, device) is module
+    assert distributed.wrap_ddp(module, device) is module
+    distributed.check_global_batch(7)

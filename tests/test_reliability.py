@@ -1,0 +1,704 @@
+"""Reliability (issue 7): kills, divergence, full disks, bad files and options, determinism.
+
+Every fault here is injected for real (SIGKILL, NaN losses, ENOSPC/EROFS from the file
+system) on tiny data, and each test checks what survives it. docs/reliability.md tabulates
+the faults, the bad inputs and the work lost, by test name.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import errno
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_MODEL, run_cli, tiny_config
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from safetensors.torch import save_file
+
+from animeddim import checkpoint as ckpt
+from animeddim import cli
+from animeddim import data as data_mod
+from animeddim import train as train_mod
+from animeddim.config import ConfigError, RunConfig, load_config_file
+from animeddim.train import TrainingDiverged, latest_checkpoint, load_run_config, train
+
+EPOCHS, STEPS_PER_EPOCH = 2, 3  # 24 avatars, 25 % validation, batch 6: 3 steps per epoch
+QUIET = {"progress": False, "log": lambda s: None}
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture(scope="module")
+def tiny_json(tmp_path_factory) -> Path:
+    f = tmp_path_factory.mktemp("cfg") / "tiny.json"
+    f.write_text(json.dumps({"model": TINY_MODEL, "data": {"val_fraction": 0.25}}))
+    return f
+
+
+def _train_args(data: Path, out: Path, tiny_json: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--config",
+        str(tiny_json),
+        "--image-size",
+        "16",
+        "--batch-size",
+        "6",
+        "--no-kid",
+        "--quiet",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m animeddim ARGS` in a subprocess with extra environment variables."""
+    e = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    e.pop(ckpt.KILL_AT_SAVE_ENV, None)
+    e.update(env or {})
+    cmd = [sys.executable, "-m", "animeddim", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=e)
+
+
+def _main(capsys, *argv: str) -> tuple[int, str, str]:
+    """cli.main in this process: (exit code, stdout, stderr); argparse exits count too."""
+    try:
+        rc = cli.main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _one_line_error(err: str, *needles: str) -> None:
+    assert "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+
+
+def _checkpoints(run: Path) -> dict[str, tuple[dict[str, torch.Tensor], dict]]:
+    """Load every checkpoint file of a run: none may be unreadable or hold a non-finite float."""
+    out = {}
+    for f in sorted((run / "checkpoints").glob("*.safetensors")):
+        tensors, meta = ckpt.load(f)
+        for k, v in tensors.items():
+            assert not v.is_floating_point() or bool(torch.isfinite(v).all()), (f.name, k)
+        out[f.name] = (tensors, meta)
+    return out
+
+
+def _temp_files(run: Path) -> list[Path]:
+    return [p for d in (run, run / "checkpoints", run / "samples") for p in d.glob(".*.tmp*")]
+
+
+def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _metric_rows(run: Path) -> list[dict[str, str]]:
+    timing = {"images_per_s", "epoch_seconds", "wall_seconds"}
+    rows = csv.DictReader(open(run / "metrics.csv", encoding="utf-8"))
+    return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def reference_run(avatars16, tiny_json, tmp_path_factory) -> Path:
+    """An uninterrupted CLI run: 2 epochs of 3 steps, a checkpoint every step, 2 kept."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    args = ("--epochs", str(EPOCHS), "--checkpoint-every", "1", "--keep-checkpoints", "2")
+    p = _cli(*_train_args(avatars16, run, tiny_json, *args))
+    assert p.returncode == 0, p.stderr
+    return run
+
+
+# --------------------------------------------------------------------------------------------
+# kills
+
+
+# (kill point "N:PHASE" = N-th checkpoint save of that process, steps done when it dies,
+#  step the next resume starts from). Saves per step: step-N then last; at an epoch end: last.
+KILLS = [
+    ("3:write", 2, 1),  # fresh run; half of step-00000002 written -> step 1 is the newest
+    ("5:done", 3, 3),  # resumed at 1; the epoch-end last.safetensors renamed, then killed
+    ("4:rename", 5, 5),  # resumed at 3; last.safetensors@5 complete but not renamed -> step-5
+]
+
+
+def test_sigkill_during_and_between_saves_then_resume_equals_uninterrupted(
+    avatars16, tiny_json, reference_run, tmp_path
+):
+    """SIGKILL mid-write, before the rename and after it; every resume picks the newest
+    complete checkpoint, loses at most one checkpoint interval (1 step) and the run ends
+    bitwise equal to the uninterrupted one, metrics rows included."""
+    run = tmp_path / "run"
+    args = ("--epochs", str(EPOCHS), "--checkpoint-every", "1", "--keep-checkpoints", "2")
+    argv = _train_args(avatars16, run, tiny_json, *args)
+    resume_argv = ["train", "--resume", str(run), "--quiet", "--device", "cpu"]
+    for i, (point, steps_done, resume_step) in enumerate(KILLS):
+        p = _cli(*(argv if i == 0 else resume_argv), env={ckpt.KILL_AT_SAVE_ENV: point})
+        assert p.returncode == -signal.SIGKILL, (point, p.stdout, p.stderr)
+        files = _checkpoints(run)  # every checkpoint file on disk is complete and finite
+        assert files, point
+        if not point.endswith("done"):
+            assert _temp_files(run), point  # the kill really hit a save in progress
+        _, meta = latest_checkpoint(run, load_run_config(run), log=lambda s: None)
+        assert meta["step"] == resume_step, point
+        assert steps_done - meta["step"] <= 1, point  # at most one checkpoint interval lost
+    p = _cli(*resume_argv)
+    assert p.returncode == 0, p.stderr
+    assert f"step {KILLS[-1][2]}" in p.stdout and "step-00000005.safetensors" in p.stdout
+    assert not _temp_files(run)  # stale temporary files of the killed processes are gone
+    files = _checkpoints(run)
+    assert sorted(files) == [
+        "last.safetensors",
+        "step-00000005.safetensors",
+        "step-00000006.safetensors",
+    ]  # --keep-checkpoints 2
+    ref = _checkpoints(reference_run)
+    assert sorted(ref) == sorted(files)
+    for name in files:
+        _assert_same_tensors(files[name][0], ref[name][0])
+        assert files[name][1]["step"] == ref[name][1]["step"]
+    assert _metric_rows(run) == _metric_rows(reference_run)
+    for png in ("epoch-0001.png", "epoch-0002.png"):
+        assert (run / "samples" / png).read_bytes() == (
+            reference_run / "samples" / png
+        ).read_bytes()
+
+
+def test_checkpoint_save_is_temp_file_fsync_rename_fsync_dir(tmp_path, monkeypatch):
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to name the fsynced files")
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        calls.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")).name))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        calls.append(("replace", Path(src).name, Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    _tiny_checkpoint(tmp_path / "c.safetensors")
+    tmp = f".c.safetensors.tmp-{os.getpid()}"
+    assert calls == [
+        ("fsync", tmp),  # the data is on disk before the name points at it
+        ("replace", tmp, "c.safetensors"),
+        ("fsync", tmp_path.name),  # and the rename itself is on disk
+    ]
+
+
+def test_resume_before_the_first_checkpoint_is_a_clear_error(avatars16, tmp_path, capsys):
+    run = tmp_path / "run"
+    train_mod.prepare_run_dir(run, tiny_config(avatars16), resume=False)
+    stale = run / "checkpoints" / ".last.safetensors.tmp-999999"
+    stale.write_bytes(b"half a checkpoint")
+    rc, _, err = _main(capsys, "train", "--resume", run, "--quiet")
+    assert rc == 2
+    _one_line_error(err, "holds no complete checkpoint", "before its first one")
+    assert not stale.exists()
+
+
+def test_damaged_last_checkpoint_falls_back_to_newest_step_file(avatars16, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(avatars16, max_steps=2, checkpoint_every=1), run, **QUIET)
+    last = run / "checkpoints" / "last.safetensors"
+    last.write_bytes(last.read_bytes()[:1000])  # e.g. a disk error after the rename
+    notes = []
+    _, meta = latest_checkpoint(run, load_run_config(run), log=notes.append)
+    assert meta["step"] == 2 and "step-00000002.safetensors" in notes[0]
+
+
+# --------------------------------------------------------------------------------------------
+# divergence
+
+
+def test_cli_divergence_exits_3_naming_the_step_and_keeps_good_checkpoints(
+    avatars16, tiny_json, tmp_path
+):
+    run = tmp_path / "run"
+    # A learning rate of 1e6 makes the weights and then the loss overflow within an epoch.
+    argv = _train_args(avatars16, run, tiny_json, "--epochs", "2", "--checkpoint-every", "1")
+    p = _cli(*argv, "--lr", "1e6")
+    assert p.returncode == 3, (p.stdout, p.stderr)
+    _one_line_error(p.stderr, "animeddim: training diverged", "non-finite")
+    bad_step = int(re.search(r"by step (\d+)", p.stderr).group(1))
+    files = _checkpoints(run)  # all finite: no NaN weights were ever written
+    last_step = files["last.safetensors"][1]["step"]
+    assert bad_step - 1 <= last_step < bad_step
+    assert all(m["step"] < bad_step for _, m in files.values())
+
+
+def _nan_loss_at(monkeypatch, bad_step: int, on_inject=lambda: None) -> None:
+    """Make the training loss of optimiser step `bad_step` (1-based) NaN."""
+    real = train_mod.losses
+    calls = [0]
+
+    def losses(*args, **kwargs):
+        noise_loss, image_loss = real(*args, **kwargs)
+        if torch.is_grad_enabled():  # training, not validation (which runs under no_grad)
+            calls[0] += 1
+            if calls[0] == bad_step:
+                on_inject()
+                return noise_loss * math.nan, image_loss * math.nan
+        return noise_loss, image_loss
+
+    monkeypatch.setattr(train_mod, "losses", losses)
+
+
+@pytest.mark.parametrize(
+    "log_every, checkpoint_every, named_step",
+    [
+        (1, 0, 5),  # found when the loss is read, the same step
+        (10, 1, 5),  # found by the checkpoint of that step, which is then not written
+        (10, 0, 6),  # found at the end of the epoch
+    ],
+)
+def test_nan_loss_stops_and_never_overwrites_the_last_good_checkpoint(
+    avatars16, tmp_path, monkeypatch, log_every, checkpoint_every, named_step
+):
+    run = tmp_path / "run"
+    snapshot: dict[str, bytes] = {}
+
+    def take_snapshot():
+        snapshot.update({f.name: f.read_bytes() for f in (run / "checkpoints").iterdir()})
+
+    _nan_loss_at(monkeypatch, 5, take_snapshot)
+    cfg = tiny_config(
+        avatars16, epochs=EPOCHS, log_every=log_every, checkpoint_every=checkpoint_every
+    )
+    with pytest.raises(TrainingDiverged, match=rf"by step {named_step}\b"):
+        train(cfg, run, **QUIET)
+    assert "last.safetensors" in snapshot
+    after = {f.name: f.read_bytes() for f in (run / "checkpoints").iterdir()}
+    assert after == snapshot  # nothing written, nothing overwritten after the NaN
+    _checkpoints(run)
+
+
+def test_nan_policy_skip_batch_skips_and_goes_on(avatars16, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _nan_loss_at(monkeypatch, 5)
+    cfg = tiny_config(avatars16, epochs=EPOCHS, nan_policy="skip-batch", checkpoint_every=1)
+    with pytest.warns(UserWarning, match="non-finite loss at step 5: batch skipped"):
+        res = train(cfg, run, **QUIET)
+    assert (res.epoch, res.step) == (EPOCHS, EPOCHS * STEPS_PER_EPOCH)
+    files = _checkpoints(run)
+    assert files["last.safetensors"][1]["step"] == EPOCHS * STEPS_PER_EPOCH
+    assert len(_metric_rows(run)) == EPOCHS
+
+
+# --------------------------------------------------------------------------------------------
+# full disk, unwritable output
+
+
+class _FullDisk:
+    """A file whose write stores half the bytes and then fails like a full disk."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, data):
+        self.f.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("fault", ["disk full", "read-only"])
+def test_write_failure_is_one_line_and_keeps_previous_checkpoint(
+    avatars16, tiny_json, tmp_path, monkeypatch, capsys, fault
+):
+    run = tmp_path / "run"
+    real_open, saves = open, [0]
+
+    def failing_open(file, mode="r", *args, **kwargs):
+        if "w" in mode and ".tmp-" in str(file):
+            saves[0] += 1
+            if saves[0] == 3:  # step-00000002: after step-1 and last@1 were written
+                if fault == "read-only":
+                    raise OSError(errno.EROFS, "Read-only file system", str(file))
+                return _FullDisk(real_open(file, mode, *args, **kwargs))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "open", failing_open, raising=False)
+    argv = _train_args(avatars16, run, tiny_json, "--checkpoint-every", "1")
+    rc, _, err = _main(capsys, *argv)
+    assert rc == 1
+    reason = "No space left on device" if fault == "disk full" else "Read-only file system"
+    _one_line_error(err, reason, "step-00000002")
+    files = _checkpoints(run)
+    assert sorted(files) == ["last.safetensors", "step-00000001.safetensors"]
+    assert files["last.safetensors"][1]["step"] == 1
+    assert not _temp_files(run)  # the half-written temporary file was removed
+    monkeypatch.undo()  # space again: the run resumes from step 1 and finishes
+    rc, out, _ = _main(capsys, "train", "--resume", run, "--quiet")
+    assert rc == 0 and "step 1" in out
+    assert _checkpoints(run)["last.safetensors"][1]["step"] == STEPS_PER_EPOCH
+
+
+def test_unwritable_output_folder_is_one_line(avatars16, tiny_json, capsys):
+    # Nobody, root included, can create folders in sysfs: a real unwritable place.
+    if not Path("/sys/kernel").is_dir():
+        pytest.skip("no sysfs here")
+    rc, _, err = _main(capsys, *_train_args(avatars16, Path("/sys/animeddim-test/r"), tiny_json))
+    assert rc == 1
+    _one_line_error(err, "animeddim: error:", "/sys/animeddim-test")
+
+
+# --------------------------------------------------------------------------------------------
+# bad images
+
+
+def _fake_size_png(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose IHDR (with a correct CRC) claims width x height: a decompression bomb."""
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    raw = bytearray(buf.getvalue())
+    raw[16:24] = struct.pack(">II", width, height)
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
+    return bytes(raw)
+
+
+def _odd_but_valid_images(d: Path) -> None:
+    Image.fromarray(np.full((16, 16), 40000, np.uint16)).save(d / "sixteen-bit.png")
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(d / "cmyk.jpg")
+    pal = Image.new("P", (16, 16), 0)
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    pal.paste(1, (4, 4, 12, 12))
+    pal.save(d / "palette-transparent.png", transparency=0)
+    Image.new("LA", (16, 16), (128, 200)).save(d / "gray-alpha.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees when shown
+    Image.new("RGB", (20, 16), (0, 128, 255)).save(d / "exif-rotated.jpg", exif=exif)
+    Image.new("RGB", (1, 1), (10, 20, 30)).save(d / "one-pixel.png")
+
+
+BAD_FILES = {  # name -> words of the reason given for skipping it
+    "zero-byte.png": "empty",
+    "truncated.png": "truncated",
+    "truncated.jpg": "truncated",
+    "text.png": "not an image",
+    "bomb.png": "bomb",
+}
+
+
+def _bad_images(d: Path, good: Path) -> None:
+    (d / "zero-byte.png").write_bytes(b"")
+    png = next(good.glob("*.png")).read_bytes()
+    (d / "truncated.png").write_bytes(png[: len(png) // 2])
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(d / "full.jpg", quality=95)
+    jpg = (d / "full.jpg").read_bytes()
+    (d / "full.jpg").unlink()
+    (d / "truncated.jpg").write_bytes(jpg[: len(jpg) // 2])
+    (d / "text.png").write_text("definitely not a picture\n")
+    (d / "bomb.png").write_bytes(_fake_size_png(100_000, 100_000))
+    (d / "loop").symlink_to(d, target_is_directory=True)  # a symlink loop
+
+
+def test_cli_trains_through_bad_images_and_strict_refuses(avatars16, tiny_json, tmp_path, capsys):
+    data = tmp_path / "mixed"
+    data.mkdir()
+    for f in avatars16.glob("*.png"):
+        shutil.copy(f, data / f.name)
+    _odd_but_valid_images(data)
+    _bad_images(data, avatars16)
+    tried = len(list(avatars16.glob("*.png"))) + 6 + len(BAD_FILES)
+    p = _cli(*_train_args(data, tmp_path / "run", tiny_json, "--max-steps", "1"))
+    assert p.returncode == 0, p.stderr
+    note = [line for line in p.stdout.splitlines() if line.startswith("note: skipped")]
+    assert len(note) == 1 and f"skipped {len(BAD_FILES)} of {tried} files" in note[0]
+    for name, reason in BAD_FILES.items():
+        assert re.search(rf"{re.escape(name)}: [^;]*{reason}", note[0], re.I), (name, note[0])
+    assert _checkpoints(tmp_path / "run")["last.safetensors"][1]["step"] == 1
+    argv = _train_args(data, tmp_path / "strict", tiny_json, "--max-steps", "1", "--strict")
+    rc, _, err = _main(capsys, *argv)
+    assert rc == 2
+    _one_line_error(err, "--strict", f"skipped {len(BAD_FILES)} of {tried}")
+
+
+# --------------------------------------------------------------------------------------------
+# bad checkpoints
+
+
+class _Payload:
+    """Unpickling this calls open(marker, "w"): proof that code ran if the marker exists."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _tiny_checkpoint(path: Path, widths=(8, 16), **meta) -> Path:
+    cfg = RunConfig.from_dict(
+        {"data": {"image_size": 16}, "model": {**TINY_MODEL, "widths": list(widths)}}
+    )
+    from animeddim.unet import UNet
+
+    tensors = {
+        **ckpt.with_prefix(UNet(cfg.model).state_dict(), "ema"),
+        "norm.mean": torch.zeros(3),
+        "norm.std": torch.ones(3),
+    }
+    return ckpt.save(path, tensors, {"config": cfg.to_dict(), "epoch": 0, "step": 0, **meta})
+
+
+def _bad_checkpoint(kind: str, d: Path) -> Path:
+    f = d / f"{kind}.safetensors"
+    good = _tiny_checkpoint(d / "good.safetensors").read_bytes()
+    if kind == "truncated":
+        f.write_bytes(good[: len(good) // 2])
+    elif kind == "empty":
+        f.write_bytes(b"")
+    elif kind == "text":
+        f.write_text("this is not a checkpoint\n")
+    elif kind == "random-bytes":
+        f.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes())
+    elif kind == "plain-safetensors":
+        save_file({"w": torch.zeros(2)}, str(f))
+    elif kind == "future-version":
+        tensors, meta = ckpt.load(d / "good.safetensors")
+        ckpt.save(f, tensors, {**meta, "version": ckpt.VERSION + 1})
+    elif kind == "other-architecture":  # config says widths [8, 16], weights are [8, 32]
+        tensors, meta = ckpt.load(_tiny_checkpoint(d / "o.safetensors", widths=(8, 32)))
+        meta["config"] = json.loads(json.dumps(ckpt.load(d / "good.safetensors")[1]["config"]))
+        ckpt.save(f, tensors, meta)
+    elif kind == "pickle":
+        f.write_bytes(pickle.dumps(_Payload(d / "pwned")))
+    elif kind == "torch-save":
+        f = d / "model.pt"
+        torch.save({"ema": _Payload(d / "pwned")}, f)
+    elif kind == "empty-folder":
+        f = d / "not-a-run"
+        f.mkdir()
+    return f
+
+
+BAD_CHECKPOINTS = {
+    "truncated": "not a readable animeddim checkpoint",
+    "empty": "not a readable animeddim checkpoint",
+    "text": "not a readable animeddim checkpoint",
+    "random-bytes": "not a readable animeddim checkpoint",
+    "plain-safetensors": "not an animeddim checkpoint",
+    "future-version": "upgrade animeddim",
+    "other-architecture": "does not match",
+    "pickle": "not a readable animeddim checkpoint",
+    "torch-save": "not a readable animeddim checkpoint",
+    "empty-folder": "holds no checkpoint",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_CHECKPOINTS))
+def test_sample_from_bad_checkpoint_exits_2_and_runs_no_code(kind, tmp_path, capsys):
+    f = _bad_checkpoint(kind, tmp_path)
+    grid = tmp_path / "grid.png"
+    rc, _, err = _main(capsys, "sample", "--run", f, "--n", "1", "--steps", "1", "--grid", grid)
+    assert rc == 2
+    _one_line_error(err, BAD_CHECKPOINTS[kind])
+    assert not (tmp_path / "pwned").exists()
+    assert not grid.exists()
+
+
+def test_pickle_payload_never_runs_through_the_real_cli(tmp_path):
+    f = _bad_checkpoint("torch-save", tmp_path)  # a .pt file whose unpickling creates a file
+    p = run_cli("sample", "--run", str(f), "--grid", str(tmp_path / "g.png"), check=False)
+    assert p.returncode == 2
+    _one_line_error(p.stderr, "not a readable animeddim checkpoint")
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize(
+    "section, key, value, message",
+    [
+        ("model", "image_size", 32, "model.image_size is 16 there and 32 in config.json"),
+        ("model", "widths", [8, 32], "model.widths is [8, 16] there and [8, 32]"),
+        ("schedule", "min_signal_rate", 0.05, "schedule.min_signal_rate is 0.02 there"),
+    ],
+)
+def test_resume_with_a_checkpoint_of_another_run_exits_2(
+    avatars16, tmp_path, capsys, section, key, value, message
+):
+    run = tmp_path / "run"
+    train(tiny_config(avatars16, max_steps=1), run, **QUIET)
+    d = json.loads((run / "config.json").read_text())
+    d[section][key] = value
+    if key == "image_size":
+        d["data"]["image_size"] = value
+    (run / "config.json").write_text(json.dumps(d))
+    rc, _, err = _main(capsys, "train", "--resume", run, "--quiet")
+    assert rc == 2
+    _one_line_error(err, "belongs to another run", message)
+
+
+# --------------------------------------------------------------------------------------------
+# bad options (tests/test_train.py covers steps 0/1001, eta 1.5, n 0, size 20, device tpu,
+# missing folders; these are the rest)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["sample", "--run", "{run}", "--eta", "-0.1", "--grid", "g.png"], "eta must be"),
+        (["sample", "--run", "{run}", "--steps", "ten", "--grid", "g.png"], "steps must be an"),
+        (["sample", "--run", "{run}", "--batch-size", "0", "--grid", "g.png"], "batch-size"),
+        (["sample", "--run", "{run}", "--device", "tpu", "--grid", "g.png"], "unknown device"),
+        (["sample", "--run", "{run}"], "give --out DIR"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--epochs", "0"], "epochs must be"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--lr", "nan"], "learning_rate"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--lr", "-1"], "learning_rate"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--val-fraction", "1"], "val_fraction"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--seed", "-1"], "seed"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--seed", str(2**64)], "seed"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--widths", "8"], "model.widths"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--image-size", "4"], "image-size"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--time-limit", "-1"], "time_limit"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--nan-policy", "go"], "nan-policy"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--keep-checkpoints", "0"], "keep"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--config", "{list}"], "not a list"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--config", "{binary}"], "not valid"),
+        (["train", "--data", "{data}", "--out", "{run}"], "already holds files"),
+        (
+            ["train", "--data", "{data}", "--out", "{tmp}/r", "--batch-size", "99", "--quiet"],
+            "larger",
+        ),
+        (["train", "--resume", "{tmp}"], "not an animeddim run folder"),
+        (["train", "--resume", "{run}", "--data", "{data}"], "cannot change when resuming"),
+        (["train", "--resume", "{run}", "--out", "{tmp}/r"], "not both"),
+        (["train", "--data", "{data}"], "give --out RUN"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(args, message, avatars16, tmp_path, capsys):
+    run = tmp_path / "a-run"
+    run.mkdir()
+    (run / "config.json").write_text(RunConfig().to_json())
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00")
+    fill = {"tmp": tmp_path, "run": run, "data": avatars16}
+    fill |= {"list": tmp_path / "list.json", "binary": tmp_path / "binary.json"}
+    rc, _, err = _main(capsys, *[a.format(**fill) for a in args])
+    assert rc == 2, err
+    _one_line_error(err, message)
+
+
+# Property-based: any dict of settings is either a valid, usable config or a ConfigError.
+
+_FIELDS = {
+    section: [f.name for f in dataclasses.fields(getattr(RunConfig(), section))]
+    for section in ("data", "model", "schedule", "train")
+}
+_LEAF = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 300),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(0, 1),
+    st.text(max_size=6),
+    st.lists(st.integers(-2, 64), max_size=5),
+    st.sampled_from(["auto", "cpu", "fp32", "stop", "skip-batch", "memory"]),
+)
+
+
+def _section(name: str):
+    keys = st.one_of(st.sampled_from(_FIELDS[name]), st.text(max_size=4))
+    return st.dictionaries(keys, _LEAF, max_size=6)
+
+
+_CONFIG_DICTS = st.one_of(
+    st.fixed_dictionaries({}, optional={s: st.one_of(_section(s), _LEAF) for s in _FIELDS}),
+    st.dictionaries(st.text(max_size=5), _LEAF, max_size=3),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(d=_CONFIG_DICTS)
+def test_config_from_any_dict_is_valid_or_config_error(d):
+    try:
+        cfg = RunConfig.from_dict(d).validate()
+    except ConfigError as e:
+        assert str(e)
+        return
+    assert RunConfig.from_dict(json.loads(cfg.to_json())) == cfg  # survives its own JSON
+    # Seeds and fractions that validate are usable by the data pipeline and torch.
+    data_mod.epoch_order(4, cfg.train.seed, 0)
+    data_mod.split_indices(4, cfg.data.val_fraction, cfg.data.split_seed)
+    torch.Generator().manual_seed(cfg.train.seed)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(payload=st.binary(max_size=200), suffix=st.sampled_from([".json", ".toml"]))
+def test_config_file_of_any_bytes_is_a_dict_or_config_error(tmp_path_factory, payload, suffix):
+    f = tmp_path_factory.mktemp("cfgfile") / f"c{suffix}"
+    f.write_bytes(payload)
+    try:
+        d = load_config_file(f)
+    except ConfigError:
+        return
+    assert isinstance(d, dict)
+
+
+# --------------------------------------------------------------------------------------------
+# determinism
+
+
+def test_same_seed_gives_bitwise_same_samples_in_separate_processes(reference_run, tmp_path):
+    outs = []
+    for name in ("a", "b"):
+        out, grid = tmp_path / name, tmp_path / f"{name}.png"
+        args = ("--n", "4", "--steps", "5", "--eta", "0.5", "--seed", "3", "--device", "cpu")
+        run_cli(
+            "sample", "--run", str(reference_run), *args, "--out", str(out), "--grid", str(grid)
+        )
+        outs.append([f.read_bytes() for f in (*sorted(out.glob("*.png")), grid)])
+    assert len(outs[0]) == 5 and outs[0] == outs[1]
+    assert len(set(outs[0][:4])) == 4  # four different images, not one repeated
+
+
+def test_same_settings_give_bitwise_same_training_in_another_process(reference_run, tmp_path):
+    """The CLI run of the reference fixture, repeated in this process: same checkpoints."""
+    again = tmp_path / "again"
+    train(load_run_config(reference_run), again, **QUIET)
+    a, b = _checkpoints(reference_run), _checkpoints(again)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        _assert_same_tensors(a[name][0], b[name][0])
+    assert _metric_rows(again) == _metric_rows(reference_run)

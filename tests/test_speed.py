@@ -1,0 +1,163 @@
+"""Fast paths give the fp32 eager results: bf16, folded BatchNorm, inference copies, compile.
+
+Tiny networks only; no timing thresholds (benchmarks print numbers, tests assert behaviour).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from animeddim import bench
+from animeddim.config import RunConfig, ScheduleConfig, UNetConfig
+from animeddim.runtime import autocast, compiler_available, prepare_inference
+from animeddim.sampling import generate
+from animeddim.train import losses
+from animeddim.unet import UNet, fold_batchnorm
+
+CPU = torch.device("cpu")
+TINY = UNetConfig(image_size=16, widths=[8, 16], block_depth=1, embedding_dims=8)
+SCHED = ScheduleConfig()
+
+
+def trained_looking_net(seed: int = 0) -> UNet:
+    """A tiny net with non-zero head and BatchNorm running statistics far from (0, 1)."""
+    torch.manual_seed(seed)
+    net = UNet(TINY)
+    torch.nn.init.normal_(net.head.weight, std=0.3)
+    net.train()
+    with torch.no_grad():
+        for _ in range(30):
+            net(torch.randn(8, 3, 16, 16) * 1.7 + 0.4, torch.rand(8))
+    return net.eval()
+
+
+def inputs(n: int = 6):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, 16, 16, generator=g), torch.rand(n, generator=g)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folded_batchnorm_is_exact_including_borders(channels_last):
+    net = trained_looking_net()
+    x, v = inputs()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    folded = fold_batchnorm(net).to(memory_format=fmt)
+    with torch.no_grad():
+        ref = net(x, v)
+        out = folded(x.contiguous(memory_format=fmt), v)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # A plain bias fold (no border map) would be wrong at the image border: prove the
+    # border matters for this net, so the test above really checks the map.
+    block = folded.down[0][0]
+    x1 = torch.randn(2, block.conv1.weight.shape[1], 16, 16)
+    m = block.conv1.bias_map(x1)
+    assert (m[..., 0, :] - m[..., 8, :]).abs().max() > 1e-3
+
+
+def test_fold_leaves_original_training_net_alone():
+    net = trained_looking_net()
+    before = copy.deepcopy(net.state_dict())
+    prepare_inference(net, CPU, "bf16")
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+
+
+@pytest.mark.parametrize(
+    ("precision", "channels_last", "atol"),
+    [("fp32", False, 1e-5), ("fp32", True, 1e-5), ("bf16", False, 0.1), ("bf16", True, 0.1)],
+)
+def test_prepared_inference_matches_fp32(precision, channels_last, atol):
+    net = trained_looking_net()
+    x, v = inputs()
+    prepared = prepare_inference(net, CPU, precision, channels_last=channels_last)
+    with torch.no_grad():
+        ref = net(x, v)
+        out = prepared(x, v).float()
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=0, atol=atol)
+    assert (out - ref).abs().mean() < atol / 5
+
+
+def test_generate_with_prepared_network_matches_reference():
+    net = trained_looking_net()
+    mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
+    kw = dict(mean=mean, std=std, schedule=SCHED, image_size=16, n=6, seed=3, steps=5)
+    ref = generate(net, **kw).int()
+    fp32 = generate(prepare_inference(net, CPU, "fp32"), **kw).int()
+    bf16 = generate(prepare_inference(net, CPU, "bf16", channels_last=True), **kw).int()
+    autocast_ref = generate(net, **kw, autocast=autocast(CPU, "bf16")).int()
+    assert (fp32 - ref).abs().max() <= 1  # rounding only
+    for other in (ref, autocast_ref):  # bf16 rounding: a few levels on average
+        diff = (bf16 - other).abs().float()
+        assert diff.mean() < 2.0
+        assert (diff > 16).float().mean() < 0.02
+
+
+def test_bf16_training_losses_match_fp32():
+    cfg = RunConfig.from_dict({"model": TINY.__dict__}).validate()
+    torch.manual_seed(0)
+    net = UNet(TINY)
+    torch.nn.init.normal_(net.head.weight, std=0.3)
+    g = torch.Generator().manual_seed(2)
+    images = torch.randn(8, 3, 16, 16, generator=g)
+    noises = torch.randn(8, 3, 16, 16, generator=g)
+    t = torch.rand(8, generator=g, dtype=torch.float64)
+    got = {}
+    for precision in ("fp32", "bf16"):
+        model = copy.deepcopy(net)
+        nl, il = losses(model, images, noises, t, cfg, autocast(CPU, precision))
+        nl.backward()
+        got[precision] = (nl.item(), il.item(), model.head.weight.grad.clone())
+        assert nl.dtype == torch.float32
+    assert got["bf16"][0] == pytest.approx(got["fp32"][0], rel=0.02)
+    assert got["bf16"][1] == pytest.approx(got["fp32"][1], rel=0.02)
+    cos = torch.nn.functional.cosine_similarity(
+        got["bf16"][2].flatten(), got["fp32"][2].flatten(), dim=0
+    )
+    assert cos > 0.99
+
+
+def test_fused_adamw_on_cpu_matches_plain_adamw():
+    torch.manual_seed(0)
+    a = UNet(TINY)
+    b = copy.deepcopy(a)
+    opts = [
+        torch.optim.AdamW(a.parameters(), lr=1e-3, weight_decay=1e-4, fused=True),
+        torch.optim.AdamW(b.parameters(), lr=1e-3, weight_decay=1e-4, foreach=False),
+    ]
+    x, v = inputs()
+    for _ in range(3):
+        for net, opt in zip((a, b), opts, strict=True):
+            opt.zero_grad()
+            net(x, v).square().mean().backward()
+            net.head.weight.grad += 0.01  # the head's gradient is zero at init
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not compiler_available(), reason="torch.compile needs a C compiler")
+def test_compiled_prepared_network_matches_eager():
+    net = trained_looking_net()
+    x, v = inputs()
+    prepared = prepare_inference(net, CPU, "fp32")
+    compiled = torch.compile(prepared)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, v), net(x, v), rtol=1e-4, atol=1e-4)
+
+
+def test_bench_runs_both_paths_and_reports_every_number():
+    r = bench.run(image_size=16, batch_size=4, device_name="cpu", iters=1, compile=False, kid=False)
+    for path in ("baseline", "tuned"):
+        p = r[path]
+        for key in ("train_images_per_s", "sample_images_per_s", "train_gflop_per_s"):
+            assert p[key] > 0, (path, key)
+        assert p["peak_memory_mib"] > 0
+    assert r["tuned"]["inference_prepared"] and not r["baseline"]["inference_prepared"]
+    assert r["data_pipeline_images_per_s"] > 0
+    assert "tuned/baseline" in bench.format_table(r) or "ratio" in bench.format_table(r)
