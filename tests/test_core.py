@@ -61,8 +61,13 @@ def test_ddim_step_is_exact_update():
     x0 = torch.randn(2, 3, 4, 4, generator=g)
     eps = torch.randn(2, 3, 4, 4, generator=g)
     seen = []
-    ddim_sample(oracle_for(x0), eps * 0 + (0.02 * x0 + math.sqrt(1 - 0.02**2) * eps), 4, SCHED,
-                callback=lambda s, t, xt, px0: seen.append((t, xt.clone())))
+    ddim_sample(
+        oracle_for(x0),
+        eps * 0 + (0.02 * x0 + math.sqrt(1 - 0.02**2) * eps),
+        4,
+        SCHED,
+        callback=lambda s, t, xt, px0: seen.append((t, xt.clone())),
+    )
     for t, xt in seen:
         expected, _, _ = diffuse(x0, eps, torch.full((2,), t), SCHED)
         torch.testing.assert_close(xt, expected, atol=2e-4, rtol=1e-4)
@@ -72,8 +77,9 @@ def test_stochastic_sampler_with_oracle_also_recovers_data():
     g = torch.Generator().manual_seed(3)
     x0 = torch.randn(2, 3, 8, 8, generator=g)
     noise = torch.randn(2, 3, 8, 8, generator=g)
-    out = ddim_sample(oracle_for(x0), noise, 10, SCHED, eta=1.0,
-                      generators=image_generators(0, [0, 1]))
+    out = ddim_sample(
+        oracle_for(x0), noise, 10, SCHED, eta=1.0, generators=image_generators(0, [0, 1])
+    )
     torch.testing.assert_close(out, x0, atol=1e-3, rtol=1e-3)
 
 
@@ -99,8 +105,16 @@ def test_image_i_independent_of_batch_size():
     torch.manual_seed(0)
     model = UNet(TINY).eval()
     torch.nn.init.normal_(model.head.weight, std=0.1)  # make the output non-trivial
-    kw = dict(mean=torch.full((3,), 0.5), std=torch.full((3,), 0.25), schedule=SCHED,
-              image_size=16, n=5, seed=7, steps=3, eta=0.5)
+    kw = dict(
+        mean=torch.full((3,), 0.5),
+        std=torch.full((3,), 0.25),
+        schedule=SCHED,
+        image_size=16,
+        n=5,
+        seed=7,
+        steps=3,
+        eta=0.5,
+    )
     a = generate(model, batch_size=5, **kw)
     b = generate(model, batch_size=2, **kw)
     assert a.dtype == torch.uint8 and a.shape == (5, 16, 16, 3)
@@ -129,14 +143,21 @@ def test_config_roundtrip_and_errors():
 
 def _tiny_checkpoint(path, cfg: RunConfig):
     model = UNet(cfg.model)
-    tensors = {**ckpt.with_prefix(model.state_dict(), "ema"),
-               "norm.mean": torch.zeros(3), "norm.std": torch.ones(3)}
+    tensors = {
+        **ckpt.with_prefix(model.state_dict(), "ema"),
+        "norm.mean": torch.zeros(3),
+        "norm.std": torch.ones(3),
+    }
     return ckpt.save(path, tensors, {"config": cfg.to_dict(), "epoch": 0, "step": 0})
 
 
 def test_checkpoint_roundtrip_and_atomic_write(tmp_path):
-    cfg = RunConfig.from_dict({"data": {"image_size": 16}, "model": {
-        "image_size": 16, "widths": [8, 16], "block_depth": 1, "embedding_dims": 8}})
+    cfg = RunConfig.from_dict(
+        {
+            "data": {"image_size": 16},
+            "model": {"image_size": 16, "widths": [8, 16], "block_depth": 1, "embedding_dims": 8},
+        }
+    )
     f = _tiny_checkpoint(tmp_path / "c.safetensors", cfg)
     loaded = ckpt.load_model(f)
     assert loaded.config == cfg
@@ -144,8 +165,12 @@ def test_checkpoint_roundtrip_and_atomic_write(tmp_path):
 
 
 def test_bad_checkpoints_are_clear_errors(tmp_path):
-    cfg = RunConfig.from_dict({"data": {"image_size": 16}, "model": {
-        "image_size": 16, "widths": [8, 16], "block_depth": 1, "embedding_dims": 8}})
+    cfg = RunConfig.from_dict(
+        {
+            "data": {"image_size": 16},
+            "model": {"image_size": 16, "widths": [8, 16], "block_depth": 1, "embedding_dims": 8},
+        }
+    )
     f = _tiny_checkpoint(tmp_path / "c.safetensors", cfg)
     data = f.read_bytes()
     (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
@@ -155,8 +180,12 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(ckpt.CheckpointError):
         ckpt.load_model(tmp_path / "text.safetensors")
     # Another architecture: the config says widths [8, 16] but weights are for [8, 32].
-    other = RunConfig.from_dict({"data": {"image_size": 16}, "model": {
-        "image_size": 16, "widths": [8, 32], "block_depth": 1, "embedding_dims": 8}})
+    other = RunConfig.from_dict(
+        {
+            "data": {"image_size": 16},
+            "model": {"image_size": 16, "widths": [8, 32], "block_depth": 1, "embedding_dims": 8},
+        }
+    )
     tensors, meta = ckpt.load(_tiny_checkpoint(tmp_path / "o.safetensors", other))
     meta["config"] = cfg.to_dict()
     ckpt.save(tmp_path / "mismatch.safetensors", tensors, meta)

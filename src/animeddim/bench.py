@@ -343,8 +343,8 @@ def format_table(r: dict) -> str:
         "|---|---:|---:|---:|",
     ]
     for label, key, fmt in rows:
-        ratio = t[key] / b[key] if b[key] else float("nan")
-        lines.append(f"| {label} | {b[key]:{fmt}} | {t[key]:{fmt}} | {ratio:.2f}x |")
+        ratio = f"{t[key] / b[key]:.2f}x" if b[key] else "-"
+        lines.append(f"| {label} | {b[key]:{fmt}} | {t[key]:{fmt}} | {ratio} |")
     lines.append(
         f"data pipeline: {r['data_pipeline_images_per_s']:.0f} images/s "
         f"({r['data_over_train']:.1f}x tuned training)"

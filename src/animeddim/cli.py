@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="compile",
         action="store_true",
         default=None,
-        help="compile the tuned path (default on)",
+        help="compile the tuned path (default: on CUDA, off on CPU)",
     )
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument(
@@ -590,7 +590,9 @@ def _settings(a: argparse.Namespace, device, **over):
         if isinstance(getattr(a, k, None), (int, float, str))
     }
     kw.update(over)
-    return SampleSettings(device=device, autocast=autocast(device, precision), **kw)
+    return SampleSettings(
+        device=device, autocast=autocast(device, precision), precision=precision, **kw
+    )
 
 
 def cmd_sample(a: argparse.Namespace) -> int:

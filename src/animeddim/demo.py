@@ -70,7 +70,9 @@ def run_demo(out: Path, *, train_minutes: float = 3.0, eval_n: int = 300) -> int
 
     t = _step("2/5 sampling a grid from the shipped avatars-64 model (20 DDIM steps)")
     loaded = load_model(pretrained_path("avatars-64"), device)
-    settings = SampleSettings(steps=20, seed=0, device=device, autocast=autocast(device, precision))
+    settings = SampleSettings(
+        steps=20, seed=0, device=device, autocast=autocast(device, precision), precision=precision
+    )
     grid = out / "avatars-64-grid.png"
     save_grid(draw(loaded, 64, settings), grid, cols=8)
     print(f"   {grid} ({time.perf_counter() - t:.0f}s)")

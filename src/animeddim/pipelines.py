@@ -22,6 +22,7 @@ import torch
 
 from . import metrics
 from .checkpoint import LoadedModel
+from .runtime import prepare_inference
 from .sampling import (
     ddim_invert,
     denormalize,
@@ -45,14 +46,20 @@ class SampleSettings:
     seed: int = 0  # image i depends on (seed, i) only
     batch_size: int = 64  # images per forward pass
     device: str | torch.device = "cpu"
-    autocast: contextlib.AbstractContextManager | None = None
+    autocast: contextlib.AbstractContextManager | None = None  # for inversion/interpolation
+    precision: str = "fp32"  # fp32 | bf16 | fp16: how `draw` prepares its sampling network
 
 
 def draw(loaded: LoadedModel, n: int, s: SampleSettings, first_index: int = 0) -> torch.Tensor:
-    """n generated images, uint8 [n x H x W x C] on the CPU."""
+    """n generated images, uint8 [n x H x W x C] on the CPU.
+
+    Samples with a copy of the network prepared for inference (BatchNorm folded, weights
+    cast once, the layout that measured fastest): see `runtime.prepare_inference`.
+    """
     cfg = loaded.config
+    net = prepare_inference(loaded.model, torch.device(s.device), s.precision)
     return generate(
-        loaded.model,
+        net,
         mean=loaded.mean,
         std=loaded.std,
         schedule=cfg.schedule,
@@ -65,7 +72,6 @@ def draw(loaded: LoadedModel, n: int, s: SampleSettings, first_index: int = 0) -
         sampler=s.sampler,
         batch_size=s.batch_size,
         device=s.device,
-        autocast=s.autocast,
         first_index=first_index,
     )
 

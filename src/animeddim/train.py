@@ -16,6 +16,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from .runtime import (
     autocast,
     fused_adamw_supported,
     maybe_compile,
+    prepare_inference,
     resolve_device,
     resolve_precision,
 )
@@ -522,10 +524,12 @@ def train(
             val_noise, val_image = validate(
                 ema, imageset.images, val_idx, cfg, mean_d, std_d, device, precision_ctx
             )
+            # Sampling copy of the EMA net: BatchNorm folded, weights cast once.
+            infer = prepare_inference(ema, device, precision)
             kid = None
             if kid_metric is not None:
                 kid = kid_metric(
-                    ema, imageset.images, val_idx, cfg, mean, std, device, precision_ctx
+                    infer, imageset.images, val_idx, cfg, mean, std, device, nullcontext()
                 )
             last_row = {
                 "epoch": epoch + 1,
@@ -541,7 +545,7 @@ def train(
                 "wall_seconds": time.perf_counter() - t_start,
             }
             grid = distributed.generate(  # sharded by image index, gathered on rank 0
-                model=ema,
+                model=infer,
                 mean=mean,
                 std=std,
                 schedule=cfg.schedule,
@@ -552,7 +556,6 @@ def train(
                 steps=20,
                 batch_size=GRID_IMAGES,
                 device=device,
-                autocast=precision_ctx,
             )
             if grid is not None:
                 save_grid(grid, run_dir / "samples" / f"epoch-{epoch + 1:04d}.png", cols=6)
