@@ -1,8 +1,9 @@
 """Steps study, generation half: draw image sets from a model for each (sampler, eta, steps)
 and time them, on whatever device is fastest (a GPU when lent one). The Inception half runs
-where the FID weights are installed: `python benchmarks/steps_gpu.py score SETS.npz REAL OUT`.
+where the FID weights are installed.
 
     python benchmarks/steps_gpu.py generate --model avatars-64 --n 300 --out sets.npz
+    python benchmarks/steps_gpu.py score sets.npz --real HELD_OUT_DIR --out docs/steps-avatars-64
 """
 
 from __future__ import annotations
@@ -61,12 +62,13 @@ def score(a: argparse.Namespace) -> None:
     from animeddim import metrics
     from animeddim.pipelines import write_steps
 
-    data = np.load(a.sets)
+    files = [np.load(f) for f in a.sets]
+    data = {k: d[k] for d in files for k in d.files}
     meta = json.loads(bytes(data["_meta"]).decode())
     ext = metrics.InceptionFeatures(device="cpu")
     f_real = metrics.folder_features(Path(a.real), ext, "standard")
     rows = []
-    for key in [k for k in data.files if k != "_meta"]:
+    for key in [k for k in data if k != "_meta"]:
         sampler, eta, steps = key.split("|")
         fake = torch.from_numpy(data[key]).permute(0, 3, 1, 2).contiguous()
         kid, std = metrics.kid_standard(f_real, ext.features(fake, "standard"))
@@ -101,9 +103,9 @@ def main() -> None:
     )
     g.add_argument("--out", required=True)
     s = sub.add_parser("score")
-    s.add_argument("sets")
-    s.add_argument("real")
-    s.add_argument("out")
+    s.add_argument("sets", nargs="+", help="one or more .npz files from `generate`")
+    s.add_argument("--real", required=True)
+    s.add_argument("--out", required=True)
     a = p.parse_args()
     generate(a) if a.cmd == "generate" else score(a)
 
