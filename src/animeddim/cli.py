@@ -663,14 +663,20 @@ def cmd_kid(a: argparse.Namespace) -> int:
     return 0
 
 
+def _names(text: str, choices: tuple[str, ...], what: str) -> list[str]:
+    """A comma-separated list of names, each one of `choices`."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in names if x not in choices]
+    if bad or not names:
+        raise CliError(f"unknown {what}(s) {bad or text!r}: choose from {', '.join(choices)}")
+    return names
+
+
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from .pipelines import evaluate
 
     loaded, device = load_for_sampling(a.run, a.model, a.device)
-    protocols = [p.strip() for p in a.protocols.split(",") if p.strip()]
-    bad = [p for p in protocols if p not in ("standard", "paper")]
-    if bad or not protocols:
-        raise CliError(f"unknown protocol(s) {bad}: choose from standard, paper")
+    protocols = _names(a.protocols, ("standard", "paper"), "protocol")
     if not Path(a.real).is_dir():
         raise CliError(f"real-image folder {a.real!r} does not exist")
     if a.out:
@@ -704,10 +710,7 @@ def cmd_steps(a: argparse.Namespace) -> int:
     from .pipelines import steps_study
 
     loaded, device = load_for_sampling(a.run, a.model, a.device)
-    samplers = [x.strip() for x in a.samplers.split(",") if x.strip()]
-    bad = [x for x in samplers if x not in ("ddim", "dpmpp-2m")]
-    if bad or not samplers:
-        raise CliError(f"unknown sampler(s) {bad}: choose from ddim, dpmpp-2m")
+    samplers = _names(a.samplers, ("ddim", "dpmpp-2m"), "sampler")
     if any(not 1 <= s <= 1000 for s in a.steps) or not a.steps:
         raise CliError(f"steps must be in 1..1000, got {a.steps}")
     out = Path(a.out) if a.out else (Path(a.run) if a.run and Path(a.run).is_dir() else None)
