@@ -125,7 +125,7 @@ def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 
 def _metric_rows(run: Path) -> list[dict[str, str]]:
-    timing = {"images_per_s", "epoch_seconds", "wall_seconds"}
+    timing = {"images_per_s", "epoch_seconds", "wall_seconds", "kid_seconds"}
     rows = csv.DictReader(open(run / "metrics.csv", encoding="utf-8"))
     return [{k: v for k, v in r.items() if k not in timing} for r in rows]
 

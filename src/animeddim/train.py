@@ -53,6 +53,7 @@ METRIC_COLUMNS = [
     "images_per_s",
     "epoch_seconds",
     "wall_seconds",
+    "kid_seconds",
 ]
 VAL_SEED = 0x5EED  # validation noise and times are the same every epoch
 GRID_IMAGES = 18  # 3 x 6 sample grid per epoch, as in the Keras example
@@ -526,11 +527,12 @@ def train(
             )
             # Sampling copy of the EMA net: BatchNorm folded, weights cast once.
             infer = prepare_inference(ema, device, precision)
-            kid = None
+            kid, t_kid = None, time.perf_counter()
             if kid_metric is not None:
                 kid = kid_metric(
                     infer, imageset.images, val_idx, cfg, mean, std, device, nullcontext()
                 )
+            kid_seconds = time.perf_counter() - t_kid if kid is not None else None
             last_row = {
                 "epoch": epoch + 1,
                 "step": step,
@@ -543,6 +545,7 @@ def train(
                 "images_per_s": images_seen / max(epoch_seconds, 1e-9),
                 "epoch_seconds": epoch_seconds,
                 "wall_seconds": time.perf_counter() - t_start,
+                "kid_seconds": kid_seconds,
             }
             grid = distributed.generate(  # sharded by image index, gathered on rank 0
                 model=infer,
