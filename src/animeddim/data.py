@@ -423,7 +423,7 @@ def _load_disk_cached(
         if keep:
             os.replace(tmp, data_path)
             meta = {"key": key, "size": size, "count": keep, "reasons": reasons}
-            _atomic_write_text(meta_path, json.dumps(meta))
+            write_text_atomic(meta_path, json.dumps(meta))
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -450,10 +450,22 @@ def _read_cache(
         return None
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, "utf-8")
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` via a temporary ".NAME.tmp-PID" file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

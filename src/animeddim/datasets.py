@@ -8,7 +8,6 @@ Decoding and cropping reuse :mod:`animeddim.data`; nothing is duplicated.
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import importlib.metadata
 import io
 import json
@@ -36,6 +35,7 @@ from animeddim.data import (
     SkippedFilesWarning,
     _decode,
     _pool_context,
+    file_digest,
     find_images,
     skip_summary,
 )
@@ -410,14 +410,6 @@ def _write_bytes(path: Path, data: bytes) -> None:
 # Oxford 102 flowers
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download_flowers102(
     out: str | Path,
     *,
@@ -440,12 +432,12 @@ def download_flowers102(
     part = archive.with_name(archive.name + ".part")
     images = out / "images"
     by_hand = f"download {url} yourself and run `animeddim data prepare {archive} {images}`"
-    if not (archive.exists() and _md5(archive) == md5):
+    if not (archive.exists() and file_digest(archive, "md5") == md5):
         try:
             _download(url, part, progress)
         except (urllib.error.URLError, OSError) as exc:
             raise DataError(f"download failed: {exc}; {by_hand}") from None
-        got = _md5(part)
+        got = file_digest(part, "md5")
         if got != md5:
             part.unlink()
             raise DataError(

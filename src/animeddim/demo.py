@@ -51,7 +51,7 @@ def run_demo(out: Path, *, train_minutes: float = 3.0, eval_n: int = 300) -> int
     from .datasets import generate_avatars
     from .pipelines import SampleSettings, draw, evaluate
     from .report import write_report
-    from .train import load_run_config, save_grid, train
+    from .train import save_grid, train
 
     t_all = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -119,7 +119,6 @@ def run_demo(out: Path, *, train_minutes: float = 3.0, eval_n: int = 300) -> int
         }
     ).validate()
     train(cfg, run, progress=True)
-    load_run_config(run)
     shutil.copyfile(run / "reference.png", shipped_run / "reference.png")
     print(f"   {time.perf_counter() - t:.0f}s")
 

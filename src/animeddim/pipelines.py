@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 
 from . import metrics
 from .checkpoint import LoadedModel
+from .data import write_text_atomic
 from .runtime import prepare_inference
 from .sampling import (
     ddim_invert,
@@ -78,13 +78,6 @@ def draw(loaded: LoadedModel, n: int, s: SampleSettings, first_index: int = 0) -
 
 def _nchw(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.permute(0, 3, 1, 2).contiguous()
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def evaluate(
@@ -156,7 +149,7 @@ def evaluate(
         }
     result["seconds"] = round(time.perf_counter() - t0, 2)
     if out is not None:
-        _atomic_json(Path(out), result)
+        write_text_atomic(Path(out), json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -131,13 +131,7 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
         )
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     (run_dir / "samples").mkdir(exist_ok=True)
-    _atomic_write_text(cfg_file, cfg.to_json() + "\n")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    data_mod.write_text_atomic(cfg_file, cfg.to_json() + "\n")
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
@@ -307,7 +301,7 @@ def train(
     def prepare() -> None:
         prepare_run_dir(run_dir, cfg, resume)
         if resume:  # the config may extend the run (more epochs) or move it (device, precision)
-            _atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
+            data_mod.write_text_atomic(run_dir / "config.json", cfg.to_json() + "\n")
 
     distributed.on_main(prepare)
     if not distributed.is_main():
@@ -381,7 +375,6 @@ def train(
     net = _compiled_or_eager(model, tc, device, precision_ctx, channels_last)
     net = distributed.wrap_ddp(net, device)  # under torchrun: gradients averaged over ranks
     ema_state, live_state = _float_state(ema), _float_state(model)
-    # Batch counters are not floats: copy them so the EMA network's BN state stays valid.
 
     def save_checkpoint(
         path: Path, extra: dict[str, Any] | None = None, *, collective: bool = True
