@@ -174,7 +174,7 @@ def test_kid_evaluate_and_steps(tiny_run, avatars16, tmp_path):
         "--eta",
         "0,1",
         "--samplers",
-        "ddim,dpmpp-2m",
+        "ddim,dpmpp-2m,dpmpp-2m-logsnr",
         "--cache-dir",
         str(cache),
     )
@@ -186,6 +186,8 @@ def test_kid_evaluate_and_steps(tiny_run, avatars16, tmp_path):
         ("ddim", "1.0", "2"),
         ("dpmpp-2m", "0.0", "1"),
         ("dpmpp-2m", "0.0", "2"),
+        ("dpmpp-2m-logsnr", "0.0", "1"),
+        ("dpmpp-2m-logsnr", "0.0", "2"),
     }
     assert (tiny_run / "steps.png").is_file()
 

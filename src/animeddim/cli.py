@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .config import SAMPLERS
+
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
@@ -120,9 +122,10 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
 def _add_sampler(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sampler",
-        choices=["ddim", "dpmpp-2m"],
+        choices=list(SAMPLERS),
         default="ddim",
-        help="ddim, or the 2nd-order DPM-Solver++(2M) (default ddim)",
+        help="ddim; dpmpp-2m, the 2nd-order DPM-Solver++(2M) on DDIM's time grid; "
+        "dpmpp-2m-logsnr, the same with steps uniform in log-SNR (default ddim)",
     )
 
 
@@ -306,7 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eta", type=_float_list, default=[0.0, 1.0], help="comma-separated etas (default 0,1)"
     )
-    p.add_argument("--samplers", default="ddim", help="comma-separated: ddim, dpmpp-2m")
+    p.add_argument(
+        "--samplers", default="ddim", help=f"comma-separated: {', '.join(SAMPLERS)}"
+    )
     p.add_argument("--n", type=_positive_int("n"), default=1000, help="images per setting")
     p.add_argument("--seed", type=int, default=0, help="(default 0)")
     p.add_argument("--batch-size", type=_positive_int("batch-size"), default=64)
@@ -710,7 +715,7 @@ def cmd_steps(a: argparse.Namespace) -> int:
     from .pipelines import steps_study
 
     loaded, device = load_for_sampling(a.run, a.model, a.device)
-    samplers = _names(a.samplers, ("ddim", "dpmpp-2m"), "sampler")
+    samplers = _names(a.samplers, SAMPLERS, "sampler")
     if any(not 1 <= s <= 1000 for s in a.steps) or not a.steps:
         raise CliError(f"steps must be in 1..1000, got {a.steps}")
     out = Path(a.out) if a.out else (Path(a.run) if a.run and Path(a.run).is_dir() else None)

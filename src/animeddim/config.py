@@ -23,6 +23,10 @@ class ConfigError(ValueError):
     """A setting has a value animeddim cannot use; the message names it."""
 
 
+# Reverse-diffusion samplers (`sampling.sample`): DDIM, and DPM-Solver++(2M) on DDIM's time
+# grid or on a grid uniform in log-SNR.
+SAMPLERS = ("ddim", "dpmpp-2m", "dpmpp-2m-logsnr")
+
 @dataclass
 class DataConfig:
     path: str = ""  # image folder (searched recursively) to train on
