@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from animeddim import bench
+from animeddim import bench, runtime
 from animeddim.config import RunConfig, ScheduleConfig, UNetConfig
 from animeddim.runtime import autocast, compiler_available, prepare_inference
 from animeddim.sampling import generate
@@ -142,13 +142,60 @@ def test_fused_adamw_on_cpu_matches_plain_adamw():
 
 
 @pytest.mark.skipif(not compiler_available(), reason="torch.compile needs a C compiler")
-def test_compiled_prepared_network_matches_eager():
+@pytest.mark.parametrize(("precision", "atol"), [("fp32", 1e-4), ("bf16", 0.1)])
+def test_compiled_prepared_network_matches_eager(precision, atol):
+    """The compiled sampling network (inductor freezing on the CPU), chunked 4 + 2."""
     net = trained_looking_net()
     x, v = inputs()
-    prepared = prepare_inference(net, CPU, "fp32")
-    compiled = torch.compile(prepared)
+    eager = prepare_inference(net, CPU, precision, chunk=None)
+    compiled = prepare_inference(net, CPU, precision, compile=True, chunk=4)
+    assert compiled.compiled is not None and x.shape[0] == 6
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x, v), net(x, v), rtol=1e-4, atol=1e-4)
+        out = compiled(x, v).float()
+        assert compiled.compiled is not None  # it did not fall back
+        torch.testing.assert_close(out, eager(x, v).float(), rtol=0, atol=atol)
+        torch.testing.assert_close(out, net(x, v), rtol=0, atol=atol)
+
+
+def test_chunked_sampling_network_gives_the_same_images():
+    net = trained_looking_net()
+    x, v = inputs()
+    whole = prepare_inference(net, CPU, "fp32", chunk=None)
+    with torch.no_grad():
+        ref = whole(x, v)
+        for chunk in (1, 4, 6, 100):
+            out = prepare_inference(net, CPU, "fp32", chunk=chunk)(x, v)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_failed_compilation_falls_back_to_eager_with_one_warning(monkeypatch):
+    def broken_compile(module, **kw):
+        def call(*a):
+            raise RuntimeError("no backend here")
+
+        return call
+
+    monkeypatch.setattr(runtime, "compiler_available", lambda: True)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    net = trained_looking_net()
+    x, v = inputs()
+    prepared = prepare_inference(net, CPU, "fp32", compile=True)
+    with torch.no_grad(), pytest.warns(UserWarning, match="sampling eagerly"):
+        out = prepared(x, v)
+    assert prepared.compiled is None
+    with torch.no_grad():
+        torch.testing.assert_close(out, net(x, v), rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_compiles_only_for_jobs_that_repay_it(monkeypatch):
+    monkeypatch.setattr(runtime, "compiler_available", lambda: True)
+    assert not runtime.default_compile_sampler(CPU, 64 * 20)  # a grid: seconds of sampling
+    assert runtime.default_compile_sampler(CPU, 1000 * 20)  # an evaluation
+    assert runtime.default_compile_sampler(CPU)
+    monkeypatch.setattr(runtime, "compiler_available", lambda: False)
+    assert not runtime.default_compile_sampler(CPU, 1000 * 20)
+    assert runtime.default_sample_chunk(CPU) == runtime.CPU_SAMPLE_CHUNK
+    assert runtime.default_sample_chunk(torch.device("cuda")) is None
 
 
 def test_bench_runs_both_paths_and_reports_every_number():

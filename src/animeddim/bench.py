@@ -27,6 +27,8 @@ from .runtime import (
     autocast,
     default_channels_last,
     default_compile,
+    default_compile_sampler,
+    default_sample_chunk,
     fused_adamw_supported,
     maybe_compile,
     prepare_inference,
@@ -43,6 +45,7 @@ class PathResult:
     name: str
     precision: str
     compiled: bool
+    sample_compiled: bool
     channels_last: bool
     inference_prepared: bool
     train_images_per_s: float
@@ -123,6 +126,7 @@ def run_path(
     prepared_inference: bool,
     iters: int,
     sample_channels_last: bool | None = None,
+    sample_compile: bool | None = None,
     sample_iters: int = 2,
     sample_steps: int = 20,
 ) -> PathResult:
@@ -130,7 +134,8 @@ def run_path(
 
     Training: the loop's step (diffuse, forward under the precision, L1 losses, backward,
     AdamW, EMA). Sampling: `sample_steps` DDIM steps of the EMA network, either as it is
-    under autocast (baseline) or through `runtime.prepare_inference` (tuned).
+    under autocast (baseline) or through `runtime.prepare_inference` (tuned: folded BN,
+    cast weights, layout, chunked calls, compiled when `sample_compile`, default `compile`).
     The peak memory covers this path's warm-up and timed iterations only.
     """
     torch.manual_seed(0)
@@ -178,12 +183,17 @@ def run_path(
     _sync(device)
     train_rate = _median_rate(train_step, batch_size, iters, device)
 
+    if sample_compile is None:
+        sample_compile = compile
     if prepared_inference:
-        sampler_net = prepare_inference(ema, device, precision, channels_last=sample_channels_last)
+        sampler = prepare_inference(
+            ema, device, precision, channels_last=sample_channels_last, compile=sample_compile
+        )
         sample_ctx: contextlib.AbstractContextManager = contextlib.nullcontext()
+        sample_compiled = sampler.compiled is not None
     else:
-        sampler_net, sample_ctx = ema, ctx
-    sampler = maybe_compile(sampler_net, compile, device)
+        sampler, sample_ctx = maybe_compile(ema, sample_compile, device), ctx
+        sample_compiled = sampler is not ema
 
     @torch.no_grad()
     def sample() -> None:
@@ -193,7 +203,7 @@ def run_path(
     t0 = time.perf_counter()
     sample()  # also the warm-up: 20 network calls
     _sync(device)
-    sample_compile = time.perf_counter() - t0 if sampler is not sampler_net else 0.0
+    sample_compile_s = time.perf_counter() - t0 if sample_compiled else 0.0
     sample_rate = _median_rate(sample, batch_size, sample_iters, device)
     peak = _peak_mib(device)  # before the flop-counting passes below
     train_flops = _flops(lambda: _eager_train_flops(model, x0, noise, t, sched))
@@ -202,6 +212,7 @@ def run_path(
         name=name,
         precision=precision,
         compiled=net is not model,
+        sample_compiled=sample_compiled,
         channels_last=channels_last,
         inference_prepared=prepared_inference,
         train_images_per_s=train_rate,
@@ -209,9 +220,9 @@ def run_path(
         train_gflop_per_s=train_flops / batch_size * train_rate / 1e9,
         sample_gflop_per_s=sample_flops / batch_size * sample_rate / 1e9,
         peak_memory_mib=peak,
-        compile_seconds=train_compile + sample_compile,
+        compile_seconds=train_compile + sample_compile_s,
         train_compile_seconds=train_compile,
-        sample_compile_seconds=sample_compile,
+        sample_compile_seconds=sample_compile_s,
     )
 
 
@@ -286,10 +297,14 @@ def run(
     )
     precision = resolve_precision("auto", device)
     do_compile = compile if compile is not None else default_compile(device)
+    do_compile_sample = compile if compile is not None else default_compile_sampler(device)
     channels_last = default_channels_last(device)
     sample_channels_last = default_channels_last(device, training=False)
+    chunk = default_sample_chunk(device)
     flags = [precision, "fused AdamW", "folded BN"]
     flags += ["compiled"] if do_compile else []
+    flags += ["compiled sampling"] if do_compile_sample and not do_compile else []
+    flags += [f"sampling in chunks of {chunk}"] if chunk else []
     flags += ["channels_last"] if channels_last else []
     flags += ["channels_last sampling"] if sample_channels_last and not channels_last else []
     tuned = run_path(
@@ -304,6 +319,7 @@ def run(
         prepared_inference=True,
         iters=iters,
         sample_channels_last=sample_channels_last,
+        sample_compile=do_compile_sample,
     )
     result = {
         "date": time.strftime("%Y-%m-%d"),

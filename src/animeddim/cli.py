@@ -92,6 +92,18 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_sample_compile(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the sampling network (default: on CPU with a C compiler and on "
+        "CUDA, for jobs of 10000+ image-steps)",
+    )
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+
+
 def _add_sampling(p: argparse.ArgumentParser, n_default: int) -> None:
     p.add_argument(
         "--n",
@@ -110,6 +122,7 @@ def _add_sampling(p: argparse.ArgumentParser, n_default: int) -> None:
         default=64,
         help="images per forward pass; does not change the images (default 64)",
     )
+    _add_sample_compile(p)
     _add_runtime(p)
 
 
@@ -316,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="(default 0)")
     p.add_argument("--batch-size", type=_positive_int("batch-size"), default=64)
     p.add_argument("--out", help="folder for steps.csv/.md/.png (default: the run folder)")
+    _add_sample_compile(p)
     _add_runtime(p)
     _add_metrics(p)
     p.set_defaults(func=cmd_steps)
@@ -402,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="compile",
         action="store_true",
         default=None,
-        help="compile the tuned path (default: on CUDA, off on CPU)",
+        help="compile the tuned path (default: training on CUDA; sampling on CUDA and on "
+        "CPUs with a C compiler)",
     )
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument(
@@ -594,6 +609,7 @@ def _settings(a: argparse.Namespace, device, **over):
         for k in ("steps", "eta", "sampler", "seed", "batch_size")
         if isinstance(getattr(a, k, None), (int, float, str))
     }
+    kw["compile"] = getattr(a, "compile", None)
     kw.update(over)
     return SampleSettings(
         device=device, autocast=autocast(device, precision), precision=precision, **kw

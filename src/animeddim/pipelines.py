@@ -22,7 +22,7 @@ import torch
 from . import metrics
 from .checkpoint import LoadedModel
 from .data import write_text_atomic
-from .runtime import prepare_inference
+from .runtime import InferenceNet, default_compile_sampler, prepare_inference
 from .sampling import (
     ddim_invert,
     denormalize,
@@ -48,16 +48,35 @@ class SampleSettings:
     device: str | torch.device = "cpu"
     autocast: contextlib.AbstractContextManager | None = None  # for inversion/interpolation
     precision: str = "fp32"  # fp32 | bf16 | fp16: how `draw` prepares its sampling network
+    compile: bool | None = None  # torch.compile it; None: where and when it pays off
 
 
-def draw(loaded: LoadedModel, n: int, s: SampleSettings, first_index: int = 0) -> torch.Tensor:
+def sampling_net(loaded: LoadedModel, s: SampleSettings, evaluations: int) -> InferenceNet:
+    """A copy of the network prepared for inference (BatchNorm folded, weights cast once,
+    the layout and chunk size that measured fastest, compiled where that pays off for
+    `evaluations` image-steps): see `runtime.prepare_inference`."""
+    device = torch.device(s.device)
+    compile = s.compile
+    if compile is None:
+        compile = default_compile_sampler(device, evaluations)
+    return prepare_inference(loaded.model, device, s.precision, compile=compile)
+
+
+def draw(
+    loaded: LoadedModel,
+    n: int,
+    s: SampleSettings,
+    first_index: int = 0,
+    net: InferenceNet | None = None,
+) -> torch.Tensor:
     """n generated images, uint8 [n x H x W x C] on the CPU.
 
-    Samples with a copy of the network prepared for inference (BatchNorm folded, weights
-    cast once, the layout that measured fastest): see `runtime.prepare_inference`.
+    :param net: the `sampling_net` to use (made for this call when None); pass one to
+        share its preparation and compilation between calls.
     """
     cfg = loaded.config
-    net = prepare_inference(loaded.model, torch.device(s.device), s.precision)
+    if net is None:
+        net = sampling_net(loaded, s, n * s.steps)
     return generate(
         net,
         mean=loaded.mean,
@@ -174,6 +193,11 @@ def steps_study(
     out_dir = Path(out_dir)
     f_real = metrics.folder_features(Path(real), extractor, "standard", cache_dir=cache_dir)
     rows = []
+    # One prepared (and maybe compiled) network for the whole study, warmed up on a full
+    # batch and the last batch's size, so that no setting's time includes compilation.
+    net = sampling_net(loaded, settings, n * sum(steps) * len(etas) * len(samplers))
+    for size in {min(n, settings.batch_size), n % settings.batch_size or settings.batch_size}:
+        draw(loaded, size, SampleSettings(**{**settings.__dict__, "steps": 1}), net=net)
     for sampler in samplers:
         for eta in etas:
             if sampler != "ddim" and eta > 0:
@@ -183,7 +207,7 @@ def steps_study(
                     **{**settings.__dict__, "steps": s, "eta": eta, "sampler": sampler}
                 )
                 t = time.perf_counter()
-                fake = draw(loaded, n, cfg)
+                fake = draw(loaded, n, cfg, net=net)
                 spi = (time.perf_counter() - t) / n
                 kid_mean, kid_std = metrics.kid_standard(
                     f_real, extractor.features(_nchw(fake), "standard")
