@@ -322,9 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eta", type=_float_list, default=[0.0, 1.0], help="comma-separated etas (default 0,1)"
     )
-    p.add_argument(
-        "--samplers", default="ddim", help=f"comma-separated: {', '.join(SAMPLERS)}"
-    )
+    p.add_argument("--samplers", default="ddim", help=f"comma-separated: {', '.join(SAMPLERS)}")
     p.add_argument("--n", type=_positive_int("n"), default=1000, help="images per setting")
     p.add_argument("--seed", type=int, default=0, help="(default 0)")
     p.add_argument("--batch-size", type=_positive_int("batch-size"), default=64)

@@ -27,6 +27,7 @@ class ConfigError(ValueError):
 # grid or on a grid uniform in log-SNR.
 SAMPLERS = ("ddim", "dpmpp-2m", "dpmpp-2m-logsnr")
 
+
 @dataclass
 class DataConfig:
     path: str = ""  # image folder (searched recursively) to train on

@@ -13,18 +13,19 @@ import torch
 
 from .config import ConfigError
 
-# Measured on a 2-core AMD EPYC with AVX512-BF16 (docs/benchmarks.md).
-# Training: default layout (oneDNN's bf16 backward convolutions did not gain from
-# channels_last); sampling: channels_last (forward convolutions did). Compile for
-# training: off, its minutes of compilation on few cores buy little over bf16 oneDNN
-# kernels. Compile for sampling: on (inductor freezing: prepacked oneDNN weights,
-# conv + activation/add fusion), ~1.3x per network call for ~5-15 s of compilation, so only
-# for jobs of at least SAMPLE_COMPILE_MIN_EVALS image-evaluations. Sampling network calls
-# on the CPU run in chunks of CPU_SAMPLE_CHUNK images: 64x64 activations of 16 images stay
-# in cache, measured ~1.1x faster per image than chunks of 64 (larger batches were slower).
-CPU_CHANNELS_LAST_TRAIN = False
+# Measured on a 2-core AMD EPYC with AVX512-BF16, on a quiet machine (docs/benchmarks.md).
+# Training in bf16: channels_last (interleaved: 35.7 vs 32.6 images/s NCHW) and, for runs
+# of at least TRAIN_COMPILE_MIN_STEPS steps, torch.compile (1.10x more for ~30 s of
+# compilation; a short run would not repay it). Sampling: channels_last, compiled with
+# inductor freezing (prepacked oneDNN weights, conv + silu/add fused; ~1.3x per network
+# call for ~5-15 s of compilation) for jobs of at least SAMPLE_COMPILE_MIN_EVALS
+# image-evaluations, in chunks of CPU_SAMPLE_CHUNK images per network call (64x64
+# activations of 16 images stay in cache: ~1.1x faster per image than 64; larger batches
+# were slower).
+CPU_CHANNELS_LAST_TRAIN = True  # with bf16 precision (fp32 was not measured)
 CPU_CHANNELS_LAST_SAMPLE = True
-CPU_COMPILE = False
+CPU_COMPILE = True
+TRAIN_COMPILE_MIN_STEPS = 1000
 CPU_COMPILE_SAMPLE = True
 CPU_SAMPLE_CHUNK = 16
 SAMPLE_COMPILE_MIN_EVALS = 10_000
@@ -219,7 +220,9 @@ def prepare_inference(
         if device.type == "cpu" and not compiler_available():
             warnings.warn("torch.compile needs a C compiler; sampling eagerly", stacklevel=2)
         else:
-            compiled = torch.compile(net)
+            # static shapes: one graph per chunk size (the chunk, and the smaller sizes
+            # left at the end of a batch) rather than one dynamic-batch graph for all
+            compiled = torch.compile(net, dynamic=False)
             if isinstance(model, UNet):
                 # One eager call fills the folded convs' bias-map caches first, so that the
                 # compiled graph does not see them change (which would compile it twice).
@@ -245,16 +248,33 @@ def compiler_available() -> bool:
     return shutil.which("cc") is not None or shutil.which("gcc") is not None
 
 
-def default_channels_last(device: torch.device, training: bool = True) -> bool:
+def default_channels_last(
+    device: torch.device, training: bool = True, precision: str = "bf16"
+) -> bool:
     """channels_last where it measured faster for this network (docs/benchmarks.md)."""
     if device.type == "cpu":
-        return CPU_CHANNELS_LAST_TRAIN if training else CPU_CHANNELS_LAST_SAMPLE
+        if training:
+            return CPU_CHANNELS_LAST_TRAIN and precision == "bf16"
+        return CPU_CHANNELS_LAST_SAMPLE
     return device.type == "cuda"
 
 
-def default_compile(device: torch.device) -> bool:
-    """torch.compile by default where it pays off (docs/benchmarks.md)."""
-    return device.type == "cuda" or (device.type == "cpu" and CPU_COMPILE)
+def default_compile(
+    device: torch.device, planned_steps: int | None = None, time_limit_minutes: float = 0.0
+) -> bool:
+    """torch.compile the training step by default where it pays off (docs/benchmarks.md).
+
+    CUDA: always. CPU (with a C compiler): for runs that plan at least
+    TRAIN_COMPILE_MIN_STEPS steps (None: a long run) and are not stopped within 10 minutes
+    by a time limit, so that the ~30 s of compilation are repaid.
+    """
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu" or not CPU_COMPILE or not compiler_available():
+        return False
+    if 0 < time_limit_minutes < 10:
+        return False
+    return planned_steps is None or planned_steps >= TRAIN_COMPILE_MIN_STEPS
 
 
 def maybe_compile(module: torch.nn.Module, enabled: bool | None, device: torch.device):

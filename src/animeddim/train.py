@@ -31,6 +31,8 @@ from . import distributed
 from .config import ConfigError, RunConfig
 from .runtime import (
     autocast,
+    default_channels_last,
+    default_compile,
     fused_adamw_supported,
     maybe_compile,
     prepare_inference,
@@ -336,9 +338,9 @@ def train(
 
     # --- network, EMA copy, optimiser ---------------------------------------------------
     model = UNet(cfg.model).to(device)
-    # channels_last pays off with cuDNN; on the CPU, oneDNN's bf16 convolutions measured
-    # faster in the default layout for this network (benchmarks/ and docs/benchmarks.md).
-    channels_last = device.type == "cuda"
+    # channels_last pays off with cuDNN and with oneDNN's bf16 convolutions on the CPU
+    # (`runtime.default_channels_last`, docs/benchmarks.md).
+    channels_last = default_channels_last(device, training=True, precision=precision)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).eval()
@@ -372,7 +374,11 @@ def train(
             _truncate_metrics(run_dir, epoch)
         log(f"resuming {run_dir} at epoch {epoch + 1}, step {step}")
     mean_d, std_d = mean.to(device), std.to(device)
-    net = _compiled_or_eager(model, tc, device, precision_ctx, channels_last)
+    do_compile = tc.compile
+    if do_compile is None:
+        planned = tc.max_steps or tc.epochs * steps_per_epoch
+        do_compile = default_compile(device, planned - step, tc.time_limit_minutes or 0.0)
+    net = _compiled_or_eager(model, do_compile, tc, device, precision_ctx, channels_last)
     net = distributed.wrap_ddp(net, device)  # under torchrun: gradients averaged over ranks
     ema_state, live_state = _float_state(ema), _float_state(model)
 
@@ -592,13 +598,13 @@ def train(
     return TrainResult(run_dir, epoch, step, interrupted, last_row, summary)
 
 
-def _compiled_or_eager(model, tc, device, precision_ctx, channels_last: bool):
+def _compiled_or_eager(model, do_compile: bool, tc, device, precision_ctx, channels_last: bool):
     """torch.compile the network where asked, proving it works on one trial step first.
 
     Compilation happens at the first call, so a broken toolchain would otherwise fail
     inside the loop. The trial's effect on BatchNorm statistics and gradients is undone.
     """
-    net = maybe_compile(model, tc.compile, device)
+    net = maybe_compile(model, do_compile, device)
     if net is model:
         return model
     saved = {k: v.clone() for k, v in model.state_dict().items()}
