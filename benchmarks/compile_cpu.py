@@ -65,7 +65,7 @@ def main() -> None:
 
             fns[name] = step
     if "sample" in a.what:
-        inf = prepare_inference(base.eval(), CPU, "bf16", channels_last=a.channels_last)
+        inf = prepare_inference(base.eval(), CPU, "bf16", channels_last=a.channels_last, chunk=None)
         compiled = torch.compile(inf)
         v = torch.rand(b)
         fns["sample eager"] = torch.no_grad()(lambda: inf(x0, v))

@@ -46,6 +46,7 @@ def train_variant(model, precision: str, channels_last: bool, b: int, s: int):
 
 
 def sample_variant(model, precision: str, channels_last: bool, b: int, s: int, **kw):
+    kw.setdefault("chunk", None)  # one call on the whole batch
     net = prepare_inference(model, CPU, precision, channels_last=channels_last, **kw)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(b, 3, s, s).contiguous(memory_format=fmt)
