@@ -426,7 +426,12 @@ def train(
         save_grid(torch.from_numpy(np.asarray(imageset.images[val_idx[:8]])), ref, cols=8)
 
     kid_metric = _make_kid(tc, device, log) if tc.kid and len(val_idx) else None
-    bar = _progress_bar(progress, tc.epochs * steps_per_epoch, step)
+    bar_total: int | None = tc.epochs * steps_per_epoch
+    if tc.max_steps:
+        bar_total = min(bar_total, tc.max_steps)
+    if tc.time_limit_minutes:
+        bar_total = None  # the clock ends the run: steps and rate, no misleading ETA
+    bar = _progress_bar(progress, bar_total, step)
     t_start = time.perf_counter()
     lo, hi = distributed.shard(tc.batch_size)  # this rank's slice of every global batch
     interrupted = False
@@ -592,6 +597,7 @@ def train(
         log(f"interrupted: checkpoint saved at step {step}; continue with --resume {run_dir}")
     finally:
         if bar is not None:
+            bar.update(step - bar.n)  # the steps since the last log interval
             bar.close()
     skipped, tried = imageset.skipped, len(imageset.paths) + len(imageset.skipped)
     summary = data_mod.skip_summary(skipped, tried) if skipped else ""
@@ -634,7 +640,7 @@ def _save_step_checkpoint(save_checkpoint, run_dir: Path, step: int, keep: int) 
         f.unlink(missing_ok=True)
 
 
-def _progress_bar(enabled: bool, total: int, initial: int):
+def _progress_bar(enabled: bool, total: int | None, initial: int):
     if not enabled:
         return None
     from tqdm.auto import tqdm
