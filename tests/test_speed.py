@@ -187,6 +187,18 @@ def test_failed_compilation_falls_back_to_eager_with_one_warning(monkeypatch):
         torch.testing.assert_close(out, net(x, v), rtol=1e-5, atol=1e-5)
 
 
+def test_training_compiles_only_for_runs_that_repay_it(monkeypatch):
+    monkeypatch.setattr(runtime, "compiler_available", lambda: True)
+    assert runtime.default_compile(CPU)  # unknown length: a long run
+    assert runtime.default_compile(CPU, planned_steps=5000)
+    assert not runtime.default_compile(CPU, planned_steps=100)
+    assert not runtime.default_compile(CPU, planned_steps=5000, time_limit_minutes=3)
+    assert runtime.default_compile(CPU, planned_steps=5000, time_limit_minutes=60)
+    assert runtime.default_compile(torch.device("cuda"), planned_steps=10)
+    monkeypatch.setattr(runtime, "compiler_available", lambda: False)
+    assert not runtime.default_compile(CPU, planned_steps=5000)
+
+
 def test_sampler_compiles_only_for_jobs_that_repay_it(monkeypatch):
     monkeypatch.setattr(runtime, "compiler_available", lambda: True)
     assert not runtime.default_compile_sampler(CPU, 64 * 20)  # a grid: seconds of sampling
