@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 
 import torch
-import torch.nn.functional as F
+from common import CPU, interleaved_medians, print_medians, train_step
 
-from animeddim.config import ScheduleConfig, UNetConfig
-from animeddim.runtime import autocast, prepare_inference
-from animeddim.schedule import diffuse
+from animeddim.config import UNetConfig
+from animeddim.runtime import prepare_inference
 from animeddim.unet import UNet
-
-CPU = torch.device("cpu")
 
 
 def main() -> None:
@@ -44,26 +40,18 @@ def main() -> None:
     b, s = a.batch_size, a.image_size
     fmt = torch.channels_last if a.channels_last else torch.contiguous_format
     x0 = torch.randn(b, 3, s, s).contiguous(memory_format=fmt)
-    noise, t = torch.randn_like(x0), torch.rand(b, dtype=torch.float64)
-    sched, ctx = ScheduleConfig(), autocast(CPU, "bf16")
     base = UNet(UNetConfig(image_size=s)).to(memory_format=fmt)
     fns = {}
     if "train" in a.what:
         for name, do_compile in (("train eager", False), ("train compiled", True)):
-            model = copy.deepcopy(base)
-            net = torch.compile(model) if do_compile else model
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-
-            def step(net=net, opt=opt) -> None:
-                xt, _, nr = diffuse(x0, noise, t, sched)
-                with ctx:
-                    pred = net(xt, (nr**2).view(-1))
-                loss = F.l1_loss(pred.float(), noise)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-            fns[name] = step
+            fns[name] = train_step(
+                copy.deepcopy(base),
+                precision="bf16",
+                channels_last=a.channels_last,
+                batch_size=b,
+                image_size=s,
+                compile=do_compile,
+            )
     if "sample" in a.what:
         inf = prepare_inference(base.eval(), CPU, "bf16", channels_last=a.channels_last, chunk=None)
         compiled = torch.compile(inf)
@@ -75,15 +63,7 @@ def main() -> None:
         fn()
         print(f"{k}: first call {time.perf_counter() - t0:.1f} s", flush=True)
         fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(a.iters):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    for k, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{k:<20} {med * 1e3:8.0f} ms  {b / med:7.1f} img/s  {ts}")
+    print_medians(interleaved_medians(fns, a.iters), b, width=20)
 
 
 if __name__ == "__main__":

@@ -15,44 +15,16 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
+from common import CPU, net_with_bn_statistics, train_step
 from torch.profiler import ProfilerActivity, profile
 
-from animeddim.config import ScheduleConfig, UNetConfig
-from animeddim.runtime import autocast, prepare_inference
-from animeddim.schedule import diffuse
+from animeddim.config import UNetConfig
+from animeddim.runtime import prepare_inference
 from animeddim.unet import UNet
-
-CPU = torch.device("cpu")
-
-
-def train_step(channels_last: bool, compile: bool, batch: int, size: int):
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = UNet(UNetConfig(image_size=size)).to(memory_format=fmt)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    net = torch.compile(model) if compile else model
-    x0 = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
-    noise, t = torch.randn_like(x0), torch.rand(batch, dtype=torch.float64)
-    sched, ctx = ScheduleConfig(), autocast(CPU, "bf16")
-
-    def step() -> None:
-        xt, _, nr = diffuse(x0, noise, t, sched)
-        with ctx:
-            pred = net(xt, (nr**2).view(-1))
-        loss = F.l1_loss(pred.float(), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step, 2
 
 
 def sample_call(chunk: int, size: int):
-    model = UNet(UNetConfig(image_size=size))
-    with torch.no_grad():  # non-trivial BatchNorm statistics, as after training
-        model.train()
-        for _ in range(2):
-            model(torch.randn(8, 3, size, size), torch.rand(8))
+    model = net_with_bn_statistics(size)
     net = prepare_inference(model.eval(), CPU, "bf16", compile=True, chunk=chunk)
     x, v = torch.randn(chunk, 3, size, size), torch.rand(chunk)
     return torch.no_grad()(lambda: net(x, v)), 5
@@ -69,7 +41,16 @@ def main() -> None:
     a = ap.parse_args()
     torch.manual_seed(0)
     if a.what == "train":
-        fn, n = train_step(not a.nchw, not a.eager, a.batch_size, a.image_size)
+        model = UNet(UNetConfig(image_size=a.image_size))
+        fn = train_step(
+            model,
+            precision="bf16",
+            channels_last=not a.nchw,
+            batch_size=a.batch_size,
+            image_size=a.image_size,
+            compile=not a.eager,
+        )
+        n = 2
     else:
         fn, n = sample_call(a.chunk, a.image_size)
     for _ in range(2):

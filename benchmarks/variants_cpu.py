@@ -11,38 +11,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import torch
-import torch.nn.functional as F
+from common import CPU, interleaved_medians, net_with_bn_statistics, print_medians, train_step
 
-from animeddim.config import ScheduleConfig, UNetConfig
-from animeddim.runtime import autocast, prepare_inference
-from animeddim.schedule import diffuse
-from animeddim.unet import UNet
-
-CPU = torch.device("cpu")
+from animeddim.runtime import prepare_inference
 
 
 def train_variant(model, precision: str, channels_last: bool, b: int, s: int):
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = copy.deepcopy(model).to(memory_format=fmt).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, fused=True)
-    x0 = torch.randn(b, 3, s, s).contiguous(memory_format=fmt)
-    noise, t, ctx, sched = torch.randn_like(x0), torch.rand(b, dtype=torch.float64), None, None
-    ctx, sched = autocast(CPU, precision), ScheduleConfig()
-
-    def step() -> None:
-        xt, _, nr = diffuse(x0, noise, t, sched)
-        with ctx:
-            pred = model(xt, (nr**2).view(-1))
-        loss = F.l1_loss(pred.float(), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
+    return train_step(
+        copy.deepcopy(model),
+        precision=precision,
+        channels_last=channels_last,
+        batch_size=b,
+        image_size=s,
+    )
 
 
 def sample_variant(model, precision: str, channels_last: bool, b: int, s: int, **kw):
@@ -51,17 +34,7 @@ def sample_variant(model, precision: str, channels_last: bool, b: int, s: int, *
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(b, 3, s, s).contiguous(memory_format=fmt)
     v = torch.rand(b)
-    ctx = None  # prepare_inference applies the precision itself
-
-    @torch.no_grad()
-    def step() -> None:
-        if ctx is None:
-            net(x, v)
-        else:
-            with ctx:
-                net(x, v)
-
-    return step
+    return torch.no_grad()(lambda: net(x, v))  # prepare_inference applies the precision
 
 
 def main() -> None:
@@ -73,12 +46,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.manual_seed(0)
     b, s = a.batch_size, a.image_size
-    model = UNet(UNetConfig(image_size=s))
-    # Give BatchNorm non-trivial running statistics so that folding is tested for real.
-    with torch.no_grad():
-        model.train()
-        for _ in range(2):
-            model(torch.randn(8, 3, s, s), torch.rand(8))
+    model = net_with_bn_statistics(s)  # so that folding is tested on real statistics
     variants = {}
     if "train" in a.what:
         variants["train fp32 NCHW"] = train_variant(model, "fp32", False, b, s)
@@ -107,15 +75,7 @@ def main() -> None:
         )
     for fn in variants.values():
         fn()  # warm-up
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(a.iters):
-        for k, fn in variants.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    for k, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{k:<32} {med * 1e3:8.0f} ms  {b / med:7.1f} img/s  (runs {len(ts)})")
+    print_medians(interleaved_medians(variants, a.iters), b)
 
 
 if __name__ == "__main__":

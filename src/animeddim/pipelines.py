@@ -12,7 +12,7 @@ import csv
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -197,15 +197,13 @@ def steps_study(
     # batch and the last batch's size, so that no setting's time includes compilation.
     net = sampling_net(loaded, settings, n * sum(steps) * len(etas) * len(samplers))
     for size in {min(n, settings.batch_size), n % settings.batch_size or settings.batch_size}:
-        draw(loaded, size, SampleSettings(**{**settings.__dict__, "steps": 1}), net=net)
+        draw(loaded, size, replace(settings, steps=1), net=net)
     for sampler in samplers:
         for eta in etas:
             if sampler != "ddim" and eta > 0:
                 continue  # the higher-order solver is deterministic only
             for s in steps:
-                cfg = SampleSettings(
-                    **{**settings.__dict__, "steps": s, "eta": eta, "sampler": sampler}
-                )
+                cfg = replace(settings, steps=s, eta=eta, sampler=sampler)
                 t = time.perf_counter()
                 fake = draw(loaded, n, cfg, net=net)
                 spi = (time.perf_counter() - t) / n
@@ -359,9 +357,7 @@ def interpolate(
             with settings.autocast or contextlib.nullcontext():
                 ends.append(ddim_invert(loaded.model, x0, invert_steps, cfg.schedule).float())
         a, b = ends
-        settings = SampleSettings(
-            **{**settings.__dict__, "steps": invert_steps, "sampler": "ddim", "eta": 0.0}
-        )
+        settings = replace(settings, steps=invert_steps, sampler="ddim", eta=0.0)
     else:
         raise ValueError("give two seeds or two images")
     noises = interpolation_noises(a[0], b[0], frames)

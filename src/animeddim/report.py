@@ -244,6 +244,18 @@ def _num(d: dict[str, Any], *keys: str) -> Any:
     return None
 
 
+def _eval_cells(ev: dict[str, Any]) -> list[Any]:
+    """KID mean, KID std, FID, n, steps and eta of one eval-*.json (None where missing)."""
+    return [
+        _num(ev, "kid_mean"),
+        _num(ev, "kid_std"),
+        _num(ev, "fid"),
+        _num(ev, "n", "n_b"),
+        _num(ev, "steps"),
+        _num(ev, "eta"),
+    ]
+
+
 def table1(runs: Sequence[RunFiles]) -> Table:
     """Paper Table I: one row per run, last epoch's numbers and the newest standard eval."""
     rows = []
@@ -259,12 +271,7 @@ def table1(runs: Sequence[RunFiles]) -> Table:
                 last.get("kid"),
                 last.get("val_noise_loss"),
                 last.get("val_image_loss"),
-                _num(ev, "kid_mean"),
-                _num(ev, "kid_std"),
-                _num(ev, "fid"),
-                _num(ev, "n", "n_b"),
-                _num(ev, "steps"),
-                _num(ev, "eta"),
+                *_eval_cells(ev),
             ]
         )
     caption = (
@@ -300,12 +307,7 @@ def evals_table(runs: Sequence[RunFiles]) -> Table:
                     run.name,
                     name,
                     ev.get("protocol"),
-                    _num(ev, "kid_mean"),
-                    _num(ev, "kid_std"),
-                    _num(ev, "fid"),
-                    _num(ev, "n", "n_b"),
-                    _num(ev, "steps"),
-                    _num(ev, "eta"),
+                    *_eval_cells(ev),
                     Path(ckpt).name if isinstance(ckpt, str) else ckpt,
                     _num(ev, "seconds"),
                 ]

@@ -260,17 +260,21 @@ def default_channels_last(
 
 
 def default_compile(
-    device: torch.device, planned_steps: int | None = None, time_limit_minutes: float = 0.0
+    device: torch.device,
+    planned_steps: int | None = None,
+    time_limit_minutes: float = 0.0,
+    processes: int = 1,
 ) -> bool:
     """torch.compile the training step by default where it pays off (docs/benchmarks.md).
 
-    CUDA: always. CPU (with a C compiler): for runs that plan at least
-    TRAIN_COMPILE_MIN_STEPS steps (None: a long run) and are not stopped within 10 minutes
-    by a time limit, so that the ~30 s of compilation are repaid.
+    CUDA: always. CPU (with a C compiler, one process: compiled training under torchrun on
+    the CPU was never measured): for runs that plan at least TRAIN_COMPILE_MIN_STEPS steps
+    (None: a long run) and are not stopped within 10 minutes by a time limit, so that the
+    ~30 s of compilation are repaid.
     """
     if device.type == "cuda":
         return True
-    if device.type != "cpu" or not CPU_COMPILE or not compiler_available():
+    if device.type != "cpu" or not CPU_COMPILE or not compiler_available() or processes > 1:
         return False
     if 0 < time_limit_minutes < 10:
         return False

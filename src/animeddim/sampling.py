@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .config import SAMPLERS, ScheduleConfig
+from .config import DPMPP_SPACING, SAMPLERS, ScheduleConfig
 from .schedule import predict_x0, rates
 
 # (noisy_images [N x C x H x W], noise_variances [N]) -> predicted noise [N x C x H x W]
@@ -116,10 +116,6 @@ def ddim_sample(
 def _bcast(r: torch.Tensor) -> torch.Tensor:
     """[N] float64 rates -> [N x 1 x 1 x 1] float32, cast at the model boundary."""
     return r.float().view(-1, 1, 1, 1)
-
-
-# DPM-Solver++(2M) samplers and the spacing of their evaluation times (`dpmpp_times`)
-DPMPP_SPACING = {"dpmpp-2m": "time", "dpmpp-2m-logsnr": "logsnr"}
 
 
 def check_sampler(sampler: str, eta: float) -> None:

@@ -377,9 +377,9 @@ def train(
     do_compile = tc.compile
     if do_compile is None:
         planned = tc.max_steps or tc.epochs * steps_per_epoch
-        do_compile = default_compile(device, planned - step, tc.time_limit_minutes or 0.0)
-        # Compiled training under torchrun on the CPU was never measured: stay eager there.
-        do_compile = do_compile and (device.type != "cpu" or distributed.world_size() == 1)
+        do_compile = default_compile(
+            device, planned - step, tc.time_limit_minutes or 0.0, distributed.world_size()
+        )
     net = _compiled_or_eager(model, do_compile, tc, device, precision_ctx, channels_last)
     net = distributed.wrap_ddp(net, device)  # under torchrun: gradients averaged over ranks
     ema_state, live_state = _float_state(ema), _float_state(model)
