@@ -204,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="new run folder")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
     p.add_argument("--config", help="JSON or TOML file with data/model/schedule/train sections")
+    p.add_argument(
+        "--init",
+        metavar="MODEL",
+        help="start from these weights: a run folder, checkpoint, exported file or shipped "
+        "model name (avatars-64); the architecture must match (default: random)",
+    )
     p.add_argument("--image-size", type=_positive_int("image-size", 8), help="pixels (default 64)")
     p.add_argument("--epochs", type=_positive_int("epochs"), help="epochs (default 1)")
     p.add_argument(
@@ -485,6 +491,7 @@ TRAIN_FLAGS = {  # CLI dest -> (config section, field)
     "max_steps": ("train", "max_steps"),
     "time_limit_minutes": ("train", "time_limit_minutes"),
     "log_every": ("train", "log_every"),
+    "init": ("train", "init"),
 }
 
 
@@ -540,6 +547,7 @@ def resume_config_from_args(a: argparse.Namespace) -> Any:
             "seed",
             "val_fraction",
             "config",
+            "init",
         )
         if getattr(a, d, None) is not None
     ]

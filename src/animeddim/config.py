@@ -130,6 +130,7 @@ class TrainConfig:
     log_every: int = 10  # steps between progress-bar updates (reads losses from the device)
     max_steps: int = 0  # stop after this many optimiser steps (0: no limit); for smoke tests
     time_limit_minutes: float = 0.0  # stop at the first epoch end past this (0: no limit)
+    init: str = ""  # start from these weights (run, checkpoint, export or shipped model name)
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")

@@ -25,3 +25,10 @@ def pretrained_path(name: str) -> Path:
             "reinstall animeddim or sample from your own run with --run RUN"
         )
     return path
+
+
+def weights_path(spec: str) -> Path:
+    """A shipped model's name, or a run folder / checkpoint / exported file, as a file path."""
+    from .checkpoint import resolve
+
+    return pretrained_path(spec) if spec in SHIPPED else resolve(spec)

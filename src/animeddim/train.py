@@ -337,7 +337,10 @@ def train(
         )
 
     # --- network, EMA copy, optimiser ---------------------------------------------------
-    model = UNet(cfg.model).to(device)
+    model = UNet(cfg.model)
+    if tc.init and not resume:  # a resumed run takes its weights from its own checkpoint
+        _init_weights(model, tc.init, log)
+    model = model.to(device)
     # channels_last pays off with cuDNN and with oneDNN's bf16 convolutions on the CPU
     # (`runtime.default_channels_last`, docs/benchmarks.md).
     channels_last = default_channels_last(device, training=True, precision=precision)
@@ -604,6 +607,21 @@ def train(
     skipped, tried = imageset.skipped, len(imageset.paths) + len(imageset.skipped)
     summary = data_mod.skip_summary(skipped, tried) if skipped else ""
     return TrainResult(run_dir, epoch, step, interrupted, last_row, summary)
+
+
+def _init_weights(model: torch.nn.Module, spec: str, log: Callable[[str], None]) -> None:
+    """Start the network (and so its EMA copy) from the EMA weights of another model.
+
+    The new run keeps its own data statistics for normalisation; the architecture must match
+    (the image size may differ: every layer is convolutional).
+    """
+    from .pretrained import weights_path
+
+    source = ckpt.load_model(weights_path(spec))
+    ckpt.load_state_strict(
+        model, source.model.state_dict(), f"the initial weights from {spec!r}"
+    )
+    log(f"starting from the weights of {spec} (trained {source.meta.get('step', '?')} steps)")
 
 
 def _compiled_or_eager(model, do_compile: bool, tc, device, precision_ctx, channels_last: bool):
