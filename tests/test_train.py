@@ -184,3 +184,47 @@ def test_bad_input_exits_2_with_one_line(args, message, avatars16, tmp_path):
     assert message in p.stderr
     assert "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_init_starts_from_another_models_ema_weights(avatars16, tmp_path):
+    quiet = {"progress": False, "log": lambda s: None}
+    source = tmp_path / "source"
+    train(tiny_config(avatars16, epochs=2), source, **quiet)
+    src_ema = ckpt.prefixed(_weights(source)[0], "ema")
+    exported = ckpt.export_weights(source, tmp_path / "source.safetensors", torch.float32)
+
+    def one_step(name, **over):
+        run = tmp_path / name
+        train(tiny_config(avatars16, epochs=1, max_steps=1, seed=1, **over), run, **quiet)
+        t = _weights(run)[0]
+        return ckpt.prefixed(t, "model"), ckpt.prefixed(t, "ema")
+
+    def gap(a, b):  # over the learned weights (BatchNorm's running statistics move faster)
+        keys = [k for k in b if "running_" not in k and "num_batches" not in k]
+        return max((a[k].float() - b[k].float()).abs().max().item() for k in keys)
+
+    for spec in (str(source), str(exported)):  # a run folder or an exported file
+        live, ema = one_step(f"from-{len(spec)}", init=spec)
+        # One AdamW step moves each weight by about lr = 1e-3 (Adam's first step is lr * sign).
+        assert 0 < gap(live, src_ema) <= 1.1e-3
+        assert gap(ema, src_ema) <= 1.1e-6 + 1e-9  # ema = 0.999 * source + 0.001 * live
+    live, _ = one_step("scratch")
+    assert gap(live, src_ema) > 0.05  # without --init: a fresh network
+
+    # The architecture must match; the error names the source and exits 2 on the CLI.
+    p = run_cli(
+        "train", "--data", str(avatars16), "--out", str(tmp_path / "wide"), "--image-size", "16",
+        "--batch-size", "6", "--init", str(exported), "--max-steps", "1", "--no-kid", "--quiet", check=False,
+    )  # fmt: skip
+    assert p.returncode == 2 and "initial weights from" in p.stderr, p.stderr
+    assert "does not match" in p.stderr and "Traceback" not in p.stderr
+    p = run_cli("train", "--resume", str(source), "--init", str(exported), check=False)
+    assert p.returncode == 2 and "cannot change when resuming" in p.stderr, p.stderr
+
+
+def test_init_accepts_a_shipped_model_name():
+    from animeddim.pretrained import pretrained_path, weights_path
+
+    assert weights_path("avatars-64") == pretrained_path("avatars-64")
+    with pytest.raises(ckpt.CheckpointError, match="neither a run folder"):
+        weights_path("no-such-model")

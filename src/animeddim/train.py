@@ -312,6 +312,9 @@ def train(
     precision_ctx = autocast(device, precision)
     torch.manual_seed(tc.seed)
 
+    # Weights to start from, read before any image is decoded (a wrong file fails at once).
+    init_state = _init_state(tc.init, log) if tc.init and not resume else None
+
     # --- data: decode once, split, statistics of the training split --------------------
     if not cfg.data.path:
         raise ConfigError("no training data: give --data DIR (or data.path in the config file)")
@@ -338,8 +341,8 @@ def train(
 
     # --- network, EMA copy, optimiser ---------------------------------------------------
     model = UNet(cfg.model)
-    if tc.init and not resume:  # a resumed run takes its weights from its own checkpoint
-        _init_weights(model, tc.init, log)
+    if init_state is not None:  # a resumed run takes its weights from its own checkpoint
+        ckpt.load_state_strict(model, init_state, f"the initial weights from {tc.init!r}")
     model = model.to(device)
     # channels_last pays off with cuDNN and with oneDNN's bf16 convolutions on the CPU
     # (`runtime.default_channels_last`, docs/benchmarks.md).
@@ -609,8 +612,8 @@ def train(
     return TrainResult(run_dir, epoch, step, interrupted, last_row, summary)
 
 
-def _init_weights(model: torch.nn.Module, spec: str, log: Callable[[str], None]) -> None:
-    """Start the network (and so its EMA copy) from the EMA weights of another model.
+def _init_state(spec: str, log: Callable[[str], None]) -> dict[str, torch.Tensor]:
+    """The EMA weights of another model, to start a new run from.
 
     The new run keeps its own data statistics for normalisation; the architecture must match
     (the image size may differ: every layer is convolutional).
@@ -618,10 +621,8 @@ def _init_weights(model: torch.nn.Module, spec: str, log: Callable[[str], None])
     from .pretrained import weights_path
 
     source = ckpt.load_model(weights_path(spec))
-    ckpt.load_state_strict(
-        model, source.model.state_dict(), f"the initial weights from {spec!r}"
-    )
     log(f"starting from the weights of {spec} (trained {source.meta.get('step', '?')} steps)")
+    return source.model.state_dict()
 
 
 def _compiled_or_eager(model, do_compile: bool, tc, device, precision_ctx, channels_last: bool):
