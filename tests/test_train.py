@@ -212,9 +212,10 @@ def test_init_starts_from_another_models_ema_weights(avatars16, tmp_path):
     assert gap(live, src_ema) > 0.05  # without --init: a fresh network
 
     # The architecture must match; the error names the source and exits 2 on the CLI.
+    args = ["--image-size", "16", "--batch-size", "6", "--max-steps", "1", "--no-kid", "--quiet"]
     p = run_cli(
-        "train", "--data", str(avatars16), "--out", str(tmp_path / "wide"), "--image-size", "16",
-        "--batch-size", "6", "--init", str(exported), "--max-steps", "1", "--no-kid", "--quiet", check=False,
+        "train", "--data", str(avatars16), "--out", str(tmp_path / "wide"),
+        "--init", str(exported), *args, check=False,
     )  # fmt: skip
     assert p.returncode == 2 and "initial weights from" in p.stderr, p.stderr
     assert "does not match" in p.stderr and "Traceback" not in p.stderr
