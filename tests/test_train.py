@@ -203,8 +203,8 @@ def test_init_starts_from_another_models_ema_weights(avatars16, tmp_path):
         keys = [k for k in b if "running_" not in k and "num_batches" not in k]
         return max((a[k].float() - b[k].float()).abs().max().item() for k in keys)
 
-    for spec in (str(source), str(exported)):  # a run folder or an exported file
-        live, ema = one_step(f"from-{len(spec)}", init=spec)
+    for i, spec in enumerate((str(source), str(exported))):  # a run folder, an exported file
+        live, ema = one_step(f"init-{i}", init=spec)
         # One AdamW step moves each weight by about lr = 1e-3 (Adam's first step is lr * sign).
         assert 0 < gap(live, src_ema) <= 1.1e-3
         assert gap(ema, src_ema) <= 1.1e-6 + 1e-9  # ema = 0.999 * source + 0.001 * live
