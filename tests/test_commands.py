@@ -108,6 +108,13 @@ def test_invert_and_interpolate(tiny_run, avatars16, tmp_path):
         str(tmp_path / "i2.png"),
     )
     assert Image.open(tmp_path / "i2.png").size == (3 * 16, 16)
+    for extra in (["--sampler", "dpmpp-2m"], ["--clip-x0"]):
+        p = run_cli(
+            "interpolate", "--run", str(tiny_run), "--images",
+            *map(str, sorted(imgs.glob("*.png"))), "--out", str(tmp_path / "i3.png"), *extra,
+            check=False,
+        )  # fmt: skip
+        assert p.returncode == 2 and "unclipped DDIM" in p.stderr, extra
 
 
 def test_report_command(tiny_run, tmp_path):
@@ -154,9 +161,11 @@ def test_kid_evaluate_and_steps(tiny_run, avatars16, tmp_path):
         "checkpoint",
         "seconds",
         "sampler",
+        "clip_x0",
         "weights",
     ):
         assert k in ev, k
+    assert ev["clip_x0"] is False  # DDIM as in the paper
     assert ev["protocol"] == "standard" and ev["n"] == 8 and ev["steps"] == 2
     assert ev["paper"]["protocol"] == "paper"
     # Untrained-ish model vs real avatars: clearly worse than the real set against itself.
@@ -179,16 +188,17 @@ def test_kid_evaluate_and_steps(tiny_run, avatars16, tmp_path):
         str(cache),
     )
     rows = list(csv.DictReader(open(tiny_run / "steps.csv")))
-    assert {(r["sampler"], r["eta"], r["steps"]) for r in rows} == {
-        ("ddim", "0.0", "1"),
-        ("ddim", "0.0", "2"),
-        ("ddim", "1.0", "1"),
-        ("ddim", "1.0", "2"),
-        ("dpmpp-2m", "0.0", "1"),
-        ("dpmpp-2m", "0.0", "2"),
-        ("dpmpp-2m-logsnr", "0.0", "1"),
-        ("dpmpp-2m-logsnr", "0.0", "2"),
+    assert {(r["sampler"], r["clip_x0"], r["eta"], r["steps"]) for r in rows} == {
+        ("ddim", "False", "0.0", "1"),
+        ("ddim", "False", "0.0", "2"),
+        ("ddim", "False", "1.0", "1"),
+        ("ddim", "False", "1.0", "2"),
+        ("dpmpp-2m", "True", "0.0", "1"),
+        ("dpmpp-2m", "True", "0.0", "2"),
+        ("dpmpp-2m-logsnr", "True", "0.0", "1"),
+        ("dpmpp-2m-logsnr", "True", "0.0", "2"),
     }
+    assert "| 2 | dpmpp-2m | yes | 0 |" in (tiny_run / "steps.md").read_text()
     assert (tiny_run / "steps.png").is_file()
 
 

@@ -18,6 +18,8 @@ import torch
 from animeddim.config import ScheduleConfig, UNetConfig
 from animeddim.sampling import (
     PSNR_CAP_DB,
+    clip_x0,
+    data_range,
     ddim_invert,
     ddim_sample,
     denormalize,
@@ -168,6 +170,58 @@ def test_sample_dispatch_and_errors():
         sample(model, noise, 4, SCHED, sampler="dpmpp-2m", eta=0.5)
 
 
+def test_data_range_maps_pixel_bounds_and_clip_is_per_channel():
+    mean, std = torch.tensor([0.2, 0.5, 0.9]), torch.tensor([0.1, 0.25, 0.3])
+    low, high = data_range(mean, std)
+    torch.testing.assert_close(low, torch.tensor([-2.0, -2.0, -3.0]))
+    torch.testing.assert_close(high, torch.tensor([8.0, 2.0, 1 / 3]))
+    u8 = denormalize(torch.stack([low, high]).view(2, 3, 1, 1), mean, std)
+    assert u8.flatten().tolist() == [0, 0, 0, 255, 255, 255]
+    x = torch.tensor([-5.0, 0.0, 9.0]).view(1, 3, 1, 1).expand(2, 3, 2, 2)
+    clipped = clip_x0(x, (low, high))
+    assert torch.equal(
+        clipped[:, :, 0, 0], torch.stack([low[0], torch.tensor(0.0), high[2]]).expand(2, 3)
+    )
+    assert clip_x0(x, None) is x
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp-2m", "dpmpp-2m-logsnr"])
+def test_clipping_with_an_oracle_returns_the_clipped_data(sampler):
+    """Every x0_hat is clipped, so an exact network for data partly outside the range gives
+    exactly the clipped data; data inside the range is untouched by clipping."""
+    g = torch.Generator().manual_seed(4)
+    x0, noise = 2.0 * torch.randn(*SHAPE, generator=g), torch.randn(*SHAPE, generator=g)
+    bounds = (torch.full((3,), -1.0), torch.full((3,), 1.0))
+    assert (x0.abs() > 1).float().mean() > 0.5
+    seen: list[torch.Tensor] = []
+    out = sample(
+        oracle_for(x0), noise, 6, SCHED, sampler=sampler, x0_range=bounds,
+        callback=lambda i, t, x, p: seen.append(p),
+    )  # fmt: skip
+    torch.testing.assert_close(out, x0.clamp(-1, 1), atol=1e-4, rtol=0)
+    assert len(seen) == 6 and all(float(p.abs().max()) <= 1.0 for p in seen)
+    torch.testing.assert_close(
+        sample(oracle_for(x0), noise, 6, SCHED, sampler=sampler), x0, atol=1e-4, rtol=1e-4
+    )
+    inside = x0.clamp(-0.9, 0.9)
+    torch.testing.assert_close(
+        sample(oracle_for(inside), noise, 6, SCHED, sampler=sampler, x0_range=bounds),
+        sample(oracle_for(inside), noise, 6, SCHED, sampler=sampler),
+    )
+
+
+def test_stochastic_ddim_with_clipping_stays_consistent():
+    """With eta = 1 the noise direction is re-derived from the clipped x0_hat: an exact
+    network for in-range data still returns the data, clipped or not."""
+    g = torch.Generator().manual_seed(5)
+    x0 = (0.5 * torch.randn(*SHAPE, generator=g)).clamp(-0.9, 0.9)
+    noise = torch.randn(*SHAPE, generator=g)
+    bounds = (torch.full((3,), -1.0), torch.full((3,), 1.0))
+    gens = [torch.Generator().manual_seed(i) for i in range(SHAPE[0])]
+    out = ddim_sample(oracle_for(x0), noise, 5, SCHED, eta=1.0, generators=gens, x0_range=bounds)
+    torch.testing.assert_close(out, x0, atol=1e-4, rtol=1e-4)
+
+
 def _reconstruction_error(model, images: torch.Tensor, steps: int, **kw) -> float:
     noise = ddim_invert(model, images, steps, SCHED, **kw)
     return _max_err(ddim_sample(model, noise, steps, SCHED), images)
@@ -267,6 +321,13 @@ def test_generate_dpmpp_independent_of_batch_size():
     assert a.dtype == torch.uint8 and a.shape == (5, 16, 16, 3)
     assert torch.equal(a, b)
     assert not torch.equal(a, generate(model, batch_size=5, **{**kw, "sampler": "ddim"}))
+    # DPM-Solver++ clips x0_hat by default, DDIM does not; this network's x0_hat leaves the
+    # data range, so clipping changes the images.
+    assert torch.equal(a, generate(model, batch_size=5, clip=True, **kw))
+    assert not torch.equal(a, generate(model, batch_size=5, clip=False, **kw))
+    ddim_kw = {**kw, "sampler": "ddim"}
+    assert torch.equal(generate(model, **ddim_kw), generate(model, clip=False, **ddim_kw))
+    assert not torch.equal(generate(model, **ddim_kw), generate(model, clip=True, **ddim_kw))
     with pytest.raises(ValueError, match="dpmpp-2m is deterministic"):
         generate(model, **{**kw, "eta": 0.5})
     with pytest.raises(ValueError, match="unknown sampler 'plms'"):

@@ -140,6 +140,17 @@ def _add_sampler(p: argparse.ArgumentParser) -> None:
         help="ddim; dpmpp-2m, the 2nd-order DPM-Solver++(2M) on DDIM's time grid; "
         "dpmpp-2m-logsnr, the same with steps uniform in log-SNR (default ddim)",
     )
+    _add_clip(p)
+
+
+def _add_clip(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--clip-x0",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="clip each predicted x0 to the data range before the next step (static "
+        "thresholding; default: on for the dpmpp-2m samplers, off for ddim as in the paper)",
+    )
 
 
 def _add_metrics(p: argparse.ArgumentParser) -> None:
@@ -329,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--eta", type=_float_list, default=[0.0, 1.0], help="comma-separated etas (default 0,1)"
     )
     p.add_argument("--samplers", default="ddim", help=f"comma-separated: {', '.join(SAMPLERS)}")
+    _add_clip(p)
     p.add_argument("--n", type=_positive_int("n"), default=1000, help="images per setting")
     p.add_argument("--seed", type=int, default=0, help="(default 0)")
     p.add_argument("--batch-size", type=_positive_int("batch-size"), default=64)
@@ -616,6 +628,7 @@ def _settings(a: argparse.Namespace, device, **over):
         if isinstance(getattr(a, k, None), (int, float, str))
     }
     kw["compile"] = getattr(a, "compile", None)
+    kw["clip"] = getattr(a, "clip_x0", None)
     kw.update(over)
     return SampleSettings(
         device=device, autocast=autocast(device, precision), precision=precision, **kw
@@ -725,7 +738,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if "kid_mean" in r:
         print(
             f"KID (standard protocol) {r['kid_mean']:.5f} ± {r['kid_std']:.5f}, FID "
-            f"{r['fid']:.3f}  ({a.n} images, {a.steps} {a.sampler} steps, eta {a.eta:g})"
+            f"{r['fid']:.3f}  ({a.n} images, {a.steps} {a.sampler} steps, eta {a.eta:g}"
+            f"{', x0 clipped' if r['clip_x0'] else ''})"
         )
     if "paper" in r:
         print(f"KID (paper protocol) {r['paper']['kid']:.5f}  ({r['paper']['batches']} batches)")
@@ -776,6 +790,11 @@ def cmd_invert(a: argparse.Namespace) -> int:
 def cmd_interpolate(a: argparse.Namespace) -> int:
     from .pipelines import interpolate
 
+    if a.images and (a.sampler != "ddim" or a.clip_x0):
+        raise CliError(
+            "--images are inverted with DDIM and decoded with the same unclipped DDIM: "
+            "drop --sampler and --clip-x0"
+        )
     loaded, device = load_for_sampling(a.run, a.model, a.device)
     strip, gif = interpolate(
         loaded,

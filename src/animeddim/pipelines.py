@@ -24,6 +24,8 @@ from .checkpoint import LoadedModel
 from .data import write_text_atomic
 from .runtime import InferenceNet, default_compile_sampler, prepare_inference
 from .sampling import (
+    X0Range,
+    data_range,
     ddim_invert,
     denormalize,
     generate,
@@ -31,6 +33,7 @@ from .sampling import (
     interpolation_noises,
     psnr,
     randn_per_image,
+    resolve_clip,
     sample,
 )
 from .train import save_grid
@@ -42,7 +45,8 @@ class SampleSettings:
 
     steps: int = 20  # reverse diffusion steps
     eta: float = 0.0  # 0: deterministic DDIM; 1: DDPM-like
-    sampler: str = "ddim"  # ddim | dpmpp-2m
+    sampler: str = "ddim"  # ddim | dpmpp-2m | dpmpp-2m-logsnr
+    clip: bool | None = None  # clip x0_hat to the data range; None: the sampler's default
     seed: int = 0  # image i depends on (seed, i) only
     batch_size: int = 64  # images per forward pass
     device: str | torch.device = "cpu"
@@ -89,10 +93,18 @@ def draw(
         steps=s.steps,
         eta=s.eta,
         sampler=s.sampler,
+        clip=s.clip,
         batch_size=s.batch_size,
         device=s.device,
         first_index=first_index,
     )
+
+
+def _x0_range(loaded: LoadedModel, s: SampleSettings) -> X0Range | None:
+    """The data range to clip x0_hat to under these settings, or None."""
+    if not resolve_clip(s.clip, s.sampler):
+        return None
+    return data_range(loaded.mean.to(s.device), loaded.std.to(s.device))
 
 
 def _nchw(images_u8: torch.Tensor) -> torch.Tensor:
@@ -129,6 +141,7 @@ def evaluate(
         "steps": settings.steps,
         "eta": settings.eta,
         "sampler": settings.sampler,
+        "clip_x0": resolve_clip(settings.clip, settings.sampler),
         "seed": settings.seed,
         "weights": extractor.weights_id,
         "generate_seconds": round(t_gen, 2),
@@ -172,7 +185,16 @@ def evaluate(
     return result
 
 
-STEPS_COLUMNS = ["steps", "eta", "sampler", "kid_mean", "kid_std", "seconds_per_image", "protocol"]
+STEPS_COLUMNS = [
+    "steps",
+    "eta",
+    "sampler",
+    "clip_x0",
+    "kid_mean",
+    "kid_std",
+    "seconds_per_image",
+    "protocol",
+]
 
 
 def steps_study(
@@ -214,14 +236,16 @@ def steps_study(
                     "steps": s,
                     "eta": eta,
                     "sampler": sampler,
+                    "clip_x0": resolve_clip(settings.clip, sampler),
                     "kid_mean": kid_mean,
                     "kid_std": kid_std,
                     "seconds_per_image": spi,
                     "protocol": "standard",
                 }
                 rows.append(row)
+                clipped = ", x0 clipped" if row["clip_x0"] else ""
                 log(
-                    f"{sampler} eta {eta:g} steps {s}: KID (standard) {kid_mean:.4f} "
+                    f"{sampler}{clipped} eta {eta:g} steps {s}: KID (standard) {kid_mean:.4f} "
                     f"± {kid_std:.4f}, {spi:.3f} s/image"
                 )
     write_steps(rows, out_dir)
@@ -235,23 +259,24 @@ def write_steps(rows: list[dict[str, Any]], out_dir: Path) -> None:
         w.writeheader()
         w.writerows(rows)
     lines = [
-        "| steps | sampler | eta | KID (standard) | ± std | s/image |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| steps | sampler | x0 clipped | eta | KID (standard) | ± std | s/image |",
+        "|---:|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
+        clipped = "yes" if r.get("clip_x0") else "no"
         lines.append(
-            f"| {r['steps']} | {r['sampler']} | {r['eta']:g} | {r['kid_mean']:.4f} | "
+            f"| {r['steps']} | {r['sampler']} | {clipped} | {r['eta']:g} | {r['kid_mean']:.4f} | "
             f"{r['kid_std']:.4f} | {r['seconds_per_image']:.3f} |"
         )
     (out_dir / "steps.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    from .report import Table, plot_steps
+    from .report import Table, plot_steps, sampler_label
 
     table = Table(
         ["Run", "Sampler", "eta", "Steps", "KID", "KID std", "s/image"],
         [
             [
                 out_dir.name,
-                r["sampler"],
+                sampler_label(r["sampler"], r.get("clip_x0")),
                 r["eta"],
                 r["steps"],
                 r["kid_mean"],
@@ -357,7 +382,8 @@ def interpolate(
             with settings.autocast or contextlib.nullcontext():
                 ends.append(ddim_invert(loaded.model, x0, invert_steps, cfg.schedule).float())
         a, b = ends
-        settings = replace(settings, steps=invert_steps, sampler="ddim", eta=0.0)
+        # the inverted noises belong to unclipped DDIM with the inversion's steps
+        settings = replace(settings, steps=invert_steps, sampler="ddim", eta=0.0, clip=False)
     else:
         raise ValueError("give two seeds or two images")
     noises = interpolation_noises(a[0], b[0], frames)
@@ -370,6 +396,7 @@ def interpolate(
                 settings.steps,
                 cfg.schedule,
                 sampler=settings.sampler,
+                x0_range=_x0_range(loaded, settings),
             )
         decoded.append(denormalize(x.float(), loaded.mean, loaded.std).cpu())
     frames_u8 = torch.cat(decoded)
@@ -413,6 +440,7 @@ def trajectory(
             eta=settings.eta,
             generators=gens,
             callback=keep,
+            x0_range=_x0_range(loaded, settings),
         )
     pick = np.unique(np.linspace(0, len(seen) - 1, min(columns, len(seen))).round().astype(int))
     # x_t is shown with the data's normalisation too: at t = 1 that is (almost) pure noise.

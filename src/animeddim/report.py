@@ -320,6 +320,13 @@ def evals_table(runs: Sequence[RunFiles]) -> Table:
     return Table(headers + ["Checkpoint", "Seconds"], rows, caption)
 
 
+def sampler_label(sampler: str | None, clip_x0: object = None) -> str | None:
+    """'dpmpp-2m' or 'dpmpp-2m, x0 clipped' (clip_x0 as written to steps.csv: True/'True')."""
+    if not sampler:
+        return None
+    return f"{sampler}, x0 clipped" if str(clip_x0).lower() in ("true", "1") else sampler
+
+
 def steps_table(runs: Sequence[RunFiles]) -> Table:
     """All steps.csv rows of all runs, with the run's name in front."""
     rows = []
@@ -330,7 +337,7 @@ def steps_table(runs: Sequence[RunFiles]) -> Table:
             rows.append(
                 [
                     run.name,
-                    r.get("sampler") or None,
+                    sampler_label(r.get("sampler"), r.get("clip_x0")),
                     _number(r.get("eta")),
                     _int_or_none(r.get("steps")),
                     _number(r.get("kid_mean")),
