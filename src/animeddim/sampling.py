@@ -20,7 +20,7 @@ default): the state x_t itself is never noise free.
 
 Both can clip each x0_hat to the data's range before it is used (``x0_range``; static
 thresholding, as DDPM's sampler (Ho et al. 2020) clips x0 to [-1, 1] and DPM-Solver++ (Lu
-et al. 2022, sec. 5) pairs its data prediction with thresholding). Images lie in [0, 1]
+et al. 2022) pairs its data prediction with thresholding). Images lie in [0, 1]
 before normalisation, so the range is per channel [(0 - mean) / std, (1 - mean) / std]
 (`data_range`). `default_clip_x0` gives the default: on for DPM-Solver++, off for DDIM
 (the paper's Algorithm 1 and the Keras example do not clip).
