@@ -24,8 +24,6 @@ from .checkpoint import LoadedModel
 from .data import write_text_atomic
 from .runtime import InferenceNet, default_compile_sampler, prepare_inference
 from .sampling import (
-    X0Range,
-    data_range,
     ddim_invert,
     denormalize,
     generate,
@@ -35,6 +33,7 @@ from .sampling import (
     randn_per_image,
     resolve_clip,
     sample,
+    sampler_x0_range,
 )
 from .train import save_grid
 
@@ -98,13 +97,6 @@ def draw(
         device=s.device,
         first_index=first_index,
     )
-
-
-def _x0_range(loaded: LoadedModel, s: SampleSettings) -> X0Range | None:
-    """The data range to clip x0_hat to under these settings, or None."""
-    if not resolve_clip(s.clip, s.sampler):
-        return None
-    return data_range(loaded.mean.to(s.device), loaded.std.to(s.device))
 
 
 def _nchw(images_u8: torch.Tensor) -> torch.Tensor:
@@ -387,6 +379,7 @@ def interpolate(
     else:
         raise ValueError("give two seeds or two images")
     noises = interpolation_noises(a[0], b[0], frames)
+    x0_range = sampler_x0_range(settings.clip, settings.sampler, loaded.mean, loaded.std)
     decoded = []
     for i in range(0, frames, settings.batch_size):
         with settings.autocast or contextlib.nullcontext():
@@ -396,7 +389,7 @@ def interpolate(
                 settings.steps,
                 cfg.schedule,
                 sampler=settings.sampler,
-                x0_range=_x0_range(loaded, settings),
+                x0_range=x0_range,
             )
         decoded.append(denormalize(x.float(), loaded.mean, loaded.std).cpu())
     frames_u8 = torch.cat(decoded)
@@ -440,7 +433,7 @@ def trajectory(
             eta=settings.eta,
             generators=gens,
             callback=keep,
-            x0_range=_x0_range(loaded, settings),
+            x0_range=sampler_x0_range(settings.clip, settings.sampler, loaded.mean, loaded.std),
         )
     pick = np.unique(np.linspace(0, len(seen) - 1, min(columns, len(seen))).round().astype(int))
     # x_t is shown with the data's normalisation too: at t = 1 that is (almost) pure noise.

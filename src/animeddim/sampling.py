@@ -88,7 +88,7 @@ def clip_x0(images: torch.Tensor, x0_range: X0Range | None) -> torch.Tensor:
     if x0_range is None:
         return images
     low, high = (b.to(images).view(1, -1, 1, 1) for b in x0_range)
-    return torch.maximum(torch.minimum(images, high), low)
+    return images.clamp(low, high)
 
 
 def ddim_sample(
@@ -163,6 +163,14 @@ def _bcast(r: torch.Tensor) -> torch.Tensor:
 def resolve_clip(clip: bool | None, sampler: str) -> bool:
     """An explicit clip setting, or the sampler's default (`default_clip_x0`) for None."""
     return default_clip_x0(sampler) if clip is None else bool(clip)
+
+
+def sampler_x0_range(
+    clip: bool | None, sampler: str, mean: torch.Tensor, std: torch.Tensor
+) -> X0Range | None:
+    """The `x0_range` a sampler gets under a clip setting (`resolve_clip`): the data range
+    (`data_range`) or None."""
+    return data_range(mean, std) if resolve_clip(clip, sampler) else None
 
 
 def check_sampler(sampler: str, eta: float) -> None:
@@ -510,7 +518,7 @@ def generate(
     :return: uint8 [n x image_size x image_size x channels] on the CPU.
     """
     check_sampler(sampler, eta)
-    x0_range = data_range(mean, std) if resolve_clip(clip, sampler) else None
+    x0_range = sampler_x0_range(clip, sampler, mean, std)
     out = []
     for start in range(first_index, first_index + n, batch_size):
         idx = list(range(start, min(start + batch_size, first_index + n)))
