@@ -33,11 +33,13 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from animeddim import checkpoint as ckpt
-from animeddim import cli
+from animeddim import cli, run_folder
 from animeddim import data as data_mod
+from animeddim import io as io_mod
 from animeddim import train as train_mod
 from animeddim.config import ConfigError, RunConfig, load_config_file
-from animeddim.train import TrainingDiverged, latest_checkpoint, load_run_config, train
+from animeddim.run_folder import latest_checkpoint, load_run_config
+from animeddim.train import TrainingDiverged, train
 
 EPOCHS, STEPS_PER_EPOCH = 2, 3  # 24 avatars, 25 % validation, batch 6: 3 steps per epoch
 QUIET = {"progress": False, "log": lambda s: None}
@@ -222,7 +224,7 @@ def test_checkpoint_save_is_temp_file_fsync_rename_fsync_dir(tmp_path, monkeypat
 
 def test_resume_before_the_first_checkpoint_is_a_clear_error(avatars16, tmp_path, capsys):
     run = tmp_path / "run"
-    train_mod.prepare_run_dir(run, tiny_config(avatars16), resume=False)
+    run_folder.prepare_run_dir(run, tiny_config(avatars16), resume=False)
     stale = run / "checkpoints" / ".last.safetensors.tmp-999999"
     stale.write_bytes(b"half a checkpoint")
     rc, _, err = _main(capsys, "train", "--resume", run, "--quiet")
@@ -348,7 +350,7 @@ def test_write_failure_is_one_line_and_keeps_previous_checkpoint(
     real_open, saves = open, [0]
 
     def failing_open(file, mode="r", *args, **kwargs):
-        if "w" in mode and ".tmp-" in str(file):
+        if "w" in mode and ".safetensors.tmp-" in str(file):
             saves[0] += 1
             if saves[0] == 3:  # step-00000002: after step-1 and last@1 were written
                 if fault == "read-only":
@@ -356,7 +358,7 @@ def test_write_failure_is_one_line_and_keeps_previous_checkpoint(
                 return _FullDisk(real_open(file, mode, *args, **kwargs))
         return real_open(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "open", failing_open, raising=False)
+    monkeypatch.setattr(io_mod, "open", failing_open, raising=False)
     argv = _train_args(avatars16, run, tiny_json, "--checkpoint-every", "1")
     rc, _, err = _main(capsys, *argv)
     assert rc == 1

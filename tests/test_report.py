@@ -13,7 +13,8 @@ import pytest
 from conftest import tiny_config
 from PIL import Image
 
-from animeddim.report import DASH, ReportError, _unique_names, cell_text, sanitise, write_report
+from animeddim.report import ReportError, cell_text, write_report
+from animeddim.run_folder import DASH, sanitise, unique_names
 from animeddim.train import train
 
 KIDS = [0.5, 0.25]  # per-epoch paper KID written into the second run's metrics.csv
@@ -172,7 +173,7 @@ def test_bad_run_folders_raise_report_error_naming_them(runs, tmp_path):
 def test_cells_and_names():
     assert [cell_text(v) for v in (None, "", 0.123456, 3, "x")] == [DASH, DASH, "0.1235", "3", "x"]
     assert sanitise("run b!") == "run-b" and sanitise("..") == "run"
-    assert _unique_names([Path("/x/run"), Path("/y/run"), Path("/z/run")]) == [
+    assert unique_names([Path("/x/run"), Path("/y/run"), Path("/z/run")]) == [
         "run",
         "run-2",
         "run-3",

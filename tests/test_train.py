@@ -12,8 +12,9 @@ from conftest import run_cli, tiny_config
 from PIL import Image
 
 from animeddim import checkpoint as ckpt
+from animeddim.run_folder import RunFolderError, load_run_config
 from animeddim.runtime import compiler_available
-from animeddim.train import RunFolderError, load_run_config, train
+from animeddim.train import train
 
 
 def test_cli_train_then_sample(avatars16, tmp_path):

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
 from .config import ConfigError, RunConfig
+from .io import atomic_file
 from .unet import UNet
 
 FORMAT = "animeddim-checkpoint"
@@ -37,30 +38,19 @@ def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any
     path.parent.mkdir(parents=True, exist_ok=True)
     header = {"animeddim": json.dumps({"format": FORMAT, "version": VERSION, **meta})}
     data = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, header)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     global _saves
     _saves += 1
-    try:
-        with open(tmp, "wb") as f:
-            if _kill_requested("write"):  # test hook: die with half the file written
-                f.write(data[: len(data) // 2])
-                f.flush()
-                _die()
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if _kill_requested("rename"):
+
+    def before_rename() -> None:
+        if _kill_requested("rename"):  # test hook: die with the temporary file complete
             _die()
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.filename is None:  # name the file in the one-line error the CLI prints
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+
+    with atomic_file(path, before_rename=before_rename) as f:
+        if _kill_requested("write"):  # test hook: die with half the file written
+            f.write(data[: len(data) // 2])
+            f.flush()
+            _die()
+        f.write(data)
     if _kill_requested("done"):
         _die()
     return path
@@ -80,32 +70,6 @@ def _kill_requested(phase: str) -> bool:
 
 def _die() -> None:  # pragma: no cover - the process ends here
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def remove_stale_temp_files(folder: str | Path) -> list[Path]:
-    """Delete temporary files a killed process left in `folder` (".NAME.tmp-PID"); return them.
-
-    Only call this when no other process writes into `folder` (e.g. when resuming a run).
-    """
-    removed = []
-    for f in Path(folder).glob(".*.tmp*"):
-        if f.is_file():
-            f.unlink(missing_ok=True)
-            removed.append(f)
-    return removed
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -545,7 +545,7 @@ RESUME_FLAGS = (  # train settings that may change when a run is resumed
 
 def resume_config_from_args(a: argparse.Namespace) -> Any:
     """The run's own config.json, with the explicitly given resumable flags applied."""
-    from .train import load_run_config
+    from .run_folder import load_run_config
 
     fixed = [
         f"--{d.replace('_', '-')}"
@@ -637,8 +637,8 @@ def _settings(a: argparse.Namespace, device, **over):
 
 def cmd_sample(a: argparse.Namespace) -> int:
     from .distributed import shard_images
+    from .io import save_grid
     from .pipelines import draw, trajectory
-    from .train import save_grid
 
     if not a.out and not a.grid and not a.trajectory:
         raise CliError("give --out DIR, --grid FILE.png and/or --trajectory FILE.png")
@@ -840,11 +840,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def write_pngs(images_u8, out: Path, seed: int, first_index: int = 0) -> None:
-    from PIL import Image
+    from .io import save_pngs
 
-    out.mkdir(parents=True, exist_ok=True)
-    for i, im in enumerate(images_u8.numpy()):
-        Image.fromarray(im).save(out / f"seed{seed}-{first_index + i:06d}.png")
+    names = [f"seed{seed}-{first_index + i:06d}.png" for i in range(len(images_u8))]
+    save_pngs(images_u8, out, names)
 
 
 # --- entry point --------------------------------------------------------------------------
@@ -855,7 +854,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .data import DataError
     from .report import ReportError
-    from .train import RunFolderError
+    from .run_folder import RunFolderError
 
     errs: list[type[BaseException]] = [
         CliError,

@@ -29,6 +29,8 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from .io import default_cache_dir, write_text_atomic
+
 if TYPE_CHECKING:
     import torch
 
@@ -370,12 +372,6 @@ def skip_summary(skipped: Sequence[Skipped], tried: int, limit: int = 5) -> str:
     return f"skipped {len(skipped)} of {tried} files that could not be decoded: {shown}{more}"
 
 
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/animeddim`` or ``~/.cache/animeddim``: never inside the user's data."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "animeddim"
-
-
 def _cache_key(root: Path, rels: list[str], files: list[Path], size: int) -> str:
     """Hash of everything that determines the decoded array: folder, size, and each file's
     relative path, byte size and mtime (a changed, added or removed file gives a new key)."""
@@ -448,24 +444,6 @@ def _read_cache(
         return images, list(meta["reasons"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` via a temporary ".NAME.tmp-PID" file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    """Hex digest of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import importlib.metadata
-import io
 import json
 import os
 import re
@@ -35,9 +34,16 @@ from animeddim.data import (
     SkippedFilesWarning,
     _decode,
     _pool_context,
-    file_digest,
     find_images,
     skip_summary,
+)
+from animeddim.io import (
+    file_digest,
+    is_temp_name,
+    png_bytes,
+    save_png,
+    write_bytes_atomic,
+    write_text_atomic,
 )
 
 AVATAR_STYLE = "adventurer"
@@ -49,9 +55,8 @@ FLOWERS102_MD5 = "52808999861908f626f3c1f4e79d11fa"
 MAX_MEMBER_BYTES = 256 * 1024**2
 
 _PENDING = ".animeddim-pending.json"  # arguments of a generation run that has not finished
-_OUTPUT_NAME = re.compile(r"\d{6}\.png|\..*\.tmp")  # what prepare() writes, bar manifest.json
+_OUTPUT_NAME = re.compile(r"\d{6}\.png")  # what prepare() writes, bar manifest.json
 _AVATAR_NAME = re.compile(r"avatar-\d{6}\.png")
-_TMP_NAME = re.compile(r"\..*\.tmp")
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,15 +97,8 @@ def _render_avatar(seed: int, i: int, size: int) -> np.ndarray:
 def _render_chunk(out: str, seed: int, size: int, indices: list[int]) -> int:
     """Render and write ``avatar-{i:06d}.png`` for each index; returns how many were written."""
     for i in indices:
-        _write_png(Path(out) / f"avatar-{i:06d}.png", _render_avatar(seed, i, size))
+        save_png(Path(out) / f"avatar-{i:06d}.png", _render_avatar(seed, i, size))
     return len(indices)
-
-
-def _write_png(path: Path, pixels: np.ndarray) -> None:
-    """Write an RGB PNG via a temporary name, so an interrupted run never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(pixels, mode="RGB").save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def _avatar_manifest(n: int, size: int, seed: int) -> dict[str, Any]:
@@ -170,9 +168,7 @@ def generate_avatars(
     _render_missing(out, seed, size, missing, workers, progress)
     (out / "CREDITS.md").write_text(_credits_text(), "utf-8")
     # The manifest is written last: its presence means every image is complete.
-    tmp = out / f".manifest.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(wanted, indent=2) + "\n", "utf-8")
-    os.replace(tmp, manifest_path)
+    write_text_atomic(manifest_path, json.dumps(wanted, indent=2) + "\n")
     pending_path.unlink()
     return out
 
@@ -180,7 +176,7 @@ def generate_avatars(
 def _check_only_avatars(out: Path, size: int) -> None:
     """Without a manifest, accept only leftovers of an avatar run of this size (else DataError)."""
     for path in out.iterdir():
-        if path.name == "CREDITS.md" or _TMP_NAME.fullmatch(path.name):
+        if path.name == "CREDITS.md" or is_temp_name(path.name):
             continue
         if not _AVATAR_NAME.fullmatch(path.name):
             raise DataError(
@@ -289,9 +285,7 @@ def _prepare_one(data: bytes, size: int) -> tuple[bytes | None, str | None]:
         pixels = _decode(data, size)
     except BadImage as exc:
         return None, exc.reason
-    buf = io.BytesIO()
-    Image.fromarray(pixels, mode="RGB").save(buf, format="PNG")
-    return buf.getvalue(), None
+    return png_bytes(pixels), None
 
 
 def _source_id(src: Path, size: int) -> dict[str, Any]:
@@ -335,7 +329,9 @@ def prepare(
             )
         if src.is_file() and {k: previous.get(k) for k in wanted} == wanted:
             return out  # same archive, same size: already done
-    elif out.exists() and any(not _OUTPUT_NAME.fullmatch(p.name) for p in out.iterdir()):
+    elif out.exists() and any(
+        not (_OUTPUT_NAME.fullmatch(p.name) or is_temp_name(p.name)) for p in out.iterdir()
+    ):
         raise DataError(f"folder '{out}' is not empty; prepare into a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
 
@@ -363,7 +359,7 @@ def prepare(
                 if png is None:
                     skipped.append(Skipped(name, reason or ""))
                     continue
-                _write_bytes(out / f"{count:06d}.png", png)
+                write_bytes_atomic(out / f"{count:06d}.png", png)
                 count += 1
     finally:
         if pool is not None:
@@ -385,7 +381,7 @@ def prepare(
         "count": count,
         "skipped": [[s.path, s.reason] for s in skipped],
     }
-    _write_bytes(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_bytes_atomic(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
     return out
 
 
@@ -398,12 +394,6 @@ def _windows(items: Iterator[Any], n: int) -> Iterator[list[Any]]:
             window = []
     if window:
         yield window
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------

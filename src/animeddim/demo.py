@@ -49,9 +49,10 @@ def _shipped_run_folder(out: Path, reference_src: Path) -> Path:
 def run_demo(out: Path, *, train_minutes: float = 3.0, eval_n: int = 300) -> int:
     from . import metrics
     from .datasets import generate_avatars
+    from .io import save_grid
     from .pipelines import SampleSettings, draw, evaluate
     from .report import write_report
-    from .train import save_grid, train
+    from .train import train
 
     t_all = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

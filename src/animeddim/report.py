@@ -19,21 +19,19 @@ from __future__ import annotations
 
 import csv
 import html
-import json
 import math
-import re
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .config import ConfigError, RunConfig, ScheduleConfig
+from .config import ScheduleConfig
+from .run_folder import DASH, RunFiles, RunFolderError, number_or_none, read_run, unique_names
 
-DASH = "–"  # what an empty or missing value prints as
 FORWARD_TIMES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)  # Fig. 1 forward-process times
 REVERSE_COLUMNS = 7  # reverse steps shown in Fig. 1 (first and last always included)
 SAMPLE_ROWS, SAMPLE_COLS = 4, 8  # sample grid of the EMA network
@@ -49,100 +47,7 @@ _LOSSES = (
 )
 
 
-class ReportError(ValueError):
-    """A run folder cannot be reported on; the message names the folder and what is missing."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading run folders
-
-
-@dataclass
-class RunFiles:
-    """What one run folder holds, parsed; numbers are floats, empty cells None."""
-
-    path: Path
-    name: str  # sanitised folder name, unique within one report
-    config: RunConfig
-    rows: list[dict[str, float | None]]  # metrics.csv, one per epoch, in file order
-    evals: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # oldest first
-    steps: list[dict[str, str]] | None = None  # steps.csv rows, None if there is none
-
-    @property
-    def dataset(self) -> str:
-        """Basename of the training folder (config data.path), e.g. "danbooru"."""
-        return Path(self.config.data.path).name or self.config.data.path or DASH
-
-    @property
-    def has_kid(self) -> bool:
-        return any(r.get("kid") is not None for r in self.rows)
-
-    @property
-    def has_val(self) -> bool:
-        return any(r.get("val_noise_loss") is not None for r in self.rows)
-
-
-def sanitise(name: str) -> str:
-    """A folder name made safe for file names: letters, digits, '.', '_' and '-' only."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "run"
-
-
-def _number(s: str | None) -> float | None:
-    """A CSV cell as a float; empty or unparsable cells are None (printed as a dash)."""
-    if s is None or not s.strip():
-        return None
-    try:
-        return float(s)
-    except ValueError:
-        return None
-
-
-def read_run(path: str | Path, name: str | None = None) -> RunFiles:
-    """Parse a run folder; ReportError naming the folder if config.json or metrics.csv is bad."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ReportError(f"run folder {str(path)!r} does not exist")
-    missing = [f for f in ("config.json", "metrics.csv") if not (path / f).is_file()]
-    if missing:
-        raise ReportError(
-            f"{str(path)!r} is not an animeddim run folder: no {' and no '.join(missing)} "
-            "(both are written by `animeddim train`)"
-        )
-    try:
-        config = RunConfig.from_dict(json.loads((path / "config.json").read_text("utf-8")))
-        config.validate()
-    except (OSError, json.JSONDecodeError, ConfigError) as e:
-        raise ReportError(f"cannot read {str(path / 'config.json')!r}: {e}") from None
-    with open(path / "metrics.csv", newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if "epoch" not in (reader.fieldnames or []):
-            raise ReportError(f"{str(path / 'metrics.csv')!r} has no 'epoch' column")
-        rows = [{k: _number(v) for k, v in r.items() if k} for r in reader]
-    rows = [r for r in rows if r.get("epoch") is not None]
-    evals = []
-    # Newest last: by modification time, then name, so "the newest" is well defined.
-    for p in sorted(path.glob("eval-*.json"), key=lambda p: (p.stat().st_mtime, p.name)):
-        try:
-            evals.append((p.name, json.loads(p.read_text("utf-8"))))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ReportError(f"cannot read {str(p)!r}: {e}") from None
-    steps = None
-    if (path / "steps.csv").is_file():
-        with open(path / "steps.csv", newline="", encoding="utf-8") as f:
-            steps = list(csv.DictReader(f))
-    return RunFiles(path, name or sanitise(path.resolve().name), config, rows, evals, steps)
-
-
-def _unique_names(paths: Sequence[Path]) -> list[str]:
-    """Sanitised folder names, suffixed -2, -3, ... where two runs share a name."""
-    names: list[str] = []
-    for p in paths:
-        base = sanitise(p.resolve().name)
-        name, k = base, 2
-        while name in names:
-            name, k = f"{base}-{k}", k + 1
-        names.append(name)
-    return names
+ReportError = RunFolderError  # a run folder cannot be reported on; the message says why
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,11 +243,11 @@ def steps_table(runs: Sequence[RunFiles]) -> Table:
                 [
                     run.name,
                     sampler_label(r.get("sampler"), r.get("clip_x0")),
-                    _number(r.get("eta")),
+                    number_or_none(r.get("eta")),
                     _int_or_none(r.get("steps")),
-                    _number(r.get("kid_mean")),
-                    _number(r.get("kid_std")),
-                    _number(r.get("seconds_per_image")),
+                    number_or_none(r.get("kid_mean")),
+                    number_or_none(r.get("kid_std")),
+                    number_or_none(r.get("seconds_per_image")),
                 ]
             )
     named = sorted(p for p in protocols if p)
@@ -356,7 +261,7 @@ def steps_table(runs: Sequence[RunFiles]) -> Table:
 
 
 def _int_or_none(s: str | None) -> int | None:
-    v = _number(s)
+    v = number_or_none(s)
     return None if v is None or not math.isfinite(v) else int(v)
 
 
@@ -717,8 +622,8 @@ def _ckpt_name(loaded) -> str:
 
 
 def _samples(run: RunFiles, loaded, out: Path, seed: int, steps: int, device) -> list[Block]:
+    from .io import save_grid
     from .sampling import generate
-    from .train import save_grid
 
     name = f"samples-{run.name}.png"
     cfg = run.config
@@ -781,7 +686,7 @@ def write_report(
         raise ReportError(f"invalid steps = {steps!r}: expected an integer >= 1")
     paths = [Path(r) for r in runs]
     # Read every folder before writing anything: a bad one fails fast with no half report.
-    data = [read_run(p, name) for p, name in zip(paths, _unique_names(paths), strict=True)]
+    data = [read_run(p, name) for p, name in zip(paths, unique_names(paths), strict=True)]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 

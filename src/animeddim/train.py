@@ -8,11 +8,7 @@ and flips, so a resumed run sees exactly what an uninterrupted one would have se
 from __future__ import annotations
 
 import copy
-import csv
-import json
 import math
-import os
-import re
 import time
 import warnings
 from collections.abc import Callable
@@ -29,6 +25,13 @@ from . import checkpoint as ckpt
 from . import data as data_mod
 from . import distributed
 from .config import ConfigError, RunConfig
+from .io import save_grid, write_text_atomic
+from .run_folder import (
+    append_metrics,
+    latest_checkpoint,
+    prepare_run_dir,
+    truncate_metrics,
+)
 from .runtime import (
     autocast,
     default_channels_last,
@@ -43,30 +46,12 @@ from .sampling import generate
 from .schedule import diffuse, predict_x0
 from .unet import UNet
 
-METRIC_COLUMNS = [
-    "epoch",
-    "step",
-    "train_noise_loss",
-    "train_image_loss",
-    "val_noise_loss",
-    "val_image_loss",
-    "kid",
-    "learning_rate",
-    "images_per_s",
-    "epoch_seconds",
-    "wall_seconds",
-    "kid_seconds",
-]
 VAL_SEED = 0x5EED  # validation noise and times are the same every epoch
 GRID_IMAGES = 18  # 3 x 6 sample grid per epoch, as in the Keras example
 
 
 class TrainingDiverged(RuntimeError):
     """A loss became NaN or infinite; the message names the step."""
-
-
-class RunFolderError(ValueError):
-    """The run folder cannot be used (exists with another run, missing on resume, ...)."""
 
 
 @dataclass
@@ -118,85 +103,6 @@ def _normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.
     return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
-def prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
-    cfg_file = run_dir / "config.json"
-    if resume:
-        if not cfg_file.is_file():
-            raise RunFolderError(f"cannot resume: {str(run_dir)!r} is not an animeddim run folder")
-        for d in (run_dir, run_dir / "checkpoints", run_dir / "samples"):
-            ckpt.remove_stale_temp_files(d)  # half-written files of a killed process
-        return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise RunFolderError(
-            f"run folder {str(run_dir)!r} already holds files; use --resume to continue "
-            "that run or choose a new --out"
-        )
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (run_dir / "samples").mkdir(exist_ok=True)
-    data_mod.write_text_atomic(cfg_file, cfg.to_json() + "\n")
-
-
-def load_run_config(run_dir: Path) -> RunConfig:
-    """The config.json of an existing run folder."""
-    if not (Path(run_dir) / "config.json").is_file():
-        raise RunFolderError(f"{str(run_dir)!r} is not an animeddim run folder (no config.json)")
-    try:
-        d = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise RunFolderError(f"cannot read {str(run_dir / 'config.json')!r}: {e}") from None
-    return RunConfig.from_dict(d).validate()
-
-
-def _append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
-    path = run_dir / "metrics.csv"
-    new = not path.exists()
-    with open(path, "a", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v)
-
-
-def _truncate_metrics(run_dir: Path, epoch: int) -> None:
-    """Drop rows of epochs after `epoch` (they came after the checkpoint we resume from)."""
-    path = run_dir / "metrics.csv"
-    if not path.exists():
-        return
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= epoch]
-    tmp = path.with_name(".metrics.csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-
-
-def save_grid(images_u8: torch.Tensor, path: Path, cols: int) -> None:
-    """Tile uint8 [N x H x W x C] images into one PNG."""
-    from PIL import Image
-
-    n, h, w, c = images_u8.shape
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * h, cols * w, c), 255, dtype=np.uint8)
-    for i, im in enumerate(images_u8.numpy()):
-        r, k = divmod(i, cols)
-        grid[r * h : (r + 1) * h, k * w : (k + 1) * w] = im
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(tmp)
-    os.replace(tmp, path)
-
-
 def _training_tensors(model, ema, optimizer, mean, std) -> dict[str, torch.Tensor]:
     tensors = {
         **ckpt.with_prefix(model.state_dict(), "model"),
@@ -216,62 +122,6 @@ def _restore_optimizer(optimizer, tensors: dict[str, torch.Tensor], groups: list
         i, name = k.split(".", 1)
         state.setdefault(int(i), {})[name] = v
     optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-def latest_checkpoint(
-    run_dir: Path, cfg: RunConfig, log: Callable[[str], None] = print
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and metadata of the newest complete checkpoint of the run in `run_dir`.
-
-    That is last.safetensors, or a step-N file with a higher step: a kill between writing
-    step-N and last.safetensors, or a damaged last.safetensors, leaves step-N the newest.
-    CheckpointError if none is readable or the newest belongs to another model or schedule.
-    """
-    d = run_dir / "checkpoints"
-    found, errors = None, []
-    try:
-        if (d / "last.safetensors").is_file():
-            found = (*ckpt.load(d / "last.safetensors"), d / "last.safetensors")
-    except ckpt.CheckpointError as e:
-        errors.append(str(e))
-    files = d.iterdir() if d.is_dir() else ()
-    names = ((re.fullmatch(r"step-(\d+)\.safetensors", f.name), f) for f in files)
-    steps = [(int(m.group(1)), f) for m, f in names if m]
-    for n, f in sorted(steps, reverse=True):
-        if found is not None and n <= found[1]["step"]:
-            break
-        try:
-            found = (*ckpt.load(f), f)
-            break
-        except ckpt.CheckpointError as e:
-            errors.append(str(e))
-    if found is None:
-        raise ckpt.CheckpointError(
-            f"cannot resume: run folder {str(run_dir)!r} holds no complete checkpoint"
-            + (f" ({errors[0]})" if errors else " (the run stopped before its first one)")
-        )
-    tensors, meta, f = found
-    if f.name != "last.safetensors":
-        log(f"note: resuming from {f.name}, newer than last.safetensors")
-    _check_same_run(meta, cfg, f)
-    return tensors, meta
-
-
-def _check_same_run(meta: dict[str, Any], cfg: RunConfig, path: Path) -> None:
-    """CheckpointError unless the checkpoint's network and schedule are those of `cfg`."""
-    try:
-        stored = RunConfig.from_dict(meta["config"])
-    except (KeyError, ConfigError) as e:
-        raise ckpt.CheckpointError(f"{str(path)!r} has no usable config: {e}") from None
-    for part in ("model", "schedule"):
-        mine, theirs = getattr(cfg, part), getattr(stored, part)
-        diff = [k for k, v in vars(mine).items() if vars(theirs)[k] != v]
-        if diff:
-            k = diff[0]
-            raise ckpt.CheckpointError(
-                f"{str(path)!r} belongs to another run: {part}.{k} is "
-                f"{getattr(theirs, k)!r} there and {getattr(mine, k)!r} in config.json"
-            )
 
 
 def _all_finite(module: torch.nn.Module) -> bool:
@@ -303,7 +153,7 @@ def train(
     def prepare() -> None:
         prepare_run_dir(run_dir, cfg, resume)
         if resume:  # the config may extend the run (more epochs) or move it (device, precision)
-            data_mod.write_text_atomic(run_dir / "config.json", cfg.to_json() + "\n")
+            write_text_atomic(run_dir / "config.json", cfg.to_json() + "\n")
 
     distributed.on_main(prepare)
     if not distributed.is_main():
@@ -377,7 +227,7 @@ def train(
             acc.zero_()  # the checkpoint holds the sum over all ranks; rank 0 carries it
         best_kid = meta.get("best_kid") or math.inf
         if distributed.is_main():
-            _truncate_metrics(run_dir, epoch)
+            truncate_metrics(run_dir, epoch)
         log(f"resuming {run_dir} at epoch {epoch + 1}, step {step}")
     mean_d, std_d = mean.to(device), std.to(device)
     do_compile = tc.compile
@@ -583,7 +433,7 @@ def train(
             # Metrics row first: a kill between the two resumes from an earlier checkpoint,
             # which drops this row and writes it again, instead of losing it.
             if distributed.is_main():
-                _append_metrics(run_dir, last_row)
+                append_metrics(run_dir, last_row)
             save_checkpoint(last_ckpt)
             log(
                 f"epoch {epoch}/{tc.epochs}: noise loss {last_row['train_noise_loss']:.4f} "

@@ -1,0 +1,258 @@
+"""What a run folder holds, and reading and writing it.
+
+    RUN/config.json                  the RunConfig (data, model, schedule, train)
+    RUN/metrics.csv                  one row per finished epoch (METRIC_COLUMNS)
+    RUN/reference.png                the first validation images (for the report's Fig. 1)
+    RUN/samples/epoch-NNNN.png       a sample grid of the EMA network per epoch
+    RUN/checkpoints/last.safetensors the newest checkpoint (and step-N, best-kid)
+    RUN/eval-*.json, RUN/steps.csv   what `evaluate` and a steps study wrote
+
+Knows nothing of training: `train` calls these to create, resume and append to a run;
+`report` calls `read_run`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import ConfigError, RunConfig
+from .io import remove_stale_temp_files, write_text_atomic
+
+DASH = "–"  # what an empty or missing value prints as
+
+METRIC_COLUMNS = [
+    "epoch",
+    "step",
+    "train_noise_loss",
+    "train_image_loss",
+    "val_noise_loss",
+    "val_image_loss",
+    "kid",
+    "learning_rate",
+    "images_per_s",
+    "epoch_seconds",
+    "wall_seconds",
+    "kid_seconds",
+]
+
+
+class RunFolderError(ValueError):
+    """The run folder cannot be used (exists with another run, missing on resume, ...)."""
+
+
+def prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
+    cfg_file = run_dir / "config.json"
+    if resume:
+        if not cfg_file.is_file():
+            raise RunFolderError(f"cannot resume: {str(run_dir)!r} is not an animeddim run folder")
+        for d in (run_dir, run_dir / "checkpoints", run_dir / "samples"):
+            remove_stale_temp_files(d)  # half-written files of a killed process
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise RunFolderError(
+            f"run folder {str(run_dir)!r} already holds files; use --resume to continue "
+            "that run or choose a new --out"
+        )
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run_dir / "samples").mkdir(exist_ok=True)
+    write_text_atomic(cfg_file, cfg.to_json() + "\n")
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    """The config.json of an existing run folder."""
+    if not (Path(run_dir) / "config.json").is_file():
+        raise RunFolderError(f"{str(run_dir)!r} is not an animeddim run folder (no config.json)")
+    try:
+        d = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunFolderError(f"cannot read {str(run_dir / 'config.json')!r}: {e}") from None
+    return RunConfig.from_dict(d).validate()
+
+
+def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
+    path = run_dir / "metrics.csv"
+    new = not path.exists()
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def truncate_metrics(run_dir: Path, epoch: int) -> None:
+    """Drop rows of epochs after `epoch` (they came after the checkpoint we resume from)."""
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        return
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= epoch]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\r\n")
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+
+
+def latest_checkpoint(
+    run_dir: Path, cfg: RunConfig, log: Callable[[str], None] = print
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and metadata of the newest complete checkpoint of the run in `run_dir`.
+
+    That is last.safetensors, or a step-N file with a higher step: a kill between writing
+    step-N and last.safetensors, or a damaged last.safetensors, leaves step-N the newest.
+    CheckpointError if none is readable or the newest belongs to another model or schedule.
+    """
+    d = run_dir / "checkpoints"
+    found, errors = None, []
+    try:
+        if (d / "last.safetensors").is_file():
+            found = (*ckpt.load(d / "last.safetensors"), d / "last.safetensors")
+    except ckpt.CheckpointError as e:
+        errors.append(str(e))
+    files = d.iterdir() if d.is_dir() else ()
+    names = ((re.fullmatch(r"step-(\d+)\.safetensors", f.name), f) for f in files)
+    steps = [(int(m.group(1)), f) for m, f in names if m]
+    for n, f in sorted(steps, reverse=True):
+        if found is not None and n <= found[1]["step"]:
+            break
+        try:
+            found = (*ckpt.load(f), f)
+            break
+        except ckpt.CheckpointError as e:
+            errors.append(str(e))
+    if found is None:
+        raise ckpt.CheckpointError(
+            f"cannot resume: run folder {str(run_dir)!r} holds no complete checkpoint"
+            + (f" ({errors[0]})" if errors else " (the run stopped before its first one)")
+        )
+    tensors, meta, f = found
+    if f.name != "last.safetensors":
+        log(f"note: resuming from {f.name}, newer than last.safetensors")
+    _check_same_run(meta, cfg, f)
+    return tensors, meta
+
+
+def _check_same_run(meta: dict[str, Any], cfg: RunConfig, path: Path) -> None:
+    """CheckpointError unless the checkpoint's network and schedule are those of `cfg`."""
+    try:
+        stored = RunConfig.from_dict(meta["config"])
+    except (KeyError, ConfigError) as e:
+        raise ckpt.CheckpointError(f"{str(path)!r} has no usable config: {e}") from None
+    for part in ("model", "schedule"):
+        mine, theirs = getattr(cfg, part), getattr(stored, part)
+        diff = [k for k, v in vars(mine).items() if vars(theirs)[k] != v]
+        if diff:
+            k = diff[0]
+            raise ckpt.CheckpointError(
+                f"{str(path)!r} belongs to another run: {part}.{k} is "
+                f"{getattr(theirs, k)!r} there and {getattr(mine, k)!r} in config.json"
+            )
+
+
+@dataclass
+class RunFiles:
+    """What one run folder holds, parsed; numbers are floats, empty cells None."""
+
+    path: Path
+    name: str  # sanitised folder name, unique within one report
+    config: RunConfig
+    rows: list[dict[str, float | None]]  # metrics.csv, one per epoch, in file order
+    evals: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # oldest first
+    steps: list[dict[str, str]] | None = None  # steps.csv rows, None if there is none
+
+    @property
+    def dataset(self) -> str:
+        """Basename of the training folder (config data.path), e.g. "danbooru"."""
+        return Path(self.config.data.path).name or self.config.data.path or DASH
+
+    @property
+    def has_kid(self) -> bool:
+        return any(r.get("kid") is not None for r in self.rows)
+
+    @property
+    def has_val(self) -> bool:
+        return any(r.get("val_noise_loss") is not None for r in self.rows)
+
+
+def sanitise(name: str) -> str:
+    """A folder name made safe for file names: letters, digits, '.', '_' and '-' only."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "run"
+
+
+def number_or_none(s: str | None) -> float | None:
+    """A CSV cell as a float; empty or unparsable cells are None (printed as a dash)."""
+    if s is None or not s.strip():
+        return None
+    try:
+        return float(s)
+    except ValueError:
+        return None
+
+
+def read_run(path: str | Path, name: str | None = None) -> RunFiles:
+    """Parse a run folder; RunFolderError naming the folder if config.json or metrics.csv is bad."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RunFolderError(f"run folder {str(path)!r} does not exist")
+    missing = [f for f in ("config.json", "metrics.csv") if not (path / f).is_file()]
+    if missing:
+        raise RunFolderError(
+            f"{str(path)!r} is not an animeddim run folder: no {' and no '.join(missing)} "
+            "(both are written by `animeddim train`)"
+        )
+    try:
+        config = RunConfig.from_dict(json.loads((path / "config.json").read_text("utf-8")))
+        config.validate()
+    except (OSError, json.JSONDecodeError, ConfigError) as e:
+        raise RunFolderError(f"cannot read {str(path / 'config.json')!r}: {e}") from None
+    with open(path / "metrics.csv", newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if "epoch" not in (reader.fieldnames or []):
+            raise RunFolderError(f"{str(path / 'metrics.csv')!r} has no 'epoch' column")
+        rows = [{k: number_or_none(v) for k, v in r.items() if k} for r in reader]
+    rows = [r for r in rows if r.get("epoch") is not None]
+    evals = []
+    # Newest last: by modification time, then name, so "the newest" is well defined.
+    for p in sorted(path.glob("eval-*.json"), key=lambda p: (p.stat().st_mtime, p.name)):
+        try:
+            evals.append((p.name, json.loads(p.read_text("utf-8"))))
+        except (OSError, json.JSONDecodeError) as e:
+            raise RunFolderError(f"cannot read {str(p)!r}: {e}") from None
+    steps = None
+    if (path / "steps.csv").is_file():
+        with open(path / "steps.csv", newline="", encoding="utf-8") as f:
+            steps = list(csv.DictReader(f))
+    return RunFiles(path, name or sanitise(path.resolve().name), config, rows, evals, steps)
+
+
+def unique_names(paths: Sequence[Path]) -> list[str]:
+    """Sanitised folder names, suffixed -2, -3, ... where two runs share a name."""
+    names: list[str] = []
+    for p in paths:
+        base = sanitise(p.resolve().name)
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}-{k}", k + 1
+        names.append(name)
+    return names
