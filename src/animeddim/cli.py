@@ -197,6 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="processes (default: all cores)",
     )
+    p.add_argument(
+        "--balanced",
+        type=_unit_float("balanced"),
+        nargs="?",
+        const=0.5,
+        default=0.0,
+        metavar="SHARE",
+        help="force glasses, earrings and details (DiceBear draws each in 10%% of avatars) on "
+        "in SHARE of them, each independently; labels.csv says what was forced (default off; "
+        "--balanced alone: 0.5)",
+    )
     p.set_defaults(func=cmd_data_avatars)
     p = data_sub.add_parser("prepare", help="archive or folder -> ready image folder")
     p.add_argument("src", help="a .zip/.tar/.tgz archive you downloaded, or a folder")
@@ -323,8 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated: standard, paper (default both)",
     )
     p.add_argument("--out", help="JSON file (default RUN/eval-<date>.json)")
+    p.add_argument(
+        "--coverage",
+        nargs="?",
+        const="shipped",
+        metavar="CLASSIFIER",
+        help="also classify the samples' attributes against --real's labels.csv (TV per "
+        "attribute; files beside --out); CLASSIFIER: a file (default: the shipped avatar one)",
+    )
     _add_metrics(p)
     p.set_defaults(func=cmd_evaluate)
+
+    from .attributes_cli import add_parsers as add_attributes_parsers
+
+    add_attributes_parsers(sub, _positive_int)
 
     # steps
     p = sub.add_parser("steps", help="steps study: standard KID vs reverse steps, per eta")
@@ -457,10 +480,19 @@ def cmd_data_avatars(a: argparse.Namespace) -> int:
     from .datasets import generate_avatars
 
     t = time.perf_counter()
-    out = generate_avatars(a.out, n=a.n, size=a.size, seed=a.seed, workers=a.workers, progress=True)
+    out = generate_avatars(
+        a.out,
+        n=a.n,
+        size=a.size,
+        seed=a.seed,
+        workers=a.workers,
+        progress=True,
+        balanced=a.balanced,
+    )
     print(
         f"{a.n} avatars ({a.size}px, seed {a.seed}) in {out} "
-        f"({time.perf_counter() - t:.1f}s); credits in {Path(out) / 'CREDITS.md'}"
+        f"({time.perf_counter() - t:.1f}s); labels in {Path(out) / 'labels.csv'}, "
+        f"credits in {Path(out) / 'CREDITS.md'}"
     )
     return 0
 
@@ -725,9 +757,17 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         out = Path(a.run) / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json"
     else:
         raise CliError("give --out FILE.json (no run folder to write into)")
+    attributes = None
+    if a.coverage:
+        from .attributes import load_classifier
+
+        if not (Path(a.real) / "labels.csv").is_file():
+            raise CliError(f"--coverage needs labels: {a.real!r} has no labels.csv")
+        attributes = load_classifier(None if a.coverage == "shipped" else a.coverage)[0]
     r = evaluate(
         loaded,
         a.real,
+        attributes=attributes,
         n=a.n,
         settings=_settings(a, device),
         extractor=_extractor(a),
@@ -743,6 +783,10 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         )
     if "paper" in r:
         print(f"KID (paper protocol) {r['paper']['kid']:.5f}  ({r['paper']['batches']} batches)")
+    if "coverage" in r:
+        from .attributes_cli import coverage_summary
+
+        print(coverage_summary(r["coverage"]))
     print(f"written: {out} ({r['seconds']:.0f}s)")
     return 0
 
@@ -850,6 +894,7 @@ def write_pngs(images_u8, out: Path, seed: int, first_index: int = 0) -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from .attributes import ClassifierError
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
@@ -857,6 +902,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .run_folder import RunFolderError
 
     errs: list[type[BaseException]] = [
+        ClassifierError,
         CliError,
         ConfigError,
         DataError,

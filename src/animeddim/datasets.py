@@ -26,6 +26,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from animeddim.avatar_labels import (
+    LABELS_FILE,
+    avatar_options,
+    forced_components,
+    label_rows,
+    write_labels_csv,
+)
 from animeddim.data import (
     IMAGE_EXTENSIONS,
     BadImage,
@@ -84,25 +91,30 @@ def avatar_seed(seed: int, i: int) -> str:
     return f"animeddim-{seed}-{i}"
 
 
-def _render_avatar(seed: int, i: int, size: int) -> np.ndarray:
-    """Avatar ``i`` of set ``seed`` as a ``(size, size, 3)`` uint8 RGB array on white."""
+def _render_avatar(seed: int, i: int, size: int, forced: tuple[str, ...] = ()) -> np.ndarray:
+    """Avatar ``i`` of set ``seed`` as a ``(size, size, 3)`` uint8 RGB array on white, with the
+    ``forced`` rare components drawn (see :mod:`animeddim.avatar_labels`)."""
     import cairosvg
     from dicebear import Avatar
 
-    svg = Avatar(_style(), {"seed": avatar_seed(seed, i), "size": size}).to_string()
+    svg = Avatar(_style(), avatar_options(avatar_seed(seed, i), size, forced)).to_string()
     png = cairosvg.svg2png(bytestring=svg.encode(), output_width=size, output_height=size)
     return _decode(png, None)  # composites the transparent background on white
 
 
-def _render_chunk(out: str, seed: int, size: int, indices: list[int]) -> int:
+def _render_chunk(out: str, seed: int, size: int, indices: list[int], balanced: float = 0.0) -> int:
     """Render and write ``avatar-{i:06d}.png`` for each index; returns how many were written."""
     for i in indices:
-        save_png(Path(out) / f"avatar-{i:06d}.png", _render_avatar(seed, i, size))
+        forced = forced_components(seed, i, balanced)
+        pixels = _render_avatar(seed, i, size, forced) if forced else _render_avatar(seed, i, size)
+        save_png(Path(out) / f"avatar-{i:06d}.png", pixels)
     return len(indices)
 
 
-def _avatar_manifest(n: int, size: int, seed: int) -> dict[str, Any]:
+def _avatar_manifest(n: int, size: int, seed: int, balanced: float = 0.0) -> dict[str, Any]:
+    # "balanced" only when set, so the manifests of plain sets made before it still match.
     return {
+        **({"balanced": balanced} if balanced > 0 else {}),
         "style": AVATAR_STYLE,
         "n": n,
         "size": size,
@@ -133,20 +145,26 @@ def generate_avatars(
     seed: int = 0,
     workers: int | None = None,
     progress: bool = False,
+    balanced: float = 0.0,
 ) -> Path:
-    """Render ``n`` DiceBear "adventurer" avatars as ``out/avatar-{i:06d}.png`` (RGB, on white).
+    """Render ``n`` DiceBear "adventurer" avatars as ``out/avatar-{i:06d}.png`` (RGB, on white),
+    and their attributes, read from DiceBear's resolved options, as ``out/labels.csv``.
 
     Image ``i`` depends only on ``(seed, i, size)`` and the DiceBear versions, so the same seed
     gives the same set and different seeds give fresh faces. ``workers`` processes render in
     chunks (None = one per CPU). Idempotent: a finished set with the same arguments returns at
     once; an interrupted one renders only its missing files; a folder holding a different set
-    raises :class:`DataError` rather than mixing two sets. Returns ``out``.
+    raises :class:`DataError` rather than mixing two sets. ``balanced`` > 0 forces each rare
+    component (glasses, earrings, details) on in that share of the avatars; labels.csv says
+    which were forced. Returns ``out``.
     """
     if n < 1 or size < 1:
         raise DataError(f"need n >= 1 and size >= 1 avatars, got n={n}, size={size}")
+    if not 0 <= balanced <= 1:
+        raise DataError(f"balanced must be a share in [0, 1], got {balanced}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    wanted = _avatar_manifest(n, size, seed)
+    wanted = _avatar_manifest(n, size, seed, balanced)
     manifest_path, pending_path = out / "manifest.json", out / _PENDING
     names = [f"avatar-{i:06d}.png" for i in range(n)]
 
@@ -158,6 +176,8 @@ def generate_avatars(
                 f"asked for {wanted}. Use another folder, or empty this one."
             )
     if manifest_path.exists() and all((out / name).exists() for name in names):
+        if not (out / LABELS_FILE).exists():  # a set made before labels were written
+            _write_labels(out, names, seed, size, balanced, progress)
         return out
     if not pending_path.exists() and not manifest_path.exists():
         _check_only_avatars(out, size)
@@ -165,7 +185,8 @@ def generate_avatars(
     # Record the arguments first, so an interrupted run is resumed only with the same ones.
     pending_path.write_text(json.dumps(wanted), "utf-8")
     missing = [i for i, name in enumerate(names) if not (out / name).exists()]
-    _render_missing(out, seed, size, missing, workers, progress)
+    _render_missing(out, seed, size, missing, workers, progress, balanced)
+    _write_labels(out, names, seed, size, balanced, progress)
     (out / "CREDITS.md").write_text(_credits_text(), "utf-8")
     # The manifest is written last: its presence means every image is complete.
     write_text_atomic(manifest_path, json.dumps(wanted, indent=2) + "\n")
@@ -176,7 +197,7 @@ def generate_avatars(
 def _check_only_avatars(out: Path, size: int) -> None:
     """Without a manifest, accept only leftovers of an avatar run of this size (else DataError)."""
     for path in out.iterdir():
-        if path.name == "CREDITS.md" or is_temp_name(path.name):
+        if path.name in ("CREDITS.md", LABELS_FILE) or is_temp_name(path.name):
             continue
         if not _AVATAR_NAME.fullmatch(path.name):
             raise DataError(
@@ -191,8 +212,22 @@ def _check_only_avatars(out: Path, size: int) -> None:
                 )
 
 
+def _write_labels(
+    out: Path, names: list[str], seed: int, size: int, balanced: float, progress: bool
+) -> None:
+    forced = [forced_components(seed, i, balanced) for i in range(len(names))]
+    seeds = [avatar_seed(seed, i) for i in range(len(names))]
+    write_labels_csv(out / LABELS_FILE, label_rows(names, seeds, forced, size, progress))
+
+
 def _render_missing(
-    out: Path, seed: int, size: int, missing: list[int], workers: int | None, progress: bool
+    out: Path,
+    seed: int,
+    size: int,
+    missing: list[int],
+    workers: int | None,
+    progress: bool,
+    balanced: float = 0.0,
 ) -> None:
     workers = max(1, min(workers or os.cpu_count() or 1, len(missing) // 2 or 1))
     chunk = max(1, min(256, len(missing) // (workers * 4) or 1))
@@ -200,10 +235,12 @@ def _render_missing(
     with tqdm(total=len(missing), desc="avatars", unit="img", disable=not progress) as bar:
         if workers == 1:
             for part in chunks:
-                bar.update(_render_chunk(str(out), seed, size, part))
+                bar.update(_render_chunk(str(out), seed, size, part, balanced))
             return
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=_pool_context()) as pool:
-            futures = [pool.submit(_render_chunk, str(out), seed, size, part) for part in chunks]
+            futures = [
+                pool.submit(_render_chunk, str(out), seed, size, part, balanced) for part in chunks
+            ]
             for future in concurrent.futures.as_completed(futures):
                 bar.update(future.result())
 

@@ -113,12 +113,15 @@ def evaluate(
     protocols: Sequence[str] = ("standard", "paper"),
     cache_dir: Path | None = None,
     paper_batch: int = 64,
+    attributes: Any = None,
 ) -> dict[str, Any]:
     """Generate n images and compare them with the real folder.
 
     standard: KID (mean, std over 100 subsets) and FID, torch-fidelity protocol;
     paper: Keras per-batch KID between batches of generated and real images.
     Real-image features are cached on disk, keyed by the folder's content.
+    :param attributes: an attribute classifier: also report coverage (`coverage.coverage`)
+        against the real folder's labels.csv, written beside `out` as OUT-coverage/.
     :return: the summary, also written to `out` (JSON) when given.
     """
     t0 = time.perf_counter()
@@ -170,6 +173,12 @@ def evaluate(
             "batch_size": paper_batch,
             "seconds": round(time.perf_counter() - t2, 2),
         }
+    if attributes is not None:
+        from .coverage import coverage, real_set, write_coverage
+
+        result["coverage"] = coverage(attributes, fake.numpy(), *real_set(attributes, real))
+        if out is not None:
+            write_coverage(result["coverage"], Path(out).with_name(Path(out).stem + "-coverage"))
     result["seconds"] = round(time.perf_counter() - t0, 2)
     if out is not None:
         write_text_atomic(Path(out), json.dumps(result, indent=2) + "\n")

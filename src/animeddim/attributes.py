@@ -1,0 +1,371 @@
+"""An attribute classifier: a small CNN with one head per attribute, trained on labelled images.
+
+It is the instrument that measures what a generator draws (:mod:`animeddim.coverage`): its
+accuracy on held-out real images is the ceiling of what it can judge, and is written beside it.
+A classifier file is one safetensors file (weights in half precision) whose JSON header entry
+``animeddim-attributes`` holds the architecture, the vocabulary (attribute -> values, in code
+order) and how it was trained, so it rebuilds itself; loading one runs no code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from .labels import NULL, Labels
+
+FORMAT = "animeddim-attributes"
+VERSION = 1
+SHIPPED_CLASSIFIER = "attributes-avatars"  # models/attributes-avatars.safetensors (+ .json)
+
+
+class ClassifierError(ValueError):
+    """A classifier file that is missing, damaged or foreign, or unusable input."""
+
+
+@dataclass
+class ClassifierConfig:
+    """Architecture of an attribute classifier."""
+
+    image_size: int = 64  # images are resized to this before classifying
+    widths: tuple[int, ...] = (32, 48, 64, 96)  # a stride-2 4x4 stem, then stride-2 stages
+    vocab: dict[str, tuple[str, ...]] = field(default_factory=dict)  # attribute -> values
+
+
+@dataclass
+class TrainSettings:
+    """How a classifier is trained."""
+
+    epochs: int = 12  # passes over the training images
+    batch_size: int = 64  # images per step
+    learning_rate: float = 3e-3  # AdamW peak rate (one-cycle schedule)
+    weight_decay: float = 1e-4  # AdamW weight decay
+    val_fraction: float = 0.1  # share of the images held out to report accuracy
+    seed: int = 0  # initialisation, split, batches and augmentation
+    shift: int = 2  # random translation of up to this many pixels (at image_size)
+    noise: float = 0.04  # Gaussian pixel noise of standard deviation up to this (0..1 scale)
+
+
+def _conv_bn(c_in: int, c_out: int, stride: int, kernel: int = 3) -> nn.Sequential:
+    pad = (kernel - 1) // 2 if kernel % 2 else kernel // 2 - 1
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel, stride, pad, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()
+    )
+
+
+class AttributeNet(nn.Module):
+    """``(N, 3, S, S)`` images in [0, 1] -> one ``(N, len(values))`` logit tensor per attribute.
+
+    A stride-2 4x4 stem (S/2), then per further width a stride-2 3x3 conv followed by a stride-1
+    one (the last stage has only the stride-2 conv), global average pooling and one linear head
+    per attribute. The stem halves the resolution at once: measured on the CPU, that trains
+    ~1.8x faster than a stride-1 stem at the same width, for a similar parameter count.
+    """
+
+    def __init__(self, config: ClassifierConfig) -> None:
+        super().__init__()
+        self.config = config
+        w = list(config.widths)
+        layers = [_conv_bn(3, w[0], 2, kernel=4)]
+        for k, (a, b) in enumerate(zip(w[:-1], w[1:], strict=True)):
+            layers.append(_conv_bn(a, b, 2))
+            if k < len(w) - 2:
+                layers.append(_conv_bn(b, b, 1))
+        self.features = nn.Sequential(*layers)
+        self.heads = nn.ModuleDict(
+            {_key(a): nn.Linear(w[-1], len(v)) for a, v in config.vocab.items()}
+        )
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.features(x * 2 - 1).mean((2, 3))
+        return {a: self.heads[_key(a)](h) for a in self.config.vocab}
+
+
+def _key(attribute: str) -> str:
+    return "h_" + "".join(c if c.isalnum() else "_" for c in attribute) + f"_{len(attribute)}"
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def save_classifier(path: str | Path, net: AttributeNet, info: dict[str, Any]) -> Path:
+    """Write the classifier (fp16 weights) and its config/vocabulary/``info`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = net.config
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": {"image_size": cfg.image_size, "widths": list(cfg.widths)},
+        "vocab": {a: list(v) for a, v in cfg.vocab.items()},
+        **info,
+    }
+    tensors = {
+        k: (v.half() if v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in net.state_dict().items()
+    }
+    data = st_save(tensors, {FORMAT: json.dumps(meta)})
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def shipped_classifier_path() -> Path:
+    return Path(str(files("animeddim").joinpath("models", f"{SHIPPED_CLASSIFIER}.safetensors")))
+
+
+def load_classifier(path: str | Path | None = None) -> tuple[AttributeNet, dict[str, Any]]:
+    """The classifier in ``path`` (None: the shipped avatar one), in eval mode, and its header."""
+    path = Path(path) if path is not None else shipped_classifier_path()
+    if not path.is_file():
+        raise ClassifierError(f"attribute classifier '{path}' does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(header[FORMAT])
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError):
+        raise ClassifierError(f"'{path}' is not an animeddim attribute classifier") from None
+    if meta.get("version", 0) > VERSION:
+        raise ClassifierError(f"'{path}' has format version {meta['version']}: upgrade animeddim")
+    cfg = ClassifierConfig(
+        image_size=int(meta["config"]["image_size"]),
+        widths=tuple(meta["config"]["widths"]),
+        vocab={a: tuple(v) for a, v in meta["vocab"].items()},
+    )
+    net = AttributeNet(cfg)
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}
+    net.load_state_dict(state)
+    return net.eval(), meta
+
+
+# --------------------------------------------------------------------------------------------
+# Classifying
+
+
+def _batch(images_u8: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 ``(N, H, W, 3)`` -> float ``(N, 3, size, size)`` in [0, 1]."""
+    x = torch.as_tensor(np.asarray(images_u8)).permute(0, 3, 1, 2).float() / 255.0
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(
+            x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
+    return x
+
+
+@torch.no_grad()
+def classify(
+    net: AttributeNet, images_u8: np.ndarray | torch.Tensor, batch_size: int = 256
+) -> np.ndarray:
+    """Predicted codes ``(N, A)`` (columns in ``net.config.vocab`` order) of uint8 ``(N,H,W,3)``
+    RGB images; images of another size are resized to the classifier's."""
+    net.eval()
+    size = net.config.image_size
+    out = []
+    for i in range(0, len(images_u8), batch_size):
+        logits = net(_batch(images_u8[i : i + batch_size], size))
+        out.append(torch.stack([logits[a].argmax(1) for a in net.config.vocab], 1))
+    n_attr = len(net.config.vocab)
+    return torch.cat(out).numpy() if out else np.empty((0, n_attr), np.int64)
+
+
+def align_labels(labels: Labels, vocab: dict[str, tuple[str, ...]]) -> np.ndarray:
+    """``labels``' codes re-expressed in ``vocab`` (a classifier's), ``(N, len(vocab))``.
+
+    Raises :class:`ClassifierError` when an attribute is missing or holds a value ``vocab``
+    does not know."""
+    cols = []
+    for a, values in vocab.items():
+        if a not in labels.vocab:
+            raise ClassifierError(
+                f"the labels have no attribute {a!r} (they have {', '.join(labels.vocab)})"
+            )
+        index = {v: k for k, v in enumerate(values)}
+        unknown = [v for v in labels.vocab[a] if v not in index]
+        if unknown:
+            raise ClassifierError(
+                f"attribute {a!r}: the classifier does not know the value(s) {', '.join(unknown)}"
+            )
+        remap = np.array([index[v] for v in labels.vocab[a]] + [NULL], dtype=np.int64)
+        cols.append(remap[labels.column(a)])  # NULL (-1) indexes the appended NULL
+    return np.stack(cols, 1)
+
+
+def accuracy(predicted: np.ndarray, truth: np.ndarray, vocab: dict[str, Any]) -> dict[str, float]:
+    """Per attribute, the share of labelled images (code != NULL) classified right."""
+    out = {}
+    for k, a in enumerate(vocab):
+        known = truth[:, k] != NULL
+        out[a] = float((predicted[known, k] == truth[known, k]).mean()) if known.any() else math.nan
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+def _augment(x: torch.Tensor, s: TrainSettings, g: torch.Generator) -> torch.Tensor:
+    """A random shift (edge pixels repeated) and Gaussian noise, per image."""
+    n, _, h, w = x.shape
+    if s.shift > 0:
+        p = s.shift
+        padded = F.pad(x, (p, p, p, p), mode="replicate")
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=g)
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=g)
+        x = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    if s.noise > 0:
+        sigma = torch.rand(n, 1, 1, 1, generator=g) * s.noise
+        x = x + sigma * torch.randn(x.shape, generator=g)
+    return x
+
+
+def train_classifier(
+    images_u8: np.ndarray,
+    codes: np.ndarray,
+    vocab: dict[str, tuple[str, ...]],
+    *,
+    config: ClassifierConfig | None = None,
+    settings: TrainSettings | None = None,
+    progress: bool = False,
+) -> tuple[AttributeNet, dict[str, Any]]:
+    """Train a classifier on uint8 ``(N, H, W, 3)`` images and their ``(N, A)`` codes.
+
+    Entries coded :data:`NULL` are left out of their attribute's loss. Returns the network (eval
+    mode) and a summary: per-attribute accuracy on the held-out split, sizes and seconds.
+    """
+    s = settings or TrainSettings()
+    cfg = config or ClassifierConfig()
+    cfg = ClassifierConfig(
+        cfg.image_size, tuple(cfg.widths), {a: tuple(v) for a, v in vocab.items()}
+    )
+    n = len(images_u8)
+    if n < 2:
+        raise ClassifierError(f"need at least 2 labelled images to train, got {n}")
+    torch.manual_seed(s.seed)
+    g = torch.Generator().manual_seed(s.seed)
+    order = torch.randperm(n, generator=g).numpy()
+    n_val = min(n - 1, max(1, round(n * s.val_fraction))) if s.val_fraction > 0 else 0
+    val, train = order[:n_val], order[n_val:]
+    x_all = _batch(images_u8, cfg.image_size)
+    y_all = torch.as_tensor(codes, dtype=torch.long)
+
+    net = AttributeNet(cfg)
+    opt = torch.optim.AdamW(net.parameters(), lr=s.learning_rate, weight_decay=s.weight_decay)
+    steps_per_epoch = math.ceil(len(train) / s.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, s.learning_rate, total_steps=max(1, s.epochs * steps_per_epoch)
+    )
+    t0 = time.perf_counter()
+    bar = tqdm(
+        total=s.epochs * steps_per_epoch, desc="classifier", unit="step", disable=not progress
+    )
+    for _ in range(s.epochs):
+        net.train()
+        perm = torch.as_tensor(train)[torch.randperm(len(train), generator=g)]
+        for i in range(0, len(perm), s.batch_size):
+            idx = perm[i : i + s.batch_size]
+            logits = net(_augment(x_all[idx], s, g))
+            y = y_all[idx]
+            loss = sum(
+                F.cross_entropy(logits[a], y[:, k], ignore_index=NULL)
+                for k, a in enumerate(cfg.vocab)
+                if (y[:, k] != NULL).any()
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    net.eval()
+    summary: dict[str, Any] = {
+        "train_images": len(train),
+        "val_images": int(n_val),
+        "train_seconds": round(time.perf_counter() - t0, 1),
+        "settings": asdict(s),
+    }
+    if n_val:
+        predicted = classify(net, images_u8[val])
+        summary["val_accuracy"] = accuracy(predicted, codes[val], cfg.vocab)
+    return net, summary
+
+
+# --------------------------------------------------------------------------------------------
+# Labelled folders
+
+
+def _folder_vocab(folder: Path, labels: str | None) -> dict[str, tuple[str, ...]] | None:
+    """The full avatar vocabulary for a folder ``animeddim data avatars`` made, else None."""
+    from .avatar_labels import AVATAR_STYLE, avatar_vocabulary
+
+    if labels not in (None, str(folder / "labels.csv")):
+        return None
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return avatar_vocabulary() if manifest.get("style") == AVATAR_STYLE else None
+
+
+def labelled_folders(
+    folders: list[str | Path],
+    image_size: int,
+    *,
+    labels: str | None = None,
+    missing: str = "error",
+    vocab: dict[str, tuple[str, ...]] | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict[str, tuple[str, ...]]]:
+    """Images (uint8 ``(N, S, S, 3)``), codes ``(N, A)`` and vocabulary of labelled folders.
+
+    ``labels``: ``folders`` or a CSV path (one folder only); None: each folder's labels.csv.
+    ``vocab`` fixes the values (e.g. a classifier's); else avatar folders get the full avatar
+    vocabulary and other folders the sorted union of the values found.
+    """
+    from .data import DataError, load_folder
+    from .labels import FOLDERS, load_labels, read_csv_rows
+
+    if labels not in (None, FOLDERS) and len(folders) > 1:
+        raise DataError("--labels FILE.csv labels one folder: give one --data folder")
+    roots = [Path(f) for f in folders]
+    specs = [labels if labels is not None else str(r / "labels.csv") for r in roots]
+    if vocab is None:
+        vocabs = [_folder_vocab(r, s) for r, s in zip(roots, specs, strict=True)]
+        if all(v is not None for v in vocabs) and vocabs:
+            vocab = vocabs[0]
+        elif specs[0] != FOLDERS:
+            names, found = None, {}
+            for s in specs:
+                cols, rows = read_csv_rows(s)
+                names = names or cols
+                if cols != names:
+                    raise DataError(f"labels file '{s}' has columns {cols}, another has {names}")
+                for _, _, values in rows:
+                    for n, v in zip(cols, values, strict=True):
+                        found.setdefault(n, set()).add(v)
+            vocab = {n: tuple(sorted(found[n])) for n in names or []}
+        else:
+            classes = sorted({p.name for r in roots for p in r.iterdir() if p.is_dir()})
+            vocab = {"class": tuple(classes)}
+    images, codes = [], []
+    for root, spec in zip(roots, specs, strict=True):
+        s = load_folder(root, image_size)
+        images.append(np.asarray(s.images))
+        codes.append(load_labels(spec, root, s.paths, missing=missing, vocab=vocab).codes)
+    return np.concatenate(images), np.concatenate(codes), dict(vocab)

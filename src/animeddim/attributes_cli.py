@@ -1,0 +1,178 @@
+"""``animeddim attributes train|coverage``: options -> library calls (see cli.py's conventions)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .labels import MISSING_CHOICES
+
+
+def add_parsers(sub: Any, positive_int: Callable[..., Callable[[str], int]]) -> None:
+    """Register ``attributes train`` and ``attributes coverage`` on the CLI's subparsers."""
+    from .attributes import ClassifierConfig, TrainSettings
+
+    d, c = TrainSettings(), ClassifierConfig()
+    p_attr = sub.add_parser("attributes", help="attribute classifier and mode coverage")
+    attr_sub = p_attr.add_subparsers(
+        dest="attributes_command", required=True, metavar="WHAT", parser_class=type(p_attr)
+    )
+    p = attr_sub.add_parser("train", help="train an attribute classifier on labelled images")
+    p.add_argument("--data", nargs="+", required=True, metavar="DIR", help="labelled folder(s)")
+    p.add_argument(
+        "--labels",
+        help="'folders' (first-level subfolder = class) or FILE.csv (file, attribute columns) "
+        "(default: DIR/labels.csv)",
+    )
+    p.add_argument(
+        "--labels-missing",
+        choices=MISSING_CHOICES,
+        default="error",
+        help="an image without a label: error, or null (left out of the loss) (default error)",
+    )
+    p.add_argument("--out", default="attributes.safetensors", help="classifier file to write")
+    p.add_argument("--held-out", metavar="DIR", help="labelled folder to measure accuracy on")
+    p.add_argument(
+        "--image-size",
+        type=positive_int("image-size", 8),
+        default=c.image_size,
+        help=f"pixels (default {c.image_size})",
+    )
+    p.add_argument(
+        "--epochs", type=positive_int("epochs"), default=d.epochs, help=f"(default {d.epochs})"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=positive_int("batch-size"),
+        default=d.batch_size,
+        help=f"(default {d.batch_size})",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=d.learning_rate,
+        help=f"AdamW peak learning rate (default {d.learning_rate})",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=d.val_fraction,
+        help=f"share held out of --data (default {d.val_fraction})",
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help=f"(default {d.seed})")
+    p.set_defaults(func=cmd_train)
+
+    p = attr_sub.add_parser(
+        "coverage", help="classified attribute histograms of generated images vs real labels"
+    )
+    p.add_argument("samples", help="folder of generated images")
+    p.add_argument("--real", required=True, help="folder of real images with labels.csv")
+    p.add_argument("--classifier", help="classifier file (default: the shipped avatar one)")
+    p.add_argument(
+        "--out", help="folder for coverage.json/.csv/.md/.png (default SAMPLES-coverage)"
+    )
+    p.set_defaults(func=cmd_coverage)
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .attributes import (
+        ClassifierConfig,
+        TrainSettings,
+        labelled_folders,
+        save_classifier,
+        train_classifier,
+    )
+    from .cli import CliError
+
+    if not 0 <= a.val_fraction < 1:
+        raise CliError(f"--val-fraction must be in [0, 1), got {a.val_fraction}")
+    for d in [*a.data, *([a.held_out] if a.held_out else [])]:
+        if not Path(d).is_dir():
+            raise CliError(f"{d!r} is not a folder")
+    t = time.perf_counter()
+    images, codes, vocab = labelled_folders(
+        a.data, a.image_size, labels=a.labels, missing=a.labels_missing
+    )
+    settings = TrainSettings(
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        learning_rate=a.lr,
+        val_fraction=a.val_fraction,
+        seed=a.seed,
+    )
+    net, summary = train_classifier(
+        images,
+        codes,
+        vocab,
+        config=ClassifierConfig(image_size=a.image_size),
+        settings=settings,
+        progress=True,
+    )
+    summary["data"] = [str(Path(d).resolve()) for d in a.data]
+    if a.held_out:
+        summary.update(held_out_accuracy(net, a.held_out))
+    save_classifier(a.out, net, {"training": summary})
+    out_json = Path(a.out).with_suffix(".json")
+    from .io import write_text_atomic
+
+    write_text_atomic(out_json, json.dumps(summary, indent=2) + "\n")
+    print(
+        f"classifier: {a.out} ({len(images)} images, {summary['train_seconds']:.0f}s training, "
+        f"{time.perf_counter() - t:.0f}s in all); accuracy in {out_json}"
+    )
+    for what in ("held_out_accuracy", "val_accuracy"):
+        if what in summary:
+            print(
+                f"{what.replace('_', ' ')}: "
+                + ", ".join(f"{k} {100 * v:.1f}%" for k, v in summary[what].items())
+            )
+            break
+    return 0
+
+
+def held_out_accuracy(net: Any, folder: str | Path) -> dict[str, Any]:
+    """Accuracy per attribute on a labelled folder (its labels.csv)."""
+    from .attributes import accuracy, classify
+    from .coverage import real_set
+
+    images, codes = real_set(net, folder)
+    return {
+        "held_out": str(Path(folder).resolve()),
+        "held_out_images": len(images),
+        "held_out_accuracy": accuracy(classify(net, images), codes, net.config.vocab),
+    }
+
+
+def cmd_coverage(a: argparse.Namespace) -> int:
+    from .attributes import load_classifier
+    from .cli import CliError
+    from .coverage import coverage_of_folders, write_coverage
+
+    for d in (a.samples, a.real):
+        if not Path(d).is_dir():
+            raise CliError(f"{d!r} is not a folder")
+    if not (Path(a.real) / "labels.csv").is_file():
+        raise CliError(f"real folder {a.real!r} has no labels.csv")
+    net, _ = load_classifier(a.classifier)
+    result = coverage_of_folders(net, a.samples, a.real)
+    samples = Path(a.samples)
+    out = Path(a.out) if a.out else samples.with_name(samples.name + "-coverage")
+    write_coverage(result, out)
+    print(coverage_summary(result))
+    print(f"written: {out}/coverage.json, .csv, .md, .png")
+    return 0
+
+
+def coverage_summary(result: dict[str, Any]) -> str:
+    """One line per attribute: TV and the classifier's floor."""
+    from .coverage import summary_rows
+
+    lines = [f"coverage: {result['n_samples']} generated vs {result['n_real']} real images"]
+    for r in summary_rows(result):
+        floor = "" if r["tv_floor"] is None else f" (floor {r['tv_floor']:.3f})"
+        lines.append(f"  {r['attribute']:<12} TV {r['tv']:.3f}{floor}")
+    return "\n".join(lines)

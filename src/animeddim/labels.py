@@ -1,0 +1,250 @@
+"""Labels for any image folder: a CSV of attribute columns, or the first-level subfolders.
+
+Two sources, as the command line names them:
+
+- ``--labels FILE.csv``: a header row, then one row per image: the file (its path relative to
+  the image folder, as ``data.find_images`` lists it), then one column per attribute. Any names
+  and values; a column named ``forced`` (what ``animeddim data avatars --balanced`` forced) is a
+  note, not an attribute.
+- ``--labels folders``: one attribute, ``class``, whose value is the first-level subfolder
+  (torchvision's ImageFolder convention).
+
+The result is a vocabulary (attribute -> ordered values) and, per image, one integer code per
+attribute, aligned with the image list. An empty or unknown entry is an error naming the file
+and row; an image without a label is an error unless ``missing="null"``, which gives it the
+null code :data:`NULL` for every attribute (train it as unlabelled).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data import DataError
+
+NULL = -1  # the code of an unlabelled entry
+FOLDERS = "folders"  # --labels folders
+FOLDER_ATTRIBUTE = "class"
+NOTE_COLUMNS = ("forced",)
+MISSING_CHOICES = ("error", "null")
+
+
+class LabelError(DataError):
+    """A labels file or folder layout that cannot be used (a user error)."""
+
+
+@dataclass
+class Labels:
+    """Attribute codes of an image list.
+
+    ``vocab``: attribute -> its values, in code order. ``codes``: ``(N, A)`` int64, column ``a``
+    holds the index of image n's value in ``vocab[attributes[a]]``, or :data:`NULL`.
+    """
+
+    vocab: dict[str, tuple[str, ...]]
+    codes: np.ndarray
+
+    @property
+    def attributes(self) -> list[str]:
+        return list(self.vocab)
+
+    def column(self, attribute: str) -> np.ndarray:
+        """Codes of one attribute, ``(N,)``."""
+        return self.codes[:, self.attributes.index(attribute)]
+
+    def values(self, n: int) -> dict[str, str | None]:
+        """Image n's labels by name (None where unlabelled)."""
+        return {
+            a: (self.vocab[a][c] if c != NULL else None)
+            for a, c in zip(self.vocab, self.codes[n].tolist(), strict=True)
+        }
+
+
+def _relative(root: Path, paths: Sequence[str | Path]) -> list[str]:
+    """Posix paths relative to ``root`` (paths already relative are kept)."""
+    out = []
+    for p in map(Path, paths):
+        try:
+            out.append(p.relative_to(root).as_posix())
+        except ValueError:
+            out.append(p.as_posix())
+    return out
+
+
+def read_csv_rows(path: str | Path) -> tuple[list[str], list[tuple[int, str, list[str]]]]:
+    """The attribute names and ``(line, file, values)`` rows of a labels CSV.
+
+    Note columns (:data:`NOTE_COLUMNS`) are dropped. Raises :class:`LabelError` for an empty
+    file, a header without attribute columns, duplicate names, a short or long row, an empty
+    entry or a file named twice.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text("utf-8-sig")
+    except FileNotFoundError:
+        raise LabelError(f"labels file '{path}' does not exist") from None
+    except UnicodeDecodeError:
+        raise LabelError(f"labels file '{path}' is not UTF-8 text") from None
+    table = [r for r in csv.reader(text.splitlines()) if any(c.strip() for c in r)]
+    if not table:
+        raise LabelError(f"labels file '{path}' is empty (expected a header: file,attribute,...)")
+    header = [c.strip() for c in table[0]]
+    keep = [k for k, name in enumerate(header) if k > 0 and name not in NOTE_COLUMNS]
+    names = [header[k] for k in keep]
+    if not names:
+        raise LabelError(f"labels file '{path}' has no attribute columns after the file column")
+    if "" in names or len(set(names)) != len(names):
+        raise LabelError(
+            f"labels file '{path}': attribute names must be distinct and non-empty, got {names}"
+        )
+    rows, seen = [], {}
+    for line, row in enumerate(table[1:], start=2):
+        if len(row) != len(header):
+            raise LabelError(
+                f"labels file '{path}' row {line}: {len(row)} entries, the header has {len(header)}"
+            )
+        file = row[0].strip()
+        values = [row[k].strip() for k in keep]
+        empty = [n for n, v in zip(names, values, strict=True) if not v]
+        if not file or empty:
+            what = "the file name" if not file else f"the value of {', '.join(empty)}"
+            raise LabelError(f"labels file '{path}' row {line} ({file or '?'}): {what} is empty")
+        if file in seen:
+            raise LabelError(
+                f"labels file '{path}' row {line}: '{file}' is already labelled in row {seen[file]}"
+            )
+        seen[file] = line
+        rows.append((line, file, values))
+    return names, rows
+
+
+def csv_labels(
+    path: str | Path,
+    root: str | Path,
+    paths: Sequence[str | Path],
+    *,
+    missing: str = "error",
+    vocab: Mapping[str, Sequence[str]] | None = None,
+) -> Labels:
+    """Codes of the images ``paths`` (under ``root``) from a labels CSV.
+
+    ``vocab``: the known values (e.g. a trained model's); a value outside it is an error. When
+    None, each attribute's values are those found, sorted. A row naming a file that does not
+    exist under ``root`` is an error (a typo would otherwise go unnoticed); a row for a file that
+    exists but is not in ``paths`` (skipped as unreadable) is ignored.
+    """
+    _check_missing(missing)
+    path, root = Path(path), Path(root)
+    names, rows = read_csv_rows(path)
+    if vocab is not None:
+        absent = [n for n in vocab if n not in names]
+        if absent:
+            raise LabelError(f"labels file '{path}' has no column for {', '.join(absent)}")
+        names_used = list(vocab)
+    else:
+        names_used = names
+    index = {n: k for k, n in enumerate(names)}
+    found: dict[str, set[str]] = {n: set() for n in names_used}
+    for _, _, values in rows:
+        for n in names_used:
+            found[n].add(values[index[n]])
+    known = {
+        n: tuple(vocab[n]) if vocab is not None else tuple(sorted(found[n])) for n in names_used
+    }
+    lookup = {n: {v: c for c, v in enumerate(vals)} for n, vals in known.items()}
+
+    rels = _relative(root, paths)
+    position = {rel: k for k, rel in enumerate(rels)}
+    codes = np.full((len(rels), len(names_used)), NULL, dtype=np.int64)
+    labelled = np.zeros(len(rels), dtype=bool)
+    for line, file, values in rows:
+        k = position.get(Path(file).as_posix())
+        if k is None:
+            if not (root / file).is_file():
+                raise LabelError(
+                    f"labels file '{path}' row {line}: '{file}' is not a file in '{root}'"
+                )
+            continue
+        for a, n in enumerate(names_used):
+            v = values[index[n]]
+            code = lookup[n].get(v)
+            if code is None:
+                raise LabelError(
+                    f"labels file '{path}' row {line} ({file}): unknown {n} value {v!r}; known: "
+                    f"{', '.join(known[n])}"
+                )
+            codes[k, a] = code
+        labelled[k] = True
+    _check_unlabelled(rels, labelled, missing, f"labels file '{path}'")
+    return Labels(known, codes)
+
+
+def folder_labels(
+    root: str | Path,
+    paths: Sequence[str | Path],
+    *,
+    missing: str = "error",
+    vocab: Mapping[str, Sequence[str]] | None = None,
+) -> Labels:
+    """One attribute, ``class``: each image's first-level subfolder under ``root``."""
+    _check_missing(missing)
+    root = Path(root)
+    rels = _relative(root, paths)
+    classes = [rel.split("/")[0] if "/" in rel else None for rel in rels]
+    if vocab is not None:
+        if list(vocab) != [FOLDER_ATTRIBUTE]:
+            raise LabelError(
+                f"folder labels have one attribute, '{FOLDER_ATTRIBUTE}'; the "
+                f"vocabulary asks for {', '.join(vocab)}"
+            )
+        values = tuple(vocab[FOLDER_ATTRIBUTE])
+    else:
+        values = tuple(sorted({c for c in classes if c is not None}))
+    if not values:
+        raise LabelError(f"'{root}' has no subfolders: --labels folders needs one per class")
+    lookup = {v: k for k, v in enumerate(values)}
+    codes = np.full((len(rels), 1), NULL, dtype=np.int64)
+    for k, c in enumerate(classes):
+        if c is None:
+            continue
+        if c not in lookup:
+            raise LabelError(f"'{root / rels[k]}': unknown class '{c}'; known: {', '.join(values)}")
+        codes[k, 0] = lookup[c]
+    _check_unlabelled(rels, codes[:, 0] != NULL, missing, f"'{root}' (not in a class subfolder)")
+    return Labels({FOLDER_ATTRIBUTE: values}, codes)
+
+
+def load_labels(
+    spec: str | Path,
+    root: str | Path,
+    paths: Sequence[str | Path],
+    *,
+    missing: str = "error",
+    vocab: Mapping[str, Sequence[str]] | None = None,
+) -> Labels:
+    """``--labels SPEC``: ``folders``, or the path of a labels CSV."""
+    if str(spec) == FOLDERS:
+        return folder_labels(root, paths, missing=missing, vocab=vocab)
+    return csv_labels(spec, root, paths, missing=missing, vocab=vocab)
+
+
+def _check_missing(missing: str) -> None:
+    if missing not in MISSING_CHOICES:
+        raise LabelError(
+            f"labels-missing must be one of {', '.join(MISSING_CHOICES)}, got {missing!r}"
+        )
+
+
+def _check_unlabelled(rels: list[str], labelled: np.ndarray, missing: str, where: str) -> None:
+    if missing == "null" or labelled.all():
+        return
+    without = [rels[k] for k in np.flatnonzero(~labelled)]
+    more = f" and {len(without) - 3} more" if len(without) > 3 else ""
+    raise LabelError(
+        f"{len(without)} image(s) have no label in {where}: {', '.join(without[:3])}{more}; "
+        "label them, or pass --labels-missing null to use them as unlabelled"
+    )

@@ -1,0 +1,408 @@
+"""Avatar labels, labels for any folder, the attribute classifier and coverage."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli, tiny_config
+from PIL import Image
+
+from animeddim import datasets
+from animeddim.attributes import (
+    ClassifierConfig,
+    ClassifierError,
+    TrainSettings,
+    accuracy,
+    align_labels,
+    classify,
+    load_classifier,
+    save_classifier,
+    train_classifier,
+)
+from animeddim.avatar_labels import (
+    AVATAR_ATTRIBUTES,
+    avatar_options,
+    avatar_vocabulary,
+    forced_components,
+    labels_from_options,
+    resolved_options,
+)
+from animeddim.coverage import coverage_table, histogram, total_variation
+from animeddim.data import DataError, load_folder
+from animeddim.datasets import avatar_seed, generate_avatars
+from animeddim.labels import NULL, LabelError, csv_labels, folder_labels, load_labels
+
+
+def _rows(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "labels.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+# --------------------------------------------------------------------------------------------
+# Avatar labels
+
+
+def test_avatar_labels_are_dicebears_resolved_options(avatars16: Path) -> None:
+    rows = _rows(avatars16)
+    assert [r["file"] for r in rows] == [f"avatar-{i:06d}.png" for i in range(24)]
+    assert list(rows[0]) == ["file", *AVATAR_ATTRIBUTES, "forced"]
+    vocab = avatar_vocabulary()
+    for i, row in enumerate(rows):
+        resolved = resolved_options(avatar_options(avatar_seed(0, i), 16))
+        assert {a: row[a] for a in AVATAR_ATTRIBUTES} == labels_from_options(resolved)
+        assert row["glasses"] == ("yes" if "glassesVariant" in resolved else "no")
+        assert row["hair_color"] in vocab["hair_color"] and row["skin"] in vocab["skin"]
+        assert row["hair_len"] == row["hair"][: len(row["hair_len"])]  # long07 -> long
+        assert row["forced"] == ""
+    # Read back through labels.py: codes index the vocabulary and give the CSV's values again.
+    s = load_folder(avatars16, 16)
+    labels = csv_labels(avatars16 / "labels.csv", avatars16, s.paths, vocab=vocab)
+    assert labels.codes.shape == (24, len(AVATAR_ATTRIBUTES)) and (labels.codes >= 0).all()
+    assert [labels.values(i) for i in range(24)] == [
+        {a: r[a] for a in AVATAR_ATTRIBUTES} for r in rows
+    ]
+
+
+def test_balanced_forces_rare_components(tmp_path: Path) -> None:
+    plain = generate_avatars(tmp_path / "plain", n=4, size=16, workers=1)
+    forced = generate_avatars(tmp_path / "forced", n=4, size=16, workers=1, balanced=1.0)
+    rows = _rows(forced)
+    assert all(r["forced"] == "glasses+earrings+details" for r in rows)
+    assert all(r["glasses"] == "yes" and r["details"] != "none" for r in rows)
+    assert json.loads((forced / "manifest.json").read_text())["balanced"] == 1.0
+    differ = 0
+    for i, (p, f) in enumerate(zip(_rows(plain), rows, strict=True)):
+        options = avatar_options(avatar_seed(0, i), 16, forced_components(0, i, 1.0))
+        assert options["glassesProbability"] == 100 and options["detailsProbability"] == 100
+        resolved = resolved_options(options)
+        assert "glassesVariant" in resolved and "detailsVariant" in resolved
+        # Forcing adds the component and leaves the rest of the face alone.
+        assert {a: p[a] for a in ("hair", "hair_color", "skin", "mouth", "eyes")} == {
+            a: f[a] for a in ("hair", "hair_color", "skin", "mouth", "eyes")
+        }
+        name = f"avatar-{i:06d}.png"
+        changed = any(p[c] != f[c] for c in ("glasses", "earrings", "details"))
+        assert changed != np.array_equal(_pixels(plain / name), _pixels(forced / name))
+        differ += changed
+    assert differ > 0
+    # Each component is forced in about `share` of the avatars, independently and by seed.
+    draws = [forced_components(7, i, 0.3) for i in range(600)]
+    for c in ("glasses", "earrings", "details"):
+        assert 0.24 < np.mean([c in d for d in draws]) < 0.36
+    assert draws == [forced_components(7, i, 0.3) for i in range(600)]
+    assert forced_components(7, 0, 0.0) == ()
+    with pytest.raises(DataError, match="different avatar set"):
+        generate_avatars(forced, n=4, size=16, workers=1)  # plain into a balanced folder
+
+
+def test_old_avatar_folder_gains_labels_without_rendering(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = generate_avatars(tmp_path / "a", n=3, size=16, workers=1)
+    before = (out / "labels.csv").read_text()
+    (out / "labels.csv").unlink()  # a set made before labels were written
+
+    def refuse(*args: object) -> np.ndarray:
+        raise AssertionError("rendered again")
+
+    monkeypatch.setattr(datasets, "_render_avatar", refuse)
+    generate_avatars(out, n=3, size=16, workers=1)
+    assert (out / "labels.csv").read_text() == before
+
+
+# --------------------------------------------------------------------------------------------
+# Labels for any folder
+
+
+def _write_png(path: Path, rgb: tuple[int, int, int] = (200, 10, 10), size: int = 8) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), rgb).save(path)
+    return path
+
+
+def test_folder_labels(tmp_path: Path) -> None:
+    for name in ("cats/a.png", "cats/b.png", "dogs/sub/c.png"):
+        _write_png(tmp_path / name)
+    paths = [str(p) for p in load_folder(tmp_path, 8).paths]
+    labels = load_labels("folders", tmp_path, paths)
+    assert labels.vocab == {"class": ("cats", "dogs")}
+    assert labels.column("class").tolist() == [0, 0, 1]
+    _write_png(tmp_path / "loose.png")
+    paths = load_folder(tmp_path, 8).paths
+    with pytest.raises(LabelError, match=r"1 image\(s\) have no label.*loose\.png.*null"):
+        folder_labels(tmp_path, paths)
+    codes = folder_labels(tmp_path, paths, missing="null").column("class")
+    assert codes.tolist() == [0, 0, 1, NULL]
+
+
+def _csv(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_csv_labels_and_their_errors(tmp_path: Path) -> None:
+    d = tmp_path / "imgs"
+    for name in ("x.png", "y.png", "z.png"):
+        _write_png(d / name)
+    paths = load_folder(d, 8).paths
+    good = _csv(tmp_path / "l.csv", "file,mood,hat\nx.png,happy,yes\ny.png,sad,no\nz.png,sad,yes\n")
+    labels = csv_labels(good, d, paths)
+    assert labels.vocab == {"mood": ("happy", "sad"), "hat": ("no", "yes")}
+    assert labels.codes.tolist() == [[0, 1], [1, 0], [1, 1]]
+
+    def err(text: str, match: str, **kw: object) -> None:
+        with pytest.raises(LabelError, match=match):
+            csv_labels(_csv(tmp_path / "bad.csv", text), d, paths, **kw)
+
+    err("file,mood\nx.png,happy\ny.png,\nz.png,sad\n", r"bad\.csv' row 3 \(y\.png\).*mood.*empty")
+    err("file,mood\nx.png,happy\ny.png,sad\n", r"no label.*z\.png")
+    err(
+        "file,mood\nx.png,happy\nx.png,sad\ny.png,a\nz.png,b\n", r"row 3.*already labelled in row 2"
+    )
+    err("file,mood\nx.png,happy,extra\n", r"row 2: 3 entries, the header has 2")
+    err("file,mood\nw.png,happy\n", r"row 2: 'w\.png' is not a file")
+    err("", "empty")
+    err(
+        "file,mood\nx.png,happy\ny.png,angry\nz.png,sad\n",
+        r"row 3 \(y\.png\): unknown mood value 'angry'; known: happy, sad",
+        vocab={"mood": ("happy", "sad")},
+    )
+    # Unlabelled images are allowed when asked for, and get the null code.
+    part = _csv(tmp_path / "p.csv", "file,mood\nx.png,happy\n")
+    assert csv_labels(part, d, paths, missing="null").codes[:, 0].tolist() == [0, NULL, NULL]
+    # A forced column (what --balanced forced) is a note, not an attribute.
+    note = _csv(tmp_path / "n.csv", "file,mood,forced\nx.png,a,glasses\ny.png,b,\nz.png,b,\n")
+    assert csv_labels(note, d, paths).attributes == ["mood"]
+
+
+# --------------------------------------------------------------------------------------------
+# Classifier
+
+
+def _toy_set(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, tuple[str, ...]]]:
+    """16-px images: colour (3 values) of the background, and which half holds a white bar."""
+    rng = np.random.default_rng(seed)
+    colours = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]], np.uint8)
+    colour, side = rng.integers(0, 3, n), rng.integers(0, 2, n)
+    images = np.repeat(colours[colour][:, None, None, :], 16, 1).repeat(16, 2)
+    for k in range(n):
+        cols = slice(2, 6) if side[k] == 0 else slice(10, 14)
+        images[k, 4:12, cols] = 255
+    images = np.clip(images + rng.integers(-20, 20, images.shape), 0, 255).astype(np.uint8)
+    vocab = {"colour": ("red", "green", "blue"), "bar": ("left", "right")}
+    return images, np.stack([colour, side], 1), vocab
+
+
+def test_classifier_learns_a_toy_set_and_round_trips(tmp_path: Path) -> None:
+    images, codes, vocab = _toy_set(96, 0)
+    codes[0, 1] = NULL  # an unlabelled entry is left out of the loss
+    cfg = ClassifierConfig(image_size=16, widths=(8, 16, 16))
+    net, summary = train_classifier(
+        images, codes, vocab, config=cfg, settings=TrainSettings(epochs=8, batch_size=16)
+    )
+    test_images, test_codes, _ = _toy_set(64, 1)
+    acc = accuracy(classify(net, test_images), test_codes, vocab)
+    assert acc["colour"] > 0.9 and acc["bar"] > 0.8  # chance: 1/3 and 1/2
+    assert set(summary["val_accuracy"]) == {"colour", "bar"}
+    path = save_classifier(tmp_path / "c.safetensors", net, {"training": summary})
+    loaded, meta = load_classifier(path)
+    assert loaded.config.vocab == vocab and meta["training"]["train_images"] == 86
+    assert (classify(loaded, test_images) == classify(net, test_images)).mean() > 0.95
+    with pytest.raises(ClassifierError, match="not an animeddim attribute classifier"):
+        load_classifier(_csv(tmp_path / "x.safetensors", "nope"))
+
+
+def test_align_labels_maps_values_by_name() -> None:
+    from animeddim.labels import Labels
+
+    labels = Labels({"c": ("b", "a")}, np.array([[0], [1], [NULL]]))
+    assert align_labels(labels, {"c": ("a", "b", "z")})[:, 0].tolist() == [1, 0, NULL]
+    with pytest.raises(ClassifierError, match="does not know the value"):
+        align_labels(labels, {"c": ("a",)})
+
+
+# --------------------------------------------------------------------------------------------
+# Coverage maths
+
+
+def test_histogram_and_total_variation_by_hand() -> None:
+    assert histogram(np.array([0, 0, 1, NULL]), 3).tolist() == pytest.approx([2 / 3, 1 / 3, 0])
+    assert total_variation([0.5, 0.5, 0.0], [0.0, 0.5, 0.5]) == pytest.approx(0.5)
+    assert total_variation([1, 0], [0, 1]) == 1 and total_variation([0.3, 0.7], [0.3, 0.7]) == 0
+    vocab = {"skin": ("light", "dark"), "glasses": ("no", "yes")}
+    real = np.array([[0, 0], [1, 0], [1, 1], [1, 0]])  # dark 75%, glasses 25%
+    samples = np.array([[0, 0], [0, 0], [0, 0], [1, 0]])  # dark 25%, glasses 0%
+    real_pred = np.array([[0, 0], [1, 0], [0, 1], [1, 0]])  # dark 50%, glasses 25%
+    t = coverage_table(vocab, real, samples, real_pred)
+    assert t["skin"]["real"] == [0.25, 0.75] and t["skin"]["samples"] == [0.75, 0.25]
+    assert t["skin"]["tv"] == pytest.approx(0.5) and t["skin"]["tv_floor"] == pytest.approx(0.25)
+    assert t["glasses"]["tv"] == pytest.approx(0.25) and t["glasses"]["tv_floor"] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("attr")
+    run_cli(
+        "data",
+        "avatars",
+        "--out",
+        str(root / "train"),
+        "--n",
+        "24",
+        "--size",
+        "16",
+        "--workers",
+        "1",
+        "--balanced",
+        "0.5",
+    )
+    run_cli(
+        "data",
+        "avatars",
+        "--out",
+        str(root / "real"),
+        "--n",
+        "12",
+        "--size",
+        "16",
+        "--seed",
+        "1",
+        "--workers",
+        "1",
+    )
+    return root / "train", root / "real"
+
+
+def test_attributes_train_and_coverage_commands(labelled: tuple[Path, Path], tmp_path: Path):
+    train_dir, real = labelled
+    rows = _rows(train_dir)
+    assert any(r["forced"] for r in rows) and any(not r["forced"] for r in rows)
+    clf = tmp_path / "clf.safetensors"
+    p = run_cli(
+        "attributes",
+        "train",
+        "--data",
+        str(train_dir),
+        "--held-out",
+        str(real),
+        "--image-size",
+        "16",
+        "--epochs",
+        "2",
+        "--out",
+        str(clf),
+    )
+    assert "held out accuracy: hair_color" in p.stdout
+    info = json.loads(clf.with_suffix(".json").read_text())
+    assert set(info["held_out_accuracy"]) == set(AVATAR_ATTRIBUTES)
+    assert info["held_out_images"] == 12 and info["train_images"] + info["val_images"] == 24
+    out = tmp_path / "cov"
+    p = run_cli(
+        "attributes",
+        "coverage",
+        str(real),
+        "--real",
+        str(real),
+        "--classifier",
+        str(clf),
+        "--out",
+        str(out),
+    )
+    assert "hair_color" in p.stdout and "floor" in p.stdout
+    result = json.loads((out / "coverage.json").read_text())
+    skin = result["attributes"]["skin"]
+    # The real folder against itself: the samples' histogram is the classified real one.
+    assert skin["samples"] == skin["real_classified"] and skin["tv"] == skin["tv_floor"]
+    real_skin = [r["skin"] for r in _rows(real)]
+    assert skin["real"] == [real_skin.count(v) / 12 for v in skin["values"]]
+    assert (out / "coverage.png").stat().st_size > 0 and "| skin |" in (
+        out / "coverage.md"
+    ).read_text()
+    with open(out / "coverage.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == sum(len(v) for v in avatar_vocabulary().values())
+
+
+def test_attributes_command_errors(labelled: tuple[Path, Path], tmp_path: Path) -> None:
+    train_dir, _ = labelled
+    bare = tmp_path / "bare"
+    _write_png(bare / "a.png")
+    p = run_cli("attributes", "coverage", str(bare), "--real", str(bare), check=False)
+    assert p.returncode == 2 and "has no labels.csv" in p.stderr and "Traceback" not in p.stderr
+    p = run_cli("attributes", "train", "--data", str(bare), check=False)
+    assert p.returncode == 2 and "labels file" in p.stderr and "does not exist" in p.stderr
+    p = run_cli(
+        "attributes",
+        "coverage",
+        str(bare),
+        "--real",
+        str(train_dir),
+        "--classifier",
+        str(tmp_path / "none.safetensors"),
+        check=False,
+    )
+    assert p.returncode == 2 and "does not exist" in p.stderr
+    p = run_cli("data", "avatars", "--out", str(tmp_path / "x"), "--balanced", "2", check=False)
+    assert p.returncode == 2 and "balanced must be in [0, 1]" in p.stderr
+
+
+def test_evaluate_reports_coverage(labelled: tuple[Path, Path], tmp_path: Path) -> None:
+    from animeddim import metrics
+    from animeddim.train import train
+
+    try:
+        metrics.find_inception_weights()
+    except metrics.InceptionWeightsMissing:
+        pytest.skip("FID Inception weights not installed")
+    train_dir, real = labelled
+    run = tmp_path / "run"
+    train(tiny_config(train_dir, epochs=1), run, progress=False, log=lambda s: None)
+    clf = tmp_path / "clf.safetensors"
+    run_cli(
+        "attributes",
+        "train",
+        "--data",
+        str(train_dir),
+        "--image-size",
+        "16",
+        "--epochs",
+        "1",
+        "--out",
+        str(clf),
+    )
+    out = tmp_path / "eval.json"
+    p = run_cli(
+        "evaluate",
+        "--run",
+        str(run),
+        "--real",
+        str(real),
+        "--n",
+        "6",
+        "--steps",
+        "2",
+        "--protocols",
+        "standard",
+        "--out",
+        str(out),
+        "--coverage",
+        str(clf),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    )
+    assert "coverage: 6 generated vs 12 real images" in p.stdout
+    ev = json.loads(out.read_text())
+    assert ev["coverage"]["n_samples"] == 6 and "kid_mean" in ev
+    assert set(ev["coverage"]["attributes"]) == set(AVATAR_ATTRIBUTES)
+    assert (tmp_path / "eval-coverage" / "coverage.md").is_file()
