@@ -37,6 +37,20 @@ from animeddim.datasets import avatar_seed, generate_avatars
 from animeddim.labels import NULL, LabelError, csv_labels, folder_labels, load_labels
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks train several times faster on one thread than on two busy ones; the
+    commands run here (subprocesses) inherit OMP_NUM_THREADS."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+    torch.set_num_threads(threads)
+
+
 def _rows(folder: Path) -> list[dict[str, str]]:
     with open(folder / "labels.csv", newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
@@ -252,7 +266,7 @@ def test_histogram_and_total_variation_by_hand() -> None:
 
 
 @pytest.fixture(scope="module")
-def labelled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def labelled(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("attr")
     run_cli(
         "data",

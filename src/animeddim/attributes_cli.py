@@ -14,7 +14,7 @@ from .labels import MISSING_CHOICES
 
 def add_parsers(sub: Any, positive_int: Callable[..., Callable[[str], int]]) -> None:
     """Register ``attributes train`` and ``attributes coverage`` on the CLI's subparsers."""
-    from .attributes import ClassifierConfig, TrainSettings
+    from .attributes_config import ClassifierConfig, TrainSettings
 
     d, c = TrainSettings(), ClassifierConfig()
     p_attr = sub.add_parser("attributes", help="attribute classifier and mode coverage")

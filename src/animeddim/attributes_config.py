@@ -1,0 +1,28 @@
+"""Settings of the attribute classifier (no torch here: the CLI reads its defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ClassifierConfig:
+    """Architecture of an attribute classifier."""
+
+    image_size: int = 64  # images are resized to this before classifying
+    widths: tuple[int, ...] = (32, 48, 64, 96)  # a stride-2 4x4 stem, then stride-2 stages
+    vocab: dict[str, tuple[str, ...]] = field(default_factory=dict)  # attribute -> values
+
+
+@dataclass
+class TrainSettings:
+    """How a classifier is trained."""
+
+    epochs: int = 8  # passes over the training images
+    batch_size: int = 64  # images per step
+    learning_rate: float = 3e-3  # AdamW peak rate (one-cycle schedule)
+    weight_decay: float = 1e-4  # AdamW weight decay
+    val_fraction: float = 0.1  # share of the images held out to report accuracy
+    seed: int = 0  # initialisation, split, batches and augmentation
+    shift: int = 2  # random translation of up to this many pixels (at image_size)
+    noise: float = 0.04  # Gaussian pixel noise of standard deviation up to this (0..1 scale)
