@@ -46,3 +46,60 @@ def run_cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
     return p
+
+
+@pytest.fixture(scope="session")
+def web_runs(avatars16, tmp_path_factory) -> Path:
+    """A runs folder for the web app: one tiny trained run ('tiny'), one without a checkpoint."""
+    from animeddim.train import train
+
+    root = tmp_path_factory.mktemp("webruns")
+    train(tiny_config(avatars16, epochs=2), root / "tiny", progress=False, log=lambda s: None)
+    (root / "empty").mkdir()
+    (root / "empty" / "config.json").write_text("{}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def web_server(web_runs):
+    """`animeddim serve --runs RUNS --port 0`, as a user starts it; yields its address."""
+    pytest.importorskip("starlette", reason="the web extra is not installed: pip install '.[web]'")
+    import queue
+    import signal
+    import threading
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "animeddim", "serve", "--runs", str(web_runs), "--port", "0"]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    lines: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        for x in proc.stdout:
+            lines.put(x)
+        lines.put(None)  # the server ended
+
+    threading.Thread(target=pump, daemon=True).start()
+    url, seen = None, []
+    while url is None:
+        try:
+            line = lines.get(timeout=180)
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        seen.append(line)
+        if "ready at " in line:
+            url = line.split("ready at ", 1)[1].split()[0]
+    if url is None:
+        proc.kill()
+        raise AssertionError("animeddim serve did not get ready:\n" + "".join(seen))
+    url = url.rstrip("/")
+    yield url
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

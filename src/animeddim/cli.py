@@ -464,7 +464,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_bench)
+    _add_serve(sub)
     return parser
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="local web app: generate, interpolate, invert, watch runs")
+    p.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="NAME",
+        help="shipped model to offer; repeat for several (default: every shipped model)",
+    )
+    p.add_argument("--runs", metavar="DIR", help="also offer the run folders directly under DIR")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; another warns)",
+    )
+    p.add_argument(
+        "--port", type=_positive_int("port", 0, 65535), default=7860, help="(default 7860; 0: free)"
+    )
+    _add_runtime(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .apps.web import WEB_EXTRA_HINT, missing_extra
+
+    missing = missing_extra()
+    if missing:
+        raise CliError(f"{WEB_EXTRA_HINT} ({missing} is not installed)")
+    from .apps.web import serve
+    from .apps.web.handlers import RequestError
+    from .pretrained import SHIPPED
+
+    if a.runs and not Path(a.runs).is_dir():
+        raise CliError(f"--runs {a.runs!r} is not a folder")
+    try:
+        serve(
+            a.models or list(SHIPPED),
+            a.runs,
+            a.host,
+            a.port,
+            a.device or "auto",
+            a.precision or "auto",
+        )
+    except RequestError as e:
+        raise CliError(str(e)) from None
+    except OSError as e:
+        if e.errno in (98, 48, 10048):  # address in use (Linux, macOS, Windows)
+            raise CliError(
+                f"port {a.port} on {a.host} is in use: choose another with --port"
+            ) from None
+        raise
+    return 0
 
 
 def cmd_bench(a: argparse.Namespace) -> int:

@@ -373,7 +373,7 @@ def interpolate(
 
         ends = []
         for p in images:
-            im = torch.from_numpy(load_image(Path(p), cfg.model.image_size))[None]
+            im = torch.from_numpy(np.array(load_image(Path(p), cfg.model.image_size)))[None]
             x0 = _normalised(loaded, im, settings.device)
             with settings.autocast or contextlib.nullcontext():
                 ends.append(ddim_invert(loaded.model, x0, invert_steps, cfg.schedule).float())
@@ -456,3 +456,50 @@ def trajectory(
     path.parent.mkdir(parents=True, exist_ok=True)
     save_grid(torch.cat(rows), path, cols=len(pick))
     return path
+
+
+# --- for interactive front ends (the web app): load once, settings, progress ---------------
+
+
+def open_model(spec: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """A shipped model's name, or a run folder / checkpoint file, loaded for sampling."""
+    from .checkpoint import load_model
+    from .pretrained import weights_path
+
+    return load_model(weights_path(str(spec)), device)
+
+
+def resolve_settings(
+    device: str | torch.device = "auto", precision: str = "auto", **fields: Any
+) -> SampleSettings:
+    """SampleSettings on a resolved device, with `precision` resolved (auto: bf16 where the
+    hardware does it well) and its autocast context; other fields as `SampleSettings`."""
+    from .runtime import autocast, resolve_device, resolve_precision
+
+    dev = resolve_device(device) if isinstance(device, str) else device
+    prec = resolve_precision(precision, dev)
+    return SampleSettings(device=dev, precision=prec, autocast=autocast(dev, prec), **fields)
+
+
+class _Observed(torch.nn.Module):
+    def __init__(self, net: torch.nn.Module, on_eval):
+        super().__init__()
+        self.net, self.on_eval = net, on_eval
+
+    def forward(self, noisy_images: torch.Tensor, noise_variances: torch.Tensor) -> torch.Tensor:
+        self.on_eval(noisy_images.shape[0])
+        return self.net(noisy_images, noise_variances)
+
+
+def observed(net: torch.nn.Module, on_eval) -> torch.nn.Module:
+    """`net` calling on_eval(batch_images) before each network evaluation: for progress, and
+    for stopping work early (on_eval may raise; the exception leaves the sampler)."""
+    return _Observed(net, on_eval)
+
+
+def invert_evaluations(steps: int) -> int:
+    """Network evaluations `ddim_invert` makes per batch with its default iterations."""
+    import inspect
+
+    p = inspect.signature(ddim_invert).parameters
+    return p["start_iterations"].default + (steps - 1) * (1 + p["step_iterations"].default)

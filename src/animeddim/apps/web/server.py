@@ -1,0 +1,220 @@
+"""HTTP for the web app (Starlette + uvicorn): the page, a JSON API, one job at a time.
+
+Long requests (generate, interpolate, invert) answer with a stream of JSON lines: queue
+position, progress (network evaluations done / total), then the result or an error. A client
+that goes away stops its job at the next network evaluation, queued or running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import threading
+from collections.abc import AsyncIterator, Callable
+from importlib.resources import files
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .handlers import (
+    MAX_UPLOAD_BYTES,
+    Engine,
+    Progress,
+    RequestError,
+    Stopped,
+    check_interpolate,
+    check_invert,
+    parse_generate,
+    run_summary,
+)
+
+HEARTBEAT_S = 0.5  # while queued: how often the client is told (and checked for presence)
+
+
+class JobQueue:
+    """One worker thread runs the model jobs in order; counts what happened to them."""
+
+    def __init__(self) -> None:
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="animeddim-job")
+        self.lock = threading.Lock()
+        self.waiting = 0
+        self.counts = {"completed": 0, "stopped": 0, "failed": 0}
+        self.running = False
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            return {"running": self.running, "waiting": self.waiting, **self.counts}
+
+    def _run(self, work: Callable[[], dict], stop: threading.Event) -> dict:
+        with self.lock:
+            self.waiting -= 1
+            self.running = True
+        try:
+            if stop.is_set():
+                raise Stopped
+            result = work()
+            outcome = "completed"
+            return result
+        except Stopped:
+            outcome = "stopped"
+            raise
+        except BaseException:
+            outcome = "failed"
+            raise
+        finally:
+            with self.lock:
+                self.running = False
+                self.counts[outcome] += 1
+
+    def submit(self, work: Callable[[], dict], stop: threading.Event) -> asyncio.Future:
+        with self.lock:
+            ahead = self.waiting + int(self.running)
+            self.waiting += 1
+        fut = asyncio.wrap_future(self.pool.submit(self._run, work, stop))
+        fut.ahead = ahead  # type: ignore[attr-defined]
+        return fut
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj) + "\n").encode()
+
+
+def _stream(queue: JobQueue, job: Callable[[Progress], dict]) -> StreamingResponse:
+    """Run `job` on the queue; stream its position, progress and result as JSON lines."""
+    loop = asyncio.get_running_loop()
+    stop = threading.Event()
+    updates: asyncio.Queue = asyncio.Queue()
+
+    def report(done: int, total: int) -> None:
+        loop.call_soon_threadsafe(updates.put_nowait, {"progress": done, "total": total})
+
+    progress = Progress(1, report, stop)
+    fut = queue.submit(lambda: job(progress), stop)
+
+    async def lines() -> AsyncIterator[bytes]:
+        try:
+            yield _line({"queued": fut.ahead})  # type: ignore[attr-defined]
+            while not fut.done():
+                getter = asyncio.ensure_future(updates.get())
+                done, _ = await asyncio.wait(
+                    {getter, fut}, timeout=HEARTBEAT_S, return_when=asyncio.FIRST_COMPLETED
+                )
+                if getter in done:
+                    yield _line(getter.result())
+                else:
+                    getter.cancel()
+                    yield _line({"waiting": True})
+            try:
+                yield _line({"result": fut.result()})
+            except RequestError as e:
+                yield _line({"error": str(e)})
+            except Exception as e:  # noqa: BLE001 - the page shows it; the server goes on
+                yield _line({"error": f"the job failed: {type(e).__name__}: {e}"})
+        finally:
+            stop.set()  # the client went away (or all is done): no work left running
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+def _refuse(msg: str, status: int = 400) -> JSONResponse:
+    return JSONResponse({"error": msg}, status_code=status)
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise RequestError("the request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    return body
+
+
+async def _form(request: Request, names: tuple[str, ...]) -> tuple[dict[str, Any], list[bytes]]:
+    """Form fields and the uploaded files among `names`, in that order, size-checked."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > 2 * MAX_UPLOAD_BYTES + 65536:
+        raise RequestError(f"the upload is too large; the limit is {MAX_UPLOAD_BYTES >> 20} MB")
+    try:
+        form = await request.form(max_files=2, max_fields=20, max_part_size=MAX_UPLOAD_BYTES + 1)
+    except Exception:  # noqa: BLE001 - multipart errors of every kind: refuse, keep serving
+        raise RequestError(
+            f"the upload could not be read (files up to {MAX_UPLOAD_BYTES >> 20} MB)"
+        ) from None
+    fields: dict[str, Any] = {}
+    uploads = []
+    for key, value in form.multi_items():
+        if hasattr(value, "read"):
+            if key in names:
+                data = await value.read()
+                if data or value.filename:
+                    uploads.append(data)
+        else:
+            fields[key] = value
+    await form.close()
+    return fields, uploads
+
+
+def create_app(engine: Engine, runs_arg: str | None = None) -> Starlette:
+    """The Starlette app serving `engine`'s models."""
+    page = files("animeddim.apps.web").joinpath("page.html").read_text(encoding="utf-8")
+    queue = JobQueue()
+
+    async def index(request: Request) -> Response:
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+
+    async def info(request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(engine.info))
+
+    async def status(request: Request) -> Response:
+        return JSONResponse(queue.status())
+
+    async def generate(request: Request) -> Response:
+        try:
+            req = parse_generate(await _json_body(request), engine.catalog)
+        except RequestError as e:
+            return _refuse(str(e))
+        return _stream(queue, lambda p: engine.generate(req, p, runs_arg))
+
+    async def interpolate(request: Request) -> Response:
+        try:
+            fields, uploads = await _form(request, ("face_a", "face_b"))
+            check_interpolate(fields, len(uploads), engine.catalog)
+        except RequestError as e:
+            return _refuse(str(e))
+        return _stream(queue, lambda p: engine.interpolate(fields, uploads, p))
+
+    async def invert(request: Request) -> Response:
+        try:
+            fields, uploads = await _form(request, ("face",))
+            check_invert(fields, len(uploads), engine.catalog)
+        except RequestError as e:
+            return _refuse(str(e))
+        return _stream(queue, lambda p: engine.invert(fields, uploads[0], p))
+
+    async def run(request: Request) -> Response:
+        try:
+            summary = await run_in_threadpool(
+                run_summary, engine.catalog, request.query_params.get("id")
+            )
+        except RequestError as e:
+            return _refuse(str(e))
+        return JSONResponse(summary)
+
+    routes = [
+        Route("/", index),
+        Route("/api/info", info),
+        Route("/api/status", status),
+        Route("/api/generate", generate, methods=["POST"]),
+        Route("/api/interpolate", interpolate, methods=["POST"]),
+        Route("/api/invert", invert, methods=["POST"]),
+        Route("/api/run", run),
+    ]
+    app = Starlette(routes=routes)
+    app.state.queue = queue
+    return app

@@ -1,0 +1,397 @@
+"""The web app's request handlers and HTTP API, without a browser (tests/test_web_browser.py
+drives the page in Chromium)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shlex
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from PIL import Image
+
+pytest.importorskip("starlette", reason="the web extra is not installed: pip install '.[web]'")
+pytest.importorskip("httpx2", reason="the test extra is not installed: pip install '.[test]'")
+
+from starlette.testclient import TestClient  # noqa: E402
+
+from animeddim.apps.web import handlers  # noqa: E402
+from animeddim.apps.web.handlers import Catalog, Engine, RequestError  # noqa: E402
+from animeddim.apps.web.server import create_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def runs(web_runs) -> Path:
+    return web_runs
+
+
+@pytest.fixture(scope="module")
+def engine(runs) -> Engine:
+    return Engine(Catalog([], runs), device="cpu", precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def client(engine, runs):
+    with TestClient(create_app(engine, str(runs))) as c:
+        yield c
+
+
+def png_bytes(image: np.ndarray | Image.Image, fmt: str = "PNG") -> bytes:
+    im = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def stream(resp) -> list[dict]:
+    return [json.loads(line) for line in resp.text.splitlines() if line]
+
+
+def decode_data_url(url: str) -> Image.Image:
+    import base64
+
+    head, data = url.split(",", 1)
+    assert head.startswith("data:image/")
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+# --- choices and request checks -------------------------------------------------------------
+
+
+def test_catalog_lists_runs_and_never_takes_a_path(runs):
+    cat = Catalog(["avatars-64"], runs)
+    ids = [c.id for c in cat.choices()]
+    assert ids == ["avatars-64", "run:empty", "run:tiny"]
+    assert cat.get("run:tiny").path == runs / "tiny"
+    for bad in (str(runs / "tiny"), "../tiny", "run:../tiny", "/etc/passwd", None, 3):
+        with pytest.raises(RequestError, match="unknown model"):
+            cat.get(bad)
+    with pytest.raises(RequestError, match="no checkpoint yet"):
+        cat.get("run:empty")
+    assert cat.get("run:empty", sample=False).has_metrics is False
+    with pytest.raises(RequestError, match="shipped models are avatars-64"):
+        Catalog(["nope"], None)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("steps", 0, "steps must be an integer from 1 to 250, got 0"),
+        ("n", 10000, "n must be an integer from 1 to 64, got 10000"),
+        ("n", "2.5", "n must be an integer"),
+        ("seed", -1, "seed must be an integer from 0"),
+        ("eta", "NaN", "eta must be a number from 0 to 1, got 'NaN'"),
+        ("eta", "inf", "eta must be a number"),
+        ("steps", "", "steps must be an integer"),
+        ("steps", True, "steps must be an integer"),
+        ("sampler", "euler", "sampler must be one of ddim, dpmpp-2m"),
+        ("clip", "maybe", "clip must be default, on or off"),
+    ],
+)
+def test_generate_refuses_bad_numbers_with_the_reason(runs, field, value, reason):
+    cat = Catalog([], runs)
+    body = {"model": "run:tiny", "sampler": "ddim", field: value}
+    with pytest.raises(RequestError) as e:
+        handlers.parse_generate(body, cat)
+    assert reason in str(e.value)
+
+
+def test_generate_request_defaults_eta_rule_and_attributes(runs):
+    cat = Catalog([], runs)
+    req = handlers.parse_generate({"model": "run:tiny"}, cat)
+    assert (req.seed, req.n, req.steps, req.sampler, req.eta, req.clip) == (
+        0,
+        16,
+        10,
+        "dpmpp-2m",
+        0.0,
+        None,
+    )
+    with pytest.raises(RequestError, match="eta must be 0 for dpmpp-2m"):
+        handlers.parse_generate({"model": "run:tiny", "eta": 0.5}, cat)
+    # "any" everywhere is unconditional; a real value is refused until conditioning exists
+    handlers.parse_generate({"model": "run:tiny", "attributes": {"hair": "any"}}, cat)
+    with pytest.raises(RequestError, match="guidance must be a number"):
+        handlers.parse_generate(
+            {"model": "run:tiny", "attributes": {"hair": "red"}, "guidance": "nan"}, cat
+        )
+
+
+def test_vocabulary_is_read_from_a_config_when_present():
+    assert handlers.vocabulary({"model": {"widths": [8]}}) is None
+    vocab = {"hair_color": ["black", "red"], "glasses": ["no", "yes"]}
+    assert handlers.vocabulary({"model": {"vocabulary": vocab}}) == vocab
+    assert handlers.vocabulary({"vocabulary": vocab}) == vocab
+
+
+def test_cli_command_for_shipped_and_run_models(runs):
+    cat = Catalog(["avatars-64"], runs)
+    req = handlers.parse_generate(
+        {
+            "model": "avatars-64",
+            "seed": 7,
+            "n": 4,
+            "steps": 12,
+            "sampler": "ddim",
+            "eta": 0.5,
+            "clip": "on",
+        },
+        cat,
+    )
+    cmd = handlers.cli_command(req, None, "auto", "auto")
+    assert shlex.split(cmd) == [
+        "animeddim", "sample", "--model", "avatars-64", "--n", "4", "--steps", "12",
+        "--seed", "7", "--sampler", "ddim", "--eta", "0.5", "--clip-x0",
+        "--grid", "grid.png", "--out", "samples/",
+    ]  # fmt: skip
+    req = handlers.parse_generate({"model": "run:tiny", "clip": "off"}, cat)
+    cmd = handlers.cli_command(req, "my runs", "cpu", "fp32")
+    assert "--run 'my runs/tiny'" in cmd and "--no-clip-x0" in cmd
+    assert "--device cpu --precision fp32" in cmd
+
+
+# --- uploads --------------------------------------------------------------------------------
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A small valid PNG whose header claims width x height pixels."""
+    raw = png_bytes(np.zeros((16, 16, 3), np.uint8))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    patched = struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    return raw[:8] + patched + raw[8 + 25 :]
+
+
+def test_uploads_refused_with_a_message():
+    face = np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    cases = {
+        "is empty": b"",
+        "not an image": b"GIF? no: plain text pretending to be a picture",
+        "only 1x1 pixels": png_bytes(np.zeros((1, 1, 3), np.uint8)),
+        "limit is 16 megapixels": _bomb_png(5000, 5000),
+        "decompression bomb": _bomb_png(50000, 50000),
+        "limit is 8 MB": b"\x89PNG" + b"\0" * (handlers.MAX_UPLOAD_BYTES + 1),
+        "cannot be used": png_bytes(face)[:200],  # truncated
+    }
+    for reason, data in cases.items():
+        with pytest.raises(RequestError, match=reason):
+            handlers.decode_upload(data, 16)
+
+
+def test_uploads_converted_with_notes():
+    rng = np.random.default_rng(1)
+    wide = rng.integers(0, 65536, (32, 48), dtype=np.uint16)
+    im16 = Image.fromarray(wide)
+    assert im16.mode.startswith("I")
+    image, notes = handlers.decode_upload(png_bytes(im16), 16)
+    assert image.shape == (16, 16, 3) and image.dtype == np.uint8
+    assert "16-bit image scaled to 8 bits" in notes and "cropped to its central square" in notes
+    cmyk = Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).convert("CMYK")
+    image, notes = handlers.decode_upload(png_bytes(cmyk, "JPEG"), 16)
+    assert image.shape == (16, 16, 3)
+    assert notes == ["converted from CMYK to RGB", "resized from 20x20 to the model's 16x16"]
+
+
+# --- the HTTP API ---------------------------------------------------------------------------
+
+
+def test_page_and_info(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "<title>animeddim</title>" in page.text
+    assert "http://" not in page.text.replace("http://www.w3.org/2000/svg", "")  # nothing external
+    info = client.get("/api/info").json()
+    assert [m["id"] for m in info["models"]] == ["run:empty", "run:tiny"]
+    assert info["limits"]["n"] == [1, 64] and "dpmpp-2m" in info["samplers"]
+
+
+def test_generate_streams_progress_and_images_the_cli_reproduces(client, runs, tmp_path):
+    body = {"model": "run:tiny", "seed": 3, "n": 5, "steps": 4, "sampler": "dpmpp-2m"}
+    lines = stream(client.post("/api/generate", json=body))
+    assert lines[0] == {"queued": 0}
+    progress = [m["progress"] for m in lines if "progress" in m]
+    assert progress == [1, 2, 3, 4]
+    assert {m["total"] for m in lines if "progress" in m} == {4}
+    result = lines[-1]["result"]
+    assert result["names"] == [f"seed3-{i:06d}.png" for i in range(5)]
+    web = [np.asarray(decode_data_url(u)) for u in result["images"]]
+    assert all(im.shape == (16, 16, 3) for im in web)
+    # run the command the page shows: it writes the same images and the same grid
+    args = shlex.split(result["command"])
+    assert args[:2] == ["animeddim", "sample"]
+    args = [a.replace("samples/", str(tmp_path / "s")).replace("grid.png", str(tmp_path / "g.png"))
+            for a in args[1:]]  # fmt: skip
+    run_cli(*args)
+    for i, im in enumerate(web):
+        np.testing.assert_array_equal(
+            im, np.asarray(Image.open(tmp_path / "s" / result["names"][i]))
+        )
+    np.testing.assert_array_equal(
+        np.asarray(decode_data_url(result["grid"]).convert("RGB")),
+        np.asarray(Image.open(tmp_path / "g.png").convert("RGB")),
+    )
+
+
+def test_bad_requests_answered_and_server_keeps_serving(client):
+    r = client.post("/api/generate", json={"model": "run:tiny", "steps": 0})
+    assert r.status_code == 400 and "steps must be an integer from 1 to 250" in r.json()["error"]
+    r = client.post(
+        "/api/generate", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400 and "not JSON" in r.json()["error"]
+    r = client.post("/api/invert", data={"model": "run:tiny", "steps": "3"},
+                    files={"face": ("x.png", b"not an image at all", "image/png")})  # fmt: skip
+    assert stream(r)[-1] == {
+        "error": "this file is not an image that can be read (PNG, JPEG, WebP, ...)"
+    }
+    r = client.post("/api/invert", data={"model": "run:tiny", "steps": "3"})
+    assert r.status_code == 400 and "choose an image file" in r.json()["error"]
+    r = client.post("/api/interpolate", data={"model": "run:tiny", "frames": "1"})
+    assert r.status_code == 400 and "frames must be an integer from 2 to 32" in r.json()["error"]
+    assert client.get("/api/status").json()["running"] is False
+    assert client.get("/api/info").status_code == 200
+
+
+def test_invert_gives_reconstruction_and_psnr(client, avatars16):
+    face = sorted(avatars16.glob("*.png"))[0].read_bytes()
+    lines = stream(client.post("/api/invert", data={"model": "run:tiny", "steps": "5"},
+                               files={"face": ("face.png", face, "image/png")}))  # fmt: skip
+    # 5 DDIM steps back (10 fixed-point iterations at the start, 2 evaluations per later
+    # step) and 5 forward: 23 network evaluations, each one reported
+    assert [m["progress"] for m in lines if "progress" in m] == list(range(1, 24))
+    assert {m["total"] for m in lines if "progress" in m} == {23}
+    r = lines[-1]["result"]
+    assert decode_data_url(r["reconstruction"]).size == (16, 16)
+    assert math.isfinite(r["psnr_db"]) and r["psnr_db"] > 5 and r["notes"] == []
+
+
+def test_interpolate_from_seeds_and_from_faces(client, avatars16):
+    r = stream(client.post("/api/interpolate",
+                           data={"model": "run:tiny", "seed": "1", "seed_b": "2", "frames": "5",
+                                 "steps": "3", "sampler": "ddim"}))[-1]["result"]  # fmt: skip
+    assert decode_data_url(r["strip"]).size == (5 * 16, 16)
+    gif = decode_data_url(r["gif"])
+    assert gif.format == "GIF" and gif.n_frames == 8  # there and back
+    faces = sorted(avatars16.glob("*.png"))[:2]
+    files = {"face_a": ("a.png", faces[0].read_bytes()), "face_b": ("b.png", faces[1].read_bytes())}
+    r = stream(client.post("/api/interpolate", data={"model": "run:tiny", "frames": "3",
+                                                     "steps": "2"}, files=files))[-1]  # fmt: skip
+    assert decode_data_url(r["result"]["strip"]).size == (3 * 16, 16)
+    one = {"face_a": files["face_a"]}
+    r = client.post("/api/interpolate", data={"model": "run:tiny", "frames": "3"}, files=one)
+    assert r.status_code == 400 and "upload two faces" in r.json()["error"]
+
+
+def test_watch_a_run(client):
+    r = client.get("/api/run", params={"id": "run:tiny"}).json()
+    assert r["series"]["epoch"] == [1.0, 2.0]
+    assert all(v is not None and v > 0 for v in r["series"]["val_noise_loss"])
+    assert r["latest_sample"]["name"] == "epoch-0002.png"
+    assert decode_data_url(r["latest_sample"]["url"]).size[0] > 16
+    assert client.get("/api/run", params={"id": "/tmp"}).status_code == 400
+    assert client.get("/api/run", params={"id": "run:empty"}).json()["latest_sample"] is None
+
+
+def test_a_stopped_job_does_no_more_work(engine, runs):
+    import threading
+
+    req = handlers.parse_generate({"model": "run:tiny", "n": 2, "steps": 50}, engine.catalog)
+    stop = threading.Event()
+    seen = []
+
+    def report(done, total):
+        seen.append(done)
+        if done == 3:
+            stop.set()
+
+    with pytest.raises(handlers.Stopped):
+        engine.generate(req, handlers.Progress(1, report, stop), None)
+    assert seen == [1, 2, 3]
+
+
+# --- the command ----------------------------------------------------------------------------
+
+
+def test_serve_without_the_extra_says_how_to_install_it():
+    code = (
+        "import sys; sys.modules['starlette'] = None\n"
+        "from animeddim.cli import main\nsys.exit(main(['serve']))"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "pip install 'animeddim[web]'" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_serve_refuses_a_missing_runs_folder(tmp_path):
+    p = run_cli("serve", "--runs", str(tmp_path / "nope"), check=False)
+    assert p.returncode == 2 and "is not a folder" in p.stderr
+
+
+# --- a live server, as a user starts it ------------------------------------------------------
+
+
+def _open_stream(url: str, body: dict):
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    conn.request("POST", "/api/generate", json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    return conn, resp
+
+
+def _status(url: str) -> dict:
+    from urllib.request import urlopen
+
+    with urlopen(url + "/api/status", timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_one_job_at_a_time_and_a_client_that_leaves_stops_its_job(web_server):
+    import time
+
+    before = _status(web_server)
+    long = {"model": "run:tiny", "n": 64, "steps": 250, "sampler": "ddim"}
+    conn_a, resp_a = _open_stream(web_server, long)
+    assert json.loads(resp_a.readline()) == {"queued": 0}
+    while "progress" not in json.loads(resp_a.readline()):
+        pass
+    conn_b, resp_b = _open_stream(web_server, long)
+    assert json.loads(resp_b.readline()) == {"queued": 1}  # waits behind the running job
+    conn_b.close()  # leaves while queued: its job never starts
+    conn_a.close()  # leaves while running: its job stops at the next network evaluation
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        now = _status(web_server)
+        if now["stopped"] == before["stopped"] + 2 and not now["running"]:
+            break
+        time.sleep(0.1)
+    assert now["stopped"] == before["stopped"] + 2
+    assert now["completed"] == before["completed"] and now["waiting"] == 0
+    # and the server still serves
+    conn, resp = _open_stream(web_server, {"model": "run:tiny", "n": 2, "steps": 2})
+    last = [json.loads(x) for x in resp.read().splitlines()][-1]
+    conn.close()
+    assert len(last["result"]["images"]) == 2
+
+
+def test_serve_warns_off_loopback_and_refuses_a_taken_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        p = run_cli("serve", "--host", "0.0.0.0", "--port", str(port), check=False)
+    assert p.returncode == 2
+    assert "warning: serving on 0.0.0.0" in p.stderr
+    assert f"port {port} on 0.0.0.0 is in use: choose another with --port" in p.stderr

@@ -1,0 +1,160 @@
+"""The web app in a real browser: Debian's headless Chromium driven by Playwright.
+
+The tests start `animeddim serve` (conftest `web_server`), use the page as a person would,
+and keep screenshots: under pytest's tmp dir and in test-artifacts/web/ (gitignored).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update"]  # fmt: skip
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "web"
+
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="Playwright for Python is not installed: pip install playwright"
+)
+if not CHROMIUM.is_file():
+    pytest.skip(
+        "Debian's chromium is not at /usr/bin/chromium (apt-get install chromium)",
+        allow_module_level=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    out = tmp_path_factory.mktemp("screenshots")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+
+    def take(page, name: str) -> Path:
+        path = out / f"{name}.png"
+        page.screenshot(path=str(path), full_page=True)
+        shutil.copy(path, ARTIFACTS / path.name)
+        return path
+
+    return take
+
+
+@pytest.fixture(scope="module")
+def page(browser, web_server):
+    ctx = browser.new_context(viewport={"width": 1200, "height": 900})
+    pg = ctx.new_page()
+    outside = []
+    pg.on("request", lambda r: outside.append(r.url) if not r.url.startswith(
+        (web_server, "data:")) else None)  # fmt: skip
+    t = time.perf_counter()
+    pg.goto(web_server + "/")
+    pg.wait_for_selector("body[data-ready='1']", timeout=30_000)
+    print(f"first page load, ready: {time.perf_counter() - t:.2f}s")
+    pg.outside_requests = outside
+    yield pg
+    ctx.close()
+
+
+def _tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def test_first_load_asks_nothing_from_outside(page, shots):
+    assert page.outside_requests == []
+    assert page.locator("#g-model option").all_inner_texts() == [
+        "avatars-64 (shipped)",
+        "tiny (run)",
+    ]
+    shots(page, "01-first-load")
+
+
+def test_generate_shows_images_downloads_and_the_command(page, shots):
+    page.select_option("#g-model", "run:tiny")
+    page.fill("#g-n", "12")
+    page.fill("#g-steps", "4")
+    page.click("#g-go")
+    page.wait_for_selector("#g-gallery img >> nth=11", timeout=60_000)
+    assert page.locator("#g-gallery a").count() == 12
+    assert page.locator("#g-gallery a").first.get_attribute("download") == "seed0-000000.png"
+    assert page.locator("#g-gallery img").first.evaluate("i => i.naturalWidth") == 16
+    assert page.locator("#g-cmd").inner_text().startswith("animeddim sample --run ")
+    assert "done in" in page.inner_text("#g-status")
+    shots(page, "02-generate-tiny")
+
+
+def test_generate_with_the_shipped_model(page, shots):
+    page.select_option("#g-model", "avatars-64")
+    page.fill("#g-n", "16")
+    page.fill("#g-steps", "10")
+    page.click("#g-go")
+    page.wait_for_function(
+        "document.querySelector('#g-gallery img') && "
+        "document.querySelector('#g-gallery img').naturalWidth === 64",
+        timeout=60_000,
+    )
+    assert page.locator("#g-gallery img").count() == 16
+    assert "--model avatars-64" in page.inner_text("#g-cmd")
+    shots(page, "03-generate-avatars-64")
+
+
+def test_bad_numbers_are_refused_with_the_reason(page, shots):
+    page.fill("#g-steps", "0")
+    page.click("#g-go")
+    page.wait_for_selector("#g-status .error")
+    assert "steps must be an integer from 1 to 250, got '0'" in page.inner_text("#g-status")
+    page.fill("#g-steps", "10")
+    page.fill("#g-n", "10000")
+    page.click("#g-go")
+    page.wait_for_selector("#g-status .error:has-text('n must be')")
+    shots(page, "04-bad-number")
+    page.fill("#g-n", "16")
+
+
+def test_interpolate_two_seeds(page, shots):
+    _tab(page, "Interpolate")
+    page.select_option("#i-model", "run:tiny")
+    page.fill("#i-frames", "6")
+    page.fill("#i-steps", "3")
+    page.click("#i-go")
+    page.wait_for_function("document.querySelector('#i-gif').naturalWidth > 0", timeout=60_000)
+    assert page.locator("#i-strip").evaluate("i => i.naturalWidth") == 6 * 16
+    assert page.locator("#i-gif-dl").get_attribute("href").startswith("data:image/gif")
+    shots(page, "05-interpolate")
+
+
+def test_invert_an_upload_and_refuse_a_non_image(page, shots, avatars16, tmp_path):
+    _tab(page, "Invert")
+    page.select_option("#v-model", "run:tiny")
+    page.set_input_files("#v-face", str(sorted(avatars16.glob("*.png"))[0]))
+    page.fill("#v-steps", "5")
+    page.click("#v-go")
+    page.wait_for_selector("#v-psnr:has-text('PSNR')", timeout=60_000)
+    assert "after 5 steps: PSNR" in page.inner_text("#v-psnr")
+    shots(page, "06-invert")
+    text = tmp_path / "notes.png"
+    text.write_text("this is not a picture")
+    page.set_input_files("#v-face", str(text))
+    page.click("#v-go")
+    page.wait_for_selector("#v-status .error", timeout=60_000)
+    assert "not an image" in page.inner_text("#v-status")
+    shots(page, "07-invert-non-image")
+
+
+def test_watch_a_run(page, shots):
+    _tab(page, "Watch a run")
+    page.select_option("#w-run", "run:tiny")
+    page.wait_for_selector("#w-loss polyline", timeout=30_000)
+    assert page.locator("#w-loss polyline").count() == 2  # train and validation
+    page.wait_for_function("document.querySelector('#w-sample').naturalWidth > 0")
+    assert "epoch-0002.png" in page.inner_text("#w-sample-title")
+    shots(page, "08-watch")
