@@ -25,6 +25,7 @@ import torch
 
 from ... import pipelines
 from ...config import SAMPLERS
+from ...io import png_bytes, save_png, tile
 from ...pretrained import SHIPPED
 
 # One list of limits: the server checks them and the page shows them.
@@ -277,12 +278,9 @@ def decode_upload(data: bytes, size: int) -> tuple[np.ndarray, list[str]]:
 # --- jobs ---------------------------------------------------------------------------------
 
 
-def png_data_url(images_u8: np.ndarray) -> str:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(images_u8).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+def png_data_url(pixels: np.ndarray) -> str:
+    """uint8 [H x W x C] pixels as a data: URL (the page needs no files from the server)."""
+    return "data:image/png;base64," + base64.b64encode(png_bytes(pixels)).decode()
 
 
 def _file_data_url(path: Path, mime: str) -> str:
@@ -358,15 +356,11 @@ class Engine:
         t = time.perf_counter()
         images = pipelines.draw(loaded, req.n, s, net=pipelines.observed(net, progress))
         seconds = time.perf_counter() - t
-        cols = min(8, req.n)
-        with tempfile.TemporaryDirectory(prefix="animeddim-web-") as tmp:
-            grid = Path(tmp) / "grid.png"
-            pipelines.save_grid(images, grid, cols=cols)
-            grid_url = _file_data_url(grid, "image/png")
+        pixels = images.numpy()
         return {
-            "images": [png_data_url(im) for im in images.numpy()],
+            "images": [png_data_url(im) for im in pixels],
             "names": [f"seed{req.seed}-{i:06d}.png" for i in range(req.n)],
-            "grid": grid_url,
+            "grid": png_data_url(tile(pixels, cols=min(8, req.n))),  # as `sample --grid`
             "command": cli_command(req, runs_arg, self.device_arg, self.precision_arg),
             "seconds": round(seconds, 2),
         }
@@ -390,7 +384,7 @@ class Engine:
                     image, why = decode_upload(data, size)
                     notes += [f"face {k + 1}: {w}" for w in why]
                     paths.append(Path(tmp) / f"face{k}.png")
-                    _save_png(image, paths[-1])
+                    save_png(paths[-1], image)
                 kw = {"images": tuple(paths), "invert_steps": steps}
                 progress.total = 2 * pipelines.invert_evaluations(steps) + steps
                 s = self.base
@@ -419,7 +413,7 @@ class Engine:
         with tempfile.TemporaryDirectory(prefix="animeddim-web-") as tmp:
             src = Path(tmp) / "in"
             src.mkdir()
-            _save_png(image, src / "face.png")
+            save_png(src / "face.png", image)
             obs = replace(loaded, model=pipelines.observed(net, progress))
             r = pipelines.invert(obs, src, Path(tmp) / "out", steps=steps, settings=self.base)
             recon = Path(tmp) / "out" / "reconstructions" / "face.png"
@@ -440,12 +434,6 @@ def _choice_vocabulary(c: Choice) -> dict[str, list[str]] | None:
         return vocabulary(json.loads(cfg.read_text(encoding="utf-8")))
     except (OSError, ValueError, AttributeError):
         return None
-
-
-def _save_png(image: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    Image.fromarray(image).save(path)
 
 
 # --- watching a run -----------------------------------------------------------------------
