@@ -122,7 +122,8 @@ def test_report_command(tiny_run, tmp_path):
     p = run_cli("report", "--run", str(tiny_run), "--out", str(out), "--steps", "3")
     assert (out / "report.html").is_file() and (out / "fig4-losses.png").is_file()
     assert "report:" in p.stdout
-    p = run_cli("report", "--run", str(tmp_path / "missing"), "--out", str(out), check=False)
+    p = run_cli("report", "--run", str(tmp_path / "missing"), "--out", str(out), "--force",
+                check=False)  # fmt: skip
     assert p.returncode == 2 and "does not exist" in p.stderr
 
 

@@ -1,23 +1,30 @@
 """Command line: options -> configs -> library calls. No maths here.
 
 Every user error becomes one line on stderr and exit code 2 (no traceback); a diverged
-training run exits with 3; Ctrl-C saves and exits with 130.
+training run exits with 3. Ctrl-C (SIGINT) and SIGTERM (what `timeout`, schedulers and
+containers send) are handled alike: training saves a checkpoint, a half-written output is
+removed, and the exit code is 130 for SIGINT, 143 for SIGTERM. Warnings print as one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import outputs
 from .config import SAMPLERS
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 class CliError(Exception):
@@ -104,10 +111,10 @@ def _add_sample_compile(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile", dest="compile", action="store_false")
 
 
-def _add_sampling(p: argparse.ArgumentParser, n_default: int) -> None:
+def _add_sampling(p: argparse.ArgumentParser, n_default: int, n_min: int = 1) -> None:
     p.add_argument(
         "--n",
-        type=_positive_int("n"),
+        type=_positive_int("n", n_min),
         default=n_default,
         help=f"number of images (default {n_default})",
     )
@@ -124,6 +131,14 @@ def _add_sampling(p: argparse.ArgumentParser, n_default: int) -> None:
     )
     _add_sample_compile(p)
     _add_runtime(p)
+
+
+def _add_force(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help=f"replace {what} (default: an existing output is an error)",
+    )
 
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:
@@ -306,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE.png",
         help="also save x_t and predicted-x0 strips of the reverse process",
     )
+    _add_force(p, "earlier samples in --out and existing --grid/--trajectory files")
     p.set_defaults(func=cmd_sample)
 
     # kid
@@ -326,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="generate, then KID/FID against a real folder")
     _add_model_source(p)
     p.add_argument("--real", required=True, help="folder of real images")
-    _add_sampling(p, 1000)
+    _add_sampling(p, 1000, n_min=2)  # KID and FID need two images a side
     _add_sampler(p)
     p.add_argument(
         "--protocols",
@@ -342,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also classify the samples' attributes against --real's labels.csv (TV per "
         "attribute; files beside --out); CLASSIFIER: a file (default: the shipped avatar one)",
     )
+    _add_force(p, "an existing --out file")
     _add_metrics(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -364,10 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--samplers", default="ddim", help=f"comma-separated: {', '.join(SAMPLERS)}")
     _add_clip(p)
-    p.add_argument("--n", type=_positive_int("n"), default=1000, help="images per setting")
+    p.add_argument("--n", type=_positive_int("n", 2), default=1000, help="images per setting")
     p.add_argument("--seed", type=int, default=0, help="(default 0)")
     p.add_argument("--batch-size", type=_positive_int("batch-size"), default=64)
     p.add_argument("--out", help="folder for steps.csv/.md/.png (default: the run folder)")
+    _add_force(p, "an earlier steps study in that folder")
     _add_sample_compile(p)
     _add_runtime(p)
     _add_metrics(p)
@@ -380,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=STEPS, default=50, help="(default 50)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--batch-size", type=_positive_int("batch-size"), default=64)
+    _add_force(p, "an earlier inversion in --out")
     _add_runtime(p)
     p.set_defaults(func=cmd_invert)
 
@@ -394,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampler(p)
     p.add_argument("--out", required=True, help="FILE.png or FILE.gif: both are written")
     p.add_argument("--batch-size", type=_positive_int("batch-size"), default=64)
+    _add_force(p, "existing FILE.png / FILE.gif")
     _add_runtime(p)
     p.set_defaults(func=cmd_interpolate)
 
@@ -404,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=STEPS, default=20, help="DDIM steps for Fig. 1 and samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    _add_force(p, "an earlier report in --out")
     p.set_defaults(func=cmd_report)
 
     # export
@@ -416,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="fp16",
         help="weight precision (default fp16)",
     )
+    _add_force(p, "an existing --out file (never the run's own checkpoints)")
     p.set_defaults(func=cmd_export)
 
     # demo
@@ -661,6 +683,7 @@ def resume_config_from_args(a: argparse.Namespace) -> Any:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    from .data import SkippedFilesWarning
     from .runtime import resolve_device
     from .train import TrainingDiverged, train
 
@@ -673,7 +696,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     run_dir = Path(a.resume or a.out)
     t = time.perf_counter()
     try:
-        res = train(cfg, run_dir, resume=bool(a.resume), progress=not a.quiet)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SkippedFilesWarning)  # noted once, at the end
+            res = train(cfg, run_dir, resume=bool(a.resume), progress=not a.quiet)
     except TrainingDiverged as e:
         print(f"{_prog()}: training diverged: {e}", file=sys.stderr)
         return EXIT_DIVERGED
@@ -731,6 +756,11 @@ def cmd_sample(a: argparse.Namespace) -> int:
         raise CliError("give --out DIR, --grid FILE.png and/or --trajectory FILE.png")
     loaded, device = load_for_sampling(a.run, a.model, a.device)
     settings = _settings(a, device)
+    files = [(f, Path(v)) for f, v in (("--grid", a.grid), ("--trajectory", a.trajectory)) if v]
+    outputs.distinct(files)
+    for flag, path in files:
+        outputs.new_file(path, a.force, flag)
+    earlier = outputs.sample_folder(a.out, a.force, [p for _, p in files]) if a.out else []
     if a.trajectory and _is_main():
         print(f"trajectory: {trajectory(loaded, a.trajectory, settings=settings)}")
     if a.trajectory and not a.out and not a.grid:
@@ -742,6 +772,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
         return 0
     dt = time.perf_counter() - t
     if a.out:
+        outputs.remove(earlier)  # --force: this call's samples replace them, all of them
         write_pngs(images, Path(a.out), a.seed)
         print(f"{a.n} images in {a.out}")
     if a.grid:
@@ -807,9 +838,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if not Path(a.real).is_dir():
         raise CliError(f"real-image folder {a.real!r} does not exist")
     if a.out:
-        out = Path(a.out)
-    elif a.run and Path(a.run).is_dir():
-        out = Path(a.run) / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        out = outputs.new_file(a.out, a.force)
+    elif a.run and Path(a.run).is_dir():  # a new name, never an earlier evaluation's
+        stem, k = f"eval-{time.strftime('%Y%m%d-%H%M%S')}", 1
+        while (out := Path(a.run) / f"{stem}{f'-{k}' if k > 1 else ''}.json").exists():
+            k += 1
     else:
         raise CliError("give --out FILE.json (no run folder to write into)")
     attributes = None
@@ -856,6 +889,7 @@ def cmd_steps(a: argparse.Namespace) -> int:
     out = Path(a.out) if a.out else (Path(a.run) if a.run and Path(a.run).is_dir() else None)
     if out is None:
         raise CliError("give --out DIR (no run folder to write into)")
+    outputs.earlier_outputs(out, outputs.STEPS_NAMES, a.force)  # each is replaced whole
     steps_study(
         loaded,
         a.real,
@@ -875,8 +909,15 @@ def cmd_steps(a: argparse.Namespace) -> int:
 def cmd_invert(a: argparse.Namespace) -> int:
     from .pipelines import invert
 
+    outputs.not_inside(a.out, [a.images], "--out", "the --images folder")
+    earlier = outputs.signature(
+        outputs.earlier_outputs(
+            a.out, outputs.INVERT_NAMES, a.force, recursive_in=("reconstructions",)
+        )
+    )
     loaded, device = load_for_sampling(a.run, a.model, a.device)
     r = invert(loaded, a.images, a.out, steps=a.steps, settings=_settings(a, device))
+    outputs.remove_unchanged(earlier)  # --force: no reconstruction of earlier images is left
     for p, v in r["psnr_db"].items():
         print(f"{p}: PSNR {v:.2f} dB")
     print(
@@ -894,6 +935,11 @@ def cmd_interpolate(a: argparse.Namespace) -> int:
             "--images are inverted with DDIM and decoded with the same unclipped DDIM: "
             "drop --sampler and --clip-x0"
         )
+    ends = [Path(a.out).with_suffix(".png"), Path(a.out).with_suffix(".gif")]
+    for end in ends:
+        outputs.new_file(end, a.force)
+        for image in a.images or ():
+            outputs.distinct([("--out", end), ("--images", Path(image))])
     loaded, device = load_for_sampling(a.run, a.model, a.device)
     strip, gif = interpolate(
         loaded,
@@ -912,9 +958,11 @@ def cmd_report(a: argparse.Namespace) -> int:
     from .report import write_report
     from .runtime import resolve_device
 
+    earlier = outputs.signature(outputs.earlier_outputs(a.out, outputs.REPORT_NAMES, a.force))
     page = write_report(
         a.run, Path(a.out), device=resolve_device(a.device), seed=a.seed, steps=a.steps
     )
+    outputs.remove_unchanged(earlier)  # --force: no figure of an earlier report is left
     print(f"report: {page} and {page.with_suffix('.html')}")
     return 0
 
@@ -924,10 +972,15 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     import torch
 
-    from .checkpoint import export_weights
+    from .checkpoint import export_weights, resolve
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
-    out = export_weights(a.run, a.out, dtype)
+    source = resolve(a.run)
+    outputs.distinct([("--run", source), ("--out", Path(a.out))])
+    if Path(a.run).is_dir():  # a run's checkpoints are what --resume needs: never replaced
+        ckpts = [Path(a.run) / "checkpoints"]
+        outputs.not_inside(a.out, ckpts, "--out", "the run's checkpoints", "resume needs them")
+    out = export_weights(source, outputs.new_file(a.out, a.force), dtype)
     print(f"exported EMA weights ({a.dtype}) to {out} ({os.path.getsize(out) / 2**20:.1f} MiB)")
     return 0
 
@@ -964,6 +1017,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         CheckpointError,
         RunFolderError,
         ReportError,
+        outputs.OutputExists,
     ]
     try:
         from .metrics import InceptionWeightsMissing
@@ -974,25 +1028,64 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it unwinds exactly like Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+    _signals_seen.add(signum)
+    raise Terminated()
+
+
+_signals_seen: set[int] = set()
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Print a warning as one line (no source line), each distinct text once."""
+    from .data import SkippedFilesWarning
+
+    text = str(message)
+    if text in _shown_warnings:
+        return
+    _shown_warnings.add(text)
+    tag = "note" if issubclass(category, SkippedFilesWarning) else f"{_prog()}: warning"
+    print(f"{tag}: {text}", file=sys.stderr)
+
+
+_shown_warnings: set[str] = set()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     errors = _user_errors()
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main_thread else None
+    _shown_warnings.clear()
+    _signals_seen.clear()
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            rc = args.func(args)
+        # train returns normally after saving the checkpoint a signal asked for
+        return EXIT_TERMINATED if rc == EXIT_INTERRUPTED and signal.SIGTERM in _signals_seen else rc
     except errors as e:
         if not getattr(e, "mirrored", False):  # torchrun: rank 0's error, raised on all ranks
             print(f"{_prog()}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{_prog()}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:
+        term = isinstance(e, Terminated)
+        print(f"{_prog()}: {'terminated (SIGTERM)' if term else 'interrupted'}", file=sys.stderr)
+        return EXIT_TERMINATED if term else EXIT_INTERRUPTED
     except OSError as e:
         print(
             f"{_prog()}: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr
         )
         return 1
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if "animeddim.distributed" in sys.modules:  # joined torchrun's process group
             sys.modules["animeddim.distributed"].cleanup()
 

@@ -41,7 +41,15 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from . import io
-from .data import BadImage, find_images, load_image
+from .data import (
+    BadImage,
+    DataError,
+    Skipped,
+    SkippedFilesWarning,
+    find_images,
+    load_image,
+    skip_summary,
+)
 from .io import file_digest
 
 WEIGHTS_ENV_VAR = "ANIMEDDIM_INCEPTION_WEIGHTS"
@@ -498,30 +506,36 @@ def _folder_cache_key(
 
 
 def _load_batches(
-    folder: Path, files: Sequence[Path], batch_size: int
+    folder: Path, files: Sequence[Path], batch_size: int, skipped: list[Skipped]
 ) -> Iterator[tuple[torch.Tensor, tuple[int, int]]]:
-    """Yield ([B x 3 x H x W] uint8, (H, W)); every image must share the first one's size."""
-    first_size: tuple[int, int] | None = None
+    """Yield ([B x 3 x H x W] uint8, (H, W)); every image must share the first one's size.
+
+    A file that does not decode is left out and appended to `skipped`, as training does.
+    """
+    first: tuple[Path, tuple[int, int]] | None = None
     for start in range(0, len(files), batch_size):
         arrays = []
         for path in files[start : start + batch_size]:
             try:
                 array = load_image(path, size=None)
             except BadImage as error:
-                # Skipping would silently change the sample; a metric needs every file.
-                raise ValueError(f"cannot use '{path}' for metrics: {error.reason}") from None
+                skipped.append(Skipped(str(path), error.reason))
+                continue
             size = (int(array.shape[0]), int(array.shape[1]))
-            if first_size is None:
-                first_size = size
-            elif size != first_size:
+            if first is None:
+                first = (path, size)
+            elif size != first[1]:
                 # torch-fidelity batches a folder as one tensor, so sizes must agree.
-                raise ValueError(
-                    f"images in '{folder}' differ in size: '{files[0]}' is "
-                    f"{first_size[0]}x{first_size[1]}, '{path}' is {size[0]}x{size[1]}"
+                raise DataError(
+                    f"images in '{folder}' differ in size: '{first[0]}' is "
+                    f"{first[1][0]}x{first[1][1]}, '{path}' is {size[0]}x{size[1]}; KID and "
+                    "FID compare folders of one image size (resize them, e.g. with "
+                    "`animeddim data prepare FOLDER --out NEW --size N`)"
                 )
             arrays.append(array)
-        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-        yield batch, first_size  # type: ignore[misc]
+        if arrays:
+            batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+            yield batch, first[1]  # type: ignore[index]
 
 
 def folder_features_with_size(
@@ -537,19 +551,20 @@ def folder_features_with_size(
         raise ValueError(f"unknown protocol '{protocol}', expected one of {PROTOCOLS}")
     folder = Path(folder)
     files = find_images(folder)  # sorted by relative path, so feature row i is stable
-    if not files:
-        raise ValueError(f"no images found in '{folder}'")
+    if len(files) < 2:
+        raise DataError(_too_few(folder, len(files), len(files)))
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = _folder_cache_key(folder, files, protocol, extractor)
     cache_file = cache_dir / f"{protocol}-{key[:40]}.safetensors"
-    if cache_file.is_file():
-        with safe_open(str(cache_file), framework="pt") as handle:
-            meta = handle.metadata()
-            features = handle.get_tensor("features")
-        return features, (int(meta["height"]), int(meta["width"]))
+    cached = _read_feature_cache(cache_file)
+    if cached is not None:
+        features, size, skipped = cached
+        _note_skipped(skipped, len(files))
+        return features, size
 
     chunks = []
-    batches = _load_batches(folder, files, batch_size)
+    skipped: list[Skipped] = []
+    batches = _load_batches(folder, files, batch_size, skipped)
     if progress:
         from tqdm import tqdm
 
@@ -558,17 +573,72 @@ def folder_features_with_size(
     for batch, batch_hw in batches:
         chunks.append(extractor.features(batch, protocol, batch_size=batch_size))
         size = batch_hw
+    usable = sum(len(c) for c in chunks)
+    if usable < 2:
+        raise DataError(_too_few(folder, usable, len(files), skipped))
+    _note_skipped(skipped, len(files))
     features = torch.cat(chunks).to(torch.float64).contiguous()
     meta = {
         "protocol": protocol,
         "weights": extractor.cache_token,
         "folder": str(folder),
-        "count": str(len(files)),
+        "count": str(len(features)),
         "height": str(size[0]),
         "width": str(size[1]),
+        "skipped": json.dumps([[s.path, s.reason] for s in skipped]),
     }
-    _save_atomic(cache_file, features, meta)
+    try:
+        _save_atomic(cache_file, features, meta)
+    except OSError as e:  # the cache only saves time: go on without it
+        warnings.warn(
+            f"feature cache not written ({e.strerror or e}: {e.filename or cache_dir}); "
+            "computed without it",
+            CacheWarning,
+            stacklevel=2,
+        )
     return features, size
+
+
+class CacheWarning(UserWarning):
+    """The feature cache could not be read or written; the features were computed anyway."""
+
+
+def _too_few(folder: Path, usable: int, found: int, skipped: Sequence[Skipped] = ()) -> str:
+    detail = skip_summary(skipped, found) if skipped else f"found {found} image files"
+    return f"KID and FID need at least 2 images, '{folder}' has {usable} usable ({detail})"
+
+
+def _note_skipped(skipped: Sequence[Skipped], tried: int) -> None:
+    if skipped:
+        warnings.warn(skip_summary(skipped, tried), SkippedFilesWarning, stacklevel=3)
+
+
+def _read_feature_cache(
+    cache_file: Path,
+) -> tuple[torch.Tensor, tuple[int, int], list[Skipped]] | None:
+    """Features, image size and skipped files from a cache entry; None when there is none.
+
+    A damaged entry (truncated, foreign, rows missing) counts as none: it is computed again
+    and replaced, with a warning.
+    """
+    if not cache_file.is_file():
+        return None
+    try:
+        with safe_open(str(cache_file), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            features = handle.get_tensor("features")
+        size = (int(meta["height"]), int(meta["width"]))
+        skipped = [Skipped(p, r) for p, r in json.loads(meta.get("skipped", "[]"))]
+        if features.ndim != 2 or len(features) != int(meta["count"]):
+            raise ValueError(f"{len(features)} rows, {meta['count']} expected")
+    except Exception as e:  # noqa: BLE001 - any damage means: compute again
+        warnings.warn(
+            f"feature cache file '{cache_file}' is damaged ({type(e).__name__}); computed again",
+            CacheWarning,
+            stacklevel=3,
+        )
+        return None
+    return features, size, skipped
 
 
 def folder_features(

@@ -335,7 +335,7 @@ def invert(
         out / "latents.safetensors",
         st_save({"latents": z_all.contiguous()}, {"paths": json.dumps(paths), "steps": str(steps)}),
     )
-    save_pngs(rec, out / "reconstructions", [Path(p).stem + ".png" for p in paths])
+    save_pngs(rec, out / "reconstructions", reconstruction_names(paths, images))
     save_grid(torch.cat([real_u8, rec]), out / "side-by-side.png", cols=len(real_u8))
     values = psnr(real_u8, rec).tolist()
     return {
@@ -344,6 +344,19 @@ def invert(
         "mean_psnr_db": float(np.mean(values)),
         "out": str(out),
     }
+
+
+def reconstruction_names(paths: Sequence[str], root: str | Path) -> list[str]:
+    """One distinct PNG name per input image: its path below `root` with the suffix .png
+    ("sub/a.jpg" -> "sub/a.png"), or with .png added where two inputs would share a name
+    (a.png and a.jpg -> a.png.png and a.jpg.png)."""
+    rels = [Path(p).relative_to(root) if Path(p).is_relative_to(root) else Path(p) for p in paths]
+    names = [r.with_suffix(".png").as_posix() for r in rels]
+    clash = {n for n in names if names.count(n) > 1}
+    names = [f"{r.as_posix()}.png" if n in clash else n for r, n in zip(rels, names, strict=True)]
+    if len(set(names)) < len(names):  # only with names made to collide: number them all
+        names = [f"{i:06d}-{r.name}.png" for i, r in enumerate(rels)]
+    return names
 
 
 @torch.no_grad()
@@ -369,11 +382,14 @@ def interpolate(
         a = randn_per_image(image_generators(seeds[0], [0]), shape, settings.device)
         b = randn_per_image(image_generators(seeds[1], [0]), shape, settings.device)
     elif images is not None:
-        from .data import load_image
+        from .data import BadImage, DataError, load_image
 
         ends = []
         for p in images:
-            im = torch.from_numpy(np.array(load_image(Path(p), cfg.model.image_size)))[None]
+            try:
+                im = torch.tensor(load_image(Path(p), cfg.model.image_size))[None]
+            except BadImage as e:
+                raise DataError(f"cannot interpolate from '{p}': {e.reason}") from None
             x0 = _normalised(loaded, im, settings.device)
             with settings.autocast or contextlib.nullcontext():
                 ends.append(ddim_invert(loaded.model, x0, invert_steps, cfg.schedule).float())

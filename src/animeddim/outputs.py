@@ -1,0 +1,156 @@
+"""What a command may write over: existing outputs are refused unless --force.
+
+Every command that writes checks its outputs here before any work starts, so a refusal
+costs nothing and nothing already on disk is touched. With --force the command's earlier
+outputs that it does not write again are removed once the new ones are written (or just
+before, for samples): the folder ends up holding one call's outputs, never a mix, and a
+failed run leaves the old ones in place. The files themselves are written atomically
+(`io`), so a crash or a full disk never leaves half a file under its final name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+SAMPLE_NAME = re.compile(r"seed-?\d+-\d{6}\.png")  # what `sample --out DIR` writes
+REPORT_NAMES = re.compile(  # what `report --out DIR` writes
+    r"report\.(md|html)|fig[\w.-]*\.png|samples-[\w.-]+\.png|"
+    r"(table[\w.-]*|steps-table)\.(md|csv)"
+)
+STEPS_NAMES = ("steps.csv", "steps.md", "steps.png")
+INVERT_NAMES = ("latents.safetensors", "side-by-side.png")
+
+
+class OutputExists(ValueError):
+    """An output already exists and --force was not given; the message says which."""
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(os.path.abspath(a)) == Path(os.path.abspath(b))
+
+
+def new_file(path: str | Path, force: bool, flag: str = "--out") -> Path:
+    """`path`, checked to be writable as a file: absent, or present and `force` given."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputExists(f"{flag} {str(path)!r} is a folder; give a file name")
+    if path.exists() and not force:
+        raise OutputExists(
+            f"{flag} {str(path)!r} already exists; use --force to replace it (or choose "
+            "another name)"
+        )
+    return path
+
+
+def distinct(paths: Sequence[tuple[str, Path]]) -> None:
+    """Refuse two outputs of one command that name the same file ((flag, path) pairs)."""
+    for i, (flag_a, a) in enumerate(paths):
+        for flag_b, b in paths[i + 1 :]:
+            if _same(a, b):
+                raise OutputExists(f"{flag_a} and {flag_b} name the same file {str(a)!r}")
+
+
+def not_inside(
+    out: str | Path,
+    inputs: Iterable[str | Path],
+    flag: str,
+    what: str,
+    why: str = "a later run would read these outputs as input",
+) -> None:
+    """Refuse an output folder or file inside (or equal to) an input folder or file."""
+    out_abs = Path(os.path.realpath(out))
+    for src in inputs:
+        src_abs = Path(os.path.realpath(src))
+        if out_abs == src_abs or src_abs in out_abs.parents:
+            raise OutputExists(
+                f"{flag} {str(out)!r} is inside {what} {str(src)!r}; {why}: choose a place "
+                "outside it"
+            )
+
+
+def earlier_outputs(
+    folder: str | Path,
+    names: re.Pattern[str] | Sequence[str],
+    force: bool,
+    flag: str = "--out",
+    recursive_in: Sequence[str] = (),
+) -> list[Path]:
+    """The files in `folder` an earlier run of the command wrote (top level: names matching
+    `names`; everything inside the subfolders `recursive_in`).
+
+    Without `force`, any of them is an error. With it, they are returned for :func:`remove`
+    once the new outputs are ready to be written.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputExists(f"{flag} {str(folder)!r} is a file; give a folder")
+    if not folder.is_dir():
+        return []
+
+    def matches(name: str) -> bool:
+        return bool(names.fullmatch(name)) if isinstance(names, re.Pattern) else name in names
+
+    found = [p for p in sorted(folder.iterdir()) if p.is_file() and matches(p.name)]
+    for sub in recursive_in:
+        if (folder / sub).is_dir():
+            found += sorted(p for p in (folder / sub).rglob("*") if p.is_file())
+    if found and not force:
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        raise OutputExists(
+            f"{flag} {str(folder)!r} already holds earlier outputs ({found[0].name}{more}); "
+            "use --force to replace them (or choose another folder)"
+        )
+    return found
+
+
+def remove(files: Iterable[Path]) -> None:
+    """Delete earlier outputs (see :func:`earlier_outputs`)."""
+    for f in files:
+        f.unlink(missing_ok=True)
+
+
+def sample_folder(folder: str | Path, force: bool, own: Sequence[Path] = ()) -> list[Path]:
+    """Earlier samples in `folder` (refused without `force`); images that are not samples,
+    anywhere under it, are refused even with it: the folder must end up holding these
+    samples only (a KID of it would otherwise mix sets and sizes). `own`: other outputs of
+    the same command (--grid) that may lie in the folder."""
+    from .data import find_images
+
+    earlier = earlier_outputs(folder, SAMPLE_NAME, force)
+    if Path(folder).is_dir():
+        mine = {Path(os.path.abspath(p)) for p in [*earlier, *own]}
+        foreign = [p for p in find_images(Path(folder)) if Path(os.path.abspath(p)) not in mine]
+        if foreign:
+            raise OutputExists(
+                f"--out {str(folder)!r} holds images that are not samples (e.g. "
+                f"{str(foreign[0])!r}); sample into a new or empty folder"
+            )
+    return earlier
+
+
+def signature(files: Iterable[Path]) -> dict[Path, tuple[int, int]]:
+    """Identity (inode, mtime) of each file, for :func:`remove_unchanged`."""
+    sig = {}
+    for f in files:
+        st = f.stat()
+        sig[f] = (st.st_ino, st.st_mtime_ns)
+    return sig
+
+
+def remove_unchanged(before: dict[Path, tuple[int, int]]) -> None:
+    """After a command has written its new outputs, delete the earlier ones it did not write
+    again (same inode and mtime as before): a failed command leaves all earlier outputs,
+    a successful one leaves only its own."""
+    for f, sig in before.items():
+        try:
+            st = f.stat()
+        except FileNotFoundError:
+            continue
+        if (st.st_ino, st.st_mtime_ns) == sig:
+            f.unlink(missing_ok=True)

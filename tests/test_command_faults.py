@@ -1,0 +1,404 @@
+"""Bad input, existing outputs, signals and full disks, for every command that is not training.
+
+Each test runs the command the way a user does (`cli.main`, or a subprocess where a signal or
+a resource limit is involved) on 16-px avatars and a tiny run, and checks what the user sees
+(one line, the exit code) and what is on disk afterwards. docs/reliability.md tabulates them.
+KID tests use a cheap feature extractor in place of Inception: what is tested is how folders
+and caches are handled, not the network (tests/test_metrics.py tests that).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_MODEL, tiny_config
+from PIL import Image
+from safetensors.torch import load_file
+
+from animeddim import cli
+from animeddim.checkpoint import load
+from animeddim.train import train
+
+
+class FakeExtractor:
+    """Per-channel mean and std as 'features'; counts calls; `refuse` makes a call fail."""
+
+    cache_token = "fake.pt:1"
+    weights_id = "fake.pt sha256:000000000000"
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.refuse = False
+
+    def features(self, images_u8, protocol, batch_size=64, bf16=False):
+        assert not self.refuse, "the network ran although the features were cached"
+        self.calls += 1
+        x = images_u8.double() / 255
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+
+
+@pytest.fixture
+def fake(monkeypatch) -> FakeExtractor:
+    extractor = FakeExtractor()
+    monkeypatch.setattr(cli, "_extractor", lambda a: extractor)
+    return extractor
+
+
+@pytest.fixture(scope="module")
+def run(avatars16, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("faults") / "run"
+    train(tiny_config(avatars16, epochs=1), out, progress=False, log=lambda s: None)
+    return out
+
+
+def _main(capsys, *argv) -> tuple[int, str, str]:
+    try:
+        rc = cli.main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _one_line(err: str, *needles: str) -> None:
+    assert "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+
+
+def _folder(d: Path, avatars: Path, n: int) -> Path:
+    d.mkdir(parents=True)
+    for f in sorted(avatars.glob("*.png"))[:n]:
+        shutil.copy(f, d / f.name)
+    return d
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------------------------
+# One line, never a traceback: kid / evaluate / steps
+
+
+def _bad_folder(kind: str, d: Path, avatars: Path) -> tuple[Path, str]:
+    if kind == "one image":
+        return _folder(d, avatars, 1), "at least 2 images"
+    if kind == "empty":
+        d.mkdir()
+        return d, "at least 2 images"
+    if kind == "missing":
+        return d, "does not exist"
+    _folder(d, avatars, 2)
+    Image.new("RGB", (24, 24)).save(d / "zz-big.png")
+    return d, "differ in size"
+
+
+@pytest.mark.parametrize("kind", ["one image", "empty", "missing", "mixed sizes"])
+def test_kid_evaluate_steps_on_a_bad_folder_are_one_line(
+    kind, run, avatars16, tmp_path, capsys, fake
+):
+    bad, needle = _bad_folder(kind, tmp_path / "bad", avatars16)
+    good = _folder(tmp_path / "good", avatars16, 3)
+    cache = ["--cache-dir", tmp_path / "cache"]
+    for argv in (
+        ["kid", bad, good, *cache],
+        ["kid", good, bad, "--protocol", "paper", *cache],
+        ["evaluate", "--run", run, "--real", bad, "--n", 2, "--steps", 1, "--out",
+         tmp_path / "e.json", *cache],
+        ["steps", "--run", run, "--real", bad, "--n", 2, "--steps", 1, "--eta", 0, "--out",
+         tmp_path / "st", *cache],
+    ):  # fmt: skip
+        rc, _, err = _main(capsys, *argv)
+        assert rc == 2, (argv, err)
+        _one_line(err, needle if kind != "missing" or argv[0] != "kid" else "not a folder")
+    assert not (tmp_path / "e.json").exists() and not (tmp_path / "st").exists()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "steps"])
+def test_fewer_than_two_generated_images_is_a_usage_error(command, run, avatars16, capsys):
+    rc, _, err = _main(capsys, command, "--run", run, "--real", avatars16, "--n", 1)
+    assert rc == 2
+    _one_line(err, "n must be >= 2, got 1")
+
+
+def test_kid_skips_an_undecodable_file_with_one_note(avatars16, tmp_path, capsys, fake):
+    d = _folder(tmp_path / "d", avatars16, 3)
+    (d / "broken.png").write_bytes(b"not a png")
+    cache = tmp_path / "cache"
+    for _ in range(2):  # computed, then read from the cache: the same single note
+        rc, out, err = _main(capsys, "kid", d, d, "--json", "--cache-dir", cache)
+        assert rc == 0, err
+        assert json.loads(out)["n_a"] == 3
+        assert err.splitlines() == [
+            f"note: skipped 1 of 4 files that could not be decoded: {d / 'broken.png'}: "
+            "not an image (unrecognised format)"
+        ]
+    assert fake.calls == 1
+
+
+def test_truncated_feature_cache_is_detected_recomputed_and_replaced(
+    avatars16, tmp_path, capsys, fake
+):
+    d = _folder(tmp_path / "d", avatars16, 4)
+    cache = tmp_path / "cache"
+    rc, first, _ = _main(capsys, "kid", d, d, "--json", "--cache-dir", cache)
+    assert rc == 0
+    (entry,) = cache.iterdir()
+    whole = entry.read_bytes()
+    features = load_file(entry)["features"].clone()
+    entry.write_bytes(whole[: len(whole) // 2])  # e.g. a full disk under an older version
+    rc, second, err = _main(capsys, "kid", d, d, "--json", "--cache-dir", cache)
+    assert rc == 0 and json.loads(second) == json.loads(first)
+    _one_line(err, "feature cache file", "is damaged", "computed again")
+    assert torch.equal(load_file(entry)["features"], features)  # healed: a whole entry again
+    fake.refuse = True  # and used from now on
+    rc, third, err = _main(capsys, "kid", d, d, "--json", "--cache-dir", cache)
+    assert rc == 0 and json.loads(third) == json.loads(first) and err == ""
+
+
+def test_unwritable_cache_dir_warns_and_computes_without_it(avatars16, tmp_path, capsys, fake):
+    d = _folder(tmp_path / "d", avatars16, 3)
+    rc, expected, _ = _main(capsys, "kid", d, d, "--json", "--cache-dir", tmp_path / "ok")
+    (tmp_path / "file").write_text("a file where the cache folder would go")
+    # A path below a regular file cannot be created, by root either (chmod would not do).
+    rc, out, err = _main(capsys, "kid", d, d, "--json", "--cache-dir", tmp_path / "file" / "c")
+    assert rc == 0 and json.loads(out) == json.loads(expected)
+    _one_line(err, "warning: feature cache not written", "computed without it")
+
+
+# --------------------------------------------------------------------------------------------
+# One line, never a traceback: interpolate
+
+
+@pytest.mark.parametrize("kind", ["missing", "not an image", "a folder"])
+def test_interpolate_from_a_bad_image_is_one_line(kind, run, avatars16, tmp_path, capsys):
+    bad = {"missing": tmp_path / "nope.png", "a folder": avatars16}.get(kind, tmp_path / "t.png")
+    if kind == "not an image":
+        bad.write_text("text")
+    good = next(avatars16.glob("*.png"))
+    out = tmp_path / "ip" / "x.png"
+    rc, _, err = _main(capsys, "interpolate", "--run", run, "--images", good, bad, "--out", out)
+    assert rc == 2
+    _one_line(err, f"cannot interpolate from '{bad}'")
+    assert not out.parent.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Never overwrite or mix
+
+
+def test_export_never_replaces_the_runs_checkpoints_and_needs_force_elsewhere(
+    run, tmp_path, capsys
+):
+    last = run / "checkpoints" / "last.safetensors"
+    before = last.read_bytes()
+    for out in (last, run / "checkpoints" / "new.safetensors"):
+        for force in ([], ["--force"]):
+            rc, _, err = _main(capsys, "export", "--run", run, "--out", out, *force)
+            assert rc == 2, err
+            _one_line(err, str(out))
+    assert last.read_bytes() == before and not (run / "checkpoints" / "new.safetensors").exists()
+    other = tmp_path / "small.safetensors"
+    other.write_bytes(b"the user's file")
+    rc, _, err = _main(capsys, "export", "--run", run, "--out", other)
+    assert rc == 2 and other.read_bytes() == b"the user's file"
+    _one_line(err, f"--out '{other}' already exists; use --force")
+    rc, _, err = _main(capsys, "export", "--run", run, "--out", other, "--force")
+    assert rc == 0 and load(other)[1]["kind"] == "ema-weights"
+
+
+def test_sample_into_earlier_samples_is_refused_and_force_replaces_them_all(
+    run, avatars16, tmp_path, capsys
+):
+    out = tmp_path / "s"
+    out.mkdir()
+    for i in range(4):  # earlier samples of another (32-px) model
+        Image.new("RGB", (32, 32), (i, 0, 0)).save(out / f"seed0-{i:06d}.png")
+    before = _files(out)
+    base = ["sample", "--run", run, "--steps", 1, "--out", out]
+    rc, _, err = _main(capsys, *base, "--n", 2)
+    assert rc == 2 and _files(out) == before
+    _one_line(err, "already holds earlier outputs", "--force")
+    rc, _, err = _main(capsys, *base, "--n", 2, "--force")
+    assert rc == 0, err
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["seed0-000000.png", "seed0-000001.png"]  # none of the four is left
+    assert {Image.open(out / n).size for n in names} == {(16, 16)}
+    # images that are not samples are never mixed with samples, --force or not
+    shutil.copy(next(avatars16.glob("*.png")), out / "mine.png")
+    rc, _, err = _main(capsys, *base, "--n", 1, "--force")
+    assert rc == 2 and (out / "mine.png").exists() and len(list(out.iterdir())) == 3
+    _one_line(err, "not samples", "mine.png")
+
+
+def test_sample_grid_and_trajectory_are_refused_when_they_exist_or_coincide(run, tmp_path, capsys):
+    grid = tmp_path / "g.png"
+    grid.write_bytes(b"keep")
+    base = ["sample", "--run", run, "--n", 1, "--steps", 1]
+    for argv, needle in (
+        ([*base, "--grid", grid], "already exists"),
+        ([*base, "--trajectory", grid], "already exists"),
+        ([*base, "--grid", tmp_path / "a.png", "--trajectory", tmp_path / "a.png"], "same file"),
+    ):
+        rc, _, err = _main(capsys, *argv)
+        assert rc == 2
+        _one_line(err, needle)
+    assert grid.read_bytes() == b"keep" and not (tmp_path / "a.png").exists()
+    rc, _, err = _main(capsys, *base, "--grid", grid, "--force")
+    assert rc == 0 and Image.open(grid).size == (16, 16)
+
+
+def test_steps_evaluate_interpolate_report_refuse_existing_outputs(
+    run, avatars16, tmp_path, capsys, fake
+):
+    steps_dir = tmp_path / "st"
+    steps_dir.mkdir()
+    (steps_dir / "steps.csv").write_text("earlier study\n")
+    ev = tmp_path / "ev.json"
+    ev.write_text("{}")
+    ip = tmp_path / "ip.png"
+    ip.with_suffix(".gif").write_bytes(b"earlier gif")
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    (rep / "report.md").write_text("earlier report")
+    real = ["--real", avatars16, "--n", 2]
+    cases = [
+        (["steps", "--run", run, *real, "--steps", 1, "--eta", 0, "--out", steps_dir], "steps.csv"),
+        (["evaluate", "--run", run, *real, "--steps", 1, "--out", ev], str(ev)),
+        (["interpolate", "--run", run, "--seeds", 1, 2, "--frames", 2, "--steps", 1, "--out", ip],
+         str(ip.with_suffix(".gif"))),
+        (["report", "--run", run, "--out", rep, "--steps", 1], "report.md"),
+    ]  # fmt: skip
+    before = _files(tmp_path)
+    for argv, needle in cases:
+        rc, _, err = _main(capsys, *argv)
+        assert rc == 2, err
+        _one_line(err, needle, "--force")
+    assert _files(tmp_path) == before and fake.calls == 0  # refused before any work
+    for argv, _ in cases:
+        rc, _, err = _main(capsys, *argv, "--force")
+        assert rc == 0, err
+    assert "steps" in (steps_dir / "steps.csv").read_text() and "kid_mean" in ev.read_text()
+    assert ip.with_suffix(".gif").read_bytes()[:3] == b"GIF" and ip.is_file()
+    assert "animeddim report" in (rep / "report.md").read_text()
+
+
+def test_evaluate_default_names_never_collide(run, avatars16, capsys, fake, monkeypatch):
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20260101-000000")
+    before = set(run.glob("eval-*.json"))
+    for _ in range(2):
+        rc, _, err = _main(capsys, "evaluate", "--run", run, "--real", avatars16, "--n", 2,
+                           "--steps", 1, "--protocols", "standard")  # fmt: skip
+        assert rc == 0, err
+    made = sorted(p.name for p in set(run.glob("eval-*.json")) - before)
+    assert made == ["eval-20260101-000000-2.json", "eval-20260101-000000.json"]
+
+
+def test_interpolate_never_writes_over_its_input_image(run, avatars16, tmp_path, capsys):
+    x = tmp_path / "x.png"
+    shutil.copy(next(avatars16.glob("*.png")), x)
+    before = x.read_bytes()
+    y = next(avatars16.glob("*.png"))
+    rc, _, err = _main(capsys, "interpolate", "--run", run, "--images", x, y, "--out", x, "--force")
+    assert rc == 2 and x.read_bytes() == before
+    _one_line(err, "same file")
+
+
+def test_invert_refuses_earlier_outputs_and_inputs_never_share_an_output(
+    run, avatars16, tmp_path, capsys
+):
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    srcs = sorted(avatars16.glob("*.png"))
+    shutil.copy(srcs[0], images / "a.png")
+    Image.open(srcs[1]).convert("RGB").save(images / "a.jpg")  # same stem, another file
+    shutil.copy(srcs[2], images / "sub" / "a.png")  # same name, another folder
+    out = tmp_path / "inv"
+    argv = ["invert", "--run", run, "--images", images, "--steps", 2, "--out", out]
+    rc, _, err = _main(capsys, *argv)
+    assert rc == 0, err
+    recon = sorted(str(p.relative_to(out / "reconstructions")) for p in out.rglob("*.png")
+                   if "reconstructions" in p.parts)  # fmt: skip
+    assert len(recon) == 3, recon  # three inputs, three reconstructions
+    (out / "reconstructions" / "stale.png").write_bytes(b"from an earlier image set")
+    before = _files(out)
+    rc, _, err = _main(capsys, *argv)
+    assert rc == 2 and _files(out) == before
+    _one_line(err, "already holds earlier outputs", "--force")
+    rc, _, err = _main(capsys, *argv, "--force")
+    assert rc == 0 and not (out / "reconstructions" / "stale.png").exists()
+    rc, _, err = _main(capsys, "invert", "--run", run, "--images", images, "--out", images / "o")
+    assert rc == 2
+    _one_line(err, "inside the --images folder")
+
+
+# --------------------------------------------------------------------------------------------
+# Signals: SIGTERM is handled like Ctrl-C
+
+
+def _popen(*args) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "animeddim", *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for(cond, timeout: float = 240) -> None:
+    t = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t < timeout, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_during_training_saves_a_checkpoint_then_resume_finishes(
+    sig, code, avatars16, tmp_path
+):
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps({"model": TINY_MODEL}))
+    data = _folder(tmp_path / "data", avatars16, 24)
+    (data / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "run"
+    p = _popen("train", "--data", data, "--out", out, "--config", cfg, "--image-size", 16,
+               "--batch-size", 6, "--epochs", 100, "--checkpoint-every", 1, "--no-kid", "--quiet",
+               "--device", "cpu", "--precision", "fp32", "--val-fraction", 0.25)  # fmt: skip
+    _wait_for(lambda: (out / "checkpoints" / "last.safetensors").exists())
+    p.send_signal(sig)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == code, stderr
+    assert "Traceback" not in stderr and "Warning" not in stderr
+    # the skip note prints once (no raw warning with a source line before it)
+    assert (stdout + stderr).count("skipped 1 of 25 files") == 1, (stdout, stderr)
+    saved = [line for line in stdout.splitlines() if line.startswith("interrupted: checkpoint")]
+    assert len(saved) == 1, stdout
+    step = load(out / "checkpoints" / "last.safetensors")[1]["step"]
+    assert f"saved at step {step};" in saved[0] and step >= 1
+    assert not [f for f in out.rglob(".*") if f.is_file()]  # no temporary file left
+    r = subprocess.run([sys.executable, "-m", "animeddim", "train", "--resume", str(out),
+                        "--quiet", "--max-steps", str(step + 1)],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert load(out / "checkpoints" / "last.safetensors")[1]["step"] > step
+
+
+def test_sigterm_while_sampling_exits_143_and_leaves_no_file(run, tmp_path):
+    out = tmp_path / "s"
+    p = _popen("sample", "--run", run, "--trajectory", tmp_path / "t.png", "--out", out,
+               "--n", 100000, "--steps", 20, "--device", "cpu", "--no-compile")  # fmt: skip
+    assert p.stdout is not None
+    assert p.stdout.readline().startswith("trajectory:")  # now drawing the images
+    p.send_signal(signal.SIGTERM)
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode == 143
+    _one_line(stderr, "terminated (SIGTERM)")
+    assert not out.exists() or not list(out.iterdir())
