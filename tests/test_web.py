@@ -219,6 +219,7 @@ def test_generate_streams_progress_and_images_the_cli_reproduces(client, runs, t
     progress = [m["progress"] for m in lines if "progress" in m]
     assert progress == [1, 2, 3, 4]
     assert {m["total"] for m in lines if "progress" in m} == {4}
+    assert {m["unit"] for m in lines if "progress" in m} == {"denoising step"}
     result = lines[-1]["result"]
     assert result["names"] == [f"seed3-{i:06d}.png" for i in range(5)]
     web = [np.asarray(decode_data_url(u)) for u in result["images"]]
@@ -253,6 +254,12 @@ def test_bad_requests_answered_and_server_keeps_serving(client):
     }
     r = client.post("/api/invert", data={"model": "run:tiny", "steps": "3"})
     assert r.status_code == 400 and "choose an image file" in r.json()["error"]
+    big = b"\x89PNG" + bytes(handlers.MAX_UPLOAD_BYTES + 10)
+    r = client.post("/api/invert", data={"model": "run:tiny"}, files={"face": ("big.png", big)})
+    assert "the limit is 8 MB" in stream(r)[-1]["error"]  # read, then refused
+    huge = big + bytes(handlers.MAX_UPLOAD_BYTES)
+    r = client.post("/api/invert", data={"model": "run:tiny"}, files={"face": ("huge.png", huge)})
+    assert r.status_code == 400 and "the limit is 8 MB" in r.json()["error"]  # not even read
     r = client.post("/api/interpolate", data={"model": "run:tiny", "frames": "1"})
     assert r.status_code == 400 and "frames must be an integer from 2 to 32" in r.json()["error"]
     assert client.get("/api/status").json()["running"] is False

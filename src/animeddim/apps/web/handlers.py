@@ -239,7 +239,7 @@ def decode_upload(data: bytes, size: int) -> tuple[np.ndarray, list[str]]:
         raise RequestError("the file is empty")
     if len(data) > MAX_UPLOAD_BYTES:
         mb = MAX_UPLOAD_BYTES // 2**20
-        raise RequestError(f"the file is {len(data) / 2**20:.1f} MB; the limit is {mb} MB")
+        raise RequestError(f"the file is {len(data):,} bytes; the limit is {mb} MB")
     try:
         with Image.open(io.BytesIO(data)) as im:  # reads the header only
             (w, h), mode, fmt = im.size, im.mode, im.format
@@ -292,6 +292,7 @@ class Progress:
 
     def __init__(self, total: int, report: Callable[[int, int], None], stop: threading.Event):
         self.total, self.done, self.report, self.stop = max(total, 1), 0, report, stop
+        self.unit = "network evaluation"  # what is counted, in the page's words
 
     def __call__(self, batch: int) -> None:
         if self.stop.is_set():
@@ -353,6 +354,7 @@ class Engine:
         s = replace(self.base, seed=req.seed, steps=req.steps, sampler=req.sampler, eta=req.eta)
         s = replace(s, clip=req.clip)
         progress.total = math.ceil(req.n / s.batch_size) * req.steps
+        progress.unit = "denoising step" if req.n <= s.batch_size else "network evaluation"
         t = time.perf_counter()
         images = pipelines.draw(loaded, req.n, s, net=pipelines.observed(net, progress))
         seconds = time.perf_counter() - t

@@ -91,7 +91,8 @@ def _stream(queue: JobQueue, job: Callable[[Progress], dict]) -> StreamingRespon
     updates: asyncio.Queue = asyncio.Queue()
 
     def report(done: int, total: int) -> None:
-        loop.call_soon_threadsafe(updates.put_nowait, {"progress": done, "total": total})
+        msg = {"progress": done, "total": total, "unit": progress.unit}
+        loop.call_soon_threadsafe(updates.put_nowait, msg)
 
     progress = Progress(1, report, stop)
     fut = queue.submit(lambda: job(progress), stop)
@@ -138,7 +139,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
 async def _form(request: Request, names: tuple[str, ...]) -> tuple[dict[str, Any], list[bytes]]:
     """Form fields and the uploaded files among `names`, in that order, size-checked."""
     length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > 2 * MAX_UPLOAD_BYTES + 65536:
+    if length and length.isdigit() and int(length) > len(names) * MAX_UPLOAD_BYTES + 65536:
         raise RequestError(f"the upload is too large; the limit is {MAX_UPLOAD_BYTES >> 20} MB")
     try:
         form = await request.form(max_files=2, max_fields=20, max_part_size=MAX_UPLOAD_BYTES + 1)
