@@ -9,8 +9,10 @@ and caches are handled, not the network (tests/test_metrics.py tests that).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -25,6 +27,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from animeddim import cli
+from animeddim import io as animeddim_io
 from animeddim.checkpoint import load
 from animeddim.train import train
 
@@ -402,3 +405,93 @@ def test_sigterm_while_sampling_exits_143_and_leaves_no_file(run, tmp_path):
     assert p.returncode == 143
     _one_line(stderr, "terminated (SIGTERM)")
     assert not out.exists() or not list(out.iterdir())
+
+
+# --------------------------------------------------------------------------------------------
+# Full disk: every output is written under a temporary name and renamed
+
+
+class _FullDisk:
+    """A file whose writes store half their bytes, then fail with ENOSPC."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data):
+        self._f.write(bytes(data)[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def _full_disk(monkeypatch) -> None:
+    real_open = open
+
+    def full_open(path, mode="r", *a, **kw):
+        f = real_open(path, mode, *a, **kw)
+        return _FullDisk(f) if "w" in mode else f
+
+    monkeypatch.setattr(animeddim_io, "open", full_open, raising=False)
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["sample --out", "sample --grid", "export", "interpolate", "invert", "evaluate", "steps",
+     "report"],
+)  # fmt: skip
+def test_full_disk_is_one_line_naming_the_users_file_and_leaves_no_partial_file(
+    command, run, avatars16, tmp_path, capsys, monkeypatch, fake
+):
+    out = tmp_path / "out"
+    few = _folder(tmp_path / "few", avatars16, 2)
+    argv = {
+        "sample --out": ["sample", "--run", run, "--n", 2, "--steps", 1, "--out", out],
+        "sample --grid": ["sample", "--run", run, "--n", 2, "--steps", 1, "--grid", out / "g.png"],
+        "export": ["export", "--run", run, "--out", out / "e.safetensors"],
+        "interpolate": ["interpolate", "--run", run, "--seeds", 1, 2, "--frames", 2, "--steps", 1,
+                        "--out", out / "x.png"],
+        "invert": ["invert", "--run", run, "--images", few, "--steps", 1, "--out", out],
+        "evaluate": ["evaluate", "--run", run, "--real", few, "--n", 2, "--steps", 1, "--out",
+                     out / "e.json", "--cache-dir", tmp_path / "cache"],
+        "steps": ["steps", "--run", run, "--real", few, "--n", 2, "--steps", 1, "--eta", 0,
+                  "--out", out, "--cache-dir", tmp_path / "cache"],
+        "report": ["report", "--run", run, "--out", out, "--steps", 1],
+    }[command]  # fmt: skip
+    _main(capsys, "kid", few, few, "--cache-dir", tmp_path / "cache")  # cache written before
+    _full_disk(monkeypatch)
+    rc, _, err = _main(capsys, *argv)
+    assert rc == 1, err
+    _one_line(err, "No space left on device: ")
+    named = Path(err.strip().rsplit(": ", 1)[1])
+    assert not named.name.startswith(".") and named.parent == out or out in named.parents, err
+    assert not named.exists()  # neither empty nor half a file under the final name
+    left = [p for p in tmp_path.rglob("*") if p.is_file() and ".tmp" in p.name]
+    assert not left, left
+    if out.exists():  # what was written before the disk filled up is whole
+        for p in out.rglob("*"):
+            assert not p.is_file() or p.stat().st_size > 0, p
+
+
+def test_file_size_limit_in_a_real_process_leaves_no_partial_file(run, tmp_path):
+    """RLIMIT_FSIZE makes the kernel refuse the write (EFBIG), as a full disk would."""
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+
+    out = tmp_path / "s"
+    p = subprocess.run(
+        [sys.executable, "-m", "animeddim", "sample", "--run", str(run), "--n", "2", "--steps",
+         "1", "--out", str(out), "--grid", str(tmp_path / "g.png")],
+        capture_output=True, text=True, timeout=300, preexec_fn=limit,
+    )  # fmt: skip
+    assert p.returncode == 1
+    _one_line(p.stderr, "File too large: ", str(tmp_path))
+    assert ".tmp" not in p.stderr
+    assert not [f for f in tmp_path.rglob("*") if f.is_file()]

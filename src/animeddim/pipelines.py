@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
@@ -254,10 +255,11 @@ def steps_study(
 
 def write_steps(rows: list[dict[str, Any]], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "steps.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=STEPS_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
+    f = StringIO(newline="")
+    w = csv.DictWriter(f, fieldnames=STEPS_COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(out_dir / "steps.csv", f.getvalue())
     lines = [
         "| steps | sampler | x0 clipped | eta | KID (standard) | ± std | s/image |",
         "|---:|---|---|---:|---:|---:|---:|",
@@ -268,7 +270,7 @@ def write_steps(rows: list[dict[str, Any]], out_dir: Path) -> None:
             f"| {r['steps']} | {r['sampler']} | {clipped} | {r['eta']:g} | {r['kid_mean']:.4f} | "
             f"{r['kid_std']:.4f} | {r['seconds_per_image']:.3f} |"
         )
-    (out_dir / "steps.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(out_dir / "steps.md", "\n".join(lines) + "\n")
     from .report import Table, plot_steps, sampler_label
 
     table = Table(

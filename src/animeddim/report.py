@@ -20,9 +20,9 @@ from __future__ import annotations
 import csv
 import html
 import math
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
+from io import BytesIO, StringIO
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .config import ScheduleConfig
+from .io import write_bytes_atomic, write_text_atomic
 from .run_folder import DASH, RunFiles, RunFolderError, number_or_none, read_run, unique_names
 
 FORWARD_TIMES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)  # Fig. 1 forward-process times
@@ -85,11 +86,19 @@ def to_markdown(table: Table) -> str:
 
 def write_csv(table: Table, path: Path) -> None:
     """Full-precision values; missing ones are empty cells so numeric readers see NaN."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(table.headers)
-        for row in table.rows:
-            w.writerow(["" if v is None else repr(v) if isinstance(v, float) else v for v in row])
+    f = StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(table.headers)
+    for row in table.rows:
+        w.writerow(["" if v is None else repr(v) if isinstance(v, float) else v for v in row])
+    write_text_atomic(path, f.getvalue())
+
+
+def save_figure(fig, path: Path) -> None:
+    """A matplotlib figure as a PNG, written atomically like every other output."""
+    buf = BytesIO()
+    fig.savefig(buf, format="png")
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def to_html(table: Table) -> str:
@@ -308,7 +317,7 @@ def plot_image_rows(
                 axes[r][c].set_title(col_titles[c], fontsize=8)
         axes[r][0].set_ylabel(row_labels[r], fontsize=9)
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def first_reference_image(path: Path, channels: int) -> np.ndarray:
@@ -425,7 +434,7 @@ def plot_kid(path: Path, runs: Sequence[RunFiles]) -> None:
     ax.set_title("KID versus epochs")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def plot_losses(path: Path, runs: Sequence[RunFiles]) -> None:
@@ -454,7 +463,7 @@ def plot_losses(path: Path, runs: Sequence[RunFiles]) -> None:
         ax.set_title(f"({letter}) Train and validation {kind} loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def plot_steps(path: Path, table: Table) -> None:
@@ -492,7 +501,7 @@ def plot_steps(path: Path, table: Table) -> None:
     ax.grid(alpha=0.3)
     if groups:
         ax.legend(fontsize=8)
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -651,7 +660,7 @@ def _samples(run: RunFiles, loaded, out: Path, seed: int, steps: int, device) ->
     grids = sorted((run.path / "samples").glob("epoch-*.png"))
     if not grids:
         return [("h3", f"Run {run.name}"), ("p", "No checkpoint and no sample grids.")]
-    shutil.copyfile(grids[-1], out / name)
+    write_bytes_atomic(out / name, grids[-1].read_bytes())
     text = (
         f"No usable checkpoint: copy of the training run's last sample grid "
         f"(samples/{grids[-1].name}, EMA network, 20 DDIM steps)."
@@ -718,13 +727,13 @@ def write_report(
     # Table I, Table II
     t1 = table1(data)
     write_csv(t1, out / "table1.csv")
-    (out / "table1.md").write_text(to_markdown(_table1_display(t1)), encoding="utf-8")
+    write_text_atomic(out / "table1.md", to_markdown(_table1_display(t1)))
     blocks += [("h2", "Table I. KID scores on different datasets"), ("table", _table1_display(t1))]
     blocks.append(("h2", "Table II. Validation results"))
     for run in data:
         t2 = table2(run)
         write_csv(t2, out / f"table2-{run.name}.csv")
-        (out / f"table2-{run.name}.md").write_text(to_markdown(t2), encoding="utf-8")
+        write_text_atomic(out / f"table2-{run.name}.md", to_markdown(t2))
         blocks.append(("table", t2))
     if any(r.evals for r in data):
         blocks += [("h2", "Evaluations"), ("table", evals_table(data))]
@@ -768,7 +777,7 @@ def write_report(
     if any(r.steps for r in data):
         st = steps_table(data)
         write_csv(st, out / "steps-table.csv")
-        (out / "steps-table.md").write_text(to_markdown(st), encoding="utf-8")
+        write_text_atomic(out / "steps-table.md", to_markdown(st))
         plot_steps(out / "fig-steps.png", st)
         blocks += [
             ("h2", "Sampling steps"),
@@ -777,6 +786,6 @@ def write_report(
         ]
 
     page = out / "report.md"
-    page.write_text(render_markdown(blocks), encoding="utf-8")
-    (out / "report.html").write_text(render_html(blocks, "animeddim report"), encoding="utf-8")
+    write_text_atomic(page, render_markdown(blocks))
+    write_text_atomic(out / "report.html", render_html(blocks, "animeddim report"))
     return page
