@@ -495,3 +495,13 @@ def test_file_size_limit_in_a_real_process_leaves_no_partial_file(run, tmp_path)
     _one_line(p.stderr, "File too large: ", str(tmp_path))
     assert ".tmp" not in p.stderr
     assert not [f for f in tmp_path.rglob("*") if f.is_file()]
+
+
+def test_evaluate_coverage_refuses_earlier_coverage_files(run, avatars16, tmp_path, capsys, fake):
+    (tmp_path / "coverage.json").write_text("{}")
+    argv = ["evaluate", "--run", run, "--real", avatars16, "--n", 2, "--steps", 1, "--out",
+            tmp_path / "e.json", "--coverage"]  # fmt: skip
+    rc, _, err = _main(capsys, *argv)
+    assert rc == 2 and (tmp_path / "coverage.json").read_text() == "{}"
+    _one_line(err, "coverage.json", "--force")
+    assert not (tmp_path / "e.json").exists() and fake.calls == 0

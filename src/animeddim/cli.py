@@ -851,6 +851,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
         if not (Path(a.real) / "labels.csv").is_file():
             raise CliError(f"--coverage needs labels: {a.real!r} has no labels.csv")
+        outputs.earlier_outputs(out.parent, outputs.COVERAGE_NAMES, a.force, "--coverage beside")
         attributes = load_classifier(None if a.coverage == "shipped" else a.coverage)[0]
     r = evaluate(
         loaded,

@@ -182,7 +182,7 @@ def to_csv(result: dict[str, Any]) -> str:
 
 def plot_coverage(path: Path, result: dict[str, Any]) -> None:
     """Real and generated histograms side by side, one panel per attribute."""
-    from .report import _figure
+    from .report import _figure, save_figure
 
     attrs = list(result["attributes"].items())
     cols = 2
@@ -204,8 +204,7 @@ def plot_coverage(path: Path, result: dict[str, Any]) -> None:
         if k == 0:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def _short(value: str) -> str:

@@ -22,6 +22,7 @@ REPORT_NAMES = re.compile(  # what `report --out DIR` writes
 )
 STEPS_NAMES = ("steps.csv", "steps.md", "steps.png")
 INVERT_NAMES = ("latents.safetensors", "side-by-side.png")
+COVERAGE_NAMES = ("coverage.json", "coverage.csv", "coverage.md", "coverage.png")
 
 
 class OutputExists(ValueError):

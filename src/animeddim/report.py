@@ -94,10 +94,10 @@ def write_csv(table: Table, path: Path) -> None:
     write_text_atomic(path, f.getvalue())
 
 
-def save_figure(fig, path: Path) -> None:
+def save_figure(fig, path: Path, dpi: float | None = None) -> None:
     """A matplotlib figure as a PNG, written atomically like every other output."""
     buf = BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", dpi=dpi)
     write_bytes_atomic(path, buf.getvalue())
 
 
