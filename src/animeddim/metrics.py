@@ -604,7 +604,7 @@ class CacheWarning(UserWarning):
 
 
 def _too_few(folder: Path, usable: int, found: int, skipped: Sequence[Skipped] = ()) -> str:
-    detail = skip_summary(skipped, found) if skipped else f"found {found} image files"
+    detail = skip_summary(skipped, found) if skipped else f"{found} image files found"
     return f"KID and FID need at least 2 images, '{folder}' has {usable} usable ({detail})"
 
 

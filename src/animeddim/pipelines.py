@@ -159,10 +159,12 @@ def evaluate(
         )
     if "paper" in protocols:
         t2 = time.perf_counter()
-        from .data import load_folder
+        from .data import DataError, load_folder
 
         size = loaded.config.model.image_size
         real_u8 = torch.from_numpy(np.asarray(load_folder(real, size).images[:n]))
+        if len(real_u8) < 2:
+            raise DataError(f"KID needs at least 2 images, '{real}' has {len(real_u8)} usable")
         acc = metrics.PaperKID(extractor)
         for i in range(0, min(len(real_u8), n), paper_batch):
             acc.update(_nchw(real_u8[i : i + paper_batch]), _nchw(fake[i : i + paper_batch]))
