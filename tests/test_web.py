@@ -260,6 +260,12 @@ def test_bad_requests_answered_and_server_keeps_serving(client):
     huge = big + bytes(handlers.MAX_UPLOAD_BYTES)
     r = client.post("/api/invert", data={"model": "run:tiny"}, files={"face": ("huge.png", huge)})
     assert r.status_code == 400 and "the limit is 8 MB" in r.json()["error"]  # not even read
+    r = client.post(
+        "/api/invert",
+        content=iter([b"--x\r\n", b"endless"]),  # chunked: no Content-Length
+        headers={"content-type": "multipart/form-data; boundary=x"},
+    )
+    assert r.status_code == 400 and "Content-Length" in r.json()["error"]
     r = client.post("/api/interpolate", data={"model": "run:tiny", "frames": "1"})
     assert r.status_code == 400 and "frames must be an integer from 2 to 32" in r.json()["error"]
     assert client.get("/api/status").json()["running"] is False

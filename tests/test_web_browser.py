@@ -122,24 +122,30 @@ def test_bad_numbers_are_refused_with_the_reason(page, shots):
 
 def test_interpolate_two_seeds(page, shots):
     _tab(page, "Interpolate")
-    page.select_option("#i-model", "run:tiny")
-    page.fill("#i-frames", "6")
-    page.fill("#i-steps", "3")
+    page.select_option("#i-model", "avatars-64")
+    page.fill("#i-frames", "8")
+    page.fill("#i-steps", "10")
     page.click("#i-go")
     page.wait_for_function("document.querySelector('#i-gif').naturalWidth > 0", timeout=60_000)
-    assert page.locator("#i-strip").evaluate("i => i.naturalWidth") == 6 * 16
+    assert page.locator("#i-strip").evaluate("i => i.naturalWidth") == 8 * 64
     assert page.locator("#i-gif-dl").get_attribute("href").startswith("data:image/gif")
     shots(page, "05-interpolate")
 
 
-def test_invert_an_upload_and_refuse_a_non_image(page, shots, avatars16, tmp_path):
+def test_invert_an_upload_and_refuse_a_non_image(page, shots, tmp_path):
     _tab(page, "Invert")
-    page.select_option("#v-model", "run:tiny")
-    page.set_input_files("#v-face", str(sorted(avatars16.glob("*.png"))[0]))
-    page.fill("#v-steps", "5")
+    page.select_option("#v-model", "avatars-64")
+    from animeddim.datasets import generate_avatars
+
+    face = sorted(
+        generate_avatars(tmp_path / "faces", n=1, size=80, seed=5, workers=1).glob("*.png")
+    )
+    page.set_input_files("#v-face", str(face[0]))
+    page.fill("#v-steps", "20")
     page.click("#v-go")
     page.wait_for_selector("#v-psnr:has-text('PSNR')", timeout=60_000)
-    assert "after 5 steps: PSNR" in page.inner_text("#v-psnr")
+    assert "after 20 steps: PSNR" in page.inner_text("#v-psnr")
+    assert "resized from 80x80 to the model's 64x64" in page.inner_text("#v-status")
     shots(page, "06-invert")
     text = tmp_path / "notes.png"
     text.write_text("this is not a picture")

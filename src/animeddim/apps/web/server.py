@@ -138,8 +138,10 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 async def _form(request: Request, names: tuple[str, ...]) -> tuple[dict[str, Any], list[bytes]]:
     """Form fields and the uploaded files among `names`, in that order, size-checked."""
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > len(names) * MAX_UPLOAD_BYTES + 65536:
+    length = request.headers.get("content-length", "")
+    if not length.isdigit():  # a chunked body could grow without bound before it is checked
+        raise RequestError("send uploads with a Content-Length (as browsers do)")
+    if int(length) > len(names) * MAX_UPLOAD_BYTES + 65536:
         raise RequestError(f"the upload is too large; the limit is {MAX_UPLOAD_BYTES >> 20} MB")
     try:
         form = await request.form(max_files=2, max_fields=20, max_part_size=MAX_UPLOAD_BYTES + 1)
