@@ -50,13 +50,22 @@ def run_cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.
 
 @pytest.fixture(scope="session")
 def web_runs(avatars16, tmp_path_factory) -> Path:
-    """A runs folder for the web app: one tiny trained run ('tiny'), one without a checkpoint."""
+    """A runs folder for the web app: a tiny trained run ('tiny'), one without a checkpoint
+    ('empty') and a copy of 'tiny' whose config.json names attributes ('labelled')."""
     from animeddim.train import train
 
     root = tmp_path_factory.mktemp("webruns")
     train(tiny_config(avatars16, epochs=2), root / "tiny", progress=False, log=lambda s: None)
     (root / "empty").mkdir()
     (root / "empty" / "config.json").write_text("{}")
+    # the same run, as a conditional model's folder would describe itself
+    import json
+    import shutil
+
+    shutil.copytree(root / "tiny", root / "labelled")
+    cfg = json.loads((root / "labelled" / "config.json").read_text())
+    cfg["model"]["vocabulary"] = {"hair_color": ["black", "red"], "glasses": ["no", "yes"]}
+    (root / "labelled" / "config.json").write_text(json.dumps(cfg))
     return root
 
 

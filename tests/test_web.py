@@ -69,7 +69,7 @@ def decode_data_url(url: str) -> Image.Image:
 def test_catalog_lists_runs_and_never_takes_a_path(runs):
     cat = Catalog(["avatars-64"], runs)
     ids = [c.id for c in cat.choices()]
-    assert ids == ["avatars-64", "run:empty", "run:tiny"]
+    assert ids == ["avatars-64", "run:empty", "run:labelled", "run:tiny"]
     assert cat.get("run:tiny").path == runs / "tiny"
     for bad in (str(runs / "tiny"), "../tiny", "run:../tiny", "/etc/passwd", None, 3):
         with pytest.raises(RequestError, match="unknown model"):
@@ -208,7 +208,9 @@ def test_page_and_info(client):
     assert page.status_code == 200 and "<title>animeddim</title>" in page.text
     assert "http://" not in page.text.replace("http://www.w3.org/2000/svg", "")  # nothing external
     info = client.get("/api/info").json()
-    assert [m["id"] for m in info["models"]] == ["run:empty", "run:tiny"]
+    assert [m["id"] for m in info["models"]] == ["run:empty", "run:labelled", "run:tiny"]
+    vocab = {m["id"]: m["vocabulary"] for m in info["models"]}
+    assert vocab["run:tiny"] is None and vocab["run:labelled"]["glasses"] == ["no", "yes"]
     assert info["limits"]["n"] == [1, 64] and "dpmpp-2m" in info["samplers"]
 
 

@@ -73,8 +73,10 @@ def test_first_load_asks_nothing_from_outside(page, shots):
     assert page.outside_requests == []
     assert page.locator("#g-model option").all_inner_texts() == [
         "avatars-64 (shipped)",
+        "labelled (run)",
         "tiny (run)",
     ]
+    assert page.locator("#g-attrs select").count() == 0  # an unconditional model: no controls
     shots(page, "01-first-load")
 
 
@@ -105,6 +107,22 @@ def test_generate_with_the_shipped_model(page, shots):
     assert page.locator("#g-gallery img").count() == 16
     assert "--model avatars-64" in page.inner_text("#g-cmd")
     shots(page, "03-generate-avatars-64")
+
+
+def test_attribute_controls_only_for_a_model_with_a_vocabulary(page):
+    page.select_option("#g-model", "run:labelled")
+    assert page.locator("#g-attrs select").count() == 2
+    assert page.locator("#g-attrs select[data-attr='glasses'] option").all_inner_texts() == [
+        "any",
+        "no",
+        "yes",
+    ]
+    page.select_option("#g-attrs select[data-attr='glasses']", "yes")
+    page.click("#g-go")
+    page.wait_for_selector("#g-status .error")
+    assert "samples unconditionally only" in page.inner_text("#g-status")
+    page.select_option("#g-model", "avatars-64")
+    assert page.locator("#g-attrs select").count() == 0
 
 
 def test_bad_numbers_are_refused_with_the_reason(page, shots):
