@@ -218,7 +218,7 @@ def _toy_set(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, tuple
 def test_classifier_learns_a_toy_set_and_round_trips(tmp_path: Path) -> None:
     images, codes, vocab = _toy_set(96, 0)
     codes[0, 1] = NULL  # an unlabelled entry is left out of the loss
-    cfg = ClassifierConfig(image_size=16, widths=(8, 16, 16))
+    cfg = ClassifierConfig(image_size=16, widths=(8, 16, 16), final_stride=1)
     net, summary = train_classifier(
         images, codes, vocab, config=cfg, settings=TrainSettings(epochs=8, batch_size=16)
     )
@@ -228,10 +228,24 @@ def test_classifier_learns_a_toy_set_and_round_trips(tmp_path: Path) -> None:
     assert set(summary["val_accuracy"]) == {"colour", "bar"}
     path = save_classifier(tmp_path / "c.safetensors", net, {"training": summary})
     loaded, meta = load_classifier(path)
-    assert loaded.config.vocab == vocab and meta["training"]["train_images"] == 86
+    assert loaded.config == net.config and meta["training"]["train_images"] == 86
+    assert loaded.where.shape == (2, 4 * 4)  # 16 px, stem and one stride-2 stage: 4x4 map
     assert (classify(loaded, test_images) == classify(net, test_images)).mean() > 0.95
     with pytest.raises(ClassifierError, match="not an animeddim attribute classifier"):
         load_classifier(_csv(tmp_path / "x.safetensors", "nope"))
+
+
+def test_blur_augmentation() -> None:
+    import torch
+
+    from animeddim.attributes import _gaussian_blur
+
+    x = torch.rand(3, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    x[2] = 0.25
+    y = _gaussian_blur(x, torch.tensor([0.0, 1.0, 1.0]))
+    assert torch.equal(y[0], x[0])  # sigma 0: unchanged
+    assert torch.allclose(y[2], x[2])  # a flat image stays flat
+    assert y[1].std() < 0.6 * x[1].std()  # noise is smoothed
 
 
 def test_align_labels_maps_values_by_name() -> None:

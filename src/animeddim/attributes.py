@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -61,12 +61,13 @@ class AttributeNet(nn.Module):
         self.config = config
         w = list(config.widths)
         layers = [_conv_bn(3, w[0], 2, kernel=4)]
+        last = len(w) - 2
         for k, (a, b) in enumerate(zip(w[:-1], w[1:], strict=True)):
-            layers.append(_conv_bn(a, b, 2))
-            if k < len(w) - 2:
+            layers.append(_conv_bn(a, b, config.final_stride if k == last else 2))
+            if k < last:
                 layers.append(_conv_bn(b, b, 1))
         self.features = nn.Sequential(*layers)
-        side = config.image_size // 2 ** len(w)
+        side = config.image_size // 2 ** (len(w) - 1) // config.final_stride
         n_attr = len(config.vocab)
         self.where = nn.Parameter(torch.zeros(n_attr, max(1, side) ** 2))
         self.heads = nn.ModuleDict(
@@ -98,7 +99,11 @@ def save_classifier(path: str | Path, net: AttributeNet, info: dict[str, Any]) -
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "config": {"image_size": cfg.image_size, "widths": list(cfg.widths)},
+        "config": {
+            "image_size": cfg.image_size,
+            "widths": list(cfg.widths),
+            "final_stride": cfg.final_stride,
+        },
         "vocab": {a: list(v) for a, v in cfg.vocab.items()},
         **info,
     }
@@ -134,6 +139,7 @@ def load_classifier(path: str | Path | None = None) -> tuple[AttributeNet, dict[
     cfg = ClassifierConfig(
         image_size=int(meta["config"]["image_size"]),
         widths=tuple(meta["config"]["widths"]),
+        final_stride=int(meta["config"].get("final_stride", 2)),
         vocab={a: tuple(v) for a, v in meta["vocab"].items()},
     )
     net = AttributeNet(cfg)
@@ -216,10 +222,28 @@ def _augment(x: torch.Tensor, s: TrainSettings, g: torch.Generator) -> torch.Ten
         dx = torch.randint(0, 2 * p + 1, (n,), generator=g)
         dy = torch.randint(0, 2 * p + 1, (n,), generator=g)
         x = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    if s.blur > 0:
+        # Generated images are softer than renders: a classifier that never saw a soft edge
+        # reads smooth shading as blush or freckles.
+        sigma = torch.rand(n, generator=g) * s.blur * (torch.rand(n, generator=g) < 0.5)
+        x = _gaussian_blur(x, sigma)
     if s.noise > 0:
         sigma = torch.rand(n, 1, 1, 1, generator=g) * s.noise
         x = x + sigma * torch.randn(x.shape, generator=g)
     return x
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur each image ``x[i]`` with a 5x5 Gaussian of standard deviation ``sigma[i]`` pixels
+    (0: unchanged)."""
+    n, c, h, w = x.shape
+    r = torch.arange(-2, 3, dtype=x.dtype)
+    s = sigma.clamp_min(1e-3).to(x.dtype)[:, None]
+    k1 = torch.exp(-(r[None, :] ** 2) / (2 * s**2))
+    k1 = k1 / k1.sum(1, keepdim=True)  # (N, 5)
+    k2 = (k1[:, :, None] * k1[:, None, :]).repeat_interleave(c, 0)[:, None]  # (N*C, 1, 5, 5)
+    padded = F.pad(x.reshape(1, n * c, h, w), (2, 2, 2, 2), mode="replicate")
+    return F.conv2d(padded, k2, groups=n * c).reshape(n, c, h, w)
 
 
 def train_classifier(
@@ -238,9 +262,7 @@ def train_classifier(
     """
     s = settings or TrainSettings()
     cfg = config or ClassifierConfig()
-    cfg = ClassifierConfig(
-        cfg.image_size, tuple(cfg.widths), {a: tuple(v) for a, v in vocab.items()}
-    )
+    cfg = replace(cfg, widths=tuple(cfg.widths), vocab={a: tuple(v) for a, v in vocab.items()})
     n = len(images_u8)
     if n < 2:
         raise ClassifierError(f"need at least 2 labelled images to train, got {n}")

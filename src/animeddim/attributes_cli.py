@@ -64,6 +64,13 @@ def add_parsers(sub: Any, positive_int: Callable[..., Callable[[str], int]]) -> 
         help=f"share held out of --data (default {d.val_fraction})",
     )
     p.add_argument("--seed", type=int, default=d.seed, help=f"(default {d.seed})")
+    p.add_argument(
+        "--final-stride",
+        type=int,
+        choices=[1, 2],
+        default=c.final_stride,
+        help=f"stride of the last stage; 1 pools from a 2x finer map (default {c.final_stride})",
+    )
     p.set_defaults(func=cmd_train)
 
     p = attr_sub.add_parser(
@@ -108,11 +115,18 @@ def cmd_train(a: argparse.Namespace) -> int:
         images,
         codes,
         vocab,
-        config=ClassifierConfig(image_size=a.image_size),
+        config=ClassifierConfig(image_size=a.image_size, final_stride=a.final_stride),
         settings=settings,
         progress=True,
     )
     summary["data"] = [str(Path(d).resolve()) for d in a.data]
+    cfg = net.config
+    summary["config"] = {
+        "image_size": cfg.image_size,
+        "widths": list(cfg.widths),
+        "final_stride": cfg.final_stride,
+        "parameters": sum(p.numel() for p in net.parameters()),
+    }
     if a.held_out:
         summary.update(held_out_accuracy(net, a.held_out))
     save_classifier(a.out, net, {"training": summary})

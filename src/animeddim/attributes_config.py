@@ -11,6 +11,7 @@ class ClassifierConfig:
 
     image_size: int = 64  # images are resized to this before classifying
     widths: tuple[int, ...] = (32, 48, 64, 96)  # a stride-2 4x4 stem, then stride-2 stages
+    final_stride: int = 2  # stride of the last stage: 1 keeps a 2x finer map to pool from
     vocab: dict[str, tuple[str, ...]] = field(default_factory=dict)  # attribute -> values
 
 
@@ -26,3 +27,4 @@ class TrainSettings:
     seed: int = 0  # initialisation, split, batches and augmentation
     shift: int = 2  # random translation of up to this many pixels (at image_size)
     noise: float = 0.04  # Gaussian pixel noise of standard deviation up to this (0..1 scale)
+    blur: float = 1.2  # half the images blurred, Gaussian sigma up to this many pixels

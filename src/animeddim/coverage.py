@@ -203,7 +203,6 @@ def plot_coverage(path: Path, result: dict[str, Any]) -> None:
         ax.tick_params(axis="y", labelsize=7)
         if k == 0:
             ax.legend(fontsize=7)
-    fig.tight_layout()
     save_figure(fig, path, dpi=110)
 
 
