@@ -360,6 +360,10 @@ def test_attributes_train_and_coverage_commands(labelled: tuple[Path, Path], tmp
     ).read_text()
     with open(out / "coverage.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == sum(len(v) for v in avatar_vocabulary().values())
+    again = ["attributes", "coverage", str(real), "--real", str(real), "--classifier", str(clf)]
+    p = run_cli(*again, "--out", str(out), check=False)
+    assert p.returncode == 2 and "already exists; use --force" in p.stderr
+    run_cli(*again, "--out", str(out), "--force")
 
 
 def test_attributes_command_errors(labelled: tuple[Path, Path], tmp_path: Path) -> None:

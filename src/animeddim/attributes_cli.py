@@ -71,6 +71,7 @@ def add_parsers(sub: Any, positive_int: Callable[..., Callable[[str], int]]) -> 
         default=c.final_stride,
         help=f"stride of the last stage; 1 pools from a 2x finer map (default {c.final_stride})",
     )
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_train)
 
     p = attr_sub.add_parser(
@@ -81,6 +82,9 @@ def add_parsers(sub: Any, positive_int: Callable[..., Callable[[str], int]]) -> 
     p.add_argument("--classifier", help="classifier file (default: the shipped avatar one)")
     p.add_argument(
         "--out", help="folder for coverage.json/.csv/.md/.png (default SAMPLES-coverage)"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace an earlier coverage in the --out folder"
     )
     p.set_defaults(func=cmd_coverage)
 
@@ -94,9 +98,12 @@ def cmd_train(a: argparse.Namespace) -> int:
         train_classifier,
     )
     from .cli import CliError
+    from .outputs import new_file
 
     if not 0 <= a.val_fraction < 1:
         raise CliError(f"--val-fraction must be in [0, 1), got {a.val_fraction}")
+    new_file(a.out, a.force)
+    new_file(Path(a.out).with_suffix(".json"), a.force)
     for d in [*a.data, *([a.held_out] if a.held_out else [])]:
         if not Path(d).is_dir():
             raise CliError(f"{d!r} is not a folder")
@@ -171,10 +178,13 @@ def cmd_coverage(a: argparse.Namespace) -> int:
             raise CliError(f"{d!r} is not a folder")
     if not (Path(a.real) / "labels.csv").is_file():
         raise CliError(f"real folder {a.real!r} has no labels.csv")
-    net, _ = load_classifier(a.classifier)
-    result = coverage_of_folders(net, a.samples, a.real)
+    from .outputs import new_file
+
     samples = Path(a.samples)
     out = Path(a.out) if a.out else samples.with_name(samples.name + "-coverage")
+    new_file(out / "coverage.json", a.force)
+    net, _ = load_classifier(a.classifier)
+    result = coverage_of_folders(net, a.samples, a.real)
     write_coverage(result, out)
     print(coverage_summary(result))
     print(f"written: {out}/coverage.json, .csv, .md, .png")

@@ -11,7 +11,7 @@ class ClassifierConfig:
 
     image_size: int = 64  # images are resized to this before classifying
     widths: tuple[int, ...] = (32, 48, 64, 96)  # a stride-2 4x4 stem, then stride-2 stages
-    final_stride: int = 2  # stride of the last stage: 1 keeps a 2x finer map to pool from
+    final_stride: int = 1  # stride of the last stage: 1 keeps a 2x finer map to pool from
     vocab: dict[str, tuple[str, ...]] = field(default_factory=dict)  # attribute -> values
 
 
@@ -19,7 +19,7 @@ class ClassifierConfig:
 class TrainSettings:
     """How a classifier is trained."""
 
-    epochs: int = 8  # passes over the training images
+    epochs: int = 32  # passes over the training images
     batch_size: int = 64  # images per step
     learning_rate: float = 3e-3  # AdamW peak rate (one-cycle schedule)
     weight_decay: float = 1e-4  # AdamW weight decay
@@ -27,4 +27,4 @@ class TrainSettings:
     seed: int = 0  # initialisation, split, batches and augmentation
     shift: int = 2  # random translation of up to this many pixels (at image_size)
     noise: float = 0.04  # Gaussian pixel noise of standard deviation up to this (0..1 scale)
-    blur: float = 1.2  # half the images blurred, Gaussian sigma up to this many pixels
+    blur: float = 0.8  # half the images blurred, Gaussian sigma up to this many pixels
