@@ -314,6 +314,20 @@ def test_watch_a_run(client):
     assert client.get("/api/run", params={"id": "run:empty"}).json()["latest_sample"] is None
 
 
+def test_a_model_is_prepared_once_per_checkpoint_version(engine, runs):
+    import os
+
+    choice = engine.catalog.get("run:tiny")
+    first = engine.prepared(choice)
+    assert engine.prepared(choice) is first  # the next request reuses it
+    ckpt = runs / "tiny" / "checkpoints" / "last.safetensors"
+    st = ckpt.stat()
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # training wrote a new one
+    again = engine.prepared(choice)
+    assert again is not first and engine.prepared(choice) is again
+    assert len(engine._models) <= handlers.CACHED_MODELS
+
+
 def test_a_stopped_job_does_no_more_work(engine, runs):
     import threading
 

@@ -506,7 +506,10 @@ def _add_serve(sub) -> None:
         help="address to listen on (default 127.0.0.1: this machine only; another warns)",
     )
     p.add_argument(
-        "--port", type=_positive_int("port", 0, 65535), default=7860, help="(default 7860; 0: free)"
+        "--port",
+        type=_positive_int("port", 0, 65535),
+        default=7860,
+        help="port to listen on (default 7860; 0 picks a free one)",
     )
     _add_runtime(p)
     p.set_defaults(func=cmd_serve)
