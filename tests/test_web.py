@@ -328,6 +328,16 @@ def test_a_model_is_prepared_once_per_checkpoint_version(engine, runs):
     assert len(engine._models) <= handlers.CACHED_MODELS
 
 
+def test_a_damaged_checkpoint_is_a_message(runs, tmp_path):
+    import shutil
+
+    shutil.copytree(runs / "tiny", tmp_path / "broken")
+    (tmp_path / "broken" / "checkpoints" / "last.safetensors").write_bytes(b"not a checkpoint")
+    eng = Engine(Catalog([], tmp_path), device="cpu", precision="fp32")
+    with pytest.raises(RequestError, match="run:broken cannot be loaded"):
+        eng.prepared(eng.catalog.get("run:broken"))
+
+
 def test_a_stopped_job_does_no_more_work(engine, runs):
     import threading
 

@@ -318,7 +318,12 @@ class Engine:
         st = f.stat()
         key = (choice.id, st.st_mtime_ns, st.st_size)
         if key not in self._models:
-            loaded = pipelines.open_model(f, self.base.device)
+            from ...checkpoint import CheckpointError
+
+            try:
+                loaded = pipelines.open_model(f, self.base.device)
+            except CheckpointError as e:
+                raise RequestError(f"{choice.id} cannot be loaded: {e}") from None
             net = pipelines.sampling_net(loaded, self.base, 0)
             while len(self._models) >= CACHED_MODELS:
                 self._models.pop(next(iter(self._models)))
