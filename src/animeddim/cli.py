@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from . import outputs
-from .config import SAMPLERS
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
@@ -148,12 +147,13 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampler(p: argparse.ArgumentParser) -> None:
+    from .diffusion.samplers import SAMPLERS, sampler_help
+
     p.add_argument(
         "--sampler",
         choices=list(SAMPLERS),
         default="ddim",
-        help="ddim; dpmpp-2m, the 2nd-order DPM-Solver++(2M) on DDIM's time grid; "
-        "dpmpp-2m-logsnr, the same with steps uniform in log-SNR (default ddim)",
+        help=f"{sampler_help()} (default ddim)",
     )
     _add_clip(p)
 
@@ -164,8 +164,14 @@ def _add_clip(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="clip each predicted x0 to the data range before the next step (static "
-        "thresholding; default: on for the dpmpp-2m samplers, off for ddim as in the paper)",
+        f"thresholding; default: on for {_clipped_by_default()}, off for the others)",
     )
+
+
+def _clipped_by_default() -> str:
+    from .diffusion.samplers import SAMPLERS
+
+    return ", ".join(name for name, spec in SAMPLERS.items() if spec.clip_x0)
 
 
 def _add_metrics(p: argparse.ArgumentParser) -> None:
@@ -379,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eta", type=_float_list, default=[0.0, 1.0], help="comma-separated etas (default 0,1)"
     )
+    from .diffusion.samplers import SAMPLERS
+
     p.add_argument("--samplers", default="ddim", help=f"comma-separated: {', '.join(SAMPLERS)}")
     _add_clip(p)
     p.add_argument("--n", type=_positive_int("n", 2), default=1000, help="images per setting")
@@ -728,11 +736,14 @@ def load_for_sampling(run: str | None, model: str | None, device_name: str | Non
 
 
 def _settings(a: argparse.Namespace, device, **over):
+    from .diffusion.samplers import check_sampler
     from .pipelines import SampleSettings
     from .runtime import autocast, resolve_precision
 
-    if getattr(a, "sampler", "ddim") != "ddim" and getattr(a, "eta", 0.0) > 0:
-        raise CliError(f"--sampler {a.sampler} is deterministic: use --eta 0")
+    try:
+        check_sampler(getattr(a, "sampler", "ddim"), getattr(a, "eta", 0.0))
+    except ValueError as e:
+        raise CliError(f"--sampler {e}") from None
     precision = resolve_precision(getattr(a, "precision", None) or "auto", device)
     kw = {
         k: getattr(a, k)
@@ -881,10 +892,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_steps(a: argparse.Namespace) -> int:
+    from .diffusion.samplers import SAMPLERS
     from .pipelines import steps_study
 
     loaded, device = load_for_sampling(a.run, a.model, a.device)
-    samplers = _names(a.samplers, SAMPLERS, "sampler")
+    samplers = _names(a.samplers, tuple(SAMPLERS), "sampler")
     if any(not 1 <= s <= 1000 for s in a.steps) or not a.steps:
         raise CliError(f"steps must be in 1..1000, got {a.steps}")
     out = Path(a.out) if a.out else (Path(a.run) if a.run and Path(a.run).is_dir() else None)

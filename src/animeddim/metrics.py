@@ -68,7 +68,6 @@ PROTOCOL_DESCRIPTIONS = {
         "FID-InceptionV3 conv stack + global average pool; unbiased MMD^2 per batch, mean"
     ),
 }
-FEATURE_DIM = 2048
 STANDARD_SIZE = 299
 PAPER_SIZE = 75
 TORCH_FIDELITY_SEED = 2020

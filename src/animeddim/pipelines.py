@@ -22,20 +22,17 @@ import torch
 
 from . import metrics
 from .checkpoint import LoadedModel
-from .io import save_gif, save_grid, save_pngs, write_bytes_atomic, write_text_atomic
-from .runtime import InferenceNet, default_compile_sampler, prepare_inference
-from .sampling import (
-    ddim_invert,
-    denormalize,
-    generate,
-    image_generators,
-    interpolation_noises,
-    psnr,
+from .diffusion.generation import denormalize, generate, image_generators
+from .diffusion.inversion import ddim_invert, interpolation_noises, psnr
+from .diffusion.samplers import (
+    SAMPLERS,
     randn_per_image,
     resolve_clip,
     sample,
     sampler_x0_range,
 )
+from .io import save_gif, save_grid, save_pngs, write_bytes_atomic, write_text_atomic
+from .runtime import InferenceNet, default_compile_sampler, prepare_inference
 
 
 @dataclass
@@ -44,7 +41,7 @@ class SampleSettings:
 
     steps: int = 20  # reverse diffusion steps
     eta: float = 0.0  # 0: deterministic DDIM; 1: DDPM-like
-    sampler: str = "ddim"  # ddim | dpmpp-2m | dpmpp-2m-logsnr
+    sampler: str = "ddim"  # a name in diffusion.samplers.SAMPLERS
     clip: bool | None = None  # clip x0_hat to the data range; None: the sampler's default
     seed: int = 0  # image i depends on (seed, i) only
     batch_size: int = 64  # images per forward pass
@@ -225,8 +222,8 @@ def steps_study(
         draw(loaded, size, replace(settings, steps=1), net=net)
     for sampler in samplers:
         for eta in etas:
-            if sampler != "ddim" and eta > 0:
-                continue  # the higher-order solver is deterministic only
+            if eta > 0 and not SAMPLERS[sampler].stochastic:
+                continue  # a deterministic sampler runs at eta 0 only
             for s in steps:
                 cfg = replace(settings, steps=s, eta=eta, sampler=sampler)
                 t = time.perf_counter()
