@@ -441,6 +441,20 @@ def paper_kid_batch(
     return mmd2_unbiased(f_real, f_fake)
 
 
+# The paper protocol pairs batches of real and generated images. Real images come in file
+# order (sorted paths, sorted validation indices); on a folder laid out by class each real
+# batch would hold one or two classes against generated batches of all of them, which
+# inflates KID enormously. The Keras example shuffles its validation set for this reason;
+# every paper-protocol KID here shuffles the real images with this fixed seed first.
+PAPER_SHUFFLE_SEED = 0
+
+
+def paper_order(n: int, seed: int = PAPER_SHUFFLE_SEED) -> np.ndarray:
+    """The fixed order in which the paper protocol batches n real images: a permutation of
+    0 .. n-1 (numpy's default_rng(seed)), the same on every call and machine."""
+    return np.random.default_rng(seed).permutation(n)
+
+
 class PaperKID:
     """Per-batch KID averaged over batches, as the Keras DDIM example's ``KID`` metric.
 
@@ -691,10 +705,12 @@ def kid_folders(
 ) -> dict:
     """KID (and FID for "standard") between two image folders, with the protocol beside it.
 
-    "standard": torch-fidelity subsets (``dir_a`` is input 1). "paper": the two sorted folders
-    are zipped (truncated to the shorter) into batches of ``batch_size`` pairs, the remainder
-    dropped like the Keras example's ``drop_remainder=True`` (one short batch if fewer pairs
-    than a batch), and the per-batch KIDs averaged.
+    "standard": torch-fidelity subsets (``dir_a`` is input 1). "paper": each folder is shuffled
+    with a fixed seed (`paper_order`, seeds PAPER_SHUFFLE_SEED and PAPER_SHUFFLE_SEED + 1, so
+    that two folders laid out alike are not paired file by file), the two are zipped
+    (truncated to the shorter) into batches of ``batch_size`` pairs, the remainder dropped
+    like the Keras example's ``drop_remainder=True`` (one short batch if fewer pairs than a
+    batch), and the per-batch KIDs averaged.
 
     :param dir_a: reference (real) images.
     :param dir_b: generated images.
@@ -732,6 +748,8 @@ def kid_folders(
             "seed": seed,
         }
         return result
+    f_a = f_a[paper_order(len(f_a), PAPER_SHUFFLE_SEED)]
+    f_b = f_b[paper_order(len(f_b), PAPER_SHUFFLE_SEED + 1)]
     pairs = min(len(f_a), len(f_b))
     per_batch = min(batch_size, pairs)
     starts = range(0, pairs - per_batch + 1, per_batch)

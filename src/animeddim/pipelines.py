@@ -116,7 +116,8 @@ def evaluate(
     """Generate n images and compare them with the real folder.
 
     standard: KID (mean, std over 100 subsets) and FID, torch-fidelity protocol;
-    paper: Keras per-batch KID between batches of generated and real images.
+    paper: Keras per-batch KID between batches of generated and real images, the real ones
+    shuffled with a fixed seed first (`metrics.paper_order`), then the first n used.
     Real-image features are cached on disk, keyed by the folder's content.
     :param attributes: an attribute classifier: also report coverage (`coverage.coverage`)
         against the real folder's labels.csv, written beside `out` as OUT-coverage/.
@@ -159,7 +160,9 @@ def evaluate(
         from .data import DataError, load_folder
 
         size = loaded.config.model.image_size
-        real_u8 = torch.from_numpy(np.asarray(load_folder(real, size).images[:n]))
+        real_images = load_folder(real, size).images
+        order = metrics.paper_order(len(real_images))[:n]
+        real_u8 = torch.from_numpy(np.asarray(real_images[order]))
         if len(real_u8) < 2:
             raise DataError(f"KID needs at least 2 images, '{real}' has {len(real_u8)} usable")
         acc = metrics.PaperKID(extractor)

@@ -587,7 +587,8 @@ def _make_kid(tc, device: torch.device, log):
 
     @torch.no_grad()
     def kid(ema, images, val_idx, cfg, mean, std, device, precision_ctx) -> float:
-        idx = val_idx if tc.kid_images <= 0 else val_idx[: tc.kid_images]
+        idx = np.asarray(val_idx)[metrics.paper_order(len(val_idx))]  # not in file order
+        idx = idx if tc.kid_images <= 0 else idx[: tc.kid_images]
         acc = metrics.PaperKID(extractor)
         bs = tc.batch_size
         values = []  # (batch index, its KID) of the batches this rank computed
