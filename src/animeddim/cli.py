@@ -723,39 +723,51 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def load_for_sampling(run: str | None, model: str | None, device_name: str | None):
-    from .checkpoint import load_model
-    from .distributed import setup
-    from .runtime import resolve_device
+    from .pipelines import load_for_sampling as load
 
-    device = setup(resolve_device(device_name or "auto"))  # under torchrun: join, this rank's GPU
-    if run:
-        return load_model(run, device), device
-    from .pretrained import pretrained_path
-
-    return load_model(pretrained_path(model or "avatars-64"), device), device
+    return load(run, model, device_name or "auto")
 
 
 def _settings(a: argparse.Namespace, device, **over):
-    from .diffusion.samplers import check_sampler
-    from .pipelines import SampleSettings
-    from .runtime import autocast, resolve_precision
+    """Sampling options -> checked `pipelines.SampleSettings` (the list-valued options of
+    `steps` are its own)."""
+    from .pipelines import resolve_settings
 
-    try:
-        check_sampler(getattr(a, "sampler", "ddim"), getattr(a, "eta", 0.0))
-    except ValueError as e:
-        raise CliError(f"--sampler {e}") from None
-    precision = resolve_precision(getattr(a, "precision", None) or "auto", device)
     kw = {
         k: getattr(a, k)
         for k in ("steps", "eta", "sampler", "seed", "batch_size")
         if isinstance(getattr(a, k, None), (int, float, str))
     }
-    kw["compile"] = getattr(a, "compile", None)
-    kw["clip"] = getattr(a, "clip_x0", None)
+    kw.update(compile=getattr(a, "compile", None), clip=getattr(a, "clip_x0", None))
     kw.update(over)
-    return SampleSettings(
-        device=device, autocast=autocast(device, precision), precision=precision, **kw
-    )
+    return resolve_settings(device, getattr(a, "precision", None) or "auto", **kw)
+
+
+class _Bars:
+    """A `pipelines.Progress` shown as one tqdm bar per stage, on stderr (rank 0 only)."""
+
+    def __init__(self, unit: str = "img"):
+        self.unit, self.stage, self.bar = unit, None, None
+        self.enabled = _is_main()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if stage != self.stage:
+            from tqdm import tqdm
+
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, desc=stage, unit=self.unit, leave=False, file=sys.stderr)
+        self.bar.n = done
+        self.bar.refresh()
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.stage, self.bar = None, None
 
 
 def cmd_sample(a: argparse.Namespace) -> int:
@@ -778,7 +790,10 @@ def cmd_sample(a: argparse.Namespace) -> int:
         return 0
     t = time.perf_counter()
     # Under torchrun each rank draws a block of image indices; rank 0 gathers and writes.
-    images = shard_images(lambda count, first: draw(loaded, count, settings, first), a.n)
+    bars = _Bars()
+    images = shard_images(
+        lambda count, first: draw(loaded, count, settings, first, progress=bars), a.n
+    )
     if images is None:
         return 0
     dt = time.perf_counter() - t
@@ -815,6 +830,7 @@ def cmd_kid(a: argparse.Namespace) -> int:
         a.protocol,
         extractor=_extractor(a),
         cache_dir=Path(a.cache_dir) if a.cache_dir else None,
+        progress=_Bars(),
     )
     if a.json:
         print(json.dumps(r, indent=2))
@@ -874,6 +890,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         out=out,
         protocols=protocols,
         cache_dir=Path(a.cache_dir) if a.cache_dir else None,
+        progress=_Bars(),
     )
     if "kid_mean" in r:
         print(
@@ -914,6 +931,7 @@ def cmd_steps(a: argparse.Namespace) -> int:
         extractor=_extractor(a),
         out_dir=out,
         cache_dir=Path(a.cache_dir) if a.cache_dir else None,
+        progress=_Bars(),
     )
     print(f"steps study: {out / 'steps.csv'}, {out / 'steps.md'}, {out / 'steps.png'}")
     return 0
@@ -929,7 +947,9 @@ def cmd_invert(a: argparse.Namespace) -> int:
         )
     )
     loaded, device = load_for_sampling(a.run, a.model, a.device)
-    r = invert(loaded, a.images, a.out, steps=a.steps, settings=_settings(a, device))
+    r = invert(
+        loaded, a.images, a.out, steps=a.steps, settings=_settings(a, device), progress=_Bars()
+    )
     outputs.remove_unchanged(earlier)  # --force: no reconstruction of earlier images is left
     for p, v in r["psnr_db"].items():
         print(f"{p}: PSNR {v:.2f} dB")
@@ -962,6 +982,7 @@ def cmd_interpolate(a: argparse.Namespace) -> int:
         frames=a.frames,
         settings=_settings(a, device, eta=0.0),
         invert_steps=a.steps if a.images else 50,
+        progress=_Bars(),
     )
     print(f"interpolation: {strip} and {gif}")
     return 0

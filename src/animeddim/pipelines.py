@@ -1,8 +1,16 @@
-"""Model + data + metrics, end to end: evaluation, steps study, inversion, interpolation.
+"""The Python API every front end calls (the CLI, a web app): model + data + metrics.
 
-Each function is the Python API behind one CLI command. They take a loaded model
-(`checkpoint.load_model`) and plain settings, write their files, and return a JSON-able
-summary; every KID/FID number is stored beside the name of its protocol.
+1. `load_for_sampling` loads a model once (a run folder, checkpoint, exported file or a
+   shipped model by name);
+2. `resolve_settings` checks and resolves how to sample (sampler, eta, clipping, precision)
+   into a plain `SampleSettings`;
+3. each long operation -- `draw`, `evaluate`, `steps_study`, `invert`, `interpolate`,
+   `trajectory` -- takes the loaded model and the settings, writes its files and returns a
+   JSON-able summary (every KID/FID number beside the name of its protocol), and reports
+   progress through an optional `Progress` callback.
+
+Plain functions and dataclasses: no argparse, no HTTP, no printing (except `steps_study`'s
+`log`).
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ import contextlib
 import csv
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from io import StringIO
 from pathlib import Path
@@ -22,33 +30,130 @@ import torch
 
 from . import metrics
 from .checkpoint import LoadedModel
+from .config import ConfigError
 from .diffusion.generation import denormalize, generate, image_generators
 from .diffusion.inversion import ddim_invert, interpolation_noises, psnr
 from .diffusion.samplers import (
     SAMPLERS,
+    check_sampler,
     randn_per_image,
     resolve_clip,
     sample,
     sampler_x0_range,
 )
 from .io import save_gif, save_grid, save_pngs, write_bytes_atomic, write_text_atomic
-from .runtime import InferenceNet, default_compile_sampler, prepare_inference
+from .runtime import InferenceNet, default_compile_sampler, prepare_inference, resolve_precision
+from .runtime import autocast as runtime_autocast
+
+Progress = Callable[[str, int, int], None]
+"""progress(stage, done, total): `done` of `total` units (images, frames, batches) of the
+named stage are finished. Each stage starts with done = 0 and ends with done == total;
+stages come one after another (e.g. "sample", then "features (generated)")."""
+
+
+def _tell(progress: Progress | None, stage: str, done: int, total: int) -> None:
+    if progress is not None:
+        progress(stage, done, total)
+
+
+def _counter(progress: Progress | None, stage: str, total: int) -> Callable[[int], None]:
+    """A per-batch callback (images just finished) that reports the running total."""
+    done = 0
+    _tell(progress, stage, 0, total)
+
+    def add(k: int) -> None:
+        nonlocal done
+        done += k
+        _tell(progress, stage, done, total)
+
+    return add
+
+
+def load_for_sampling(
+    run: str | Path | None = None, model: str | None = None, device: str | torch.device = "auto"
+) -> tuple[LoadedModel, torch.device]:
+    """Load a model for sampling, once, and the device it is on.
+
+    :param run: a run folder, checkpoint or exported file; None: the shipped `model`.
+    :param model: a shipped model's name (`pretrained.SHIPPED`; default avatars-64).
+    :param device: auto | cpu | cuda | cuda:N | mps; under torchrun each process joins the
+        process group and gets its own GPU.
+    :return: (the loaded model with its config and normalisation, its torch.device).
+    :raises ConfigError, CheckpointError: an unknown device, a missing or unreadable model.
+    """
+    from .checkpoint import load_model
+    from .distributed import setup
+    from .pretrained import pretrained_path
+
+    dev = setup(_device(device))
+    source = run if run else pretrained_path(model or "avatars-64")
+    return load_model(source, dev), dev
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    from .runtime import resolve_device
+
+    return device if isinstance(device, torch.device) else resolve_device(device or "auto")
 
 
 @dataclass
 class SampleSettings:
-    """How images are drawn from a model."""
+    """How images are drawn from a model (see `resolve_settings` to build a checked one)."""
 
-    steps: int = 20  # reverse diffusion steps
-    eta: float = 0.0  # 0: deterministic DDIM; 1: DDPM-like
+    steps: int = 20  # network evaluations of the sampler
+    eta: float = 0.0  # 0: deterministic; 1: DDPM-like (stochastic samplers only)
     sampler: str = "ddim"  # a name in diffusion.samplers.SAMPLERS
     clip: bool | None = None  # clip x0_hat to the data range; None: the sampler's default
     seed: int = 0  # image i depends on (seed, i) only
     batch_size: int = 64  # images per forward pass
     device: str | torch.device = "cpu"
-    autocast: contextlib.AbstractContextManager | None = None  # for inversion/interpolation
-    precision: str = "fp32"  # fp32 | bf16 | fp16: how `draw` prepares its sampling network
-    compile: bool | None = None  # torch.compile it; None: where and when it pays off
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (resolved; `resolve_settings` resolves auto)
+    compile: bool | None = None  # torch.compile the sampling net; None: where it pays off
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """A fresh autocast context for this precision and device (nullcontext for fp32)."""
+        return runtime_autocast(torch.device(self.device), self.precision)
+
+
+def resolve_settings(
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    *,
+    steps: int = 20,
+    eta: float = 0.0,
+    sampler: str = "ddim",
+    clip: bool | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    compile: bool | None = None,
+) -> SampleSettings:
+    """Checked `SampleSettings` on a resolved device (auto | cpu | cuda | cuda:N | mps): the
+    sampler must be registered and allow `eta` (`diffusion.samplers.SAMPLERS`), and
+    precision "auto" becomes bf16 where the hardware does it well, else fp32.
+
+    :raises ConfigError: naming the bad value (unknown sampler, eta > 0 for a deterministic
+        one, steps or batch size < 1, eta outside [0, 1], fp16 on the CPU).
+    """
+    dev = _device(device)
+    try:
+        check_sampler(sampler, eta)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if steps < 1 or batch_size < 1 or not 0.0 <= eta <= 1.0:
+        raise ConfigError(
+            f"steps ({steps}) and batch size ({batch_size}) must be >= 1, eta ({eta}) in [0, 1]"
+        )
+    return SampleSettings(
+        steps=steps,
+        eta=eta,
+        sampler=sampler,
+        clip=clip,
+        seed=seed,
+        batch_size=batch_size,
+        device=dev,
+        precision=resolve_precision(precision, dev),
+        compile=compile,
+    )
 
 
 def sampling_net(loaded: LoadedModel, s: SampleSettings, evaluations: int) -> InferenceNet:
@@ -68,11 +173,16 @@ def draw(
     s: SampleSettings,
     first_index: int = 0,
     net: InferenceNet | None = None,
+    progress: Progress | None = None,
+    cond: Any = None,
 ) -> torch.Tensor:
-    """n generated images, uint8 [n x H x W x C] on the CPU.
+    """n generated images, uint8 [n x H x W x C] on the CPU: images first_index ..
+    first_index + n - 1 of `s.seed`.
 
     :param net: the `sampling_net` to use (made for this call when None); pass one to
         share its preparation and compilation between calls.
+    :param progress: told ("sample", images done, n) after each batch.
+    :param cond: per-image conditioning (one row per image), passed to the network.
     """
     cfg = loaded.config
     if net is None:
@@ -93,6 +203,8 @@ def draw(
         batch_size=s.batch_size,
         device=s.device,
         first_index=first_index,
+        progress=_counter(progress, "sample", n) if progress else None,
+        cond=cond,
     )
 
 
@@ -112,6 +224,7 @@ def evaluate(
     cache_dir: Path | None = None,
     paper_batch: int = 64,
     attributes: Any = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Generate n images and compare them with the real folder.
 
@@ -121,10 +234,13 @@ def evaluate(
     Real-image features are cached on disk, keyed by the folder's content.
     :param attributes: an attribute classifier: also report coverage (`coverage.coverage`)
         against the real folder's labels.csv, written beside `out` as OUT-coverage/.
+
+    :param progress: told about the stages "sample", "features (real)", "features
+        (generated)" and "paper KID" (batches).
     :return: the summary, also written to `out` (JSON) when given.
     """
     t0 = time.perf_counter()
-    fake = draw(loaded, n, settings)
+    fake = draw(loaded, n, settings, progress=progress)
     t_gen = time.perf_counter() - t0
     result: dict[str, Any] = {
         "checkpoint": str(loaded.path),
@@ -142,8 +258,7 @@ def evaluate(
     }
     if "standard" in protocols:
         t1 = time.perf_counter()
-        f_real = metrics.folder_features(Path(real), extractor, "standard", cache_dir=cache_dir)
-        f_fake = extractor.features(_nchw(fake), "standard")
+        f_real, f_fake = _standard_features(real, fake, extractor, cache_dir, progress)
         kid_mean, kid_std = metrics.kid_standard(f_real, f_fake)
         result.update(
             protocol="standard",
@@ -166,8 +281,11 @@ def evaluate(
         if len(real_u8) < 2:
             raise DataError(f"KID needs at least 2 images, '{real}' has {len(real_u8)} usable")
         acc = metrics.PaperKID(extractor)
-        for i in range(0, min(len(real_u8), n), paper_batch):
+        starts = range(0, min(len(real_u8), n), paper_batch)
+        for k, i in enumerate(starts):
+            _tell(progress, "paper KID", k, len(starts))
             acc.update(_nchw(real_u8[i : i + paper_batch]), _nchw(fake[i : i + paper_batch]))
+        _tell(progress, "paper KID", len(starts), len(starts))
         result["paper"] = {
             "protocol": "paper",
             "protocol_description": metrics.PROTOCOL_DESCRIPTIONS["paper"],
@@ -186,6 +304,27 @@ def evaluate(
     if out is not None:
         write_text_atomic(Path(out), json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _standard_features(
+    real: str | Path,
+    fake_u8: torch.Tensor,
+    extractor: metrics.FeatureExtractor,
+    cache_dir: Path | None,
+    progress: Progress | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standard-protocol features of the real folder (cached) and of generated images."""
+
+    def stage(name: str):
+        return None if progress is None else (lambda d, t: progress(name, d, t))
+
+    f_real = metrics.folder_features(
+        Path(real), extractor, "standard", cache_dir=cache_dir, progress=stage("features (real)")
+    )
+    f_fake = metrics.features_with_progress(
+        extractor, _nchw(fake_u8), "standard", stage("features (generated)")
+    )
+    return f_real, f_fake
 
 
 STEPS_COLUMNS = [
@@ -212,11 +351,22 @@ def steps_study(
     extractor: metrics.FeatureExtractor,
     out_dir: str | Path,
     cache_dir: Path | None = None,
-    log=print,
+    log: Callable[[str], None] = print,
+    progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
-    """Standard KID vs number of steps for each (sampler, eta); writes steps.csv/.md/.png."""
+    """Standard KID vs number of steps for each (sampler, eta); writes steps.csv/.md/.png.
+
+    :param progress: told about "features (real)", then for each setting a stage named
+        after it ("ddim eta 0, 10 steps: sample", "...: features").
+    """
     out_dir = Path(out_dir)
-    f_real = metrics.folder_features(Path(real), extractor, "standard", cache_dir=cache_dir)
+    f_real = metrics.folder_features(
+        Path(real),
+        extractor,
+        "standard",
+        cache_dir=cache_dir,
+        progress=None if progress is None else (lambda d, t: progress("features (real)", d, t)),
+    )
     rows = []
     # One prepared (and maybe compiled) network for the whole study, warmed up on a full
     # batch and the last batch's size, so that no setting's time includes compilation.
@@ -229,12 +379,19 @@ def steps_study(
                 continue  # a deterministic sampler runs at eta 0 only
             for s in steps:
                 cfg = replace(settings, steps=s, eta=eta, sampler=sampler)
+                name = f"{sampler} eta {eta:g}, {s} steps"
                 t = time.perf_counter()
-                fake = draw(loaded, n, cfg, net=net)
+                fake = draw(loaded, n, cfg, net=net, progress=_prefixed(progress, name))
                 spi = (time.perf_counter() - t) / n
-                kid_mean, kid_std = metrics.kid_standard(
-                    f_real, extractor.features(_nchw(fake), "standard")
+                f_fake = metrics.features_with_progress(
+                    extractor,
+                    _nchw(fake),
+                    "standard",
+                    None
+                    if progress is None
+                    else (lambda d, t, k=name: progress(f"{k}: features", d, t)),
                 )
+                kid_mean, kid_std = metrics.kid_standard(f_real, f_fake)
                 row = {
                     "steps": s,
                     "eta": eta,
@@ -253,6 +410,13 @@ def steps_study(
                 )
     write_steps(rows, out_dir)
     return rows
+
+
+def _prefixed(progress: Progress | None, prefix: str) -> Progress | None:
+    """progress with every stage name prefixed: "PREFIX: stage"."""
+    if progress is None:
+        return None
+    return lambda stage, done, total: progress(f"{prefix}: {stage}", done, total)
 
 
 def write_steps(rows: list[dict[str, Any]], out_dir: Path) -> None:
@@ -314,11 +478,14 @@ def invert(
     *,
     steps: int = 50,
     settings: SampleSettings,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """DDIM-invert the images of a folder to starting noise, regenerate, measure PSNR.
 
     Writes out/latents.safetensors, out/reconstructions/*.png and out/side-by-side.png
     (originals above, reconstructions below).
+
+    :param progress: told ("invert", images done, total) after each batch.
     """
     from safetensors.torch import save as st_save
 
@@ -327,13 +494,15 @@ def invert(
     cfg = loaded.config
     real_u8, paths = _load_images(images, cfg.model.image_size)
     latents, recon = [], []
+    done = _counter(progress, "invert", len(real_u8))
     for i in range(0, len(real_u8), settings.batch_size):
         x0 = _normalised(loaded, real_u8[i : i + settings.batch_size], settings.device)
-        with settings.autocast or contextlib.nullcontext():
+        with settings.autocast():
             z = ddim_invert(loaded.model, x0, steps, cfg.schedule)
             x = sample(loaded.model, z, steps, cfg.schedule)
         latents.append(z.float().cpu())
         recon.append(denormalize(x.float(), loaded.mean, loaded.std).cpu())
+        done(len(x))
     z_all, rec = torch.cat(latents), torch.cat(recon)
     write_bytes_atomic(
         out / "latents.safetensors",
@@ -373,11 +542,15 @@ def interpolate(
     frames: int = 16,
     settings: SampleSettings,
     invert_steps: int = 50,
+    progress: Progress | None = None,
 ) -> tuple[Path, Path]:
     """Spherical interpolation between two starting noises, decoded with the sampler.
 
     The noises come from two seeds (image 0 of each) or from DDIM inversion of two images.
     Writes a strip (PNG) and an animated GIF with the same stem; returns both paths.
+
+    :param progress: told ("invert", images done, 2) for inverted ends, then
+        ("interpolate", frames done, frames).
     """
 
     cfg = loaded.config
@@ -389,14 +562,16 @@ def interpolate(
         from .data import BadImage, DataError, load_image
 
         ends = []
+        inverted = _counter(progress, "invert", 2)
         for p in images:
             try:
                 im = torch.tensor(load_image(Path(p), cfg.model.image_size))[None]
             except BadImage as e:
                 raise DataError(f"cannot interpolate from '{p}': {e.reason}") from None
             x0 = _normalised(loaded, im, settings.device)
-            with settings.autocast or contextlib.nullcontext():
+            with settings.autocast():
                 ends.append(ddim_invert(loaded.model, x0, invert_steps, cfg.schedule).float())
+            inverted(1)
         a, b = ends
         # the inverted noises belong to unclipped DDIM with the inversion's steps
         settings = replace(settings, steps=invert_steps, sampler="ddim", eta=0.0, clip=False)
@@ -405,8 +580,9 @@ def interpolate(
     noises = interpolation_noises(a[0], b[0], frames)
     x0_range = sampler_x0_range(settings.clip, settings.sampler, loaded.mean, loaded.std)
     decoded = []
+    decoded_frames = _counter(progress, "interpolate", frames)
     for i in range(0, frames, settings.batch_size):
-        with settings.autocast or contextlib.nullcontext():
+        with settings.autocast():
             x = sample(
                 loaded.model,
                 noises[i : i + settings.batch_size],
@@ -416,6 +592,7 @@ def interpolate(
                 x0_range=x0_range,
             )
         decoded.append(denormalize(x.float(), loaded.mean, loaded.std).cpu())
+        decoded_frames(len(x))
     frames_u8 = torch.cat(decoded)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -446,7 +623,7 @@ def trajectory(
     def keep(step, t, xt, x0):
         seen.append((xt.float().cpu(), x0.float().cpu()))
 
-    with settings.autocast or contextlib.nullcontext():
+    with settings.autocast():
         sample(
             loaded.model,
             noise,
@@ -489,26 +666,16 @@ def open_model(spec: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     return load_model(weights_path(str(spec)), device)
 
 
-def resolve_settings(
-    device: str | torch.device = "auto", precision: str = "auto", **fields: Any
-) -> SampleSettings:
-    """SampleSettings on a resolved device, with `precision` resolved (auto: bf16 where the
-    hardware does it well) and its autocast context; other fields as `SampleSettings`."""
-    from .runtime import autocast, resolve_device, resolve_precision
-
-    dev = resolve_device(device) if isinstance(device, str) else device
-    prec = resolve_precision(precision, dev)
-    return SampleSettings(device=dev, precision=prec, autocast=autocast(dev, prec), **fields)
-
-
 class _Observed(torch.nn.Module):
     def __init__(self, net: torch.nn.Module, on_eval):
         super().__init__()
         self.net, self.on_eval = net, on_eval
 
-    def forward(self, noisy_images: torch.Tensor, noise_variances: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, noisy_images: torch.Tensor, noise_variances: torch.Tensor, cond: Any = None
+    ) -> torch.Tensor:
         self.on_eval(noisy_images.shape[0])
-        return self.net(noisy_images, noise_variances)
+        return self.net(noisy_images, noise_variances, cond)
 
 
 def observed(net: torch.nn.Module, on_eval) -> torch.nn.Module:
