@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from animeddim.config import ScheduleConfig, UNetConfig
+from animeddim.diffusion.schedule import diffuse
 from animeddim.runtime import autocast
-from animeddim.schedule import diffuse
 from animeddim.unet import UNet
 
 CPU = torch.device("cpu")

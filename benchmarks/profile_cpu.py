@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from animeddim.config import ScheduleConfig, UNetConfig
+from animeddim.diffusion.schedule import diffuse
 from animeddim.runtime import autocast
-from animeddim.schedule import diffuse
 from animeddim.unet import UNet
 
 

@@ -17,16 +17,13 @@ import torch
 
 
 def generate(a: argparse.Namespace) -> None:
-    from animeddim.cli import load_for_sampling
-    from animeddim.pipelines import SampleSettings, draw
-    from animeddim.runtime import autocast, resolve_precision
+    from animeddim.pipelines import SampleSettings, draw, load_for_sampling
 
     loaded, device = load_for_sampling(a.run, a.model, a.device)
-    ctx = autocast(device, resolve_precision("auto", device))
     arrays, timing = {}, {}
     grid = [("ddim", 0.0, s) for s in a.steps] + [("ddim", 1.0, s) for s in a.steps]
     grid += [("dpmpp-2m", 0.0, s) for s in a.steps if s <= 20]
-    draw(loaded, a.batch_size, SampleSettings(steps=2, device=device, autocast=ctx))  # warm-up
+    draw(loaded, a.batch_size, SampleSettings(steps=2, device=device))  # warm-up
     for sampler, eta, steps in grid:
         s = SampleSettings(
             steps=steps,
@@ -35,7 +32,6 @@ def generate(a: argparse.Namespace) -> None:
             seed=a.seed,
             batch_size=a.batch_size,
             device=device,
-            autocast=ctx,
         )
         if device.type == "cuda":
             torch.cuda.synchronize()

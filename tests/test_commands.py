@@ -31,7 +31,7 @@ def tiny_run(avatars16, tmp_path_factory):
 def test_sample_trajectory_and_sampler(tiny_run, tmp_path):
     traj = tmp_path / "traj.png"
     grid = tmp_path / "g.png"
-    run_cli(
+    p = run_cli(
         "sample",
         "--run",
         str(tiny_run),
@@ -46,6 +46,7 @@ def test_sample_trajectory_and_sampler(tiny_run, tmp_path):
         "--sampler",
         "dpmpp-2m",
     )
+    assert "sample" in p.stderr  # its progress bar
     w, h = Image.open(traj).size
     assert (w, h) == (4 * 16, 4 * 2 * 16)  # 4 steps as columns; x_t and x0 rows per image
     p = run_cli(
@@ -72,12 +73,12 @@ def test_invert_and_interpolate(tiny_run, avatars16, tmp_path):
     p = run_cli(
         "invert", "--run", str(tiny_run), "--images", str(imgs), "--steps", "5", "--out", str(out)
     )
-    assert "mean PSNR" in p.stdout
+    assert "mean PSNR" in p.stdout and "invert" in p.stderr
     with safe_open(str(out / "latents.safetensors"), "pt") as f:
         assert f.get_tensor("latents").shape == (2, 3, 16, 16)
     assert len(list((out / "reconstructions").glob("*.png"))) == 2
     assert Image.open(out / "side-by-side.png").size == (2 * 16, 2 * 16)
-    run_cli(
+    p = run_cli(
         "interpolate",
         "--run",
         str(tiny_run),
@@ -92,6 +93,7 @@ def test_invert_and_interpolate(tiny_run, avatars16, tmp_path):
         str(tmp_path / "interp.gif"),
     )
     assert Image.open(tmp_path / "interp.png").size == (5 * 16, 16)
+    assert "interpolate" in p.stderr
     gif = Image.open(tmp_path / "interp.gif")
     assert gif.n_frames == 8  # there and back: 5 + 3
     run_cli(
@@ -132,10 +134,11 @@ def test_kid_evaluate_and_steps(tiny_run, avatars16, tmp_path):
     cache = tmp_path / "cache"
     p = run_cli("kid", str(avatars16), str(avatars16), "--json", "--cache-dir", str(cache))
     r = json.loads(p.stdout)
+    assert "features (first folder)" in p.stderr
     # A set against itself: only the estimator's O(1/m) term (the diagonal of K_xy) remains.
     assert r["protocol"] == "standard" and abs(r["kid_mean"]) < 0.05
     out = tmp_path / "eval.json"
-    run_cli(
+    p = run_cli(
         "evaluate",
         "--run",
         str(tiny_run),
@@ -150,6 +153,7 @@ def test_kid_evaluate_and_steps(tiny_run, avatars16, tmp_path):
         "--cache-dir",
         str(cache),
     )
+    assert "features (generated)" in p.stderr and "paper KID" in p.stderr
     ev = json.loads(out.read_text())
     for k in (
         "protocol",
@@ -171,7 +175,7 @@ def test_kid_evaluate_and_steps(tiny_run, avatars16, tmp_path):
     assert ev["paper"]["protocol"] == "paper"
     # Untrained-ish model vs real avatars: clearly worse than the real set against itself.
     assert ev["kid_mean"] > 10 * abs(r["kid_mean"])
-    run_cli(
+    p = run_cli(
         "steps",
         "--run",
         str(tiny_run),
@@ -184,7 +188,7 @@ def test_kid_evaluate_and_steps(tiny_run, avatars16, tmp_path):
         "--eta",
         "0,1",
         "--samplers",
-        "ddim,dpmpp-2m,dpmpp-2m-logsnr",
+        "ddim,dpmpp-2m,dpmpp-2m-logsnr,unipc",
         "--cache-dir",
         str(cache),
     )
@@ -198,7 +202,10 @@ def test_kid_evaluate_and_steps(tiny_run, avatars16, tmp_path):
         ("dpmpp-2m", "True", "0.0", "2"),
         ("dpmpp-2m-logsnr", "True", "0.0", "1"),
         ("dpmpp-2m-logsnr", "True", "0.0", "2"),
+        ("unipc", "True", "0.0", "1"),
+        ("unipc", "True", "0.0", "2"),
     }
+    assert "ddim eta 1, 2 steps: sample" in p.stderr  # a progress bar per setting
     assert "| 2 | dpmpp-2m | yes | 0 |" in (tiny_run / "steps.md").read_text()
     assert (tiny_run / "steps.png").is_file()
 

@@ -97,7 +97,6 @@ def test_two_processes_train_like_one(avatars16, one_process_run, tmp_path):
     assert p.stdout.count("run folder:") == 1  # rank 0 alone reports
     assert p.stdout.count("epoch 2/2") == 1
     diff = max_differences(one_process_run, tmp_path / "run")
-    print(f"max |weight difference|, 1 vs 2 processes: {diff}")
     assert diff["model"] < TOLERANCE and diff["ema"] < TOLERANCE, diff
     rows_1 = list(csv.DictReader(open(one_process_run / "metrics.csv")))
     rows_2 = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
@@ -115,7 +114,6 @@ def test_resume_with_another_number_of_processes(avatars16, one_process_run, tmp
     assert (meta["step"], meta["batch_in_epoch"]) == (4, 1)
     animeddim("train", "--resume", str(tmp_path / "run"), "--max-steps", "0", "--quiet")
     diff = max_differences(one_process_run, tmp_path / "run")
-    print(f"max |weight difference|, 1 process vs 2 then 1: {diff}")
     assert diff["model"] < TOLERANCE and diff["ema"] < TOLERANCE, diff
 
 

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import ScheduleConfig, UNetConfig
+from .diffusion.samplers import ddim_sample, ddim_times
+from .diffusion.schedule import diffuse, predict_x0
 from .runtime import (
     autocast,
     default_channels_last,
@@ -35,8 +37,6 @@ from .runtime import (
     resolve_device,
     resolve_precision,
 )
-from .sampling import ddim_sample
-from .schedule import diffuse, predict_x0
 from .unet import UNet
 
 
@@ -198,7 +198,7 @@ def run_path(
     @torch.no_grad()
     def sample() -> None:
         with sample_ctx:
-            ddim_sample(sampler, noise, sample_steps, sched)
+            ddim_sample(sampler, noise, ddim_times(sample_steps), sched)
 
     t0 = time.perf_counter()
     sample()  # also the warm-up: 20 network calls

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from . import outputs
-from .config import SAMPLERS
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
@@ -148,12 +147,13 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampler(p: argparse.ArgumentParser) -> None:
+    from .diffusion.samplers import SAMPLERS, sampler_help
+
     p.add_argument(
         "--sampler",
         choices=list(SAMPLERS),
         default="ddim",
-        help="ddim; dpmpp-2m, the 2nd-order DPM-Solver++(2M) on DDIM's time grid; "
-        "dpmpp-2m-logsnr, the same with steps uniform in log-SNR (default ddim)",
+        help=f"{sampler_help()} (default ddim)",
     )
     _add_clip(p)
 
@@ -164,8 +164,14 @@ def _add_clip(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="clip each predicted x0 to the data range before the next step (static "
-        "thresholding; default: on for the dpmpp-2m samplers, off for ddim as in the paper)",
+        f"thresholding; default: on for {_clipped_by_default()}, off for the others)",
     )
+
+
+def _clipped_by_default() -> str:
+    from .diffusion.samplers import SAMPLERS
+
+    return ", ".join(name for name, spec in SAMPLERS.items() if spec.clip_x0)
 
 
 def _add_metrics(p: argparse.ArgumentParser) -> None:
@@ -379,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eta", type=_float_list, default=[0.0, 1.0], help="comma-separated etas (default 0,1)"
     )
+    from .diffusion.samplers import SAMPLERS
+
     p.add_argument("--samplers", default="ddim", help=f"comma-separated: {', '.join(SAMPLERS)}")
     _add_clip(p)
     p.add_argument("--n", type=_positive_int("n", 2), default=1000, help="images per setting")
@@ -718,36 +726,51 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def load_for_sampling(run: str | None, model: str | None, device_name: str | None):
-    from .checkpoint import load_model
-    from .distributed import setup
-    from .runtime import resolve_device
+    from .pipelines import load_for_sampling as load
 
-    device = setup(resolve_device(device_name or "auto"))  # under torchrun: join, this rank's GPU
-    if run:
-        return load_model(run, device), device
-    from .pretrained import pretrained_path
-
-    return load_model(pretrained_path(model or "avatars-64"), device), device
+    return load(run, model, device_name or "auto")
 
 
 def _settings(a: argparse.Namespace, device, **over):
-    from .pipelines import SampleSettings
-    from .runtime import autocast, resolve_precision
+    """Sampling options -> checked `pipelines.SampleSettings` (the list-valued options of
+    `steps` are its own)."""
+    from .pipelines import resolve_settings
 
-    if getattr(a, "sampler", "ddim") != "ddim" and getattr(a, "eta", 0.0) > 0:
-        raise CliError(f"--sampler {a.sampler} is deterministic: use --eta 0")
-    precision = resolve_precision(getattr(a, "precision", None) or "auto", device)
     kw = {
         k: getattr(a, k)
         for k in ("steps", "eta", "sampler", "seed", "batch_size")
         if isinstance(getattr(a, k, None), (int, float, str))
     }
-    kw["compile"] = getattr(a, "compile", None)
-    kw["clip"] = getattr(a, "clip_x0", None)
+    kw.update(compile=getattr(a, "compile", None), clip=getattr(a, "clip_x0", None))
     kw.update(over)
-    return SampleSettings(
-        device=device, autocast=autocast(device, precision), precision=precision, **kw
-    )
+    return resolve_settings(device, getattr(a, "precision", None) or "auto", **kw)
+
+
+class _Bars:
+    """A `pipelines.Progress` shown as one tqdm bar per stage, on stderr (rank 0 only)."""
+
+    def __init__(self, unit: str = "img"):
+        self.unit, self.stage, self.bar = unit, None, None
+        self.enabled = _is_main()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if stage != self.stage:
+            from tqdm import tqdm
+
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, desc=stage, unit=self.unit, leave=False, file=sys.stderr)
+        self.bar.n = done
+        self.bar.refresh()
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.stage, self.bar = None, None
 
 
 def cmd_sample(a: argparse.Namespace) -> int:
@@ -770,7 +793,10 @@ def cmd_sample(a: argparse.Namespace) -> int:
         return 0
     t = time.perf_counter()
     # Under torchrun each rank draws a block of image indices; rank 0 gathers and writes.
-    images = shard_images(lambda count, first: draw(loaded, count, settings, first), a.n)
+    bars = _Bars()
+    images = shard_images(
+        lambda count, first: draw(loaded, count, settings, first, progress=bars), a.n
+    )
     if images is None:
         return 0
     dt = time.perf_counter() - t
@@ -807,6 +833,7 @@ def cmd_kid(a: argparse.Namespace) -> int:
         a.protocol,
         extractor=_extractor(a),
         cache_dir=Path(a.cache_dir) if a.cache_dir else None,
+        progress=_Bars(),
     )
     if a.json:
         print(json.dumps(r, indent=2))
@@ -866,6 +893,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         out=out,
         protocols=protocols,
         cache_dir=Path(a.cache_dir) if a.cache_dir else None,
+        progress=_Bars(),
     )
     if "kid_mean" in r:
         print(
@@ -884,10 +912,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_steps(a: argparse.Namespace) -> int:
+    from .diffusion.samplers import SAMPLERS
     from .pipelines import steps_study
 
     loaded, device = load_for_sampling(a.run, a.model, a.device)
-    samplers = _names(a.samplers, SAMPLERS, "sampler")
+    samplers = _names(a.samplers, tuple(SAMPLERS), "sampler")
     if any(not 1 <= s <= 1000 for s in a.steps) or not a.steps:
         raise CliError(f"steps must be in 1..1000, got {a.steps}")
     out = Path(a.out) if a.out else (Path(a.run) if a.run and Path(a.run).is_dir() else None)
@@ -905,6 +934,7 @@ def cmd_steps(a: argparse.Namespace) -> int:
         extractor=_extractor(a),
         out_dir=out,
         cache_dir=Path(a.cache_dir) if a.cache_dir else None,
+        progress=_Bars(),
     )
     print(f"steps study: {out / 'steps.csv'}, {out / 'steps.md'}, {out / 'steps.png'}")
     return 0
@@ -920,7 +950,9 @@ def cmd_invert(a: argparse.Namespace) -> int:
         )
     )
     loaded, device = load_for_sampling(a.run, a.model, a.device)
-    r = invert(loaded, a.images, a.out, steps=a.steps, settings=_settings(a, device))
+    r = invert(
+        loaded, a.images, a.out, steps=a.steps, settings=_settings(a, device), progress=_Bars()
+    )
     outputs.remove_unchanged(earlier)  # --force: no reconstruction of earlier images is left
     for p, v in r["psnr_db"].items():
         print(f"{p}: PSNR {v:.2f} dB")
@@ -953,6 +985,7 @@ def cmd_interpolate(a: argparse.Namespace) -> int:
         frames=a.frames,
         settings=_settings(a, device, eta=0.0),
         invert_steps=a.steps if a.images else 50,
+        progress=_Bars(),
     )
     print(f"interpolation: {strip} and {gif}")
     return 0

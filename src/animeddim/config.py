@@ -23,13 +23,6 @@ class ConfigError(ValueError):
     """A setting has a value animeddim cannot use; the message names it."""
 
 
-# Reverse-diffusion samplers (`sampling.sample`): DDIM, and DPM-Solver++(2M) with the
-# spacing of its evaluation times (`sampling.dpmpp_times`): DDIM's time grid or uniform in
-# log-SNR.
-DPMPP_SPACING = {"dpmpp-2m": "time", "dpmpp-2m-logsnr": "logsnr"}
-SAMPLERS = ("ddim", *DPMPP_SPACING)
-
-
 @dataclass
 class DataConfig:
     path: str = ""  # image folder (searched recursively) to train on

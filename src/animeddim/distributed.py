@@ -154,16 +154,6 @@ def all_true(flag: bool | torch.Tensor) -> bool:
     return not any_true(not bool(flag))
 
 
-def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """Overwrite `t` with rank `src`'s value, in place; returns `t`."""
-    if is_distributed():
-        c = t.to(_COMM_DEVICE)
-        tdist.broadcast(c, src)
-        if c is not t:
-            t.copy_(c)
-    return t
-
-
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's (picklable) `obj`, in rank order, on every rank."""
     if not is_distributed():
@@ -333,11 +323,17 @@ def shard_images(
     return gather_to_main(part.to(torch.uint8) if hi == lo else part)  # empty may come as float
 
 
-def generate(*, n: int, first_index: int = 0, **kwargs: Any) -> torch.Tensor | None:
-    """`sampling.generate` sharded by image index (see :func:`shard_images`)."""
-    from .sampling import generate as generate_images
+def generate(
+    *, n: int, first_index: int = 0, cond: Any = None, **kwargs: Any
+) -> torch.Tensor | None:
+    """`diffusion.generation.generate` sharded by image index (see :func:`shard_images`);
+    per-image `cond` (one row per image) is sliced to each rank's block."""
+    from .diffusion.generation import batch_cond
+    from .diffusion.generation import generate as generate_images
 
     def make(count: int, first: int) -> torch.Tensor:
-        return generate_images(n=count, first_index=first, **kwargs)
+        lo = first - first_index
+        part = batch_cond(cond, lo, lo + count)
+        return generate_images(n=count, first_index=first, cond=part, **kwargs)
 
     return shard_images(make, n, first_index)

@@ -30,7 +30,7 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -68,7 +68,6 @@ PROTOCOL_DESCRIPTIONS = {
         "FID-InceptionV3 conv stack + global average pool; unbiased MMD^2 per batch, mean"
     ),
 }
-FEATURE_DIM = 2048
 STANDARD_SIZE = 299
 PAPER_SIZE = 75
 TORCH_FIDELITY_SEED = 2020
@@ -428,6 +427,29 @@ class FeatureExtractor(Protocol):
     ) -> torch.Tensor: ...
 
 
+def features_with_progress(
+    extractor: FeatureExtractor,
+    images_u8: torch.Tensor,
+    protocol: str,
+    progress: Callable[[int, int], None] | None = None,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """`extractor.features` in batches of `batch_size`, calling progress(done, total) after
+    each; the same features as one call.
+
+    :param images_u8: [N x 3 x H x W] uint8 images.
+    :return: [N x D] float64 features.
+    """
+    if progress is None:
+        return extractor.features(images_u8, protocol, batch_size=batch_size)
+    total, out = len(images_u8), []
+    progress(0, total)
+    for start in range(0, total, batch_size):
+        out.append(extractor.features(images_u8[start : start + batch_size], protocol, batch_size))
+        progress(min(start + batch_size, total), total)
+    return torch.cat(out).to(torch.float64) if out else torch.empty(0, 2048, dtype=torch.float64)
+
+
 def paper_kid_batch(
     real_u8: torch.Tensor, fake_u8: torch.Tensor, extractor: FeatureExtractor
 ) -> float:
@@ -440,6 +462,20 @@ def paper_kid_batch(
     f_real = extractor.features(real_u8, "paper", batch_size=max(len(real_u8), 1))
     f_fake = extractor.features(fake_u8, "paper", batch_size=max(len(fake_u8), 1))
     return mmd2_unbiased(f_real, f_fake)
+
+
+# The paper protocol pairs batches of real and generated images. Real images come in file
+# order (sorted paths, sorted validation indices); on a folder laid out by class each real
+# batch would hold one or two classes against generated batches of all of them, which
+# inflates KID enormously. The Keras example shuffles its validation set for this reason;
+# every paper-protocol KID here shuffles the real images with this fixed seed first.
+PAPER_SHUFFLE_SEED = 0
+
+
+def paper_order(n: int, seed: int = PAPER_SHUFFLE_SEED) -> np.ndarray:
+    """The fixed order in which the paper protocol batches n real images: a permutation of
+    0 .. n-1 (numpy's default_rng(seed)), the same on every call and machine."""
+    return np.random.default_rng(seed).permutation(n)
 
 
 class PaperKID:
@@ -544,7 +580,7 @@ def folder_features_with_size(
     protocol: str = "standard",
     cache_dir: Path | None = None,
     batch_size: int = 64,
-    progress: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """:func:`folder_features` plus the folders' common image size (H, W)."""
     if protocol not in PROTOCOLS:
@@ -564,15 +600,16 @@ def folder_features_with_size(
 
     chunks = []
     skipped: list[Skipped] = []
-    batches = _load_batches(folder, files, batch_size, skipped)
-    if progress:
-        from tqdm import tqdm
-
-        batches = tqdm(batches, total=-(-len(files) // batch_size), desc=f"features {folder}")
     size = (0, 0)
-    for batch, batch_hw in batches:
+    if progress is not None:
+        progress(0, len(files))
+    for batch, batch_hw in _load_batches(folder, files, batch_size, skipped):
         chunks.append(extractor.features(batch, protocol, batch_size=batch_size))
         size = batch_hw
+        if progress is not None:
+            progress(sum(len(c) for c in chunks), len(files))
+    if progress is not None:
+        progress(len(files), len(files))  # skipped files count as done
     usable = sum(len(c) for c in chunks)
     if usable < 2:
         raise DataError(_too_few(folder, usable, len(files), skipped))
@@ -647,7 +684,7 @@ def folder_features(
     protocol: str = "standard",
     cache_dir: Path | None = None,
     batch_size: int = 64,
-    progress: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Inception features of every image in a folder, cached on disk.
 
@@ -659,6 +696,8 @@ def folder_features(
     :param extractor: an :class:`InceptionFeatures`.
     :param protocol: "standard" (299 px TF1 resize) or "paper" (75 px).
     :param cache_dir: where safetensors files go; default ``~/.cache/animeddim/features``.
+    :param progress: called with (images done, total) while features are computed (not on
+        a cache hit).
     :return: [N x 2048] float64 features in sorted file order.
     """
     features, _ = folder_features_with_size(
@@ -689,17 +728,22 @@ def kid_folders(
     subset_size: int = 1000,
     seed: int = TORCH_FIDELITY_SEED,
     extractor: FeatureExtractor | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> dict:
     """KID (and FID for "standard") between two image folders, with the protocol beside it.
 
-    "standard": torch-fidelity subsets (``dir_a`` is input 1). "paper": the two sorted folders
-    are zipped (truncated to the shorter) into batches of ``batch_size`` pairs, the remainder
-    dropped like the Keras example's ``drop_remainder=True`` (one short batch if fewer pairs
-    than a batch), and the per-batch KIDs averaged.
+    "standard": torch-fidelity subsets (``dir_a`` is input 1). "paper": each folder is shuffled
+    with a fixed seed (`paper_order`, seeds PAPER_SHUFFLE_SEED and PAPER_SHUFFLE_SEED + 1, so
+    that two folders laid out alike are not paired file by file), the two are zipped
+    (truncated to the shorter) into batches of ``batch_size`` pairs, the remainder dropped
+    like the Keras example's ``drop_remainder=True`` (one short batch if fewer pairs than a
+    batch), and the per-batch KIDs averaged.
 
     :param dir_a: reference (real) images.
     :param dir_b: generated images.
     :param extractor: a ready extractor (skips loading ``weights``).
+    :param progress: called with (stage, images done, total) while features are computed,
+        stages "features (first folder)" and "features (second folder)".
     :return: JSON-able dict: protocol, protocol_description, kid_mean, kid_std (standard),
         fid (standard), n_a, n_b, subsets, subset_size, image_size_a/b, resize, weights,
         feature_dim.
@@ -708,8 +752,12 @@ def kid_folders(
         raise ValueError(f"unknown protocol '{protocol}', expected one of {PROTOCOLS}")
     if extractor is None:
         extractor = InceptionFeatures(weights, device)
-    f_a, size_a = folder_features_with_size(Path(dir_a), extractor, protocol, cache_dir, batch_size)
-    f_b, size_b = folder_features_with_size(Path(dir_b), extractor, protocol, cache_dir, batch_size)
+    f_a, size_a = folder_features_with_size(
+        Path(dir_a), extractor, protocol, cache_dir, batch_size, _stage(progress, "first")
+    )
+    f_b, size_b = folder_features_with_size(
+        Path(dir_b), extractor, protocol, cache_dir, batch_size, _stage(progress, "second")
+    )
     result: dict = {
         "protocol": protocol,
         "protocol_description": PROTOCOL_DESCRIPTIONS[protocol],
@@ -733,9 +781,18 @@ def kid_folders(
             "seed": seed,
         }
         return result
+    f_a = f_a[paper_order(len(f_a), PAPER_SHUFFLE_SEED)]
+    f_b = f_b[paper_order(len(f_b), PAPER_SHUFFLE_SEED + 1)]
     pairs = min(len(f_a), len(f_b))
     per_batch = min(batch_size, pairs)
     starts = range(0, pairs - per_batch + 1, per_batch)
     kids = [mmd2_unbiased(f_a[s : s + per_batch], f_b[s : s + per_batch]) for s in starts]
     result |= {"kid_mean": float(np.mean(kids)), "subsets": len(kids), "subset_size": per_batch}
     return result
+
+
+def _stage(progress: Callable[[str, int, int], None] | None, which: str):
+    """progress(stage, done, total) -> a (done, total) callback for one folder's features."""
+    if progress is None:
+        return None
+    return lambda done, total: progress(f"features ({which} folder)", done, total)

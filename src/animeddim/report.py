@@ -345,8 +345,8 @@ def plot_forward(
     seed: int,
 ) -> None:
     """Fig. 1 (forward): x_t = signal_rate x_0 + noise_rate eps at FORWARD_TIMES, one eps."""
-    from .sampling import denormalize
-    from .schedule import diffuse
+    from .diffusion.generation import denormalize
+    from .diffusion.schedule import diffuse
 
     x0 = _normalise(image_u8, mean, std)
     n = len(FORWARD_TIMES)
@@ -384,7 +384,8 @@ def plot_reverse(
     device: torch.device | str,
 ) -> None:
     """Fig. 1 (reverse): DDIM from noise; x_t entering each shown step and its predicted x_0."""
-    from .sampling import ddim_sample, denormalize, image_generators, randn_per_image
+    from .diffusion.generation import denormalize, image_generators
+    from .diffusion.samplers import ddim_sample, ddim_times, randn_per_image
 
     shown = set(_evenly(steps, REVERSE_COLUMNS))
     noisy: list[np.ndarray] = []
@@ -399,7 +400,7 @@ def plot_reverse(
 
     # Image 0 of `seed`: the same noise `animeddim sample --seed` would start from.
     noise = randn_per_image(image_generators(seed, [0]), shape, device)
-    ddim_sample(model, noise, steps, schedule, callback=record)
+    ddim_sample(model, noise, ddim_times(steps), schedule, callback=record)
     labels = ["x_t", "predicted x_0"]
     title = f"Reverse diffusion (DDIM, {steps} steps, eta = 0)"
     plot_image_rows(path, [noisy, preds], titles, labels, title)
@@ -631,8 +632,8 @@ def _ckpt_name(loaded) -> str:
 
 
 def _samples(run: RunFiles, loaded, out: Path, seed: int, steps: int, device) -> list[Block]:
+    from .diffusion.generation import generate
     from .io import save_grid
-    from .sampling import generate
 
     name = f"samples-{run.name}.png"
     cfg = run.config

@@ -22,11 +22,7 @@ from .config import ConfigError
 # image-evaluations, in chunks of CPU_SAMPLE_CHUNK images per network call (64x64
 # activations of 16 images stay in cache: ~1.1x faster per image than 64; larger batches
 # were slower).
-CPU_CHANNELS_LAST_TRAIN = True  # with bf16 precision (fp32 was not measured)
-CPU_CHANNELS_LAST_SAMPLE = True
-CPU_COMPILE = True
 TRAIN_COMPILE_MIN_STEPS = 1000
-CPU_COMPILE_SAMPLE = True
 CPU_SAMPLE_CHUNK = 16
 SAMPLE_COMPILE_MIN_EVALS = 10_000
 
@@ -96,11 +92,12 @@ class InferenceNet(torch.nn.Module):
     """The denoiser prepared for sampling: weights in the compute dtype, a memory layout,
     optionally compiled, called in chunks of `chunk` images.
 
-    forward(noisy_images, noise_variances) as the network's; inputs are cast and laid out
-    here, the output is in the compute dtype (samplers call .float() on it). Images are
-    independent in eval mode (BatchNorm uses running statistics), so chunking does not
-    change them. If the compiled network fails on its first call, this warns once and runs
-    the eager network from then on.
+    forward(noisy_images, noise_variances, cond=None) as the network's; inputs are cast and
+    laid out here, the output is in the compute dtype (samplers call .float() on it). Images
+    are independent in eval mode (BatchNorm uses running statistics), so chunking does not
+    change them; per-image conditioning (a tensor with one row per image) is chunked with
+    them, any other cond is passed unchanged. If the compiled network fails on its first
+    call, this warns once and runs the eager network from then on.
     """
 
     def __init__(
@@ -118,24 +115,31 @@ class InferenceNet(torch.nn.Module):
         self.net, self.dtype, self.fmt, self.autocast_ctx = net, dtype, fmt, autocast_ctx
         self.compiled, self.freezing, self.chunk = compiled, freezing, chunk
         self._compiled_ok = False
+        self._warm_sizes: set[torch.Size] = set()
 
-    def _run_compiled(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _run_compiled(self, x: torch.Tensor, v: torch.Tensor, cond) -> torch.Tensor:
         # Inductor reads `freezing` when it compiles, which happens lazily inside a call
         # (first call, new chunk size); torch.compile(options=...) did not apply it here.
         if not self.freezing:
-            return self.compiled(x, v)
+            return self.compiled(x, v, cond)
         import torch._inductor.config as inductor_config
 
         with inductor_config.patch(freezing=True):
-            return self.compiled(x, v)
+            return self.compiled(x, v, cond)
 
-    def _call(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _call(self, x: torch.Tensor, v: torch.Tensor, cond) -> torch.Tensor:
         if self.compiled is None:
-            return self.net(x, v)
+            return self.net(x, v, cond)
+        if x.shape[-2:] not in self._warm_sizes:
+            # One eager call per image size fills lazily built caches first (the folded
+            # convs' bias maps), so that the compiled graph does not see them change
+            # (which would compile it twice).
+            self.net(x[:1], v[:1], _rows(cond, 0, 1, x.shape[0]))
+            self._warm_sizes.add(x.shape[-2:])
         if self._compiled_ok:
-            return self._run_compiled(x, v)
+            return self._run_compiled(x, v, cond)
         try:
-            out = self._run_compiled(x, v)
+            out = self._run_compiled(x, v, cond)
         except Exception as e:  # backend specific: no compiler, unsupported op, ...
             warnings.warn(
                 f"torch.compile of the sampling network failed ({type(e).__name__}); "
@@ -143,19 +147,31 @@ class InferenceNet(torch.nn.Module):
                 stacklevel=3,
             )
             self.compiled = None
-            return self.net(x, v)
+            return self.net(x, v, cond)
         self._compiled_ok = True
         return out
 
-    def forward(self, noisy_images: torch.Tensor, noise_variances: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, noisy_images: torch.Tensor, noise_variances: torch.Tensor, cond=None
+    ) -> torch.Tensor:
         x = noisy_images.to(self.dtype).contiguous(memory_format=self.fmt)
         n, c = x.shape[0], self.chunk or x.shape[0]
         with self.autocast_ctx:
             if n <= c:
-                return self._call(x, noise_variances)
+                return self._call(x, noise_variances, cond)
             return torch.cat(
-                [self._call(x[i : i + c], noise_variances[i : i + c]) for i in range(0, n, c)]
+                [
+                    self._call(x[i : i + c], noise_variances[i : i + c], _rows(cond, i, i + c, n))
+                    for i in range(0, n, c)
+                ]
             )
+
+
+def _rows(cond, start: int, stop: int, n: int):
+    """Rows start .. stop - 1 of per-image conditioning (a tensor of n rows); else cond."""
+    if isinstance(cond, torch.Tensor) and cond.ndim > 0 and cond.shape[0] == n:
+        return cond[start:stop]
+    return cond
 
 
 def default_sample_chunk(device: torch.device) -> int | None:
@@ -170,7 +186,7 @@ def default_compile_sampler(device: torch.device, evaluations: int | None = None
     if evaluations is not None and evaluations < SAMPLE_COMPILE_MIN_EVALS:
         return False
     if device.type == "cpu":
-        return CPU_COMPILE_SAMPLE and compiler_available()
+        return compiler_available()
     return device.type == "cuda"
 
 
@@ -199,15 +215,13 @@ def prepare_inference(
 
     Call again whenever the weights change (the copy, compiled or not, does not follow them).
     """
-    from .unet import UNet, fold_batchnorm
+    from .unet import fold_batchnorm
 
     if channels_last is None:
         channels_last = default_channels_last(device, training=False)
     if chunk == "auto":
         chunk = default_sample_chunk(device)
-    net = fold_batchnorm(model) if fold and isinstance(model, UNet) else model
-    if net is model:
-        net = copy.deepcopy(model).eval().requires_grad_(False)
+    net = fold_batchnorm(model) if fold else copy.deepcopy(model).eval().requires_grad_(False)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     dtype, ctx = torch.float32, contextlib.nullcontext()
     if precision == "bf16" and bf16_weights:
@@ -223,13 +237,6 @@ def prepare_inference(
             # static shapes: one graph per chunk size (the chunk, and the smaller sizes
             # left at the end of a batch) rather than one dynamic-batch graph for all
             compiled = torch.compile(net, dynamic=False)
-            if isinstance(model, UNet):
-                # One eager call fills the folded convs' bias-map caches first, so that the
-                # compiled graph does not see them change (which would compile it twice).
-                size, c = model.cfg.image_size, model.cfg.channels
-                x = torch.zeros(1, c, size, size, device=device, dtype=dtype)
-                with torch.no_grad(), ctx:
-                    net(x.contiguous(memory_format=fmt), torch.zeros(1, device=device))
     # Freezing (weights as constants, prepacked) is measured on the CPU only.
     return InferenceNet(
         net, dtype, fmt, ctx, compiled=compiled, freezing=device.type == "cpu", chunk=chunk
@@ -254,8 +261,8 @@ def default_channels_last(
     """channels_last where it measured faster for this network (docs/benchmarks.md)."""
     if device.type == "cpu":
         if training:
-            return CPU_CHANNELS_LAST_TRAIN and precision == "bf16"
-        return CPU_CHANNELS_LAST_SAMPLE
+            return precision == "bf16"  # with bf16 precision (fp32 was not measured)
+        return True
     return device.type == "cuda"
 
 
@@ -274,7 +281,7 @@ def default_compile(
     """
     if device.type == "cuda":
         return True
-    if device.type != "cpu" or not CPU_COMPILE or not compiler_available() or processes > 1:
+    if device.type != "cpu" or not compiler_available() or processes > 1:
         return False
     if 0 < time_limit_minutes < 10:
         return False

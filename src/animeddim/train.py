@@ -25,6 +25,8 @@ from . import checkpoint as ckpt
 from . import data as data_mod
 from . import distributed
 from .config import ConfigError, RunConfig
+from .diffusion.generation import generate
+from .diffusion.schedule import diffuse, predict_x0
 from .io import save_grid, write_text_atomic
 from .run_folder import (
     append_metrics,
@@ -42,8 +44,6 @@ from .runtime import (
     resolve_device,
     resolve_precision,
 )
-from .sampling import generate
-from .schedule import diffuse, predict_x0
 from .unet import UNet
 
 VAL_SEED = 0x5EED  # validation noise and times are the same every epoch
@@ -93,7 +93,7 @@ def losses(
     """MAE noise loss (the objective) and MAE image loss on x0_hat, both fp32 scalars."""
     noisy_images, signal_rate, noise_rate = diffuse(images, noises, t, cfg.schedule)
     with precision_ctx:
-        pred_noises = model(noisy_images, (noise_rate**2).view(-1))
+        pred_noises = model(noisy_images, (noise_rate**2).view(-1), None)
     pred_noises = pred_noises.float()
     pred_images = predict_x0(noisy_images, pred_noises, signal_rate, noise_rate)
     return F.l1_loss(pred_noises, noises), F.l1_loss(pred_images, images)
@@ -587,7 +587,8 @@ def _make_kid(tc, device: torch.device, log):
 
     @torch.no_grad()
     def kid(ema, images, val_idx, cfg, mean, std, device, precision_ctx) -> float:
-        idx = val_idx if tc.kid_images <= 0 else val_idx[: tc.kid_images]
+        idx = np.asarray(val_idx)[metrics.paper_order(len(val_idx))]  # not in file order
+        idx = idx if tc.kid_images <= 0 else idx[: tc.kid_images]
         acc = metrics.PaperKID(extractor)
         bs = tc.batch_size
         values = []  # (batch index, its KID) of the batches this rank computed

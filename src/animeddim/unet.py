@@ -1,16 +1,19 @@
-"""The Keras-example residual U-Net: (noisy images, noise variance) -> predicted noise.
+"""The Keras-example residual U-Net: (noisy images, noise variance, cond) -> predicted noise.
 
 The network never sees the schedule: it gets the noise variance (noise_rate**2) of each
-image and returns eps_hat. Layer for layer it follows the Keras DDIM example
-(sinusoidal embedding, residual blocks with non-affine BatchNorm and swish, average-pool
-down, bilinear up, zero-initialised 1x1 output), with Keras' initialisers and BatchNorm
-constants so that a port behaves like the original.
+image and returns eps_hat. Every denoiser in animeddim has the signature
+``(x_t, noise_variance, cond=None)``: `cond` is the conditioning the samplers pass through
+unchanged (this network is unconditional and ignores it). Layer for layer it follows the
+Keras DDIM example (sinusoidal embedding, residual blocks with non-affine BatchNorm and
+swish, average-pool down, bilinear up, zero-initialised 1x1 output), with Keras'
+initialisers and BatchNorm constants so that a port behaves like the original.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +67,8 @@ class ResidualBlock(nn.Module):
 class UNet(nn.Module):
     """Residual U-Net predicting eps from x_t.
 
-    forward(noisy_images [N x C x S x S], noise_variances [N]) -> [N x C x S x S].
+    forward(noisy_images [N x C x S x S], noise_variances [N], cond=None) -> [N x C x S x S];
+    `cond` is accepted for the common denoiser signature and ignored (unconditional).
     """
 
     def __init__(self, cfg: UNetConfig):
@@ -97,7 +101,9 @@ class UNet(nn.Module):
         # Zero-initialised output: the untrained network predicts eps_hat = 0.
         nn.init.zeros_(self.head.weight)
 
-    def forward(self, noisy_images: torch.Tensor, noise_variances: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, noisy_images: torch.Tensor, noise_variances: torch.Tensor, cond: Any = None
+    ) -> torch.Tensor:
         size = noisy_images.shape[-1]
         e = sinusoidal_embedding(
             noise_variances, self.cfg.embedding_dims, self.cfg.embedding_max_frequency
@@ -160,8 +166,9 @@ def _format_of(x: torch.Tensor) -> torch.memory_format:
     )
 
 
-def fold_batchnorm(model: UNet) -> UNet:
-    """A copy of `model` for inference with every block's BatchNorm folded into its conv1.
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of `model` for inference with every block's BatchNorm folded into its conv1
+    (any module: its `ResidualBlock`s are folded, the rest is copied as it is).
 
     Exact up to rounding (see NormFoldedConv); the copy is in eval mode, without gradients.
     """

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ... import pipelines
-from ...config import SAMPLERS
+from ...diffusion.samplers import SAMPLERS
 from ...io import png_bytes, save_png, tile
 from ...pretrained import SHIPPED
 
@@ -142,7 +142,7 @@ def _sampler(body: dict[str, Any]) -> tuple[str, float, bool | None]:
     if sampler not in SAMPLERS:
         raise RequestError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     eta = _number(body, "eta", float)
-    if sampler != "ddim" and eta != 0:
+    if eta != 0 and not SAMPLERS[sampler].stochastic:
         raise RequestError(f"eta must be 0 for {sampler} (it is deterministic); use ddim for eta")
     clip = body.get("clip", "default")
     if clip not in ("default", "on", "off"):

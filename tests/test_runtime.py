@@ -12,8 +12,8 @@ import torch
 
 from animeddim import bench, runtime
 from animeddim.config import RunConfig, ScheduleConfig, UNetConfig
+from animeddim.diffusion.generation import generate
 from animeddim.runtime import autocast, compiler_available, prepare_inference
-from animeddim.sampling import generate
 from animeddim.train import losses
 from animeddim.unet import UNet, fold_batchnorm
 

@@ -1,0 +1,52 @@
+"""The Python API every front end calls (the CLI, a web app): model + data + metrics.
+
+Modules: `core` (loading, settings, progress, drawing), `evaluation` (KID/FID, the steps
+study), `latents` (inversion, interpolation, trajectories); everything is importable
+from `animeddim.pipelines`.
+
+
+1. `load_for_sampling` loads a model once (a run folder, checkpoint, exported file or a
+   shipped model by name);
+2. `resolve_settings` checks and resolves how to sample (sampler, eta, clipping, precision)
+   into a plain `SampleSettings`;
+3. each long operation -- `draw`, `evaluate`, `steps_study`, `invert`, `interpolate`,
+   `trajectory` -- takes the loaded model and the settings, writes its files and returns a
+   JSON-able summary (every KID/FID number beside the name of its protocol), and reports
+   progress through an optional `Progress` callback.
+
+Plain functions and dataclasses: no argparse, no HTTP, no printing (except `steps_study`'s
+`log`).
+"""
+
+from .core import (
+    Progress,
+    SampleSettings,
+    draw,
+    invert_evaluations,
+    load_for_sampling,
+    observed,
+    open_model,
+    resolve_settings,
+    sampling_net,
+)
+from .evaluation import STEPS_COLUMNS, evaluate, steps_study, write_steps
+from .latents import interpolate, invert, trajectory
+
+__all__ = [
+    "STEPS_COLUMNS",
+    "Progress",
+    "SampleSettings",
+    "draw",
+    "evaluate",
+    "interpolate",
+    "invert",
+    "invert_evaluations",
+    "load_for_sampling",
+    "observed",
+    "open_model",
+    "resolve_settings",
+    "sampling_net",
+    "steps_study",
+    "trajectory",
+    "write_steps",
+]

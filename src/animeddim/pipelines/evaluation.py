@@ -1,0 +1,271 @@
+"""Evaluation against real images: `evaluate` (KID/FID, both protocols) and the steps
+study (`steps_study`, standard KID per sampler, eta and number of steps)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import metrics
+from ..checkpoint import LoadedModel
+from ..diffusion.samplers import (
+    SAMPLERS,
+    resolve_clip,
+)
+from ..io import write_text_atomic
+from .core import Progress, SampleSettings, _nchw, _tell, draw, sampling_net
+
+
+def evaluate(
+    loaded: LoadedModel,
+    real: str | Path,
+    *,
+    n: int = 1000,
+    settings: SampleSettings,
+    extractor: metrics.FeatureExtractor,
+    out: str | Path | None = None,
+    protocols: Sequence[str] = ("standard", "paper"),
+    cache_dir: Path | None = None,
+    paper_batch: int = 64,
+    attributes: Any = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Generate n images and compare them with the real folder.
+
+    standard: KID (mean, std over 100 subsets) and FID, torch-fidelity protocol;
+    paper: Keras per-batch KID between batches of generated and real images, the real ones
+    shuffled with a fixed seed first (`metrics.paper_order`), then the first n used.
+    Real-image features are cached on disk, keyed by the folder's content.
+    :param attributes: an attribute classifier: also report coverage (`coverage.coverage`)
+        against the real folder's labels.csv, written beside `out` as OUT-coverage/.
+
+    :param progress: told about the stages "sample", "features (real)", "features
+        (generated)" and "paper KID" (batches).
+    :return: the summary, also written to `out` (JSON) when given.
+    """
+    t0 = time.perf_counter()
+    fake = draw(loaded, n, settings, progress=progress)
+    t_gen = time.perf_counter() - t0
+    result: dict[str, Any] = {
+        "checkpoint": str(loaded.path),
+        "checkpoint_step": loaded.meta.get("step"),
+        "real": str(Path(real).resolve()),
+        "n": n,
+        "steps": settings.steps,
+        "eta": settings.eta,
+        "sampler": settings.sampler,
+        "clip_x0": resolve_clip(settings.clip, settings.sampler),
+        "seed": settings.seed,
+        "weights": extractor.weights_id,
+        "generate_seconds": round(t_gen, 2),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if "standard" in protocols:
+        t1 = time.perf_counter()
+        f_real, f_fake = _standard_features(real, fake, extractor, cache_dir, progress)
+        kid_mean, kid_std = metrics.kid_standard(f_real, f_fake)
+        result.update(
+            protocol="standard",
+            protocol_description=metrics.PROTOCOL_DESCRIPTIONS["standard"],
+            kid_mean=kid_mean,
+            kid_std=kid_std,
+            fid=metrics.fid_from_features(f_real, f_fake),
+            n_real=len(f_real),
+            subset_size=metrics.kid_subset_size(len(f_real), len(f_fake)),
+            standard_seconds=round(time.perf_counter() - t1, 2),
+        )
+    if "paper" in protocols:
+        t2 = time.perf_counter()
+        from ..data import DataError, load_folder
+
+        size = loaded.config.model.image_size
+        real_images = load_folder(real, size).images
+        order = metrics.paper_order(len(real_images))[:n]
+        real_u8 = torch.from_numpy(np.asarray(real_images[order]))
+        if len(real_u8) < 2:
+            raise DataError(f"KID needs at least 2 images, '{real}' has {len(real_u8)} usable")
+        acc = metrics.PaperKID(extractor)
+        starts = range(0, min(len(real_u8), n), paper_batch)
+        for k, i in enumerate(starts):
+            _tell(progress, "paper KID", k, len(starts))
+            acc.update(_nchw(real_u8[i : i + paper_batch]), _nchw(fake[i : i + paper_batch]))
+        _tell(progress, "paper KID", len(starts), len(starts))
+        result["paper"] = {
+            "protocol": "paper",
+            "protocol_description": metrics.PROTOCOL_DESCRIPTIONS["paper"],
+            "kid": acc.compute(),
+            "batches": len(acc.values),
+            "batch_size": paper_batch,
+            "seconds": round(time.perf_counter() - t2, 2),
+        }
+    if attributes is not None:
+        from ..coverage import coverage, real_set, write_coverage
+
+        result["coverage"] = coverage(attributes, fake.numpy(), *real_set(attributes, real))
+        if out is not None:
+            write_coverage(result["coverage"], Path(out).with_name(Path(out).stem + "-coverage"))
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    if out is not None:
+        write_text_atomic(Path(out), json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _standard_features(
+    real: str | Path,
+    fake_u8: torch.Tensor,
+    extractor: metrics.FeatureExtractor,
+    cache_dir: Path | None,
+    progress: Progress | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standard-protocol features of the real folder (cached) and of generated images."""
+
+    def stage(name: str):
+        return None if progress is None else (lambda d, t: progress(name, d, t))
+
+    f_real = metrics.folder_features(
+        Path(real), extractor, "standard", cache_dir=cache_dir, progress=stage("features (real)")
+    )
+    f_fake = metrics.features_with_progress(
+        extractor, _nchw(fake_u8), "standard", stage("features (generated)")
+    )
+    return f_real, f_fake
+
+
+STEPS_COLUMNS = [
+    "steps",
+    "eta",
+    "sampler",
+    "clip_x0",
+    "kid_mean",
+    "kid_std",
+    "seconds_per_image",
+    "protocol",
+]
+
+
+def steps_study(
+    loaded: LoadedModel,
+    real: str | Path,
+    *,
+    steps: Sequence[int],
+    etas: Sequence[float],
+    samplers: Sequence[str],
+    n: int,
+    settings: SampleSettings,
+    extractor: metrics.FeatureExtractor,
+    out_dir: str | Path,
+    cache_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+    progress: Progress | None = None,
+) -> list[dict[str, Any]]:
+    """Standard KID vs number of steps for each (sampler, eta); writes steps.csv/.md/.png.
+
+    :param progress: told about "features (real)", then for each setting a stage named
+        after it ("ddim eta 0, 10 steps: sample", "...: features").
+    """
+    out_dir = Path(out_dir)
+    f_real = metrics.folder_features(
+        Path(real),
+        extractor,
+        "standard",
+        cache_dir=cache_dir,
+        progress=None if progress is None else (lambda d, t: progress("features (real)", d, t)),
+    )
+    rows = []
+    # One prepared (and maybe compiled) network for the whole study, warmed up on a full
+    # batch and the last batch's size, so that no setting's time includes compilation.
+    net = sampling_net(loaded, settings, n * sum(steps) * len(etas) * len(samplers))
+    for size in {min(n, settings.batch_size), n % settings.batch_size or settings.batch_size}:
+        draw(loaded, size, replace(settings, steps=1), net=net)
+    for sampler in samplers:
+        for eta in etas:
+            if eta > 0 and not SAMPLERS[sampler].stochastic:
+                continue  # a deterministic sampler runs at eta 0 only
+            for s in steps:
+                cfg = replace(settings, steps=s, eta=eta, sampler=sampler)
+                name = f"{sampler} eta {eta:g}, {s} steps"
+                t = time.perf_counter()
+                fake = draw(loaded, n, cfg, net=net, progress=_prefixed(progress, name))
+                spi = (time.perf_counter() - t) / n
+                f_fake = metrics.features_with_progress(
+                    extractor,
+                    _nchw(fake),
+                    "standard",
+                    None
+                    if progress is None
+                    else (lambda d, t, k=name: progress(f"{k}: features", d, t)),
+                )
+                kid_mean, kid_std = metrics.kid_standard(f_real, f_fake)
+                row = {
+                    "steps": s,
+                    "eta": eta,
+                    "sampler": sampler,
+                    "clip_x0": resolve_clip(settings.clip, sampler),
+                    "kid_mean": kid_mean,
+                    "kid_std": kid_std,
+                    "seconds_per_image": spi,
+                    "protocol": "standard",
+                }
+                rows.append(row)
+                clipped = ", x0 clipped" if row["clip_x0"] else ""
+                log(
+                    f"{sampler}{clipped} eta {eta:g} steps {s}: KID (standard) {kid_mean:.4f} "
+                    f"± {kid_std:.4f}, {spi:.3f} s/image"
+                )
+    write_steps(rows, out_dir)
+    return rows
+
+
+def _prefixed(progress: Progress | None, prefix: str) -> Progress | None:
+    """progress with every stage name prefixed: "PREFIX: stage"."""
+    if progress is None:
+        return None
+    return lambda stage, done, total: progress(f"{prefix}: {stage}", done, total)
+
+
+def write_steps(rows: list[dict[str, Any]], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    f = StringIO(newline="")
+    w = csv.DictWriter(f, fieldnames=STEPS_COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(out_dir / "steps.csv", f.getvalue())
+    lines = [
+        "| steps | sampler | x0 clipped | eta | KID (standard) | ± std | s/image |",
+        "|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        clipped = "yes" if r.get("clip_x0") else "no"
+        lines.append(
+            f"| {r['steps']} | {r['sampler']} | {clipped} | {r['eta']:g} | {r['kid_mean']:.4f} | "
+            f"{r['kid_std']:.4f} | {r['seconds_per_image']:.3f} |"
+        )
+    write_text_atomic(out_dir / "steps.md", "\n".join(lines) + "\n")
+    from ..report import Table, plot_steps, sampler_label
+
+    table = Table(
+        ["Run", "Sampler", "eta", "Steps", "KID", "KID std", "s/image"],
+        [
+            [
+                out_dir.name,
+                sampler_label(r["sampler"], r.get("clip_x0")),
+                r["eta"],
+                r["steps"],
+                r["kid_mean"],
+                r["kid_std"],
+                r["seconds_per_image"],
+            ]
+            for r in rows
+        ],
+        "KID: standard protocol (torch-fidelity 0.4.0)",
+    )
+    plot_steps(out_dir / "steps.png", table)

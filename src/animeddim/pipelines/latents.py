@@ -1,0 +1,221 @@
+"""Working in noise space: DDIM inversion of images (`invert`), interpolation between two
+starting noises (`interpolate`) and reverse-process strips (`trajectory`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..checkpoint import LoadedModel
+from ..diffusion.generation import denormalize, image_generators
+from ..diffusion.inversion import ddim_invert, interpolation_noises, psnr
+from ..diffusion.samplers import (
+    randn_per_image,
+    sample,
+    sampler_x0_range,
+)
+from ..io import save_gif, save_grid, save_pngs, write_bytes_atomic
+from .core import Progress, SampleSettings, _counter, _nchw
+
+
+def _load_images(folder: str | Path, size: int) -> tuple[torch.Tensor, list[str]]:
+    from ..data import load_folder
+
+    s = load_folder(folder, size)
+    return torch.from_numpy(np.asarray(s.images)), s.paths
+
+
+def _normalised(loaded: LoadedModel, images_u8: torch.Tensor, device) -> torch.Tensor:
+    x = _nchw(images_u8).float().to(device) / 255.0
+    return (x - loaded.mean.view(1, -1, 1, 1).to(device)) / loaded.std.view(1, -1, 1, 1).to(device)
+
+
+@torch.no_grad()
+def invert(
+    loaded: LoadedModel,
+    images: str | Path,
+    out: str | Path,
+    *,
+    steps: int = 50,
+    settings: SampleSettings,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """DDIM-invert the images of a folder to starting noise, regenerate, measure PSNR.
+
+    Writes out/latents.safetensors, out/reconstructions/*.png and out/side-by-side.png
+    (originals above, reconstructions below).
+
+    :param progress: told ("invert", images done, total) after each batch.
+    """
+    from safetensors.torch import save as st_save
+
+    out = Path(out)
+    (out / "reconstructions").mkdir(parents=True, exist_ok=True)
+    cfg = loaded.config
+    real_u8, paths = _load_images(images, cfg.model.image_size)
+    latents, recon = [], []
+    done = _counter(progress, "invert", len(real_u8))
+    for i in range(0, len(real_u8), settings.batch_size):
+        x0 = _normalised(loaded, real_u8[i : i + settings.batch_size], settings.device)
+        with settings.autocast():
+            z = ddim_invert(loaded.model, x0, steps, cfg.schedule)
+            x = sample(loaded.model, z, steps, cfg.schedule)
+        latents.append(z.float().cpu())
+        recon.append(denormalize(x.float(), loaded.mean, loaded.std).cpu())
+        done(len(x))
+    z_all, rec = torch.cat(latents), torch.cat(recon)
+    write_bytes_atomic(
+        out / "latents.safetensors",
+        st_save({"latents": z_all.contiguous()}, {"paths": json.dumps(paths), "steps": str(steps)}),
+    )
+    save_pngs(rec, out / "reconstructions", reconstruction_names(paths, images))
+    save_grid(torch.cat([real_u8, rec]), out / "side-by-side.png", cols=len(real_u8))
+    values = psnr(real_u8, rec).tolist()
+    return {
+        "steps": steps,
+        "psnr_db": dict(zip(paths, values, strict=True)),
+        "mean_psnr_db": float(np.mean(values)),
+        "out": str(out),
+    }
+
+
+def reconstruction_names(paths: Sequence[str], root: str | Path) -> list[str]:
+    """One distinct PNG name per input image: its path below `root` with the suffix .png
+    ("sub/a.jpg" -> "sub/a.png"), or with .png added where two inputs would share a name
+    (a.png and a.jpg -> a.png.png and a.jpg.png)."""
+    rels = [Path(p).relative_to(root) if Path(p).is_relative_to(root) else Path(p) for p in paths]
+    names = [r.with_suffix(".png").as_posix() for r in rels]
+    clash = {n for n in names if names.count(n) > 1}
+    names = [f"{r.as_posix()}.png" if n in clash else n for r, n in zip(rels, names, strict=True)]
+    if len(set(names)) < len(names):  # only with names made to collide: number them all
+        names = [f"{i:06d}-{r.name}.png" for i, r in enumerate(rels)]
+    return names
+
+
+@torch.no_grad()
+def interpolate(
+    loaded: LoadedModel,
+    out: str | Path,
+    *,
+    seeds: tuple[int, int] | None = None,
+    images: tuple[str | Path, str | Path] | None = None,
+    frames: int = 16,
+    settings: SampleSettings,
+    invert_steps: int = 50,
+    progress: Progress | None = None,
+) -> tuple[Path, Path]:
+    """Spherical interpolation between two starting noises, decoded with the sampler.
+
+    The noises come from two seeds (image 0 of each) or from DDIM inversion of two images.
+    Writes a strip (PNG) and an animated GIF with the same stem; returns both paths.
+
+    :param progress: told ("invert", images done, 2) for inverted ends, then
+        ("interpolate", frames done, frames).
+    """
+
+    cfg = loaded.config
+    shape = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
+    if seeds is not None:
+        a = randn_per_image(image_generators(seeds[0], [0]), shape, settings.device)
+        b = randn_per_image(image_generators(seeds[1], [0]), shape, settings.device)
+    elif images is not None:
+        from ..data import BadImage, DataError, load_image
+
+        ends = []
+        inverted = _counter(progress, "invert", 2)
+        for p in images:
+            try:
+                im = torch.tensor(load_image(Path(p), cfg.model.image_size))[None]
+            except BadImage as e:
+                raise DataError(f"cannot interpolate from '{p}': {e.reason}") from None
+            x0 = _normalised(loaded, im, settings.device)
+            with settings.autocast():
+                ends.append(ddim_invert(loaded.model, x0, invert_steps, cfg.schedule).float())
+            inverted(1)
+        a, b = ends
+        # the inverted noises belong to unclipped DDIM with the inversion's steps
+        settings = replace(settings, steps=invert_steps, sampler="ddim", eta=0.0, clip=False)
+    else:
+        raise ValueError("give two seeds or two images")
+    noises = interpolation_noises(a[0], b[0], frames)
+    x0_range = sampler_x0_range(settings.clip, settings.sampler, loaded.mean, loaded.std)
+    decoded = []
+    decoded_frames = _counter(progress, "interpolate", frames)
+    for i in range(0, frames, settings.batch_size):
+        with settings.autocast():
+            x = sample(
+                loaded.model,
+                noises[i : i + settings.batch_size],
+                settings.steps,
+                cfg.schedule,
+                sampler=settings.sampler,
+                x0_range=x0_range,
+            )
+        decoded.append(denormalize(x.float(), loaded.mean, loaded.std).cpu())
+        decoded_frames(len(x))
+    frames_u8 = torch.cat(decoded)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    strip, gif = out.with_suffix(".png"), out.with_suffix(".gif")
+    save_grid(frames_u8, strip, cols=frames)
+    # there and back, as in the Keras example's animation
+    save_gif(gif, torch.cat([frames_u8, frames_u8.flip(0)[1:-1]]), duration_ms=80)
+    return strip, gif
+
+
+@torch.no_grad()
+def trajectory(
+    loaded: LoadedModel,
+    path: str | Path,
+    *,
+    settings: SampleSettings,
+    n: int = 4,
+    columns: int = 10,
+) -> Path:
+    """Reverse-process strips: for n images, x_t (upper row) and predicted x0 (lower row)
+    at up to `columns` evenly spaced steps of the chosen sampler (the paper's Fig. 1)."""
+    cfg = loaded.config
+    shape = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
+    gens = image_generators(settings.seed, range(n))
+    noise = randn_per_image(gens, shape, settings.device)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def keep(step, t, xt, x0):
+        seen.append((xt.float().cpu(), x0.float().cpu()))
+
+    with settings.autocast():
+        sample(
+            loaded.model,
+            noise,
+            settings.steps,
+            cfg.schedule,
+            sampler=settings.sampler,
+            eta=settings.eta,
+            generators=gens,
+            callback=keep,
+            x0_range=sampler_x0_range(settings.clip, settings.sampler, loaded.mean, loaded.std),
+        )
+    pick = np.unique(np.linspace(0, len(seen) - 1, min(columns, len(seen))).round().astype(int))
+    # x_t is shown with the data's normalisation too: at t = 1 that is (almost) pure noise.
+    rows = []
+    for i in range(n):
+        rows.append(
+            torch.stack(
+                [denormalize(seen[k][0][i : i + 1], loaded.mean, loaded.std)[0] for k in pick]
+            )
+        )
+        rows.append(
+            torch.stack(
+                [denormalize(seen[k][1][i : i + 1], loaded.mean, loaded.std)[0] for k in pick]
+            )
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(torch.cat(rows), path, cols=len(pick))
+    return path

@@ -1,0 +1,130 @@
+"""The Python API every front end calls (pipelines.py): loading, settings, progress."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_MODEL
+
+from animeddim import checkpoint as ckpt
+from animeddim import metrics, pipelines
+from animeddim.config import ConfigError, RunConfig
+from animeddim.data import load_folder
+from animeddim.unet import UNet
+
+
+class FakeExtractor:
+    """Per-channel mean and std as 'features' (a cheap stand-in for Inception)."""
+
+    cache_token = "fake.pt:1"
+    weights_id = "fake.pt sha256:000000000000"
+
+    def __init__(self) -> None:
+        self.paper_batches: list[torch.Tensor] = []
+
+    def features(self, images_u8, protocol, batch_size=64, bf16=False):
+        if protocol == "paper":
+            self.paper_batches.append(images_u8.clone())
+        x = images_u8.double() / 255
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    cfg = RunConfig.from_dict({"data": {"image_size": 16}, "model": TINY_MODEL})
+    torch.manual_seed(0)
+    net = UNet(cfg.model)
+    torch.nn.init.normal_(net.head.weight, std=0.05)
+    tensors = {
+        **ckpt.with_prefix(net.state_dict(), "ema"),
+        "norm.mean": torch.full((3,), 0.5),
+        "norm.std": torch.full((3,), 0.25),
+    }
+    path = tmp_path_factory.mktemp("pipe") / "m.safetensors"
+    return ckpt.save(path, tensors, {"config": cfg.to_dict(), "epoch": 0, "step": 0})
+
+
+@pytest.fixture(scope="module")
+def loaded(model_file):
+    return pipelines.load_for_sampling(model_file, device="cpu")[0]
+
+
+class Record:
+    def __init__(self):
+        self.calls: list[tuple[str, int, int]] = []
+
+    def __call__(self, stage, done, total):
+        self.calls.append((stage, done, total))
+
+    def stages(self) -> list[str]:
+        return list(dict.fromkeys(s for s, _, _ in self.calls))
+
+
+def test_load_for_sampling_and_checked_settings(model_file):
+    loaded, device = pipelines.load_for_sampling(str(model_file), device="cpu")
+    assert device == torch.device("cpu") and loaded.config.model.image_size == 16
+    s = pipelines.resolve_settings("cpu", sampler="unipc", steps=7)
+    assert (s.sampler, s.steps, s.precision in ("fp32", "bf16")) == ("unipc", 7, True)
+    with s.autocast():
+        pass
+    assert pipelines.resolve_settings("cpu", sampler="ddim", eta=1.0).eta == 1.0
+    with pytest.raises(ConfigError, match="dpmpp-2m is deterministic; use eta 0"):
+        pipelines.resolve_settings("cpu", sampler="dpmpp-2m", eta=0.5)
+    with pytest.raises(ConfigError, match="unknown sampler 'euler'"):
+        pipelines.resolve_settings("cpu", sampler="euler")
+    with pytest.raises(ConfigError, match="steps"):
+        pipelines.resolve_settings("cpu", steps=0)
+
+
+def test_draw_reports_progress_and_gives_the_same_images(loaded):
+    s = pipelines.resolve_settings("cpu", steps=2, batch_size=2, precision="fp32")
+    rec = Record()
+    images = pipelines.draw(loaded, 5, s, progress=rec)
+    assert rec.calls == [("sample", 0, 5), ("sample", 2, 5), ("sample", 4, 5), ("sample", 5, 5)]
+    assert torch.equal(images, pipelines.draw(loaded, 5, s))
+
+
+def test_evaluate_progress_and_shuffled_paper_batches(loaded, avatars16, tmp_path):
+    s = pipelines.resolve_settings("cpu", steps=1, precision="fp32")
+    rec, fake = Record(), FakeExtractor()
+    r = pipelines.evaluate(
+        loaded, avatars16, n=8, settings=s, extractor=fake, cache_dir=tmp_path,
+        paper_batch=4, progress=rec,
+    )  # fmt: skip
+    assert rec.stages() == ["sample", "features (real)", "features (generated)", "paper KID"]
+    last = {stage: (done, total) for stage, done, total in rec.calls}
+    assert all(done == total for done, total in last.values())  # every stage ends complete
+    assert r["paper"]["batches"] == 2
+    # The paper protocol's real batches come in the fixed shuffled order, not file order.
+    real = load_folder(avatars16, 16).images
+    first = torch.from_numpy(np.asarray(real[metrics.paper_order(len(real))[:4]]))
+    assert torch.equal(fake.paper_batches[0], first.permute(0, 3, 1, 2))
+
+
+def test_invert_interpolate_and_steps_report_progress(loaded, avatars16, tmp_path):
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for f in sorted(avatars16.glob("*.png"))[:3]:
+        (folder / f.name).write_bytes(f.read_bytes())
+    s = pipelines.resolve_settings("cpu", steps=2, batch_size=2, precision="fp32")
+    rec = Record()
+    pipelines.invert(loaded, folder, tmp_path / "inv", steps=2, settings=s, progress=rec)
+    assert rec.calls[-1] == ("invert", 3, 3) and rec.stages() == ["invert"]
+    rec = Record()
+    pipelines.interpolate(loaded, tmp_path / "i.png", seeds=(1, 2), frames=3, settings=s,
+                          progress=rec)  # fmt: skip
+    assert rec.calls == [("interpolate", 0, 3), ("interpolate", 2, 3), ("interpolate", 3, 3)]
+    rec = Record()
+    pipelines.steps_study(
+        loaded, avatars16, steps=[1, 2], etas=[0.0, 1.0], samplers=["dpmpp-2m"], n=4,
+        settings=s, extractor=FakeExtractor(), out_dir=tmp_path / "st", cache_dir=tmp_path,
+        log=lambda _: None, progress=rec,
+    )  # fmt: skip
+    assert rec.stages() == [
+        "features (real)",
+        "dpmpp-2m eta 0, 1 steps: sample",
+        "dpmpp-2m eta 0, 1 steps: features",
+        "dpmpp-2m eta 0, 2 steps: sample",
+        "dpmpp-2m eta 0, 2 steps: features",
+    ]
