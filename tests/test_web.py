@@ -212,6 +212,7 @@ def test_page_and_info(client):
     vocab = {m["id"]: m["vocabulary"] for m in info["models"]}
     assert vocab["run:tiny"] is None and vocab["run:labelled"]["glasses"] == ["no", "yes"]
     assert info["limits"]["n"] == [1, 64] and "dpmpp-2m" in info["samplers"]
+    assert info["stochastic"] == ["ddim"] and info["sampler_help"]["ddim"].startswith("DDIM")
 
 
 def test_generate_streams_progress_and_images_the_cli_reproduces(client, runs, tmp_path):

@@ -347,6 +347,8 @@ class Engine:
         return {
             "models": models,
             "samplers": list(SAMPLERS),
+            "sampler_help": {k: v.help for k, v in SAMPLERS.items()},
+            "stochastic": [k for k, v in SAMPLERS.items() if v.stochastic],
             "limits": {k: list(v) for k, v in LIMITS.items()},
             "defaults": DEFAULTS,
             "max_upload_mb": MAX_UPLOAD_BYTES // 2**20,
