@@ -15,7 +15,7 @@ def test_tour_quick_mode_runs_end_to_end(tmp_path):
     p = run_cli("tour", "--quick", "--out", str(out), timeout=900)
     assert "scaled: quick mode" in p.stdout and "done in" in p.stdout
     summary = json.loads((out / "demo-summary.json").read_text())
-    assert summary["plan"]["eval_n"] == 20
+    assert summary["plan"]["eval_n"] == 10
     for key in ("grid", "report", "report_html"):
         assert Path(summary[key]).is_file(), key
     assert (out / "short-run" / "metrics.csv").is_file()

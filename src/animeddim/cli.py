@@ -263,20 +263,8 @@ def _number(name: str) -> Callable[[str], float]:
 # --- parser -------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
-    parser = _Parser(
-        prog="animeddim",
-        description="Train denoising diffusion implicit models on image folders and measure "
-        "them like the research does.",
-    )
-    parser.add_argument("--version", action="version", version=f"animeddim {__version__}")
-    sub = parser.add_subparsers(
-        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
-    )
-
-    # data
+def _add_data_command(sub) -> None:
+    """`animeddim data`."""
     p_data = sub.add_parser("data", help="make or prepare datasets")
     data_sub = p_data.add_subparsers(
         dest="data_command", required=True, metavar="WHAT", parser_class=_Parser
@@ -318,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_data_flowers102)
 
-    # train
+
+def _add_train_command(sub) -> None:
+    """`animeddim train`."""
     p = sub.add_parser("train", help="train a DDIM on an image folder")
     p.add_argument("--out", help="new run folder")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
@@ -333,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    # sample
+
+def _add_sample_command(sub) -> None:
+    """`animeddim sample`."""
     p = sub.add_parser("sample", help="generate images with DDIM")
     _add_model_source(p)
     _add_sampling(p, 64)
@@ -348,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_force(p, "earlier samples in --out and existing --grid/--trajectory files")
     p.set_defaults(func=cmd_sample)
 
-    # kid
+
+def _add_kid_command(sub) -> None:
+    """`animeddim kid`."""
     p = sub.add_parser("kid", help="KID (and FID) between two image folders")
     p.add_argument("dir_a", help="first folder (torch-fidelity's input 1, e.g. generated)")
     p.add_argument("dir_b", help="second folder (e.g. real images)")
@@ -362,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_metrics(p)
     p.set_defaults(func=cmd_kid)
 
-    # evaluate
+
+def _add_evaluate_command(sub) -> None:
+    """`animeddim evaluate`."""
     p = sub.add_parser("evaluate", help="generate, then KID/FID against a real folder")
     _add_model_source(p)
     p.add_argument("--real", required=True, help="folder of real images")
@@ -386,11 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_metrics(p)
     p.set_defaults(func=cmd_evaluate)
 
-    from .attributes_cli import add_parsers as add_attributes_parsers
 
-    add_attributes_parsers(sub, _positive_int)
-
-    # steps
+def _add_steps_command(sub) -> None:
+    """`animeddim steps`."""
     p = sub.add_parser("steps", help="steps study: standard KID vs reverse steps, per eta")
     _add_model_source(p)
     p.add_argument("--real", required=True, help="folder of real images")
@@ -417,7 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_metrics(p)
     p.set_defaults(func=cmd_steps)
 
-    # invert
+
+def _add_invert_command(sub) -> None:
+    """`animeddim invert`."""
     p = sub.add_parser("invert", help="DDIM inversion of real images, then regeneration")
     _add_model_source(p)
     p.add_argument("--images", required=True, help="folder of images to invert")
@@ -428,7 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(p)
     p.set_defaults(func=cmd_invert)
 
-    # interpolate
+
+def _add_interpolate_command(sub) -> None:
+    """`animeddim interpolate`."""
     p = sub.add_parser("interpolate", help="spherical interpolation between two noises")
     _add_model_source(p)
     ends = p.add_mutually_exclusive_group(required=True)
@@ -443,7 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(p)
     p.set_defaults(func=cmd_interpolate)
 
-    # report
+
+def _add_report_command(sub) -> None:
+    """`animeddim report`."""
     p = sub.add_parser("report", help="paper figures and tables from run folders")
     p.add_argument("--run", action="append", required=True, help="run folder (repeatable)")
     p.add_argument("--out", required=True, help="folder for report.md/.html, figures, tables")
@@ -453,7 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_force(p, "an earlier report in --out")
     p.set_defaults(func=cmd_report)
 
-    # export
+
+def _add_export_command(sub) -> None:
+    """`animeddim export`."""
     p = sub.add_parser("export", help="small sampling-only file: EMA weights in fp16 + config")
     p.add_argument("--run", required=True, help="run folder or checkpoint file")
     p.add_argument("--out", required=True, help="FILE.safetensors")
@@ -466,7 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_force(p, "an existing --out file (never the run's own checkpoints)")
     p.set_defaults(func=cmd_export)
 
-    # tour (and its earlier name, demo)
+
+def _add_tour_command(sub) -> None:
+    """`animeddim tour` (and its earlier name, `demo`)."""
     p = sub.add_parser(
         "tour",
         aliases=["demo"],
@@ -493,7 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_tour)
 
-    # bench
+
+def _add_bench_command(sub) -> None:
+    """`animeddim bench`."""
     p = sub.add_parser("bench", help="training/sampling throughput: fp32 baseline vs tuned")
     p.add_argument(
         "--image-size", type=_positive_int("image-size", 8), default=64, help="pixels (default 64)"
@@ -522,6 +528,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .attributes_cli import add_parsers as add_attributes_parsers
+
+    parser = _Parser(
+        prog="animeddim",
+        description="Train denoising diffusion implicit models on image folders and measure "
+        "them like the research does.",
+    )
+    parser.add_argument("--version", action="version", version=f"animeddim {__version__}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+
+    _add_data_command(sub)
+    _add_train_command(sub)
+    _add_sample_command(sub)
+    _add_kid_command(sub)
+    _add_evaluate_command(sub)
+    add_attributes_parsers(sub, _positive_int)
+    _add_steps_command(sub)
+    _add_invert_command(sub)
+    _add_interpolate_command(sub)
+    _add_report_command(sub)
+    _add_export_command(sub)
+    _add_tour_command(sub)
+    _add_bench_command(sub)
     _add_serve(sub)
     return parser
 
@@ -1015,26 +1050,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
-    from .report import ReportError
+    from .metrics import InceptionWeightsMissing
     from .run_folder import RunFolderError
 
-    errs: list[type[BaseException]] = [
+    return (
         ClassifierError,
         CliError,
         ConfigError,
         DataError,
         CheckpointError,
-        RunFolderError,
-        ReportError,
+        RunFolderError,  # report's ReportError too
+        InceptionWeightsMissing,
         outputs.OutputExists,
-    ]
-    try:
-        from .metrics import InceptionWeightsMissing
-
-        errs.append(InceptionWeightsMissing)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errs)
+    )
 
 
 class Terminated(KeyboardInterrupt):

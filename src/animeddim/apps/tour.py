@@ -57,14 +57,14 @@ def quick_plan() -> TourPlan:
     return TourPlan(
         train_avatars=48,
         avatar_size=16,
-        eval_n=20,
+        eval_n=10,
         sampler="dpmpp-2m",
         steps=2,
         grid_n=8,
         train_minutes=0.0,
         kid_images=8,
         report_steps=2,
-        train={"max_steps": 2, "batch_size": 8, "kid_steps": 1, "epochs": 1},
+        train={"batch_size": 16, "kid": False, "epochs": 1},  # one epoch: 2 steps
         model=dict(TINY_MODEL),
         scaled=["quick mode: tiny data and network, 2 sampling steps"],
     )
