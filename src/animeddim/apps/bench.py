@@ -235,7 +235,7 @@ def _eager_forward_flops(model, x0, t) -> None:
 
 def data_pipeline_rate(image_size: int, batch_size: int, n: int = 4096) -> float:
     """Images/s from the uint8 cache to augmented float batches (one epoch, median of 3)."""
-    from .data import iterate_batches
+    from ..data import iterate_batches
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8)
@@ -252,7 +252,7 @@ def data_pipeline_rate(image_size: int, batch_size: int, n: int = 4096) -> float
 
 def feature_rates(batch_size: int, device: torch.device) -> dict[str, float]:
     """Inception feature extraction images/s per KID protocol (empty if no weights)."""
-    from . import metrics
+    from .. import metrics
 
     try:
         ext = metrics.InceptionFeatures(device=device)
