@@ -5,6 +5,7 @@
     RUN/reference.png                the first validation images (for the report's Fig. 1)
     RUN/samples/epoch-NNNN.png       a sample grid of the EMA network per epoch
     RUN/checkpoints/last.safetensors the newest checkpoint (and step-N, best-kid)
+    RUN/.animeddim.lock              held (flock) by the process training in RUN; its PID
     RUN/eval-*.json, RUN/steps.csv   what `evaluate` and a steps study wrote
 
 Knows nothing of training: `train` calls these to create, resume and append to a run;
