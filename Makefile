@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	$(BIN)/animeddim demo --out $(DEMO_OUT)
+	$(BIN)/animeddim tour --out $(DEMO_OUT)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -26,7 +26,7 @@ def tiny_config(data: Path, **train):
 
     return RunConfig.from_dict(
         {
-            "data": {"path": str(data), "image_size": 16, "val_fraction": 0.25},
+            "data": {"path": str(data), "val_fraction": 0.25},
             "model": TINY_MODEL,
             "train": {"batch_size": 6, "kid": False, "precision": "fp32", **train},
         }

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from PIL import Image
 
 from animeddim import datasets
@@ -272,3 +273,39 @@ def test_download_network_failure_is_a_data_error(tmp_path: Path, server: tuple[
         port = s.getsockname()[1]
     with pytest.raises(DataError, match="download failed"):
         download_flowers102(tmp_path, url=f"http://127.0.0.1:{port}/x.tgz", progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# The `data` commands, run as a user runs them
+
+
+def test_data_avatars_command(tmp_path: Path) -> None:
+    out = tmp_path / "av"
+    args = ["data", "avatars", "--out", str(out), "--n", "3", "--size", "16", "--workers", "1"]
+    p = run_cli(*args)
+    assert f"3 avatars (16px, seed 0) in {out}" in p.stdout
+    assert sorted(f.name for f in out.glob("*.png")) == [f"avatar-{i:06d}.png" for i in range(3)]
+    assert run_cli(*args).returncode == 0  # a rerun with the same arguments is a no-op
+    p = run_cli(*args[:-4], "--size", "32", check=False)
+    assert p.returncode == 2 and "size" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_data_prepare_command(tmp_path: Path) -> None:
+    archive = _make_tgz(tmp_path / "src.tgz")
+    out = tmp_path / "prepared"
+    p = run_cli("data", "prepare", str(archive), "--out", str(out), "--size", "16")
+    assert f"prepared images in {out}" in p.stdout and "skipped 2 of 4" in p.stderr
+    assert [load_image(f, None).shape for f in sorted(out.glob("*.png"))] == [(16, 16, 3)] * 2
+    p = run_cli("data", "prepare", str(tmp_path / "nope.zip"), "--out", str(out), check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_data_flowers102_command(tmp_path: Path, server: tuple[str, type]) -> None:
+    url, handler = server
+    md5 = hashlib.md5(handler.payload).hexdigest()
+    out = tmp_path / "flowers"
+    p = run_cli("data", "flowers102", "--out", str(out), "--url", url, "--md5", md5, "--size", "16")
+    assert f"Oxford Flowers 102 images in {out / 'images'}" in p.stdout
+    assert len(list((out / "images").glob("*.png"))) == 2
+    p = run_cli("data", "flowers102", "--out", str(tmp_path / "f2"), "--url", url, check=False)
+    assert p.returncode == 2 and "md5" in p.stderr and "Traceback" not in p.stderr

@@ -572,8 +572,7 @@ def test_resume_with_a_checkpoint_of_another_run_exits_2(
 
 
 # --------------------------------------------------------------------------------------------
-# bad options (tests/test_train.py covers steps 0/1001, eta 1.5, n 0, size 20, device tpu,
-# missing folders; these are the rest)
+# bad options of every command: one table
 
 
 @pytest.mark.parametrize(
@@ -606,15 +605,30 @@ def test_resume_with_a_checkpoint_of_another_run_exits_2(
         (["train", "--resume", "{run}", "--data", "{data}"], "cannot change when resuming"),
         (["train", "--resume", "{run}", "--out", "{tmp}/r"], "not both"),
         (["train", "--data", "{data}"], "give --out RUN"),
+        (["train", "--data", "{empty}", "--out", "{tmp}/r"], "no usable image"),
+        (["train", "--data", "{tmp}/nope", "--out", "{tmp}/r"], "does not exist"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--image-size", "20"], "multiple of"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--device", "tpu"], "unknown device"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--kid-images", "1"], "kid_images"),
+        (["train", "--resume", "{tmp}/nope"], "not an animeddim run folder"),
+        (["sample", "--run", "{tmp}/nope", "--grid", "{tmp}/g.png"], "neither a run folder"),
+        (["sample", "--run", "{tmp}", "--steps", "0", "--grid", "g.png"], "steps must be"),
+        (["sample", "--run", "{tmp}", "--steps", "1001", "--grid", "g.png"], "steps must be"),
+        (["sample", "--run", "{tmp}", "--eta", "1.5", "--grid", "g.png"], "eta must be"),
+        (["sample", "--run", "{tmp}", "--n", "0", "--grid", "g.png"], "n must be"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(args, message, avatars16, tmp_path, capsys):
     run = tmp_path / "a-run"
     run.mkdir()
     (run / "config.json").write_text(RunConfig().to_json())
+    (run / "metrics.csv").write_text("epoch\n1\n")  # a run that has started
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
     (tmp_path / "list.json").write_text("[1, 2]")
     (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00")
-    fill = {"tmp": tmp_path, "run": run, "data": avatars16}
+    fill = {"tmp": tmp_path, "run": run, "data": avatars16, "empty": empty}
     fill |= {"list": tmp_path / "list.json", "binary": tmp_path / "binary.json"}
     rc, _, err = _main(capsys, *[a.format(**fill) for a in args])
     assert rc == 2, err

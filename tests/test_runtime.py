@@ -10,7 +10,8 @@ import copy
 import pytest
 import torch
 
-from animeddim import bench, runtime
+from animeddim import runtime
+from animeddim.apps import bench
 from animeddim.config import RunConfig, ScheduleConfig, UNetConfig
 from animeddim.diffusion.generation import generate
 from animeddim.runtime import autocast, compiler_available, prepare_inference

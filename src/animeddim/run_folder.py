@@ -5,6 +5,7 @@
     RUN/reference.png                the first validation images (for the report's Fig. 1)
     RUN/samples/epoch-NNNN.png       a sample grid of the EMA network per epoch
     RUN/checkpoints/last.safetensors the newest checkpoint (and step-N, best-kid)
+    RUN/.animeddim.lock              held (flock) by the process training in RUN; its PID
     RUN/eval-*.json, RUN/steps.csv   what `evaluate` and a steps study wrote
 
 Knows nothing of training: `train` calls these to create, resume and append to a run;
@@ -14,11 +15,13 @@ Knows nothing of training: `train` calls these to create, resume and append to a
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig
-from .io import remove_stale_temp_files, write_text_atomic
+from .io import is_temp_name, remove_stale_temp_files, write_text_atomic
 
 DASH = "–"  # what an empty or missing value prints as
 
@@ -51,22 +54,125 @@ class RunFolderError(ValueError):
     """The run folder cannot be used (exists with another run, missing on resume, ...)."""
 
 
+LOCK_NAME = ".animeddim.lock"  # held (flock) by the process writing into the run folder
+# What a run folder holds before its first checkpoint: a start that failed there (bad data,
+# a batch larger than the split, a kill) leaves only these, and a new run may take the folder.
+_UNSTARTED = {"config.json", "reference.png", "checkpoints", "samples", LOCK_NAME}
+
+
+def started(run_dir: Path) -> bool:
+    """True once a run folder holds a checkpoint or a metrics row: then only --resume uses it."""
+    ck = run_dir / "checkpoints"
+    if (run_dir / "metrics.csv").exists() or (ck.is_dir() and any(ck.glob("*.safetensors"))):
+        return True
+    names = {p.name for p in run_dir.iterdir() if not is_temp_name(p.name)}
+    samples = run_dir / "samples"
+    return bool(names - _UNSTARTED) or (samples.is_dir() and any(samples.iterdir()))
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """RunFolderError unless `run_dir` is absent, empty, or a run that never got going."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"--out {str(run_dir)!r} is a file, not a folder")
+    if run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+        if not (run_dir / "config.json").is_file() or started(run_dir):
+            raise RunFolderError(
+                f"run folder {str(run_dir)!r} already holds files; use --resume to continue "
+                "that run or choose a new --out"
+            )
+
+
 def prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
+    """Make `run_dir` ready: a new run's folders and config.json, or a resumed run's cleanup."""
     cfg_file = run_dir / "config.json"
     if resume:
         if not cfg_file.is_file():
             raise RunFolderError(f"cannot resume: {str(run_dir)!r} is not an animeddim run folder")
         for d in (run_dir, run_dir / "checkpoints", run_dir / "samples"):
             remove_stale_temp_files(d)  # half-written files of a killed process
+        write_text_atomic(cfg_file, cfg.to_json() + "\n")  # more epochs, another device, ...
         return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise RunFolderError(
-            f"run folder {str(run_dir)!r} already holds files; use --resume to continue "
-            "that run or choose a new --out"
-        )
+    check_new_run_dir(run_dir)
+    for d in (run_dir, run_dir / "checkpoints", run_dir / "samples"):
+        if d.is_dir():
+            remove_stale_temp_files(d)
+    (run_dir / "reference.png").unlink(missing_ok=True)  # of the start that failed
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     (run_dir / "samples").mkdir(exist_ok=True)
     write_text_atomic(cfg_file, cfg.to_json() + "\n")
+
+
+@contextmanager
+def lock(run_dir: Path, log: Callable[[str], None] = print) -> Iterator[None]:
+    """Hold the run folder for this process: RunFolderError naming the holder if another has it.
+
+    An advisory lock (flock) on RUN/.animeddim.lock, which holds the holder's PID. The kernel
+    drops the lock when its process dies, so a killed run never blocks the next one; the PID
+    it left behind is then reported in a note and replaced.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock (Windows): no protection
+        yield
+        return
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            raise RunFolderError(
+                f"run folder {str(run_dir)!r} is in use by process {holder} (it holds "
+                f"{str(path)!r}); wait for it to finish or stop it first"
+            ) from None
+        previous = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        if previous and previous != str(os.getpid()):
+            log(f"note: took over the lock of process {previous}, which no longer runs")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # released cleanly: no PID left to report
+            if created and [p.name for p in run_dir.iterdir()] == [LOCK_NAME]:
+                path.unlink()  # a start that failed before writing anything leaves nothing
+                run_dir.rmdir()
+    finally:
+        os.close(fd)
+
+
+def data_fingerprint(files: Sequence[Path], root: Path) -> str:
+    """Digest of an image list: each file's path below `root` and byte size, in order."""
+    h = hashlib.sha256()
+    for f in files:
+        try:
+            size = f.stat().st_size
+        except OSError:
+            size = -1
+        h.update(f"{f.relative_to(root).as_posix()}\0{size}\n".encode())
+    return f"{len(files)}:{h.hexdigest()[:32]}"
+
+
+def check_same_data(cfg: RunConfig, root: Path, fingerprint: str) -> str | None:
+    """What differs between the data a run trained on and `root` now, or None if nothing.
+
+    Runs written before the data was recorded (no fingerprint) are accepted.
+    """
+    if not cfg.data.fingerprint:
+        return None
+    then_root = cfg.data.abs_path or cfg.data.path
+    if Path(then_root).resolve() != root.resolve():
+        return f"the run trained on {then_root!r}, not {str(root.resolve())!r}"
+    if fingerprint != cfg.data.fingerprint:
+        n_then, n_now = cfg.data.fingerprint.split(":")[0], fingerprint.split(":")[0]
+        return (
+            f"the images in {then_root!r} changed since the run started ({n_then} files then, "
+            f"{n_now} now, or files renamed or rewritten)"
+        )
+    return None
 
 
 def load_run_config(run_dir: Path) -> RunConfig:

@@ -19,13 +19,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import ScheduleConfig, UNetConfig
-from .diffusion.samplers import ddim_sample, ddim_times
-from .diffusion.schedule import diffuse, predict_x0
-from .runtime import (
+from ..config import RunConfig, UNetConfig
+from ..diffusion.samplers import ddim_sample, ddim_times
+from ..diffusion.schedule import diffuse
+from ..runtime import (
     autocast,
     default_channels_last,
     default_compile,
@@ -37,7 +36,8 @@ from .runtime import (
     resolve_device,
     resolve_precision,
 )
-from .unet import UNet
+from ..train import ema_update, losses
+from ..unet import UNet
 
 
 @dataclass
@@ -139,7 +139,8 @@ def run_path(
     The peak memory covers this path's warm-up and timed iterations only.
     """
     torch.manual_seed(0)
-    sched = ScheduleConfig()
+    run_cfg = RunConfig(model=cfg)
+    sched = run_cfg.schedule
     _reset_peak(device)
     model = UNet(cfg).to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -158,19 +159,14 @@ def run_path(
     t = torch.rand(batch_size, device=device, dtype=torch.float64)
     ema_p, live_p = list(ema.parameters()), list(model.parameters())
 
-    def train_step() -> None:
-        xt, sr, nr = diffuse(x0, noise, t, sched)
-        with ctx:
-            pred = net(xt, (nr**2).view(-1))
-        pred = pred.float()
-        loss = F.l1_loss(pred, noise)
-        _ = F.l1_loss(predict_x0(xt, pred, sr, nr), x0)
+    def train_step() -> None:  # the training loop's own loss (`train.losses`), then AdamW, EMA
+        loss, _ = losses(net, x0, noise, t, run_cfg, ctx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         with torch.no_grad():
             if fused:
-                torch._foreach_lerp_(ema_p, live_p, 0.001)
+                ema_update(ema_p, live_p, 0.999)
             else:  # the plain port: one update per parameter from Python
                 for e, p in zip(ema_p, live_p, strict=True):
                     e.mul_(0.999).add_(p.detach(), alpha=0.001)
@@ -239,7 +235,7 @@ def _eager_forward_flops(model, x0, t) -> None:
 
 def data_pipeline_rate(image_size: int, batch_size: int, n: int = 4096) -> float:
     """Images/s from the uint8 cache to augmented float batches (one epoch, median of 3)."""
-    from .data import iterate_batches
+    from ..data import iterate_batches
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8)
@@ -256,7 +252,7 @@ def data_pipeline_rate(image_size: int, batch_size: int, n: int = 4096) -> float
 
 def feature_rates(batch_size: int, device: torch.device) -> dict[str, float]:
     """Inception feature extraction images/s per KID protocol (empty if no weights)."""
-    from . import metrics
+    from .. import metrics
 
     try:
         ext = metrics.InceptionFeatures(device=device)

@@ -1,0 +1,334 @@
+"""The report page: blocks rendered as Markdown and HTML, and `write_report`."""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..io import write_bytes_atomic, write_text_atomic
+from ..run_folder import DASH, RunFiles, RunFolderError, read_run, unique_names
+from .figures import (
+    first_reference_image,
+    plot_forward,
+    plot_kid,
+    plot_losses,
+    plot_reverse,
+    plot_steps,
+)
+from .tables import (
+    LOSSES,
+    PAPER_KID,
+    evals_table,
+    protocol_description,
+    steps_table,
+    table1,
+    table1_display,
+    table2,
+    to_html,
+    to_markdown,
+    write_csv,
+)
+
+ReportError = RunFolderError  # a run folder cannot be reported on; the message says why
+SAMPLE_ROWS, SAMPLE_COLS = 4, 8  # sample grid of the EMA network
+
+
+Block = tuple[Any, ...]
+
+
+def render_markdown(blocks: Sequence[Block]) -> str:
+    out = []
+    for b in blocks:
+        kind = b[0]
+        if kind in ("h1", "h2", "h3"):
+            out.append("#" * int(kind[1]) + " " + b[1])
+        elif kind == "p":
+            out.append(b[1])
+        elif kind == "img":
+            out.append(f"![{b[2]}]({b[1]})")
+        elif kind == "table":
+            out.append(to_markdown(b[1]).rstrip("\n"))
+    return "\n\n".join(out) + "\n"
+
+
+_CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
+    "line-height:1.45}img{max-width:100%;image-rendering:pixelated;border:1px solid #ddd}"
+    "table{border-collapse:collapse;margin:1em 0}caption{caption-side:top;text-align:left;"
+    "font-size:.9em;padding-bottom:.4em}th,td{border:1px solid #ccc;padding:.25em .6em;"
+    "text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}"
+)
+
+
+def render_html(blocks: Sequence[Block], title: str) -> str:
+    """A self-contained page: inline CSS, images referenced relative to the page's folder."""
+    esc = html.escape
+    body = []
+    for b in blocks:
+        kind = b[0]
+        if kind in ("h1", "h2", "h3"):
+            body.append(f"<{kind}>{esc(b[1])}</{kind}>")
+        elif kind == "p":
+            body.append(f"<p>{esc(b[1])}</p>")
+        elif kind == "img":
+            body.append(f'<p><img src="{esc(b[1])}" alt="{esc(b[2])}"></p>')
+        elif kind == "table":
+            body.append(to_html(b[1]))
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body>\n</html>\n"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Putting it together
+
+
+def _load(run: RunFiles, device: torch.device | str):
+    """The run's EMA network, or None when its checkpoint is missing or unusable."""
+    from ..checkpoint import CheckpointError, load_model
+
+    try:
+        return load_model(run.path, device)
+    except CheckpointError:
+        return None
+
+
+def _figure1(run: RunFiles, loaded, out: Path, seed: int, steps: int, device) -> list[Block]:
+    cfg = run.config
+    blocks: list[Block] = [("h3", f"Run {run.name}")]
+    ref = run.path / "reference.png"
+    if loaded is None:
+        blocks.append(
+            (
+                "p",
+                f"No usable checkpoint in {run.path / 'checkpoints'}: Fig. 1 needs "
+                "the normalisation statistics and the EMA network.",
+            )
+        )
+        return blocks
+    if ref.is_file():
+        image = first_reference_image(ref, cfg.model.channels)
+        fwd = f"fig1-forward-{run.name}.png"
+        plot_forward(out / fwd, image, loaded.mean, loaded.std, cfg.schedule, seed)
+        blocks += [
+            ("img", fwd, f"Forward diffusion, run {run.name}"),
+            (
+                "p",
+                "Forward process x_t = signal_rate * x_0 + noise_rate * eps of the first "
+                "reference (validation) image with one seeded eps, shown de-normalised and "
+                "clipped to [0, 1]. The schedule's t = 0 still has noise rate "
+                f"{math.sqrt(1 - cfg.schedule.max_signal_rate**2):.2f} (max_signal_rate "
+                f"{cfg.schedule.max_signal_rate}), so the clean x_0 is shown first.",
+            ),
+        ]
+    else:
+        blocks.append(
+            (
+                "p",
+                "No reference.png (the run had no validation split): no forward diffusion figure.",
+            )
+        )
+    rev = f"fig1-reverse-{run.name}.png"
+    shape = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
+    plot_reverse(
+        out / rev, loaded.model, loaded.mean, loaded.std, cfg.schedule, shape, steps, seed, device
+    )
+    blocks += [
+        ("img", rev, f"Reverse diffusion, run {run.name}"),
+        (
+            "p",
+            f"Reverse process: deterministic DDIM (eta = 0), {steps} steps from the noise of "
+            f"image 0 of seed {seed}, EMA network of {_ckpt_name(loaded)}. Top: x_t entering "
+            "the step; bottom: the network's predicted x_0 at that step (the last one is the "
+            "sample).",
+        ),
+    ]
+    return blocks
+
+
+def _ckpt_name(loaded) -> str:
+    where = f"checkpoints/{loaded.path.name}"
+    epoch, step = loaded.meta.get("epoch"), loaded.meta.get("step")
+    return f"{where} (epoch {epoch}, step {step})" if epoch is not None else where
+
+
+def _samples(run: RunFiles, loaded, out: Path, seed: int, steps: int, device) -> list[Block]:
+    from ..diffusion.generation import generate
+    from ..io import save_grid
+
+    name = f"samples-{run.name}.png"
+    cfg = run.config
+    if loaded is not None:
+        images = generate(
+            loaded.model,
+            mean=loaded.mean,
+            std=loaded.std,
+            schedule=cfg.schedule,
+            image_size=cfg.model.image_size,
+            channels=cfg.model.channels,
+            n=SAMPLE_ROWS * SAMPLE_COLS,
+            seed=seed,
+            steps=steps,
+            batch_size=SAMPLE_ROWS * SAMPLE_COLS,
+            device=device,
+        )
+        save_grid(images, out / name, cols=SAMPLE_COLS)
+        text = (
+            f"{SAMPLE_ROWS * SAMPLE_COLS} samples of the EMA network of {_ckpt_name(loaded)}: "
+            f"images 0..{SAMPLE_ROWS * SAMPLE_COLS - 1} of seed {seed}, DDIM {steps} steps, "
+            "eta = 0."
+        )
+        return [("h3", f"Run {run.name}"), ("img", name, f"Samples, run {run.name}"), ("p", text)]
+    grids = sorted((run.path / "samples").glob("epoch-*.png"))
+    if not grids:
+        return [("h3", f"Run {run.name}"), ("p", "No checkpoint and no sample grids.")]
+    write_bytes_atomic(out / name, grids[-1].read_bytes())
+    text = (
+        f"No usable checkpoint: copy of the training run's last sample grid "
+        f"(samples/{grids[-1].name}, EMA network, 20 DDIM steps)."
+    )
+    return [("h3", f"Run {run.name}"), ("img", name, f"Samples, run {run.name}"), ("p", text)]
+
+
+def write_report(
+    runs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    steps: int = 20,
+) -> Path:
+    """Write the paper's figures and tables for `runs` into `out`; return out/report.md.
+
+    Also writes out/report.html (same content, self-contained), fig1-forward-<run>.png,
+    fig1-reverse-<run>.png, samples-<run>.png, fig3-kid.png (if any run has KID),
+    fig4-losses.png, table1.md/.csv, table2-<run>.md/.csv, and steps-table.md/.csv with
+    fig-steps.png when a run has steps.csv. Only files in the run folders are read.
+
+    :param runs: run folders written by `animeddim train`.
+    :param device: where the EMA networks sample (Fig. 1 reverse, sample grids).
+    :param seed: seed of the forward-process noise and of the sampled images.
+    :param steps: DDIM steps of the reverse figure and the sample grids.
+    :raises ReportError: a folder is missing or lacks config.json / metrics.csv.
+    """
+    if not runs:
+        raise ReportError("no run folders given")
+    if steps < 1:
+        raise ReportError(f"invalid steps = {steps!r}: expected an integer >= 1")
+    paths = [Path(r) for r in runs]
+    # Read every folder before writing anything: a bad one fails fast with no half report.
+    data = [read_run(p, name) for p, name in zip(paths, unique_names(paths), strict=True)]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    blocks: list[Block] = [
+        ("h1", "animeddim report"),
+        (
+            "p",
+            "Figures and tables as in 'Exploring Denoising Diffusion Models for Realistic Anime "
+            "Character Generation', made from the run folders alone. Empty values print as "
+            f"{DASH}. Runs: " + "; ".join(f"{r.name} ({r.path})" for r in data) + ".",
+        ),
+        (
+            "p",
+            f"Protocols. KID (paper): {PAPER_KID}. KID (standard) and FID: "
+            f"{protocol_description('standard')}. Losses: {LOSSES}; train losses are the "
+            "epoch means of the live network's batches, validation losses the EMA network's.",
+        ),
+    ]
+    loaded = {r.name: _load(r, device) for r in data}
+
+    # Fig. 1, then the sample grids
+    blocks.append(("h2", "Fig. 1. Forward and reverse diffusion"))
+    for run in data:
+        blocks += _figure1(run, loaded[run.name], out, seed, steps, device)
+    blocks.append(("h2", "Samples"))
+    for run in data:
+        blocks += _samples(run, loaded[run.name], out, seed, steps, device)
+
+    blocks += _table_blocks(data, out)
+    blocks += _curve_blocks(data, out)
+
+    page = out / "report.md"
+    write_text_atomic(page, render_markdown(blocks))
+    write_text_atomic(out / "report.html", render_html(blocks, "animeddim report"))
+    return page
+
+
+def _table_blocks(data: Sequence[RunFiles], out: Path) -> list[Block]:
+    """Tables I and II (and the evaluations), written as .md and .csv too."""
+    blocks: list[Block] = []
+    # Table I, Table II
+    t1 = table1(data)
+    write_csv(t1, out / "table1.csv")
+    write_text_atomic(out / "table1.md", to_markdown(table1_display(t1)))
+    blocks += [("h2", "Table I. KID scores on different datasets"), ("table", table1_display(t1))]
+    blocks.append(("h2", "Table II. Validation results"))
+    for run in data:
+        t2 = table2(run)
+        write_csv(t2, out / f"table2-{run.name}.csv")
+        write_text_atomic(out / f"table2-{run.name}.md", to_markdown(t2))
+        blocks.append(("table", t2))
+    if any(r.evals for r in data):
+        blocks += [("h2", "Evaluations"), ("table", evals_table(data))]
+    return blocks
+
+
+def _curve_blocks(data: Sequence[RunFiles], out: Path) -> list[Block]:
+    """Fig. 3, Fig. 4 and the steps study."""
+    blocks: list[Block] = []
+    # Fig. 3, Fig. 4
+    blocks.append(("h2", "Fig. 3. KID versus epochs"))
+    if any(r.has_kid for r in data):
+        plot_kid(out / "fig3-kid.png", data)
+        blocks += [
+            ("img", "fig3-kid.png", "KID versus epochs"),
+            (
+                "p",
+                f"Per-epoch KID of the EMA network, {PAPER_KID}. Runs without KID values "
+                "(trained with --no-kid or without Inception weights) are left out.",
+            ),
+        ]
+    else:
+        blocks.append(
+            (
+                "p",
+                "No run has per-epoch KID values (trained with --no-kid or without "
+                "Inception weights), so there is no Fig. 3.",
+            )
+        )
+    plot_losses(out / "fig4-losses.png", data)
+    blocks += [
+        (
+            "h2",
+            "Fig. 4. (a) Train and validation noise loss over epochs "
+            "(b) Train and validation image loss over epochs",
+        ),
+        ("img", "fig4-losses.png", "Train and validation losses"),
+        (
+            "p",
+            f"Losses: {LOSSES}. Solid: train (epoch mean, live network); dashed: validation (EMA "
+            "network, fixed noises and times); one colour per run.",
+        ),
+    ]
+
+    # Steps study
+    if any(r.steps for r in data):
+        st = steps_table(data)
+        write_csv(st, out / "steps-table.csv")
+        write_text_atomic(out / "steps-table.md", to_markdown(st))
+        plot_steps(out / "fig-steps.png", st)
+        blocks += [
+            ("h2", "Sampling steps"),
+            ("img", "fig-steps.png", "KID versus sampling steps"),
+            ("table", st),
+        ]
+    return blocks

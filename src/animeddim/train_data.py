@@ -1,0 +1,123 @@
+"""What training reads, and what it refuses before any work.
+
+The data folder decoded, split and measured (`TrainData`); the checks that turn a setting
+that cannot train (a batch larger than the split, a 1x1 BatchNorm level, `--out` inside
+`--data`, a resume on changed data) into one ConfigError before the run folder is touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data as data_mod
+from . import distributed
+from .config import ConfigError, RunConfig
+from .io import save_grid
+from .run_folder import RunFolderError, check_new_run_dir, check_same_data, data_fingerprint
+
+
+@dataclass
+class TrainData:
+    """The decoded images, their split and the training split's per-channel statistics."""
+
+    imageset: data_mod.ImageSet
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    mean: torch.Tensor  # [C], in [0, 1]
+    std: torch.Tensor  # [C]
+    steps_per_epoch: int
+    fingerprint: str  # run_folder.data_fingerprint of the image list
+
+
+def check_start(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
+    """ConfigError / RunFolderError for what can be refused before reading any image."""
+    data = data_root(cfg, resume)
+    if not cfg.data.path:
+        raise ConfigError("no training data: give --data DIR (or data.path in the config file)")
+    if resume:
+        if not (run_dir / "config.json").is_file():
+            raise RunFolderError(f"cannot resume: {str(run_dir)!r} is not an animeddim run folder")
+        return
+    if data.is_dir() and run_dir.resolve().is_relative_to(data.resolve()):
+        raise ConfigError(
+            f"--out {str(run_dir)!r} lies inside --data {str(data)!r}: the next run would train "
+            "on this run's own samples; choose an --out outside the data folder"
+        )
+    check_new_run_dir(run_dir)
+
+
+def check_batchnorm_batch(cfg: RunConfig, world_size: int) -> None:
+    """ConfigError when training BatchNorm would see one value per channel (a 1x1 level)."""
+    inner = cfg.model.image_size // 2 ** (len(cfg.model.widths) - 1)
+    per_rank = cfg.train.batch_size // world_size
+    if per_rank * inner * inner < 2:
+        raise ConfigError(
+            f"with --image-size {cfg.model.image_size} and {len(cfg.model.widths)} widths the "
+            f"innermost level is {inner}x{inner} pixels, and a batch of {per_rank} image per "
+            "process gives BatchNorm one value per channel: use --batch-size 2 or more "
+            "(per process), a larger --image-size or fewer --widths"
+        )
+
+
+def check_data(
+    cfg: RunConfig, data: TrainData, root: Path, resume: bool, allow_changed: bool, log
+) -> None:
+    """ConfigError if the split cannot train, or a resume is on other data than the run's."""
+    n, n_train, n_val = len(data.imageset.images), len(data.train_idx), len(data.val_idx)
+    if data.steps_per_epoch == 0:
+        raise ConfigError(
+            f"batch_size {cfg.train.batch_size} is larger than the training split ({n_train} "
+            f"of {n} images, {n_val} held out for validation): lower --batch-size"
+            + (" or --val-fraction" if n_val else "")
+        )
+    changed = check_same_data(cfg, root, data.fingerprint)
+    if resume and changed:
+        if not allow_changed:
+            raise ConfigError(
+                f"cannot resume on changed data: {changed}; restore the data, or resume with "
+                "--allow-changed-data to train on it as it is now"
+            )
+        log(f"note: resuming on changed data ({changed})")
+
+
+def data_root(cfg: RunConfig, resume: bool) -> Path:
+    """The data folder: --data for a new run; for a resumed one, where the run trained (the
+    absolute path it recorded, whatever the working directory is now)."""
+    return Path(cfg.data.abs_path or cfg.data.path) if resume else Path(cfg.data.path)
+
+
+def load_data(cfg: RunConfig, root: Path, progress: bool) -> TrainData:
+    """Decode the data folder, split it and measure the training split's statistics."""
+    with distributed.local_main_first():  # one process per node fills the disk cache
+        imageset = data_mod.load_folder(
+            root,
+            cfg.model.image_size,
+            cache=cfg.data.cache,
+            strict=cfg.data.strict,
+            progress=progress,
+        )
+    train_idx, val_idx = data_mod.split_indices(
+        len(imageset.images), cfg.data.val_fraction, cfg.data.split_seed
+    )
+    mean_l, std_l = data_mod.channel_stats(imageset.images, train_idx)
+    return TrainData(
+        imageset,
+        train_idx,
+        val_idx,
+        torch.tensor(mean_l, dtype=torch.float32),
+        torch.tensor(std_l, dtype=torch.float32).clamp(min=1e-3),
+        data_mod.num_batches(len(train_idx), cfg.train.batch_size, drop_last=True),
+        data_fingerprint(data_mod.find_images(root), root),
+    )
+
+
+def write_reference(run_dir: Path, data: TrainData) -> None:
+    """RUN/reference.png, the first validation images, for the report's forward-process figure."""
+    ref = run_dir / "reference.png"
+    if not ref.exists() and len(data.val_idx):
+        images = np.asarray(data.imageset.images[data.val_idx[:8]])
+        save_grid(torch.from_numpy(images), ref, cols=8)

@@ -1,0 +1,48 @@
+"""The programs on top of the API, run as a user runs them: the guided tour and bench."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import run_cli
+
+from animeddim.apps.bench import format_table
+from animeddim.apps.tour import EVAL_BUDGET_S, plan_for
+
+
+def test_tour_quick_mode_runs_end_to_end(tmp_path):
+    out = tmp_path / "tour"
+    p = run_cli("tour", "--quick", "--out", str(out), timeout=900)
+    assert "scaled: quick mode" in p.stdout and "done in" in p.stdout
+    summary = json.loads((out / "demo-summary.json").read_text())
+    assert summary["plan"]["eval_n"] == 10
+    for key in ("grid", "report", "report_html"):
+        assert Path(summary[key]).is_file(), key
+    assert (out / "short-run" / "metrics.csv").is_file()
+    assert (out / "report" / "table1.md").is_file()
+
+
+def test_demo_is_the_tour():
+    assert "--quick" in run_cli("demo", "--help").stdout
+
+
+def test_tour_scales_to_the_machine():
+    fast = plan_for(sample_rate=2000, train_rate=500, train_minutes=3, eval_n=300)
+    assert (fast.sampler, fast.steps, fast.eval_n, fast.train_avatars) == ("ddim", 20, 300, 2000)
+    assert not fast.scaled
+    slow = plan_for(sample_rate=10, train_rate=8, train_minutes=3, eval_n=300)
+    assert (slow.sampler, slow.steps) == ("dpmpp-2m", 10)
+    assert slow.eval_n * slow.steps / 10 <= EVAL_BUDGET_S or slow.eval_n == 100
+    assert slow.train_avatars < 2000 and len(slow.scaled) == 3
+    assert all("this machine" in s or "samples" in s for s in slow.scaled)
+
+
+def test_bench_command_at_tiny_sizes():
+    args = ["bench", "--image-size", "16", "--batch-size", "4", "--iters", "1", "--device", "cpu"]
+    p = run_cli(*args, "--no-compile", "--no-kid", "--json")
+    r = json.loads(p.stdout)
+    assert r["image_size"] == 16 and r["batch_size"] == 4
+    for path in ("baseline", "tuned"):
+        assert r[path]["train_images_per_s"] > 0 and r[path]["sample_images_per_s"] > 0
+    assert "| training images/s |" in format_table(r)  # what bench prints without --json

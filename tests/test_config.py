@@ -1,0 +1,85 @@
+"""Settings: one image_size, files of earlier versions, metadata the CLI is generated from."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_MODEL, run_cli
+
+from animeddim import checkpoint as ckpt
+from animeddim.cli import build_parser
+from animeddim.config import ConfigError, RunConfig, load_config_file, settings
+from animeddim.unet import UNet
+
+# What config.json held before image_size was one setting and model.channels was removed.
+OLD_LAYOUT = {
+    "data": {"path": "x", "image_size": 16, "val_fraction": 0.25},
+    "model": {**TINY_MODEL, "channels": 3},
+    "train": {"epochs": 2},
+}
+
+
+def test_earlier_layout_loads_as_today():
+    cfg = RunConfig.from_dict(OLD_LAYOUT).validate()
+    assert cfg.model.image_size == 16 and cfg.model.channels == 3
+    assert "image_size" not in cfg.to_dict()["data"] and "channels" not in cfg.to_dict()["model"]
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_earlier_checkpoint_loads(tmp_path):
+    net = UNet(RunConfig.from_dict(OLD_LAYOUT).model)
+    tensors = {
+        **ckpt.with_prefix(net.state_dict(), "ema"),
+        "norm.mean": torch.zeros(3),
+        "norm.std": torch.ones(3),
+    }
+    f = ckpt.save(tmp_path / "old.safetensors", tensors, {"config": OLD_LAYOUT, "step": 0})
+    loaded = ckpt.load_model(f)
+    assert loaded.config.model.image_size == 16
+
+
+@pytest.mark.parametrize(
+    "d, message",
+    [
+        (
+            {"data": {"image_size": 16}, "model": {"image_size": 32}},
+            "differs from model.image_size",
+        ),
+        ({"model": {"channels": 1}}, "model.channels"),
+        ({"model": {"channels": 4}}, "RGB"),
+    ],
+)
+def test_conflicting_or_removed_settings_are_clear_errors(d, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_dict(d)
+
+
+def test_config_file_in_earlier_layout_sets_the_image_size(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"data": {"image_size": 32}}))
+    assert load_config_file(f) == {"data": {}, "model": {"image_size": 32}}
+
+
+def test_every_setting_has_help_and_a_cli_option():
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    dests = {a.dest for a in train._actions}
+    for section, f in settings():
+        assert f.metadata["help"], f.name
+        if f.metadata["cli"]:
+            assert f"{section}.{f.name}" in dests
+
+
+def test_resume_refuses_fixed_settings_by_their_flag(avatars16, tmp_path):
+    p = run_cli("train", "--resume", str(tmp_path), "--lr", "0.1", "--seed", "3", check=False)
+    assert p.returncode == 2
+    assert "--lr, --seed cannot change when resuming" in p.stderr
+
+
+def test_learning_rate_error_names_a_flag_that_exists(avatars16, tmp_path):
+    p = run_cli(
+        "train", "--data", str(avatars16), "--out", str(tmp_path / "r"), "--lr", "0", check=False
+    )
+    assert p.returncode == 2 and "--lr" in p.stderr
+    assert "--learning-rate" in run_cli("train", "--help").stdout  # the alias exists too
