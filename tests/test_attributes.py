@@ -438,3 +438,44 @@ def test_evaluate_reports_coverage(labelled: tuple[Path, Path], tmp_path: Path) 
     assert ev["coverage"]["n_samples"] == 6 and "kid_mean" in ev
     assert set(ev["coverage"]["attributes"]) == set(AVATAR_ATTRIBUTES)
     assert (tmp_path / "eval-coverage" / "coverage.md").is_file()
+
+
+def test_attributes_train_on_class_folders_and_a_csv(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for k in range(12):
+        for cls, rgb in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+            noisy = np.clip(np.array(rgb) + rng.integers(-30, 30, (16, 16, 3)), 0, 255)
+            path = tmp_path / "imgs" / cls / f"{k}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(noisy.astype(np.uint8)).save(path)
+    clf = tmp_path / "c.safetensors"
+    common = ["--image-size", "16", "--epochs", "4", "--batch-size", "8"]
+    run_cli(
+        "attributes",
+        "train",
+        "--data",
+        str(tmp_path / "imgs"),
+        "--labels",
+        "folders",
+        *common,
+        "--out",
+        str(clf),
+    )
+    info = json.loads(clf.with_suffix(".json").read_text())
+    assert list(info["val_accuracy"]) == ["class"] and info["train_images"] == 22
+    assert load_classifier(clf)[0].config.vocab == {"class": ("blue", "red")}
+    bad = _csv(tmp_path / "bad.csv", "file,colour\nred/0.png,red\nblue/0.png,\n")
+    p = run_cli(
+        "attributes",
+        "train",
+        "--data",
+        str(tmp_path / "imgs"),
+        "--labels",
+        str(bad),
+        *common,
+        "--out",
+        str(tmp_path / "d.safetensors"),
+        check=False,
+    )
+    assert p.returncode == 2 and "row 3 (blue/0.png): the value of colour is empty" in p.stderr
+    assert not (tmp_path / "d.safetensors").exists()
