@@ -34,7 +34,12 @@ def add_parsers(sub: Any, positive_int: Callable[..., Callable[[str], int]]) -> 
         default="error",
         help="an image without a label: error, or null (left out of the loss) (default error)",
     )
-    p.add_argument("--out", default="attributes.safetensors", help="classifier file to write")
+    p.add_argument(
+        "--out",
+        default="attributes.safetensors",
+        help="classifier file to write; its accuracy goes beside it as .json "
+        "(default attributes.safetensors)",
+    )
     p.add_argument("--held-out", metavar="DIR", help="labelled folder to measure accuracy on")
     p.add_argument(
         "--image-size",
