@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -73,9 +74,18 @@ def _main(capsys, *argv) -> tuple[int, str, str]:
     return rc, out, err
 
 
+_PROGRESS = re.compile(r".*:\s+\d+%\|.*")  # a tqdm bar: "sample:  50%|#####  | 1/2 ..."
+
+
+def _lines(err: str) -> list[str]:
+    """What stderr says, without the progress bars (tqdm redraws them with carriage returns)."""
+    parts = re.split(r"[\r\n]+", err)
+    return [line for line in parts if line.strip() and not _PROGRESS.fullmatch(line.strip())]
+
+
 def _one_line(err: str, *needles: str) -> None:
     assert "Traceback" not in err, err
-    assert len(err.strip().splitlines()) == 1, err
+    assert len(_lines(err)) == 1, err
     for n in needles:
         assert n in err, err
 
@@ -150,7 +160,7 @@ def test_kid_skips_an_undecodable_file_with_one_note(avatars16, tmp_path, capsys
         rc, out, err = _main(capsys, "kid", d, d, "--json", "--cache-dir", cache)
         assert rc == 0, err
         assert json.loads(out)["n_a"] == 3
-        assert err.splitlines() == [
+        assert _lines(err) == [
             f"note: skipped 1 of 4 files that could not be decoded: {d / 'broken.png'}: "
             "not an image (unrecognised format)"
         ]
@@ -174,7 +184,7 @@ def test_truncated_feature_cache_is_detected_recomputed_and_replaced(
     assert torch.equal(load_file(entry)["features"], features)  # healed: a whole entry again
     fake.refuse = True  # and used from now on
     rc, third, err = _main(capsys, "kid", d, d, "--json", "--cache-dir", cache)
-    assert rc == 0 and json.loads(third) == json.loads(first) and err == ""
+    assert rc == 0 and json.loads(third) == json.loads(first) and _lines(err) == []
 
 
 def test_unwritable_cache_dir_warns_and_computes_without_it(avatars16, tmp_path, capsys, fake):
@@ -521,7 +531,7 @@ def test_evaluate_notes_a_skipped_real_image_once(run, avatars16, tmp_path, caps
     rc, _, err = _main(capsys, "evaluate", "--run", run, "--real", real, "--n", 2, "--steps", 1,
                        "--out", tmp_path / "e.json", "--cache-dir", tmp_path / "c")  # fmt: skip
     assert rc == 0, err  # both protocols read the folder: the note still prints once
-    assert err.splitlines() == [
+    assert _lines(err) == [
         f"note: skipped 1 of 5 files that could not be decoded: {real / 'broken.png'}: "
         "not an image (unrecognised format)"
     ]

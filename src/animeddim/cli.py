@@ -769,6 +769,7 @@ class _Bars:
             self.close()
             self.stage = stage
             self.bar = tqdm(total=total, desc=stage, unit=self.unit, leave=False, file=sys.stderr)
+            _open_bars.add(self)
         self.bar.n = done
         self.bar.refresh()
         if done >= total:
@@ -776,8 +777,17 @@ class _Bars:
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
+            self.bar.close()  # leave=False: the bar's line is cleared
         self.stage, self.bar = None, None
+        _open_bars.discard(self)
+
+
+_open_bars: set[_Bars] = set()  # closed before an error prints, so it gets a line of its own
+
+
+def _close_bars() -> None:
+    for bars in list(_open_bars):
+        bars.close()
 
 
 def cmd_sample(a: argparse.Namespace) -> int:
@@ -1087,7 +1097,12 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
         return
     _shown_warnings.add(text)
     tag = "note" if issubclass(category, SkippedFilesWarning) else f"{_prog()}: warning"
-    print(f"{tag}: {text}", file=sys.stderr)
+    if _open_bars:  # above the progress bar, not glued to it
+        from tqdm import tqdm
+
+        tqdm.write(f"{tag}: {text}", file=sys.stderr)
+    else:
+        print(f"{tag}: {text}", file=sys.stderr)
 
 
 _shown_warnings: set[str] = set()
@@ -1108,14 +1123,17 @@ def main(argv: list[str] | None = None) -> int:
         # train returns normally after saving the checkpoint a signal asked for
         return EXIT_TERMINATED if rc == EXIT_INTERRUPTED and signal.SIGTERM in _signals_seen else rc
     except errors as e:
+        _close_bars()
         if not getattr(e, "mirrored", False):  # torchrun: rank 0's error, raised on all ranks
             print(f"{_prog()}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as e:
+        _close_bars()
         term = isinstance(e, Terminated)
         print(f"{_prog()}: {'terminated (SIGTERM)' if term else 'interrupted'}", file=sys.stderr)
         return EXIT_TERMINATED if term else EXIT_INTERRUPTED
     except OSError as e:
+        _close_bars()
         print(
             f"{_prog()}: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr
         )
