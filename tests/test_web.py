@@ -85,8 +85,8 @@ def test_catalog_lists_runs_and_never_takes_a_path(runs):
     ("field", "value", "reason"),
     [
         ("steps", 0, "steps must be an integer from 1 to 250, got 0"),
-        ("n", 10000, "n must be an integer from 1 to 64, got 10000"),
-        ("n", "2.5", "n must be an integer"),
+        ("n", 10000, "images (n) must be an integer from 1 to 64, got 10000"),
+        ("n", "2.5", "images (n) must be an integer"),
         ("seed", -1, "seed must be an integer from 0"),
         ("eta", "NaN", "eta must be a number from 0 to 1, got 'NaN'"),
         ("eta", "inf", "eta must be a number"),

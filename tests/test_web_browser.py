@@ -133,7 +133,7 @@ def test_bad_numbers_are_refused_with_the_reason(page, shots):
     page.fill("#g-steps", "10")
     page.fill("#g-n", "10000")
     page.click("#g-go")
-    page.wait_for_selector("#g-status .error:has-text('n must be')")
+    page.wait_for_selector("#g-status .error:has-text('images (n) must be')")
     shots(page, "04-bad-number")
     page.fill("#g-n", "16")
 

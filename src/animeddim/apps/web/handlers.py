@@ -38,6 +38,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "seed_b": (0, 2**31 - 1),
     "guidance": (0.0, 20.0),
 }
+LABELS = {"n": "images (n)", "seed_b": "seed B"}  # the page's words where they differ
 DEFAULTS = {"seed": 0, "n": 16, "steps": 10, "sampler": "dpmpp-2m", "eta": 0.0, "frames": 12}
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 4096 * 4096
@@ -122,6 +123,7 @@ def _number(body: dict[str, Any], name: str, kind: type, default: Any = None) ->
     raw = body.get(name, default if default is not None else DEFAULTS.get(name))
     lo, hi = LIMITS[name]
     word = "an integer" if kind is int else "a number"
+    shown = LABELS.get(name, name)
     try:
         if isinstance(raw, bool) or raw is None or str(raw).strip() == "":
             raise ValueError
@@ -131,9 +133,9 @@ def _number(body: dict[str, Any], name: str, kind: type, default: Any = None) ->
                 raise ValueError
             value = int(value)
     except (TypeError, ValueError, OverflowError):
-        raise RequestError(f"{name} must be {word} from {lo:g} to {hi:g}, got {raw!r}") from None
+        raise RequestError(f"{shown} must be {word} from {lo:g} to {hi:g}, got {raw!r}") from None
     if not math.isfinite(value) or not lo <= value <= hi:
-        raise RequestError(f"{name} must be {word} from {lo:g} to {hi:g}, got {raw!r}")
+        raise RequestError(f"{shown} must be {word} from {lo:g} to {hi:g}, got {raw!r}")
     return value
 
 
