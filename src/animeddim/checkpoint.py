@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,10 +113,18 @@ def with_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
     return {f"{prefix}.{k}": v for k, v in state.items()}
 
 
-def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """Load a state dict, turning key or shape mismatches into one clear CheckpointError."""
+def load_state_strict(
+    module: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    what: str,
+    may_miss: Callable[[str], bool] | None = None,
+) -> None:
+    """Load a state dict, turning key or shape mismatches into one clear CheckpointError.
+
+    :param may_miss: keys of the module the state may lack (they keep their initial values).
+    """
     own = module.state_dict()
-    missing = sorted(set(own) - set(state))
+    missing = sorted(k for k in set(own) - set(state) if not (may_miss and may_miss(k)))
     unexpected = sorted(set(state) - set(own))
     wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
     if missing or unexpected or wrong:
@@ -133,7 +142,7 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], w
         raise CheckpointError(
             f"{what} does not match the network its config describes: " + "; ".join(detail)
         )
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=not may_miss)
 
 
 @dataclass

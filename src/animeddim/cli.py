@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import outputs
+from . import conditional_cli, outputs
 from .config import KID_PROTOCOLS, PRECISIONS
 
 EXIT_USAGE = 2
@@ -338,6 +338,10 @@ def _add_sample_command(sub) -> None:
         help="also save x_t and predicted-x0 strips of the reverse process",
     )
     _add_force(p, "earlier samples in --out and existing --grid/--trajectory files")
+    conditional_cli.add_sample_options(p)
+    p.add_argument(
+        "--grid-by", metavar="ATTR", help="a grid: one row per value of ATTR, --n seeds per row"
+    )
     p.set_defaults(func=cmd_sample)
 
 
@@ -423,6 +427,15 @@ def _add_invert_command(sub) -> None:
     _add_force(p, "an earlier inversion in --out")
     _add_runtime(p)
     p.set_defaults(func=cmd_invert)
+
+    def edit_source(p: argparse.ArgumentParser) -> None:
+        _add_model_source(p)
+        _add_runtime(p)
+
+    conditional_cli.add_edit_parser(sub, edit_source, STEPS)
+    sub.choices["edit"].set_defaults(
+        func=lambda a: conditional_cli.cmd_edit(a, load_for_sampling, _settings, _Bars())
+    )
 
 
 def _add_interpolate_command(sub) -> None:
@@ -811,9 +824,13 @@ def cmd_sample(a: argparse.Namespace) -> int:
     t = time.perf_counter()
     # Under torchrun each rank draws a block of image indices; rank 0 gathers and writes.
     bars = _Bars()
-    images = shard_images(
-        lambda count, first: draw(loaded, count, settings, first, progress=bars), a.n
-    )
+    cols = min(8, a.n)
+    if a.attr or a.grid_by:
+        images, cols = conditional_cli.sample_conditional(a, loaded, settings, bars)
+    else:
+        images = shard_images(
+            lambda count, first: draw(loaded, count, settings, first, progress=bars), a.n
+        )
     if images is None:
         return 0
     dt = time.perf_counter() - t
@@ -823,7 +840,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
         print(f"{a.n} images in {a.out}")
     if a.grid:
         Path(a.grid).parent.mkdir(parents=True, exist_ok=True)
-        save_grid(images, Path(a.grid), cols=min(8, a.n))
+        save_grid(images, Path(a.grid), cols=cols)
         print(f"grid: {a.grid}")
     print(f"{a.n} images, {a.steps} steps, eta {a.eta}: {dt:.1f}s ({a.n / dt:.2f} images/s)")
     return 0

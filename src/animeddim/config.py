@@ -28,6 +28,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # autocast precisions; auto picks
 KID_PROTOCOLS = ("standard", "paper")  # metrics.kid_folders: torch-fidelity / Keras per batch
 NAN_POLICIES = ("stop", "skip-batch")
 CACHES = ("memory", "disk", "auto")
+LABELS_MISSING = ("error", "null")  # data.labels_missing (labels.MISSING_CHOICES)
+COND_AT = ("blocks", "input", "both")  # model.cond_at: after each block's conv1 / the input
 IMAGE_CHANNELS = 3  # images are decoded to RGB
 
 
@@ -61,6 +63,8 @@ def setting(
     }
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -81,6 +85,20 @@ class DataConfig:
         resume=True,
     )
     strict: bool = setting(False, "any undecodable image is an error instead of being skipped")
+    labels: str = setting(
+        "",
+        "train a conditional model on these labels: a CSV (file, attribute columns) or "
+        "'folders' (the first-level subfolder is the class)",
+        metavar="FILE.csv|folders",
+    )
+    labels_missing: str = setting(
+        "error",
+        "an image without a label: error, or null (trained unlabelled)",
+        choices=LABELS_MISSING,
+    )
+    attributes: str = setting(
+        "", "comma-separated attributes of the labels to train on (default: all)", metavar="A,B"
+    )
     # Set by `train`, checked on resume: the absolute folder and a digest of its image list.
     abs_path: str = setting("", "absolute path of the data folder", cli=False)
     fingerprint: str = setting("", "digest of the image list (names, sizes)", cli=False)
@@ -94,6 +112,12 @@ class DataConfig:
             "an integer in 0 .. 2**63 - 1",
         )
         _check(self.cache in CACHES, "data.cache", self.cache, ", ".join(CACHES))
+        _check(
+            self.labels_missing in LABELS_MISSING,
+            "data.labels_missing",
+            self.labels_missing,
+            " or ".join(LABELS_MISSING),
+        )
 
 
 @dataclass
@@ -124,6 +148,17 @@ class UNetConfig:
     block_depth: int = setting(2, "residual blocks per level", minimum=1)
     embedding_dims: int = setting(32, "size of the sinusoidal noise-variance embedding")
     embedding_max_frequency: float = setting(1000.0, "embedding frequencies span 1 .. this")
+    vocabulary: dict[str, list[str]] = setting(
+        {},
+        "attribute -> its values in code order (set from --labels; empty: unconditional)",
+        cli=False,
+    )
+    cond_dims: int = setting(64, "width of each attribute's embedding (summed)", minimum=1)
+    cond_at: str = setting(
+        "blocks",
+        "where attributes enter: after each block's first conv, the noise embedding, or both",
+        choices=COND_AT,
+    )
 
     @property
     def channels(self) -> int:
@@ -131,6 +166,9 @@ class UNetConfig:
         return IMAGE_CHANNELS
 
     def validate(self) -> None:
+        _check_vocabulary(self.vocabulary)
+        _check(self.cond_dims >= 1, "model.cond_dims", self.cond_dims, "an integer >= 1")
+        _check(self.cond_at in COND_AT, "model.cond_at", self.cond_at, " | ".join(COND_AT))
         _check(self.image_size >= 8, "image_size", self.image_size, "an integer >= 8")
         _check(
             len(self.widths) >= 2 and all(w > 0 for w in self.widths),
@@ -209,6 +247,7 @@ class TrainConfig:
         "name (avatars-64); the architecture must match (default: random)",
         metavar="MODEL",
     )
+    cond_drop: float = setting(0.15, "each attribute is dropped to null with this probability")
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
@@ -234,6 +273,7 @@ class TrainConfig:
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, ">= 1")
         _check(1 <= self.kid_steps <= 1000, "kid_steps", self.kid_steps, "in 1..1000")
         _check(self.log_every >= 1, "log_every", self.log_every, ">= 1")
+        _check(0.0 <= self.cond_drop <= 1.0, "cond_drop", self.cond_drop, "in [0, 1]")
         _check(0 <= self.seed < 2**63, "seed", self.seed, "an integer in 0 .. 2**63 - 1")
         _check(self.max_steps >= 0, "max_steps", self.max_steps, ">= 0")
         _check(
@@ -318,6 +358,19 @@ def upgrade(d: Any) -> Any:
 def _check(ok: bool, name: str, value: Any, accepted: str) -> None:
     if not ok:
         raise ConfigError(f"invalid {name} = {value!r}: expected {accepted}")
+
+
+def _check_vocabulary(vocab: Any) -> None:
+    ok = isinstance(vocab, dict) and all(
+        isinstance(a, str)
+        and a
+        and isinstance(v, list)
+        and v
+        and all(isinstance(x, str) for x in v)
+        and len(set(v)) == len(v)
+        for a, v in vocab.items()
+    )
+    _check(ok, "model.vocabulary", vocab, "attribute -> a list of distinct value strings")
 
 
 def _build(cls: type, d: Any, prefix: str) -> Any:

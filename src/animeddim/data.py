@@ -523,6 +523,7 @@ def iterate_batches(
     start_batch: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    codes: np.ndarray | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield float32 ``(B, 3, H, W)`` batches in [0, 1] on ``device`` from uint8 ``images``.
 
@@ -534,6 +535,7 @@ def iterate_batches(
     batch's content never depends on the number of processes. ``start_batch`` skips batches
     without reading them (resume mid-epoch). With ``world_size > 1`` use ``drop_last=True``:
     the incomplete last batch splits unevenly and may give a rank an empty ``(0, 3, H, W)``.
+    ``codes`` (``(N, A)`` int64 labels of ``images``): yield ``(batch, codes of its rows)``.
     """
     import torch
 
@@ -566,4 +568,8 @@ def iterate_batches(
             batch = batch.pin_memory()  # lets the uint8 copy overlap with GPU work
         # Transfer uint8 (4x fewer bytes than float32) and convert on the device.
         x = batch.to(device, non_blocking=pin).permute(0, 3, 1, 2)
-        yield x.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+        x = x.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+        if codes is None:
+            yield x
+        else:
+            yield x, torch.from_numpy(codes[glob[lo:hi]]).to(device)

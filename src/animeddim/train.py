@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import conditioning, distributed, run_folder
 from . import data as data_mod
-from . import distributed, run_folder
 from .config import RunConfig
 from .diffusion.generation import generate
 from .diffusion.schedule import diffuse, predict_x0
@@ -92,11 +92,12 @@ def losses(
     t: torch.Tensor,
     cfg: RunConfig,
     precision_ctx,
+    cond: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MAE noise loss (the objective) and MAE image loss on x0_hat, both fp32 scalars."""
     noisy_images, signal_rate, noise_rate = diffuse(images, noises, t, cfg.schedule)
     with precision_ctx:
-        pred_noises = model(noisy_images, (noise_rate**2).view(-1), None)
+        pred_noises = model(noisy_images, (noise_rate**2).view(-1), cond)
     pred_noises = pred_noises.float()
     pred_images = predict_x0(noisy_images, pred_noises, signal_rate, noise_rate)
     return F.l1_loss(pred_noises, noises), F.l1_loss(pred_images, images)
@@ -236,12 +237,20 @@ def train_epoch(state, data, cfg, rt, bar, save, run_dir: Path) -> int:
         start_batch=state.batch_in_epoch,
         rank=distributed.rank(),
         world_size=distributed.world_size(),
+        codes=data.codes,
     )
     for batch in batches:
+        cond = None
+        if data.codes is not None:  # each attribute dropped per (seed, epoch, global batch)
+            batch, cond = batch
+            g_drop = conditioning.drop_generator(tc.seed, state.epoch, state.batch_in_epoch)
+            cond = conditioning.drop_attributes(
+                cond, tc.cond_drop, g_drop, global_rows=tc.batch_size, first_row=rt.lo
+            )
         images = _normalise(batch, mean_d, std_d)
         if rt.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        if train_step(state, images, cfg, rt):
+        if train_step(state, images, cfg, rt, cond):
             images_seen += images.shape[0] * distributed.world_size()  # global batch
         state.step += 1
         state.batch_in_epoch += 1
@@ -254,8 +263,15 @@ def train_epoch(state, data, cfg, rt, bar, save, run_dir: Path) -> int:
     return images_seen
 
 
-def train_step(state: TrainState, images: torch.Tensor, cfg: RunConfig, rt: Runtime) -> bool:
+def train_step(
+    state: TrainState,
+    images: torch.Tensor,
+    cfg: RunConfig,
+    rt: Runtime,
+    cond: torch.Tensor | None = None,
+) -> bool:
     """One optimiser step on this rank's slice of a global batch; False if it was skipped.
+    `cond`: the [b x A] attribute codes of its images (conditional models).
 
     Noises and times are drawn for the global batch, then sliced: the same numbers whatever
     the number of processes (in one process lo:hi is the whole batch).
@@ -265,7 +281,7 @@ def train_step(state: TrainState, images: torch.Tensor, cfg: RunConfig, rt: Runt
     shape = (tc.batch_size, *images.shape[1:])
     noises = torch.randn(shape, generator=g, device=rt.device)[rt.lo : rt.hi]
     t = torch.rand(shape[0], generator=g, device=rt.device, dtype=torch.float64)[rt.lo : rt.hi]
-    noise_loss, image_loss = losses(rt.net, images, noises, t, cfg, rt.precision_ctx)
+    noise_loss, image_loss = losses(rt.net, images, noises, t, cfg, rt.precision_ctx, cond)
     if tc.nan_policy == "skip-batch" and not distributed.all_true(torch.isfinite(noise_loss)):
         warnings.warn(f"non-finite loss at step {state.step + 1}: batch skipped", stacklevel=1)
         state.optimizer.zero_grad(set_to_none=True)

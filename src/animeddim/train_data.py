@@ -31,6 +31,7 @@ class TrainData:
     std: torch.Tensor  # [C]
     steps_per_epoch: int
     fingerprint: str  # run_folder.data_fingerprint of the image list
+    codes: np.ndarray | None = None  # [N x A] attribute codes of the images (data.labels)
 
 
 def check_start(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
@@ -112,7 +113,38 @@ def load_data(cfg: RunConfig, root: Path, progress: bool) -> TrainData:
         torch.tensor(std_l, dtype=torch.float32).clamp(min=1e-3),
         data_mod.num_batches(len(train_idx), cfg.train.batch_size, drop_last=True),
         data_fingerprint(data_mod.find_images(root), root),
+        label_codes(cfg, imageset, root),
     )
+
+
+def label_codes(cfg: RunConfig, imageset: data_mod.ImageSet, root: Path) -> np.ndarray | None:
+    """The [N x A] codes of the images from data.labels (None without labels). A new run's
+    model.vocabulary is set from them; a run that has one reads the labels under it."""
+    from .labels import load_labels
+
+    dc, vocab = cfg.data, cfg.model.vocabulary
+    if not dc.labels:
+        if vocab:
+            raise ConfigError(
+                "the model is conditional (model.vocabulary is set) but no --labels were given"
+            )
+        return None
+    labels = load_labels(
+        dc.labels, root, imageset.paths, missing=dc.labels_missing, vocab=vocab or None
+    )
+    if vocab:
+        return labels.codes
+    asked = [a.strip() for a in dc.attributes.split(",") if a.strip()]
+    unknown = [a for a in asked if a not in labels.vocab]
+    if unknown:
+        raise ConfigError(
+            f"--attributes: the labels have no attribute {', '.join(unknown)}; "
+            f"they have: {', '.join(labels.vocab)}"
+        )
+    keep = asked or labels.attributes
+    cfg.model.vocabulary = {a: list(labels.vocab[a]) for a in keep}
+    columns = [labels.attributes.index(a) for a in keep]
+    return np.ascontiguousarray(labels.codes[:, columns])
 
 
 def write_reference(run_dir: Path, data: TrainData) -> None:

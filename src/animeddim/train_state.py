@@ -22,7 +22,7 @@ from .config import RunConfig
 from .run_folder import latest_checkpoint, truncate_metrics
 from .runtime import default_compile, fused_adamw_supported, maybe_compile
 from .train_data import TrainData
-from .unet import UNet
+from .unet import UNet, is_cond_parameter
 
 
 class TrainingDiverged(RuntimeError):
@@ -93,7 +93,9 @@ def build_state(cfg: RunConfig, rt: Runtime, init_state, data: TrainData) -> Tra
     """A fresh network (or one from `init_state`), its EMA copy and the AdamW optimiser."""
     model = UNet(cfg.model)
     if init_state is not None:  # a resumed run takes its weights from its own checkpoint
-        ckpt.load_state_strict(model, init_state, f"the initial weights from {cfg.train.init!r}")
+        ckpt.load_state_strict(  # the conditioning path may be new: it starts at zero
+            model, init_state, f"the initial weights from {cfg.train.init!r}", is_cond_parameter
+        )
     model = model.to(rt.device)
     # channels_last pays off with cuDNN and with oneDNN's bf16 convolutions on the CPU
     # (`runtime.default_channels_last`, docs/benchmarks.md).

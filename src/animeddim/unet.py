@@ -3,7 +3,13 @@
 The network never sees the schedule: it gets the noise variance (noise_rate**2) of each
 image and returns eps_hat. Every denoiser in animeddim has the signature
 ``(x_t, noise_variance, cond=None)``: `cond` is the conditioning the samplers pass through
-unchanged (this network is unconditional and ignores it). Layer for layer it follows the
+unchanged. A network whose config has a vocabulary is conditional: `cond` is an [N x A]
+LongTensor of attribute codes (:data:`NULL` = -1 for a dropped or unasked attribute), or None
+for all null. Each attribute has an embedding with a learned null entry; their sum enters
+through zero-initialised projections (after each residual block's first conv, as
+improved-diffusion adds its embedding, and/or added to the noise embedding at the input), so
+a conditional network holding an unconditional network's weights computes exactly its
+output until the projections are trained. Layer for layer it follows the
 Keras DDIM example (sinusoidal embedding, residual blocks with non-affine BatchNorm and
 swish, average-pool down, bilinear up, zero-initialised 1x1 output), with Keras'
 initialisers and BatchNorm constants so that a port behaves like the original.
@@ -20,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UNetConfig
+
+NULL = -1  # the code of a dropped or unasked attribute (labels.NULL)
 
 
 def sinusoidal_embedding(
@@ -47,34 +55,83 @@ def _conv(c_in: int, c_out: int, k: int) -> nn.Conv2d:
     return conv
 
 
-class ResidualBlock(nn.Module):
-    """BN(no affine) -> conv3x3 + swish -> conv3x3, plus a (1x1-projected) residual."""
+def _zero_linear(c_in: int, c_out: int) -> nn.Linear:
+    # Zero weight and bias: a new conditioning path starts as an exact no-op.
+    linear = nn.Linear(c_in, c_out)
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    return linear
 
-    def __init__(self, c_in: int, width: int):
+
+class ResidualBlock(nn.Module):
+    """BN(no affine) -> conv3x3 (+ projected condition) + swish -> conv3x3, plus a
+    (1x1-projected) residual."""
+
+    def __init__(self, c_in: int, width: int, cond_dims: int = 0):
         super().__init__()
         self.skip = _conv(c_in, width, 1) if c_in != width else nn.Identity()
         # Keras BatchNormalization(center=False, scale=False): momentum 0.99, epsilon 1e-3.
         self.norm = nn.BatchNorm2d(c_in, eps=1e-3, momentum=0.01, affine=False)
         self.conv1 = _conv(c_in, width, 3)
         self.conv2 = _conv(width, width, 3)
+        self.cond_proj = _zero_linear(cond_dims, width) if cond_dims else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        """:param c: [N x cond_dims] attribute embedding, or None (unconditional network)."""
         residual = self.skip(x)
-        x = F.silu(self.conv1(self.norm(x)))
-        return self.conv2(x) + residual
+        x = self.conv1(self.norm(x))
+        if self.cond_proj is not None and c is not None:
+            x = x + self.cond_proj(c).to(x.dtype)[:, :, None, None]
+        return self.conv2(F.silu(x)) + residual
+
+
+class AttributeEmbedding(nn.Module):
+    """Sum over attributes of a learned embedding per value, the last entry being null.
+
+    forward(codes [N x A] int64 with NULL = -1, or None for all null) -> [N x dims].
+    """
+
+    def __init__(self, vocabulary: dict[str, list[str]], dims: int):
+        super().__init__()
+        sizes = [len(v) for v in vocabulary.values()]
+        self.tables = nn.ModuleList(nn.Embedding(k + 1, dims) for k in sizes)
+        self.register_buffer("null_codes", torch.tensor(sizes, dtype=torch.long), persistent=False)
+
+    def forward(self, codes: torch.Tensor | None, n: int) -> torch.Tensor:
+        if codes is None:
+            idx = self.null_codes.expand(n, -1)
+        else:
+            codes = codes.to(self.null_codes.device, torch.long)
+            idx = torch.where(codes < 0, self.null_codes, codes)
+        return sum(table(idx[:, a]) for a, table in enumerate(self.tables))
+
+
+def is_cond_parameter(name: str) -> bool:
+    """Whether a state-dict key belongs to the conditioning path (absent from an
+    unconditional network's weights; `train --init` starts it fresh)."""
+    return name.startswith("cond_") or ".cond_proj." in name
 
 
 class UNet(nn.Module):
     """Residual U-Net predicting eps from x_t.
 
     forward(noisy_images [N x C x S x S], noise_variances [N], cond=None) -> [N x C x S x S];
-    `cond` is accepted for the common denoiser signature and ignored (unconditional).
+    `cond`: [N x A] attribute codes of a conditional network (None: all null); an
+    unconditional network ignores it.
     """
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
         widths, depth = cfg.widths, cfg.block_depth
+        conditional = bool(cfg.vocabulary)
+        d = cfg.cond_dims if conditional and cfg.cond_at in ("blocks", "both") else 0
+        self.cond_embed = AttributeEmbedding(cfg.vocabulary, cfg.cond_dims) if conditional else None
+        self.cond_input = (
+            _zero_linear(cfg.cond_dims, cfg.embedding_dims)
+            if conditional and cfg.cond_at in ("input", "both")
+            else None
+        )
         self.stem = _conv(cfg.channels, widths[0], 1)
         c = widths[0] + cfg.embedding_dims
         self.down = nn.ModuleList()
@@ -82,19 +139,19 @@ class UNet(nn.Module):
         for w in widths[:-1]:
             blocks = nn.ModuleList()
             for _ in range(depth):
-                blocks.append(ResidualBlock(c, w))
+                blocks.append(ResidualBlock(c, w, d))
                 c = w
                 skip_channels.append(c)
             self.down.append(blocks)
         self.mid = nn.ModuleList()
         for _ in range(depth):
-            self.mid.append(ResidualBlock(c, widths[-1]))
+            self.mid.append(ResidualBlock(c, widths[-1], d))
             c = widths[-1]
         self.up = nn.ModuleList()
         for w in reversed(widths[:-1]):
             blocks = nn.ModuleList()
             for _ in range(depth):
-                blocks.append(ResidualBlock(c + skip_channels.pop(), w))
+                blocks.append(ResidualBlock(c + skip_channels.pop(), w, d))
                 c = w
             self.up.append(blocks)
         self.head = _conv(c, cfg.channels, 1)
@@ -108,20 +165,25 @@ class UNet(nn.Module):
         e = sinusoidal_embedding(
             noise_variances, self.cfg.embedding_dims, self.cfg.embedding_max_frequency
         )
+        c = None
+        if self.cond_embed is not None:
+            c = self.cond_embed(cond, noisy_images.shape[0])
+            if self.cond_input is not None:  # the Keras way: added to the noise embedding
+                e = e + self.cond_input(c)[:, :, None, None]
         e = e.to(noisy_images.dtype).expand(-1, -1, size, size)  # nearest upsampling of 1x1
         x = torch.cat([self.stem(noisy_images), e], dim=1)
         skips = []
         for blocks in self.down:
             for block in blocks:
-                x = block(x)
+                x = block(x, c)
                 skips.append(x)
             x = F.avg_pool2d(x, 2)
         for block in self.mid:
-            x = block(x)
+            x = block(x, c)
         for blocks in self.up:
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
             for block in blocks:
-                x = block(torch.cat([x, skips.pop()], dim=1))
+                x = block(torch.cat([x, skips.pop()], dim=1), c)
         return self.head(x)
 
 

@@ -10,7 +10,8 @@ from `animeddim.pipelines`.
 2. `resolve_settings` checks and resolves how to sample (sampler, eta, clipping, precision)
    into a plain `SampleSettings`;
 3. each long operation -- `draw`, `evaluate`, `steps_study`, `invert`, `interpolate`,
-   `trajectory` -- takes the loaded model and the settings, writes its files and returns a
+   `trajectory`, `draw_conditional`, `attribute_grid`, `edit` -- take the loaded model
+   and the settings, writes its files and returns a
    JSON-able summary (every KID/FID number beside the name of its protocol), and reports
    progress through an optional `Progress` callback.
 
@@ -18,6 +19,7 @@ Plain functions and dataclasses: no argparse, no HTTP, no printing (except `step
 `log`).
 """
 
+from .conditional import attribute_codes, attribute_grid, draw_conditional, edit, vocabulary
 from .core import (
     Progress,
     SampleSettings,
@@ -36,7 +38,11 @@ __all__ = [
     "STEPS_COLUMNS",
     "Progress",
     "SampleSettings",
+    "attribute_codes",
+    "attribute_grid",
     "draw",
+    "draw_conditional",
+    "edit",
     "evaluate",
     "interpolate",
     "invert",
@@ -48,5 +54,6 @@ __all__ = [
     "sampling_net",
     "steps_study",
     "trajectory",
+    "vocabulary",
     "write_steps",
 ]

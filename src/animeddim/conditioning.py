@@ -1,0 +1,88 @@
+"""Attribute conditioning outside the network: asked values -> codes, the training-time drop.
+
+A conditional model's vocabulary (``model.vocabulary``: attribute -> values in code order)
+says what it can be asked. Codes are an [N x A] int64 tensor in the vocabulary's attribute
+order, :data:`NULL` (-1) for an attribute not asked (or dropped in training).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from .config import ConfigError
+
+NULL = -1  # labels.NULL, unet.NULL
+
+
+class UnknownAttribute(ConfigError):
+    """An attribute or value the model does not know, or a malformed NAME=VALUE (a user
+    error); the message lists the known ones."""
+
+
+def parse_assignments(items: Sequence[str], flag: str = "--attr") -> dict[str, str]:
+    """``["hair_color=#ab2a18", "glasses=yes"]`` -> ``{"hair_color": "#ab2a18", ...}``."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise UnknownAttribute(f"{flag} {item!r}: expected NAME=VALUE")
+        if name.strip() in out:
+            raise UnknownAttribute(f"{flag}: {name.strip()} is given twice")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def check_attribute(vocab: Mapping[str, Sequence[str]], name: str) -> None:
+    if not vocab:
+        raise UnknownAttribute(
+            f"the model is unconditional: it knows no attributes (asked for {name!r})"
+        )
+    if name not in vocab:
+        raise UnknownAttribute(
+            f"the model knows no attribute {name!r}; known attributes: {', '.join(vocab)}"
+        )
+
+
+def encode(vocab: Mapping[str, Sequence[str]], asked: Mapping[str, str]) -> torch.Tensor:
+    """The [A] codes of one set of asked values (NULL where an attribute is not asked)."""
+    codes = torch.full((len(vocab),), NULL, dtype=torch.long)
+    names = list(vocab)
+    for name, value in asked.items():
+        check_attribute(vocab, name)
+        values = list(vocab[name])
+        if value not in values:
+            raise UnknownAttribute(
+                f"the model knows no {name} value {value!r}; known {name} values: "
+                f"{', '.join(values)}"
+            )
+        codes[names.index(name)] = values.index(value)
+    return codes
+
+
+def drop_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
+    """The generator of the attribute drops of global training batch `batch` of `epoch`."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_033 + epoch * 104_729 + batch * 31 + 5) % 2**63)
+    return g
+
+
+def drop_attributes(
+    codes: torch.Tensor,
+    p: float,
+    generator: torch.Generator,
+    *,
+    global_rows: int | None = None,
+    first_row: int = 0,
+) -> torch.Tensor:
+    """Codes with each entry set to NULL independently with probability p.
+
+    :param codes: [b x A] codes: rows first_row .. first_row + b - 1 of a global batch of
+        `global_rows` rows (default b). One number is drawn per entry of the global batch, so
+        the drops of a row do not depend on the number of processes.
+    """
+    rows, attrs = codes.shape
+    draws = torch.rand((global_rows or rows, attrs), generator=generator)
+    drop = draws[first_row : first_row + rows].to(codes.device) < p
+    return torch.where(drop, torch.full_like(codes, NULL), codes)
