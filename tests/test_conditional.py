@@ -463,3 +463,31 @@ def test_train_init_from_an_unconditional_run_starts_at_its_output(web_runs, tmp
         check=False,
     )
     assert p.returncode == 2 and "no attribute colour" in p.stderr and "class" in p.stderr
+
+
+def test_conditional_training_in_two_processes_equals_one(avatars16, tmp_path):
+    from test_distributed import TOLERANCE, animeddim, max_differences, train_args
+
+    labels = ("--labels", str(avatars16 / "labels.csv"), "--attributes", "hair_len,glasses")
+    animeddim(*train_args(avatars16, tmp_path, "one", *labels, "--cond-drop", "0.5"))
+    animeddim(*train_args(avatars16, tmp_path, "two", *labels, "--cond-drop", "0.5"), nproc=2)
+    diff = max_differences(tmp_path / "one", tmp_path / "two")
+    assert diff["model"] < TOLERANCE and diff["ema"] < TOLERANCE, diff
+    tensors, meta = ckpt.load(tmp_path / "two" / "checkpoints" / "last.safetensors")
+    assert list(meta["config"]["model"]["vocabulary"]) == ["hair_len", "glasses"]
+    # The conditioning path has been trained (its projections left zero).
+    assert tensors["model.mid.0.cond_proj.weight"].abs().max() > 0
+
+
+def test_conditional_resume_is_bitwise_the_uninterrupted_run(avatars16, tmp_path):
+    from test_distributed import animeddim, train_args
+
+    labels = ("--labels", str(avatars16 / "labels.csv"), "--attributes", "hair_len")
+    animeddim(*train_args(avatars16, tmp_path, "whole", *labels))
+    animeddim(*train_args(avatars16, tmp_path, "parts", *labels, "--max-steps", "4"))
+    animeddim("train", "--resume", str(tmp_path / "parts"), "--max-steps", "0", "--quiet")
+    a, _ = ckpt.load(tmp_path / "whole" / "checkpoints" / "last.safetensors")
+    b, _ = ckpt.load(tmp_path / "parts" / "checkpoints" / "last.safetensors")
+    for k in a:
+        if k.startswith(("model.", "ema.")):
+            assert torch.equal(a[k], b[k]), k

@@ -117,8 +117,13 @@ def test_generate_request_defaults_eta_rule_and_attributes(runs):
     )
     with pytest.raises(RequestError, match="eta must be 0 for dpmpp-2m"):
         handlers.parse_generate({"model": "run:tiny", "eta": 0.5}, cat)
-    # "any" everywhere is unconditional; a real value is refused until conditioning exists
-    handlers.parse_generate({"model": "run:tiny", "attributes": {"hair": "any"}}, cat)
+    # "any" everywhere is unconditional; a value is kept (the model checks it when drawing)
+    req = handlers.parse_generate({"model": "run:tiny", "attributes": {"hair": "any"}}, cat)
+    assert req.attributes == {}
+    req = handlers.parse_generate(
+        {"model": "run:tiny", "attributes": {"hair": "red"}, "guidance": "3"}, cat
+    )
+    assert (req.attributes, req.guidance) == ({"hair": "red"}, 3.0)
     with pytest.raises(RequestError, match="guidance must be a number"):
         handlers.parse_generate(
             {"model": "run:tiny", "attributes": {"hair": "red"}, "guidance": "nan"}, cat

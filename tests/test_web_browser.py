@@ -120,7 +120,8 @@ def test_attribute_controls_only_for_a_model_with_a_vocabulary(page):
     page.select_option("#g-attrs select[data-attr='glasses']", "yes")
     page.click("#g-go")
     page.wait_for_selector("#g-status .error")
-    assert "samples unconditionally only" in page.inner_text("#g-status")
+    # Its config names attributes but its weights are unconditional: the model says so.
+    assert "the model is unconditional" in page.inner_text("#g-status")
     page.select_option("#g-model", "avatars-64")
     assert page.locator("#g-attrs select").count() == 0
 

@@ -162,6 +162,7 @@ class GenerateRequest:
     eta: float
     clip: bool | None
     attributes: dict[str, str] = field(default_factory=dict)
+    guidance: float = 1.0
 
 
 def parse_generate(body: dict[str, Any], catalog: Catalog) -> GenerateRequest:
@@ -178,11 +179,9 @@ def parse_generate(body: dict[str, Any], catalog: Catalog) -> GenerateRequest:
         clip=clip,
     )
     attrs = {k: v for k, v in (body.get("attributes") or {}).items() if v not in ("", "any")}
-    if attrs:
-        _number(body, "guidance", float, default=1.0)
-        raise RequestError(
-            "this version samples unconditionally only: leave every attribute at 'any'"
-        )
+    if attrs:  # checked against the loaded model's vocabulary when it is drawn
+        req.attributes = {str(k): str(v) for k, v in attrs.items()}
+        req.guidance = _number(body, "guidance", float, default=1.0)
     return req
 
 
@@ -219,6 +218,10 @@ def cli_command(req: GenerateRequest, runs_arg: str | None, device: str, precisi
         args += ["--eta", f"{req.eta:g}"]
     if req.clip is not None:
         args.append("--clip-x0" if req.clip else "--no-clip-x0")
+    for k, v in req.attributes.items():
+        args += ["--attr", f"{k}={v}"]
+    if req.attributes and req.guidance != 1.0:
+        args += ["--guidance", f"{req.guidance:g}"]
     if device != "auto":
         args += ["--device", device]
     if precision != "auto":
@@ -365,7 +368,18 @@ class Engine:
         progress.total = math.ceil(req.n / s.batch_size) * req.steps
         progress.unit = "denoising step" if req.n <= s.batch_size else "network evaluation"
         t = time.perf_counter()
-        images = pipelines.draw(loaded, req.n, s, net=pipelines.observed(net, progress))
+        observed, cond = pipelines.observed(net, progress), None
+        if req.attributes:
+            from ...conditioning import UnknownAttribute
+            from ...diffusion.guidance import guided
+
+            try:
+                codes = pipelines.attribute_codes(loaded, req.attributes)
+            except UnknownAttribute as e:
+                raise RequestError(str(e)) from None
+            cond = codes.expand(req.n, -1).contiguous()
+            observed = guided(observed, req.guidance)  # both halves in one evaluation
+        images = pipelines.draw(loaded, req.n, s, net=observed, cond=cond)
         seconds = time.perf_counter() - t
         pixels = images.numpy()
         return {
