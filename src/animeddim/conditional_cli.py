@@ -74,17 +74,27 @@ def asked(a: argparse.Namespace) -> dict[str, str]:
 
 
 def sample_conditional(a: argparse.Namespace, loaded, settings, bars) -> Any:
-    """Images of `sample` with --attr/--grid-by (one process): uint8 [N x H x W x C], the
-    number of grid columns."""
+    """Images of `sample` with --attr/--grid-by: uint8 [N x H x W x C] (None on the other
+    ranks under torchrun, where each rank draws a block of image indices) and the number of
+    grid columns."""
+    from .distributed import is_main, shard_images
     from .pipelines import attribute_grid, draw_conditional
 
     if a.grid_by:
         images, values = attribute_grid(
             loaded, a.grid_by, a.n, settings, asked(a), a.guidance, progress=bars
         )
+        if not is_main():
+            return None, a.n
         print(f"rows: {a.grid_by} = {', '.join(values)}; columns: images 0..{a.n - 1}")
         return images, a.n
-    images = draw_conditional(loaded, a.n, settings, asked(a), a.guidance, progress=bars)
+    attrs = asked(a)
+    images = shard_images(
+        lambda count, first: draw_conditional(
+            loaded, count, settings, attrs, a.guidance, first, progress=bars
+        ),
+        a.n,
+    )
     return images, min(8, a.n)
 
 
