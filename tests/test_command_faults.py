@@ -535,3 +535,15 @@ def test_evaluate_notes_a_skipped_real_image_once(run, avatars16, tmp_path, caps
         f"note: skipped 1 of 5 files that could not be decoded: {real / 'broken.png'}: "
         "not an image (unrecognised format)"
     ]
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_config_with_other_image_channels_is_one_line(channels, avatars16, tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"model": {**TINY_MODEL, "channels": channels}}))
+    out = tmp_path / "run"
+    rc, _, err = _main(capsys, "train", "--data", avatars16, "--out", out, "--config", cfg,
+                       "--no-kid", "--quiet", "--device", "cpu")  # fmt: skip
+    assert rc == 2
+    _one_line(err, f"model.channels = {channels}")
+    assert not out.exists()
