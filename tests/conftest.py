@@ -112,3 +112,15 @@ def web_server(web_runs):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def run_main(capsys, *argv) -> tuple[int, str, str]:
+    """`animeddim.cli.main` in this process: (exit code, stdout, stderr); argparse exits count."""
+    from animeddim import cli
+
+    try:
+        rc = cli.main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err

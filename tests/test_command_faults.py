@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL, tiny_config
+from conftest import TINY_MODEL, run_main, tiny_config
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -63,15 +63,6 @@ def run(avatars16, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("faults") / "run"
     train(tiny_config(avatars16, epochs=1), out, progress=False, log=lambda s: None)
     return out
-
-
-def _main(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        rc = cli.main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 _PROGRESS = re.compile(r".*:\s+\d+%\|.*")  # a tqdm bar: "sample:  50%|#####  | 1/2 ..."
@@ -137,7 +128,7 @@ def test_kid_evaluate_steps_on_a_bad_folder_are_one_line(
     ):  # fmt: skip
         if kind == "mixed sizes" and "--protocols" in argv:
             continue  # the paper protocol resizes every image to 75 px: sizes may differ
-        rc, _, err = _main(capsys, *argv)
+        rc, _, err = run_main(capsys, *argv)
         assert rc == 2, (argv, err)
         _one_line(err)
         wanted = needle if kind != "missing" or argv[0] != "kid" else "not a folder"
@@ -147,7 +138,7 @@ def test_kid_evaluate_steps_on_a_bad_folder_are_one_line(
 
 @pytest.mark.parametrize("command", ["evaluate", "steps"])
 def test_fewer_than_two_generated_images_is_a_usage_error(command, run, avatars16, capsys):
-    rc, _, err = _main(capsys, command, "--run", run, "--real", avatars16, "--n", 1)
+    rc, _, err = run_main(capsys, command, "--run", run, "--real", avatars16, "--n", 1)
     assert rc == 2
     _one_line(err, "n must be >= 2, got 1")
 
@@ -157,7 +148,7 @@ def test_kid_skips_an_undecodable_file_with_one_note(avatars16, tmp_path, capsys
     (d / "broken.png").write_bytes(b"not a png")
     cache = tmp_path / "cache"
     for _ in range(2):  # computed, then read from the cache: the same single note
-        rc, out, err = _main(capsys, "kid", d, d, "--json", "--cache-dir", cache)
+        rc, out, err = run_main(capsys, "kid", d, d, "--json", "--cache-dir", cache)
         assert rc == 0, err
         assert json.loads(out)["n_a"] == 3
         assert _lines(err) == [
@@ -172,27 +163,27 @@ def test_truncated_feature_cache_is_detected_recomputed_and_replaced(
 ):
     d = _folder(tmp_path / "d", avatars16, 4)
     cache = tmp_path / "cache"
-    rc, first, _ = _main(capsys, "kid", d, d, "--json", "--cache-dir", cache)
+    rc, first, _ = run_main(capsys, "kid", d, d, "--json", "--cache-dir", cache)
     assert rc == 0
     (entry,) = cache.iterdir()
     whole = entry.read_bytes()
     features = load_file(entry)["features"].clone()
     entry.write_bytes(whole[: len(whole) // 2])  # e.g. a full disk under an older version
-    rc, second, err = _main(capsys, "kid", d, d, "--json", "--cache-dir", cache)
+    rc, second, err = run_main(capsys, "kid", d, d, "--json", "--cache-dir", cache)
     assert rc == 0 and json.loads(second) == json.loads(first)
     _one_line(err, "feature cache file", "is damaged", "computed again")
     assert torch.equal(load_file(entry)["features"], features)  # healed: a whole entry again
     fake.refuse = True  # and used from now on
-    rc, third, err = _main(capsys, "kid", d, d, "--json", "--cache-dir", cache)
+    rc, third, err = run_main(capsys, "kid", d, d, "--json", "--cache-dir", cache)
     assert rc == 0 and json.loads(third) == json.loads(first) and _lines(err) == []
 
 
 def test_unwritable_cache_dir_warns_and_computes_without_it(avatars16, tmp_path, capsys, fake):
     d = _folder(tmp_path / "d", avatars16, 3)
-    rc, expected, _ = _main(capsys, "kid", d, d, "--json", "--cache-dir", tmp_path / "ok")
+    rc, expected, _ = run_main(capsys, "kid", d, d, "--json", "--cache-dir", tmp_path / "ok")
     (tmp_path / "file").write_text("a file where the cache folder would go")
     # A path below a regular file cannot be created, by root either (chmod would not do).
-    rc, out, err = _main(capsys, "kid", d, d, "--json", "--cache-dir", tmp_path / "file" / "c")
+    rc, out, err = run_main(capsys, "kid", d, d, "--json", "--cache-dir", tmp_path / "file" / "c")
     assert rc == 0 and json.loads(out) == json.loads(expected)
     _one_line(err, "warning: feature cache not written", "computed without it")
 
@@ -208,7 +199,7 @@ def test_interpolate_from_a_bad_image_is_one_line(kind, run, avatars16, tmp_path
         bad.write_text("text")
     good = next(avatars16.glob("*.png"))
     out = tmp_path / "ip" / "x.png"
-    rc, _, err = _main(capsys, "interpolate", "--run", run, "--images", good, bad, "--out", out)
+    rc, _, err = run_main(capsys, "interpolate", "--run", run, "--images", good, bad, "--out", out)
     assert rc == 2
     _one_line(err, f"cannot interpolate from '{bad}'")
     assert not out.parent.exists()
@@ -225,16 +216,16 @@ def test_export_never_replaces_the_runs_checkpoints_and_needs_force_elsewhere(
     before = last.read_bytes()
     for out in (last, run / "checkpoints" / "new.safetensors"):
         for force in ([], ["--force"]):
-            rc, _, err = _main(capsys, "export", "--run", run, "--out", out, *force)
+            rc, _, err = run_main(capsys, "export", "--run", run, "--out", out, *force)
             assert rc == 2, err
             _one_line(err, str(out))
     assert last.read_bytes() == before and not (run / "checkpoints" / "new.safetensors").exists()
     other = tmp_path / "small.safetensors"
     other.write_bytes(b"the user's file")
-    rc, _, err = _main(capsys, "export", "--run", run, "--out", other)
+    rc, _, err = run_main(capsys, "export", "--run", run, "--out", other)
     assert rc == 2 and other.read_bytes() == b"the user's file"
     _one_line(err, f"--out '{other}' already exists; use --force")
-    rc, _, err = _main(capsys, "export", "--run", run, "--out", other, "--force")
+    rc, _, err = run_main(capsys, "export", "--run", run, "--out", other, "--force")
     assert rc == 0 and load(other)[1]["kind"] == "ema-weights"
 
 
@@ -247,17 +238,17 @@ def test_sample_into_earlier_samples_is_refused_and_force_replaces_them_all(
         Image.new("RGB", (32, 32), (i, 0, 0)).save(out / f"seed0-{i:06d}.png")
     before = _files(out)
     base = ["sample", "--run", run, "--steps", 1, "--out", out]
-    rc, _, err = _main(capsys, *base, "--n", 2)
+    rc, _, err = run_main(capsys, *base, "--n", 2)
     assert rc == 2 and _files(out) == before
     _one_line(err, "already holds earlier outputs", "--force")
-    rc, _, err = _main(capsys, *base, "--n", 2, "--force")
+    rc, _, err = run_main(capsys, *base, "--n", 2, "--force")
     assert rc == 0, err
     names = sorted(p.name for p in out.iterdir())
     assert names == ["seed0-000000.png", "seed0-000001.png"]  # none of the four is left
     assert {Image.open(out / n).size for n in names} == {(16, 16)}
     # images that are not samples are never mixed with samples, --force or not
     shutil.copy(next(avatars16.glob("*.png")), out / "mine.png")
-    rc, _, err = _main(capsys, *base, "--n", 1, "--force")
+    rc, _, err = run_main(capsys, *base, "--n", 1, "--force")
     assert rc == 2 and (out / "mine.png").exists() and len(list(out.iterdir())) == 3
     _one_line(err, "not samples", "mine.png")
 
@@ -271,11 +262,11 @@ def test_sample_grid_and_trajectory_are_refused_when_they_exist_or_coincide(run,
         ([*base, "--trajectory", grid], "already exists"),
         ([*base, "--grid", tmp_path / "a.png", "--trajectory", tmp_path / "a.png"], "same file"),
     ):
-        rc, _, err = _main(capsys, *argv)
+        rc, _, err = run_main(capsys, *argv)
         assert rc == 2
         _one_line(err, needle)
     assert grid.read_bytes() == b"keep" and not (tmp_path / "a.png").exists()
-    rc, _, err = _main(capsys, *base, "--grid", grid, "--force")
+    rc, _, err = run_main(capsys, *base, "--grid", grid, "--force")
     assert rc == 0 and Image.open(grid).size == (16, 16)
 
 
@@ -302,12 +293,12 @@ def test_steps_evaluate_interpolate_report_refuse_existing_outputs(
     ]  # fmt: skip
     before = _files(tmp_path)
     for argv, needle in cases:
-        rc, _, err = _main(capsys, *argv)
+        rc, _, err = run_main(capsys, *argv)
         assert rc == 2, err
         _one_line(err, needle, "--force")
     assert _files(tmp_path) == before and fake.calls == 0  # refused before any work
     for argv, _ in cases:
-        rc, _, err = _main(capsys, *argv, "--force")
+        rc, _, err = run_main(capsys, *argv, "--force")
         assert rc == 0, err
     assert "steps" in (steps_dir / "steps.csv").read_text() and "kid_mean" in ev.read_text()
     assert ip.with_suffix(".gif").read_bytes()[:3] == b"GIF" and ip.is_file()
@@ -318,7 +309,7 @@ def test_evaluate_default_names_never_collide(run, avatars16, capsys, fake, monk
     monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20260101-000000")
     before = set(run.glob("eval-*.json"))
     for _ in range(2):
-        rc, _, err = _main(capsys, "evaluate", "--run", run, "--real", avatars16, "--n", 2,
+        rc, _, err = run_main(capsys, "evaluate", "--run", run, "--real", avatars16, "--n", 2,
                            "--steps", 1, "--protocols", "standard")  # fmt: skip
         assert rc == 0, err
     made = sorted(p.name for p in set(run.glob("eval-*.json")) - before)
@@ -330,7 +321,9 @@ def test_interpolate_never_writes_over_its_input_image(run, avatars16, tmp_path,
     shutil.copy(next(avatars16.glob("*.png")), x)
     before = x.read_bytes()
     y = next(avatars16.glob("*.png"))
-    rc, _, err = _main(capsys, "interpolate", "--run", run, "--images", x, y, "--out", x, "--force")
+    rc, _, err = run_main(
+        capsys, "interpolate", "--run", run, "--images", x, y, "--out", x, "--force"
+    )
     assert rc == 2 and x.read_bytes() == before
     _one_line(err, "same file")
 
@@ -346,19 +339,19 @@ def test_invert_refuses_earlier_outputs_and_inputs_never_share_an_output(
     shutil.copy(srcs[2], images / "sub" / "a.png")  # same name, another folder
     out = tmp_path / "inv"
     argv = ["invert", "--run", run, "--images", images, "--steps", 2, "--out", out]
-    rc, _, err = _main(capsys, *argv)
+    rc, _, err = run_main(capsys, *argv)
     assert rc == 0, err
     recon = sorted(str(p.relative_to(out / "reconstructions")) for p in out.rglob("*.png")
                    if "reconstructions" in p.parts)  # fmt: skip
     assert len(recon) == 3, recon  # three inputs, three reconstructions
     (out / "reconstructions" / "stale.png").write_bytes(b"from an earlier image set")
     before = _files(out)
-    rc, _, err = _main(capsys, *argv)
+    rc, _, err = run_main(capsys, *argv)
     assert rc == 2 and _files(out) == before
     _one_line(err, "already holds earlier outputs", "--force")
-    rc, _, err = _main(capsys, *argv, "--force")
+    rc, _, err = run_main(capsys, *argv, "--force")
     assert rc == 0 and not (out / "reconstructions" / "stale.png").exists()
-    rc, _, err = _main(capsys, "invert", "--run", run, "--images", images, "--out", images / "o")
+    rc, _, err = run_main(capsys, "invert", "--run", run, "--images", images, "--out", images / "o")
     assert rc == 2
     _one_line(err, "inside the --images folder")
 
@@ -482,9 +475,9 @@ def test_full_disk_is_one_line_naming_the_users_file_and_leaves_no_partial_file(
                   "--out", out, "--cache-dir", tmp_path / "cache"],
         "report": ["report", "--run", run, "--out", out, "--steps", 1],
     }[command]  # fmt: skip
-    _main(capsys, "kid", few, few, "--cache-dir", tmp_path / "cache")  # cache written before
+    run_main(capsys, "kid", few, few, "--cache-dir", tmp_path / "cache")  # cache written before
     _full_disk(monkeypatch)
-    rc, _, err = _main(capsys, *argv)
+    rc, _, err = run_main(capsys, *argv)
     assert rc == 1, err
     _one_line(err, "No space left on device: ")
     named = Path(err.strip().rsplit(": ", 1)[1])
@@ -519,7 +512,7 @@ def test_evaluate_coverage_refuses_earlier_coverage_files(run, avatars16, tmp_pa
     (tmp_path / "coverage.json").write_text("{}")
     argv = ["evaluate", "--run", run, "--real", avatars16, "--n", 2, "--steps", 1, "--out",
             tmp_path / "e.json", "--coverage"]  # fmt: skip
-    rc, _, err = _main(capsys, *argv)
+    rc, _, err = run_main(capsys, *argv)
     assert rc == 2 and (tmp_path / "coverage.json").read_text() == "{}"
     _one_line(err, "coverage.json", "--force")
     assert not (tmp_path / "e.json").exists() and fake.calls == 0
@@ -528,7 +521,7 @@ def test_evaluate_coverage_refuses_earlier_coverage_files(run, avatars16, tmp_pa
 def test_evaluate_notes_a_skipped_real_image_once(run, avatars16, tmp_path, capsys, fake):
     real = _folder(tmp_path / "real", avatars16, 4)
     (real / "broken.png").write_bytes(b"not a png")
-    rc, _, err = _main(capsys, "evaluate", "--run", run, "--real", real, "--n", 2, "--steps", 1,
+    rc, _, err = run_main(capsys, "evaluate", "--run", run, "--real", real, "--n", 2, "--steps", 1,
                        "--out", tmp_path / "e.json", "--cache-dir", tmp_path / "c")  # fmt: skip
     assert rc == 0, err  # both protocols read the folder: the note still prints once
     assert _lines(err) == [
@@ -542,7 +535,7 @@ def test_config_with_other_image_channels_is_one_line(channels, avatars16, tmp_p
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"model": {**TINY_MODEL, "channels": channels}}))
     out = tmp_path / "run"
-    rc, _, err = _main(capsys, "train", "--data", avatars16, "--out", out, "--config", cfg,
+    rc, _, err = run_main(capsys, "train", "--data", avatars16, "--out", out, "--config", cfg,
                        "--no-kid", "--quiet", "--device", "cpu")  # fmt: skip
     assert rc == 2
     _one_line(err, f"model.channels = {channels}")

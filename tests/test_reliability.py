@@ -26,16 +26,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL, run_cli, tiny_config
+from conftest import TINY_MODEL, run_cli, run_main, tiny_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import save_file
 
 from animeddim import checkpoint as ckpt
-from animeddim import cli, run_folder
 from animeddim import data as data_mod
 from animeddim import io as io_mod
+from animeddim import run_folder
 from animeddim import train as train_mod
 from animeddim.config import ConfigError, RunConfig, load_config_file
 from animeddim.run_folder import latest_checkpoint, load_run_config
@@ -86,16 +86,6 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     e.update(env or {})
     cmd = [sys.executable, "-m", "animeddim", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=e)
-
-
-def _main(capsys, *argv: str) -> tuple[int, str, str]:
-    """cli.main in this process: (exit code, stdout, stderr); argparse exits count too."""
-    try:
-        rc = cli.main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _one_line_error(err: str, *needles: str) -> None:
@@ -227,7 +217,7 @@ def test_resume_before_the_first_checkpoint_is_a_clear_error(avatars16, tmp_path
     run_folder.prepare_run_dir(run, tiny_config(avatars16), resume=False)
     stale = run / "checkpoints" / ".last.safetensors.tmp-999999"
     stale.write_bytes(b"half a checkpoint")
-    rc, _, err = _main(capsys, "train", "--resume", run, "--quiet")
+    rc, _, err = run_main(capsys, "train", "--resume", run, "--quiet")
     assert rc == 2
     _one_line_error(err, "holds no complete checkpoint", "before its first one")
     assert not stale.exists()
@@ -360,7 +350,7 @@ def test_write_failure_is_one_line_and_keeps_previous_checkpoint(
 
     monkeypatch.setattr(io_mod, "open", failing_open, raising=False)
     argv = _train_args(avatars16, run, tiny_json, "--checkpoint-every", "1")
-    rc, _, err = _main(capsys, *argv)
+    rc, _, err = run_main(capsys, *argv)
     assert rc == 1
     reason = "No space left on device" if fault == "disk full" else "Read-only file system"
     _one_line_error(err, reason, "step-00000002")
@@ -369,7 +359,7 @@ def test_write_failure_is_one_line_and_keeps_previous_checkpoint(
     assert files["last.safetensors"][1]["step"] == 1
     assert not _temp_files(run)  # the half-written temporary file was removed
     monkeypatch.undo()  # space again: the run resumes from step 1 and finishes
-    rc, out, _ = _main(capsys, "train", "--resume", run, "--quiet")
+    rc, out, _ = run_main(capsys, "train", "--resume", run, "--quiet")
     assert rc == 0 and "step 1" in out
     assert _checkpoints(run)["last.safetensors"][1]["step"] == STEPS_PER_EPOCH
 
@@ -378,7 +368,7 @@ def test_unwritable_output_folder_is_one_line(avatars16, tiny_json, capsys):
     # Nobody, root included, can create folders in sysfs: a real unwritable place.
     if not Path("/sys/kernel").is_dir():
         pytest.skip("no sysfs here")
-    rc, _, err = _main(capsys, *_train_args(avatars16, Path("/sys/animeddim-test/r"), tiny_json))
+    rc, _, err = run_main(capsys, *_train_args(avatars16, Path("/sys/animeddim-test/r"), tiny_json))
     assert rc == 1
     _one_line_error(err, "animeddim: error:", "/sys/animeddim-test")
 
@@ -451,7 +441,7 @@ def test_cli_trains_through_bad_images_and_strict_refuses(avatars16, tiny_json, 
         assert re.search(rf"{re.escape(name)}: [^;]*{reason}", note[0], re.I), (name, note[0])
     assert _checkpoints(tmp_path / "run")["last.safetensors"][1]["step"] == 1
     argv = _train_args(data, tmp_path / "strict", tiny_json, "--max-steps", "1", "--strict")
-    rc, _, err = _main(capsys, *argv)
+    rc, _, err = run_main(capsys, *argv)
     assert rc == 2
     _one_line_error(err, "--strict", f"skipped {len(BAD_FILES)} of {tried}")
 
@@ -533,7 +523,7 @@ BAD_CHECKPOINTS = {
 def test_sample_from_bad_checkpoint_exits_2_and_runs_no_code(kind, tmp_path, capsys):
     f = _bad_checkpoint(kind, tmp_path)
     grid = tmp_path / "grid.png"
-    rc, _, err = _main(capsys, "sample", "--run", f, "--n", "1", "--steps", "1", "--grid", grid)
+    rc, _, err = run_main(capsys, "sample", "--run", f, "--n", "1", "--steps", "1", "--grid", grid)
     assert rc == 2
     _one_line_error(err, BAD_CHECKPOINTS[kind])
     assert not (tmp_path / "pwned").exists()
@@ -566,7 +556,7 @@ def test_resume_with_a_checkpoint_of_another_run_exits_2(
     if key == "image_size":
         d["data"]["image_size"] = value
     (run / "config.json").write_text(json.dumps(d))
-    rc, _, err = _main(capsys, "train", "--resume", run, "--quiet")
+    rc, _, err = run_main(capsys, "train", "--resume", run, "--quiet")
     assert rc == 2
     _one_line_error(err, "belongs to another run", message)
 
@@ -630,7 +620,7 @@ def test_bad_options_exit_2_with_one_line(args, message, avatars16, tmp_path, ca
     (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00")
     fill = {"tmp": tmp_path, "run": run, "data": avatars16, "empty": empty}
     fill |= {"list": tmp_path / "list.json", "binary": tmp_path / "binary.json"}
-    rc, _, err = _main(capsys, *[a.format(**fill) for a in args])
+    rc, _, err = run_main(capsys, *[a.format(**fill) for a in args])
     assert rc == 2, err
     _one_line_error(err, message)
 
