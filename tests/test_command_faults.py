@@ -27,9 +27,9 @@ from conftest import TINY_MODEL, run_main, tiny_config
 from PIL import Image
 from safetensors.torch import load_file
 
-from animeddim import cli
 from animeddim import io as animeddim_io
 from animeddim.checkpoint import load
+from animeddim.cli import sampling as cli_sampling
 from animeddim.run_folder import LOCK_NAME
 from animeddim.train import train
 
@@ -54,7 +54,7 @@ class FakeExtractor:
 @pytest.fixture
 def fake(monkeypatch) -> FakeExtractor:
     extractor = FakeExtractor()
-    monkeypatch.setattr(cli, "_extractor", lambda a: extractor)
+    monkeypatch.setattr(cli_sampling, "_extractor", lambda a: extractor)
     return extractor
 
 

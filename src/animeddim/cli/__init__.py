@@ -1,0 +1,180 @@
+"""Command line: options -> configs -> library calls. No maths here.
+
+Every user error becomes one line on stderr and exit code 2 (no traceback); a diverged
+training run exits with 3. Ctrl-C (SIGINT) and SIGTERM (what `timeout`, schedulers and
+containers send) are handled alike: training saves a checkpoint, a half-written output is
+removed, and the exit code is 130 for SIGINT, 143 for SIGTERM. Warnings print as one line.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import warnings
+from typing import Any
+
+from .. import outputs
+from .commands import (
+    cmd_bench,
+    cmd_data_avatars,
+    cmd_data_flowers102,
+    cmd_data_prepare,
+    cmd_export,
+    cmd_report,
+    cmd_serve,
+    cmd_tour,
+    cmd_train,
+    resume_config_from_args,
+    train_config_from_args,
+)
+from .common import (
+    EXIT_DIVERGED,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    CliError,
+    _Bars,
+    _close_bars,
+    _is_main,
+    _open_bars,
+    _prog,
+)
+from .parser import build_parser
+from .sampling import (
+    _extractor,
+    _settings,
+    cmd_evaluate,
+    cmd_interpolate,
+    cmd_invert,
+    cmd_kid,
+    cmd_sample,
+    cmd_steps,
+    load_for_sampling,
+    write_pngs,
+)
+
+__all__ = [
+    "EXIT_DIVERGED",
+    "EXIT_INTERRUPTED",
+    "EXIT_TERMINATED",
+    "EXIT_USAGE",
+    "CliError",
+    "Terminated",
+    "build_parser",
+    "cmd_bench",
+    "cmd_data_avatars",
+    "cmd_data_flowers102",
+    "cmd_data_prepare",
+    "cmd_evaluate",
+    "cmd_export",
+    "cmd_interpolate",
+    "cmd_invert",
+    "cmd_kid",
+    "cmd_report",
+    "cmd_sample",
+    "cmd_serve",
+    "cmd_steps",
+    "cmd_tour",
+    "cmd_train",
+    "load_for_sampling",
+    "main",
+    "resume_config_from_args",
+    "train_config_from_args",
+    "write_pngs",
+    "_Bars",
+    "_extractor",
+    "_is_main",
+    "_prog",
+    "_settings",
+]
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from ..attributes import ClassifierError
+    from ..checkpoint import CheckpointError
+    from ..config import ConfigError
+    from ..data import DataError
+    from ..metrics import InceptionWeightsMissing
+    from ..run_folder import RunFolderError
+
+    return (
+        ClassifierError,
+        CliError,
+        ConfigError,
+        DataError,
+        CheckpointError,
+        RunFolderError,  # report's ReportError too
+        InceptionWeightsMissing,
+        outputs.OutputExists,
+    )
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it unwinds exactly like Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+    _signals_seen.add(signum)
+    raise Terminated()
+
+
+_signals_seen: set[int] = set()
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Print a warning as one line (no source line), each distinct text once."""
+    from ..data import SkippedFilesWarning
+
+    text = str(message)
+    if text in _shown_warnings:
+        return
+    _shown_warnings.add(text)
+    tag = "note" if issubclass(category, SkippedFilesWarning) else f"{_prog()}: warning"
+    if _open_bars:  # above the progress bar, not glued to it
+        from tqdm import tqdm
+
+        tqdm.write(f"{tag}: {text}", file=sys.stderr)
+    else:
+        print(f"{tag}: {text}", file=sys.stderr)
+
+
+_shown_warnings: set[str] = set()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    errors = _user_errors()
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main_thread else None
+    _shown_warnings.clear()
+    _signals_seen.clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            rc = args.func(args)
+        # train returns normally after saving the checkpoint a signal asked for
+        return EXIT_TERMINATED if rc == EXIT_INTERRUPTED and signal.SIGTERM in _signals_seen else rc
+    except errors as e:
+        _close_bars()
+        if not getattr(e, "mirrored", False):  # torchrun: rank 0's error, raised on all ranks
+            print(f"{_prog()}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt as e:
+        _close_bars()
+        term = isinstance(e, Terminated)
+        print(f"{_prog()}: {'terminated (SIGTERM)' if term else 'interrupted'}", file=sys.stderr)
+        return EXIT_TERMINATED if term else EXIT_INTERRUPTED
+    except OSError as e:
+        _close_bars()
+        print(
+            f"{_prog()}: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr
+        )
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if "animeddim.distributed" in sys.modules:  # joined torchrun's process group
+            sys.modules["animeddim.distributed"].cleanup()

@@ -1,0 +1,194 @@
+"""Commands that make data, train, report, export and run the apps."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .. import outputs
+from .common import EXIT_DIVERGED, EXIT_INTERRUPTED, CliError, _is_main, _prog
+from .options import _flags, _given_settings
+
+
+def cmd_data_avatars(a: argparse.Namespace) -> int:
+    from ..datasets import generate_avatars
+
+    t = time.perf_counter()
+    out = generate_avatars(
+        a.out,
+        n=a.n,
+        size=a.size,
+        seed=a.seed,
+        workers=a.workers,
+        progress=True,
+        balanced=a.balanced,
+    )
+    print(
+        f"{a.n} avatars ({a.size}px, seed {a.seed}) in {out} "
+        f"({time.perf_counter() - t:.1f}s); labels in {Path(out) / 'labels.csv'}, "
+        f"credits in {Path(out) / 'CREDITS.md'}"
+    )
+    return 0
+
+
+def cmd_data_prepare(a: argparse.Namespace) -> int:
+    from ..datasets import prepare
+
+    out = prepare(a.src, a.out, size=a.size)
+    print(f"prepared images in {out}")
+    return 0
+
+
+def cmd_data_flowers102(a: argparse.Namespace) -> int:
+    from ..datasets import download_flowers102
+
+    kw = {k: v for k, v in (("url", a.url), ("md5", a.md5)) if v}
+    out = download_flowers102(a.out, size=a.size, **kw)
+    print(f"Oxford Flowers 102 images in {out}")
+    return 0
+
+
+def train_config_from_args(a: argparse.Namespace) -> Any:
+    """defaults < --config file < explicit flags."""
+    from ..config import RunConfig, load_config_file, merge
+
+    d = RunConfig().to_dict()
+    if a.config:
+        d = merge(d, load_config_file(a.config))
+    for (section, name), v in _given_settings(a).items():
+        d[section][name] = v
+    return RunConfig.from_dict(d).validate()
+
+
+def resume_config_from_args(a: argparse.Namespace) -> Any:
+    """The run's own config.json, with the explicitly given resumable settings applied."""
+    from ..config import settings
+    from ..run_folder import load_run_config
+
+    given = _given_settings(a)
+    resumable = {(s, f.name) for s, f in settings() if f.metadata["resume"]}
+    fixed = [_flags(f)[0] for s, f in settings() if (s, f.name) in given.keys() - resumable]
+    fixed += ["--config"] if a.config else []
+    if fixed:
+        raise CliError(f"{', '.join(fixed)} cannot change when resuming; the run keeps its own")
+    cfg = load_run_config(Path(a.resume))
+    for (section, name), v in given.items():
+        setattr(getattr(cfg, section), name, v)
+    return cfg.validate()
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from ..data import SkippedFilesWarning
+    from ..runtime import resolve_device
+    from ..train import TrainingDiverged, train
+
+    if a.resume and a.out:
+        raise CliError("give either --out (new run) or --resume RUN, not both")
+    if not a.resume and not a.out:
+        raise CliError("give --out RUN for a new run (or --resume RUN to continue one)")
+    cfg = resume_config_from_args(a) if a.resume else train_config_from_args(a)
+    resolve_device(cfg.train.device)  # fail before decoding any image
+    run_dir = Path(a.resume or a.out)
+    t = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SkippedFilesWarning)  # noted once, at the end
+            res = train(
+                cfg,
+                run_dir,
+                resume=bool(a.resume),
+                progress=not a.quiet,
+                allow_changed_data=a.allow_changed_data,
+            )
+    except TrainingDiverged as e:
+        print(f"{_prog()}: training diverged: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    if res.skipped_summary:  # repeated at the end: the warning at the start has scrolled away
+        print(f"note: {res.skipped_summary}")
+    if res.interrupted:
+        return EXIT_INTERRUPTED
+    if _is_main():  # under torchrun, rank 0 alone reports
+        print(
+            f"run folder: {run_dir} (metrics.csv, samples/, checkpoints/) "
+            f"after {time.perf_counter() - t:.0f}s"
+        )
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from ..report import write_report
+    from ..runtime import resolve_device
+
+    earlier = outputs.signature(outputs.earlier_outputs(a.out, outputs.REPORT_NAMES, a.force))
+    page = write_report(
+        a.run, Path(a.out), device=resolve_device(a.device), seed=a.seed, steps=a.steps
+    )
+    outputs.remove_unchanged(earlier)  # --force: no figure of an earlier report is left
+    print(f"report: {page} and {page.with_suffix('.html')}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from ..checkpoint import export_weights, resolve
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
+    source = resolve(a.run)
+    outputs.distinct([("--run", source), ("--out", Path(a.out))])
+    if Path(a.run).is_dir():  # a run's checkpoints are what --resume needs: never replaced
+        ckpts = [Path(a.run) / "checkpoints"]
+        outputs.not_inside(a.out, ckpts, "--out", "the run's checkpoints", "resume needs them")
+    out = export_weights(source, outputs.new_file(a.out, a.force), dtype)
+    print(f"exported EMA weights ({a.dtype}) to {out} ({os.path.getsize(out) / 2**20:.1f} MiB)")
+    return 0
+
+
+def cmd_tour(a: argparse.Namespace) -> int:
+    from ..apps.tour import run_tour
+
+    return run_tour(Path(a.out), train_minutes=a.train_minutes, eval_n=a.eval_n, quick=a.quick)
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from ..apps.bench import main as bench_main
+
+    return bench_main(a.image_size, a.batch_size, a.device, a.iters, a.json, a.compile, a.kid)
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from ..apps.web import WEB_EXTRA_HINT, missing_extra
+
+    missing = missing_extra()
+    if missing:
+        raise CliError(f"{WEB_EXTRA_HINT} ({missing} is not installed)")
+    from ..apps.web import serve
+    from ..apps.web.handlers import RequestError
+    from ..pretrained import SHIPPED
+
+    if a.runs and not Path(a.runs).is_dir():
+        raise CliError(f"--runs {a.runs!r} is not a folder")
+    try:
+        serve(
+            a.models or list(SHIPPED),
+            a.runs,
+            a.host,
+            a.port,
+            a.device or "auto",
+            a.precision or "auto",
+        )
+    except RequestError as e:
+        raise CliError(str(e)) from None
+    except OSError as e:
+        if e.errno in (98, 48, 10048):  # address in use (Linux, macOS, Windows)
+            raise CliError(
+                f"port {a.port} on {a.host} is in use: choose another with --port"
+            ) from None
+        raise
+    return 0

@@ -1,0 +1,80 @@
+"""What every command shares: exit codes, the one-line usage error, progress bars, rank."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_USAGE = 2
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class CliError(Exception):
+    """A bad option value; printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and a pointer to --help), exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Bars:
+    """A `pipelines.Progress` shown as one tqdm bar per stage, on stderr (rank 0 only)."""
+
+    def __init__(self, unit: str = "img"):
+        self.unit, self.stage, self.bar = unit, None, None
+        self.enabled = _is_main()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if stage != self.stage:
+            from tqdm import tqdm
+
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, desc=stage, unit=self.unit, leave=False, file=sys.stderr)
+            _open_bars.add(self)
+        self.bar.n = done
+        self.bar.refresh()
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()  # leave=False: the bar's line is cleared
+        self.stage, self.bar = None, None
+        _open_bars.discard(self)
+
+
+_open_bars: set[_Bars] = set()  # closed before an error prints, so it gets a line of its own
+
+
+def _close_bars() -> None:
+    for bars in list(_open_bars):
+        bars.close()
+
+
+def _names(text: str, choices: tuple[str, ...], what: str) -> list[str]:
+    """A comma-separated list of names, each one of `choices`."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in names if x not in choices]
+    if bad or not names:
+        raise CliError(f"unknown {what}(s) {bad or text!r}: choose from {', '.join(choices)}")
+    return names
+
+
+def _is_main() -> bool:
+    """False on the ranks > 0 of a torchrun launch (they stay quiet), else True."""
+    d = sys.modules.get("animeddim.distributed")
+    return d is None or d.is_main()
+
+
+def _prog() -> str:
+    """'animeddim', tagged with the rank on the ranks > 0 of a torchrun launch."""
+    d = sys.modules.get("animeddim.distributed")
+    return "animeddim" if d is None or d.is_main() else f"animeddim [rank {d.rank()}]"

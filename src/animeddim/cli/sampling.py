@@ -1,0 +1,252 @@
+"""Commands that sample a model: sample, kid, evaluate, steps, invert, interpolate."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from .. import conditional_cli, outputs
+from ..config import KID_PROTOCOLS
+from .common import CliError, _Bars, _is_main, _names
+
+
+def load_for_sampling(run: str | None, model: str | None, device_name: str | None):
+    from ..pipelines import load_for_sampling as load
+
+    return load(run, model, device_name or "auto")
+
+
+def _settings(a: argparse.Namespace, device, **over):
+    """Sampling options -> checked `pipelines.SampleSettings` (the list-valued options of
+    `steps` are its own)."""
+    from ..pipelines import resolve_settings
+
+    kw = {
+        k: getattr(a, k)
+        for k in ("steps", "eta", "sampler", "seed", "batch_size")
+        if isinstance(getattr(a, k, None), (int, float, str))
+    }
+    kw.update(compile=getattr(a, "compile", None), clip=getattr(a, "clip_x0", None))
+    kw.update(over)
+    return resolve_settings(device, getattr(a, "precision", None) or "auto", **kw)
+
+
+def cmd_sample(a: argparse.Namespace) -> int:
+    from ..distributed import shard_images
+    from ..io import save_grid
+    from ..pipelines import draw, trajectory
+
+    if not a.out and not a.grid and not a.trajectory:
+        raise CliError("give --out DIR, --grid FILE.png and/or --trajectory FILE.png")
+    loaded, device = load_for_sampling(a.run, a.model, a.device)
+    settings = _settings(a, device)
+    files = [(f, Path(v)) for f, v in (("--grid", a.grid), ("--trajectory", a.trajectory)) if v]
+    outputs.distinct(files)
+    for flag, path in files:
+        outputs.new_file(path, a.force, flag)
+    earlier = outputs.sample_folder(a.out, a.force, [p for _, p in files]) if a.out else []
+    if a.trajectory and _is_main():
+        print(f"trajectory: {trajectory(loaded, a.trajectory, settings=settings)}")
+    if a.trajectory and not a.out and not a.grid:
+        return 0
+    t = time.perf_counter()
+    # Under torchrun each rank draws a block of image indices; rank 0 gathers and writes.
+    bars = _Bars()
+    cols = min(8, a.n)
+    if a.attr or a.grid_by:
+        images, cols = conditional_cli.sample_conditional(a, loaded, settings, bars)
+    else:
+        images = shard_images(
+            lambda count, first: draw(loaded, count, settings, first, progress=bars), a.n
+        )
+    if images is None:
+        return 0
+    dt = time.perf_counter() - t
+    if a.out:
+        outputs.remove(earlier)  # --force: this call's samples replace them, all of them
+        write_pngs(images, Path(a.out), a.seed)
+        print(f"{a.n} images in {a.out}")
+    if a.grid:
+        Path(a.grid).parent.mkdir(parents=True, exist_ok=True)
+        save_grid(images, Path(a.grid), cols=cols)
+        print(f"grid: {a.grid}")
+    print(f"{a.n} images, {a.steps} steps, eta {a.eta}: {dt:.1f}s ({a.n / dt:.2f} images/s)")
+    return 0
+
+
+def _extractor(a: argparse.Namespace):
+    from ..metrics import InceptionFeatures
+    from ..runtime import resolve_device
+
+    return InceptionFeatures(a.inception_weights, device=resolve_device(a.device or "auto"))
+
+
+def cmd_kid(a: argparse.Namespace) -> int:
+    import json
+
+    from ..metrics import kid_folders
+
+    for d in (a.dir_a, a.dir_b):
+        if not Path(d).is_dir():
+            raise CliError(f"{d!r} is not a folder")
+    r = kid_folders(
+        a.dir_a,
+        a.dir_b,
+        a.protocol,
+        extractor=_extractor(a),
+        cache_dir=Path(a.cache_dir) if a.cache_dir else None,
+        progress=_Bars(),
+    )
+    if a.json:
+        print(json.dumps(r, indent=2))
+    elif a.protocol == "standard":
+        print(
+            f"KID ({r['protocol']} protocol) {r['kid_mean']:.5f} ± {r['kid_std']:.5f}, "
+            f"FID {r['fid']:.3f}  (n {r['n_a']} vs {r['n_b']}, subsets {r['subsets']} of "
+            f"{r['subset_size']})"
+        )
+    else:
+        print(
+            f"KID ({r['protocol']} protocol) {r['kid_mean']:.5f}  "
+            f"({r['subsets']} batches of {r['subset_size']})"
+        )
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from ..pipelines import evaluate
+
+    loaded, device = load_for_sampling(a.run, a.model, a.device)
+    protocols = _names(a.protocols, KID_PROTOCOLS, "protocol")
+    if not Path(a.real).is_dir():
+        raise CliError(f"real-image folder {a.real!r} does not exist")
+    if a.out:
+        out = outputs.new_file(a.out, a.force)
+    elif a.run and Path(a.run).is_dir():  # a new name, never an earlier evaluation's
+        stem, k = f"eval-{time.strftime('%Y%m%d-%H%M%S')}", 1
+        while (out := Path(a.run) / f"{stem}{f'-{k}' if k > 1 else ''}.json").exists():
+            k += 1
+    else:
+        raise CliError("give --out FILE.json (no run folder to write into)")
+    attributes = None
+    if a.coverage:
+        from ..attributes import load_classifier
+
+        if not (Path(a.real) / "labels.csv").is_file():
+            raise CliError(f"--coverage needs labels: {a.real!r} has no labels.csv")
+        outputs.earlier_outputs(out.parent, outputs.COVERAGE_NAMES, a.force, "--coverage beside")
+        attributes = load_classifier(None if a.coverage == "shipped" else a.coverage)[0]
+    r = evaluate(
+        loaded,
+        a.real,
+        attributes=attributes,
+        n=a.n,
+        settings=_settings(a, device),
+        extractor=_extractor(a),
+        out=out,
+        protocols=protocols,
+        cache_dir=Path(a.cache_dir) if a.cache_dir else None,
+        progress=_Bars(),
+    )
+    if "kid_mean" in r:
+        print(
+            f"KID (standard protocol) {r['kid_mean']:.5f} ± {r['kid_std']:.5f}, FID "
+            f"{r['fid']:.3f}  ({a.n} images, {a.steps} {a.sampler} steps, eta {a.eta:g}"
+            f"{', x0 clipped' if r['clip_x0'] else ''})"
+        )
+    if "paper" in r:
+        print(f"KID (paper protocol) {r['paper']['kid']:.5f}  ({r['paper']['batches']} batches)")
+    if "coverage" in r:
+        from ..attributes_cli import coverage_summary
+
+        print(coverage_summary(r["coverage"]))
+    print(f"written: {out} ({r['seconds']:.0f}s)")
+    return 0
+
+
+def cmd_steps(a: argparse.Namespace) -> int:
+    from ..diffusion.samplers import SAMPLERS
+    from ..pipelines import steps_study
+
+    loaded, device = load_for_sampling(a.run, a.model, a.device)
+    samplers = _names(a.samplers, tuple(SAMPLERS), "sampler")
+    if any(not 1 <= s <= 1000 for s in a.steps) or not a.steps:
+        raise CliError(f"steps must be in 1..1000, got {a.steps}")
+    out = Path(a.out) if a.out else (Path(a.run) if a.run and Path(a.run).is_dir() else None)
+    if out is None:
+        raise CliError("give --out DIR (no run folder to write into)")
+    outputs.earlier_outputs(out, outputs.STEPS_NAMES, a.force)  # each is replaced whole
+    steps_study(
+        loaded,
+        a.real,
+        steps=a.steps,
+        etas=a.eta,
+        samplers=samplers,
+        n=a.n,
+        settings=_settings(a, device, steps=1, eta=0.0),
+        extractor=_extractor(a),
+        out_dir=out,
+        cache_dir=Path(a.cache_dir) if a.cache_dir else None,
+        progress=_Bars(),
+    )
+    print(f"steps study: {out / 'steps.csv'}, {out / 'steps.md'}, {out / 'steps.png'}")
+    return 0
+
+
+def cmd_invert(a: argparse.Namespace) -> int:
+    from ..pipelines import invert
+
+    outputs.not_inside(a.out, [a.images], "--out", "the --images folder")
+    earlier = outputs.signature(
+        outputs.earlier_outputs(
+            a.out, outputs.INVERT_NAMES, a.force, recursive_in=("reconstructions",)
+        )
+    )
+    loaded, device = load_for_sampling(a.run, a.model, a.device)
+    r = invert(
+        loaded, a.images, a.out, steps=a.steps, settings=_settings(a, device), progress=_Bars()
+    )
+    outputs.remove_unchanged(earlier)  # --force: no reconstruction of earlier images is left
+    for p, v in r["psnr_db"].items():
+        print(f"{p}: PSNR {v:.2f} dB")
+    print(
+        f"mean PSNR {r['mean_psnr_db']:.2f} dB over {len(r['psnr_db'])} images "
+        f"({a.steps} steps); latents, reconstructions and side-by-side.png in {a.out}"
+    )
+    return 0
+
+
+def cmd_interpolate(a: argparse.Namespace) -> int:
+    from ..pipelines import interpolate
+
+    if a.images and (a.sampler != "ddim" or a.clip_x0):
+        raise CliError(
+            "--images are inverted with DDIM and decoded with the same unclipped DDIM: "
+            "drop --sampler and --clip-x0"
+        )
+    ends = [Path(a.out).with_suffix(".png"), Path(a.out).with_suffix(".gif")]
+    for end in ends:
+        outputs.new_file(end, a.force)
+        for image in a.images or ():
+            outputs.distinct([("--out", end), ("--images", Path(image))])
+    loaded, device = load_for_sampling(a.run, a.model, a.device)
+    strip, gif = interpolate(
+        loaded,
+        a.out,
+        seeds=tuple(a.seeds) if a.seeds else None,
+        images=tuple(a.images) if a.images else None,
+        frames=a.frames,
+        settings=_settings(a, device, eta=0.0),
+        invert_steps=a.steps if a.images else 50,
+        progress=_Bars(),
+    )
+    print(f"interpolation: {strip} and {gif}")
+    return 0
+
+
+def write_pngs(images_u8, out: Path, seed: int, first_index: int = 0) -> None:
+    from ..io import save_pngs
+
+    names = [f"seed{seed}-{first_index + i:06d}.png" for i in range(len(images_u8))]
+    save_pngs(images_u8, out, names)
