@@ -1,0 +1,321 @@
+"""Folder features with an on-disk cache, and folder-to-folder KID/FID."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+
+from .. import io
+from ..data import (
+    BadImage,
+    DataError,
+    Skipped,
+    SkippedFilesWarning,
+    find_images,
+    load_image,
+    skip_summary,
+)
+from ..io import file_digest
+from .inception import (
+    PROTOCOL_DESCRIPTIONS,
+    PROTOCOLS,
+    RESIZE_NAMES,
+    TORCH_FIDELITY_SEED,
+    FeatureExtractor,
+    InceptionFeatures,
+)
+from .kid import (
+    PAPER_SHUFFLE_SEED,
+    fid_from_features,
+    kid_standard,
+    kid_subset_size,
+    mmd2_unbiased,
+    paper_order,
+)
+
+_CACHE_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/animeddim/features`` (``~/.cache`` without it), beside the image cache."""
+    return io.default_cache_dir() / "features"
+
+
+def _folder_cache_key(
+    folder: Path, files: Sequence[Path], protocol: str, extractor: FeatureExtractor
+) -> str:
+    """sha256 over protocol, weights identity and each file's relative path and content hash.
+
+    Content, not mtime: a copied folder hits the cache, a rewritten file misses it.
+    """
+    entries = []
+    for path in files:
+        entries.append([path.relative_to(folder).as_posix(), file_digest(path)])
+    payload = {
+        "format": _CACHE_FORMAT,
+        "protocol": protocol,
+        "weights": extractor.cache_token,
+        "files": entries,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _load_batches(
+    folder: Path, files: Sequence[Path], batch_size: int, skipped: list[Skipped]
+) -> Iterator[tuple[torch.Tensor, tuple[int, int]]]:
+    """Yield ([B x 3 x H x W] uint8, (H, W)); every image must share the first one's size.
+
+    A file that does not decode is left out and appended to `skipped`, as training does.
+    """
+    first: tuple[Path, tuple[int, int]] | None = None
+    for start in range(0, len(files), batch_size):
+        arrays = []
+        for path in files[start : start + batch_size]:
+            try:
+                array = load_image(path, size=None)
+            except BadImage as error:
+                skipped.append(Skipped(str(path), error.reason))
+                continue
+            size = (int(array.shape[0]), int(array.shape[1]))
+            if first is None:
+                first = (path, size)
+            elif size != first[1]:
+                # torch-fidelity batches a folder as one tensor, so sizes must agree.
+                raise DataError(
+                    f"images in '{folder}' differ in size: '{first[0]}' is "
+                    f"{first[1][0]}x{first[1][1]}, '{path}' is {size[0]}x{size[1]}; KID and "
+                    "FID compare folders of one image size (resize them, e.g. with "
+                    "`animeddim data prepare FOLDER --out NEW --size N`)"
+                )
+            arrays.append(array)
+        if arrays:
+            batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+            yield batch, first[1]  # type: ignore[index]
+
+
+def folder_features_with_size(
+    folder: Path,
+    extractor: FeatureExtractor,
+    protocol: str = "standard",
+    cache_dir: Path | None = None,
+    batch_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """:func:`folder_features` plus the folders' common image size (H, W)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol '{protocol}', expected one of {PROTOCOLS}")
+    folder = Path(folder)
+    files = find_images(folder)  # sorted by relative path, so feature row i is stable
+    if len(files) < 2:
+        raise DataError(_too_few(folder, len(files), len(files)))
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = _folder_cache_key(folder, files, protocol, extractor)
+    cache_file = cache_dir / f"{protocol}-{key[:40]}.safetensors"
+    cached = _read_feature_cache(cache_file)
+    if cached is not None:
+        features, size, skipped = cached
+        _note_skipped(skipped, len(files))
+        return features, size
+
+    chunks = []
+    skipped: list[Skipped] = []
+    size = (0, 0)
+    if progress is not None:
+        progress(0, len(files))
+    for batch, batch_hw in _load_batches(folder, files, batch_size, skipped):
+        chunks.append(extractor.features(batch, protocol, batch_size=batch_size))
+        size = batch_hw
+        if progress is not None:
+            progress(sum(len(c) for c in chunks), len(files))
+    if progress is not None:
+        progress(len(files), len(files))  # skipped files count as done
+    usable = sum(len(c) for c in chunks)
+    if usable < 2:
+        raise DataError(_too_few(folder, usable, len(files), skipped))
+    _note_skipped(skipped, len(files))
+    features = torch.cat(chunks).to(torch.float64).contiguous()
+    meta = {
+        "protocol": protocol,
+        "weights": extractor.cache_token,
+        "folder": str(folder),
+        "count": str(len(features)),
+        "height": str(size[0]),
+        "width": str(size[1]),
+        "skipped": json.dumps([[s.path, s.reason] for s in skipped]),
+    }
+    try:
+        _save_atomic(cache_file, features, meta)
+    except OSError as e:  # the cache only saves time: go on without it
+        warnings.warn(
+            f"feature cache not written ({e.strerror or e}: {e.filename or cache_dir}); "
+            "computed without it",
+            CacheWarning,
+            stacklevel=2,
+        )
+    return features, size
+
+
+class CacheWarning(UserWarning):
+    """The feature cache could not be read or written; the features were computed anyway."""
+
+
+def _too_few(folder: Path, usable: int, found: int, skipped: Sequence[Skipped] = ()) -> str:
+    detail = skip_summary(skipped, found) if skipped else f"{found} image files found"
+    return f"KID and FID need at least 2 images, '{folder}' has {usable} usable ({detail})"
+
+
+def _note_skipped(skipped: Sequence[Skipped], tried: int) -> None:
+    if skipped:
+        warnings.warn(skip_summary(skipped, tried), SkippedFilesWarning, stacklevel=3)
+
+
+def _read_feature_cache(
+    cache_file: Path,
+) -> tuple[torch.Tensor, tuple[int, int], list[Skipped]] | None:
+    """Features, image size and skipped files from a cache entry; None when there is none.
+
+    A damaged entry (truncated, foreign, rows missing) counts as none: it is computed again
+    and replaced, with a warning.
+    """
+    if not cache_file.is_file():
+        return None
+    try:
+        with safe_open(str(cache_file), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            features = handle.get_tensor("features")
+        size = (int(meta["height"]), int(meta["width"]))
+        skipped = [Skipped(p, r) for p, r in json.loads(meta.get("skipped", "[]"))]
+        if features.ndim != 2 or len(features) != int(meta["count"]):
+            raise ValueError(f"{len(features)} rows, {meta['count']} expected")
+    except Exception as e:  # noqa: BLE001 - any damage means: compute again
+        warnings.warn(
+            f"feature cache file '{cache_file}' is damaged ({type(e).__name__}); computed again",
+            CacheWarning,
+            stacklevel=3,
+        )
+        return None
+    return features, size, skipped
+
+
+def folder_features(
+    folder: Path,
+    extractor: FeatureExtractor,
+    protocol: str = "standard",
+    cache_dir: Path | None = None,
+    batch_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Inception features of every image in a folder, cached on disk.
+
+    Images come from ``animeddim.data.find_images`` (sorted) and ``load_image(size=None)``; all
+    must share one size. The cache key hashes the protocol, the weights (name, size) and every
+    file's relative path and bytes, so a second call on unchanged content runs no network.
+
+    :param folder: image folder.
+    :param extractor: an :class:`InceptionFeatures`.
+    :param protocol: "standard" (299 px TF1 resize) or "paper" (75 px).
+    :param cache_dir: where safetensors files go; default ``~/.cache/animeddim/features``.
+    :param progress: called with (images done, total) while features are computed (not on
+        a cache hit).
+    :return: [N x 2048] float64 features in sorted file order.
+    """
+    features, _ = folder_features_with_size(
+        folder, extractor, protocol, cache_dir, batch_size, progress
+    )
+    return features
+
+
+def _save_atomic(path: Path, features: torch.Tensor, meta: dict[str, str]) -> None:
+    """Write to a temporary file beside ``path`` and rename, so readers never see half a file."""
+    io.write_bytes_atomic(path, st_save({"features": features}, metadata=meta))
+
+
+def kid_folders(
+    dir_a: str | Path,
+    dir_b: str | Path,
+    protocol: str = "standard",
+    *,
+    weights: str | Path | None = None,
+    device: str = "cpu",
+    batch_size: int = 64,
+    cache_dir: Path | None = None,
+    subsets: int = 100,
+    subset_size: int = 1000,
+    seed: int = TORCH_FIDELITY_SEED,
+    extractor: FeatureExtractor | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict:
+    """KID (and FID for "standard") between two image folders, with the protocol beside it.
+
+    "standard": torch-fidelity subsets (``dir_a`` is input 1). "paper": each folder is shuffled
+    with a fixed seed (`paper_order`, seeds PAPER_SHUFFLE_SEED and PAPER_SHUFFLE_SEED + 1, so
+    that two folders laid out alike are not paired file by file), the two are zipped
+    (truncated to the shorter) into batches of ``batch_size`` pairs, the remainder dropped
+    like the Keras example's ``drop_remainder=True`` (one short batch if fewer pairs than a
+    batch), and the per-batch KIDs averaged.
+
+    :param dir_a: reference (real) images.
+    :param dir_b: generated images.
+    :param extractor: a ready extractor (skips loading ``weights``).
+    :param progress: called with (stage, images done, total) while features are computed,
+        stages "features (first folder)" and "features (second folder)".
+    :return: JSON-able dict: protocol, protocol_description, kid_mean, kid_std (standard),
+        fid (standard), n_a, n_b, subsets, subset_size, image_size_a/b, resize, weights,
+        feature_dim.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol '{protocol}', expected one of {PROTOCOLS}")
+    if extractor is None:
+        extractor = InceptionFeatures(weights, device)
+    f_a, size_a = folder_features_with_size(
+        Path(dir_a), extractor, protocol, cache_dir, batch_size, _stage(progress, "first")
+    )
+    f_b, size_b = folder_features_with_size(
+        Path(dir_b), extractor, protocol, cache_dir, batch_size, _stage(progress, "second")
+    )
+    result: dict = {
+        "protocol": protocol,
+        "protocol_description": PROTOCOL_DESCRIPTIONS[protocol],
+        "n_a": len(f_a),
+        "n_b": len(f_b),
+        "image_size_a": list(size_a),
+        "image_size_b": list(size_b),
+        "resize": RESIZE_NAMES[protocol],
+        "weights": extractor.weights_id,
+        "feature_dim": int(f_a.shape[1]),
+    }
+    if protocol == "standard":
+        used = kid_subset_size(len(f_a), len(f_b), subset_size)
+        kid_mean, kid_std = kid_standard(f_a, f_b, subsets, subset_size, seed)
+        result |= {
+            "kid_mean": kid_mean,
+            "kid_std": kid_std,
+            "fid": fid_from_features(f_a, f_b),
+            "subsets": subsets,
+            "subset_size": used,
+            "seed": seed,
+        }
+        return result
+    f_a = f_a[paper_order(len(f_a), PAPER_SHUFFLE_SEED)]
+    f_b = f_b[paper_order(len(f_b), PAPER_SHUFFLE_SEED + 1)]
+    pairs = min(len(f_a), len(f_b))
+    per_batch = min(batch_size, pairs)
+    starts = range(0, pairs - per_batch + 1, per_batch)
+    kids = [mmd2_unbiased(f_a[s : s + per_batch], f_b[s : s + per_batch]) for s in starts]
+    result |= {"kid_mean": float(np.mean(kids)), "subsets": len(kids), "subset_size": per_batch}
+    return result
+
+
+def _stage(progress: Callable[[str, int, int], None] | None, which: str):
+    """progress(stage, done, total) -> a (done, total) callback for one folder's features."""
+    if progress is None:
+        return None
+    return lambda done, total: progress(f"features ({which} folder)", done, total)
