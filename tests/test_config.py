@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -83,3 +85,20 @@ def test_learning_rate_error_names_a_flag_that_exists(avatars16, tmp_path):
     )
     assert p.returncode == 2 and "--lr" in p.stderr
     assert "--learning-rate" in run_cli("train", "--help").stdout  # the alias exists too
+
+
+def test_the_parser_and_every_commands_help_import_no_torch():
+    code = (
+        "import sys, contextlib, io\n"
+        "from animeddim.cli import build_parser\n"
+        "parser = build_parser()\n"
+        "for argv in ([], *[[c] for c in parser._subparsers._group_actions[0].choices]):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        try:\n"
+        "            parser.parse_args([*argv, '--help'])\n"
+        "        except SystemExit as e:\n"
+        "            assert e.code == 0, (argv, e.code)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert p.stdout.strip() == "False", "building the parser imported torch"

@@ -279,3 +279,22 @@ def test_per_image_noise_depends_only_on_seed_and_index():
     a = randn_per_image(image_generators(3, [4, 5]), (2, 2), "cpu")
     b = randn_per_image(image_generators(3, [5]), (2, 2), "cpu")
     torch.testing.assert_close(a[1], b[0], rtol=0, atol=0)
+
+
+def test_registry_agrees_with_the_torch_free_name_table(monkeypatch):
+    from animeddim.diffusion import sampler_names, samplers
+
+    assert tuple(SAMPLERS) == sampler_names.SAMPLER_NAMES
+    for name, spec in SAMPLERS.items():
+        info = sampler_names.SAMPLER_INFO[name]
+        assert (spec.stochastic, spec.clip_x0, spec.help) == (
+            info.stochastic,
+            info.clip_x0,
+            info.help,
+        )
+    assert sampler_names.clipped_by_default() == tuple(n for n, s in SAMPLERS.items() if s.clip_x0)
+    assert sampler_help() == sampler_names.sampler_help()
+    # A sampler added to one list and not the other stops the import, naming both lists.
+    monkeypatch.setitem(samplers._FUNCTIONS, "euler", (ddim_sample, ddim_times))
+    with pytest.raises(ImportError, match="euler.*must name the same samplers"):
+        samplers._registry()

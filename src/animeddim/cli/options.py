@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import PRECISIONS
+from ..diffusion.sampler_names import SAMPLER_NAMES, clipped_by_default, sampler_help
 
 
 def _positive_int(name: str, lo: int = 1, hi: int | None = None) -> Callable[[str], int]:
@@ -117,11 +118,9 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampler(p: argparse.ArgumentParser) -> None:
-    from ..diffusion.samplers import SAMPLERS, sampler_help
-
     p.add_argument(
         "--sampler",
-        choices=list(SAMPLERS),
+        choices=list(SAMPLER_NAMES),
         default="ddim",
         help=f"{sampler_help()} (default ddim)",
     )
@@ -139,9 +138,7 @@ def _add_clip(p: argparse.ArgumentParser) -> None:
 
 
 def _clipped_by_default() -> str:
-    from ..diffusion.samplers import SAMPLERS
-
-    return ", ".join(name for name, spec in SAMPLERS.items() if spec.clip_x0)
+    return ", ".join(clipped_by_default())
 
 
 def _add_metrics(p: argparse.ArgumentParser) -> None:

@@ -6,6 +6,7 @@ import argparse
 
 from .. import conditional_cli
 from ..config import KID_PROTOCOLS
+from ..diffusion.sampler_names import SAMPLER_NAMES
 from .commands import (
     cmd_bench,
     cmd_data_avatars,
@@ -184,9 +185,9 @@ def _add_steps_command(sub) -> None:
     p.add_argument(
         "--eta", type=_float_list, default=[0.0, 1.0], help="comma-separated etas (default 0,1)"
     )
-    from ..diffusion.samplers import SAMPLERS
-
-    p.add_argument("--samplers", default="ddim", help=f"comma-separated: {', '.join(SAMPLERS)}")
+    p.add_argument(
+        "--samplers", default="ddim", help=f"comma-separated: {', '.join(SAMPLER_NAMES)}"
+    )
     _add_clip(p)
     p.add_argument("--n", type=_positive_int("n", 2), default=1000, help="images per setting")
     p.add_argument("--seed", type=int, default=0, help="(default 0)")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .. import conditional_cli, outputs
 from ..config import KID_PROTOCOLS
+from ..diffusion.sampler_names import SAMPLER_NAMES
 from .common import CliError, _Bars, _is_main, _names
 
 
@@ -166,11 +167,10 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_steps(a: argparse.Namespace) -> int:
-    from ..diffusion.samplers import SAMPLERS
     from ..pipelines import steps_study
 
     loaded, device = load_for_sampling(a.run, a.model, a.device)
-    samplers = _names(a.samplers, tuple(SAMPLERS), "sampler")
+    samplers = _names(a.samplers, SAMPLER_NAMES, "sampler")
     if any(not 1 <= s <= 1000 for s in a.steps) or not a.steps:
         raise CliError(f"steps must be in 1..1000, got {a.steps}")
     out = Path(a.out) if a.out else (Path(a.run) if a.run and Path(a.run).is_dir() else None)

@@ -19,20 +19,24 @@ Every sampler has the same signature (k-diffusion's ``sample_*`` functions and E
   [(0 - mean) / std, (1 - mean) / std] (`data_range`).
 
 `SAMPLERS` maps each name to a `SamplerSpec` (function, time grid, whether eta > 0 is
-allowed, default clipping, help text); config checks, the CLI's choices and help, and the
-eta rules all read it. A new sampler is one function and one entry.
+allowed, default clipping, help text); config checks and the eta rules read it. A new
+sampler is one function, its entry in `_FUNCTIONS` (function, time grid) and its entry in
+`sampler_names.SAMPLER_INFO` (eta, clipping, help: what the CLI reads without importing
+torch); the registry refuses to import when the two name different samplers.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from ..config import ScheduleConfig
+from .sampler_names import SAMPLER_INFO
+from .sampler_names import sampler_help as sampler_help  # the CLI reads it from there
 from .schedule import log_snr, predict_x0, rates, time_of_log_snr
 
 # (noisy_images [N x C x H x W], noise_variances [N], cond) -> predicted noise [N x C x H x W]
@@ -346,38 +350,30 @@ class SamplerSpec:
     help: str
 
 
-# On the shipped avatars-64 model clipping lowered standard KID for every sampler
-# (docs/sampling.md); DDIM's default stays the paper's unclipped Algorithm 1.
-SAMPLERS: dict[str, SamplerSpec] = {
-    "ddim": SamplerSpec(
-        ddim_sample,
-        ddim_times,
-        stochastic=True,
-        clip_x0=False,
-        help="DDIM (the paper's Algorithm 1; eta 0 deterministic, eta 1 DDPM-like)",
-    ),
-    "dpmpp-2m": SamplerSpec(
-        dpmpp_2m_sample,
-        ddim_times,
-        stochastic=False,
-        clip_x0=True,
-        help="DPM-Solver++(2M), 2nd order, on DDIM's time grid",
-    ),
-    "dpmpp-2m-logsnr": SamplerSpec(
-        dpmpp_2m_sample,
-        logsnr_times,
-        stochastic=False,
-        clip_x0=True,
-        help="DPM-Solver++(2M) with steps uniform in log-SNR",
-    ),
-    "unipc": SamplerSpec(
-        unipc_sample,
-        ddim_times,
-        stochastic=False,
-        clip_x0=True,
-        help="UniPC-bh2 (order 2, data prediction) on DDIM's time grid",
-    ),
+# name -> (function, time grid); what else is known of each (eta, default clipping, help) is
+# in `sampler_names.SAMPLER_INFO`, which the command line reads without importing torch.
+_FUNCTIONS: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]] = {
+    "ddim": (ddim_sample, ddim_times),
+    "dpmpp-2m": (dpmpp_2m_sample, ddim_times),
+    "dpmpp-2m-logsnr": (dpmpp_2m_sample, logsnr_times),
+    "unipc": (unipc_sample, ddim_times),
 }
+
+
+def _registry() -> dict[str, SamplerSpec]:
+    """`_FUNCTIONS` joined with `SAMPLER_INFO`; ImportError when they name different samplers."""
+    if list(_FUNCTIONS) != list(SAMPLER_INFO):
+        raise ImportError(
+            f"the sampler registry ({', '.join(_FUNCTIONS)}) and sampler_names.SAMPLER_INFO "
+            f"({', '.join(SAMPLER_INFO)}) must name the same samplers in the same order"
+        )
+    return {
+        name: SamplerSpec(fn, grid, **asdict(SAMPLER_INFO[name]))
+        for name, (fn, grid) in _FUNCTIONS.items()
+    }
+
+
+SAMPLERS: dict[str, SamplerSpec] = _registry()
 
 
 def sampler_spec(name: str) -> SamplerSpec:
@@ -391,11 +387,6 @@ def check_sampler(sampler: str, eta: float) -> None:
     """ValueError for an unknown sampler, or eta > 0 with a deterministic one."""
     if not sampler_spec(sampler).stochastic and eta > 0:
         raise ValueError(f"{sampler} is deterministic; use eta 0 (got eta {eta})")
-
-
-def sampler_help() -> str:
-    """'name: help; ...' for every registered sampler (the CLI's --sampler help)."""
-    return "; ".join(f"{name}: {spec.help}" for name, spec in SAMPLERS.items())
 
 
 def default_clip_x0(sampler: str) -> bool:
