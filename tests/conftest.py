@@ -48,10 +48,82 @@ def run_cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.
     return p
 
 
+COLOURS = {"red": (200, 40, 40), "blue": (40, 40, 200)}
+
+
 @pytest.fixture(scope="session")
-def web_runs(avatars16, tmp_path_factory) -> Path:
+def cond_data(tmp_path_factory) -> Path:
+    """96 labelled 16-px images and their labels.csv: colour (red | blue, the whole image)
+    and band (top | bottom: a light band across that third)."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("cond") / "data"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    rows = ["file,colour,band"]
+    for colour, rgb in COLOURS.items():
+        for band in ("top", "bottom"):
+            for _ in range(24):
+                im = np.array(rgb, float)[None, None, :] + rng.normal(0, 10, (16, 16, 3))
+                rows_ = slice(0, 6) if band == "top" else slice(10, 16)
+                im[rows_] = im[rows_] * 0.3 + 180
+                name = f"{len(rows) - 1:03d}.png"
+                Image.fromarray(np.clip(im, 0, 255).astype(np.uint8)).save(root / name)
+                rows.append(f"{name},{colour},{band}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cond_run(cond_data) -> Path:
+    """A tiny conditional model trained on `cond_data` (96 steps): asked for a colour, it
+    draws it; the band it has barely learnt."""
+    from animeddim.config import RunConfig
+    from animeddim.train import train
+
+    cfg = RunConfig.from_dict(
+        {
+            "data": {"path": str(cond_data), "val_fraction": 0.1},
+            "model": TINY_MODEL,
+            "train": {"batch_size": 8, "kid": False, "precision": "fp32", "epochs": 8},
+        }
+    )
+    cfg.data.labels = str(cond_data / "labels.csv")
+    cfg.train.ema_decay, cfg.train.learning_rate = 0.9, 3e-3  # a fast EMA: 96 steps in all
+    run = cond_data.parent / "run"
+    train(cfg.validate(), run, progress=False, log=lambda s: None)
+    return run
+
+
+@pytest.fixture(scope="session")
+def cond_classifier(cond_data) -> Path:
+    """A tiny attribute classifier of `cond_data`'s colour and band (16 px), as
+    `attributes train` writes one (its held-out accuracy in the file)."""
+    from animeddim.attributes import (
+        ClassifierConfig,
+        TrainSettings,
+        labelled_folders,
+        save_classifier,
+        train_classifier,
+    )
+
+    images, codes, vocab = labelled_folders([cond_data], 16)
+    net, summary = train_classifier(
+        images,
+        codes,
+        vocab,
+        config=ClassifierConfig(image_size=16, widths=(8, 16), final_stride=1),
+        settings=TrainSettings(epochs=6, batch_size=16, val_fraction=0.25, blur=0.0),
+    )
+    return save_classifier(cond_data.parent / "classifier.safetensors", net, {"training": summary})
+
+
+@pytest.fixture(scope="session")
+def web_runs(avatars16, cond_run, tmp_path_factory) -> Path:
     """A runs folder for the web app: a tiny trained run ('tiny'), one without a checkpoint
-    ('empty') and a copy of 'tiny' whose config.json names attributes ('labelled')."""
+    ('empty'), a copy of 'tiny' whose config.json names attributes ('labelled') and the
+    conditional `cond_run` ('colours')."""
     from animeddim.train import train
 
     root = tmp_path_factory.mktemp("webruns")
@@ -66,6 +138,7 @@ def web_runs(avatars16, tmp_path_factory) -> Path:
     cfg = json.loads((root / "labelled" / "config.json").read_text())
     cfg["model"]["vocabulary"] = {"hair_color": ["black", "red"], "glasses": ["no", "yes"]}
     (root / "labelled" / "config.json").write_text(json.dumps(cfg))
+    shutil.copytree(cond_run, root / "colours")  # a conditional model
     return root
 
 

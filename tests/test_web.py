@@ -69,7 +69,7 @@ def decode_data_url(url: str) -> Image.Image:
 def test_catalog_lists_runs_and_never_takes_a_path(runs):
     cat = Catalog(["avatars-64"], runs)
     ids = [c.id for c in cat.choices()]
-    assert ids == ["avatars-64", "run:empty", "run:labelled", "run:tiny"]
+    assert ids == ["avatars-64", "run:colours", "run:empty", "run:labelled", "run:tiny"]
     assert cat.get("run:tiny").path == runs / "tiny"
     for bad in (str(runs / "tiny"), "../tiny", "run:../tiny", "/etc/passwd", None, 3):
         with pytest.raises(RequestError, match="unknown model"):
@@ -213,9 +213,11 @@ def test_page_and_info(client):
     assert page.status_code == 200 and "<title>animeddim</title>" in page.text
     assert "http://" not in page.text.replace("http://www.w3.org/2000/svg", "")  # nothing external
     info = client.get("/api/info").json()
-    assert [m["id"] for m in info["models"]] == ["run:empty", "run:labelled", "run:tiny"]
+    ids = [m["id"] for m in info["models"]]
+    assert ids == ["run:colours", "run:empty", "run:labelled", "run:tiny"]
     vocab = {m["id"]: m["vocabulary"] for m in info["models"]}
     assert vocab["run:tiny"] is None and vocab["run:labelled"]["glasses"] == ["no", "yes"]
+    assert vocab["run:colours"] == {"colour": ["blue", "red"], "band": ["bottom", "top"]}
     assert info["limits"]["n"] == [1, 64] and "dpmpp-2m" in info["samplers"]
     assert info["stochastic"] == ["ddim"] and info["sampler_help"]["ddim"].startswith("DDIM")
 
@@ -291,6 +293,66 @@ def test_invert_gives_reconstruction_and_psnr(client, avatars16):
     r = lines[-1]["result"]
     assert decode_data_url(r["reconstruction"]).size == (16, 16)
     assert math.isfinite(r["psnr_db"]) and r["psnr_db"] > 5 and r["notes"] == []
+
+
+def _red_face(cond_data) -> bytes:
+    import csv as csv_
+
+    rows = csv_.DictReader(open(cond_data / "labels.csv"))
+    return (cond_data / next(r["file"] for r in rows if r["colour"] == "red")).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"model": "run:tiny"}, "run:tiny is unconditional: it has no attributes to edit"),
+        ({"changes": "{}"}, "choose a new value for at least one attribute (all are 'keep')"),
+        ({"changes": '{"colour": "keep"}'}, "all are 'keep'"),
+        ({"changes": "[1]"}, "changes must be a JSON object of attribute names to values"),
+        ({"changes": "{oops"}, "changes must be a JSON object"),
+        ({"changes": '{"colour": 3}'}, "changes must be a JSON object"),
+        (
+            {"changes": '{"colour": "green"}'},
+            "the model knows no colour value 'green'; known colour values: blue, red",
+        ),  # fmt: skip
+        ({"changes": '{"hat": "yes"}'}, "the model knows no attribute 'hat'; known attributes"),
+        ({"guidance": "nan"}, "guidance must be a number from 0 to 20, got 'nan'"),
+        ({"guidance": "-1"}, "guidance must be a number from 0 to 20, got '-1'"),
+        ({"steps": "0"}, "steps must be an integer from 1 to 250, got '0'"),
+    ],
+)
+def test_edit_refuses_bad_values_with_the_reason(client, cond_data, fields, reason):
+    body = {"model": "run:colours", "steps": "4", "changes": '{"colour": "blue"}', **fields}
+    r = client.post("/api/edit", data=body, files={"face": ("f.png", _red_face(cond_data))})
+    assert r.status_code == 400 and reason in r.json()["error"]
+
+
+def test_edit_without_a_face_or_with_a_non_image(client):
+    body = {"model": "run:colours", "changes": '{"colour": "blue"}'}
+    r = client.post("/api/edit", data=body)
+    assert r.status_code == 400 and "choose an image file to edit" in r.json()["error"]
+    lines = stream(client.post("/api/edit", data=body, files={"face": ("f.png", b"no image")}))
+    assert "not an image" in lines[-1]["error"]
+
+
+def test_edit_turns_a_red_face_blue_beside_its_reconstruction(client, cond_data):
+    body = {"model": "run:colours", "steps": "20", "changes": '{"colour": "blue", "band": "keep"}'}
+    face = _red_face(cond_data)
+    lines = stream(client.post("/api/edit", data=body, files={"face": ("red.png", face)}))
+    # 20 steps back (10 + 19 * 2 evaluations), 20 forward as it was, 20 under the change
+    assert [m["progress"] for m in lines if "progress" in m] == list(range(1, 89))
+    r = lines[-1]["result"]
+    assert r["changes"] == {"colour": "blue"} and r["steps"] == 20
+    original, recon, edited = (
+        np.asarray(decode_data_url(r[k]), float) for k in ("original", "reconstruction", "edited")
+    )
+    assert original.shape == recon.shape == edited.shape == (16, 16, 3)
+    assert np.array_equal(original, np.asarray(Image.open(io.BytesIO(face)), float))
+    red, blue = (recon[..., 0].mean(), recon[..., 2].mean()), (edited[..., 0].mean(),
+                                                              edited[..., 2].mean())  # fmt: skip
+    assert red[0] > red[1] + 40, red  # the reconstruction stays red ...
+    assert blue[1] > blue[0] + 40, blue  # ... the edit is blue
+    assert r["psnr_db"] > 10
 
 
 def test_interpolate_from_seeds_and_from_faces(client, avatars16):

@@ -73,6 +73,7 @@ def test_first_load_asks_nothing_from_outside(page, shots):
     assert page.outside_requests == []
     assert page.locator("#g-model option").all_inner_texts() == [
         "avatars-64 (shipped)",
+        "colours (run)",
         "labelled (run)",
         "tiny (run)",
     ]
@@ -165,6 +166,7 @@ def test_invert_an_upload_and_refuse_a_non_image(page, shots, tmp_path):
     page.wait_for_selector("#v-psnr:has-text('PSNR')", timeout=60_000)
     assert "after 20 steps: PSNR" in page.inner_text("#v-psnr")
     assert "resized from 80x80 to the model's 64x64" in page.inner_text("#v-status")
+    assert page.locator("#e-panel").is_hidden()  # an unconditional model: nothing to edit
     shots(page, "06-invert")
     text = tmp_path / "notes.png"
     text.write_text("this is not a picture")
@@ -173,6 +175,68 @@ def test_invert_an_upload_and_refuse_a_non_image(page, shots, tmp_path):
     page.wait_for_selector("#v-status .error", timeout=60_000)
     assert "not an image" in page.inner_text("#v-status")
     shots(page, "07-invert-non-image")
+
+
+def _data_url_pixels(url: str):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    head, data = url.split(",", 1)
+    assert head == "data:image/png;base64"
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"), float)
+
+
+def test_edit_an_uploaded_face_of_a_conditional_model(page, shots, cond_data):
+    import csv
+
+    _tab(page, "Invert")
+    page.select_option("#v-model", "run:colours")
+    assert page.locator("#v-result").is_hidden()  # another model's inversion is put away
+    rows = csv.DictReader(open(cond_data / "labels.csv"))
+    red = next(r["file"] for r in rows if r["colour"] == "red")
+    page.set_input_files("#v-face", str(cond_data / red))
+    page.fill("#v-steps", "20")
+    page.click("#v-go")
+    page.wait_for_selector("#e-panel:visible", timeout=60_000)
+    # one control per attribute of the model's vocabulary, each "keep" until changed
+    assert page.locator("#e-attrs select").count() == 2
+    assert page.locator("#e-attrs select[data-attr='colour'] option").all_inner_texts() == [
+        "keep", "blue", "red",
+    ]  # fmt: skip
+    assert page.eval_on_selector_all("#e-attrs select", "ss => ss.map(s => s.value)") == [
+        "keep", "keep",
+    ]  # fmt: skip
+    page.fill("#e-guidance", "-1")
+    page.click("#e-go")
+    page.wait_for_selector("#e-status .error")
+    assert "guidance must be a number from 0 to 20, got '-1'" in page.inner_text("#e-status")
+    page.fill("#e-guidance", "1")
+    page.click("#e-go")
+    page.wait_for_selector("#e-status .error:has-text('all are')")  # nothing changed yet
+    page.select_option("#e-attrs select[data-attr='colour']", "blue")
+    page.click("#e-go")
+    page.wait_for_function(
+        "document.querySelector('#e-edited').naturalWidth === 16 && "
+        "!document.querySelector('#e-result').hidden",
+        timeout=60_000,
+    )
+    assert "edited: colour = blue" in page.inner_text("#e-what")
+    assert "done in" in page.inner_text("#e-status")
+    recon = _data_url_pixels(page.get_attribute("#e-recon", "src"))
+    edited = _data_url_pixels(page.get_attribute("#e-edited", "src"))
+    original = _data_url_pixels(page.get_attribute("#e-orig", "src"))
+    assert recon.shape == edited.shape == original.shape == (16, 16, 3)
+    assert np_abs_mean(edited - recon) > 20  # the edit is another image ...
+    assert edited[..., 2].mean() > edited[..., 0].mean() + 40  # ... and it is blue
+    assert recon[..., 0].mean() > recon[..., 2].mean() + 40  # the reconstruction stays red
+    shots(page, "09-edit")
+
+
+def np_abs_mean(x) -> float:
+    return float(abs(x).mean())
 
 
 def test_watch_a_run(page, shots):

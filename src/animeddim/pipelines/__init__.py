@@ -10,7 +10,7 @@ from `animeddim.pipelines`.
 2. `resolve_settings` checks and resolves how to sample (sampler, eta, clipping, precision)
    into a plain `SampleSettings`;
 3. each long operation -- `draw`, `evaluate`, `steps_study`, `invert`, `interpolate`,
-   `trajectory`, `draw_conditional`, `attribute_grid`, `edit` -- take the loaded model
+   `trajectory`, `draw_conditional`, `attribute_grid`, `edit`, `regenerate` -- take the loaded model
    and the settings, writes its files and returns a
    JSON-able summary (every KID/FID number beside the name of its protocol), and reports
    progress through an optional `Progress` callback.
@@ -19,7 +19,15 @@ Plain functions and dataclasses: no argparse, no HTTP, no printing (except `step
 `log`).
 """
 
-from .conditional import attribute_codes, attribute_grid, draw_conditional, edit, vocabulary
+from .conditional import (
+    attribute_codes,
+    attribute_grid,
+    draw_conditional,
+    edit,
+    edit_codes,
+    regenerate,
+    vocabulary,
+)
 from .core import (
     Progress,
     SampleSettings,
@@ -43,6 +51,7 @@ __all__ = [
     "draw",
     "draw_conditional",
     "edit",
+    "edit_codes",
     "evaluate",
     "interpolate",
     "invert",
@@ -50,6 +59,7 @@ __all__ = [
     "load_for_sampling",
     "observed",
     "open_model",
+    "regenerate",
     "resolve_settings",
     "sampling_net",
     "steps_study",

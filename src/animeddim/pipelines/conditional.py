@@ -109,6 +109,55 @@ def _image_codes(
 
 
 @torch.no_grad()
+def regenerate(
+    loaded: LoadedModel,
+    real_u8: torch.Tensor,
+    source: torch.Tensor,
+    targets: list[torch.Tensor],
+    *,
+    steps: int,
+    guidance: float = 1.0,
+    settings: SampleSettings,
+    progress: Progress | None = None,
+) -> list[torch.Tensor]:
+    """DDIM-invert uint8 [N x H x W x C] images under their [N x A] `source` codes, then
+    regenerate with DDIM from the same noise under each [N x A] code tensor of `targets`
+    (guidance weight `guidance`): one uint8 [N x H x W x C] tensor per target.
+
+    :param progress: told ("edit", images done, N) after each batch.
+    """
+    cfg = loaded.config
+    net = guided(loaded.model, guidance)
+    out: list[list[torch.Tensor]] = [[] for _ in targets]
+    done = _counter(progress, "edit", len(real_u8))
+    for i in range(0, len(real_u8), settings.batch_size):
+        j = i + settings.batch_size
+        x0 = _normalised(loaded, real_u8[i:j], settings.device)
+        with settings.autocast():
+            z = ddim_invert(loaded.model, x0, steps, cfg.schedule, cond=source[i:j].to(x0.device))
+            for k, target in enumerate(targets):
+                cond = target[i:j].to(x0.device)
+                plain = bool((cond == NULL).all())  # nothing asked: guidance changes nothing
+                x = sample(loaded.model if plain else net, z, steps, cfg.schedule, cond=cond)
+                out[k].append(denormalize(x.float(), loaded.mean, loaded.std).cpu())
+        done(len(x0))
+    return [torch.cat(parts) for parts in out]
+
+
+def edit_codes(
+    loaded: LoadedModel, source: torch.Tensor, changes: Mapping[str, str]
+) -> torch.Tensor:
+    """[N x A] codes: `source` with the attributes of `changes` set (the others kept).
+
+    :raises UnknownAttribute: no change, or an attribute or value the model does not know.
+    """
+    if not changes:
+        raise UnknownAttribute("give at least one --set NAME=VALUE")
+    change = encode(vocabulary(loaded), changes)
+    return torch.where(change >= 0, change.expand_as(source), source)
+
+
+@torch.no_grad()
 def edit(
     loaded: LoadedModel,
     images: str | Path,
@@ -129,25 +178,21 @@ def edit(
     above, edits below). Returns a JSON-able summary.
     """
     out = Path(out)
-    if not changes:
-        raise UnknownAttribute("give at least one --set NAME=VALUE")
-    cfg = loaded.config
-    change = encode(vocabulary(loaded), changes)
-    real_u8, paths = _load_images(images, cfg.model.image_size)
+    none = torch.empty(0, len(vocabulary(loaded)), dtype=torch.long)
+    edit_codes(loaded, none, changes)  # checked before any image is read
+    real_u8, paths = _load_images(images, loaded.config.model.image_size)
     source = _image_codes(loaded, Path(images), paths, labels)
-    target = torch.where(change >= 0, change.expand_as(source), source)
-    after = []
-    done = _counter(progress, "edit", len(real_u8))
-    net = guided(loaded.model, guidance)
-    for i in range(0, len(real_u8), settings.batch_size):
-        j = i + settings.batch_size
-        x0 = _normalised(loaded, real_u8[i:j], settings.device)
-        with settings.autocast():
-            z = ddim_invert(loaded.model, x0, steps, cfg.schedule, cond=source[i:j].to(x0.device))
-            x = sample(net, z, steps, cfg.schedule, cond=target[i:j].to(x0.device))
-        after.append(denormalize(x.float(), loaded.mean, loaded.std).cpu())
-        done(len(x))
-    edited = torch.cat(after)
+    target = edit_codes(loaded, source, changes)
+    (edited,) = regenerate(
+        loaded,
+        real_u8,
+        source,
+        [target],
+        steps=steps,
+        guidance=guidance,
+        settings=settings,
+        progress=progress,
+    )
     names = [Path(p).stem + ".png" for p in paths]
     save_pngs(edited, out / "after", names)
     pairs = torch.cat([real_u8, edited], dim=2)  # side by side: [N x H x 2W x C]

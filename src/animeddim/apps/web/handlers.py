@@ -206,6 +206,46 @@ def check_invert(body: dict[str, Any], uploads: int, catalog: Catalog) -> None:
         raise RequestError("choose an image file to invert")
 
 
+KEEP = "keep"  # the page's choice for an attribute an edit leaves as it is
+
+
+def parse_changes(raw: Any, vocab: dict[str, list[str]] | None, model_id: str) -> dict[str, str]:
+    """The attributes an Edit request changes (a JSON object attribute -> value; "keep" or ""
+    leaves one as it is), checked against the model's vocabulary."""
+    import json
+
+    from ...conditioning import UnknownAttribute, encode
+
+    if not vocab:
+        raise RequestError(f"{model_id} is unconditional: it has no attributes to edit")
+    try:
+        changes = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        changes = None
+    if not isinstance(changes, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in changes.items()
+    ):
+        raise RequestError("changes must be a JSON object of attribute names to values")
+    changes = {k: v for k, v in changes.items() if v not in ("", KEEP)}
+    if not changes:
+        raise RequestError("choose a new value for at least one attribute (all are 'keep')")
+    try:
+        encode(vocab, changes)
+    except UnknownAttribute as e:
+        raise RequestError(str(e)) from None
+    return changes
+
+
+def check_edit(body: dict[str, Any], uploads: int, catalog: Catalog) -> dict[str, str]:
+    """Refuse a bad Edit request before it waits in the queue; the changes it asks for."""
+    choice = catalog.get(body.get("model"))
+    _number(body, "steps", int)
+    _number(body, "guidance", float, default=1.0)
+    if uploads != 1:
+        raise RequestError("choose an image file to edit")
+    return parse_changes(body.get("changes"), _choice_vocabulary(choice), choice.id)
+
+
 def cli_command(req: GenerateRequest, runs_arg: str | None, device: str, precision: str) -> str:
     """The `animeddim sample` command that writes the same images (and grid)."""
     if req.model.kind == "shipped":
@@ -449,6 +489,38 @@ class Engine:
                 "steps": steps,
                 "notes": notes,
             }
+
+    def edit(self, body: dict[str, Any], upload: bytes, progress: Progress) -> dict[str, Any]:
+        """Invert an uploaded face under no attributes, then decode its noise twice: as it
+        was (the reconstruction) and under the changed attributes (the edit)."""
+        from ...conditioning import NULL
+        from ...diffusion.inversion import psnr
+
+        choice = self.catalog.get(body.get("model"))
+        steps = _number(body, "steps", int)
+        guidance = _number(body, "guidance", float, default=1.0)
+        loaded, net = self.prepared(choice)
+        changes = parse_changes(body.get("changes"), pipelines.vocabulary(loaded), choice.id)
+        image, notes = decode_upload(upload, loaded.config.model.image_size)
+        source = torch.full((1, len(pipelines.vocabulary(loaded))), NULL, dtype=torch.long)
+        target = pipelines.edit_codes(loaded, source, changes)
+        progress.total = pipelines.invert_evaluations(steps) + 2 * steps
+        obs = replace(loaded, model=pipelines.observed(net, progress))
+        real = torch.from_numpy(image.copy())[None]
+        recon, edited = pipelines.regenerate(
+            obs, real, source, [source, target], steps=steps, guidance=guidance,
+            settings=self.base,
+        )  # fmt: skip
+        return {
+            "original": png_data_url(image),
+            "reconstruction": png_data_url(recon[0].numpy()),
+            "edited": png_data_url(edited[0].numpy()),
+            "psnr_db": round(float(psnr(real, recon)[0]), 2),
+            "changes": changes,
+            "guidance": guidance,
+            "steps": steps,
+            "notes": notes,
+        }
 
 
 def _choice_vocabulary(c: Choice) -> dict[str, list[str]] | None:

@@ -1,6 +1,6 @@
 """HTTP for the web app (Starlette + uvicorn): the page, a JSON API, one job at a time.
 
-Long requests (generate, interpolate, invert) answer with a stream of JSON lines: queue
+Long requests (generate, interpolate, invert, edit) answer with a stream of JSON lines: queue
 position, progress (network evaluations done / total), then the result or an error. A client
 that goes away stops its job at the next network evaluation, queued or running.
 """
@@ -27,6 +27,7 @@ from .handlers import (
     Progress,
     RequestError,
     Stopped,
+    check_edit,
     check_interpolate,
     check_invert,
     parse_generate,
@@ -200,6 +201,14 @@ def create_app(engine: Engine, runs_arg: str | None = None) -> Starlette:
             return _refuse(str(e))
         return _stream(queue, lambda p: engine.invert(fields, uploads[0], p))
 
+    async def edit(request: Request) -> Response:
+        try:
+            fields, uploads = await _form(request, ("face",))
+            check_edit(fields, len(uploads), engine.catalog)
+        except RequestError as e:
+            return _refuse(str(e))
+        return _stream(queue, lambda p: engine.edit(fields, uploads[0], p))
+
     async def run(request: Request) -> Response:
         try:
             summary = await run_in_threadpool(
@@ -216,6 +225,7 @@ def create_app(engine: Engine, runs_arg: str | None = None) -> Starlette:
         Route("/api/generate", generate, methods=["POST"]),
         Route("/api/interpolate", interpolate, methods=["POST"]),
         Route("/api/invert", invert, methods=["POST"]),
+        Route("/api/edit", edit, methods=["POST"]),
         Route("/api/run", run),
     ]
     app = Starlette(routes=routes)
