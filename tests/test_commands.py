@@ -46,7 +46,7 @@ def test_sample_trajectory_and_sampler(tiny_run, tmp_path):
         "--sampler",
         "dpmpp-2m",
     )
-    assert "sample" in p.stderr  # its progress bar
+    assert "sample" in p.stderr and "trajectory" in p.stderr  # their progress bars
     w, h = Image.open(traj).size
     assert (w, h) == (4 * 16, 4 * 2 * 16)  # 4 steps as columns; x_t and x0 rows per image
     p = run_cli(

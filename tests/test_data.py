@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from animeddim import data
+from animeddim import io as animeddim_io
 from animeddim.data import (
     BadImage,
     DataError,
@@ -369,7 +370,28 @@ def test_disk_cache_is_reused_and_invalidated(
     os.utime(root / "0.png", ns=(1, 1))
     changed = load_folder(root, 8, cache="disk", cache_dir=cache)
     np.testing.assert_array_equal(changed.images[0], load_image(root / "0.png", 8))
-    assert not list(cache.glob("*.tmp"))
+    assert not [p for p in cache.iterdir() if animeddim_io.is_temp_name(p.name)]
+
+
+def test_disk_cache_decodes_under_the_io_temp_name_and_leaves_nothing_on_failure(
+    tmp_path: Path, monkeypatch
+) -> None:
+    root, cache = tmp_path / "imgs", tmp_path / "cache"
+    root.mkdir()
+    for i in range(3):
+        _save(root / f"{i}.png", _rgb(10, 10, i))
+    seen: list[str] = []
+
+    def fail(mm, files, size, workers, progress):
+        seen.extend(p.name for p in cache.iterdir())
+        raise RuntimeError("decoding stopped")
+
+    monkeypatch.setattr(data, "_decode_into", fail)
+    with pytest.raises(RuntimeError, match="decoding stopped"):
+        load_folder(root, 8, cache="disk", cache_dir=cache)
+    assert len(seen) == 1 and seen[0].endswith(f".u8.tmp-{os.getpid()}"), seen
+    assert animeddim_io.is_temp_name(seen[0])
+    assert not list(cache.iterdir())
 
 
 def test_disk_cache_remembers_skipped(tmp_path: Path) -> None:

@@ -128,3 +128,25 @@ def test_invert_interpolate_and_steps_report_progress(loaded, avatars16, tmp_pat
         "dpmpp-2m eta 0, 2 steps: sample",
         "dpmpp-2m eta 0, 2 steps: features",
     ]
+
+
+def test_trajectory_reports_progress_and_its_strips_are_the_sampled_images(loaded, tmp_path):
+    from PIL import Image
+
+    s = pipelines.resolve_settings("cpu", steps=5, sampler="dpmpp-2m", seed=3, precision="fp32")
+    rec = Record()
+    path = pipelines.trajectory(
+        loaded, tmp_path / "t.png", settings=s, n=2, columns=3, progress=rec
+    )
+    assert rec.calls == [("trajectory", k, 5) for k in range(6)]
+    r = pipelines.reverse_steps(loaded, settings=s, n=2, columns=3)
+    assert r.steps == [0, 2, 4] and r.times == pytest.approx([1.0, 0.6, 0.2])
+    assert r.noisy.shape == r.pred.shape == (2, 3, 16, 16, 3)
+    # The last predicted x0 is the sample `draw` returns; rows are x_t, x0 of image 0, then 1.
+    assert torch.equal(r.pred[:, -1], pipelines.draw(loaded, 2, s))
+    grid = torch.from_numpy(np.array(Image.open(path)))
+    rows = torch.cat([r.noisy[0], r.pred[0], r.noisy[1], r.pred[1]])  # [4*3, 16, 16, 3]
+    expected = rows.view(4, 3, 16, 16, 3).permute(0, 2, 1, 3, 4).reshape(64, 48, 3)
+    assert torch.equal(grid, expected)
+    assert pipelines.shown_steps(20, 7) == [0, 3, 6, 10, 13, 16, 19]
+    assert pipelines.shown_steps(1, 7) == [0] and pipelines.shown_steps(9, 1) == [8]

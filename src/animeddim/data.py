@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from .io import default_cache_dir, write_text_atomic
+from .io import default_cache_dir, temp_path, write_text_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -408,7 +408,7 @@ def _load_disk_cached(
 
     # Decode straight into a file-backed array (the data may not fit in memory), then publish it
     # with an atomic rename, and the metadata last: a crash leaves no half-valid cache entry.
-    tmp = cache_dir / f"{key}.{os.getpid()}.tmp"
+    tmp = temp_path(data_path)  # ".KEY.u8.tmp-PID": a name io.is_temp_name knows
     try:
         mm = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(files), size, size, 3))
         reasons = _decode_into(mm, files, size, workers, progress)

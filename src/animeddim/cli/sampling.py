@@ -48,7 +48,8 @@ def cmd_sample(a: argparse.Namespace) -> int:
         outputs.new_file(path, a.force, flag)
     earlier = outputs.sample_folder(a.out, a.force, [p for _, p in files]) if a.out else []
     if a.trajectory and _is_main():
-        print(f"trajectory: {trajectory(loaded, a.trajectory, settings=settings)}")
+        strips = trajectory(loaded, a.trajectory, settings=settings, progress=_Bars("step"))
+        print(f"trajectory: {strips}")
     if a.trajectory and not a.out and not a.grid:
         return 0
     t = time.perf_counter()

@@ -40,11 +40,12 @@ from .core import (
     sampling_net,
 )
 from .evaluation import STEPS_COLUMNS, evaluate, steps_study, write_steps
-from .latents import interpolate, invert, trajectory
+from .latents import ReverseSteps, interpolate, invert, reverse_steps, shown_steps, trajectory
 
 __all__ = [
     "STEPS_COLUMNS",
     "Progress",
+    "ReverseSteps",
     "SampleSettings",
     "attribute_codes",
     "attribute_grid",
@@ -61,7 +62,9 @@ __all__ = [
     "open_model",
     "regenerate",
     "resolve_settings",
+    "reverse_steps",
     "sampling_net",
+    "shown_steps",
     "steps_study",
     "trajectory",
     "vocabulary",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -169,25 +169,58 @@ def interpolate(
     return strip, gif
 
 
+def shown_steps(steps: int, columns: int) -> list[int]:
+    """Up to `columns` step indices spread evenly over 0 .. steps - 1, first and last
+    included (the last alone when columns is 1)."""
+    if steps <= 1 or columns <= 1:
+        return [steps - 1]
+    return sorted({round(i * (steps - 1) / (columns - 1)) for i in range(columns)})
+
+
+@dataclass
+class ReverseSteps:
+    """The reverse process of n images at the shown steps (`reverse_steps`).
+
+    :param steps: the shown step indices, 0-based, of `settings.steps` evaluations.
+    :param times: diffusion time t entering each shown step.
+    :param noisy: uint8 [n x k x H x W x C]: x_t entering each shown step, de-normalised (at
+        t = 1 that is (almost) pure noise).
+    :param pred: uint8 [n x k x H x W x C]: the network's predicted x0 at that step.
+    """
+
+    steps: list[int]
+    times: list[float]
+    noisy: torch.Tensor
+    pred: torch.Tensor
+
+
 @torch.no_grad()
-def trajectory(
+def reverse_steps(
     loaded: LoadedModel,
-    path: str | Path,
     *,
     settings: SampleSettings,
     n: int = 4,
     columns: int = 10,
-) -> Path:
-    """Reverse-process strips: for n images, x_t (upper row) and predicted x0 (lower row)
-    at up to `columns` evenly spaced steps of the chosen sampler (the paper's Fig. 1)."""
+    progress: Progress | None = None,
+) -> ReverseSteps:
+    """Sample images 0 .. n-1 of `settings.seed` with the chosen sampler and keep x_t and
+    predicted x0 at up to `columns` evenly spaced steps (`shown_steps`).
+
+    :param progress: told ("trajectory", network evaluations done, settings.steps) after each.
+    """
     cfg = loaded.config
     shape = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
     gens = image_generators(settings.seed, range(n))
     noise = randn_per_image(gens, shape, settings.device)
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    shown = shown_steps(settings.steps, columns)
+    kept: dict[int, tuple[float, torch.Tensor, torch.Tensor]] = {}
+    evaluated = _counter(progress, "trajectory", settings.steps)
 
     def keep(step, t, xt, x0):
-        seen.append((xt.float().cpu(), x0.float().cpu()))
+        if step in shown:
+            u8 = [denormalize(v.float().cpu(), loaded.mean, loaded.std) for v in (xt, x0)]
+            kept[step] = (float(t), *u8)
+        evaluated(1)
 
     with settings.autocast():
         sample(
@@ -201,21 +234,31 @@ def trajectory(
             callback=keep,
             x0_range=sampler_x0_range(settings.clip, settings.sampler, loaded.mean, loaded.std),
         )
-    pick = np.unique(np.linspace(0, len(seen) - 1, min(columns, len(seen))).round().astype(int))
-    # x_t is shown with the data's normalisation too: at t = 1 that is (almost) pure noise.
-    rows = []
-    for i in range(n):
-        rows.append(
-            torch.stack(
-                [denormalize(seen[k][0][i : i + 1], loaded.mean, loaded.std)[0] for k in pick]
-            )
-        )
-        rows.append(
-            torch.stack(
-                [denormalize(seen[k][1][i : i + 1], loaded.mean, loaded.std)[0] for k in pick]
-            )
-        )
+    return ReverseSteps(
+        steps=shown,
+        times=[kept[k][0] for k in shown],
+        noisy=torch.stack([kept[k][1] for k in shown], dim=1),
+        pred=torch.stack([kept[k][2] for k in shown], dim=1),
+    )
+
+
+def trajectory(
+    loaded: LoadedModel,
+    path: str | Path,
+    *,
+    settings: SampleSettings,
+    n: int = 4,
+    columns: int = 10,
+    progress: Progress | None = None,
+) -> Path:
+    """Reverse-process strips: for n images, x_t (upper row) and predicted x0 (lower row)
+    at up to `columns` evenly spaced steps of the chosen sampler (the paper's Fig. 1).
+
+    :param progress: told ("trajectory", network evaluations done, settings.steps) after each.
+    """
+    r = reverse_steps(loaded, settings=settings, n=n, columns=columns, progress=progress)
+    rows = [strip for i in range(n) for strip in (r.noisy[i], r.pred[i])]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_grid(torch.cat(rows), path, cols=len(pick))
+    save_grid(torch.cat(rows), path, cols=len(r.steps))
     return path

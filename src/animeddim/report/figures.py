@@ -113,46 +113,32 @@ def plot_forward(
     plot_image_rows(path, [[image_u8, *shown]], titles, ["x_t"], "Forward diffusion")
 
 
-def _evenly(steps: int, k: int) -> list[int]:
-    """Up to k step indices spread over 0 .. steps - 1, first and last included."""
-    if steps <= 1 or k <= 1:
-        return [steps - 1]
-    return sorted({round(i * (steps - 1) / (k - 1)) for i in range(k)})
-
-
 @torch.no_grad()
 def plot_reverse(
     path: Path,
-    model: torch.nn.Module,
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    schedule: ScheduleConfig,
-    shape: tuple[int, int, int],
+    loaded: Any,
     steps: int,
     seed: int,
     device: torch.device | str,
+    progress: Any = None,
 ) -> None:
-    """Fig. 1 (reverse): DDIM from noise; x_t entering each shown step and its predicted x_0."""
-    from ..diffusion.generation import denormalize, image_generators
-    from ..diffusion.samplers import ddim_sample, ddim_times, randn_per_image
+    """Fig. 1 (reverse): DDIM from noise; x_t entering each shown step and its predicted x_0.
 
-    shown = set(_evenly(steps, REVERSE_COLUMNS))
-    noisy: list[np.ndarray] = []
-    preds: list[np.ndarray] = []
-    titles: list[str] = []
+    :param loaded: a `checkpoint.LoadedModel` (EMA network, normalisation, schedule).
+    :param progress: a `pipelines.Progress`, told ("trajectory", evaluations done, steps).
+    """
+    from ..pipelines import SampleSettings, reverse_steps
 
-    def record(step: int, t: float, noisy_images: torch.Tensor, pred_images: torch.Tensor):
-        if step in shown:
-            noisy.append(denormalize(noisy_images[:1].float().cpu(), mean, std)[0].numpy())
-            preds.append(denormalize(pred_images[:1].float().cpu(), mean, std)[0].numpy())
-            titles.append(f"step {step + 1}/{steps}\nt = {t:.3g}")
-
-    # Image 0 of `seed`: the same noise `animeddim sample --seed` would start from.
-    noise = randn_per_image(image_generators(seed, [0]), shape, device)
-    ddim_sample(model, noise, ddim_times(steps), schedule, callback=record)
+    # Image 0 of `seed`, unclipped DDIM at eta 0 in fp32: the same noise and the same
+    # process as `animeddim sample --seed SEED --steps STEPS --precision fp32`.
+    settings = SampleSettings(steps=steps, seed=seed, device=device, clip=False)
+    r = reverse_steps(loaded, settings=settings, n=1, columns=REVERSE_COLUMNS, progress=progress)
+    titles = [f"step {k + 1}/{steps}\nt = {t:.3g}" for k, t in zip(r.steps, r.times, strict=True)]
     labels = ["x_t", "predicted x_0"]
     title = f"Reverse diffusion (DDIM, {steps} steps, eta = 0)"
-    plot_image_rows(path, [noisy, preds], titles, labels, title)
+    plot_image_rows(
+        path, [list(r.noisy[0].numpy()), list(r.pred[0].numpy())], titles, labels, title
+    )
 
 
 def _colour(i: int) -> str:

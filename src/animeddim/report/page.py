@@ -137,10 +137,7 @@ def _figure1(run: RunFiles, loaded, out: Path, seed: int, steps: int, device) ->
             )
         )
     rev = f"fig1-reverse-{run.name}.png"
-    shape = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
-    plot_reverse(
-        out / rev, loaded.model, loaded.mean, loaded.std, cfg.schedule, shape, steps, seed, device
-    )
+    plot_reverse(out / rev, loaded, steps, seed, device)
     blocks += [
         ("img", rev, f"Reverse diffusion, run {run.name}"),
         (
