@@ -15,16 +15,19 @@ import copy
 import torch
 from common import CPU, interleaved_medians, net_with_bn_statistics, print_medians, train_step
 
-from animeddim.runtime import prepare_inference
+from animeddim.runtime import cpu_has_fast_bf16, prepare_inference
 
 
-def train_variant(model, precision: str, channels_last: bool, b: int, s: int):
+def train_variant(
+    model, precision: str, channels_last: bool, b: int, s: int, compile: bool = False
+):
     return train_step(
         copy.deepcopy(model),
         precision=precision,
         channels_last=channels_last,
         batch_size=b,
         image_size=s,
+        compile=compile,
     )
 
 
@@ -43,15 +46,20 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="also the compiled training steps")
     a = ap.parse_args()
+    # Under ATEN_CPU_CAPABILITY=avx2 (an AVX2-only CPU, or one emulated) bf16 is software.
+    precisions = ["fp32", "bf16"] if cpu_has_fast_bf16() else ["fp32"]
     torch.manual_seed(0)
     b, s = a.batch_size, a.image_size
     model = net_with_bn_statistics(s)  # so that folding is tested on real statistics
     variants = {}
     if "train" in a.what:
-        variants["train fp32 NCHW"] = train_variant(model, "fp32", False, b, s)
-        variants["train bf16 NCHW"] = train_variant(model, "bf16", False, b, s)
-        variants["train bf16 channels_last"] = train_variant(model, "bf16", True, b, s)
+        for prec in precisions:
+            for cl, layout in ((False, "NCHW"), (True, "channels_last")):
+                for comp in (False, True) if a.compile else (False,):
+                    name = f"train {prec} {layout}{' compiled' if comp else ''}"
+                    variants[name] = train_variant(model, prec, cl, b, s, compile=comp)
     if "sample" in a.what:
         m = model.eval()
         variants["eval fp32 NCHW"] = sample_variant(m, "fp32", False, b, s, fold=False)

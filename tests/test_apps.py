@@ -45,4 +45,16 @@ def test_bench_command_at_tiny_sizes():
     assert r["image_size"] == 16 and r["batch_size"] == 4
     for path in ("baseline", "tuned"):
         assert r[path]["train_images_per_s"] > 0 and r[path]["sample_images_per_s"] > 0
-    assert "| training images/s |" in format_table(r)  # what bench prints without --json
+        shares = r["peak_share"][path]
+        assert set(shares) == {
+            f"{w}_of_{op}" for w in ("train", "sample") for op in ("matmul", "conv_fwd_bwd")
+        }
+        assert all(s > 0 for s in shares.values())
+    assert "fp32" in r["peak"] and all(v > 0 for v in r["peak"]["fp32"].values())
+    # the share is the path's own GFLOP/s over the peak in the path's precision
+    peak = r["peak"][r["tuned"]["precision"]]["conv_fwd_bwd_gflop_per_s"]
+    expected = r["tuned"]["train_gflop_per_s"] / peak
+    assert abs(r["peak_share"]["tuned"]["train_of_conv_fwd_bwd"] - expected) < 1e-9
+    table = format_table(r)  # what bench prints without --json
+    assert "| training images/s |" in table and "chip peak GFLOP/s" in table
+    assert "share of the fp32 peak: training" in table

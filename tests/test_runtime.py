@@ -221,3 +221,21 @@ def test_bench_runs_both_paths_and_reports_every_number():
     assert r["tuned"]["inference_prepared"] and not r["baseline"]["inference_prepared"]
     assert r["data_pipeline_images_per_s"] > 0
     assert "| training images/s |" in bench.format_table(r)
+
+
+def test_bf16_counts_as_fast_only_where_pytorch_runs_avx512_kernels():
+    """Below AVX-512 (an AVX2-only CPU, or ATEN_CPU_CAPABILITY=avx2) bf16 is software
+    emulation, so `auto` picks fp32 there whatever /proc/cpuinfo says."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from animeddim import runtime as r; "
+        "print(r.cpu_has_fast_bf16(), r.resolve_precision('auto', torch.device('cpu')))"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["False", "fp32"]

@@ -25,7 +25,9 @@ from ..config import RunConfig, UNetConfig
 from ..diffusion.samplers import ddim_sample, ddim_times
 from ..diffusion.schedule import diffuse
 from ..runtime import (
+    PRECISIONS,
     autocast,
+    cpu_has_fast_bf16,
     default_channels_last,
     default_compile,
     default_compile_sampler,
@@ -233,6 +235,78 @@ def _eager_forward_flops(model, x0, t) -> None:
     model(x0, t.float())
 
 
+def _best_rate(fn: Callable[[], None], work: float, iters: int, device) -> float:
+    """Work per second of the fastest of `iters` timed calls, after two warm-up calls."""
+    fn()
+    fn()
+    _sync(device)
+    return work / min(_times(fn, iters, device))
+
+
+def chip_peak(device: torch.device, precisions: tuple[str, ...], iters: int = 5) -> dict:
+    """What this chip reaches on the operations the network is made of, in GFLOP/s.
+
+    For each precision: one large square matmul, and 3x3 convolutions forward and backward
+    (input and weight gradients) at two shapes like the network's widest levels, in both
+    memory layouts, keeping the fastest. Each rate is the fastest of `iters` calls: the
+    rate the training and sampling paths are compared with (their FLOPs are counted the
+    same way, matmul and convolution only).
+    """
+    big = device.type == "cuda"
+    n = 8192 if big else 2048
+    shapes = [(256, 256, 64), (256, 512, 32)] if big else [(32, 64, 32), (32, 128, 16)]
+    out: dict[str, dict[str, float]] = {}
+    for precision in precisions:
+        dtype = PRECISIONS[precision] or torch.float32
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        conv_rates = [
+            _conv_rate(batch, ch, size, fmt, dtype, device, iters)
+            for batch, ch, size in shapes
+            for fmt in (torch.contiguous_format, torch.channels_last)
+        ]
+        out[precision] = {
+            "matmul_gflop_per_s": _best_rate(lambda a=a: a @ a, 2 * n**3 / 1e9, iters, device),
+            "conv_fwd_bwd_gflop_per_s": max(conv_rates),
+        }
+    return out
+
+
+def _conv_rate(batch: int, ch: int, size: int, fmt, dtype, device, iters: int) -> float:
+    conv = torch.nn.Conv2d(ch, ch, 3, padding=1, bias=False)
+    conv = conv.to(device=device, dtype=dtype, memory_format=fmt)
+    x = torch.randn(batch, ch, size, size, device=device, dtype=dtype)
+    x = x.contiguous(memory_format=fmt).requires_grad_(True)
+
+    def fwd_bwd() -> None:
+        conv(x).sum().backward()
+
+    flops = 3 * 2 * batch * ch * ch * 9 * size * size  # forward + input and weight gradients
+    return _best_rate(fwd_bwd, flops / 1e9, iters, device)
+
+
+def peak_precisions(device: torch.device) -> tuple[str, ...]:
+    """fp32, and bf16 where this device runs it natively (slow emulated bf16 is no peak)."""
+    if device.type == "cuda":
+        return ("fp32", "bf16") if torch.cuda.is_bf16_supported() else ("fp32",)
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return ("fp32", "bf16")
+    return ("fp32",)
+
+
+def peak_shares(r: dict) -> dict[str, dict[str, float]]:
+    """Each path's training and sampling GFLOP/s as a share of the peak in its precision."""
+    shares = {}
+    for path in ("baseline", "tuned"):
+        res = r[path]
+        peak = r["peak"].get(res["precision"]) or r["peak"]["fp32"]
+        shares[path] = {
+            f"{what}_of_{op}": res[f"{what}_gflop_per_s"] / peak[f"{op}_gflop_per_s"]
+            for what in ("train", "sample")
+            for op in ("matmul", "conv_fwd_bwd")
+        }
+    return shares
+
+
 def data_pipeline_rate(image_size: int, batch_size: int, n: int = 4096) -> float:
     """Images/s from the uint8 cache to augmented float batches (one epoch, median of 3)."""
     from ..data import iterate_batches
@@ -333,6 +407,9 @@ def run(
         "data_pipeline_images_per_s": data_pipeline_rate(image_size, batch_size),
     }
     result["data_over_train"] = result["data_pipeline_images_per_s"] / tuned.train_images_per_s
+    result["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    result["peak"] = chip_peak(device, peak_precisions(device), iters=max(iters, 3))
+    result["peak_share"] = peak_shares(result)
     if kid:
         result["inception_images_per_s"] = feature_rates(batch_size, device)
     return result
@@ -361,6 +438,20 @@ def format_table(r: dict) -> str:
         f"data pipeline: {r['data_pipeline_images_per_s']:.0f} images/s "
         f"({r['data_over_train']:.1f}x tuned training)"
     )
+    peaks = ", ".join(
+        f"{p} matmul {v['matmul_gflop_per_s']:.0f}, "
+        f"conv fwd+bwd {v['conv_fwd_bwd_gflop_per_s']:.0f}"
+        for p, v in r["peak"].items()
+    )
+    kernels = f" ({r['cpu_capability']} kernels)" if r["device"].startswith("cpu") else ""
+    lines.append(f"chip peak GFLOP/s{kernels}: {peaks}")
+    for path in ("baseline", "tuned"):
+        s, prec = r["peak_share"][path], r[path]["precision"]
+        lines.append(
+            f"{path} ({prec}) share of the {prec} peak: training {s['train_of_conv_fwd_bwd']:.0%} "
+            f"of conv, {s['train_of_matmul']:.0%} of matmul; sampling "
+            f"{s['sample_of_conv_fwd_bwd']:.0%} of conv, {s['sample_of_matmul']:.0%} of matmul"
+        )
     for k, v in r.get("inception_images_per_s", {}).items():
         lines.append(f"Inception features ({k} protocol): {v:.1f} images/s")
     return "\n".join(lines)
