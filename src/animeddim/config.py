@@ -30,6 +30,9 @@ NAN_POLICIES = ("stop", "skip-batch")
 CACHES = ("memory", "disk", "auto")
 LABELS_MISSING = ("error", "null")  # data.labels_missing (labels.MISSING_CHOICES)
 COND_AT = ("blocks", "input", "both")  # model.cond_at: after each block's conv1 / the input
+PREDICTIONS = ("eps", "v")  # model.prediction: what the network outputs (diffusion.objectives)
+LOSSES = ("mae", "mse")  # train.loss: the Keras example's / the paper's eq. 4
+LOSS_WEIGHTS = ("none", "min-snr")  # train.loss_weight: per noise level (Hang et al. 2023)
 IMAGE_CHANNELS = 3  # images are decoded to RGB
 
 
@@ -160,6 +163,13 @@ class UNetConfig:
         choices=COND_AT,
     )
 
+    prediction: str = setting(
+        "eps",
+        "what the network predicts: eps (the noise; the paper's) or v = alpha eps - sigma x0; "
+        "samplers always get eps",
+        choices=PREDICTIONS,
+    )
+
     @property
     def channels(self) -> int:
         """Image channels: always RGB (not a setting)."""
@@ -169,6 +179,12 @@ class UNetConfig:
         _check_vocabulary(self.vocabulary)
         _check(self.cond_dims >= 1, "model.cond_dims", self.cond_dims, "an integer >= 1")
         _check(self.cond_at in COND_AT, "model.cond_at", self.cond_at, " | ".join(COND_AT))
+        _check(
+            self.prediction in PREDICTIONS,
+            "model.prediction",
+            self.prediction,
+            " or ".join(PREDICTIONS),
+        )
         _check(self.image_size >= 8, "image_size", self.image_size, "an integer >= 8")
         _check(
             len(self.widths) >= 2 and all(w > 0 for w in self.widths),
@@ -248,6 +264,17 @@ class TrainConfig:
         metavar="MODEL",
     )
     cond_drop: float = setting(0.15, "each attribute is dropped to null with this probability")
+    loss: str = setting(
+        "mae",
+        "loss between prediction and target: mae (the Keras example's) or mse (the paper's eq. 4)",
+        choices=LOSSES,
+    )
+    loss_weight: str = setting(
+        "none",
+        "weight per noise level: none, or min-snr (Hang et al. 2023; with --loss mse)",
+        choices=LOSS_WEIGHTS,
+    )
+    min_snr_gamma: float = setting(5.0, "gamma of --loss-weight min-snr: SNRs above it are capped")
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
@@ -274,6 +301,26 @@ class TrainConfig:
         _check(1 <= self.kid_steps <= 1000, "kid_steps", self.kid_steps, "in 1..1000")
         _check(self.log_every >= 1, "log_every", self.log_every, ">= 1")
         _check(0.0 <= self.cond_drop <= 1.0, "cond_drop", self.cond_drop, "in [0, 1]")
+        _check(self.loss in LOSSES, "loss", self.loss, " or ".join(LOSSES))
+        _check(
+            self.loss_weight in LOSS_WEIGHTS,
+            "loss_weight",
+            self.loss_weight,
+            " or ".join(LOSS_WEIGHTS),
+        )
+        _check(
+            self.loss_weight != "min-snr" or self.loss == "mse",
+            "loss_weight",
+            self.loss_weight,
+            "none with loss mae (min-SNR weights are derived for the squared error: "
+            "use --loss mse)",
+        )
+        _check(
+            0 < self.min_snr_gamma < math.inf,
+            "min_snr_gamma",
+            self.min_snr_gamma,
+            "a positive number",
+        )
         _check(0 <= self.seed < 2**63, "seed", self.seed, "an integer in 0 .. 2**63 - 1")
         _check(self.max_steps >= 0, "max_steps", self.max_steps, ">= 0")
         _check(

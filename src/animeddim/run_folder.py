@@ -259,15 +259,20 @@ def latest_checkpoint(
     return tensors, meta
 
 
+OBJECTIVE_SETTINGS = ("loss", "loss_weight", "min_snr_gamma")  # train.*: fixed for a run
+
+
 def _check_same_run(meta: dict[str, Any], cfg: RunConfig, path: Path) -> None:
-    """CheckpointError unless the checkpoint's network and schedule are those of `cfg`."""
+    """CheckpointError unless the checkpoint's network, schedule and objective (loss and its
+    weighting) are those of `cfg`."""
     try:
         stored = RunConfig.from_dict(meta["config"])
     except (KeyError, ConfigError) as e:
         raise ckpt.CheckpointError(f"{str(path)!r} has no usable config: {e}") from None
-    for part in ("model", "schedule"):
+    for part in ("model", "schedule", "train"):
         mine, theirs = getattr(cfg, part), getattr(stored, part)
-        diff = [k for k, v in vars(mine).items() if vars(theirs)[k] != v]
+        keys = OBJECTIVE_SETTINGS if part == "train" else vars(mine)
+        diff = [k for k in keys if vars(theirs)[k] != vars(mine)[k]]
         if diff:
             k = diff[0]
             raise ckpt.CheckpointError(

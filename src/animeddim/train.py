@@ -25,7 +25,8 @@ from . import conditioning, distributed, run_folder
 from . import data as data_mod
 from .config import RunConfig
 from .diffusion.generation import generate
-from .diffusion.schedule import diffuse, predict_x0
+from .diffusion.objectives import objective, target_and_x0
+from .diffusion.schedule import diffuse
 from .io import save_grid
 from .run_folder import (
     append_metrics,
@@ -86,7 +87,7 @@ def ema_update(ema: list[torch.Tensor], live: list[torch.Tensor], decay: float) 
 
 
 def losses(
-    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    model: Callable[..., torch.Tensor],
     images: torch.Tensor,
     noises: torch.Tensor,
     t: torch.Tensor,
@@ -94,13 +95,22 @@ def losses(
     precision_ctx,
     cond: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MAE noise loss (the objective) and MAE image loss on x0_hat, both fp32 scalars."""
+    """The objective and the MAE image loss on x0_hat, both fp32 scalars.
+
+    The objective compares the network's own output (`raw=True`: eps_hat or v_hat, as
+    cfg.model.prediction says) with its target, by cfg.train.loss and weighted by
+    cfg.train.loss_weight (`diffusion.objectives`); by default the MAE of eps_hat, the Keras
+    example's loss. The image loss is the same MAE whatever the objective, so that runs
+    with different objectives can be compared on it.
+    """
     noisy_images, signal_rate, noise_rate = diffuse(images, noises, t, cfg.schedule)
     with precision_ctx:
-        pred_noises = model(noisy_images, (noise_rate**2).view(-1), cond)
-    pred_noises = pred_noises.float()
-    pred_images = predict_x0(noisy_images, pred_noises, signal_rate, noise_rate)
-    return F.l1_loss(pred_noises, noises), F.l1_loss(pred_images, images)
+        pred = model(noisy_images, (noise_rate**2).view(-1), cond, raw=True)
+    pred = pred.float()
+    target, pred_images = target_and_x0(
+        cfg.model.prediction, images, noises, noisy_images, pred, signal_rate, noise_rate
+    )
+    return objective(pred, target, t, cfg), F.l1_loss(pred_images, images)
 
 
 def _normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -223,7 +223,7 @@ def _compiled_or_eager(model, do_compile: bool, tc, device, precision_ctx, chann
         x = x.contiguous(memory_format=torch.channels_last)
     try:
         with precision_ctx:
-            out = net(x, torch.full((n,), 0.5, device=device))
+            out = net(x, torch.full((n,), 0.5, device=device), raw=True)  # as training calls it
         out.float().mean().backward()
     except Exception as e:  # noqa: BLE001 - any backend failure means: run eagerly
         warnings.warn(f"torch.compile failed ({type(e).__name__}); training eagerly", stacklevel=2)

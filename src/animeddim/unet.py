@@ -1,7 +1,8 @@
 """The Keras-example residual U-Net: (noisy images, noise variance, cond) -> predicted noise.
 
 The network never sees the schedule: it gets the noise variance (noise_rate**2) of each
-image and returns eps_hat. Every denoiser in animeddim has the signature
+image and returns eps_hat (a network trained to predict v converts its output with that
+variance alone, `model.prediction`). Every denoiser in animeddim has the signature
 ``(x_t, noise_variance, cond=None)``: `cond` is the conditioning the samplers pass through
 unchanged. A network whose config has a vocabulary is conditional: `cond` is an [N x A]
 LongTensor of attribute codes (:data:`NULL` = -1 for a dropped or unasked attribute), or None
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UNetConfig
+from .diffusion.objectives import eps_from_v
 
 NULL = -1  # the code of a dropped or unasked attribute (labels.NULL)
 
@@ -113,9 +115,10 @@ def is_cond_parameter(name: str) -> bool:
 
 
 class UNet(nn.Module):
-    """Residual U-Net predicting eps from x_t.
+    """Residual U-Net predicting eps (or v = alpha eps - sigma x0, `cfg.prediction`) from x_t.
 
-    forward(noisy_images [N x C x S x S], noise_variances [N], cond=None) -> [N x C x S x S];
+    forward(noisy_images [N x C x S x S], noise_variances [N], cond=None) -> eps_hat
+    [N x C x S x S] (a v-network's output converted, `diffusion.objectives.eps_from_v`);
     `cond`: [N x A] attribute codes of a conditional network (None: all null); an
     unconditional network ignores it.
     """
@@ -159,7 +162,22 @@ class UNet(nn.Module):
         nn.init.zeros_(self.head.weight)
 
     def forward(
-        self, noisy_images: torch.Tensor, noise_variances: torch.Tensor, cond: Any = None
+        self,
+        noisy_images: torch.Tensor,
+        noise_variances: torch.Tensor,
+        cond: Any = None,
+        *,
+        raw: bool = False,
+    ) -> torch.Tensor:
+        """eps_hat, whatever the network predicts (`cfg.prediction`); `raw`: its own output
+        (eps_hat or v_hat), what training compares with its target."""
+        out = self._predict(noisy_images, noise_variances, cond)
+        if raw or self.cfg.prediction == "eps":
+            return out
+        return eps_from_v(noisy_images, out, noise_variances)
+
+    def _predict(
+        self, noisy_images: torch.Tensor, noise_variances: torch.Tensor, cond: Any
     ) -> torch.Tensor:
         size = noisy_images.shape[-1]
         e = sinusoidal_embedding(

@@ -4,6 +4,8 @@
   process;
 - `samplers`: the reverse-process samplers (plain functions taking a time grid and passing
   `cond` through) and their one registry, `SAMPLERS`;
+- `objectives`: what the network predicts (eps or v) and how training weighs its error
+  (MAE or MSE, min-SNR); the conversion that gives every sampler eps;
 - `generation`: seeded, batch-size-independent image generation with any sampler;
 - `inversion`: DDIM inversion, spherical interpolation of noises, PSNR.
 """
