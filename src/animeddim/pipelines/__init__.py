@@ -1,7 +1,8 @@
 """The Python API every front end calls (the CLI, a web app): model + data + metrics.
 
 Modules: `core` (loading, settings, progress, drawing), `evaluation` (KID/FID, the steps
-study), `latents` (inversion, interpolation, trajectories); everything is importable
+study), `conditional` (attributes, guidance, editing), `control` (attribute accuracy, the
+guidance study), `latents` (inversion, interpolation, trajectories); everything is importable
 from `animeddim.pipelines`.
 
 
@@ -28,6 +29,14 @@ from .conditional import (
     regenerate,
     vocabulary,
 )
+from .control import (
+    GUIDANCE_NAMES,
+    ControlTarget,
+    attribute_accuracy,
+    control_target,
+    guidance_study,
+    real_features,
+)
 from .core import (
     Progress,
     SampleSettings,
@@ -43,6 +52,11 @@ from .evaluation import STEPS_COLUMNS, evaluate, steps_study, write_steps
 from .latents import ReverseSteps, interpolate, invert, reverse_steps, shown_steps, trajectory
 
 __all__ = [
+    "GUIDANCE_NAMES",
+    "ControlTarget",
+    "attribute_accuracy",
+    "control_target",
+    "guidance_study",
     "STEPS_COLUMNS",
     "Progress",
     "ReverseSteps",
@@ -60,6 +74,7 @@ __all__ = [
     "load_for_sampling",
     "observed",
     "open_model",
+    "real_features",
     "regenerate",
     "resolve_settings",
     "reverse_steps",

@@ -44,14 +44,17 @@ def draw_conditional(
     guidance: float = 1.0,
     first_index: int = 0,
     progress: Progress | None = None,
+    net: Any = None,
 ) -> torch.Tensor:
     """`draw` under the asked attributes with classifier-free guidance weight `guidance`:
-    uint8 [n x H x W x C]; nothing asked is unconditional sampling (guidance unused)."""
+    uint8 [n x H x W x C]; nothing asked is unconditional sampling (guidance unused).
+
+    :param net: the `sampling_net` to guide (made for this call when None)."""
     codes = attribute_codes(loaded, asked or {})
     if codes is None:
-        return draw(loaded, n, s, first_index, progress=progress)
+        return draw(loaded, n, s, first_index, net=net, progress=progress)
     calls = 1 if guidance == 1.0 else 2
-    net = guided(sampling_net(loaded, s, calls * n * s.steps), guidance)
+    net = guided(net if net is not None else sampling_net(loaded, s, calls * n * s.steps), guidance)
     cond = codes.to(s.device).expand(n, -1).contiguous()
     return draw(loaded, n, s, first_index, net=net, progress=progress, cond=cond)
 

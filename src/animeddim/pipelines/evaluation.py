@@ -22,6 +22,8 @@ from ..diffusion.samplers import (
     resolve_clip,
 )
 from ..io import write_text_atomic
+from .conditional import draw_conditional
+from .control import ControlTarget, control_summary, real_features
 from .core import Progress, SampleSettings, _nchw, _tell, draw, sampling_net
 
 
@@ -37,6 +39,8 @@ def evaluate(
     cache_dir: Path | None = None,
     paper_batch: int = 64,
     attributes: Any = None,
+    control: ControlTarget | None = None,
+    guidance: float = 1.0,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Generate n images and compare them with the real folder.
@@ -47,13 +51,19 @@ def evaluate(
     Real-image features are cached on disk, keyed by the folder's content.
     :param attributes: an attribute classifier: also report coverage (`coverage.coverage`)
         against the real folder's labels.csv, written beside `out` as OUT-coverage/.
+    :param control: draw under its asked attributes (guidance weight `guidance`) and also
+        report attribute accuracy and KID against the real images with the asked values
+        (`control.control_summary`, under "attributes_asked").
 
     :param progress: told about the stages "sample", "features (real)", "features
         (generated)" and "paper KID" (batches).
     :return: the summary, also written to `out` (JSON) when given.
     """
     t0 = time.perf_counter()
-    fake = draw(loaded, n, settings, progress=progress)
+    if control is not None:
+        fake = draw_conditional(loaded, n, settings, control.asked, guidance, progress=progress)
+    else:
+        fake = draw(loaded, n, settings, progress=progress)
     t_gen = time.perf_counter() - t0
     result: dict[str, Any] = {
         "checkpoint": str(loaded.path),
@@ -69,9 +79,14 @@ def evaluate(
         "generate_seconds": round(t_gen, 2),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    if "standard" in protocols:
-        t1 = time.perf_counter()
+    t1 = time.perf_counter()
+    if "standard" in protocols or control is not None:
         f_real, f_fake = _standard_features(real, fake, extractor, cache_dir, progress)
+    if control is not None:
+        f_asked = real_features(control, extractor, cache_dir)[1]  # the same cached features
+        result["attributes_asked"] = control_summary(control, fake, f_fake, f_asked)
+        result["guidance"] = guidance
+    if "standard" in protocols:
         kid_mean, kid_std = metrics.kid_standard(f_real, f_fake)
         result.update(
             protocol="standard",

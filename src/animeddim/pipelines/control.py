@@ -1,0 +1,295 @@
+"""Measuring control: how often a conditional model draws what it is asked (attribute
+accuracy, judged by an attribute classifier whose own held-out accuracy is the ceiling), KID
+against the real images that have the asked values, and the guidance study (both per
+classifier-free guidance weight w)."""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import metrics
+from ..checkpoint import LoadedModel
+from ..conditioning import UnknownAttribute, encode
+from ..data import DataError
+from ..io import write_text_atomic
+from .conditional import draw_conditional, vocabulary
+from .core import Progress, SampleSettings, _nchw, sampling_net
+
+
+@dataclass
+class ControlTarget:
+    """What is asked of a conditional model and how it is judged.
+
+    :param asked: attribute -> value, known to the model and to the classifier.
+    :param classifier: an `attributes.AttributeNet`.
+    :param ceiling: per asked attribute, the classifier's own accuracy on real images
+        (None where its file records none); `ceiling_kind` says which split it was.
+    :param real_files: the real images labelled with every asked value (sorted).
+    """
+
+    asked: dict[str, str]
+    classifier: Any
+    ceiling: dict[str, float | None]
+    ceiling_kind: str
+    real: Path
+    real_files: list[Path]
+
+    def describe(self) -> str:
+        return ", ".join(f"{a}={v}" for a, v in self.asked.items())
+
+
+def control_target(
+    loaded: LoadedModel,
+    real: str | Path,
+    asked: Mapping[str, str],
+    classifier: str | Path | None = None,
+) -> ControlTarget:
+    """Check what is asked against the model, the classifier and the real folder's labels.
+
+    :param classifier: a classifier file (None: the shipped avatar one).
+    :raises UnknownAttribute: an unconditional model, or an attribute or value the model or
+        the classifier does not know.
+    :raises DataError: the real folder has no labels.csv, no such column, or fewer than 2
+        images with the asked values.
+    """
+    from ..attributes import load_classifier
+
+    if not asked:
+        raise UnknownAttribute("give at least one --attr NAME=VALUE")
+    vocab = vocabulary(loaded)
+    if not vocab:
+        raise UnknownAttribute(
+            "the model is unconditional: attribute accuracy needs a model trained with labels"
+        )
+    encode(vocab, asked)
+    real = Path(real)
+    labels = real / "labels.csv"
+    if not labels.is_file():
+        raise DataError(
+            f"real folder '{real}' has no labels.csv: --attr compares with the real images "
+            "that have the asked values"
+        )
+    net, meta = load_classifier(classifier)
+    for a, v in asked.items():
+        known = net.config.vocab.get(a)
+        if known is None:
+            raise UnknownAttribute(
+                f"the attribute classifier knows no attribute {a!r}; it knows "
+                f"{', '.join(net.config.vocab)} (give --classifier FILE)"
+            )
+        if v not in known:
+            raise UnknownAttribute(
+                f"the attribute classifier knows no {a} value {v!r}; known: {', '.join(known)}"
+            )
+    training = meta.get("training", {})
+    kind = "held-out" if "held_out_accuracy" in training else "validation"
+    accuracy = training.get("held_out_accuracy") or training.get("val_accuracy") or {}
+    return ControlTarget(
+        asked=dict(asked),
+        classifier=net,
+        ceiling={a: accuracy.get(a) for a in asked},
+        ceiling_kind=kind,
+        real=real,
+        real_files=_files_with(real, labels, asked),
+    )
+
+
+def _files_with(real: Path, labels: Path, asked: Mapping[str, str]) -> list[Path]:
+    """The images of `real` whose labels.csv row has every asked value."""
+    from ..data import find_images
+    from ..labels import read_csv_rows
+
+    names, rows = read_csv_rows(labels)
+    missing = [a for a in asked if a not in names]
+    if missing:
+        raise DataError(
+            f"'{labels}' has no column {missing[0]!r} (its attributes: {', '.join(names)})"
+        )
+    col = {n: k for k, n in enumerate(names)}
+    wanted = {f for _, f, v in rows if all(v[col[a]] == x for a, x in asked.items())}
+    files = [p for p in find_images(real) if p.relative_to(real).as_posix() in wanted]
+    what = ", ".join(f"{a}={v}" for a, v in asked.items())
+    if not files:
+        a = next(iter(asked))
+        found = sorted({v[col[a]] for _, _, v in rows})
+        raise DataError(
+            f"no image in '{real}' has {what} (its labels.csv {a} values: {', '.join(found)})"
+        )
+    if len(files) < 2:
+        raise DataError(f"KID needs at least 2 real images with {what}; '{real}' has 1")
+    return files
+
+
+def attribute_accuracy(target: ControlTarget, images_u8: torch.Tensor) -> dict[str, float]:
+    """Per asked attribute, the share of uint8 [N x H x W x C] images the classifier judges
+    to have the asked value."""
+    from ..attributes import classify
+
+    vocab = target.classifier.config.vocab
+    predicted = classify(target.classifier, images_u8.numpy())
+    out = {}
+    for a, v in target.asked.items():
+        k = list(vocab).index(a)
+        out[a] = float((predicted[:, k] == vocab[a].index(v)).mean())
+    return out
+
+
+def real_features(
+    target: ControlTarget,
+    extractor: metrics.FeatureExtractor,
+    cache_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standard-protocol features of the whole real folder (cached) and of its images with
+    the asked values (rows of the former; computed apart when files were skipped)."""
+    from ..data import find_images
+
+    def stage(name: str):
+        return None if progress is None else (lambda d, t: progress(name, d, t))
+
+    f_all = metrics.folder_features(
+        target.real, extractor, "standard", cache_dir=cache_dir, progress=stage("features (real)")
+    )
+    files = find_images(target.real)
+    if len(files) == len(f_all):  # row i is file i (sorted)
+        keep = set(target.real_files)
+        rows = [i for i, p in enumerate(files) if p in keep]
+        return f_all, f_all[rows]
+    from ..data import load_image
+
+    images = torch.from_numpy(np.stack([load_image(p, size=None) for p in target.real_files]))
+    f_sub = metrics.features_with_progress(
+        extractor, _nchw(images), "standard", stage("features (real, asked values)")
+    )
+    return f_all, f_sub
+
+
+def control_summary(
+    target: ControlTarget, fake: torch.Tensor, f_fake: torch.Tensor, f_subset: torch.Tensor
+) -> dict[str, Any]:
+    """The attribute part of an evaluation: accuracy per asked attribute with the classifier's
+    ceiling beside it, and standard KID against the real images with the asked values."""
+    kid_mean, kid_std = metrics.kid_standard(f_subset, f_fake)
+    return {
+        "asked": target.asked,
+        "accuracy": attribute_accuracy(target, fake),
+        "classifier_accuracy": target.ceiling,
+        "classifier_accuracy_on": target.ceiling_kind,
+        "kid_mean": kid_mean,
+        "kid_std": kid_std,
+        "n_real": len(f_subset),
+        "protocol": "standard",
+    }
+
+
+def guidance_study(
+    loaded: LoadedModel,
+    target: ControlTarget,
+    *,
+    weights: Sequence[float],
+    n: int,
+    settings: SampleSettings,
+    extractor: metrics.FeatureExtractor,
+    out_dir: str | Path,
+    cache_dir: Path | None = None,
+    log=print,
+    progress: Progress | None = None,
+) -> list[dict[str, Any]]:
+    """Attribute accuracy and standard KID (against all real images and against those with
+    the asked values) per guidance weight w, the same seeds for every w; writes
+    guidance.csv and guidance.md.
+
+    :param progress: told about "features (real)", then per w the stages "w W: sample" and
+        "w W: features".
+    """
+    f_all, f_sub = real_features(target, extractor, cache_dir, progress)
+    net = sampling_net(loaded, settings, 2 * n * settings.steps * len(weights))
+    rows = []
+    for w in weights:
+        name = f"w {w:g}"
+        stage = _prefixed(progress, name)
+        t = time.perf_counter()
+        fake = draw_conditional(loaded, n, settings, target.asked, w, progress=stage, net=net)
+        spi = (time.perf_counter() - t) / n
+        f_fake = metrics.features_with_progress(
+            extractor,
+            _nchw(fake),
+            "standard",
+            None if stage is None else partial(stage, "features"),
+        )
+        c = control_summary(target, fake, f_fake, f_sub)
+        kid_mean, kid_std = metrics.kid_standard(f_all, f_fake)
+        row = {"guidance": w}
+        row.update({f"accuracy_{a}": acc for a, acc in c["accuracy"].items()})
+        row.update(kid_mean=kid_mean, kid_std=kid_std)
+        row.update(kid_asked_mean=c["kid_mean"], kid_asked_std=c["kid_std"])
+        row.update(seconds_per_image=spi, protocol="standard")
+        rows.append(row)
+        acc = ", ".join(f"{a} {100 * v:.1f}%" for a, v in c["accuracy"].items())
+        log(
+            f"w {w:g}: accuracy {acc}; KID (standard) {kid_mean:.4f} ± {kid_std:.4f}, "
+            f"against {target.describe()} {c['kid_mean']:.4f} ± {c['kid_std']:.4f}"
+        )
+    write_guidance(rows, target, n, settings, Path(out_dir))
+    return rows
+
+
+def _prefixed(progress: Progress | None, prefix: str) -> Progress | None:
+    """progress with every stage named "PREFIX: stage"."""
+    if progress is None:
+        return None
+    return lambda stage, done, total: progress(f"{prefix}: {stage}", done, total)
+
+
+GUIDANCE_NAMES = ("guidance.csv", "guidance.md")
+
+
+def write_guidance(
+    rows: list[dict[str, Any]],
+    target: ControlTarget,
+    n: int,
+    settings: SampleSettings,
+    out_dir: Path,
+) -> None:
+    """guidance.csv (one row per w) and guidance.md (the same table, the classifier's
+    accuracy as the ceiling of each accuracy column)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    f = StringIO(newline="")
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(out_dir / "guidance.csv", f.getvalue())
+    asked = list(target.asked)
+
+    def ceiling(a: str) -> str:
+        c = target.ceiling.get(a)
+        return "?" if c is None else f"{100 * c:.1f}%"
+
+    head = [f"{a}={target.asked[a]} accuracy (ceiling {ceiling(a)})" for a in asked]
+    lines = [
+        f"Guidance study: {n} images per w, {settings.steps} {settings.sampler} steps, seed "
+        f"{settings.seed}; accuracy judged by the attribute classifier (ceiling: its own "
+        f"{target.ceiling_kind} accuracy on real images); KID standard protocol "
+        f"(torch-fidelity 0.4.0) against all {target.real.name} images and against the "
+        f"{len(target.real_files)} with {target.describe()}.",
+        "",
+        "| w | " + " | ".join(head) + " | KID | ± std | KID vs asked | ± std |",
+        "|---:|" + "---:|" * len(asked) + "---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        accs = " | ".join(f"{100 * r[f'accuracy_{a}']:.1f}%" for a in asked)
+        lines.append(
+            f"| {r['guidance']:g} | {accs} | {r['kid_mean']:.4f} | {r['kid_std']:.4f} | "
+            f"{r['kid_asked_mean']:.4f} | {r['kid_asked_std']:.4f} |"
+        )
+    write_text_atomic(out_dir / "guidance.md", "\n".join(lines) + "\n")

@@ -1,0 +1,128 @@
+"""Measuring control on a tiny conditional model: attribute accuracy judged by a classifier,
+KID against the real images with the asked values, the guidance study (`animeddim.pipelines`;
+the commands in tests/test_control_cli.py)."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from animeddim import metrics, pipelines
+from animeddim.conditioning import UnknownAttribute
+from animeddim.data import DataError, load_image
+
+try:
+    metrics.find_inception_weights()
+    HAVE_WEIGHTS = True
+except metrics.InceptionWeightsMissing:
+    HAVE_WEIGHTS = False
+needs_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason="FID Inception weights not installed")
+
+
+@pytest.fixture(scope="module")
+def loaded(cond_run):
+    return pipelines.load_for_sampling(cond_run, None, "cpu")[0]
+
+
+def small_real(cond_data, out, per_colour: int = 6):
+    """A labelled real folder of `per_colour` images of each colour from `cond_data` (KID
+    needs Inception features of each: fewer images, a faster test)."""
+    out.mkdir()
+    rows = list(csv.DictReader(open(cond_data / "labels.csv")))
+    keep: list[dict] = []
+    for c in ("red", "blue"):
+        keep += [r for r in rows if r["colour"] == c][:per_colour]
+    for r in keep:
+        shutil.copy(cond_data / r["file"], out)
+    lines = ["file,colour,band"] + [f"{r['file']},{r['colour']},{r['band']}" for r in keep]
+    (out / "labels.csv").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _settings(**kw):
+    return pipelines.resolve_settings("cpu", "fp32", steps=5, sampler="ddim", **kw)
+
+
+def test_target_names_the_real_images_with_the_asked_values(loaded, cond_data, cond_classifier):
+    t = pipelines.control_target(loaded, cond_data, {"colour": "blue"}, cond_classifier)
+    rows = list(csv.DictReader(open(cond_data / "labels.csv")))
+    assert [p.name for p in t.real_files] == [r["file"] for r in rows if r["colour"] == "blue"]
+    t = pipelines.control_target(
+        loaded, cond_data, {"colour": "blue", "band": "top"}, cond_classifier
+    )
+    assert len(t.real_files) == 24
+    # the ceiling is the classifier's own accuracy, as its file records it
+    assert t.ceiling_kind == "validation" and t.ceiling["colour"] == 1.0
+    assert 0 < t.ceiling["band"] <= 1
+
+
+def test_target_errors_name_the_problem(loaded, cond_data, cond_classifier, web_runs, tmp_path):
+    def refused(error, match, model=loaded, real=cond_data, asked=None):
+        with pytest.raises(error, match=match):
+            pipelines.control_target(model, real, asked or {"colour": "red"}, cond_classifier)
+
+    unconditional = pipelines.load_for_sampling(web_runs / "tiny", None, "cpu")[0]
+    refused(UnknownAttribute, "the model is unconditional", model=unconditional)
+    refused(UnknownAttribute, "the model knows no colour value 'green'", asked={"colour": "green"})
+    refused(UnknownAttribute, "the model knows no attribute 'hat'", asked={"hat": "yes"})
+    bare = tmp_path / "bare"
+    shutil.copytree(cond_data, bare)
+    (bare / "labels.csv").unlink()
+    refused(DataError, f"real folder '{bare}' has no labels.csv", real=bare)
+    blue = tmp_path / "blue"
+    blue.mkdir()
+    rows = [r for r in csv.DictReader(open(cond_data / "labels.csv")) if r["colour"] == "blue"]
+    for r in rows:
+        shutil.copy(cond_data / r["file"], blue)
+    lines = ["file,colour"] + [f"{r['file']},blue" for r in rows]
+    (blue / "labels.csv").write_text("\n".join(lines) + "\n")
+    refused(DataError, r"no image in .* has colour=red \(its labels.csv colour values: blue\)",
+            real=blue)  # fmt: skip
+    refused(DataError, "has no column 'band'", real=blue, asked={"band": "top"})
+
+
+def test_attribute_accuracy_is_the_share_classified_as_asked(loaded, cond_data, cond_classifier):
+    from animeddim.attributes import classify
+
+    t = pipelines.control_target(loaded, cond_data, {"colour": "blue"}, cond_classifier)
+    images = pipelines.draw_conditional(loaded, 12, _settings(), {"colour": "blue"}, 3.0)
+    codes = classify(t.classifier, images.numpy())
+    blue = list(t.classifier.config.vocab["colour"]).index("blue")
+    share = float((codes[:, 0] == blue).mean())
+    assert pipelines.attribute_accuracy(t, images) == {"colour": share}
+    assert share >= 0.9  # guidance 3 on a model that has learnt the colours
+
+
+@needs_weights
+def test_guidance_study_table(loaded, cond_data, cond_classifier, tmp_path):
+    real = small_real(cond_data, tmp_path / "real")
+    t = pipelines.control_target(loaded, real, {"colour": "red"}, cond_classifier)
+    assert len(t.real_files) == 6
+    extractor = metrics.InceptionFeatures(device="cpu")
+    stages, lines = set(), []
+    rows = pipelines.guidance_study(
+        loaded, t, weights=[0.0, 3.0], n=8, settings=_settings(), extractor=extractor,
+        out_dir=tmp_path / "study", cache_dir=tmp_path / "cache", log=lines.append,
+        progress=lambda stage, done, total: stages.add(stage),
+    )  # fmt: skip
+    assert [r["guidance"] for r in rows] == [0.0, 3.0]
+    assert {"features (real)", "w 0: sample", "w 3: sample", "w 3: features"} <= stages
+    # w = 0 is the null model (its washed-out colours look blue), w = 3 asks hard for red
+    images = pipelines.draw_conditional(loaded, 8, _settings(), {"colour": "red"}, 3.0)
+    assert rows[1]["accuracy_colour"] == pipelines.attribute_accuracy(t, images)["colour"]
+    assert rows[1]["accuracy_colour"] > rows[0]["accuracy_colour"]
+    # KID against the asked real images is KID against those rows of the real features
+    f_all, f_red = pipelines.real_features(t, extractor, tmp_path / "cache")
+    images = np.stack([load_image(p, size=None) for p in t.real_files])
+    direct = extractor.features(torch.from_numpy(images).permute(0, 3, 1, 2), "standard")
+    assert torch.allclose(f_red, direct.double(), atol=1e-4)
+    assert len(f_all) == 12 and rows[0]["kid_asked_mean"] != rows[0]["kid_mean"]
+    table = list(csv.DictReader(open(tmp_path / "study" / "guidance.csv")))
+    assert [float(r["accuracy_colour"]) for r in table] == [r["accuracy_colour"] for r in rows]
+    md = (tmp_path / "study" / "guidance.md").read_text()
+    assert "colour=red accuracy (ceiling 100.0%)" in md and "| 3 | " in md
+    assert lines[1].startswith("w 3: accuracy colour ")
