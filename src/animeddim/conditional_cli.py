@@ -1,5 +1,6 @@
-"""``sample --attr/--guidance/--grid-by`` and ``edit``: options -> `pipelines` calls (see
-cli.py's conventions: a user error is one line and exit 2)."""
+"""``sample --attr/--guidance/--grid-by``, ``edit``, ``evaluate --attr`` and ``guidance``:
+options -> `pipelines` calls (see the cli package's conventions: a user error is one line and
+exit 2)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,36 @@ def _guidance(text: str) -> float:
     if not (math.isfinite(w) and w >= 0.0):
         raise argparse.ArgumentTypeError(f"--guidance must be a number >= 0, got {text!r}")
     return w
+
+
+def _guidance_list(text: str) -> list[float]:
+    ws = [_guidance(x.strip()) for x in text.split(",") if x.strip()]
+    if not ws:
+        raise argparse.ArgumentTypeError(f"--w needs comma-separated weights >= 0, got {text!r}")
+    return ws
+
+
+def _add_classifier(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--classifier",
+        metavar="FILE",
+        help="attribute classifier that judges the samples (default: the shipped avatar one)",
+    )
+
+
+def add_evaluate_options(p: argparse.ArgumentParser) -> None:
+    """`evaluate --attr/--guidance/--classifier`: attribute accuracy and KID against the real
+    images with the asked values."""
+    add_sample_options(p)
+    p.set_defaults(attr=[])
+    for action in p._actions:
+        if action.dest == "attr":
+            action.help = (
+                "draw a conditional model under NAME=VALUE (repeatable) and also report "
+                "attribute accuracy (the classifier's own accuracy beside it) and KID against "
+                "the --real images whose labels.csv has that value"
+            )
+    _add_classifier(p)
 
 
 def add_sample_options(p: argparse.ArgumentParser) -> None:
@@ -124,5 +155,99 @@ def cmd_edit(a: argparse.Namespace, load, settings_of, bars) -> int:
     print(
         f"{r['images']} images edited ({what}, {a.steps} steps) in "
         f"{time.perf_counter() - t:.0f}s: after/, pairs/ (before | after) and grid.png in {out}"
+    )
+    return 0
+
+
+def evaluate_target(a: argparse.Namespace, loaded) -> Any:
+    """The `pipelines.ControlTarget` of `evaluate --attr` (None without --attr), checked
+    before any image is drawn."""
+    if not a.attr:
+        return None
+    from .pipelines import control_target
+
+    return control_target(loaded, a.real, asked(a), a.classifier)
+
+
+def control_lines(c: dict[str, Any]) -> list[str]:
+    """What `evaluate --attr` prints of its "attributes_asked" summary."""
+    on = c["classifier_accuracy_on"]
+    lines = []
+    for attr, acc in c["accuracy"].items():
+        ceiling = c["classifier_accuracy"].get(attr)
+        beside = "?" if ceiling is None else f"{100 * ceiling:.1f}%"
+        lines.append(
+            f"attribute accuracy {attr}={c['asked'][attr]}: {100 * acc:.1f}% of the samples "
+            f"(the classifier's own {on} accuracy on real images: {beside})"
+        )
+    what = ", ".join(f"{k}={v}" for k, v in c["asked"].items())
+    lines.append(
+        f"KID (standard protocol) against the {c['n_real']} real images with {what}: "
+        f"{c['kid_mean']:.5f} ± {c['kid_std']:.5f}"
+    )
+    return lines
+
+
+def add_guidance_parser(sub: Any, setup: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Register ``guidance``; `setup` adds the model source, sampling, runtime and metrics
+    options."""
+    p = sub.add_parser(
+        "guidance", help="guidance study: attribute accuracy and standard KID per weight w"
+    )
+    setup(p)
+    p.add_argument("--real", required=True, help="folder of real images with labels.csv")
+    p.add_argument(
+        "--attr",
+        action="append",
+        required=True,
+        metavar="NAME=VALUE",
+        help="the attribute value asked (repeatable)",
+    )
+    p.add_argument(
+        "--w",
+        type=_guidance_list,
+        default=[0.0, 1.0, 2.0, 3.0, 5.0],
+        dest="weights",
+        metavar="W,W,...",
+        help="comma-separated guidance weights (default 0,1,2,3,5)",
+    )
+    _add_classifier(p)
+    p.add_argument("--out", help="folder for guidance.csv/.md (default: the run folder)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an earlier guidance study in that folder (default: an existing output "
+        "is an error)",
+    )
+
+
+def cmd_guidance(a: argparse.Namespace, load, settings_of, extractor_of, bars) -> int:
+    from . import outputs
+    from .config import ConfigError
+    from .pipelines import GUIDANCE_NAMES, control_target, guidance_study
+
+    out = Path(a.out) if a.out else (Path(a.run) if a.run and Path(a.run).is_dir() else None)
+    if out is None:
+        raise ConfigError("give --out DIR (no run folder to write into)")
+    if not Path(a.real).is_dir():
+        raise ConfigError(f"real-image folder {a.real!r} does not exist")
+    outputs.earlier_outputs(out, GUIDANCE_NAMES, a.force)  # each is replaced whole
+    loaded, device = load(a.run, a.model, a.device)
+    target = control_target(loaded, a.real, asked(a), a.classifier)
+    t = time.perf_counter()
+    guidance_study(
+        loaded,
+        target,
+        weights=a.weights,
+        n=a.n,
+        settings=settings_of(a, device),
+        extractor=extractor_of(a),
+        out_dir=out,
+        cache_dir=Path(a.cache_dir) if a.cache_dir else None,
+        progress=bars,
+    )
+    print(
+        f"guidance study ({len(a.weights)} weights, {a.n} images each, "
+        f"{time.perf_counter() - t:.0f}s): {out / 'guidance.csv'}, {out / 'guidance.md'}"
     )
     return 0

@@ -7,6 +7,7 @@ import argparse
 from .. import conditional_cli
 from ..config import KID_PROTOCOLS
 from ..diffusion.sampler_names import SAMPLER_NAMES
+from . import sampling
 from .commands import (
     cmd_bench,
     cmd_data_avatars,
@@ -166,9 +167,23 @@ def _add_evaluate_command(sub) -> None:
         help="also classify the samples' attributes against --real's labels.csv (TV per "
         "attribute; files beside --out); CLASSIFIER: a file (default: the shipped avatar one)",
     )
+    conditional_cli.add_evaluate_options(p)
     _add_force(p, "an existing --out file")
     _add_metrics(p)
     p.set_defaults(func=cmd_evaluate)
+
+    def guidance_source(p: argparse.ArgumentParser) -> None:
+        _add_model_source(p)
+        _add_sampling(p, 1000, n_min=2)
+        _add_sampler(p)
+        _add_metrics(p)
+
+    conditional_cli.add_guidance_parser(sub, guidance_source)
+    sub.choices["guidance"].set_defaults(
+        func=lambda a: conditional_cli.cmd_guidance(
+            a, load_for_sampling, _settings, sampling._extractor, _Bars()
+        )
+    )
 
 
 def _add_steps_command(sub) -> None:
