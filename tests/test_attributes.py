@@ -362,8 +362,18 @@ def test_attributes_train_and_coverage_commands(labelled: tuple[Path, Path], tmp
         assert len(list(csv.DictReader(f))) == sum(len(v) for v in avatar_vocabulary().values())
     again = ["attributes", "coverage", str(real), "--real", str(real), "--classifier", str(clf)]
     p = run_cli(*again, "--out", str(out), check=False)
-    assert p.returncode == 2 and "already exists; use --force" in p.stderr
+    assert p.returncode == 2 and "already holds earlier outputs (coverage.csv and 3 more); use " \
+        "--force" in p.stderr  # fmt: skip
+    (out / "coverage.json").unlink()  # any one of its files is an earlier coverage
+    p = run_cli(*again, "--out", str(out), check=False)
+    assert p.returncode == 2 and "(coverage.csv and 2 more)" in p.stderr
+    p = run_cli(*again, "--out", str(real / "cov"), check=False)
+    assert p.returncode == 2 and "is inside the samples folder" in p.stderr
     run_cli(*again, "--out", str(out), "--force")
+    assert (out / "coverage.json").is_file()
+    p = run_cli("attributes", "train", "--data", str(train_dir), "--out", str(tmp_path / "c.json"),
+                check=False)  # fmt: skip
+    assert p.returncode == 2 and "--out and its accuracy JSON name the same file" in p.stderr
 
 
 def test_attributes_command_errors(labelled: tuple[Path, Path], tmp_path: Path) -> None:

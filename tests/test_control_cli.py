@@ -110,3 +110,115 @@ def test_guidance_needs_a_place_to_write_and_a_weight(cond_data, capsys):
     assert rc == 2 and "give --out DIR" in err
     rc, _, err = run_main(capsys, "guidance", "--real", cond_data, "--attr", "a=b", "--w", "1,x")
     assert rc == 2 and "--guidance must be a number >= 0, got 'x'" in err
+
+
+def _red_images(cond_data, folder, n):
+    folder.mkdir()
+    rows = [r for r in csv.DictReader(open(cond_data / "labels.csv")) if r["colour"] == "red"]
+    for r in rows[:n]:
+        shutil.copy(cond_data / r["file"], folder)
+    return folder
+
+
+def test_edit_reports_what_the_untouched_attributes_keep(
+    cond_run, cond_data, cond_classifier, tmp_path, capsys
+):
+    import numpy as np
+
+    from animeddim.attributes import classify, load_classifier
+    from animeddim.data import load_folder
+
+    images = _red_images(cond_data, tmp_path / "in", 6)
+    out = tmp_path / "edited"
+    rc, stdout, err = run_main(capsys, "edit", "--run", cond_run, "--images", images, "--set",
+                               "colour=blue", "--steps", 10, "--out", out, "--classifier",
+                               cond_classifier, "--device", "cpu")  # fmt: skip
+    assert rc == 0, err
+    summary = json.loads((out / "edit_summary.json").read_text())
+    p = summary["preservation"]
+    assert p["images"] == 6 and list(p["preserved"]) == ["band"]  # colour was set
+    # the same judgement made by hand from the files written
+    net, _ = load_classifier(cond_classifier)
+    before = classify(net, np.asarray(load_folder(images, 16).images))
+    after = classify(net, np.asarray(load_folder(out / "after", 16).images))
+    band = list(net.config.vocab).index("band")
+    assert p["preserved"]["band"] == float((before[:, band] == after[:, band]).mean())
+    assert p["preserved_overall"] == p["preserved"]["band"]
+    blue = net.config.vocab["colour"].index("blue")
+    assert p["changed_to_value"]["colour"] == float((after[:, 0] == blue).mean()) >= 0.5
+    assert (
+        f"untouched attributes classified the same before and after: "
+        f"{100 * p['preserved_overall']:.1f}% overall (band {100 * p['preserved']['band']:.1f}%)"
+    ) in stdout
+    assert "edits classified with the set colour: " in stdout
+
+
+def test_edit_force_rules(cond_run, cond_data, tmp_path, capsys):
+    images = _red_images(cond_data, tmp_path / "in", 3)
+    out = tmp_path / "edited"
+    args = ["edit", "--run", cond_run, "--images", images, "--set", "colour=blue",
+            "--steps", 3, "--out", out, "--device", "cpu"]  # fmt: skip
+    rc, stdout, err = run_main(capsys, *args)
+    assert rc == 0, err
+    # the shipped avatar classifier knows neither colour nor band
+    assert "preservation not measured" in stdout
+    assert "preservation" not in json.loads((out / "edit_summary.json").read_text())
+    files = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    assert len(files) == 3 + 3 + 2  # after/, pairs/, grid.png and edit_summary.json
+    rc, _, err = run_main(capsys, *args)
+    assert rc == 2 and "already holds earlier outputs" in err and "--force" in err
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == files
+    first = sorted(images.iterdir())[0]
+    first.unlink()  # the next edit has two images: nothing of the third may be left
+    rc, _, err = run_main(capsys, *args, "--force")
+    assert rc == 0, err
+    assert sorted(f.name for f in (out / "after").iterdir()) == sorted(
+        f.name for f in images.iterdir()
+    )
+    assert not (out / "pairs" / first.name).exists()
+    rc, _, err = run_main(capsys, "edit", "--run", cond_run, "--images", images, "--set",
+                          "colour=blue", "--out", images / "edits")  # fmt: skip
+    assert rc == 2 and "is inside the --images folder" in err
+    rc, _, err = run_main(capsys, *args, "--batch-size", 0)
+    assert rc == 2 and "batch-size must be an integer >= 1, got '0'" in err
+
+
+def test_grid_by_pngs_are_named_by_value_and_seed(cond_run, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    out, one = tmp_path / "grid", tmp_path / "red"
+    args = ["sample", "--run", cond_run, "--n", 2, "--steps", 3, "--seed", 5, "--device", "cpu"]
+    rc, stdout, err = run_main(capsys, *args, "--grid-by", "colour", "--out", out)
+    assert rc == 0, err
+    assert sorted(f.name for f in out.iterdir()) == [
+        "colour-blue-seed5-000000.png", "colour-blue-seed5-000001.png",
+        "colour-red-seed5-000000.png", "colour-red-seed5-000001.png",
+    ]  # fmt: skip
+    assert "4 images in" in stdout
+    # colour-red-seed5-000001.png is image 1 of seed 5 drawn with colour=red
+    rc, _, err = run_main(capsys, *args, "--attr", "colour=red", "--out", one)
+    assert rc == 0, err
+    for i in (0, 1):
+        a = np.asarray(Image.open(out / f"colour-red-seed5-{i:06d}.png"))
+        b = np.asarray(Image.open(one / f"seed5-{i:06d}.png"))
+        assert np.array_equal(a, b)
+    rc, _, err = run_main(capsys, *args, "--grid-by", "colour", "--out", out)
+    assert rc == 2 and "already holds earlier outputs" in err
+    rc, _, err = run_main(capsys, *args, "--grid-by", "band", "--out", out, "--force")
+    assert rc == 0, err
+    assert sorted(f.name for f in out.iterdir())[0] == "band-bottom-seed5-000000.png"
+    assert len(list(out.iterdir())) == 4  # the colour grid's files are gone
+
+
+def test_grid_names_say_value_and_seed():
+    from animeddim.conditional_cli import grid_names
+
+    assert grid_names("hair_color", ["#ab2a18", "#0e0e0e"], 3, 1) == [
+        "hair_color-ab2a18-seed3-000000.png",
+        "hair_color-0e0e0e-seed3-000000.png",
+    ]
+    assert grid_names("cls", ["a b", "a_b"], 0, 1) == [
+        "cls-00_a_b-seed0-000000.png",
+        "cls-01_a_b-seed0-000000.png",
+    ]

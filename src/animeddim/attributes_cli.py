@@ -107,8 +107,12 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     if not 0 <= a.val_fraction < 1:
         raise CliError(f"--val-fraction must be in [0, 1), got {a.val_fraction}")
+    from .outputs import distinct
+
+    out_json = Path(a.out).with_suffix(".json")
+    distinct([("--out", Path(a.out)), ("its accuracy JSON", out_json)])
     new_file(a.out, a.force)
-    new_file(Path(a.out).with_suffix(".json"), a.force)
+    new_file(out_json, a.force)
     for d in [*a.data, *([a.held_out] if a.held_out else [])]:
         if not Path(d).is_dir():
             raise CliError(f"{d!r} is not a folder")
@@ -183,11 +187,13 @@ def cmd_coverage(a: argparse.Namespace) -> int:
             raise CliError(f"{d!r} is not a folder")
     if not (Path(a.real) / "labels.csv").is_file():
         raise CliError(f"real folder {a.real!r} has no labels.csv")
-    from .outputs import new_file
+    from .outputs import COVERAGE_NAMES, earlier_outputs, not_inside
 
     samples = Path(a.samples)
     out = Path(a.out) if a.out else samples.with_name(samples.name + "-coverage")
-    new_file(out / "coverage.json", a.force)
+    not_inside(out, [samples], "--out", "the samples folder")
+    not_inside(out, [a.real], "--out", "the --real folder")
+    earlier_outputs(out, COVERAGE_NAMES, a.force)  # each is replaced whole
     net, _ = load_classifier(a.classifier)
     result = coverage_of_folders(net, a.samples, a.real)
     write_coverage(result, out)

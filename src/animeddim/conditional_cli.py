@@ -29,11 +29,23 @@ def _guidance_list(text: str) -> list[float]:
     return ws
 
 
-def _add_classifier(p: argparse.ArgumentParser) -> None:
+def _batch_size(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"batch-size must be an integer >= 1, got {text!r}")
+    return n
+
+
+def _add_classifier(
+    p: argparse.ArgumentParser, does: str = "judges the samples", when: str = ""
+) -> None:
     p.add_argument(
         "--classifier",
         metavar="FILE",
-        help="attribute classifier that judges the samples (default: the shipped avatar one)",
+        help=f"attribute classifier that {does} (default: the shipped avatar one{when})",
     )
 
 
@@ -94,8 +106,18 @@ def add_edit_parser(sub: Any, setup: Callable[[argparse.ArgumentParser], None], 
     p.add_argument(
         "--guidance", type=_guidance, default=1.0, metavar="W", help="of the regeneration (1)"
     )
-    p.add_argument("--out", required=True, help="new output folder")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--out",
+        required=True,
+        help="folder for after/, pairs/, grid.png and edit_summary.json",
+    )
+    p.add_argument("--batch-size", type=_batch_size, default=64, help="(default 64)")
+    _add_classifier(p, "judges what the edits keep", ", if it knows the model's attributes")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an earlier edit in --out (default: an existing output is an error)",
+    )
 
 
 def asked(a: argparse.Namespace) -> dict[str, str]:
@@ -106,8 +128,8 @@ def asked(a: argparse.Namespace) -> dict[str, str]:
 
 def sample_conditional(a: argparse.Namespace, loaded, settings, bars) -> Any:
     """Images of `sample` with --attr/--grid-by: uint8 [N x H x W x C] (None on the other
-    ranks under torchrun, where each rank draws a block of image indices) and the number of
-    grid columns."""
+    ranks under torchrun, where each rank draws a block of image indices), the number of
+    grid columns and the PNG names (None: the usual seedS-IIIIII.png)."""
     from .distributed import is_main, shard_images
     from .pipelines import attribute_grid, draw_conditional
 
@@ -116,9 +138,9 @@ def sample_conditional(a: argparse.Namespace, loaded, settings, bars) -> Any:
             loaded, a.grid_by, a.n, settings, asked(a), a.guidance, progress=bars
         )
         if not is_main():
-            return None, a.n
+            return None, a.n, None
         print(f"rows: {a.grid_by} = {', '.join(values)}; columns: images 0..{a.n - 1}")
-        return images, a.n
+        return images, a.n, grid_names(a.grid_by, values, a.seed, a.n)
     attrs = asked(a)
     images = shard_images(
         lambda count, first: draw_conditional(
@@ -126,37 +148,91 @@ def sample_conditional(a: argparse.Namespace, loaded, settings, bars) -> Any:
         ),
         a.n,
     )
-    return images, min(8, a.n)
+    return images, min(8, a.n), None
+
+
+def grid_names(attribute: str, values: list[str], seed: int, n: int) -> list[str]:
+    """PNG names of a --grid-by grid, row by row: ATTR-VALUE-seedS-IIIIII.png (image index
+    I of seed S drawn with ATTR=VALUE). Characters a file name should not hold become '_'
+    ('#' of a colour is dropped); values that then coincide get their row number."""
+    import re
+
+    def slug(text: str) -> str:
+        return re.sub(r"[^\w.-]", "_", text.lstrip("#")) or "_"
+
+    slugs = [slug(v) for v in values]
+    if len(set(slugs)) < len(slugs):
+        slugs = [f"{k:02d}_{s}" for k, s in enumerate(slugs)]
+    return [f"{slug(attribute)}-{s}-seed{seed}-{i:06d}.png" for s in slugs for i in range(n)]
 
 
 def cmd_edit(a: argparse.Namespace, load, settings_of, bars) -> int:
+    from . import outputs
     from .conditioning import parse_assignments
-    from .config import ConfigError
     from .pipelines import edit
+    from .pipelines.conditional import EDIT_NAMES
 
-    out = Path(a.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"--out {a.out} already exists and is not empty: choose a new folder")
     changes = parse_assignments(a.changes, "--set")
+    outputs.not_inside(a.out, [a.images], "--out", "the --images folder")
+    earlier = outputs.signature(
+        outputs.earlier_outputs(a.out, EDIT_NAMES, a.force, recursive_in=("after", "pairs"))
+    )
     loaded, device = load(a.run, a.model, a.device)
+    classifier = _edit_classifier(a, loaded)
     t = time.perf_counter()
     r = edit(
         loaded,
         a.images,
-        out,
+        a.out,
         changes,
         steps=a.steps,
         guidance=a.guidance,
         labels=a.labels,
         settings=settings_of(a, device),
+        classifier=classifier,
         progress=bars,
     )
+    outputs.remove_unchanged(earlier)  # --force: no edit of an earlier image is left
     what = ", ".join(f"{k}={v}" for k, v in changes.items())
     print(
         f"{r['images']} images edited ({what}, {a.steps} steps) in "
-        f"{time.perf_counter() - t:.0f}s: after/, pairs/ (before | after) and grid.png in {out}"
+        f"{time.perf_counter() - t:.0f}s: after/, pairs/ (before | after), grid.png and "
+        f"edit_summary.json in {a.out}"
     )
+    if "preservation" in r:
+        print("\n".join(preservation_lines(r["preservation"])))
+    elif classifier is None:
+        print(
+            "preservation not measured: the shipped avatar classifier knows none of the "
+            "model's attributes (give --classifier FILE)"
+        )
     return 0
+
+
+def _edit_classifier(a: argparse.Namespace, loaded) -> Any:
+    """The classifier that judges an edit: --classifier, else the shipped avatar one when it
+    knows one of the model's attributes, else None."""
+    from .attributes import load_classifier
+    from .pipelines import vocabulary
+
+    if a.classifier:
+        return load_classifier(a.classifier)[0]
+    net = load_classifier(None)[0]
+    return net if set(net.config.vocab) & set(vocabulary(loaded)) else None
+
+
+def preservation_lines(p: dict[str, Any]) -> list[str]:
+    """What `edit` prints of its preservation summary."""
+    lines = []
+    if p["preserved"]:
+        per = ", ".join(f"{k} {100 * v:.1f}%" for k, v in p["preserved"].items())
+        lines.append(
+            f"untouched attributes classified the same before and after: "
+            f"{100 * p['preserved_overall']:.1f}% overall ({per})"
+        )
+    for k, v in p["changed_to_value"].items():
+        lines.append(f"edits classified with the set {k}: {100 * v:.1f}%")
+    return lines
 
 
 def evaluate_target(a: argparse.Namespace, loaded) -> Any:

@@ -15,7 +15,8 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-SAMPLE_NAME = re.compile(r"seed-?\d+-\d{6}\.png")  # what `sample --out DIR` writes
+# what `sample --out DIR` writes (with --grid-by: ATTR-VALUE-seedS-IIIIII.png)
+SAMPLE_NAME = re.compile(r"([\w.-]+-)?seed-?\d+-\d{6}\.png")
 REPORT_NAMES = re.compile(  # what `report --out DIR` writes
     r"report\.(md|html)|fig[\w.-]*\.png|samples-[\w.-]+\.png|"
     r"(table[\w.-]*|steps-table)\.(md|csv)"

@@ -55,9 +55,9 @@ def cmd_sample(a: argparse.Namespace) -> int:
     t = time.perf_counter()
     # Under torchrun each rank draws a block of image indices; rank 0 gathers and writes.
     bars = _Bars()
-    cols = min(8, a.n)
+    cols, names = min(8, a.n), None
     if a.attr or a.grid_by:
-        images, cols = conditional_cli.sample_conditional(a, loaded, settings, bars)
+        images, cols, names = conditional_cli.sample_conditional(a, loaded, settings, bars)
     else:
         images = shard_images(
             lambda count, first: draw(loaded, count, settings, first, progress=bars), a.n
@@ -67,8 +67,8 @@ def cmd_sample(a: argparse.Namespace) -> int:
     dt = time.perf_counter() - t
     if a.out:
         outputs.remove(earlier)  # --force: this call's samples replace them, all of them
-        write_pngs(images, Path(a.out), a.seed)
-        print(f"{a.n} images in {a.out}")
+        write_pngs(images, Path(a.out), a.seed, names=names)
+        print(f"{len(images)} images in {a.out}")
     if a.grid:
         Path(a.grid).parent.mkdir(parents=True, exist_ok=True)
         save_grid(images, Path(a.grid), cols=cols)
@@ -251,8 +251,9 @@ def cmd_interpolate(a: argparse.Namespace) -> int:
     return 0
 
 
-def write_pngs(images_u8, out: Path, seed: int, first_index: int = 0) -> None:
+def write_pngs(images_u8, out: Path, seed: int, first_index: int = 0, names=None) -> None:
     from ..io import save_pngs
 
-    names = [f"seed{seed}-{first_index + i:06d}.png" for i in range(len(images_u8))]
+    if names is None:
+        names = [f"seed{seed}-{first_index + i:06d}.png" for i in range(len(images_u8))]
     save_pngs(images_u8, out, names)

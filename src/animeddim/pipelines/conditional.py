@@ -4,6 +4,7 @@ regeneration under the changed ones)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,12 @@ from ..diffusion.generation import denormalize
 from ..diffusion.guidance import guided
 from ..diffusion.inversion import ddim_invert
 from ..diffusion.samplers import sample
-from ..io import save_grid, save_pngs
+from ..io import save_grid, save_pngs, write_text_atomic
 from .core import Progress, SampleSettings, _counter, draw, sampling_net
 from .latents import _load_images, _normalised
+
+EDIT_SUMMARY = "edit_summary.json"
+EDIT_NAMES = ("grid.png", EDIT_SUMMARY)  # besides everything in after/ and pairs/
 
 
 def vocabulary(loaded: LoadedModel) -> dict[str, list[str]]:
@@ -171,14 +175,18 @@ def edit(
     guidance: float = 1.0,
     labels: str | None = None,
     settings: SampleSettings,
+    classifier: Any = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Change attributes of the images of a folder: DDIM-invert each under its own labels
     (`labels`: a CSV or 'folders'; None: all null), regenerate with DDIM from the same noise
     under the labels with `changes` applied.
 
-    Writes out/after/*.png, out/pairs/*.png (before | after) and out/grid.png (originals
-    above, edits below). Returns a JSON-able summary.
+    Writes out/after/*.png, out/pairs/*.png (before | after), out/grid.png (originals
+    above, edits below) and out/edit_summary.json, the summary it returns.
+
+    :param classifier: an attribute classifier: the summary then says how many untouched
+        attributes it classifies the same before and after (`control.edit_preservation`).
     """
     out = Path(out)
     none = torch.empty(0, len(vocabulary(loaded)), dtype=torch.long)
@@ -201,4 +209,17 @@ def edit(
     pairs = torch.cat([real_u8, edited], dim=2)  # side by side: [N x H x 2W x C]
     save_pngs(pairs, out / "pairs", names)
     save_grid(torch.cat([real_u8, edited]), out / "grid.png", cols=len(real_u8))
-    return {"images": len(paths), "changes": dict(changes), "steps": steps, "out": str(out)}
+    summary: dict[str, Any] = {
+        "images": len(paths),
+        "changes": dict(changes),
+        "steps": steps,
+        "guidance": guidance,
+        "labels": labels,
+        "out": str(out),
+    }
+    if classifier is not None:
+        from .control import edit_preservation
+
+        summary["preservation"] = edit_preservation(classifier, real_u8, edited, changes)
+    write_text_atomic(out / EDIT_SUMMARY, json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -293,3 +293,39 @@ def write_guidance(
             f"{r['kid_asked_mean']:.4f} | {r['kid_asked_std']:.4f} |"
         )
     write_text_atomic(out_dir / "guidance.md", "\n".join(lines) + "\n")
+
+
+def edit_preservation(
+    classifier: Any,
+    before_u8: torch.Tensor,
+    after_u8: torch.Tensor,
+    changes: Mapping[str, str],
+) -> dict[str, Any]:
+    """How well an edit keeps what it was not asked to change, judged by `classifier`:
+    per attribute the classifier knows and `changes` leaves alone, the share of images
+    classified the same before and after (and overall: over all such image-attribute
+    pairs); per changed attribute it knows, the share of edits classified as the set value.
+
+    :param before_u8, after_u8: uint8 [N x H x W x C], image i before and after its edit.
+    """
+    from ..attributes import classify
+
+    vocab = classifier.config.vocab
+    before = classify(classifier, before_u8.numpy())
+    after = classify(classifier, after_u8.numpy())
+    kept = {
+        a: float((before[:, k] == after[:, k]).mean())
+        for k, a in enumerate(vocab)
+        if a not in changes
+    }
+    reached = {
+        a: float((after[:, list(vocab).index(a)] == vocab[a].index(v)).mean())
+        for a, v in changes.items()
+        if a in vocab and v in vocab[a]
+    }
+    return {
+        "images": len(before),
+        "preserved": kept,
+        "preserved_overall": float(np.mean(list(kept.values()))) if kept else None,
+        "changed_to_value": reached,
+    }
