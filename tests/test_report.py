@@ -178,3 +178,23 @@ def test_cells_and_names():
         "run-2",
         "run-3",
     ]
+
+
+def test_a_conditional_run_gets_an_attribute_grid(cond_run, tmp_path):
+    import numpy as np
+
+    from animeddim import pipelines
+    from animeddim.io import tile
+
+    out = tmp_path / "report"
+    write_report([cond_run], out, seed=3, steps=STEPS)
+    md = (out / "report.md").read_text()
+    for attr, values in (("colour", "blue, red"), ("band", "bottom, top")):
+        grid = np.asarray(Image.open(out / f"samples-run-by-{attr}.png"))
+        assert f"By {attr}: rows {values} (top to bottom)" in md
+        assert f"samples-run-by-{attr}.png" in (out / "report.html").read_text()
+        # the grid is `sample --grid-by` of the same settings
+        loaded = pipelines.load_for_sampling(cond_run, None, "cpu")[0]
+        s = pipelines.resolve_settings("cpu", "fp32", steps=STEPS, sampler="ddim", seed=3)
+        images, _ = pipelines.attribute_grid(loaded, attr, 8, s)
+        assert np.array_equal(grid, tile(images.numpy(), 8))

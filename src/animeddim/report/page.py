@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..io import write_bytes_atomic, write_text_atomic
+from ..io import save_grid, write_bytes_atomic, write_text_atomic
 from ..run_folder import DASH, RunFiles, RunFolderError, read_run, unique_names
 from .figures import (
     first_reference_image,
@@ -159,7 +159,6 @@ def _ckpt_name(loaded) -> str:
 
 def _samples(run: RunFiles, loaded, out: Path, seed: int, steps: int, device) -> list[Block]:
     from ..diffusion.generation import generate
-    from ..io import save_grid
 
     name = f"samples-{run.name}.png"
     cfg = run.config
@@ -183,7 +182,8 @@ def _samples(run: RunFiles, loaded, out: Path, seed: int, steps: int, device) ->
             f"images 0..{SAMPLE_ROWS * SAMPLE_COLS - 1} of seed {seed}, DDIM {steps} steps, "
             "eta = 0."
         )
-        return [("h3", f"Run {run.name}"), ("img", name, f"Samples, run {run.name}"), ("p", text)]
+        blocks = [("h3", f"Run {run.name}"), ("img", name, f"Samples, run {run.name}"), ("p", text)]
+        return blocks + _attribute_grids(run, loaded, out, seed, steps, device)
     grids = sorted((run.path / "samples").glob("epoch-*.png"))
     if not grids:
         return [("h3", f"Run {run.name}"), ("p", "No checkpoint and no sample grids.")]
@@ -193,6 +193,42 @@ def _samples(run: RunFiles, loaded, out: Path, seed: int, steps: int, device) ->
         f"(samples/{grids[-1].name}, EMA network, 20 DDIM steps)."
     )
     return [("h3", f"Run {run.name}"), ("img", name, f"Samples, run {run.name}"), ("p", text)]
+
+
+GRID_MAX_VALUES = 16  # attributes with more values get no grid (too tall to read)
+
+
+def _attribute_grids(run: RunFiles, loaded, out: Path, seed: int, steps: int, device):
+    """A conditional model's attribute grids: per attribute of at most GRID_MAX_VALUES
+    values, one row per value and SAMPLE_COLS columns (the same starting noises in every
+    row), as `sample --grid-by` draws it."""
+    import re
+
+    from ..pipelines import attribute_grid, resolve_settings, vocabulary
+
+    vocab = vocabulary(loaded)
+    if not vocab:
+        return []
+    s = resolve_settings(device, "fp32", steps=steps, sampler="ddim", seed=seed)
+    blocks: list[Block] = []
+    for attr, values in vocab.items():
+        if len(values) > GRID_MAX_VALUES:
+            blocks.append(
+                ("p", f"No grid for {attr}: {len(values)} values (at most {GRID_MAX_VALUES}).")
+            )
+            continue
+        images, _ = attribute_grid(loaded, attr, SAMPLE_COLS, s)
+        slug = re.sub(r"[^\w.-]", "_", attr)
+        name = f"samples-{run.name}-by-{slug}.png"
+        save_grid(images, out / name, cols=SAMPLE_COLS)
+        text = (
+            f"By {attr}: rows {', '.join(values)} (top to bottom); columns images "
+            f"0..{SAMPLE_COLS - 1} of seed {seed}, the same starting noise down each column; "
+            f"DDIM {steps} steps, eta = 0, plain conditional sampling (guidance 1), the other "
+            "attributes not asked."
+        )
+        blocks += [("img", name, f"Samples by {attr}, run {run.name}"), ("p", text)]
+    return blocks
 
 
 def write_report(
@@ -206,7 +242,8 @@ def write_report(
     """Write the paper's figures and tables for `runs` into `out`; return out/report.md.
 
     Also writes out/report.html (same content, self-contained), fig1-forward-<run>.png,
-    fig1-reverse-<run>.png, samples-<run>.png, fig3-kid.png (if any run has KID),
+    fig1-reverse-<run>.png, samples-<run>.png (and samples-<run>-by-<attribute>.png for a
+    conditional model), fig3-kid.png (if any run has KID),
     fig4-losses.png, table1.md/.csv, table2-<run>.md/.csv, and steps-table.md/.csv with
     fig-steps.png when a run has steps.csv. Only files in the run folders are read.
 
