@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,54 @@ def tiny_config(data: Path, **train):
             "train": {"batch_size": 6, "kid": False, "precision": "fp32", **train},
         }
     ).validate()
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(avatars16, tmp_path_factory) -> Path:
+    """`tiny_config(avatars16, epochs=2)` trained once per session. Read-only: a test that
+    writes into a run folder takes its own copy (`copy_run`)."""
+    from animeddim.train import train
+
+    run = tmp_path_factory.mktemp("trained") / "tiny"
+    train(tiny_config(avatars16, epochs=2), run, progress=False, log=lambda s: None)
+    return run
+
+
+def copy_run(run: Path, dst: Path) -> Path:
+    """A copy of run folder `run` at `dst` (a run folder holds no path of its own)."""
+    shutil.copytree(run, dst)
+    return dst
+
+
+class UnoptimisedInception:
+    """The real FID Inception, run without TorchScript's graph optimisations.
+
+    The optimising executor re-specialises the graph for every new batch shape (seconds
+    each on a CPU), which tests -- many tiny batches of changing sizes -- pay over and over;
+    the features are bitwise the same (test_metrics checks it).
+    """
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.cache_token, self.weights_id = inner.cache_token, inner.weights_id
+
+    def features(self, images_u8, protocol, batch_size=64, bf16=False):
+        import torch
+
+        with torch.jit.optimized_execution(False):
+            return self.inner.features(images_u8, protocol, batch_size, bf16)
+
+
+@pytest.fixture(scope="session")
+def fast_inception() -> UnoptimisedInception | None:
+    """One real Inception extractor per session (`UnoptimisedInception`); None without the
+    weights."""
+    from animeddim import metrics
+
+    try:
+        return UnoptimisedInception(metrics.InceptionFeatures(metrics.find_inception_weights()))
+    except metrics.InceptionWeightsMissing:
+        return None
 
 
 def run_cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -120,19 +169,16 @@ def cond_classifier(cond_data) -> Path:
 
 
 @pytest.fixture(scope="session")
-def web_runs(avatars16, cond_run, tmp_path_factory) -> Path:
+def web_runs(trained_tiny, cond_run, tmp_path_factory) -> Path:
     """A runs folder for the web app: a tiny trained run ('tiny'), one without a checkpoint
     ('empty'), a copy of 'tiny' whose config.json names attributes ('labelled') and the
     conditional `cond_run` ('colours')."""
-    from animeddim.train import train
-
     root = tmp_path_factory.mktemp("webruns")
-    train(tiny_config(avatars16, epochs=2), root / "tiny", progress=False, log=lambda s: None)
+    copy_run(trained_tiny, root / "tiny")
     (root / "empty").mkdir()
     (root / "empty" / "config.json").write_text("{}")
     # the same run, as a conditional model's folder would describe itself
     import json
-    import shutil
 
     shutil.copytree(root / "tiny", root / "labelled")
     cfg = json.loads((root / "labelled" / "config.json").read_text())

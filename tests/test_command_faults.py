@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL, run_main, tiny_config
+from conftest import TINY_MODEL, copy_run, run_main
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -31,7 +31,6 @@ from animeddim import io as animeddim_io
 from animeddim.checkpoint import load
 from animeddim.cli import sampling as cli_sampling
 from animeddim.run_folder import LOCK_NAME
-from animeddim.train import train
 
 
 class FakeExtractor:
@@ -59,10 +58,8 @@ def fake(monkeypatch) -> FakeExtractor:
 
 
 @pytest.fixture(scope="module")
-def run(avatars16, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("faults") / "run"
-    train(tiny_config(avatars16, epochs=1), out, progress=False, log=lambda s: None)
-    return out
+def run(trained_tiny, tmp_path_factory) -> Path:
+    return copy_run(trained_tiny, tmp_path_factory.mktemp("faults") / "run")
 
 
 _PROGRESS = re.compile(r".*:\s+\d+%\|.*")  # a tqdm bar: "sample:  50%|#####  | 1/2 ..."

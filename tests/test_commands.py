@@ -6,12 +6,12 @@ import csv
 import json
 
 import pytest
-from conftest import run_cli, tiny_config
+from conftest import copy_run, run_cli, run_main
 from PIL import Image
 from safetensors import safe_open
 
 from animeddim import metrics
-from animeddim.train import train
+from animeddim.cli import sampling as cli_sampling
 
 try:
     metrics.find_inception_weights()
@@ -22,10 +22,8 @@ needs_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason="FID Inception weigh
 
 
 @pytest.fixture(scope="module")
-def tiny_run(avatars16, tmp_path_factory):
-    run = tmp_path_factory.mktemp("cmds") / "run"
-    train(tiny_config(avatars16, epochs=2), run, progress=False, log=lambda s: None)
-    return run
+def tiny_run(trained_tiny, tmp_path_factory):
+    return copy_run(trained_tiny, tmp_path_factory.mktemp("cmds") / "run")
 
 
 def test_sample_trajectory_and_sampler(tiny_run, tmp_path):
@@ -130,30 +128,24 @@ def test_report_command(tiny_run, tmp_path):
 
 
 @needs_weights
-def test_kid_evaluate_and_steps(tiny_run, avatars16, tmp_path):
+def test_kid_evaluate_and_steps(tiny_run, avatars16, tmp_path, fast_inception, monkeypatch, capsys):
+    # In this process through the CLI's entry point, with the real Inception loaded once (the
+    # --inception-weights path and its error: test_missing_weights_is_a_clear_error).
+    monkeypatch.setattr(cli_sampling, "_extractor", lambda a: fast_inception)
     cache = tmp_path / "cache"
-    p = run_cli("kid", str(avatars16), str(avatars16), "--json", "--cache-dir", str(cache))
-    r = json.loads(p.stdout)
-    assert "features (first folder)" in p.stderr
+    rc, stdout, err = run_main(capsys, "kid", avatars16, avatars16, "--json", "--cache-dir", cache)
+    assert rc == 0, err
+    r = json.loads(stdout)
+    assert "features (first folder)" in err
     # A set against itself: only the estimator's O(1/m) term (the diagonal of K_xy) remains.
     assert r["protocol"] == "standard" and abs(r["kid_mean"]) < 0.05
     out = tmp_path / "eval.json"
-    p = run_cli(
-        "evaluate",
-        "--run",
-        str(tiny_run),
-        "--real",
-        str(avatars16),
-        "--n",
-        "8",
-        "--steps",
-        "2",
-        "--out",
-        str(out),
-        "--cache-dir",
-        str(cache),
-    )
-    assert "features (generated)" in p.stderr and "paper KID" in p.stderr
+    rc, _, err = run_main(
+        capsys, "evaluate", "--run", tiny_run, "--real", avatars16, "--n", "8", "--steps", "2",
+        "--out", out, "--cache-dir", cache,
+    )  # fmt: skip
+    assert rc == 0, err
+    assert "features (generated)" in err and "paper KID" in err
     ev = json.loads(out.read_text())
     for k in (
         "protocol",
@@ -175,23 +167,11 @@ def test_kid_evaluate_and_steps(tiny_run, avatars16, tmp_path):
     assert ev["paper"]["protocol"] == "paper"
     # Untrained-ish model vs real avatars: clearly worse than the real set against itself.
     assert ev["kid_mean"] > 10 * abs(r["kid_mean"])
-    p = run_cli(
-        "steps",
-        "--run",
-        str(tiny_run),
-        "--real",
-        str(avatars16),
-        "--n",
-        "4",
-        "--steps",
-        "1,2",
-        "--eta",
-        "0,1",
-        "--samplers",
-        "ddim,dpmpp-2m,dpmpp-2m-logsnr,unipc",
-        "--cache-dir",
-        str(cache),
-    )
+    rc, _, err = run_main(
+        capsys, "steps", "--run", tiny_run, "--real", avatars16, "--n", "2", "--steps", "1,2",
+        "--eta", "0,1", "--samplers", "ddim,dpmpp-2m,dpmpp-2m-logsnr,unipc", "--cache-dir", cache,
+    )  # fmt: skip
+    assert rc == 0, err
     rows = list(csv.DictReader(open(tiny_run / "steps.csv")))
     assert {(r["sampler"], r["clip_x0"], r["eta"], r["steps"]) for r in rows} == {
         ("ddim", "False", "0.0", "1"),
@@ -205,7 +185,7 @@ def test_kid_evaluate_and_steps(tiny_run, avatars16, tmp_path):
         ("unipc", "True", "0.0", "1"),
         ("unipc", "True", "0.0", "2"),
     }
-    assert "ddim eta 1, 2 steps: sample" in p.stderr  # a progress bar per setting
+    assert "ddim eta 1, 2 steps: sample" in err  # a progress bar per setting
     assert "| 2 | dpmpp-2m | yes | 0 |" in (tiny_run / "steps.md").read_text()
     assert (tiny_run / "steps.png").is_file()
 

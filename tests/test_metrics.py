@@ -324,6 +324,15 @@ def test_standard_features_shape_range_and_determinism(inception, three_sets) ->
     assert torch.allclose(again, first[:2], atol=1e-5)
 
 
+def test_features_are_the_same_without_torchscript_optimisation(inception, three_sets) -> None:
+    """What lets the other test files use conftest's `UnoptimisedInception`."""
+    from conftest import UnoptimisedInception
+
+    fast = UnoptimisedInception(inception)
+    for protocol in metrics.PROTOCOLS:
+        assert torch.equal(fast.features(smooth_images(5, 0), protocol), three_sets[protocol][0])
+
+
 def test_paper_features_shape(inception) -> None:
     features = inception.features_paper(smooth_images(4, seed=0))
     assert features.shape == (4, 2048) and features.dtype == torch.float64

@@ -10,12 +10,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+from conftest import copy_run
 from PIL import Image
 
 from animeddim.report import ReportError, cell_text, write_report
 from animeddim.run_folder import DASH, sanitise, unique_names
-from animeddim.train import train
 
 KIDS = [0.5, 0.25]  # per-epoch paper KID written into the second run's metrics.csv
 STEPS = 3  # DDIM steps of the report's reverse figure and sample grids: tiny and fast
@@ -32,11 +31,10 @@ def _write_json(path: Path, d: dict, mtime: float) -> None:
 
 
 @pytest.fixture(scope="session")
-def runs(avatars16, tmp_path_factory) -> tuple[Path, Path]:
+def runs(trained_tiny, tmp_path_factory) -> tuple[Path, Path]:
     """Run A: 2 epochs, no KID. Run B ("run b!"): A plus KID, three evals and a steps study."""
     root = tmp_path_factory.mktemp("report-runs")
-    a = root / "run-a"
-    train(tiny_config(avatars16, epochs=2), a, progress=False, log=lambda _: None)
+    a = copy_run(trained_tiny, root / "run-a")
     b = root / "run b!"
     shutil.copytree(a, b)
     rows = _metrics(b)

@@ -326,26 +326,15 @@ def avatars8(tmp_path_factory):
     return generate_avatars(tmp_path_factory.mktemp("avatars8"), n=7, size=8, seed=0, workers=1)
 
 
-@pytest.fixture(scope="module")
-def shared_inception():
-    """One real Inception extractor for all examples (loading it dominates a tiny run)."""
-    from animeddim import metrics
-
-    try:
-        return metrics.InceptionFeatures(metrics.find_inception_weights())
-    except metrics.InceptionWeightsMissing:
-        return None
-
-
 def test_every_accepted_option_combination_trains_or_is_refused_up_front(
-    avatars8, shared_inception, tmp_path_factory, monkeypatch, capsys
+    avatars8, fast_inception, tmp_path_factory, monkeypatch, capsys
 ):
     hypothesis = pytest.importorskip("hypothesis")
     st = hypothesis.strategies
     from animeddim import cli, metrics
 
-    if shared_inception is not None:
-        monkeypatch.setattr(metrics, "InceptionFeatures", lambda *a, **k: shared_inception)
+    if fast_inception is not None:  # the real network, loaded once for all examples
+        monkeypatch.setattr(metrics, "InceptionFeatures", lambda *a, **k: fast_inception)
     outcomes = {0: 0, 2: 0}
 
     @hypothesis.settings(
