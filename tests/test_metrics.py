@@ -195,6 +195,23 @@ def test_fid_matches_eigvals_of_product_for_full_covariances() -> None:
     assert got == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.parametrize("n1, n2", [(10, 8), (5, 29), (6, 6)])
+def test_fid_with_fewer_images_than_dimensions_matches_closed_form(n1, n2) -> None:
+    # Diagonal covariances on 4 of 30 dimensions, then one random rotation of the whole
+    # space (FID does not change under it): fewer images than dimensions, a known answer.
+    mu1, mu2 = np.array([0.0, 1.0, -2.0, 0.5]), np.array([1.0, 1.0, 0.0, 0.0])
+    s1, s2 = np.array([1.0, 2.0, 0.5, 3.0]), np.array([2.0, 2.0, 1.5, 0.1])
+    pad = np.zeros((1, 26))
+    f1 = np.hstack([mu1 + orthonormal_centred(n1, 4, 5) * s1, np.repeat(pad, n1, 0)])
+    f2 = np.hstack([mu2 + orthonormal_centred(n2, 4, 6) * s2, np.repeat(pad, n2, 0)])
+    rotation, _ = np.linalg.qr(np.random.default_rng(n1 + n2).standard_normal((30, 30)))
+    closed = float(np.sum((mu1 - mu2) ** 2) + np.sum((s1 - s2) ** 2))
+    got = fid_from_features(torch.from_numpy(f1 @ rotation), torch.from_numpy(f2 @ rotation))
+    assert got == pytest.approx(closed, rel=1e-10)
+    f = torch.from_numpy(f1 @ rotation)
+    assert fid_from_features(f, f) == pytest.approx(0.0, abs=1e-9)
+
+
 # ----------------------------------------------------------------------------------------------
 # TF1 resize
 

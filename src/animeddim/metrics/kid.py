@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -81,7 +83,9 @@ def fid_from_features(f1: torch.Tensor, f2: torch.Tensor) -> float:
 
     tr((S1 S2)^(1/2)) = sum sqrt(eig(S1^(1/2) S2 S1^(1/2))): the product is similar to a
     symmetric PSD matrix, so ``eigh`` suffices and scipy's ``sqrtm`` is not needed. Covariances
-    use ddof=1 like torch-fidelity's ``np.cov``.
+    use ddof=1 like torch-fidelity's ``np.cov``. With fewer images than feature dimensions
+    the same trace comes from an n1 x n2 matrix instead of two d x d ones
+    (`_trace_sqrt_low_rank`).
 
     :param f1: [n1 x d] features, n1 >= 2.
     :param f2: [n2 x d] features, n2 >= 2.
@@ -89,6 +93,12 @@ def fid_from_features(f1: torch.Tensor, f2: torch.Tensor) -> float:
     """
     f1, f2 = f1.to(torch.float64), f2.to(torch.float64)
     mu1, mu2 = f1.mean(0), f2.mean(0)
+    diff = mu1 - mu2
+    if max(len(f1), len(f2)) < f1.shape[1]:
+        a = (f1 - mu1) / math.sqrt(len(f1) - 1)  # S1 = a^T a
+        b = (f2 - mu2) / math.sqrt(len(f2) - 1)  # S2 = b^T b
+        tr_covmean = _trace_sqrt_low_rank(a, b)
+        return float(diff @ diff + (a * a).sum() + (b * b).sum() - 2 * tr_covmean)
     sigma1, sigma2 = torch.cov(f1.T), torch.cov(f2.T)
     eigvals1, eigvecs1 = torch.linalg.eigh(sigma1)
     # Negative eigenvalues are rounding noise of a PSD matrix.
@@ -96,8 +106,16 @@ def fid_from_features(f1: torch.Tensor, f2: torch.Tensor) -> float:
     middle = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
     middle = (middle + middle.T) / 2
     tr_covmean = torch.linalg.eigvalsh(middle).clamp_min(0).sqrt().sum()
-    diff = mu1 - mu2
     return float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * tr_covmean)
+
+
+def _trace_sqrt_low_rank(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """tr((S1 S2)^(1/2)) for S1 = a^T a, S2 = b^T b ([n1 x d], [n2 x d]).
+
+    The non-zero eigenvalues of S1 S2 = a^T (a b^T) b are those of (a b^T)(a b^T)^T, the
+    squared singular values of the n1 x n2 matrix a b^T; the trace is their sum.
+    """
+    return torch.linalg.svdvals(a @ b.T).sum()
 
 
 def paper_kid_batch(
