@@ -62,7 +62,7 @@ def test_sample_trajectory_and_sampler(tiny_run, tmp_path):
     assert p.returncode == 2 and "deterministic" in p.stderr
 
 
-def test_invert_and_interpolate(tiny_run, avatars16, tmp_path):
+def test_invert_and_interpolate(tiny_run, avatars16, tmp_path, capsys):
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     for f in sorted(avatars16.glob("*.png"))[:2]:
@@ -108,13 +108,12 @@ def test_invert_and_interpolate(tiny_run, avatars16, tmp_path):
         str(tmp_path / "i2.png"),
     )
     assert Image.open(tmp_path / "i2.png").size == (3 * 16, 16)
-    for extra in (["--sampler", "dpmpp-2m"], ["--clip-x0"]):
-        p = run_cli(
-            "interpolate", "--run", str(tiny_run), "--images",
-            *map(str, sorted(imgs.glob("*.png"))), "--out", str(tmp_path / "i3.png"), *extra,
-            check=False,
+    for extra in (["--sampler", "dpmpp-2m"], ["--clip-x0"]):  # refused before any work
+        rc, _, err = run_main(
+            capsys, "interpolate", "--run", tiny_run, "--images", *sorted(imgs.glob("*.png")),
+            "--out", tmp_path / "i3.png", *extra,
         )  # fmt: skip
-        assert p.returncode == 2 and "unclipped DDIM" in p.stderr, extra
+        assert rc == 2 and "unclipped DDIM" in err, extra
 
 
 def test_report_command(tiny_run, tmp_path):
