@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import subprocess
@@ -373,3 +374,35 @@ def test_every_accepted_option_combination_trains_or_is_refused_up_front(
     check()
     print(f"outcomes over {PROPERTY_EXAMPLES} examples: {outcomes}")
     assert outcomes[0] and outcomes[2]  # both kinds occur: the strategy reaches the edges
+
+
+def test_restored_adamw_moments_take_their_parameters_layout():
+    """Checkpoints hold contiguous tensors; fused AdamW on channels_last parameters with
+    contiguous moments would pair the wrong elements (a wrong step, not rounding)."""
+    from animeddim.train_state import _restore_optimizer
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    twin = copy.deepcopy(conv)
+    opts = [torch.optim.AdamW(m.parameters(), lr=0.1, fused=True) for m in (conv, twin)]
+    x = torch.randn(2, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+
+    def step(m, opt):
+        opt.zero_grad()
+        m(x).square().mean().backward()
+        opt.step()
+
+    step(conv, opts[0])
+    step(twin, opts[1])
+    saved = {  # as a checkpoint gives them back: contiguous
+        f"optim.{i}.{k}": v.clone().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+        for i, s in opts[0].state_dict()["state"].items()
+        for k, v in s.items()
+    }
+    restored = torch.optim.AdamW(twin.parameters(), lr=0.1, fused=True)
+    _restore_optimizer(restored, saved, opts[0].state_dict()["param_groups"])
+    exp_avg = restored.state[twin.weight]["exp_avg"]
+    assert exp_avg.is_contiguous(memory_format=torch.channels_last)
+    step(conv, opts[0])
+    step(twin, restored)
+    assert torch.equal(conv.weight, twin.weight) and torch.equal(conv.bias, twin.bias)

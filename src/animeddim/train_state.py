@@ -54,6 +54,13 @@ def _restore_optimizer(optimizer, tensors: dict[str, torch.Tensor], groups: list
         i, name = k.split(".", 1)
         state.setdefault(int(i), {})[name] = v
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+    # Checkpoints hold contiguous tensors; the moments must take their parameter's memory
+    # layout (channels_last), or fused AdamW pairs the wrong elements on resume.
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, v in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.shape == p.shape:
+                    optimizer.state[p][name] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 def _all_finite(module: torch.nn.Module) -> bool:
@@ -142,7 +149,11 @@ def compiled_network(state: TrainState, cfg: RunConfig, rt: Runtime, steps_per_e
     if do_compile is None:
         planned = tc.max_steps or tc.epochs * steps_per_epoch
         do_compile = default_compile(
-            rt.device, planned - state.step, tc.time_limit_minutes or 0.0, distributed.world_size()
+            rt.device,
+            planned - state.step,
+            tc.time_limit_minutes or 0.0,
+            distributed.world_size(),
+            precision=rt.precision,
         )
     net = _compiled_or_eager(
         state.model, do_compile, tc, rt.device, rt.precision_ctx, rt.channels_last

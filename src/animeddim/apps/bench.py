@@ -366,7 +366,7 @@ def run(
         iters=iters,
     )
     precision = resolve_precision("auto", device)
-    do_compile = compile if compile is not None else default_compile(device)
+    do_compile = compile if compile is not None else default_compile(device, precision=precision)
     do_compile_sample = compile if compile is not None else default_compile_sampler(device)
     channels_last = default_channels_last(device, precision=precision)
     sample_channels_last = default_channels_last(device, training=False)
