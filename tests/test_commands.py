@@ -219,3 +219,24 @@ def test_export_then_sample_from_the_small_file(tiny_run, tmp_path):
     run_cli(
         "sample", "--run", str(out), "--n", "2", "--steps", "2", "--grid", str(tmp_path / "g.png")
     )
+
+
+def test_progress_bar_opens_once_per_stage_run(monkeypatch):
+    """A stage's repeated final report does not reopen its bar; the same stage started
+    again (the next setting of a study) gets a new one."""
+    import tqdm
+
+    from animeddim.cli import common
+
+    opened = []
+    real = tqdm.tqdm
+    monkeypatch.setattr(tqdm, "tqdm", lambda **kw: opened.append(kw["desc"]) or real(**kw))
+    monkeypatch.setattr(common, "_is_main", lambda: True)
+    bars = common._Bars()
+    for done in (0, 5, 10, 10):  # the last: "skipped files count as done"
+        bars("features (real)", done, 10)
+    for done in (0, 10):
+        bars("features (real)", done, 10)
+    bars("sampling", 0, 4)
+    bars.close()
+    assert opened == ["features (real)", "features (real)", "sampling"]

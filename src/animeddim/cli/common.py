@@ -32,7 +32,9 @@ class _Bars:
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled:
             return
-        if stage != self.stage:
+        if stage == self.stage and self.bar is None and done >= total:
+            return  # a repeated "all done" of the stage just finished: no bar again
+        if stage != self.stage or self.bar is None:
             from tqdm import tqdm
 
             self.close()
@@ -47,7 +49,7 @@ class _Bars:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()  # leave=False: the bar's line is cleared
-        self.stage, self.bar = None, None
+        self.bar = None  # the stage stays: a repeated final report does not reopen it
         _open_bars.discard(self)
 
 
