@@ -222,3 +222,14 @@ def test_grid_names_say_value_and_seed():
         "cls-00_a_b-seed0-000000.png",
         "cls-01_a_b-seed0-000000.png",
     ]
+
+
+def test_guidance_without_attributes_is_refused_not_ignored(cond_data, tmp_path, capsys):
+    out = tmp_path / "s"
+    rc, _, err = run_main(capsys, "sample", "--model", "avatars-64", "--out", out, "--n", 1,
+                          "--guidance", 3)  # fmt: skip
+    assert rc == 2 and "--guidance 3 needs --attr NAME=VALUE or --grid-by NAME" in err
+    rc, _, err = run_main(capsys, "evaluate", "--model", "avatars-64", "--real", cond_data,
+                          "--n", 2, "--guidance", 2, "--out", tmp_path / "e.json")  # fmt: skip
+    assert rc == 2 and "--guidance 2 needs --attr NAME=VALUE" in err
+    assert not out.exists() and not (tmp_path / "e.json").exists()

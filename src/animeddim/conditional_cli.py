@@ -239,6 +239,13 @@ def evaluate_target(a: argparse.Namespace, loaded) -> Any:
     """The `pipelines.ControlTarget` of `evaluate --attr` (None without --attr), checked
     before any image is drawn."""
     if not a.attr:
+        if a.guidance != 1.0:
+            from .config import ConfigError
+
+            raise ConfigError(
+                f"--guidance {a.guidance:g} needs --attr NAME=VALUE: without it the model "
+                "draws unconditionally and guidance has nothing to weigh"
+            )
         return None
     from .pipelines import control_target
 
