@@ -22,13 +22,13 @@ from animeddim import data as data_mod
 from animeddim.config import RunConfig
 from animeddim.runtime import autocast, fused_adamw_supported
 from animeddim.train import (
-    _float_state,
     _normalise,
     ema_update,
     losses,
     step_generator,
     validate,
 )
+from animeddim.train_state import float_state
 from animeddim.unet import UNet
 
 CPU = torch.device("cpu")
@@ -66,7 +66,7 @@ def main() -> None:
     opt = torch.optim.AdamW(
         model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay, **kw
     )
-    ema_state, live_state = _float_state(ema), _float_state(model)
+    ema_state, live_state = float_state(ema), float_state(model)
     ctx = autocast(CPU, a.precision)
     step, epoch, t0 = 0, 0, time.perf_counter()
     while step < a.steps:
