@@ -197,7 +197,7 @@ def test_training_compiles_only_for_runs_that_repay_it(monkeypatch):
     assert runtime.default_compile(CPU, planned_steps=5000, time_limit_minutes=60)
     assert runtime.default_compile(torch.device("cuda"), planned_steps=10)
     assert not runtime.default_compile(CPU, planned_steps=5000, precision="fp32")  # no gain
-    assert runtime.default_channels_last(CPU, training=True, precision="fp32")
+    assert runtime.default_channels_last(CPU)  # fp32 training too
     monkeypatch.setattr(runtime, "compiler_available", lambda: False)
     assert not runtime.default_compile(CPU, planned_steps=5000)
 

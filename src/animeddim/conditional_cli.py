@@ -235,17 +235,22 @@ def preservation_lines(p: dict[str, Any]) -> list[str]:
     return lines
 
 
+def check_guidance_has_conditions(guidance: float, conditioned: bool, needs: str) -> None:
+    """A guidance weight other than 1 on an unconditional draw is refused, not ignored."""
+    if guidance != 1.0 and not conditioned:
+        from .config import ConfigError
+
+        raise ConfigError(
+            f"--guidance {guidance:g} needs {needs}: without it the model draws "
+            "unconditionally and guidance has nothing to weigh"
+        )
+
+
 def evaluate_target(a: argparse.Namespace, loaded) -> Any:
     """The `pipelines.ControlTarget` of `evaluate --attr` (None without --attr), checked
     before any image is drawn."""
+    check_guidance_has_conditions(a.guidance, bool(a.attr), "--attr NAME=VALUE")
     if not a.attr:
-        if a.guidance != 1.0:
-            from .config import ConfigError
-
-            raise ConfigError(
-                f"--guidance {a.guidance:g} needs --attr NAME=VALUE: without it the model "
-                "draws unconditionally and guidance has nothing to weigh"
-            )
         return None
     from .pipelines import control_target
 

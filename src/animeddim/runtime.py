@@ -215,7 +215,7 @@ def prepare_inference(
       (`unet.fold_batchnorm`), one memory pass less per block;
     - bf16 precision: weights cast to bf16 once, instead of by autocast at every call;
       fp16 keeps fp32 weights under autocast;
-    - channels_last: `default_channels_last(device, training=False)`;
+    - channels_last: `default_channels_last(device)`;
     - compile: torch.compile the copy (on the CPU with inductor freezing: weights become
       constants, prepacked for oneDNN, with conv + silu/add fused); compiled lazily on the
       first call, once per new chunk size (`default_compile_sampler` says when it pays);
@@ -226,7 +226,7 @@ def prepare_inference(
     from .unet import fold_batchnorm
 
     if channels_last is None:
-        channels_last = default_channels_last(device, training=False)
+        channels_last = default_channels_last(device)
     if chunk == "auto":
         chunk = default_sample_chunk(device)
     net = fold_batchnorm(model) if fold else copy.deepcopy(model).eval().requires_grad_(False)
@@ -263,18 +263,12 @@ def compiler_available() -> bool:
     return shutil.which("cc") is not None or shutil.which("gcc") is not None
 
 
-def default_channels_last(
-    device: torch.device, training: bool = True, precision: str = "bf16"
-) -> bool:
-    """channels_last where it measured faster for this network (docs/benchmarks.md).
-
-    CPU training: in bf16 (35.7 vs 32.6 images/s NCHW, AVX512-BF16) and in fp32 (an eager
-    training step 1.34x faster than NCHW with AVX-512 kernels, 1.17-1.28x with kernels
-    capped at AVX2). CPU sampling: always. CUDA: always.
-    """
-    if device.type == "cpu":
-        return True
-    return device.type == "cuda"
+def default_channels_last(device: torch.device) -> bool:
+    """channels_last where it measured faster for this network (docs/benchmarks.md): CUDA,
+    and the CPU for training (bf16: 35.7 vs 32.6 images/s NCHW, AVX512-BF16; fp32: an eager
+    step 1.34x faster with AVX-512 kernels, 1.17-1.28x with kernels capped at AVX2) and for
+    sampling."""
+    return device.type in ("cpu", "cuda")
 
 
 def default_compile(

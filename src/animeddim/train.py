@@ -145,7 +145,7 @@ def train(
     if not distributed.is_main():
         progress, log = False, _quiet
     precision = resolve_precision(tc.precision, device)
-    channels_last = default_channels_last(device, training=True, precision=precision)
+    channels_last = default_channels_last(device)
     lo, hi = distributed.shard(tc.batch_size)  # this rank's slice of every global batch
     rt = Runtime(device, precision, autocast(device, precision), channels_last, lo, hi)
     torch.manual_seed(tc.seed)

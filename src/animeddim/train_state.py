@@ -104,7 +104,7 @@ def build_state(cfg: RunConfig, rt: Runtime, init_state, data: TrainData) -> Tra
             model, init_state, f"the initial weights from {cfg.train.init!r}", is_cond_parameter
         )
     model = model.to(rt.device)
-    # channels_last pays off with cuDNN and with oneDNN's bf16 convolutions on the CPU
+    # channels_last pays off with cuDNN and with oneDNN's convolutions on the CPU
     # (`runtime.default_channels_last`, docs/benchmarks.md).
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)

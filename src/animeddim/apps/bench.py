@@ -27,7 +27,6 @@ from ..diffusion.schedule import diffuse
 from ..runtime import (
     PRECISIONS,
     autocast,
-    cpu_has_fast_bf16,
     default_channels_last,
     default_compile,
     default_compile_sampler,
@@ -285,12 +284,8 @@ def _conv_rate(batch: int, ch: int, size: int, fmt, dtype, device, iters: int) -
 
 
 def peak_precisions(device: torch.device) -> tuple[str, ...]:
-    """fp32, and bf16 where this device runs it natively (slow emulated bf16 is no peak)."""
-    if device.type == "cuda":
-        return ("fp32", "bf16") if torch.cuda.is_bf16_supported() else ("fp32",)
-    if device.type == "cpu" and cpu_has_fast_bf16():
-        return ("fp32", "bf16")
-    return ("fp32",)
+    """fp32, and bf16 where `auto` picks it (native bf16: slow emulated bf16 is no peak)."""
+    return ("fp32", "bf16") if resolve_precision("auto", device) == "bf16" else ("fp32",)
 
 
 def peak_shares(r: dict) -> dict[str, dict[str, float]]:
@@ -368,15 +363,13 @@ def run(
     precision = resolve_precision("auto", device)
     do_compile = compile if compile is not None else default_compile(device, precision=precision)
     do_compile_sample = compile if compile is not None else default_compile_sampler(device)
-    channels_last = default_channels_last(device, precision=precision)
-    sample_channels_last = default_channels_last(device, training=False)
+    channels_last = default_channels_last(device)  # for training and sampling alike
     chunk = default_sample_chunk(device)
     flags = [precision, "fused AdamW", "folded BN"]
     flags += ["compiled"] if do_compile else []
     flags += ["compiled sampling"] if do_compile_sample and not do_compile else []
     flags += [f"sampling in chunks of {chunk}"] if chunk else []
     flags += ["channels_last"] if channels_last else []
-    flags += ["channels_last sampling"] if sample_channels_last and not channels_last else []
     tuned = run_path(
         f"tuned ({', '.join(flags)})",
         cfg,
@@ -388,7 +381,6 @@ def run(
         fused=True,
         prepared_inference=True,
         iters=iters,
-        sample_channels_last=sample_channels_last,
         sample_compile=do_compile_sample,
     )
     result = {

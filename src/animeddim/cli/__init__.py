@@ -15,44 +15,17 @@ import warnings
 from typing import Any
 
 from .. import outputs
-from .commands import (
-    cmd_bench,
-    cmd_data_avatars,
-    cmd_data_flowers102,
-    cmd_data_prepare,
-    cmd_export,
-    cmd_report,
-    cmd_serve,
-    cmd_tour,
-    cmd_train,
-    resume_config_from_args,
-    train_config_from_args,
-)
 from .common import (
     EXIT_DIVERGED,
     EXIT_INTERRUPTED,
     EXIT_TERMINATED,
     EXIT_USAGE,
     CliError,
-    _Bars,
     _close_bars,
-    _is_main,
     _open_bars,
     _prog,
 )
 from .parser import build_parser
-from .sampling import (
-    _extractor,
-    _settings,
-    cmd_evaluate,
-    cmd_interpolate,
-    cmd_invert,
-    cmd_kid,
-    cmd_sample,
-    cmd_steps,
-    load_for_sampling,
-    write_pngs,
-)
 
 __all__ = [
     "EXIT_DIVERGED",
@@ -62,31 +35,7 @@ __all__ = [
     "CliError",
     "Terminated",
     "build_parser",
-    "cmd_bench",
-    "cmd_data_avatars",
-    "cmd_data_flowers102",
-    "cmd_data_prepare",
-    "cmd_evaluate",
-    "cmd_export",
-    "cmd_interpolate",
-    "cmd_invert",
-    "cmd_kid",
-    "cmd_report",
-    "cmd_sample",
-    "cmd_serve",
-    "cmd_steps",
-    "cmd_tour",
-    "cmd_train",
-    "load_for_sampling",
     "main",
-    "resume_config_from_args",
-    "train_config_from_args",
-    "write_pngs",
-    "_Bars",
-    "_extractor",
-    "_is_main",
-    "_prog",
-    "_settings",
 ]
 
 

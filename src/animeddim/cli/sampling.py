@@ -40,11 +40,9 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
     if not a.out and not a.grid and not a.trajectory:
         raise CliError("give --out DIR, --grid FILE.png and/or --trajectory FILE.png")
-    if a.guidance != 1.0 and not (a.attr or a.grid_by):
-        raise CliError(
-            f"--guidance {a.guidance:g} needs --attr NAME=VALUE or --grid-by NAME: without "
-            "them the model draws unconditionally and guidance has nothing to weigh"
-        )
+    conditional_cli.check_guidance_has_conditions(
+        a.guidance, bool(a.attr or a.grid_by), "--attr NAME=VALUE or --grid-by NAME"
+    )
     loaded, device = load_for_sampling(a.run, a.model, a.device)
     settings = _settings(a, device)
     files = [(f, Path(v)) for f, v in (("--grid", a.grid), ("--trajectory", a.trajectory)) if v]
