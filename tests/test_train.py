@@ -18,7 +18,7 @@ from animeddim import checkpoint as ckpt
 from animeddim import run_folder
 from animeddim.run_folder import RunFolderError, load_run_config
 from animeddim.runtime import compiler_available
-from animeddim.train import train
+from animeddim.train import ema_decay_at, train
 
 
 def test_cli_train_then_sample(avatars16, tmp_path):
@@ -152,6 +152,34 @@ def test_ema_starts_as_exact_copy_and_tracks_network(avatars16, tmp_path):
     # after one step: ema = 0.999 * init + 0.001 * model, so it moved a little towards model
     assert not torch.equal(model[k], ema[k])
     assert (model[k] - ema[k]).abs().max() > 0
+
+
+def test_ema_warmup_decay_rises_to_the_set_decay():
+    assert [ema_decay_at(s, 0.999, True) for s in (0, 1, 90)] == [0.1, 2 / 11, 0.91]
+    assert ema_decay_at(8990, 0.999, True) == 0.999 == ema_decay_at(10**6, 0.999, True)
+    assert ema_decay_at(0, 0.999, False) == 0.999
+
+
+def test_ema_warmup_first_step_keeps_a_tenth_of_the_start(avatars16, tmp_path):
+    """Step 0 with warm-up: ema = 0.1 start + 0.9 network; without: 0.999 start + 0.001
+    network. The networks are the same (the EMA does not feed back), so the start follows."""
+    runs = {}
+    for warmup in (False, True):
+        run = tmp_path / f"w{warmup}"
+        cfg = tiny_config(avatars16, epochs=1, max_steps=1, ema_warmup=warmup)
+        train(cfg, run, progress=False, log=lambda s: None)
+        t = _weights(run)[0]
+        runs[warmup] = ckpt.prefixed(t, "model"), ckpt.prefixed(t, "ema")
+    (model, ema_plain), (model_w, ema_w) = runs[False], runs[True]
+    for k in model:
+        assert torch.equal(model[k], model_w[k]), k
+        if not model[k].is_floating_point():
+            continue  # BatchNorm's batch counter is copied, not averaged
+        start = (ema_plain[k].double() - 0.001 * model[k].double()) / 0.999
+        want = (0.1 * start + 0.9 * model[k].double()).float()
+        torch.testing.assert_close(ema_w[k], want, rtol=0, atol=1e-6, msg=k)
+    floats = [k for k in model if model[k].is_floating_point()]
+    assert max(float((ema_w[k] - ema_plain[k]).abs().max()) for k in floats) > 1e-3
 
 
 def test_run_folder_rules(avatars16, tmp_path):

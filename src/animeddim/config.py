@@ -221,6 +221,11 @@ class TrainConfig:
     learning_rate: float = setting(1e-3, "AdamW learning rate", flag=("--lr", "--learning-rate"))
     weight_decay: float = setting(1e-4, "AdamW decoupled weight decay")
     ema_decay: float = setting(0.999, "exponential moving average of the weights")
+    ema_warmup: bool = setting(
+        False,
+        "EMA decay min(ema_decay, (1 + step) / (10 + step)), so a short run's average forgets "
+        "its untrained start (off: the Keras example's constant decay)",
+    )
     seed: int = setting(0, "seed of noise, times, shuffling and flips")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps", resume=True, metavar="DEVICE")
     precision: str = setting(

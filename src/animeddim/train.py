@@ -81,6 +81,13 @@ def step_generator(seed: int, step: int, device: torch.device) -> torch.Generato
     return g
 
 
+def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
+    """The EMA decay of optimiser step `step` (0-based): `decay`, or with warm-up
+    min(decay, (1 + step) / (10 + step)) (TensorFlow's ExponentialMovingAverage with
+    num_updates), which reaches 0.999 at step 8,990; step 0 keeps 10% of the start."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
 def ema_update(ema: list[torch.Tensor], live: list[torch.Tensor], decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * live, for all tensors in one fused call."""
     torch._foreach_lerp_(ema, live, 1.0 - decay)
@@ -300,7 +307,9 @@ def train_step(
     noise_loss.backward()
     state.optimizer.step()
     with torch.no_grad():
-        ema_update(rt.ema_tensors, rt.live_tensors, tc.ema_decay)
+        ema_update(
+            rt.ema_tensors, rt.live_tensors, ema_decay_at(state.step, tc.ema_decay, tc.ema_warmup)
+        )
         # Each rank adds its 1/world_size share: the sum over ranks is the global mean, so
         # the checkpointed total does not depend on the number of ranks.
         one = torch.ones((), dtype=torch.float64, device=rt.device)
