@@ -111,6 +111,9 @@ def _stream(queue: JobQueue, job: Callable[[Progress], dict]) -> StreamingRespon
                 else:
                     getter.cancel()
                     yield _line({"waiting": True})
+            # The job's last reports were queued before it finished: send them before its result.
+            while not updates.empty():
+                yield _line(updates.get_nowait())
             try:
                 yield _line({"result": fut.result()})
             except RequestError as e:
