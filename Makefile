@@ -24,8 +24,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	$(BIN)/animeddim tour --out $(DEMO_OUT)
 
+# One test worker per core (up to 4); `pytest -n 0` runs the suite in one process.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

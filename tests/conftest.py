@@ -1,4 +1,9 @@
-"""Shared tiny fixtures: a few 16-px avatars and a tiny network config."""
+"""Shared tiny fixtures: a few 16-px avatars and a tiny network config.
+
+The suite runs in parallel (pytest-xdist, `-n 2` in pyproject.toml); `-p no:xdist` or `-n 0`
+runs it in one process. A session fixture that trains or renders is built once per run even
+then (`shared_dir`), and each worker keeps torch to one thread.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,63 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 TINY_MODEL = {"image_size": 16, "widths": [8, 16], "block_depth": 1, "embedding_dims": 8}
+
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+_process_threads: list[int] = []  # torch's own thread count in this process, before ours
+
+
+def pytest_configure(config) -> None:
+    if XDIST_WORKER:
+        # Tiny networks run several times faster on one thread than on two busy ones, and
+        # each core has a worker; the commands tests start inherit the setting.
+        import torch
+
+        _process_threads.append(torch.get_num_threads())
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+@pytest.fixture
+def process_threads():
+    """The test runs on torch's own thread count for one process, as without xdist."""
+    import torch
+
+    if not _process_threads:
+        yield
+        return
+    torch.set_num_threads(_process_threads[0])
+    yield
+    torch.set_num_threads(1)
+
+
+def shared_dir(tmp_path_factory, name: str, build: Callable[[Path], Path]) -> Path:
+    """`build(empty folder)`'s result, built once per test run.
+
+    In one process that is one call. Under xdist the first worker to ask builds it in the
+    run's common temporary folder while a file lock holds the others, which then read what
+    it built (the pattern of the pytest-xdist docs). `build` returns a path inside its
+    folder; what it builds is read-only to the tests.
+    """
+    if not XDIST_WORKER:
+        return build(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent / "shared"
+    root.mkdir(exist_ok=True)
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed part-way
+            folder.mkdir()
+            result = build(folder)
+            done.write_text(str(result.relative_to(folder)))
+        return folder / done.read_text()
 
 
 @pytest.fixture(scope="session")
@@ -18,8 +75,11 @@ def avatars16(tmp_path_factory) -> Path:
     """24 built-in avatars at 16 px (rendered once per test session)."""
     from animeddim.datasets import generate_avatars
 
-    out = tmp_path_factory.mktemp("avatars16")
-    return generate_avatars(out, n=24, size=16, seed=0, workers=1)
+    return shared_dir(
+        tmp_path_factory,
+        "avatars16",
+        lambda out: generate_avatars(out, n=24, size=16, seed=0, workers=1),
+    )
 
 
 def tiny_config(data: Path, **train):
@@ -40,9 +100,11 @@ def trained_tiny(avatars16, tmp_path_factory) -> Path:
     writes into a run folder takes its own copy (`copy_run`)."""
     from animeddim.train import train
 
-    run = tmp_path_factory.mktemp("trained") / "tiny"
-    train(tiny_config(avatars16, epochs=2), run, progress=False, log=lambda s: None)
-    return run
+    def build(out: Path) -> Path:
+        train(tiny_config(avatars16, epochs=2), out / "tiny", progress=False, log=lambda s: None)
+        return out / "tiny"
+
+    return shared_dir(tmp_path_factory, "trained", build)
 
 
 def copy_run(run: Path, dst: Path) -> Path:
@@ -104,10 +166,14 @@ COLOURS = {"red": (200, 40, 40), "blue": (40, 40, 200)}
 def cond_data(tmp_path_factory) -> Path:
     """96 labelled 16-px images and their labels.csv: colour (red | blue, the whole image)
     and band (top | bottom: a light band across that third)."""
+    return shared_dir(tmp_path_factory, "cond", _cond_images)
+
+
+def _cond_images(out: Path) -> Path:
     import numpy as np
     from PIL import Image
 
-    root = tmp_path_factory.mktemp("cond") / "data"
+    root = out / "data"
     root.mkdir()
     rng = np.random.default_rng(0)
     rows = ["file,colour,band"]
@@ -125,9 +191,13 @@ def cond_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def cond_run(cond_data) -> Path:
+def cond_run(cond_data, tmp_path_factory) -> Path:
     """A tiny conditional model trained on `cond_data` (96 steps): asked for a colour, it
     draws it; the band it has barely learnt."""
+    return shared_dir(tmp_path_factory, "cond_run", lambda out: _train_cond(cond_data, out))
+
+
+def _train_cond(cond_data: Path, out: Path) -> Path:
     from animeddim.config import RunConfig
     from animeddim.train import train
 
@@ -140,15 +210,19 @@ def cond_run(cond_data) -> Path:
     )
     cfg.data.labels = str(cond_data / "labels.csv")
     cfg.train.ema_decay, cfg.train.learning_rate = 0.9, 3e-3  # a fast EMA: 96 steps in all
-    run = cond_data.parent / "run"
+    run = out / "run"
     train(cfg.validate(), run, progress=False, log=lambda s: None)
     return run
 
 
 @pytest.fixture(scope="session")
-def cond_classifier(cond_data) -> Path:
+def cond_classifier(cond_data, tmp_path_factory) -> Path:
     """A tiny attribute classifier of `cond_data`'s colour and band (16 px), as
     `attributes train` writes one (its held-out accuracy in the file)."""
+    return shared_dir(tmp_path_factory, "classifier", lambda out: _classifier(cond_data, out))
+
+
+def _classifier(cond_data: Path, out: Path) -> Path:
     from animeddim.attributes import (
         ClassifierConfig,
         TrainSettings,
@@ -165,7 +239,7 @@ def cond_classifier(cond_data) -> Path:
         config=ClassifierConfig(image_size=16, widths=(8, 16), final_stride=1),
         settings=TrainSettings(epochs=6, batch_size=16, val_fraction=0.25, blur=0.0),
     )
-    return save_classifier(cond_data.parent / "classifier.safetensors", net, {"training": summary})
+    return save_classifier(out / "classifier.safetensors", net, {"training": summary})
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli, tiny_config
+from conftest import run_cli, shared_dir, tiny_config
 from PIL import Image
 
 from animeddim import datasets
@@ -281,7 +281,11 @@ def test_histogram_and_total_variation_by_hand() -> None:
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("attr")
+    root = shared_dir(tmp_path_factory, "attr", _labelled_avatars)
+    return root / "train", root / "real"
+
+
+def _labelled_avatars(root: Path) -> Path:
     run_cli(
         "data",
         "avatars",
@@ -310,7 +314,7 @@ def labelled(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> tupl
         "--workers",
         "1",
     )
-    return root / "train", root / "real"
+    return root
 
 
 def test_attributes_train_and_coverage_commands(labelled: tuple[Path, Path], tmp_path: Path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL, run_cli
+from conftest import TINY_MODEL, run_cli, shared_dir
 from PIL import Image
 
 from animeddim import checkpoint as ckpt
@@ -212,7 +212,11 @@ def _means(folder: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def colour_run(tmp_path_factory) -> tuple[Path, Path]:
     """A conditional tiny model trained with `--labels folders` on red and blue images."""
-    tmp = tmp_path_factory.mktemp("colours")
+    tmp = shared_dir(tmp_path_factory, "colours", _train_colours)
+    return tmp / "run", tmp / "data"
+
+
+def _train_colours(tmp: Path) -> Path:
     data = _colour_folder(tmp / "data")
     cfg = tmp / "tiny.json"
     # A fast EMA: the run is 80 steps long.
@@ -225,7 +229,7 @@ def colour_run(tmp_path_factory) -> tuple[Path, Path]:
         *("--no-kid", "--quiet", "--precision", "fp32", "--device", "cpu"),
         timeout=600,
     )
-    return run, data
+    return tmp
 
 
 def test_labels_folders_trains_a_model_that_samples_each_class(colour_run, tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, shared_dir
 from PIL import Image
 
 from animeddim import checkpoint as ckpt
@@ -87,9 +87,11 @@ def max_differences(run_a: Path, run_b: Path) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def one_process_run(avatars16, tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("single")
-    animeddim(*train_args(avatars16, tmp, "run"))
-    return tmp / "run"
+    def build(tmp: Path) -> Path:
+        animeddim(*train_args(avatars16, tmp, "run"))
+        return tmp / "run"
+
+    return shared_dir(tmp_path_factory, "single", build)
 
 
 def test_two_processes_train_like_one(avatars16, one_process_run, tmp_path):

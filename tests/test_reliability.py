@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL, run_cli, run_main, tiny_config
+from conftest import TINY_MODEL, run_cli, run_main, shared_dir, tiny_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -125,11 +125,14 @@ def _metric_rows(run: Path) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def reference_run(avatars16, tiny_json, tmp_path_factory) -> Path:
     """An uninterrupted CLI run: 2 epochs of 3 steps, a checkpoint every step, 2 kept."""
-    run = tmp_path_factory.mktemp("reference") / "run"
-    args = ("--epochs", str(EPOCHS), "--checkpoint-every", "1", "--keep-checkpoints", "2")
-    p = _cli(*_train_args(avatars16, run, tiny_json, *args))
-    assert p.returncode == 0, p.stderr
-    return run
+
+    def build(tmp: Path) -> Path:
+        args = ("--epochs", str(EPOCHS), "--checkpoint-every", "1", "--keep-checkpoints", "2")
+        p = _cli(*_train_args(avatars16, tmp / "run", tiny_json, *args))
+        assert p.returncode == 0, p.stderr
+        return tmp / "run"
+
+    return shared_dir(tmp_path_factory, "reference", build)
 
 
 # --------------------------------------------------------------------------------------------

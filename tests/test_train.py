@@ -125,8 +125,11 @@ def test_resume_mid_epoch_is_bitwise_equal(avatars16, tmp_path):
 
 @pytest.mark.skipif(not compiler_available(), reason="torch.compile needs a C compiler")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_compiled_training_matches_eager(avatars16, tmp_path, precision):
-    """The compiled training path (channels_last too for bf16) trains like the eager one."""
+def test_compiled_training_matches_eager(avatars16, tmp_path, precision, process_threads):
+    """The compiled training path (channels_last too for bf16) trains like the eager one.
+
+    On one thread the kernels sum in another order and fp32 head.bias ends 1.1e-4 apart
+    (measured; the other weights 3e-7): the check keeps the thread count it was set for."""
     weights = {}
     for compile in (False, True):
         run = tmp_path / f"{precision}-{compile}"
