@@ -159,6 +159,39 @@ def run_cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.
     return p
 
 
+def run_here(*args: str, check: bool = True, timeout: float | None = None):
+    """`animeddim ARGS` through `cli.main` in this process, as `run_cli` returns it.
+
+    For tests of what a command does rather than of its process: no interpreter and torch
+    start-up per call. Each command family keeps tests that start a real process too.
+    """
+    import contextlib
+    import io
+    import warnings
+
+    from animeddim import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with warnings.catch_warnings():  # the interpreter's own filters, not pytest's
+            warnings.simplefilter("default")
+            for quiet in (DeprecationWarning, PendingDeprecationWarning, ImportWarning):
+                warnings.simplefilter("ignore", quiet)
+            warnings.simplefilter("ignore", ResourceWarning)
+            rc = _main_exit_code(cli.main, [str(a) for a in args])
+    p = subprocess.CompletedProcess(["animeddim", *args], rc, out.getvalue(), err.getvalue())
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+    return p
+
+
+def _main_exit_code(main: Callable[[list[str]], int], argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse: --help, usage errors
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
+
+
 COLOURS = {"red": (200, 40, 40), "blue": (40, 40, 200)}
 
 

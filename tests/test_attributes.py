@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli, shared_dir, tiny_config
+from conftest import run_cli, run_here, shared_dir, tiny_config
 from PIL import Image
 
 from animeddim import datasets
@@ -286,7 +286,7 @@ def labelled(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> tupl
 
 
 def _labelled_avatars(root: Path) -> Path:
-    run_cli(
+    run_here(
         "data",
         "avatars",
         "--out",
@@ -300,7 +300,7 @@ def _labelled_avatars(root: Path) -> Path:
         "--balanced",
         "0.5",
     )
-    run_cli(
+    run_here(
         "data",
         "avatars",
         "--out",
@@ -322,7 +322,7 @@ def test_attributes_train_and_coverage_commands(labelled: tuple[Path, Path], tmp
     rows = _rows(train_dir)
     assert any(r["forced"] for r in rows) and any(not r["forced"] for r in rows)
     clf = tmp_path / "clf.safetensors"
-    p = run_cli(
+    p = run_here(
         "attributes",
         "train",
         "--data",
@@ -341,7 +341,7 @@ def test_attributes_train_and_coverage_commands(labelled: tuple[Path, Path], tmp
     assert set(info["held_out_accuracy"]) == set(AVATAR_ATTRIBUTES)
     assert info["held_out_images"] == 12 and info["train_images"] + info["val_images"] == 24
     out = tmp_path / "cov"
-    p = run_cli(
+    p = run_here(
         "attributes",
         "coverage",
         str(real),
@@ -365,17 +365,17 @@ def test_attributes_train_and_coverage_commands(labelled: tuple[Path, Path], tmp
     with open(out / "coverage.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == sum(len(v) for v in avatar_vocabulary().values())
     again = ["attributes", "coverage", str(real), "--real", str(real), "--classifier", str(clf)]
-    p = run_cli(*again, "--out", str(out), check=False)
+    p = run_here(*again, "--out", str(out), check=False)
     assert p.returncode == 2 and "already holds earlier outputs (coverage.csv and 3 more); use " \
         "--force" in p.stderr  # fmt: skip
     (out / "coverage.json").unlink()  # any one of its files is an earlier coverage
-    p = run_cli(*again, "--out", str(out), check=False)
+    p = run_here(*again, "--out", str(out), check=False)
     assert p.returncode == 2 and "(coverage.csv and 2 more)" in p.stderr
-    p = run_cli(*again, "--out", str(real / "cov"), check=False)
+    p = run_here(*again, "--out", str(real / "cov"), check=False)
     assert p.returncode == 2 and "is inside the samples folder" in p.stderr
-    run_cli(*again, "--out", str(out), "--force")
+    run_here(*again, "--out", str(out), "--force")
     assert (out / "coverage.json").is_file()
-    p = run_cli("attributes", "train", "--data", str(train_dir), "--out", str(tmp_path / "c.json"),
+    p = run_here("attributes", "train", "--data", str(train_dir), "--out", str(tmp_path / "c.json"),
                 check=False)  # fmt: skip
     assert p.returncode == 2 and "--out and its accuracy JSON name the same file" in p.stderr
 
@@ -403,19 +403,20 @@ def test_attributes_command_errors(labelled: tuple[Path, Path], tmp_path: Path) 
     assert p.returncode == 2 and "balanced must be in [0, 1]" in p.stderr
 
 
-def test_evaluate_reports_coverage(labelled: tuple[Path, Path], tmp_path: Path) -> None:
-    from animeddim import metrics
+def test_evaluate_reports_coverage(
+    labelled: tuple[Path, Path], tmp_path: Path, fast_inception, monkeypatch
+) -> None:
+    from animeddim.cli import sampling as cli_sampling
     from animeddim.train import train
 
-    try:
-        metrics.find_inception_weights()
-    except metrics.InceptionWeightsMissing:
+    if fast_inception is None:
         pytest.skip("FID Inception weights not installed")
+    monkeypatch.setattr(cli_sampling, "_extractor", lambda a: fast_inception)  # loaded once
     train_dir, real = labelled
     run = tmp_path / "run"
     train(tiny_config(train_dir, epochs=1), run, progress=False, log=lambda s: None)
     clf = tmp_path / "clf.safetensors"
-    run_cli(
+    run_here(
         "attributes",
         "train",
         "--data",
@@ -428,7 +429,7 @@ def test_evaluate_reports_coverage(labelled: tuple[Path, Path], tmp_path: Path) 
         str(clf),
     )
     out = tmp_path / "eval.json"
-    p = run_cli(
+    p = run_here(
         "evaluate",
         "--run",
         str(run),
@@ -464,7 +465,7 @@ def test_attributes_train_on_class_folders_and_a_csv(tmp_path: Path) -> None:
             Image.fromarray(noisy.astype(np.uint8)).save(path)
     clf = tmp_path / "c.safetensors"
     common = ["--image-size", "16", "--epochs", "4", "--batch-size", "8"]
-    run_cli(
+    run_here(
         "attributes",
         "train",
         "--data",
@@ -479,7 +480,7 @@ def test_attributes_train_on_class_folders_and_a_csv(tmp_path: Path) -> None:
     assert list(info["val_accuracy"]) == ["class"] and info["train_images"] == 22
     assert load_classifier(clf)[0].config.vocab == {"class": ("blue", "red")}
     bad = _csv(tmp_path / "bad.csv", "file,colour\nred/0.png,red\nblue/0.png,\n")
-    p = run_cli(
+    p = run_here(
         "attributes",
         "train",
         "--data",

@@ -6,7 +6,7 @@ import csv
 import json
 
 import pytest
-from conftest import copy_run, run_cli, run_main
+from conftest import copy_run, run_cli, run_here, run_main
 from PIL import Image
 from safetensors import safe_open
 
@@ -68,7 +68,7 @@ def test_invert_and_interpolate(tiny_run, avatars16, tmp_path, capsys):
     for f in sorted(avatars16.glob("*.png"))[:2]:
         (imgs / f.name).write_bytes(f.read_bytes())
     out = tmp_path / "inv"
-    p = run_cli(
+    p = run_here(
         "invert", "--run", str(tiny_run), "--images", str(imgs), "--steps", "5", "--out", str(out)
     )
     assert "mean PSNR" in p.stdout and "invert" in p.stderr
@@ -76,7 +76,7 @@ def test_invert_and_interpolate(tiny_run, avatars16, tmp_path, capsys):
         assert f.get_tensor("latents").shape == (2, 3, 16, 16)
     assert len(list((out / "reconstructions").glob("*.png"))) == 2
     assert Image.open(out / "side-by-side.png").size == (2 * 16, 2 * 16)
-    p = run_cli(
+    p = run_here(
         "interpolate",
         "--run",
         str(tiny_run),
@@ -94,7 +94,7 @@ def test_invert_and_interpolate(tiny_run, avatars16, tmp_path, capsys):
     assert "interpolate" in p.stderr
     gif = Image.open(tmp_path / "interp.gif")
     assert gif.n_frames == 8  # there and back: 5 + 3
-    run_cli(
+    run_here(
         "interpolate",
         "--run",
         str(tiny_run),
@@ -207,7 +207,7 @@ def test_export_then_sample_from_the_small_file(tiny_run, tmp_path):
     from animeddim.checkpoint import load, load_model
 
     out = tmp_path / "small.safetensors"
-    run_cli("export", "--run", str(tiny_run), "--out", str(out))
+    run_here("export", "--run", str(tiny_run), "--out", str(out))
     tensors, meta = load(out)
     assert meta["kind"] == "ema-weights"
     assert not any(k.startswith(("model.", "optim.")) for k in tensors)
@@ -216,7 +216,7 @@ def test_export_then_sample_from_the_small_file(tiny_run, tmp_path):
     small = load_model(out).model.state_dict()
     for k in full:
         torch.testing.assert_close(small[k], full[k], atol=1e-3, rtol=1e-3)
-    run_cli(
+    run_here(
         "sample", "--run", str(out), "--n", "2", "--steps", "2", "--grid", str(tmp_path / "g.png")
     )
 

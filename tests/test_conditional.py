@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL, run_cli, shared_dir
+from conftest import TINY_MODEL, run_cli, run_here, shared_dir
 from PIL import Image
 
 from animeddim import checkpoint as ckpt
@@ -240,7 +240,7 @@ def test_labels_folders_trains_a_model_that_samples_each_class(colour_run, tmp_p
     assert meta["config"]["model"]["vocabulary"] == {"class": ["blue", "red"]}
     for cls in COLOURS:
         out = tmp_path / cls
-        run_cli(
+        run_here(
             "sample",
             "--run",
             str(run),
@@ -264,7 +264,7 @@ def test_labels_folders_trains_a_model_that_samples_each_class(colour_run, tmp_p
 def test_grid_by_rows_are_values_and_columns_seeds(colour_run, tmp_path):
     run, _ = colour_run
     grid = tmp_path / "grid.png"
-    p = run_cli(
+    p = run_here(
         "sample",
         "--run",
         str(run),
@@ -294,7 +294,7 @@ def test_edit_turns_red_images_blue(colour_run, tmp_path):
     for p in sorted((data / "red").glob("*.png"))[:3]:
         (images / p.name).write_bytes(p.read_bytes())
     out = tmp_path / "edited"
-    p = run_cli(
+    p = run_here(
         "edit",
         "--run",
         str(run),
@@ -317,7 +317,7 @@ def test_edit_turns_red_images_blue(colour_run, tmp_path):
     assert (out / "grid.png").is_file()
     # Round trip: editing to the images' own class gives them back (inversion under it).
     again = tmp_path / "same"
-    run_cli(
+    run_here(
         "edit",
         "--run",
         str(run),
@@ -400,7 +400,7 @@ def test_unknown_attribute_or_value_exits_2_naming_it(colour_run, tmp_path):
 
 
 def test_an_unconditional_model_refuses_attributes(web_runs, tmp_path):
-    p = run_cli(
+    p = run_here(
         "sample",
         "--run",
         str(web_runs / "tiny"),
@@ -420,7 +420,7 @@ def test_train_init_from_an_unconditional_run_starts_at_its_output(web_runs, tmp
     cfg = tmp_path / "tiny.json"
     cfg.write_text(json.dumps({"model": TINY_MODEL, "data": {"val_fraction": 0.25}}))
     run = tmp_path / "run"
-    p = run_cli(
+    p = run_here(
         "train",
         "--data",
         str(data),
@@ -446,7 +446,7 @@ def test_train_init_from_an_unconditional_run_starts_at_its_output(web_runs, tmp
     assert "starting from the weights" in p.stdout
     tensors, _ = ckpt.load(run / "checkpoints" / "last.safetensors")
     assert any(is_cond_parameter(k[len("model.") :]) for k in tensors if k.startswith("model."))
-    p = run_cli(
+    p = run_here(
         "train",
         "--data",
         str(data),
@@ -484,12 +484,12 @@ def test_conditional_training_in_two_processes_equals_one(avatars16, tmp_path):
 
 
 def test_conditional_resume_is_bitwise_the_uninterrupted_run(avatars16, tmp_path):
-    from test_distributed import animeddim, train_args
+    from test_distributed import train_args
 
     labels = ("--labels", str(avatars16 / "labels.csv"), "--attributes", "hair_len")
-    animeddim(*train_args(avatars16, tmp_path, "whole", *labels))
-    animeddim(*train_args(avatars16, tmp_path, "parts", *labels, "--max-steps", "4"))
-    animeddim("train", "--resume", str(tmp_path / "parts"), "--max-steps", "0", "--quiet")
+    run_here(*train_args(avatars16, tmp_path, "whole", *labels))
+    run_here(*train_args(avatars16, tmp_path, "parts", *labels, "--max-steps", "4"))
+    run_here("train", "--resume", str(tmp_path / "parts"), "--max-steps", "0", "--quiet")
     a, _ = ckpt.load(tmp_path / "whole" / "checkpoints" / "last.safetensors")
     b, _ = ckpt.load(tmp_path / "parts" / "checkpoints" / "last.safetensors")
     for k in a:

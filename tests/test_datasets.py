@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import run_cli, run_here
 from PIL import Image
 
 from animeddim import datasets
@@ -293,10 +293,10 @@ def test_data_avatars_command(tmp_path: Path) -> None:
 def test_data_prepare_command(tmp_path: Path) -> None:
     archive = _make_tgz(tmp_path / "src.tgz")
     out = tmp_path / "prepared"
-    p = run_cli("data", "prepare", str(archive), "--out", str(out), "--size", "16")
+    p = run_here("data", "prepare", str(archive), "--out", str(out), "--size", "16")
     assert f"prepared images in {out}" in p.stdout and "skipped 2 of 4" in p.stderr
     assert [load_image(f, None).shape for f in sorted(out.glob("*.png"))] == [(16, 16, 3)] * 2
-    p = run_cli("data", "prepare", str(tmp_path / "nope.zip"), "--out", str(out), check=False)
+    p = run_here("data", "prepare", str(tmp_path / "nope.zip"), "--out", str(out), check=False)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
 
 
@@ -304,8 +304,9 @@ def test_data_flowers102_command(tmp_path: Path, server: tuple[str, type]) -> No
     url, handler = server
     md5 = hashlib.md5(handler.payload).hexdigest()
     out = tmp_path / "flowers"
-    p = run_cli("data", "flowers102", "--out", str(out), "--url", url, "--md5", md5, "--size", "16")
+    args = ["--out", str(out), "--url", url, "--md5", md5, "--size", "16"]
+    p = run_here("data", "flowers102", *args)
     assert f"Oxford Flowers 102 images in {out / 'images'}" in p.stdout
     assert len(list((out / "images").glob("*.png"))) == 2
-    p = run_cli("data", "flowers102", "--out", str(tmp_path / "f2"), "--url", url, check=False)
+    p = run_here("data", "flowers102", "--out", str(tmp_path / "f2"), "--url", url, check=False)
     assert p.returncode == 2 and "md5" in p.stderr and "Traceback" not in p.stderr

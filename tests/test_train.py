@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import run_cli, tiny_config
+from conftest import run_cli, run_here, tiny_config
 from PIL import Image
 
 from animeddim import checkpoint as ckpt
@@ -222,13 +222,13 @@ def test_init_starts_from_another_models_ema_weights(avatars16, tmp_path):
 
     # The architecture must match; the error names the source and exits 2 on the CLI.
     args = ["--image-size", "16", "--batch-size", "6", "--max-steps", "1", "--no-kid", "--quiet"]
-    p = run_cli(
+    p = run_here(
         "train", "--data", str(avatars16), "--out", str(tmp_path / "wide"),
         "--init", str(exported), *args, check=False,
     )  # fmt: skip
     assert p.returncode == 2 and "initial weights from" in p.stderr, p.stderr
     assert "does not match" in p.stderr and "Traceback" not in p.stderr
-    p = run_cli("train", "--resume", str(source), "--init", str(exported), check=False)
+    p = run_here("train", "--resume", str(source), "--init", str(exported), check=False)
     assert p.returncode == 2 and "cannot change when resuming" in p.stderr, p.stderr
 
 
@@ -266,41 +266,41 @@ def _folder(src, dst, n: int):
 
 def test_no_validation_split_trains_to_the_end(avatars16, tmp_path):
     """--val-fraction 0 (and a 1-image folder) used to crash on the epoch line after saving."""
-    p = run_cli(*_tiny_args(avatars16, tmp_path / "r", "--val-fraction", "0", "--batch-size",
+    p = run_here(*_tiny_args(avatars16, tmp_path / "r", "--val-fraction", "0", "--batch-size",
                             "12"))  # fmt: skip
     assert "epoch 1/1" in p.stdout and "(val" not in p.stdout
     rows = list(csv.DictReader(open(tmp_path / "r" / "metrics.csv")))
     assert [r["val_noise_loss"] for r in rows] == [""]
     one = _folder(avatars16, tmp_path / "one", 1)
-    p = run_cli(*_tiny_args(one, tmp_path / "r1", "--batch-size", "1"))
+    p = run_here(*_tiny_args(one, tmp_path / "r1", "--batch-size", "1"))
     assert "note: per-epoch KID disabled" in p.stdout and "run folder" in p.stdout
 
 
 def test_failed_start_leaves_nothing_that_blocks_the_fixed_command(avatars16, tmp_path):
     run = tmp_path / "r"
-    _one_line_exit_2(run_cli(*_tiny_args(avatars16, run, "--batch-size", "99"), check=False),
+    _one_line_exit_2(run_here(*_tiny_args(avatars16, run, "--batch-size", "99"), check=False),
                      "larger than the training split")  # fmt: skip
     assert not run.exists()
     # A run killed before its first checkpoint: config.json and reference.png only.
     run_folder.prepare_run_dir(run, tiny_config(avatars16), resume=False)
     (run / "reference.png").write_bytes(b"")
-    p = run_cli(*_tiny_args(avatars16, run, "--batch-size", "6", "--max-steps", "1", "--no-kid"))
+    p = run_here(*_tiny_args(avatars16, run, "--batch-size", "6", "--max-steps", "1", "--no-kid"))
     assert (run / "checkpoints" / "last.safetensors").is_file()
     # Once it has a checkpoint, only --resume may continue it.
-    p = run_cli(*_tiny_args(avatars16, run, "--batch-size", "6"), check=False)
+    p = run_here(*_tiny_args(avatars16, run, "--batch-size", "6"), check=False)
     _one_line_exit_2(p, "already holds files")
 
 
 def test_out_inside_data_is_refused(avatars16, tmp_path):
     data = _folder(avatars16, tmp_path / "data", 6)
-    p = run_cli(*_tiny_args(data, data / "run"), check=False)
+    p = run_here(*_tiny_args(data, data / "run"), check=False)
     _one_line_exit_2(p, "lies inside --data")
     assert not (data / "run").exists()
 
 
 def test_second_process_on_a_run_folder_is_refused_naming_the_holder(avatars16, tmp_path):
     run = tmp_path / "r"
-    run_cli(*_tiny_args(avatars16, run, "--batch-size", "6", "--max-steps", "1", "--no-kid"))
+    run_here(*_tiny_args(avatars16, run, "--batch-size", "6", "--max-steps", "1", "--no-kid"))
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], stdout=subprocess.PIPE)
     try:
         assert holder.stdout.readline().strip() == b"locked"
@@ -330,11 +330,11 @@ with lock(Path(sys.argv[1])):
 def test_resume_on_changed_data_is_an_error_unless_allowed(avatars16, tmp_path):
     data = _folder(avatars16, tmp_path / "data", 12)
     run = tmp_path / "r"
-    run_cli(*_tiny_args(data, run, "--batch-size", "6", "--max-steps", "1", "--no-kid"))
+    run_here(*_tiny_args(data, run, "--batch-size", "6", "--max-steps", "1", "--no-kid"))
     stored = json.loads((run / "config.json").read_text())["data"]
     assert stored["abs_path"] == str(data.resolve()) and stored["fingerprint"].startswith("12:")
     (data / "new.png").write_bytes((avatars16 / "avatar-000020.png").read_bytes())
-    p = run_cli("train", "--resume", str(run), "--epochs", "2", "--quiet", check=False)
+    p = run_here("train", "--resume", str(run), "--epochs", "2", "--quiet", check=False)
     _one_line_exit_2(p, "changed since the run started", "12 files then, 13 now")
     # From another working directory, the run still finds its own (absolute) data folder.
     p = subprocess.run(
