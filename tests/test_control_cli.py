@@ -233,3 +233,40 @@ def test_guidance_without_attributes_is_refused_not_ignored(cond_data, tmp_path,
                           "--n", 2, "--guidance", 2, "--out", tmp_path / "e.json")  # fmt: skip
     assert rc == 2 and "--guidance 2 needs --attr NAME=VALUE" in err
     assert not out.exists() and not (tmp_path / "e.json").exists()
+
+
+def test_attrs_from_gives_image_i_the_attributes_of_row_i(cond_run, tmp_path, capsys):
+    """Each image is drawn exactly as `--attr` with its row's values would draw it (rows
+    cycle; a column the model does not know is left out); bad files are one-line errors."""
+    import numpy as np
+    from PIL import Image
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,colour,note_col\na.png,red,x\nb.png,blue,y\nc.png,blue,z\n")
+    args = ["sample", "--run", cond_run, "--steps", 3, "--seed", 2, "--device", "cpu"]
+    out = tmp_path / "mix"
+    rc, stdout, err = run_main(capsys, *args, "--n", 4, "--attrs-from", labels, "--out", out)
+    assert rc == 0, err
+    assert "3 rows of" in stdout
+    for colour in ("red", "blue"):
+        rc, _, err = run_main(capsys, *args, "--n", 4, "--attr", f"colour={colour}",
+                              "--out", tmp_path / colour)  # fmt: skip
+        assert rc == 0, err
+    for i, colour in enumerate(["red", "blue", "blue", "red"]):
+        got = np.asarray(Image.open(out / f"seed2-{i:06d}.png"))
+        want = np.asarray(Image.open(tmp_path / colour / f"seed2-{i:06d}.png"))
+        assert np.array_equal(got, want), i
+    bad = {
+        "file,colour\na.png,green\n": "row 2 (a.png): the model knows no colour value 'green'",
+        "file,shape\na.png,round\n": "has none of the model's attributes (colour, band)",
+        "file,colour\n": "has no rows",
+    }
+    for text, message in bad.items():
+        labels.write_text(text)
+        rc, _, err = run_main(capsys, *args, "--n", 1, "--attrs-from", labels,
+                              "--out", tmp_path / "bad")  # fmt: skip
+        assert rc == 2 and message in err, err
+        assert not (tmp_path / "bad").exists()
+    rc, _, err = run_main(capsys, *args, "--n", 1, "--attrs-from", labels, "--attr",
+                          "colour=red", "--out", tmp_path / "bad")  # fmt: skip
+    assert rc == 2 and "without --attr/--grid-by" in err

@@ -141,6 +141,20 @@ def sample_conditional(a: argparse.Namespace, loaded, settings, bars) -> Any:
             return None, a.n, None
         print(f"rows: {a.grid_by} = {', '.join(values)}; columns: images 0..{a.n - 1}")
         return images, a.n, grid_names(a.grid_by, values, a.seed, a.n)
+    if a.attrs_from:
+        from .pipelines import codes_from_labels, draw_per_image
+
+        codes = codes_from_labels(loaded, a.attrs_from)
+        print(
+            f"attributes: {len(codes)} rows of {a.attrs_from}, image i gets row i mod {len(codes)}"
+        )
+        images = shard_images(
+            lambda count, first: draw_per_image(
+                loaded, count, settings, codes, a.guidance, first, progress=bars
+            ),
+            a.n,
+        )
+        return images, min(8, a.n), None
     attrs = asked(a)
     images = shard_images(
         lambda count, first: draw_conditional(

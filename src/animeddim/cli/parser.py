@@ -127,6 +127,12 @@ def _add_sample_command(sub) -> None:
     p.add_argument(
         "--grid-by", metavar="ATTR", help="a grid: one row per value of ATTR, --n seeds per row"
     )
+    p.add_argument(
+        "--attrs-from",
+        metavar="FILE.csv",
+        help="image i is asked the attributes of row i of this labels CSV (cycling), e.g. a "
+        "labelled folder's labels.csv: the data's own mix of attributes",
+    )
     p.set_defaults(func=cmd_sample)
 
 

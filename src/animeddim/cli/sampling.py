@@ -41,8 +41,14 @@ def cmd_sample(a: argparse.Namespace) -> int:
     if not a.out and not a.grid and not a.trajectory:
         raise CliError("give --out DIR, --grid FILE.png and/or --trajectory FILE.png")
     conditional_cli.check_guidance_has_conditions(
-        a.guidance, bool(a.attr or a.grid_by), "--attr NAME=VALUE or --grid-by NAME"
+        a.guidance,
+        bool(a.attr or a.grid_by or a.attrs_from),
+        "--attr NAME=VALUE, --grid-by NAME or --attrs-from FILE.csv",
     )
+    if a.attrs_from and (a.attr or a.grid_by):
+        raise CliError(
+            "--attrs-from sets every image's attributes: give it without --attr/--grid-by"
+        )
     loaded, device = load_for_sampling(a.run, a.model, a.device)
     settings = _settings(a, device)
     files = [(f, Path(v)) for f, v in (("--grid", a.grid), ("--trajectory", a.trajectory)) if v]
@@ -59,7 +65,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
     # Under torchrun each rank draws a block of image indices; rank 0 gathers and writes.
     bars = _Bars()
     cols, names = min(8, a.n), None
-    if a.attr or a.grid_by:
+    if a.attr or a.grid_by or a.attrs_from:
         images, cols, names = conditional_cli.sample_conditional(a, loaded, settings, bars)
     else:
         images = shard_images(

@@ -57,10 +57,59 @@ def draw_conditional(
     codes = attribute_codes(loaded, asked or {})
     if codes is None:
         return draw(loaded, n, s, first_index, net=net, progress=progress)
+    return draw_per_image(loaded, n, s, codes[None], guidance, first_index, progress, net)
+
+
+def draw_per_image(
+    loaded: LoadedModel,
+    n: int,
+    s: SampleSettings,
+    codes: torch.Tensor,
+    guidance: float = 1.0,
+    first_index: int = 0,
+    progress: Progress | None = None,
+    net: Any = None,
+) -> torch.Tensor:
+    """`draw` where image i (of first_index .. first_index + n - 1) is asked the codes of
+    row i mod R of `codes` ([R x A], e.g. `codes_from_labels`), with classifier-free
+    guidance weight `guidance`: uint8 [n x H x W x C]."""
     calls = 1 if guidance == 1.0 else 2
     net = guided(net if net is not None else sampling_net(loaded, s, calls * n * s.steps), guidance)
-    cond = codes.to(s.device).expand(n, -1).contiguous()
+    rows = torch.arange(first_index, first_index + n) % len(codes)
+    cond = codes[rows].to(s.device).contiguous()
     return draw(loaded, n, s, first_index, net=net, progress=progress, cond=cond)
+
+
+def codes_from_labels(loaded: LoadedModel, path: str | Path) -> torch.Tensor:
+    """[R x A] codes of the R rows of a labels CSV (file, then attribute columns; e.g. the
+    labels.csv of `animeddim data avatars`), in the model's attributes: columns the model
+    does not know are left out, and an attribute the file lacks stays null.
+
+    :raises LabelError: an unreadable or malformed file (`labels.read_csv_rows`).
+    :raises UnknownAttribute: an unconditional model, a file with none of its attributes or
+        no rows, or a value the model does not know (naming the row).
+    """
+    from ..labels import read_csv_rows
+
+    vocab = vocabulary(loaded)
+    if not vocab:
+        raise UnknownAttribute(f"the model is unconditional: it cannot be asked for '{path}'")
+    names, rows = read_csv_rows(path)
+    if not any(name in vocab for name in names):
+        raise UnknownAttribute(
+            f"labels file '{path}' has none of the model's attributes ({', '.join(vocab)}); "
+            f"its columns: {', '.join(names)}"
+        )
+    if not rows:
+        raise UnknownAttribute(f"labels file '{path}' has no rows")
+    out = []
+    for line, file, values in rows:
+        asked = {a: v for a, v in zip(names, values, strict=True) if a in vocab}
+        try:
+            out.append(encode(vocab, asked))
+        except UnknownAttribute as e:
+            raise UnknownAttribute(f"labels file '{path}' row {line} ({file}): {e}") from None
+    return torch.stack(out)
 
 
 def attribute_grid(
