@@ -388,7 +388,7 @@ def test_attributes_command_errors(labelled: tuple[Path, Path], tmp_path: Path) 
     assert p.returncode == 2 and "has no labels.csv" in p.stderr and "Traceback" not in p.stderr
     p = run_cli("attributes", "train", "--data", str(bare), check=False)
     assert p.returncode == 2 and "labels file" in p.stderr and "does not exist" in p.stderr
-    p = run_cli(
+    p = run_here(
         "attributes",
         "coverage",
         str(bare),
@@ -399,7 +399,7 @@ def test_attributes_command_errors(labelled: tuple[Path, Path], tmp_path: Path) 
         check=False,
     )
     assert p.returncode == 2 and "does not exist" in p.stderr
-    p = run_cli("data", "avatars", "--out", str(tmp_path / "x"), "--balanced", "2", check=False)
+    p = run_here("data", "avatars", "--out", str(tmp_path / "x"), "--balanced", "2", check=False)
     assert p.returncode == 2 and "balanced must be in [0, 1]" in p.stderr
 
 

@@ -369,7 +369,7 @@ def test_unknown_attribute_or_value_exits_2_naming_it(colour_run, tmp_path):
         assert p.returncode == 2, p.stderr
         assert needle in p.stderr and known in p.stderr, p.stderr
         assert "Traceback" not in p.stderr
-    p = run_cli(
+    p = run_here(
         "sample",
         "--run",
         str(run),

@@ -285,7 +285,7 @@ def test_data_avatars_command(tmp_path: Path) -> None:
     p = run_cli(*args)
     assert f"3 avatars (16px, seed 0) in {out}" in p.stdout
     assert sorted(f.name for f in out.glob("*.png")) == [f"avatar-{i:06d}.png" for i in range(3)]
-    assert run_cli(*args).returncode == 0  # a rerun with the same arguments is a no-op
+    assert run_here(*args).returncode == 0  # a rerun with the same arguments is a no-op
     p = run_cli(*args[:-4], "--size", "32", check=False)
     assert p.returncode == 2 and "size" in p.stderr and "Traceback" not in p.stderr
 
