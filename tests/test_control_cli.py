@@ -228,7 +228,10 @@ def test_guidance_without_attributes_is_refused_not_ignored(cond_data, tmp_path,
     out = tmp_path / "s"
     rc, _, err = run_main(capsys, "sample", "--model", "avatars-64", "--out", out, "--n", 1,
                           "--guidance", 3)  # fmt: skip
-    assert rc == 2 and "--guidance 3 needs --attr NAME=VALUE, --grid-by NAME or --attrs-from FILE.csv" in err
+    assert (
+        rc == 2
+        and "--guidance 3 needs --attr NAME=VALUE, --grid-by NAME or --attrs-from FILE.csv" in err
+    )
     rc, _, err = run_main(capsys, "evaluate", "--model", "avatars-64", "--real", cond_data,
                           "--n", 2, "--guidance", 2, "--out", tmp_path / "e.json")  # fmt: skip
     assert rc == 2 and "--guidance 2 needs --attr NAME=VALUE" in err
