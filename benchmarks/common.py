@@ -6,6 +6,7 @@ The scripts run as ``python benchmarks/NAME.py``, so this file is importable bes
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -19,6 +20,19 @@ from animeddim.runtime import autocast
 from animeddim.unet import UNet
 
 CPU = torch.device("cpu")
+
+
+def real_folder_parser(n: int, times: str) -> argparse.ArgumentParser:
+    """The options of the scripts that probe a model on a labelled real folder: REAL_DIR,
+    --model / --run, --n images, --t times (comma-separated) and --threads."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("real")
+    ap.add_argument("--model", default="avatars-64")
+    ap.add_argument("--run", default=None, help="a run folder or checkpoint instead")
+    ap.add_argument("--n", type=int, default=n)
+    ap.add_argument("--t", default=times)
+    ap.add_argument("--threads", type=int, default=1)
+    return ap
 
 
 def net_with_bn_statistics(image_size: int) -> UNet:

@@ -21,17 +21,16 @@ With --out, each t0's outputs are written as PNGs to DIR/t0-T.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import real_folder_parser
 
 from animeddim import pipelines
 from animeddim.attributes import classify, load_classifier
 from animeddim.coverage import histogram, real_set, total_variation
-from animeddim.data import load_folder
 from animeddim.diffusion.generation import denormalize, image_generators
 from animeddim.diffusion.samplers import ddim_sample, randn_per_image
 from animeddim.diffusion.schedule import diffuse
@@ -45,7 +44,7 @@ def start_times(t0: float, steps: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def regenerate(loaded, net, x0: torch.Tensor, t0: float, steps: int, autocast) -> np.ndarray:
+def regenerate(loaded, net, x0: torch.Tensor, t0: float, s) -> np.ndarray:
     """uint8 [N x H x W x 3]: each normalised [N x C x H x W] x0 diffused to t0 with image
     i's noise (seed 0), then denoised by DDIM from t0 to 0."""
     out = []
@@ -54,21 +53,15 @@ def regenerate(loaded, net, x0: torch.Tensor, t0: float, steps: int, autocast) -
         eps = randn_per_image(image_generators(0, range(lo, lo + len(x))), x.shape[1:], "cpu")
         tt = torch.full((len(x),), t0, dtype=torch.float64)
         xt, _, _ = diffuse(x, eps, tt, loaded.config.schedule)
-        with autocast:
-            x0_hat = ddim_sample(net, xt, start_times(t0, steps), loaded.config.schedule)
+        with s.autocast():
+            x0_hat = ddim_sample(net, xt, start_times(t0, s.steps), loaded.config.schedule)
         out.append(denormalize(x0_hat.float(), loaded.mean, loaded.std).numpy())
     return np.concatenate(out)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("real")
-    ap.add_argument("--model", default="avatars-64")
-    ap.add_argument("--run", default=None, help="a run folder or checkpoint instead")
-    ap.add_argument("--n", type=int, default=500)
-    ap.add_argument("--t", default="1.0,0.9,0.8,0.7,0.5")
+    ap = real_folder_parser(n=500, times="1.0,0.9,0.8,0.7,0.5")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -77,8 +70,8 @@ def main() -> None:
     net = pipelines.sampling_net(loaded, s, a.n * a.steps)
     clf, _ = load_classifier()
     vocab = clf.config.vocab
-    _, codes = real_set(clf, a.real)  # true labels, in load_folder's order
-    real = np.asarray(load_folder(Path(a.real), loaded.config.model.image_size, workers=1).images)
+    # at the model's size (classify() resizes to the classifier's), with their true labels
+    real, codes = real_set(clf, a.real, loaded.config.model.image_size)
     pick = [(i * 7919) % len(real) for i in range(a.n)]
     x0 = torch.from_numpy(real[pick]).permute(0, 3, 1, 2).float() / 255.0
     x0 = (x0 - loaded.mean.view(1, -1, 1, 1)) / loaded.std.view(1, -1, 1, 1)
@@ -93,7 +86,7 @@ def main() -> None:
     print("t0 | kept: " + " / ".join(names) + " | glasses kept / added | TV: " + " / ".join(names))
     for t0 in (float(v) for v in a.t.split(",")):
         t = time.perf_counter()
-        images = regenerate(loaded, net, x0, t0, a.steps, s.autocast())
+        images = regenerate(loaded, net, x0, t0, s)
         pred = classify(clf, images)
         same = (pred == source).mean(axis=0)
         tv = [

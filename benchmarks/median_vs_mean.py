@@ -22,13 +22,13 @@ data's per-pixel median. Printed per t, in 0-255 pixel units:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import real_folder_parser
 
 from animeddim.checkpoint import load_model
 from animeddim.data import load_folder
@@ -68,13 +68,7 @@ def mean_x0_hat(loaded, x0: torch.Tensor, t: float, seed: int, batch: int = 32) 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("real")
-    ap.add_argument("--model", default="avatars-64")
-    ap.add_argument("--run", default=None, help="a run folder or checkpoint instead")
-    ap.add_argument("--n", type=int, default=256)
-    ap.add_argument("--t", default="1.0,0.9,0.75,0.5")
-    ap.add_argument("--threads", type=int, default=1)
+    ap = real_folder_parser(n=256, times="1.0,0.9,0.75,0.5")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)

@@ -127,11 +127,11 @@ def asked(a: argparse.Namespace) -> dict[str, str]:
 
 
 def sample_conditional(a: argparse.Namespace, loaded, settings, bars) -> Any:
-    """Images of `sample` with --attr/--grid-by: uint8 [N x H x W x C] (None on the other
-    ranks under torchrun, where each rank draws a block of image indices), the number of
-    grid columns and the PNG names (None: the usual seedS-IIIIII.png)."""
+    """Images of `sample` with --attr/--grid-by/--attrs-from: uint8 [N x H x W x C] (None on
+    the other ranks under torchrun, where each rank draws a block of image indices), the
+    number of grid columns and the PNG names (None: the usual seedS-IIIIII.png)."""
     from .distributed import is_main, shard_images
-    from .pipelines import attribute_grid, draw_conditional
+    from .pipelines import attribute_codes, attribute_grid, codes_from_labels, draw_per_image
 
     if a.grid_by:
         images, values = attribute_grid(
@@ -142,23 +142,15 @@ def sample_conditional(a: argparse.Namespace, loaded, settings, bars) -> Any:
         print(f"rows: {a.grid_by} = {', '.join(values)}; columns: images 0..{a.n - 1}")
         return images, a.n, grid_names(a.grid_by, values, a.seed, a.n)
     if a.attrs_from:
-        from .pipelines import codes_from_labels, draw_per_image
-
         codes = codes_from_labels(loaded, a.attrs_from)
         print(
             f"attributes: {len(codes)} rows of {a.attrs_from}, image i gets row i mod {len(codes)}"
         )
-        images = shard_images(
-            lambda count, first: draw_per_image(
-                loaded, count, settings, codes, a.guidance, first, progress=bars
-            ),
-            a.n,
-        )
-        return images, min(8, a.n), None
-    attrs = asked(a)
+    else:
+        codes = attribute_codes(loaded, asked(a))[None]  # --attr: one row for every image
     images = shard_images(
-        lambda count, first: draw_conditional(
-            loaded, count, settings, attrs, a.guidance, first, progress=bars
+        lambda count, first: draw_per_image(
+            loaded, count, settings, codes, a.guidance, first, progress=bars
         ),
         a.n,
     )

@@ -89,13 +89,15 @@ def coverage(
     }
 
 
-def real_set(net: AttributeNet, real_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """A labelled real folder (``labels.csv`` inside) as images at the classifier's size and
-    their codes in the classifier's vocabulary."""
+def real_set(
+    net: AttributeNet, real_dir: str | Path, size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A labelled real folder (``labels.csv`` inside) as images at `size` (default the
+    classifier's) and their codes in the classifier's vocabulary."""
     from .data import load_folder
 
     real_dir = Path(real_dir)
-    s = load_folder(real_dir, net.config.image_size)
+    s = load_folder(real_dir, size or net.config.image_size)
     labels = csv_labels(real_dir / "labels.csv", real_dir, s.paths)
     return np.asarray(s.images), align_labels(labels, net.config.vocab)
 
