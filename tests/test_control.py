@@ -126,3 +126,33 @@ def test_guidance_study_table(loaded, cond_data, cond_classifier, tmp_path):
     md = (tmp_path / "study" / "guidance.md").read_text()
     assert "colour=red accuracy (ceiling 100.0%)" in md and "| 3 | " in md
     assert lines[1].startswith("w 3: accuracy colour ")
+
+
+def test_mix_accuracy_judges_each_image_against_its_own_row(
+    loaded, cond_data, cond_classifier, tmp_path
+):
+    """`evaluate --attrs-from`'s measure: image i is judged against row i mod R, per value;
+    an attribute no row asks is reported as unjudged, not as right or wrong."""
+    from animeddim.attributes import classify
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,colour\na.png,red\nb.png,blue\nc.png,blue\n")
+    t = pipelines.mix_target(loaded, labels, cond_classifier)
+    assert t.judged == ["colour", "band"] and t.ceiling["colour"] == 1.0
+    images = pipelines.draw_per_image(loaded, 7, _settings(), t.codes, 3.0)
+    r = pipelines.mix_accuracy(t, images)
+    vocab = t.classifier.config.vocab
+    got = [vocab["colour"][c] for c in classify(t.classifier, images.numpy())[:, 0]]
+    asked = ["red", "blue", "blue"] * 3
+    hits = [g == a for g, a in zip(got, asked[:7], strict=False)]
+    colour = r["attributes"]["colour"]
+    assert colour["n"] == 7 and colour["accuracy"] == pytest.approx(np.mean(hits))
+    red = [h for h, a in zip(hits, asked, strict=False) if a == "red"]
+    blue = [h for h, a in zip(hits, asked, strict=False) if a == "blue"]
+    assert colour["per_value"] == {"red": [pytest.approx(np.mean(red)), 3],
+                                   "blue": [pytest.approx(np.mean(blue)), 4]}  # fmt: skip
+    assert colour["mean_per_value"] == pytest.approx((np.mean(red) + np.mean(blue)) / 2)
+    assert colour["accuracy"] >= 0.7  # guidance 3 on a model that has learnt the colours
+    assert r["attributes"]["band"] == {"accuracy": None, "n": 0, "per_value": {},
+                                       "mean_per_value": None}  # fmt: skip
+    assert r["rows"] == 3 and r["classifier_accuracy_on"] == "validation"

@@ -273,3 +273,27 @@ def test_attrs_from_gives_image_i_the_attributes_of_row_i(cond_run, tmp_path, ca
     rc, _, err = run_main(capsys, *args, "--n", 1, "--attrs-from", labels, "--attr",
                           "colour=red", "--out", tmp_path / "bad")  # fmt: skip
     assert rc == 2 and "without --attr/--grid-by" in err
+
+
+def test_evaluate_attrs_from_reports_accuracy_per_attribute_and_value(
+    cond_run, cond_data, cond_classifier, tmp_path, capsys, fake
+):
+    out = tmp_path / "eval.json"
+    args = _common(cond_run, cond_data, cond_classifier) + ["--protocols", "standard"]
+    rc, stdout, err = run_main(capsys, "evaluate", *args, "--n", 6, "--guidance", 3,
+                               "--attrs-from", cond_data / "labels.csv", "--out", out)  # fmt: skip
+    assert rc == 0, err
+    r = json.loads(out.read_text())
+    m = r["attributes_from"]
+    assert r["guidance"] == 3.0 and m["rows"] == 96 and "kid_mean" in r
+    colour = m["attributes"]["colour"]
+    assert colour["n"] == 6 and list(colour["per_value"]) == ["red"]  # rows 0-5 are red
+    assert (
+        f"attribute accuracy colour: {100 * colour['accuracy']:.1f}% of 6 samples, "
+        f"{100 * colour['mean_per_value']:.1f}% averaged over its 1 values"
+    ) in stdout
+    assert "the classifier's own validation accuracy on real images: 100.0%" in stdout
+    rc, _, err = run_main(capsys, "evaluate", *args, "--n", 2, "--attr", "colour=red",
+                          "--attrs-from", cond_data / "labels.csv",
+                          "--out", tmp_path / "both.json")  # fmt: skip
+    assert rc == 2 and "give it without --attr" in err and not (tmp_path / "both.json").exists()

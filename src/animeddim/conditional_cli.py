@@ -61,6 +61,13 @@ def add_evaluate_options(p: argparse.ArgumentParser) -> None:
                 "attribute accuracy (the classifier's own accuracy beside it) and KID against "
                 "the --real images whose labels.csv has that value"
             )
+    p.add_argument(
+        "--attrs-from",
+        metavar="FILE.csv",
+        help="draw image i of a conditional model under row i of this labels CSV (cycling; "
+        "e.g. --real's own labels.csv) and also report, per attribute, the share drawn as "
+        "asked (overall and per value)",
+    )
     _add_classifier(p)
 
 
@@ -252,15 +259,21 @@ def check_guidance_has_conditions(guidance: float, conditioned: bool, needs: str
         )
 
 
-def evaluate_target(a: argparse.Namespace, loaded) -> Any:
-    """The `pipelines.ControlTarget` of `evaluate --attr` (None without --attr), checked
-    before any image is drawn."""
-    check_guidance_has_conditions(a.guidance, bool(a.attr), "--attr NAME=VALUE")
-    if not a.attr:
-        return None
-    from .pipelines import control_target
+def evaluate_target(a: argparse.Namespace, loaded) -> tuple[Any, Any]:
+    """The `pipelines.ControlTarget` of `evaluate --attr` and the `pipelines.MixTarget` of
+    `--attrs-from` (None where not given), checked before any image is drawn."""
+    if a.attr and a.attrs_from:
+        from .config import ConfigError
 
-    return control_target(loaded, a.real, asked(a), a.classifier)
+        raise ConfigError("--attrs-from sets every image's attributes: give it without --attr")
+    check_guidance_has_conditions(
+        a.guidance, bool(a.attr or a.attrs_from), "--attr NAME=VALUE or --attrs-from FILE.csv"
+    )
+    from .pipelines import control_target, mix_target
+
+    if a.attrs_from:
+        return None, mix_target(loaded, a.attrs_from, a.classifier)
+    return (control_target(loaded, a.real, asked(a), a.classifier) if a.attr else None), None
 
 
 def control_lines(c: dict[str, Any]) -> list[str]:
@@ -279,6 +292,26 @@ def control_lines(c: dict[str, Any]) -> list[str]:
         f"KID (standard protocol) against the {c['n_real']} real images with {what}: "
         f"{c['kid_mean']:.5f} ± {c['kid_std']:.5f}"
     )
+    return lines
+
+
+def mix_lines(m: dict[str, Any]) -> list[str]:
+    """What `evaluate --attrs-from` prints of its "attributes_from" summary."""
+    on = m["classifier_accuracy_on"]
+    lines = [f"attributes asked per image from {m['labels']} ({m['rows']} rows):"]
+    for attr, r in m["attributes"].items():
+        if r["accuracy"] is None:
+            lines.append(f"  {attr}: no image was asked a value the classifier knows")
+            continue
+        worst = min(r["per_value"].items(), key=lambda kv: kv[1][0])
+        ceiling = m["classifier_accuracy"].get(attr)
+        beside = "?" if ceiling is None else f"{100 * ceiling:.1f}%"
+        lines.append(
+            f"  attribute accuracy {attr}: {100 * r['accuracy']:.1f}% of {r['n']} samples, "
+            f"{100 * r['mean_per_value']:.1f}% averaged over its {len(r['per_value'])} values "
+            f"(lowest {worst[0]}: {100 * worst[1][0]:.1f}% of {worst[1][1]}); the "
+            f"classifier's own {on} accuracy on real images: {beside}"
+        )
     return lines
 
 

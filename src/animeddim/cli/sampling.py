@@ -148,12 +148,13 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             raise CliError(f"--coverage needs labels: {a.real!r} has no labels.csv")
         outputs.earlier_outputs(out.parent, outputs.COVERAGE_NAMES, a.force, "--coverage beside")
         attributes = load_classifier(None if a.coverage == "shipped" else a.coverage)[0]
-    control = conditional_cli.evaluate_target(a, loaded)
+    control, mix = conditional_cli.evaluate_target(a, loaded)
     r = evaluate(
         loaded,
         a.real,
         attributes=attributes,
         control=control,
+        mix=mix,
         guidance=a.guidance,
         n=a.n,
         settings=_settings(a, device),
@@ -173,6 +174,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         print(f"KID (paper protocol) {r['paper']['kid']:.5f}  ({r['paper']['batches']} batches)")
     if "attributes_asked" in r:
         print("\n".join(conditional_cli.control_lines(r["attributes_asked"])))
+    if "attributes_from" in r:
+        print("\n".join(conditional_cli.mix_lines(r["attributes_from"])))
     if "coverage" in r:
         from ..attributes_cli import coverage_summary
 

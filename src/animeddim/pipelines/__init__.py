@@ -34,9 +34,12 @@ from .conditional import (
 from .control import (
     GUIDANCE_NAMES,
     ControlTarget,
+    MixTarget,
     attribute_accuracy,
     control_target,
     guidance_study,
+    mix_accuracy,
+    mix_target,
     real_features,
 )
 from .core import (
@@ -56,8 +59,11 @@ from .latents import ReverseSteps, interpolate, invert, reverse_steps, shown_ste
 __all__ = [
     "GUIDANCE_NAMES",
     "ControlTarget",
+    "MixTarget",
     "attribute_accuracy",
     "control_target",
+    "mix_accuracy",
+    "mix_target",
     "guidance_study",
     "STEPS_COLUMNS",
     "Progress",

@@ -91,17 +91,104 @@ def control_target(
             raise UnknownAttribute(
                 f"the attribute classifier knows no {a} value {v!r}; known: {', '.join(known)}"
             )
-    training = meta.get("training", {})
-    kind = "held-out" if "held_out_accuracy" in training else "validation"
-    accuracy = training.get("held_out_accuracy") or training.get("val_accuracy") or {}
+    ceiling, kind = _ceiling(meta, asked)
     return ControlTarget(
         asked=dict(asked),
         classifier=net,
-        ceiling={a: accuracy.get(a) for a in asked},
+        ceiling=ceiling,
         ceiling_kind=kind,
         real=real,
         real_files=_files_with(real, labels, asked),
     )
+
+
+def _ceiling(meta: Mapping[str, Any], attrs: Any) -> tuple[dict[str, float | None], str]:
+    """The classifier's own accuracy per attribute, as its file records it, and on what."""
+    training = meta.get("training", {})
+    kind = "held-out" if "held_out_accuracy" in training else "validation"
+    accuracy = training.get("held_out_accuracy") or training.get("val_accuracy") or {}
+    return {a: accuracy.get(a) for a in attrs}, kind
+
+
+@dataclass
+class MixTarget:
+    """Per-image asks (`evaluate --attrs-from`): image i is asked row i mod R of `codes`, and
+    each attribute the model and the classifier both know is judged.
+
+    :param codes: [R x A] in the model's vocabulary (`codes_from_labels`; NULL: not asked).
+    :param vocab: the model's vocabulary.
+    :param judged: the attributes judged (model and classifier know them), model order.
+    """
+
+    labels: Path
+    codes: torch.Tensor
+    vocab: dict[str, list[str]]
+    classifier: Any
+    judged: list[str]
+    ceiling: dict[str, float | None]
+    ceiling_kind: str
+
+
+def mix_target(
+    loaded: LoadedModel, labels: str | Path, classifier: str | Path | None = None
+) -> MixTarget:
+    """Check a labels CSV against the model (`codes_from_labels`) and the classifier.
+
+    :raises UnknownAttribute: an unconditional model, a bad labels file, or a classifier that
+        knows none of the model's attributes.
+    """
+    from ..attributes import load_classifier
+    from .conditional import codes_from_labels
+
+    codes = codes_from_labels(loaded, labels)
+    vocab = vocabulary(loaded)
+    net, meta = load_classifier(classifier)
+    judged = [a for a in vocab if a in net.config.vocab]
+    if not judged:
+        raise UnknownAttribute(
+            f"the attribute classifier knows none of the model's attributes "
+            f"({', '.join(vocab)}); it knows {', '.join(net.config.vocab)} (give --classifier)"
+        )
+    ceiling, kind = _ceiling(meta, judged)
+    return MixTarget(Path(labels), codes, vocab, net, judged, ceiling, kind)
+
+
+def mix_accuracy(target: MixTarget, images_u8: torch.Tensor) -> dict[str, Any]:
+    """How often image i (asked row i mod R) is classified as asked, per judged attribute:
+    over the images asked a value the classifier knows ("accuracy", "n"), per asked value
+    ("per_value": value -> [accuracy, n]) and their mean ("mean_per_value", which a rare
+    value weighs as much as a common one)."""
+    from ..attributes import classify
+
+    clf_vocab = target.classifier.config.vocab
+    predicted = classify(target.classifier, images_u8.numpy())
+    rows = target.codes[torch.arange(len(images_u8)) % len(target.codes)].numpy()
+    names = list(target.vocab)
+    out: dict[str, Any] = {}
+    for a in target.judged:
+        values, known = target.vocab[a], list(clf_vocab[a])
+        asked = [values[c] if c >= 0 else None for c in rows[:, names.index(a)]]
+        got = [known[c] for c in predicted[:, list(clf_vocab).index(a)]]
+        pairs = [(x, y) for x, y in zip(asked, got, strict=True) if x in known]
+        per_value = {}
+        for v in sorted({x for x, _ in pairs}, key=values.index):
+            hits = [x == y for x, y in pairs if x == v]
+            per_value[v] = [float(np.mean(hits)), len(hits)]
+        out[a] = {
+            "accuracy": float(np.mean([x == y for x, y in pairs])) if pairs else None,
+            "n": len(pairs),
+            "per_value": per_value,
+            "mean_per_value": float(np.mean([acc for acc, _ in per_value.values()]))
+            if per_value
+            else None,
+        }
+    return {
+        "labels": str(target.labels),
+        "rows": len(target.codes),
+        "attributes": out,
+        "classifier_accuracy": target.ceiling,
+        "classifier_accuracy_on": target.ceiling_kind,
+    }
 
 
 def _files_with(real: Path, labels: Path, asked: Mapping[str, str]) -> list[Path]:

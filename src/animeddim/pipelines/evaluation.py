@@ -22,8 +22,8 @@ from ..diffusion.samplers import (
     resolve_clip,
 )
 from ..io import write_text_atomic
-from .conditional import draw_conditional
-from .control import ControlTarget, control_summary, real_features
+from .conditional import draw_conditional, draw_per_image
+from .control import ControlTarget, MixTarget, control_summary, mix_accuracy, real_features
 from .core import Progress, SampleSettings, _nchw, _tell, draw, sampling_net
 
 
@@ -40,6 +40,7 @@ def evaluate(
     paper_batch: int = 64,
     attributes: Any = None,
     control: ControlTarget | None = None,
+    mix: MixTarget | None = None,
     guidance: float = 1.0,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
@@ -54,14 +55,21 @@ def evaluate(
     :param control: draw under its asked attributes (guidance weight `guidance`) and also
         report attribute accuracy and KID against the real images with the asked values
         (`control.control_summary`, under "attributes_asked").
+    :param mix: draw image i under row i of its codes (guidance weight `guidance`) and also
+        report how often each attribute is drawn as asked (`control.mix_accuracy`, under
+        "attributes_from"); not with `control`.
 
     :param progress: told about the stages "sample", "features (real)", "features
         (generated)" and "paper KID" (batches).
     :return: the summary, also written to `out` (JSON) when given.
     """
+    if control is not None and mix is not None:
+        raise ValueError("give control or mix, not both")
     t0 = time.perf_counter()
     if control is not None:
         fake = draw_conditional(loaded, n, settings, control.asked, guidance, progress=progress)
+    elif mix is not None:
+        fake = draw_per_image(loaded, n, settings, mix.codes, guidance, progress=progress)
     else:
         fake = draw(loaded, n, settings, progress=progress)
     t_gen = time.perf_counter() - t0
@@ -85,6 +93,9 @@ def evaluate(
     if control is not None:
         f_asked = real_features(control, extractor, cache_dir)[1]  # the same cached features
         result["attributes_asked"] = control_summary(control, fake, f_fake, f_asked)
+        result["guidance"] = guidance
+    if mix is not None:
+        result["attributes_from"] = mix_accuracy(mix, fake)
         result["guidance"] = guidance
     if "standard" in protocols:
         kid_mean, kid_std = metrics.kid_standard(f_real, f_fake)
