@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, replace
 from importlib.resources import files
@@ -27,6 +26,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from .attributes_config import ClassifierConfig, TrainSettings
+from .io import write_bytes_atomic
 from .labels import NULL, Labels
 
 FORMAT = "animeddim-attributes"
@@ -111,11 +111,7 @@ def save_classifier(path: str | Path, net: AttributeNet, info: dict[str, Any]) -
         k: (v.half() if v.is_floating_point() else v).detach().cpu().contiguous()
         for k, v in net.state_dict().items()
     }
-    data = st_save(tensors, {FORMAT: json.dumps(meta)})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
+    return write_bytes_atomic(path, st_save(tensors, {FORMAT: json.dumps(meta)}))
 
 
 def shipped_classifier_path() -> Path:

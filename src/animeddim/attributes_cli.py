@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .labels import MISSING_CHOICES
+from .config import LABELS_MISSING
 
 
 def add_parsers(sub: Any, positive_int: Callable[..., Callable[[str], int]]) -> None:
@@ -30,7 +30,7 @@ def add_parsers(sub: Any, positive_int: Callable[..., Callable[[str], int]]) -> 
     )
     p.add_argument(
         "--labels-missing",
-        choices=MISSING_CHOICES,
+        choices=LABELS_MISSING,
         default="error",
         help="an image without a label: error, or null (left out of the loss) (default error)",
     )

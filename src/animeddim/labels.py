@@ -24,13 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import LABELS_MISSING
 from .data import DataError
 
 NULL = -1  # the code of an unlabelled entry
 FOLDERS = "folders"  # --labels folders
 FOLDER_ATTRIBUTE = "class"
 NOTE_COLUMNS = ("forced",)
-MISSING_CHOICES = ("error", "null")
+MISSING_CHOICES = LABELS_MISSING  # what an image without a label row does
 
 
 class LabelError(DataError):
