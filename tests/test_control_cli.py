@@ -297,3 +297,44 @@ def test_evaluate_attrs_from_reports_accuracy_per_attribute_and_value(
                           "--attrs-from", cond_data / "labels.csv",
                           "--out", tmp_path / "both.json")  # fmt: skip
     assert rc == 2 and "give it without --attr" in err and not (tmp_path / "both.json").exists()
+
+
+def test_attrs_from_training_draws_the_models_own_training_labels(
+    cond_run, cond_data, web_runs, tmp_path, capsys
+):
+    """An export keeps the codes of its training labels: `--attrs-from training` then draws
+    exactly what `--attrs-from` the labels CSV draws, from the file alone (and from the run
+    folder, through its config, while the CSV is at hand)."""
+    import numpy as np
+    from PIL import Image
+
+    from animeddim import pipelines
+
+    exported = tmp_path / "cond.safetensors"
+    rc, stdout, err = run_main(capsys, "export", "--run", cond_run, "--out", exported)
+    assert rc == 0, err
+    assert "with the 96 rows of its training labels (sample --attrs-from training)" in stdout
+    loaded = pipelines.load_for_sampling(exported, None, "cpu")[0]
+    want = pipelines.codes_from_labels(loaded, cond_data / "labels.csv")
+    assert loaded.attribute_rows is not None
+    assert loaded.attribute_rows.dtype == want.dtype and loaded.attribute_rows.equal(want)
+    moved = tmp_path / "moved.safetensors"
+    shutil.copy(exported, moved)
+    args = ["sample", "--steps", 3, "--seed", 1, "--n", 3, "--device", "cpu"]
+    outs = {}
+    cases = [("csv", exported, cond_data / "labels.csv"), ("file", moved, "training"),
+             ("run", cond_run, "training")]  # fmt: skip
+    for name, source, attrs in cases:
+        outs[name] = tmp_path / name
+        rc, stdout, err = run_main(capsys, *args, "--run", source, "--attrs-from", attrs,
+                                   "--out", outs[name])  # fmt: skip
+        assert rc == 0, err
+    assert "96 rows of the model's training labels" in stdout
+    for i in range(3):
+        png = f"seed1-{i:06d}.png"
+        pixels = [np.asarray(Image.open(outs[k] / png)) for k in ("csv", "file")]
+        assert np.array_equal(*pixels), i
+    assert (outs["run"] / "seed1-000000.png").is_file()  # the run's EMA net: other weights
+    rc, _, err = run_main(capsys, *args, "--run", web_runs / "tiny", "--attrs-from", "training",
+                          "--out", tmp_path / "bad")  # fmt: skip
+    assert rc == 2 and "the model is unconditional" in err and not (tmp_path / "bad").exists()

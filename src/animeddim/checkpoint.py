@@ -27,6 +27,7 @@ from .unet import UNet
 
 FORMAT = "animeddim-checkpoint"
 VERSION = 1
+ATTRIBUTE_ROWS = "attrs.rows"  # an export's [R x A] int16 training-label codes
 
 
 class CheckpointError(ValueError):
@@ -155,6 +156,8 @@ class LoadedModel:
     std: torch.Tensor  # [C] per-channel std of the training images
     meta: dict[str, Any]
     path: Path
+    # [R x A] attribute codes of the training labels (a conditional model's export), or None
+    attribute_rows: torch.Tensor | None = None
 
 
 def resolve(path: str | Path) -> Path:
@@ -196,16 +199,27 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
         std=tensors["norm.std"].float(),
         meta=meta,
         path=f,
+        attribute_rows=tensors[ATTRIBUTE_ROWS].long() if ATTRIBUTE_ROWS in tensors else None,
     )
 
 
-def export_weights(src: str | Path, out: str | Path, dtype: torch.dtype = torch.float16) -> Path:
-    """Write a small sampling-only file: EMA weights (in `dtype`), normalisation and config."""
+def export_weights(
+    src: str | Path,
+    out: str | Path,
+    dtype: torch.dtype = torch.float16,
+    attribute_rows: torch.Tensor | None = None,
+) -> Path:
+    """Write a small sampling-only file: EMA weights (in `dtype`), normalisation and config.
+
+    :param attribute_rows: [R x A] codes of a conditional model's training labels, stored
+        so that the file can be sampled with the data's own mix of attributes."""
     loaded = load_model(src)
     state = {
         k: v.to(dtype) if v.is_floating_point() else v for k, v in loaded.model.state_dict().items()
     }
     tensors = {**with_prefix(state, "ema"), "norm.mean": loaded.mean, "norm.std": loaded.std}
+    if attribute_rows is not None:
+        tensors[ATTRIBUTE_ROWS] = attribute_rows.to(torch.int16).contiguous()
     meta = {k: loaded.meta[k] for k in ("config", "epoch", "step") if k in loaded.meta}
     meta["kind"] = "ema-weights"
     return save(out, tensors, meta)

@@ -65,8 +65,8 @@ def add_evaluate_options(p: argparse.ArgumentParser) -> None:
         "--attrs-from",
         metavar="FILE.csv",
         help="draw image i of a conditional model under row i of this labels CSV (cycling; "
-        "e.g. --real's own labels.csv) and also report, per attribute, the share drawn as "
-        "asked (overall and per value)",
+        "e.g. --real's own labels.csv; 'training': the model's own training labels) and also "
+        "report, per attribute, the share drawn as asked (overall and per value)",
     )
     _add_classifier(p)
 
@@ -138,7 +138,7 @@ def sample_conditional(a: argparse.Namespace, loaded, settings, bars) -> Any:
     the other ranks under torchrun, where each rank draws a block of image indices), the
     number of grid columns and the PNG names (None: the usual seedS-IIIIII.png)."""
     from .distributed import is_main, shard_images
-    from .pipelines import attribute_codes, attribute_grid, codes_from_labels, draw_per_image
+    from .pipelines import attribute_codes, attribute_grid, draw_per_image, rows_from
 
     if a.grid_by:
         images, values = attribute_grid(
@@ -149,10 +149,9 @@ def sample_conditional(a: argparse.Namespace, loaded, settings, bars) -> Any:
         print(f"rows: {a.grid_by} = {', '.join(values)}; columns: images 0..{a.n - 1}")
         return images, a.n, grid_names(a.grid_by, values, a.seed, a.n)
     if a.attrs_from:
-        codes = codes_from_labels(loaded, a.attrs_from)
-        print(
-            f"attributes: {len(codes)} rows of {a.attrs_from}, image i gets row i mod {len(codes)}"
-        )
+        codes = rows_from(loaded, a.attrs_from)
+        where = "the model's training labels" if a.attrs_from == "training" else a.attrs_from
+        print(f"attributes: {len(codes)} rows of {where}, image i gets row i mod {len(codes)}")
     else:
         codes = attribute_codes(loaded, asked(a))[None]  # --attr: one row for every image
     images = shard_images(

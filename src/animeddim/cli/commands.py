@@ -145,9 +145,33 @@ def cmd_export(a: argparse.Namespace) -> int:
     if Path(a.run).is_dir():  # a run's checkpoints are what --resume needs: never replaced
         ckpts = [Path(a.run) / "checkpoints"]
         outputs.not_inside(a.out, ckpts, "--out", "the run's checkpoints", "resume needs them")
-    out = export_weights(source, outputs.new_file(a.out, a.force), dtype)
+    rows = _training_rows(source)
+    out = export_weights(source, outputs.new_file(a.out, a.force), dtype, rows)
     print(f"exported EMA weights ({a.dtype}) to {out} ({os.path.getsize(out) / 2**20:.1f} MiB)")
+    if rows is not None:
+        print(f"with the {len(rows)} rows of its training labels (sample --attrs-from training)")
     return 0
+
+
+def _training_rows(source: Path) -> Any:
+    """A conditional checkpoint's training-label codes for its export (None: unconditional,
+    or its labels are not at hand, which is said)."""
+    from ..checkpoint import load_model
+    from ..conditioning import UnknownAttribute
+    from ..pipelines import training_rows, vocabulary
+
+    loaded = load_model(source)
+    if not vocabulary(loaded):
+        return None
+    try:
+        return training_rows(loaded)
+    except UnknownAttribute:
+        print(
+            f"note: the export holds no training labels: the run's labels file "
+            f"({loaded.config.data.labels}) is not a CSV at hand, so --attrs-from training "
+            "will not work with it"
+        )
+        return None
 
 
 def cmd_tour(a: argparse.Namespace) -> int:

@@ -131,7 +131,8 @@ def _add_sample_command(sub) -> None:
         "--attrs-from",
         metavar="FILE.csv",
         help="image i is asked the attributes of row i of this labels CSV (cycling), e.g. a "
-        "labelled folder's labels.csv: the data's own mix of attributes",
+        "labelled folder's labels.csv, or of the model's own training labels ('training'): "
+        "the data's own mix of attributes",
     )
     p.set_defaults(func=cmd_sample)
 

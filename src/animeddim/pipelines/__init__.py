@@ -29,6 +29,8 @@ from .conditional import (
     edit,
     edit_codes,
     regenerate,
+    rows_from,
+    training_rows,
     vocabulary,
 )
 from .control import (
@@ -86,6 +88,8 @@ __all__ = [
     "open_model",
     "real_features",
     "regenerate",
+    "rows_from",
+    "training_rows",
     "resolve_settings",
     "reverse_steps",
     "sampling_net",

@@ -112,6 +112,33 @@ def codes_from_labels(loaded: LoadedModel, path: str | Path) -> torch.Tensor:
     return torch.stack(out)
 
 
+TRAINING = "training"  # `--attrs-from training`: the model's own training labels
+
+
+def training_rows(loaded: LoadedModel) -> torch.Tensor:
+    """[R x A] codes of the model's training labels: those stored in an exported file
+    (`checkpoint.export_weights`), else the rows of the labels CSV its config names.
+
+    :raises UnknownAttribute: an unconditional model, or neither is there.
+    """
+    if not vocabulary(loaded):
+        raise UnknownAttribute("the model is unconditional: it has no training attributes")
+    if loaded.attribute_rows is not None:
+        return loaded.attribute_rows
+    labels = loaded.config.data.labels
+    if labels and labels != "folders" and Path(labels).is_file():
+        return codes_from_labels(loaded, labels)
+    raise UnknownAttribute(
+        f"'{loaded.path}' holds no training labels and its labels file ({labels or 'none'}) "
+        "is not at hand: give --attrs-from FILE.csv"
+    )
+
+
+def rows_from(loaded: LoadedModel, source: str | Path) -> torch.Tensor:
+    """`codes_from_labels` of a CSV, or `training_rows` for the word "training"."""
+    return training_rows(loaded) if str(source) == TRAINING else codes_from_labels(loaded, source)
+
+
 def attribute_grid(
     loaded: LoadedModel,
     attribute: str,

@@ -120,7 +120,7 @@ class MixTarget:
     :param judged: the attributes judged (model and classifier know them), model order.
     """
 
-    labels: Path
+    labels: str
     codes: torch.Tensor
     vocab: dict[str, list[str]]
     classifier: Any
@@ -132,15 +132,15 @@ class MixTarget:
 def mix_target(
     loaded: LoadedModel, labels: str | Path, classifier: str | Path | None = None
 ) -> MixTarget:
-    """Check a labels CSV against the model (`codes_from_labels`) and the classifier.
+    """Check a labels CSV (or "training", `rows_from`) against the model and the classifier.
 
     :raises UnknownAttribute: an unconditional model, a bad labels file, or a classifier that
         knows none of the model's attributes.
     """
     from ..attributes import load_classifier
-    from .conditional import codes_from_labels
+    from .conditional import rows_from
 
-    codes = codes_from_labels(loaded, labels)
+    codes = rows_from(loaded, labels)
     vocab = vocabulary(loaded)
     net, meta = load_classifier(classifier)
     judged = [a for a in vocab if a in net.config.vocab]
@@ -150,7 +150,7 @@ def mix_target(
             f"({', '.join(vocab)}); it knows {', '.join(net.config.vocab)} (give --classifier)"
         )
     ceiling, kind = _ceiling(meta, judged)
-    return MixTarget(Path(labels), codes, vocab, net, judged, ceiling, kind)
+    return MixTarget(str(labels), codes, vocab, net, judged, ceiling, kind)
 
 
 def mix_accuracy(target: MixTarget, images_u8: torch.Tensor) -> dict[str, Any]:
@@ -183,7 +183,7 @@ def mix_accuracy(target: MixTarget, images_u8: torch.Tensor) -> dict[str, Any]:
             else None,
         }
     return {
-        "labels": str(target.labels),
+        "labels": target.labels,
         "rows": len(target.codes),
         "attributes": out,
         "classifier_accuracy": target.ceiling,
