@@ -270,9 +270,19 @@ def test_attrs_from_gives_image_i_the_attributes_of_row_i(cond_run, tmp_path, ca
                               "--out", tmp_path / "bad")  # fmt: skip
         assert rc == 2 and message in err, err
         assert not (tmp_path / "bad").exists()
-    rc, _, err = run_main(capsys, *args, "--n", 1, "--attrs-from", labels, "--attr",
-                          "colour=red", "--out", tmp_path / "bad")  # fmt: skip
-    assert rc == 2 and "without --attr/--grid-by" in err
+    rc, _, err = run_main(capsys, *args, "--n", 1, "--attrs-from", labels, "--grid-by",
+                          "colour", "--out", tmp_path / "bad")  # fmt: skip
+    assert rc == 2 and "without --grid-by" in err
+    # an --attr is set in every row: rows (red), (blue) with colour=red are all red
+    labels.write_text("file,colour\na.png,red\nb.png,blue\n")
+    rc, stdout, err = run_main(capsys, *args, "--n", 2, "--attrs-from", labels, "--attr",
+                               "colour=red", "--out", tmp_path / "all-red")  # fmt: skip
+    assert rc == 0, err
+    assert "2 rows of" in stdout and ", colour=red in every row" in stdout
+    for i in range(2):
+        got = np.asarray(Image.open(tmp_path / "all-red" / f"seed2-{i:06d}.png"))
+        want = np.asarray(Image.open(tmp_path / "red" / f"seed2-{i:06d}.png"))
+        assert np.array_equal(got, want), i
 
 
 def test_evaluate_attrs_from_reports_accuracy_per_attribute_and_value(
@@ -293,10 +303,12 @@ def test_evaluate_attrs_from_reports_accuracy_per_attribute_and_value(
         f"{100 * colour['mean_per_value']:.1f}% averaged over its 1 values"
     ) in stdout
     assert "the classifier's own validation accuracy on real images: 100.0%" in stdout
-    rc, _, err = run_main(capsys, "evaluate", *args, "--n", 2, "--attr", "colour=red",
-                          "--attrs-from", cond_data / "labels.csv",
-                          "--out", tmp_path / "both.json")  # fmt: skip
-    assert rc == 2 and "give it without --attr" in err and not (tmp_path / "both.json").exists()
+    both = tmp_path / "both.json"  # an --attr is set in every row, and judged so
+    rc, _, err = run_main(capsys, "evaluate", *args, "--n", 2, "--attr", "colour=blue",
+                          "--attrs-from", cond_data / "labels.csv", "--out", both)  # fmt: skip
+    assert rc == 0, err
+    m = json.loads(both.read_text())["attributes_from"]["attributes"]["colour"]
+    assert m["n"] == 2 and list(m["per_value"]) == ["blue"]
 
 
 def test_attrs_from_training_draws_the_models_own_training_labels(

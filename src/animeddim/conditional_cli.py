@@ -149,9 +149,12 @@ def sample_conditional(a: argparse.Namespace, loaded, settings, bars) -> Any:
         print(f"rows: {a.grid_by} = {', '.join(values)}; columns: images 0..{a.n - 1}")
         return images, a.n, grid_names(a.grid_by, values, a.seed, a.n)
     if a.attrs_from:
-        codes = rows_from(loaded, a.attrs_from)
+        codes = rows_from(loaded, a.attrs_from, asked(a))
         where = "the model's training labels" if a.attrs_from == "training" else a.attrs_from
-        print(f"attributes: {len(codes)} rows of {where}, image i gets row i mod {len(codes)}")
+        fixed = "".join(f", {k}={v} in every row" for k, v in asked(a).items())
+        print(
+            f"attributes: {len(codes)} rows of {where}{fixed}, image i gets row i mod {len(codes)}"
+        )
     else:
         codes = attribute_codes(loaded, asked(a))[None]  # --attr: one row for every image
     images = shard_images(
@@ -259,19 +262,16 @@ def check_guidance_has_conditions(guidance: float, conditioned: bool, needs: str
 
 
 def evaluate_target(a: argparse.Namespace, loaded) -> tuple[Any, Any]:
-    """The `pipelines.ControlTarget` of `evaluate --attr` and the `pipelines.MixTarget` of
-    `--attrs-from` (None where not given), checked before any image is drawn."""
-    if a.attr and a.attrs_from:
-        from .config import ConfigError
-
-        raise ConfigError("--attrs-from sets every image's attributes: give it without --attr")
+    """The `pipelines.ControlTarget` of `evaluate --attr` or the `pipelines.MixTarget` of
+    `--attrs-from` (with any --attr set in every row), the other None, checked before any
+    image is drawn."""
     check_guidance_has_conditions(
         a.guidance, bool(a.attr or a.attrs_from), "--attr NAME=VALUE or --attrs-from FILE.csv"
     )
     from .pipelines import control_target, mix_target
 
     if a.attrs_from:
-        return None, mix_target(loaded, a.attrs_from, a.classifier)
+        return None, mix_target(loaded, a.attrs_from, a.classifier, asked(a))
     return (control_target(loaded, a.real, asked(a), a.classifier) if a.attr else None), None
 
 

@@ -132,7 +132,7 @@ def _add_sample_command(sub) -> None:
         metavar="FILE.csv",
         help="image i is asked the attributes of row i of this labels CSV (cycling), e.g. a "
         "labelled folder's labels.csv, or of the model's own training labels ('training'): "
-        "the data's own mix of attributes",
+        "the data's own mix of attributes; an --attr is set in every row",
     )
     p.set_defaults(func=cmd_sample)
 

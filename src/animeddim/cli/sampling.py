@@ -45,10 +45,8 @@ def cmd_sample(a: argparse.Namespace) -> int:
         bool(a.attr or a.grid_by or a.attrs_from),
         "--attr NAME=VALUE, --grid-by NAME or --attrs-from FILE.csv",
     )
-    if a.attrs_from and (a.attr or a.grid_by):
-        raise CliError(
-            "--attrs-from sets every image's attributes: give it without --attr/--grid-by"
-        )
+    if a.attrs_from and a.grid_by:
+        raise CliError("--attrs-from sets every image's attributes: give it without --grid-by")
     loaded, device = load_for_sampling(a.run, a.model, a.device)
     settings = _settings(a, device)
     files = [(f, Path(v)) for f, v in (("--grid", a.grid), ("--trajectory", a.trajectory)) if v]

@@ -134,9 +134,17 @@ def training_rows(loaded: LoadedModel) -> torch.Tensor:
     )
 
 
-def rows_from(loaded: LoadedModel, source: str | Path) -> torch.Tensor:
-    """`codes_from_labels` of a CSV, or `training_rows` for the word "training"."""
-    return training_rows(loaded) if str(source) == TRAINING else codes_from_labels(loaded, source)
+def rows_from(
+    loaded: LoadedModel, source: str | Path, asked: Mapping[str, str] | None = None
+) -> torch.Tensor:
+    """`codes_from_labels` of a CSV, or `training_rows` for the word "training", with the
+    `asked` attributes (attribute -> value) set in every row."""
+    rows = training_rows(loaded) if str(source) == TRAINING else codes_from_labels(loaded, source)
+    fixed = attribute_codes(loaded, asked or {})
+    if fixed is None:
+        return rows
+    keep = fixed == NULL
+    return torch.where(keep[None], rows, fixed[None])
 
 
 def attribute_grid(

@@ -130,9 +130,13 @@ class MixTarget:
 
 
 def mix_target(
-    loaded: LoadedModel, labels: str | Path, classifier: str | Path | None = None
+    loaded: LoadedModel,
+    labels: str | Path,
+    classifier: str | Path | None = None,
+    asked: Mapping[str, str] | None = None,
 ) -> MixTarget:
-    """Check a labels CSV (or "training", `rows_from`) against the model and the classifier.
+    """Check a labels CSV (or "training"; `asked` set in every row: `rows_from`) against the
+    model and the classifier.
 
     :raises UnknownAttribute: an unconditional model, a bad labels file, or a classifier that
         knows none of the model's attributes.
@@ -140,7 +144,7 @@ def mix_target(
     from ..attributes import load_classifier
     from .conditional import rows_from
 
-    codes = rows_from(loaded, labels)
+    codes = rows_from(loaded, labels, asked)
     vocab = vocabulary(loaded)
     net, meta = load_classifier(classifier)
     judged = [a for a in vocab if a in net.config.vocab]
