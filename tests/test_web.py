@@ -128,6 +128,12 @@ def test_generate_request_defaults_eta_rule_and_attributes(runs):
         handlers.parse_generate(
             {"model": "run:tiny", "attributes": {"hair": "red"}, "guidance": "nan"}, cat
         )
+    # mix: the attributes not asked as the training labels have them; guidance counts then
+    req = handlers.parse_generate({"model": "run:tiny", "mix": "training", "guidance": "2"}, cat)
+    assert (req.mix, req.attributes, req.guidance) == (True, {}, 2.0)
+    assert "--attrs-from training --guidance 2" in handlers.cli_command(req, "runs", "cpu", "auto")
+    with pytest.raises(RequestError, match="mix must be 'none' or 'training', got 'prior'"):
+        handlers.parse_generate({"model": "run:tiny", "mix": "prior"}, cat)
 
 
 def test_vocabulary_is_read_from_a_config_when_present():
@@ -248,6 +254,27 @@ def test_generate_streams_progress_and_images_the_cli_reproduces(client, runs, t
         np.asarray(decode_data_url(result["grid"]).convert("RGB")),
         np.asarray(Image.open(tmp_path / "g.png").convert("RGB")),
     )
+
+
+def test_generate_with_the_training_mix_is_what_the_cli_draws(client, tmp_path):
+    """ "The rest as in the training data": image i gets row i of the run's labels with the
+    asked colour set in every row, as `sample --attrs-from training --attr` draws it."""
+    body = {"model": "run:colours", "seed": 1, "n": 3, "steps": 3, "sampler": "dpmpp-2m",
+            "attributes": {"band": "top", "colour": "any"}, "mix": "training",
+            "guidance": "2"}  # fmt: skip
+    result = stream(client.post("/api/generate", json=body))[-1]["result"]
+    args = shlex.split(result["command"])
+    assert "--attrs-from training --attr band=top --guidance 2" in result["command"]
+    args = [a.replace("samples/", str(tmp_path / "s")).replace("grid.png", str(tmp_path / "g.png"))
+            for a in args[1:]]  # fmt: skip
+    run_cli(*args)
+    for i, url in enumerate(result["images"]):
+        np.testing.assert_array_equal(
+            np.asarray(decode_data_url(url)),
+            np.asarray(Image.open(tmp_path / "s" / result["names"][i])),
+        )
+    r = client.post("/api/generate", json={"model": "run:tiny", "mix": "training"})
+    assert "the model is unconditional" in stream(r)[-1]["error"]
 
 
 def test_bad_requests_answered_and_server_keeps_serving(client):

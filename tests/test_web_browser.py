@@ -127,6 +127,20 @@ def test_attribute_controls_only_for_a_model_with_a_vocabulary(page):
     assert page.locator("#g-attrs select").count() == 0
 
 
+def test_the_training_mix_of_a_conditional_model(page, shots):
+    """"The rest as in the training data": each image gets one training image's attributes,
+    the chosen band set in all, and the command says so."""
+    page.select_option("#g-model", "run:colours")
+    page.fill("#g-n", "6")
+    page.fill("#g-steps", "3")
+    page.select_option("#g-attrs select[data-attr='band']", "top")
+    page.check("#g-mix")
+    page.click("#g-go")
+    page.wait_for_selector("#g-gallery img >> nth=5", timeout=60_000)
+    assert "--attrs-from training --attr band=top" in page.inner_text("#g-cmd")
+    shots(page, "04-generate-training-mix")
+
+
 def test_bad_numbers_are_refused_with_the_reason(page, shots):
     page.fill("#g-steps", "0")
     page.click("#g-go")

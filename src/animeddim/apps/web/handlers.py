@@ -163,6 +163,7 @@ class GenerateRequest:
     clip: bool | None
     attributes: dict[str, str] = field(default_factory=dict)
     guidance: float = 1.0
+    mix: bool = False  # the attributes not asked are drawn as the training labels have them
 
 
 def parse_generate(body: dict[str, Any], catalog: Catalog) -> GenerateRequest:
@@ -179,8 +180,13 @@ def parse_generate(body: dict[str, Any], catalog: Catalog) -> GenerateRequest:
         clip=clip,
     )
     attrs = {k: v for k, v in (body.get("attributes") or {}).items() if v not in ("", "any")}
+    mix = body.get("mix", "none")
+    if mix not in ("none", "training"):
+        raise RequestError(f"mix must be 'none' or 'training', got {str(mix)[:40]!r}")
+    req.mix = mix == "training"
     if attrs:  # checked against the loaded model's vocabulary when it is drawn
         req.attributes = {str(k): str(v) for k, v in attrs.items()}
+    if attrs or req.mix:
         req.guidance = _number(body, "guidance", float, default=1.0)
     return req
 
@@ -258,9 +264,11 @@ def cli_command(req: GenerateRequest, runs_arg: str | None, device: str, precisi
         args += ["--eta", f"{req.eta:g}"]
     if req.clip is not None:
         args.append("--clip-x0" if req.clip else "--no-clip-x0")
+    if req.mix:
+        args += ["--attrs-from", "training"]
     for k, v in req.attributes.items():
         args += ["--attr", f"{k}={v}"]
-    if req.attributes and req.guidance != 1.0:
+    if (req.attributes or req.mix) and req.guidance != 1.0:
         args += ["--guidance", f"{req.guidance:g}"]
     if device != "auto":
         args += ["--device", device]
@@ -409,15 +417,19 @@ class Engine:
         progress.unit = "denoising step" if req.n <= s.batch_size else "network evaluation"
         t = time.perf_counter()
         observed, cond = pipelines.observed(net, progress), None
-        if req.attributes:
+        if req.attributes or req.mix:
             from ...conditioning import UnknownAttribute
             from ...diffusion.guidance import guided
 
             try:
-                codes = pipelines.attribute_codes(loaded, req.attributes)
+                if req.mix:  # image i: row i of the training labels, the asked values set
+                    rows = pipelines.rows_from(loaded, "training", req.attributes)
+                    cond = rows[torch.arange(req.n) % len(rows)].contiguous()
+                else:
+                    codes = pipelines.attribute_codes(loaded, req.attributes)
+                    cond = codes.expand(req.n, -1).contiguous()
             except UnknownAttribute as e:
                 raise RequestError(str(e)) from None
-            cond = codes.expand(req.n, -1).contiguous()
             observed = guided(observed, req.guidance)  # both halves in one evaluation
         images = pipelines.draw(loaded, req.n, s, net=observed, cond=cond)
         seconds = time.perf_counter() - t
