@@ -350,3 +350,35 @@ def test_attrs_from_training_draws_the_models_own_training_labels(
     rc, _, err = run_main(capsys, *args, "--run", web_runs / "tiny", "--attrs-from", "training",
                           "--out", tmp_path / "bad")  # fmt: skip
     assert rc == 2 and "the model is unconditional" in err and not (tmp_path / "bad").exists()
+
+
+def test_an_exports_recommended_guidance_is_conditional_samplings_default(
+    cond_run, web_runs, tmp_path, capsys
+):
+    import numpy as np
+    from PIL import Image
+
+    plain, guided = tmp_path / "plain.safetensors", tmp_path / "guided.safetensors"
+    assert run_main(capsys, "export", "--run", cond_run, "--out", plain)[0] == 0
+    rc, stdout, err = run_main(capsys, "export", "--run", cond_run, "--out", guided,
+                               "--guidance", 2.5)  # fmt: skip
+    assert rc == 0, err
+    assert "recommended guidance 2.5: conditional sampling's default" in stdout
+    args = ["sample", "--steps", 3, "--seed", 4, "--n", 2, "--device", "cpu"]
+    runs = {"default": (guided, []), "explicit": (plain, ["--guidance", 2.5]),
+            "one": (guided, ["--guidance", 1])}  # fmt: skip
+    for name, (model, extra) in runs.items():
+        rc, _, err = run_main(capsys, *args, "--run", model, "--attr", "colour=red", *extra,
+                              "--out", tmp_path / name)  # fmt: skip
+        assert rc == 0, err
+    png = [{k: np.asarray(Image.open(tmp_path / k / f"seed4-{i:06d}.png")) for k in runs}
+           for i in range(2)]  # fmt: skip
+    assert all(np.array_equal(p["default"], p["explicit"]) for p in png)
+    assert not all(np.array_equal(p["default"], p["one"]) for p in png)  # given: it wins
+    # unconditional sampling from it is not refused: the default only guides conditions
+    rc, _, err = run_main(capsys, *args, "--run", guided, "--out", tmp_path / "uncond")
+    assert rc == 0, err
+    rc, _, err = run_main(capsys, "export", "--run", web_runs / "tiny", "--out",
+                          tmp_path / "u.safetensors", "--guidance", 2)  # fmt: skip
+    assert rc == 2 and "is unconditional, it has nothing to guide" in err
+    assert not (tmp_path / "u.safetensors").exists()

@@ -128,7 +128,7 @@ def test_attribute_controls_only_for_a_model_with_a_vocabulary(page):
 
 
 def test_the_training_mix_of_a_conditional_model(page, shots):
-    """"The rest as in the training data": each image gets one training image's attributes,
+    """ "The rest as in the training data": each image gets one training image's attributes,
     the chosen band set in all, and the command says so."""
     page.select_option("#g-model", "run:colours")
     page.fill("#g-n", "6")

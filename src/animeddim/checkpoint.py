@@ -208,11 +208,14 @@ def export_weights(
     out: str | Path,
     dtype: torch.dtype = torch.float16,
     attribute_rows: torch.Tensor | None = None,
+    guidance: float | None = None,
 ) -> Path:
     """Write a small sampling-only file: EMA weights (in `dtype`), normalisation and config.
 
     :param attribute_rows: [R x A] codes of a conditional model's training labels, stored
-        so that the file can be sampled with the data's own mix of attributes."""
+        so that the file can be sampled with the data's own mix of attributes.
+    :param guidance: a conditional model's recommended classifier-free guidance weight (the
+        default of conditional sampling from the file; 1 when absent)."""
     loaded = load_model(src)
     state = {
         k: v.to(dtype) if v.is_floating_point() else v for k, v in loaded.model.state_dict().items()
@@ -222,4 +225,6 @@ def export_weights(
         tensors[ATTRIBUTE_ROWS] = attribute_rows.to(torch.int16).contiguous()
     meta = {k: loaded.meta[k] for k in ("config", "epoch", "step") if k in loaded.meta}
     meta["kind"] = "ema-weights"
+    if guidance is not None:
+        meta["guidance"] = float(guidance)
     return save(out, tensors, meta)

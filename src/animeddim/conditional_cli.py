@@ -84,10 +84,10 @@ def add_sample_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--guidance",
         type=_guidance,
-        default=1.0,
+        default=None,
         metavar="W",
         help="classifier-free guidance weight: eps_null + W (eps_cond - eps_null); 1 = plain "
-        "conditional, 0 = null (default 1)",
+        "conditional, 0 = null (default: the weight the model file recommends, else 1)",
     )
 
 
@@ -111,7 +111,11 @@ def add_edit_parser(sub: Any, setup: Callable[[argparse.ArgumentParser], None], 
     )
     p.add_argument("--steps", type=steps, default=50, help="DDIM steps (default 50)")
     p.add_argument(
-        "--guidance", type=_guidance, default=1.0, metavar="W", help="of the regeneration (1)"
+        "--guidance",
+        type=_guidance,
+        default=None,
+        metavar="W",
+        help="of the regeneration (default: the model file's recommended weight, else 1)",
     )
     p.add_argument(
         "--out",
@@ -140,6 +144,7 @@ def sample_conditional(a: argparse.Namespace, loaded, settings, bars) -> Any:
     from .distributed import is_main, shard_images
     from .pipelines import attribute_codes, attribute_grid, draw_per_image, rows_from
 
+    resolve_guidance(a, loaded)
     if a.grid_by:
         images, values = attribute_grid(
             loaded, a.grid_by, a.n, settings, asked(a), a.guidance, progress=bars
@@ -193,6 +198,7 @@ def cmd_edit(a: argparse.Namespace, load, settings_of, bars) -> int:
         outputs.earlier_outputs(a.out, EDIT_NAMES, a.force, recursive_in=("after", "pairs"))
     )
     loaded, device = load(a.run, a.model, a.device)
+    resolve_guidance(a, loaded)
     classifier = _edit_classifier(a, loaded)
     t = time.perf_counter()
     r = edit(
@@ -250,9 +256,20 @@ def preservation_lines(p: dict[str, Any]) -> list[str]:
     return lines
 
 
-def check_guidance_has_conditions(guidance: float, conditioned: bool, needs: str) -> None:
-    """A guidance weight other than 1 on an unconditional draw is refused, not ignored."""
-    if guidance != 1.0 and not conditioned:
+def resolve_guidance(a: argparse.Namespace, loaded) -> float:
+    """--guidance as given, else the model's recommended weight (`default_guidance`); sets
+    a.guidance and returns it."""
+    from .pipelines import default_guidance
+
+    if a.guidance is None:
+        a.guidance = default_guidance(loaded)
+    return a.guidance
+
+
+def check_guidance_has_conditions(guidance: float | None, conditioned: bool, needs: str) -> None:
+    """A guidance weight other than 1 on an unconditional draw is refused, not ignored (a
+    weight not given is the model's default, which only conditional sampling uses)."""
+    if guidance is not None and guidance != 1.0 and not conditioned:
         from .config import ConfigError
 
         raise ConfigError(
@@ -270,6 +287,10 @@ def evaluate_target(a: argparse.Namespace, loaded) -> tuple[Any, Any]:
     )
     from .pipelines import control_target, mix_target
 
+    if a.attr or a.attrs_from:
+        resolve_guidance(a, loaded)
+    else:
+        a.guidance = 1.0
     if a.attrs_from:
         return None, mix_target(loaded, a.attrs_from, a.classifier, asked(a))
     return (control_target(loaded, a.real, asked(a), a.classifier) if a.attr else None), None

@@ -284,6 +284,13 @@ def _add_export_command(sub) -> None:
         default="fp16",
         help="weight precision (default fp16)",
     )
+    p.add_argument(
+        "--guidance",
+        type=conditional_cli._guidance,
+        metavar="W",
+        help="a conditional model's recommended guidance weight, stored in the file: the "
+        "default of conditional sampling from it (default: none stored, sampling uses 1)",
+    )
     _add_force(p, "an existing --out file (never the run's own checkpoints)")
     p.set_defaults(func=cmd_export)
 

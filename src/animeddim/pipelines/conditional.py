@@ -30,6 +30,12 @@ def vocabulary(loaded: LoadedModel) -> dict[str, list[str]]:
     return {a: list(v) for a, v in loaded.config.model.vocabulary.items()}
 
 
+def default_guidance(loaded: LoadedModel) -> float:
+    """The guidance weight conditional sampling uses unless told: the one stored in an
+    exported file (`animeddim export --guidance`), else 1 (plain conditional)."""
+    return float(loaded.meta.get("guidance", 1.0))
+
+
 def attribute_codes(loaded: LoadedModel, asked: Mapping[str, str]) -> torch.Tensor | None:
     """The [A] codes of `asked` (attribute -> value); None when nothing is asked.
 

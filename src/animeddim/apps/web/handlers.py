@@ -396,6 +396,7 @@ class Engine:
             entry = {"id": c.id, "label": c.label, "kind": c.kind, "can_sample": c.can_sample}
             entry["has_metrics"] = c.has_metrics
             entry["vocabulary"] = _choice_vocabulary(c)
+            entry["guidance"] = _choice_guidance(c)
             models.append(entry)
         return {
             "models": models,
@@ -543,6 +544,21 @@ def _choice_vocabulary(c: Choice) -> dict[str, list[str]] | None:
         return vocabulary(json.loads(cfg.read_text(encoding="utf-8")))
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def _choice_guidance(c: Choice) -> float:
+    """The guidance weight a shipped model's file recommends (`export --guidance`), else 1."""
+    if c.kind != "shipped":
+        return 1.0
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(c.path), framework="pt", device="cpu") as f:
+            return float(json.loads((f.metadata() or {})["animeddim"]).get("guidance", 1.0))
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1.0
 
 
 # --- watching a run -----------------------------------------------------------------------
