@@ -77,8 +77,23 @@ def test_catalog_lists_runs_and_never_takes_a_path(runs):
     with pytest.raises(RequestError, match="no checkpoint yet"):
         cat.get("run:empty")
     assert cat.get("run:empty", sample=False).has_metrics is False
-    with pytest.raises(RequestError, match="shipped models are avatars-64"):
+    with pytest.raises(RequestError, match="shipped models are avatars-64, avatars-64-cond"):
         Catalog(["nope"], None)
+
+
+def test_info_offers_the_shipped_conditional_model_with_its_guidance():
+    """The shipped conditional model's attributes come from its config beside it and its
+    guidance field starts at the weight its file recommends."""
+    from animeddim.pipelines import default_guidance, load_for_sampling
+
+    engine = Engine(Catalog(["avatars-64", "avatars-64-cond"], None), device="cpu")
+    models = {m["id"]: m for m in engine.info()["models"]}
+    assert models["avatars-64"]["vocabulary"] is None and models["avatars-64"]["guidance"] == 1
+    cond = models["avatars-64-cond"]
+    loaded = load_for_sampling(None, "avatars-64-cond", "cpu")[0]
+    assert cond["vocabulary"] == {a: list(v) for a, v in loaded.config.model.vocabulary.items()}
+    assert cond["guidance"] == default_guidance(loaded) > 1
+    assert loaded.attribute_rows is not None and len(loaded.attribute_rows) == 10_000
 
 
 @pytest.mark.parametrize(

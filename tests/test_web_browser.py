@@ -73,6 +73,7 @@ def test_first_load_asks_nothing_from_outside(page, shots):
     assert page.outside_requests == []
     assert page.locator("#g-model option").all_inner_texts() == [
         "avatars-64 (shipped)",
+        "avatars-64-cond (shipped)",
         "colours (run)",
         "labelled (run)",
         "tiny (run)",

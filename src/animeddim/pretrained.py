@@ -9,6 +9,8 @@ from .checkpoint import CheckpointError
 
 SHIPPED = {
     "avatars-64": "avatars-64.safetensors",  # DiceBear 'adventurer' avatars, 64 px
+    # the same, conditional on 8 of their attributes (docs/models/avatars-64-cond)
+    "avatars-64-cond": "avatars-64-cond.safetensors",
 }
 
 
