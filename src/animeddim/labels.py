@@ -31,7 +31,6 @@ NULL = -1  # the code of an unlabelled entry
 FOLDERS = "folders"  # --labels folders
 FOLDER_ATTRIBUTE = "class"
 NOTE_COLUMNS = ("forced",)
-MISSING_CHOICES = LABELS_MISSING  # what an image without a label row does
 
 
 class LabelError(DataError):
@@ -234,9 +233,9 @@ def load_labels(
 
 
 def _check_missing(missing: str) -> None:
-    if missing not in MISSING_CHOICES:
+    if missing not in LABELS_MISSING:
         raise LabelError(
-            f"labels-missing must be one of {', '.join(MISSING_CHOICES)}, got {missing!r}"
+            f"labels-missing must be one of {', '.join(LABELS_MISSING)}, got {missing!r}"
         )
 
 
