@@ -76,13 +76,26 @@ def _die() -> None:  # pragma: no cover - the process ends here
 
 def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a checkpoint's tensors and metadata; CheckpointError if it is not a valid one."""
-    path = Path(path)
+    return _read(Path(path), tensors=True)
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's metadata alone (its header: no tensor is read); errors as `load`."""
+    return _read(Path(path), tensors=False)[1]
+
+
+def recommended_guidance(meta: dict[str, Any]) -> float:
+    """The guidance weight an export recommends (`export_weights(guidance=)`), else 1."""
+    return float(meta.get("guidance", 1.0))
+
+
+def _read(path: Path, tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            out = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(
             f"{str(path)!r} is not a readable animeddim checkpoint (safetensors): {e}"
@@ -101,7 +114,7 @@ def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             f"{str(path)!r} has checkpoint format version {meta['version']}; this animeddim "
             f"reads up to version {VERSION}: upgrade animeddim"
         )
-    return tensors, meta
+    return out, meta
 
 
 def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -204,7 +217,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
 
 
 def export_weights(
-    src: str | Path,
+    src: str | Path | LoadedModel,
     out: str | Path,
     dtype: torch.dtype = torch.float16,
     attribute_rows: torch.Tensor | None = None,
@@ -212,11 +225,12 @@ def export_weights(
 ) -> Path:
     """Write a small sampling-only file: EMA weights (in `dtype`), normalisation and config.
 
+    :param src: a checkpoint or run folder, or the model `load_model` made of one.
     :param attribute_rows: [R x A] codes of a conditional model's training labels, stored
         so that the file can be sampled with the data's own mix of attributes.
     :param guidance: a conditional model's recommended classifier-free guidance weight (the
         default of conditional sampling from the file; 1 when absent)."""
-    loaded = load_model(src)
+    loaded = src if isinstance(src, LoadedModel) else load_model(src)
     state = {
         k: v.to(dtype) if v.is_floating_point() else v for k, v in loaded.model.state_dict().items()
     }

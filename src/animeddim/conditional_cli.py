@@ -154,9 +154,10 @@ def sample_conditional(a: argparse.Namespace, loaded, settings, bars) -> Any:
         print(f"rows: {a.grid_by} = {', '.join(values)}; columns: images 0..{a.n - 1}")
         return images, a.n, grid_names(a.grid_by, values, a.seed, a.n)
     if a.attrs_from:
-        codes = rows_from(loaded, a.attrs_from, asked(a))
+        fixed_values = asked(a)
+        codes = rows_from(loaded, a.attrs_from, fixed_values)
         where = "the model's training labels" if a.attrs_from == "training" else a.attrs_from
-        fixed = "".join(f", {k}={v} in every row" for k, v in asked(a).items())
+        fixed = "".join(f", {k}={v} in every row" for k, v in fixed_values.items())
         print(
             f"attributes: {len(codes)} rows of {where}{fixed}, image i gets row i mod {len(codes)}"
         )

@@ -137,7 +137,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     import torch
 
-    from ..checkpoint import export_weights, resolve
+    from ..checkpoint import export_weights, load_model, resolve
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
     source = resolve(a.run)
@@ -145,8 +145,9 @@ def cmd_export(a: argparse.Namespace) -> int:
     if Path(a.run).is_dir():  # a run's checkpoints are what --resume needs: never replaced
         ckpts = [Path(a.run) / "checkpoints"]
         outputs.not_inside(a.out, ckpts, "--out", "the run's checkpoints", "resume needs them")
-    rows = _training_rows(source, a.guidance)
-    out = export_weights(source, outputs.new_file(a.out, a.force), dtype, rows, a.guidance)
+    loaded = load_model(source)
+    rows = _training_rows(loaded, a.guidance)
+    out = export_weights(loaded, outputs.new_file(a.out, a.force), dtype, rows, a.guidance)
     print(f"exported EMA weights ({a.dtype}) to {out} ({os.path.getsize(out) / 2**20:.1f} MiB)")
     if rows is not None:
         print(f"with the {len(rows)} rows of its training labels (sample --attrs-from training)")
@@ -155,18 +156,16 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
-def _training_rows(source: Path, guidance: float | None) -> Any:
+def _training_rows(loaded: Any, guidance: float | None) -> Any:
     """A conditional checkpoint's training-label codes for its export (None: unconditional,
     or its labels are not at hand, which is said); a guidance weight for an unconditional
     one is refused."""
-    from ..checkpoint import load_model
     from ..conditioning import UnknownAttribute
     from ..pipelines import training_rows, vocabulary
 
-    loaded = load_model(source)
     if not vocabulary(loaded):
         if guidance is not None:
-            raise CliError(f"--guidance: {source} is unconditional, it has nothing to guide")
+            raise CliError(f"--guidance: {loaded.path} is unconditional, it has nothing to guide")
         return None
     try:
         return training_rows(loaded)

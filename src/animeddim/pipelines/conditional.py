@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import LoadedModel
+from ..checkpoint import LoadedModel, recommended_guidance
 from ..conditioning import NULL, UnknownAttribute, check_attribute, encode
 from ..diffusion.generation import denormalize
 from ..diffusion.guidance import guided
@@ -33,7 +33,7 @@ def vocabulary(loaded: LoadedModel) -> dict[str, list[str]]:
 def default_guidance(loaded: LoadedModel) -> float:
     """The guidance weight conditional sampling uses unless told: the one stored in an
     exported file (`animeddim export --guidance`), else 1 (plain conditional)."""
-    return float(loaded.meta.get("guidance", 1.0))
+    return recommended_guidance(loaded.meta)
 
 
 def attribute_codes(loaded: LoadedModel, asked: Mapping[str, str]) -> torch.Tensor | None:
@@ -81,9 +81,14 @@ def draw_per_image(
     guidance weight `guidance`: uint8 [n x H x W x C]."""
     calls = 1 if guidance == 1.0 else 2
     net = guided(net if net is not None else sampling_net(loaded, s, calls * n * s.steps), guidance)
-    rows = torch.arange(first_index, first_index + n) % len(codes)
-    cond = codes[rows].to(s.device).contiguous()
+    cond = per_image_codes(codes, n, first_index).to(s.device).contiguous()
     return draw(loaded, n, s, first_index, net=net, progress=progress, cond=cond)
+
+
+def per_image_codes(codes: torch.Tensor, n: int, first_index: int = 0) -> torch.Tensor:
+    """The [n x A] codes images first_index .. first_index + n - 1 are asked: row i mod R of
+    the [R x A] `codes`."""
+    return codes[torch.arange(first_index, first_index + n) % len(codes)]
 
 
 def codes_from_labels(loaded: LoadedModel, path: str | Path) -> torch.Tensor:

@@ -22,7 +22,7 @@ from ..checkpoint import LoadedModel
 from ..conditioning import UnknownAttribute, encode
 from ..data import DataError
 from ..io import write_text_atomic
-from .conditional import draw_conditional, vocabulary
+from .conditional import draw_conditional, per_image_codes, vocabulary
 from .core import Progress, SampleSettings, _nchw, sampling_net
 
 
@@ -166,7 +166,7 @@ def mix_accuracy(target: MixTarget, images_u8: torch.Tensor) -> dict[str, Any]:
 
     clf_vocab = target.classifier.config.vocab
     predicted = classify(target.classifier, images_u8.numpy())
-    rows = target.codes[torch.arange(len(images_u8)) % len(target.codes)].numpy()
+    rows = per_image_codes(target.codes, len(images_u8)).numpy()
     names = list(target.vocab)
     out: dict[str, Any] = {}
     for a in target.judged:

@@ -417,22 +417,21 @@ class Engine:
         progress.total = math.ceil(req.n / s.batch_size) * req.steps
         progress.unit = "denoising step" if req.n <= s.batch_size else "network evaluation"
         t = time.perf_counter()
-        observed, cond = pipelines.observed(net, progress), None
+        observed = pipelines.observed(net, progress)
         if req.attributes or req.mix:
             from ...conditioning import UnknownAttribute
-            from ...diffusion.guidance import guided
 
             try:
                 if req.mix:  # image i: row i of the training labels, the asked values set
-                    rows = pipelines.rows_from(loaded, "training", req.attributes)
-                    cond = rows[torch.arange(req.n) % len(rows)].contiguous()
+                    codes = pipelines.rows_from(loaded, "training", req.attributes)
                 else:
-                    codes = pipelines.attribute_codes(loaded, req.attributes)
-                    cond = codes.expand(req.n, -1).contiguous()
+                    codes = pipelines.attribute_codes(loaded, req.attributes)[None]
             except UnknownAttribute as e:
                 raise RequestError(str(e)) from None
-            observed = guided(observed, req.guidance)  # both halves in one evaluation
-        images = pipelines.draw(loaded, req.n, s, net=observed, cond=cond)
+            # guided: both halves in one evaluation
+            images = pipelines.draw_per_image(loaded, req.n, s, codes, req.guidance, net=observed)
+        else:
+            images = pipelines.draw(loaded, req.n, s, net=observed)
         seconds = time.perf_counter() - t
         pixels = images.numpy()
         return {
@@ -548,16 +547,13 @@ def _choice_vocabulary(c: Choice) -> dict[str, list[str]] | None:
 
 def _choice_guidance(c: Choice) -> float:
     """The guidance weight a shipped model's file recommends (`export --guidance`), else 1."""
+    from ...checkpoint import CheckpointError, read_meta, recommended_guidance
+
     if c.kind != "shipped":
         return 1.0
-    import json
-
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(c.path), framework="pt", device="cpu") as f:
-            return float(json.loads((f.metadata() or {})["animeddim"]).get("guidance", 1.0))
-    except (OSError, ValueError, KeyError, TypeError):
+        return recommended_guidance(read_meta(c.path))
+    except CheckpointError:
         return 1.0
 
 
