@@ -4,6 +4,7 @@ guidance, and sample/edit/train through the CLI on a tiny two-class folder."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,14 @@ from PIL import Image
 
 from animeddim import checkpoint as ckpt
 from animeddim.conditioning import NULL, UnknownAttribute, drop_attributes, drop_generator, encode
-from animeddim.config import ScheduleConfig, UNetConfig
+from animeddim.config import (
+    ConfigError,
+    ScheduleConfig,
+    UNetConfig,
+    check_guidance_interval,
+    guidance_interval_text,
+    parse_guidance_interval,
+)
 from animeddim.diffusion.guidance import Guided
 from animeddim.diffusion.samplers import SAMPLERS, sample
 from animeddim.unet import UNet, fold_batchnorm, is_cond_parameter
@@ -133,16 +141,20 @@ class Toy:
 
 
 class HandGuided:
-    """The guidance formula with two separate calls, in float64."""
+    """The guidance formula with two separate calls, in float64; with an interval (lo, hi],
+    w applies where lo < sigma = sqrt(v / (1 - v)) <= hi and 1 elsewhere."""
 
-    def __init__(self, w):
-        self.toy, self.w = Toy(), w
+    def __init__(self, w, interval=(0.0, math.inf)):
+        self.toy, self.w, self.interval = Toy(), w, interval
 
     def __call__(self, x, v, cond=None):
         x64, v64 = x.double(), v.double()
         eps_c = self.toy(x64, v64, cond)
         eps_n = self.toy(x64, v64, torch.full_like(cond, NULL))
-        return (eps_n + self.w * (eps_c - eps_n)).float()
+        sigma = (v64 / (1 - v64)).sqrt()
+        lo, hi = self.interval
+        w = torch.where((sigma > lo) & (sigma <= hi), self.w, 1.0).view(-1, 1, 1, 1)
+        return (eps_n + w * (eps_c - eps_n)).float()
 
 
 def test_guidance_formula_by_hand_and_one_batched_call():
@@ -178,6 +190,52 @@ def test_every_sampler_with_guidance_matches_the_hand_computation(name, w):
     got = sample(Guided(Toy(), w), noise, 6, sched, sampler=name, eta=eta, cond=cond)
     want = sample(HandGuided(w), noise, 6, sched, sampler=name, eta=eta, cond=cond)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_guidance_interval_guides_only_the_noise_levels_inside_it():
+    # v = 0.2, 0.5, 0.9 are sigma = 0.5, 1 and 3; (1, inf] holds only the last
+    x, v = torch.randn(3, 3, 4, 4), torch.tensor([0.2, 0.5, 0.9])
+    cond = torch.tensor([[1, NULL], [0, 2], [1, 1]])
+    toy = Toy()
+    got = Guided(toy, 3.0, (1.0, math.inf))(x, v, cond)
+    assert [c[0] for c in toy.calls] == [6]
+    torch.testing.assert_close(got, HandGuided(3.0, (1.0, math.inf))(x, v, cond))
+    plain = Toy()(x, v, cond)
+    torch.testing.assert_close(got[:2], plain[:2])  # outside: plain conditional
+    assert not torch.allclose(got[2], plain[2])
+    # nothing inside: one plain call of N; all inside: the usual guidance
+    toy = Toy()
+    torch.testing.assert_close(Guided(toy, 3.0, (5.0, 9.0))(x, v, cond), plain)
+    assert [c[0] for c in toy.calls] == [3]
+    torch.testing.assert_close(
+        Guided(Toy(), 0.0, (0.1, 4.0))(x, v, cond), Guided(Toy(), 0.0)(x, v, cond)
+    )
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_sampler_with_a_guidance_interval_matches_the_hand_computation(name):
+    sched = ScheduleConfig()
+    noise = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    cond = torch.tensor([[1, NULL], [0, 2], [NULL, 1]])
+    interval = (1.0, 10.0)  # 6 steps from sigma 50 down: some outside on both sides
+    got = sample(Guided(Toy(), 2.5, interval), noise, 6, sched, sampler=name, cond=cond)
+    want = sample(HandGuided(2.5, interval), noise, 6, sched, sampler=name, cond=cond)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    always = sample(Guided(Toy(), 2.5), noise, 6, sched, sampler=name, cond=cond)
+    assert not torch.allclose(got, always)
+
+
+def test_guidance_interval_text_and_its_errors():
+    assert parse_guidance_interval("1,inf") == (1.0, math.inf)
+    assert parse_guidance_interval(" 0.5 , 6 ") == (0.5, 6.0)
+    assert guidance_interval_text((1.0, math.inf)) == "1,inf"
+    for bad in ("1", "a,b", "1,2,3", ""):
+        with pytest.raises(ConfigError, match="a guidance interval is LO,HI in sigma"):
+            parse_guidance_interval(bad)
+    for bad in ("2,1", "-1,3", "1,1", "nan,1", "0,nan"):
+        with pytest.raises(ConfigError, match="needs 0 <= LO < HI"):
+            parse_guidance_interval(bad)
+    assert check_guidance_interval((0, math.inf)) == (0.0, math.inf)
 
 
 def test_unknown_attribute_and_value_name_the_known_ones():

@@ -296,6 +296,7 @@ def test_evaluate_attrs_from_reports_accuracy_per_attribute_and_value(
     r = json.loads(out.read_text())
     m = r["attributes_from"]
     assert r["guidance"] == 3.0 and m["rows"] == 96 and "kid_mean" in r
+    assert r["guidance_interval"] == "0,inf"  # every step: no interval given or stored
     colour = m["attributes"]["colour"]
     assert colour["n"] == 6 and list(colour["per_value"]) == ["red"]  # rows 0-5 are red
     assert (
@@ -382,3 +383,42 @@ def test_an_exports_recommended_guidance_is_conditional_samplings_default(
                           tmp_path / "u.safetensors", "--guidance", 2)  # fmt: skip
     assert rc == 2 and "is unconditional, it has nothing to guide" in err
     assert not (tmp_path / "u.safetensors").exists()
+
+
+def test_an_exports_guidance_interval_is_samplings_default_and_bad_ones_are_refused(
+    cond_run, tmp_path, capsys
+):
+    import numpy as np
+    from PIL import Image
+
+    plain, limited = tmp_path / "plain.safetensors", tmp_path / "limited.safetensors"
+    assert run_main(capsys, "export", "--run", cond_run, "--out", plain)[0] == 0
+    rc, stdout, err = run_main(capsys, "export", "--run", cond_run, "--out", limited,
+                               "--guidance", 3, "--guidance-interval", "1,inf")  # fmt: skip
+    assert rc == 0, err
+    assert "recommended guidance 3, at noise levels sigma in (1, inf]" in stdout
+    args = ["sample", "--steps", 4, "--seed", 4, "--n", 2, "--device", "cpu", "--attr",
+            "colour=red"]  # fmt: skip
+    runs = {"default": (limited, []),
+            "explicit": (plain, ["--guidance", 3, "--guidance-interval", "1,inf"]),
+            "always": (limited, ["--guidance-interval", "0,inf"])}  # fmt: skip
+    for name, (model, extra) in runs.items():
+        rc, _, err = run_main(capsys, *args, "--run", model, *extra, "--out", tmp_path / name)
+        assert rc == 0, err
+    png = [{k: np.asarray(Image.open(tmp_path / k / f"seed4-{i:06d}.png")) for k in runs}
+           for i in range(2)]  # fmt: skip
+    assert all(np.array_equal(p["default"], p["explicit"]) for p in png)
+    assert not all(np.array_equal(p["default"], p["always"]) for p in png)  # given: it wins
+    # an interval without a weight to place, or without conditions, or malformed: refused
+    rc, _, err = run_main(capsys, "export", "--run", cond_run, "--out", tmp_path / "x.safetensors",
+                          "--guidance-interval", "1,inf")  # fmt: skip
+    assert rc == 2 and "--guidance-interval needs --guidance W" in err
+    assert not (tmp_path / "x.safetensors").exists()
+    rc, _, err = run_main(capsys, "sample", "--run", limited, "--n", 1, "--out", tmp_path / "u",
+                          "--guidance-interval", "1,inf")  # fmt: skip
+    assert rc == 2 and "--guidance-interval 1,inf needs --attr NAME=VALUE" in err
+    for bad, says in (("3,1", "needs 0 <= LO < HI"), ("1", "is LO,HI in sigma")):
+        rc, _, err = run_main(capsys, *args, "--run", limited, "--guidance-interval", bad,
+                              "--out", tmp_path / "bad")  # fmt: skip
+        assert rc == 2 and says in err, err
+    assert not (tmp_path / "u").exists() and not (tmp_path / "bad").exists()

@@ -21,7 +21,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from .config import ConfigError, RunConfig
+from .config import (
+    GUIDE_ALWAYS,
+    ConfigError,
+    RunConfig,
+    guidance_interval_text,
+    parse_guidance_interval,
+)
 from .io import atomic_file
 from .unet import UNet
 
@@ -87,6 +93,18 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 def recommended_guidance(meta: dict[str, Any]) -> float:
     """The guidance weight an export recommends (`export_weights(guidance=)`), else 1."""
     return float(meta.get("guidance", 1.0))
+
+
+def recommended_guidance_interval(meta: dict[str, Any]) -> tuple[float, float]:
+    """The noise levels (lo, hi] in sigma where an export recommends guiding
+    (`export_weights(guidance_interval=)`), else every level (`config.GUIDE_ALWAYS`)."""
+    text = meta.get("guidance_interval")
+    if text is None:
+        return GUIDE_ALWAYS
+    try:
+        return parse_guidance_interval(text)
+    except ConfigError as e:
+        raise CheckpointError(f"the stored guidance interval is unusable: {e}") from None
 
 
 def _read(path: Path, tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -222,6 +240,7 @@ def export_weights(
     dtype: torch.dtype = torch.float16,
     attribute_rows: torch.Tensor | None = None,
     guidance: float | None = None,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> Path:
     """Write a small sampling-only file: EMA weights (in `dtype`), normalisation and config.
 
@@ -229,7 +248,9 @@ def export_weights(
     :param attribute_rows: [R x A] codes of a conditional model's training labels, stored
         so that the file can be sampled with the data's own mix of attributes.
     :param guidance: a conditional model's recommended classifier-free guidance weight (the
-        default of conditional sampling from the file; 1 when absent)."""
+        default of conditional sampling from the file; 1 when absent).
+    :param guidance_interval: the noise levels (lo, hi] in sigma where that weight applies
+        (default of sampling from the file; every level when absent)."""
     loaded = src if isinstance(src, LoadedModel) else load_model(src)
     state = {
         k: v.to(dtype) if v.is_floating_point() else v for k, v in loaded.model.state_dict().items()
@@ -241,4 +262,6 @@ def export_weights(
     meta["kind"] = "ema-weights"
     if guidance is not None:
         meta["guidance"] = float(guidance)
+    if guidance_interval is not None:
+        meta["guidance_interval"] = guidance_interval_text(guidance_interval)
     return save(out, tensors, meta)

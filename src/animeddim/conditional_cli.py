@@ -22,6 +22,28 @@ def _guidance(text: str) -> float:
     return w
 
 
+def _guidance_interval(text: str) -> tuple[float, float]:
+    from .config import ConfigError, parse_guidance_interval
+
+    try:
+        return parse_guidance_interval(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(f"--guidance-interval: {e}") from None
+
+
+def add_guidance_interval(p: argparse.ArgumentParser, default: str) -> None:
+    """--guidance-interval LO,HI: the noise levels where the guidance weight applies."""
+    p.add_argument(
+        "--guidance-interval",
+        type=_guidance_interval,
+        default=None,
+        metavar="LO,HI",
+        help="apply the guidance weight only at noise levels sigma = noise/signal rate in "
+        "(LO, HI], plain conditional elsewhere (Kynkaanniemi et al. 2024); e.g. 1,inf skips "
+        f"the last, low-noise steps; 0,inf guides every step (default: {default})",
+    )
+
+
 def _guidance_list(text: str) -> list[float]:
     ws = [_guidance(x.strip()) for x in text.split(",") if x.strip()]
     if not ws:
@@ -89,6 +111,7 @@ def add_sample_options(p: argparse.ArgumentParser) -> None:
         help="classifier-free guidance weight: eps_null + W (eps_cond - eps_null); 1 = plain "
         "conditional, 0 = null (default: the weight the model file recommends, else 1)",
     )
+    add_guidance_interval(p, "the interval the model file recommends, else 0,inf")
 
 
 def add_edit_parser(sub: Any, setup: Callable[[argparse.ArgumentParser], None], steps) -> None:
@@ -117,6 +140,7 @@ def add_edit_parser(sub: Any, setup: Callable[[argparse.ArgumentParser], None], 
         metavar="W",
         help="of the regeneration (default: the model file's recommended weight, else 1)",
     )
+    add_guidance_interval(p, "the interval the model file recommends, else 0,inf")
     p.add_argument(
         "--out",
         required=True,
@@ -267,15 +291,23 @@ def resolve_guidance(a: argparse.Namespace, loaded) -> float:
     return a.guidance
 
 
-def check_guidance_has_conditions(guidance: float | None, conditioned: bool, needs: str) -> None:
-    """A guidance weight other than 1 on an unconditional draw is refused, not ignored (a
-    weight not given is the model's default, which only conditional sampling uses)."""
-    if guidance is not None and guidance != 1.0 and not conditioned:
-        from .config import ConfigError
+def check_guidance_has_conditions(
+    guidance: float | None, conditioned: bool, needs: str, interval: Any = None
+) -> None:
+    """A guidance weight other than 1, or a guidance interval, on an unconditional draw is
+    refused, not ignored (a weight not given is the model's default, which only conditional
+    sampling uses)."""
+    from .config import ConfigError, guidance_interval_text
 
+    if guidance is not None and guidance != 1.0 and not conditioned:
         raise ConfigError(
             f"--guidance {guidance:g} needs {needs}: without it the model draws "
             "unconditionally and guidance has nothing to weigh"
+        )
+    if interval is not None and not conditioned:
+        raise ConfigError(
+            f"--guidance-interval {guidance_interval_text(interval)} needs {needs}: without "
+            "it the model draws unconditionally and there is no guidance to place"
         )
 
 
@@ -284,7 +316,10 @@ def evaluate_target(a: argparse.Namespace, loaded) -> tuple[Any, Any]:
     `--attrs-from` (with any --attr set in every row), the other None, checked before any
     image is drawn."""
     check_guidance_has_conditions(
-        a.guidance, bool(a.attr or a.attrs_from), "--attr NAME=VALUE or --attrs-from FILE.csv"
+        a.guidance,
+        bool(a.attr or a.attrs_from),
+        "--attr NAME=VALUE or --attrs-from FILE.csv",
+        a.guidance_interval,
     )
     from .pipelines import control_target, mix_target
 
@@ -359,6 +394,7 @@ def add_guidance_parser(sub: Any, setup: Callable[[argparse.ArgumentParser], Non
         metavar="W,W,...",
         help="comma-separated guidance weights (default 0,1,2,3,5)",
     )
+    add_guidance_interval(p, "the interval the model file recommends, else 0,inf")
     _add_classifier(p)
     p.add_argument("--out", help="folder for guidance.csv/.md (default: the run folder)")
     p.add_argument(

@@ -36,6 +36,43 @@ LOSS_WEIGHTS = ("none", "min-snr")  # train.loss_weight: per noise level (Hang e
 IMAGE_CHANNELS = 3  # images are decoded to RGB
 
 
+GUIDE_ALWAYS = (0.0, math.inf)  # the guidance interval (in sigma) that guides at every step
+
+
+def check_guidance_interval(interval: tuple[float, float]) -> tuple[float, float]:
+    """(lo, hi) as floats with 0 <= lo < hi (hi may be inf): the noise levels
+    sigma = noise_rate / signal_rate in (lo, hi] where classifier-free guidance applies.
+
+    :raises ConfigError: naming the interval."""
+    lo, hi = (float(x) for x in interval)
+    if not (0.0 <= lo < hi) or math.isnan(hi):
+        raise ConfigError(
+            f"a guidance interval needs 0 <= LO < HI (HI may be inf), got {lo:g},{hi:g}"
+        )
+    return lo, hi
+
+
+def parse_guidance_interval(text: str) -> tuple[float, float]:
+    """'LO,HI' (e.g. '1,inf') -> a checked (lo, hi); see `check_guidance_interval`.
+
+    :raises ConfigError: text that is not two numbers, or a bad interval."""
+    parts = str(text).split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        interval = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise ConfigError(
+            f"a guidance interval is LO,HI in sigma (e.g. 1,inf), got {text!r}"
+        ) from None
+    return check_guidance_interval(interval)
+
+
+def guidance_interval_text(interval: tuple[float, float]) -> str:
+    """(1.0, inf) -> '1,inf' (what `parse_guidance_interval` reads)."""
+    return ",".join(f"{x:g}" for x in interval)
+
+
 def setting(
     default: Any,
     help: str,

@@ -145,14 +145,20 @@ def cmd_export(a: argparse.Namespace) -> int:
     if Path(a.run).is_dir():  # a run's checkpoints are what --resume needs: never replaced
         ckpts = [Path(a.run) / "checkpoints"]
         outputs.not_inside(a.out, ckpts, "--out", "the run's checkpoints", "resume needs them")
+    if a.guidance_interval is not None and a.guidance is None:
+        raise CliError("--guidance-interval needs --guidance W: the weight it applies")
     loaded = load_model(source)
     rows = _training_rows(loaded, a.guidance)
-    out = export_weights(loaded, outputs.new_file(a.out, a.force), dtype, rows, a.guidance)
+    out = export_weights(
+        loaded, outputs.new_file(a.out, a.force), dtype, rows, a.guidance, a.guidance_interval
+    )
     print(f"exported EMA weights ({a.dtype}) to {out} ({os.path.getsize(out) / 2**20:.1f} MiB)")
     if rows is not None:
         print(f"with the {len(rows)} rows of its training labels (sample --attrs-from training)")
     if a.guidance is not None:
-        print(f"recommended guidance {a.guidance:g}: conditional sampling's default")
+        lo, hi = a.guidance_interval or (0, 0)
+        where = f", at noise levels sigma in ({lo:g}, {hi:g}]" if a.guidance_interval else ""
+        print(f"recommended guidance {a.guidance:g}{where}: conditional sampling's default")
     return 0
 
 

@@ -291,6 +291,7 @@ def _add_export_command(sub) -> None:
         help="a conditional model's recommended guidance weight, stored in the file: the "
         "default of conditional sampling from it (default: none stored, sampling uses 1)",
     )
+    conditional_cli.add_guidance_interval(p, "none stored, sampling guides every step")
     _add_force(p, "an existing --out file (never the run's own checkpoints)")
     p.set_defaults(func=cmd_export)
 

@@ -29,6 +29,7 @@ def _settings(a: argparse.Namespace, device, **over):
         if isinstance(getattr(a, k, None), (int, float, str))
     }
     kw.update(compile=getattr(a, "compile", None), clip=getattr(a, "clip_x0", None))
+    kw.update(guidance_interval=getattr(a, "guidance_interval", None))
     kw.update(over)
     return resolve_settings(device, getattr(a, "precision", None) or "auto", **kw)
 
@@ -44,6 +45,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
         a.guidance,
         bool(a.attr or a.grid_by or a.attrs_from),
         "--attr NAME=VALUE, --grid-by NAME or --attrs-from FILE.csv",
+        a.guidance_interval,
     )
     if a.attrs_from and a.grid_by:
         raise CliError("--attrs-from sets every image's attributes: give it without --grid-by")

@@ -6,6 +6,12 @@ with eps_cond = model(x_t, v, cond) and eps_null = model(x_t, v, all-null), both
 batched call. w = 1 is plain conditional sampling (one call per step), w = 0 is the null
 model, and no condition at all (cond None) is unconditional sampling. A sampler sees an
 ordinary denoiser and passes `cond` through as always.
+
+Guidance in a limited interval (Kynkaanniemi et al., 2024, "Applying Guidance in a Limited
+Interval Improves Sample and Distribution Quality in Diffusion Models"): the weight w applies
+only at noise levels sigma = noise_rate / signal_rate in (lo, hi], plain conditional sampling
+(w = 1, one call) elsewhere. The network's input is the noise variance v = noise_rate^2, so
+sigma = sqrt(v / (1 - v)).
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import GUIDE_ALWAYS as ALWAYS
+from ..config import check_guidance_interval
+
 NULL = -1  # the code of an unasked attribute
 
 
@@ -23,12 +32,14 @@ class Guided(nn.Module):
 
     :param model: a conditional denoiser ``(x_t, noise_variances, cond) -> eps_hat``.
     :param guidance: w; 1 is conditional sampling, larger values push harder toward cond.
+    :param interval: (lo, hi): guide only where lo < sigma <= hi (sigma = noise / signal rate).
     """
 
-    def __init__(self, model: Any, guidance: float):
+    def __init__(self, model: Any, guidance: float, interval: tuple[float, float] = ALWAYS):
         super().__init__()
         self.model = model
         self.guidance = float(guidance)
+        self.interval = check_guidance_interval(interval)
 
     def forward(
         self, noisy_images: torch.Tensor, noise_variances: torch.Tensor, cond: Any = None
@@ -36,8 +47,11 @@ class Guided(nn.Module):
         w = self.guidance
         if cond is None or w == 1.0:
             return self.model(noisy_images, noise_variances, cond)
+        inside = in_interval(noise_variances, self.interval)
+        if not bool(inside.any()):
+            return self.model(noisy_images, noise_variances, cond)
         null = torch.full_like(cond, NULL)
-        if w == 0.0:
+        if w == 0.0 and bool(inside.all()):
             return self.model(noisy_images, noise_variances, null)
         eps = self.model(
             torch.cat([noisy_images, noisy_images]),
@@ -45,9 +59,23 @@ class Guided(nn.Module):
             torch.cat([cond, null]),
         )
         eps_cond, eps_null = eps.chunk(2)
-        return eps_null + w * (eps_cond - eps_null)
+        if bool(inside.all()):
+            return eps_null + w * (eps_cond - eps_null)
+        # images outside the interval (a batch of mixed noise levels) take w = 1: eps_cond
+        weight = (
+            torch.where(inside, w, 1.0).to(eps.device, eps.dtype).view(-1, *[1] * (eps.dim() - 1))
+        )
+        return eps_null + weight * (eps_cond - eps_null)
 
 
-def guided(model: Any, guidance: float) -> Any:
+def in_interval(noise_variances: torch.Tensor, interval: tuple[float, float]) -> torch.Tensor:
+    """[N] bool, on the CPU: lo < sigma <= hi, sigma = sqrt(v / (1 - v)) per noise variance."""
+    lo, hi = interval
+    v = noise_variances.detach().to("cpu", torch.float64)  # (MPS has no float64)
+    sigma = (v / (1.0 - v)).sqrt()  # v = 1 (no signal left) is sigma = inf
+    return (sigma > lo) & (sigma <= hi)
+
+
+def guided(model: Any, guidance: float, interval: tuple[float, float] = ALWAYS) -> Any:
     """`model` itself at w = 1 (nothing to combine), else the guided wrapper."""
-    return model if guidance == 1.0 else Guided(model, guidance)
+    return model if guidance == 1.0 else Guided(model, guidance, interval)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import LoadedModel, recommended_guidance
+from ..checkpoint import LoadedModel, recommended_guidance, recommended_guidance_interval
 from ..conditioning import NULL, UnknownAttribute, check_attribute, encode
 from ..diffusion.generation import denormalize
 from ..diffusion.guidance import guided
@@ -34,6 +34,13 @@ def default_guidance(loaded: LoadedModel) -> float:
     """The guidance weight conditional sampling uses unless told: the one stored in an
     exported file (`animeddim export --guidance`), else 1 (plain conditional)."""
     return recommended_guidance(loaded.meta)
+
+
+def guidance_interval(loaded: LoadedModel, s: SampleSettings) -> tuple[float, float]:
+    """The noise levels (lo, hi] in sigma = noise/signal rate where guidance applies: the
+    settings' own, else the one stored in an exported file (`export --guidance-interval`),
+    else every level."""
+    return s.guidance_interval or recommended_guidance_interval(loaded.meta)
 
 
 def attribute_codes(loaded: LoadedModel, asked: Mapping[str, str]) -> torch.Tensor | None:
@@ -80,7 +87,11 @@ def draw_per_image(
     row i mod R of `codes` ([R x A], e.g. `codes_from_labels`), with classifier-free
     guidance weight `guidance`: uint8 [n x H x W x C]."""
     calls = 1 if guidance == 1.0 else 2
-    net = guided(net if net is not None else sampling_net(loaded, s, calls * n * s.steps), guidance)
+    net = guided(
+        net if net is not None else sampling_net(loaded, s, calls * n * s.steps),
+        guidance,
+        guidance_interval(loaded, s),
+    )
     cond = per_image_codes(codes, n, first_index).to(s.device).contiguous()
     return draw(loaded, n, s, first_index, net=net, progress=progress, cond=cond)
 
@@ -229,7 +240,7 @@ def regenerate(
     :param progress: told ("edit", images done, N) after each batch.
     """
     cfg = loaded.config
-    net = guided(loaded.model, guidance)
+    net = guided(loaded.model, guidance, guidance_interval(loaded, settings))
     out: list[list[torch.Tensor]] = [[] for _ in targets]
     done = _counter(progress, "edit", len(real_u8))
     for i in range(0, len(real_u8), settings.batch_size):

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import LoadedModel
-from ..config import ConfigError
+from ..config import ConfigError, check_guidance_interval
 from ..diffusion.generation import generate
 from ..diffusion.inversion import ddim_invert
 from ..diffusion.samplers import (
@@ -85,6 +85,9 @@ class SampleSettings:
     device: str | torch.device = "cpu"
     precision: str = "fp32"  # fp32 | bf16 | fp16 (resolved; `resolve_settings` resolves auto)
     compile: bool | None = None  # torch.compile the sampling net; None: where it pays off
+    # noise levels (lo, hi] in sigma = noise/signal rate where classifier-free guidance
+    # applies (plain conditional elsewhere); None: the model file's recommended, else always
+    guidance_interval: tuple[float, float] | None = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """A fresh autocast context for this precision and device (nullcontext for fp32)."""
@@ -102,13 +105,15 @@ def resolve_settings(
     seed: int = 0,
     batch_size: int = 64,
     compile: bool | None = None,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> SampleSettings:
     """Checked `SampleSettings` on a resolved device (auto | cpu | cuda | cuda:N | mps): the
     sampler must be registered and allow `eta` (`diffusion.samplers.SAMPLERS`), and
     precision "auto" becomes bf16 where the hardware does it well, else fp32.
 
     :raises ConfigError: naming the bad value (unknown sampler, eta > 0 for a deterministic
-        one, steps or batch size < 1, eta outside [0, 1], fp16 on the CPU).
+        one, steps or batch size < 1, eta outside [0, 1], fp16 on the CPU, a guidance
+        interval that is not 0 <= lo < hi).
     """
     dev = _device(device)
     try:
@@ -129,6 +134,9 @@ def resolve_settings(
         device=dev,
         precision=resolve_precision(precision, dev),
         compile=compile,
+        guidance_interval=(
+            None if guidance_interval is None else check_guidance_interval(guidance_interval)
+        ),
     )
 
 

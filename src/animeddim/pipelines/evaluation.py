@@ -17,12 +17,13 @@ import torch
 
 from .. import metrics
 from ..checkpoint import LoadedModel
+from ..config import guidance_interval_text
 from ..diffusion.samplers import (
     SAMPLERS,
     resolve_clip,
 )
 from ..io import write_text_atomic
-from .conditional import draw_conditional, draw_per_image
+from .conditional import draw_conditional, draw_per_image, guidance_interval
 from .control import ControlTarget, MixTarget, control_summary, mix_accuracy, real_features
 from .core import Progress, SampleSettings, _nchw, _tell, draw, sampling_net
 
@@ -93,10 +94,13 @@ def evaluate(
     if control is not None:
         f_asked = real_features(control, extractor, cache_dir)[1]  # the same cached features
         result["attributes_asked"] = control_summary(control, fake, f_fake, f_asked)
-        result["guidance"] = guidance
     if mix is not None:
         result["attributes_from"] = mix_accuracy(mix, fake)
+    if control is not None or mix is not None:
         result["guidance"] = guidance
+        if guidance != 1.0:  # where w applied (noise levels in sigma)
+            interval = guidance_interval(loaded, settings)
+            result["guidance_interval"] = guidance_interval_text(interval)
     if "standard" in protocols:
         kid_mean, kid_std = metrics.kid_standard(f_real, f_fake)
         result.update(
