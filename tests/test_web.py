@@ -84,7 +84,13 @@ def test_catalog_lists_runs_and_never_takes_a_path(runs):
 def test_info_offers_the_shipped_conditional_model_with_its_guidance():
     """The shipped conditional model's attributes come from its config beside it and its
     guidance field starts at the weight its file recommends."""
-    from animeddim.pipelines import default_guidance, load_for_sampling
+    from animeddim.config import guidance_interval_text
+    from animeddim.pipelines import (
+        SampleSettings,
+        default_guidance,
+        guidance_interval,
+        load_for_sampling,
+    )
 
     engine = Engine(Catalog(["avatars-64", "avatars-64-cond"], None), device="cpu")
     models = {m["id"]: m for m in engine.info()["models"]}
@@ -93,6 +99,9 @@ def test_info_offers_the_shipped_conditional_model_with_its_guidance():
     loaded = load_for_sampling(None, "avatars-64-cond", "cpu")[0]
     assert cond["vocabulary"] == {a: list(v) for a, v in loaded.config.model.vocabulary.items()}
     assert cond["guidance"] == default_guidance(loaded) > 1
+    interval = guidance_interval(loaded, SampleSettings())  # the file's recommendation
+    assert cond["guidance_interval"] == guidance_interval_text(interval)
+    assert models["avatars-64"]["guidance_interval"] == "0,inf"
     assert loaded.attribute_rows is not None and len(loaded.attribute_rows) == 10_000
 
 

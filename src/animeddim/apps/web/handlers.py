@@ -396,7 +396,7 @@ class Engine:
             entry = {"id": c.id, "label": c.label, "kind": c.kind, "can_sample": c.can_sample}
             entry["has_metrics"] = c.has_metrics
             entry["vocabulary"] = _choice_vocabulary(c)
-            entry["guidance"] = _choice_guidance(c)
+            entry["guidance"], entry["guidance_interval"] = _choice_guidance(c)
             models.append(entry)
         return {
             "models": models,
@@ -545,16 +545,20 @@ def _choice_vocabulary(c: Choice) -> dict[str, list[str]] | None:
         return None
 
 
-def _choice_guidance(c: Choice) -> float:
-    """The guidance weight a shipped model's file recommends (`export --guidance`), else 1."""
+def _choice_guidance(c: Choice) -> tuple[float, str]:
+    """The guidance weight and interval ('LO,HI' in sigma) a shipped model's file recommends
+    (`export --guidance`, `--guidance-interval`), else 1 at every noise level."""
     from ...checkpoint import CheckpointError, read_meta, recommended_guidance
+    from ...checkpoint import recommended_guidance_interval as interval
+    from ...config import GUIDE_ALWAYS, guidance_interval_text
 
     if c.kind != "shipped":
-        return 1.0
+        return 1.0, guidance_interval_text(GUIDE_ALWAYS)
     try:
-        return recommended_guidance(read_meta(c.path))
+        meta = read_meta(c.path)
+        return recommended_guidance(meta), guidance_interval_text(interval(meta))
     except CheckpointError:
-        return 1.0
+        return 1.0, guidance_interval_text(GUIDE_ALWAYS)
 
 
 # --- watching a run -----------------------------------------------------------------------
