@@ -5,6 +5,7 @@ the commands in tests/test_control_cli.py)."""
 from __future__ import annotations
 
 import csv
+import math
 import shutil
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from animeddim import metrics, pipelines
 from animeddim.conditioning import UnknownAttribute
 from animeddim.data import DataError, load_image
+from animeddim.pipelines.control import write_guidance
 
 try:
     metrics.find_inception_weights()
@@ -125,7 +127,11 @@ def test_guidance_study_table(loaded, cond_data, cond_classifier, tmp_path):
     assert [float(r["accuracy_colour"]) for r in table] == [r["accuracy_colour"] for r in rows]
     md = (tmp_path / "study" / "guidance.md").read_text()
     assert "colour=red accuracy (ceiling 100.0%)" in md and "| 3 | " in md
+    assert "noise levels" not in md  # guided at every step
     assert lines[1].startswith("w 3: accuracy colour ")
+    write_guidance(rows, t, 8, _settings(), tmp_path / "limited", (1.0, math.inf))
+    md = (tmp_path / "limited" / "guidance.md").read_text()
+    assert "The weight w applied at noise levels sigma in (1, inf] only." in md
 
 
 def test_mix_accuracy_judges_each_image_against_its_own_row(

@@ -20,9 +20,10 @@ import torch
 from .. import metrics
 from ..checkpoint import LoadedModel
 from ..conditioning import UnknownAttribute, encode
+from ..config import GUIDE_ALWAYS
 from ..data import DataError
 from ..io import write_text_atomic
-from .conditional import draw_conditional, per_image_codes, vocabulary
+from .conditional import draw_conditional, guidance_interval, per_image_codes, vocabulary
 from .core import Progress, SampleSettings, _nchw, sampling_net
 
 
@@ -331,7 +332,7 @@ def guidance_study(
             f"w {w:g}: accuracy {acc}; KID (standard) {kid_mean:.4f} ± {kid_std:.4f}, "
             f"against {target.describe()} {c['kid_mean']:.4f} ± {c['kid_std']:.4f}"
         )
-    write_guidance(rows, target, n, settings, Path(out_dir))
+    write_guidance(rows, target, n, settings, Path(out_dir), guidance_interval(loaded, settings))
     return rows
 
 
@@ -351,9 +352,10 @@ def write_guidance(
     n: int,
     settings: SampleSettings,
     out_dir: Path,
+    interval: tuple[float, float] = GUIDE_ALWAYS,
 ) -> None:
     """guidance.csv (one row per w) and guidance.md (the same table, the classifier's
-    accuracy as the ceiling of each accuracy column)."""
+    accuracy as the ceiling of each accuracy column; `interval`: where w applied)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     f = StringIO(newline="")
     w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -372,7 +374,8 @@ def write_guidance(
         f"{settings.seed}; accuracy judged by the attribute classifier (ceiling: its own "
         f"{target.ceiling_kind} accuracy on real images); KID standard protocol "
         f"(torch-fidelity 0.4.0) against all {target.real.name} images and against the "
-        f"{len(target.real_files)} with {target.describe()}.",
+        f"{len(target.real_files)} with {target.describe()}."
+        + ("" if interval == GUIDE_ALWAYS else _interval_sentence(interval)),
         "",
         "| w | " + " | ".join(head) + " | KID | ± std | KID vs asked | ± std |",
         "|---:|" + "---:|" * len(asked) + "---:|---:|---:|---:|",
@@ -384,6 +387,11 @@ def write_guidance(
             f"{r['kid_asked_mean']:.4f} | {r['kid_asked_std']:.4f} |"
         )
     write_text_atomic(out_dir / "guidance.md", "\n".join(lines) + "\n")
+
+
+def _interval_sentence(interval: tuple[float, float]) -> str:
+    lo, hi = interval
+    return f" The weight w applied at noise levels sigma in ({lo:g}, {hi:g}] only."
 
 
 def edit_preservation(
