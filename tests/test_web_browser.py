@@ -142,6 +142,19 @@ def test_the_training_mix_of_a_conditional_model(page, shots):
     shots(page, "04-generate-training-mix")
 
 
+def test_the_guidance_field_starts_at_the_models_recommendation(page):
+    """The shipped conditional model recommends a weight and the noise levels it applies at
+    (its export); a run recommends nothing: plain conditional, no interval shown."""
+    page.select_option("#g-model", "avatars-64-cond")
+    page.wait_for_selector("#g-interval")
+    assert page.input_value("#g-guidance") == "4"
+    assert "noise levels sigma in (1, inf]" in page.inner_text("#g-interval")
+    page.select_option("#g-model", "run:colours")
+    page.wait_for_selector("#g-attrs select")
+    assert page.input_value("#g-guidance") == "1"
+    assert page.locator("#g-interval").count() == 0
+
+
 def test_bad_numbers_are_refused_with_the_reason(page, shots):
     page.fill("#g-steps", "0")
     page.click("#g-go")
