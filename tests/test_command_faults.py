@@ -379,9 +379,11 @@ def test_signal_during_training_saves_a_checkpoint_then_resume_finishes(
     data = _folder(tmp_path / "data", avatars16, 24)
     (data / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "run"
+    # so many epochs that it is still training when the signal comes, however loaded the machine
     p = _popen("train", "--data", data, "--out", out, "--config", cfg, "--image-size", 16,
-               "--batch-size", 6, "--epochs", 100, "--checkpoint-every", 1, "--no-kid", "--quiet",
-               "--device", "cpu", "--precision", "fp32", "--val-fraction", 0.25)  # fmt: skip
+               "--batch-size", 6, "--epochs", 100_000, "--checkpoint-every", 1, "--no-kid",
+               "--quiet", "--device", "cpu", "--precision", "fp32",
+               "--val-fraction", 0.25)  # fmt: skip
     _wait_for(lambda: (out / "checkpoints" / "last.safetensors").exists())
     p.send_signal(sig)
     stdout, stderr = p.communicate(timeout=120)
