@@ -357,10 +357,20 @@ def test_invert_refuses_earlier_outputs_and_inputs_never_share_an_output(
 # Signals: SIGTERM is handled like Ctrl-C
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C as in a terminal. Test runners' workers (pytest-xdist) may ignore
+    SIGINT, and an ignored signal is inherited: Python would then never raise
+    KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _popen(*args) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "animeddim", *map(str, args)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=_default_sigint,
+    )  # fmt: skip
 
 
 def _wait_for(cond, timeout: float = 240) -> None:
