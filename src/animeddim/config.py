@@ -45,7 +45,7 @@ def check_guidance_interval(interval: tuple[float, float]) -> tuple[float, float
 
     :raises ConfigError: naming the interval."""
     lo, hi = (float(x) for x in interval)
-    if not (0.0 <= lo < hi) or math.isnan(hi):
+    if not 0.0 <= lo < hi:  # also refuses nan
         raise ConfigError(
             f"a guidance interval needs 0 <= LO < HI (HI may be inf), got {lo:g},{hi:g}"
         )
@@ -66,6 +66,12 @@ def parse_guidance_interval(text: str) -> tuple[float, float]:
             f"a guidance interval is LO,HI in sigma (e.g. 1,inf), got {text!r}"
         ) from None
     return check_guidance_interval(interval)
+
+
+def guidance_interval_words(interval: tuple[float, float]) -> str:
+    """(1.0, inf) -> 'noise levels sigma in (1, inf]' (what the CLI and reports print)."""
+    lo, hi = interval
+    return f"noise levels sigma in ({lo:g}, {hi:g}]"
 
 
 def guidance_interval_text(interval: tuple[float, float]) -> str:

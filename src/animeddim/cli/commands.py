@@ -138,6 +138,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     import torch
 
     from ..checkpoint import export_weights, load_model, resolve
+    from ..config import guidance_interval_words
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
     source = resolve(a.run)
@@ -156,8 +157,9 @@ def cmd_export(a: argparse.Namespace) -> int:
     if rows is not None:
         print(f"with the {len(rows)} rows of its training labels (sample --attrs-from training)")
     if a.guidance is not None:
-        lo, hi = a.guidance_interval or (0, 0)
-        where = f", at noise levels sigma in ({lo:g}, {hi:g}]" if a.guidance_interval else ""
+        where = ""
+        if a.guidance_interval:
+            where = f", at {guidance_interval_words(a.guidance_interval)}"
         print(f"recommended guidance {a.guidance:g}{where}: conditional sampling's default")
     return 0
 

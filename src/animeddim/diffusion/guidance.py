@@ -47,11 +47,12 @@ class Guided(nn.Module):
         w = self.guidance
         if cond is None or w == 1.0:
             return self.model(noisy_images, noise_variances, cond)
-        inside = in_interval(noise_variances, self.interval)
-        if not bool(inside.any()):
+        inside = None if self.interval == ALWAYS else in_interval(noise_variances, self.interval)
+        if inside is not None and not bool(inside.any()):
             return self.model(noisy_images, noise_variances, cond)
         null = torch.full_like(cond, NULL)
-        if w == 0.0 and bool(inside.all()):
+        everywhere = inside is None or bool(inside.all())
+        if w == 0.0 and everywhere:
             return self.model(noisy_images, noise_variances, null)
         eps = self.model(
             torch.cat([noisy_images, noisy_images]),
@@ -59,19 +60,17 @@ class Guided(nn.Module):
             torch.cat([cond, null]),
         )
         eps_cond, eps_null = eps.chunk(2)
-        if bool(inside.all()):
+        if everywhere:
             return eps_null + w * (eps_cond - eps_null)
         # images outside the interval (a batch of mixed noise levels) take w = 1: eps_cond
-        weight = (
-            torch.where(inside, w, 1.0).to(eps.device, eps.dtype).view(-1, *[1] * (eps.dim() - 1))
-        )
+        weight = torch.where(inside, w, 1.0).to(eps.dtype).view(-1, *[1] * (eps.dim() - 1))
         return eps_null + weight * (eps_cond - eps_null)
 
 
 def in_interval(noise_variances: torch.Tensor, interval: tuple[float, float]) -> torch.Tensor:
-    """[N] bool, on the CPU: lo < sigma <= hi, sigma = sqrt(v / (1 - v)) per noise variance."""
+    """[N] bool: lo < sigma <= hi, sigma = sqrt(v / (1 - v)) per noise variance."""
     lo, hi = interval
-    v = noise_variances.detach().to("cpu", torch.float64)  # (MPS has no float64)
+    v = noise_variances.detach().float()  # float32 on its own device (MPS has no float64)
     sigma = (v / (1.0 - v)).sqrt()  # v = 1 (no signal left) is sigma = inf
     return (sigma > lo) & (sigma <= hi)
 

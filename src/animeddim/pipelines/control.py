@@ -21,6 +21,7 @@ from .. import metrics
 from ..checkpoint import LoadedModel
 from ..conditioning import UnknownAttribute, encode
 from ..config import GUIDE_ALWAYS
+from ..config import guidance_interval_words as words
 from ..data import DataError
 from ..io import write_text_atomic
 from .conditional import draw_conditional, guidance_interval, per_image_codes, vocabulary
@@ -375,7 +376,7 @@ def write_guidance(
         f"{target.ceiling_kind} accuracy on real images); KID standard protocol "
         f"(torch-fidelity 0.4.0) against all {target.real.name} images and against the "
         f"{len(target.real_files)} with {target.describe()}."
-        + ("" if interval == GUIDE_ALWAYS else _interval_sentence(interval)),
+        + ("" if interval == GUIDE_ALWAYS else f" The weight w applied at {words(interval)} only."),
         "",
         "| w | " + " | ".join(head) + " | KID | ± std | KID vs asked | ± std |",
         "|---:|" + "---:|" * len(asked) + "---:|---:|---:|---:|",
@@ -387,11 +388,6 @@ def write_guidance(
             f"{r['kid_asked_mean']:.4f} | {r['kid_asked_std']:.4f} |"
         )
     write_text_atomic(out_dir / "guidance.md", "\n".join(lines) + "\n")
-
-
-def _interval_sentence(interval: tuple[float, float]) -> str:
-    lo, hi = interval
-    return f" The weight w applied at noise levels sigma in ({lo:g}, {hi:g}] only."
 
 
 def edit_preservation(

@@ -552,13 +552,13 @@ def _choice_guidance(c: Choice) -> tuple[float, str]:
     from ...checkpoint import recommended_guidance_interval as interval
     from ...config import GUIDE_ALWAYS, guidance_interval_text
 
-    if c.kind != "shipped":
-        return 1.0, guidance_interval_text(GUIDE_ALWAYS)
-    try:
-        meta = read_meta(c.path)
-        return recommended_guidance(meta), guidance_interval_text(interval(meta))
-    except CheckpointError:
-        return 1.0, guidance_interval_text(GUIDE_ALWAYS)
+    if c.kind == "shipped":
+        try:
+            meta = read_meta(c.path)
+            return recommended_guidance(meta), guidance_interval_text(interval(meta))
+        except CheckpointError:
+            pass
+    return 1.0, guidance_interval_text(GUIDE_ALWAYS)
 
 
 # --- watching a run -----------------------------------------------------------------------
