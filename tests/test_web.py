@@ -23,8 +23,9 @@ pytest.importorskip("httpx2", reason="the test extra is not installed: pip insta
 
 from starlette.testclient import TestClient  # noqa: E402
 
-from animeddim.apps.web import handlers  # noqa: E402
-from animeddim.apps.web.handlers import Catalog, Engine, RequestError  # noqa: E402
+from animeddim.apps.web import checks, handlers  # noqa: E402
+from animeddim.apps.web.checks import Catalog, RequestError  # noqa: E402
+from animeddim.apps.web.handlers import Engine  # noqa: E402
 from animeddim.apps.web.server import create_app  # noqa: E402
 
 
@@ -124,13 +125,13 @@ def test_generate_refuses_bad_numbers_with_the_reason(runs, field, value, reason
     cat = Catalog([], runs)
     body = {"model": "run:tiny", "sampler": "ddim", field: value}
     with pytest.raises(RequestError) as e:
-        handlers.parse_generate(body, cat)
+        checks.parse_generate(body, cat)
     assert reason in str(e.value)
 
 
 def test_generate_request_defaults_eta_rule_and_attributes(runs):
     cat = Catalog([], runs)
-    req = handlers.parse_generate({"model": "run:tiny"}, cat)
+    req = checks.parse_generate({"model": "run:tiny"}, cat)
     assert (req.seed, req.n, req.steps, req.sampler, req.eta, req.clip) == (
         0,
         16,
@@ -140,36 +141,36 @@ def test_generate_request_defaults_eta_rule_and_attributes(runs):
         None,
     )
     with pytest.raises(RequestError, match="eta must be 0 for dpmpp-2m"):
-        handlers.parse_generate({"model": "run:tiny", "eta": 0.5}, cat)
+        checks.parse_generate({"model": "run:tiny", "eta": 0.5}, cat)
     # "any" everywhere is unconditional; a value is kept (the model checks it when drawing)
-    req = handlers.parse_generate({"model": "run:tiny", "attributes": {"hair": "any"}}, cat)
+    req = checks.parse_generate({"model": "run:tiny", "attributes": {"hair": "any"}}, cat)
     assert req.attributes == {}
-    req = handlers.parse_generate(
+    req = checks.parse_generate(
         {"model": "run:tiny", "attributes": {"hair": "red"}, "guidance": "3"}, cat
     )
     assert (req.attributes, req.guidance) == ({"hair": "red"}, 3.0)
     with pytest.raises(RequestError, match="guidance must be a number"):
-        handlers.parse_generate(
+        checks.parse_generate(
             {"model": "run:tiny", "attributes": {"hair": "red"}, "guidance": "nan"}, cat
         )
     # mix: the attributes not asked as the training labels have them; guidance counts then
-    req = handlers.parse_generate({"model": "run:tiny", "mix": "training", "guidance": "2"}, cat)
+    req = checks.parse_generate({"model": "run:tiny", "mix": "training", "guidance": "2"}, cat)
     assert (req.mix, req.attributes, req.guidance) == (True, {}, 2.0)
-    assert "--attrs-from training --guidance 2" in handlers.cli_command(req, "runs", "cpu", "auto")
+    assert "--attrs-from training --guidance 2" in checks.cli_command(req, "runs", "cpu", "auto")
     with pytest.raises(RequestError, match="mix must be 'none' or 'training', got 'prior'"):
-        handlers.parse_generate({"model": "run:tiny", "mix": "prior"}, cat)
+        checks.parse_generate({"model": "run:tiny", "mix": "prior"}, cat)
 
 
 def test_vocabulary_is_read_from_a_config_when_present():
-    assert handlers.vocabulary({"model": {"widths": [8]}}) is None
+    assert checks.vocabulary({"model": {"widths": [8]}}) is None
     vocab = {"hair_color": ["black", "red"], "glasses": ["no", "yes"]}
-    assert handlers.vocabulary({"model": {"vocabulary": vocab}}) == vocab
-    assert handlers.vocabulary({"vocabulary": vocab}) == vocab
+    assert checks.vocabulary({"model": {"vocabulary": vocab}}) == vocab
+    assert checks.vocabulary({"vocabulary": vocab}) == vocab
 
 
 def test_cli_command_for_shipped_and_run_models(runs):
     cat = Catalog(["avatars-64"], runs)
-    req = handlers.parse_generate(
+    req = checks.parse_generate(
         {
             "model": "avatars-64",
             "seed": 7,
@@ -181,14 +182,14 @@ def test_cli_command_for_shipped_and_run_models(runs):
         },
         cat,
     )
-    cmd = handlers.cli_command(req, None, "auto", "auto")
+    cmd = checks.cli_command(req, None, "auto", "auto")
     assert shlex.split(cmd) == [
         "animeddim", "sample", "--model", "avatars-64", "--n", "4", "--steps", "12",
         "--seed", "7", "--sampler", "ddim", "--eta", "0.5", "--clip-x0",
         "--grid", "grid.png", "--out", "samples/",
     ]  # fmt: skip
-    req = handlers.parse_generate({"model": "run:tiny", "clip": "off"}, cat)
-    cmd = handlers.cli_command(req, "my runs", "cpu", "fp32")
+    req = checks.parse_generate({"model": "run:tiny", "clip": "off"}, cat)
+    cmd = checks.cli_command(req, "my runs", "cpu", "fp32")
     assert "--run 'my runs/tiny'" in cmd and "--no-clip-x0" in cmd
     assert "--device cpu --precision fp32" in cmd
 
@@ -213,12 +214,12 @@ def test_uploads_refused_with_a_message():
         "only 1x1 pixels": png_bytes(np.zeros((1, 1, 3), np.uint8)),
         "limit is 16 megapixels": _bomb_png(5000, 5000),
         "decompression bomb": _bomb_png(50000, 50000),
-        "limit is 8 MB": b"\x89PNG" + b"\0" * (handlers.MAX_UPLOAD_BYTES + 1),
+        "limit is 8 MB": b"\x89PNG" + b"\0" * (checks.MAX_UPLOAD_BYTES + 1),
         "cannot be used": png_bytes(face)[:200],  # truncated
     }
     for reason, data in cases.items():
         with pytest.raises(RequestError, match=reason):
-            handlers.decode_upload(data, 16)
+            checks.decode_upload(data, 16)
 
 
 def test_uploads_converted_with_notes():
@@ -226,11 +227,11 @@ def test_uploads_converted_with_notes():
     wide = rng.integers(0, 65536, (32, 48), dtype=np.uint16)
     im16 = Image.fromarray(wide)
     assert im16.mode.startswith("I")
-    image, notes = handlers.decode_upload(png_bytes(im16), 16)
+    image, notes = checks.decode_upload(png_bytes(im16), 16)
     assert image.shape == (16, 16, 3) and image.dtype == np.uint8
     assert "16-bit image scaled to 8 bits" in notes and "cropped to its central square" in notes
     cmyk = Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).convert("CMYK")
-    image, notes = handlers.decode_upload(png_bytes(cmyk, "JPEG"), 16)
+    image, notes = checks.decode_upload(png_bytes(cmyk, "JPEG"), 16)
     assert image.shape == (16, 16, 3)
     assert notes == ["converted from CMYK to RGB", "resized from 20x20 to the model's 16x16"]
 
@@ -315,10 +316,10 @@ def test_bad_requests_answered_and_server_keeps_serving(client):
     }
     r = client.post("/api/invert", data={"model": "run:tiny", "steps": "3"})
     assert r.status_code == 400 and "choose an image file" in r.json()["error"]
-    big = b"\x89PNG" + bytes(handlers.MAX_UPLOAD_BYTES + 10)
+    big = b"\x89PNG" + bytes(checks.MAX_UPLOAD_BYTES + 10)
     r = client.post("/api/invert", data={"model": "run:tiny"}, files={"face": ("big.png", big)})
     assert "the limit is 8 MB" in stream(r)[-1]["error"]  # read, then refused
-    huge = big + bytes(handlers.MAX_UPLOAD_BYTES)
+    huge = big + bytes(checks.MAX_UPLOAD_BYTES)
     r = client.post("/api/invert", data={"model": "run:tiny"}, files={"face": ("huge.png", huge)})
     assert r.status_code == 400 and "the limit is 8 MB" in r.json()["error"]  # not even read
     r = client.post(
@@ -460,7 +461,7 @@ def test_a_damaged_checkpoint_is_a_message(runs, tmp_path):
 def test_a_stopped_job_does_no_more_work(engine, runs):
     import threading
 
-    req = handlers.parse_generate({"model": "run:tiny", "n": 2, "steps": 50}, engine.catalog)
+    req = checks.parse_generate({"model": "run:tiny", "n": 2, "steps": 50}, engine.catalog)
     stop = threading.Event()
     seen = []
 

@@ -205,7 +205,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if missing:
         raise CliError(f"{WEB_EXTRA_HINT} ({missing} is not installed)")
     from ..apps.web import serve
-    from ..apps.web.handlers import RequestError
+    from ..apps.web.checks import RequestError
     from ..pretrained import SHIPPED
 
     if a.runs and not Path(a.runs).is_dir():

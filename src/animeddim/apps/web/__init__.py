@@ -56,7 +56,8 @@ def serve(
     """Load and warm the first model, bind, print the address, serve until Ctrl-C."""
     import uvicorn
 
-    from .handlers import Catalog, Engine
+    from .checks import Catalog
+    from .handlers import Engine
     from .server import create_app
 
     catalog = Catalog(models, Path(runs) if runs else None)

@@ -21,18 +21,15 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .handlers import (
+from .checks import (
     MAX_UPLOAD_BYTES,
-    Engine,
-    Progress,
     RequestError,
-    Stopped,
     check_edit,
     check_interpolate,
     check_invert,
     parse_generate,
-    run_summary,
 )
+from .handlers import Engine, Progress, Stopped, run_summary
 
 HEARTBEAT_S = 0.5  # while queued: how often the client is told (and checked for presence)
 
