@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -220,7 +221,11 @@ def test_classifier_learns_a_toy_set_and_round_trips(tmp_path: Path) -> None:
     codes[0, 1] = NULL  # an unlabelled entry is left out of the loss
     cfg = ClassifierConfig(image_size=16, widths=(8, 16, 16), final_stride=1)
     net, summary = train_classifier(
-        images, codes, vocab, config=cfg, settings=TrainSettings(epochs=8, batch_size=16)
+        images,
+        codes,
+        vocab,
+        config=cfg,
+        settings=TrainSettings(epochs=8, batch_size=16, flip=False),  # the bar is left/right
     )
     test_images, test_codes, _ = _toy_set(64, 1)
     acc = accuracy(classify(net, test_images), test_codes, vocab)
@@ -246,6 +251,22 @@ def test_blur_augmentation() -> None:
     assert torch.equal(y[0], x[0])  # sigma 0: unchanged
     assert torch.allclose(y[2], x[2])  # a flat image stays flat
     assert y[1].std() < 0.6 * x[1].std()  # noise is smoothed
+
+
+def test_flip_augmentation_mirrors_about_half_and_nothing_else() -> None:
+    import torch
+
+    from animeddim.attributes import _augment
+
+    x = torch.rand(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain = TrainSettings(shift=0, noise=0.0, blur=0.0)
+    y = _augment(x, plain, torch.Generator().manual_seed(1))
+    mirrored = torch.tensor([torch.equal(y[i], x[i].flip(-1)) for i in range(64)])
+    kept = torch.tensor([torch.equal(y[i], x[i]) for i in range(64)])
+    assert bool((mirrored ^ kept).all())  # each image is one or the other, unchanged otherwise
+    assert 16 < int(mirrored.sum()) < 48
+    off = _augment(x, replace(plain, flip=False), torch.Generator().manual_seed(1))
+    assert torch.equal(off, x)
 
 
 def test_align_labels_maps_values_by_name() -> None:
@@ -339,6 +360,8 @@ def test_attributes_train_and_coverage_commands(labelled: tuple[Path, Path], tmp
     assert "held out accuracy: hair_color" in p.stdout
     info = json.loads(clf.with_suffix(".json").read_text())
     assert set(info["held_out_accuracy"]) == set(AVATAR_ATTRIBUTES)
+    assert set(info["held_out_accuracy_mirrored"]) == set(AVATAR_ATTRIBUTES)
+    assert info["settings"]["flip"] is True
     assert info["held_out_images"] == 12 and info["train_images"] + info["val_images"] == 24
     out = tmp_path / "cov"
     p = run_here(

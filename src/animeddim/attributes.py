@@ -210,8 +210,10 @@ def accuracy(predicted: np.ndarray, truth: np.ndarray, vocab: dict[str, Any]) ->
 
 
 def _augment(x: torch.Tensor, s: TrainSettings, g: torch.Generator) -> torch.Tensor:
-    """A random shift (edge pixels repeated) and Gaussian noise, per image."""
+    """A random mirror, shift (edge pixels repeated), blur and Gaussian noise, per image."""
     n, _, h, w = x.shape
+    if s.flip:
+        x = torch.where((torch.rand(n, generator=g) < 0.5)[:, None, None, None], x.flip(-1), x)
     if s.shift > 0:
         p = s.shift
         padded = F.pad(x, (p, p, p, p), mode="replicate")

@@ -76,6 +76,14 @@ def add_parsers(sub: Any, positive_int: Callable[..., Callable[[str], int]]) -> 
         default=c.final_stride,
         help=f"stride of the last stage; 1 pools from a 2x finer map (default {c.final_stride})",
     )
+    p.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=d.flip,
+        help="mirror half the training images, as `train` does by default: a model trained "
+        "with flips draws mirrored faces; --no-flip where left and right differ in meaning "
+        "(default on)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_train)
 
@@ -126,6 +134,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         learning_rate=a.lr,
         val_fraction=a.val_fraction,
         seed=a.seed,
+        flip=a.flip,
     )
     net, summary = train_classifier(
         images,
@@ -165,15 +174,20 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def held_out_accuracy(net: Any, folder: str | Path) -> dict[str, Any]:
-    """Accuracy per attribute on a labelled folder (its labels.csv)."""
+    """Accuracy per attribute on a labelled folder (its labels.csv), as rendered and mirrored
+    (a model trained with flips draws both)."""
+    import numpy as np
+
     from .attributes import accuracy, classify
     from .coverage import real_set
 
     images, codes = real_set(net, folder)
+    mirrored = np.ascontiguousarray(images[:, :, ::-1])
     return {
         "held_out": str(Path(folder).resolve()),
         "held_out_images": len(images),
         "held_out_accuracy": accuracy(classify(net, images), codes, net.config.vocab),
+        "held_out_accuracy_mirrored": accuracy(classify(net, mirrored), codes, net.config.vocab),
     }
 
 

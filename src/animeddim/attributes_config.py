@@ -28,3 +28,7 @@ class TrainSettings:
     shift: int = 2  # random translation of up to this many pixels (at image_size)
     noise: float = 0.04  # Gaussian pixel noise of standard deviation up to this (0..1 scale)
     blur: float = 0.8  # half the images blurred, Gaussian sigma up to this many pixels
+    # Half the images mirrored: a model trained with flips (`train`'s default) draws mirrored
+    # faces, and a mirrored mouth or braid is the same attribute. Off for data where left and
+    # right differ in meaning.
+    flip: bool = True
