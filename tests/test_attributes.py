@@ -470,12 +470,32 @@ def test_evaluate_reports_coverage(
         str(clf),
         "--cache-dir",
         str(tmp_path / "cache"),
+        "--samples-out",
+        str(tmp_path / "drawn"),
     )
     assert "coverage: 6 generated vs 12 real images" in p.stdout
     ev = json.loads(out.read_text())
     assert ev["coverage"]["n_samples"] == 6 and "kid_mean" in ev
     assert set(ev["coverage"]["attributes"]) == set(AVATAR_ATTRIBUTES)
     assert (tmp_path / "eval-coverage" / "coverage.md").is_file()
+    # the samples it kept are the ones it judged: judged again, the same histograms
+    drawn = sorted(p.name for p in (tmp_path / "drawn").iterdir())
+    assert drawn == [f"seed0-{i:06d}.png" for i in range(6)]
+    run_here("attributes", "coverage", str(tmp_path / "drawn"), "--real", str(real),
+             "--classifier", str(clf), "--out", str(tmp_path / "again"))  # fmt: skip
+    again = json.loads((tmp_path / "again" / "coverage.json").read_text())
+    for a, entry in ev["coverage"]["attributes"].items():
+        assert again["attributes"][a]["samples"] == entry["samples"], a
+    # a second evaluation into the same folder is refused before it draws, unless --force
+    p = run_here("evaluate", "--run", str(run), "--real", str(real), "--n", "6", "--steps",
+                 "2", "--protocols", "standard", "--out", str(tmp_path / "e2.json"),
+                 "--samples-out", str(tmp_path / "drawn"), check=False)  # fmt: skip
+    assert p.returncode == 2 and "--samples-out" in p.stderr and "--force" in p.stderr
+    assert not (tmp_path / "e2.json").exists()
+    p = run_here("evaluate", "--run", str(run), "--real", str(real), "--n", "2", "--steps",
+                 "2", "--protocols", "standard", "--out", str(tmp_path / "e3.json"),
+                 "--samples-out", str(real / "sub"), check=False)  # fmt: skip
+    assert p.returncode == 2 and "inside the --real folder" in p.stderr
 
 
 def test_attributes_train_on_class_folders_and_a_csv(tmp_path: Path) -> None:

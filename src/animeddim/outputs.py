@@ -117,20 +117,22 @@ def remove(files: Iterable[Path]) -> None:
         f.unlink(missing_ok=True)
 
 
-def sample_folder(folder: str | Path, force: bool, own: Sequence[Path] = ()) -> list[Path]:
+def sample_folder(
+    folder: str | Path, force: bool, own: Sequence[Path] = (), flag: str = "--out"
+) -> list[Path]:
     """Earlier samples in `folder` (refused without `force`); images that are not samples,
     anywhere under it, are refused even with it: the folder must end up holding these
     samples only (a KID of it would otherwise mix sets and sizes). `own`: other outputs of
-    the same command (--grid) that may lie in the folder."""
+    the same command (--grid) that may lie in the folder; `flag`: the option that named it."""
     from .data import find_images
 
-    earlier = earlier_outputs(folder, SAMPLE_NAME, force)
+    earlier = earlier_outputs(folder, SAMPLE_NAME, force, flag)
     if Path(folder).is_dir():
         mine = {Path(os.path.abspath(p)) for p in [*earlier, *own]}
         foreign = [p for p in find_images(Path(folder)) if Path(os.path.abspath(p)) not in mine]
         if foreign:
             raise OutputExists(
-                f"--out {str(folder)!r} holds images that are not samples (e.g. "
+                f"{flag} {str(folder)!r} holds images that are not samples (e.g. "
                 f"{str(foreign[0])!r}); sample into a new or empty folder"
             )
     return earlier

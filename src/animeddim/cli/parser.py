@@ -174,8 +174,14 @@ def _add_evaluate_command(sub) -> None:
         help="also classify the samples' attributes against --real's labels.csv (TV per "
         "attribute; files beside --out); CLASSIFIER: a file (default: the shipped avatar one)",
     )
+    p.add_argument(
+        "--samples-out",
+        metavar="DIR",
+        help="also write the samples drawn as PNGs here (named as `sample --out` names "
+        "them), e.g. to judge the same images with another classifier later",
+    )
     conditional_cli.add_evaluate_options(p)
-    _add_force(p, "an existing --out file")
+    _add_force(p, "an existing --out file (and earlier samples in --samples-out)")
     _add_metrics(p)
     p.set_defaults(func=cmd_evaluate)
 

@@ -44,6 +44,7 @@ def evaluate(
     mix: MixTarget | None = None,
     guidance: float = 1.0,
     progress: Progress | None = None,
+    on_samples: Callable[[torch.Tensor], None] | None = None,
 ) -> dict[str, Any]:
     """Generate n images and compare them with the real folder.
 
@@ -60,6 +61,8 @@ def evaluate(
         report how often each attribute is drawn as asked (`control.mix_accuracy`, under
         "attributes_from"); not with `control`.
 
+    :param on_samples: called with the uint8 [n x H x W x 3] samples once they are drawn,
+        before they are measured (`evaluate --samples-out` writes them).
     :param progress: told about the stages "sample", "features (real)", "features
         (generated)" and "paper KID" (batches).
     :return: the summary, also written to `out` (JSON) when given.
@@ -74,6 +77,8 @@ def evaluate(
     else:
         fake = draw(loaded, n, settings, progress=progress)
     t_gen = time.perf_counter() - t0
+    if on_samples is not None:
+        on_samples(fake)
     result: dict[str, Any] = {
         "checkpoint": str(loaded.path),
         "checkpoint_step": loaded.meta.get("step"),
