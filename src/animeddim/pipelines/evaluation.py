@@ -119,29 +119,7 @@ def evaluate(
             standard_seconds=round(time.perf_counter() - t1, 2),
         )
     if "paper" in protocols:
-        t2 = time.perf_counter()
-        from ..data import DataError, load_folder
-
-        size = loaded.config.model.image_size
-        real_images = load_folder(real, size).images
-        order = metrics.paper_order(len(real_images))[:n]
-        real_u8 = torch.from_numpy(np.asarray(real_images[order]))
-        if len(real_u8) < 2:
-            raise DataError(f"KID needs at least 2 images, '{real}' has {len(real_u8)} usable")
-        acc = metrics.PaperKID(extractor)
-        starts = range(0, min(len(real_u8), n), paper_batch)
-        for k, i in enumerate(starts):
-            _tell(progress, "paper KID", k, len(starts))
-            acc.update(_nchw(real_u8[i : i + paper_batch]), _nchw(fake[i : i + paper_batch]))
-        _tell(progress, "paper KID", len(starts), len(starts))
-        result["paper"] = {
-            "protocol": "paper",
-            "protocol_description": metrics.PROTOCOL_DESCRIPTIONS["paper"],
-            "kid": acc.compute(),
-            "batches": len(acc.values),
-            "batch_size": paper_batch,
-            "seconds": round(time.perf_counter() - t2, 2),
-        }
+        result["paper"] = _paper_kid(loaded, real, fake, n, extractor, paper_batch, progress)
     if attributes is not None:
         from ..coverage import coverage, real_set, write_coverage
 
@@ -152,6 +130,42 @@ def evaluate(
     if out is not None:
         write_text_atomic(Path(out), json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _paper_kid(
+    loaded: LoadedModel,
+    real: str | Path,
+    fake: torch.Tensor,
+    n: int,
+    extractor: metrics.FeatureExtractor,
+    paper_batch: int,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    """The paper protocol: Keras per-batch KID of the generated images against the first n
+    real ones in `metrics.paper_order`."""
+    t2 = time.perf_counter()
+    from ..data import DataError, load_folder
+
+    size = loaded.config.model.image_size
+    real_images = load_folder(real, size).images
+    order = metrics.paper_order(len(real_images))[:n]
+    real_u8 = torch.from_numpy(np.asarray(real_images[order]))
+    if len(real_u8) < 2:
+        raise DataError(f"KID needs at least 2 images, '{real}' has {len(real_u8)} usable")
+    acc = metrics.PaperKID(extractor)
+    starts = range(0, min(len(real_u8), n), paper_batch)
+    for k, i in enumerate(starts):
+        _tell(progress, "paper KID", k, len(starts))
+        acc.update(_nchw(real_u8[i : i + paper_batch]), _nchw(fake[i : i + paper_batch]))
+    _tell(progress, "paper KID", len(starts), len(starts))
+    return {
+        "protocol": "paper",
+        "protocol_description": metrics.PROTOCOL_DESCRIPTIONS["paper"],
+        "kid": acc.compute(),
+        "batches": len(acc.values),
+        "batch_size": paper_batch,
+        "seconds": round(time.perf_counter() - t2, 2),
+    }
 
 
 def _standard_features(
