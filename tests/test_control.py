@@ -62,6 +62,21 @@ def test_target_names_the_real_images_with_the_asked_values(loaded, cond_data, c
     assert 0 < t.ceiling["band"] <= 1
 
 
+def test_the_ceiling_is_the_lower_of_plain_and_mirrored_held_out_accuracy():
+    from animeddim.pipelines.control import _ceiling
+
+    training = {
+        "held_out_accuracy": {"a": 0.9, "b": 0.8, "c": 0.7},
+        "held_out_accuracy_mirrored": {"a": 0.85, "b": 0.95},
+        "val_accuracy": {"a": 0.1},
+    }
+    ceiling, kind = _ceiling({"training": training}, ["a", "b", "c", "d"])
+    assert ceiling == {"a": 0.85, "b": 0.8, "c": 0.7, "d": None}
+    assert kind.startswith("held-out") and "mirrored" in kind
+    del training["held_out_accuracy_mirrored"]  # an older file: the plain accuracy
+    assert _ceiling({"training": training}, ["a"]) == ({"a": 0.9}, "held-out")
+
+
 def test_target_errors_name_the_problem(loaded, cond_data, cond_classifier, web_runs, tmp_path):
     def refused(error, match, model=loaded, real=cond_data, asked=None):
         with pytest.raises(error, match=match):

@@ -105,11 +105,20 @@ def control_target(
 
 
 def _ceiling(meta: Mapping[str, Any], attrs: Any) -> tuple[dict[str, float | None], str]:
-    """The classifier's own accuracy per attribute, as its file records it, and on what."""
+    """The classifier's own accuracy per attribute, as its file records it, and on what.
+
+    Where the file also records it on the mirrored held-out images (`attributes train`
+    does), the lower of the two: a model trained with flips draws faces both ways."""
     training = meta.get("training", {})
     kind = "held-out" if "held_out_accuracy" in training else "validation"
     accuracy = training.get("held_out_accuracy") or training.get("val_accuracy") or {}
-    return {a: accuracy.get(a) for a in attrs}, kind
+    mirrored = training.get("held_out_accuracy_mirrored") if kind == "held-out" else None
+    if not mirrored:
+        return {a: accuracy.get(a) for a in attrs}, kind
+    both = {a: [v for v in (accuracy.get(a), mirrored.get(a)) if v is not None] for a in attrs}
+    return {
+        a: min(v) if v else None for a, v in both.items()
+    }, "held-out (the lower of plain and mirrored)"
 
 
 @dataclass
