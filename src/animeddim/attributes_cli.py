@@ -176,13 +176,11 @@ def cmd_train(a: argparse.Namespace) -> int:
 def held_out_accuracy(net: Any, folder: str | Path) -> dict[str, Any]:
     """Accuracy per attribute on a labelled folder (its labels.csv), as rendered and mirrored
     (a model trained with flips draws both)."""
-    import numpy as np
-
     from .attributes import accuracy, classify
     from .coverage import real_set
 
     images, codes = real_set(net, folder)
-    mirrored = np.ascontiguousarray(images[:, :, ::-1])
+    mirrored = images[:, :, ::-1].copy()
     return {
         "held_out": str(Path(folder).resolve()),
         "held_out_images": len(images),

@@ -149,15 +149,15 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         outputs.earlier_outputs(out.parent, outputs.COVERAGE_NAMES, a.force, "--coverage beside")
         attributes = load_classifier(None if a.coverage == "shipped" else a.coverage)[0]
     control, mix = conditional_cli.evaluate_target(a, loaded)
-    earlier_samples = []
+    keep = None
     if a.samples_out:
         outputs.distinct([("--out", out), ("--samples-out", Path(a.samples_out))])
         outputs.not_inside(a.samples_out, [a.real], "--samples-out", "the --real folder")
-        earlier_samples = outputs.sample_folder(a.samples_out, a.force, flag="--samples-out")
+        earlier = outputs.sample_folder(a.samples_out, a.force, flag="--samples-out")
 
-    def keep(images) -> None:  # as soon as they are drawn: a failure later keeps them
-        outputs.remove(earlier_samples)
-        write_pngs(images, Path(a.samples_out), a.seed)
+        def keep(images) -> None:  # as soon as they are drawn: a failure later keeps them
+            outputs.remove(earlier)
+            write_pngs(images, Path(a.samples_out), a.seed)
 
     r = evaluate(
         loaded,
@@ -173,7 +173,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         protocols=protocols,
         cache_dir=Path(a.cache_dir) if a.cache_dir else None,
         progress=_Bars(),
-        on_samples=keep if a.samples_out else None,
+        on_samples=keep,
     )
     if a.samples_out:
         print(f"{a.n} samples in {a.samples_out}")

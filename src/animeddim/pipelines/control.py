@@ -115,10 +115,11 @@ def _ceiling(meta: Mapping[str, Any], attrs: Any) -> tuple[dict[str, float | Non
     mirrored = training.get("held_out_accuracy_mirrored") if kind == "held-out" else None
     if not mirrored:
         return {a: accuracy.get(a) for a in attrs}, kind
-    both = {a: [v for v in (accuracy.get(a), mirrored.get(a)) if v is not None] for a in attrs}
-    return {
-        a: min(v) if v else None for a, v in both.items()
-    }, "held-out (the lower of plain and mirrored)"
+
+    def lower(a: str) -> float | None:
+        return min((d[a] for d in (accuracy, mirrored) if d.get(a) is not None), default=None)
+
+    return {a: lower(a) for a in attrs}, "held-out (the lower of plain and mirrored)"
 
 
 @dataclass
