@@ -16,10 +16,12 @@ import torch.nn.functional as F
 
 from animeddim.config import ScheduleConfig, UNetConfig
 from animeddim.diffusion.schedule import diffuse
-from animeddim.runtime import autocast
+from animeddim.runtime import autocast, keep_freed_memory
 from animeddim.unet import UNet
 
 CPU = torch.device("cpu")
+# As every animeddim command on the CPU does (ANIMEDDIM_MALLOC=system: the C library's way).
+keep_freed_memory()
 
 
 def real_folder_parser(n: int, times: str) -> argparse.ArgumentParser:

@@ -241,3 +241,41 @@ def test_bf16_counts_as_fast_only_where_pytorch_runs_avx512_kernels():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == ["False", "fp32"]
+
+
+_FAULTS_CODE = """
+import resource, torch
+from animeddim import runtime
+kept = runtime.resolve_device("cpu") is not None and runtime.kept_freed_memory()
+for _ in range(8):  # first uses: the heap grows to what the pattern needs
+    torch.empty(2**24).fill_(1.0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(8):
+    torch.empty(2**24).fill_(1.0)  # 64 MiB, freed at once
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's allocator")
+@pytest.mark.parametrize("malloc", ["kept", "system"])
+def test_freed_host_memory_is_reused_without_page_faults(malloc):
+    """On the CPU, resolving the device makes glibc keep freed blocks: once the heap has
+    grown to the pattern, eight 64 MiB tensors allocated and freed one after the other
+    fault in no fresh pages (the C library's default maps and unmaps each, 16,384 page
+    faults apiece);
+    ANIMEDDIM_MALLOC=system keeps that default."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ANIMEDDIM_MALLOC"}
+    if malloc == "system":
+        env["ANIMEDDIM_MALLOC"] = "system"
+    out = subprocess.run(
+        [sys.executable, "-c", _FAULTS_CODE], env=env, capture_output=True, text=True, check=True
+    )
+    kept, faults = out.stdout.split()
+    if malloc == "kept":
+        assert kept == "True" and int(faults) < 1000
+    else:
+        assert kept == "False" and int(faults) > 8 * 16384 // 2

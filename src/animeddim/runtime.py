@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import ctypes.util
 import functools
+import os
 import shutil
+import sys
 import warnings
 from collections.abc import Callable
 
@@ -29,8 +33,59 @@ SAMPLE_COMPILE_MIN_EVALS = 10_000
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """auto | cpu | cuda | cuda:N | mps -> torch.device, checking that it is present."""
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+_kept_freed_memory: bool | None = None  # None: not tried yet in this process
+
+
+def keep_freed_memory() -> bool:
+    """Let the C allocator keep freed memory for reuse instead of handing it back to the OS.
+
+    glibc serves every block of 32 MiB or more (a 64-px activation of a batch of 64 is
+    34-100 MiB) with its own mmap and unmaps it on free, so each training step faulted in
+    and zeroed ~2.5 GB of fresh pages: 630,000 page faults and ~2.2 s of kernel time per
+    fp32 step on 2 cores. With mmap off and no trimming, freed blocks stay in the heap and
+    the next step reuses them (docs/benchmarks.md, "The allocator"). The process then keeps
+    its peak resident memory until it exits. Linux/glibc only (elsewhere nothing is done);
+    ANIMEDDIM_MALLOC=system keeps the C library's defaults. Returns whether it took effect.
+    """
+    global _kept_freed_memory
+    if _kept_freed_memory is None:
+        _kept_freed_memory = _mallopt_keep()
+    return _kept_freed_memory
+
+
+def kept_freed_memory() -> bool:
+    """Whether `keep_freed_memory` has taken effect in this process."""
+    return bool(_kept_freed_memory)
+
+
+def _mallopt_keep() -> bool:
+    if os.environ.get("ANIMEDDIM_MALLOC", "") == "system" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    # mmap off for new blocks, and a trim threshold (INT_MAX bytes) that no heap top reaches.
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def resolve_device(name: str = "auto", *, host_memory: bool = True) -> torch.device:
+    """auto | cpu | cuda | cuda:N | mps -> torch.device, checking that it is present.
+
+    host_memory: on the CPU, also `keep_freed_memory()` (the bench measures its baseline
+    without it)."""
+    dev = _resolve_device(name)
+    if dev.type == "cpu" and host_memory:
+        keep_freed_memory()
+    return dev
+
+
+def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
