@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from animeddim.config import ScheduleConfig, UNetConfig
 from animeddim.diffusion.schedule import diffuse
-from animeddim.runtime import autocast
+from animeddim.runtime import autocast, keep_freed_memory
 from animeddim.unet import UNet
 
 
@@ -34,6 +34,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.manual_seed(0)
     device = torch.device("cpu")
+    keep_freed_memory()  # as every animeddim command on the CPU
     fmt = torch.channels_last if a.channels_last else torch.contiguous_format
     model = UNet(UNetConfig(image_size=a.image_size)).to(memory_format=fmt)
     ema = copy.deepcopy(model).eval()

@@ -49,6 +49,10 @@ def sinusoidal_embedding(
     return emb[:, :, None, None]
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1
+
+
 def _conv(c_in: int, c_out: int, k: int) -> nn.Conv2d:
     # Keras Conv2D defaults: glorot-uniform kernel, zero bias, "same" padding.
     conv = nn.Conv2d(c_in, c_out, k, padding=k // 2)
@@ -189,7 +193,14 @@ class UNet(nn.Module):
             if self.cond_input is not None:  # the Keras way: added to the noise embedding
                 e = e + self.cond_input(c)[:, :, None, None]
         e = e.to(noisy_images.dtype).expand(-1, -1, size, size)  # nearest upsampling of 1x1
-        x = torch.cat([self.stem(noisy_images), e], dim=1)
+        h = self.stem(noisy_images)
+        if _channels_last(h):
+            # cat follows its inputs' layout only when they agree, and the expanded embedding
+            # has none: laid out here, the first block runs channels_last forward and backward
+            # as the rest of the net does (its BatchNorm backward got a channels_last gradient
+            # for an NCHW input, a slow mixed-layout path).
+            e = e.contiguous(memory_format=torch.channels_last)
+        x = torch.cat([h, e], dim=1)
         skips = []
         for blocks in self.down:
             for block in blocks:
@@ -199,10 +210,36 @@ class UNet(nn.Module):
         for block in self.mid:
             x = block(x, c)
         for blocks in self.up:
-            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            x = _laid_out_grad(
+                F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            )
             for block in blocks:
                 x = block(torch.cat([x, skips.pop()], dim=1), c)
         return self.head(x)
+
+
+class _LaidOutGrad(torch.autograd.Function):
+    """Identity whose backward lays the gradient out channels_last.
+
+    cat's backward hands each input a slice of a channels_last gradient, laid out in
+    neither format; bilinear upsampling's backward took 115 ms on such a slice against
+    17 ms on a channels_last copy (64 images, 64 channels, 32 -> 64 px).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous(memory_format=torch.channels_last)
+
+
+def _laid_out_grad(x: torch.Tensor) -> torch.Tensor:
+    """x itself; in a channels_last training pass its gradient arrives channels_last."""
+    if torch.is_grad_enabled() and x.requires_grad and _channels_last(x):
+        return _LaidOutGrad.apply(x)
+    return x
 
 
 class NormFoldedConv(nn.Module):
