@@ -43,12 +43,13 @@ _kept_freed_memory: bool | None = None  # None: not tried yet in this process
 def keep_freed_memory() -> bool:
     """Let the C allocator keep freed memory for reuse instead of handing it back to the OS.
 
-    glibc serves every block of 32 MiB or more (a 64-px activation of a batch of 64 is
-    34-100 MiB) with its own mmap and unmaps it on free, so each training step faulted in
-    and zeroed ~2.5 GB of fresh pages: 630,000 page faults and ~2.2 s of kernel time per
-    fp32 step on 2 cores. With mmap off and no trimming, freed blocks stay in the heap and
-    the next step reuses them (docs/benchmarks.md, "The allocator"). The process then keeps
-    its peak resident memory until it exits. Linux/glibc only (elsewhere nothing is done);
+    glibc serves each large block (above a threshold that grows to at most 32 MiB; a 64-px
+    activation of a batch of 64 is 34-100 MiB) with its own mmap and unmaps it on free, so
+    each training step faulted in and zeroed ~2.5 GB of fresh pages: 630,000 page faults
+    and 1.2-2.2 s of kernel time per fp32 step on 2 cores. With mmap off and no trimming,
+    freed blocks stay in the heap and the next step reuses them (docs/benchmarks.md, "Two
+    faults in the fp32 training step": 1.25x per step). The process then keeps its peak
+    resident memory until it exits. Linux/glibc only (elsewhere nothing is done);
     ANIMEDDIM_MALLOC=system keeps the C library's defaults. Returns whether it took effect.
     """
     global _kept_freed_memory
