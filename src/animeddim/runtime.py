@@ -49,7 +49,9 @@ def keep_freed_memory() -> bool:
     and 1.2-2.2 s of kernel time per fp32 step on 2 cores. With mmap off and no trimming,
     freed blocks stay in the heap and the next step reuses them (docs/benchmarks.md, "Two
     faults in the fp32 training step": 1.25x per step). The process then keeps its peak
-    resident memory until it exits. Linux/glibc only (elsewhere nothing is done);
+    resident memory until it exits. In a worker thread (the web app's jobs) blocks over
+    64 MiB, the most a per-thread glibc heap holds, are still mapped and unmapped; smaller
+    ones are kept there too. Linux/glibc only (elsewhere nothing is done);
     ANIMEDDIM_MALLOC=system keeps the C library's defaults. Returns whether it took effect.
     """
     global _kept_freed_memory
