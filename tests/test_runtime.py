@@ -223,6 +223,15 @@ def test_bench_runs_both_paths_and_reports_every_number():
     assert r["tuned"]["inference_prepared"] and not r["baseline"]["inference_prepared"]
     assert r["data_pipeline_images_per_s"] > 0
     assert "| training images/s |" in bench.format_table(r)
+    # the tuned path keeps freed host memory (glibc), and says so; the JSON says whether
+    # the baseline ran without it (it did unless an earlier test set it in this process)
+    import os
+    import sys
+
+    kept = sys.platform.startswith("linux") and os.environ.get("ANIMEDDIM_MALLOC") != "system"
+    assert r["tuned_kept_freed_memory"] is kept and runtime.kept_freed_memory() is kept
+    assert ("freed memory kept" in r["tuned"]["name"]) is kept
+    assert isinstance(r["baseline_kept_freed_memory"], bool)
 
 
 def test_bf16_counts_as_fast_only_where_pytorch_runs_avx512_kernels():
