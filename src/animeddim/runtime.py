@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
-import ctypes.util
 import functools
 import os
 import shutil
@@ -56,25 +55,23 @@ def keep_freed_memory() -> bool:
     """
     global _kept_freed_memory
     if _kept_freed_memory is None:
-        _kept_freed_memory = _mallopt_keep()
+        _kept_freed_memory = False
+        if os.environ.get("ANIMEDDIM_MALLOC", "") != "system" and sys.platform.startswith("linux"):
+            try:
+                # the process's own symbols: libc is loaded (find_library would run ldconfig)
+                mallopt = ctypes.CDLL(None).mallopt
+            except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+                return False
+            # mmap off for new blocks, and a trim threshold (INT_MAX bytes) no heap top reaches.
+            _kept_freed_memory = bool(mallopt(_M_MMAP_MAX, 0)) and bool(
+                mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+            )
     return _kept_freed_memory
 
 
 def kept_freed_memory() -> bool:
     """Whether `keep_freed_memory` has taken effect in this process."""
     return bool(_kept_freed_memory)
-
-
-def _mallopt_keep() -> bool:
-    if os.environ.get("ANIMEDDIM_MALLOC", "") == "system" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
-    # mmap off for new blocks, and a trim threshold (INT_MAX bytes) that no heap top reaches.
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def resolve_device(name: str = "auto", *, host_memory: bool = True) -> torch.device:
