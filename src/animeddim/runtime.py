@@ -54,9 +54,12 @@ def keep_freed_memory() -> bool:
     ANIMEDDIM_MALLOC=system keeps the C library's defaults. Returns whether it took effect.
     """
     global _kept_freed_memory
+    choice = os.environ.get("ANIMEDDIM_MALLOC", "")
+    if choice not in ("", "system"):
+        raise ConfigError(f"ANIMEDDIM_MALLOC must be 'system' or unset, got {choice!r}")
     if _kept_freed_memory is None:
         _kept_freed_memory = False
-        if os.environ.get("ANIMEDDIM_MALLOC", "") != "system" and sys.platform.startswith("linux"):
+        if choice != "system" and sys.platform.startswith("linux"):
             try:
                 # the process's own symbols: libc is loaded (find_library would run ldconfig)
                 mallopt = ctypes.CDLL(None).mallopt
