@@ -290,19 +290,20 @@ def test_freed_host_memory_is_reused_without_page_faults(malloc):
         assert kept == "False" and int(faults) > 8 * 16384 // 2
 
 
-def test_unknown_malloc_setting_is_one_line_and_exit_2():
+def test_unknown_malloc_setting_is_one_line_and_exit_2(tmp_path):
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "ANIMEDDIM_MALLOC": "bogus"}
     out = subprocess.run(
-        [sys.executable, "-m", "animeddim", "sample", "--model", "avatars-64", "--n", "1"],
+        [sys.executable, "-m", "animeddim", "sample", "--model", "avatars-64", "--n", "1"]
+        + ["--out", str(tmp_path / "s")],
         env=env,
         capture_output=True,
         text=True,
     )
-    assert out.returncode == 2
+    assert out.returncode == 2 and not (tmp_path / "s").exists()
     assert out.stderr.strip().splitlines() == [
         "animeddim: error: ANIMEDDIM_MALLOC must be 'system' or unset, got 'bogus'"
     ]
