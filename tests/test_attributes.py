@@ -240,6 +240,64 @@ def test_classifier_learns_a_toy_set_and_round_trips(tmp_path: Path) -> None:
         load_classifier(_csv(tmp_path / "x.safetensors", "nope"))
 
 
+def _marked_set(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, tuple[str, ...]]]:
+    """16-px images: a background colour (3 values), and whether a 2x2 mark sits beside the
+    right "ear" (rows 10-11, cols 11-12) or, mirrored, beside the left one: a few pixels at a
+    known place, like an avatar's earring."""
+    rng = np.random.default_rng(seed)
+    colours = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]], np.uint8)
+    colour, mark, side = rng.integers(0, 3, n), rng.integers(0, 2, n), rng.integers(0, 2, n)
+    images = np.repeat(colours[colour][:, None, None, :], 16, 1).repeat(16, 2)
+    images = np.clip(images + rng.integers(-25, 25, images.shape), 0, 255).astype(np.uint8)
+    for k in np.nonzero(mark)[0]:
+        cols = slice(11, 13) if side[k] else slice(3, 5)
+        images[k, 10:12, cols] = 250
+    vocab = {"colour": ("red", "green", "blue"), "mark": ("no", "yes")}
+    return images, np.stack([colour, mark], 1), vocab
+
+
+def test_crop_branch_reads_a_small_mark_on_either_side_and_init_keeps_the_rest(
+    tmp_path: Path,
+) -> None:
+    import torch
+
+    images, codes, vocab = _marked_set(256, 0)
+    test_images, test_codes, _ = _marked_set(128, 1)
+    base_cfg = ClassifierConfig(image_size=16, widths=(8, 16, 16), final_stride=1)
+    settings = TrainSettings(epochs=6, batch_size=32, blur=0.0, shift=1)
+    base, _ = train_classifier(images, codes, vocab, config=base_cfg, settings=settings)
+    crop_cfg = replace(base_cfg, crops={"mark": (8, 9, 6, 6)}, crop_widths=(8, 16))
+    net, summary = train_classifier(
+        images, codes, vocab, config=crop_cfg, settings=settings, init=base
+    )
+    assert summary["trained"] == ["mark"] and summary["kept"] == ["colour"]
+    assert net.config.crops == {"mark": (8, 9, 6, 6)} and net.config.crop_mirror
+    # The mark is read on either side, and mirrored images read the same.
+    for x in (test_images, test_images[:, :, ::-1].copy()):
+        assert accuracy(classify(net, x), test_codes, vocab)["mark"] > 0.95
+    # --init kept the trunk: the colour logits are the base classifier's (up to the rounding
+    # of a pooling product over one attribute fewer).
+    x = torch.as_tensor(test_images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        assert torch.allclose(net(x)["colour"], base(x)["colour"], atol=1e-5, rtol=0)
+        assert set(net(x, only=["mark"])) == {"mark"}
+    path = save_classifier(tmp_path / "c.safetensors", net, {"training": summary})
+    loaded, meta = load_classifier(path)
+    assert meta["version"] == 2 and loaded.config == net.config
+    assert (classify(loaded, test_images) == classify(net, test_images)).mean() > 0.97
+    assert load_classifier(save_classifier(tmp_path / "b.safetensors", base, {}))[1]["version"] == 1
+    with pytest.raises(ClassifierError, match="nothing to train"):
+        train_classifier(images, codes, vocab, config=crop_cfg, settings=settings, init=net)
+    with pytest.raises(ClassifierError, match="inside the 16-px image"):
+        train_classifier(
+            images, codes, vocab, config=replace(base_cfg, crops={"mark": (12, 9, 6, 6)})
+        )
+    with pytest.raises(ClassifierError, match="crop for 'nose': no such attribute"):
+        train_classifier(
+            images, codes, vocab, config=replace(base_cfg, crops={"nose": (8, 9, 6, 6)})
+        )
+
+
 def test_blur_augmentation() -> None:
     import torch
 
@@ -401,6 +459,43 @@ def test_attributes_train_and_coverage_commands(labelled: tuple[Path, Path], tmp
     p = run_here("attributes", "train", "--data", str(train_dir), "--out", str(tmp_path / "c.json"),
                 check=False)  # fmt: skip
     assert p.returncode == 2 and "--out and its accuracy JSON name the same file" in p.stderr
+
+
+def test_attributes_train_crop_from_init_command(labelled: tuple[Path, Path], tmp_path: Path):
+    train_dir, real = labelled
+    common = ["--data", str(train_dir), "--held-out", str(real), "--epochs", "1"]
+    base = tmp_path / "base.safetensors"
+    run_here("attributes", "train", *common, "--image-size", "16", "--out", str(base))
+    out = tmp_path / "ear.safetensors"
+    run_here(
+        "attributes", "train", *common, "--init", str(base), "--crop", "earrings=5,9,8,6",
+        "--out", str(out),
+    )  # fmt: skip
+    before, after = (json.loads(f.with_suffix(".json").read_text()) for f in (base, out))
+    assert after["trained"] == ["earrings"] and after["init"] == str(base)
+    assert after["config"]["crops"] == {"earrings": [5, 9, 8, 6]}
+    for what in ("held_out_accuracy", "held_out_accuracy_mirrored"):
+        kept = {k: v for k, v in before[what].items() if k != "earrings"}
+        assert {k: after[what][k] for k in kept} == kept  # what was kept reads the same
+    assert load_classifier(out)[0].config.crops == {"earrings": (5, 9, 8, 6)}
+    bad = {
+        "earrings=1,2,3": "expected ATTR=TOP,LEFT,HEIGHT,WIDTH in whole pixels",
+        "earrings=a,b,c,d": "expected ATTR=TOP,LEFT,HEIGHT,WIDTH",
+        "nose=0,0,8,8": "crop for 'nose': no such attribute",
+        "earrings=10,10,8,8": "must be a region of at least 4x4 pixels inside the 16-px image",
+    }
+    for spec, message in bad.items():
+        p = run_here("attributes", "train", *common, "--init", str(base), "--crop", spec,
+                     "--out", str(tmp_path / "x.safetensors"), check=False)  # fmt: skip
+        assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, spec
+    p = run_here("attributes", "train", *common, "--init", str(base),
+                 "--out", str(tmp_path / "x.safetensors"), check=False)  # fmt: skip
+    assert p.returncode == 2 and "give a --crop to train" in p.stderr
+    p = run_here("attributes", "train", *common, "--init", str(tmp_path / "none.safetensors"),
+                 "--crop", "earrings=5,9,8,6", "--out", str(tmp_path / "x.safetensors"),
+                 check=False)  # fmt: skip
+    assert p.returncode == 2 and "does not exist" in p.stderr
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_attributes_command_errors(labelled: tuple[Path, Path], tmp_path: Path) -> None:

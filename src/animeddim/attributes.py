@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Collection
 from dataclasses import asdict, replace
 from importlib.resources import files
 from pathlib import Path
@@ -30,7 +31,7 @@ from .io import write_bytes_atomic
 from .labels import NULL, Labels
 
 FORMAT = "animeddim-attributes"
-VERSION = 1
+VERSION = 2  # 2: crop branches (a file without crops is still written as version 1)
 SHIPPED_CLASSIFIER = "attributes-avatars"  # models/attributes-avatars.safetensors (+ .json)
 
 
@@ -45,6 +46,37 @@ def _conv_bn(c_in: int, c_out: int, stride: int, kernel: int = 3) -> nn.Sequenti
     )
 
 
+class CropBranch(nn.Module):
+    """One attribute read from a fixed region at full resolution: ``(N, 3, S, S)`` in [-1, 1]
+    -> ``(N, values)`` logits.
+
+    A stride-1 stage of two 3x3 convs, then per further width a stride-2 conv and a stride-1
+    one; the map is max-pooled (a stud of two pixels anywhere in the region counts), and with
+    ``mirror`` the features of the mirrored image's region are max-ed in, so a feature on
+    either side of a mirrored face reads the same.
+    """
+
+    def __init__(
+        self, box: tuple[int, int, int, int], widths: tuple[int, ...], mirror: bool, n: int
+    ) -> None:
+        super().__init__()
+        self.box, self.mirror = tuple(box), mirror
+        w = list(widths)
+        layers = [_conv_bn(3, w[0], 1), _conv_bn(w[0], w[0], 1)]
+        for a, b in zip(w[:-1], w[1:], strict=True):
+            layers += [_conv_bn(a, b, 2), _conv_bn(b, b, 1)]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(w[-1], n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top, left, h, w = self.box
+        regions = [x[..., top : top + h, left : left + w]]
+        if self.mirror:
+            regions.append(x.flip(-1)[..., top : top + h, left : left + w])
+        f = self.features(torch.cat(regions)).amax((2, 3))  # (sides * N, C)
+        return self.head(f.view(len(regions), x.shape[0], -1).amax(0))
+
+
 class AttributeNet(nn.Module):
     """``(N, 3, S, S)`` images in [0, 1] -> one ``(N, len(values))`` logit tensor per attribute.
 
@@ -53,7 +85,8 @@ class AttributeNet(nn.Module):
     with its own learned spatial weights (a softmax over positions, starting uniform: global
     average pooling) and has its own linear head, so the mouth head can look at the mouth.
     The stem halves the resolution at once: on the CPU that trains ~1.8x faster than a stride-1
-    stem of the same width.
+    stem of the same width. An attribute with a crop (``config.crops``) is read by its own
+    :class:`CropBranch` instead.
     """
 
     def __init__(self, config: ClassifierConfig) -> None:
@@ -68,19 +101,40 @@ class AttributeNet(nn.Module):
                 layers.append(_conv_bn(b, b, 1))
         self.features = nn.Sequential(*layers)
         side = config.image_size // 2 ** (len(w) - 1) // config.final_stride
-        n_attr = len(config.vocab)
-        self.where = nn.Parameter(torch.zeros(n_attr, max(1, side) ** 2))
+        self.pooled = [a for a in config.vocab if a not in config.crops]  # read by the trunk
+        self.where = nn.Parameter(torch.zeros(len(self.pooled), max(1, side) ** 2))
         self.heads = nn.ModuleDict(
-            {_key(a): nn.Linear(w[-1], len(v)) for a, v in config.vocab.items()}
+            {_key(a): nn.Linear(w[-1], len(config.vocab[a])) for a in self.pooled}
+        )
+        self.crops = nn.ModuleDict(
+            {
+                _key(a): CropBranch(
+                    box, config.crop_widths, config.crop_mirror, len(config.vocab[a])
+                )
+                for a, box in config.crops.items()
+            }
         )
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.features(x * 2 - 1).flatten(2)  # (N, C, P)
-        if h.shape[-1] != self.where.shape[-1]:  # another input size: average pooling
-            pooled = h.mean(2, keepdim=True).expand(-1, -1, len(self.config.vocab))
-        else:
-            pooled = torch.einsum("ncp,ap->nca", h, self.where.softmax(1))
-        return {a: self.heads[_key(a)](pooled[:, :, k]) for k, a in enumerate(self.config.vocab)}
+    def forward(
+        self, x: torch.Tensor, only: Collection[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Logits of every attribute, or of those in ``only`` (the trunk runs only if needed)."""
+        want = [a for a in self.config.vocab if only is None or a in only]
+        x = x * 2 - 1
+        out: dict[str, torch.Tensor] = {}
+        if any(a in self.pooled for a in want):
+            h = self.features(x).flatten(2)  # (N, C, P)
+            if h.shape[-1] != self.where.shape[-1]:  # another input size: average pooling
+                pooled = h.mean(2, keepdim=True).expand(-1, -1, len(self.pooled))
+            else:
+                pooled = torch.einsum("ncp,ap->nca", h, self.where.softmax(1))
+            for k, a in enumerate(self.pooled):
+                if a in want:
+                    out[a] = self.heads[_key(a)](pooled[:, :, k])
+        for a in want:
+            if a in self.config.crops:
+                out[a] = self.crops[_key(a)](x)
+        return {a: out[a] for a in want}
 
 
 def _key(attribute: str) -> str:
@@ -98,11 +152,20 @@ def save_classifier(path: str | Path, net: AttributeNet, info: dict[str, Any]) -
     cfg = net.config
     meta = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": VERSION if cfg.crops else 1,
         "config": {
             "image_size": cfg.image_size,
             "widths": list(cfg.widths),
             "final_stride": cfg.final_stride,
+            **(
+                {
+                    "crops": {a: list(box) for a, box in cfg.crops.items()},
+                    "crop_widths": list(cfg.crop_widths),
+                    "crop_mirror": cfg.crop_mirror,
+                }
+                if cfg.crops
+                else {}
+            ),
         },
         "vocab": {a: list(v) for a, v in cfg.vocab.items()},
         **info,
@@ -137,10 +200,16 @@ def load_classifier(path: str | Path | None = None) -> tuple[AttributeNet, dict[
         widths=tuple(meta["config"]["widths"]),
         final_stride=int(meta["config"].get("final_stride", 2)),
         vocab={a: tuple(v) for a, v in meta["vocab"].items()},
+        crops={a: tuple(int(v) for v in box) for a, box in meta["config"].get("crops", {}).items()},
+        crop_widths=tuple(meta["config"].get("crop_widths", ClassifierConfig.crop_widths)),
+        crop_mirror=bool(meta["config"].get("crop_mirror", True)),
     )
     net = AttributeNet(cfg)
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}
-    net.load_state_dict(state)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError:
+        raise ClassifierError(f"'{path}': its weights do not match its architecture") from None
     return net.eval(), meta
 
 
@@ -244,6 +313,54 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return F.conv2d(padded, k2, groups=n * c).reshape(n, c, h, w)
 
 
+def check_crops(cfg: ClassifierConfig) -> None:
+    """Raise :class:`ClassifierError` unless every crop names a known attribute and fits."""
+    for a, box in cfg.crops.items():
+        if a not in cfg.vocab:
+            raise ClassifierError(
+                f"crop for {a!r}: no such attribute (the labels have {', '.join(cfg.vocab)})"
+            )
+        top, left, h, w = box
+        if (
+            min(top, left) < 0
+            or min(h, w) < 4
+            or top + h > cfg.image_size
+            or left + w > cfg.image_size
+        ):
+            raise ClassifierError(
+                f"crop for {a!r}: top {top}, left {left}, height {h}, width {w} must be a "
+                f"region of at least 4x4 pixels inside the {cfg.image_size}-px image"
+            )
+
+
+def _from_init(net: AttributeNet, init: AttributeNet) -> list[str]:
+    """Copy into ``net`` what ``init`` already reads the same way (its trunk, the heads of the
+    attributes the trunk reads in both, and unchanged crop branches); returns those attributes."""
+    if (net.config.image_size, net.config.widths, net.config.final_stride) != (
+        init.config.image_size,
+        init.config.widths,
+        init.config.final_stride,
+    ):
+        raise ClassifierError("--init: the classifier's trunk differs from the one asked")
+    net.features.load_state_dict(init.features.state_dict())
+    kept = []
+    with torch.no_grad():
+        for k, a in enumerate(net.pooled):
+            if a in init.pooled:
+                net.where[k] = init.where[init.pooled.index(a)]
+                net.heads[_key(a)].load_state_dict(init.heads[_key(a)].state_dict())
+                kept.append(a)
+    for a, box in net.config.crops.items():
+        c = init.config
+        if c.crops.get(a) == box and (c.crop_widths, c.crop_mirror) == (
+            net.config.crop_widths,
+            net.config.crop_mirror,
+        ):
+            net.crops[_key(a)].load_state_dict(init.crops[_key(a)].state_dict())
+            kept.append(a)
+    return kept
+
+
 def train_classifier(
     images_u8: np.ndarray,
     codes: np.ndarray,
@@ -251,16 +368,28 @@ def train_classifier(
     *,
     config: ClassifierConfig | None = None,
     settings: TrainSettings | None = None,
+    init: AttributeNet | None = None,
     progress: bool = False,
 ) -> tuple[AttributeNet, dict[str, Any]]:
     """Train a classifier on uint8 ``(N, H, W, 3)`` images and their ``(N, A)`` codes.
 
-    Entries coded :data:`NULL` are left out of their attribute's loss. Returns the network (eval
-    mode) and a summary: per-attribute accuracy on the held-out split, sizes and seconds.
+    Entries coded :data:`NULL` are left out of their attribute's loss. With ``init`` (a
+    classifier of the same vocabulary), its trunk, and every attribute it already reads the
+    way ``config`` asks, are kept as they are; only the others (new crops) are trained. Returns
+    the network (eval mode) and a summary: per-attribute accuracy on the held-out split, which
+    attributes were trained, sizes and seconds.
     """
     s = settings or TrainSettings()
     cfg = config or ClassifierConfig()
-    cfg = replace(cfg, widths=tuple(cfg.widths), vocab={a: tuple(v) for a, v in vocab.items()})
+    vocab = {a: tuple(v) for a, v in vocab.items()}
+    if init is not None:
+        if dict(init.config.vocab) != vocab:
+            raise ClassifierError(
+                "--init: the classifier's attributes and values differ from the labels'"
+            )
+        cfg = replace(init.config, crops={**init.config.crops, **cfg.crops})
+    cfg = replace(cfg, widths=tuple(cfg.widths), vocab=vocab, crop_mirror=s.flip)
+    check_crops(cfg)
     n = len(images_u8)
     if n < 2:
         raise ClassifierError(f"need at least 2 labelled images to train, got {n}")
@@ -273,25 +402,37 @@ def train_classifier(
     y_all = torch.as_tensor(codes, dtype=torch.long)
 
     net = AttributeNet(cfg)
-    opt = torch.optim.AdamW(net.parameters(), lr=s.learning_rate, weight_decay=s.weight_decay)
+    kept = _from_init(net, init) if init is not None else []
+    trained = [a for a in cfg.vocab if a not in kept]
+    if not trained:
+        raise ClassifierError("--init already reads every attribute this way: nothing to train")
+    parts = (
+        [net.crops[_key(a)] for a in trained] if init is not None else [net]
+    )  # with --init the trunk is kept, so only crop branches are new
+    opt = torch.optim.AdamW(
+        [p for m in parts for p in m.parameters()], lr=s.learning_rate, weight_decay=s.weight_decay
+    )
     steps_per_epoch = math.ceil(len(train) / s.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, s.learning_rate, total_steps=max(1, s.epochs * steps_per_epoch)
     )
+    columns = [list(cfg.vocab).index(a) for a in trained]
     t0 = time.perf_counter()
     bar = tqdm(
         total=s.epochs * steps_per_epoch, desc="classifier", unit="step", disable=not progress
     )
     for _ in range(s.epochs):
-        net.train()
+        net.eval()  # kept parts keep their BatchNorm statistics
+        for m in parts:
+            m.train()
         perm = torch.as_tensor(train)[torch.randperm(len(train), generator=g)]
         for i in range(0, len(perm), s.batch_size):
             idx = perm[i : i + s.batch_size]
-            logits = net(_augment(x_all[idx], s, g))
+            logits = net(_augment(x_all[idx], s, g), only=trained)
             y = y_all[idx]
             loss = sum(
                 F.cross_entropy(logits[a], y[:, k], ignore_index=NULL)
-                for k, a in enumerate(cfg.vocab)
+                for a, k in zip(trained, columns, strict=True)
                 if (y[:, k] != NULL).any()
             )
             opt.zero_grad(set_to_none=True)
@@ -307,6 +448,7 @@ def train_classifier(
         "val_images": int(n_val),
         "train_seconds": round(time.perf_counter() - t0, 1),
         "settings": asdict(s),
+        **({"trained": trained, "kept": kept} if init is not None else {}),
     }
     if n_val:
         predicted = classify(net, images_u8[val])

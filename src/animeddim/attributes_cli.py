@@ -84,6 +84,22 @@ def add_parsers(sub: Any, positive_int: Callable[..., Callable[[str], int]]) -> 
         "with flips draws mirrored faces; --no-flip where left and right differ in meaning "
         "(default on)",
     )
+    p.add_argument(
+        "--crop",
+        action="append",
+        default=[],
+        metavar="ATTR=TOP,LEFT,HEIGHT,WIDTH",
+        help="read ATTR from this region (pixels at --image-size) with its own full-resolution "
+        "CNN, and from the mirrored region with --flip: for a feature of a few pixels at a "
+        "known place, e.g. the avatars' earrings=22,40,28,20 (repeatable)",
+    )
+    p.add_argument(
+        "--init",
+        metavar="CLASSIFIER",
+        help="start from this classifier file ('attributes-avatars': the shipped one): its "
+        "trunk and every attribute it already reads the same way are kept unchanged; only the "
+        "--crop attributes are trained (its image size, widths and final stride are used)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_train)
 
@@ -124,9 +140,22 @@ def cmd_train(a: argparse.Namespace) -> int:
     for d in [*a.data, *([a.held_out] if a.held_out else [])]:
         if not Path(d).is_dir():
             raise CliError(f"{d!r} is not a folder")
+    crops = parse_crops(a.crop)
+    init = None
+    if a.init:
+        from .attributes import SHIPPED_CLASSIFIER, load_classifier
+
+        init, _ = load_classifier(None if a.init == SHIPPED_CLASSIFIER else a.init)
+        a.image_size = init.config.image_size
+        if not crops:
+            raise CliError("--init keeps what the classifier reads: give a --crop to train")
     t = time.perf_counter()
     images, codes, vocab = labelled_folders(
-        a.data, a.image_size, labels=a.labels, missing=a.labels_missing
+        a.data,
+        a.image_size,
+        labels=a.labels,
+        missing=a.labels_missing,
+        vocab=dict(init.config.vocab) if init is not None else None,
     )
     settings = TrainSettings(
         epochs=a.epochs,
@@ -140,16 +169,20 @@ def cmd_train(a: argparse.Namespace) -> int:
         images,
         codes,
         vocab,
-        config=ClassifierConfig(image_size=a.image_size, final_stride=a.final_stride),
+        config=ClassifierConfig(image_size=a.image_size, final_stride=a.final_stride, crops=crops),
         settings=settings,
+        init=init,
         progress=True,
     )
     summary["data"] = [str(Path(d).resolve()) for d in a.data]
+    if a.init:
+        summary["init"] = a.init
     cfg = net.config
     summary["config"] = {
         "image_size": cfg.image_size,
         "widths": list(cfg.widths),
         "final_stride": cfg.final_stride,
+        **({"crops": {k: list(v) for k, v in cfg.crops.items()}} if cfg.crops else {}),
         "parameters": sum(p.numel() for p in net.parameters()),
     }
     if a.held_out:
@@ -171,6 +204,28 @@ def cmd_train(a: argparse.Namespace) -> int:
             )
             break
     return 0
+
+
+def parse_crops(specs: list[str]) -> dict[str, tuple[int, int, int, int]]:
+    """``["earrings=22,40,28,20", ...]`` -> ``{"earrings": (22, 40, 28, 20)}``."""
+    from .cli import CliError
+
+    crops: dict[str, tuple[int, int, int, int]] = {}
+    for spec in specs:
+        name, _, box = spec.partition("=")
+        try:
+            numbers = tuple(int(v) for v in box.split(","))
+        except ValueError:
+            numbers = ()
+        if not name or len(numbers) != 4:
+            raise CliError(
+                f"--crop {spec!r}: expected ATTR=TOP,LEFT,HEIGHT,WIDTH in whole pixels, "
+                "e.g. earrings=22,40,28,20"
+            )
+        if name in crops:
+            raise CliError(f"--crop {name!r} is given twice")
+        crops[name] = numbers  # type: ignore[assignment]
+    return crops
 
 
 def held_out_accuracy(net: Any, folder: str | Path) -> dict[str, Any]:

@@ -13,6 +13,12 @@ class ClassifierConfig:
     widths: tuple[int, ...] = (32, 48, 64, 96)  # a stride-2 4x4 stem, then stride-2 stages
     final_stride: int = 1  # stride of the last stage: 1 keeps a 2x finer map to pool from
     vocab: dict[str, tuple[str, ...]] = field(default_factory=dict)  # attribute -> values
+    # attribute -> (top, left, height, width) at image_size: read by its own full-resolution
+    # CNN on that region (and on the same region of the mirrored image when crop_mirror), for a
+    # feature of a few pixels at a known place (an avatar's earring) that the trunk blurs away.
+    crops: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
+    crop_widths: tuple[int, ...] = (32, 64, 64)  # a stride-1 stage, then stride-2 stages
+    crop_mirror: bool = True  # also read the mirrored region (set from TrainSettings.flip)
 
 
 @dataclass
