@@ -388,7 +388,9 @@ def train_classifier(
                 "--init: the classifier's attributes and values differ from the labels'"
             )
         cfg = replace(init.config, crops={**init.config.crops, **cfg.crops})
-    cfg = replace(cfg, widths=tuple(cfg.widths), vocab=vocab, crop_mirror=s.flip)
+    cfg = replace(cfg, widths=tuple(cfg.widths), vocab=vocab)
+    if cfg.crops:  # a crop reads the mirrored region too when the training mirrors
+        cfg = replace(cfg, crop_mirror=s.flip)
     check_crops(cfg)
     n = len(images_u8)
     if n < 2:
