@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,24 +117,27 @@ def test_losses_match_a_hand_computation(kind, prediction, weight):
     assert float(image_loss) == pytest.approx(want_image, rel=1e-5)
 
 
-def test_default_objective_is_the_keras_mae_of_eps_bit_for_bit():
-    """The defaults compute exactly what the loss was before the objective became a setting:
-    F.l1_loss(eps_hat, eps) and F.l1_loss(x0_hat, x0), x0_hat = (x_t - sigma eps_hat)/alpha."""
+def test_default_objective_is_the_mse_of_eps_and_mae_is_the_keras_loss_bit_for_bit():
+    """The default is the paper's eq. 4, F.mse_loss(eps_hat, eps); `loss: mae` computes exactly
+    what the loss was before the objective became a setting, F.l1_loss(eps_hat, eps). The
+    tracked image loss is F.l1_loss(x0_hat, x0), x0_hat = (x_t - sigma eps_hat)/alpha, both ways."""
     from animeddim.diffusion.schedule import diffuse
 
     g = torch.Generator().manual_seed(1)
     x0, eps = torch.randn(4, 3, 16, 16, generator=g), torch.randn(4, 3, 16, 16, generator=g)
     t = torch.rand(4, generator=g, dtype=torch.float64)
     cfg = RunConfig.from_dict({"model": {**TINY_MODEL}}).validate()
-    assert (cfg.model.prediction, cfg.train.loss, cfg.train.loss_weight) == ("eps", "mae", "none")
+    assert (cfg.model.prediction, cfg.train.loss, cfg.train.loss_weight) == ("eps", "mse", "none")
+    keras = RunConfig.from_dict({"model": {**TINY_MODEL}, "train": {"loss": "mae"}}).validate()
     torch.manual_seed(0)
     net = UNet(cfg.model)
     torch.nn.init.normal_(net.head.weight, std=0.3)
-    got = losses(net, x0, eps, t, cfg, torch.autocast("cpu", enabled=False))
     xt, sr, nr = diffuse(x0, eps, t, cfg.schedule)
     pred = net(xt, (nr**2).view(-1), None).float()
-    assert torch.equal(got[0], F.l1_loss(pred, eps))
-    assert torch.equal(got[1], F.l1_loss((xt - nr * pred) / sr, x0))
+    for c, loss in ((cfg, F.mse_loss), (keras, F.l1_loss)):
+        got = losses(net, x0, eps, t, c, torch.autocast("cpu", enabled=False))
+        assert torch.equal(got[0], loss(pred, eps))
+        assert torch.equal(got[1], F.l1_loss((xt - nr * pred) / sr, x0))
 
 
 def _gaussian_v(gauss: Gaussian):
@@ -192,19 +196,30 @@ def test_unet_returns_eps_whatever_it_predicts():
     assert max_err(net(x, nv), raw) > 0.1
 
 
-def test_old_configs_and_the_shipped_model_keep_todays_objective():
+def test_old_saved_configs_and_the_shipped_model_keep_the_mae_they_were_trained_with():
     from animeddim.pretrained import pretrained_path
 
+    # A config file names a few settings: the rest are today's defaults (the MSE).
     cfg = RunConfig.from_dict({"model": {"widths": [8, 16]}, "train": {"epochs": 2}})
-    assert (cfg.model.prediction, cfg.train.loss, cfg.train.loss_weight) == ("eps", "mae", "none")
+    assert (cfg.model.prediction, cfg.train.loss, cfg.train.loss_weight) == ("eps", "mse", "none")
+    # A whole train section written before train.loss existed was trained with the MAE.
     loaded = ckpt.load_model(pretrained_path("avatars-64"))
     assert loaded.config.model.prediction == "eps" and loaded.config.train.loss == "mae"
     assert "prediction" not in loaded.meta["config"]["model"]  # written before the setting
+    assert "loss" not in loaded.meta["config"]["train"]
+    old = RunConfig().to_dict()
+    for key in ("loss", "loss_weight", "min_snr_gamma", "cond_drop"):  # the newer settings
+        del old["train"][key]
+    assert RunConfig.from_dict(old).train.loss == "mae"
+    # Every shipped recipe file says which loss it trained with.
+    for recipe in sorted((Path(__file__).parents[1] / "configs").glob("*.json")):
+        assert json.loads(recipe.read_text())["train"]["loss"] == "mae", recipe
 
 
 def test_min_snr_needs_the_squared_error_and_choices_are_checked():
     with pytest.raises(ConfigError, match="use --loss mse"):
-        RunConfig.from_dict({"train": {"loss_weight": "min-snr"}}).validate()
+        RunConfig.from_dict({"train": {"loss": "mae", "loss_weight": "min-snr"}}).validate()
+    RunConfig.from_dict({"train": {"loss_weight": "min-snr"}}).validate()  # the MSE, default
     with pytest.raises(ConfigError, match="model.prediction = 'x0'"):
         RunConfig.from_dict({"model": {"prediction": "x0"}}).validate()
     with pytest.raises(ConfigError, match="invalid loss = 'l2'"):
@@ -244,7 +259,7 @@ def test_cli_objective_settings_travel_with_the_run_and_cannot_change_on_resume(
         assert "Traceback" not in err
     rc, _, err = run_main(
         capsys, "train", "--data", avatars16, "--out", tmp_path / "bad", "--config", cfg_file,
-        *common, "--loss-weight", "min-snr",
+        *common, "--loss", "mae", "--loss-weight", "min-snr",
     )  # fmt: skip
     assert rc == 2 and "use --loss mse" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "bad").exists()

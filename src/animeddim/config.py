@@ -313,8 +313,9 @@ class TrainConfig:
     )
     cond_drop: float = setting(0.15, "each attribute is dropped to null with this probability")
     loss: str = setting(
-        "mae",
-        "loss between prediction and target: mae (the Keras example's) or mse (the paper's eq. 4)",
+        "mse",
+        "loss between prediction and target: mse (the paper's eq. 4) or mae (the Keras "
+        "example's, which erases rare thin features such as glasses: docs/coverage.md)",
         choices=LOSSES,
     )
     loss_weight: str = setting(
@@ -421,10 +422,20 @@ def settings() -> list[tuple[str, dataclasses.Field]]:
     return out
 
 
+# The train settings every animeddim wrote into config.json, checkpoints and exported models
+# before train.loss existed (its default was then the MAE; since 2026-12-07 it is the MSE).
+_SAVED_BEFORE_LOSS = frozenset(
+    "epochs batch_size learning_rate weight_decay ema_decay seed device precision compile "
+    "checkpoint_every keep_checkpoints kid kid_steps kid_images nan_policy log_every "
+    "max_steps time_limit_minutes init".split()
+)
+
+
 def upgrade(d: Any) -> Any:
     """A settings dict of an earlier animeddim (config.json, checkpoint, config file) in
     today's layout: `data.image_size` is `model.image_size`; `model.channels` (always 3,
-    nothing honoured another value) is gone. Anything else is left to `_build` to judge."""
+    nothing honoured another value) is gone; a whole train section without `loss` was
+    trained with the MAE. Anything else is left to `_build` to judge."""
     if not isinstance(d, dict):
         return d
     d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
@@ -440,6 +451,12 @@ def upgrade(d: Any) -> Any:
                     f"({model['image_size']!r}): give one image_size (model.image_size)"
                 )
             model["image_size"] = size
+    train = d.get("train")
+    if isinstance(train, dict) and "loss" not in train and _SAVED_BEFORE_LOSS <= train.keys():
+        # A whole train section written by animeddim before train.loss existed (a run's
+        # config.json, a checkpoint, an exported model): it was trained with the MAE, the
+        # default then. A partial section (a config file) takes today's default.
+        train["loss"] = "mae"
     if isinstance(model, dict) and "channels" in model:
         c = model.pop("channels")
         if c != IMAGE_CHANNELS:

@@ -106,9 +106,9 @@ def losses(
 
     The objective compares the network's own output (`raw=True`: eps_hat or v_hat, as
     cfg.model.prediction says) with its target, by cfg.train.loss and weighted by
-    cfg.train.loss_weight (`diffusion.objectives`); by default the MAE of eps_hat, the Keras
-    example's loss. The image loss is the same MAE whatever the objective, so that runs
-    with different objectives can be compared on it.
+    cfg.train.loss_weight (`diffusion.objectives`); by default the squared error of eps_hat,
+    the paper's eq. 4 (`loss: mae` is the Keras example's). The image loss is the same MAE
+    whatever the objective, so that runs with different objectives can be compared on it.
     """
     noisy_images, signal_rate, noise_rate = diffuse(images, noises, t, cfg.schedule)
     with precision_ctx:

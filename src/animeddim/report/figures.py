@@ -195,7 +195,7 @@ def plot_losses(path: Path, runs: Sequence[RunFiles]) -> None:
                     label=f"{run.name} validation",
                 )
         _integer_epochs(ax)
-        ax.set_ylabel(f"{kind} loss (MAE)")
+        ax.set_ylabel(f"{kind} loss (" + ("the run's --loss" if kind == "noise" else "MAE") + ")")
         ax.set_title(f"({letter}) Train and validation {kind} loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -21,8 +21,9 @@ PAPER_KID = (
     "bilinear resize to 75 px, InceptionV3 features, unbiased MMD^2 per batch, averaged"
 )
 LOSSES = (
-    "mean absolute error in normalised image space at seeded noises and uniformly drawn "
-    "times t; noise loss |eps - eps_hat|, image loss |x_0 - x0_hat|"
+    "in normalised image space at seeded noises and uniformly drawn times t; noise loss "
+    "(eps - eps_hat)^2 under --loss mse, |eps - eps_hat| under --loss mae; image loss "
+    "|x_0 - x0_hat|"
 )
 
 
@@ -105,8 +106,8 @@ def table2(run: RunFiles) -> Table:
     ]
     caption = (
         f"Table II. Validation results on {run.dataset} (run {run.name}). "
-        f"KID: {_kid_protocol(run)}. Noise Loss and Image Loss: validation MAE of the EMA "
-        f"network ({LOSSES})."
+        f"KID: {_kid_protocol(run)}. Noise Loss and Image Loss: validation objective (the run's "
+        f"--loss) and validation MAE on x0 of the EMA network ({LOSSES})."
     )
     return Table(["Epoch", "KID", "Noise Loss", "Image Loss"], rows, caption)
 
@@ -159,7 +160,8 @@ def table1(runs: Sequence[RunFiles]) -> Table:
         )
     caption = (
         "Table I. KID scores on different datasets. Epochs: epochs trained. KID: last epoch, "
-        f"{PAPER_KID}. Noise Loss, Image Loss: last epoch, validation MAE of the EMA network. "
+        f"{PAPER_KID}. Noise Loss, Image Loss: last epoch, validation objective (the run's "
+        "--loss) and MAE on x0 of the EMA network. "
         "KID (standard), KID std, FID: newest eval-*.json of the run with protocol "
         f"'standard' ({protocol_description('standard')}), from n generated images sampled "
         "with the given DDIM steps and eta."
