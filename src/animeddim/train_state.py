@@ -67,6 +67,17 @@ def _all_finite(module: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in float_state(module))
 
 
+def _optimizer_finite(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every floating-point tensor of the optimiser's state (AdamW's moments) is finite:
+    a squared gradient can overflow to inf while the weights are still finite."""
+    return all(
+        bool(torch.isfinite(v).all())
+        for per_param in optimizer.state.values()
+        for v in per_param.values()
+        if torch.is_tensor(v) and v.is_floating_point()
+    )
+
+
 @dataclass
 class TrainState:
     """What a checkpoint holds: networks, optimiser, counters and running losses."""
@@ -178,8 +189,13 @@ def save_checkpoint(
     alone, with its own share of the running losses standing for all ranks'.
     """
     acc = distributed.reduced_sum(state.acc) if collective else state.acc * distributed.world_size()
-    # Never let NaN weights (or losses) overwrite a good checkpoint.
-    if not (_all_finite(state.model) and _all_finite(state.ema) and bool(acc.isfinite().all())):
+    # Never let NaN weights, optimiser moments or losses overwrite a good checkpoint.
+    if not (
+        _all_finite(state.model)
+        and _all_finite(state.ema)
+        and _optimizer_finite(state.optimizer)
+        and bool(acc.isfinite().all())
+    ):
         raise TrainingDiverged(
             f"weights or loss became non-finite by step {state.step}; training stopped without "
             f"writing {path.name}, the last good checkpoint is kept "
