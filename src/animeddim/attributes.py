@@ -145,6 +145,21 @@ def _key(attribute: str) -> str:
 # Files
 
 
+def config_record(cfg: ClassifierConfig) -> dict[str, Any]:
+    """The architecture as a classifier file stores it (the crop fields only when it has crops,
+    so files without them read as before)."""
+    record: dict[str, Any] = {
+        "image_size": cfg.image_size,
+        "widths": list(cfg.widths),
+        "final_stride": cfg.final_stride,
+    }
+    if cfg.crops:
+        record["crops"] = {a: list(box) for a, box in cfg.crops.items()}
+        record["crop_widths"] = list(cfg.crop_widths)
+        record["crop_mirror"] = cfg.crop_mirror
+    return record
+
+
 def save_classifier(path: str | Path, net: AttributeNet, info: dict[str, Any]) -> Path:
     """Write the classifier (fp16 weights) and its config/vocabulary/``info`` atomically."""
     path = Path(path)
@@ -153,20 +168,7 @@ def save_classifier(path: str | Path, net: AttributeNet, info: dict[str, Any]) -
     meta = {
         "format": FORMAT,
         "version": VERSION if cfg.crops else 1,
-        "config": {
-            "image_size": cfg.image_size,
-            "widths": list(cfg.widths),
-            "final_stride": cfg.final_stride,
-            **(
-                {
-                    "crops": {a: list(box) for a, box in cfg.crops.items()},
-                    "crop_widths": list(cfg.crop_widths),
-                    "crop_mirror": cfg.crop_mirror,
-                }
-                if cfg.crops
-                else {}
-            ),
-        },
+        "config": config_record(cfg),
         "vocab": {a: list(v) for a, v in cfg.vocab.items()},
         **info,
     }

@@ -122,6 +122,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from .attributes import (
         ClassifierConfig,
         TrainSettings,
+        config_record,
         labelled_folders,
         save_classifier,
         train_classifier,
@@ -179,10 +180,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         summary["init"] = a.init
     cfg = net.config
     summary["config"] = {
-        "image_size": cfg.image_size,
-        "widths": list(cfg.widths),
-        "final_stride": cfg.final_stride,
-        **({"crops": {k: list(v) for k, v in cfg.crops.items()}} if cfg.crops else {}),
+        **config_record(cfg),
         "parameters": sum(p.numel() for p in net.parameters()),
     }
     if a.held_out:

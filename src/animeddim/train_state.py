@@ -63,19 +63,19 @@ def _restore_optimizer(optimizer, tensors: dict[str, torch.Tensor], groups: list
                     optimizer.state[p][name] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
-def _all_finite(module: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in float_state(module))
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def _optimizer_finite(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every floating-point tensor of the optimiser's state (AdamW's moments) is finite:
-    a squared gradient can overflow to inf while the weights are still finite."""
-    return all(
-        bool(torch.isfinite(v).all())
+def _moments(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The optimiser's floating-point state (AdamW's moments): a squared gradient can overflow
+    to inf while the weights are still finite."""
+    return [
+        v
         for per_param in optimizer.state.values()
         for v in per_param.values()
         if torch.is_tensor(v) and v.is_floating_point()
-    )
+    ]
 
 
 @dataclass
@@ -190,12 +190,8 @@ def save_checkpoint(
     """
     acc = distributed.reduced_sum(state.acc) if collective else state.acc * distributed.world_size()
     # Never let NaN weights, optimiser moments or losses overwrite a good checkpoint.
-    if not (
-        _all_finite(state.model)
-        and _all_finite(state.ema)
-        and _optimizer_finite(state.optimizer)
-        and bool(acc.isfinite().all())
-    ):
+    checked = [*float_state(state.model), *float_state(state.ema), *_moments(state.optimizer)]
+    if not (_all_finite(checked) and bool(acc.isfinite().all())):
         raise TrainingDiverged(
             f"weights or loss became non-finite by step {state.step}; training stopped without "
             f"writing {path.name}, the last good checkpoint is kept "
