@@ -553,3 +553,56 @@ def test_conditional_resume_is_bitwise_the_uninterrupted_run(avatars16, tmp_path
     for k in a:
         if k.startswith(("model.", "ema.")):
             assert torch.equal(a[k], b[k]), k
+
+
+SHADES = {"red": (220, 30, 30), "green": (30, 220, 30), "blue": (30, 30, 220)}
+
+
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_training_batches_pair_each_image_with_its_own_label_row(tmp_path, cache):
+    """What the network is told about an image is that image's labels.csv row: through the
+    decode (and its disk cache), the split, the epoch shuffle, the flips and the process
+    slices, under a stored vocabulary in an order of its own. Each image's colour and
+    brightness are its labels, so its pixels say which row it must carry."""
+    from animeddim import data as data_mod
+    from animeddim.config import RunConfig
+    from animeddim.train_data import load_data
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    root.mkdir()
+    rows = []
+    for i in range(60):
+        colour, level = list(SHADES)[i % 3], ("dark", "light")[i // 3 % 2]
+        im = np.full((16, 16, 3), SHADES[colour], np.float64) * (0.5 if level == "dark" else 1)
+        im[:, :4] = 255  # an asymmetric band: a flipped image differs from the original
+        name = f"{rng.integers(10**6):06d}-{i}.png"  # files sort in no label order
+        Image.fromarray(im.astype(np.uint8)).save(root / name)
+        rows.append(f"{name},{level},{colour}")
+    rng.shuffle(rows)  # the CSV's rows in yet another order
+    (root / "labels.csv").write_text("file,level,colour\n" + "\n".join(rows) + "\n")
+    vocab = {"colour": ["green", "blue", "red"], "level": ["light", "dark"]}
+    cfg = RunConfig.from_dict(
+        {
+            "data": {"path": str(root), "labels": str(root / "labels.csv"), "cache": cache},
+            "model": {**TINY_MODEL, "vocabulary": vocab},
+            "train": {"batch_size": 8, "kid": False, "precision": "fp32"},
+        }
+    ).validate()
+    for load in range(2 if cache == "disk" else 1):  # the second load reads the cache
+        d = load_data(cfg, root, progress=False)
+        seen, flipped = 0, 0
+        for rank in (0, 1):
+            for x, codes in data_mod.iterate_batches(
+                *(d.imageset.images, d.train_idx, 8),
+                **dict(seed=3, epoch=load + 1, shuffle=True, flip=True, drop_last=True),
+                **dict(rank=rank, world_size=2, codes=d.codes),
+            ):
+                for img, (c_colour, c_level) in zip(x, codes.tolist(), strict=True):
+                    centre = img[:, 8, 8] * 255
+                    colour = list(SHADES)[int(centre.argmax())]  # red, green, blue
+                    level = "light" if centre.max() > 160 else "dark"
+                    assert (vocab["colour"][c_colour], vocab["level"][c_level]) == (colour, level)
+                    flipped += bool(img[0, 8, -1] > 0.99)
+                    seen += 1
+        assert seen == len(d.train_idx) // 8 * 8 and 0 < flipped < seen
