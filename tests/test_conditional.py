@@ -593,11 +593,20 @@ def test_training_batches_pair_each_image_with_its_own_label_row(tmp_path, cache
         d = load_data(cfg, root, progress=False)
         seen, flipped = 0, 0
         for rank in (0, 1):
-            for x, codes in data_mod.iterate_batches(
-                *(d.imageset.images, d.train_idx, 8),
-                **dict(seed=3, epoch=load + 1, shuffle=True, flip=True, drop_last=True),
-                **dict(rank=rank, world_size=2, codes=d.codes),
-            ):
+            batches = data_mod.iterate_batches(
+                d.imageset.images,
+                d.train_idx,
+                8,
+                seed=3,
+                epoch=load + 1,
+                shuffle=True,
+                flip=True,
+                drop_last=True,
+                rank=rank,
+                world_size=2,
+                codes=d.codes,
+            )
+            for x, codes in batches:
                 for img, (c_colour, c_level) in zip(x, codes.tolist(), strict=True):
                     centre = img[:, 8, 8] * 255
                     colour = list(SHADES)[int(centre.argmax())]  # red, green, blue
