@@ -422,3 +422,66 @@ def test_an_exports_guidance_interval_is_samplings_default_and_bad_ones_are_refu
                               "--out", tmp_path / "bad")  # fmt: skip
         assert rc == 2 and says in err, err
     assert not (tmp_path / "u").exists() and not (tmp_path / "bad").exists()
+
+
+def test_an_exports_recommended_sampler_and_steps_are_samplings_default(
+    trained_tiny, tmp_path, capsys
+):
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+
+    from animeddim.checkpoint import CheckpointError, load_model, read_meta
+    from animeddim.pipelines import default_sampling
+
+    plain, rec = tmp_path / "plain.safetensors", tmp_path / "rec.safetensors"
+    assert run_main(capsys, "export", "--run", trained_tiny, "--out", plain)[0] == 0
+    rc, stdout, err = run_main(capsys, "export", "--run", trained_tiny, "--out", rec,
+                               "--sampler", "dpmpp-2m-logsnr", "--steps", 3)  # fmt: skip
+    assert rc == 0, err
+    assert "recommended sampling: 3 dpmpp-2m-logsnr steps (the default for this file)" in stdout
+    args = ["sample", "--seed", 2, "--n", 2, "--device", "cpu", "--precision", "fp32"]
+    runs = {"default": (rec, []), "explicit": (plain, ["--sampler", "dpmpp-2m-logsnr",
+            "--steps", 3]), "plain": (plain, []), "ddim": (rec, ["--sampler", "ddim"]),
+            "ddim20": (plain, ["--sampler", "ddim", "--steps", 20]),
+            "eta": (rec, ["--eta", 1]), "eta-ddim": (plain, ["--eta", 1]),
+            "steps5": (rec, ["--steps", 5]),
+            "logsnr5": (plain, ["--sampler", "dpmpp-2m-logsnr", "--steps", 5])}  # fmt: skip
+    for name, (model, extra) in runs.items():
+        rc, stdout, err = run_main(capsys, *args, "--run", model, *extra, "--out", tmp_path / name)
+        assert rc == 0, err
+        if name == "default":
+            assert "2 images, 3 steps" in stdout  # what it says is what it did
+    png = {k: [np.asarray(Image.open(tmp_path / k / f"seed2-{i:06d}.png")) for i in range(2)]
+           for k in runs}  # fmt: skip
+
+    def same(a, b):
+        return all(np.array_equal(x, y) for x, y in zip(png[a], png[b], strict=True))
+
+    assert same("default", "explicit") and not same("default", "plain")
+    assert same("ddim", "ddim20")  # another sampler: its own default of 20 steps
+    assert same("eta", "eta-ddim")  # --eta 1 alone keeps DDIM, the sampler that takes it
+    assert same("steps5", "logsnr5")  # --steps alone: the file's sampler
+    assert default_sampling(load_model(rec)) == ("dpmpp-2m-logsnr", 3)
+    assert default_sampling(load_model(plain)) == ("ddim", 20) and "sampler" not in read_meta(plain)
+    # half a recommendation, an unknown sampler or a damaged stored one: refused, nothing written
+    rc, _, err = run_main(capsys, "export", "--run", trained_tiny, "--out",
+                          tmp_path / "half.safetensors", "--sampler", "ddim")  # fmt: skip
+    assert rc == 2 and "--sampler and --steps go together" in err
+    assert not (tmp_path / "half.safetensors").exists()
+    tensors, meta = load_file(rec), json.loads(read_raw_meta(rec))
+    meta["sampling_steps"] = 0
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, bad, {"animeddim": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match="stored sampling recommendation is unusable"):
+        default_sampling(load_model(bad))
+    rc, _, err = run_main(capsys, *args, "--run", bad, "--out", tmp_path / "b")
+    assert rc == 2 and "sampling recommendation is unusable" in err and "steps 0" in err
+    assert not (tmp_path / "b").exists()
+
+
+def read_raw_meta(path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()["animeddim"]

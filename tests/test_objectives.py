@@ -1,4 +1,5 @@
-"""Training objectives: prediction target (eps | v), loss (mae | mse), min-SNR weighting.
+"""Training objectives: prediction target (eps | v), loss (mae | mse), min-SNR weighting,
+the noise-level focus.
 
 Formulas are checked against numbers worked out by hand; a v-predicting oracle, through the
 eps conversion, must sample exactly as the eps oracle does with every sampler; the settings
@@ -23,6 +24,7 @@ from animeddim.diffusion.inversion import ddim_invert
 from animeddim.diffusion.objectives import (
     as_eps,
     eps_from_v,
+    focus_times,
     min_snr_weights,
     v_target,
     x0_from_v,
@@ -278,3 +280,70 @@ def test_api_resume_with_another_objective_is_refused(avatars16, tmp_path):
     res = train(tiny_config(avatars16, epochs=2, loss="mse"), run, resume=True, progress=False,
                 log=lambda s: None)  # fmt: skip
     assert res.epoch == 2
+
+
+def test_noise_focus_times_by_hand():
+    """The first round(share * N) uniform draws are mapped linearly onto the times of sigma
+    in (LO, HI]; the others, and share 0, are left as drawn."""
+    u = torch.tensor([0.0, 0.5, 1.0, 0.25, 0.75, 0.1, 0.9, 0.3], dtype=torch.float64)
+    cfg = RunConfig()
+    assert focus_times(u, cfg) is u  # off by default: nothing changes
+    cfg.train.noise_focus, cfg.train.noise_focus_share = "1.5,10", 0.375  # 3 of 8
+    cfg.validate()
+    # angle = atan(sigma); t is linear in the angle from acos(0.95) (t = 0) to acos(0.02)
+    a0, a1 = math.acos(SCHED.max_signal_rate), math.acos(SCHED.min_signal_rate)
+    t_lo, t_hi = ((math.atan(s) - a0) / (a1 - a0) for s in (1.5, 10.0))
+    want = [t_lo, t_lo + 0.5 * (t_hi - t_lo), t_hi, *u[3:].tolist()]
+    got = focus_times(u, cfg)
+    assert got.tolist() == pytest.approx(want, abs=1e-12) and got.dtype == torch.float64
+    cfg.train.noise_focus = "2,inf"  # up to the schedule's noisiest level, t = 1
+    assert focus_times(u, cfg)[2].item() == pytest.approx(1.0, abs=1e-12)
+    cfg.train.noise_focus_share = 1.0
+    assert (focus_times(u, cfg) >= (math.atan(2.0) - a0) / (a1 - a0) - 1e-12).all()
+
+
+@pytest.mark.parametrize(
+    ("train", "says"),
+    [
+        ({"noise_focus": "10,1", "noise_focus_share": 0.5}, "invalid noise_focus = '10,1'"),
+        ({"noise_focus": "one", "noise_focus_share": 0.5}, "invalid noise_focus = 'one'"),
+        ({"noise_focus_share": 0.5}, "invalid noise_focus = ''"),  # a share of nothing
+        ({"noise_focus": "1,10", "noise_focus_share": 1.5}, "invalid noise_focus_share = 1.5"),
+        ({"noise_focus": "1,10", "noise_focus_share": float("nan")}, "noise_focus_share"),
+    ],
+)
+def test_noise_focus_settings_are_checked(train, says):
+    with pytest.raises(ConfigError, match=says):
+        RunConfig.from_dict({"train": train}).validate()
+
+
+def test_noise_focus_trains_that_share_of_each_batch_in_the_band(avatars16, tmp_path, monkeypatch):
+    """What the training steps hand the loss: 4 of each 8 times in the band, the rest as
+    drawn; validation keeps uniform times (so its loss compares with any run's)."""
+    import animeddim.train as train_module
+    from animeddim.diffusion.schedule import rates
+
+    seen = []
+    real = train_module.losses
+
+    def recording(net, images, noises, t, *a, **k):
+        seen.append((net, t.clone()))
+        return real(net, images, noises, t, *a, **k)
+
+    monkeypatch.setattr(train_module, "losses", recording)
+    cfg = tiny_config(avatars16, epochs=1, batch_size=8, noise_focus="1,10", noise_focus_share=0.5)
+    train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    live = seen[0][0]
+    steps = [t for net, t in seen if net is live]
+    val = torch.cat([t for net, t in seen if net is not live])
+    assert steps and len(val) > 0 and all(len(t) == 8 for t in steps)
+    for t in steps:
+        signal, noise_rate = rates(t, cfg.schedule)
+        sigma = noise_rate / signal
+        assert ((sigma[:4] > 1 - 1e-9) & (sigma[:4] <= 10 + 1e-9)).all()
+    rest = torch.cat([t[4:] for t in steps])
+    signal, noise_rate = rates(torch.cat([rest, val]), cfg.schedule)
+    sigma = noise_rate / signal
+    assert ((sigma < 1) | (sigma > 10)).any()  # drawn from every level, not the band
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert (stored["noise_focus"], stored["noise_focus_share"]) == ("1,10", 0.5)

@@ -84,11 +84,12 @@ def test_catalog_lists_runs_and_never_takes_a_path(runs):
 
 def test_info_offers_the_shipped_conditional_model_with_its_guidance():
     """The shipped conditional model's attributes come from its config beside it and its
-    guidance field starts at the weight its file recommends."""
+    guidance, sampler and steps fields start at what its file recommends."""
     from animeddim.config import guidance_interval_text
     from animeddim.pipelines import (
         SampleSettings,
         default_guidance,
+        default_sampling,
         guidance_interval,
         load_for_sampling,
     )
@@ -103,6 +104,9 @@ def test_info_offers_the_shipped_conditional_model_with_its_guidance():
     interval = guidance_interval(loaded, SampleSettings())  # the file's recommendation
     assert cond["guidance_interval"] == guidance_interval_text(interval)
     assert models["avatars-64"]["guidance_interval"] == "0,inf"
+    sampler, steps = default_sampling(loaded)  # the sampler and steps the file recommends
+    assert cond["sampling"] == {"sampler": sampler, "steps": steps} and sampler != "ddim"
+    assert models["avatars-64"]["sampling"] is None  # recommends none: the page's own
     n_images = int(loaded.config.data.fingerprint.split(":")[0])  # every labelled image
     assert loaded.attribute_rows is not None and len(loaded.attribute_rows) == n_images
 

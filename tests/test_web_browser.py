@@ -142,17 +142,25 @@ def test_the_training_mix_of_a_conditional_model(page, shots):
     shots(page, "04-generate-training-mix")
 
 
-def test_the_guidance_field_starts_at_the_models_recommendation(page):
-    """The shipped conditional model recommends a weight and the noise levels it applies at
-    (its export); a run recommends nothing: plain conditional, no interval shown."""
+def test_the_guidance_and_sampling_fields_start_at_the_models_recommendation(page):
+    """The shipped conditional model recommends a weight, the noise levels it applies at, a
+    sampler and a step count (its export); a run recommends nothing: plain conditional, no
+    interval shown, the page's own sampler and steps."""
+    from animeddim.pipelines import default_sampling, load_for_sampling
+
+    sampler, steps = default_sampling(load_for_sampling(None, "avatars-64-cond", "cpu")[0])
     page.select_option("#g-model", "avatars-64-cond")
     page.wait_for_selector("#g-interval")
     assert page.input_value("#g-guidance") == "4"
     assert "noise levels sigma in (1, inf]" in page.inner_text("#g-interval")
+    assert (page.input_value("#g-sampler"), page.input_value("#g-steps")) == (sampler, str(steps))
+    assert page.inner_text("#g-sampling-note") == "as the model recommends"
     page.select_option("#g-model", "run:colours")
     page.wait_for_selector("#g-attrs select")
     assert page.input_value("#g-guidance") == "1"
     assert page.locator("#g-interval").count() == 0
+    assert (page.input_value("#g-sampler"), page.input_value("#g-steps")) == ("dpmpp-2m", "10")
+    assert page.inner_text("#g-sampling-note") == ""
 
 
 def test_bad_numbers_are_refused_with_the_reason(page, shots):

@@ -107,6 +107,25 @@ def recommended_guidance_interval(meta: dict[str, Any]) -> tuple[float, float]:
         raise CheckpointError(f"the stored guidance interval is unusable: {e}") from None
 
 
+def recommended_sampling(meta: dict[str, Any]) -> tuple[str, int] | None:
+    """The (sampler, steps) an export recommends (`export_weights(sampling=)`), else None.
+
+    :raises CheckpointError: a stored sampler that is not registered, or a step count that
+        is not a whole number >= 1.
+    """
+    from .diffusion.sampler_names import SAMPLER_NAMES
+
+    if "sampler" not in meta and "sampling_steps" not in meta:
+        return None
+    sampler, steps = meta.get("sampler"), meta.get("sampling_steps")
+    if sampler not in SAMPLER_NAMES or type(steps) is not int or steps < 1:
+        raise CheckpointError(
+            f"the stored sampling recommendation is unusable: sampler {sampler!r} (known: "
+            f"{', '.join(SAMPLER_NAMES)}), steps {steps!r} (a whole number >= 1)"
+        )
+    return sampler, steps
+
+
 def _read(path: Path, tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
@@ -241,6 +260,7 @@ def export_weights(
     attribute_rows: torch.Tensor | None = None,
     guidance: float | None = None,
     guidance_interval: tuple[float, float] | None = None,
+    sampling: tuple[str, int] | None = None,
 ) -> Path:
     """Write a small sampling-only file: EMA weights (in `dtype`), normalisation and config.
 
@@ -250,7 +270,9 @@ def export_weights(
     :param guidance: a conditional model's recommended classifier-free guidance weight (the
         default of conditional sampling from the file; 1 when absent).
     :param guidance_interval: the noise levels (lo, hi] in sigma where that weight applies
-        (default of sampling from the file; every level when absent)."""
+        (default of sampling from the file; every level when absent).
+    :param sampling: the (sampler, steps) sampling from the file uses when not told
+        (`recommended_sampling`); absent: DDIM, 20 steps."""
     loaded = src if isinstance(src, LoadedModel) else load_model(src)
     state = {
         k: v.to(dtype) if v.is_floating_point() else v for k, v in loaded.model.state_dict().items()
@@ -264,4 +286,7 @@ def export_weights(
         meta["guidance"] = float(guidance)
     if guidance_interval is not None:
         meta["guidance_interval"] = guidance_interval_text(guidance_interval)
+    if sampling is not None:
+        meta["sampler"], meta["sampling_steps"] = sampling[0], int(sampling[1])
+        recommended_sampling(meta)  # refuse to write what could not be read back
     return save(out, tensors, meta)

@@ -424,7 +424,7 @@ def cmd_guidance(a: argparse.Namespace, load, settings_of, extractor_of, bars) -
         target,
         weights=a.weights,
         n=a.n,
-        settings=settings_of(a, device),
+        settings=settings_of(a, device, loaded),
         extractor=extractor_of(a),
         out_dir=out,
         cache_dir=Path(a.cache_dir) if a.cache_dir else None,

@@ -324,6 +324,16 @@ class TrainConfig:
         choices=LOSS_WEIGHTS,
     )
     min_snr_gamma: float = setting(5.0, "gamma of --loss-weight min-snr: SNRs above it are capped")
+    noise_focus: str = setting(
+        "",
+        "draw --noise-focus-share of each batch's noise levels uniformly in time from the "
+        "levels sigma = noise/signal rate in (LO, HI] (e.g. 1.5,10, where the avatars' "
+        "attributes are decided), the rest from all of them (default: none)",
+        metavar="LO,HI",
+    )
+    noise_focus_share: float = setting(
+        0.0, "the share of each batch drawn from --noise-focus, in [0, 1]", metavar="P"
+    )
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
@@ -370,6 +380,17 @@ class TrainConfig:
             self.min_snr_gamma,
             "a positive number",
         )
+        _check(
+            0.0 <= self.noise_focus_share <= 1.0,
+            "noise_focus_share",
+            self.noise_focus_share,
+            "in [0, 1]",
+        )
+        if self.noise_focus or self.noise_focus_share > 0:
+            try:
+                parse_guidance_interval(self.noise_focus)
+            except ConfigError:
+                _check(False, "noise_focus", self.noise_focus, "LO,HI in sigma, 0 <= LO < HI")
         _check(0 <= self.seed < 2**63, "seed", self.seed, "an integer in 0 .. 2**63 - 1")
         _check(self.max_steps >= 0, "max_steps", self.max_steps, ">= 0")
         _check(

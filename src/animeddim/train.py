@@ -25,7 +25,7 @@ from . import conditioning, distributed, run_folder
 from . import data as data_mod
 from .config import RunConfig
 from .diffusion.generation import generate
-from .diffusion.objectives import objective, target_and_x0
+from .diffusion.objectives import focus_times, objective, target_and_x0
 from .diffusion.schedule import diffuse
 from .io import save_grid
 from .run_folder import (
@@ -297,7 +297,8 @@ def train_step(
     g = step_generator(tc.seed, state.step, rt.device)
     shape = (tc.batch_size, *images.shape[1:])
     noises = torch.randn(shape, generator=g, device=rt.device)[rt.lo : rt.hi]
-    t = torch.rand(shape[0], generator=g, device=rt.device, dtype=torch.float64)[rt.lo : rt.hi]
+    t = torch.rand(shape[0], generator=g, device=rt.device, dtype=torch.float64)
+    t = focus_times(t, cfg)[rt.lo : rt.hi]
     noise_loss, image_loss = losses(rt.net, images, noises, t, cfg, rt.precision_ctx, cond)
     if tc.nan_policy == "skip-batch" and not distributed.all_true(torch.isfinite(noise_loss)):
         warnings.warn(f"non-finite loss at step {state.step + 1}: batch skipped", stacklevel=1)

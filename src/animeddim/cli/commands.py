@@ -148,10 +148,19 @@ def cmd_export(a: argparse.Namespace) -> int:
         outputs.not_inside(a.out, ckpts, "--out", "the run's checkpoints", "resume needs them")
     if a.guidance_interval is not None and a.guidance is None:
         raise CliError("--guidance-interval needs --guidance W: the weight it applies")
+    if (a.sampler is None) != (a.steps is None):
+        raise CliError("--sampler and --steps go together: the file recommends both")
+    sampling = (a.sampler, a.steps) if a.sampler else None
     loaded = load_model(source)
     rows = _training_rows(loaded, a.guidance)
     out = export_weights(
-        loaded, outputs.new_file(a.out, a.force), dtype, rows, a.guidance, a.guidance_interval
+        loaded,
+        outputs.new_file(a.out, a.force),
+        dtype,
+        rows,
+        a.guidance,
+        a.guidance_interval,
+        sampling,
     )
     print(f"exported EMA weights ({a.dtype}) to {out} ({os.path.getsize(out) / 2**20:.1f} MiB)")
     if rows is not None:
@@ -161,6 +170,8 @@ def cmd_export(a: argparse.Namespace) -> int:
         if a.guidance_interval:
             where = f", at {guidance_interval_words(a.guidance_interval)}"
         print(f"recommended guidance {a.guidance:g}{where}: conditional sampling's default")
+    if sampling:
+        print(f"recommended sampling: {a.steps} {a.sampler} steps (the default for this file)")
     return 0
 
 

@@ -81,14 +81,24 @@ def _add_sample_compile(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile", dest="compile", action="store_false")
 
 
+RECOMMENDED = "the model file's recommendation (export --sampler --steps), else"
+
+
 def _add_sampling(p: argparse.ArgumentParser, n_default: int, n_min: int = 1) -> None:
+    """--n, --steps, --eta, --seed, --batch-size, compile and runtime options; --steps is left
+    None, to be filled from the model file (`sampling.fill_sampling`)."""
     p.add_argument(
         "--n",
         type=_positive_int("n", n_min),
         default=n_default,
         help=f"number of images (default {n_default})",
     )
-    p.add_argument("--steps", type=STEPS, default=20, help="reverse diffusion steps (default 20)")
+    p.add_argument(
+        "--steps",
+        type=STEPS,
+        default=None,
+        help=f"reverse diffusion steps (default: {RECOMMENDED} 20)",
+    )
     p.add_argument(
         "--eta", type=ETA, default=0.0, help="0 = deterministic DDIM, 1 = DDPM-like (default 0)"
     )
@@ -117,12 +127,14 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", default=None, help="a shipped model (default avatars-64)")
 
 
-def _add_sampler(p: argparse.ArgumentParser) -> None:
+def _add_sampler(p: argparse.ArgumentParser, recommended: bool = True) -> None:
+    """--sampler and --clip-x0; `recommended`: --sampler is left None, to be filled from the
+    model file (`sampling.fill_sampling`), else its default is ddim."""
     p.add_argument(
         "--sampler",
         choices=list(SAMPLER_NAMES),
-        default="ddim",
-        help=f"{sampler_help()} (default ddim)",
+        default=None if recommended else "ddim",
+        help=f"{sampler_help()} (default: {RECOMMENDED + ' ddim' if recommended else 'ddim'})",
     )
     _add_clip(p)
 

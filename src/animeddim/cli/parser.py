@@ -259,7 +259,7 @@ def _add_interpolate_command(sub) -> None:
     ends.add_argument("--images", nargs=2, metavar=("X", "Y"), help="two images (inverted)")
     p.add_argument("--frames", type=_positive_int("frames", 2), default=16)
     p.add_argument("--steps", type=STEPS, default=20, help="(default 20; 50 for --images)")
-    _add_sampler(p)
+    _add_sampler(p, recommended=False)
     p.add_argument("--out", required=True, help="FILE.png or FILE.gif: both are written")
     p.add_argument("--batch-size", type=_positive_int("batch-size"), default=64)
     _add_force(p, "existing FILE.png / FILE.gif")
@@ -298,6 +298,17 @@ def _add_export_command(sub) -> None:
         "default of conditional sampling from it (default: none stored, sampling uses 1)",
     )
     conditional_cli.add_guidance_interval(p, "none stored, sampling guides every step")
+    p.add_argument(
+        "--sampler",
+        choices=list(SAMPLER_NAMES),
+        help="the sampler the file recommends, stored in it: the default of sample, evaluate "
+        "and the web app for it (with --steps; default: none stored, sampling uses ddim)",
+    )
+    p.add_argument(
+        "--steps",
+        type=STEPS,
+        help="the step count the file recommends with --sampler (default: none stored, 20)",
+    )
     _add_force(p, "an existing --out file (never the run's own checkpoints)")
     p.set_defaults(func=cmd_export)
 

@@ -18,11 +18,29 @@ def load_for_sampling(run: str | None, model: str | None, device_name: str | Non
     return load(run, model, device_name or "auto")
 
 
-def _settings(a: argparse.Namespace, device, **over):
+def fill_sampling(a: argparse.Namespace, loaded) -> None:
+    """Set the --sampler and --steps left out (None) to what the model file recommends
+    (`pipelines.default_sampling`). An --eta > 0 without --sampler keeps DDIM, the sampler
+    that takes it; the file's step count goes with the file's sampler, else 20."""
+    from ..diffusion.sampler_names import SAMPLER_INFO
+    from ..pipelines import DEFAULT_SAMPLING, default_sampling
+
+    sampler, steps = default_sampling(loaded)
+    if a.sampler is None:
+        stochastic = SAMPLER_INFO[sampler].stochastic
+        a.sampler = sampler if a.eta == 0 or stochastic else DEFAULT_SAMPLING[0]
+    if a.steps is None:
+        a.steps = steps if a.sampler == sampler else DEFAULT_SAMPLING[1]
+
+
+def _settings(a: argparse.Namespace, device, loaded=None, **over):
     """Sampling options -> checked `pipelines.SampleSettings` (the list-valued options of
-    `steps` are its own)."""
+    `steps` are its own); with the `loaded` model, the options left out first take its
+    file's recommendation (`fill_sampling`)."""
     from ..pipelines import resolve_settings
 
+    if loaded is not None:
+        fill_sampling(a, loaded)
     kw = {
         k: getattr(a, k)
         for k in ("steps", "eta", "sampler", "seed", "batch_size")
@@ -50,7 +68,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
     if a.attrs_from and a.grid_by:
         raise CliError("--attrs-from sets every image's attributes: give it without --grid-by")
     loaded, device = load_for_sampling(a.run, a.model, a.device)
-    settings = _settings(a, device)
+    settings = _settings(a, device, loaded)
     files = [(f, Path(v)) for f, v in (("--grid", a.grid), ("--trajectory", a.trajectory)) if v]
     outputs.distinct(files)
     for flag, path in files:
@@ -167,7 +185,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         mix=mix,
         guidance=a.guidance,
         n=a.n,
-        settings=_settings(a, device),
+        settings=_settings(a, device, loaded),
         extractor=_extractor(a),
         out=out,
         protocols=protocols,

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import RunConfig, ScheduleConfig
-from .schedule import predict_x0, rates
+from ..config import RunConfig, ScheduleConfig, parse_guidance_interval
+from .schedule import predict_x0, rates, time_of_log_snr
 
 
 def eps_from_v(
@@ -88,6 +88,22 @@ def min_snr_weights(
     snr = (signal_rate / noise_rate) ** 2
     capped = snr.clamp(max=gamma)
     return capped / snr if prediction == "eps" else capped / (snr + 1.0)
+
+
+def focus_times(t: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+    """A batch's diffusion times with cfg.train.noise_focus applied: the first
+    round(noise_focus_share * N) of the [N] uniform draws `t` are mapped linearly into the
+    times of the noise levels sigma in (LO, HI], the rest kept. The same draws are used
+    (nothing more is drawn), so share 0 gives `t` itself; the images are shuffled, so the
+    first ones are any images. Done on the global batch, before each rank takes its slice."""
+    tc = cfg.train
+    k = round(tc.noise_focus_share * len(t))
+    if k == 0:
+        return t
+    lo, hi = parse_guidance_interval(tc.noise_focus)
+    ends = time_of_log_snr(-torch.tensor([lo, hi], dtype=torch.float64).log(), cfg.schedule)
+    t_lo, t_hi = ends.tolist()
+    return torch.cat([t_lo + t[:k] * (t_hi - t_lo), t[k:]])
 
 
 def objective(

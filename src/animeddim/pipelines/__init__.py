@@ -47,8 +47,10 @@ from .control import (
     real_features,
 )
 from .core import (
+    DEFAULT_SAMPLING,
     Progress,
     SampleSettings,
+    default_sampling,
     draw,
     invert_evaluations,
     load_for_sampling,
@@ -61,6 +63,8 @@ from .evaluation import STEPS_COLUMNS, evaluate, steps_study, write_steps
 from .latents import ReverseSteps, interpolate, invert, reverse_steps, shown_steps, trajectory
 
 __all__ = [
+    "DEFAULT_SAMPLING",
+    "default_sampling",
     "GUIDANCE_NAMES",
     "ControlTarget",
     "MixTarget",

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import LoadedModel
+from ..checkpoint import LoadedModel, recommended_sampling
 from ..config import ConfigError, check_guidance_interval
 from ..diffusion.generation import generate
 from ..diffusion.inversion import ddim_invert
@@ -64,6 +64,17 @@ def load_for_sampling(
     dev = setup(_device(device))
     source = run if run else pretrained_path(model or "avatars-64")
     return load_model(source, dev), dev
+
+
+DEFAULT_SAMPLING = ("ddim", 20)  # the paper's DDIM (Algorithm 1), 20 steps
+
+
+def default_sampling(loaded: LoadedModel) -> tuple[str, int]:
+    """The (sampler, steps) sampling from `loaded` uses unless told: the pair an exported file
+    recommends (`animeddim export --sampler --steps`), else `DEFAULT_SAMPLING`.
+
+    :raises CheckpointError: a stored recommendation that is unusable."""
+    return recommended_sampling(loaded.meta) or DEFAULT_SAMPLING
 
 
 def _device(device: str | torch.device | None) -> torch.device:

@@ -130,6 +130,21 @@ def choice_guidance(c: Choice) -> tuple[float, str]:
     return 1.0, guidance_interval_text(GUIDE_ALWAYS)
 
 
+def choice_sampling(c: Choice) -> dict[str, Any] | None:
+    """{"sampler", "steps"} a shipped model's file recommends (`export --sampler --steps`),
+    else None (the page keeps its own)."""
+    from ...checkpoint import CheckpointError, read_meta, recommended_sampling
+
+    if c.kind == "shipped":
+        try:
+            pair = recommended_sampling(read_meta(c.path))
+        except CheckpointError:
+            return None
+        if pair is not None:
+            return {"sampler": pair[0], "steps": pair[1]}
+    return None
+
+
 # --- request checks -----------------------------------------------------------------------
 
 

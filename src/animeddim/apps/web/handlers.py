@@ -34,6 +34,7 @@ from .checks import (
     GenerateRequest,
     RequestError,
     choice_guidance,
+    choice_sampling,
     choice_vocabulary,
     cli_command,
     decode_upload,
@@ -115,6 +116,7 @@ class Engine:
             entry["has_metrics"] = c.has_metrics
             entry["vocabulary"] = choice_vocabulary(c)
             entry["guidance"], entry["guidance_interval"] = choice_guidance(c)
+            entry["sampling"] = choice_sampling(c)
             models.append(entry)
         return {
             "models": models,
