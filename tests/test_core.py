@@ -94,3 +94,43 @@ def test_pickle_checkpoint_runs_no_code(tmp_path):
     with pytest.raises(ckpt.CheckpointError):
         ckpt.load_model(tmp_path / "evil.pt")
     assert not marker.exists()
+
+
+def test_a_loaded_model_owns_its_tensors_when_the_file_is_rewritten_in_place(tmp_path):
+    """A model file rewritten in place (same inode: `cp` over it) while a model loaded from it
+    is in use leaves the loaded model as it was: nothing still reads the file's pages."""
+    cfg = RunConfig.from_dict(
+        {
+            "data": {"image_size": 16},
+            "model": {"image_size": 16, "widths": [8, 16], "block_depth": 1, "embedding_dims": 8},
+        }
+    )
+    f = _tiny_checkpoint(tmp_path / "c.safetensors", cfg)
+    loaded = ckpt.load_model(f)
+    mean, std = loaded.mean.clone(), loaded.std.clone()
+    params = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    # Another model whose metadata is longer: every tensor sits at another offset.
+    other = RunConfig.from_dict({**cfg.to_dict(), "train": {"epochs": 7}})
+    tensors, meta = ckpt.load(_tiny_checkpoint(tmp_path / "o.safetensors", other))
+    tensors["norm.mean"], tensors["norm.std"] = torch.full((3,), 9.0), torch.full((3,), -9.0)
+    meta["padding"] = "x" * 1001
+    ckpt.save(tmp_path / "n.safetensors", tensors, meta)
+    with open(f, "r+b") as out:  # in place, as cp does
+        out.write((tmp_path / "n.safetensors").read_bytes())
+        out.truncate()
+    assert torch.equal(loaded.mean, mean) and torch.equal(loaded.std, std)
+    assert all(torch.equal(v, params[k]) for k, v in loaded.model.state_dict().items())
+    assert ckpt.load_model(f).mean.tolist() == [9.0] * 3  # a new load reads the new file
+
+
+def test_a_truncated_checkpoint_is_refused_even_when_only_its_header_is_read(tmp_path):
+    cfg = RunConfig.from_dict(
+        {
+            "data": {"image_size": 16},
+            "model": {"image_size": 16, "widths": [8, 16], "block_depth": 1, "embedding_dims": 8},
+        }
+    )
+    data = _tiny_checkpoint(tmp_path / "c.safetensors", cfg).read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[:-5])
+    with pytest.raises(ckpt.CheckpointError, match="truncated"):
+        ckpt.read_meta(tmp_path / "t.safetensors")

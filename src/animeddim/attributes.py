@@ -20,14 +20,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save as st_save
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
 from .attributes_config import ClassifierConfig, TrainSettings
-from .io import write_bytes_atomic
+from .io import read_safetensors, write_bytes_atomic
 from .labels import NULL, Labels
 
 FORMAT = "animeddim-attributes"
@@ -189,9 +189,7 @@ def load_classifier(path: str | Path | None = None) -> tuple[AttributeNet, dict[
     if not path.is_file():
         raise ClassifierError(f"attribute classifier '{path}' does not exist")
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors, header = read_safetensors(path)
         meta = json.loads(header[FORMAT])
     except (SafetensorError, OSError, ValueError, RuntimeError, KeyError):
         raise ClassifierError(f"'{path}' is not an animeddim attribute classifier") from None

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save as st_save
 
 from .config import (
@@ -28,7 +28,7 @@ from .config import (
     guidance_interval_text,
     parse_guidance_interval,
 )
-from .io import atomic_file
+from .io import atomic_file, read_safetensors
 from .unet import UNet
 
 FORMAT = "animeddim-checkpoint"
@@ -130,9 +130,7 @@ def _read(path: Path, tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str,
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            out = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+        out, header = read_safetensors(path, tensors)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(
             f"{str(path)!r} is not a readable animeddim checkpoint (safetensors): {e}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +22,49 @@ from typing import BinaryIO
 import numpy as np
 
 TEMP_GLOB = ".*.tmp*"  # what temp_path() names look like (for cleaning up after a kill)
+
+
+def read_safetensors(path: str | Path, tensors: bool = True) -> tuple[dict, dict[str, str]]:
+    """The tensors (name -> torch.Tensor) and the metadata of a safetensors file, copied into
+    memory this process owns.
+
+    `safetensors.safe_open` maps the file privately, and a tensor taken from it still reads the
+    file's pages: a file rewritten in place (`cp` over it, same inode) while a model loaded from
+    it is in use would silently change that model's tensors (its normalisation, say) in the
+    middle of a job. Reading the bytes once rules that out.
+
+    :param tensors: False: read only the header (the metadata), not the tensor data.
+    :raises safetensors.SafetensorError, ValueError, OSError: an unreadable or malformed file.
+    """
+    path = Path(path)
+    with path.open("rb") as f:
+        file_size = os.fstat(f.fileno()).st_size
+        size = int.from_bytes(f.read(8), "little")
+        if file_size < 8 or size > file_size - 8:
+            raise ValueError(f"'{path}' is not a safetensors file (or is truncated)")
+        head = f.read(size)
+        header = json.loads(head)
+        if not isinstance(header, dict):
+            raise ValueError(f"'{path}' has no safetensors header")
+        out: dict = {}
+        try:
+            data_end = max(
+                (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                default=0,
+            )
+        except (TypeError, KeyError, IndexError) as e:
+            raise ValueError(f"'{path}' has a malformed safetensors header ({e})") from None
+        if file_size != 8 + size + data_end:
+            raise ValueError(f"'{path}' is truncated or has trailing bytes")
+        if tensors:
+            from safetensors.torch import load
+
+            f.seek(0)
+            out = load(f.read())
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"'{path}' has a malformed metadata entry")
+    return out, meta
 
 
 def temp_path(path: str | Path) -> Path:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from .. import io
@@ -23,7 +22,7 @@ from ..data import (
     load_image,
     skip_summary,
 )
-from ..io import file_digest
+from ..io import file_digest, read_safetensors
 from .inception import (
     PROTOCOL_DESCRIPTIONS,
     PROTOCOLS,
@@ -188,9 +187,8 @@ def _read_feature_cache(
     if not cache_file.is_file():
         return None
     try:
-        with safe_open(str(cache_file), framework="pt") as handle:
-            meta = handle.metadata() or {}
-            features = handle.get_tensor("features")
+        tensors, meta = read_safetensors(cache_file)
+        features = tensors["features"]
         size = (int(meta["height"]), int(meta["width"]))
         skipped = [Skipped(p, r) for p, r in json.loads(meta.get("skipped", "[]"))]
         if features.ndim != 2 or len(features) != int(meta["count"]):
