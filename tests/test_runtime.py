@@ -307,3 +307,40 @@ def test_unknown_malloc_setting_is_one_line_and_exit_2(tmp_path):
     assert out.stderr.strip().splitlines() == [
         "animeddim: error: ANIMEDDIM_MALLOC must be 'system' or unset, got 'bogus'"
     ]
+
+
+@pytest.mark.skipif(not compiler_available(), reason="torch.compile needs a C compiler")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_training_upsamples_by_the_bilinear_stencil(monkeypatch, channels_last):
+    """Compiled CPU code with gradients upsamples by `unet._twice` (a stencil whose backward
+    is slices and adds), eager code by F.interpolate; both are bilinear upsampling with
+    half-pixel centres, values and gradients, at odd sizes and in either layout."""
+    from animeddim import unet
+
+    traced = []
+    twice = unet._twice
+    monkeypatch.setattr(unet, "_twice", lambda x, d: traced.append(d) or twice(x, d))
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, 7, 9, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(3, 5, 14, 18, generator=g)
+
+    def run(fn):
+        xi = x.clone().requires_grad_()
+        out = fn(xi)
+        out.backward(grad_out)
+        return out.detach(), xi.grad
+
+    ref, ref_grad = run(
+        lambda t: torch.nn.functional.interpolate(
+            t, scale_factor=2, mode="bilinear", align_corners=False
+        )
+    )
+    eager, eager_grad = run(unet.upsample2x)
+    assert not traced and torch.equal(eager, ref) and torch.equal(eager_grad, ref_grad)
+    out, grad = run(torch.compile(unet.upsample2x, dynamic=False))
+    assert traced  # the compiled function is the stencil
+    assert torch.allclose(out, ref, atol=1e-6) and torch.allclose(grad, ref_grad, atol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
