@@ -39,28 +39,28 @@ def read_safetensors(path: str | Path, tensors: bool = True) -> tuple[dict, dict
     path = Path(path)
     with path.open("rb") as f:
         file_size = os.fstat(f.fileno()).st_size
-        size = int.from_bytes(f.read(8), "little")
+        data = f.read() if tensors else f.read(8)  # the whole file once, or just the header
+        size = int.from_bytes(data[:8], "little")
         if file_size < 8 or size > file_size - 8:
             raise ValueError(f"'{path}' is not a safetensors file (or is truncated)")
-        head = f.read(size)
-        header = json.loads(head)
-        if not isinstance(header, dict):
-            raise ValueError(f"'{path}' has no safetensors header")
-        out: dict = {}
-        try:
-            data_end = max(
-                (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
-                default=0,
-            )
-        except (TypeError, KeyError, IndexError) as e:
-            raise ValueError(f"'{path}' has a malformed safetensors header ({e})") from None
-        if file_size != 8 + size + data_end:
-            raise ValueError(f"'{path}' is truncated or has trailing bytes")
-        if tensors:
-            from safetensors.torch import load
+        head = data[8 : 8 + size] if tensors else f.read(size)
+    header = json.loads(head)
+    if not isinstance(header, dict):
+        raise ValueError(f"'{path}' has no safetensors header")
+    try:
+        data_end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+            default=0,
+        )
+    except (TypeError, KeyError, IndexError) as e:
+        raise ValueError(f"'{path}' has a malformed safetensors header ({e})") from None
+    if file_size != 8 + size + data_end:
+        raise ValueError(f"'{path}' is truncated or has trailing bytes")
+    out: dict = {}
+    if tensors:
+        from safetensors.torch import load
 
-            f.seek(0)
-            out = load(f.read())
+        out = load(data)
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict):
         raise ValueError(f"'{path}' has a malformed metadata entry")

@@ -218,7 +218,7 @@ class UNet(nn.Module):
 
 # Compiled CPU training upsamples by a stencil of slices and adds (`_twice`), not by
 # F.interpolate: inductor turns bilinear upsampling's backward into a scatter-add
-# (index_put) kernel that took 330 of the 1,100 ms of a compiled bf16 training step (batch
+# (index_put) kernel that took 333 of the 1,199 ms of a compiled bf16 training step (batch
 # 64, 64 px), and the stencil's backward is plain slices and adds: 65 -> 95 images/s on a
 # Zen 5 (docs/benchmarks.md). Eager code and inference (no backward: the stencil measured
 # 2-3% slower there) keep PyTorch's own kernel.

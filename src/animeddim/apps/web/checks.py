@@ -114,30 +114,43 @@ def choice_vocabulary(c: Choice) -> dict[str, list[str]] | None:
         return None
 
 
-def choice_guidance(c: Choice) -> tuple[float, str]:
+def shipped_meta(c: Choice) -> dict[str, Any] | None:
+    """The header of a shipped model's file (its recommendations: `choice_guidance`,
+    `choice_sampling`), read once; None for other models or an unreadable file."""
+    from ...checkpoint import CheckpointError, read_meta
+
+    if c.kind != "shipped":
+        return None
+    try:
+        return read_meta(c.path)
+    except CheckpointError:
+        return None
+
+
+def choice_guidance(meta: dict[str, Any] | None) -> tuple[float, str]:
     """The guidance weight and interval ('LO,HI' in sigma) a shipped model's file recommends
-    (`export --guidance`, `--guidance-interval`), else 1 at every noise level."""
-    from ...checkpoint import CheckpointError, read_meta, recommended_guidance
+    (`export --guidance`, `--guidance-interval`; `meta` from `shipped_meta`), else 1 at every
+    noise level."""
+    from ...checkpoint import CheckpointError, recommended_guidance
     from ...checkpoint import recommended_guidance_interval as interval
     from ...config import GUIDE_ALWAYS, guidance_interval_text
 
-    if c.kind == "shipped":
+    if meta is not None:
         try:
-            meta = read_meta(c.path)
             return recommended_guidance(meta), guidance_interval_text(interval(meta))
         except CheckpointError:
             pass
     return 1.0, guidance_interval_text(GUIDE_ALWAYS)
 
 
-def choice_sampling(c: Choice) -> dict[str, Any] | None:
-    """{"sampler", "steps"} a shipped model's file recommends (`export --sampler --steps`),
-    else None (the page keeps its own)."""
-    from ...checkpoint import CheckpointError, read_meta, recommended_sampling
+def choice_sampling(meta: dict[str, Any] | None) -> dict[str, Any] | None:
+    """{"sampler", "steps"} a shipped model's file recommends (`export --sampler --steps`;
+    `meta` from `shipped_meta`), else None (the page keeps its own)."""
+    from ...checkpoint import CheckpointError, recommended_sampling
 
-    if c.kind == "shipped":
+    if meta is not None:
         try:
-            pair = recommended_sampling(read_meta(c.path))
+            pair = recommended_sampling(meta)
         except CheckpointError:
             return None
         if pair is not None:

@@ -41,6 +41,7 @@ from .checks import (
     number,
     parse_changes,
     sampler_fields,
+    shipped_meta,
 )
 
 CACHED_MODELS = 2  # prepared networks kept in memory
@@ -115,8 +116,9 @@ class Engine:
             entry = {"id": c.id, "label": c.label, "kind": c.kind, "can_sample": c.can_sample}
             entry["has_metrics"] = c.has_metrics
             entry["vocabulary"] = choice_vocabulary(c)
-            entry["guidance"], entry["guidance_interval"] = choice_guidance(c)
-            entry["sampling"] = choice_sampling(c)
+            meta = shipped_meta(c)
+            entry["guidance"], entry["guidance_interval"] = choice_guidance(meta)
+            entry["sampling"] = choice_sampling(meta)
             models.append(entry)
         return {
             "models": models,
