@@ -30,7 +30,17 @@ def pretrained_path(name: str) -> Path:
 
 
 def weights_path(spec: str) -> Path:
-    """A shipped model's name, or a run folder / checkpoint / exported file, as a file path."""
+    """A shipped model's name, or a run folder / checkpoint / exported file, as a file path.
+
+    :raises CheckpointError: neither a shipped name nor an existing path (naming both kinds),
+        a run folder without a checkpoint, a shipped file missing from the installation."""
     from .checkpoint import resolve
 
-    return pretrained_path(spec) if spec in SHIPPED else resolve(spec)
+    if spec in SHIPPED:
+        return pretrained_path(spec)
+    if not Path(spec).exists():
+        raise CheckpointError(
+            f"unknown model {spec!r}: shipped models are {', '.join(sorted(SHIPPED))}; "
+            "otherwise give a run folder, a checkpoint or an exported .safetensors file"
+        )
+    return resolve(spec)

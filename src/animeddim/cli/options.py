@@ -124,7 +124,11 @@ def _add_force(p: argparse.ArgumentParser, what: str) -> None:
 def _add_model_source(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--run", help="run folder or checkpoint file")
-    src.add_argument("--model", default=None, help="a shipped model (default avatars-64)")
+    src.add_argument(
+        "--model",
+        default=None,
+        help="a shipped model's name (default avatars-64), or a file or folder as --run takes",
+    )
 
 
 def _add_sampler(p: argparse.ArgumentParser, recommended: bool = True) -> None:

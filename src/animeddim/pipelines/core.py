@@ -51,7 +51,8 @@ def load_for_sampling(
     """Load a model for sampling, once, and the device it is on.
 
     :param run: a run folder, checkpoint or exported file; None: the shipped `model`.
-    :param model: a shipped model's name (`pretrained.SHIPPED`; default avatars-64).
+    :param model: a shipped model's name (`pretrained.SHIPPED`; default avatars-64), or a path
+        as `run` takes.
     :param device: auto | cpu | cuda | cuda:N | mps; under torchrun each process joins the
         process group and gets its own GPU.
     :return: (the loaded model with its config and normalisation, its torch.device).
@@ -59,10 +60,10 @@ def load_for_sampling(
     """
     from ..checkpoint import load_model
     from ..distributed import setup
-    from ..pretrained import pretrained_path
+    from ..pretrained import weights_path
 
     dev = setup(_device(device))
-    source = run if run else pretrained_path(model or "avatars-64")
+    source = run if run else weights_path(model or "avatars-64")
     return load_model(source, dev), dev
 
 
