@@ -236,7 +236,11 @@ def test_init_accepts_a_shipped_model_name():
     from animeddim.pretrained import pretrained_path, weights_path
 
     assert weights_path("avatars-64") == pretrained_path("avatars-64")
-    with pytest.raises(ckpt.CheckpointError, match="neither a run folder"):
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match="unknown model 'no-such-model': shipped models are avatars-64, avatars-64-cond; "
+        "otherwise give a run folder",
+    ):
         weights_path("no-such-model")
 
 
