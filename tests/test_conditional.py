@@ -23,7 +23,7 @@ from animeddim.config import (
     guidance_interval_text,
     parse_guidance_interval,
 )
-from animeddim.diffusion.guidance import Guided
+from animeddim.diffusion.guidance import Guided, guided
 from animeddim.diffusion.samplers import SAMPLERS, sample
 from animeddim.unet import UNet, fold_batchnorm, is_cond_parameter
 
@@ -144,8 +144,9 @@ class HandGuided:
     """The guidance formula with two separate calls, in float64; with an interval (lo, hi],
     w applies where lo < sigma = sqrt(v / (1 - v)) <= hi and 1 elsewhere."""
 
-    def __init__(self, w, interval=(0.0, math.inf)):
+    def __init__(self, w, interval=(0.0, math.inf), per_attribute=None):
         self.toy, self.w, self.interval = Toy(), w, interval
+        self.per_attribute = per_attribute or {}
 
     def __call__(self, x, v, cond=None):
         x64, v64 = x.double(), v.double()
@@ -153,8 +154,13 @@ class HandGuided:
         eps_n = self.toy(x64, v64, torch.full_like(cond, NULL))
         sigma = (v64 / (1 - v64)).sqrt()
         lo, hi = self.interval
-        w = torch.where((sigma > lo) & (sigma <= hi), self.w, 1.0).view(-1, 1, 1, 1)
-        return (eps_n + w * (eps_c - eps_n)).float()
+        inside = ((sigma > lo) & (sigma <= hi)).view(-1, 1, 1, 1)
+        out = eps_n + torch.where(inside, self.w, 1.0) * (eps_c - eps_n)
+        for a, wa in self.per_attribute.items():  # attribute a's part weighted wa, not w
+            rest = cond.clone()
+            rest[:, a] = NULL
+            out = out + torch.where(inside, wa - self.w, 0.0) * (eps_c - self.toy(x64, v64, rest))
+        return out.float()
 
 
 def test_guidance_formula_by_hand_and_one_batched_call():
@@ -223,6 +229,54 @@ def test_every_sampler_with_a_guidance_interval_matches_the_hand_computation(nam
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     always = sample(Guided(Toy(), 2.5), noise, 6, sched, sampler=name, cond=cond)
     assert not torch.allclose(got, always)
+
+
+def test_per_attribute_weight_by_hand_in_one_batched_call():
+    x, v = torch.randn(3, 3, 4, 4), torch.tensor([0.2, 0.5, 0.9])
+    cond = torch.tensor([[1, NULL], [0, 2], [NULL, 1]])
+    toy = Toy()
+    out = Guided(toy, 3.0, per_attribute={1: 7.0})(x, v, cond)
+    rest = cond.clone()
+    rest[:, 1] = NULL
+    assert [c[0] for c in toy.calls] == [9]  # cond, null and cond without attribute 1
+    assert torch.equal(toy.calls[0][1], torch.cat([cond, torch.full_like(cond, NULL), rest]))
+
+    # By hand: code sums (code + 1) 2, 4, 2 asked; 2, 1, 0 without attribute 1; 0 null.
+    def eps(k):
+        return 0.1 * x + 0.05 * (v * (1 + torch.tensor(k))).view(-1, 1, 1, 1)
+
+    e_c, e_r, e_n = eps([2.0, 4.0, 2.0]), eps([2.0, 1.0, 0.0]), eps([0.0, 0.0, 0.0])
+    torch.testing.assert_close(out, e_n + 3.0 * (e_c - e_n) + 4.0 * (e_c - e_r))
+    # an image that does not ask attribute 1 is guided as with w alone
+    torch.testing.assert_close(out[0], Guided(Toy(), 3.0)(x, v, cond)[0])
+    # the weight of the others is w: attribute 1 alone at 7 is w = 7 for an image asking only it
+    torch.testing.assert_close(out[2], Guided(Toy(), 7.0)(x, v, cond)[2])
+    # a per-attribute weight equal to w changes nothing and costs nothing
+    toy = Toy()
+    torch.testing.assert_close(
+        Guided(toy, 3.0, per_attribute={1: 3.0})(x, v, cond), e_n + 3.0 * (e_c - e_n)
+    )
+    assert [c[0] for c in toy.calls] == [6]
+    # w = 1 with one attribute weighted still guides that attribute
+    torch.testing.assert_close(
+        Guided(Toy(), 1.0, per_attribute={0: 4.0})(x, v, cond),
+        HandGuided(1.0, per_attribute={0: 4.0})(x, v, cond),
+    )
+    assert guided(toy, 1.0, per_attribute={0: 1.0}) is toy  # nothing to combine
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_sampler_with_per_attribute_weights_matches_the_hand_computation(name):
+    sched = ScheduleConfig()
+    noise = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    cond = torch.tensor([[1, NULL], [0, 2], [NULL, 1]])
+    interval, weights = (1.0, 10.0), {0: 5.0, 1: 0.5}
+    got = sample(Guided(Toy(), 2.5, interval, weights), noise, 6, sched, sampler=name, cond=cond)
+    want = sample(HandGuided(2.5, interval, weights), noise, 6, sched, sampler=name, cond=cond)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(
+        got, sample(Guided(Toy(), 2.5, interval), noise, 6, sched, sampler=name, cond=cond)
+    )
 
 
 def test_guidance_interval_text_and_its_errors():

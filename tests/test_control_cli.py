@@ -485,3 +485,57 @@ def read_raw_meta(path) -> str:
 
     with safe_open(str(path), "pt") as f:
         return f.metadata()["animeddim"]
+
+
+def test_per_attribute_guidance_from_the_command_line_and_from_an_export(
+    cond_run, tmp_path, capsys
+):
+    import numpy as np
+    from PIL import Image
+
+    from animeddim.checkpoint import read_meta
+
+    plain, rec = tmp_path / "plain.safetensors", tmp_path / "rec.safetensors"
+    assert run_main(capsys, "export", "--run", cond_run, "--out", plain)[0] == 0
+    rc, stdout, err = run_main(capsys, "export", "--run", cond_run, "--out", rec,
+                               "--guidance", 3, "--attr-guidance", "band=6")  # fmt: skip
+    assert rc == 0, err
+    assert "recommended guidance 3, band=6" in stdout
+    assert read_meta(rec)["attribute_guidance"] == "band=6"
+    args = ["sample", "--steps", 4, "--seed", 4, "--n", 2, "--device", "cpu", "--precision",
+            "fp32", "--attr", "colour=red", "--attr", "band=top"]  # fmt: skip
+    runs = {"default": (rec, []),  # the file's weight, and with it the file's band=6
+            "same w": (rec, ["--guidance", 3]),
+            "explicit": (plain, ["--guidance", 3, "--attr-guidance", "band=6"]),
+            "none": (rec, ["--attr-guidance", "none"]),
+            "w alone": (plain, ["--guidance", 3]),
+            "other w": (rec, ["--guidance", 2]),
+            "w 2 alone": (plain, ["--guidance", 2])}  # fmt: skip
+    for name, (model, extra) in runs.items():
+        rc, _, err = run_main(capsys, *args, "--run", model, *extra, "--out", tmp_path / name)
+        assert rc == 0, err
+    png = {k: np.stack([np.asarray(Image.open(tmp_path / k / f"seed4-00000{i}.png"))
+                        for i in range(2)]) for k in runs}  # fmt: skip
+    assert np.array_equal(png["default"], png["explicit"])
+    assert np.array_equal(png["same w"], png["explicit"])
+    assert np.array_equal(png["none"], png["w alone"])  # 'none' drops the file's weights
+    assert not np.array_equal(png["default"], png["w alone"])  # band=6 draws otherwise
+    assert np.array_equal(png["other w"], png["w 2 alone"])  # they go with the file's w only
+    # bad values: one line, exit 2, nothing written
+    for extra, says in ((["--attr-guidance", "shape=4"], "knows no attribute 'shape'"),
+                        (["--attr-guidance", "band=-1"], "NAME=W with W a number >= 0"),
+                        (["--attr-guidance", "band"], "got 'band'"),
+                        (["--attr-guidance", "band=2,band=3"], "band is given twice")):  # fmt: skip
+        rc, _, err = run_main(capsys, *args, "--run", plain, *extra, "--out", tmp_path / "bad")
+        assert rc == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "bad").exists()
+    rc, _, err = run_main(capsys, "sample", "--run", plain, "--n", 1, "--out", tmp_path / "u",
+                          "--attr-guidance", "band=6")  # fmt: skip
+    assert rc == 2 and "--attr-guidance band=6 needs --attr NAME=VALUE" in err
+    unknown = "per-attribute guidance for shape: the model knows colour, band"
+    for extra, says in ((["--attr-guidance", "band=6"], "--attr-guidance needs --guidance W"),
+                        (["--guidance", 3, "--attr-guidance", "shape=6"], unknown)):  # fmt: skip
+        rc, _, err = run_main(capsys, "export", "--run", cond_run, "--out",
+                              tmp_path / "x.safetensors", *extra)  # fmt: skip
+        assert rc == 2 and says in err, err
+        assert not (tmp_path / "x.safetensors").exists()

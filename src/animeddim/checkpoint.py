@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save as st_save
 
+from .conditioning import attribute_weights_text, parse_attribute_weights
 from .config import (
     GUIDE_ALWAYS,
     ConfigError,
@@ -105,6 +106,18 @@ def recommended_guidance_interval(meta: dict[str, Any]) -> tuple[float, float]:
         return parse_guidance_interval(text)
     except ConfigError as e:
         raise CheckpointError(f"the stored guidance interval is unusable: {e}") from None
+
+
+def recommended_attribute_guidance(meta: dict[str, Any]) -> dict[str, float]:
+    """The per-attribute guidance weights an export recommends with its weight
+    (`export_weights(attribute_guidance=)`; attribute -> w_a), else {}."""
+    text = meta.get("attribute_guidance")
+    if text is None:
+        return {}
+    try:
+        return parse_attribute_weights(text)
+    except ConfigError as e:
+        raise CheckpointError(f"the stored per-attribute guidance is unusable: {e}") from None
 
 
 def recommended_sampling(meta: dict[str, Any]) -> tuple[str, int] | None:
@@ -259,6 +272,7 @@ def export_weights(
     guidance: float | None = None,
     guidance_interval: tuple[float, float] | None = None,
     sampling: tuple[str, int] | None = None,
+    attribute_guidance: dict[str, float] | None = None,
 ) -> Path:
     """Write a small sampling-only file: EMA weights (in `dtype`), normalisation and config.
 
@@ -269,6 +283,8 @@ def export_weights(
         default of conditional sampling from the file; 1 when absent).
     :param guidance_interval: the noise levels (lo, hi] in sigma where that weight applies
         (default of sampling from the file; every level when absent).
+    :param attribute_guidance: attribute -> its own weight, in place of `guidance` for that
+        attribute given the others (`diffusion.guidance.Guided`), used with that weight.
     :param sampling: the (sampler, steps) sampling from the file uses when not told
         (`recommended_sampling`); absent: DDIM, 20 steps."""
     loaded = src if isinstance(src, LoadedModel) else load_model(src)
@@ -284,6 +300,15 @@ def export_weights(
         meta["guidance"] = float(guidance)
     if guidance_interval is not None:
         meta["guidance_interval"] = guidance_interval_text(guidance_interval)
+    if attribute_guidance:
+        vocab = loaded.config.model.vocabulary
+        unknown = [a for a in attribute_guidance if a not in vocab]
+        if unknown:
+            raise ConfigError(
+                f"per-attribute guidance for {', '.join(unknown)}: the model knows "
+                f"{', '.join(vocab) or 'no attributes'}"
+            )
+        meta["attribute_guidance"] = attribute_weights_text(attribute_guidance)
     if sampling is not None:
         meta["sampler"], meta["sampling_steps"] = sampling[0], int(sampling[1])
         recommended_sampling(meta)  # refuse to write what could not be read back

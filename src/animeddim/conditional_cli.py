@@ -44,6 +44,33 @@ def add_guidance_interval(p: argparse.ArgumentParser, default: str) -> None:
     )
 
 
+def _attribute_weights(text: str) -> dict[str, float]:
+    from .conditioning import parse_attribute_weights
+    from .config import ConfigError
+
+    try:
+        return parse_attribute_weights(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(f"--attr-guidance: {e}") from None
+
+
+FILE_WEIGHTS = "the ones the model file recommends, if --guidance is the file's weight, else none"
+
+
+def add_attribute_guidance(p: argparse.ArgumentParser, default: str) -> None:
+    """--attr-guidance NAME=W,...: per-attribute guidance weights."""
+    p.add_argument(
+        "--attr-guidance",
+        type=_attribute_weights,
+        default=None,
+        metavar="NAME=W,...",
+        help="give these attributes their own guidance weight in place of --guidance's (e.g. "
+        "hair_len=16: that attribute is pushed harder, given the others; one more network "
+        "call per step for each); 'none': every attribute at --guidance's weight "
+        f"(default: {default})",
+    )
+
+
 def _guidance_list(text: str) -> list[float]:
     ws = [_guidance(x.strip()) for x in text.split(",") if x.strip()]
     if not ws:
@@ -112,6 +139,7 @@ def add_sample_options(p: argparse.ArgumentParser) -> None:
         "conditional, 0 = null (default: the weight the model file recommends, else 1)",
     )
     add_guidance_interval(p, "the interval the model file recommends, else 0,inf")
+    add_attribute_guidance(p, FILE_WEIGHTS)
 
 
 def add_edit_parser(sub: Any, setup: Callable[[argparse.ArgumentParser], None], steps) -> None:
@@ -141,6 +169,7 @@ def add_edit_parser(sub: Any, setup: Callable[[argparse.ArgumentParser], None], 
         help="of the regeneration (default: the model file's recommended weight, else 1)",
     )
     add_guidance_interval(p, "the interval the model file recommends, else 0,inf")
+    add_attribute_guidance(p, FILE_WEIGHTS)
     p.add_argument(
         "--out",
         required=True,
@@ -292,11 +321,16 @@ def resolve_guidance(a: argparse.Namespace, loaded) -> float:
 
 
 def check_guidance_has_conditions(
-    guidance: float | None, conditioned: bool, needs: str, interval: Any = None
+    guidance: float | None,
+    conditioned: bool,
+    needs: str,
+    interval: Any = None,
+    weights: dict[str, float] | None = None,
 ) -> None:
     """A guidance weight other than 1, or a guidance interval, on an unconditional draw is
     refused, not ignored (a weight not given is the model's default, which only conditional
     sampling uses)."""
+    from .conditioning import attribute_weights_text
     from .config import ConfigError, guidance_interval_text
 
     if guidance is not None and guidance != 1.0 and not conditioned:
@@ -309,6 +343,11 @@ def check_guidance_has_conditions(
             f"--guidance-interval {guidance_interval_text(interval)} needs {needs}: without "
             "it the model draws unconditionally and there is no guidance to place"
         )
+    if weights and not conditioned:
+        raise ConfigError(
+            f"--attr-guidance {attribute_weights_text(weights)} needs {needs}: without it the "
+            "model draws unconditionally and no attribute is asked to weigh"
+        )
 
 
 def evaluate_target(a: argparse.Namespace, loaded) -> tuple[Any, Any]:
@@ -320,6 +359,7 @@ def evaluate_target(a: argparse.Namespace, loaded) -> tuple[Any, Any]:
         bool(a.attr or a.attrs_from),
         "--attr NAME=VALUE or --attrs-from FILE.csv",
         a.guidance_interval,
+        a.attr_guidance,
     )
     from .pipelines import control_target, mix_target
 
@@ -395,6 +435,7 @@ def add_guidance_parser(sub: Any, setup: Callable[[argparse.ArgumentParser], Non
         help="comma-separated guidance weights (default 0,1,2,3,5)",
     )
     add_guidance_interval(p, "the interval the model file recommends, else 0,inf")
+    add_attribute_guidance(p, "none: each weight of --w guides every attribute")
     _add_classifier(p)
     p.add_argument("--out", help="folder for guidance.csv/.md (default: the run folder)")
     p.add_argument(
@@ -416,6 +457,8 @@ def cmd_guidance(a: argparse.Namespace, load, settings_of, extractor_of, bars) -
     if not Path(a.real).is_dir():
         raise ConfigError(f"real-image folder {a.real!r} does not exist")
     outputs.earlier_outputs(out, GUIDANCE_NAMES, a.force)  # each is replaced whole
+    if a.attr_guidance is None:  # a sweep of w: every attribute at each w unless told
+        a.attr_guidance = {}
     loaded, device = load(a.run, a.model, a.device)
     target = control_target(loaded, a.real, asked(a), a.classifier)
     t = time.perf_counter()

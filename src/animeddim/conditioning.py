@@ -7,6 +7,7 @@ order, :data:`NULL` (-1) for an attribute not asked (or dropped in training).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -32,6 +33,36 @@ def parse_assignments(items: Sequence[str], flag: str = "--attr") -> dict[str, s
             raise UnknownAttribute(f"{flag}: {name.strip()} is given twice")
         out[name.strip()] = value.strip()
     return out
+
+
+def parse_attribute_weights(text: str) -> dict[str, float]:
+    """'hair_len=16,skin=10' -> {'hair_len': 16.0, 'skin': 10.0}: per-attribute guidance
+    weights (`diffusion.guidance.Guided`); 'none' or '' -> {} (every attribute at w).
+
+    :raises ConfigError: an item that is not NAME=W with W a number >= 0, or a name twice."""
+    out: dict[str, float] = {}
+    if str(text).strip().lower() in ("", "none"):
+        return out
+    for item in str(text).split(","):
+        name, sep, value = (x.strip() for x in item.partition("="))
+        try:
+            w = float(value) if sep and name else math.nan
+        except ValueError:
+            w = math.nan
+        if not (math.isfinite(w) and w >= 0.0):
+            raise ConfigError(
+                f"a per-attribute guidance weight is NAME=W with W a number >= 0 (e.g. "
+                f"hair_len=16), got {item.strip()!r}"
+            )
+        if name in out:
+            raise ConfigError(f"per-attribute guidance weights: {name} is given twice")
+        out[name] = w
+    return out
+
+
+def attribute_weights_text(weights: dict[str, float]) -> str:
+    """{'hair_len': 16.0} -> 'hair_len=16' (what `parse_attribute_weights` reads); {} -> 'none'."""
+    return ",".join(f"{k}={w:g}" for k, w in weights.items()) or "none"
 
 
 def check_attribute(vocab: Mapping[str, Sequence[str]], name: str) -> None:

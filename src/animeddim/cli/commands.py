@@ -138,6 +138,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     import torch
 
     from ..checkpoint import export_weights, load_model, resolve
+    from ..conditioning import attribute_weights_text
     from ..config import guidance_interval_words
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
@@ -148,6 +149,8 @@ def cmd_export(a: argparse.Namespace) -> int:
         outputs.not_inside(a.out, ckpts, "--out", "the run's checkpoints", "resume needs them")
     if a.guidance_interval is not None and a.guidance is None:
         raise CliError("--guidance-interval needs --guidance W: the weight it applies")
+    if a.attr_guidance and a.guidance is None:
+        raise CliError("--attr-guidance needs --guidance W: the weight of the other attributes")
     if (a.sampler is None) != (a.steps is None):
         raise CliError("--sampler and --steps go together: the file recommends both")
     sampling = (a.sampler, a.steps) if a.sampler else None
@@ -161,6 +164,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         a.guidance,
         a.guidance_interval,
         sampling,
+        a.attr_guidance,
     )
     print(f"exported EMA weights ({a.dtype}) to {out} ({os.path.getsize(out) / 2**20:.1f} MiB)")
     if rows is not None:
@@ -169,6 +173,8 @@ def cmd_export(a: argparse.Namespace) -> int:
         where = ""
         if a.guidance_interval:
             where = f", at {guidance_interval_words(a.guidance_interval)}"
+        if a.attr_guidance:
+            where += f", {attribute_weights_text(a.attr_guidance)}"
         print(f"recommended guidance {a.guidance:g}{where}: conditional sampling's default")
     if sampling:
         print(f"recommended sampling: {a.steps} {a.sampler} steps (the default for this file)")

@@ -298,6 +298,7 @@ def _add_export_command(sub) -> None:
         "default of conditional sampling from it (default: none stored, sampling uses 1)",
     )
     conditional_cli.add_guidance_interval(p, "none stored, sampling guides every step")
+    conditional_cli.add_attribute_guidance(p, "none stored")
     p.add_argument(
         "--sampler",
         choices=list(SAMPLER_NAMES),

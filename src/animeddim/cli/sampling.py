@@ -48,6 +48,7 @@ def _settings(a: argparse.Namespace, device, loaded=None, **over):
     }
     kw.update(compile=getattr(a, "compile", None), clip=getattr(a, "clip_x0", None))
     kw.update(guidance_interval=getattr(a, "guidance_interval", None))
+    kw.update(attribute_guidance=getattr(a, "attr_guidance", None))
     kw.update(over)
     return resolve_settings(device, getattr(a, "precision", None) or "auto", **kw)
 
@@ -64,6 +65,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
         bool(a.attr or a.grid_by or a.attrs_from),
         "--attr NAME=VALUE, --grid-by NAME or --attrs-from FILE.csv",
         a.guidance_interval,
+        a.attr_guidance,
     )
     if a.attrs_from and a.grid_by:
         raise CliError("--attrs-from sets every image's attributes: give it without --grid-by")

@@ -11,7 +11,12 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import LoadedModel, recommended_guidance, recommended_guidance_interval
+from ..checkpoint import (
+    LoadedModel,
+    recommended_attribute_guidance,
+    recommended_guidance,
+    recommended_guidance_interval,
+)
 from ..conditioning import NULL, UnknownAttribute, check_attribute, encode
 from ..diffusion.generation import denormalize
 from ..diffusion.guidance import guided
@@ -41,6 +46,41 @@ def guidance_interval(loaded: LoadedModel, s: SampleSettings) -> tuple[float, fl
     settings' own, else the one stored in an exported file (`export --guidance-interval`),
     else every level."""
     return s.guidance_interval or recommended_guidance_interval(loaded.meta)
+
+
+def attribute_guidance(loaded: LoadedModel, s: SampleSettings, guidance: float) -> dict[str, float]:
+    """The per-attribute guidance weights (attribute -> w_a) sampling at weight `guidance`
+    uses: the settings' own, else the ones an exported file recommends if `guidance` is the
+    file's weight (they go together), else none.
+
+    :raises UnknownAttribute: a weighted attribute the model does not know, listing the known.
+    """
+    weights = s.attribute_guidance
+    if weights is None:
+        same = guidance == recommended_guidance(loaded.meta)
+        weights = recommended_attribute_guidance(loaded.meta) if same else {}
+    for name in weights:
+        check_attribute(vocabulary(loaded), name)
+    return dict(weights)
+
+
+def attribute_indices(loaded: LoadedModel, weights: Mapping[str, float]) -> dict[int, float]:
+    """attribute -> w_a as column of the codes -> w_a (`diffusion.guidance.Guided`)."""
+    names = list(vocabulary(loaded))
+    return {names.index(a): w for a, w in weights.items()}
+
+
+def guided_net(loaded: LoadedModel, net: Any, s: SampleSettings, guidance: float) -> Any:
+    """`net` under classifier-free guidance at weight `guidance`, in the settings' (or the
+    file's) interval and with their per-attribute weights (`attribute_guidance`)."""
+    weights = attribute_indices(loaded, attribute_guidance(loaded, s, guidance))
+    return guided(net, guidance, guidance_interval(loaded, s), weights)
+
+
+def guided_calls(loaded: LoadedModel, s: SampleSettings, guidance: float) -> int:
+    """Network evaluations per image and step of guided sampling (for `sampling_net`)."""
+    extra = [w for w in attribute_guidance(loaded, s, guidance).values() if w != guidance]
+    return 1 if guidance == 1.0 and not extra else 2 + len(extra)
 
 
 def attribute_codes(loaded: LoadedModel, asked: Mapping[str, str]) -> torch.Tensor | None:
@@ -86,11 +126,12 @@ def draw_per_image(
     """`draw` where image i (of first_index .. first_index + n - 1) is asked the codes of
     row i mod R of `codes` ([R x A], e.g. `codes_from_labels`), with classifier-free
     guidance weight `guidance`: uint8 [n x H x W x C]."""
-    calls = 1 if guidance == 1.0 else 2
-    net = guided(
+    calls = guided_calls(loaded, s, guidance)
+    net = guided_net(
+        loaded,
         net if net is not None else sampling_net(loaded, s, calls * n * s.steps),
+        s,
         guidance,
-        guidance_interval(loaded, s),
     )
     cond = per_image_codes(codes, n, first_index).to(s.device).contiguous()
     return draw(loaded, n, s, first_index, net=net, progress=progress, cond=cond)
@@ -240,7 +281,7 @@ def regenerate(
     :param progress: told ("edit", images done, N) after each batch.
     """
     cfg = loaded.config
-    net = guided(loaded.model, guidance, guidance_interval(loaded, settings))
+    net = guided_net(loaded, loaded.model, settings, guidance)
     out: list[list[torch.Tensor]] = [[] for _ in targets]
     done = _counter(progress, "edit", len(real_u8))
     for i in range(0, len(real_u8), settings.batch_size):

@@ -100,6 +100,9 @@ class SampleSettings:
     # noise levels (lo, hi] in sigma = noise/signal rate where classifier-free guidance
     # applies (plain conditional elsewhere); None: the model file's recommended, else always
     guidance_interval: tuple[float, float] | None = None
+    # attribute -> its own guidance weight in place of w (`diffusion.guidance.Guided`); {}:
+    # none; None: the model file's recommended ones where w is the file's weight, else none
+    attribute_guidance: dict[str, float] | None = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """A fresh autocast context for this precision and device (nullcontext for fp32)."""
@@ -118,6 +121,7 @@ def resolve_settings(
     batch_size: int = 64,
     compile: bool | None = None,
     guidance_interval: tuple[float, float] | None = None,
+    attribute_guidance: dict[str, float] | None = None,
 ) -> SampleSettings:
     """Checked `SampleSettings` on a resolved device (auto | cpu | cuda | cuda:N | mps): the
     sampler must be registered and allow `eta` (`diffusion.samplers.SAMPLERS`), and
@@ -149,6 +153,7 @@ def resolve_settings(
         guidance_interval=(
             None if guidance_interval is None else check_guidance_interval(guidance_interval)
         ),
+        attribute_guidance=None if attribute_guidance is None else dict(attribute_guidance),
     )
 
 

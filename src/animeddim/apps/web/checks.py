@@ -143,6 +143,17 @@ def choice_guidance(meta: dict[str, Any] | None) -> tuple[float, str]:
     return 1.0, guidance_interval_text(GUIDE_ALWAYS)
 
 
+def choice_attribute_guidance(meta: dict[str, Any] | None) -> dict[str, float]:
+    """The per-attribute guidance weights a shipped model's file recommends with its weight
+    (`export --attr-guidance`), else {}: sampling at the file's weight uses them."""
+    from ...checkpoint import CheckpointError, recommended_attribute_guidance
+
+    try:
+        return recommended_attribute_guidance(meta) if meta is not None else {}
+    except CheckpointError:
+        return {}
+
+
 def choice_sampling(meta: dict[str, Any] | None) -> dict[str, Any] | None:
     """{"sampler", "steps"} a shipped model's file recommends (`export --sampler --steps`;
     `meta` from `shipped_meta`), else None (the page keeps its own)."""

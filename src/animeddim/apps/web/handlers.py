@@ -33,6 +33,7 @@ from .checks import (
     Choice,
     GenerateRequest,
     RequestError,
+    choice_attribute_guidance,
     choice_guidance,
     choice_sampling,
     choice_vocabulary,
@@ -118,6 +119,7 @@ class Engine:
             entry["vocabulary"] = choice_vocabulary(c)
             meta = shipped_meta(c)
             entry["guidance"], entry["guidance_interval"] = choice_guidance(meta)
+            entry["attribute_guidance"] = choice_attribute_guidance(meta)
             entry["sampling"] = choice_sampling(meta)
             models.append(entry)
         return {
