@@ -37,6 +37,7 @@ def test_evaluate_attr_reports_accuracy_and_kid_against_the_asked_images(
     r = json.loads(out.read_text())
     c = r["attributes_asked"]
     assert c["asked"] == {"colour": "red"} and r["guidance"] == 3.0
+    assert r["attribute_guidance"] == {}  # none given, none stored
     assert c["n_real"] == 48 and c["classifier_accuracy"] == {"colour": 1.0}
     assert c["accuracy"]["colour"] >= 0.75  # guidance 3 draws red
     assert c["kid_mean"] != r["kid_mean"]  # against the red images, not all of them

@@ -85,6 +85,7 @@ def test_catalog_lists_runs_and_never_takes_a_path(runs):
 def test_info_offers_the_shipped_conditional_model_with_its_guidance():
     """The shipped conditional model's attributes come from its config beside it and its
     guidance, sampler and steps fields start at what its file recommends."""
+    from animeddim.checkpoint import recommended_attribute_guidance
     from animeddim.config import guidance_interval_text
     from animeddim.pipelines import (
         SampleSettings,
@@ -104,6 +105,8 @@ def test_info_offers_the_shipped_conditional_model_with_its_guidance():
     interval = guidance_interval(loaded, SampleSettings())  # the file's recommendation
     assert cond["guidance_interval"] == guidance_interval_text(interval)
     assert models["avatars-64"]["guidance_interval"] == "0,inf"
+    assert cond["attribute_guidance"] == recommended_attribute_guidance(loaded.meta)
+    assert models["avatars-64"]["attribute_guidance"] == {}
     sampler, steps = default_sampling(loaded)  # the sampler and steps the file recommends
     assert cond["sampling"] == {"sampler": sampler, "steps": steps} and sampler != "ddim"
     assert models["avatars-64"]["sampling"] is None  # recommends none: the page's own

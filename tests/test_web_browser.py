@@ -146,6 +146,7 @@ def test_the_guidance_and_sampling_fields_start_at_the_models_recommendation(pag
     """The shipped conditional model recommends a weight, the noise levels it applies at, a
     sampler and a step count (its export); a run recommends nothing: plain conditional, no
     interval shown, the page's own sampler and steps."""
+    from animeddim.checkpoint import recommended_attribute_guidance
     from animeddim.pipelines import default_guidance, default_sampling, load_for_sampling
 
     loaded = load_for_sampling(None, "avatars-64-cond", "cpu")[0]
@@ -154,12 +155,17 @@ def test_the_guidance_and_sampling_fields_start_at_the_models_recommendation(pag
     page.wait_for_selector("#g-interval")
     assert float(page.input_value("#g-guidance")) == default_guidance(loaded) > 1
     assert "noise levels sigma in (1, inf]" in page.inner_text("#g-interval")
+    own = recommended_attribute_guidance(loaded.meta)  # the file's per-attribute weights
+    assert page.locator("#g-attr-weights").count() == (1 if own else 0)
+    for name, w in own.items():
+        assert f"{name.replace('_', ' ')} at {w:g}" in page.inner_text("#g-attr-weights")
     assert (page.input_value("#g-sampler"), page.input_value("#g-steps")) == (sampler, str(steps))
     assert page.inner_text("#g-sampling-note") == "as the model recommends"
     page.select_option("#g-model", "run:colours")
     page.wait_for_selector("#g-attrs select")
     assert page.input_value("#g-guidance") == "1"
     assert page.locator("#g-interval").count() == 0
+    assert page.locator("#g-attr-weights").count() == 0
     assert (page.input_value("#g-sampler"), page.input_value("#g-steps")) == ("dpmpp-2m", "10")
     assert page.inner_text("#g-sampling-note") == ""
 

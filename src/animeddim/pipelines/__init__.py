@@ -23,6 +23,7 @@ Plain functions and dataclasses: no argparse, no HTTP, no printing (except `step
 from .conditional import (
     attribute_codes,
     attribute_grid,
+    attribute_guidance,
     codes_from_labels,
     default_guidance,
     draw_conditional,
@@ -83,6 +84,7 @@ __all__ = [
     "codes_from_labels",
     "default_guidance",
     "guidance_interval",
+    "attribute_guidance",
     "draw_conditional",
     "draw_per_image",
     "edit",

@@ -23,7 +23,7 @@ from ..diffusion.samplers import (
     resolve_clip,
 )
 from ..io import write_text_atomic
-from .conditional import draw_conditional, draw_per_image, guidance_interval
+from .conditional import attribute_guidance, draw_conditional, draw_per_image, guidance_interval
 from .control import ControlTarget, MixTarget, control_summary, mix_accuracy, real_features
 from .core import Progress, SampleSettings, _nchw, _tell, draw, sampling_net
 
@@ -103,7 +103,9 @@ def evaluate(
         result["attributes_from"] = mix_accuracy(mix, fake)
     if control is not None or mix is not None:
         result["guidance"] = guidance
-        if guidance != 1.0:  # where w applied (noise levels in sigma)
+        weights = attribute_guidance(loaded, settings, guidance)  # attribute -> its own w
+        result["attribute_guidance"] = {a: w for a, w in weights.items() if w != guidance}
+        if guidance != 1.0 or result["attribute_guidance"]:  # where w applied (in sigma)
             interval = guidance_interval(loaded, settings)
             result["guidance_interval"] = guidance_interval_text(interval)
     if "standard" in protocols:
