@@ -165,6 +165,26 @@ def test_generate_request_defaults_eta_rule_and_attributes(runs):
     req = checks.parse_generate({"model": "run:tiny", "mix": "training", "guidance": "2"}, cat)
     assert (req.mix, req.attributes, req.guidance) == (True, {}, 2.0)
     assert "--attrs-from training --guidance 2" in checks.cli_command(req, "runs", "cpu", "auto")
+    # weight 1 is said too: left out, the CLI would take a shipped file's recommended weight
+    req = checks.parse_generate({"model": "run:tiny", "attributes": {"hair": "red"}}, cat)
+    assert "--attr hair=red --guidance 1 --" in checks.cli_command(req, "runs", "cpu", "auto")
+    # per-attribute weights: absent is the file's (None), '' or 'none' is none, else parsed
+    assert req.attribute_guidance is None
+    for raw, want in (("", {}), ("none", {}), ("hair=4, eyes=0.5", {"hair": 4.0, "eyes": 0.5})):
+        body = {"model": "run:tiny", "attributes": {"hair": "red"}, "attribute_guidance": raw}
+        req = checks.parse_generate(body, cat)
+        assert req.attribute_guidance == want
+        if not want:  # none, and a run recommends none: nothing to say
+            assert "--attr-guidance" not in checks.cli_command(req, "runs", "cpu", "auto")
+    assert "--guidance 1 --attr-guidance hair=4,eyes=0.5 --" in checks.cli_command(
+        req, "runs", "cpu", "auto"
+    )
+    bad = (("hair=x", "NAME=W with W a number >= 0"), ("hair=25", "from 0 to 20"),
+           (["hair=2"], "text like hair_len=11"), ("hair=1,hair=2", "given twice"))  # fmt: skip
+    for raw, says in bad:
+        body = {"model": "run:tiny", "attributes": {"hair": "red"}, "attribute_guidance": raw}
+        with pytest.raises(RequestError, match=says):
+            checks.parse_generate(body, cat)
     with pytest.raises(RequestError, match="mix must be 'none' or 'training', got 'prior'"):
         checks.parse_generate({"model": "run:tiny", "mix": "prior"}, cat)
 
@@ -294,10 +314,13 @@ def test_generate_with_the_training_mix_is_what_the_cli_draws(client, tmp_path):
     asked colour set in every row, as `sample --attrs-from training --attr` draws it."""
     body = {"model": "run:colours", "seed": 1, "n": 3, "steps": 3, "sampler": "dpmpp-2m",
             "attributes": {"band": "top", "colour": "any"}, "mix": "training",
-            "guidance": "2"}  # fmt: skip
+            "guidance": "2", "attribute_guidance": "band=5"}  # fmt: skip
     result = stream(client.post("/api/generate", json=body))[-1]["result"]
     args = shlex.split(result["command"])
-    assert "--attrs-from training --attr band=top --guidance 2" in result["command"]
+    assert (
+        "--attrs-from training --attr band=top --guidance 2 --attr-guidance band=5"
+        in (result["command"])
+    )
     args = [a.replace("samples/", str(tmp_path / "s")).replace("grid.png", str(tmp_path / "g.png"))
             for a in args[1:]]  # fmt: skip
     run_cli(*args)

@@ -136,9 +136,11 @@ def test_the_training_mix_of_a_conditional_model(page, shots):
     page.fill("#g-steps", "3")
     page.select_option("#g-attrs select[data-attr='band']", "top")
     page.check("#g-mix")
+    page.fill("#g-attr-guidance", "band=3")  # the band pushed harder than the colour
     page.click("#g-go")
     page.wait_for_selector("#g-gallery img >> nth=5", timeout=60_000)
     assert "--attrs-from training --attr band=top" in page.inner_text("#g-cmd")
+    assert "--guidance 1 --attr-guidance band=3" in page.inner_text("#g-cmd")
     shots(page, "04-generate-training-mix")
 
 
@@ -159,6 +161,7 @@ def test_the_guidance_and_sampling_fields_start_at_the_models_recommendation(pag
     assert page.locator("#g-attr-weights").count() == (1 if own else 0)
     for name, w in own.items():
         assert f"{name.replace('_', ' ')} at {w:g}" in page.inner_text("#g-attr-weights")
+    assert page.input_value("#g-attr-guidance") == ",".join(f"{a}={w:g}" for a, w in own.items())
     assert (page.input_value("#g-sampler"), page.input_value("#g-steps")) == (sampler, str(steps))
     assert page.inner_text("#g-sampling-note") == "as the model recommends"
     page.select_option("#g-model", "run:colours")
@@ -166,6 +169,7 @@ def test_the_guidance_and_sampling_fields_start_at_the_models_recommendation(pag
     assert page.input_value("#g-guidance") == "1"
     assert page.locator("#g-interval").count() == 0
     assert page.locator("#g-attr-weights").count() == 0
+    assert page.input_value("#g-attr-guidance") == ""
     assert (page.input_value("#g-sampler"), page.input_value("#g-steps")) == ("dpmpp-2m", "10")
     assert page.inner_text("#g-sampling-note") == ""
 

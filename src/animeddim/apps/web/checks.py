@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ...conditioning import attribute_weights_text
 from ...diffusion.samplers import SAMPLERS
 from ...pretrained import SHIPPED
 
@@ -217,6 +218,8 @@ class GenerateRequest:
     attributes: dict[str, str] = field(default_factory=dict)
     guidance: float = 1.0
     mix: bool = False  # the attributes not asked are drawn as the training labels have them
+    # attribute -> its own guidance weight (`--attr-guidance`); None: the file's with its w
+    attribute_guidance: dict[str, float] | None = None
 
 
 def parse_generate(body: dict[str, Any], catalog: Catalog) -> GenerateRequest:
@@ -241,7 +244,30 @@ def parse_generate(body: dict[str, Any], catalog: Catalog) -> GenerateRequest:
         req.attributes = {str(k): str(v) for k, v in attrs.items()}
     if attrs or req.mix:
         req.guidance = number(body, "guidance", float, default=1.0)
+        req.attribute_guidance = attribute_weights(body.get("attribute_guidance"))
     return req
+
+
+def attribute_weights(raw: Any) -> dict[str, float] | None:
+    """The per-attribute weights field ('hair_len=11', '' or 'none': none; absent: the
+    file's with its weight), each weight in the guidance field's range; the names are
+    checked against the model when it is drawn."""
+    from ...conditioning import parse_attribute_weights
+    from ...config import ConfigError
+
+    if raw is None:
+        return None
+    lo, hi = LIMITS["guidance"]
+    try:
+        if not isinstance(raw, str) or len(raw) > 400:
+            raise ConfigError(f"per-attribute weights are text like hair_len=11, got {raw!r:.60}")
+        weights = parse_attribute_weights(raw)
+    except ConfigError as e:
+        raise RequestError(str(e)) from None
+    for name, w in weights.items():
+        if not lo <= w <= hi:
+            raise RequestError(f"the weight of {name} must be from {lo:g} to {hi:g}, got {w:g}")
+    return weights
 
 
 def check_interpolate(body: dict[str, Any], uploads: int, catalog: Catalog) -> None:
@@ -321,8 +347,11 @@ def cli_command(req: GenerateRequest, runs_arg: str | None, device: str, precisi
         args += ["--attrs-from", "training"]
     for k, v in req.attributes.items():
         args += ["--attr", f"{k}={v}"]
-    if (req.attributes or req.mix) and req.guidance != 1.0:
+    if req.attributes or req.mix:  # always given: left out, the CLI takes the file's weight
         args += ["--guidance", f"{req.guidance:g}"]
+        weights = req.attribute_guidance  # said when some, or 'none' against the file's
+        if weights or (weights == {} and choice_attribute_guidance(shipped_meta(req.model))):
+            args += ["--attr-guidance", attribute_weights_text(weights)]
     if device != "auto":
         args += ["--device", device]
     if precision != "auto":

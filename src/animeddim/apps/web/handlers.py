@@ -145,11 +145,14 @@ class Engine:
         if req.attributes or req.mix:
             from ...conditioning import UnknownAttribute
 
+            if req.attribute_guidance is not None:  # else the file's, with its weight
+                s = replace(s, attribute_guidance=req.attribute_guidance)
             try:
                 if req.mix:  # image i: row i of the training labels, the asked values set
                     codes = pipelines.rows_from(loaded, "training", req.attributes)
                 else:
                     codes = pipelines.attribute_codes(loaded, req.attributes)[None]
+                pipelines.attribute_guidance(loaded, s, req.guidance)  # names it knows
             except UnknownAttribute as e:
                 raise RequestError(str(e)) from None
             # guided: both halves in one evaluation
