@@ -386,17 +386,24 @@ def test_an_exports_recommended_guidance_is_conditional_samplings_default(
     assert not (tmp_path / "u.safetensors").exists()
 
 
+def _exports(cond_run, tmp_path, capsys, *options):
+    """The run exported plainly, and with a recommended guidance 3 and `options`: the two
+    paths and what the second export printed."""
+    plain, rec = tmp_path / "plain.safetensors", tmp_path / "rec.safetensors"
+    assert run_main(capsys, "export", "--run", cond_run, "--out", plain)[0] == 0
+    rc, stdout, err = run_main(capsys, "export", "--run", cond_run, "--out", rec,
+                               "--guidance", 3, *options)  # fmt: skip
+    assert rc == 0, err
+    return plain, rec, stdout
+
+
 def test_an_exports_guidance_interval_is_samplings_default_and_bad_ones_are_refused(
     cond_run, tmp_path, capsys
 ):
     import numpy as np
     from PIL import Image
 
-    plain, limited = tmp_path / "plain.safetensors", tmp_path / "limited.safetensors"
-    assert run_main(capsys, "export", "--run", cond_run, "--out", plain)[0] == 0
-    rc, stdout, err = run_main(capsys, "export", "--run", cond_run, "--out", limited,
-                               "--guidance", 3, "--guidance-interval", "1,inf")  # fmt: skip
-    assert rc == 0, err
+    plain, limited, stdout = _exports(cond_run, tmp_path, capsys, "--guidance-interval", "1,inf")
     assert "recommended guidance 3, at noise levels sigma in (1, inf]" in stdout
     args = ["sample", "--steps", 4, "--seed", 4, "--n", 2, "--device", "cpu", "--attr",
             "colour=red"]  # fmt: skip
@@ -496,11 +503,7 @@ def test_per_attribute_guidance_from_the_command_line_and_from_an_export(
 
     from animeddim.checkpoint import read_meta
 
-    plain, rec = tmp_path / "plain.safetensors", tmp_path / "rec.safetensors"
-    assert run_main(capsys, "export", "--run", cond_run, "--out", plain)[0] == 0
-    rc, stdout, err = run_main(capsys, "export", "--run", cond_run, "--out", rec,
-                               "--guidance", 3, "--attr-guidance", "band=6")  # fmt: skip
-    assert rc == 0, err
+    plain, rec, stdout = _exports(cond_run, tmp_path, capsys, "--attr-guidance", "band=6")
     assert "recommended guidance 3, band=6" in stdout
     assert read_meta(rec)["attribute_guidance"] == "band=6"
     args = ["sample", "--steps", 4, "--seed", 4, "--n", 2, "--device", "cpu", "--precision",
