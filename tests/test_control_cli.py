@@ -543,3 +543,27 @@ def test_per_attribute_guidance_from_the_command_line_and_from_an_export(
                               tmp_path / "x.safetensors", *extra)  # fmt: skip
         assert rc == 2 and says in err, err
         assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_an_exports_edit_guidance_is_edits_default(cond_run, cond_data, tmp_path, capsys):
+    import numpy as np
+
+    from animeddim.data import load_folder
+
+    plain, rec, stdout = _exports(cond_run, tmp_path, capsys, "--edit-guidance", 1.5)
+    assert "recommended guidance for edits 1.5: edit's default" in stdout
+    images = _red_images(cond_data, tmp_path / "in", 3)
+    args = ["edit", "--images", images, "--set", "colour=blue", "--steps", 6, "--device", "cpu",
+            "--precision", "fp32"]  # fmt: skip
+    runs = {"default": (rec, []), "explicit": (plain, ["--guidance", 1.5]),
+            "sampling w": (plain, ["--guidance", 3])}  # fmt: skip
+    for name, (model, extra) in runs.items():
+        rc, _, err = run_main(capsys, *args, "--run", model, *extra, "--out", tmp_path / name)
+        assert rc == 0, err
+    after = {k: np.asarray(load_folder(tmp_path / k / "after", 16).images) for k in runs}
+    assert np.array_equal(after["default"], after["explicit"])
+    assert not np.array_equal(after["default"], after["sampling w"])
+    rc, _, err = run_main(capsys, "export", "--run", cond_run, "--out", tmp_path / "x.safetensors",
+                          "--edit-guidance", 2)  # fmt: skip
+    assert rc == 2 and "--edit-guidance needs --guidance W" in err
+    assert not (tmp_path / "x.safetensors").exists()

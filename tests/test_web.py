@@ -89,6 +89,7 @@ def test_info_offers_the_shipped_conditional_model_with_its_guidance():
     from animeddim.config import guidance_interval_text
     from animeddim.pipelines import (
         SampleSettings,
+        default_edit_guidance,
         default_guidance,
         default_sampling,
         guidance_interval,
@@ -107,6 +108,8 @@ def test_info_offers_the_shipped_conditional_model_with_its_guidance():
     assert models["avatars-64"]["guidance_interval"] == "0,inf"
     assert cond["attribute_guidance"] == recommended_attribute_guidance(loaded.meta)
     assert models["avatars-64"]["attribute_guidance"] == {}
+    assert cond["edit_guidance"] == default_edit_guidance(loaded)  # the Edit field's start
+    assert models["avatars-64"]["edit_guidance"] == 1
     sampler, steps = default_sampling(loaded)  # the sampler and steps the file recommends
     assert cond["sampling"] == {"sampler": sampler, "steps": steps} and sampler != "ddim"
     assert models["avatars-64"]["sampling"] is None  # recommends none: the page's own

@@ -108,6 +108,12 @@ def recommended_guidance_interval(meta: dict[str, Any]) -> tuple[float, float]:
         raise CheckpointError(f"the stored guidance interval is unusable: {e}") from None
 
 
+def recommended_edit_guidance(meta: dict[str, Any]) -> float:
+    """The guidance weight an export recommends for editing (`export_weights(edit_guidance=)`),
+    else its sampling weight (`recommended_guidance`)."""
+    return float(meta.get("edit_guidance", recommended_guidance(meta)))
+
+
 def recommended_attribute_guidance(meta: dict[str, Any]) -> dict[str, float]:
     """The per-attribute guidance weights an export recommends with its weight
     (`export_weights(attribute_guidance=)`; attribute -> w_a), else {}."""
@@ -273,6 +279,7 @@ def export_weights(
     guidance_interval: tuple[float, float] | None = None,
     sampling: tuple[str, int] | None = None,
     attribute_guidance: dict[str, float] | None = None,
+    edit_guidance: float | None = None,
 ) -> Path:
     """Write a small sampling-only file: EMA weights (in `dtype`), normalisation and config.
 
@@ -285,6 +292,8 @@ def export_weights(
         (default of sampling from the file; every level when absent).
     :param attribute_guidance: attribute -> its own weight, in place of `guidance` for that
         attribute given the others (`diffusion.guidance.Guided`), used with that weight.
+    :param edit_guidance: the weight `edit` regenerates with (default of editing from the
+        file; `guidance` when absent): editing keeps more of a face at a lower weight.
     :param sampling: the (sampler, steps) sampling from the file uses when not told
         (`recommended_sampling`); absent: DDIM, 20 steps."""
     loaded = src if isinstance(src, LoadedModel) else load_model(src)
@@ -300,6 +309,8 @@ def export_weights(
         meta["guidance"] = float(guidance)
     if guidance_interval is not None:
         meta["guidance_interval"] = guidance_interval_text(guidance_interval)
+    if edit_guidance is not None:
+        meta["edit_guidance"] = float(edit_guidance)
     if attribute_guidance:
         vocab = loaded.config.model.vocabulary
         unknown = [a for a in attribute_guidance if a not in vocab]

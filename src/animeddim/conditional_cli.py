@@ -166,7 +166,8 @@ def add_edit_parser(sub: Any, setup: Callable[[argparse.ArgumentParser], None], 
         type=_guidance,
         default=None,
         metavar="W",
-        help="of the regeneration (default: the model file's recommended weight, else 1)",
+        help="of the regeneration (default: the model file's recommended weight for edits, "
+        "else for sampling, else 1)",
     )
     add_guidance_interval(p, "the interval the model file recommends, else 0,inf")
     add_attribute_guidance(p, FILE_WEIGHTS)
@@ -252,7 +253,10 @@ def cmd_edit(a: argparse.Namespace, load, settings_of, bars) -> int:
         outputs.earlier_outputs(a.out, EDIT_NAMES, a.force, recursive_in=("after", "pairs"))
     )
     loaded, device = load(a.run, a.model, a.device)
-    resolve_guidance(a, loaded)
+    if a.guidance is None:  # the file's weight for edits, else for sampling, else 1
+        from .pipelines import default_edit_guidance
+
+        a.guidance = default_edit_guidance(loaded)
     classifier = _edit_classifier(a, loaded)
     t = time.perf_counter()
     r = edit(

@@ -151,6 +151,8 @@ def cmd_export(a: argparse.Namespace) -> int:
         raise CliError("--guidance-interval needs --guidance W: the weight it applies")
     if a.attr_guidance and a.guidance is None:
         raise CliError("--attr-guidance needs --guidance W: the weight of the other attributes")
+    if a.edit_guidance is not None and a.guidance is None:
+        raise CliError("--edit-guidance needs --guidance W: a model to guide recommends both")
     if (a.sampler is None) != (a.steps is None):
         raise CliError("--sampler and --steps go together: the file recommends both")
     sampling = (a.sampler, a.steps) if a.sampler else None
@@ -165,6 +167,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         a.guidance_interval,
         sampling,
         a.attr_guidance,
+        a.edit_guidance,
     )
     print(f"exported EMA weights ({a.dtype}) to {out} ({os.path.getsize(out) / 2**20:.1f} MiB)")
     if rows is not None:
@@ -176,6 +179,8 @@ def cmd_export(a: argparse.Namespace) -> int:
         if a.attr_guidance:
             where += f", {attribute_weights_text(a.attr_guidance)}"
         print(f"recommended guidance {a.guidance:g}{where}: conditional sampling's default")
+        if a.edit_guidance is not None:
+            print(f"recommended guidance for edits {a.edit_guidance:g}: edit's default")
     if sampling:
         print(f"recommended sampling: {a.steps} {a.sampler} steps (the default for this file)")
     return 0

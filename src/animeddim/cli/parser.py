@@ -300,6 +300,13 @@ def _add_export_command(sub) -> None:
     conditional_cli.add_guidance_interval(p, "none stored, sampling guides every step")
     conditional_cli.add_attribute_guidance(p, "none stored")
     p.add_argument(
+        "--edit-guidance",
+        type=conditional_cli._guidance,
+        metavar="W",
+        help="the guidance weight `edit` regenerates with from this file (a lower one keeps "
+        "more of each face; default: none stored, edit uses --guidance's)",
+    )
+    p.add_argument(
         "--sampler",
         choices=list(SAMPLER_NAMES),
         help="the sampler the file recommends, stored in it: the default of sample, evaluate "

@@ -14,6 +14,7 @@ import torch
 from ..checkpoint import (
     LoadedModel,
     recommended_attribute_guidance,
+    recommended_edit_guidance,
     recommended_guidance,
     recommended_guidance_interval,
 )
@@ -39,6 +40,12 @@ def default_guidance(loaded: LoadedModel) -> float:
     """The guidance weight conditional sampling uses unless told: the one stored in an
     exported file (`animeddim export --guidance`), else 1 (plain conditional)."""
     return recommended_guidance(loaded.meta)
+
+
+def default_edit_guidance(loaded: LoadedModel) -> float:
+    """The guidance weight `edit` regenerates with unless told: the file's edit weight
+    (`animeddim export --edit-guidance`), else its sampling weight (`default_guidance`)."""
+    return recommended_edit_guidance(loaded.meta)
 
 
 def guidance_interval(loaded: LoadedModel, s: SampleSettings) -> tuple[float, float]:

@@ -144,6 +144,17 @@ def choice_guidance(meta: dict[str, Any] | None) -> tuple[float, str]:
     return 1.0, guidance_interval_text(GUIDE_ALWAYS)
 
 
+def choice_edit_guidance(meta: dict[str, Any] | None) -> float:
+    """The guidance weight a shipped model's file recommends for edits (`export
+    --edit-guidance`, else its `--guidance`), else 1."""
+    from ...checkpoint import recommended_edit_guidance
+
+    try:
+        return recommended_edit_guidance(meta) if meta is not None else 1.0
+    except (TypeError, ValueError):
+        return 1.0
+
+
 def choice_attribute_guidance(meta: dict[str, Any] | None) -> dict[str, float]:
     """The per-attribute guidance weights a shipped model's file recommends with its weight
     (`export --attr-guidance`), else {}: sampling at the file's weight uses them."""

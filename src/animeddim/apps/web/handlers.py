@@ -34,6 +34,7 @@ from .checks import (
     GenerateRequest,
     RequestError,
     choice_attribute_guidance,
+    choice_edit_guidance,
     choice_guidance,
     choice_sampling,
     choice_vocabulary,
@@ -120,6 +121,7 @@ class Engine:
             meta = shipped_meta(c)
             entry["guidance"], entry["guidance_interval"] = choice_guidance(meta)
             entry["attribute_guidance"] = choice_attribute_guidance(meta)
+            entry["edit_guidance"] = choice_edit_guidance(meta)
             entry["sampling"] = choice_sampling(meta)
             models.append(entry)
         return {
