@@ -567,3 +567,22 @@ def test_an_exports_edit_guidance_is_edits_default(cond_run, cond_data, tmp_path
                           "--edit-guidance", 2)  # fmt: skip
     assert rc == 2 and "--edit-guidance needs --guidance W" in err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_an_unusable_stored_weight_is_one_line_naming_it(cond_run, cond_data, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    _, rec, _ = _exports(cond_run, tmp_path, capsys, "--edit-guidance", 2)
+    tensors, meta = load_file(rec), json.loads(read_raw_meta(rec))
+    images = _red_images(cond_data, tmp_path / "in", 2)
+    for key, raw, command in (("edit_guidance", "lots", ["edit", "--images", images, "--set",
+                                                         "colour=blue", "--steps", 3]),
+                              ("guidance", -3, ["sample", "--n", 1, "--steps", 2, "--attr",
+                                                "colour=red"])):  # fmt: skip
+        bad = tmp_path / f"bad-{key}.safetensors"
+        save_file(tensors, bad, {"animeddim": json.dumps({**meta, key: raw})})
+        out = tmp_path / f"out-{key}"
+        rc, _, err = run_main(capsys, *command, "--run", bad, "--device", "cpu", "--out", out)
+        says = f"the stored {key.replace('_', ' ')} weight is unusable: {raw!r}"
+        assert rc == 2 and says in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()

@@ -10,6 +10,7 @@ old file or the new one, never half of one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 from collections.abc import Callable
@@ -92,8 +93,21 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 def recommended_guidance(meta: dict[str, Any]) -> float:
-    """The guidance weight an export recommends (`export_weights(guidance=)`), else 1."""
-    return float(meta.get("guidance", 1.0))
+    """The guidance weight an export recommends (`export_weights(guidance=)`), else 1.
+
+    :raises CheckpointError: a stored weight that is not a number >= 0."""
+    return _stored_weight(meta, "guidance", 1.0)
+
+
+def _stored_weight(meta: dict[str, Any], key: str, default: float) -> float:
+    raw = meta.get(key, default)
+    try:
+        w = float(raw)
+    except (TypeError, ValueError):
+        w = math.nan
+    if not (math.isfinite(w) and w >= 0.0):
+        raise CheckpointError(f"the stored {key.replace('_', ' ')} weight is unusable: {raw!r}")
+    return w
 
 
 def recommended_guidance_interval(meta: dict[str, Any]) -> tuple[float, float]:
@@ -110,8 +124,10 @@ def recommended_guidance_interval(meta: dict[str, Any]) -> tuple[float, float]:
 
 def recommended_edit_guidance(meta: dict[str, Any]) -> float:
     """The guidance weight an export recommends for editing (`export_weights(edit_guidance=)`),
-    else its sampling weight (`recommended_guidance`)."""
-    return float(meta.get("edit_guidance", recommended_guidance(meta)))
+    else its sampling weight (`recommended_guidance`).
+
+    :raises CheckpointError: a stored weight that is not a number >= 0."""
+    return _stored_weight(meta, "edit_guidance", recommended_guidance(meta))
 
 
 def recommended_attribute_guidance(meta: dict[str, Any]) -> dict[str, float]:

@@ -147,11 +147,11 @@ def choice_guidance(meta: dict[str, Any] | None) -> tuple[float, str]:
 def choice_edit_guidance(meta: dict[str, Any] | None) -> float:
     """The guidance weight a shipped model's file recommends for edits (`export
     --edit-guidance`, else its `--guidance`), else 1."""
-    from ...checkpoint import recommended_edit_guidance
+    from ...checkpoint import CheckpointError, recommended_edit_guidance
 
     try:
         return recommended_edit_guidance(meta) if meta is not None else 1.0
-    except (TypeError, ValueError):
+    except CheckpointError:
         return 1.0
 
 
