@@ -263,6 +263,12 @@ def test_per_attribute_weight_by_hand_in_one_batched_call():
         HandGuided(1.0, per_attribute={0: 4.0})(x, v, cond),
     )
     assert guided(toy, 1.0, per_attribute={0: 1.0}) is toy  # nothing to combine
+    # an attribute no image asks costs nothing: one call of 2 N, as w alone
+    unasked = torch.tensor([[1, NULL], [0, NULL], [NULL, NULL]])
+    toy = Toy()
+    out = Guided(toy, 3.0, per_attribute={1: 7.0})(x, v, unasked)
+    assert [c[0] for c in toy.calls] == [6]
+    torch.testing.assert_close(out, Guided(Toy(), 3.0)(x, v, unasked))
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))

@@ -68,10 +68,19 @@ class Guided(nn.Module):
             int(a): float(wa) for a, wa in (per_attribute or {}).items() if wa != self.guidance
         }
 
+    def _asked(self, cond: torch.Tensor) -> dict[int, float]:
+        """The per-attribute weights of the attributes some image of `cond` asks."""
+        if not self.per_attribute:
+            return {}
+        asked = (cond[:, list(self.per_attribute)] != NULL).any(0).tolist()
+        return {a: wa for (a, wa), on in zip(self.per_attribute.items(), asked, strict=True) if on}
+
     def forward(
         self, noisy_images: torch.Tensor, noise_variances: torch.Tensor, cond: Any = None
     ) -> torch.Tensor:
-        w, extra = self.guidance, self.per_attribute
+        w = self.guidance
+        # only the weighted attributes some image asks: the others add nothing
+        extra = {} if cond is None else self._asked(cond)
         if cond is None or (w == 1.0 and not extra):
             return self.model(noisy_images, noise_variances, cond)
         inside = None if self.interval == ALWAYS else in_interval(noise_variances, self.interval)
