@@ -515,9 +515,13 @@ def test_per_attribute_guidance_from_the_command_line_and_from_an_export(
             "w alone": (plain, ["--guidance", 3]),
             "other w": (rec, ["--guidance", 2]),
             "w 2 alone": (plain, ["--guidance", 2])}  # fmt: skip
+    said = {}
     for name, (model, extra) in runs.items():
-        rc, _, err = run_main(capsys, *args, "--run", model, *extra, "--out", tmp_path / name)
+        rc, said[name], err = run_main(capsys, *args, "--run", model, *extra, "--out",
+                                       tmp_path / name)  # fmt: skip
         assert rc == 0, err
+    assert "guidance 3, band at 6\n" in said["default"]  # what it did, said before drawing
+    assert "guidance 3\n" in said["none"] and "guidance 2\n" in said["other w"]
     png = {k: np.stack([np.asarray(Image.open(tmp_path / k / f"seed4-00000{i}.png"))
                         for i in range(2)]) for k in runs}  # fmt: skip
     assert np.array_equal(png["default"], png["explicit"])

@@ -196,9 +196,17 @@ def sample_conditional(a: argparse.Namespace, loaded, settings, bars) -> Any:
     the other ranks under torchrun, where each rank draws a block of image indices), the
     number of grid columns and the PNG names (None: the usual seedS-IIIIII.png)."""
     from .distributed import is_main, shard_images
-    from .pipelines import attribute_codes, attribute_grid, draw_per_image, rows_from
+    from .pipelines import (
+        attribute_codes,
+        attribute_grid,
+        draw_per_image,
+        guidance_words,
+        rows_from,
+    )
 
     resolve_guidance(a, loaded)
+    if is_main():
+        print(guidance_words(loaded, settings, a.guidance))
     if a.grid_by:
         images, values = attribute_grid(
             loaded, a.grid_by, a.n, settings, asked(a), a.guidance, progress=bars
@@ -244,7 +252,7 @@ def grid_names(attribute: str, values: list[str], seed: int, n: int) -> list[str
 def cmd_edit(a: argparse.Namespace, load, settings_of, bars) -> int:
     from . import outputs
     from .conditioning import parse_assignments
-    from .pipelines import edit
+    from .pipelines import edit, guidance_words
     from .pipelines.conditional import EDIT_NAMES
 
     changes = parse_assignments(a.changes, "--set")
@@ -257,6 +265,7 @@ def cmd_edit(a: argparse.Namespace, load, settings_of, bars) -> int:
         from .pipelines import default_edit_guidance
 
         a.guidance = default_edit_guidance(loaded)
+    print(f"regenerating with {guidance_words(loaded, settings_of(a, device), a.guidance)}")
     classifier = _edit_classifier(a, loaded)
     t = time.perf_counter()
     r = edit(

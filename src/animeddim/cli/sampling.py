@@ -179,6 +179,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             outputs.remove(earlier)
             write_pngs(images, Path(a.samples_out), a.seed)
 
+    settings = _settings(a, device, loaded)
+    if control is not None or mix is not None:
+        from ..pipelines import guidance_words
+
+        print(guidance_words(loaded, settings, a.guidance))
     r = evaluate(
         loaded,
         a.real,
@@ -187,7 +192,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         mix=mix,
         guidance=a.guidance,
         n=a.n,
-        settings=_settings(a, device, loaded),
+        settings=settings,
         extractor=_extractor(a),
         out=out,
         protocols=protocols,

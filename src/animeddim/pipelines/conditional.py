@@ -71,6 +71,19 @@ def attribute_guidance(loaded: LoadedModel, s: SampleSettings, guidance: float) 
     return dict(weights)
 
 
+def guidance_words(loaded: LoadedModel, s: SampleSettings, guidance: float) -> str:
+    """What conditional sampling at weight `guidance` does, in words: 'guidance 8 at noise
+    levels sigma in (1, inf], hair_len at 11' (what the CLI prints before drawing)."""
+    from ..config import GUIDE_ALWAYS, guidance_interval_words
+
+    weights = {a: w for a, w in attribute_guidance(loaded, s, guidance).items() if w != guidance}
+    text = f"guidance {guidance:g}" + (" (plain conditional)" if guidance == 1.0 else "")
+    interval = guidance_interval(loaded, s)
+    if interval != GUIDE_ALWAYS and (guidance != 1.0 or weights):
+        text += f" at {guidance_interval_words(interval)}"
+    return text + "".join(f", {a} at {w:g}" for a, w in weights.items())
+
+
 def attribute_indices(loaded: LoadedModel, weights: Mapping[str, float]) -> dict[int, float]:
     """attribute -> w_a as column of the codes -> w_a (`diffusion.guidance.Guided`)."""
     names = list(vocabulary(loaded))
