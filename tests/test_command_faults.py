@@ -242,6 +242,16 @@ def test_model_takes_a_file_as_run_does_and_an_unknown_name_is_one_line(run, tmp
                           "--out", tmp_path / "x")  # fmt: skip
     assert rc == 2 and not (tmp_path / "x").exists()
     _one_line(err, "shipped models are avatars-64, avatars-64-cond; otherwise give a run folder")
+    # an empty value is an error, never the default model or the working folder
+    for flag, cmd in (("--model", "sample"), ("--run", "sample"), ("--run", "export")):
+        out = ["--out", tmp_path / ("x.safetensors" if cmd == "export" else "x")]
+        rc, _, err = run_main(
+            capsys, cmd, flag, " ", *out, *(["--n", 1] if cmd == "sample" else [])
+        )
+        assert (
+            rc == 2 and not (tmp_path / "x").exists() and not (tmp_path / "x.safetensors").exists()
+        )
+        _one_line(err, "empty")
 
 
 def test_sample_into_earlier_samples_is_refused_and_force_replaces_them_all(

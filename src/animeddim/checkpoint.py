@@ -245,6 +245,8 @@ class LoadedModel:
 
 def resolve(path: str | Path) -> Path:
     """A checkpoint file, or a run folder (its checkpoints/last.safetensors)."""
+    if not str(path).strip():  # Path("") is the working folder: never taken silently
+        raise CheckpointError("no model given (an empty path): give a run folder or a checkpoint")
     p = Path(path)
     if p.is_dir():
         f = p / "checkpoints" / "last.safetensors"
