@@ -38,7 +38,7 @@ def weights_path(spec: str) -> Path:
 
     if spec in SHIPPED:
         return pretrained_path(spec)
-    if not Path(spec).exists():
+    if str(spec).strip() and not Path(spec).exists():  # an empty one: resolve's error
         raise CheckpointError(
             f"unknown model {spec!r}: shipped models are {', '.join(sorted(SHIPPED))}; "
             "otherwise give a run folder, a checkpoint or an exported .safetensors file"

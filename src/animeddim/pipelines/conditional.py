@@ -58,7 +58,8 @@ def guidance_interval(loaded: LoadedModel, s: SampleSettings) -> tuple[float, fl
 def attribute_guidance(loaded: LoadedModel, s: SampleSettings, guidance: float) -> dict[str, float]:
     """The per-attribute guidance weights (attribute -> w_a) sampling at weight `guidance`
     uses: the settings' own, else the ones an exported file recommends if `guidance` is the
-    file's weight (they go together), else none.
+    file's weight (they go together), else none; a w_a equal to `guidance` changes nothing
+    and is left out.
 
     :raises UnknownAttribute: a weighted attribute the model does not know, listing the known.
     """
@@ -68,7 +69,7 @@ def attribute_guidance(loaded: LoadedModel, s: SampleSettings, guidance: float) 
         weights = recommended_attribute_guidance(loaded.meta) if same else {}
     for name in weights:
         check_attribute(vocabulary(loaded), name)
-    return dict(weights)
+    return {a: w for a, w in weights.items() if w != guidance}
 
 
 def guidance_words(loaded: LoadedModel, s: SampleSettings, guidance: float) -> str:
@@ -76,7 +77,7 @@ def guidance_words(loaded: LoadedModel, s: SampleSettings, guidance: float) -> s
     levels sigma in (1, inf], hair_len at 11' (what the CLI prints before drawing)."""
     from ..config import GUIDE_ALWAYS, guidance_interval_words
 
-    weights = {a: w for a, w in attribute_guidance(loaded, s, guidance).items() if w != guidance}
+    weights = attribute_guidance(loaded, s, guidance)
     text = f"guidance {guidance:g}" + (" (plain conditional)" if guidance == 1.0 else "")
     interval = guidance_interval(loaded, s)
     if interval != GUIDE_ALWAYS and (guidance != 1.0 or weights):
@@ -99,7 +100,7 @@ def guided_net(loaded: LoadedModel, net: Any, s: SampleSettings, guidance: float
 
 def guided_calls(loaded: LoadedModel, s: SampleSettings, guidance: float) -> int:
     """Network evaluations per image and step of guided sampling (for `sampling_net`)."""
-    extra = [w for w in attribute_guidance(loaded, s, guidance).values() if w != guidance]
+    extra = attribute_guidance(loaded, s, guidance)
     return 1 if guidance == 1.0 and not extra else 2 + len(extra)
 
 

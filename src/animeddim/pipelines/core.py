@@ -62,13 +62,8 @@ def load_for_sampling(
     from ..distributed import setup
     from ..pretrained import weights_path
 
-    for what, value in (("run", run), ("model", model)):
-        if value is not None and not str(value).strip():  # never a silent default
-            raise ConfigError(
-                f"--{what} is empty: give a run folder, a checkpoint, an exported file or a "
-                "shipped model's name"
-            )
     dev = setup(_device(device))
+    # an empty run or model is an error (`checkpoint.resolve`), never the default
     source = run if run is not None else weights_path("avatars-64" if model is None else model)
     return load_model(source, dev), dev
 

@@ -103,8 +103,7 @@ def evaluate(
         result["attributes_from"] = mix_accuracy(mix, fake)
     if control is not None or mix is not None:
         result["guidance"] = guidance
-        weights = attribute_guidance(loaded, settings, guidance)  # attribute -> its own w
-        result["attribute_guidance"] = {a: w for a, w in weights.items() if w != guidance}
+        result["attribute_guidance"] = attribute_guidance(loaded, settings, guidance)
         if guidance != 1.0 or result["attribute_guidance"]:  # where w applied (in sigma)
             interval = guidance_interval(loaded, settings)
             result["guidance_interval"] = guidance_interval_text(interval)

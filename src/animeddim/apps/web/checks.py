@@ -144,26 +144,31 @@ def choice_guidance(meta: dict[str, Any] | None) -> tuple[float, str]:
     return 1.0, guidance_interval_text(GUIDE_ALWAYS)
 
 
+def _recommended(meta: dict[str, Any] | None, read: Any, default: Any) -> Any:
+    """`read(meta)` (a `checkpoint.recommended_*`), else `default` for no file or an
+    unusable recommendation (the page keeps its own)."""
+    from ...checkpoint import CheckpointError
+
+    try:
+        return read(meta) if meta is not None else default
+    except CheckpointError:
+        return default
+
+
 def choice_edit_guidance(meta: dict[str, Any] | None) -> float:
     """The guidance weight a shipped model's file recommends for edits (`export
     --edit-guidance`, else its `--guidance`), else 1."""
-    from ...checkpoint import CheckpointError, recommended_edit_guidance
+    from ...checkpoint import recommended_edit_guidance
 
-    try:
-        return recommended_edit_guidance(meta) if meta is not None else 1.0
-    except CheckpointError:
-        return 1.0
+    return _recommended(meta, recommended_edit_guidance, 1.0)
 
 
 def choice_attribute_guidance(meta: dict[str, Any] | None) -> dict[str, float]:
     """The per-attribute guidance weights a shipped model's file recommends with its weight
     (`export --attr-guidance`), else {}: sampling at the file's weight uses them."""
-    from ...checkpoint import CheckpointError, recommended_attribute_guidance
+    from ...checkpoint import recommended_attribute_guidance
 
-    try:
-        return recommended_attribute_guidance(meta) if meta is not None else {}
-    except CheckpointError:
-        return {}
+    return _recommended(meta, recommended_attribute_guidance, {})
 
 
 def choice_sampling(meta: dict[str, Any] | None) -> dict[str, Any] | None:
