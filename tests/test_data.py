@@ -25,6 +25,7 @@ from animeddim.data import (
     DataError,
     SkippedFilesWarning,
     channel_stats,
+    device_images,
     epoch_order,
     find_images,
     iterate_batches,
@@ -526,3 +527,27 @@ def test_memmap_images_batch_like_arrays(tmp_path: Path, images: np.ndarray) -> 
         a = _batches(ro, np.arange(50), 16)
     b = _batches(images, np.arange(50), 16)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_a_cache_on_the_device_gives_the_host_batches(
+    images: np.ndarray, world_size: int, drop_last: bool
+) -> None:
+    """The same order, flips, rank slices, resume point and label codes from a uint8 cache
+    copied to the device once (`device_images`) as from the host array, bit for bit."""
+    codes = np.random.default_rng(1).integers(0, 4, (50, 2)).astype(np.int64)
+    on_device = device_images(images, torch.device("cpu"))
+    assert on_device.dtype == torch.uint8 and on_device.shape == (50, 6, 6, 3)
+    for rank in range(world_size):
+        kw = {"drop_last": drop_last, "rank": rank, "world_size": world_size}
+        kw |= {"codes": codes, "start_batch": 1, "epoch": 3}
+        host = _batches(images, np.arange(3, 47), 8, **kw)
+        device = _batches(on_device, np.arange(3, 47), 8, **kw)
+        assert len(host) == len(device) == num_batches(44, 8, drop_last) - 1
+        for (x, cx), (y, cy) in zip(host, device, strict=True):
+            assert y.dtype == torch.float32 and y.is_contiguous()
+            assert torch.equal(x, y) and torch.equal(cx, cy)
+    flipped = _batches(on_device, np.arange(50), 50, shuffle=False)[0]
+    plain = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    assert 0 < int((flipped == plain.flip(3)).flatten(1).all(1).sum()) < 50  # some, not all

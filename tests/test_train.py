@@ -18,7 +18,7 @@ from animeddim import checkpoint as ckpt
 from animeddim import run_folder
 from animeddim.run_folder import RunFolderError, load_run_config
 from animeddim.runtime import compiler_available
-from animeddim.train import ema_decay_at, train
+from animeddim.train import ema_decay_at, learning_rate_at, train
 
 
 def test_cli_train_then_sample(avatars16, tmp_path):
@@ -441,3 +441,82 @@ def test_restored_adamw_moments_take_their_parameters_layout():
     step(conv, opts[0])
     step(twin, restored)
     assert torch.equal(conv.weight, twin.weight) and torch.equal(conv.bias, twin.bias)
+
+
+def test_a_cache_on_the_device_trains_bitwise_like_the_host_one(avatars16, tmp_path):
+    """--data-on-device yes (batches gathered, flipped and normalised from one copy of the
+    cache on the device) trains to the same weights and losses as the host batches."""
+    runs = {}
+    for where in ("no", "yes"):
+        runs[where] = tmp_path / where
+        cfg = tiny_config(avatars16, epochs=2, max_steps=4, data_on_device=where)
+        train(cfg, runs[where], progress=False, log=lambda s: None)
+    a, b = _weights(runs["no"])[0], _weights(runs["yes"])[0]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = [list(csv.DictReader(open(runs[w] / "metrics.csv"))) for w in ("no", "yes")]
+    assert [r["val_noise_loss"] for r in rows[0]] == [r["val_noise_loss"] for r in rows[1]]
+
+
+def test_learning_rate_warmup_is_linear_in_images_and_resumes_exactly(avatars16, tmp_path):
+    cfg = tiny_config(avatars16, lr_warmup_images=24, learning_rate=2e-3)
+    assert [learning_rate_at(s, cfg.train) for s in range(5)] == pytest.approx(
+        [5e-4, 1e-3, 1.5e-3, 2e-3, 2e-3]  # batch 6: 6, 12, 18, 24 images of 24
+    )
+    assert learning_rate_at(0, tiny_config(avatars16).train) == 1e-3  # no warm-up: --lr
+    # 3 steps per epoch: the run stops inside the warm-up and resumes there.
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(
+        tiny_config(avatars16, epochs=2, lr_warmup_images=24),
+        full,
+        progress=False,
+        log=lambda s: None,
+    )
+    stopped = tiny_config(avatars16, epochs=2, lr_warmup_images=24, max_steps=2)
+    train(stopped, part, progress=False, log=lambda s: None)
+    cfg = load_run_config(part)
+    cfg.train.max_steps = 0
+    train(cfg, part, resume=True, progress=False, log=lambda s: None)
+    a, b = _weights(full)[0], _weights(part)[0]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = list(csv.DictReader(open(full / "metrics.csv")))
+    assert [float(r["learning_rate"]) for r in rows] == pytest.approx([0.75e-3, 1e-3])
+    # The warm-up changes the run: without it the weights differ.
+    plain = tmp_path / "plain"
+    train(tiny_config(avatars16, epochs=2), plain, progress=False, log=lambda s: None)
+    assert any(not torch.equal(a[k], _weights(plain)[0][k]) for k in a)
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    """--compile-mode is handed to torch.compile ("default" as torch's own default, None); CUDA
+    graphs, and the per-step mark they need, only where the mode replays them on CUDA."""
+    from animeddim import runtime
+
+    seen = []
+    monkeypatch.setattr(runtime, "compiler_available", lambda: True)
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: seen.append(kw) or m)
+    net = torch.nn.Linear(2, 2)
+    for mode in ("default", "reduce-overhead", "max-autotune"):
+        runtime.maybe_compile(net, True, torch.device("cpu"), mode)
+    assert seen == [{"mode": None}, {"mode": "reduce-overhead"}, {"mode": "max-autotune"}]
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert runtime.uses_cuda_graphs("reduce-overhead", cuda)
+    assert runtime.uses_cuda_graphs("max-autotune", cuda)
+    assert not runtime.uses_cuda_graphs("max-autotune-no-cudagraphs", cuda)
+    assert not runtime.uses_cuda_graphs("default", cuda)
+    assert not runtime.uses_cuda_graphs("reduce-overhead", cpu)
+    assert runtime.data_on_device("yes", 10, cpu) and not runtime.data_on_device("no", 10, cpu)
+    assert not runtime.data_on_device("auto", 10, cpu)  # the host cache is already there
+
+
+def test_bad_values_of_the_gpu_settings_are_one_line_errors(avatars16, tmp_path):
+    for args, fragment in (
+        (["--compile-mode", "fastest"], "invalid choice: 'fastest'"),
+        (["--data-on-device", "maybe"], "invalid choice: 'maybe'"),
+        (["--lr-warmup-images", "-5"], "lr-warmup-images"),
+    ):
+        p = run_cli(*_tiny_args(avatars16, tmp_path / "r", *args), check=False)
+        _one_line_exit_2(p, fragment)
+        assert not (tmp_path / "r").exists()

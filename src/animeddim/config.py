@@ -33,6 +33,9 @@ COND_AT = ("blocks", "input", "both")  # model.cond_at: after each block's conv1
 PREDICTIONS = ("eps", "v")  # model.prediction: what the network outputs (diffusion.objectives)
 LOSSES = ("mae", "mse")  # train.loss: the Keras example's / the paper's eq. 4
 LOSS_WEIGHTS = ("none", "min-snr")  # train.loss_weight: per noise level (Hang et al. 2023)
+# train.compile_mode: torch.compile's modes; reduce-overhead and max-autotune replay CUDA graphs
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DATA_ON_DEVICE = ("auto", "yes", "no")  # train.data_on_device
 IMAGE_CHANNELS = 3  # images are decoded to RGB
 
 
@@ -280,6 +283,27 @@ class TrainConfig:
     compile: bool | None = setting(
         None, "torch.compile the network (default: where it pays off)", resume=True
     )
+    compile_mode: str = setting(
+        "default",
+        "torch.compile mode of the compiled network: reduce-overhead replays CUDA graphs (no "
+        "launch cost per kernel), max-autotune also tunes kernels (minutes to compile)",
+        choices=COMPILE_MODES,
+        resume=True,
+    )
+    data_on_device: str = setting(
+        "auto",
+        "keep the uint8 image cache on the device and gather, flip and normalise batches there "
+        "(auto: on CUDA when it takes under a quarter of the free memory)",
+        choices=DATA_ON_DEVICE,
+        resume=True,
+    )
+    lr_warmup_images: int = setting(
+        0,
+        "raise the learning rate linearly from 0 over the first N training images (0: none), "
+        "for large batches with a scaled --lr",
+        minimum=0,
+        metavar="N",
+    )
     checkpoint_every: int = setting(
         0, "also checkpoint every N steps (0: at epoch ends only)", minimum=0, resume=True
     )
@@ -349,6 +373,19 @@ class TrainConfig:
         )
         _check(0.0 <= self.ema_decay < 1.0, "ema_decay", self.ema_decay, "in [0, 1)")
         _check(self.precision in PRECISIONS, "precision", self.precision, ", ".join(PRECISIONS))
+        _check(
+            self.compile_mode in COMPILE_MODES,
+            "compile_mode",
+            self.compile_mode,
+            ", ".join(COMPILE_MODES),
+        )
+        _check(
+            self.data_on_device in DATA_ON_DEVICE,
+            "data_on_device",
+            self.data_on_device,
+            ", ".join(DATA_ON_DEVICE),
+        )
+        _check(self.lr_warmup_images >= 0, "lr_warmup_images", self.lr_warmup_images, ">= 0")
         _check(
             self.nan_policy in NAN_POLICIES,
             "nan_policy",

@@ -357,8 +357,29 @@ def default_compile(
     return planned_steps is None or planned_steps >= TRAIN_COMPILE_MIN_STEPS
 
 
-def maybe_compile(module: torch.nn.Module, enabled: bool | None, device: torch.device):
-    """torch.compile `module` when asked (None: `default_compile(device)`).
+def uses_cuda_graphs(mode: str, device: torch.device) -> bool:
+    """Whether a network compiled in `mode` replays CUDA graphs on `device`: then each training
+    step must begin with `torch.compiler.cudagraph_mark_step_begin()`."""
+    return device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+
+
+def data_on_device(setting: str, nbytes: int, device: torch.device) -> bool:
+    """Whether training keeps the uint8 image cache on `device` (config.DATA_ON_DEVICE): "yes",
+    "no", or "auto": on CUDA when the cache takes under a quarter of the free memory (the
+    host path's per-batch copy and launch would otherwise bound a small network there)."""
+    if setting != "auto":
+        return setting == "yes"
+    if device.type != "cuda":
+        return False  # on the CPU the host cache is already where the network runs
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes < free / 4
+
+
+def maybe_compile(
+    module: torch.nn.Module, enabled: bool | None, device: torch.device, mode: str = "default"
+):
+    """torch.compile `module` when asked (None: `default_compile(device)`), in torch.compile's
+    `mode` (config.COMPILE_MODES; the CUDA-graph modes compile without graphs off CUDA).
 
     Falls back to the eager module with a one-line warning if compilation is impossible.
     """
@@ -370,7 +391,7 @@ def maybe_compile(module: torch.nn.Module, enabled: bool | None, device: torch.d
         warnings.warn("torch.compile needs a C compiler; running eagerly", stacklevel=2)
         return module
     try:
-        return torch.compile(module)
+        return torch.compile(module, mode=None if mode == "default" else mode)
     except Exception as e:  # pragma: no cover - backend specific
         warnings.warn(
             f"torch.compile failed ({type(e).__name__}: {e}); running eagerly", stacklevel=2

@@ -34,10 +34,12 @@ from .run_folder import (
 )
 from .runtime import (
     autocast,
+    data_on_device,
     default_channels_last,
     prepare_inference,
     resolve_device,
     resolve_precision,
+    uses_cuda_graphs,
 )
 from .train_data import (
     check_batchnorm_batch,
@@ -86,6 +88,15 @@ def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
     min(decay, (1 + step) / (10 + step)) (TensorFlow's ExponentialMovingAverage with
     num_updates), which reaches 0.999 at step 8,990; step 0 keeps 10% of the start."""
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
+def learning_rate_at(step: int, tc) -> float:
+    """The learning rate of optimiser step `step` (0-based): --lr, reached linearly over the
+    first `lr_warmup_images` training images when set (a function of the step alone, so a
+    resumed run goes on where it stopped)."""
+    if not tc.lr_warmup_images:
+        return tc.learning_rate
+    return tc.learning_rate * min(1.0, (step + 1) * tc.batch_size / tc.lr_warmup_images)
 
 
 def ema_update(ema: list[torch.Tensor], live: list[torch.Tensor], decay: float) -> None:
@@ -168,6 +179,8 @@ def train(
         check_data(cfg, data, root, resume, allow_changed_data, log)
         cfg.data.abs_path = str(root.resolve())
         cfg.data.fingerprint = data.fingerprint
+        if data_on_device(tc.data_on_device, data.imageset.images.nbytes, device):
+            data.on_device = data_mod.device_images(data.imageset.images, device)
         distributed.on_main(lambda: prepare_run_dir(run_dir, cfg, resume))
 
         # 4. Network, EMA copy, optimiser; a resumed run's state from its newest checkpoint.
@@ -242,7 +255,7 @@ def train_epoch(state, data, cfg, rt, bar, save, run_dir: Path) -> int:
     t_epoch, images_seen = time.perf_counter(), 0
     mean_d, std_d = data.mean.to(rt.device), data.std.to(rt.device)
     batches = data_mod.iterate_batches(
-        data.imageset.images,
+        data.pixels,
         data.train_idx,
         tc.batch_size,
         seed=tc.seed,
@@ -294,6 +307,8 @@ def train_step(
     the number of processes (in one process lo:hi is the whole batch).
     """
     tc = cfg.train
+    if uses_cuda_graphs(tc.compile_mode, rt.device):  # the previous step's graph outputs are free
+        torch.compiler.cudagraph_mark_step_begin()
     g = step_generator(tc.seed, state.step, rt.device)
     shape = (tc.batch_size, *images.shape[1:])
     noises = torch.randn(shape, generator=g, device=rt.device)[rt.lo : rt.hi]
@@ -306,6 +321,9 @@ def train_step(
         return False
     state.optimizer.zero_grad(set_to_none=True)
     noise_loss.backward()
+    if tc.lr_warmup_images:
+        for group in state.optimizer.param_groups:
+            group["lr"] = learning_rate_at(state.step, tc)
     state.optimizer.step()
     with torch.no_grad():
         ema_update(
@@ -344,7 +362,7 @@ def end_of_epoch(state, data, cfg, rt, kid_metric, run_dir: Path, save) -> dict[
     mean_d, std_d = data.mean.to(rt.device), data.std.to(rt.device)
     images, val_idx = data.imageset.images, data.val_idx
     val_noise, val_image = validate(
-        state.ema, images, val_idx, cfg, mean_d, std_d, rt.device, rt.precision_ctx
+        state.ema, data.pixels, val_idx, cfg, mean_d, std_d, rt.device, rt.precision_ctx
     )
     # Sampling copy of the EMA net: BatchNorm folded, weights cast once.
     infer = prepare_inference(state.ema, rt.device, rt.precision)
@@ -428,7 +446,7 @@ def _progress_bar(enabled: bool, total: int | None, initial: int):
 @torch.no_grad()
 def validate(
     ema: torch.nn.Module,
-    images: np.ndarray,
+    images: np.ndarray | torch.Tensor,
     val_idx: np.ndarray,
     cfg: RunConfig,
     mean: torch.Tensor,

@@ -32,6 +32,12 @@ class TrainData:
     steps_per_epoch: int
     fingerprint: str  # run_folder.data_fingerprint of the image list
     codes: np.ndarray | None = None  # [N x A] attribute codes of the images (data.labels)
+    on_device: torch.Tensor | None = None  # the uint8 images on the device (data_on_device)
+
+    @property
+    def pixels(self) -> np.ndarray | torch.Tensor:
+        """What batches are gathered from: the cache on the device if it was copied there."""
+        return self.imageset.images if self.on_device is None else self.on_device
 
 
 def check_start(cfg: RunConfig, run_dir: Path, resume: bool) -> None:

@@ -20,7 +20,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import RunConfig
 from .run_folder import latest_checkpoint, truncate_metrics
-from .runtime import default_compile, fused_adamw_supported, maybe_compile
+from .runtime import default_compile, fused_adamw_supported, maybe_compile, uses_cuda_graphs
 from .train_data import TrainData
 from .unet import UNet, is_cond_parameter
 
@@ -235,7 +235,7 @@ def _compiled_or_eager(model, do_compile: bool, tc, device, precision_ctx, chann
     Compilation happens at the first call, so a broken toolchain would otherwise fail
     inside the loop. The trial's effect on BatchNorm statistics and gradients is undone.
     """
-    net = maybe_compile(model, do_compile, device)
+    net = maybe_compile(model, do_compile, device, tc.compile_mode)
     if net is model:
         return model
     saved = {k: v.clone() for k, v in model.state_dict().items()}
@@ -245,6 +245,8 @@ def _compiled_or_eager(model, do_compile: bool, tc, device, precision_ctx, chann
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     try:
+        if uses_cuda_graphs(tc.compile_mode, device):
+            torch.compiler.cudagraph_mark_step_begin()
         with precision_ctx:
             out = net(x, torch.full((n,), 0.5, device=device), raw=True)  # as training calls it
         out.float().mean().backward()
