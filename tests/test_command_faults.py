@@ -203,6 +203,52 @@ def test_interpolate_from_a_bad_image_is_one_line(kind, run, avatars16, tmp_path
 
 
 # --------------------------------------------------------------------------------------------
+# One line, never a traceback or a silent alias: seeds outside 0 .. 2**63 - 1
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 2**70])
+@pytest.mark.parametrize(
+    "command", ["sample", "evaluate", "steps", "interpolate", "report", "attributes train"]
+)
+def test_a_seed_outside_the_generator_range_is_one_line(
+    command, seed, run, avatars16, tmp_path, capsys
+):
+    """Image i's generator is seeded (seed * stride + i + 1) mod 2**63: --seed -1 drew the
+    images of 2**63 - 1 and 2**63 those of 0, silently; report and attributes train died
+    with a traceback from torch. Every command refuses such a seed before writing."""
+    out = tmp_path / "out"
+    args = {
+        "sample": ["sample", "--run", run, "--n", 1, "--steps", 1, "--grid", out, "--seed", seed],
+        "evaluate": ["evaluate", "--run", run, "--real", avatars16, "--n", 2, "--out", out,
+                     "--seed", seed],
+        "steps": ["steps", "--run", run, "--real", avatars16, "--n", 2, "--steps", 1,
+                  "--out", out, "--seed", seed],
+        "interpolate": ["interpolate", "--run", run, "--seeds", 0, seed, "--frames", 2,
+                        "--steps", 1, "--out", out / "i.png"],
+        "report": ["report", "--run", run, "--out", out, "--seed", seed],
+        "attributes train": ["attributes", "train", "--data", avatars16, "--out",
+                             out / "a.safetensors", "--seed", seed],
+    }[command]  # fmt: skip
+    rc, _, err = run_main(capsys, *args)
+    assert rc == 2, err
+    _one_line(err, "seed", str(seed))
+    assert "2**63 - 1" in err or str(2**63 - 1) in err
+    assert not out.exists()
+
+
+def test_seeds_in_range_draw_distinct_images(run, tmp_path, capsys):
+    """The largest seed accepted is not an alias of another: it draws its own images."""
+    grids = []
+    for seed in (0, 2**63 - 1):
+        grid = tmp_path / f"{seed}.png"
+        rc, _, err = run_main(capsys, "sample", "--run", run, "--n", 2, "--steps", 1,
+                              "--grid", grid, "--seed", seed)  # fmt: skip
+        assert rc == 0, err
+        grids.append(grid.read_bytes())
+    assert grids[0] != grids[1]
+
+
+# --------------------------------------------------------------------------------------------
 # Never overwrite or mix
 
 

@@ -68,7 +68,12 @@ def add_parsers(sub: Any, positive_int: Callable[..., Callable[[str], int]]) -> 
         default=d.val_fraction,
         help=f"share held out of --data (default {d.val_fraction})",
     )
-    p.add_argument("--seed", type=int, default=d.seed, help=f"(default {d.seed})")
+    p.add_argument(
+        "--seed",
+        type=positive_int("seed", 0, 2**63 - 1),
+        default=d.seed,
+        help=f"in 0 .. 2**63 - 1 (default {d.seed})",
+    )
     p.add_argument(
         "--final-stride",
         type=int,

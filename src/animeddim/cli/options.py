@@ -57,6 +57,8 @@ def _float_list(s: str) -> list[float]:
 
 STEPS = _positive_int("steps", 1, 1000)
 ETA = _unit_float("eta")
+# Image i's generator seed wraps around outside this range: -1 would draw 2**63 - 1's images.
+SEED = _positive_int("seed", 0, 2**63 - 1)
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
@@ -102,7 +104,12 @@ def _add_sampling(p: argparse.ArgumentParser, n_default: int, n_min: int = 1) ->
     p.add_argument(
         "--eta", type=ETA, default=0.0, help="0 = deterministic DDIM, 1 = DDPM-like (default 0)"
     )
-    p.add_argument("--seed", type=int, default=0, help="image i depends on (seed, i) (default 0)")
+    p.add_argument(
+        "--seed",
+        type=SEED,
+        default=0,
+        help="image i depends on (seed, i), seed in 0 .. 2**63 - 1 (default 0)",
+    )
     p.add_argument(
         "--batch-size",
         type=_positive_int("batch-size"),

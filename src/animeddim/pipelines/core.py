@@ -110,6 +110,18 @@ class SampleSettings:
         return runtime_autocast(torch.device(self.device), self.precision)
 
 
+SEED_LIMIT = 2**63  # a seed of images is in 0 .. 2**63 - 1, as training's seed
+
+
+def check_seed(seed: int, name: str = "seed") -> int:
+    """`seed` if it is an integer in 0 .. 2**63 - 1, else ConfigError naming it: outside
+    that range image i's generator seed wraps around, so two seeds would draw the same
+    images (-1 those of 2**63 - 1, 2**63 those of 0)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"{name} must be an integer in 0 .. 2**63 - 1, got {seed!r}")
+    return seed
+
+
 def resolve_settings(
     device: str | torch.device = "auto",
     precision: str = "auto",
@@ -130,8 +142,9 @@ def resolve_settings(
 
     :raises ConfigError: naming the bad value (unknown sampler, eta > 0 for a deterministic
         one, steps or batch size < 1, eta outside [0, 1], fp16 on the CPU, a guidance
-        interval that is not 0 <= lo < hi).
+        interval that is not 0 <= lo < hi, a seed outside 0 .. 2**63 - 1).
     """
+    check_seed(seed)
     dev = _device(device)
     try:
         check_sampler(sampler, eta)

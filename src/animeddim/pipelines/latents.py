@@ -21,7 +21,7 @@ from ..diffusion.samplers import (
     sampler_x0_range,
 )
 from ..io import save_gif, save_grid, save_pngs, write_bytes_atomic
-from .core import Progress, SampleSettings, _counter, _nchw
+from .core import Progress, SampleSettings, _counter, _nchw, check_seed
 
 
 def _load_images(folder: str | Path, size: int) -> tuple[torch.Tensor, list[str]]:
@@ -117,11 +117,14 @@ def interpolate(
 
     :param progress: told ("invert", images done, 2) for inverted ends, then
         ("interpolate", frames done, frames).
+    :raises ConfigError: a seed outside 0 .. 2**63 - 1.
     """
 
     cfg = loaded.config
     shape = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
     if seeds is not None:
+        for seed in seeds:
+            check_seed(seed)
         a = randn_per_image(image_generators(seeds[0], [0]), shape, settings.device)
         b = randn_per_image(image_generators(seeds[1], [0]), shape, settings.device)
     elif images is not None:

@@ -257,6 +257,8 @@ def write_report(
         raise ReportError("no run folders given")
     if steps < 1:
         raise ReportError(f"invalid steps = {steps!r}: expected an integer >= 1")
+    if not 0 <= seed < 2**63:  # the seed of a torch generator
+        raise ReportError(f"invalid seed = {seed!r}: expected an integer in 0 .. 2**63 - 1")
     paths = [Path(r) for r in runs]
     # Read every folder before writing anything: a bad one fails fast with no half report.
     data = [read_run(p, name) for p, name in zip(paths, unique_names(paths), strict=True)]
