@@ -58,3 +58,25 @@ def test_bench_command_at_tiny_sizes():
     table = format_table(r)  # what bench prints without --json
     assert "| training images/s |" in table and "chip peak GFLOP/s" in table
     assert "share of the fp32 peak: training" in table
+    assert r["sample_batch_size"] == 4 and r["sampler"] == "ddim" and r["sample_steps"] == 20
+    assert "sampling images/s (20 ddim steps, batch 4)" in table
+
+
+def test_bench_samples_its_own_batch_with_any_sampler():
+    """--sample-batch-size, --sampler and --steps set what the sampling rate measures; the
+    data pipeline is also measured from a cache on the device (here the CPU)."""
+    args = ["bench", "--image-size", "16", "--batch-size", "4", "--iters", "1", "--device", "cpu"]
+    extra = ["--sample-batch-size", "6", "--sampler", "dpmpp-2m", "--steps", "3"]
+    p = run_cli(*args, *extra, "--compile-mode", "reduce-overhead", "--no-compile", "--no-kid",
+                "--json")  # fmt: skip
+    r = json.loads(p.stdout)
+    assert (r["batch_size"], r["sample_batch_size"]) == (4, 6)
+    assert (r["sampler"], r["sample_steps"], r["compile_mode"]) == (
+        "dpmpp-2m",
+        3,
+        "reduce-overhead",
+    )
+    assert r["data_pipeline_on_device_images_per_s"] > 0
+    assert "sampling images/s (3 dpmpp-2m steps, batch 6)" in format_table(r)
+    bad = run_cli(*args, "--sampler", "euler", check=False)
+    assert bad.returncode == 2 and "invalid choice: 'euler'" in bad.stderr

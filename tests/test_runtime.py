@@ -213,6 +213,19 @@ def test_sampler_compiles_only_for_jobs_that_repay_it(monkeypatch):
     assert runtime.default_sample_chunk(torch.device("cuda")) is None
 
 
+def test_prepared_sampling_net_hands_its_compile_mode_to_torch_compile(monkeypatch):
+    """prepare_inference(compile_mode=...) reaches torch.compile; CUDA graphs (and the copy of
+    each output out of the graph's memory) only where the mode replays them on CUDA."""
+    seen = []
+    monkeypatch.setattr(runtime, "compiler_available", lambda: True)
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: seen.append(kw) or m)
+    net = UNet(UNetConfig(image_size=8, widths=[4, 8], block_depth=1, embedding_dims=4)).eval()
+    for mode in ("default", "reduce-overhead"):
+        prepared = runtime.prepare_inference(net, CPU, "fp32", compile=True, compile_mode=mode)
+        assert not prepared.graphs  # the CPU has no CUDA graphs
+    assert seen == [{"dynamic": False, "mode": None}, {"dynamic": False, "mode": "reduce-overhead"}]
+
+
 def test_bench_runs_both_paths_and_reports_every_number():
     r = bench.run(image_size=16, batch_size=4, device_name="cpu", iters=1, compile=False, kid=False)
     for path in ("baseline", "tuned"):

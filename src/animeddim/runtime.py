@@ -176,14 +176,19 @@ class InferenceNet(torch.nn.Module):
         compiled: Callable | None = None,
         freezing: bool = False,
         chunk: int | None = None,
+        graphs: bool = False,
     ):
         super().__init__()
         self.net, self.dtype, self.fmt, self.autocast_ctx = net, dtype, fmt, autocast_ctx
         self.compiled, self.freezing, self.chunk = compiled, freezing, chunk
         self._compiled_ok = False
         self._warm_sizes: set[torch.Size] = set()
+        self.graphs = graphs  # `compiled` replays CUDA graphs (runtime.uses_cuda_graphs)
 
     def _run_compiled(self, x: torch.Tensor, v: torch.Tensor, cond) -> torch.Tensor:
+        if self.graphs:  # a replayed CUDA graph's output is overwritten by the next replay
+            torch.compiler.cudagraph_mark_step_begin()
+            return self.compiled(x, v, cond).clone()
         # Inductor reads `freezing` when it compiles, which happens lazily inside a call
         # (first call, new chunk size); torch.compile(options=...) did not apply it here.
         if not self.freezing:
@@ -266,6 +271,7 @@ def prepare_inference(
     bf16_weights: bool = True,
     compile: bool = False,
     chunk: int | None | str = "auto",
+    compile_mode: str = "default",
 ) -> InferenceNet:
     """A copy of the (EMA) network made fast for sampling; the original is left untouched.
 
@@ -277,7 +283,9 @@ def prepare_inference(
     - compile: torch.compile the copy (on the CPU with inductor freezing: weights become
       constants, prepacked for oneDNN, with conv + silu/add fused); compiled lazily on the
       first call, once per new chunk size (`default_compile_sampler` says when it pays);
-    - chunk: images per network call; "auto" = `default_sample_chunk(device)`.
+    - chunk: images per network call; "auto" = `default_sample_chunk(device)`;
+    - compile_mode: torch.compile's mode (config.COMPILE_MODES); reduce-overhead replays CUDA
+      graphs on CUDA, each call's output then copied out of the graph's memory.
 
     Call again whenever the weights change (the copy, compiled or not, does not follow them).
     """
@@ -302,10 +310,18 @@ def prepare_inference(
         else:
             # static shapes: one graph per chunk size (the chunk, and the smaller sizes
             # left at the end of a batch) rather than one dynamic-batch graph for all
-            compiled = torch.compile(net, dynamic=False)
+            mode = None if compile_mode == "default" else compile_mode
+            compiled = torch.compile(net, dynamic=False, mode=mode)
     # Freezing (weights as constants, prepacked) is measured on the CPU only.
     return InferenceNet(
-        net, dtype, fmt, ctx, compiled=compiled, freezing=device.type == "cpu", chunk=chunk
+        net,
+        dtype,
+        fmt,
+        ctx,
+        compiled=compiled,
+        freezing=device.type == "cpu",
+        chunk=chunk,
+        graphs=compiled is not None and uses_cuda_graphs(compile_mode, device),
     ).eval()
 
 

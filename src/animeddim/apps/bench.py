@@ -22,7 +22,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import RunConfig, UNetConfig
-from ..diffusion.samplers import ddim_sample, ddim_times
+from ..diffusion.samplers import sample as run_sampler
 from ..diffusion.schedule import diffuse
 from ..runtime import (
     PRECISIONS,
@@ -38,6 +38,7 @@ from ..runtime import (
     prepare_inference,
     resolve_device,
     resolve_precision,
+    uses_cuda_graphs,
 )
 from ..train import ema_update, losses
 from ..unet import UNet
@@ -132,11 +133,15 @@ def run_path(
     sample_compile: bool | None = None,
     sample_iters: int = 2,
     sample_steps: int = 20,
+    sampler: str = "ddim",
+    sample_batch_size: int | None = None,
+    compile_mode: str = "default",
 ) -> PathResult:
-    """Measure one configuration: training step and DDIM sampling throughput.
+    """Measure one configuration: training step and sampling throughput.
 
     Training: the loop's step (diffuse, forward under the precision, L1 losses, backward,
-    AdamW, EMA). Sampling: `sample_steps` DDIM steps of the EMA network, either as it is
+    AdamW, EMA) on batches of `batch_size`. Sampling: `sample_steps` steps of `sampler` on
+    `sample_batch_size` images (None: `batch_size`) with the EMA network, either as it is
     under autocast (baseline) or through `runtime.prepare_inference` (tuned: folded BN,
     cast weights, layout, chunked calls, compiled when `sample_compile`, default `compile`).
     The peak memory covers this path's warm-up and timed iterations only.
@@ -155,7 +160,8 @@ def run_path(
         kw = {"foreach": False}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, **kw)
     ctx = autocast(device, precision)
-    net = maybe_compile(model, compile, device)
+    net = maybe_compile(model, compile, device, compile_mode)
+    graphs = net is not model and uses_cuda_graphs(compile_mode, device)
     s = cfg.image_size
     x0 = torch.randn(batch_size, cfg.channels, s, s, device=device).contiguous(memory_format=fmt)
     noise = torch.randn_like(x0)
@@ -163,6 +169,8 @@ def run_path(
     ema_p, live_p = list(ema.parameters()), list(model.parameters())
 
     def train_step() -> None:  # the training loop's own loss (`train.losses`), then AdamW, EMA
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         loss, _ = losses(net, x0, noise, t, run_cfg, ctx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -185,25 +193,32 @@ def run_path(
     if sample_compile is None:
         sample_compile = compile
     if prepared_inference:
-        sampler = prepare_inference(
-            ema, device, precision, channels_last=sample_channels_last, compile=sample_compile
+        net_s = prepare_inference(
+            ema,
+            device,
+            precision,
+            channels_last=sample_channels_last,
+            compile=sample_compile,
+            compile_mode=compile_mode,
         )
         sample_ctx: contextlib.AbstractContextManager = contextlib.nullcontext()
-        sample_compiled = sampler.compiled is not None
+        sample_compiled = net_s.compiled is not None
     else:
-        sampler, sample_ctx = maybe_compile(ema, sample_compile, device), ctx
-        sample_compiled = sampler is not ema
+        net_s, sample_ctx = maybe_compile(ema, sample_compile, device), ctx
+        sample_compiled = net_s is not ema
+    n_sample = sample_batch_size or batch_size
+    sample_noise = torch.randn(n_sample, *x0.shape[1:], device=device)
 
     @torch.no_grad()
     def sample() -> None:
         with sample_ctx:
-            ddim_sample(sampler, noise, ddim_times(sample_steps), sched)
+            run_sampler(net_s, sample_noise, sample_steps, sched, sampler=sampler)
 
     t0 = time.perf_counter()
     sample()  # also the warm-up: 20 network calls
     _sync(device)
     sample_compile_s = time.perf_counter() - t0 if sample_compiled else 0.0
-    sample_rate = _median_rate(sample, batch_size, sample_iters, device)
+    sample_rate = _median_rate(sample, n_sample, sample_iters, device)
     peak = _peak_mib(device)  # before the flop-counting passes below
     train_flops = _flops(lambda: _eager_train_flops(model, x0, noise, t, sched))
     sample_flops = _flops(lambda: _eager_forward_flops(ema, x0, t)) * sample_steps
@@ -304,21 +319,34 @@ def peak_shares(r: dict) -> dict[str, dict[str, float]]:
     return shares
 
 
-def data_pipeline_rate(image_size: int, batch_size: int, n: int = 4096) -> float:
-    """Images/s from the uint8 cache to augmented float batches (one epoch, median of 3)."""
-    from ..data import iterate_batches
+def data_pipeline_rate(
+    image_size: int, batch_size: int, on_device: torch.device | None = None, n: int = 4096
+) -> float:
+    """Images/s from the uint8 cache to augmented float batches (one epoch, median of 3): the
+    host cache (CPU batches), or with `on_device` a copy of it there (train --data-on-device)."""
+    from ..data import device_images, iterate_batches
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8)
     idx = np.arange(n)
+    device = on_device or torch.device("cpu")
+    source = images if on_device is None else device_images(images, on_device)
 
     def epoch() -> None:
         for b in iterate_batches(
-            images, idx, batch_size, seed=0, epoch=0, shuffle=True, flip=True, drop_last=True
+            source,
+            idx,
+            batch_size,
+            seed=0,
+            epoch=0,
+            shuffle=True,
+            flip=True,
+            drop_last=True,
+            device=device,
         ):
             b.sub_(0.5)  # the normalisation the training loop applies
 
-    return _median_rate(epoch, n - n % batch_size, 3, torch.device("cpu"))
+    return _median_rate(epoch, n - n % batch_size, 3, device)
 
 
 def feature_rates(batch_size: int, device: torch.device) -> dict[str, float]:
@@ -346,8 +374,15 @@ def run(
     iters: int = 5,
     compile: bool | None = None,
     kid: bool = True,
+    sample_batch_size: int | None = None,
+    sampler: str = "ddim",
+    steps: int = 20,
+    compile_mode: str = "default",
 ) -> dict:
-    """Run baseline and tuned paths; return a JSON-able dict of results and ratios."""
+    """Run baseline and tuned paths; return a JSON-able dict of results and ratios.
+
+    Both paths train on batches of `batch_size` and sample `sample_batch_size` images (None:
+    `batch_size`) with `steps` steps of `sampler`; `compile_mode` is the tuned path's."""
     # The baseline runs with the C library's allocator as it comes (unless an earlier call in
     # this process changed it: the JSON says so); the tuned path keeps freed host memory.
     device = resolve_device(device_name, host_memory=False)
@@ -364,6 +399,9 @@ def run(
         fused=False,
         prepared_inference=False,
         iters=iters,
+        sample_steps=steps,
+        sampler=sampler,
+        sample_batch_size=sample_batch_size,
     )
     precision = resolve_precision("auto", device)
     do_compile = compile if compile is not None else default_compile(device, precision=precision)
@@ -373,7 +411,8 @@ def run(
     kept = keep_freed_memory() if device.type == "cpu" else False
     flags = [precision, "fused AdamW", "folded BN"]
     flags += ["freed memory kept"] if kept else []
-    flags += ["compiled"] if do_compile else []
+    mode = f" {compile_mode}" if compile_mode != "default" else ""
+    flags += [f"compiled{mode}"] if do_compile else []
     flags += ["compiled sampling"] if do_compile_sample and not do_compile else []
     flags += [f"sampling in chunks of {chunk}"] if chunk else []
     flags += ["channels_last"] if channels_last else []
@@ -389,6 +428,10 @@ def run(
         prepared_inference=True,
         iters=iters,
         sample_compile=do_compile_sample,
+        sample_steps=steps,
+        sampler=sampler,
+        sample_batch_size=sample_batch_size,
+        compile_mode=compile_mode,
     )
     result = {
         "date": time.strftime("%Y-%m-%d"),
@@ -399,11 +442,16 @@ def run(
         "torch": torch.__version__,
         "image_size": image_size,
         "batch_size": batch_size,
+        "sample_batch_size": sample_batch_size or batch_size,
+        "sampler": sampler,
+        "sample_steps": steps,
+        "compile_mode": compile_mode,
         "baseline": asdict(baseline),
         "tuned": asdict(tuned),
         "train_speedup": tuned.train_images_per_s / baseline.train_images_per_s,
         "sample_speedup": tuned.sample_images_per_s / baseline.sample_images_per_s,
         "data_pipeline_images_per_s": data_pipeline_rate(image_size, batch_size),
+        "data_pipeline_on_device_images_per_s": data_pipeline_rate(image_size, batch_size, device),
         "baseline_kept_freed_memory": baseline_kept,
         "tuned_kept_freed_memory": kept,
     }
@@ -420,7 +468,12 @@ def format_table(r: dict) -> str:
     b, t = r["baseline"], r["tuned"]
     rows = [
         ("training images/s", "train_images_per_s", ".1f"),
-        ("sampling images/s (20 DDIM steps)", "sample_images_per_s", ".2f"),
+        (
+            f"sampling images/s ({r['sample_steps']} {r['sampler']} steps, "
+            f"batch {r['sample_batch_size']})",
+            "sample_images_per_s",
+            ".2f",
+        ),
         ("training GFLOP/s", "train_gflop_per_s", ".0f"),
         ("sampling GFLOP/s", "sample_gflop_per_s", ".0f"),
         ("peak memory MiB", "peak_memory_mib", ".0f"),
@@ -437,7 +490,8 @@ def format_table(r: dict) -> str:
         lines.append(f"| {label} | {b[key]:{fmt}} | {t[key]:{fmt}} | {ratio} |")
     lines.append(
         f"data pipeline: {r['data_pipeline_images_per_s']:.0f} images/s "
-        f"({r['data_over_train']:.1f}x tuned training)"
+        f"({r['data_over_train']:.1f}x tuned training); from a cache on the device: "
+        f"{r['data_pipeline_on_device_images_per_s']:.0f} images/s"
     )
     peaks = ", ".join(
         f"{p} matmul {v['matmul_gflop_per_s']:.0f}, "
@@ -468,8 +522,23 @@ def main(
     as_json: bool,
     compile: bool | None,
     kid: bool,
+    sample_batch_size: int | None = None,
+    sampler: str = "ddim",
+    steps: int = 20,
+    compile_mode: str = "default",
 ) -> int:
-    r = run(image_size, batch_size, device, iters, compile, kid)
+    r = run(
+        image_size,
+        batch_size,
+        device,
+        iters,
+        compile,
+        kid,
+        sample_batch_size,
+        sampler,
+        steps,
+        compile_mode,
+    )
     print(json.dumps(r, indent=2) if as_json else format_table(r))
     sys.stdout.flush()
     return 0

@@ -217,7 +217,19 @@ def cmd_tour(a: argparse.Namespace) -> int:
 def cmd_bench(a: argparse.Namespace) -> int:
     from ..apps.bench import main as bench_main
 
-    return bench_main(a.image_size, a.batch_size, a.device, a.iters, a.json, a.compile, a.kid)
+    return bench_main(
+        a.image_size,
+        a.batch_size,
+        a.device,
+        a.iters,
+        a.json,
+        a.compile,
+        a.kid,
+        a.sample_batch_size,
+        a.sampler,
+        a.steps,
+        a.compile_mode,
+    )
 
 
 def cmd_serve(a: argparse.Namespace) -> int:

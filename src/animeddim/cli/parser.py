@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .. import conditional_cli
-from ..config import KID_PROTOCOLS
+from ..config import COMPILE_MODES, KID_PROTOCOLS
 from ..diffusion.sampler_names import SAMPLER_NAMES
 from . import sampling
 from .commands import (
@@ -375,6 +375,22 @@ def _add_bench_command(sub) -> None:
         "CPUs with a C compiler)",
     )
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default="default",
+        help="torch.compile mode of the tuned path (reduce-overhead: CUDA graphs; default default)",
+    )
+    p.add_argument(
+        "--sample-batch-size",
+        type=_positive_int("sample-batch-size"),
+        default=None,
+        help="images per sampling batch (default: --batch-size)",
+    )
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddim", help="(default ddim)")
+    p.add_argument(
+        "--steps", type=_positive_int("steps"), default=20, help="sampling steps (default 20)"
+    )
     p.add_argument(
         "--no-kid", dest="kid", action="store_false", help="skip the Inception feature throughput"
     )

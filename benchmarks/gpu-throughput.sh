@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Training throughput on a lent GPU, and what a large batch costs in quality: one prepared run
+# (about 8 minutes on an H100/H200). Writes everything to $OUT:
+#   bench-before.json  the tuned path as shipped (batch $BASE = 128, compiled)
+#   bench-after.json   batch $BIG, CUDA graphs (--compile-mode reduce-overhead), sampling
+#                      $SAMPLE_BATCH images at 10 dpmpp-2m steps; both against the fp32 eager
+#                      baseline measured in the same process
+#   q-128/, q-$BIG/    metrics.csv of two trainings from scratch on the same images: batch 128 at
+#                      lr 1e-3 (the shipped recipe), and batch $BIG at lr 1e-3 * sqrt($BIG / 128),
+#                      warmed up over the first tenth, data on the device, CUDA graphs
+#   quality.json       validation noise loss of each at the same number of images seen
+# Needs .gpu/avatars64 carried with the call (`animeddim data avatars --n 10000 --size 64
+# --seed 0 --out .gpu/avatars64`). DEVICE, DATA, IMAGES, BASE, BIG, SAMPLE_BATCH, ITERS and
+# MODE override it for a dry run on the CPU (tests nothing about speed there).
+set -u
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+DEVICE=${DEVICE:-cuda}
+DATA=${DATA:-.gpu/avatars64}
+IMAGES=${IMAGES:-640000}
+BASE=${BASE:-128}
+BIG=${BIG:-1024}
+SAMPLE_BATCH=${SAMPLE_BATCH:-4096}
+ITERS=${ITERS:-10}
+MODE=${MODE:-reduce-overhead}
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+  python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+  date -u; } > "$OUT/gpu.txt"
+
+# 1. Throughput, before and after.
+common=(--device "$DEVICE" --iters "$ITERS" --no-kid --json --sampler dpmpp-2m --steps 10)
+timeout 200 python3 -m animeddim bench "${common[@]}" --batch-size "$BASE" \
+  > "$OUT/bench-before.json" 2> "$OUT/bench-before.err"
+echo "bench before exit $?" >> "$OUT/log.txt"
+timeout 240 python3 -m animeddim bench "${common[@]}" --batch-size "$BIG" --compile-mode "$MODE" \
+  --sample-batch-size "$SAMPLE_BATCH" > "$OUT/bench-after.json" 2> "$OUT/bench-after.err"
+echo "bench after exit $?" >> "$OUT/log.txt"
+
+# 2. Quality at equal images seen: epochs enough for IMAGES images at each batch.
+train_arm() {  # batch, lr, warm-up images, compile mode, data on device
+  local bs=$1 run=/tmp/q-$1
+  local steps_per_epoch epochs
+  steps_per_epoch=$(python3 -c "import sys; print(max(1, int(sys.argv[1]) * 8 // 10 // $bs))" \
+    "$(find "$DATA" -name '*.png' | wc -l)")
+  epochs=$(( (IMAGES / bs + steps_per_epoch - 1) / steps_per_epoch ))
+  timeout 300 python3 -m animeddim train --data "$DATA" --out "$run" \
+    --config configs/avatars-64.json --time-limit 0 --epochs "$epochs" --batch-size "$bs" \
+    --lr "$2" --lr-warmup-images "$3" --compile-mode "$4" --data-on-device "$5" \
+    --device "$DEVICE" --no-kid --quiet > "$OUT/train-$bs.log" 2>&1
+  echo "train batch $bs exit $? ($epochs epochs)" >> "$OUT/log.txt"
+  mkdir -p "$OUT/q-$bs" && cp "$run/metrics.csv" "$run/config.json" "$OUT/q-$bs/" 2>/dev/null
+}
+train_arm "$BASE" 0.001 0 default auto
+train_arm "$BIG" "$(python3 -c "print(1e-3 * ($BIG / $BASE) ** 0.5)")" $((IMAGES / 10)) "$MODE" yes
+python3 benchmarks/quality_at_equal_images.py "$OUT/q-$BASE/metrics.csv" "$OUT/q-$BIG/metrics.csv" \
+  > "$OUT/quality.json" 2>> "$OUT/log.txt"
+cat "$OUT/log.txt" "$OUT/quality.json"
+python3 -c "
+import json, sys
+for f in ('bench-before', 'bench-after'):
+    try:
+        r = json.load(open('$OUT/' + f + '.json'))
+    except Exception as e:
+        print(f, 'no result:', e); continue
+    t = r['tuned']
+    print(f, r['batch_size'], r['sample_batch_size'], 'train', round(t['train_images_per_s']),
+          'sample', round(t['sample_images_per_s']), 'x', round(r['train_speedup'], 2))
+"
