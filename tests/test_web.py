@@ -368,6 +368,42 @@ def test_bad_requests_answered_and_server_keeps_serving(client):
     assert client.get("/api/info").status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"attributes": ["hair"]}, "attributes must be a JSON object of attribute names to values"),
+        ({"attributes": "hair=red"}, "attributes must be a JSON object"),
+        ({"attributes": 3}, "attributes must be a JSON object"),
+        ({"sampler": ["ddim"]}, "sampler must be one of ddim, dpmpp-2m"),
+        ({"sampler": {"name": "ddim"}}, "sampler must be one of ddim, dpmpp-2m"),
+        ({"seed": -1}, "seed must be an integer from 0 to 2147483647, got -1"),
+        ({"seed": 10**400}, "seed must be an integer from 0 to 2147483647, got 10000"),
+    ],
+)
+def test_generate_refuses_fields_of_the_wrong_type_with_400(client, fields, reason):
+    """A field of the wrong JSON type was a 500 (TypeError, AttributeError); the limits read
+    2.14748e+09 and a 400-digit seed was echoed whole."""
+    r = client.post("/api/generate", json={"model": "run:tiny", "n": 1, "steps": 1, **fields})
+    assert r.status_code == 400 and reason in r.json()["error"]
+    assert len(r.json()["error"]) < 200
+
+
+def test_generate_refuses_deep_and_large_bodies_with_400(client):
+    """JSON nested thousands deep was a 500 (RecursionError); a body of any size was read
+    whole into memory. Both are a 400 now, a large one before it is all read."""
+    json_type = {"content-type": "application/json"}
+    deep = b"[" * 20000 + b"]" * 20000
+    r = client.post("/api/generate", content=deep, headers=json_type)
+    assert r.status_code == 400 and r.json()["error"] == "the request body is not JSON"
+    big = b'{"model": "run:tiny", "pad": "' + b"x" * 2**20 + b'"}'
+    r = client.post("/api/generate", content=big, headers=json_type)
+    assert r.status_code == 400 and "too large; the limit is 64 kB" in r.json()["error"]
+    chunked = iter([b'{"model": "run:tiny", "pad": "', b"x" * 2**17, b'"}'])  # no length
+    r = client.post("/api/generate", content=chunked, headers=json_type)
+    assert r.status_code == 400 and "too large" in r.json()["error"]
+    assert client.get("/api/status").json()["running"] is False
+
+
 def test_invert_gives_reconstruction_and_psnr(client, avatars16):
     face = sorted(avatars16.glob("*.png"))[0].read_bytes()
     lines = stream(client.post("/api/invert", data={"model": "run:tiny", "steps": "5"},

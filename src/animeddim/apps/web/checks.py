@@ -189,11 +189,23 @@ def choice_sampling(meta: dict[str, Any] | None) -> dict[str, Any] | None:
 # --- request checks -----------------------------------------------------------------------
 
 
+def _limit(x: float) -> str:
+    """A limit as the user types it: 2147483647, not 2.14748e+09; 1, not 1.0."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def _echo(raw: Any) -> str:
+    """A field's value quoted back to the user, cut short when it is long."""
+    text = repr(raw)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
 def number(body: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
     raw = body.get(name, default if default is not None else DEFAULTS.get(name))
     lo, hi = LIMITS[name]
     word = "an integer" if kind is int else "a number"
     shown = LABELS.get(name, name)
+    why = f"{shown} must be {word} from {_limit(lo)} to {_limit(hi)}, got {_echo(raw)}"
     try:
         if isinstance(raw, bool) or raw is None or str(raw).strip() == "":
             raise ValueError
@@ -203,16 +215,16 @@ def number(body: dict[str, Any], name: str, kind: type, default: Any = None) -> 
                 raise ValueError
             value = int(value)
     except (TypeError, ValueError, OverflowError):
-        raise RequestError(f"{shown} must be {word} from {lo:g} to {hi:g}, got {raw!r}") from None
+        raise RequestError(why) from None
     if not math.isfinite(value) or not lo <= value <= hi:
-        raise RequestError(f"{shown} must be {word} from {lo:g} to {hi:g}, got {raw!r}")
+        raise RequestError(why)
     return value
 
 
 def sampler_fields(body: dict[str, Any]) -> tuple[str, float, bool | None]:
     sampler = body.get("sampler", DEFAULTS["sampler"])
-    if sampler not in SAMPLERS:
-        raise RequestError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:  # a list is not hashable
+        raise RequestError(f"sampler must be one of {', '.join(SAMPLERS)}, got {_echo(sampler)}")
     eta = number(body, "eta", float)
     if eta != 0 and not SAMPLERS[sampler].stochastic:
         raise RequestError(f"eta must be 0 for {sampler} (it is deterministic); use ddim for eta")
@@ -251,7 +263,12 @@ def parse_generate(body: dict[str, Any], catalog: Catalog) -> GenerateRequest:
         eta=eta,
         clip=clip,
     )
-    attrs = {k: v for k, v in (body.get("attributes") or {}).items() if v not in ("", "any")}
+    asked = body.get("attributes") or {}
+    if not isinstance(asked, dict):
+        raise RequestError(
+            f"attributes must be a JSON object of attribute names to values, got {_echo(asked)}"
+        )
+    attrs = {k: v for k, v in asked.items() if v not in ("", "any")}
     mix = body.get("mix", "none")
     if mix not in ("none", "training"):
         raise RequestError(f"mix must be 'none' or 'training', got {str(mix)[:40]!r}")

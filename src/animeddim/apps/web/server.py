@@ -127,10 +127,24 @@ def _refuse(msg: str, status: int = 400) -> JSONResponse:
     return JSONResponse({"error": msg}, status_code=status)
 
 
+MAX_JSON_BYTES = 64 * 1024  # a Generate request is a few hundred bytes
+
+
 async def _json_body(request: Request) -> dict[str, Any]:
+    """The request's JSON object, read up to MAX_JSON_BYTES (a longer body, announced or
+    chunked, is refused before it is all in memory)."""
+    too_large = f"the request body is too large; the limit is {MAX_JSON_BYTES >> 10} kB"
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_JSON_BYTES:
+        raise RequestError(too_large)
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > MAX_JSON_BYTES:
+            raise RequestError(too_large)
     try:
-        body = await request.json()
-    except ValueError:
+        body = json.loads(bytes(data))
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         raise RequestError("the request body is not JSON") from None
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
