@@ -248,6 +248,22 @@ def test_seeds_in_range_draw_distinct_images(run, tmp_path, capsys):
     assert grids[0] != grids[1]
 
 
+@pytest.mark.parametrize("command", ["train", "attributes train"])
+def test_a_folder_given_as_labels_file_is_one_line(command, avatars16, tmp_path, capsys):
+    """`--labels DIR` (the folder that holds labels.csv) was exit 1 with `Is a directory:
+    DIR`; now exit 2 naming the CSV to give, before any run folder or file is made."""
+    out = tmp_path / "out"
+    args = {
+        "train": ["train", "--data", avatars16, "--out", out, "--labels", avatars16],
+        "attributes train": ["attributes", "train", "--data", avatars16, "--labels", avatars16,
+                             "--out", out / "a.safetensors"],
+    }[command]  # fmt: skip
+    rc, _, err = run_main(capsys, *args)
+    assert rc == 2, err
+    _one_line(err, f"labels file '{avatars16}' is a folder", str(avatars16 / "labels.csv"))
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------------------------
 # Never overwrite or mix
 

@@ -87,6 +87,11 @@ def read_csv_rows(path: str | Path) -> tuple[list[str], list[tuple[int, str, lis
         text = path.read_text("utf-8-sig")
     except FileNotFoundError:
         raise LabelError(f"labels file '{path}' does not exist") from None
+    except IsADirectoryError:
+        raise LabelError(
+            f"labels file '{path}' is a folder; give the CSV file itself (e.g. "
+            f"'{path / 'labels.csv'}')"
+        ) from None
     except UnicodeDecodeError:
         raise LabelError(f"labels file '{path}' is not UTF-8 text") from None
     table = [r for r in csv.reader(text.splitlines()) if any(c.strip() for c in r)]
