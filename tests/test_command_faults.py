@@ -264,6 +264,20 @@ def test_a_folder_given_as_labels_file_is_one_line(command, avatars16, tmp_path,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("lr", ["nan", "-1", "0", "inf", "1e400"])
+def test_attributes_train_refuses_a_learning_rate_that_is_not_positive(
+    lr, avatars16, tmp_path, capsys
+):
+    """nan and -1 died in torch's AdamW with a traceback; inf trained and saved a classifier
+    whose weights were NaN, exit 0. Now: exit 2, one line, no file."""
+    out = tmp_path / "a.safetensors"
+    rc, _, err = run_main(capsys, "attributes", "train", "--data", avatars16, "--out", out,
+                          "--epochs", 1, "--lr", lr)  # fmt: skip
+    assert rc == 2, err
+    _one_line(err, "--lr must be a finite number > 0, got")
+    assert not out.exists() and not out.with_suffix(".json").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # Never overwrite or mix
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -137,6 +138,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     if not 0 <= a.val_fraction < 1:
         raise CliError(f"--val-fraction must be in [0, 1), got {a.val_fraction}")
+    if not (math.isfinite(a.lr) and a.lr > 0):  # inf trained to NaN weights and saved them
+        raise CliError(f"--lr must be a finite number > 0, got {a.lr}")
     from .outputs import distinct
 
     out_json = Path(a.out).with_suffix(".json")
