@@ -278,6 +278,42 @@ def test_attributes_train_refuses_a_learning_rate_that_is_not_positive(
     assert not out.exists() and not out.with_suffix(".json").exists()
 
 
+@pytest.mark.parametrize(
+    ("command", "damage"),
+    [(c, d) for c in ("report", "train --resume") for d in ("config.json", "metrics.csv")]
+    + [("report", "a file"), ("train --resume", "metrics row")],
+)
+def test_a_damaged_run_folder_is_one_line(command, damage, trained_tiny, tmp_path, capsys):
+    """A config.json or metrics.csv that is not UTF-8 (a foreign or damaged file) ended
+    report and train --resume in a UnicodeDecodeError traceback, and a metrics row whose
+    epoch is not an integer ended --resume in a ValueError one; `report --run FILE` said
+    the file did not exist. Now exit 2, one line naming the file; nothing is written."""
+    run = copy_run(trained_tiny, tmp_path / "run")
+    before = _files(run)
+    target, says = run, None
+    if damage == "a file":
+        target, says = run / "config.json", "is a file; give its run folder"
+    elif damage == "metrics row":
+        with open(run / "metrics.csv", "a") as f:
+            f.write("x,y\n")
+        before, says = _files(run), "metrics.csv' is damaged (a row without an integer epoch)"
+    else:
+        (run / damage).write_bytes(b"\xff\xfe\x00 not UTF-8")
+        before, says = _files(run), f"cannot read '{run / damage}'"
+    out = tmp_path / "report"
+    args = ["report", "--run", target, "--out", out, "--steps", 1]
+    if command != "report":
+        args = ["train", "--resume", target, "--quiet", "--max-steps", 9]
+    rc, _, err = run_main(capsys, *args)
+    assert rc == 2, err
+    _one_line(err, says)
+    after = _files(run)
+    if command != "report":  # a resume records its resumable settings in config.json first
+        for files in (before, after):
+            files.pop("config.json", None)
+    assert not out.exists() and after == before
+
+
 # --------------------------------------------------------------------------------------------
 # Never overwrite or mix
 

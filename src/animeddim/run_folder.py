@@ -47,6 +47,8 @@ METRIC_COLUMNS = [
     "epoch_seconds",
     "wall_seconds",
     "kid_seconds",
+    "standard_kid",  # train --eval-every: against --eval-real, on --eval-images samples
+    "standard_kid_seconds",
 ]
 
 
@@ -181,7 +183,7 @@ def load_run_config(run_dir: Path) -> RunConfig:
         raise RunFolderError(f"{str(run_dir)!r} is not an animeddim run folder (no config.json)")
     try:
         d = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8 at all
         raise RunFolderError(f"cannot read {str(run_dir / 'config.json')!r}: {e}") from None
     return RunConfig.from_dict(d).validate()
 
@@ -211,8 +213,14 @@ def truncate_metrics(run_dir: Path, epoch: int) -> None:
     path = run_dir / "metrics.csv"
     if not path.exists():
         return
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= epoch]
+    rows = _read_csv(path)[1]
+    try:
+        rows = [r for r in rows if int(r["epoch"]) <= epoch]
+    except (KeyError, TypeError, ValueError):
+        raise RunFolderError(
+            f"cannot resume: {str(path)!r} is damaged (a row without an integer epoch); "
+            "repair it, or remove it to resume without the earlier epochs' rows"
+        ) from None
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\r\n")
     w.writeheader()
@@ -324,6 +332,8 @@ def number_or_none(s: str | None) -> float | None:
 def read_run(path: str | Path, name: str | None = None) -> RunFiles:
     """Parse a run folder; RunFolderError naming the folder if config.json or metrics.csv is bad."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunFolderError(f"{str(path)!r} is a file; give its run folder")
     if not path.is_dir():
         raise RunFolderError(f"run folder {str(path)!r} does not exist")
     missing = [f for f in ("config.json", "metrics.csv") if not (path / f).is_file()]
@@ -335,26 +345,35 @@ def read_run(path: str | Path, name: str | None = None) -> RunFiles:
     try:
         config = RunConfig.from_dict(json.loads((path / "config.json").read_text("utf-8")))
         config.validate()
-    except (OSError, json.JSONDecodeError, ConfigError) as e:
+    except (OSError, ValueError, ConfigError) as e:  # ValueError: not JSON, or not UTF-8
         raise RunFolderError(f"cannot read {str(path / 'config.json')!r}: {e}") from None
-    with open(path / "metrics.csv", newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if "epoch" not in (reader.fieldnames or []):
-            raise RunFolderError(f"{str(path / 'metrics.csv')!r} has no 'epoch' column")
-        rows = [{k: number_or_none(v) for k, v in r.items() if k} for r in reader]
+    fields, table = _read_csv(path / "metrics.csv")
+    if "epoch" not in fields:
+        raise RunFolderError(f"{str(path / 'metrics.csv')!r} has no 'epoch' column")
+    rows = [{k: number_or_none(v) for k, v in r.items() if k} for r in table]
     rows = [r for r in rows if r.get("epoch") is not None]
     evals = []
     # Newest last: by modification time, then name, so "the newest" is well defined.
     for p in sorted(path.glob("eval-*.json"), key=lambda p: (p.stat().st_mtime, p.name)):
         try:
             evals.append((p.name, json.loads(p.read_text("utf-8"))))
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:
             raise RunFolderError(f"cannot read {str(p)!r}: {e}") from None
     steps = None
     if (path / "steps.csv").is_file():
-        with open(path / "steps.csv", newline="", encoding="utf-8") as f:
-            steps = list(csv.DictReader(f))
+        steps = _read_csv(path / "steps.csv")[1]
     return RunFiles(path, name or sanitise(path.resolve().name), config, rows, evals, steps)
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """The column names and rows of a CSV the run folder holds; RunFolderError naming it if
+    it cannot be read as UTF-8 CSV (a damaged or foreign file)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            return list(reader.fieldnames or []), list(reader)
+    except (OSError, ValueError, csv.Error) as e:  # ValueError: not UTF-8
+        raise RunFolderError(f"cannot read {str(path)!r}: {e}") from None
 
 
 def unique_names(paths: Sequence[Path]) -> list[str]:
