@@ -240,3 +240,50 @@ def test_progress_bar_opens_once_per_stage_run(monkeypatch):
     bars("sampling", 0, 4)
     bars.close()
     assert opened == ["features (real)", "features (real)", "sampling"]
+
+
+@needs_weights
+def test_train_eval_every_measures_what_evaluate_measures(
+    avatars16, tmp_path, fast_inception, monkeypatch, capsys
+):
+    """train --eval-every: the standard KID at every N-th epoch and the last, written to
+    metrics.csv and kept as best-standard-kid; the last value is what `evaluate` reports for
+    the run's last checkpoint with the same samples (seed, sampler, steps, count)."""
+    monkeypatch.setattr(metrics, "InceptionFeatures", lambda *a, **k: fast_inception)
+    monkeypatch.setattr(cli_sampling, "_extractor", lambda a: fast_inception)
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    model = [
+        "--image-size",
+        "16",
+        "--widths",
+        "8,16",
+        "--block-depth",
+        "1",
+        "--embedding-dims",
+        "8",
+    ]
+    rc, out, err = run_main(
+        capsys, "train", "--data", avatars16, "--out", run, *model, "--precision", "fp32",
+        "--epochs", "3", "--batch-size", "6", "--no-kid", "--quiet", "--eval-every", "2",
+        "--eval-real", avatars16, "--eval-images", "6", "--eval-steps", "2",
+    )  # fmt: skip
+    assert rc == 0, err
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    measured = [r["standard_kid"] for r in rows]
+    assert measured[0] == "" and measured[1] != "" and measured[2] != ""  # epochs 2 and 3
+    assert "standard KID" in out
+    best = run / "checkpoints" / "best-standard-kid.safetensors"
+    assert best.is_file()
+    from animeddim import checkpoint as ckpt
+
+    kept = min(float(v) for v in measured[1:])
+    assert ckpt.load(best)[1]["best_standard_kid"] == pytest.approx(kept, rel=1e-5)
+    ev_json = tmp_path / "eval.json"
+    rc, _, err = run_main(
+        capsys, "evaluate", "--run", run, "--real", avatars16, "--n", "6", "--steps", "2",
+        "--sampler", "dpmpp-2m", "--seed", str(0x5EED), "--precision", "fp32", "--no-compile",
+        "--device", "cpu", "--protocols", "standard", "--out", ev_json, "--cache-dir", cache,
+    )  # fmt: skip
+    assert rc == 0, err
+    ev = json.loads(ev_json.read_text())
+    assert ev["kid_mean"] == pytest.approx(float(measured[2]), rel=1e-5)

@@ -516,6 +516,10 @@ def test_bad_values_of_the_gpu_settings_are_one_line_errors(avatars16, tmp_path)
         (["--compile-mode", "fastest"], "invalid choice: 'fastest'"),
         (["--data-on-device", "maybe"], "invalid choice: 'maybe'"),
         (["--lr-warmup-images", "-5"], "lr-warmup-images"),
+        (["--eval-every", "1", "--eval-real", str(tmp_path / "nowhere")], "is not a folder"),
+        (["--eval-every", "1", "--val-fraction", "0", "--batch-size", "4"], "it has 0 image"),
+        (["--eval-sampler", "euler"], "invalid choice: 'euler'"),
+        (["--eval-images", "1"], "eval-images"),
     ):
         p = run_cli(*_tiny_args(avatars16, tmp_path / "r", *args), check=False)
         _one_line_exit_2(p, fragment)

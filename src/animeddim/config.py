@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .diffusion.sampler_names import SAMPLER_NAMES
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -313,6 +315,25 @@ class TrainConfig:
     kid_images: int = setting(
         0, "validation images for the per-epoch KID (0: the whole split)", minimum=0, resume=True
     )
+    eval_every: int = setting(
+        0,
+        "every N epochs, the standard-protocol KID of --eval-images samples against "
+        "--eval-real; the best is kept as checkpoints/best-standard-kid.safetensors (0: never)",
+        minimum=0,
+        resume=True,
+        metavar="N",
+    )
+    eval_real: str = setting(
+        "",
+        "real images for --eval-every: a folder (default: the validation split)",
+        metavar="DIR",
+        resume=True,
+    )
+    eval_images: int = setting(1000, "samples per --eval-every KID", minimum=2, resume=True)
+    eval_sampler: str = setting(
+        "dpmpp-2m", "sampler of the --eval-every samples", choices=SAMPLER_NAMES, resume=True
+    )
+    eval_steps: int = setting(10, "steps of the --eval-every samples", minimum=1, resume=True)
     nan_policy: str = setting(
         "stop", "what a non-finite loss does", choices=NAN_POLICIES, resume=True
     )
@@ -386,6 +407,15 @@ class TrainConfig:
             ", ".join(DATA_ON_DEVICE),
         )
         _check(self.lr_warmup_images >= 0, "lr_warmup_images", self.lr_warmup_images, ">= 0")
+        _check(self.eval_every >= 0, "eval_every", self.eval_every, ">= 0")
+        _check(self.eval_images >= 2, "eval_images", self.eval_images, "an integer >= 2")
+        _check(1 <= self.eval_steps <= 1000, "eval_steps", self.eval_steps, "in 1..1000")
+        _check(
+            self.eval_sampler in SAMPLER_NAMES,
+            "eval_sampler",
+            self.eval_sampler,
+            ", ".join(SAMPLER_NAMES),
+        )
         _check(
             self.nan_policy in NAN_POLICIES,
             "nan_policy",

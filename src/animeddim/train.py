@@ -201,6 +201,7 @@ def _epochs(cfg, run_dir, data, state, rt, progress, log) -> TrainResult:
     if distributed.is_main():
         write_reference(run_dir, data)
     kid_metric = _make_kid(cfg, len(data.val_idx), rt.device, log) if tc.kid else None
+    standard_kid = _make_standard_kid(cfg, data, rt.device, log) if tc.eval_every else None
     bar = _progress_bar(progress, _bar_total(tc, data.steps_per_epoch), state.step)
     t_start, interrupted, last_row = time.perf_counter(), False, None
     last_ckpt = run_dir / "checkpoints" / "last.safetensors"
@@ -213,7 +214,7 @@ def _epochs(cfg, run_dir, data, state, rt, progress, log) -> TrainResult:
                 if state.batch_in_epoch < data.steps_per_epoch:  # stopped inside the epoch
                     save(last_ckpt)
                     break
-            last_row = end_of_epoch(state, data, cfg, rt, kid_metric, run_dir, save)
+            last_row = end_of_epoch(state, data, cfg, rt, kid_metric, run_dir, save, standard_kid)
             last_row.update(
                 images_per_s=images_seen / max(epoch_seconds, 1e-9),
                 epoch_seconds=epoch_seconds,
@@ -354,8 +355,11 @@ def _log_progress(state: TrainState, tc, bar, images_per_s: float) -> None:
         bar.update(state.step - bar.n)
 
 
-def end_of_epoch(state, data, cfg, rt, kid_metric, run_dir: Path, save) -> dict[str, Any]:
-    """Validation of the EMA network, KID, the sample grid, best-KID checkpoint; the row."""
+def end_of_epoch(
+    state, data, cfg, rt, kid_metric, run_dir: Path, save, standard_kid_metric=None
+) -> dict[str, Any]:
+    """Validation of the EMA network, KID, the sample grid, best-KID checkpoints; the row.
+    `standard_kid_metric`: the --eval-every measure (`_make_standard_kid`), or None."""
     nl, il, cnt = distributed.reduced_sum(state.acc).tolist()
     if not (math.isfinite(nl) and math.isfinite(il)):
         raise TrainingDiverged(f"loss became non-finite by step {state.step}")
@@ -380,6 +384,11 @@ def end_of_epoch(state, data, cfg, rt, kid_metric, run_dir: Path, save) -> dict[
         "learning_rate": state.optimizer.param_groups[0]["lr"],
         "kid_seconds": time.perf_counter() - t_kid if kid is not None else None,
     }
+    tc, epoch = cfg.train, state.epoch + 1
+    if standard_kid_metric is not None and (epoch % tc.eval_every == 0 or epoch == tc.epochs):
+        t_std = time.perf_counter()
+        row["standard_kid"] = standard_kid_metric(infer, data, rt.device)
+        row["standard_kid_seconds"] = time.perf_counter() - t_std
     grid = distributed.generate(  # sharded by image index, gathered on rank 0
         model=infer,
         mean=data.mean,
@@ -401,6 +410,10 @@ def end_of_epoch(state, data, cfg, rt, kid_metric, run_dir: Path, save) -> dict[
     if kid is not None and kid < state.best_kid:
         state.best_kid = kid
         save(run_dir / "checkpoints" / "best-kid.safetensors")
+    standard_kid = row.get("standard_kid")
+    if standard_kid is not None and standard_kid < state.best_standard_kid:
+        state.best_standard_kid = standard_kid
+        save(run_dir / "checkpoints" / "best-standard-kid.safetensors")
     return row
 
 
@@ -414,6 +427,8 @@ def epoch_line(row: dict[str, Any], epochs: int) -> str:
         line += f" (val {row['val_image_loss']:.4f})"
     if row["kid"] is not None:
         line += f", KID (paper protocol) {row['kid']:.4f}"
+    if row.get("standard_kid") is not None:
+        line += f", standard KID {row['standard_kid']:.4f}"
     return line + f", {row['images_per_s']:.1f} img/s"
 
 
@@ -495,6 +510,53 @@ def validate(
     sums = distributed.all_reduce_sum(torch.cat([total, total.new_tensor([n])]))
     nl, il = (sums[:2] / sums[2]).tolist()
     return nl, il
+
+
+def _make_standard_kid(cfg: RunConfig, data, device: torch.device, log):
+    """The --eval-every measure: standard-protocol KID (torch-fidelity's) of --eval-images
+    samples of the EMA network, against the features of --eval-real (default: the validation
+    split), computed once here; None with a note when no Inception weights exist. Under
+    torchrun the samples are drawn by all ranks and measured on rank 0; every rank returns
+    rank 0's value (the best checkpoint is written by all)."""
+    from . import metrics
+
+    tc = cfg.train
+    try:
+        extractor = metrics.InceptionFeatures(metrics.find_inception_weights(), device=device)
+    except metrics.InceptionWeightsMissing as e:
+        log(f"note: --eval-every KID disabled: {e}")
+        return None
+    real = None
+    if distributed.is_main():
+        if tc.eval_real:
+            real = metrics.folder_features(Path(tc.eval_real), extractor, "standard")
+        else:
+            images = np.asarray(data.imageset.images[data.val_idx])
+            real = extractor.features(torch.from_numpy(images).permute(0, 3, 1, 2), "standard")
+
+    @torch.no_grad()
+    def kid(ema, data, device) -> float:
+        fake = distributed.generate(  # the same noises every time: epochs compare
+            model=ema,
+            mean=data.mean,
+            std=data.std,
+            schedule=cfg.schedule,
+            image_size=cfg.model.image_size,
+            channels=cfg.model.channels,
+            n=tc.eval_images,
+            seed=VAL_SEED,
+            steps=tc.eval_steps,
+            sampler=tc.eval_sampler,
+            batch_size=tc.batch_size,
+            device=device,
+        )
+        value = None
+        if fake is not None:
+            f_fake = extractor.features(fake.permute(0, 3, 1, 2), "standard")
+            value = metrics.kid_standard(real, f_fake)[0]
+        return distributed.all_gather_object(value)[0]
+
+    return kid
 
 
 def _make_kid(cfg: RunConfig, n_val: int, device: torch.device, log):

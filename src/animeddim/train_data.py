@@ -49,6 +49,12 @@ def check_start(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
         if not (run_dir / "config.json").is_file():
             raise RunFolderError(f"cannot resume: {str(run_dir)!r} is not an animeddim run folder")
         return
+    tc = cfg.train
+    if tc.eval_every and tc.eval_real and not Path(tc.eval_real).is_dir():
+        raise ConfigError(
+            f"--eval-real {tc.eval_real!r} is not a folder: give a folder of real images for "
+            "the --eval-every KID (or leave it out to use the validation split)"
+        )
     if data.is_dir() and run_dir.resolve().is_relative_to(data.resolve()):
         raise ConfigError(
             f"--out {str(run_dir)!r} lies inside --data {str(data)!r}: the next run would train "
@@ -80,6 +86,11 @@ def check_data(
             f"batch_size {cfg.train.batch_size} is larger than the training split ({n_train} "
             f"of {n} images, {n_val} held out for validation): lower --batch-size"
             + (" or --val-fraction" if n_val else "")
+        )
+    if cfg.train.eval_every and not cfg.train.eval_real and n_val < 2:
+        raise ConfigError(
+            f"--eval-every compares samples with the validation split, and it has {n_val} "
+            "image(s): give --eval-real DIR, or raise --val-fraction"
         )
     changed = check_same_data(cfg, root, data.fingerprint)
     if resume and changed:

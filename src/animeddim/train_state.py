@@ -90,6 +90,7 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0
     best_kid: float = math.inf
+    best_standard_kid: float = math.inf  # of the --eval-every measurements
 
 
 @dataclass
@@ -148,6 +149,7 @@ def restore(state: TrainState, data: TrainData, run_dir: Path, cfg: RunConfig, r
     if not distributed.is_main():
         state.acc.zero_()  # the checkpoint holds the sum over all ranks; rank 0 carries it
     state.best_kid = meta.get("best_kid") or math.inf
+    state.best_standard_kid = meta.get("best_standard_kid") or math.inf
     if distributed.is_main():
         truncate_metrics(run_dir, state.epoch)
     log(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step}")
@@ -207,6 +209,9 @@ def save_checkpoint(
             "step": state.step,
             "batch_in_epoch": state.batch_in_epoch,
             "best_kid": state.best_kid if math.isfinite(state.best_kid) else None,
+            "best_standard_kid": state.best_standard_kid
+            if math.isfinite(state.best_standard_kid)
+            else None,
             "param_groups": state.optimizer.state_dict()["param_groups"],
             "precision": rt.precision,
             **(extra or {}),
