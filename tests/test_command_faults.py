@@ -185,6 +185,27 @@ def test_unwritable_cache_dir_warns_and_computes_without_it(avatars16, tmp_path,
     _one_line(err, "warning: feature cache not written", "computed without it")
 
 
+@pytest.mark.parametrize("command", ["kid", "evaluate", "steps"])
+def test_inception_weights_that_are_not_torchscript_are_one_line(
+    command, run, avatars16, tmp_path, capsys
+):
+    """--inception-weights FILE that is not TorchScript (a .safetensors, a text file) ended
+    in a ValueError traceback, exit 1; now exit 2, one line naming the file."""
+    weights = tmp_path / "inception.safetensors"
+    weights.write_text("not TorchScript")
+    out = tmp_path / "out"
+    args = {
+        "kid": ["kid", avatars16, avatars16],
+        "evaluate": ["evaluate", "--run", run, "--real", avatars16, "--n", 2, "--out", out],
+        "steps": ["steps", "--run", run, "--real", avatars16, "--n", 2, "--steps", 1,
+                  "--out", out],
+    }[command]  # fmt: skip
+    rc, _, err = run_main(capsys, *args, "--inception-weights", weights)
+    assert rc == 2, err
+    _one_line(err, f"'{weights}' is not a TorchScript archive")
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------------------------
 # One line, never a traceback: interpolate
 

@@ -110,7 +110,11 @@ def _extractor(a: argparse.Namespace):
     from ..metrics import InceptionFeatures
     from ..runtime import resolve_device
 
-    return InceptionFeatures(a.inception_weights, device=resolve_device(a.device or "auto"))
+    device = resolve_device(a.device or "auto")
+    try:
+        return InceptionFeatures(a.inception_weights, device=device)
+    except ValueError as e:  # a file that is not TorchScript: the message names it
+        raise CliError(f"Inception weights: {e}") from None
 
 
 def cmd_kid(a: argparse.Namespace) -> int:
