@@ -335,6 +335,25 @@ def test_a_damaged_run_folder_is_one_line(command, damage, trained_tiny, tmp_pat
     assert not out.exists() and after == before
 
 
+@pytest.mark.parametrize("kind", ["missing", "no usable image", "a file"])
+def test_invert_of_bad_images_leaves_no_output_folder(kind, run, avatars16, tmp_path, capsys):
+    """invert made OUT/reconstructions before reading --images: a missing folder, one of
+    undecodable files or a file left an empty output folder behind the one-line error."""
+    images = tmp_path / "images"
+    if kind == "no usable image":
+        images.mkdir()
+        (images / "zero.png").write_bytes(b"")
+        (images / "text.png").write_text("not a png")
+    elif kind == "a file":
+        images = next(avatars16.glob("*.png"))
+    out = tmp_path / "inverted"
+    rc, _, err = run_main(capsys, "invert", "--run", run, "--images", images, "--steps", 1,
+                          "--out", out)  # fmt: skip
+    assert rc == 2, err
+    _one_line(err, str(images))
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------------------------
 # Never overwrite or mix
 

@@ -56,9 +56,9 @@ def invert(
     from safetensors.torch import save as st_save
 
     out = Path(out)
-    (out / "reconstructions").mkdir(parents=True, exist_ok=True)
     cfg = loaded.config
-    real_u8, paths = _load_images(images, cfg.model.image_size)
+    real_u8, paths = _load_images(images, cfg.model.image_size)  # before any folder is made
+    (out / "reconstructions").mkdir(parents=True, exist_ok=True)
     latents, recon = [], []
     done = _counter(progress, "invert", len(real_u8))
     for i in range(0, len(real_u8), settings.batch_size):
