@@ -354,6 +354,22 @@ def test_invert_of_bad_images_leaves_no_output_folder(kind, run, avatars16, tmp_
     assert not out.exists()
 
 
+@pytest.mark.parametrize("minutes", ["0", "-1", "nan", "inf"])
+def test_tour_refuses_training_minutes_that_are_not_positive_up_front(minutes, tmp_path, capsys):
+    """--train-minutes 0 trained 100 epochs with no time limit (training's 0); nan, inf and
+    -1 were refused by the training config only at step 4 of 5, minutes in. Now: exit 2,
+    one line, before the tour times the machine or writes anything."""
+    out = tmp_path / "tour"
+    rc, _, err = run_main(capsys, "tour", "--out", out, "--train-minutes", minutes)
+    assert rc == 2, err
+    _one_line(err, "--train-minutes must be a number > 0, got")
+    assert not out.exists()
+    (tmp_path / "file").write_text("the user's file")
+    rc, _, err = run_main(capsys, "tour", "--quick", "--out", tmp_path / "file")
+    assert rc == 2
+    _one_line(err, "is a file; give a folder")
+
+
 # --------------------------------------------------------------------------------------------
 # Never overwrite or mix
 

@@ -160,9 +160,19 @@ def _shipped_run_folder(out: Path, reference_src: Path) -> Path:
 def run_tour(
     out: Path, *, train_minutes: float = 3.0, eval_n: int = 300, quick: bool = False
 ) -> int:
-    """Run the tour into `out`; return the exit code."""
+    """Run the tour into `out`; return the exit code.
+
+    :raises ConfigError: `train_minutes` not a finite number > 0 (0 would be training's "no
+        limit": 100 epochs; nan, inf or < 0 failed only at the training step, minutes in),
+        or `out` an existing file.
+    """
+    from ..config import ConfigError
     from ..pipelines import SampleSettings
 
+    if not (math.isfinite(train_minutes) and train_minutes > 0):
+        raise ConfigError(f"--train-minutes must be a number > 0, got {train_minutes:g}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; give a folder")
     t_all = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device("auto")
