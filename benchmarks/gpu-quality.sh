@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Continue the shipped avatar model on a lent GPU with the large-batch path and keep the best
+# standard-KID checkpoint: one prepared run. Writes everything to $OUT:
+#   metrics.csv, config.json   the run (standard KID of 1,000 samples, 10 dpmpp-2m steps,
+#                              against the held-out avatars every $EVAL_EVERY epochs)
+#   avatars-64.safetensors     the best standard-KID checkpoint, exported (fp16, ~4 MB)
+#   eval-ddim20.json, eval-dpmpp10.json   `evaluate` of it on 1,000 samples (KID and FID)
+# The files it needs travel packed (64 MiB in all with a call; carry .gpu):
+#   animeddim data avatars --n 10000 --size 64 --seed 0 --out .gpu/avatars64
+#   animeddim data avatars --n 2000 --size 64 --seed 1 --out .gpu/heldout
+#   python benchmarks/pack_images.py pack .gpu/avatars64 .gpu/avatars64.u8.xz   (1.9 MiB)
+#   python benchmarks/pack_images.py pack .gpu/heldout .gpu/heldout.u8.xz       (0.9 MiB)
+#   python benchmarks/inception_fp16.py                  -> .gpu/inception-fp16.pt (42 MB)
+# then remove the unpacked folders from .gpu before the call. MINUTES, BIG, LR, WARM,
+# EVAL_EVERY, EVAL_IMAGES, DEVICE, INIT, MODE and PACK (the folder of the packed files)
+# override it (a dry run on the CPU: tiny values).
+set -u
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+DEVICE=${DEVICE:-cuda}
+MINUTES=${MINUTES:-6}
+BIG=${BIG:-1024}
+LR=${LR:-0.002}
+WARM=${WARM:-100000}
+EVAL_EVERY=${EVAL_EVERY:-20}
+EVAL_IMAGES=${EVAL_IMAGES:-1000}
+MODE=${MODE:-reduce-overhead}
+INIT=${INIT:-avatars-64}
+RUN=${RUN:-/tmp/avatars-64-stage3}
+WORK=${WORK:-/tmp/gpu-data}
+PACK=${PACK:-.gpu}
+export ANIMEDDIM_INCEPTION_WEIGHTS=${ANIMEDDIM_INCEPTION_WEIGHTS:-$PWD/.gpu/inception-fp16.pt}
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+  python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+  date -u; } > "$OUT/gpu.txt"
+python3 benchmarks/pack_images.py unpack "$PACK/avatars64.u8.xz" "$WORK/avatars64" > "$OUT/log.txt" 2>&1
+python3 benchmarks/pack_images.py unpack "$PACK/heldout.u8.xz" "$WORK/heldout" >> "$OUT/log.txt" 2>&1
+
+timeout $(python3 -c "print(int($MINUTES * 60 + 120))") python3 -m animeddim train \
+  --data "$WORK/avatars64" --out "$RUN" --config configs/avatars-64-stage2.json --init "$INIT" \
+  --seed 2 --time-limit "$MINUTES" --epochs 100000 --batch-size "$BIG" --lr "$LR" \
+  --lr-warmup-images "$WARM" --compile-mode "$MODE" --data-on-device yes \
+  --eval-every "$EVAL_EVERY" --eval-real "$WORK/heldout" --eval-images "$EVAL_IMAGES" \
+  --eval-sampler dpmpp-2m --eval-steps 10 --device "$DEVICE" --no-kid --quiet \
+  > "$OUT/train.log" 2>&1
+echo "train exit $?" >> "$OUT/log.txt"
+cp "$RUN/metrics.csv" "$RUN/config.json" "$OUT/" 2>/dev/null
+BEST=$RUN/checkpoints/best-standard-kid.safetensors
+[ -f "$BEST" ] || BEST=$RUN
+python3 -m animeddim export --run "$BEST" --out "$OUT/avatars-64.safetensors" >> "$OUT/log.txt" 2>&1
+echo "export exit $? ($BEST)" >> "$OUT/log.txt"
+for spec in "ddim20 ddim 20" "dpmpp10 dpmpp-2m 10"; do
+  set -- $spec
+  timeout 120 python3 -m animeddim evaluate --run "$OUT/avatars-64.safetensors" \
+    --real "$WORK/heldout" --n "$EVAL_IMAGES" --sampler "$2" --steps "$3" --device "$DEVICE" \
+    --protocols standard --out "$OUT/eval-$1.json" >> "$OUT/log.txt" 2>&1
+  echo "evaluate $1 exit $?" >> "$OUT/log.txt"
+done
+cat "$OUT/log.txt"; tail -n 3 "$OUT/metrics.csv"
