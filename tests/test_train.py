@@ -524,3 +524,29 @@ def test_bad_values_of_the_gpu_settings_are_one_line_errors(avatars16, tmp_path)
         p = run_cli(*_tiny_args(avatars16, tmp_path / "r", *args), check=False)
         _one_line_exit_2(p, fragment)
         assert not (tmp_path / "r").exists()
+
+
+def test_unreadable_kid_weights_and_config_files_are_refused_before_the_run_folder(
+    avatars16, tmp_path, monkeypatch
+):
+    """A KID weights file that is not TorchScript, a YAML or folder config: one line, exit 2,
+    no run folder (before: a traceback after the run folder was made; "not valid yaml: ...
+    Expecting value"; "does not exist" for a folder)."""
+    fake = tmp_path / "inception.pt"
+    fake.write_text("not a network")
+    monkeypatch.setenv("ANIMEDDIM_INCEPTION_WEIGHTS", str(fake))
+    p = run_cli(
+        *_tiny_args(avatars16, tmp_path / "r", "--max-steps", "1", "--batch-size", "4"), check=False
+    )
+    _one_line_exit_2(p, "cannot measure KID while training", "inception.pt")
+    assert not (tmp_path / "r").exists()
+    p = run_cli(
+        *_tiny_args(avatars16, tmp_path / "r", "--max-steps", "1", "--batch-size", "4", "--no-kid")
+    )
+    assert (tmp_path / "r" / "checkpoints" / "last.safetensors").is_file()  # no KID: not read
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("train:\n  epochs: 3\n")
+    for config, fragment in ((yaml, ".yaml is not read"), (tmp_path, "is a folder")):
+        p = run_cli(*_tiny_args(avatars16, tmp_path / "r2", "--config", str(config)), check=False)
+        _one_line_exit_2(p, fragment)
+        assert not (tmp_path / "r2").exists()

@@ -626,8 +626,15 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a JSON or TOML config file into a plain dict (sections data/model/schedule/train),
     in today's layout (`upgrade`)."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {str(p)!r} is a folder; give a .json or .toml file")
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
+    if p.suffix.lower() in (".yaml", ".yml", ".ini", ".cfg"):
+        raise ConfigError(
+            f"config file {str(p)!r}: {p.suffix} is not read; write it as JSON (.json, or any "
+            "other name) or TOML (.toml)"
+        )
     try:
         text = p.read_text(encoding="utf-8")  # UnicodeDecodeError is a ValueError too
         if p.suffix.lower() == ".toml":
@@ -639,9 +646,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(
-            f"config file {str(p)!r} is not valid {p.suffix[1:] or 'JSON'}: {e}"
-        ) from None
+        kind = "TOML" if p.suffix.lower() == ".toml" else "JSON"
+        raise ConfigError(f"config file {str(p)!r} is not valid {kind}: {e}") from None
     if not isinstance(d, dict):
         raise ConfigError(
             f"config file {str(p)!r} must hold an object with sections "

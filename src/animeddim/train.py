@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from . import conditioning, distributed, run_folder
 from . import data as data_mod
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .diffusion.generation import generate
 from .diffusion.objectives import focus_times, objective, target_and_x0
 from .diffusion.schedule import diffuse
@@ -177,6 +177,7 @@ def train(
         root = data_root(cfg, resume)
         data = load_data(cfg, root, progress)
         check_data(cfg, data, root, resume, allow_changed_data, log)
+        inception = _training_inception(cfg, device)  # a bad weights file is refused here
         cfg.data.abs_path = str(root.resolve())
         cfg.data.fingerprint = data.fingerprint
         if data_on_device(tc.data_on_device, data.imageset.images.nbytes, device):
@@ -191,17 +192,17 @@ def train(
         rt.ema_tensors, rt.live_tensors = float_state(state.ema), float_state(state.model)
 
         # 5. Epochs: optimiser steps, then validation, KID, grid, checkpoint and a log line.
-        return _epochs(cfg, run_dir, data, state, rt, progress, log)
+        return _epochs(cfg, run_dir, data, state, rt, progress, log, inception)
 
 
-def _epochs(cfg, run_dir, data, state, rt, progress, log) -> TrainResult:
+def _epochs(cfg, run_dir, data, state, rt, progress, log, inception) -> TrainResult:
     """The epoch loop of `train`; Ctrl-C saves a checkpoint and returns `interrupted`."""
     tc = cfg.train
     save = partial(save_checkpoint, state=state, data=data, cfg=cfg, rt=rt)
     if distributed.is_main():
         write_reference(run_dir, data)
-    kid_metric = _make_kid(cfg, len(data.val_idx), rt.device, log) if tc.kid else None
-    standard_kid = _make_standard_kid(cfg, data, rt.device, log) if tc.eval_every else None
+    kid_metric = _make_kid(cfg, len(data.val_idx), inception, log) if tc.kid else None
+    standard_kid = _make_standard_kid(cfg, data, inception, log) if tc.eval_every else None
     bar = _progress_bar(progress, _bar_total(tc, data.steps_per_epoch), state.step)
     t_start, interrupted, last_row = time.perf_counter(), False, None
     last_ckpt = run_dir / "checkpoints" / "last.safetensors"
@@ -512,19 +513,36 @@ def validate(
     return nl, il
 
 
-def _make_standard_kid(cfg: RunConfig, data, device: torch.device, log):
+def _training_inception(cfg: RunConfig, device: torch.device):
+    """The Inception network of the per-epoch and --eval-every KIDs, as (extractor, None);
+    (None, why) when no weights are installed; (None, None) when neither KID is asked.
+    ConfigError for a weights file that is not the FID Inception, before the run folder is
+    touched."""
+    if not (cfg.train.kid or cfg.train.eval_every):
+        return None, None
+    from . import metrics
+
+    try:
+        return metrics.InceptionFeatures(metrics.find_inception_weights(), device=device), None
+    except metrics.InceptionWeightsMissing as e:
+        return None, str(e)
+    except ValueError as e:  # a file that is not the TorchScript FID Inception
+        raise ConfigError(f"cannot measure KID while training: {e}") from None
+
+
+def _make_standard_kid(cfg: RunConfig, data, inception, log):
     """The --eval-every measure: standard-protocol KID (torch-fidelity's) of --eval-images
     samples of the EMA network, against the features of --eval-real (default: the validation
-    split), computed once here; None with a note when no Inception weights exist. Under
-    torchrun the samples are drawn by all ranks and measured on rank 0; every rank returns
-    rank 0's value (the best checkpoint is written by all)."""
+    split), computed once here; None with a note when no Inception weights exist
+    (`inception`: `_training_inception`'s pair). Under torchrun the samples are drawn by all
+    ranks and measured on rank 0; every rank returns rank 0's value (the best checkpoint is
+    written by all)."""
     from . import metrics
 
     tc = cfg.train
-    try:
-        extractor = metrics.InceptionFeatures(metrics.find_inception_weights(), device=device)
-    except metrics.InceptionWeightsMissing as e:
-        log(f"note: --eval-every KID disabled: {e}")
+    extractor, missing = inception
+    if extractor is None:
+        log(f"note: --eval-every KID disabled: {missing}")
         return None
     real = None
     if distributed.is_main():
@@ -559,7 +577,7 @@ def _make_standard_kid(cfg: RunConfig, data, device: torch.device, log):
     return kid
 
 
-def _make_kid(cfg: RunConfig, n_val: int, device: torch.device, log):
+def _make_kid(cfg: RunConfig, n_val: int, inception, log):
     """Per-epoch paper-protocol KID, or None with a note: when the validation split gives no
     batch of 2 images (the per-batch MMD needs 2) or no Inception weights exist."""
     from . import metrics
@@ -573,10 +591,9 @@ def _make_kid(cfg: RunConfig, n_val: int, device: torch.device, log):
             "(raise --val-fraction, --batch-size or --kid-images, or use --no-kid)"
         )
         return None
-    try:
-        extractor = metrics.InceptionFeatures(metrics.find_inception_weights(), device=device)
-    except metrics.InceptionWeightsMissing as e:
-        log(f"note: per-epoch KID disabled: {e}")
+    extractor, missing = inception
+    if extractor is None:
+        log(f"note: per-epoch KID disabled: {missing}")
         return None
 
     @torch.no_grad()
