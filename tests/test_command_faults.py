@@ -745,3 +745,22 @@ def test_config_with_other_image_channels_is_one_line(channels, avatars16, tmp_p
     assert rc == 2
     _one_line(err, f"model.channels = {channels}")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["sample", "evaluate"])
+def test_more_images_than_memory_holds_are_refused_up_front(
+    command, run, avatars16, tmp_path, capsys
+):
+    """--n whose images cannot be held until they are written: one line with the largest
+    --n that fits, before drawing (before: hours of drawing, then out of memory, nothing
+    written)."""
+    out = tmp_path / "out"
+    n = 10**12  # 16 px: 1.5 PB
+    args = {
+        "sample": ["sample", "--run", run, "--n", n, "--steps", 1, "--grid", out / "g.png"],
+        "evaluate": ["evaluate", "--run", run, "--real", avatars16, "--n", n, "--out", out],
+    }[command]
+    rc, _, err = run_main(capsys, *args)
+    assert rc == 2, err
+    _one_line(err, f"--n {n} images of 16x16 px need", "GiB are available", "draw at most about")
+    assert not out.exists()

@@ -70,6 +70,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
     if a.attrs_from and a.grid_by:
         raise CliError("--attrs-from sets every image's attributes: give it without --grid-by")
     loaded, device = load_for_sampling(a.run, a.model, a.device)
+    check_fits_in_memory(a.n, loaded.config.model.image_size)
     settings = _settings(a, device, loaded)
     files = [(f, Path(v)) for f, v in (("--grid", a.grid), ("--trajectory", a.trajectory)) if v]
     outputs.distinct(files)
@@ -104,6 +105,31 @@ def cmd_sample(a: argparse.Namespace) -> int:
         print(f"grid: {a.grid}")
     print(f"{a.n} images, {a.steps} steps, eta {a.eta}: {dt:.1f}s ({a.n / dt:.2f} images/s)")
     return 0
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable), None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def check_fits_in_memory(n: int, image_size: int) -> None:
+    """CliError when --n images cannot be held in memory until they are written (the drawn
+    uint8 images and their joined copy), instead of failing after hours of drawing."""
+    need, free = 2 * n * image_size * image_size * 3, available_memory()
+    if free is not None and need > free:
+        fits = max(1, free // (2 * image_size * image_size * 3))
+        raise CliError(
+            f"--n {n} images of {image_size}x{image_size} px need {need / 2**30:,.1f} GiB of "
+            f"memory until they are written, and {free / 2**30:,.1f} GiB are available: "
+            f"draw at most about {fits:,} per call (other --seed values give other images)"
+        )
 
 
 def _extractor(a: argparse.Namespace):
@@ -153,6 +179,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from ..pipelines import evaluate
 
     loaded, device = load_for_sampling(a.run, a.model, a.device)
+    check_fits_in_memory(a.n, loaded.config.model.image_size)
     protocols = _names(a.protocols, KID_PROTOCOLS, "protocol")
     if not Path(a.real).is_dir():
         raise CliError(f"real-image folder {a.real!r} does not exist")
