@@ -764,3 +764,13 @@ def test_more_images_than_memory_holds_are_refused_up_front(
     assert rc == 2, err
     _one_line(err, f"--n {n} images of 16x16 px need", "GiB are available", "draw at most about")
     assert not out.exists()
+
+
+def test_a_grid_named_other_than_png_is_refused(run, tmp_path, capsys):
+    """--grid/--trajectory g.jpg wrote PNG bytes under a .jpg name (exit 0); now one line."""
+    for flag, name in (("--grid", "g.jpg"), ("--trajectory", "t.txt"), ("--grid", "grid")):
+        rc, _, err = run_main(capsys, "sample", "--run", run, "--n", 1, "--steps", 1, flag,
+                              tmp_path / name)  # fmt: skip
+        assert rc == 2, err
+        _one_line(err, flag, "written as PNG; name it .png")
+        assert not (tmp_path / name).exists()

@@ -75,6 +75,8 @@ def cmd_sample(a: argparse.Namespace) -> int:
     files = [(f, Path(v)) for f, v in (("--grid", a.grid), ("--trajectory", a.trajectory)) if v]
     outputs.distinct(files)
     for flag, path in files:
+        if path.suffix.lower() != ".png":  # written as PNG whatever the name says
+            raise CliError(f"{flag} {str(path)!r}: images are written as PNG; name it .png")
         outputs.new_file(path, a.force, flag)
     earlier = outputs.sample_folder(a.out, a.force, [p for _, p in files]) if a.out else []
     if a.trajectory and _is_main():
