@@ -12,8 +12,8 @@
 #   python benchmarks/pack_images.py pack .gpu/heldout .gpu/heldout.u8.xz       (0.9 MiB)
 #   python benchmarks/inception_fp16.py                  -> .gpu/inception-fp16.pt (42 MB)
 # then remove the unpacked folders from .gpu before the call. MINUTES, BIG, LR, WARM,
-# EVAL_EVERY, EVAL_IMAGES, DEVICE, INIT, MODE and PACK (the folder of the packed files)
-# override it (a dry run on the CPU: tiny values).
+# EVAL_EVERY (a multiple of EPOCH_END), EPOCH_END, EVAL_IMAGES, DEVICE, INIT, MODE and PACK
+# (the folder of the packed files) override it (a dry run on the CPU: tiny values).
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 DEVICE=${DEVICE:-cuda}
@@ -22,6 +22,7 @@ BIG=${BIG:-1024}
 LR=${LR:-0.002}
 WARM=${WARM:-100000}
 EVAL_EVERY=${EVAL_EVERY:-20}
+EPOCH_END=${EPOCH_END:-10}  # an epoch is 7 steps at batch 1024: its end's work costs as much
 EVAL_IMAGES=${EVAL_IMAGES:-1000}
 MODE=${MODE:-reduce-overhead}
 INIT=${INIT:-avatars-64}
@@ -39,8 +40,9 @@ timeout $(python3 -c "print(int($MINUTES * 60 + 120))") python3 -m animeddim tra
   --data "$WORK/avatars64" --out "$RUN" --config configs/avatars-64-stage2.json --init "$INIT" \
   --seed 2 --time-limit "$MINUTES" --epochs 100000 --batch-size "$BIG" --lr "$LR" \
   --lr-warmup-images "$WARM" --compile-mode "$MODE" --data-on-device yes \
-  --eval-every "$EVAL_EVERY" --eval-real "$WORK/heldout" --eval-images "$EVAL_IMAGES" \
-  --eval-sampler dpmpp-2m --eval-steps 10 --device "$DEVICE" --no-kid --quiet \
+  --epoch-end-every "$EPOCH_END" --eval-every "$EVAL_EVERY" --eval-real "$WORK/heldout" \
+  --eval-images "$EVAL_IMAGES" --eval-sampler dpmpp-2m --eval-steps 10 --device "$DEVICE" \
+  --no-kid --quiet \
   > "$OUT/train.log" 2>&1
 echo "train exit $?" >> "$OUT/log.txt"
 cp "$RUN/metrics.csv" "$RUN/config.json" "$OUT/" 2>/dev/null

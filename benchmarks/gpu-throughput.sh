@@ -7,7 +7,8 @@
 #                      baseline measured in the same process
 #   q-128/, q-$BIG/    metrics.csv of two trainings from scratch on the same images: batch 128 at
 #                      lr 1e-3 (the shipped recipe), and batch $BIG at lr 1e-3 * sqrt($BIG / 128),
-#                      warmed up over the first tenth, data on the device, CUDA graphs
+#                      warmed up over the first tenth, data on the device, CUDA graphs, the
+#                      epoch-end work (validation, grid, checkpoint) every 4 epochs
 #   quality.json       validation noise loss of each at the same number of images seen
 # Needs .gpu/avatars64 carried with the call (`animeddim data avatars --n 10000 --size 64
 # --seed 0 --out .gpu/avatars64`). DEVICE, DATA, IMAGES, BASE, BIG, SAMPLE_BATCH, ITERS and
@@ -36,7 +37,7 @@ timeout 240 python3 -m animeddim bench "${common[@]}" --batch-size "$BIG" --comp
 echo "bench after exit $?" >> "$OUT/log.txt"
 
 # 2. Quality at equal images seen: epochs enough for IMAGES images at each batch.
-train_arm() {  # batch, lr, warm-up images, compile mode, data on device
+train_arm() {  # batch, lr, warm-up images, compile mode, data on device, epoch-end every
   local bs=$1 run=/tmp/q-$1
   local steps_per_epoch epochs
   steps_per_epoch=$(python3 -c "import sys; print(max(1, int(sys.argv[1]) * 8 // 10 // $bs))" \
@@ -45,12 +46,13 @@ train_arm() {  # batch, lr, warm-up images, compile mode, data on device
   timeout 300 python3 -m animeddim train --data "$DATA" --out "$run" \
     --config configs/avatars-64.json --time-limit 0 --epochs "$epochs" --batch-size "$bs" \
     --lr "$2" --lr-warmup-images "$3" --compile-mode "$4" --data-on-device "$5" \
+    --epoch-end-every "$6" \
     --device "$DEVICE" --no-kid --quiet > "$OUT/train-$bs.log" 2>&1
   echo "train batch $bs exit $? ($epochs epochs)" >> "$OUT/log.txt"
   mkdir -p "$OUT/q-$bs" && cp "$run/metrics.csv" "$run/config.json" "$OUT/q-$bs/" 2>/dev/null
 }
-train_arm "$BASE" 0.001 0 default auto
-train_arm "$BIG" "$(python3 -c "print(1e-3 * ($BIG / $BASE) ** 0.5)")" $((IMAGES / 10)) "$MODE" yes
+train_arm "$BASE" 0.001 0 default auto 1
+train_arm "$BIG" "$(python3 -c "print(1e-3 * ($BIG / $BASE) ** 0.5)")" $((IMAGES / 10)) "$MODE" yes 4
 python3 benchmarks/quality_at_equal_images.py "$OUT/q-$BASE/metrics.csv" "$OUT/q-$BIG/metrics.csv" \
   > "$OUT/quality.json" 2>> "$OUT/log.txt"
 cat "$OUT/log.txt" "$OUT/quality.json"

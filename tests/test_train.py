@@ -550,3 +550,36 @@ def test_unreadable_kid_weights_and_config_files_are_refused_before_the_run_fold
         p = run_cli(*_tiny_args(avatars16, tmp_path / "r2", "--config", str(config)), check=False)
         _one_line_exit_2(p, fragment)
         assert not (tmp_path / "r2").exists()
+
+
+def test_epoch_end_work_every_n_epochs_trains_the_same_weights(avatars16, tmp_path):
+    """--epoch-end-every 2: rows and checkpoints at epochs 2, 4 and the last (5), the
+    training itself bit for bit that of every epoch's; a run resumed from epoch 2 ends the
+    same; a time limit still gets its row at once."""
+    quiet = {"progress": False, "log": lambda s: None}
+    every, each = tmp_path / "every", tmp_path / "each"
+    train(tiny_config(avatars16, epochs=5, epoch_end_every=2), every, **quiet)
+    train(tiny_config(avatars16, epochs=5), each, **quiet)
+    a, b = _weights(every), _weights(each)
+    assert a[1]["epoch"] == b[1]["epoch"] == 5 and a[1]["step"] == b[1]["step"] == 15
+    for k in a[0]:
+        assert torch.equal(a[0][k], b[0][k]), k
+    rows = list(csv.DictReader(open(every / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["2", "4", "5"]
+    by_epoch = {r["epoch"]: r for r in csv.DictReader(open(each / "metrics.csv"))}
+    assert rows[1]["val_noise_loss"] == by_epoch["4"]["val_noise_loss"]  # the same EMA
+    two = [float(by_epoch[e]["train_noise_loss"]) for e in ("3", "4")]
+    assert float(rows[1]["train_noise_loss"]) == pytest.approx(sum(two) / 2, rel=1e-5)
+    part = tmp_path / "part"
+    train(tiny_config(avatars16, epochs=2, epoch_end_every=2), part, **quiet)
+    cfg = load_run_config(part)
+    cfg.train.epochs = 5
+    train(cfg, part, resume=True, **quiet)
+    for k, v in _weights(part)[0].items():
+        assert torch.equal(v, a[0][k]), k
+    timed = tmp_path / "timed"
+    lines = []
+    cfg = tiny_config(avatars16, epochs=5, epoch_end_every=3, time_limit_minutes=1e-9)
+    train(cfg, timed, progress=False, log=lines.append)
+    assert [r["epoch"] for r in csv.DictReader(open(timed / "metrics.csv"))] == ["1"]
+    assert _weights(timed)[1]["epoch"] == 1 and "reached after epoch 1" in lines[-1]

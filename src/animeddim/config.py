@@ -306,6 +306,15 @@ class TrainConfig:
         minimum=0,
         metavar="N",
     )
+    epoch_end_every: int = setting(
+        1,
+        "epochs between the epoch-end work (validation, KID, sample grid, metrics row, "
+        "checkpoint; always after the last epoch and at a time limit): raise it where epochs "
+        "take a second (a GPU, a small dataset) and that work would cost as much",
+        minimum=1,
+        resume=True,
+        metavar="N",
+    )
     checkpoint_every: int = setting(
         0, "also checkpoint every N steps (0: at epoch ends only)", minimum=0, resume=True
     )
@@ -408,6 +417,7 @@ class TrainConfig:
         )
         _check(self.lr_warmup_images >= 0, "lr_warmup_images", self.lr_warmup_images, ">= 0")
         _check(self.eval_every >= 0, "eval_every", self.eval_every, ">= 0")
+        _check(self.epoch_end_every >= 1, "epoch_end_every", self.epoch_end_every, ">= 1")
         _check(self.eval_images >= 2, "eval_images", self.eval_images, "an integer >= 2")
         _check(1 <= self.eval_steps <= 1000, "eval_steps", self.eval_steps, "in 1..1000")
         _check(

@@ -44,7 +44,7 @@ METRIC_COLUMNS = [
     "kid",
     "learning_rate",
     "images_per_s",
-    "epoch_seconds",
+    "epoch_seconds",  # of training since the previous row (train --epoch-end-every)
     "wall_seconds",
     "kid_seconds",
     "standard_kid",  # train --eval-every: against --eval-real, on --eval-images samples

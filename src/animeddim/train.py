@@ -206,28 +206,38 @@ def _epochs(cfg, run_dir, data, state, rt, progress, log, inception) -> TrainRes
     bar = _progress_bar(progress, _bar_total(tc, data.steps_per_epoch), state.step)
     t_start, interrupted, last_row = time.perf_counter(), False, None
     last_ckpt = run_dir / "checkpoints" / "last.safetensors"
+    images_seen, seconds = 0, 0.0  # since the last epoch end's work
     try:
         while state.epoch < tc.epochs:
             t_epoch = time.perf_counter()
-            images_seen = train_epoch(state, data, cfg, rt, bar, save, run_dir)
-            epoch_seconds = time.perf_counter() - t_epoch
+            images_seen += train_epoch(state, data, cfg, rt, bar, save, run_dir)
+            seconds += time.perf_counter() - t_epoch
             if tc.max_steps and state.step >= tc.max_steps:
                 if state.batch_in_epoch < data.steps_per_epoch:  # stopped inside the epoch
                     save(last_ckpt)
                     break
+            stop = tc.max_steps and state.step >= tc.max_steps
+            time_up = _time_up(tc, t_start)
+            epoch = state.epoch + 1
+            if epoch % tc.epoch_end_every and epoch < tc.epochs and not (stop or time_up):
+                state.epoch, state.batch_in_epoch = epoch, 0  # the work waits for its epoch
+                continue
             last_row = end_of_epoch(state, data, cfg, rt, kid_metric, run_dir, save, standard_kid)
             last_row.update(
-                images_per_s=images_seen / max(epoch_seconds, 1e-9),
-                epoch_seconds=epoch_seconds,
+                images_per_s=images_seen / max(seconds, 1e-9),
+                epoch_seconds=seconds,
                 wall_seconds=time.perf_counter() - t_start,
             )
+            images_seen, seconds = 0, 0.0
             # Metrics row first: a kill between the two resumes from an earlier checkpoint,
             # which drops this row and writes it again, instead of losing it.
             if distributed.is_main():
                 append_metrics(run_dir, last_row)
             save(last_ckpt)
             log(epoch_line(last_row, tc.epochs))
-            if _should_stop(tc, state, t_start, log):
+            if time_up:
+                log(f"time limit of {tc.time_limit_minutes:g} min reached after epoch {epoch}")
+            if stop or time_up:
                 break
     except KeyboardInterrupt:
         interrupted = True
@@ -433,15 +443,11 @@ def epoch_line(row: dict[str, Any], epochs: int) -> str:
     return line + f", {row['images_per_s']:.1f} img/s"
 
 
-def _should_stop(tc, state: TrainState, t_start: float, log) -> bool:
-    if tc.max_steps and state.step >= tc.max_steps:
-        return True
-    if tc.time_limit_minutes and distributed.any_true(  # rank clocks differ: agree
+def _time_up(tc, t_start: float) -> bool:
+    """Whether --time-limit has passed (all ranks agree: their clocks differ)."""
+    return bool(tc.time_limit_minutes) and distributed.any_true(
         time.perf_counter() - t_start > 60 * tc.time_limit_minutes
-    ):
-        log(f"time limit of {tc.time_limit_minutes:g} min reached after epoch {state.epoch}")
-        return True
-    return False
+    )
 
 
 def _bar_total(tc, steps_per_epoch: int) -> int | None:
