@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from animeddim import batches as batches_mod
 from animeddim import data as data_mod
 from animeddim.config import RunConfig
 from animeddim.runtime import autocast, fused_adamw_supported
@@ -70,7 +71,7 @@ def main() -> None:
     ctx = autocast(CPU, a.precision)
     step, epoch, t0 = 0, 0, time.perf_counter()
     while step < a.steps:
-        for batch in data_mod.iterate_batches(
+        for batch in batches_mod.iterate_batches(
             imageset.images, train_idx, tc.batch_size, seed=tc.seed, epoch=epoch,
             shuffle=True, flip=cfg.data.flip, drop_last=True,
         ):  # fmt: skip

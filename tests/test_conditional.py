@@ -624,7 +624,7 @@ def test_training_batches_pair_each_image_with_its_own_label_row(tmp_path, cache
     decode (and its disk cache), the split, the epoch shuffle, the flips and the process
     slices, under a stored vocabulary in an order of its own. Each image's colour and
     brightness are its labels, so its pixels say which row it must carry."""
-    from animeddim import data as data_mod
+    from animeddim import batches as batches_mod
     from animeddim.config import RunConfig
     from animeddim.train_data import load_data
 
@@ -653,7 +653,7 @@ def test_training_batches_pair_each_image_with_its_own_label_row(tmp_path, cache
         d = load_data(cfg, root, progress=False)
         seen, flipped = 0, 0
         for rank in (0, 1):
-            batches = data_mod.iterate_batches(
+            batches = batches_mod.iterate_batches(
                 d.imageset.images,
                 d.train_idx,
                 8,

@@ -12,7 +12,8 @@ from conftest import TINY_MODEL, run_cli
 
 from animeddim import checkpoint as ckpt
 from animeddim.cli import build_parser
-from animeddim.config import ConfigError, RunConfig, load_config_file, settings
+from animeddim.config import ConfigError, RunConfig, settings
+from animeddim.config_files import load_config_file
 from animeddim.unet import UNet
 
 # What config.json held before image_size was one setting and model.channels was removed.

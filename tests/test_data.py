@@ -20,18 +20,15 @@ from PIL import Image
 
 from animeddim import data
 from animeddim import io as animeddim_io
+from animeddim.batches import device_images, epoch_order, iterate_batches, num_batches
 from animeddim.data import (
     BadImage,
     DataError,
     SkippedFilesWarning,
     channel_stats,
-    device_images,
-    epoch_order,
     find_images,
-    iterate_batches,
     load_folder,
     load_image,
-    num_batches,
     split_indices,
 )
 

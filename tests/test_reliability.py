@@ -32,12 +32,14 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import save_file
 
+from animeddim import batches as batches_mod
 from animeddim import checkpoint as ckpt
 from animeddim import data as data_mod
 from animeddim import io as io_mod
 from animeddim import run_folder
 from animeddim import train as train_mod
-from animeddim.config import ConfigError, RunConfig, load_config_file
+from animeddim.config import ConfigError, RunConfig
+from animeddim.config_files import load_config_file
 from animeddim.run_folder import latest_checkpoint, load_run_config
 from animeddim.train import TrainingDiverged, train
 
@@ -668,7 +670,7 @@ def test_config_from_any_dict_is_valid_or_config_error(d):
         return
     assert RunConfig.from_dict(json.loads(cfg.to_json())) == cfg  # survives its own JSON
     # Seeds and fractions that validate are usable by the data pipeline and torch.
-    data_mod.epoch_order(4, cfg.train.seed, 0)
+    batches_mod.epoch_order(4, cfg.train.seed, 0)
     data_mod.split_indices(4, cfg.data.val_fraction, cfg.data.split_seed)
     torch.Generator().manual_seed(cfg.train.seed)
 

@@ -8,17 +8,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from .diffusion.sampler_names import SAMPLER_NAMES
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    tomllib = None
 
 
 class ConfigError(ValueError):
@@ -155,19 +148,13 @@ class DataConfig:
     fingerprint: str = setting("", "digest of the image list (names, sizes)", cli=False)
 
     def validate(self) -> None:
+        _check_declared(self, "data.")
         _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "in [0, 1)")
         _check(
             0 <= self.split_seed < 2**63,
             "data.split_seed",
             self.split_seed,
             "an integer in 0 .. 2**63 - 1",
-        )
-        _check(self.cache in CACHES, "data.cache", self.cache, ", ".join(CACHES))
-        _check(
-            self.labels_missing in LABELS_MISSING,
-            "data.labels_missing",
-            self.labels_missing,
-            " or ".join(LABELS_MISSING),
         )
 
 
@@ -225,22 +212,13 @@ class UNetConfig:
 
     def validate(self) -> None:
         _check_vocabulary(self.vocabulary)
-        _check(self.cond_dims >= 1, "model.cond_dims", self.cond_dims, "an integer >= 1")
-        _check(self.cond_at in COND_AT, "model.cond_at", self.cond_at, " | ".join(COND_AT))
-        _check(
-            self.prediction in PREDICTIONS,
-            "model.prediction",
-            self.prediction,
-            " or ".join(PREDICTIONS),
-        )
-        _check(self.image_size >= 8, "image_size", self.image_size, "an integer >= 8")
+        _check_declared(self, "model.")
         _check(
             len(self.widths) >= 2 and all(w > 0 for w in self.widths),
             "model.widths",
             self.widths,
             "at least two positive integers",
         )
-        _check(self.block_depth >= 1, "model.block_depth", self.block_depth, "an integer >= 1")
         _check(
             self.embedding_dims >= 2 and self.embedding_dims % 2 == 0,
             "model.embedding_dims",
@@ -390,8 +368,7 @@ class TrainConfig:
     )
 
     def validate(self) -> None:
-        _check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        _check_declared(self)
         _check(
             self.learning_rate > 0 and math.isfinite(self.learning_rate),
             "learning_rate (--lr)",
@@ -402,48 +379,9 @@ class TrainConfig:
             0 <= self.weight_decay < math.inf, "weight_decay", self.weight_decay, "a number >= 0"
         )
         _check(0.0 <= self.ema_decay < 1.0, "ema_decay", self.ema_decay, "in [0, 1)")
-        _check(self.precision in PRECISIONS, "precision", self.precision, ", ".join(PRECISIONS))
-        _check(
-            self.compile_mode in COMPILE_MODES,
-            "compile_mode",
-            self.compile_mode,
-            ", ".join(COMPILE_MODES),
-        )
-        _check(
-            self.data_on_device in DATA_ON_DEVICE,
-            "data_on_device",
-            self.data_on_device,
-            ", ".join(DATA_ON_DEVICE),
-        )
-        _check(self.lr_warmup_images >= 0, "lr_warmup_images", self.lr_warmup_images, ">= 0")
-        _check(self.eval_every >= 0, "eval_every", self.eval_every, ">= 0")
-        _check(self.epoch_end_every >= 1, "epoch_end_every", self.epoch_end_every, ">= 1")
-        _check(self.eval_images >= 2, "eval_images", self.eval_images, "an integer >= 2")
         _check(1 <= self.eval_steps <= 1000, "eval_steps", self.eval_steps, "in 1..1000")
-        _check(
-            self.eval_sampler in SAMPLER_NAMES,
-            "eval_sampler",
-            self.eval_sampler,
-            ", ".join(SAMPLER_NAMES),
-        )
-        _check(
-            self.nan_policy in NAN_POLICIES,
-            "nan_policy",
-            self.nan_policy,
-            " or ".join(NAN_POLICIES),
-        )
-        _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0")
-        _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, ">= 1")
         _check(1 <= self.kid_steps <= 1000, "kid_steps", self.kid_steps, "in 1..1000")
-        _check(self.log_every >= 1, "log_every", self.log_every, ">= 1")
         _check(0.0 <= self.cond_drop <= 1.0, "cond_drop", self.cond_drop, "in [0, 1]")
-        _check(self.loss in LOSSES, "loss", self.loss, " or ".join(LOSSES))
-        _check(
-            self.loss_weight in LOSS_WEIGHTS,
-            "loss_weight",
-            self.loss_weight,
-            " or ".join(LOSS_WEIGHTS),
-        )
         _check(
             self.loss_weight != "min-snr" or self.loss == "mse",
             "loss_weight",
@@ -469,7 +407,6 @@ class TrainConfig:
             except ConfigError:
                 _check(False, "noise_focus", self.noise_focus, "LO,HI in sigma, 0 <= LO < HI")
         _check(0 <= self.seed < 2**63, "seed", self.seed, "an integer in 0 .. 2**63 - 1")
-        _check(self.max_steps >= 0, "max_steps", self.max_steps, ">= 0")
         _check(
             self.kid_images == 0 or self.kid_images >= 2,
             "kid_images",
@@ -570,6 +507,18 @@ def _check(ok: bool, name: str, value: Any, accepted: str) -> None:
         raise ConfigError(f"invalid {name} = {value!r}: expected {accepted}")
 
 
+def _check_declared(part: Any, prefix: str = "") -> None:
+    """The checks a config's settings declare: each `choices` and `minimum` (`setting`)."""
+    for f in fields(part):
+        value, choices = getattr(part, f.name), f.metadata.get("choices")
+        minimum, name = f.metadata.get("minimum"), prefix + f.name
+        if choices is not None:
+            accepted = " or ".join(choices) if len(choices) == 2 else ", ".join(choices)
+            _check(value in choices, name, value, accepted)
+        if minimum is not None:
+            _check(value >= minimum, name, value, f"an integer >= {minimum}")
+
+
 def _check_vocabulary(vocab: Any) -> None:
     ok = isinstance(vocab, dict) and all(
         isinstance(a, str)
@@ -630,48 +579,3 @@ def _coerce(value: Any, default: Any, name: str) -> Any:
             raise ConfigError(f"invalid {name} = {value!r}: expected a list of integers")
         return list(value)
     return value
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a JSON or TOML config file into a plain dict (sections data/model/schedule/train),
-    in today's layout (`upgrade`)."""
-    p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"config file {str(p)!r} is a folder; give a .json or .toml file")
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
-    if p.suffix.lower() in (".yaml", ".yml", ".ini", ".cfg"):
-        raise ConfigError(
-            f"config file {str(p)!r}: {p.suffix} is not read; write it as JSON (.json, or any "
-            "other name) or TOML (.toml)"
-        )
-    try:
-        text = p.read_text(encoding="utf-8")  # UnicodeDecodeError is a ValueError too
-        if p.suffix.lower() == ".toml":
-            if tomllib is None:  # pragma: no cover
-                raise ConfigError("TOML config files need Python 3.11+; use JSON")
-            d = tomllib.loads(text)
-        else:
-            d = json.loads(text)
-    except ValueError as e:
-        if isinstance(e, ConfigError):
-            raise
-        kind = "TOML" if p.suffix.lower() == ".toml" else "JSON"
-        raise ConfigError(f"config file {str(p)!r} is not valid {kind}: {e}") from None
-    if not isinstance(d, dict):
-        raise ConfigError(
-            f"config file {str(p)!r} must hold an object with sections "
-            f"data/model/schedule/train, not a {type(d).__name__}"
-        )
-    return upgrade(d)
-
-
-def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge `override` into a copy of `base` (override wins)."""
-    out = dict(base)
-    for k, v in override.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merge(out[k], v)
-        else:
-            out[k] = v
-    return out

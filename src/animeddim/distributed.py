@@ -114,7 +114,7 @@ def check_global_batch(batch_size: int) -> None:
 
 
 def shard(n: int) -> tuple[int, int]:
-    """This rank's contiguous block [lo, hi) of n items (as data.iterate_batches slices)."""
+    """This rank's contiguous block [lo, hi) of n items (as batches.iterate_batches slices)."""
     r, w = rank(), world_size()
     return r * n // w, (r + 1) * n // w
 

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import batches as batches_mod
 from . import conditioning, distributed, run_folder
 from . import data as data_mod
-from .config import ConfigError, RunConfig
-from .diffusion.generation import generate
+from .config import RunConfig
 from .diffusion.objectives import focus_times, objective, target_and_x0
 from .diffusion.schedule import diffuse
 from .io import save_grid
@@ -49,6 +49,7 @@ from .train_data import (
     load_data,
     write_reference,
 )
+from .train_kid import VAL_SEED, make_kid, make_standard_kid, training_inception
 from .train_state import (
     Runtime,
     TrainingDiverged,
@@ -62,7 +63,6 @@ from .train_state import (
     save_step_checkpoint,
 )
 
-VAL_SEED = 0x5EED  # validation noise and times are the same every epoch
 GRID_IMAGES = 18  # 3 x 6 sample grid per epoch, as in the Keras example
 
 
@@ -177,11 +177,11 @@ def train(
         root = data_root(cfg, resume)
         data = load_data(cfg, root, progress)
         check_data(cfg, data, root, resume, allow_changed_data, log)
-        inception = _training_inception(cfg, device)  # a bad weights file is refused here
+        inception = training_inception(cfg, device)  # a bad weights file is refused here
         cfg.data.abs_path = str(root.resolve())
         cfg.data.fingerprint = data.fingerprint
         if data_on_device(tc.data_on_device, data.imageset.images.nbytes, device):
-            data.on_device = data_mod.device_images(data.imageset.images, device)
+            data.on_device = batches_mod.device_images(data.imageset.images, device)
         distributed.on_main(lambda: prepare_run_dir(run_dir, cfg, resume))
 
         # 4. Network, EMA copy, optimiser; a resumed run's state from its newest checkpoint.
@@ -201,8 +201,8 @@ def _epochs(cfg, run_dir, data, state, rt, progress, log, inception) -> TrainRes
     save = partial(save_checkpoint, state=state, data=data, cfg=cfg, rt=rt)
     if distributed.is_main():
         write_reference(run_dir, data)
-    kid_metric = _make_kid(cfg, len(data.val_idx), inception, log) if tc.kid else None
-    standard_kid = _make_standard_kid(cfg, data, inception, log) if tc.eval_every else None
+    kid_metric = make_kid(cfg, len(data.val_idx), inception, log) if tc.kid else None
+    standard_kid = make_standard_kid(cfg, data, inception, log) if tc.eval_every else None
     bar = _progress_bar(progress, _bar_total(tc, data.steps_per_epoch), state.step)
     t_start, interrupted, last_row = time.perf_counter(), False, None
     last_ckpt = run_dir / "checkpoints" / "last.safetensors"
@@ -266,7 +266,7 @@ def train_epoch(state, data, cfg, rt, bar, save, run_dir: Path) -> int:
     state.model.train()
     t_epoch, images_seen = time.perf_counter(), 0
     mean_d, std_d = data.mean.to(rt.device), data.std.to(rt.device)
-    batches = data_mod.iterate_batches(
+    batches = batches_mod.iterate_batches(
         data.pixels,
         data.train_idx,
         tc.batch_size,
@@ -370,7 +370,7 @@ def end_of_epoch(
     state, data, cfg, rt, kid_metric, run_dir: Path, save, standard_kid_metric=None
 ) -> dict[str, Any]:
     """Validation of the EMA network, KID, the sample grid, best-KID checkpoints; the row.
-    `standard_kid_metric`: the --eval-every measure (`_make_standard_kid`), or None."""
+    `standard_kid_metric`: the --eval-every measure (`train_kid.make_standard_kid`), or None."""
     nl, il, cnt = distributed.reduced_sum(state.acc).tolist()
     if not (math.isfinite(nl) and math.isfinite(il)):
         raise TrainingDiverged(f"loss became non-finite by step {state.step}")
@@ -488,7 +488,7 @@ def validate(
     n = 0
     bs = cfg.train.batch_size
     for b, batch in enumerate(
-        data_mod.iterate_batches(
+        batches_mod.iterate_batches(
             images,
             val_idx,
             bs,
@@ -517,123 +517,3 @@ def validate(
     sums = distributed.all_reduce_sum(torch.cat([total, total.new_tensor([n])]))
     nl, il = (sums[:2] / sums[2]).tolist()
     return nl, il
-
-
-def _training_inception(cfg: RunConfig, device: torch.device):
-    """The Inception network of the per-epoch and --eval-every KIDs, as (extractor, None);
-    (None, why) when no weights are installed; (None, None) when neither KID is asked.
-    ConfigError for a weights file that is not the FID Inception, before the run folder is
-    touched."""
-    if not (cfg.train.kid or cfg.train.eval_every):
-        return None, None
-    from . import metrics
-
-    try:
-        return metrics.InceptionFeatures(metrics.find_inception_weights(), device=device), None
-    except metrics.InceptionWeightsMissing as e:
-        return None, str(e)
-    except ValueError as e:  # a file that is not the TorchScript FID Inception
-        raise ConfigError(f"cannot measure KID while training: {e}") from None
-
-
-def _make_standard_kid(cfg: RunConfig, data, inception, log):
-    """The --eval-every measure: standard-protocol KID (torch-fidelity's) of --eval-images
-    samples of the EMA network, against the features of --eval-real (default: the validation
-    split), computed once here; None with a note when no Inception weights exist
-    (`inception`: `_training_inception`'s pair). Under torchrun the samples are drawn by all
-    ranks and measured on rank 0; every rank returns rank 0's value (the best checkpoint is
-    written by all)."""
-    from . import metrics
-
-    tc = cfg.train
-    extractor, missing = inception
-    if extractor is None:
-        log(f"note: --eval-every KID disabled: {missing}")
-        return None
-    real = None
-    if distributed.is_main():
-        if tc.eval_real:
-            real = metrics.folder_features(Path(tc.eval_real), extractor, "standard")
-        else:
-            images = np.asarray(data.imageset.images[data.val_idx])
-            real = extractor.features(torch.from_numpy(images).permute(0, 3, 1, 2), "standard")
-
-    @torch.no_grad()
-    def kid(ema, data, device) -> float:
-        fake = distributed.generate(  # the same noises every time: epochs compare
-            model=ema,
-            mean=data.mean,
-            std=data.std,
-            schedule=cfg.schedule,
-            image_size=cfg.model.image_size,
-            channels=cfg.model.channels,
-            n=tc.eval_images,
-            seed=VAL_SEED,
-            steps=tc.eval_steps,
-            sampler=tc.eval_sampler,
-            batch_size=tc.batch_size,
-            device=device,
-        )
-        value = None
-        if fake is not None:
-            f_fake = extractor.features(fake.permute(0, 3, 1, 2), "standard")
-            value = metrics.kid_standard(real, f_fake)[0]
-        return distributed.all_gather_object(value)[0]
-
-    return kid
-
-
-def _make_kid(cfg: RunConfig, n_val: int, inception, log):
-    """Per-epoch paper-protocol KID, or None with a note: when the validation split gives no
-    batch of 2 images (the per-batch MMD needs 2) or no Inception weights exist."""
-    from . import metrics
-
-    tc = cfg.train
-    n_kid = n_val if tc.kid_images <= 0 else min(tc.kid_images, n_val)
-    if min(n_kid, tc.batch_size) < 2:
-        log(
-            f"note: per-epoch KID disabled: it compares batches of at least 2 validation "
-            f"images, and {n_kid} validation image(s) in batches of {tc.batch_size} give none "
-            "(raise --val-fraction, --batch-size or --kid-images, or use --no-kid)"
-        )
-        return None
-    extractor, missing = inception
-    if extractor is None:
-        log(f"note: per-epoch KID disabled: {missing}")
-        return None
-
-    @torch.no_grad()
-    def kid(ema, images, val_idx, cfg, mean, std, device, precision_ctx) -> float:
-        idx = np.asarray(val_idx)[metrics.paper_order(len(val_idx))]  # not in file order
-        idx = idx if tc.kid_images <= 0 else idx[: tc.kid_images]
-        acc = metrics.PaperKID(extractor)
-        bs = tc.batch_size
-        values = []  # (batch index, its KID) of the batches this rank computed
-        for b, start in enumerate(range(0, len(idx), bs)):
-            if b % distributed.world_size() != distributed.rank():
-                continue  # under torchrun whole batches go round-robin to the ranks
-            real = torch.from_numpy(np.asarray(images[idx[start : start + bs]]))
-            fake = generate(
-                ema,
-                mean=mean,
-                std=std,
-                schedule=cfg.schedule,
-                image_size=cfg.model.image_size,
-                channels=cfg.model.channels,
-                n=len(real),
-                seed=VAL_SEED,
-                first_index=start,
-                steps=tc.kid_steps,
-                batch_size=bs,
-                device=device,
-                autocast=precision_ctx,
-            )
-            value = acc.update(real.permute(0, 3, 1, 2), fake.permute(0, 3, 1, 2))
-            if value is not None:
-                values.append((b, value))
-        # Every rank gets all per-batch values, in batch order: the same mean everywhere.
-        pairs = sorted(p for part in distributed.all_gather_object(values) for p in part)
-        acc.values = [v for _, v in pairs]
-        return acc.compute()
-
-    return kid

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import batches as batches_mod
 from . import data as data_mod
 from . import distributed
 from .config import ConfigError, RunConfig
@@ -128,7 +129,7 @@ def load_data(cfg: RunConfig, root: Path, progress: bool) -> TrainData:
         val_idx,
         torch.tensor(mean_l, dtype=torch.float32),
         torch.tensor(std_l, dtype=torch.float32).clamp(min=1e-3),
-        data_mod.num_batches(len(train_idx), cfg.train.batch_size, drop_last=True),
+        batches_mod.num_batches(len(train_idx), cfg.train.batch_size, drop_last=True),
         data_fingerprint(data_mod.find_images(root), root),
         label_codes(cfg, imageset, root),
     )

@@ -190,22 +190,16 @@ def run_path(
     _sync(device)
     train_rate = _median_rate(train_step, batch_size, iters, device)
 
-    if sample_compile is None:
-        sample_compile = compile
-    if prepared_inference:
-        net_s = prepare_inference(
-            ema,
-            device,
-            precision,
-            channels_last=sample_channels_last,
-            compile=sample_compile,
-            compile_mode=compile_mode,
-        )
-        sample_ctx: contextlib.AbstractContextManager = contextlib.nullcontext()
-        sample_compiled = net_s.compiled is not None
-    else:
-        net_s, sample_ctx = maybe_compile(ema, sample_compile, device), ctx
-        sample_compiled = net_s is not ema
+    net_s, sample_ctx, sample_compiled = _sampling_net(
+        ema,
+        device,
+        precision,
+        ctx,
+        prepared_inference,
+        compile if sample_compile is None else sample_compile,
+        sample_channels_last,
+        compile_mode,
+    )
     n_sample = sample_batch_size or batch_size
     sample_noise = torch.randn(n_sample, *x0.shape[1:], device=device)
 
@@ -238,6 +232,18 @@ def run_path(
         train_compile_seconds=train_compile,
         sample_compile_seconds=sample_compile_s,
     )
+
+
+def _sampling_net(ema, device, precision, ctx, prepared, compile, channels_last, mode):
+    """(network, context, compiled?) that a path samples with: the tuned path's prepared copy
+    (`runtime.prepare_inference`), or the EMA network under autocast (the baseline)."""
+    if prepared:
+        net = prepare_inference(
+            ema, device, precision, channels_last=channels_last, compile=compile, compile_mode=mode
+        )
+        return net, contextlib.nullcontext(), net.compiled is not None
+    net = maybe_compile(ema, compile, device)
+    return net, ctx, net is not ema
 
 
 def _eager_train_flops(model, x0, noise, t, sched) -> None:
@@ -324,7 +330,7 @@ def data_pipeline_rate(
 ) -> float:
     """Images/s from the uint8 cache to augmented float batches (one epoch, median of 3): the
     host cache (CPU batches), or with `on_device` a copy of it there (train --data-on-device)."""
-    from ..data import device_images, iterate_batches
+    from ..batches import device_images, iterate_batches
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8)

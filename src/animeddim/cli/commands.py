@@ -54,7 +54,8 @@ def cmd_data_flowers102(a: argparse.Namespace) -> int:
 
 def train_config_from_args(a: argparse.Namespace) -> Any:
     """defaults < --config file < explicit flags."""
-    from ..config import RunConfig, load_config_file, merge
+    from ..config import RunConfig
+    from ..config_files import load_config_file, merge
 
     d = RunConfig().to_dict()
     if a.config:

@@ -1,0 +1,64 @@
+"""Config files: reading a JSON or TOML file into a settings dict, and merging dicts.
+
+The CLI reads `--config FILE` here and merges the command line's settings over it; the result
+goes to `config.RunConfig.from_dict`, which checks every value.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, upgrade
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    tomllib = None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or TOML config file into a plain dict (sections data/model/schedule/train),
+    in today's layout (`upgrade`)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {str(p)!r} is a folder; give a .json or .toml file")
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    if p.suffix.lower() in (".yaml", ".yml", ".ini", ".cfg"):
+        raise ConfigError(
+            f"config file {str(p)!r}: {p.suffix} is not read; write it as JSON (.json, or any "
+            "other name) or TOML (.toml)"
+        )
+    try:
+        text = p.read_text(encoding="utf-8")  # UnicodeDecodeError is a ValueError too
+        if p.suffix.lower() == ".toml":
+            if tomllib is None:  # pragma: no cover
+                raise ConfigError("TOML config files need Python 3.11+; use JSON")
+            d = tomllib.loads(text)
+        else:
+            d = json.loads(text)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        kind = "TOML" if p.suffix.lower() == ".toml" else "JSON"
+        raise ConfigError(f"config file {str(p)!r} is not valid {kind}: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(
+            f"config file {str(p)!r} must hold an object with sections "
+            f"data/model/schedule/train, not a {type(d).__name__}"
+        )
+    return upgrade(d)
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `override` into a copy of `base` (override wins)."""
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
