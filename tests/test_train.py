@@ -109,16 +109,22 @@ def test_resume_is_bitwise_equal_to_uninterrupted(avatars16, tmp_path):
         assert ra["train_noise_loss"] == rb["train_noise_loss"]
 
 
+def _stopped_then_resumed(avatars16, run, steps: int, **settings) -> dict:
+    """Train `run` for `steps` optimiser steps, resume it to its end; its last weights."""
+    train(tiny_config(avatars16, max_steps=steps, **settings), run, progress=False,
+          log=lambda s: None)  # fmt: skip
+    assert _weights(run)[1]["step"] == steps
+    cfg = load_run_config(run)
+    cfg.train.max_steps = 0
+    train(cfg, run, resume=True, progress=False, log=lambda s: None)
+    return _weights(run)[0]
+
+
 def test_resume_mid_epoch_is_bitwise_equal(avatars16, tmp_path):
     full = tmp_path / "full"
     train(tiny_config(avatars16, epochs=2), full, progress=False, log=lambda s: None)
-    part = tmp_path / "part"
-    train(tiny_config(avatars16, epochs=2, max_steps=4), part, progress=False, log=lambda s: None)
-    assert _weights(part)[1]["batch_in_epoch"] == 1  # 3 steps per epoch: stopped mid-epoch
-    cfg = load_run_config(part)
-    cfg.train.max_steps = 0
-    train(cfg, part, resume=True, progress=False, log=lambda s: None)
-    a, b = _weights(full)[0], _weights(part)[0]
+    b = _stopped_then_resumed(avatars16, tmp_path / "part", 4, epochs=2)  # 3 steps per epoch
+    a = _weights(full)[0]
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
@@ -473,12 +479,8 @@ def test_learning_rate_warmup_is_linear_in_images_and_resumes_exactly(avatars16,
         progress=False,
         log=lambda s: None,
     )
-    stopped = tiny_config(avatars16, epochs=2, lr_warmup_images=24, max_steps=2)
-    train(stopped, part, progress=False, log=lambda s: None)
-    cfg = load_run_config(part)
-    cfg.train.max_steps = 0
-    train(cfg, part, resume=True, progress=False, log=lambda s: None)
-    a, b = _weights(full)[0], _weights(part)[0]
+    b = _stopped_then_resumed(avatars16, part, 2, epochs=2, lr_warmup_images=24)
+    a = _weights(full)[0]
     for k in a:
         assert torch.equal(a[k], b[k]), k
     rows = list(csv.DictReader(open(full / "metrics.csv")))
