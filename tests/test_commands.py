@@ -199,6 +199,9 @@ def test_missing_weights_is_a_clear_error(avatars16, tmp_path):
         check=False,
     )
     assert p.returncode == 2 and "nope.pt" in p.stderr and "Traceback" not in p.stderr
+    p = run_cli("kid", str(avatars16), str(avatars16), "--inception-weights", str(tmp_path),
+                check=False)  # fmt: skip
+    assert p.returncode == 2 and "is a folder, not a file" in p.stderr, p.stderr
 
 
 def test_export_then_sample_from_the_small_file(tiny_run, tmp_path):

@@ -82,16 +82,18 @@ def find_inception_weights(explicit: str | Path | None = None) -> Path:
     if explicit is not None:
         path = Path(explicit).expanduser()
         if not path.is_file():
+            what = "is a folder, not a file" if path.is_dir() else "does not exist"
             raise InceptionWeightsMissing(
-                f"Inception weights file '{path}' does not exist. {_INSTALL_HINT}"
+                f"Inception weights file '{path}' {what}. {_INSTALL_HINT}"
             )
         return path
     env_value = os.environ.get(WEIGHTS_ENV_VAR)
     if env_value:
         path = Path(env_value).expanduser()
         if not path.is_file():
+            what = "a folder" if path.is_dir() else "no existing file"
             raise InceptionWeightsMissing(
-                f"{WEIGHTS_ENV_VAR}='{env_value}' does not name an existing file. {_INSTALL_HINT}"
+                f"{WEIGHTS_ENV_VAR}='{env_value}' names {what}. {_INSTALL_HINT}"
             )
         return path
     for candidate in _wheel_candidates():
