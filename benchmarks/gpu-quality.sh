@@ -10,7 +10,8 @@
 #   animeddim data avatars --n 2000 --size 64 --seed 1 --out .gpu/heldout
 #   python benchmarks/pack_images.py pack .gpu/avatars64 .gpu/avatars64.u8.xz   (1.9 MiB)
 #   python benchmarks/pack_images.py pack .gpu/heldout .gpu/heldout.u8.xz       (0.9 MiB)
-#   python benchmarks/inception_fp16.py                  -> .gpu/inception-fp16.pt (42 MB)
+#   python benchmarks/inception_fp16.py --a .gpu/heldout --b <other avatars> --limit 200
+#       -> .gpu/inception-fp16.pt (41.7 MiB), checked against the fp32 file on the CPU
 # then remove the unpacked folders from .gpu before the call. MINUTES, BIG, LR, WARM,
 # EVAL_EVERY (a multiple of EPOCH_END), EPOCH_END, EVAL_IMAGES, DEVICE, INIT, MODE and PACK
 # (the folder of the packed files) override it (a dry run on the CPU: tiny values).
