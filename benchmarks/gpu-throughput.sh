@@ -10,13 +10,15 @@
 #                      warmed up over the first tenth, data on the device, CUDA graphs, the
 #                      epoch-end work (validation, grid, checkpoint) every 4 epochs
 #   quality.json       validation noise loss of each at the same number of images seen
-# Needs .gpu/avatars64 carried with the call (`animeddim data avatars --n 10000 --size 64
-# --seed 0 --out .gpu/avatars64`). DEVICE, DATA, IMAGES, BASE, BIG, SAMPLE_BATCH, ITERS and
-# MODE override it for a dry run on the CPU (tests nothing about speed there).
+# Needs the avatars carried with the call: .gpu/avatars64.u8.xz, packed as gpu-quality.sh
+# says (1.9 MiB; unpacked here to $DATA), or the folder $DATA itself (29 MiB of PNGs).
+# DEVICE, DATA, IMAGES, BASE, BIG, SAMPLE_BATCH, ITERS and MODE override it for a dry run on
+# the CPU (tests nothing about speed there).
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 DEVICE=${DEVICE:-cuda}
-DATA=${DATA:-.gpu/avatars64}
+DATA=${DATA:-/tmp/gpu-data/avatars64}
+[ -d "$DATA" ] || python3 benchmarks/pack_images.py unpack .gpu/avatars64.u8.xz "$DATA"
 IMAGES=${IMAGES:-640000}
 BASE=${BASE:-128}
 BIG=${BIG:-1024}
