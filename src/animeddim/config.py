@@ -304,8 +304,9 @@ class TrainConfig:
     )
     eval_every: int = setting(
         0,
-        "every N epochs, the standard-protocol KID of --eval-images samples against "
-        "--eval-real; the best is kept as checkpoints/best-standard-kid.safetensors (0: never)",
+        "every N epochs (and the last), the standard-protocol KID of --eval-images samples "
+        "against --eval-real; the best is kept as checkpoints/best-standard-kid.safetensors "
+        "(0: never; with --epoch-end-every, only at epochs where both fall)",
         minimum=0,
         resume=True,
         metavar="N",
