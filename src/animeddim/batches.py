@@ -120,7 +120,8 @@ def iterate_batches(
         if codes is None:
             yield x
         else:
-            yield x, torch.from_numpy(codes[glob[lo:hi]]).to(device)
+            rows = torch.from_numpy(codes[glob[lo:hi]])
+            yield x, (rows.pin_memory() if pin else rows).to(device, non_blocking=pin)
 
 
 def device_images(images: np.ndarray, device: torch.device) -> torch.Tensor:

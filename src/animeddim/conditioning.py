@@ -92,9 +92,13 @@ def encode(vocab: Mapping[str, Sequence[str]], asked: Mapping[str, str]) -> torc
     return codes
 
 
-def drop_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
-    """The generator of the attribute drops of global training batch `batch` of `epoch`."""
-    g = torch.Generator()
+def drop_generator(
+    seed: int, epoch: int, batch: int, device: torch.device | str = "cpu"
+) -> torch.Generator:
+    """The generator of the attribute drops of global training batch `batch` of `epoch`, on
+    the device of the codes it drops (a CUDA draw needs no copy from the host, which would
+    wait for the GPU at every step)."""
+    g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_033 + epoch * 104_729 + batch * 31 + 5) % 2**63)
     return g
 
@@ -114,6 +118,6 @@ def drop_attributes(
         the drops of a row do not depend on the number of processes.
     """
     rows, attrs = codes.shape
-    draws = torch.rand((global_rows or rows, attrs), generator=generator)
+    draws = torch.rand((global_rows or rows, attrs), generator=generator, device=generator.device)
     drop = draws[first_row : first_row + rows].to(codes.device) < p
     return torch.where(drop, torch.full_like(codes, NULL), codes)

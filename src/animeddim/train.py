@@ -285,7 +285,9 @@ def train_epoch(state, data, cfg, rt, bar, save, run_dir: Path) -> int:
         cond = None
         if data.codes is not None:  # each attribute dropped per (seed, epoch, global batch)
             batch, cond = batch
-            g_drop = conditioning.drop_generator(tc.seed, state.epoch, state.batch_in_epoch)
+            g_drop = conditioning.drop_generator(
+                tc.seed, state.epoch, state.batch_in_epoch, rt.device
+            )
             cond = conditioning.drop_attributes(
                 cond, tc.cond_drop, g_drop, global_rows=tc.batch_size, first_row=rt.lo
             )
