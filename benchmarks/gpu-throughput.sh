@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Training throughput on a lent GPU, and what a large batch costs in quality: one prepared run
-# (about 8 minutes on an H100/H200). Writes everything to $OUT:
+# (about 8 minutes on an H100/H200, estimated: never run on one yet). Writes everything to $OUT:
 #   bench-before.json  the tuned path as shipped (batch $BASE = 128, compiled)
 #   bench-after.json   batch $BIG, CUDA graphs (--compile-mode reduce-overhead), sampling
 #                      $SAMPLE_BATCH images at 10 dpmpp-2m steps; both against the fp32 eager
 #                      baseline measured in the same process
+#   syncs.txt/.json    where a 40-step run at batch $BIG waited for the GPU (sync_check.py)
 #   q-128/, q-$BIG/    metrics.csv of two trainings from scratch on the same images: batch 128 at
 #                      lr 1e-3 (the shipped recipe), and batch $BIG at lr 1e-3 * sqrt($BIG / 128),
 #                      warmed up over the first tenth, data on the device, CUDA graphs, the
@@ -19,7 +20,7 @@ export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 DEVICE=${DEVICE:-cuda}
 DATA=${DATA:-/tmp/gpu-data/avatars64}
 [ -d "$DATA" ] || python3 benchmarks/pack_images.py unpack .gpu/avatars64.u8.xz "$DATA"
-IMAGES=${IMAGES:-640000}
+IMAGES=${IMAGES:-384000}
 BASE=${BASE:-128}
 BIG=${BIG:-1024}
 SAMPLE_BATCH=${SAMPLE_BATCH:-4096}
@@ -37,6 +38,9 @@ echo "bench before exit $?" >> "$OUT/log.txt"
 timeout 240 python3 -m animeddim bench "${common[@]}" --batch-size "$BIG" --compile-mode "$MODE" \
   --sample-batch-size "$SAMPLE_BATCH" > "$OUT/bench-after.json" 2> "$OUT/bench-after.err"
 echo "bench after exit $?" >> "$OUT/log.txt"
+timeout 200 python3 benchmarks/sync_check.py --data "$DATA" --batch-size "$BIG" --steps 40 \
+  --compile-mode "$MODE" --device "$DEVICE" --out "$OUT/syncs.json" > "$OUT/syncs.txt" 2>&1
+echo "sync check exit $?" >> "$OUT/log.txt"
 
 # 2. Quality at equal images seen: epochs enough for IMAGES images at each batch.
 train_arm() {  # batch, lr, warm-up images, compile mode, data on device, epoch-end every
