@@ -624,3 +624,21 @@ def test_serve_warns_off_loopback_and_refuses_a_taken_port():
     assert p.returncode == 2
     assert "warning: serving on 0.0.0.0" in p.stderr
     assert f"port {port} on 0.0.0.0 is in use: choose another with --port" in p.stderr
+
+
+def test_watch_a_run_shows_the_standard_kid_of_eval_every(runs, tmp_path):
+    """A run trained with --eval-every has a standard_kid column; the watch API gives it as
+    its own curve (None on the epochs it was not measured), and none for runs without."""
+    from conftest import copy_run
+
+    from animeddim.run_folder import METRIC_COLUMNS, append_metrics
+
+    assert "standard_kid" in METRIC_COLUMNS
+    run = copy_run(runs / "tiny", tmp_path / "runs" / "tiny")
+    (run / "metrics.csv").unlink()
+    for epoch, value in ((1, None), (2, 0.0123)):
+        append_metrics(run, {"epoch": epoch, "step": 3 * epoch, "standard_kid": value})
+    r = handlers.run_summary(Catalog([], tmp_path / "runs"), "run:tiny")
+    assert r["series"]["epoch"] == [1.0, 2.0] and r["series"]["standard_kid"] == [None, 0.0123]
+    plain = handlers.run_summary(Catalog([], runs), "run:tiny")["series"]
+    assert plain["standard_kid"] == [None, None]

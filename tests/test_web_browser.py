@@ -296,6 +296,8 @@ def test_watch_a_run(page, shots):
         timeout=30_000,
     )
     assert page.locator("#w-loss polyline").count() == 2  # train and validation
+    # trained without --eval-every: the third chart says how to get its curve
+    assert "train --eval-every N measures it" in page.text_content("#w-std-kid")
     page.wait_for_function("document.querySelector('#w-sample').naturalWidth > 0")
     assert page.input_value("#w-run") == "run:tiny"
     shots(page, "08-watch")
