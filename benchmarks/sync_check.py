@@ -56,8 +56,11 @@ def main() -> int:
     cfg = RunConfig.from_dict(merge(load_config_file(REPO / "configs/avatars-64.json"), overrides))
     counts: collections.Counter[str] = collections.Counter()
 
+    show = warnings.showwarning  # other warnings (an eager fall-back) are shown as usual
+
     def record(message, category, filename, lineno, file=None, line=None) -> None:
         if "synchronizing" not in str(message):
+            show(message, category, filename, lineno, file, line)
             return
         ours = [f for f in traceback.extract_stack() if "/animeddim/" in f.filename]
         where = f"{Path(ours[-1].filename).name}:{ours[-1].lineno} {ours[-1].line}" if ours else "?"

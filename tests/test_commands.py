@@ -290,3 +290,20 @@ def test_train_eval_every_measures_what_evaluate_measures(
     assert rc == 0, err
     ev = json.loads(ev_json.read_text())
     assert ev["kid_mean"] == pytest.approx(float(measured[2]), rel=1e-5)
+    # A run stopped early (here by --max-steps at the end of epoch 1) measures its last epoch.
+    rc, _, err = run_main(
+        capsys, "train", "--data", avatars16, "--out", tmp_path / "short", *model, "--precision",
+        "fp32", "--epochs", "5", "--max-steps", "3", "--batch-size", "6", "--no-kid", "--quiet",
+        "--eval-every", "2", "--eval-real", avatars16, "--eval-images", "6", "--eval-steps", "2",
+    )  # fmt: skip
+    assert rc == 0, err
+    rows = list(csv.DictReader(open(tmp_path / "short" / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1"] and rows[0]["standard_kid"] != ""
+    # An --eval-real folder KID cannot read is refused before the run folder is made.
+    (tmp_path / "empty").mkdir()
+    rc, _, err = run_main(
+        capsys, "train", "--data", avatars16, "--out", tmp_path / "refused", *model,
+        "--eval-every", "1", "--eval-real", tmp_path / "empty", "--batch-size", "6", "--quiet",
+    )  # fmt: skip
+    assert rc == 2 and "--eval-real" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "refused").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
@@ -585,3 +586,33 @@ def test_epoch_end_work_every_n_epochs_trains_the_same_weights(avatars16, tmp_pa
     train(cfg, timed, progress=False, log=lines.append)
     assert [r["epoch"] for r in csv.DictReader(open(timed / "metrics.csv"))] == ["1"]
     assert _weights(timed)[1]["epoch"] == 1 and "reached after epoch 1" in lines[-1]
+
+
+def test_validation_draws_and_loss_do_not_depend_on_the_batch_size(avatars16):
+    """An image's validation noise and time come from its position in the split (chunks of
+    VAL_CHUNK), so the validation loss of one network is the same at any batch size (before:
+    draws per batch, a 2.7% spread between batch sizes on the shipped model)."""
+    import numpy as np
+
+    from animeddim.data import load_folder
+    from animeddim.train import VAL_CHUNK, validate, validation_draws
+    from animeddim.unet import UNet
+
+    shape, cpu = torch.Size([3, 4, 4]), torch.device("cpu")
+    n, t = validation_draws(VAL_CHUNK - 3, VAL_CHUNK + 5, shape, cpu)
+    n1, t1 = validation_draws(VAL_CHUNK - 3, VAL_CHUNK, shape, cpu)
+    n2, t2 = validation_draws(VAL_CHUNK, VAL_CHUNK + 5, shape, cpu)
+    assert n.shape == (8, 3, 4, 4) and torch.equal(n, torch.cat([n1, n2]))
+    assert torch.equal(t, torch.cat([t1, t2])) and t.dtype == torch.float64
+    images = load_folder(avatars16, 16, progress=False).images
+    idx = np.arange(len(images))
+    torch.manual_seed(0)
+    cfg = tiny_config(avatars16)
+    net = UNet(cfg.model)
+    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
+    got = []
+    for bs in (24, 7, 5):
+        cfg.train.batch_size = bs
+        got.append(validate(net, images, idx, cfg, mean, std, cpu, contextlib.nullcontext()))
+    for nl, il in got[1:]:
+        assert nl == pytest.approx(got[0][0], rel=1e-6) and il == pytest.approx(got[0][1], rel=1e-6)

@@ -129,7 +129,10 @@ def device_images(images: np.ndarray, device: torch.device) -> torch.Tensor:
     :func:`iterate_batches` to gather batches from without a host copy per batch."""
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    pixels = np.ascontiguousarray(images)
+    if not pixels.flags.writeable:  # a read-only disk cache: torch wants its own copy
+        pixels = pixels.copy()
+    return torch.from_numpy(pixels).to(device)
 
 
 def _device_batches(images, order, batches, batch_size, seed, epoch, flip, rank, world_size, codes):

@@ -49,7 +49,13 @@ from .train_data import (
     load_data,
     write_reference,
 )
-from .train_kid import VAL_SEED, make_kid, make_standard_kid, training_inception
+from .train_kid import (
+    VAL_SEED,
+    eval_real_features,
+    make_kid,
+    make_standard_kid,
+    training_inception,
+)
 from .train_state import (
     Runtime,
     TrainingDiverged,
@@ -64,6 +70,7 @@ from .train_state import (
 )
 
 GRID_IMAGES = 18  # 3 x 6 sample grid per epoch, as in the Keras example
+VAL_CHUNK = 256  # validation draws come in chunks of this many images (`validation_draws`)
 
 
 @dataclass
@@ -178,6 +185,9 @@ def train(
         data = load_data(cfg, root, progress)
         check_data(cfg, data, root, resume, allow_changed_data, log)
         inception = training_inception(cfg, device)  # a bad weights file is refused here
+        eval_real = eval_real_features(cfg, data, inception)  # and a folder KID cannot read
+        if tc.eval_real:
+            tc.eval_real = str(Path(tc.eval_real).resolve())  # resumable from anywhere
         cfg.data.abs_path = str(root.resolve())
         cfg.data.fingerprint = data.fingerprint
         if data_on_device(tc.data_on_device, data.imageset.images.nbytes, device):
@@ -192,17 +202,19 @@ def train(
         rt.ema_tensors, rt.live_tensors = float_state(state.ema), float_state(state.model)
 
         # 5. Epochs: optimiser steps, then validation, KID, grid, checkpoint and a log line.
-        return _epochs(cfg, run_dir, data, state, rt, progress, log, inception)
+        kids = (inception, eval_real)
+        return _epochs(cfg, run_dir, data, state, rt, progress, log, kids)
 
 
-def _epochs(cfg, run_dir, data, state, rt, progress, log, inception) -> TrainResult:
+def _epochs(cfg, run_dir, data, state, rt, progress, log, kids) -> TrainResult:
     """The epoch loop of `train`; Ctrl-C saves a checkpoint and returns `interrupted`."""
     tc = cfg.train
     save = partial(save_checkpoint, state=state, data=data, cfg=cfg, rt=rt)
     if distributed.is_main():
         write_reference(run_dir, data)
+    inception, eval_real = kids  # `train_kid.training_inception`, `eval_real_features`
     kid_metric = make_kid(cfg, len(data.val_idx), inception, log) if tc.kid else None
-    standard_kid = make_standard_kid(cfg, data, inception, log) if tc.eval_every else None
+    standard_kid = make_standard_kid(cfg, inception, eval_real, log) if tc.eval_every else None
     bar = _progress_bar(progress, _bar_total(tc, data.steps_per_epoch), state.step)
     t_start, interrupted, last_row = time.perf_counter(), False, None
     last_ckpt = run_dir / "checkpoints" / "last.safetensors"
@@ -222,7 +234,9 @@ def _epochs(cfg, run_dir, data, state, rt, progress, log, inception) -> TrainRes
             if epoch % tc.epoch_end_every and epoch < tc.epochs and not (stop or time_up):
                 state.epoch, state.batch_in_epoch = epoch, 0  # the work waits for its epoch
                 continue
-            last_row = end_of_epoch(state, data, cfg, rt, kid_metric, run_dir, save, standard_kid)
+            last_row = end_of_epoch(
+                state, data, cfg, rt, kid_metric, run_dir, save, standard_kid, stop or time_up
+            )
             last_row.update(
                 images_per_s=images_seen / max(seconds, 1e-9),
                 epoch_seconds=seconds,
@@ -369,10 +383,11 @@ def _log_progress(state: TrainState, tc, bar, images_per_s: float) -> None:
 
 
 def end_of_epoch(
-    state, data, cfg, rt, kid_metric, run_dir: Path, save, standard_kid_metric=None
+    state, data, cfg, rt, kid_metric, run_dir: Path, save, standard_kid_metric=None, last=False
 ) -> dict[str, Any]:
     """Validation of the EMA network, KID, the sample grid, best-KID checkpoints; the row.
-    `standard_kid_metric`: the --eval-every measure (`train_kid.make_standard_kid`), or None."""
+    `standard_kid_metric`: the --eval-every measure (`train_kid.make_standard_kid`), or None,
+    taken every eval_every epochs and at the run's last epoch (`last`: it stops early)."""
     nl, il, cnt = distributed.reduced_sum(state.acc).tolist()
     if not (math.isfinite(nl) and math.isfinite(il)):
         raise TrainingDiverged(f"loss became non-finite by step {state.step}")
@@ -398,7 +413,8 @@ def end_of_epoch(
         "kid_seconds": time.perf_counter() - t_kid if kid is not None else None,
     }
     tc, epoch = cfg.train, state.epoch + 1
-    if standard_kid_metric is not None and (epoch % tc.eval_every == 0 or epoch == tc.epochs):
+    last = last or epoch == tc.epochs
+    if standard_kid_metric is not None and (epoch % tc.eval_every == 0 or last):
         t_std = time.perf_counter()
         row["standard_kid"] = standard_kid_metric(infer, data, rt.device)
         row["standard_kid_seconds"] = time.perf_counter() - t_std
@@ -467,6 +483,22 @@ def _progress_bar(enabled: bool, total: int | None, initial: int):
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
 
 
+def validation_draws(
+    start: int, stop: int, shape: torch.Size, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noises [n x C x H x W] and float64 times [n] of validation images start .. stop - 1
+    (positions in the split): drawn in fixed chunks of VAL_CHUNK images seeded by VAL_SEED and
+    the chunk index, so an image's draws do not depend on how the split is batched."""
+    chunks = range(start // VAL_CHUNK, (stop - 1) // VAL_CHUNK + 1)
+    noises, times = [], []
+    for c in chunks:
+        g = step_generator(VAL_SEED, c, device)
+        noises.append(torch.randn((VAL_CHUNK, *shape), generator=g, device=device))
+        times.append(torch.rand(VAL_CHUNK, generator=g, device=device, dtype=torch.float64))
+    lo = start - chunks[0] * VAL_CHUNK
+    return torch.cat(noises)[lo : lo + stop - start], torch.cat(times)[lo : lo + stop - start]
+
+
 @torch.no_grad()
 def validate(
     ema: torch.nn.Module,
@@ -480,8 +512,10 @@ def validate(
 ) -> tuple[float | None, float | None]:
     """Noise and image loss of the EMA network on the validation split.
 
-    Noises and times are fixed (seeded by VAL_SEED and the batch index), so numbers are
-    comparable between epochs. Returns (None, None) when there is no validation split.
+    Each validation image's noise and time are fixed by its position in the split
+    (`validation_draws`), whatever the batch size or the number of processes, so numbers
+    compare between epochs and between runs. Returns (None, None) when there is no
+    validation split.
     """
     if len(val_idx) == 0:
         return None, None
@@ -510,9 +544,8 @@ def validate(
         if hi == lo:  # the last, short batch may leave a rank nothing
             continue
         x = _normalise(batch, mean, std)
-        g = step_generator(VAL_SEED, b, device)
-        noises = torch.randn((n_global, *x.shape[1:]), generator=g, device=device)[lo:hi]
-        t = torch.rand(n_global, generator=g, device=device, dtype=torch.float64)[lo:hi]
+        first = b * bs + lo  # this rank's first image, by position in the split
+        noises, t = validation_draws(first, first + hi - lo, x.shape[1:], device)
         nl, il = losses(ema, x, noises, t, cfg, precision_ctx)
         total += torch.stack([nl.double(), il.double()]) * x.shape[0]
         n += x.shape[0]

@@ -46,16 +46,16 @@ def check_start(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
     data = data_root(cfg, resume)
     if not cfg.data.path:
         raise ConfigError("no training data: give --data DIR (or data.path in the config file)")
-    if resume:
-        if not (run_dir / "config.json").is_file():
-            raise RunFolderError(f"cannot resume: {str(run_dir)!r} is not an animeddim run folder")
-        return
     tc = cfg.train
     if tc.eval_every and tc.eval_real and not Path(tc.eval_real).is_dir():
         raise ConfigError(
             f"--eval-real {tc.eval_real!r} is not a folder: give a folder of real images for "
             "the --eval-every KID (or leave it out to use the validation split)"
         )
+    if resume:
+        if not (run_dir / "config.json").is_file():
+            raise RunFolderError(f"cannot resume: {str(run_dir)!r} is not an animeddim run folder")
+        return
     if data.is_dir() and run_dir.resolve().is_relative_to(data.resolve()):
         raise ConfigError(
             f"--out {str(run_dir)!r} lies inside --data {str(data)!r}: the next run would train "

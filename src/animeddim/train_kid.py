@@ -35,13 +35,33 @@ def training_inception(cfg: RunConfig, device: torch.device):
         raise ConfigError(f"cannot measure KID while training: {e}") from None
 
 
-def make_standard_kid(cfg: RunConfig, data, inception, log):
+def eval_real_features(cfg: RunConfig, data, inception) -> torch.Tensor | None:
+    """The standard-protocol features the --eval-every KID compares with: --eval-real's
+    images (default: the validation split), on rank 0 (None elsewhere, and without
+    --eval-every or Inception weights). Computed before the run folder is touched, so a
+    folder KID cannot read is one ConfigError naming it."""
+    from . import metrics
+    from .data import DataError
+
+    tc = cfg.train
+    extractor = inception[0]
+    if not tc.eval_every or extractor is None or not distributed.is_main():
+        return None
+    if not tc.eval_real:
+        images = np.asarray(data.imageset.images[data.val_idx])
+        return extractor.features(torch.from_numpy(images).permute(0, 3, 1, 2), "standard")
+    try:
+        return metrics.folder_features(Path(tc.eval_real), extractor, "standard")
+    except (DataError, OSError, ValueError) as e:
+        raise ConfigError(f"--eval-real {tc.eval_real!r}: {e}") from None
+
+
+def make_standard_kid(cfg: RunConfig, inception, real: torch.Tensor | None, log):
     """The --eval-every measure: standard-protocol KID (torch-fidelity's) of --eval-images
-    samples of the EMA network, against the features of --eval-real (default: the validation
-    split), computed once here; None with a note when no Inception weights exist
-    (`inception`: `training_inception`'s pair). Under torchrun the samples are drawn by all
-    ranks and measured on rank 0; every rank returns rank 0's value (the best checkpoint is
-    written by all)."""
+    samples of the EMA network against `real` (`eval_real_features`); None with a note when
+    no Inception weights exist (`inception`: `training_inception`'s pair). Under torchrun the
+    samples are drawn by all ranks and measured on rank 0; every rank returns rank 0's value
+    (the best checkpoint is written by all)."""
     from . import metrics
 
     tc = cfg.train
@@ -49,13 +69,6 @@ def make_standard_kid(cfg: RunConfig, data, inception, log):
     if extractor is None:
         log(f"note: --eval-every KID disabled: {missing}")
         return None
-    real = None
-    if distributed.is_main():
-        if tc.eval_real:
-            real = metrics.folder_features(Path(tc.eval_real), extractor, "standard")
-        else:
-            images = np.asarray(data.imageset.images[data.val_idx])
-            real = extractor.features(torch.from_numpy(images).permute(0, 3, 1, 2), "standard")
 
     @torch.no_grad()
     def kid(ema, data, device) -> float:

@@ -148,8 +148,8 @@ def restore(state: TrainState, data: TrainData, run_dir: Path, cfg: RunConfig, r
     state.acc = tensors["train.acc"].to(rt.device)
     if not distributed.is_main():
         state.acc.zero_()  # the checkpoint holds the sum over all ranks; rank 0 carries it
-    state.best_kid = meta.get("best_kid") or math.inf
-    state.best_standard_kid = meta.get("best_standard_kid") or math.inf
+    for key in ("best_kid", "best_standard_kid"):  # None: not measured yet
+        setattr(state, key, math.inf if meta.get(key) is None else meta[key])
     if distributed.is_main():
         truncate_metrics(run_dir, state.epoch)
     log(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step}")

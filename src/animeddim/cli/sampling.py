@@ -70,7 +70,8 @@ def cmd_sample(a: argparse.Namespace) -> int:
     if a.attrs_from and a.grid_by:
         raise CliError("--attrs-from sets every image's attributes: give it without --grid-by")
     loaded, device = load_for_sampling(a.run, a.model, a.device)
-    check_fits_in_memory(a.n, loaded.config.model.image_size)
+    if a.out or a.grid:  # --trajectory alone draws its own few images
+        check_fits_in_memory(a.n, loaded.config.model.image_size)
     settings = _settings(a, device, loaded)
     files = [(f, Path(v)) for f, v in (("--grid", a.grid), ("--trajectory", a.trajectory)) if v]
     outputs.distinct(files)
