@@ -49,7 +49,11 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print(__doc__, file=sys.stderr)
         return 2
-    print(json.dumps(compare(Path(argv[0]), Path(argv[1])), indent=2))
+    try:
+        print(json.dumps(compare(Path(argv[0]), Path(argv[1])), indent=2))
+    except (FileNotFoundError, KeyError, ValueError) as e:  # a run that did not finish
+        print(f"quality_at_equal_images: cannot compare: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
