@@ -150,3 +150,17 @@ def test_trajectory_reports_progress_and_its_strips_are_the_sampled_images(loade
     assert torch.equal(grid, expected)
     assert pipelines.shown_steps(20, 7) == [0, 3, 6, 10, 13, 16, 19]
     assert pipelines.shown_steps(1, 7) == [0] and pipelines.shown_steps(9, 1) == [8]
+
+
+def test_check_seed_takes_any_integer_type_in_range():
+    """A numpy integer seed from Python code is a seed (returned as int); out of range or not
+    an integer is a ConfigError naming it."""
+    import numpy as np
+
+    from animeddim.config import ConfigError
+    from animeddim.pipelines import check_seed
+
+    assert check_seed(np.int64(5)) == 5 and type(check_seed(np.uint32(7))) is int
+    for bad in (np.int64(-1), 2**63, 1.5, True, "3"):
+        with pytest.raises(ConfigError, match="0 .. 2\\*\\*63 - 1"):
+            check_seed(bad)

@@ -111,15 +111,22 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
 
 def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux MemAvailable), None elsewhere."""
+    """Bytes of memory available to a new allocation on Linux: MemAvailable, or less where
+    a cgroup (v2) limit leaves less to this process; None elsewhere."""
+    free = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    free = int(line.split()[1]) * 1024
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max" and free is not None:
+            used = int((cgroup / "memory.current").read_text())
+            free = min(free, max(0, int(limit) - used))
     except (OSError, ValueError):
         pass
-    return None
+    return free
 
 
 def check_fits_in_memory(n: int, image_size: int) -> None:

@@ -4,6 +4,7 @@ the part of the API every front end needs first (see the package's docstring).""
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,9 +118,11 @@ def check_seed(seed: int, name: str = "seed") -> int:
     """`seed` if it is an integer in 0 .. 2**63 - 1, else ConfigError naming it: outside
     that range image i's generator seed wraps around, so two seeds would draw the same
     images (-1 those of 2**63 - 1, 2**63 those of 0)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # numpy's too
         raise ConfigError(f"{name} must be an integer in 0 .. 2**63 - 1, got {seed!r}")
-    return seed
+    if not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"{name} must be an integer in 0 .. 2**63 - 1, got {seed!r}")
+    return int(seed)
 
 
 def resolve_settings(
