@@ -272,10 +272,13 @@ runtime.resolve_device("cpu")
 kept = runtime.kept_freed_memory()
 for _ in range(8):  # first uses: the heap grows to what the pattern needs
     torch.empty(2**24).fill_(1.0)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(8):
-    torch.empty(2**24).fill_(1.0)  # 64 MiB, freed at once
-print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+rounds = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(8):
+        torch.empty(2**24).fill_(1.0)  # 64 MiB, freed at once
+    rounds.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, *rounds)
 """
 
 
@@ -285,7 +288,10 @@ def test_freed_host_memory_is_reused_without_page_faults(malloc):
     """On the CPU, resolving the device makes glibc keep freed blocks: once the heap has
     grown to the pattern, eight 64 MiB tensors allocated and freed one after the other
     fault in no fresh pages (the C library's default maps and unmaps each, 16,384 page
-    faults apiece); ANIMEDDIM_MALLOC=system keeps that default."""
+    faults apiece); ANIMEDDIM_MALLOC=system keeps that default. The measure is the median of
+    five such rounds: in one full-suite run of 2026-12-07 a single round faulted exactly one
+    block's pages (16,384) once, which 85 repeats alone, under load and under memory pressure
+    did not reproduce; a one-off relocation of the heap is not what the test is about."""
     import os
     import subprocess
     import sys
@@ -296,11 +302,12 @@ def test_freed_host_memory_is_reused_without_page_faults(malloc):
     out = subprocess.run(
         [sys.executable, "-c", _FAULTS_CODE], env=env, capture_output=True, text=True, check=True
     )
-    kept, faults = out.stdout.split()
+    kept, *rounds = out.stdout.split()
+    faults = sorted(int(r) for r in rounds)[len(rounds) // 2]
     if malloc == "kept":
-        assert kept == "True" and int(faults) < 1000
+        assert kept == "True" and faults < 1000, rounds
     else:
-        assert kept == "False" and int(faults) > 8 * 16384 // 2
+        assert kept == "False" and faults > 8 * 16384 // 2, rounds
 
 
 def test_unknown_malloc_setting_is_one_line_and_exit_2(tmp_path):
