@@ -5,14 +5,9 @@
 #                              against the held-out avatars every $EVAL_EVERY epochs)
 #   avatars-64.safetensors     the best standard-KID checkpoint, exported (fp16, ~4 MB)
 #   eval-ddim20.json, eval-dpmpp10.json   `evaluate` of it on 1,000 samples (KID and FID)
-# The files it needs travel packed (64 MiB in all with a call; carry .gpu):
-#   animeddim data avatars --n 10000 --size 64 --seed 0 --out .gpu/avatars64
-#   animeddim data avatars --n 2000 --size 64 --seed 1 --out .gpu/heldout
-#   python benchmarks/pack_images.py pack .gpu/avatars64 .gpu/avatars64.u8.xz   (1.9 MiB)
-#   python benchmarks/pack_images.py pack .gpu/heldout .gpu/heldout.u8.xz       (0.9 MiB)
-#   python benchmarks/inception_fp16.py --a .gpu/heldout --b <other avatars> --limit 200
-#       -> .gpu/inception-fp16.pt (41.7 MiB), checked against the fp32 file on the CPU
-# then remove the unpacked folders from .gpu before the call. MINUTES, BIG, LR, WARM,
+# The files it needs travel packed in .gpu (64 MiB in all with a call; carry .gpu), made by
+# benchmarks/gpu-prepare.sh (1 min 53 s on a 2-core Zen 5; byte-identical on every run).
+# MINUTES, BIG, LR, WARM,
 # EVAL_EVERY (a multiple of EPOCH_END), EPOCH_END, EVAL_IMAGES, DEVICE, INIT, MODE and PACK
 # (the folder of the packed files) override it (a dry run on the CPU: tiny values).
 set -u

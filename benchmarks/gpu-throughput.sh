@@ -14,8 +14,8 @@
 #   syncs.txt/.json    where a 40-step run at batch $BIG waited for the GPU (sync_check.py)
 # Each step's timeout is cut to what is left of DEADLINE (570 s) and the log says when each
 # ended, so the call finishes inside its 600 s and a slow step costs the later ones only.
-# Needs the avatars carried with the call: .gpu/avatars64.u8.xz, packed as gpu-quality.sh
-# says (1.9 MiB; unpacked here to $DATA), or the folder $DATA itself (29 MiB of PNGs).
+# Needs the avatars carried with the call: .gpu/avatars64.u8.xz, made by gpu-prepare.sh
+# (1.9 MiB; unpacked here to $DATA), or the folder $DATA itself (29 MiB of PNGs).
 # DEVICE, DATA, IMAGES, BASE, BIG, SAMPLE_BATCH, ITERS, MODE and DEADLINE override it for a dry
 # run on the CPU (tests nothing about speed there).
 set -u
