@@ -7,9 +7,9 @@
 #   eval-ddim20.json, eval-dpmpp10.json   `evaluate` of it on 1,000 samples (KID and FID)
 # The files it needs travel packed in .gpu (64 MiB in all with a call; carry .gpu), made by
 # benchmarks/gpu-prepare.sh (1 min 53 s on a 2-core Zen 5; byte-identical on every run).
-# MINUTES, BIG, LR, WARM,
-# EVAL_EVERY (a multiple of EPOCH_END), EPOCH_END, EVAL_IMAGES, DEVICE, INIT, MODE and PACK
-# (the folder of the packed files) override it (a dry run on the CPU: tiny values).
+# MINUTES, BIG, LR, WARM, EVAL_EVERY (a multiple of EPOCH_END), EPOCH_END, EVAL_IMAGES,
+# DEVICE, INIT, MODE and PACK (the folder of the packed files) override it (a dry run on the
+# CPU: tiny values).
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 DEVICE=${DEVICE:-cuda}
