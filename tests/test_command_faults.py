@@ -774,3 +774,29 @@ def test_a_grid_named_other_than_png_is_refused(run, tmp_path, capsys):
         assert rc == 2, err
         _one_line(err, flag, "written as PNG; name it .png")
         assert not (tmp_path / name).exists()
+
+
+def test_a_sigterm_whose_raise_was_swallowed_ends_at_the_next_progress_update(monkeypatch):
+    """Python swallows an exception raised where it cannot propagate (a __del__, a callback
+    from C). A SIGTERM whose one raise landed there let `sample --n 100000` draw on for
+    minutes in one suite run; the next progress update now raises it again."""
+    from animeddim import cli
+    from animeddim.cli.common import Terminated, _Bars, _signals_seen
+
+    class Swallows:
+        def __del__(self):
+            cli._on_sigterm(signal.SIGTERM, None)  # raised inside __del__: ignored
+
+    swallowed = []  # what Python hands its "Exception ignored in ..." hook
+    monkeypatch.setattr(sys, "unraisablehook", swallowed.append)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        Swallows()  # collected at once: the raise goes to the hook and the code goes on
+        assert [u.exc_type for u in swallowed] == [Terminated]
+        assert signal.SIGTERM in _signals_seen
+        with pytest.raises(Terminated):
+            _Bars()("sample", 1, 10)
+    finally:
+        _signals_seen.clear()
+        signal.signal(signal.SIGTERM, previous)
+    _Bars()("sample", 10, 10)  # no signal: no raise

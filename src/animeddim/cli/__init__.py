@@ -21,9 +21,11 @@ from .common import (
     EXIT_TERMINATED,
     EXIT_USAGE,
     CliError,
+    Terminated,
     _close_bars,
     _open_bars,
     _prog,
+    _signals_seen,
 )
 from .parser import build_parser
 
@@ -59,17 +61,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the process is, so that it unwinds exactly like Ctrl-C."""
-
-
 def _on_sigterm(signum: int, frame: Any) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
-    _signals_seen.add(signum)
+    _signals_seen.add(signum)  # progress updates raise it again if this raise is swallowed
     raise Terminated()
-
-
-_signals_seen: set[int] = set()
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

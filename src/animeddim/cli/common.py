@@ -15,6 +15,17 @@ class CliError(Exception):
     """A bad option value; printed as one line, exit code 2."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it unwinds exactly like Ctrl-C."""
+
+
+# The signals this command has received (`cli._on_sigterm`). Python swallows an exception
+# raised where it cannot propagate (a __del__, a callback from C: "Exception ignored in ..."),
+# and a SIGTERM's raise landing there once let `sample` draw on for minutes; every progress
+# update raises it again.
+_signals_seen: set[int] = set()
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and a pointer to --help), exit code 2."""
 
@@ -30,6 +41,8 @@ class _Bars:
         self.enabled = _is_main()
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        if _signals_seen:  # a SIGTERM whose first raise was swallowed (see _signals_seen)
+            raise Terminated()
         if not self.enabled:
             return
         if stage == self.stage and self.bar is None and done >= total:
