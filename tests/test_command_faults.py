@@ -778,8 +778,9 @@ def test_a_grid_named_other_than_png_is_refused(run, tmp_path, capsys):
 
 def test_a_sigterm_whose_raise_was_swallowed_ends_at_the_next_progress_update(monkeypatch):
     """Python swallows an exception raised where it cannot propagate (a __del__, a callback
-    from C). A SIGTERM whose one raise landed there let `sample --n 100000` draw on for
-    minutes in one suite run; the next progress update now raises it again."""
+    from C). In one suite run `sample --n 100000` drew on for minutes after its SIGTERM
+    (cause not confirmed: a raise swallowed so fits); a SIGTERM seen is now raised again at
+    the next progress update."""
     from animeddim import cli
     from animeddim.cli.common import Terminated, _Bars, _signals_seen
 

@@ -20,9 +20,9 @@ class Terminated(KeyboardInterrupt):
 
 
 # The signals this command has received (`cli._on_sigterm`). Python swallows an exception
-# raised where it cannot propagate (a __del__, a callback from C: "Exception ignored in ..."),
-# and a SIGTERM's raise landing there once let `sample` draw on for minutes; every progress
-# update raises it again.
+# raised where it cannot propagate (a __del__, a callback from C: "Exception ignored in ...");
+# once `sample` drew on for minutes after its SIGTERM, which such a raise would explain. Every
+# progress update raises a SIGTERM seen again.
 _signals_seen: set[int] = set()
 
 
