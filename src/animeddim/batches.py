@@ -141,7 +141,7 @@ def _device_batches(images, order, batches, batch_size, seed, epoch, flip, rank,
     import torch
 
     device = images.device
-    n_glob = [len(order[b * batch_size : (b + 1) * batch_size]) for b in batches]
+    n_glob = [min(batch_size, len(order) - b * batch_size) for b in batches]
     order_d = torch.from_numpy(order).to(device)
     if flip:  # the host path's masks, drawn per global batch, sent in one copy
         masks = [_flips(seed, epoch, b, n) for b, n in zip(batches, n_glob, strict=True)]

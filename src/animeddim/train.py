@@ -202,17 +202,15 @@ def train(
         rt.ema_tensors, rt.live_tensors = float_state(state.ema), float_state(state.model)
 
         # 5. Epochs: optimiser steps, then validation, KID, grid, checkpoint and a log line.
-        kids = (inception, eval_real)
-        return _epochs(cfg, run_dir, data, state, rt, progress, log, kids)
+        return _epochs(cfg, run_dir, data, state, rt, progress, log, inception, eval_real)
 
 
-def _epochs(cfg, run_dir, data, state, rt, progress, log, kids) -> TrainResult:
+def _epochs(cfg, run_dir, data, state, rt, progress, log, inception, eval_real) -> TrainResult:
     """The epoch loop of `train`; Ctrl-C saves a checkpoint and returns `interrupted`."""
     tc = cfg.train
     save = partial(save_checkpoint, state=state, data=data, cfg=cfg, rt=rt)
     if distributed.is_main():
         write_reference(run_dir, data)
-    inception, eval_real = kids  # `train_kid.training_inception`, `eval_real_features`
     kid_metric = make_kid(cfg, len(data.val_idx), inception, log) if tc.kid else None
     standard_kid = make_standard_kid(cfg, inception, eval_real, log) if tc.eval_every else None
     bar = _progress_bar(progress, _bar_total(tc, data.steps_per_epoch), state.step)
@@ -224,11 +222,10 @@ def _epochs(cfg, run_dir, data, state, rt, progress, log, kids) -> TrainResult:
             t_epoch = time.perf_counter()
             images_seen += train_epoch(state, data, cfg, rt, bar, save, run_dir)
             seconds += time.perf_counter() - t_epoch
-            if tc.max_steps and state.step >= tc.max_steps:
-                if state.batch_in_epoch < data.steps_per_epoch:  # stopped inside the epoch
-                    save(last_ckpt)
-                    break
-            stop = tc.max_steps and state.step >= tc.max_steps
+            stop = bool(tc.max_steps) and state.step >= tc.max_steps
+            if stop and state.batch_in_epoch < data.steps_per_epoch:  # stopped inside the epoch
+                save(last_ckpt)
+                break
             time_up = _time_up(tc, t_start)
             epoch = state.epoch + 1
             if epoch % tc.epoch_end_every and epoch < tc.epochs and not (stop or time_up):
