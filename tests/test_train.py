@@ -616,3 +616,31 @@ def test_validation_draws_and_loss_do_not_depend_on_the_batch_size(avatars16):
         got.append(validate(net, images, idx, cfg, mean, std, cpu, contextlib.nullcontext()))
     for nl, il in got[1:]:
         assert nl == pytest.approx(got[0][0], rel=1e-6) and il == pytest.approx(got[0][1], rel=1e-6)
+
+
+def test_a_sigterm_whose_raise_was_swallowed_stops_training_at_the_next_step(
+    avatars16, tmp_path, monkeypatch
+):
+    """A SIGTERM's raise swallowed by Python (inside a `__del__`, a callback from C) left the
+    loop training on; each step now raises a stop seen again, saving a resumable checkpoint."""
+    import signal
+
+    from animeddim import interrupts
+    from animeddim import train as train_mod
+
+    real_step, steps = train_mod.train_step, []
+
+    def step_then_signal(state, *args):
+        steps.append(state.step)
+        if state.step == 1:  # as if the handler's raise had been swallowed during step 2
+            interrupts.seen.add(signal.SIGTERM)
+        return real_step(state, *args)
+
+    monkeypatch.setattr(train_mod, "train_step", step_then_signal)
+    try:
+        res = train(tiny_config(avatars16, epochs=3), tmp_path / "r", progress=False,
+                    log=lambda s: None)  # fmt: skip
+    finally:
+        interrupts.seen.clear()
+    assert res.interrupted and res.step == 2 and steps == [0, 1]
+    assert _weights(tmp_path / "r")[1]["step"] == 2  # the checkpoint a Ctrl-C would save

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import batches as batches_mod
-from . import conditioning, distributed, run_folder
+from . import conditioning, distributed, interrupts, run_folder
 from . import data as data_mod
 from .config import RunConfig
 from .diffusion.objectives import focus_times, objective, target_and_x0
@@ -293,6 +293,7 @@ def train_epoch(state, data, cfg, rt, bar, save, run_dir: Path) -> int:
         codes=data.codes,
     )
     for batch in batches:
+        interrupts.check()  # a SIGTERM whose first raise was swallowed ends here
         cond = None
         if data.codes is not None:  # each attribute dropped per (seed, epoch, global batch)
             batch, cond = batch

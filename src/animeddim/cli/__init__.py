@@ -15,13 +15,13 @@ import warnings
 from typing import Any
 
 from .. import outputs
+from ..interrupts import Terminated
 from .common import (
     EXIT_DIVERGED,
     EXIT_INTERRUPTED,
     EXIT_TERMINATED,
     EXIT_USAGE,
     CliError,
-    Terminated,
     _close_bars,
     _open_bars,
     _prog,

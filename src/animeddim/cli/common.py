@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import interrupts
+
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
@@ -15,15 +17,9 @@ class CliError(Exception):
     """A bad option value; printed as one line, exit code 2."""
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the process is, so that it unwinds exactly like Ctrl-C."""
-
-
-# The signals this command has received (`cli._on_sigterm`). Python swallows an exception
-# raised where it cannot propagate (a __del__, a callback from C: "Exception ignored in ...");
-# once `sample` drew on for minutes after its SIGTERM, which such a raise would explain. Every
-# progress update raises a SIGTERM seen again.
-_signals_seen: set[int] = set()
+# The signals this command has received (`cli._on_sigterm`); progress updates raise one seen
+# again (`interrupts` says why).
+_signals_seen = interrupts.seen
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,8 +37,7 @@ class _Bars:
         self.enabled = _is_main()
 
     def __call__(self, stage: str, done: int, total: int) -> None:
-        if _signals_seen:  # a SIGTERM whose first raise was swallowed (see _signals_seen)
-            raise Terminated()
+        interrupts.check()  # a SIGTERM whose first raise was swallowed (see `interrupts`)
         if not self.enabled:
             return
         if stage == self.stage and self.bar is None and done >= total:
