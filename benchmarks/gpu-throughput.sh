@@ -12,6 +12,7 @@
 #                      EMA decay of 0.999^($BIG/128) per step (the same half-life in images)
 #   quality.json       validation noise loss of each at the same number of images seen
 #   syncs.txt/.json    where a 40-step run at batch $BIG waited for the GPU (sync_check.py)
+#   nccl.txt, ddp.*    two DDP processes on one GPU, NCCL and gloo (gpu-ddp.sh), if time is left
 # Each step's timeout is cut to what is left of DEADLINE (570 s) and the log says when each
 # ended, so the call finishes inside its 600 s and a slow step costs the later ones only.
 # Needs the avatars carried with the call: .gpu/avatars64.u8.xz, made by gpu-prepare.sh
@@ -83,6 +84,10 @@ run_step "$(budget 150)" python3 benchmarks/sync_check.py --data "$DATA" --batch
   --steps 40 --compile-mode "$MODE" --device "$DEVICE" --out "$OUT/syncs.json" \
   > "$OUT/syncs.txt" 2>&1
 echo "sync check exit $? at ${SECONDS}s" >> "$OUT/log.txt"
+
+# 4. Two DDP processes on one GPU: NCCL's answer, then gloo sharing it (gpu-ddp.sh, ~1 min).
+DATA=$DATA DEVICE=$DEVICE run_step "$(budget 100)" bash benchmarks/gpu-ddp.sh > /dev/null 2>&1
+echo "ddp on one GPU exit $? at ${SECONDS}s" >> "$OUT/log.txt"
 cat "$OUT/log.txt" "$OUT/quality.json"
 python3 -c "
 import json, sys

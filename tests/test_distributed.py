@@ -21,6 +21,7 @@ from PIL import Image
 
 from animeddim import checkpoint as ckpt
 from animeddim import distributed
+from animeddim.config import ConfigError
 
 TOLERANCE = 1e-5  # float32 weights after 6 AdamW steps; measured differences are ~2e-7
 
@@ -32,7 +33,9 @@ def _env() -> dict[str, str]:
     return env
 
 
-def animeddim(*args: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+def animeddim(
+    *args: str, nproc: int = 1, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """`python -m animeddim ARGS`, or the same under `torchrun --nproc_per_node nproc`."""
     if nproc == 1:
         cmd = [sys.executable, "-m", "animeddim", *args]
@@ -41,13 +44,15 @@ def animeddim(*args: str, nproc: int = 1, check: bool = True) -> subprocess.Comp
         # --run-path or --nnodes.
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         cmd += ["--nproc_per_node", str(nproc), "-m", "--", "animeddim", *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
+    p = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=120, env={**_env(), **(env or {})}
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
     return p
 
 
-def train_args(data: Path, tmp: Path, out: str, *extra: str) -> list[str]:
+def train_args(data: Path, tmp: Path, out: str, *extra: str, device: str = "cpu") -> list[str]:
     cfg = tmp / "tiny.json"
     cfg.write_text(json.dumps({"model": TINY_MODEL, "data": {"val_fraction": 0.25}}))
     return [
@@ -67,7 +72,7 @@ def train_args(data: Path, tmp: Path, out: str, *extra: str) -> list[str]:
         "--precision",
         "fp32",
         "--device",
-        "cpu",
+        device,
         *extra,
     ]
 
@@ -161,3 +166,33 @@ def test_helpers_are_identities_in_one_process():
     assert distributed.sync_batchnorm(module, device) is module
     assert distributed.wrap_ddp(module, device) is module
     distributed.check_global_batch(7)
+
+
+def test_the_backend_is_nccl_on_cuda_gloo_on_the_cpu_or_gloo_when_asked(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv(distributed.BACKEND_ENV, raising=False)
+    assert (distributed.backend_for(cpu), distributed.backend_for(cuda)) == ("gloo", "nccl")
+    monkeypatch.setenv(distributed.BACKEND_ENV, " GLOO ")
+    assert (distributed.backend_for(cpu), distributed.backend_for(cuda)) == ("gloo", "gloo")
+    monkeypatch.setenv(distributed.BACKEND_ENV, "nccl")
+    assert distributed.backend_for(cuda) == "nccl"
+    with pytest.raises(ConfigError, match="ANIMEDDIM_DDP_BACKEND=nccl needs CUDA"):
+        distributed.backend_for(cpu)
+    monkeypatch.setenv(distributed.BACKEND_ENV, "mpi")
+    with pytest.raises(ConfigError, match="ANIMEDDIM_DDP_BACKEND='mpi': use nccl or gloo"):
+        distributed.backend_for(cuda)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_two_gloo_processes_sharing_one_gpu_train_like_one(avatars16, tmp_path):
+    """NCCL refuses two ranks on one GPU; over gloo (CUDA tensors all-reduced through the CPU,
+    BatchNorm synchronised by `_GlooSyncBatchNorm2d`) two processes share it. Compared with one
+    process on the same GPU; the bound allows for cuDNN's TF32 convolutions (PyTorch's default
+    for fp32), and the differences are printed (`pytest -s`) for the record."""
+    animeddim(*train_args(avatars16, tmp_path, "one", device="cuda"))
+    p = animeddim(*train_args(avatars16, tmp_path, "two", device="cuda"), nproc=2,
+                  env={distributed.BACKEND_ENV: "gloo"})  # fmt: skip
+    assert p.stdout.count("epoch 2/2") == 1
+    diff = max_differences(tmp_path / "one", tmp_path / "two")
+    print(f"two gloo processes on one GPU vs one process: {diff}")
+    assert diff["model"] < 1e-3 and diff["ema"] < 1e-3, diff

@@ -43,11 +43,32 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0")) if env_world_size() > 1 else 0
 
 
+BACKEND_ENV = "ANIMEDDIM_DDP_BACKEND"  # nccl (CUDA's default) or gloo; gloo alone shares GPUs
+
+
+def backend_for(device: torch.device) -> str:
+    """The process group's backend: gloo on the CPU; on CUDA nccl, or gloo if BACKEND_ENV says.
+
+    NCCL refuses two ranks on one GPU; gloo all-reduces and broadcasts CUDA tensors, so with
+    ``ANIMEDDIM_DDP_BACKEND=gloo`` more processes than GPUs can share them (testing a multi-GPU
+    run on one GPU; slower than nccl).
+    """
+    chosen = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if chosen not in ("", "nccl", "gloo"):
+        raise ConfigError(f"{BACKEND_ENV}={chosen!r}: use nccl or gloo")
+    if device.type == "cpu":
+        if chosen == "nccl":
+            raise ConfigError(f"{BACKEND_ENV}=nccl needs CUDA; the CPU runs gloo")
+        return "gloo"
+    return chosen or "nccl"
+
+
 def setup(device: torch.device) -> torch.device:
     """Join torchrun's process group (once) and return this process's device.
 
-    With WORLD_SIZE > 1: backend nccl for CUDA (device ``cuda`` becomes ``cuda:LOCAL_RANK``),
-    gloo for the CPU. Otherwise returns `device` unchanged.
+    With WORLD_SIZE > 1: `backend_for(device)`; on CUDA device ``cuda`` becomes
+    ``cuda:LOCAL_RANK`` (``cuda:LOCAL_RANK % GPUs`` under gloo, which may share a GPU).
+    Otherwise returns `device` unchanged.
     """
     global _COMM_DEVICE
     if env_world_size() <= 1:
@@ -58,17 +79,20 @@ def setup(device: torch.device) -> torch.device:
         raise ConfigError(
             f"multi-process training runs on CUDA (nccl) or the CPU (gloo), not {device.type!r}"
         )
+    backend = backend_for(device)
     if device.type == "cuda" and device.index is None:
         n = torch.cuda.device_count()
-        if local_rank() >= n:
+        if local_rank() >= n and backend == "nccl":
             raise ConfigError(
                 f"LOCAL_RANK {local_rank()} but this node has {n} CUDA device(s): "
-                "start at most one process per GPU (torchrun --nproc_per_node)"
+                "start at most one process per GPU (torchrun --nproc_per_node), or share "
+                f"GPUs over gloo ({BACKEND_ENV}=gloo)"
             )
-        device = torch.device("cuda", local_rank())
+        device = torch.device("cuda", local_rank() % n)
     if not tdist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        if backend == "nccl":
             tdist.init_process_group("nccl", device_id=device)
         else:
             tdist.init_process_group("gloo")
@@ -239,8 +263,8 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 class _GlooSyncBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d synchronised over the ranks for CPU tensors (torch's SyncBatchNorm and DDP
-    accept SyncBatchNorm on GPUs only).
+    """BatchNorm2d synchronised over gloo ranks, CPU or CUDA tensors (torch's SyncBatchNorm
+    runs on GPUs only, and its all_gather is not one gloo has for CUDA tensors).
 
     Batch statistics over the global batch from two differentiable all-reduces (sum, then sum of
     squared deviations), in float64; the backward pass all-reduces their gradients, as
@@ -248,7 +272,7 @@ class _GlooSyncBatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and x.device.type == "cpu" and is_distributed()):
+        if not (self.training and is_distributed()):
             return super().forward(x)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.track_running_stats:
@@ -257,7 +281,7 @@ class _GlooSyncBatchNorm2d(nn.BatchNorm2d):
                 factor = 1.0 / float(self.num_batches_tracked)
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
-        local = torch.tensor([x.numel() // x.shape[1]], dtype=torch.float64)
+        local = torch.tensor([x.numel() // x.shape[1]], dtype=torch.float64, device=x.device)
         sums = _AllReduceSum.apply(torch.cat([x.sum(dims, dtype=torch.float64), local]))
         n = sums[-1]
         mean = sums[:-1] / n
@@ -282,12 +306,12 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     """
     if not is_distributed():
         return model
-    if device.type == "cuda":
+    if tdist.get_backend() == "nccl":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             if type(m) is not nn.BatchNorm2d:
-                raise NotImplementedError(f"no CPU synchronisation for {type(m).__name__}")
+                raise NotImplementedError(f"no gloo synchronisation for {type(m).__name__}")
             m.__class__ = _GlooSyncBatchNorm2d  # same state, a forward that syncs over gloo
     return model
 
