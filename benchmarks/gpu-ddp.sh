@@ -33,7 +33,7 @@ fi
 echo '{"model": {"image_size": 16, "widths": [8, 16], "block_depth": 1, "embedding_dims": 8},
        "data": {"val_fraction": 0.25}}' > "$W/tiny.json"
 args() { echo train --data "$W/data" --out "$W/$1" --config "$W/tiny.json" --epochs 2 \
-  --batch-size 6 --no-kid --quiet --precision fp32 --device "$DEVICE"; }
+  --batch-size 6 --no-kid --quiet --precision fp32 --no-compile --device "$DEVICE"; }
 timeout 120 python3 -m animeddim $(args one) > "$OUT/ddp-one.log" 2>&1
 echo "one process exit $?" | tee "$OUT/ddp.txt"
 ANIMEDDIM_DDP_BACKEND=gloo timeout 180 $TORCHRUN -m -- animeddim $(args two) \

@@ -101,6 +101,11 @@ def setup(device: torch.device) -> torch.device:
     return device
 
 
+def uses_gloo() -> bool:
+    """Whether this process is in a gloo process group (always so on the CPU under torchrun)."""
+    return is_distributed() and tdist.get_backend() == "gloo"
+
+
 def cleanup() -> None:
     """Leave the process group (no-op when none was joined)."""
     if tdist.is_available() and tdist.is_initialized():
@@ -306,7 +311,7 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     """
     if not is_distributed():
         return model
-    if tdist.get_backend() == "nccl":
+    if not uses_gloo():  # nccl
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
