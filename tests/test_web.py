@@ -642,3 +642,26 @@ def test_watch_a_run_shows_the_standard_kid_of_eval_every(runs, tmp_path):
     assert r["series"]["epoch"] == [1.0, 2.0] and r["series"]["standard_kid"] == [None, 0.0123]
     plain = handlers.run_summary(Catalog([], runs), "run:tiny")["series"]
     assert plain["standard_kid"] == [None, None]
+
+
+def test_watch_a_run_whose_metrics_are_damaged_is_a_400_naming_the_file(engine, runs, tmp_path):
+    """metrics.csv that is not UTF-8 (or is a folder) was a 500 "Internal Server Error" in
+    plain text, which the page showed as "the server cannot be reached"."""
+    from conftest import copy_run
+
+    copy_run(runs / "tiny", tmp_path / "latin1")
+    (tmp_path / "latin1" / "metrics.csv").write_bytes(b"epoch,train_noise_loss\n1,\xff\xfe\n")
+    copy_run(runs / "tiny", tmp_path / "folder")
+    (tmp_path / "folder" / "metrics.csv").unlink()
+    (tmp_path / "folder" / "metrics.csv").mkdir()
+    app = create_app(Engine(Catalog([], tmp_path), device="cpu", precision="fp32"))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.get("/api/run", params={"id": "run:latin1"})
+        assert r.status_code == 400
+        assert r.json()["error"].startswith(
+            "the metrics.csv of run:latin1 cannot be read: 'utf-8' codec can't decode byte 0xff"
+        )
+        assert str(tmp_path) not in r.json()["error"]  # a path never leaves the server
+        r = c.get("/api/run", params={"id": "run:folder"})
+        assert r.status_code == 400
+        assert r.json()["error"] == "the metrics.csv of run:folder cannot be read: Is a directory"

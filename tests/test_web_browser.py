@@ -301,3 +301,25 @@ def test_watch_a_run(page, shots):
     page.wait_for_function("document.querySelector('#w-sample').naturalWidth > 0")
     assert page.input_value("#w-run") == "run:tiny"
     shots(page, "08-watch")
+
+
+def test_watch_a_run_shows_a_server_error_as_such(page):
+    """An answer that is not JSON (a 500 in plain text) was shown as "the server cannot be
+    reached"; the page now says what the server answered, and the run's own reason when
+    the server gives one (a damaged metrics.csv: tests/test_web.py)."""
+
+    def fail(route):
+        route.fulfill(status=500, body="Internal Server Error", content_type="text/plain")
+
+    _tab(page, "Watch a run")
+    page.route("**/api/run?*", fail)
+    try:
+        page.select_option("#w-run", "run:colours")
+        page.wait_for_selector("#w-status .error", timeout=30_000)
+        text = page.inner_text("#w-status")
+        assert "the server answered 500 Internal Server Error" in text, text
+        assert "cannot be reached" not in text
+    finally:
+        page.unroute("**/api/run?*", fail)
+    page.select_option("#w-run", "run:tiny")
+    page.wait_for_function("!document.querySelector('#w-status .error')", timeout=30_000)

@@ -282,6 +282,9 @@ def run_summary(catalog: Catalog, choice_id: Any) -> dict[str, Any]:
                     series[k].append(_float_or_none(row.get(k)))
     except FileNotFoundError:
         pass
+    except (OSError, UnicodeDecodeError, csv.Error) as e:  # named, not the server's path
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise RequestError(f"the metrics.csv of {choice.id} cannot be read: {why}") from None
     samples = sorted((choice.path / "samples").glob("epoch-*.png"))
     latest = None
     if samples:
