@@ -422,6 +422,41 @@ def test_model_takes_a_file_as_run_does_and_an_unknown_name_is_one_line(run, tmp
         _one_line(err, "empty")
 
 
+def test_an_output_under_a_file_is_refused_before_any_work(
+    run, avatars16, tmp_path, capsys, fake, monkeypatch
+):
+    # before: the drawing ran, then the mkdir failed with exit 1, "File exists: notes.txt"
+    from animeddim.unet import UNet
+
+    calls = []
+    forward = UNet.forward
+    monkeypatch.setattr(UNet, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the user's notes")
+    tiny = ["--image-size", 16, "--widths", "8,16", "--block-depth", 1, "--no-kid"]
+    draw = ["--run", run, "--n", 2, "--steps", 1]
+    cases = [
+        ["sample", *draw, "--out", notes / "s"],
+        ["sample", *draw, "--grid", notes / "deeper" / "g.png"],
+        ["evaluate", *draw, "--real", avatars16, "--out", notes / "e.json"],
+        ["evaluate", *draw, "--real", avatars16, "--out", tmp_path / "e.json",
+         "--samples-out", notes / "s"],
+        ["interpolate", "--run", run, "--seeds", 1, 2, "--frames", 2, "--out", notes / "i.gif"],
+        ["invert", "--run", run, "--images", avatars16, "--out", notes / "inv"],
+        ["export", "--run", run, "--out", notes / "x.safetensors"],
+        ["report", "--run", run, "--out", notes / "r"],
+        ["train", "--data", avatars16, "--out", notes / "run", *tiny],
+        ["data", "avatars", "--out", notes / "av", "--n", 2, "--size", 16],
+        ["data", "prepare", avatars16, "--out", notes / "p", "--size", 16],
+    ]  # fmt: skip
+    for argv in cases:
+        rc, _, err = run_main(capsys, *argv)
+        assert rc == 2, (argv, err)
+        _one_line(err, "cannot be created", f"'{notes}' is a file, not a folder")
+    assert notes.read_text() == "the user's notes" and not calls and fake.calls == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_sample_into_earlier_samples_is_refused_and_force_replaces_them_all(
     run, avatars16, tmp_path, capsys
 ):

@@ -46,6 +46,7 @@ from animeddim.data import (
 )
 from animeddim.io import (
     file_digest,
+    file_in_the_way,
     is_temp_name,
     png_bytes,
     save_png,
@@ -163,6 +164,7 @@ def generate_avatars(
     if not 0 <= balanced <= 1:
         raise DataError(f"balanced must be a share in [0, 1], got {balanced}")
     out = Path(out)
+    _check_out_creatable(out)
     out.mkdir(parents=True, exist_ok=True)
     wanted = _avatar_manifest(n, size, seed, balanced)
     manifest_path, pending_path = out / "manifest.json", out / _PENDING
@@ -192,6 +194,14 @@ def generate_avatars(
     write_text_atomic(manifest_path, json.dumps(wanted, indent=2) + "\n")
     pending_path.unlink()
     return out
+
+
+def _check_out_creatable(out: Path) -> None:
+    """DataError for an output folder that is a file or lies under one."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out '{out}' is a file, not a folder")
+    if (blocker := file_in_the_way(out)) is not None:
+        raise DataError(f"--out '{out}' cannot be created: '{blocker}' is a file, not a folder")
 
 
 def _check_only_avatars(out: Path, size: int) -> None:
@@ -355,6 +365,7 @@ def prepare(
         raise DataError(f"image size must be a positive integer, got {size}")
     if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
         raise DataError(f"output folder '{out}' must not be inside the source folder '{src}'")
+    _check_out_creatable(out)
     wanted = _source_id(src, size)
     manifest_path = out / "manifest.json"
     previous = _read_json(manifest_path)

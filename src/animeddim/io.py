@@ -67,6 +67,15 @@ def read_safetensors(path: str | Path, tensors: bool = True) -> tuple[dict, dict
     return out, meta
 
 
+def file_in_the_way(path: str | Path) -> Path | None:
+    """The nearest existing ancestor of `path` when it is not a folder (a file, so nothing
+    can be created under it), else None. `path` itself is not looked at."""
+    for parent in Path(path).parents:  # as given: a relative path ends at "."
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
 def temp_path(path: str | Path) -> Path:
     """The temporary name this process writes `path` under: ".NAME.tmp-PID" beside it."""
     path = Path(path)

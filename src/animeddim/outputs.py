@@ -15,6 +15,8 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from .io import file_in_the_way
+
 # what `sample --out DIR` writes (with --grid-by: ATTR-VALUE-seedS-IIIIII.png)
 SAMPLE_NAME = re.compile(r"([\w.-]+-)?seed-?\d+-\d{6}\.png")
 REPORT_NAMES = re.compile(  # what `report --out DIR` writes
@@ -37,9 +39,20 @@ def _same(a: Path, b: Path) -> bool:
         return Path(os.path.abspath(a)) == Path(os.path.abspath(b))
 
 
+def _no_file_above(path: Path, flag: str) -> None:
+    """Refuse an output under a file ('notes.txt/out.png'): it could never be created, and
+    the mkdir would fail only once the work is done, with "File exists: notes.txt"."""
+    blocker = file_in_the_way(path)
+    if blocker is not None:
+        raise OutputExists(
+            f"{flag} {str(path)!r} cannot be created: {str(blocker)!r} is a file, not a folder"
+        )
+
+
 def new_file(path: str | Path, force: bool, flag: str = "--out") -> Path:
     """`path`, checked to be writable as a file: absent, or present and `force` given."""
     path = Path(path)
+    _no_file_above(path, flag)
     if path.is_dir():
         raise OutputExists(f"{flag} {str(path)!r} is a folder; give a file name")
     if path.exists() and not force:
@@ -90,6 +103,7 @@ def earlier_outputs(
     once the new outputs are ready to be written.
     """
     folder = Path(folder)
+    _no_file_above(folder, flag)
     if folder.exists() and not folder.is_dir():
         raise OutputExists(f"{flag} {str(folder)!r} is a file; give a folder")
     if not folder.is_dir():

@@ -30,7 +30,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig
-from .io import is_temp_name, remove_stale_temp_files, write_text_atomic
+from .io import file_in_the_way, is_temp_name, remove_stale_temp_files, write_text_atomic
 
 DASH = "–"  # what an empty or missing value prints as
 
@@ -76,6 +76,10 @@ def check_new_run_dir(run_dir: Path) -> None:
     """RunFolderError unless `run_dir` is absent, empty, or a run that never got going."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RunFolderError(f"--out {str(run_dir)!r} is a file, not a folder")
+    if (blocker := file_in_the_way(run_dir)) is not None:
+        raise RunFolderError(
+            f"--out {str(run_dir)!r} cannot be created: {str(blocker)!r} is a file, not a folder"
+        )
     if run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
         if not (run_dir / "config.json").is_file() or started(run_dir):
             raise RunFolderError(
