@@ -665,3 +665,38 @@ def test_watch_a_run_whose_metrics_are_damaged_is_a_400_naming_the_file(engine, 
         r = c.get("/api/run", params={"id": "run:folder"})
         assert r.status_code == 400
         assert r.json()["error"] == "the metrics.csv of run:folder cannot be read: Is a directory"
+
+
+@pytest.mark.parametrize(("sig", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_stopping_the_server_mid_job_ends_the_stream_with_a_reason_and_no_traceback(
+    web_runs, sig, code
+):
+    """Ctrl-C (or SIGTERM) of `animeddim serve` while a page streamed a job printed a
+    58-line uvicorn traceback ("Cancel 1 running task(s), timeout graceful shutdown
+    exceeded") and the page said "network error"; the stream now ends with the reason."""
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "animeddim", "serve", "--model", "avatars-64",
+         "--runs", str(web_runs), "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:
+            if "ready at " in line:
+                url = line.split("ready at ", 1)[1].split()[0].rstrip("/")
+                break
+        long = {"model": "avatars-64", "n": 64, "steps": 250, "sampler": "ddim"}
+        conn, resp = _open_stream(url, long)
+        while "progress" not in json.loads(resp.readline()):
+            pass  # the job runs
+        proc.send_signal(getattr(signal, sig))
+        last = [json.loads(x) for x in resp.read().splitlines()][-1]
+        conn.close()
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert last == {"error": "the server is stopping (Ctrl-C or a signal): the job was ended; "
+                    "start it again and retry"}  # fmt: skip
+    assert proc.returncode == code
+    assert "Traceback" not in out and "ERROR" not in out, out

@@ -82,5 +82,7 @@ def serve(
     app = create_app(engine, runs)
     config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
+    # Ctrl-C, SIGTERM: the open job streams end within 0.5 s, before uvicorn cancels them
+    app.state.stopping = lambda: server.should_exit
     log(f"animeddim serve: ready at {url} (Ctrl-C to stop)", flush=True)
     server.run(sockets=[sock])

@@ -82,8 +82,17 @@ def _line(obj: dict[str, Any]) -> bytes:
     return (json.dumps(obj) + "\n").encode()
 
 
-def _stream(queue: JobQueue, job: Callable[[Progress], dict]) -> StreamingResponse:
-    """Run `job` on the queue; stream its position, progress and result as JSON lines."""
+STOPPING = (
+    "the server is stopping (Ctrl-C or a signal): the job was ended; start it again and retry"
+)
+
+
+def _stream(
+    queue: JobQueue, job: Callable[[Progress], dict], stopping: Callable[[], bool]
+) -> StreamingResponse:
+    """Run `job` on the queue; stream its position, progress and result as JSON lines.
+    Once `stopping()` is true the stream ends with an error line (within HEARTBEAT_S), so
+    the server's graceful shutdown finds no response it must cancel."""
     loop = asyncio.get_running_loop()
     stop = threading.Event()
     updates: asyncio.Queue = asyncio.Queue()
@@ -99,6 +108,9 @@ def _stream(queue: JobQueue, job: Callable[[Progress], dict]) -> StreamingRespon
         try:
             yield _line({"queued": fut.ahead})  # type: ignore[attr-defined]
             while not fut.done():
+                if stopping():
+                    yield _line({"error": STOPPING})
+                    return
                 getter = asyncio.ensure_future(updates.get())
                 done, _ = await asyncio.wait(
                     {getter, fut}, timeout=HEARTBEAT_S, return_when=asyncio.FIRST_COMPLETED
@@ -183,6 +195,9 @@ def create_app(engine: Engine, runs_arg: str | None = None) -> Starlette:
     page = files("animeddim.apps.web").joinpath("page.html").read_text(encoding="utf-8")
     queue = JobQueue()
 
+    def stopping() -> bool:  # `serve` sets app.state.stopping to its uvicorn server's flag
+        return app.state.stopping()
+
     async def index(request: Request) -> Response:
         return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
@@ -197,7 +212,7 @@ def create_app(engine: Engine, runs_arg: str | None = None) -> Starlette:
             req = parse_generate(await _json_body(request), engine.catalog)
         except RequestError as e:
             return _refuse(str(e))
-        return _stream(queue, lambda p: engine.generate(req, p, runs_arg))
+        return _stream(queue, lambda p: engine.generate(req, p, runs_arg), stopping)
 
     async def interpolate(request: Request) -> Response:
         try:
@@ -205,7 +220,7 @@ def create_app(engine: Engine, runs_arg: str | None = None) -> Starlette:
             check_interpolate(fields, len(uploads), engine.catalog)
         except RequestError as e:
             return _refuse(str(e))
-        return _stream(queue, lambda p: engine.interpolate(fields, uploads, p))
+        return _stream(queue, lambda p: engine.interpolate(fields, uploads, p), stopping)
 
     async def invert(request: Request) -> Response:
         try:
@@ -213,7 +228,7 @@ def create_app(engine: Engine, runs_arg: str | None = None) -> Starlette:
             check_invert(fields, len(uploads), engine.catalog)
         except RequestError as e:
             return _refuse(str(e))
-        return _stream(queue, lambda p: engine.invert(fields, uploads[0], p))
+        return _stream(queue, lambda p: engine.invert(fields, uploads[0], p), stopping)
 
     async def edit(request: Request) -> Response:
         try:
@@ -221,7 +236,7 @@ def create_app(engine: Engine, runs_arg: str | None = None) -> Starlette:
             check_edit(fields, len(uploads), engine.catalog)
         except RequestError as e:
             return _refuse(str(e))
-        return _stream(queue, lambda p: engine.edit(fields, uploads[0], p))
+        return _stream(queue, lambda p: engine.edit(fields, uploads[0], p), stopping)
 
     async def run(request: Request) -> Response:
         try:
@@ -244,4 +259,5 @@ def create_app(engine: Engine, runs_arg: str | None = None) -> Starlette:
     ]
     app = Starlette(routes=routes)
     app.state.queue = queue
+    app.state.stopping = lambda: False
     return app
