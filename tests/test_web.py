@@ -700,3 +700,32 @@ def test_stopping_the_server_mid_job_ends_the_stream_with_a_reason_and_no_traceb
                     "start it again and retry"}  # fmt: skip
     assert proc.returncode == code
     assert "Traceback" not in out and "ERROR" not in out, out
+
+
+def test_a_body_of_the_wrong_content_type_is_a_415_naming_it(client):
+    """JSON sent to a form endpoint was read as an empty form ("unknown model 'None'"), and
+    Generate read JSON under any Content-Type (text/plain: what another site's page may post
+    without asking). Both are a 415 naming the type to send; nothing is queued."""
+    before = client.get("/api/status").json()
+    body = json.dumps({"model": "run:tiny", "n": 1, "steps": 1})
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"content-type": ctype} if ctype else {}
+        r = client.post("/api/generate", content=body, headers=headers)
+        assert r.status_code == 415, (ctype, r.text)
+        shown = repr(ctype) if ctype else "none"
+        assert r.json()["error"] == (
+            "send the request as JSON (Content-Type: application/json); "
+            f"the Content-Type was {shown}"
+        )
+    for path in ("/api/invert", "/api/interpolate", "/api/edit"):
+        r = client.post(path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 415, (path, r.text)
+        assert r.json()["error"] == (
+            "send the fields and files as a form (multipart/form-data, as the page does); "
+            "the Content-Type was 'application/json'"
+        )
+    r = client.post("/api/generate", content=body,
+                    headers={"content-type": "Application/JSON; charset=utf-8"})  # fmt: skip
+    assert r.status_code == 200 and "result" in stream(r)[-1]
+    after = client.get("/api/status").json()
+    assert after["completed"] == before["completed"] + 1 and after["failed"] == before["failed"]

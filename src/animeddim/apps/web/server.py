@@ -135,8 +135,24 @@ def _stream(
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
-def _refuse(msg: str, status: int = 400) -> JSONResponse:
-    return JSONResponse({"error": msg}, status_code=status)
+class MediaTypeError(RequestError):
+    """A body of a type the endpoint does not read (HTTP 415)."""
+
+    status = 415
+
+
+def _refuse(e: RequestError) -> JSONResponse:
+    return JSONResponse({"error": str(e)}, status_code=getattr(e, "status", 400))
+
+
+def _check_type(request: Request, accepted: tuple[str, ...], how: str) -> None:
+    """Refuse a body whose Content-Type the endpoint does not read: JSON sent to a form
+    endpoint read as an empty form ("unknown model 'None'"), and a JSON endpoint that reads
+    any type lets another site's page start jobs with a plain form post."""
+    given = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if given not in accepted:
+        got = repr(given[:60]) if given else "none"
+        raise MediaTypeError(f"send {how}; the Content-Type was {got}")
 
 
 MAX_JSON_BYTES = 64 * 1024  # a Generate request is a few hundred bytes
@@ -145,6 +161,9 @@ MAX_JSON_BYTES = 64 * 1024  # a Generate request is a few hundred bytes
 async def _json_body(request: Request) -> dict[str, Any]:
     """The request's JSON object, read up to MAX_JSON_BYTES (a longer body, announced or
     chunked, is refused before it is all in memory)."""
+    _check_type(
+        request, ("application/json",), "the request as JSON (Content-Type: application/json)"
+    )
     too_large = f"the request body is too large; the limit is {MAX_JSON_BYTES >> 10} kB"
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > MAX_JSON_BYTES:
@@ -165,6 +184,10 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 async def _form(request: Request, names: tuple[str, ...]) -> tuple[dict[str, Any], list[bytes]]:
     """Form fields and the uploaded files among `names`, in that order, size-checked."""
+    forms = ("multipart/form-data", "application/x-www-form-urlencoded")
+    _check_type(
+        request, forms, "the fields and files as a form (multipart/form-data, as the page does)"
+    )
     length = request.headers.get("content-length", "")
     if not length.isdigit():  # a chunked body could grow without bound before it is checked
         raise RequestError("send uploads with a Content-Length (as browsers do)")
@@ -211,7 +234,7 @@ def create_app(engine: Engine, runs_arg: str | None = None) -> Starlette:
         try:
             req = parse_generate(await _json_body(request), engine.catalog)
         except RequestError as e:
-            return _refuse(str(e))
+            return _refuse(e)
         return _stream(queue, lambda p: engine.generate(req, p, runs_arg), stopping)
 
     async def interpolate(request: Request) -> Response:
@@ -219,7 +242,7 @@ def create_app(engine: Engine, runs_arg: str | None = None) -> Starlette:
             fields, uploads = await _form(request, ("face_a", "face_b"))
             check_interpolate(fields, len(uploads), engine.catalog)
         except RequestError as e:
-            return _refuse(str(e))
+            return _refuse(e)
         return _stream(queue, lambda p: engine.interpolate(fields, uploads, p), stopping)
 
     async def invert(request: Request) -> Response:
@@ -227,7 +250,7 @@ def create_app(engine: Engine, runs_arg: str | None = None) -> Starlette:
             fields, uploads = await _form(request, ("face",))
             check_invert(fields, len(uploads), engine.catalog)
         except RequestError as e:
-            return _refuse(str(e))
+            return _refuse(e)
         return _stream(queue, lambda p: engine.invert(fields, uploads[0], p), stopping)
 
     async def edit(request: Request) -> Response:
@@ -235,7 +258,7 @@ def create_app(engine: Engine, runs_arg: str | None = None) -> Starlette:
             fields, uploads = await _form(request, ("face",))
             check_edit(fields, len(uploads), engine.catalog)
         except RequestError as e:
-            return _refuse(str(e))
+            return _refuse(e)
         return _stream(queue, lambda p: engine.edit(fields, uploads[0], p), stopping)
 
     async def run(request: Request) -> Response:
@@ -244,7 +267,7 @@ def create_app(engine: Engine, runs_arg: str | None = None) -> Starlette:
                 run_summary, engine.catalog, request.query_params.get("id")
             )
         except RequestError as e:
-            return _refuse(str(e))
+            return _refuse(e)
         return JSONResponse(summary)
 
     routes = [
