@@ -729,3 +729,26 @@ def test_a_body_of_the_wrong_content_type_is_a_415_naming_it(client):
     assert r.status_code == 200 and "result" in stream(r)[-1]
     after = client.get("/api/status").json()
     assert after["completed"] == before["completed"] + 1 and after["failed"] == before["failed"]
+
+
+def test_a_job_posted_by_another_sites_page_is_a_403(client, avatars16):
+    """A page of any site the user visits could post a form to 127.0.0.1 and start jobs
+    (invert, interpolate, edit take plain multipart forms). A browser names the posting
+    page's origin: one other than this server's own is refused before anything is queued;
+    clients that send no Origin (curl, scripts) are served as before."""
+    before = client.get("/api/status").json()
+    face = sorted(avatars16.glob("*.png"))[0].read_bytes()
+    for origin in ("http://evil.example", "http://testserver:8080", "null"):
+        r = client.post("/api/invert", data={"model": "run:tiny", "steps": "2"},
+                        files={"face": ("f.png", face)}, headers={"origin": origin})  # fmt: skip
+        assert r.status_code == 403, (origin, r.text)
+        assert r.json()["error"] == (
+            "jobs are taken only from this server's own page; this request came from a "
+            f"page at {origin!r}"
+        )
+        r = client.post("/api/generate", json={"model": "run:tiny"}, headers={"origin": origin})
+        assert r.status_code == 403 and "this server's own page" in r.json()["error"]
+    assert client.get("/api/status").json() == before  # nothing queued
+    r = client.post("/api/generate", json={"model": "run:tiny", "n": 1, "steps": 1},
+                    headers={"origin": "http://testserver"})  # fmt: skip
+    assert r.status_code == 200 and "result" in stream(r)[-1]  # its own page

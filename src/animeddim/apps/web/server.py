@@ -14,6 +14,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from importlib.resources import files
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -155,12 +156,34 @@ def _check_type(request: Request, accepted: tuple[str, ...], how: str) -> None:
         raise MediaTypeError(f"send {how}; the Content-Type was {got}")
 
 
+class ForeignOrigin(RequestError):
+    """A job posted by a page of another site (HTTP 403)."""
+
+    status = 403
+
+
+def _check_origin(request: Request) -> None:
+    """Refuse a job posted by another site's page: a browser names the page's origin in
+    every POST, and a form post needs no permission to reach 127.0.0.1. Clients that are
+    not browsers (curl, scripts) send no Origin and are served."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return
+    host = request.headers.get("host", "").lower()
+    if origin == "null" or urlsplit(origin).netloc.lower() != host:
+        raise ForeignOrigin(
+            f"jobs are taken only from this server's own page; this request came from a "
+            f"page at {origin[:80]!r}"
+        )
+
+
 MAX_JSON_BYTES = 64 * 1024  # a Generate request is a few hundred bytes
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
     """The request's JSON object, read up to MAX_JSON_BYTES (a longer body, announced or
     chunked, is refused before it is all in memory)."""
+    _check_origin(request)
     _check_type(
         request, ("application/json",), "the request as JSON (Content-Type: application/json)"
     )
@@ -184,6 +207,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 async def _form(request: Request, names: tuple[str, ...]) -> tuple[dict[str, Any], list[bytes]]:
     """Form fields and the uploaded files among `names`, in that order, size-checked."""
+    _check_origin(request)
     forms = ("multipart/form-data", "application/x-www-form-urlencoded")
     _check_type(
         request, forms, "the fields and files as a form (multipart/form-data, as the page does)"
