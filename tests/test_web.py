@@ -72,9 +72,11 @@ def test_catalog_lists_runs_and_never_takes_a_path(runs):
     ids = [c.id for c in cat.choices()]
     assert ids == ["avatars-64", "run:colours", "run:empty", "run:labelled", "run:tiny"]
     assert cat.get("run:tiny").path == runs / "tiny"
-    for bad in (str(runs / "tiny"), "../tiny", "run:../tiny", "/etc/passwd", None, 3):
+    for bad in (str(runs / "tiny"), "../tiny", "run:../tiny", "/etc/passwd", 3):
         with pytest.raises(RequestError, match="unknown model"):
             cat.get(bad)
+    with pytest.raises(RequestError, match="no model given"):
+        cat.get(None)
     with pytest.raises(RequestError, match="no checkpoint yet"):
         cat.get("run:empty")
     assert cat.get("run:empty", sample=False).has_metrics is False
@@ -752,3 +754,26 @@ def test_a_job_posted_by_another_sites_page_is_a_403(client, avatars16):
     r = client.post("/api/generate", json={"model": "run:tiny", "n": 1, "steps": 1},
                     headers={"origin": "http://testserver"})  # fmt: skip
     assert r.status_code == 200 and "result" in stream(r)[-1]  # its own page
+
+
+def test_an_unknown_or_missing_run_or_model_lists_what_can_be_chosen(client, runs):
+    """/api/run without an id said "unknown model 'None'" and offered the shipped models,
+    which it then refused ("... is a shipped model, not a run folder"); a request without a
+    model said "unknown model 'None'"."""
+    cases = {
+        None: "no run given: choose one of run:colours, run:empty, run:labelled, run:tiny",
+        "run:nope": "unknown run 'run:nope': choose one of run:colours, run:empty, "
+        "run:labelled, run:tiny",
+        "../tiny": "unknown run '../tiny': choose one of run:colours",
+    }
+    for run_id, reason in cases.items():
+        r = client.get("/api/run", params={"id": run_id} if run_id else {})
+        assert r.status_code == 400 and r.json()["error"].startswith(reason), r.json()
+    cat = Catalog(["avatars-64"], None)
+    with pytest.raises(RequestError, match="^avatars-64 is a shipped model, not a run folder$"):
+        cat.run("avatars-64")
+    with pytest.raises(RequestError, match="^there is no run folder to watch: start the server"):
+        cat.run("run:tiny")
+    r = client.post("/api/generate", json={"n": 1})
+    assert r.status_code == 400
+    assert r.json()["error"] == "no model given: choose one of run:colours, run:labelled, run:tiny"

@@ -92,7 +92,24 @@ class Catalog:
                     raise RequestError(f"run {c.id[4:]!r} has no checkpoint yet")
                 return c
         names = ", ".join(c.id for c in self.choices() if c.can_sample or not sample)
+        if choice_id is None or choice_id == "":
+            raise RequestError(f"no model given: choose one of {names}")
         raise RequestError(f"unknown model {str(choice_id)[:80]!r}: choose one of {names}")
+
+    def run(self, choice_id: Any) -> Choice:
+        """The run folder `choice_id` names, for watching; the error lists the runs only."""
+        runs = [c for c in self.choices() if c.kind == "run"]
+        for c in runs:
+            if c.id == choice_id:
+                return c
+        if choice_id in self.shipped:
+            raise RequestError(f"{choice_id} is a shipped model, not a run folder")
+        if not runs:
+            raise RequestError("there is no run folder to watch: start the server with --runs DIR")
+        names = ", ".join(c.id for c in runs)
+        if choice_id is None or choice_id == "":
+            raise RequestError(f"no run given: choose one of {names}")
+        raise RequestError(f"unknown run {str(choice_id)[:80]!r}: choose one of {names}")
 
 
 def vocabulary(config: dict[str, Any]) -> dict[str, list[str]] | None:

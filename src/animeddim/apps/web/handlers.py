@@ -270,9 +270,7 @@ class Engine:
 def run_summary(catalog: Catalog, choice_id: Any) -> dict[str, Any]:
     """A run folder's curves (per epoch: train/validation noise loss, paper-protocol KID, the
     standard KID of `train --eval-every`) and its latest sample grid, for the page to draw."""
-    choice = catalog.get(choice_id, sample=False)
-    if choice.kind != "run":
-        raise RequestError(f"{choice.id} is a shipped model, not a run folder")
+    choice = catalog.run(choice_id)
     names = ("epoch", "train_noise_loss", "val_noise_loss", "kid", "standard_kid")
     series: dict[str, list] = {k: [] for k in names}
     try:
