@@ -133,6 +133,39 @@ def test_kid_evaluate_steps_on_a_bad_folder_are_one_line(
     assert not (tmp_path / "e.json").exists() and not (tmp_path / "st").exists()
 
 
+@pytest.mark.parametrize("kind", ["mixed sizes", "one usable", "unlabelled image"])
+def test_evaluate_refuses_a_bad_real_folder_before_drawing(
+    kind, run, avatars16, tmp_path, capsys, fake, monkeypatch
+):
+    # before: every image was drawn (minutes at --n 1000 on a CPU), then the folder refused
+    from animeddim.unet import UNet
+
+    calls = []
+    forward = UNet.forward
+    monkeypatch.setattr(UNet, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    real = _folder(tmp_path / "real", avatars16, 3)
+    extra: list = []
+    if kind == "mixed sizes":
+        Image.new("RGB", (24, 24)).save(real / "zz-big.png")
+        needle = "differ in size"
+    elif kind == "one usable":
+        for f in sorted(real.glob("*.png"))[1:]:
+            f.unlink()
+        extra, needle = ["--protocols", "paper"], "has 1 usable"
+    else:
+        rows = (avatars16 / "labels.csv").read_text().splitlines()
+        names = {f.name for f in real.glob("*.png")}
+        kept = [r for r in rows[1:] if r.split(",")[0] in names][:2]
+        (real / "labels.csv").write_text("\n".join([rows[0], *kept]) + "\n")
+        extra, needle = ["--protocols", "paper", "--coverage"], "have no label"
+    out = tmp_path / "e.json"
+    argv = ["--real", real, "--n", 2, "--steps", 1, "--out", out, "--cache-dir", tmp_path / "c"]
+    rc, _, err = run_main(capsys, "evaluate", "--run", run, *argv, *extra)
+    assert rc == 2, err
+    _one_line(err, needle)
+    assert not calls and not out.exists()
+
+
 @pytest.mark.parametrize("command", ["evaluate", "steps"])
 def test_fewer_than_two_generated_images_is_a_usage_error(command, run, avatars16, capsys):
     rc, _, err = run_main(capsys, command, "--run", run, "--real", avatars16, "--n", 1)

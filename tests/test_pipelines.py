@@ -92,7 +92,8 @@ def test_evaluate_progress_and_shuffled_paper_batches(loaded, avatars16, tmp_pat
         loaded, avatars16, n=8, settings=s, extractor=fake, cache_dir=tmp_path,
         paper_batch=4, progress=rec,
     )  # fmt: skip
-    assert rec.stages() == ["sample", "features (real)", "features (generated)", "paper KID"]
+    # the real folder is read first: a bad one is refused before any image is drawn
+    assert rec.stages() == ["features (real)", "sample", "features (generated)", "paper KID"]
     last = {stage: (done, total) for stage, done, total in rec.calls}
     assert all(done == total for done, total in last.values())  # every stage ends complete
     assert r["paper"]["batches"] == 2

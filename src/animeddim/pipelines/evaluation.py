@@ -63,12 +63,24 @@ def evaluate(
 
     :param on_samples: called with the uint8 [n x H x W x 3] samples once they are drawn,
         before they are measured (`evaluate --samples-out` writes them).
-    :param progress: told about the stages "sample", "features (real)", "features
-        (generated)" and "paper KID" (batches).
+    :param progress: told about the stages "features (real)", "sample", "features
+        (generated)" and "paper KID" (batches). The real folder is read (and its features
+        computed, its labels matched for `attributes`) before any image is drawn.
     :return: the summary, also written to `out` (JSON) when given.
     """
     if control is not None and mix is not None:
         raise ValueError("give control or mix, not both")
+    # The real side first: a folder that cannot be measured (too few usable images, mixed
+    # sizes, labels that do not fit) is refused before minutes of drawing, not after.
+    standard = "standard" in protocols or control is not None
+    t1 = time.perf_counter()
+    f_real = _real_features(real, extractor, cache_dir, progress) if standard else None
+    t_real = time.perf_counter() - t1
+    paper_real = _paper_real(loaded, real, n) if "paper" in protocols else None
+    if attributes is not None:
+        from ..coverage import real_set
+
+        coverage_real = real_set(attributes, real)
     t0 = time.perf_counter()
     if control is not None:
         fake = draw_conditional(loaded, n, settings, control.asked, guidance, progress=progress)
@@ -94,8 +106,10 @@ def evaluate(
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     t1 = time.perf_counter()
-    if "standard" in protocols or control is not None:
-        f_real, f_fake = _standard_features(real, fake, extractor, cache_dir, progress)
+    if standard:
+        f_fake = metrics.features_with_progress(
+            extractor, _nchw(fake), "standard", _stage(progress, "features (generated)")
+        )
     if control is not None:
         f_asked = real_features(control, extractor, cache_dir)[1]  # the same cached features
         result["attributes_asked"] = control_summary(control, fake, f_fake, f_asked)
@@ -117,14 +131,14 @@ def evaluate(
             fid=metrics.fid_from_features(f_real, f_fake),
             n_real=len(f_real),
             subset_size=metrics.kid_subset_size(len(f_real), len(f_fake)),
-            standard_seconds=round(time.perf_counter() - t1, 2),
+            standard_seconds=round(time.perf_counter() - t1 + t_real, 2),
         )
-    if "paper" in protocols:
-        result["paper"] = _paper_kid(loaded, real, fake, n, extractor, paper_batch, progress)
+    if paper_real is not None:
+        result["paper"] = _paper_kid(paper_real, fake, n, extractor, paper_batch, progress)
     if attributes is not None:
-        from ..coverage import coverage, real_set, write_coverage
+        from ..coverage import coverage, write_coverage
 
-        result["coverage"] = coverage(attributes, fake.numpy(), *real_set(attributes, real))
+        result["coverage"] = coverage(attributes, fake.numpy(), *coverage_real)
         if out is not None:
             write_coverage(result["coverage"], Path(out).with_name(Path(out).stem + "-coverage"))
     result["seconds"] = round(time.perf_counter() - t0, 2)
@@ -133,18 +147,9 @@ def evaluate(
     return result
 
 
-def _paper_kid(
-    loaded: LoadedModel,
-    real: str | Path,
-    fake: torch.Tensor,
-    n: int,
-    extractor: metrics.FeatureExtractor,
-    paper_batch: int,
-    progress: Progress | None,
-) -> dict[str, Any]:
-    """The paper protocol: Keras per-batch KID of the generated images against the first n
-    real ones in `metrics.paper_order`."""
-    t2 = time.perf_counter()
+def _paper_real(loaded: LoadedModel, real: str | Path, n: int) -> torch.Tensor:
+    """The paper protocol's real images: the first n in `metrics.paper_order`, at the model's
+    size, [n x H x W x 3] uint8."""
     from ..data import DataError, load_folder
 
     size = loaded.config.model.image_size
@@ -153,6 +158,20 @@ def _paper_kid(
     real_u8 = torch.from_numpy(np.asarray(real_images[order]))
     if len(real_u8) < 2:
         raise DataError(f"KID needs at least 2 images, '{real}' has {len(real_u8)} usable")
+    return real_u8
+
+
+def _paper_kid(
+    real_u8: torch.Tensor,
+    fake: torch.Tensor,
+    n: int,
+    extractor: metrics.FeatureExtractor,
+    paper_batch: int,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    """The paper protocol: Keras per-batch KID of the generated images against the real ones
+    (`_paper_real`)."""
+    t2 = time.perf_counter()
     acc = metrics.PaperKID(extractor)
     starts = range(0, min(len(real_u8), n), paper_batch)
     for k, i in enumerate(starts):
@@ -169,25 +188,25 @@ def _paper_kid(
     }
 
 
-def _standard_features(
+def _stage(progress: Progress | None, name: str) -> Callable[[int, int], None] | None:
+    """progress(name, done, total) as a (done, total) callback."""
+    return None if progress is None else (lambda d, t: progress(name, d, t))
+
+
+def _real_features(
     real: str | Path,
-    fake_u8: torch.Tensor,
     extractor: metrics.FeatureExtractor,
     cache_dir: Path | None,
     progress: Progress | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Standard-protocol features of the real folder (cached) and of generated images."""
-
-    def stage(name: str):
-        return None if progress is None else (lambda d, t: progress(name, d, t))
-
-    f_real = metrics.folder_features(
-        Path(real), extractor, "standard", cache_dir=cache_dir, progress=stage("features (real)")
+) -> torch.Tensor:
+    """Standard-protocol features of the real folder (cached on disk)."""
+    return metrics.folder_features(
+        Path(real),
+        extractor,
+        "standard",
+        cache_dir=cache_dir,
+        progress=_stage(progress, "features (real)"),
     )
-    f_fake = metrics.features_with_progress(
-        extractor, _nchw(fake_u8), "standard", stage("features (generated)")
-    )
-    return f_real, f_fake
 
 
 STEPS_COLUMNS = [
