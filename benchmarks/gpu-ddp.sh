@@ -8,6 +8,7 @@
 # or here). DEVICE=cpu dry-runs it (gloo on the CPU; no NCCL probe).
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+[ -n "${NO_BUNDLE:-}" ] || . benchmarks/gpu-bundle.sh  # results.tgz (not when run by another script)
 DEVICE=${DEVICE:-cuda}
 DATA=${DATA:-/tmp/gpu-data/avatars64}
 [ -d "$DATA" ] || python3 benchmarks/pack_images.py unpack .gpu/avatars64.u8.xz "$DATA"

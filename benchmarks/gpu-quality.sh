@@ -5,6 +5,7 @@
 #                              against the held-out avatars every $EVAL_EVERY epochs)
 #   avatars-64.safetensors     the best standard-KID checkpoint, exported (fp16, ~4 MB)
 #   eval-ddim20.json, eval-dpmpp10.json   `evaluate` of it on 1,000 samples (KID and FID)
+# All of it comes back as $OUT/results.tgz (a call returns 8 files at most; gpu-bundle.sh).
 # The files it needs travel packed in .gpu (64 MiB in all with a call; carry .gpu), made by
 # benchmarks/gpu-prepare.sh (1 min 53 s on a 2-core Zen 5; byte-identical on every run).
 # MINUTES, BIG, LR, WARM, EVAL_EVERY (a multiple of EPOCH_END), EPOCH_END, EVAL_IMAGES,
@@ -12,6 +13,7 @@
 # CPU: tiny values).
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+. benchmarks/gpu-bundle.sh  # everything in $OUT comes back as results.tgz
 DEVICE=${DEVICE:-cuda}
 MINUTES=${MINUTES:-5}
 BIG=${BIG:-1024}

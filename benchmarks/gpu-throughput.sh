@@ -13,6 +13,7 @@
 #   quality.json       validation noise loss of each at the same number of images seen
 #   syncs.txt/.json    where a 40-step run at batch $BIG waited for the GPU (sync_check.py)
 #   nccl.txt, ddp.*    two DDP processes on one GPU, NCCL and gloo (gpu-ddp.sh), if time is left
+# All of it comes back as $OUT/results.tgz (a call returns 8 files at most; gpu-bundle.sh).
 # Each step's timeout is cut to what is left of DEADLINE (570 s) and the log says when each
 # ended, so the call finishes inside its 600 s and a slow step costs the later ones only.
 # Needs the avatars carried with the call: .gpu/avatars64.u8.xz, made by gpu-prepare.sh
@@ -21,6 +22,7 @@
 # run on the CPU (tests nothing about speed there).
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+. benchmarks/gpu-bundle.sh  # everything in $OUT comes back as results.tgz
 DEVICE=${DEVICE:-cuda}
 DATA=${DATA:-/tmp/gpu-data/avatars64}
 [ -d "$DATA" ] || python3 benchmarks/pack_images.py unpack .gpu/avatars64.u8.xz "$DATA"
@@ -86,7 +88,7 @@ run_step "$(budget 150)" python3 benchmarks/sync_check.py --data "$DATA" --batch
 echo "sync check exit $? at ${SECONDS}s" >> "$OUT/log.txt"
 
 # 4. Two DDP processes on one GPU: NCCL's answer, then gloo sharing it (gpu-ddp.sh, ~1 min).
-DATA=$DATA DEVICE=$DEVICE run_step "$(budget 100)" bash benchmarks/gpu-ddp.sh > /dev/null 2>&1
+NO_BUNDLE=1 DATA=$DATA DEVICE=$DEVICE run_step "$(budget 100)" bash benchmarks/gpu-ddp.sh > /dev/null 2>&1
 echo "ddp on one GPU exit $? at ${SECONDS}s" >> "$OUT/log.txt"
 cat "$OUT/log.txt" "$OUT/quality.json"
 python3 -c "
