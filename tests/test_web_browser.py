@@ -323,3 +323,33 @@ def test_watch_a_run_shows_a_server_error_as_such(page):
         page.unroute("**/api/run?*", fail)
     page.select_option("#w-run", "run:tiny")
     page.wait_for_function("!document.querySelector('#w-status .error')", timeout=30_000)
+
+
+def test_text_that_is_not_a_number_is_named_in_the_page(page, shots):
+    """A number field holding "1e" or "--" reads as "" in the browser, so the server's
+    refusal said "seed must be an integer ..., got ''" under a field showing "1e". The page
+    now names the field itself and sends nothing."""
+    _tab(page, "Generate")
+    sent = []
+    page.on("request", lambda r: sent.append(r.url) if "/api/generate" in r.url else None)
+    for field, typed, reason in [
+        ("#g-seed", "1e", "Seed: what is typed there is not a number (give one from 0 to "
+                          "2147483647)"),
+        ("#g-steps", "--", "Steps: what is typed there is not a number (give one from 1 to 250)"),
+    ]:  # fmt: skip
+        page.click(field)
+        page.keyboard.press("Control+A")
+        page.keyboard.type(typed)
+        page.click("#g-go")
+        page.wait_for_selector(f"#g-status .error:has-text('{reason[:12]}')")
+        assert page.inner_text("#g-status") == reason
+        page.fill(field, "1")
+    shots(page, "10-not-a-number")
+    _tab(page, "Invert")  # Edit reads the Invert tab's Steps
+    page.click("#v-steps")
+    page.keyboard.press("Control+A")
+    page.keyboard.type("5e")
+    page.click("#v-go")
+    page.wait_for_selector("#v-status .error:has-text('Steps: what is typed')")
+    page.fill("#v-steps", "20")
+    assert sent == []
