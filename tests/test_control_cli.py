@@ -197,6 +197,7 @@ def test_grid_by_pngs_are_named_by_value_and_seed(cond_run, tmp_path, capsys):
         "colour-red-seed5-000000.png", "colour-red-seed5-000001.png",
     ]  # fmt: skip
     assert "4 images in" in stdout
+    assert "4 images, 3 steps" in stdout  # two values x --n 2, not --n alone
     # colour-red-seed5-000001.png is image 1 of seed 5 drawn with colour=red
     rc, _, err = run_main(capsys, *args, "--attr", "colour=red", "--out", one)
     assert rc == 0, err

@@ -106,7 +106,8 @@ def cmd_sample(a: argparse.Namespace) -> int:
         Path(a.grid).parent.mkdir(parents=True, exist_ok=True)
         save_grid(images, Path(a.grid), cols=cols)
         print(f"grid: {a.grid}")
-    print(f"{a.n} images, {a.steps} steps, eta {a.eta}: {dt:.1f}s ({a.n / dt:.2f} images/s)")
+    n = len(images)  # --grid-by draws --n per value
+    print(f"{n} images, {a.steps} steps, eta {a.eta}: {dt:.1f}s ({n / dt:.2f} images/s)")
     return 0
 
 
