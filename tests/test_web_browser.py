@@ -353,3 +353,34 @@ def test_text_that_is_not_a_number_is_named_in_the_page(page, shots):
     page.wait_for_selector("#v-status .error:has-text('Steps: what is typed')")
     page.fill("#v-steps", "20")
     assert sent == []
+
+
+def test_the_other_tabs_say_why_their_button_is_disabled_while_a_job_runs(page, shots):
+    """One job runs at a time, so every tab's button is disabled while one runs; on the
+    other tabs the button was grey with no word of why. They now say which job runs where."""
+    _tab(page, "Generate")
+    page.select_option("#g-model", "avatars-64")
+    page.fill("#g-n", "64")
+    page.fill("#g-steps", "250")
+    page.click("#g-go")
+    page.wait_for_selector("#g-status:has-text('denoising step')", timeout=60_000)
+    assert page.locator("#busy").is_hidden()  # the job's own tab shows its progress
+    _tab(page, "Interpolate")
+    assert page.is_disabled("#i-go")
+    assert page.inner_text("#busy") == (
+        "Busy with Generate on the Generate tab (one job runs at a time): "
+        "wait for it, or press Stop there."
+    )
+    shots(page, "11-busy-on-another-tab")
+    _tab(page, "Generate")
+    assert page.locator("#busy").is_hidden()
+    _tab(page, "Watch a run")
+    assert page.locator("#busy").is_visible()
+    _tab(page, "Generate")
+    page.click("#tab-generate .stop")
+    page.wait_for_selector("#g-status:has-text('stopped')")
+    _tab(page, "Interpolate")
+    assert page.locator("#busy").is_hidden() and not page.is_disabled("#i-go")
+    _tab(page, "Generate")
+    page.fill("#g-n", "16")
+    page.fill("#g-steps", "10")
