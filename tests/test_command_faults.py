@@ -318,6 +318,19 @@ def test_a_folder_given_as_labels_file_is_one_line(command, avatars16, tmp_path,
     assert not out.exists()
 
 
+def test_an_unlabelled_real_image_names_a_remedy_the_command_has(avatars16, tmp_path, capsys):
+    # before: "... or pass --labels-missing null", a flag attributes coverage does not have
+    real = _folder(tmp_path / "real", avatars16, 3)
+    rows = (avatars16 / "labels.csv").read_text().splitlines()
+    (real / "labels.csv").write_text("\n".join(rows[:3]) + "\n")  # the third image unlabelled
+    samples = _folder(tmp_path / "samples", avatars16, 2)
+    out = tmp_path / "cov"
+    rc, _, err = run_main(capsys, "attributes", "coverage", samples, "--real", real, "--out", out)
+    assert rc == 2, err
+    _one_line(err, "1 image(s) have no label", "move them out of the folder")
+    assert "--labels-missing" not in err and not out.exists()
+
+
 @pytest.mark.parametrize("lr", ["nan", "-1", "0", "inf", "1e400"])
 def test_attributes_train_refuses_a_learning_rate_that_is_not_positive(
     lr, avatars16, tmp_path, capsys

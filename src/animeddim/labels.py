@@ -127,6 +127,10 @@ def read_csv_rows(path: str | Path) -> tuple[list[str], list[tuple[int, str, lis
     return names, rows
 
 
+# For the commands that take --labels-missing (train, attributes train).
+UNLABELLED_REMEDY = "pass --labels-missing null to use them as unlabelled"
+
+
 def csv_labels(
     path: str | Path,
     root: str | Path,
@@ -134,13 +138,15 @@ def csv_labels(
     *,
     missing: str = "error",
     vocab: Mapping[str, Sequence[str]] | None = None,
+    remedy: str = UNLABELLED_REMEDY,
 ) -> Labels:
     """Codes of the images ``paths`` (under ``root``) from a labels CSV.
 
     ``vocab``: the known values (e.g. a trained model's); a value outside it is an error. When
     None, each attribute's values are those found, sorted. A row naming a file that does not
     exist under ``root`` is an error (a typo would otherwise go unnoticed); a row for a file that
-    exists but is not in ``paths`` (skipped as unreadable) is ignored.
+    exists but is not in ``paths`` (skipped as unreadable) is ignored. ``remedy``: what the
+    error for unlabelled images (``missing="error"``) tells the user to do.
     """
     _check_missing(missing)
     path, root = Path(path), Path(root)
@@ -184,7 +190,7 @@ def csv_labels(
                 )
             codes[k, a] = code
         labelled[k] = True
-    _check_unlabelled(rels, labelled, missing, f"labels file '{path}'")
+    _check_unlabelled(rels, labelled, missing, f"labels file '{path}'", remedy)
     return Labels(known, codes)
 
 
@@ -244,12 +250,18 @@ def _check_missing(missing: str) -> None:
         )
 
 
-def _check_unlabelled(rels: list[str], labelled: np.ndarray, missing: str, where: str) -> None:
+def _check_unlabelled(
+    rels: list[str],
+    labelled: np.ndarray,
+    missing: str,
+    where: str,
+    remedy: str = UNLABELLED_REMEDY,
+) -> None:
     if missing == "null" or labelled.all():
         return
     without = [rels[k] for k in np.flatnonzero(~labelled)]
     more = f" and {len(without) - 3} more" if len(without) > 3 else ""
     raise LabelError(
         f"{len(without)} image(s) have no label in {where}: {', '.join(without[:3])}{more}; "
-        "label them, or pass --labels-missing null to use them as unlabelled"
+        f"label them, or {remedy}"
     )
