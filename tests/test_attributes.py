@@ -521,6 +521,42 @@ def test_attributes_command_errors(labelled: tuple[Path, Path], tmp_path: Path) 
     assert p.returncode == 2 and "balanced must be in [0, 1]" in p.stderr
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        "folder",
+        {"version": 1},  # no config
+        [1, 2],  # not an object
+        {"version": 1, "config": {"image_size": "x", "widths": [8, 16]}, "vocab": {}},
+        {"version": "two", "config": {}, "vocab": {}},
+    ],
+)
+def test_a_classifier_that_is_a_folder_or_has_a_damaged_header_is_one_line(
+    header, labelled: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A folder was reported as "does not exist"; a header without its config, or with a
+    field of the wrong type, died with a KeyError, AttributeError or ValueError traceback."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from animeddim.attributes import FORMAT
+
+    train_dir, _ = labelled
+    if header == "folder":
+        classifier, needle = tmp_path / "run", "is a folder; give the classifier file"
+        classifier.mkdir()
+    else:
+        classifier, needle = tmp_path / "c.safetensors", "has a damaged animeddim-attributes header"
+        save_file({"w": torch.zeros(2)}, classifier, metadata={FORMAT: json.dumps(header)})
+    out = tmp_path / "cov"
+    p = run_here("attributes", "coverage", str(train_dir), "--real", str(train_dir),
+                 "--classifier", str(classifier), "--out", str(out), check=False)  # fmt: skip
+    assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_evaluate_reports_coverage(
     labelled: tuple[Path, Path], tmp_path: Path, fast_inception, monkeypatch
 ) -> None:

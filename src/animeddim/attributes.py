@@ -183,9 +183,27 @@ def shipped_classifier_path() -> Path:
     return Path(str(files("animeddim").joinpath("models", f"{SHIPPED_CLASSIFIER}.safetensors")))
 
 
+def _classifier_config(meta: dict[str, Any]) -> ClassifierConfig:
+    """The ClassifierConfig a classifier file's header describes."""
+    config = meta["config"]
+    return ClassifierConfig(
+        image_size=int(config["image_size"]),
+        widths=tuple(int(w) for w in config["widths"]),
+        final_stride=int(config.get("final_stride", 2)),
+        vocab={a: tuple(v) for a, v in meta["vocab"].items()},
+        crops={a: tuple(int(v) for v in box) for a, box in config.get("crops", {}).items()},
+        crop_widths=tuple(config.get("crop_widths", ClassifierConfig.crop_widths)),
+        crop_mirror=bool(config.get("crop_mirror", True)),
+    )
+
+
 def load_classifier(path: str | Path | None = None) -> tuple[AttributeNet, dict[str, Any]]:
     """The classifier in ``path`` (None: the shipped avatar one), in eval mode, and its header."""
     path = Path(path) if path is not None else shipped_classifier_path()
+    if path.is_dir():
+        raise ClassifierError(
+            f"attribute classifier '{path}' is a folder; give the classifier file (.safetensors)"
+        )
     if not path.is_file():
         raise ClassifierError(f"attribute classifier '{path}' does not exist")
     try:
@@ -193,18 +211,16 @@ def load_classifier(path: str | Path | None = None) -> tuple[AttributeNet, dict[
         meta = json.loads(header[FORMAT])
     except (SafetensorError, OSError, ValueError, RuntimeError, KeyError):
         raise ClassifierError(f"'{path}' is not an animeddim attribute classifier") from None
-    if meta.get("version", 0) > VERSION:
-        raise ClassifierError(f"'{path}' has format version {meta['version']}: upgrade animeddim")
-    cfg = ClassifierConfig(
-        image_size=int(meta["config"]["image_size"]),
-        widths=tuple(meta["config"]["widths"]),
-        final_stride=int(meta["config"].get("final_stride", 2)),
-        vocab={a: tuple(v) for a, v in meta["vocab"].items()},
-        crops={a: tuple(int(v) for v in box) for a, box in meta["config"].get("crops", {}).items()},
-        crop_widths=tuple(meta["config"].get("crop_widths", ClassifierConfig.crop_widths)),
-        crop_mirror=bool(meta["config"].get("crop_mirror", True)),
-    )
-    net = AttributeNet(cfg)
+    try:
+        version = int(meta.get("version", 0))
+        if version <= VERSION:
+            net = AttributeNet(_classifier_config(meta))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ClassifierError(
+            f"'{path}' has a damaged animeddim-attributes header ({type(e).__name__}: {e})"
+        ) from None
+    if version > VERSION:
+        raise ClassifierError(f"'{path}' has format version {version}: upgrade animeddim")
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}
     try:
         net.load_state_dict(state)
