@@ -92,6 +92,8 @@ def test_guidance_study_table_progress_and_force(
     assert {"kid_mean", "kid_std", "kid_asked_mean", "kid_asked_std"} <= set(rows[0])
     md = (out / "guidance.md").read_text()
     assert "| w | colour=red accuracy (ceiling 100.0%) |" in md
+    assert md.splitlines()[2].endswith("| KID vs asked | ± std | s/image |")  # as the CSV
+    assert md.splitlines()[-1].endswith(f"| {float(rows[1]['seconds_per_image']):.3f} |")
     before = (out / "guidance.csv").read_bytes()
     calls = fake.calls
     rc, _, err = run_main(capsys, "guidance", *args)

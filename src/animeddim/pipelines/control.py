@@ -388,14 +388,15 @@ def write_guidance(
         f"{len(target.real_files)} with {target.describe()}."
         + ("" if interval == GUIDE_ALWAYS else f" The weight w applied at {words(interval)} only."),
         "",
-        "| w | " + " | ".join(head) + " | KID | ± std | KID vs asked | ± std |",
-        "|---:|" + "---:|" * len(asked) + "---:|---:|---:|---:|",
+        "| w | " + " | ".join(head) + " | KID | ± std | KID vs asked | ± std | s/image |",
+        "|---:|" + "---:|" * len(asked) + "---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         accs = " | ".join(f"{100 * r[f'accuracy_{a}']:.1f}%" for a in asked)
         lines.append(
             f"| {r['guidance']:g} | {accs} | {r['kid_mean']:.4f} | {r['kid_std']:.4f} | "
-            f"{r['kid_asked_mean']:.4f} | {r['kid_asked_std']:.4f} |"
+            f"{r['kid_asked_mean']:.4f} | {r['kid_asked_std']:.4f} | "
+            f"{r['seconds_per_image']:.3f} |"
         )
     write_text_atomic(out_dir / "guidance.md", "\n".join(lines) + "\n")
 
