@@ -297,6 +297,9 @@ def test_failed_start_leaves_nothing_that_blocks_the_fixed_command(avatars16, tm
     (run / "reference.png").write_bytes(b"")
     p = run_here(*_tiny_args(avatars16, run, "--batch-size", "6", "--max-steps", "1", "--no-kid"))
     assert (run / "checkpoints" / "last.safetensors").is_file()
+    # Stopped inside epoch 1: the closing line lists no metrics.csv, which is not there.
+    assert not (run / "metrics.csv").exists()
+    assert f"run folder: {run} (checkpoints/ only: stopped at step 1, before" in p.stdout
     # Once it has a checkpoint, only --resume may continue it.
     p = run_here(*_tiny_args(avatars16, run, "--batch-size", "6"), check=False)
     _one_line_exit_2(p, "already holds files")

@@ -113,10 +113,13 @@ def cmd_train(a: argparse.Namespace) -> int:
     if res.interrupted:
         return EXIT_INTERRUPTED
     if _is_main():  # under torchrun, rank 0 alone reports
-        print(
-            f"run folder: {run_dir} (metrics.csv, samples/, checkpoints/) "
-            f"after {time.perf_counter() - t:.0f}s"
-        )
+        made = "metrics.csv, samples/, checkpoints/"
+        if not (run_dir / "metrics.csv").is_file():  # --max-steps stopped it inside epoch 1
+            made = (
+                f"checkpoints/ only: stopped at step {res.step}, before the first epoch end "
+                "writes metrics.csv and a sample grid; --resume continues the epoch"
+            )
+        print(f"run folder: {run_dir} ({made}) after {time.perf_counter() - t:.0f}s")
     return 0
 
 
