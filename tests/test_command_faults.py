@@ -27,6 +27,7 @@ from conftest import TINY_MODEL, copy_run, run_main
 from PIL import Image
 from safetensors.torch import load_file
 
+from animeddim import data as data_module
 from animeddim import io as animeddim_io
 from animeddim.checkpoint import load
 from animeddim.cli import sampling as cli_sampling
@@ -186,6 +187,32 @@ def test_kid_skips_an_undecodable_file_with_one_note(avatars16, tmp_path, capsys
             "not an image (unrecognised format)"
         ]
     assert fake.calls == 1
+
+
+def test_kid_skips_an_unreadable_file_and_a_broken_link(
+    avatars16, tmp_path, capsys, fake, monkeypatch
+):
+    # before: exit 1, "Permission denied: FILE" (hashing it for the cache key), and the
+    # broken link was left out without a word
+    d = _folder(tmp_path / "d", avatars16, 3)
+    locked = sorted(d.glob("*.png"))[0]
+    (d / "zz-gone.png").symlink_to(tmp_path / "unmounted" / "x.png")
+    real_open = open
+
+    def deny(path, *args, **kwargs):  # root reads anything whatever the mode bits
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(animeddim_io, "open", deny, raising=False)
+    monkeypatch.setattr(data_module, "open", deny, raising=False)
+    rc, out, err = run_main(capsys, "kid", d, d, "--json", "--cache-dir", tmp_path / "c")
+    assert rc == 0, err
+    assert json.loads(out)["n_a"] == 2
+    assert _lines(err) == [
+        f"note: skipped 2 of 4 files that could not be decoded: {locked}: permission denied; "
+        f"{d / 'zz-gone.png'}: broken symbolic link (to '{tmp_path / 'unmounted' / 'x.png'}')"
+    ]
 
 
 def test_truncated_feature_cache_is_detected_recomputed_and_replaced(

@@ -288,6 +288,26 @@ def test_find_images_survives_symlink_loop(tmp_path: Path) -> None:
     assert [p.name for p in found] == ["img.png"]
 
 
+def test_broken_links_are_reported_not_hidden(tmp_path: Path) -> None:
+    """A link whose target is gone (an unmounted drive) was left out without a word: a folder
+    of them said "no files with extensions .png, ... found"."""
+    _save(tmp_path / "ok.png", _rgb(4, 4))
+    (tmp_path / "gone.png").symlink_to(tmp_path / "elsewhere" / "gone.png")
+    (tmp_path / "self.jpg").symlink_to(tmp_path / "self.jpg")  # a link to itself
+    (tmp_path / "notes.txt").symlink_to(tmp_path / "missing.txt")  # no image name: not listed
+    assert [p.name for p in find_images(tmp_path)] == ["gone.png", "ok.png", "self.jpg"]
+    with pytest.warns(SkippedFilesWarning) as caught:
+        s = load_folder(tmp_path, 4, workers=1)
+    assert [Path(p).name for p in s.paths] == ["ok.png"]
+    reasons = {Path(k.path).name: k.reason for k in s.skipped}
+    assert reasons["gone.png"] == f"broken symbolic link (to '{tmp_path}/elsewhere/gone.png')"
+    assert "Too many levels of symbolic links" in reasons["self.jpg"]
+    assert "broken symbolic link" in str(caught[0].message)
+    os.remove(tmp_path / "ok.png")
+    with pytest.raises(DataError, match=r"2 files tried, 2 skipped \(first: .*broken symbolic"):
+        load_folder(tmp_path, 4, workers=1)
+
+
 def test_find_images_missing_or_not_folder(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         find_images(tmp_path / "nope")

@@ -80,6 +80,7 @@ def find_images(root: Path) -> list[Path]:
 
     Extensions are matched case-insensitively against :data:`IMAGE_EXTENSIONS`. Directory
     symlinks are followed, but each real directory is visited once, so symlink loops terminate.
+    A broken symlink with an image name is listed (:func:`load_image` then says it is broken).
     Unreadable directories are skipped. A missing ``root`` or one that is not a folder raises
     :class:`DataError`.
     """
@@ -107,10 +108,16 @@ def find_images(root: Path) -> list[Path]:
             try:
                 if entry.is_dir(follow_symlinks=True):
                     stack.append((folder / entry.name, entry_rel))
-                elif entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                    found.append((entry_rel, folder / entry.name))
+                    continue
             except OSError:
-                continue  # broken symlink or vanished entry
+                pass  # a link to itself (ELOOP): listed below if it has an image name
+            try:
+                # A broken link is listed too, so that loading reports it instead of hiding it.
+                listed = entry.is_symlink() or entry.is_file()
+            except OSError:
+                continue  # vanished entry
+            if listed and entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append((entry_rel, folder / entry.name))
     found.sort(key=lambda item: item[0])
     return [path for _, path in found]
 
@@ -129,12 +136,19 @@ def load_image(path: Path, size: int | None) -> np.ndarray:
             raise BadImage("empty file (0 bytes)")
         with open(path, "rb") as f:
             return _decode(f, size)
-    except PermissionError:
-        raise BadImage("permission denied") from None
-    except FileNotFoundError:
-        raise BadImage("file not found") from None
     except OSError as exc:
-        raise BadImage(f"cannot read: {type(exc).__name__}: {exc}") from None
+        raise BadImage(read_error_reason(path, exc)) from None
+
+
+def read_error_reason(path: Path, exc: OSError) -> str:
+    """A few words on why `path` could not be read (a skip reason)."""
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if os.path.islink(path) and isinstance(exc, FileNotFoundError):
+        return f"broken symbolic link (to '{os.readlink(path)}')"
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    return f"cannot read: {type(exc).__name__}: {exc}"
 
 
 def _decode(fileobj: IO[bytes] | bytes, size: int | None) -> np.ndarray:

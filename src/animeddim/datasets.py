@@ -42,6 +42,7 @@ from animeddim.data import (
     _decode,
     _pool_context,
     find_images,
+    read_error_reason,
     skip_summary,
 )
 from animeddim.io import (
@@ -323,7 +324,7 @@ def _folder_members(src: Path) -> Iterator[tuple[str, bytes | None, str | None]]
         try:
             yield name, path.read_bytes(), None
         except OSError as exc:
-            yield name, None, f"cannot read: {type(exc).__name__}: {exc}"
+            yield name, None, read_error_reason(path, exc)
 
 
 def _prepare_one(data: bytes, size: int) -> tuple[bytes | None, str | None]:

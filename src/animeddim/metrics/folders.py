@@ -57,7 +57,11 @@ def _folder_cache_key(
     """
     entries = []
     for path in files:
-        entries.append([path.relative_to(folder).as_posix(), file_digest(path)])
+        try:
+            digest = file_digest(path)
+        except OSError as e:  # unreadable or a broken link: skipped when loading, as training does
+            digest = f"unreadable: {e.strerror or e}"
+        entries.append([path.relative_to(folder).as_posix(), digest])
     payload = {
         "format": _CACHE_FORMAT,
         "protocol": protocol,
