@@ -777,3 +777,25 @@ def test_an_unknown_or_missing_run_or_model_lists_what_can_be_chosen(client, run
     r = client.post("/api/generate", json={"n": 1})
     assert r.status_code == 400
     assert r.json()["error"] == "no model given: choose one of run:colours, run:labelled, run:tiny"
+
+
+def test_an_unknown_api_path_or_method_is_json_naming_what_exists(client):
+    """Under /api/ an unknown path or a method a route does not take was Starlette's plain
+    text ("Not Found", "Method Not Allowed"), unlike every other refusal of the API."""
+    endpoints = ("/api/info, /api/status, /api/generate, /api/interpolate, /api/invert, "
+                 "/api/edit, /api/run")  # fmt: skip
+    for path in ("/api/", "/api/jobs/42", "/api/%2e%2e/etc/passwd", "/api/cancel?id=x"):
+        r = client.get(path)
+        assert r.status_code == 404, path
+        assert r.json()["error"].startswith("no API endpoint '/api/") and endpoints in r.text
+    r = client.delete("/api/generate")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json() == {"error": "DELETE is not accepted by /api/generate; send POST"}
+    r = client.get("/api/generate")
+    assert r.json()["error"] == "GET is not accepted by /api/generate; send POST"
+    r = client.put("/api/info")
+    assert r.status_code == 405  # Starlette lists the methods in no fixed order
+    assert r.json()["error"] in [f"PUT is not accepted by /api/info; send {m}"
+                                 for m in ("GET, HEAD", "HEAD, GET")]  # fmt: skip
+    assert client.get("/nope").text == "Not Found"  # outside the API: as before
+    assert client.options("/").status_code == 405

@@ -18,8 +18,15 @@ from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.routing import Route
 
 from .checks import (
@@ -304,7 +311,23 @@ def create_app(engine: Engine, runs_arg: str | None = None) -> Starlette:
         Route("/api/edit", edit, methods=["POST"]),
         Route("/api/run", run),
     ]
-    app = Starlette(routes=routes)
+    api = [r.path for r in routes if r.path.startswith("/api/")]
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        """An unknown path or a method a route does not take: under /api/, JSON naming what
+        exists (as every other refusal); elsewhere Starlette's plain text."""
+        assert isinstance(exc, HTTPException)
+        path = request.url.path
+        if not path.startswith("/api/"):
+            return PlainTextResponse(exc.detail, exc.status_code, headers=exc.headers)
+        if exc.status_code == 405:
+            allow = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow", "")
+            msg = f"{request.method} is not accepted by {path[:80]}; send {allow}"
+        else:
+            msg = f"no API endpoint {path[:80]!r}; the API has {', '.join(api)}"
+        return JSONResponse({"error": msg}, exc.status_code, headers=exc.headers)
+
+    app = Starlette(routes=routes, exception_handlers={404: http_error, 405: http_error})
     app.state.queue = queue
     app.state.stopping = lambda: False
     return app
