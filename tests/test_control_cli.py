@@ -186,6 +186,27 @@ def test_edit_force_rules(cond_run, cond_data, tmp_path, capsys):
     assert rc == 2 and "batch-size must be an integer >= 1, got '0'" in err
 
 
+def test_edit_of_images_that_share_a_name_writes_each(cond_run, cond_data, tmp_path, capsys):
+    """a.png, a.jpg and sub/a.png were all written as after/a.png: one edit kept, two lost."""
+    from PIL import Image
+
+    red = _red_images(cond_data, tmp_path / "red", 3)
+    images = tmp_path / "in"
+    (images / "sub").mkdir(parents=True)
+    first, second, third = sorted(red.iterdir())
+    shutil.copy(first, images / "a.png")
+    shutil.copy(second, images / "sub" / "a.png")
+    Image.open(third).convert("RGB").save(images / "a.jpg", quality=95)
+    out = tmp_path / "edited"
+    rc, _, err = run_main(capsys, "edit", "--run", cond_run, "--images", images, "--set",
+                          "colour=blue", "--steps", 2, "--out", out, "--device", "cpu")  # fmt: skip
+    assert rc == 0, err
+    for part in ("after", "pairs"):
+        written = sorted(f.relative_to(out / part).as_posix() for f in (out / part).rglob("*.png"))
+        assert written == ["a.jpg.png", "a.png.png", "sub/a.png"], part
+    assert json.loads((out / "edit_summary.json").read_text())["images"] == 3
+
+
 def test_grid_by_pngs_are_named_by_value_and_seed(cond_run, tmp_path, capsys):
     import numpy as np
     from PIL import Image

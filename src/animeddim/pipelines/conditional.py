@@ -25,7 +25,7 @@ from ..diffusion.inversion import ddim_invert
 from ..diffusion.samplers import sample
 from ..io import save_grid, save_pngs, write_text_atomic
 from .core import Progress, SampleSettings, _counter, draw, sampling_net
-from .latents import _load_images, _normalised
+from .latents import _load_images, _normalised, reconstruction_names
 
 EDIT_SUMMARY = "edit_summary.json"
 EDIT_NAMES = ("grid.png", EDIT_SUMMARY)  # besides everything in after/ and pairs/
@@ -350,8 +350,9 @@ def edit(
     (`labels`: a CSV or 'folders'; None: all null), regenerate with DDIM from the same noise
     under the labels with `changes` applied.
 
-    Writes out/after/*.png, out/pairs/*.png (before | after), out/grid.png (originals
-    above, edits below) and out/edit_summary.json, the summary it returns.
+    Writes out/after/*.png, out/pairs/*.png (before | after; each named as `invert` names
+    its reconstructions: the path below `images`, .png), out/grid.png (originals above,
+    edits below) and out/edit_summary.json, the summary it returns.
 
     :param classifier: an attribute classifier: the summary then says how many untouched
         attributes it classifies the same before and after (`control.edit_preservation`).
@@ -372,7 +373,7 @@ def edit(
         settings=settings,
         progress=progress,
     )
-    names = [Path(p).stem + ".png" for p in paths]
+    names = reconstruction_names(paths, images)  # a.png, a.jpg, sub/a.png: three files
     save_pngs(edited, out / "after", names)
     pairs = torch.cat([real_u8, edited], dim=2)  # side by side: [N x H x 2W x C]
     save_pngs(pairs, out / "pairs", names)
