@@ -587,6 +587,35 @@ def _status(url: str) -> dict:
         return json.loads(r.read())
 
 
+def test_a_request_addressed_to_another_name_is_a_403(web_server):
+    """DNS rebinding: a page of another site whose domain is made to resolve to 127.0.0.1
+    reaches the server under that domain's name, and could read its answers (a run's curves,
+    images). A server on a loopback address answers only to local names."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(web_server)
+
+    def get(host: str) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+        conn.request("GET", "/api/info", headers={"Host": host})
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+        conn.close()
+        return resp.status, body
+
+    for host in (f"evil.example:{u.port}", "evil.example", f"127.0.0.1.evil.example:{u.port}"):
+        status, body = get(host)
+        assert status == 403, (host, body)
+        assert body["error"] == (
+            "this server answers to localhost, 127.0.0.1, ::1 only; the request was addressed "
+            f"to {host!r} (serve with --host NAME to answer to others)"
+        )
+    for host in (f"127.0.0.1:{u.port}", f"localhost:{u.port}", f"[::1]:{u.port}", "LocalHost"):
+        status, body = get(host)
+        assert status == 200 and "models" in body, (host, body)
+
+
 def test_one_job_at_a_time_and_a_client_that_leaves_stops_its_job(web_server):
     import time
 

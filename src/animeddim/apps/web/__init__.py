@@ -79,7 +79,7 @@ def serve(
             f"({engine.base.device}, {engine.base.precision})",
             flush=True,
         )
-    app = create_app(engine, runs)
+    app = create_app(engine, runs, local_names_only=_is_loopback(host))
     config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
     # Ctrl-C, SIGTERM: the open job streams end within 0.5 s, before uvicorn cancels them

@@ -18,7 +18,9 @@ from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import (
     HTMLResponse,
@@ -184,6 +186,32 @@ def _check_origin(request: Request) -> None:
         )
 
 
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+class LocalNamesOnly:
+    """Answer only requests addressed to this machine by a local name (ASGI middleware, for a
+    server bound to a loopback address). A page of another site whose domain is made to resolve
+    to 127.0.0.1 (DNS rebinding) reaches the server as that site, so it could read the answers
+    (a run's curves, its images): its Host header names that domain, and it gets a 403."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            host = Headers(scope=scope).get("host", "")
+            name = (urlsplit("//" + host).hostname or "") if host.isprintable() else ""
+            if name not in LOCAL_NAMES and not name.endswith(".localhost"):
+                msg = (
+                    f"this server answers to {', '.join(LOCAL_NAMES)} only; the request was "
+                    f"addressed to {host[:80]!r} (serve with --host NAME to answer to others)"
+                )
+                await JSONResponse({"error": msg}, 403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 MAX_JSON_BYTES = 64 * 1024  # a Generate request is a few hundred bytes
 
 
@@ -244,8 +272,11 @@ async def _form(request: Request, names: tuple[str, ...]) -> tuple[dict[str, Any
     return fields, uploads
 
 
-def create_app(engine: Engine, runs_arg: str | None = None) -> Starlette:
-    """The Starlette app serving `engine`'s models."""
+def create_app(
+    engine: Engine, runs_arg: str | None = None, *, local_names_only: bool = False
+) -> Starlette:
+    """The Starlette app serving `engine`'s models; with `local_names_only`, requests whose Host
+    is not a local name get a 403 (`LocalNamesOnly`: `serve` on a loopback address)."""
     page = files("animeddim.apps.web").joinpath("page.html").read_text(encoding="utf-8")
     queue = JobQueue()
 
@@ -327,7 +358,12 @@ def create_app(engine: Engine, runs_arg: str | None = None) -> Starlette:
             msg = f"no API endpoint {path[:80]!r}; the API has {', '.join(api)}"
         return JSONResponse({"error": msg}, exc.status_code, headers=exc.headers)
 
-    app = Starlette(routes=routes, exception_handlers={404: http_error, 405: http_error})
+    middleware = [Middleware(LocalNamesOnly)] if local_names_only else []
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={404: http_error, 405: http_error},
+    )
     app.state.queue = queue
     app.state.stopping = lambda: False
     return app
