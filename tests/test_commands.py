@@ -116,6 +116,26 @@ def test_invert_and_interpolate(tiny_run, avatars16, tmp_path, capsys):
         assert rc == 2 and "unclipped DDIM" in err, extra
 
 
+def test_interpolate_steps_default_to_20_from_seeds_and_50_from_images(
+    tiny_run, avatars16, tmp_path, capsys, monkeypatch
+):
+    from animeddim import pipelines
+
+    seen = []
+
+    def record(loaded, out, *, settings, invert_steps, images=None, **_):
+        seen.append(invert_steps if images else settings.steps)
+        return out, out
+
+    monkeypatch.setattr(pipelines, "interpolate", record)
+    ends = sorted(avatars16.glob("*.png"))[:2]
+    for i, given in enumerate([["--seeds", 1, 2], ["--images", *ends]]):
+        rc, _, err = run_main(capsys, "interpolate", "--run", tiny_run, *given,
+                              "--out", tmp_path / f"i{i}.png")  # fmt: skip
+        assert rc == 0, err
+    assert seen == [20, 50]  # as --help says
+
+
 def test_report_command(tiny_run, tmp_path):
     out = tmp_path / "rep"
     p = run_cli("report", "--run", str(tiny_run), "--out", str(out), "--steps", "3")

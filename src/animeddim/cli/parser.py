@@ -272,7 +272,7 @@ def _add_interpolate_command(sub) -> None:
     ends.add_argument("--seeds", type=int, nargs=2, metavar=("A", "B"), help="two seeds")
     ends.add_argument("--images", nargs=2, metavar=("X", "Y"), help="two images (inverted)")
     p.add_argument("--frames", type=_positive_int("frames", 2), default=16, help="(default 16)")
-    p.add_argument("--steps", type=STEPS, default=20, help="(default 20; 50 for --images)")
+    p.add_argument("--steps", type=STEPS, help="(default 20; 50 for --images)")
     _add_sampler(p, recommended=False)
     p.add_argument("--out", required=True, help="FILE.png or FILE.gif: both are written")
     p.add_argument(

@@ -323,6 +323,8 @@ def cmd_interpolate(a: argparse.Namespace) -> int:
             "--images are inverted with DDIM and decoded with the same unclipped DDIM: "
             "drop --sampler and --clip-x0"
         )
+    if a.steps is None:  # inverted ends need more steps than a decode from seeds
+        a.steps = 50 if a.images else 20
     ends = [Path(a.out).with_suffix(".png"), Path(a.out).with_suffix(".gif")]
     for end in ends:
         outputs.new_file(end, a.force)
@@ -336,7 +338,7 @@ def cmd_interpolate(a: argparse.Namespace) -> int:
         images=tuple(a.images) if a.images else None,
         frames=a.frames,
         settings=_settings(a, device, eta=0.0),
-        invert_steps=a.steps if a.images else 50,
+        invert_steps=a.steps,
         progress=_Bars(),
     )
     print(f"interpolation: {strip} and {gif}")
