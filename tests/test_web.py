@@ -728,8 +728,8 @@ def test_stopping_the_server_mid_job_ends_the_stream_with_a_reason_and_no_traceb
     finally:
         proc.kill()
     assert last == {"error": "the server is stopping (Ctrl-C or a signal): the job was ended; "
-                    "start it again and retry"}  # fmt: skip
-    assert proc.returncode == code
+                    "start it again and retry"}, out  # fmt: skip
+    assert proc.returncode == code, out
     assert "Traceback" not in out and "ERROR" not in out, out
 
 

@@ -15,8 +15,6 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .io import file_in_the_way
-
 # what `sample --out DIR` writes (with --grid-by: ATTR-VALUE-seedS-IIIIII.png)
 SAMPLE_NAME = re.compile(r"([\w.-]+-)?seed-?\d+-\d{6}\.png")
 REPORT_NAMES = re.compile(  # what `report --out DIR` writes
@@ -42,6 +40,8 @@ def _same(a: Path, b: Path) -> bool:
 def _no_file_above(path: Path, flag: str) -> None:
     """Refuse an output under a file ('notes.txt/out.png'): it could never be created, and
     the mkdir would fail only once the work is done, with "File exists: notes.txt"."""
+    from .io import file_in_the_way  # here: io loads numpy, and the CLI's parser must not
+
     blocker = file_in_the_way(path)
     if blocker is not None:
         raise OutputExists(
