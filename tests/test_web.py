@@ -608,12 +608,26 @@ def test_a_request_addressed_to_another_name_is_a_403(web_server):
         status, body = get(host)
         assert status == 403, (host, body)
         assert body["error"] == (
-            "this server answers to localhost, 127.0.0.1, ::1 only; the request was addressed "
-            f"to {host!r} (serve with --host NAME to answer to others)"
+            "this server answers to localhost and loopback addresses (127.0.0.1, ::1) only; the "
+            f"request was addressed to {host!r} (serve with --host NAME to answer to others)"
         )
     for host in (f"127.0.0.1:{u.port}", f"localhost:{u.port}", f"[::1]:{u.port}", "LocalHost"):
         status, body = get(host)
         assert status == 200 and "models" in body, (host, body)
+
+
+def test_every_loopback_address_is_a_local_name(engine):
+    """`serve --host 127.0.0.2` (any of 127.0.0.0/8 is loopback) printed its address and then
+    refused it with a 403: only the literals 127.0.0.1 and ::1 were local names. An address
+    literal cannot come from DNS rebinding, so every loopback one is served; names are not."""
+    app = create_app(engine, local_names_only=True)
+    with TestClient(app) as c:
+        for host in ("127.0.0.2:7860", "127.255.0.9", "[0:0:0:0:0:0:0:1]:7860", "app.localhost"):
+            r = c.get("/api/info", headers={"host": host})
+            assert r.status_code == 200 and "models" in r.json(), (host, r.text)
+        for host in ("127.0.0.2.evil.example", "128.0.0.1:7860", "[::2]:7860", "localhost.evil"):
+            r = c.get("/api/info", headers={"host": host})
+            assert r.status_code == 403 and repr(host) in r.json()["error"], (host, r.text)
 
 
 def test_one_job_at_a_time_and_a_client_that_leaves_stops_its_job(web_server):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ipaddress
 import json
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -186,7 +187,19 @@ def _check_origin(request: Request) -> None:
         )
 
 
-LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+LOCAL_NAMES = "localhost and loopback addresses (127.0.0.1, ::1)"
+
+
+def is_local_name(name: str) -> bool:
+    """Whether a Host's name (no port, IPv6 without brackets) names this machine: localhost,
+    a name under .localhost, or a loopback address literal (the whole of 127.0.0.0/8, which
+    `serve --host 127.0.0.2` binds and prints). No DNS answer can make a Host a literal."""
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 class LocalNamesOnly:
@@ -202,9 +215,9 @@ class LocalNamesOnly:
         if scope["type"] == "http":
             host = Headers(scope=scope).get("host", "")
             name = (urlsplit("//" + host).hostname or "") if host.isprintable() else ""
-            if name not in LOCAL_NAMES and not name.endswith(".localhost"):
+            if not is_local_name(name):
                 msg = (
-                    f"this server answers to {', '.join(LOCAL_NAMES)} only; the request was "
+                    f"this server answers to {LOCAL_NAMES} only; the request was "
                     f"addressed to {host[:80]!r} (serve with --host NAME to answer to others)"
                 )
                 await JSONResponse({"error": msg}, 403)(scope, receive, send)
