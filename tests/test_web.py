@@ -630,6 +630,21 @@ def test_every_loopback_address_is_a_local_name(engine):
             assert r.status_code == 403 and repr(host) in r.json()["error"], (host, r.text)
 
 
+def test_a_malformed_host_or_origin_is_a_403_not_a_500(engine):
+    """A Host or Origin with an unclosed IPv6 bracket made urlsplit raise: a 500 in plain
+    text and a traceback in the server's terminal. Each is now refused like any other."""
+    app = create_app(engine, local_names_only=True)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.get("/api/info", headers={"host": "[::1"})
+        assert r.status_code == 403 and "addressed to '[::1'" in r.json()["error"], r.text
+        r = c.post("/api/generate", json={}, headers={"host": "localhost", "origin": "http://[::1"})
+        assert r.status_code == 403, r.text
+        assert r.json()["error"] == (
+            "jobs are taken only from this server's own page; this request came from a page at "
+            "'http://[::1'"
+        )
+
+
 def test_one_job_at_a_time_and_a_client_that_leaves_stops_its_job(web_server):
     import time
 

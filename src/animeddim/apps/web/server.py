@@ -15,7 +15,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from importlib.resources import files
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -172,6 +172,15 @@ class ForeignOrigin(RequestError):
     status = 403
 
 
+def _split(url: str) -> SplitResult:
+    """`url` split; one that cannot be (an unclosed IPv6 bracket: `[::1`) as nowhere, so a
+    malformed Origin or Host is refused with the reason, not a 500 and a traceback."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        return SplitResult("", "", "", "", "")
+
+
 def _check_origin(request: Request) -> None:
     """Refuse a job posted by another site's page: a browser names the page's origin in
     every POST, and a form post needs no permission to reach 127.0.0.1. Clients that are
@@ -180,7 +189,7 @@ def _check_origin(request: Request) -> None:
     if origin is None:
         return
     host = request.headers.get("host", "").lower()
-    if origin == "null" or urlsplit(origin).netloc.lower() != host:
+    if origin == "null" or _split(origin).netloc.lower() != host:
         raise ForeignOrigin(
             f"jobs are taken only from this server's own page; this request came from a "
             f"page at {origin[:80]!r}"
@@ -214,7 +223,7 @@ class LocalNamesOnly:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             host = Headers(scope=scope).get("host", "")
-            name = (urlsplit("//" + host).hostname or "") if host.isprintable() else ""
+            name = (_split("//" + host).hostname or "") if host.isprintable() else ""
             if not is_local_name(name):
                 msg = (
                     f"this server answers to {LOCAL_NAMES} only; the request was "
