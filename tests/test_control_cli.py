@@ -614,3 +614,35 @@ def test_an_unusable_stored_weight_is_one_line_naming_it(cond_run, cond_data, tm
         says = f"the stored {key.replace('_', ' ')} weight is unusable: {raw!r}"
         assert rc == 2 and says in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
+
+
+def test_evaluate_attr_skips_unusable_real_images_with_the_asked_values(
+    cond_run, cond_data, cond_classifier, tmp_path, capsys, fake
+):
+    """A labelled real image that cannot be decoded (a broken link, a damaged file) is left
+    out of the real features with a note; the asked images' features, computed apart then,
+    loaded every labelled file and died on it with exit 1."""
+    import os
+
+    real = tmp_path / "real"
+    shutil.copytree(cond_data, real)
+    os.symlink(tmp_path / "gone.png", real / "zz-broken.png")
+    (real / "zz-damaged.png").write_bytes(b"\x89PNG not really")
+    with open(real / "labels.csv", "a") as f:
+        f.write("zz-broken.png,red,top\nzz-damaged.png,red,top\n")
+    out = tmp_path / "eval.json"
+    args = _common(cond_run, real, cond_classifier)
+    args += ["--n", 4, "--attr", "colour=red", "--protocols", "standard", "--out", out]
+    rc, stdout, err = run_main(capsys, "evaluate", *args)
+    assert rc == 0, err
+    assert "zz-broken.png: broken symbolic link" in err and "zz-damaged.png" in err
+    r = json.loads(out.read_text())
+    assert r["attributes_asked"]["n_real"] == 48 and r["n_real"] == 96
+    # the same asked KID as against the folder without the two unusable files
+    clean = tmp_path / "clean.json"
+    args = _common(cond_run, cond_data, cond_classifier)
+    args += ["--n", 4, "--attr", "colour=red", "--protocols", "standard", "--out", clean]
+    rc, _, err = run_main(capsys, "evaluate", *args)
+    assert rc == 0, err
+    c = json.loads(clean.read_text())["attributes_asked"]
+    assert r["attributes_asked"]["kid_mean"] == pytest.approx(c["kid_mean"], abs=1e-12)

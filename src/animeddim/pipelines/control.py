@@ -268,9 +268,20 @@ def real_features(
         keep = set(target.real_files)
         rows = [i for i, p in enumerate(files) if p in keep]
         return f_all, f_all[rows]
-    from ..data import load_image
+    from ..data import BadImage, load_image
 
-    images = torch.from_numpy(np.stack([load_image(p, size=None) for p in target.real_files]))
+    usable = []
+    for p in target.real_files:
+        try:
+            usable.append(load_image(p, size=None))
+        except BadImage:  # skipped in f_all too, with its reason in that note
+            continue
+    if len(usable) < 2:
+        raise DataError(
+            f"KID needs at least 2 real images with {target.describe()}; "
+            f"'{target.real}' has {len(usable)} usable"
+        )
+    images = torch.from_numpy(np.stack(usable))
     f_sub = metrics.features_with_progress(
         extractor, _nchw(images), "standard", stage("features (real, asked values)")
     )
