@@ -103,6 +103,24 @@ def test_evaluate_progress_and_shuffled_paper_batches(loaded, avatars16, tmp_pat
     assert torch.equal(fake.paper_batches[0], first.permute(0, 3, 1, 2))
 
 
+def test_evaluate_seconds_count_the_real_features_read_first(loaded, avatars16, tmp_path):
+    """Once the real folder was read before drawing, "seconds" started after it: the total
+    was less than its own parts (standard_seconds holds the real features' time)."""
+    import time
+
+    class SlowReal(FakeExtractor):
+        def features(self, images_u8, protocol, batch_size=64, bf16=False):
+            if len(images_u8) == 24:  # the real folder's 24 images, not the 8 drawn
+                time.sleep(0.5)
+            return super().features(images_u8, protocol, batch_size, bf16)
+
+    s = pipelines.resolve_settings("cpu", steps=1, precision="fp32")
+    r = pipelines.evaluate(loaded, avatars16, n=8, settings=s, extractor=SlowReal(),
+                           cache_dir=tmp_path, protocols=("standard",))  # fmt: skip
+    assert r["standard_seconds"] >= 0.5
+    assert r["seconds"] >= r["generate_seconds"] + r["standard_seconds"] - 0.01, r
+
+
 def test_invert_interpolate_and_steps_report_progress(loaded, avatars16, tmp_path):
     folder = tmp_path / "two"
     folder.mkdir()
