@@ -269,7 +269,8 @@ class _AllReduceSum(torch.autograd.Function):
 
 class _GlooSyncBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d synchronised over gloo ranks, CPU or CUDA tensors (torch's SyncBatchNorm
-    runs on GPUs only, and its all_gather is not one gloo has for CUDA tensors).
+    takes GPU tensors only; under gloo on CUDA this layer is kept too, the one checked on the
+    CPU against one process).
 
     Batch statistics over the global batch from two differentiable all-reduces (sum, then sum of
     squared deviations), in float64; the backward pass all-reduces their gradients, as
