@@ -27,6 +27,7 @@ from animeddim.apps.web import checks, handlers  # noqa: E402
 from animeddim.apps.web.checks import Catalog, RequestError  # noqa: E402
 from animeddim.apps.web.handlers import Engine  # noqa: E402
 from animeddim.apps.web.server import create_app  # noqa: E402
+from animeddim.cli import build_parser  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -609,7 +610,8 @@ def test_a_request_addressed_to_another_name_is_a_403(web_server):
         assert status == 403, (host, body)
         assert body["error"] == (
             "this server answers to localhost and loopback addresses (127.0.0.1, ::1) only; the "
-            f"request was addressed to {host!r} (serve with --host NAME to answer to others)"
+            f"request was addressed to {host!r} (to answer to that name too, behind a reverse "
+            "proxy: serve --allow-host NAME)"
         )
     for host in (f"127.0.0.1:{u.port}", f"localhost:{u.port}", f"[::1]:{u.port}", "LocalHost"):
         status, body = get(host)
@@ -628,6 +630,40 @@ def test_every_loopback_address_is_a_local_name(engine):
         for host in ("127.0.0.2.evil.example", "128.0.0.1:7860", "[::2]:7860", "localhost.evil"):
             r = c.get("/api/info", headers={"host": host})
             assert r.status_code == 403 and repr(host) in r.json()["error"], (host, r.text)
+
+
+def test_allow_host_serves_a_reverse_proxys_name_and_its_pages_posts(engine):
+    """Behind a reverse proxy the loopback-only checks refused everything: a proxy passing its
+    own Host got 403s from the Host check, one rewriting Host to 127.0.0.1 got them on every
+    post (the page's Origin names the proxy). `serve --allow-host NAME` admits that name."""
+    app = create_app(engine, local_names_only=True, allowed_hosts=("Proxy.Example",))
+    job = {"model": "run:tiny", "n": 1, "steps": 1}
+    with TestClient(app) as c:
+        assert c.get("/api/info", headers={"host": "proxy.example"}).status_code == 200
+        r = c.get("/api/info", headers={"host": "other.example"})
+        assert r.status_code == 403 and "serve --allow-host NAME" in r.json()["error"]
+        for host in ("proxy.example", "127.0.0.1:7860"):  # Host passed on, or rewritten
+            r = c.post("/api/generate", json=job,
+                       headers={"host": host, "origin": "https://proxy.example"})  # fmt: skip
+            assert r.status_code == 200 and "result" in stream(r)[-1], (host, r.text)
+        foreign = {"host": "127.0.0.1:7860", "origin": "https://evil.example"}
+        r = c.post("/api/generate", json=job, headers=foreign)
+        assert r.status_code == 403 and "this server's own page" in r.json()["error"]
+
+
+def test_allow_host_takes_a_host_name_only(capsys):
+    from animeddim.cli import main
+
+    for bad in ("http://proxy.example", "proxy.example:443", "", "a b"):
+        with pytest.raises(SystemExit) as e:
+            main(["serve", "--allow-host", bad])
+        assert e.value.code == 2
+        assert "is not a host name (give it without scheme or port: example.org)" in (
+            capsys.readouterr().err
+        )
+    args = build_parser().parse_args(["serve", "--allow-host", "Proxy.Example", "--allow-host",
+                                      "::1"])  # fmt: skip
+    assert args.allow_hosts == ["proxy.example", "::1"]
 
 
 def test_a_malformed_host_or_origin_is_a_403_not_a_500(engine):

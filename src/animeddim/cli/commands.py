@@ -256,6 +256,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
             a.port,
             a.device or "auto",
             a.precision or "auto",
+            allowed_hosts=tuple(a.allow_hosts),
         )
     except RequestError as e:
         raise CliError(str(e)) from None

@@ -473,5 +473,34 @@ def _add_serve(sub) -> None:
         default=7860,
         help="port to listen on (default 7860; 0 picks a free one)",
     )
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        dest="allow_hosts",
+        metavar="NAME",
+        type=_host_name,
+        default=[],
+        help="a name to answer to besides localhost and loopback addresses, and whose pages may "
+        "post jobs: a reverse proxy's (repeat for several; default: none)",
+    )
     _add_runtime(p)
     p.set_defaults(func=cmd_serve)
+
+
+def _host_name(text: str) -> str:
+    """A host name as a Host header carries it, without port (`example.org`, `::1`)."""
+    name = text.strip().lower()
+    if not name or any(c in name for c in "/: \t@") and not _is_ipv6(name):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a host name (give it without scheme or port: example.org)"
+        )
+    return name
+
+
+def _is_ipv6(name: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(name).version == 6
+    except ValueError:
+        return False

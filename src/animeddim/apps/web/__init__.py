@@ -52,8 +52,10 @@ def serve(
     device: str = "auto",
     precision: str = "auto",
     log=print,
+    allowed_hosts: tuple[str, ...] = (),
 ) -> None:
-    """Load and warm the first model, bind, print the address, serve until Ctrl-C."""
+    """Load and warm the first model, bind, print the address, serve until Ctrl-C.
+    `allowed_hosts`: names answered besides the local ones (a reverse proxy's)."""
     import uvicorn
 
     from .checks import Catalog
@@ -79,7 +81,7 @@ def serve(
             f"({engine.base.device}, {engine.base.precision})",
             flush=True,
         )
-    app = create_app(engine, runs, local_names_only=_is_loopback(host))
+    app = create_app(engine, runs, local_names_only=_is_loopback(host), allowed_hosts=allowed_hosts)
     # Open job streams end within HEARTBEAT_S of a stop; 5 s leave a loaded machine room before
     # uvicorn cancels what is left (with a traceback), and cost nothing when nothing is open.
     config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5)

@@ -189,7 +189,9 @@ def _check_origin(request: Request) -> None:
     if origin is None:
         return
     host = request.headers.get("host", "").lower()
-    if origin == "null" or _split(origin).netloc.lower() != host:
+    allowed = getattr(request.app.state, "allowed_hosts", frozenset())
+    page = _split(origin)
+    if origin == "null" or (page.netloc.lower() != host and (page.hostname or "") not in allowed):
         raise ForeignOrigin(
             f"jobs are taken only from this server's own page; this request came from a "
             f"page at {origin[:80]!r}"
@@ -217,17 +219,19 @@ class LocalNamesOnly:
     to 127.0.0.1 (DNS rebinding) reaches the server as that site, so it could read the answers
     (a run's curves, its images): its Host header names that domain, and it gets a 403."""
 
-    def __init__(self, app: Any):
+    def __init__(self, app: Any, allowed_hosts: frozenset[str] = frozenset()):
         self.app = app
+        self.allowed_hosts = allowed_hosts  # `serve --allow-host`: names a proxy passes on
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             host = Headers(scope=scope).get("host", "")
             name = (_split("//" + host).hostname or "") if host.isprintable() else ""
-            if not is_local_name(name):
+            if not (is_local_name(name) or name in self.allowed_hosts):
                 msg = (
                     f"this server answers to {LOCAL_NAMES} only; the request was "
-                    f"addressed to {host[:80]!r} (serve with --host NAME to answer to others)"
+                    f"addressed to {host[:80]!r} (to answer to that name too, behind a "
+                    "reverse proxy: serve --allow-host NAME)"
                 )
                 await JSONResponse({"error": msg}, 403)(scope, receive, send)
                 return
@@ -295,10 +299,17 @@ async def _form(request: Request, names: tuple[str, ...]) -> tuple[dict[str, Any
 
 
 def create_app(
-    engine: Engine, runs_arg: str | None = None, *, local_names_only: bool = False
+    engine: Engine,
+    runs_arg: str | None = None,
+    *,
+    local_names_only: bool = False,
+    allowed_hosts: tuple[str, ...] = (),
 ) -> Starlette:
     """The Starlette app serving `engine`'s models; with `local_names_only`, requests whose Host
-    is not a local name get a 403 (`LocalNamesOnly`: `serve` on a loopback address)."""
+    is neither a local name nor one of `allowed_hosts` get a 403 (`LocalNamesOnly`: `serve` on
+    a loopback address). Pages at `allowed_hosts` may also post jobs (a reverse proxy that
+    rewrites Host to 127.0.0.1 leaves the page's Origin naming the proxy)."""
+    allowed = frozenset(h.lower() for h in allowed_hosts)
     page = files("animeddim.apps.web").joinpath("page.html").read_text(encoding="utf-8")
     queue = JobQueue()
 
@@ -380,12 +391,13 @@ def create_app(
             msg = f"no API endpoint {path[:80]!r}; the API has {', '.join(api)}"
         return JSONResponse({"error": msg}, exc.status_code, headers=exc.headers)
 
-    middleware = [Middleware(LocalNamesOnly)] if local_names_only else []
+    middleware = [Middleware(LocalNamesOnly, allowed_hosts=allowed)] if local_names_only else []
     app = Starlette(
         routes=routes,
         middleware=middleware,
         exception_handlers={404: http_error, 405: http_error},
     )
     app.state.queue = queue
+    app.state.allowed_hosts = allowed
     app.state.stopping = lambda: False
     return app
