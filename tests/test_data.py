@@ -308,6 +308,22 @@ def test_broken_links_are_reported_not_hidden(tmp_path: Path) -> None:
         load_folder(tmp_path, 4, workers=1)
 
 
+def test_links_that_lead_nowhere_leave_the_data_fingerprint_as_it_was(tmp_path: Path) -> None:
+    """Listing broken links (for their skip note) must not change a run's data fingerprint:
+    a run started before they were listed was refused on --resume as "changed data"."""
+    from animeddim.run_folder import data_fingerprint
+
+    _save(tmp_path / "a.png", _rgb(4, 4))
+    _save(tmp_path / "b.png", _rgb(4, 4))
+    before = data_fingerprint(find_images(tmp_path), tmp_path)
+    (tmp_path / "gone.png").symlink_to(tmp_path / "elsewhere" / "gone.png")
+    (tmp_path / "self.jpg").symlink_to(tmp_path / "self.jpg")
+    assert len(find_images(tmp_path)) == 4
+    assert data_fingerprint(find_images(tmp_path), tmp_path) == before
+    (tmp_path / "c.png").symlink_to(tmp_path / "a.png")  # a link to an image is an image
+    assert data_fingerprint(find_images(tmp_path), tmp_path) != before
+
+
 def test_find_images_missing_or_not_folder(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         find_images(tmp_path / "nope")

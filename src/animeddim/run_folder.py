@@ -151,8 +151,14 @@ def lock(run_dir: Path, log: Callable[[str], None] = print) -> Iterator[None]:
 
 
 def data_fingerprint(files: Sequence[Path], root: Path) -> str:
-    """Digest of an image list: each file's path below `root` and byte size, in order."""
+    """Digest of an image list: each file's path below `root` and byte size, in order.
+
+    Links that lead nowhere (broken, or to themselves) are left out: `data.find_images` lists
+    them so that their reason is noted, but a run started before it did has them out of its
+    fingerprint, and they hold no image either way.
+    """
     h = hashlib.sha256()
+    files = [f for f in files if not (f.is_symlink() and not f.exists())]
     for f in files:
         try:
             size = f.stat().st_size
