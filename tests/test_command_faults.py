@@ -910,3 +910,18 @@ def test_a_sigterm_whose_raise_was_swallowed_ends_at_the_next_progress_update(mo
         _signals_seen.clear()
         signal.signal(signal.SIGTERM, previous)
     _Bars()("sample", 10, 10)  # no signal: no raise
+
+
+def test_a_list_with_an_empty_item_is_refused_not_shortened(capsys, tmp_path):
+    """`--widths 8,,16` trained a 2-level network without a word (the empty item dropped);
+    which number was meant cannot be known, so any list option with an empty item is refused."""
+    for argv, flag in (
+        (["train", "--widths", "8,,16", "--out", tmp_path / "r"], "--widths"),
+        (["train", "--widths", "8,16,", "--out", tmp_path / "r"], "--widths"),
+        (["steps", "--steps", "5,,10"], "--steps"),
+        (["steps", "--eta", "0,,1"], "--eta"),
+    ):
+        rc, _, err = run_main(capsys, *argv)
+        assert rc == 2, err
+        _one_line(err, f"argument {flag}: expected comma-separated", repr(argv[2]))
+    assert not (tmp_path / "r").exists()

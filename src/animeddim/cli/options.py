@@ -39,15 +39,15 @@ def _unit_float(name: str) -> Callable[[str], float]:
 
 
 def _int_list(s: str) -> list[int]:
-    try:
-        return [int(x) for x in s.split(",") if x.strip()]
+    try:  # an empty item ('8,,16') is refused, not dropped: which number was meant?
+        return [int(x) for x in s.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
 
 
 def _float_list(s: str) -> list[float]:
     try:
-        v = [float(x) for x in s.split(",") if x.strip()]
+        v = [float(x) for x in s.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
     if not v or any(not 0.0 <= x <= 1.0 for x in v):
