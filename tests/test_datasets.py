@@ -266,8 +266,12 @@ def test_download_checksum_mismatch(tmp_path: Path, server: tuple[str, type]) ->
 
 def test_download_network_failure_is_a_data_error(tmp_path: Path, server: tuple[str, type]) -> None:
     url, _ = server
-    with pytest.raises(DataError, match="download failed.*404.*animeddim data prepare"):
-        download_flowers102(tmp_path, url=url + ".gone", md5="0" * 32, progress=False)
+    with pytest.raises(DataError, match="download failed.*404.*animeddim data prepare") as err:
+        download_flowers102(tmp_path, url=url + ".gone", md5="0" * 32, size=16, progress=False)
+    # The command it suggests is one `data prepare` takes, at the size asked.
+    command = str(err.value).split("`")[1].split()
+    archive, images = str(tmp_path / "102flowers.tgz"), str(tmp_path / "images")
+    assert command == ["animeddim", "data", "prepare", archive, "--out", images, "--size", "16"]
     with socket.socket() as s:  # a port nobody listens on: connection refused
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

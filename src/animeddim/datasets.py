@@ -470,7 +470,10 @@ def download_flowers102(
     archive = out / "102flowers.tgz"
     part = archive.with_name(archive.name + ".part")
     images = out / "images"
-    by_hand = f"download {url} yourself and run `animeddim data prepare {archive} {images}`"
+    by_hand = (
+        f"download {url} yourself and run "
+        f"`animeddim data prepare {archive} --out {images} --size {size}`"
+    )
     if not (archive.exists() and file_digest(archive, "md5") == md5):
         try:
             _download(url, part, progress)
