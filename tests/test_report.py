@@ -13,8 +13,9 @@ import pytest
 from conftest import copy_run
 from PIL import Image
 
+from animeddim.config import RunConfig
 from animeddim.report import ReportError, cell_text, write_report
-from animeddim.run_folder import DASH, sanitise, unique_names
+from animeddim.run_folder import DASH, RunFiles, sanitise, unique_names
 
 KIDS = [0.5, 0.25]  # per-epoch paper KID written into the second run's metrics.csv
 STEPS = 3  # DDIM steps of the report's reverse figure and sample grids: tiny and fast
@@ -176,6 +177,19 @@ def test_cells_and_names():
         "run-2",
         "run-3",
     ]
+
+
+def test_the_dataset_column_names_the_training_folder():
+    def dataset(path: str, abs_path: str) -> str:
+        cfg = RunConfig()
+        cfg.data.path, cfg.data.abs_path = path, abs_path
+        return RunFiles(Path("run"), "run", cfg, []).dataset
+
+    assert dataset("data/anime-faces", "/home/me/data/anime-faces") == "anime-faces"
+    assert dataset(".", "/home/me/data/celeba-hq") == "celeba-hq"  # trained from inside it
+    # `data flowers102 --out data/flowers` puts the images in data/flowers/images.
+    assert dataset("data/flowers/images", "/home/me/data/flowers/images") == "flowers/images"
+    assert dataset("danbooru", "") == "danbooru"  # a config without the absolute path
 
 
 def test_a_conditional_run_gets_an_attribute_grid(cond_run, tmp_path):

@@ -312,8 +312,14 @@ class RunFiles:
 
     @property
     def dataset(self) -> str:
-        """Basename of the training folder (config data.path), e.g. "danbooru"."""
-        return Path(self.config.data.path).name or self.config.data.path or DASH
+        """Name of the training folder, e.g. "danbooru": its basename, from the absolute path
+        recorded at training (so `--data .` is named too), with the parent for a folder named
+        "images" (`data flowers102 --out flowers` trains on "flowers/images")."""
+        data = self.config.data
+        path = Path(data.abs_path or data.path)
+        if path.name == "images" and path.parent.name:
+            return f"{path.parent.name}/{path.name}"
+        return path.name or data.path or DASH
 
     @property
     def has_kid(self) -> bool:
