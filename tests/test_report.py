@@ -48,7 +48,8 @@ def runs(trained_tiny, tmp_path_factory) -> tuple[Path, Path]:
     standard = {"protocol": "standard", "kid_std": 0.004, "fid": 45.6, "n": 100, "steps": 20}
     standard |= {"eta": 0.0, "checkpoint": str(b / "checkpoints/last.safetensors"), "seconds": 1.5}
     _write_json(b / "eval-old.json", {**standard, "kid_mean": 0.9, "fid": 99.0}, 1_000_000)
-    _write_json(b / "eval-new.json", {**standard, "kid_mean": 0.123}, 2_000_000)
+    drawn = {"sampler": "dpmpp-2m", "clip_x0": True, "real": "/data/flowers-held-out"}
+    _write_json(b / "eval-new.json", {**standard, **drawn, "kid_mean": 0.123}, 2_000_000)
     # The newest file of all uses the paper protocol: Table I must still show the standard one.
     _write_json(b / "eval-paper.json", {"protocol": "paper", "kid_mean": 0.2, "n": 6}, 3_000_000)
     with open(b / "steps.csv", "w", newline="") as f:
@@ -122,8 +123,16 @@ def test_table1_one_row_per_run_with_newest_standard_eval(report, runs):
     assert float(b["KID std (standard)"]) == 0.004
     assert float(b["FID (standard)"]) == 45.6
     assert (int(b["n"]), int(b["Steps"])) == (100, 20)
+    # What drew the samples and what they were compared with stand beside the numbers.
+    assert (b["Sampler"], b["Real"]) == ("dpmpp-2m, x0 clipped", "flowers-held-out")
     md = (report / "table1.md").read_text()
     assert "0.123 ± 0.004" in md and "| run-a |" in md and DASH in md
+    assert "DDIM steps" not in md and "the given sampler, steps and eta" in md
+    page = (report / "report.md").read_text()
+    assert (
+        "| eval-new.json | standard | 0.123 | 0.004 | 45.6 | 100 | dpmpp-2m, x0 clipped |" in page
+    )
+    assert "| eval-old.json | standard | 0.9 | 0.004 | 99 | 100 | – | 20 | 0 | – |" in page
 
 
 def test_pages_show_every_image_and_the_paper_headings(report):

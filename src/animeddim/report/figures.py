@@ -203,7 +203,7 @@ def plot_losses(path: Path, runs: Sequence[RunFiles]) -> None:
 
 
 def plot_steps(path: Path, table: Table) -> None:
-    """KID vs DDIM steps, one line (with KID std as error bars) per (run, sampler, eta)."""
+    """KID vs sampling steps, one line (with KID std as error bars) per (run, sampler, eta)."""
     groups: dict[tuple[str, Any, Any], list[tuple[int, float, float | None]]] = {}
     for run, sampler, eta, steps, kid, kid_std, _ in table.rows:
         if steps is not None and kid is not None:
@@ -231,7 +231,7 @@ def plot_steps(path: Path, table: Table) -> None:
         ax.minorticks_off()
     if steps_seen:  # ticks at the measured step counts, printed as plain integers
         ax.set_xticks(steps_seen, labels=[str(s) for s in steps_seen])
-    ax.set_xlabel("DDIM steps")
+    ax.set_xlabel("sampling steps")
     ax.set_ylabel("KID")
     ax.set_title("KID versus sampling steps")
     ax.grid(alpha=0.3)

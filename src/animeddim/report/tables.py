@@ -129,15 +129,26 @@ def _num(d: dict[str, Any], *keys: str) -> Any:
 
 
 def _eval_cells(ev: dict[str, Any]) -> list[Any]:
-    """KID mean, KID std, FID, n, steps and eta of one eval-*.json (None where missing)."""
+    """KID mean, KID std, FID, n, sampler, steps, eta and the real folder's name of one
+    eval-*.json (None where missing)."""
+    real = ev.get("real")
     return [
         _num(ev, "kid_mean"),
         _num(ev, "kid_std"),
         _num(ev, "fid"),
         _num(ev, "n", "n_b"),
+        sampler_label(ev.get("sampler"), ev.get("clip_x0")),
         _num(ev, "steps"),
         _num(ev, "eta"),
+        Path(real).name if isinstance(real, str) and real else None,
     ]
+
+
+EVAL_HEADERS = ["n", "Sampler", "Steps", "eta", "Real"]
+EVAL_SAID = (
+    "n images drawn with the given sampler, steps and eta, against the images of the folder "
+    "named under Real"
+)
 
 
 def table1(runs: Sequence[RunFiles]) -> Table:
@@ -163,11 +174,10 @@ def table1(runs: Sequence[RunFiles]) -> Table:
         f"{PAPER_KID}. Noise Loss, Image Loss: last epoch, validation objective (the run's "
         "--loss) and MAE on x0 of the EMA network. "
         "KID (standard), KID std, FID: newest eval-*.json of the run with protocol "
-        f"'standard' ({protocol_description('standard')}), from n generated images sampled "
-        "with the given DDIM steps and eta."
+        f"'standard' ({protocol_description('standard')}), {EVAL_SAID}."
     )
     headers = ["Run", "Dataset", "Epochs", "KID (paper)", "Noise Loss", "Image Loss"]
-    headers += ["KID (standard)", "KID std (standard)", "FID (standard)", "n", "Steps", "eta"]
+    headers += ["KID (standard)", "KID std (standard)", "FID (standard)", *EVAL_HEADERS]
     return Table(headers, rows, caption)
 
 
@@ -198,10 +208,10 @@ def evals_table(runs: Sequence[RunFiles]) -> Table:
                 ]
             )
     protocols = sorted({str(r[2]) for r in rows if r[2]})
-    caption = "Evaluations (animeddim evaluate). " + " ".join(
+    caption = f"Evaluations (animeddim evaluate): {EVAL_SAID}. " + " ".join(
         f"Protocol '{p}': {protocol_description(p)}." for p in protocols
     )
-    headers = ["Run", "File", "Protocol", "KID", "KID std", "FID", "n", "Steps", "eta"]
+    headers = ["Run", "File", "Protocol", "KID", "KID std", "FID", *EVAL_HEADERS]
     return Table(headers + ["Checkpoint", "Seconds"], rows, caption)
 
 
@@ -235,7 +245,7 @@ def steps_table(runs: Sequence[RunFiles]) -> Table:
         said = " ".join(f"Protocol '{p}': {protocol_description(p)}." for p in named)
     else:
         said = "steps.csv records no protocol column; see the study that wrote it."
-    caption = f"Sampling steps study (RUN/steps.csv): KID vs DDIM steps. {said}"
+    caption = f"Sampling steps study (RUN/steps.csv): KID vs sampling steps. {said}"
     headers = ["Run", "Sampler", "eta", "Steps", "KID", "KID std", "s/image"]
     return Table(headers, rows, caption)
 
