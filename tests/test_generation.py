@@ -65,6 +65,20 @@ def test_clip_defaults_and_errors():
     assert done == [2, 2, 1]
 
 
+def test_bad_counts_are_value_errors_and_no_images_are_still_uint8():
+    """n = -1 gave an empty float32 tensor (the docstring says uint8), batch_size 0 a
+    'range() arg 3 must not be zero' and steps 0 the starting noise as images."""
+    model = _tiny_unet()
+    empty = generate(model, **{**KW, "n": 0})
+    assert empty.dtype == torch.uint8 and empty.shape == (0, 16, 16, 3)
+    with pytest.raises(ValueError, match="n must be an integer >= 0, got -1"):
+        generate(model, **{**KW, "n": -1})
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        generate(model, batch_size=0, **KW)
+    with pytest.raises(ValueError, match="steps must be an integer >= 1, got 0"):
+        generate(model, **{**KW, "steps": 0})
+
+
 def test_shipped_model_samples_are_unchanged():
     """The shipped avatars-64 model draws the same images as before (2/255 per pixel)."""
     from animeddim.checkpoint import load_model

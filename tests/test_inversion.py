@@ -84,6 +84,14 @@ def test_inversion_callback_and_call_count():
     assert [k for k, _ in seen] == [4, 3, 2, 1, 0] and seen[-1][1] == 1.0
 
 
+def test_inversion_refuses_steps_below_one():
+    """steps 0 failed with an IndexError from inside the function."""
+    import pytest
+
+    with pytest.raises(ValueError, match="steps must be an integer >= 1, got 0"):
+        ddim_invert(Gaussian(), noise(2), 0, SCHED)
+
+
 def test_slerp_endpoints_norms_and_frames():
     g = torch.Generator().manual_seed(8)
     a, b = torch.randn(3, 16, 16, generator=g), torch.randn(3, 16, 16, generator=g)

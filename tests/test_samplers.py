@@ -72,6 +72,28 @@ def test_registry_rules_and_errors():
     )
 
 
+def test_bad_arguments_are_value_errors_naming_them():
+    """Called from Python, a wrong argument was silently used or failed deep inside torch:
+    steps 0 returned the noise itself, steps 2.5 ran 3 steps, eta 5 ran, one generator for
+    two images gave both the same fresh noise, steps -1 failed in torch.arange."""
+    model, x = Gaussian(), noise(2)
+    gens = image_generators(0, range(len(x)))
+    for steps in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=f"steps must be an integer >= 1, got {steps!r}"):
+            sample(model, x, steps, SCHED, sampler="dpmpp-2m")
+    for eta in (5.0, -0.1, "0.5"):
+        with pytest.raises(ValueError, match="eta must be a number in \\[0, 1\\], got"):
+            sample(model, x, 3, SCHED, eta=eta, generators=gens)
+    with pytest.raises(ValueError, match=f"one per image: got 1 for {len(x)} images"):
+        sample(model, x, 3, SCHED, eta=1.0, generators=gens[:1])
+    with pytest.raises(ValueError, match="initial_noise must be \\[N x C x H x W\\]"):
+        sample(model, x[0], 3, SCHED)
+    # numpy integers are integers
+    import numpy as np
+
+    assert torch.equal(sample(model, x, np.int64(3), SCHED), sample(model, x, 3, SCHED))
+
+
 @pytest.mark.parametrize("steps", [1, 5, 20])
 def test_ddim_with_oracle_recovers_data(steps):
     g = torch.Generator().manual_seed(1)

@@ -7,13 +7,21 @@ same whatever the batch size or the number of processes (EDM's StackedRandomGene
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from ..config import ScheduleConfig
-from .samplers import Denoiser, check_sampler, randn_per_image, sample, sampler_x0_range
+from .samplers import (
+    Denoiser,
+    check_sampler,
+    check_steps,
+    randn_per_image,
+    sample,
+    sampler_x0_range,
+)
 
 _SEED_STRIDE = 0x9E3779B97F4A7C15  # spreads (seed, index) pairs over distinct generator seeds
 
@@ -72,8 +80,13 @@ def generate(
         (sliced per batch), or None.
     :param progress: called with the number of images finished after each batch.
     :return: uint8 [n x image_size x image_size x channels] on the CPU.
+    :raises ValueError: naming the bad argument (`samplers.sample`'s, n < 0, batch_size < 1).
     """
     check_sampler(sampler, eta)
+    check_steps(steps)
+    for name, value, least in (("n", n, 0), ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     x0_range = sampler_x0_range(clip, sampler, mean, std)
     out = []
     for start in range(first_index, first_index + n, batch_size):
@@ -96,4 +109,8 @@ def generate(
         out.append(denormalize(x0.float(), mean, std).cpu())
         if progress is not None:
             progress(len(idx))
-    return torch.cat(out) if out else torch.empty(0, image_size, image_size, channels)
+    return (
+        torch.cat(out)
+        if out
+        else torch.empty(0, image_size, image_size, channels, dtype=torch.uint8)
+    )

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..config import ScheduleConfig
-from .samplers import Denoiser, StepCallback, ddim_times
+from .samplers import Denoiser, StepCallback, check_steps, ddim_times
 from .schedule import rates
 
 
@@ -62,7 +62,9 @@ def ddim_invert(
         (step, t_k, x_{t_k}, x0_hat used for it).
     :return: [N x C x H x W] the noise x_{t=1} (approximately standard normal for images
         like the training data).
+    :raises ValueError: steps not an integer >= 1.
     """
+    check_steps(steps)
 
     def eps_at(x: torch.Tensor, noise_rate: float) -> torch.Tensor:
         return model(x, torch.full((x.shape[0],), noise_rate**2, device=x.device), cond).float()

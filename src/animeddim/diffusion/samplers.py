@@ -28,6 +28,7 @@ torch); the registry refuses to import when the two name different samplers.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -383,9 +384,21 @@ def sampler_spec(name: str) -> SamplerSpec:
     return SAMPLERS[name]
 
 
+def check_steps(steps: int, name: str = "steps") -> int:
+    """`steps` as an int if it is an integer >= 1, else ValueError naming it (a float such
+    as 2.5 would make a grid of ceil(2.5) times, 0 would return the noise unchanged)."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {steps!r}")
+    return int(steps)
+
+
 def check_sampler(sampler: str, eta: float) -> None:
-    """ValueError for an unknown sampler, or eta > 0 with a deterministic one."""
-    if not sampler_spec(sampler).stochastic and eta > 0:
+    """ValueError for an unknown sampler, an eta that is not a number in [0, 1], or eta > 0
+    with a deterministic one."""
+    spec = sampler_spec(sampler)
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0 <= eta <= 1:
+        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+    if not spec.stochastic and eta > 0:
         raise ValueError(f"{sampler} is deterministic; use eta 0 (got eta {eta})")
 
 
@@ -422,14 +435,33 @@ def sample(
 ) -> torch.Tensor:
     """Run the named sampler (`SAMPLERS`) on its own time grid of `steps` evaluations.
 
+    :param model: the denoiser, called as model(x_t [N x C x H x W], noise variances [N]
+        (noise_rate^2, float32), cond) -> predicted noise [N x C x H x W]; it must take the
+        third argument even when it ignores it.
     :param initial_noise: [N x C x H x W] standard normal x_T.
     :param steps: number of network evaluations S >= 1 (every sampler uses exactly S).
     :param eta: stochasticity in [0, 1]; must be 0 for a deterministic sampler.
+    :param generators: one per image (N), each drawing that image's fresh noise; needed
+        when eta > 0.
+    :param callback: called after each network evaluation as callback(step, t, x_t, x0_hat).
     :param x0_range: clip every x0_hat to it (`data_range`); None: no clipping.
     :param cond: conditioning, passed unchanged to every network call.
     :return: [N x C x H x W] predicted clean images x0_hat (normalised space).
+    :raises ValueError: naming the bad argument: an unknown sampler, steps not an integer
+        >= 1, eta outside [0, 1] or > 0 for a deterministic sampler, noise that is not
+        [N x C x H x W], or generators that are not one per image.
     """
     check_sampler(sampler, eta)
+    check_steps(steps)
+    if initial_noise.dim() != 4:
+        raise ValueError(
+            f"initial_noise must be [N x C x H x W], got shape {tuple(initial_noise.shape)}"
+        )
+    if generators is not None and len(generators) != len(initial_noise):
+        raise ValueError(
+            f"generators must be one per image: got {len(generators)} for "
+            f"{len(initial_noise)} images"
+        )
     spec = SAMPLERS[sampler]
     return spec.fn(
         model,
