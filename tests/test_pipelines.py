@@ -183,3 +183,39 @@ def test_check_seed_takes_any_integer_type_in_range():
     for bad in (np.int64(-1), 2**63, 1.5, True, "3"):
         with pytest.raises(ConfigError, match="0 .. 2\\*\\*63 - 1"):
             check_seed(bad)
+
+
+def test_wrong_arguments_from_python_are_config_errors_naming_them(loaded, tmp_path):
+    """From a notebook, steps "5" or batch_size None died in a comparison (TypeError), steps
+    2.5 and precision "fp8" were accepted (the latter a KeyError at the first draw), n -1
+    drew nothing, interpolate frames 0 failed inside torch, three seeds used two, and invert
+    steps 0 hit an IndexError."""
+    for kw, match in [
+        ({"steps": "5"}, "steps must be an integer >= 1, got '5'"),
+        ({"steps": 2.5}, "steps must be an integer >= 1, got 2.5"),
+        ({"batch_size": None}, "batch_size must be an integer >= 1, got None"),
+        ({"eta": "0.5"}, "eta must be a number in \\[0, 1\\], got '0.5'"),
+        ({"eta": 2}, "eta must be a number in \\[0, 1\\], got 2"),
+        ({"precision": "fp8"}, "unknown precision 'fp8': expected auto, fp32, bf16 or fp16"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            pipelines.resolve_settings("cpu", **kw)
+    s = pipelines.resolve_settings("cpu", steps=np.int64(1), batch_size=2, precision="fp32")
+    assert type(s.steps) is int
+    for n, first, match in [(-1, 0, "n must be"), (2.0, 0, "n must be"), (1, -1, "first_index")]:
+        with pytest.raises(ConfigError, match=match):
+            pipelines.draw(loaded, n, s, first_index=first)
+    out = tmp_path / "i.gif"
+    for kw, match in [
+        ({"seeds": (1, 2), "frames": 0}, "frames must be an integer >= 2, got 0"),
+        ({"seeds": (1, 2, 3)}, "give two seeds or two images, not both: got seeds=\\(1, 2, 3\\)"),
+        ({}, "give two seeds or two images"),
+        ({"seeds": (1, 2), "images": ("a.png", "b.png")}, "not both"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            pipelines.interpolate(loaded, out, settings=s, **kw)
+    with pytest.raises(ConfigError, match="steps must be an integer >= 1, got 0"):
+        pipelines.invert(loaded, tmp_path, tmp_path / "inv", steps=0, settings=s)
+    with pytest.raises(ConfigError, match="n must be an integer >= 1, got 0"):
+        pipelines.reverse_steps(loaded, settings=s, n=0)
+    assert not out.exists() and not (tmp_path / "inv").exists()  # refused before writing

@@ -134,7 +134,10 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """auto -> bf16 where the hardware does it well, else fp32."""
+    """auto -> bf16 where the hardware does it well, else fp32; ConfigError for a name
+    that is not auto, fp32, bf16 or fp16, or fp16 on the CPU."""
+    if name != "auto" and name not in PRECISIONS:
+        raise ConfigError(f"unknown precision {name!r}: expected auto, fp32, bf16 or fp16")
     if name != "auto":
         if name == "fp16" and device.type == "cpu":
             raise ConfigError("precision 'fp16' is not supported on the CPU: use bf16 or fp32")

@@ -125,6 +125,14 @@ def check_seed(seed: int, name: str = "seed") -> int:
     return int(seed)
 
 
+def check_count(value: int, name: str, least: int = 1) -> int:
+    """`value` as an int if it is an integer >= `least` (numpy's too), else ConfigError
+    naming it (a float such as 2.5 steps, or a string, would fail deep inside torch)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
+    return int(value)
+
+
 def resolve_settings(
     device: str | torch.device = "auto",
     precision: str = "auto",
@@ -144,19 +152,17 @@ def resolve_settings(
     precision "auto" becomes bf16 where the hardware does it well, else fp32.
 
     :raises ConfigError: naming the bad value (unknown sampler, eta > 0 for a deterministic
-        one, steps or batch size < 1, eta outside [0, 1], fp16 on the CPU, a guidance
-        interval that is not 0 <= lo < hi, a seed outside 0 .. 2**63 - 1).
+        one, steps or batch size not an integer >= 1, eta not a number in [0, 1], an unknown
+        precision or fp16 on the CPU, a guidance interval that is not 0 <= lo < hi, a seed
+        outside 0 .. 2**63 - 1).
     """
     check_seed(seed)
+    steps, batch_size = check_count(steps, "steps"), check_count(batch_size, "batch_size")
     dev = _device(device)
     try:
         check_sampler(sampler, eta)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if steps < 1 or batch_size < 1 or not 0.0 <= eta <= 1.0:
-        raise ConfigError(
-            f"steps ({steps}) and batch size ({batch_size}) must be >= 1, eta ({eta}) in [0, 1]"
-        )
     return SampleSettings(
         steps=steps,
         eta=eta,
@@ -201,7 +207,9 @@ def draw(
         share its preparation and compilation between calls.
     :param progress: told ("sample", images done, n) after each batch.
     :param cond: per-image conditioning (one row per image), passed to the network.
+    :raises ConfigError: n not an integer >= 0 or first_index not one >= 0.
     """
+    n, first_index = check_count(n, "n", 0), check_count(first_index, "first_index", 0)
     cfg = loaded.config
     if net is None:
         net = sampling_net(loaded, s, n * s.steps)

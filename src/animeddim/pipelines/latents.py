@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import LoadedModel
+from ..config import ConfigError
 from ..diffusion.generation import denormalize, image_generators
 from ..diffusion.inversion import ddim_invert, interpolation_noises, psnr
 from ..diffusion.samplers import (
@@ -21,7 +22,7 @@ from ..diffusion.samplers import (
     sampler_x0_range,
 )
 from ..io import save_gif, save_grid, save_pngs, write_bytes_atomic
-from .core import Progress, SampleSettings, _counter, _nchw, check_seed
+from .core import Progress, SampleSettings, _counter, _nchw, check_count, check_seed
 
 
 def _load_images(folder: str | Path, size: int) -> tuple[torch.Tensor, list[str]]:
@@ -51,10 +52,16 @@ def invert(
     Writes out/latents.safetensors, out/reconstructions/*.png and out/side-by-side.png
     (originals above, reconstructions below).
 
+    :param steps: DDIM steps of the inversion and of the regeneration (an integer >= 1).
+    :param settings: its batch size, device and precision are used (the sampler is DDIM).
     :param progress: told ("invert", images done, total) after each batch.
+    :return: {"steps", "psnr_db": {image path: PSNR in dB}, "mean_psnr_db", "out"}.
+    :raises ConfigError: steps not an integer >= 1. DataError: a missing folder, or one
+        with no usable image.
     """
     from safetensors.torch import save as st_save
 
+    steps = check_count(steps, "steps")
     out = Path(out)
     cfg = loaded.config
     real_u8, paths = _load_images(images, cfg.model.image_size)  # before any folder is made
@@ -115,11 +122,22 @@ def interpolate(
     The noises come from two seeds (image 0 of each) or from DDIM inversion of two images.
     Writes a strip (PNG) and an animated GIF with the same stem; returns both paths.
 
+    :param seeds: (seed a, seed b); or `images`: (image file a, image file b), not both.
+    :param frames: frames of the strip and the GIF, ends included (an integer >= 2).
+    :param settings: how the frames are decoded from seeds; from images, DDIM with
+        `invert_steps` steps (the inverted noises belong to it).
     :param progress: told ("invert", images done, 2) for inverted ends, then
         ("interpolate", frames done, frames).
-    :raises ConfigError: a seed outside 0 .. 2**63 - 1.
+    :return: (out with suffix .png: the frames side by side, out with suffix .gif).
+    :raises ConfigError: not exactly two seeds or two images, a seed outside
+        0 .. 2**63 - 1, frames or invert_steps out of range. DataError: an unusable image.
     """
-
+    frames = check_count(frames, "frames", 2)
+    invert_steps = check_count(invert_steps, "invert_steps")
+    if (seeds is None) == (images is None) or len(seeds if images is None else images) != 2:
+        raise ConfigError(
+            f"give two seeds or two images, not both: got seeds={seeds!r}, images={images!r}"
+        )
     cfg = loaded.config
     shape = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
     if seeds is not None:
@@ -127,7 +145,7 @@ def interpolate(
             check_seed(seed)
         a = randn_per_image(image_generators(seeds[0], [0]), shape, settings.device)
         b = randn_per_image(image_generators(seeds[1], [0]), shape, settings.device)
-    elif images is not None:
+    else:
         from ..data import BadImage, DataError, load_image
 
         ends = []
@@ -144,8 +162,6 @@ def interpolate(
         a, b = ends
         # the inverted noises belong to unclipped DDIM with the inversion's steps
         settings = replace(settings, steps=invert_steps, sampler="ddim", eta=0.0, clip=False)
-    else:
-        raise ValueError("give two seeds or two images")
     noises = interpolation_noises(a[0], b[0], frames)
     x0_range = sampler_x0_range(settings.clip, settings.sampler, loaded.mean, loaded.std)
     decoded = []
@@ -210,7 +226,9 @@ def reverse_steps(
     predicted x0 at up to `columns` evenly spaced steps (`shown_steps`).
 
     :param progress: told ("trajectory", network evaluations done, settings.steps) after each.
+    :raises ConfigError: n or columns not an integer >= 1.
     """
+    n, columns = check_count(n, "n"), check_count(columns, "columns")
     cfg = loaded.config
     shape = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
     gens = image_generators(settings.seed, range(n))
