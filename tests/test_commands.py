@@ -62,6 +62,25 @@ def test_sample_trajectory_and_sampler(tiny_run, tmp_path):
     assert p.returncode == 2 and "deterministic" in p.stderr
 
 
+def test_sampling_with_no_model_named_says_it_uses_the_shipped_one(tiny_run, tmp_path):
+    # A user of their own data who forgets --run gets the avatar model: they are told so.
+    p = run_here("sample", "--n", "1", "--steps", "1", "--grid", str(tmp_path / "a.png"))
+    assert "using the shipped model avatars-64" in p.stderr and "--run RUN" in p.stderr
+    for source in (["--run", str(tiny_run)], ["--model", "avatars-64"]):
+        p = run_here(
+            "sample",
+            *source,
+            "--n",
+            "1",
+            "--steps",
+            "1",
+            "--grid",
+            str(tmp_path / "b.png"),
+            "--force",
+        )
+        assert "shipped model" not in p.stderr
+
+
 def test_invert_and_interpolate(tiny_run, avatars16, tmp_path, capsys):
     imgs = tmp_path / "imgs"
     imgs.mkdir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +16,15 @@ from .common import CliError, _Bars, _is_main, _names
 def load_for_sampling(run: str | None, model: str | None, device_name: str | None):
     from ..pipelines import load_for_sampling as load
 
-    return load(run, model, device_name or "auto")
+    loaded = load(run, model, device_name or "auto")
+    if run is None and model is None and _is_main():
+        # Else a command on one's own data that forgot --run measures the avatars in silence.
+        print(
+            "note: no --run or --model: using the shipped model avatars-64 "
+            "(--run RUN for a model you trained)",
+            file=sys.stderr,
+        )
+    return loaded
 
 
 def fill_sampling(a: argparse.Namespace, loaded) -> None:
