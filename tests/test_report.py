@@ -124,7 +124,7 @@ def test_table1_one_row_per_run_with_newest_standard_eval(report, runs):
     assert float(b["FID (standard)"]) == 45.6
     assert (int(b["n"]), int(b["Steps"])) == (100, 20)
     # What drew the samples and what they were compared with stand beside the numbers.
-    assert (b["Sampler"], b["Real"]) == ("dpmpp-2m, x0 clipped", "flowers-held-out")
+    assert (b["Sampler"], b["Real"]) == ("dpmpp-2m, x0 clipped", "data/flowers-held-out")
     md = (report / "table1.md").read_text()
     assert "0.123 ± 0.004" in md and "| run-a |" in md and DASH in md
     assert "DDIM steps" not in md and "the given sampler, steps and eta" in md

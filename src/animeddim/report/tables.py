@@ -129,8 +129,8 @@ def _num(d: dict[str, Any], *keys: str) -> Any:
 
 
 def _eval_cells(ev: dict[str, Any]) -> list[Any]:
-    """KID mean, KID std, FID, n, sampler, steps, eta and the real folder's name of one
-    eval-*.json (None where missing)."""
+    """KID mean, KID std, FID, n, sampler, steps, eta and the real folder (its last two path
+    parts) of one eval-*.json (None where missing)."""
     real = ev.get("real")
     return [
         _num(ev, "kid_mean"),
@@ -140,14 +140,21 @@ def _eval_cells(ev: dict[str, Any]) -> list[Any]:
         sampler_label(ev.get("sampler"), ev.get("clip_x0")),
         _num(ev, "steps"),
         _num(ev, "eta"),
-        Path(real).name if isinstance(real, str) and real else None,
+        _folder_end(real) if isinstance(real, str) and real else None,
     ]
+
+
+def _folder_end(path: str) -> str:
+    """'held/anime' for /home/me/held/anime: the parent too, since a held-out folder is often
+    named as the training one (held/anime, data/anime)."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
 
 
 EVAL_HEADERS = ["n", "Sampler", "Steps", "eta", "Real"]
 EVAL_SAID = (
     "n images drawn with the given sampler, steps and eta, against the images of the folder "
-    "named under Real"
+    "under Real (the end of its path)"
 )
 
 
