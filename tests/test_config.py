@@ -123,3 +123,37 @@ def test_every_option_with_a_default_shows_it_in_its_help():
 
     walk(build_parser(), "animeddim")
     assert not missing, missing
+
+
+def test_a_config_built_in_python_is_type_checked_as_a_file_is(tmp_path):
+    """RunConfig(...).validate() checked no types: epochs "2" failed in a comparison
+    (TypeError), image_size 16.0 and flip "no" (taken as true) passed, a dict for a section
+    raised AttributeError. Wrong types are now ConfigErrors naming the setting, and what
+    Python code naturally passes (numpy numbers, a tuple, a Path) is converted, so
+    config.json can still be written."""
+    import numpy as np
+
+    from animeddim.config import DataConfig, TrainConfig, UNetConfig
+
+    for cfg, match in [
+        (RunConfig(train=TrainConfig(epochs="2")), "invalid epochs = '2': expected an integer"),
+        (RunConfig(model=UNetConfig(image_size=16.0)), "model.image_size = 16.0: expected an"),
+        (RunConfig(data=DataConfig(flip="no")), "data.flip = 'no': expected true or false"),
+        (RunConfig(train=TrainConfig(compile="yes")), "compile = 'yes': expected true or false"),
+        (RunConfig(train=TrainConfig(learning_rate="1e-3")), "learning_rate = '1e-3': expected"),
+        (RunConfig(model={"image_size": 16}), "model = {'image_size': 16}: expected a UNetConfig"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            cfg.validate()
+    cfg = RunConfig(
+        data=DataConfig(path=tmp_path, val_fraction=np.float32(0.25)),
+        model=UNetConfig(image_size=np.int64(16), widths=(8, np.int64(16))),
+        train=TrainConfig(epochs=np.int64(2), learning_rate=1),
+    ).validate()
+    assert (cfg.data.path, cfg.model.widths, cfg.train.learning_rate) == (
+        str(tmp_path),
+        [8, 16],
+        1.0,
+    )
+    assert type(cfg.model.image_size) is int and type(cfg.data.val_fraction) is float
+    assert RunConfig.from_dict(json.loads(cfg.to_json())) == cfg

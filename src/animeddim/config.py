@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -435,7 +437,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> RunConfig:
-        for part in (self.data, self.model, self.schedule, self.train):
+        """Check every setting (`_coerce`: a numpy number or a tuple from Python is converted)."""
+        for f in fields(self):
+            part, cls = getattr(self, f.name), type(_default(f))
+            _check(isinstance(part, cls), f.name, part, f"a {cls.__name__} (or use from_dict)")
             part.validate()
         return self
 
@@ -509,10 +514,11 @@ def _check(ok: bool, name: str, value: Any, accepted: str) -> None:
 
 
 def _check_declared(part: Any, prefix: str = "") -> None:
-    """The checks a config's settings declare: each `choices` and `minimum` (`setting`)."""
+    """The checks a config's settings declare: type (`_coerce`), `choices`, `minimum`."""
     for f in fields(part):
-        value, choices = getattr(part, f.name), f.metadata.get("choices")
-        minimum, name = f.metadata.get("minimum"), prefix + f.name
+        name, choices, minimum = prefix + f.name, f.metadata["choices"], f.metadata["minimum"]
+        value = _coerce(getattr(part, f.name), _default(f), name)
+        setattr(part, f.name, value)
         if choices is not None:
             accepted = " or ".join(choices) if len(choices) == 2 else ", ".join(choices)
             _check(value in choices, name, value, accepted)
@@ -546,8 +552,7 @@ def _build(cls: type, d: Any, prefix: str) -> Any:
         )
     kwargs = {}
     for name, value in d.items():
-        f = known[name]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = _default(known[name])
         if dataclasses.is_dataclass(default):
             kwargs[name] = _build(type(default), value, f"{prefix}{name}.")
         else:
@@ -555,9 +560,21 @@ def _build(cls: type, d: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def _coerce(value: Any, default: Any, name: str) -> Any:
-    """Check a leaf value against the type of its default."""
-    if isinstance(default, bool) or (default is None and isinstance(value, bool)):
+    """Check a leaf value against its default's type, after converting what Python code may
+    pass (a tuple for a list, numpy numbers, a Path for a string)."""
+    integral = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)  # noqa: E731
+    if isinstance(value, (list, tuple)):
+        value = [int(v) if integral(v) else v for v in value]
+    elif integral(value) or (isinstance(value, numbers.Real) and isinstance(default, float)):
+        value = int(value) if integral(value) else float(value)
+    elif isinstance(value, os.PathLike) and isinstance(default, str):
+        value = os.fspath(value)
+    if isinstance(default, bool) or default is None:  # None: compile's "where it pays off"
         if not isinstance(value, bool) and value is not None:
             raise ConfigError(f"invalid {name} = {value!r}: expected true or false")
         return value
