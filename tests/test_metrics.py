@@ -526,6 +526,34 @@ def test_kid_folders_standard_reports_protocol_kid_and_fid(tmp_path: Path) -> No
     assert "torch-fidelity" in result["protocol_description"]
 
 
+def test_kid_folders_refuses_bad_arguments_and_reports_each_stage_once(tmp_path: Path) -> None:
+    """From Python, subsets 0 gave a NaN KID with numpy warnings, batch_size 0 a range()
+    error (paper) and device 'gpu' torch's list of device types; each stage's last
+    progress call (done == total) also came twice."""
+    from animeddim.config import ConfigError
+
+    write_pngs(tmp_path / "a", smooth_images(5, 0, size=8))
+    write_pngs(tmp_path / "b", noise_images(3, 1, size=8))
+    kw = {"cache_dir": tmp_path / "c", "extractor": FakeExtractor()}
+    for bad, match in [
+        ({"subsets": 0}, "subsets must be an integer >= 1, got 0"),
+        ({"subset_size": 1}, "subset_size must be an integer >= 2, got 1"),
+        ({"batch_size": 0, "protocol": "paper"}, "batch_size must be an integer >= 1, got 0"),
+        ({"protocol": "fancy"}, "unknown protocol 'fancy'"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            kid_folders(tmp_path / "a", tmp_path / "b", **{**kw, **bad})
+    with pytest.raises(ConfigError, match="unknown device 'gpu'"):
+        kid_folders(tmp_path / "a", tmp_path / "b", device="gpu", cache_dir=tmp_path / "c")
+    calls: list[tuple[str, int, int]] = []
+    kid_folders(
+        tmp_path / "a", tmp_path / "b", batch_size=2, progress=lambda *c: calls.append(c), **kw
+    )
+    first, second = "features (first folder)", "features (second folder)"
+    assert calls == [(first, 0, 5), (first, 2, 5), (first, 4, 5), (first, 5, 5),
+                     (second, 0, 3), (second, 2, 3), (second, 3, 3)]  # fmt: skip
+
+
 def class_images(labels: list[int], seed: int, size: int = 8) -> torch.Tensor:
     """[n, 3, size, size] uint8: image i a noisy flat field in the colour of class labels[i]."""
     palette = torch.rand(10, 3, 1, 1, generator=torch.Generator().manual_seed(99)) * 200 + 20

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from .. import io
+from ..config import ConfigError
 from ..data import (
     BadImage,
     DataError,
@@ -133,12 +135,13 @@ def folder_features_with_size(
     size = (0, 0)
     if progress is not None:
         progress(0, len(files))
+    done = 0
     for batch, batch_hw in _load_batches(folder, files, batch_size, skipped):
         chunks.append(extractor.features(batch, protocol, batch_size=batch_size))
-        size = batch_hw
+        size, done = batch_hw, done + len(batch)
         if progress is not None:
-            progress(sum(len(c) for c in chunks), len(files))
-    if progress is not None:
+            progress(done, len(files))
+    if progress is not None and done < len(files):
         progress(len(files), len(files))  # skipped files count as done
     usable = sum(len(c) for c in chunks)
     if usable < 2:
@@ -246,7 +249,7 @@ def kid_folders(
     protocol: str = "standard",
     *,
     weights: str | Path | None = None,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     batch_size: int = 64,
     cache_dir: Path | None = None,
     subsets: int = 100,
@@ -266,17 +269,36 @@ def kid_folders(
 
     :param dir_a: reference (real) images.
     :param dir_b: generated images.
+    :param device: auto | cpu | cuda | cuda:N | mps, where Inception runs.
+    :param batch_size: images per Inception batch; "paper": also the KID batch.
+    :param subsets, subset_size: "standard": KID over `subsets` random subsets of
+        min(subset_size, n_a, n_b) images of each folder.
     :param extractor: a ready extractor (skips loading ``weights``).
-    :param progress: called with (stage, images done, total) while features are computed,
-        stages "features (first folder)" and "features (second folder)".
+    :param progress: called with (stage, images done, total) while features are computed
+        (not for a folder whose features are cached), stages "features (first folder)" and
+        "features (second folder)".
     :return: JSON-able dict: protocol, protocol_description, kid_mean, kid_std (standard),
         fid (standard), n_a, n_b, subsets, subset_size, image_size_a/b, resize, weights,
         feature_dim.
+    :raises ConfigError: an unknown protocol or device, batch_size or subsets < 1, or
+        subset_size < 2 (subsets 0 gave a NaN KID). DataError: a folder with under 2
+        usable images.
     """
     if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol '{protocol}', expected one of {PROTOCOLS}")
+        raise ConfigError(f"unknown protocol '{protocol}', expected one of {PROTOCOLS}")
+    for name, value, least in [("batch_size", batch_size, 1), ("subsets", subsets, 1),
+                               ("subset_size", subset_size, 2)]:  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
     if extractor is None:
-        extractor = InceptionFeatures(weights, device)
+        from ..runtime import resolve_device
+
+        dev = (
+            device
+            if isinstance(device, torch.device)
+            else resolve_device(device, host_memory=False)
+        )
+        extractor = InceptionFeatures(weights, dev)
     f_a, size_a = folder_features_with_size(
         Path(dir_a), extractor, protocol, cache_dir, batch_size, _stage(progress, "first")
     )
