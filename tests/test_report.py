@@ -178,6 +178,14 @@ def test_bad_run_folders_raise_report_error_naming_them(runs, tmp_path):
     assert not (tmp_path / "out").exists()  # all folders are read before anything is written
 
 
+def test_one_run_folder_may_be_given_alone(runs, tmp_path):
+    """write_report("runs/a", out) iterated the string: "'r' is not an animeddim run folder"."""
+    with pytest.raises(ReportError, match="nowhere"):
+        write_report(str(tmp_path / "nowhere"), tmp_path / "out")
+    page = write_report(str(runs[0]), tmp_path / "one", steps=1)
+    assert "run-a" in page.read_text() and (tmp_path / "one" / "table2-run-a.md").is_file()
+
+
 def test_cells_and_names():
     assert [cell_text(v) for v in (None, "", 0.123456, 3, "x")] == [DASH, DASH, "0.1235", "3", "x"]
     assert sanitise("run b!") == "run-b" and sanitise("..") == "run"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -232,7 +233,7 @@ def _attribute_grids(run: RunFiles, loaded, out: Path, seed: int, steps: int, de
 
 
 def write_report(
-    runs: Sequence[str | Path],
+    runs: Sequence[str | Path] | str | Path,
     out: str | Path,
     *,
     device: torch.device | str = "cpu",
@@ -247,12 +248,15 @@ def write_report(
     fig4-losses.png, table1.md/.csv, table2-<run>.md/.csv, and steps-table.md/.csv with
     fig-steps.png when a run has steps.csv. Only files in the run folders are read.
 
-    :param runs: run folders written by `animeddim train`.
+    :param runs: run folders written by `animeddim train` (a list; one folder alone may be
+        given as a str or Path).
     :param device: where the EMA networks sample (Fig. 1 reverse, sample grids).
     :param seed: seed of the forward-process noise and of the sampled images.
     :param steps: DDIM steps of the reverse figure and the sample grids.
     :raises ReportError: a folder is missing or lacks config.json / metrics.csv.
     """
+    if isinstance(runs, (str, os.PathLike)):  # not its characters, one by one
+        runs = [runs]
     if not runs:
         raise ReportError("no run folders given")
     if steps < 1:
