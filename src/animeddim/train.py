@@ -75,6 +75,10 @@ VAL_CHUNK = 256  # validation draws come in chunks of this many images (`validat
 
 @dataclass
 class TrainResult:
+    """Where `train` stopped: epochs and optimiser steps done, whether Ctrl-C (or SIGTERM
+    under the CLI) stopped it, and the last metrics.csv row written (None if no epoch
+    ended)."""
+
     run_dir: Path
     epoch: int
     step: int
@@ -153,12 +157,23 @@ def train(
 ) -> TrainResult:
     """Train (or resume) a DDIM on cfg.data.path, writing everything to run_dir.
 
-    To resume, pass `load_run_config(run_dir)` (settings of the data, model and schedule
+    To resume, pass `run_folder.load_run_config(run_dir)` (settings of the data, model and schedule
     must stay as they were; epochs, device, precision and the like may change). A resume
     on data that changed since the run started is an error unless `allow_changed_data`.
     Every setting that cannot work is refused before the run folder is touched.
 
+    From 32 images on, decoding runs in worker processes (forkserver): a script must keep
+    its top-level code under ``if __name__ == "__main__":``, or each worker runs it again
+    (they then fail, and decoding falls back to this process with a warning).
+
+    :param cfg: the run's settings (`RunConfig.from_dict` builds one from a dict, such as
+        `config_files.load_config_file` reads from a JSON/TOML file).
+    :param progress: a tqdm progress bar on stderr while decoding and training.
+    :param log: called with each line a person would read (epoch summaries, notes); the
+        default prints them to stdout, ``lambda line: None`` silences them.
     :return: where training stopped; `interrupted` if Ctrl-C saved a checkpoint early.
+    :raises ConfigError, DataError, RunFolderError, CheckpointError: a setting, data
+        folder, run folder or `train.init` model that cannot work.
     """
     # 1. Where: torchrun's process group, device, precision; rank 0 alone writes files.
     run_dir = Path(run_dir)
