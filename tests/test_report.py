@@ -168,6 +168,28 @@ def test_no_kid_no_checkpoint_and_determinism(report, runs, tmp_path):
     assert "No usable checkpoint" in (tmp_path / "b" / "report.md").read_text()
 
 
+def test_the_standard_kid_of_eval_every_gets_its_own_figure(runs, tmp_path):
+    """`train --eval-every` writes a standard KID column to metrics.csv; the report drew it
+    nowhere. A run that has it gets fig3-standard-kid.png; one without it, none."""
+    run = copy_run(runs[0], tmp_path / "evald")
+    rows = _metrics(run)
+    for r, kid in zip(rows, (0.04, 0.03), strict=True):
+        r["standard_kid"] = str(kid)
+    with open(run / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "out"
+    write_report([run, runs[0]], out, seed=0, steps=STEPS)
+    with Image.open(out / "fig3-standard-kid.png") as im:
+        assert im.size[0] > 100
+    md = (out / "report.md").read_text()
+    assert "## Standard KID during training" in md and "fig3-standard-kid.png" in md
+    write_report([runs[0]], tmp_path / "plain", seed=0, steps=STEPS)
+    assert not (tmp_path / "plain" / "fig3-standard-kid.png").exists()
+    assert "Standard KID during training" not in (tmp_path / "plain" / "report.md").read_text()
+
+
 def test_bad_run_folders_raise_report_error_naming_them(runs, tmp_path):
     with pytest.raises(ReportError, match="nowhere"):
         write_report([tmp_path / "nowhere"], tmp_path / "out")

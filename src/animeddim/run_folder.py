@@ -326,6 +326,10 @@ class RunFiles:
         return any(r.get("kid") is not None for r in self.rows)
 
     @property
+    def has_standard_kid(self) -> bool:  # `train --eval-every`
+        return any(r.get("standard_kid") is not None for r in self.rows)
+
+    @property
     def has_val(self) -> bool:
         return any(r.get("val_noise_loss") is not None for r in self.rows)
 

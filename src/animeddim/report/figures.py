@@ -173,6 +173,23 @@ def plot_kid(path: Path, runs: Sequence[RunFiles]) -> None:
     save_figure(fig, path)
 
 
+def plot_standard_kid(path: Path, runs: Sequence[RunFiles]) -> None:
+    """The standard KID measured while training (`train --eval-every`), one line per run that
+    has it; the paper's Fig. 3 shows the paper-protocol KID."""
+    fig = _figure(6.0, 4.0)
+    ax = fig.subplots()
+    for i, run in enumerate(runs):
+        if run.has_standard_kid:
+            points = _epochs(run.rows, "standard_kid")
+            ax.plot(*points, marker="o", color=_colour(i), label=run.name)
+    _integer_epochs(ax)
+    ax.set_ylabel("KID (standard protocol)")
+    ax.set_title("Standard KID during training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure(fig, path)
+
+
 def plot_losses(path: Path, runs: Sequence[RunFiles]) -> None:
     """Fig. 4: (a) noise loss, (b) image loss; solid train, dashed validation, colour per run."""
     fig = _figure(11.0, 4.0)

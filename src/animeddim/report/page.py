@@ -19,6 +19,7 @@ from .figures import (
     plot_kid,
     plot_losses,
     plot_reverse,
+    plot_standard_kid,
     plot_steps,
 )
 from .tables import (
@@ -244,7 +245,8 @@ def write_report(
 
     Also writes out/report.html (same content, self-contained), fig1-forward-<run>.png,
     fig1-reverse-<run>.png, samples-<run>.png (and samples-<run>-by-<attribute>.png for a
-    conditional model), fig3-kid.png (if any run has KID),
+    conditional model), fig3-kid.png (if any run has KID), fig3-standard-kid.png (if any run
+    was trained with --eval-every),
     fig4-losses.png, table1.md/.csv, table2-<run>.md/.csv, and steps-table.md/.csv with
     fig-steps.png when a run has steps.csv. Only files in the run folders are read.
 
@@ -345,6 +347,18 @@ def _curve_blocks(data: Sequence[RunFiles], out: Path) -> list[Block]:
                 "Inception weights), so there is no Fig. 3.",
             )
         )
+    if any(r.has_standard_kid for r in data):
+        plot_standard_kid(out / "fig3-standard-kid.png", data)
+        blocks += [
+            ("h2", "Standard KID during training"),
+            ("img", "fig3-standard-kid.png", "Standard KID versus epochs"),
+            (
+                "p",
+                "KID (standard protocol, as `evaluate`) of the EMA network's samples against "
+                "the run's --eval-real folder, every --eval-every epochs (`train --eval-every`; "
+                "sample count, sampler and steps in each run's config.json). Not in the paper.",
+            ),
+        ]
     plot_losses(out / "fig4-losses.png", data)
     blocks += [
         (
