@@ -161,6 +161,25 @@ def test_cmyk_jpeg_becomes_rgb(tmp_path: Path) -> None:
     assert r > 220 and g < 40 and b < 40
 
 
+def test_tiff_images_are_read_and_float_ones_refused_with_the_reason(tmp_path: Path) -> None:
+    """TIFF files were passed over without a word (not an image extension). 8- and 16-bit
+    TIFFs decode as PNGs do; 32-bit float samples have no range to read them in, and decoded
+    all black, so such a file is skipped with the reason."""
+    pixels = _rgb(6, 6)
+    _save(tmp_path / "a.tif", pixels)
+    _save(tmp_path / "b.TIFF", pixels[..., 0].astype(np.uint16) * 257)  # 16-bit grey
+    Image.fromarray(pixels[..., 0].astype(np.float32) / 255).save(tmp_path / "c.tif")
+    assert [p.name for p in find_images(tmp_path)] == ["a.tif", "b.TIFF", "c.tif"]
+    assert np.array_equal(load_image(tmp_path / "a.tif", None), pixels)
+    grey = load_image(tmp_path / "b.TIFF", None)
+    assert np.array_equal(grey, np.repeat(pixels[..., :1], 3, axis=2))
+    with pytest.warns(SkippedFilesWarning):
+        s = load_folder(tmp_path, 6, workers=1)
+    assert [Path(p).name for p in s.paths] == ["a.tif", "b.TIFF"]
+    reasons = {Path(k.path).name: k.reason for k in s.skipped}
+    assert reasons == {"c.tif": "floating-point pixels (mode F): save it with 8- or 16-bit samples"}
+
+
 def test_one_pixel_image_is_resized_up(tmp_path: Path) -> None:
     out = load_image(_save(tmp_path / "dot.png", np.full((1, 1, 3), 77, np.uint8)), 16)
     assert out.shape == (16, 16, 3)

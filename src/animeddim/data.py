@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .io import default_cache_dir, temp_path, write_text_atomic
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 # 8192 x 8192: far beyond any training image, far below what would exhaust memory (a 64 Mpx RGBA
 # image is 256 MB). Pillow's own limit (~179 Mpx) is too generous for a batch job.
@@ -194,6 +194,8 @@ def _decode(fileobj: IO[bytes] | bytes, size: int | None) -> np.ndarray:
 
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB, compositing transparency on white."""
+    if im.mode == "F":  # TIFF's 32-bit float samples: no range to read them in (0..1? 0..255?)
+        raise BadImage("floating-point pixels (mode F): save it with 8- or 16-bit samples")
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit samples: divide by 257 so 65535 -> 255 and 32768 -> 128 (convert("L") clips).
         # Mode "I" from files holds 16-bit data (PNG/TIFF), so the same scale applies.
