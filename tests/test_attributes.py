@@ -198,6 +198,23 @@ def test_csv_labels_and_their_errors(tmp_path: Path) -> None:
     assert csv_labels(note, d, paths).attributes == ["mood"]
 
 
+def test_csv_values_are_kept_whole_and_rows_named_by_their_line(tmp_path: Path) -> None:
+    """A quoted value keeps its line break, comma and unicode line separator (a spreadsheet
+    writes them so); a BOM and CRLF are read; an error names the line a row starts on,
+    counting blank lines."""
+    d = tmp_path / "imgs"
+    for name in ("x.png", "y.png", "z.png"):
+        _write_png(d / name)
+    paths = load_folder(d, 8).paths
+    text = '\ufefffile,note\r\n\r\nx.png,"two\nlines"\r\ny.png,"a, b"\r\nz.png,"p\u2028q"\r\n'
+    labels = csv_labels(_csv(tmp_path / "l.csv", text), d, paths)
+    assert labels.vocab == {"note": ("a, b", "p\u2028q", "two\nlines")}
+    assert labels.codes[:, 0].tolist() == [2, 0, 1]
+    bad = '\ufefffile,note\r\n\r\nx.png,"two\nlines"\r\n\r\ny.png,\r\n'
+    with pytest.raises(LabelError, match=r"row 6 \(y\.png\): the value of note is empty"):
+        csv_labels(_csv(tmp_path / "bad.csv", bad), d, paths)
+
+
 # --------------------------------------------------------------------------------------------
 # Classifier
 

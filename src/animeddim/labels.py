@@ -18,6 +18,7 @@ null code :data:`NULL` for every attribute (train it as unlabelled).
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,10 +95,17 @@ def read_csv_rows(path: str | Path) -> tuple[list[str], list[tuple[int, str, lis
         ) from None
     except UnicodeDecodeError:
         raise LabelError(f"labels file '{path}' is not UTF-8 text") from None
-    table = [r for r in csv.reader(text.splitlines()) if any(c.strip() for c in r)]
+    # newline="": a quoted value keeps its line breaks (splitting the text into lines first
+    # would join them away); each row is numbered by the line it starts on, blank lines counted
+    table, start = [], 1
+    reader = csv.reader(io.StringIO(text, newline=""))
+    for r in reader:
+        if any(c.strip() for c in r):
+            table.append((start, r))
+        start = reader.line_num + 1
     if not table:
         raise LabelError(f"labels file '{path}' is empty (expected a header: file,attribute,...)")
-    header = [c.strip() for c in table[0]]
+    header = [c.strip() for c in table[0][1]]
     keep = [k for k, name in enumerate(header) if k > 0 and name not in NOTE_COLUMNS]
     names = [header[k] for k in keep]
     if not names:
@@ -107,7 +115,7 @@ def read_csv_rows(path: str | Path) -> tuple[list[str], list[tuple[int, str, lis
             f"labels file '{path}': attribute names must be distinct and non-empty, got {names}"
         )
     rows, seen = [], {}
-    for line, row in enumerate(table[1:], start=2):
+    for line, row in table[1:]:
         if len(row) != len(header):
             raise LabelError(
                 f"labels file '{path}' row {line}: {len(row)} entries, the header has {len(header)}"
