@@ -306,6 +306,30 @@ def test_unknown_attribute_and_value_name_the_known_ones():
     assert encode(VOCAB, {"mouth": "c"}).tolist() == [NULL, NULL, 2]
 
 
+def test_one_text_in_two_unicode_spellings_is_one_value(tmp_path):
+    """A class folder named on macOS spells 'grün' decomposed (u + U+0308); the 'grün' typed
+    at a prompt is composed. Labels are read in NFC, --attr is parsed in NFC, and a
+    vocabulary stored in either form matches either."""
+    from animeddim.conditioning import parse_assignments
+    from animeddim.labels import folder_labels
+
+    composed, decomposed = "gr\u00fcn", "gru\u0308n"
+    for name in (f"{decomposed}/a.png", "red/b.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    paths = [f"{decomposed}/a.png", "red/b.png"]
+    labels = folder_labels(tmp_path, paths)
+    assert labels.vocab == {"class": (composed, "red")}
+    old = {"class": (decomposed, "red")}  # a model trained before keeps its spelling
+    assert folder_labels(tmp_path, paths, vocab=old).codes[:, 0].tolist() == [0, 1]
+    assert parse_assignments([f"class={decomposed}"]) == {"class": composed}
+    for vocab in (labels.vocab, old):
+        for value in (composed, decomposed):
+            assert encode(vocab, {"class": value}).tolist() == [0]
+    with pytest.raises(UnknownAttribute, match="no class value 'gruen'; known class values: gr"):
+        encode(old, {"class": "gruen"})
+
+
 # --- through the CLI, as a user would ------------------------------------------------------
 
 

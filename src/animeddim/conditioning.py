@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .config import ConfigError
+from .labels import canonical
 
 NULL = -1  # labels.NULL, unet.NULL
 
@@ -23,15 +24,16 @@ class UnknownAttribute(ConfigError):
 
 
 def parse_assignments(items: Sequence[str], flag: str = "--attr") -> dict[str, str]:
-    """``["hair_color=#ab2a18", "glasses=yes"]`` -> ``{"hair_color": "#ab2a18", ...}``."""
+    """``["hair_color=#ab2a18", "glasses=yes"]`` -> ``{"hair_color": "#ab2a18", ...}``
+    (names and values stripped and in NFC, as labels are read: `labels.canonical`)."""
     out: dict[str, str] = {}
     for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip() or not value.strip():
+        name, sep, value = (canonical(x.strip()) for x in item.partition("="))
+        if not sep or not name or not value:
             raise UnknownAttribute(f"{flag} {item!r}: expected NAME=VALUE")
-        if name.strip() in out:
-            raise UnknownAttribute(f"{flag}: {name.strip()} is given twice")
-        out[name.strip()] = value.strip()
+        if name in out:
+            raise UnknownAttribute(f"{flag}: {name} is given twice")
+        out[name] = value
     return out
 
 
@@ -77,12 +79,16 @@ def check_attribute(vocab: Mapping[str, Sequence[str]], name: str) -> None:
 
 
 def encode(vocab: Mapping[str, Sequence[str]], asked: Mapping[str, str]) -> torch.Tensor:
-    """The [A] codes of one set of asked values (NULL where an attribute is not asked)."""
+    """The [A] codes of one set of asked values (NULL where an attribute is not asked); names
+    and values match in NFC (`labels.canonical`), whichever form the vocabulary holds."""
     codes = torch.full((len(vocab),), NULL, dtype=torch.long)
     names = list(vocab)
+    spelled = {canonical(n): n for n in names}
     for name, value in asked.items():
+        name = spelled.get(canonical(name), name)
         check_attribute(vocab, name)
-        values = list(vocab[name])
+        values = [canonical(v) for v in vocab[name]]
+        value = canonical(value)
         if value not in values:
             raise UnknownAttribute(
                 f"the model knows no {name} value {value!r}; known {name} values: "

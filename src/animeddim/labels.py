@@ -9,6 +9,10 @@ Two sources, as the command line names them:
 - ``--labels folders``: one attribute, ``class``, whose value is the first-level subfolder
   (torchvision's ImageFolder convention).
 
+Names and values are compared and kept in Unicode normal form NFC (:func:`canonical`): a
+folder named on macOS spells 'grün' as 'u' + a combining diaeresis, the same text as the
+'grün' typed at a prompt.
+
 The result is a vocabulary (attribute -> ordered values) and, per image, one integer code per
 attribute, aligned with the image list. An empty or unknown entry is an error naming the file
 and row; an image without a label is an error unless ``missing="null"``, which gives it the
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import io
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +70,12 @@ class Labels:
         }
 
 
+def canonical(text: str) -> str:
+    """``text`` in Unicode normal form NFC: how attribute names and values are kept and
+    compared, so that two spellings of one text ('\u00fc' and 'u\u0308') are one value."""
+    return unicodedata.normalize("NFC", text)
+
+
 def _relative(root: Path, paths: Sequence[str | Path]) -> list[str]:
     """Posix paths relative to ``root`` (paths already relative are kept)."""
     out = []
@@ -105,7 +116,7 @@ def read_csv_rows(path: str | Path) -> tuple[list[str], list[tuple[int, str, lis
         start = reader.line_num + 1
     if not table:
         raise LabelError(f"labels file '{path}' is empty (expected a header: file,attribute,...)")
-    header = [c.strip() for c in table[0][1]]
+    header = [canonical(c.strip()) for c in table[0][1]]
     keep = [k for k, name in enumerate(header) if k > 0 and name not in NOTE_COLUMNS]
     names = [header[k] for k in keep]
     if not names:
@@ -121,7 +132,7 @@ def read_csv_rows(path: str | Path) -> tuple[list[str], list[tuple[int, str, lis
                 f"labels file '{path}' row {line}: {len(row)} entries, the header has {len(header)}"
             )
         file = row[0].strip()
-        values = [row[k].strip() for k in keep]
+        values = [canonical(row[k].strip()) for k in keep]
         empty = [n for n, v in zip(names, values, strict=True) if not v]
         if not file or empty:
             what = "the file name" if not file else f"the value of {', '.join(empty)}"
@@ -174,7 +185,7 @@ def csv_labels(
     known = {
         n: tuple(vocab[n]) if vocab is not None else tuple(sorted(found[n])) for n in names_used
     }
-    lookup = {n: {v: c for c, v in enumerate(vals)} for n, vals in known.items()}
+    lookup = {n: {canonical(v): c for c, v in enumerate(vals)} for n, vals in known.items()}
 
     rels = _relative(root, paths)
     position = {rel: k for k, rel in enumerate(rels)}
@@ -213,7 +224,7 @@ def folder_labels(
     _check_missing(missing)
     root = Path(root)
     rels = _relative(root, paths)
-    classes = [rel.split("/")[0] if "/" in rel else None for rel in rels]
+    classes = [canonical(rel.split("/")[0]) if "/" in rel else None for rel in rels]
     if vocab is not None:
         if list(vocab) != [FOLDER_ATTRIBUTE]:
             raise LabelError(
@@ -225,7 +236,7 @@ def folder_labels(
         values = tuple(sorted({c for c in classes if c is not None}))
     if not values:
         raise LabelError(f"'{root}' has no subfolders: --labels folders needs one per class")
-    lookup = {v: k for k, v in enumerate(values)}
+    lookup = {canonical(v): k for k, v in enumerate(values)}
     codes = np.full((len(rels), 1), NULL, dtype=np.int64)
     for k, c in enumerate(classes):
         if c is None:

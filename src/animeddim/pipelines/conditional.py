@@ -262,18 +262,18 @@ def _image_codes(
     vocab = vocabulary(loaded)
     if labels is None:
         return torch.full((len(paths), len(vocab)), NULL, dtype=torch.long)
-    from ..labels import load_labels
+    from ..labels import canonical, load_labels
 
     got = load_labels(labels, folder, paths, missing="null", vocab=None)
     codes = torch.full((len(paths), len(vocab)), NULL, dtype=torch.long)
     for a, name in enumerate(vocab):
         if name not in got.vocab:
             continue
-        known = list(vocab[name])
+        known = [canonical(v) for v in vocab[name]]
         for n, c in enumerate(got.column(name).tolist()):
             if c == NULL:
                 continue
-            value = got.vocab[name][c]
+            value = canonical(got.vocab[name][c])
             if value not in known:
                 raise UnknownAttribute(
                     f"{paths[n]}: the model knows no {name} value {value!r}; known: "
