@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY_MODEL, run_cli
+from conftest import TINY_MODEL, run_cli, run_main
 
 from animeddim import checkpoint as ckpt
 from animeddim.cli import build_parser
@@ -157,3 +157,30 @@ def test_a_config_built_in_python_is_type_checked_as_a_file_is(tmp_path):
     )
     assert type(cfg.model.image_size) is int and type(cfg.data.val_fraction) is float
     assert RunConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+def test_true_or_false_for_a_number_setting_is_refused_not_taken_as_1_or_0(tmp_path, capsys):
+    """Converting numpy numbers to float took a bool too (bool is a number to Python):
+    `learning_rate = true` in a config file trained at learning rate 1.0 and
+    `val_fraction = false` held nothing out, without a word; both were refused before."""
+    from animeddim.config import DataConfig, TrainConfig
+
+    for d, match in [
+        ({"train": {"learning_rate": True}}, "train.learning_rate = True: expected a number"),
+        ({"data": {"val_fraction": False}}, "data.val_fraction = False: expected a number"),
+        ({"train": {"noise_focus_share": True}}, "noise_focus_share = True: expected a number"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            RunConfig.from_dict(d)
+    for cfg, match in [
+        (RunConfig(train=TrainConfig(time_limit_minutes=True)), "time_limit_minutes = True"),
+        (RunConfig(data=DataConfig(val_fraction=False)), "data.val_fraction = False"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            cfg.validate()
+    config = tmp_path / "c.json"
+    config.write_text('{"train": {"learning_rate": true}}')
+    rc, _, err = run_main(capsys, "train", "--config", config, "--data", tmp_path, "--out",
+                          tmp_path / "r")  # fmt: skip
+    assert rc == 2 and "learning_rate = True: expected a number" in err, err
+    assert not (tmp_path / "r").exists()

@@ -565,12 +565,12 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def _coerce(value: Any, default: Any, name: str) -> Any:
-    """Check a leaf value against its default's type, after converting what Python code may
-    pass (a tuple for a list, numpy numbers, a Path for a string)."""
+    """Check a leaf value against its default's type, converting a tuple, numpy number or Path."""
     integral = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)  # noqa: E731
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)  # true is not 1.0
     if isinstance(value, (list, tuple)):
         value = [int(v) if integral(v) else v for v in value]
-    elif integral(value) or (isinstance(value, numbers.Real) and isinstance(default, float)):
+    elif integral(value) or (real and isinstance(default, float)):
         value = int(value) if integral(value) else float(value)
     elif isinstance(value, os.PathLike) and isinstance(default, str):
         value = os.fspath(value)
