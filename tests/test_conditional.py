@@ -403,6 +403,30 @@ def test_labels_folders_trains_a_model_that_samples_each_class(colour_run, tmp_p
         assert (r > b + 80) if cls == "red" else (b > r + 80), (cls, r, b)
 
 
+def test_attrs_from_training_of_a_folders_model_reads_its_class_folders(colour_run, tmp_path):
+    """A `--labels folders` run has no labels CSV: its training labels are the class folders
+    of its training folder, for `sample --attrs-from training` and for an export to keep."""
+    import shutil
+
+    from animeddim import pipelines
+    from animeddim.pipelines.conditional import _folder_rows
+
+    run, data = colour_run
+    loaded = pipelines.load_for_sampling(run, None, "cpu")[0]
+    assert pipelines.training_rows(loaded)[:, 0].tolist() == [0] * 48 + [1] * 48  # blue, red
+    exported = tmp_path / "classes.safetensors"
+    p = run_here("export", "--run", str(run), "--out", str(exported))
+    assert "with the 96 rows of its training labels" in p.stdout and "note" not in p.stdout
+    p = run_here("sample", "--run", str(exported), "--attrs-from", "training", "--n", "2",
+                 "--steps", "2", "--out", str(tmp_path / "s"), "--device", "cpu")  # fmt: skip
+    assert "96 rows of the model's training labels" in p.stdout
+    grown = tmp_path / "grown"  # a class added to the folder since: named, with the known ones
+    shutil.copytree(data, grown)
+    shutil.copytree(grown / "red", grown / "green")
+    with pytest.raises(UnknownAttribute, match="class folder.s. green .*known class values: blue"):
+        _folder_rows(loaded, grown)
+
+
 def test_grid_by_rows_are_values_and_columns_seeds(colour_run, tmp_path):
     run, _ = colour_run
     grid = tmp_path / "grid.png"

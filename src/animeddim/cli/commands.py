@@ -203,11 +203,10 @@ def _training_rows(loaded: Any, guidance: float | None) -> Any:
         return None
     try:
         return training_rows(loaded)
-    except UnknownAttribute:
+    except UnknownAttribute as e:
         print(
-            f"note: the export holds no training labels: the run's labels file "
-            f"({loaded.config.data.labels}) is not a CSV at hand, so --attrs-from training "
-            "will not work with it"
+            f"note: the export holds no training labels, so --attrs-from training will not "
+            f"work with it: {e}"
         )
         return None
 

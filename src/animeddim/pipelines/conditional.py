@@ -201,21 +201,50 @@ TRAINING = "training"  # `--attrs-from training`: the model's own training label
 
 def training_rows(loaded: LoadedModel) -> torch.Tensor:
     """[R x A] codes of the model's training labels: those stored in an exported file
-    (`checkpoint.export_weights`), else the rows of the labels CSV its config names.
+    (`checkpoint.export_weights`), else the rows of the labels CSV its config names, or for
+    `--labels folders` the class of each image in a subfolder of its training folder.
 
-    :raises UnknownAttribute: an unconditional model, or neither is there.
+    :raises UnknownAttribute: an unconditional model, or none of these is there.
     """
+    from ..labels import FOLDERS
+
     if not vocabulary(loaded):
         raise UnknownAttribute("the model is unconditional: it has no training attributes")
     if loaded.attribute_rows is not None:
         return loaded.attribute_rows
-    labels = loaded.config.data.labels
-    if labels and labels != "folders" and Path(labels).is_file():
+    labels, root = loaded.config.data.labels, Path(loaded.config.data.path)
+    if labels == FOLDERS and loaded.config.data.path and root.is_dir():
+        return _folder_rows(loaded, root)
+    if labels and labels != FOLDERS and Path(labels).is_file():
         return codes_from_labels(loaded, labels)
+    where = f"training folder ('{root}')" if labels == FOLDERS else f"labels file ({labels})"
     raise UnknownAttribute(
-        f"'{loaded.path}' holds no training labels and its labels file ({labels or 'none'}) "
-        "is not at hand: give --attrs-from FILE.csv"
+        f"'{loaded.path}' holds no training labels and its {where} is not at hand: give "
+        "--attrs-from FILE.csv"
     )
+
+
+def _folder_rows(loaded: LoadedModel, root: Path) -> torch.Tensor:
+    """[R x 1] codes of the R images in class subfolders of a `--labels folders` model's
+    training folder (those outside one were trained unlabelled: no row)."""
+    from ..data import find_images
+    from ..labels import FOLDER_ATTRIBUTE, LabelError, canonical, folder_labels
+
+    try:
+        got = folder_labels(root, find_images(root), missing="null")
+    except LabelError as e:  # no class subfolder left
+        raise UnknownAttribute(f"training folder: {e}") from None
+    known = {canonical(v): k for k, v in enumerate(vocabulary(loaded)[FOLDER_ATTRIBUTE])}
+    found = got.vocab[FOLDER_ATTRIBUTE]
+    new = [v for v in found if v not in known]
+    if new:
+        raise UnknownAttribute(
+            f"training folder '{root}' has class folder(s) {', '.join(new)} the model does not "
+            f"know; known class values: {', '.join(known)}"
+        )
+    column = got.column(FOLDER_ATTRIBUTE)
+    remap = torch.tensor([known[v] for v in found], dtype=torch.long)
+    return remap[torch.from_numpy(column[column != NULL])][:, None]
 
 
 def rows_from(
