@@ -288,6 +288,8 @@ def test_attrs_from_gives_image_i_the_attributes_of_row_i(cond_run, tmp_path, ca
         "file,colour\na.png,green\n": "row 2 (a.png): the model knows no colour value 'green'",
         "file,shape\na.png,round\n": "has none of the model's attributes (colour, band)",
         "file,colour\n": "has no rows",
+        # no file column: colour would be read as file names and left out unsaid
+        "colour,band\nred,x\n": "its first column is the file column, but it is named 'colour'",
     }
     for text, message in bad.items():
         labels.write_text(text)

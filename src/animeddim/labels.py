@@ -24,7 +24,7 @@ from __future__ import annotations
 import csv
 import io
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,12 +87,15 @@ def _relative(root: Path, paths: Sequence[str | Path]) -> list[str]:
     return out
 
 
-def read_csv_rows(path: str | Path) -> tuple[list[str], list[tuple[int, str, list[str]]]]:
+def read_csv_rows(
+    path: str | Path, attributes: Collection[str] = ()
+) -> tuple[list[str], list[tuple[int, str, list[str]]]]:
     """The attribute names and ``(line, file, values)`` rows of a labels CSV.
 
     Note columns (:data:`NOTE_COLUMNS`) are dropped. Raises :class:`LabelError` for an empty
     file, a header without attribute columns, duplicate names, a short or long row, an empty
-    entry or a file named twice.
+    entry, a file named twice, or a first column named as one of ``attributes`` (a model's:
+    the file has no file column, and that attribute would be read as file names).
     """
     path = Path(path)
     try:
@@ -117,6 +120,12 @@ def read_csv_rows(path: str | Path) -> tuple[list[str], list[tuple[int, str, lis
     if not table:
         raise LabelError(f"labels file '{path}' is empty (expected a header: file,attribute,...)")
     header = [canonical(c.strip()) for c in table[0][1]]
+    if header[0] in {canonical(a) for a in attributes}:
+        raise LabelError(
+            f"labels file '{path}': its first column is the file column, but it is named "
+            f"{header[0]!r}, an attribute of the model; a labels CSV starts with the file "
+            f"(file,{','.join(header)})"
+        )
     keep = [k for k, name in enumerate(header) if k > 0 and name not in NOTE_COLUMNS]
     names = [header[k] for k in keep]
     if not names:

@@ -178,7 +178,7 @@ def codes_from_labels(loaded: LoadedModel, path: str | Path) -> torch.Tensor:
     vocab = vocabulary(loaded)
     if not vocab:
         raise UnknownAttribute(f"the model is unconditional: it cannot be asked for '{path}'")
-    names, rows = read_csv_rows(path)
+    names, rows = read_csv_rows(path, vocab)
     if not any(name in vocab for name in names):
         raise UnknownAttribute(
             f"labels file '{path}' has none of the model's attributes ({', '.join(vocab)}); "
