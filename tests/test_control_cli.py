@@ -156,6 +156,30 @@ def test_edit_reports_what_the_untouched_attributes_keep(
     assert "edits classified with the set colour: " in stdout
 
 
+def test_edit_takes_the_whole_data_sets_labels_for_a_few_of_its_images(
+    cond_run, cond_data, tmp_path, capsys
+):
+    """`edit --labels data/labels.csv --images some/` refused the data set's own labels file
+    ("'x.png' is not a file in 'some/'") for listing the images not copied; the rows of the
+    images given are used, the others counted in a warning."""
+    images = _red_images(cond_data, tmp_path / "in", 2)
+    out = tmp_path / "edited"
+    rc, _, err = run_main(capsys, "edit", "--run", cond_run, "--images", images, "--labels",
+                          cond_data / "labels.csv", "--set", "colour=blue", "--steps", 4,
+                          "--out", out, "--device", "cpu")  # fmt: skip
+    assert rc == 0, err
+    rows = sum(1 for _ in csv.DictReader(open(cond_data / "labels.csv")))
+    assert (
+        f"labels file '{cond_data / 'labels.csv'}': {rows - 2} of its {rows} rows name files "
+        f"not in '{images}' and were not used"
+    ) in err
+    assert len(list((out / "after").glob("*.png"))) == 2
+    from animeddim.labels import LabelError, csv_labels
+
+    with pytest.raises(LabelError, match="is not a file in"):  # training keeps the typo check
+        csv_labels(cond_data / "labels.csv", images, sorted(p.name for p in images.iterdir()))
+
+
 def test_edit_force_rules(cond_run, cond_data, tmp_path, capsys):
     images = _red_images(cond_data, tmp_path / "in", 3)
     out = tmp_path / "edited"

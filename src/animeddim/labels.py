@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import io
 import unicodedata
+import warnings
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,14 +168,17 @@ def csv_labels(
     missing: str = "error",
     vocab: Mapping[str, Sequence[str]] | None = None,
     remedy: str = UNLABELLED_REMEDY,
+    others: str = "error",
 ) -> Labels:
     """Codes of the images ``paths`` (under ``root``) from a labels CSV.
 
     ``vocab``: the known values (e.g. a trained model's); a value outside it is an error. When
     None, each attribute's values are those found, sorted. A row naming a file that does not
     exist under ``root`` is an error (a typo would otherwise go unnoticed); a row for a file that
-    exists but is not in ``paths`` (skipped as unreadable) is ignored. ``remedy``: what the
-    error for unlabelled images (``missing="error"``) tells the user to do.
+    exists but is not in ``paths`` (skipped as unreadable) is ignored. ``others="ignore"``:
+    rows for files not under ``root`` are ignored too, with a warning that counts them (the
+    labels of a whole data set used for a few of its images). ``remedy``: what the error for
+    unlabelled images (``missing="error"``) tells the user to do.
     """
     _check_missing(missing)
     path, root = Path(path), Path(root)
@@ -200,10 +204,14 @@ def csv_labels(
     position = {rel: k for k, rel in enumerate(rels)}
     codes = np.full((len(rels), len(names_used)), NULL, dtype=np.int64)
     labelled = np.zeros(len(rels), dtype=bool)
+    elsewhere = 0
     for line, file, values in rows:
         k = position.get(Path(file).as_posix())
         if k is None:
             if not (root / file).is_file():
+                if others == "ignore":
+                    elsewhere += 1
+                    continue
                 raise LabelError(
                     f"labels file '{path}' row {line}: '{file}' is not a file in '{root}'"
                 )
@@ -218,6 +226,12 @@ def csv_labels(
                 )
             codes[k, a] = code
         labelled[k] = True
+    if elsewhere:
+        warnings.warn(
+            f"labels file '{path}': {elsewhere} of its {len(rows)} rows name files not in "
+            f"'{root}' and were not used",
+            stacklevel=2,
+        )
     _check_unlabelled(rels, labelled, missing, f"labels file '{path}'", remedy)
     return Labels(known, codes)
 

@@ -291,9 +291,12 @@ def _image_codes(
     vocab = vocabulary(loaded)
     if labels is None:
         return torch.full((len(paths), len(vocab)), NULL, dtype=torch.long)
-    from ..labels import canonical, load_labels
+    from ..labels import canonical, csv_labels, load_labels
 
-    got = load_labels(labels, folder, paths, missing="null", vocab=None)
+    if labels == "folders":
+        got = load_labels(labels, folder, paths, missing="null", vocab=None)
+    else:  # a whole data set's labels.csv may serve a few of its images
+        got = csv_labels(labels, folder, paths, missing="null", others="ignore")
     codes = torch.full((len(paths), len(vocab)), NULL, dtype=torch.long)
     for a, name in enumerate(vocab):
         if name not in got.vocab:
