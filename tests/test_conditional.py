@@ -330,6 +330,33 @@ def test_one_text_in_two_unicode_spellings_is_one_value(tmp_path):
         encode(old, {"class": "gruen"})
 
 
+def test_a_vocabulary_with_a_decomposed_attribute_name_still_reads_its_labels(tmp_path):
+    """A run from before NFC reading stored its CSV header as written ('fa' + U+0308 + 'rbe');
+    the header is now read as 'färbe' composed. Resuming (csv_labels under the stored
+    vocabulary), --attrs-from FILE.csv and edit --labels still find that column (they said
+    'has no column for färbe', 'none of the model's attributes', or left every code null)."""
+    from types import SimpleNamespace
+
+    from animeddim.labels import csv_labels
+    from animeddim.pipelines.conditional import _image_codes, codes_from_labels
+
+    name, green = "fa\u0308rbe", "gru\u0308n"
+    for f in ("a.png", "b.png"):
+        (tmp_path / "img").mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "img" / f)
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"file,{name}\na.png,rot\nb.png,{green}\n", encoding="utf-8")
+    vocab = {name: [green, "rot"]}  # config.json of the older run
+    paths = [str(tmp_path / "img" / f) for f in ("a.png", "b.png")]
+    got = csv_labels(labels, tmp_path / "img", paths, vocab=vocab)
+    assert got.codes[:, 0].tolist() == [1, 0] and list(got.vocab) == [name]
+    model = SimpleNamespace(vocabulary=vocab)
+    loaded = SimpleNamespace(config=SimpleNamespace(model=model), attribute_rows=None)
+    assert codes_from_labels(loaded, labels)[:, 0].tolist() == [1, 0]
+    codes = _image_codes(loaded, tmp_path / "img", paths, str(labels))
+    assert codes[:, 0].tolist() == [1, 0]
+
+
 # --- through the CLI, as a user would ------------------------------------------------------
 
 

@@ -183,14 +183,14 @@ def csv_labels(
     _check_missing(missing)
     path, root = Path(path), Path(root)
     names, rows = read_csv_rows(path)
-    if vocab is not None:
-        absent = [n for n in vocab if n not in names]
+    if vocab is not None:  # its names as written, NFC or not (a run from before NFC)
+        absent = [n for n in vocab if canonical(n) not in names]
         if absent:
             raise LabelError(f"labels file '{path}' has no column for {', '.join(absent)}")
         names_used = list(vocab)
     else:
         names_used = names
-    index = {n: k for k, n in enumerate(names)}
+    index = {n: names.index(canonical(n)) for n in names_used}
     found: dict[str, set[str]] = {n: set() for n in names_used}
     for _, _, values in rows:
         for n in names_used:

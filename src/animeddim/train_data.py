@@ -138,7 +138,7 @@ def load_data(cfg: RunConfig, root: Path, progress: bool) -> TrainData:
 def label_codes(cfg: RunConfig, imageset: data_mod.ImageSet, root: Path) -> np.ndarray | None:
     """The [N x A] codes of the images from data.labels (None without labels). A new run's
     model.vocabulary is set from them; a run that has one reads the labels under it."""
-    from .labels import load_labels
+    from .labels import canonical, load_labels
 
     dc, vocab = cfg.data, cfg.model.vocabulary
     if not dc.labels:
@@ -152,7 +152,7 @@ def label_codes(cfg: RunConfig, imageset: data_mod.ImageSet, root: Path) -> np.n
     )
     if vocab:
         return labels.codes
-    asked = [a.strip() for a in dc.attributes.split(",") if a.strip()]
+    asked = [canonical(a.strip()) for a in dc.attributes.split(",") if a.strip()]  # as labels
     unknown = [a for a in asked if a not in labels.vocab]
     if unknown:
         raise ConfigError(

@@ -173,12 +173,14 @@ def codes_from_labels(loaded: LoadedModel, path: str | Path) -> torch.Tensor:
     :raises UnknownAttribute: an unconditional model, a file with none of its attributes or
         no rows, or a value the model does not know (naming the row).
     """
-    from ..labels import read_csv_rows
+    from ..labels import canonical, read_csv_rows
 
     vocab = vocabulary(loaded)
     if not vocab:
         raise UnknownAttribute(f"the model is unconditional: it cannot be asked for '{path}'")
-    names, rows = read_csv_rows(path, vocab)
+    names, rows = read_csv_rows(path, vocab)  # names in NFC; the model's as it was written
+    spelled = {canonical(n): n for n in vocab}
+    names = [spelled.get(n, n) for n in names]
     if not any(name in vocab for name in names):
         raise UnknownAttribute(
             f"labels file '{path}' has none of the model's attributes ({', '.join(vocab)}); "
@@ -299,13 +301,14 @@ def _image_codes(
         got = csv_labels(labels, folder, paths, missing="null", others="ignore")
     codes = torch.full((len(paths), len(vocab)), NULL, dtype=torch.long)
     for a, name in enumerate(vocab):
-        if name not in got.vocab:
+        column = canonical(name)  # the labels' names are NFC; the model's as it was written
+        if column not in got.vocab:
             continue
         known = [canonical(v) for v in vocab[name]]
-        for n, c in enumerate(got.column(name).tolist()):
+        for n, c in enumerate(got.column(column).tolist()):
             if c == NULL:
                 continue
-            value = canonical(got.vocab[name][c])
+            value = canonical(got.vocab[column][c])
             if value not in known:
                 raise UnknownAttribute(
                     f"{paths[n]}: the model knows no {name} value {value!r}; known: "
