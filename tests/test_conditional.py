@@ -454,6 +454,22 @@ def test_attrs_from_training_of_a_folders_model_reads_its_class_folders(colour_r
         _folder_rows(loaded, grown)
 
 
+def test_attrs_from_training_finds_a_folders_models_data_from_another_directory(
+    colour_run, tmp_path, monkeypatch
+):
+    """`train --data data --labels folders` records data.path 'data' (as typed) and
+    data.abs_path; sampling from another directory read 'data' there and said the training
+    folder was not at hand. The class folders are read where the run trained."""
+    from animeddim import pipelines
+
+    run, data = colour_run
+    loaded = pipelines.load_for_sampling(run, None, "cpu")[0]
+    assert Path(loaded.config.data.abs_path) == data.resolve()
+    loaded.config.data.path = data.name  # relative, as a run started beside its data has it
+    monkeypatch.chdir(tmp_path)
+    assert pipelines.training_rows(loaded)[:, 0].tolist() == [0] * 48 + [1] * 48
+
+
 def test_grid_by_rows_are_values_and_columns_seeds(colour_run, tmp_path):
     run, _ = colour_run
     grid = tmp_path / "grid.png"

@@ -214,8 +214,9 @@ def training_rows(loaded: LoadedModel) -> torch.Tensor:
         raise UnknownAttribute("the model is unconditional: it has no training attributes")
     if loaded.attribute_rows is not None:
         return loaded.attribute_rows
-    labels, root = loaded.config.data.labels, Path(loaded.config.data.path)
-    if labels == FOLDERS and loaded.config.data.path and root.is_dir():
+    data = loaded.config.data  # abs_path: where it trained, whatever the working directory
+    labels, root = data.labels, Path(data.abs_path or data.path)
+    if labels == FOLDERS and (data.abs_path or data.path) and root.is_dir():
         return _folder_rows(loaded, root)
     if labels and labels != FOLDERS and Path(labels).is_file():
         return codes_from_labels(loaded, labels)
