@@ -180,6 +180,29 @@ def test_edit_takes_the_whole_data_sets_labels_for_a_few_of_its_images(
         csv_labels(cond_data / "labels.csv", images, sorted(p.name for p in images.iterdir()))
 
 
+def test_edit_labels_naming_none_of_the_images_is_an_error_not_a_warning(tmp_path):
+    """Rows for other images are ignored with a warning; a file none of whose rows names an
+    image given (here every name carries the folder: 'img/a.png') left every image unlabelled
+    with only that warning, and edit went on from null source codes. It is refused, naming a
+    row."""
+    from PIL import Image
+
+    from animeddim.labels import LabelError, csv_labels
+
+    (tmp_path / "img").mkdir()
+    for f in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "img" / f)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,colour\nimg/a.png,red\nimg/b.png,blue\n")
+    paths = [tmp_path / "img" / f for f in ("a.png", "b.png")]
+    with pytest.raises(LabelError, match=r"none of its rows names an image in .* \(row 2: 'img/a"):
+        csv_labels(labels, tmp_path / "img", paths, missing="null", others="ignore")
+    labels.write_text("file,colour\na.png,red\nc.png,blue\n")  # one of two: used, with a warning
+    with pytest.warns(UserWarning, match="1 of its 2 rows name files not in"):
+        got = csv_labels(labels, tmp_path / "img", paths, missing="null", others="ignore")
+    assert got.vocab["colour"] == ("blue", "red") and got.codes[:, 0].tolist() == [1, -1]
+
+
 def test_edit_force_rules(cond_run, cond_data, tmp_path, capsys):
     images = _red_images(cond_data, tmp_path / "in", 3)
     out = tmp_path / "edited"

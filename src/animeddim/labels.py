@@ -177,8 +177,8 @@ def csv_labels(
     exist under ``root`` is an error (a typo would otherwise go unnoticed); a row for a file that
     exists but is not in ``paths`` (skipped as unreadable) is ignored. ``others="ignore"``:
     rows for files not under ``root`` are ignored too, with a warning that counts them (the
-    labels of a whole data set used for a few of its images). ``remedy``: what the error for
-    unlabelled images (``missing="error"``) tells the user to do.
+    labels of a whole data set used for a few of its images), unless none is labelled then.
+    ``remedy``: what the error for unlabelled images (``missing="error"``) tells the user to do.
     """
     _check_missing(missing)
     path, root = Path(path), Path(root)
@@ -204,13 +204,13 @@ def csv_labels(
     position = {rel: k for k, rel in enumerate(rels)}
     codes = np.full((len(rels), len(names_used)), NULL, dtype=np.int64)
     labelled = np.zeros(len(rels), dtype=bool)
-    elsewhere = 0
+    elsewhere: list[tuple[int, str]] = []
     for line, file, values in rows:
         k = position.get(Path(file).as_posix())
         if k is None:
             if not (root / file).is_file():
                 if others == "ignore":
-                    elsewhere += 1
+                    elsewhere.append((line, file))
                     continue
                 raise LabelError(
                     f"labels file '{path}' row {line}: '{file}' is not a file in '{root}'"
@@ -226,9 +226,15 @@ def csv_labels(
                 )
             codes[k, a] = code
         labelled[k] = True
+    if elsewhere and not labelled.any():  # a file for other images, or names all mistyped
+        line, file = elsewhere[0]
+        raise LabelError(
+            f"labels file '{path}': none of its rows names an image in '{root}' (row {line}: "
+            f"'{file}' is not a file there); file names are relative to that folder"
+        )
     if elsewhere:
         warnings.warn(
-            f"labels file '{path}': {elsewhere} of its {len(rows)} rows name files not in "
+            f"labels file '{path}': {len(elsewhere)} of its {len(rows)} rows name files not in "
             f"'{root}' and were not used",
             stacklevel=2,
         )
