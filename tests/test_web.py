@@ -798,6 +798,37 @@ def test_stopping_the_server_mid_job_ends_the_stream_with_a_reason_and_no_traceb
     assert "Traceback" not in out and "ERROR" not in out, out
 
 
+def test_a_job_stopped_after_its_stream_ended_logs_nothing():
+    """A stream that ends first (the client left, the server stops) never read its job's
+    Stopped; once the future was collected asyncio logged "Future exception was never
+    retrieved" with a traceback, which once failed the SIGTERM test above."""
+    import asyncio
+    import gc
+    import threading
+
+    from animeddim.apps.web.handlers import Stopped
+    from animeddim.apps.web.server import JobQueue
+
+    logged = []
+
+    def stopped_job() -> dict:
+        raise Stopped
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: logged.append(ctx))
+        done = threading.Event()
+        fut = JobQueue().submit(stopped_job, threading.Event())
+        fut.add_done_callback(lambda f: done.set())
+        while not done.is_set():
+            await asyncio.sleep(0.01)
+        del fut  # never awaited, as by a stream that has ended
+        gc.collect()
+        await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    assert logged == []
+
+
 def test_a_body_of_the_wrong_content_type_is_a_415_naming_it(client):
     """JSON sent to a form endpoint was read as an empty form ("unknown model 'None'"), and
     Generate read JSON under any Content-Type (text/plain: what another site's page may post

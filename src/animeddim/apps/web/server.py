@@ -86,6 +86,10 @@ class JobQueue:
             self.waiting += 1
         fut = asyncio.wrap_future(self.pool.submit(self._run, work, stop))
         fut.ahead = ahead  # type: ignore[attr-defined]
+        # A stream that ended first (the client left, the server stops) never reads the job's
+        # Stopped; unread, asyncio logs it with a traceback ("Future exception was never
+        # retrieved") once the future is collected. Read here; the stream reads it again.
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         return fut
 
 
