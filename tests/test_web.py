@@ -829,6 +829,43 @@ def test_a_job_stopped_after_its_stream_ended_logs_nothing():
     assert logged == []
 
 
+def test_a_body_that_never_all_arrives_is_a_408_not_a_connection_held_for_ever(engine):
+    """A client announcing more body than it sends (Content-Length 200, part of it sent) held
+    its connection, and a task of the server, for ever. After the body timeout it gets a 408
+    naming it; nothing is queued. A live server: the test client sends whole bodies only."""
+    import http.client
+    import socket
+    import threading
+
+    import uvicorn
+
+    from animeddim.apps.web import bind
+
+    app = create_app(engine, body_timeout_s=0.5)
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        port = sock.getsockname()[1]
+        part = '--x\r\nContent-Disposition: form-data; name="model"\r\n\r\nrun:'
+        cases = (("/api/generate", "application/json", '{"model": "run:'),
+                 ("/api/invert", "multipart/form-data; boundary=x", part))  # fmt: skip
+        for path, ctype, sent in cases:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+                c.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}"
+                          f"\r\nContent-Length: 200\r\n\r\n{sent}".encode())  # fmt: skip
+                answer = http.client.HTTPResponse(c)
+                answer.begin()
+                body = json.loads(answer.read())
+            assert answer.status == 408, body
+            assert body == {"error": "the request body did not all arrive within 0.5 s"}
+        assert app.state.queue.status()["waiting"] == 0
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 def test_a_body_of_the_wrong_content_type_is_a_415_naming_it(client):
     """JSON sent to a form endpoint was read as an empty form ("unknown model 'None'"), and
     Generate read JSON under any Content-Type (text/plain: what another site's page may post

@@ -243,6 +243,23 @@ class LocalNamesOnly:
 
 
 MAX_JSON_BYTES = 64 * 1024  # a Generate request is a few hundred bytes
+BODY_TIMEOUT_S = 120.0  # a body not all sent by then (more announced than sent) is refused
+
+
+class BodyTimeout(RequestError):
+    """A request body still incomplete after the app's body timeout (HTTP 408)."""
+
+    status = 408
+
+
+async def _in_time(request: Request, read: Any) -> Any:
+    """Await `read` (the body being read), for at most the app's body timeout: a client that
+    announces more than it sends would otherwise hold its connection open for ever."""
+    timeout = getattr(request.app.state, "body_timeout_s", BODY_TIMEOUT_S)
+    try:
+        return await asyncio.wait_for(read, timeout)
+    except asyncio.TimeoutError:
+        raise BodyTimeout(f"the request body did not all arrive within {timeout:g} s") from None
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
@@ -256,13 +273,19 @@ async def _json_body(request: Request) -> dict[str, Any]:
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > MAX_JSON_BYTES:
         raise RequestError(too_large)
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > MAX_JSON_BYTES:
-            raise RequestError(too_large)
+
+
+    async def read() -> bytes:
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > MAX_JSON_BYTES:
+                raise RequestError(too_large)
+        return bytes(data)
+
+    data = await _in_time(request, read())
     try:
-        body = json.loads(bytes(data))
+        body = json.loads(data)
     except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         raise RequestError("the request body is not JSON") from None
     if not isinstance(body, dict):
@@ -283,7 +306,10 @@ async def _form(request: Request, names: tuple[str, ...]) -> tuple[dict[str, Any
     if int(length) > len(names) * MAX_UPLOAD_BYTES + 65536:
         raise RequestError(f"the upload is too large; the limit is {MAX_UPLOAD_BYTES >> 20} MB")
     try:
-        form = await request.form(max_files=2, max_fields=20, max_part_size=MAX_UPLOAD_BYTES + 1)
+        read = request.form(max_files=2, max_fields=20, max_part_size=MAX_UPLOAD_BYTES + 1)
+        form = await _in_time(request, read)
+    except BodyTimeout:
+        raise
     except Exception:  # noqa: BLE001 - multipart errors of every kind: refuse, keep serving
         raise RequestError(
             f"the upload could not be read (files up to {MAX_UPLOAD_BYTES >> 20} MB)"
@@ -308,6 +334,7 @@ def create_app(
     *,
     local_names_only: bool = False,
     allowed_hosts: tuple[str, ...] = (),
+    body_timeout_s: float = BODY_TIMEOUT_S,
 ) -> Starlette:
     """The Starlette app serving `engine`'s models; with `local_names_only`, requests whose Host
     is neither a local name nor one of `allowed_hosts` get a 403 (`LocalNamesOnly`: `serve` on
@@ -403,5 +430,6 @@ def create_app(
     )
     app.state.queue = queue
     app.state.allowed_hosts = allowed
+    app.state.body_timeout_s = body_timeout_s
     app.state.stopping = lambda: False
     return app
