@@ -678,6 +678,37 @@ def test_train_init_from_an_unconditional_run_starts_at_its_output(web_runs, tmp
     assert p.returncode == 2 and "no attribute colour" in p.stderr and "class" in p.stderr
 
 
+def test_a_labels_column_that_cannot_teach_anything_is_warned_of(tmp_path, capsys):
+    """A column with one value, or a different value for every image (a name or a note taken
+    for an attribute), was trained on without a word; each is now named in a warning."""
+    from conftest import run_main
+    from PIL import Image
+
+    data = tmp_path / "shapes"
+    data.mkdir()
+    rows = ["file,colour,kind,caption"]
+    for i in range(10):
+        Image.new("RGB", (16, 16), (20 * i, 100, 200)).save(data / f"{i}.png")
+        rows.append(f"{i}.png,{'red' if i % 2 else 'blue'},shape,picture number {i}")
+    (data / "labels.csv").write_text("\n".join(rows) + "\n")
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps({"model": TINY_MODEL, "data": {"val_fraction": 0.2}}))
+    rc, _, err = run_main(capsys, "train", "--data", data, "--out", tmp_path / "run", "--config",
+                          cfg, "--labels", data / "labels.csv", "--max-steps", 1, "--no-kid",
+                          "--quiet", "--device", "cpu", "--batch-size", 4)  # fmt: skip
+    assert rc == 0, err
+    assert (
+        "attribute kind has one value for all 10 labelled images: it tells the model nothing; "
+        "leave it out with --attributes colour,caption"
+    ) in err
+    assert (
+        "attribute caption has a different value for each of its 10 labelled images (a name or "
+        "note column?): the model cannot learn what its values mean; leave it out with "
+        "--attributes colour,kind"
+    ) in err
+    assert "attribute colour" not in err
+
+
 def test_conditional_training_in_two_processes_equals_one(avatars16, tmp_path):
     from test_distributed import TOLERANCE, animeddim, max_differences, train_args
 

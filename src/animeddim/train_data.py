@@ -162,7 +162,33 @@ def label_codes(cfg: RunConfig, imageset: data_mod.ImageSet, root: Path) -> np.n
     keep = asked or labels.attributes
     cfg.model.vocabulary = {a: list(labels.vocab[a]) for a in keep}
     columns = [labels.attributes.index(a) for a in keep]
-    return np.ascontiguousarray(labels.codes[:, columns])
+    codes = np.ascontiguousarray(labels.codes[:, columns])
+    _warn_of_uninformative_attributes(keep, codes)
+    return codes
+
+
+def _warn_of_uninformative_attributes(names: list[str], codes: np.ndarray) -> None:
+    """Warn of a labels column that cannot teach the model anything: one value for every
+    image, or a different value for each (a name or note column, taken for an attribute)."""
+    import warnings
+
+    from .labels import NULL
+
+    for a, name in enumerate(names):
+        column = codes[:, a][codes[:, a] != NULL]
+        used, labelled = len(np.unique(column)), len(column)
+        others = ",".join(n for n in names if n != name)
+        hint = f"leave it out with --attributes {others}" if others else "train without --labels"
+        if used == 1 and labelled > 1:
+            why = f"has one value for all {labelled} labelled images: it tells the model nothing"
+        elif used == labelled >= 8:
+            why = (
+                f"has a different value for each of its {labelled} labelled images (a name or "
+                "note column?): the model cannot learn what its values mean"
+            )
+        else:
+            continue
+        warnings.warn(f"attribute {name} {why}; {hint}", stacklevel=2)
 
 
 def write_reference(run_dir: Path, data: TrainData) -> None:
