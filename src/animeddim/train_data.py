@@ -163,7 +163,8 @@ def label_codes(cfg: RunConfig, imageset: data_mod.ImageSet, root: Path) -> np.n
     cfg.model.vocabulary = {a: list(labels.vocab[a]) for a in keep}
     columns = [labels.attributes.index(a) for a in keep]
     codes = np.ascontiguousarray(labels.codes[:, columns])
-    _warn_of_uninformative_attributes(keep, codes)
+    if distributed.is_main():  # every rank reads the same labels: said once
+        _warn_of_uninformative_attributes(keep, codes)
     return codes
 
 
