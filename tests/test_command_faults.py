@@ -890,8 +890,9 @@ def test_a_sigterm_whose_raise_was_swallowed_ends_at_the_next_progress_update(mo
     (cause not confirmed: a raise swallowed so fits); a SIGTERM seen is now raised again at
     the next progress update."""
     from animeddim import cli
-    from animeddim.cli.common import _Bars, _signals_seen
+    from animeddim.cli.common import _Bars
     from animeddim.interrupts import Terminated
+    from animeddim.interrupts import seen as _signals_seen
 
     class Swallows:
         def __del__(self):

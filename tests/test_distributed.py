@@ -163,7 +163,7 @@ def test_helpers_are_identities_in_one_process():
     device = torch.device("cpu")
     assert distributed.setup(device) == device
     module = torch.nn.BatchNorm2d(3)
-    assert distributed.sync_batchnorm(module, device) is module
+    assert distributed.sync_batchnorm(module) is module
     assert distributed.wrap_ddp(module, device) is module
     distributed.check_global_batch(7)
 

@@ -304,7 +304,7 @@ class _GlooSyncBatchNorm2d(nn.BatchNorm2d):
         return y
 
 
-def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+def sync_batchnorm(model: nn.Module) -> nn.Module:
     """BatchNorm over the global batch (nn.SyncBatchNorm), so training matches one process.
 
     A no-op in one process. Buffers and parameters are shared with the original layers, so the

@@ -157,15 +157,17 @@ def data_fingerprint(files: Sequence[Path], root: Path) -> str:
     them so that their reason is noted, but a run started before it did has them out of its
     fingerprint, and they hold no image either way.
     """
-    h = hashlib.sha256()
-    files = [f for f in files if not (f.is_symlink() and not f.exists())]
+    h, count = hashlib.sha256(), 0
     for f in files:
         try:
             size = f.stat().st_size
         except OSError:
+            if f.is_symlink():  # broken, or a link to itself
+                continue
             size = -1
         h.update(f"{f.relative_to(root).as_posix()}\0{size}\n".encode())
-    return f"{len(files)}:{h.hexdigest()[:32]}"
+        count += 1
+    return f"{count}:{h.hexdigest()[:32]}"
 
 
 def check_same_data(cfg: RunConfig, root: Path, fingerprint: str) -> str | None:

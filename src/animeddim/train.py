@@ -51,6 +51,7 @@ from .train_data import (
 )
 from .train_kid import (
     VAL_SEED,
+    draw,
     eval_real_features,
     make_kid,
     make_standard_kid,
@@ -431,19 +432,10 @@ def end_of_epoch(
         t_std = time.perf_counter()
         row["standard_kid"] = standard_kid_metric(infer, data, rt.device)
         row["standard_kid_seconds"] = time.perf_counter() - t_std
-    grid = distributed.generate(  # sharded by image index, gathered on rank 0
-        model=infer,
-        mean=data.mean,
-        std=data.std,
-        schedule=cfg.schedule,
-        image_size=cfg.model.image_size,
-        channels=cfg.model.channels,
-        n=GRID_IMAGES,
-        seed=cfg.train.seed,
-        steps=20,
+    grid = draw(  # sharded by image index, gathered on rank 0
+        cfg, infer, data, rt.device, n=GRID_IMAGES, seed=cfg.train.seed, steps=20,
         batch_size=GRID_IMAGES,
-        device=rt.device,
-    )
+    )  # fmt: skip
     if grid is not None:
         save_grid(grid, run_dir / "samples" / f"epoch-{state.epoch + 1:04d}.png", cols=6)
     state.epoch += 1

@@ -7,6 +7,7 @@ network `training_inception` loaded before the run folder is touched.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,6 +57,22 @@ def eval_real_features(cfg: RunConfig, data, inception) -> torch.Tensor | None:
         raise ConfigError(f"--eval-real {tc.eval_real!r}: {e}") from None
 
 
+def draw(cfg: RunConfig, model, data, device: torch.device, **kwargs: Any):
+    """uint8 images of `model` in the run's data space (`data.mean`/`std`, the run's schedule
+    and image shape), sharded over torchrun's ranks and gathered on rank 0
+    (`distributed.generate`; `kwargs`: n, seed, steps, batch_size, sampler, ...)."""
+    return distributed.generate(
+        model=model,
+        mean=data.mean,
+        std=data.std,
+        schedule=cfg.schedule,
+        image_size=cfg.model.image_size,
+        channels=cfg.model.channels,
+        device=device,
+        **kwargs,
+    )
+
+
 def make_standard_kid(cfg: RunConfig, inception, real: torch.Tensor | None, log):
     """The --eval-every measure: standard-protocol KID (torch-fidelity's) of --eval-images
     samples of the EMA network against `real` (`eval_real_features`); None with a note when
@@ -72,20 +89,10 @@ def make_standard_kid(cfg: RunConfig, inception, real: torch.Tensor | None, log)
 
     @torch.no_grad()
     def kid(ema, data, device) -> float:
-        fake = distributed.generate(  # the same noises every time: epochs compare
-            model=ema,
-            mean=data.mean,
-            std=data.std,
-            schedule=cfg.schedule,
-            image_size=cfg.model.image_size,
-            channels=cfg.model.channels,
-            n=tc.eval_images,
-            seed=VAL_SEED,
-            steps=tc.eval_steps,
-            sampler=tc.eval_sampler,
-            batch_size=tc.batch_size,
-            device=device,
-        )
+        fake = draw(  # the same noises every time: epochs compare
+            cfg, ema, data, device, n=tc.eval_images, seed=VAL_SEED, steps=tc.eval_steps,
+            sampler=tc.eval_sampler, batch_size=tc.batch_size,
+        )  # fmt: skip
         value = None
         if fake is not None:
             f_fake = extractor.features(fake.permute(0, 3, 1, 2), "standard")

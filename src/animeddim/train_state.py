@@ -124,7 +124,7 @@ def build_state(cfg: RunConfig, rt: Runtime, init_state, data: TrainData) -> Tra
     for p in ema.parameters():
         p.requires_grad_(False)
     # Under torchrun: BatchNorm statistics of the global batch, as in one process.
-    model = distributed.sync_batchnorm(model, rt.device)
+    model = distributed.sync_batchnorm(model)
     fused = fused_adamw_supported(rt.device)  # else foreach: still no loop over parameters
     optimizer = torch.optim.AdamW(
         model.parameters(),

@@ -14,7 +14,7 @@ import threading
 import warnings
 from typing import Any
 
-from .. import outputs
+from .. import interrupts, outputs
 from ..interrupts import Terminated
 from .common import (
     EXIT_DIVERGED,
@@ -25,7 +25,6 @@ from .common import (
     _close_bars,
     _open_bars,
     _prog,
-    _signals_seen,
 )
 from .parser import build_parser
 
@@ -63,7 +62,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
-    _signals_seen.add(signum)  # progress updates raise it again if this raise is swallowed
+    interrupts.seen.add(signum)  # progress updates raise it again if this raise is swallowed
     raise Terminated()
 
 
@@ -94,13 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main_thread else None
     _shown_warnings.clear()
-    _signals_seen.clear()
+    interrupts.seen.clear()
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
             rc = args.func(args)
         # train returns normally after saving the checkpoint a signal asked for
-        return EXIT_TERMINATED if rc == EXIT_INTERRUPTED and signal.SIGTERM in _signals_seen else rc
+        terminated = rc == EXIT_INTERRUPTED and signal.SIGTERM in interrupts.seen
+        return EXIT_TERMINATED if terminated else rc
     except errors as e:
         _close_bars()
         if not getattr(e, "mirrored", False):  # torchrun: rank 0's error, raised on all ranks

@@ -17,11 +17,6 @@ class CliError(Exception):
     """A bad option value; printed as one line, exit code 2."""
 
 
-# The signals this command has received (`cli._on_sigterm`); progress updates raise one seen
-# again (`interrupts` says why).
-_signals_seen = interrupts.seen
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and a pointer to --help), exit code 2."""
 

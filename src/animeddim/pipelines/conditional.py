@@ -294,9 +294,9 @@ def _image_codes(
     vocab = vocabulary(loaded)
     if labels is None:
         return torch.full((len(paths), len(vocab)), NULL, dtype=torch.long)
-    from ..labels import canonical, csv_labels, load_labels
+    from ..labels import FOLDERS, canonical, csv_labels, load_labels
 
-    if labels == "folders":
+    if labels == FOLDERS:
         got = load_labels(labels, folder, paths, missing="null", vocab=None)
     else:  # a whole data set's labels.csv may serve a few of its images
         got = csv_labels(labels, folder, paths, missing="null", others="ignore")

@@ -193,7 +193,7 @@ def _check_origin(request: Request) -> None:
     if origin is None:
         return
     host = request.headers.get("host", "").lower()
-    allowed = getattr(request.app.state, "allowed_hosts", frozenset())
+    allowed = request.app.state.allowed_hosts
     page = _split(origin)
     if origin == "null" or (page.netloc.lower() != host and (page.hostname or "") not in allowed):
         raise ForeignOrigin(
@@ -255,7 +255,7 @@ class BodyTimeout(RequestError):
 async def _in_time(request: Request, read: Any) -> Any:
     """Await `read` (the body being read), for at most the app's body timeout: a client that
     announces more than it sends would otherwise hold its connection open for ever."""
-    timeout = getattr(request.app.state, "body_timeout_s", BODY_TIMEOUT_S)
+    timeout = request.app.state.body_timeout_s
     try:
         return await asyncio.wait_for(read, timeout)
     except asyncio.TimeoutError:
@@ -273,7 +273,6 @@ async def _json_body(request: Request) -> dict[str, Any]:
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > MAX_JSON_BYTES:
         raise RequestError(too_large)
-
 
     async def read() -> bytes:
         data = bytearray()
