@@ -364,3 +364,38 @@ def test_compiled_training_upsamples_by_the_bilinear_stencil(monkeypatch, channe
     assert traced  # the compiled function is the stencil
     assert torch.allclose(out, ref, atol=1e-6) and torch.allclose(grad, ref_grad, atol=1e-5)
     assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+_ALLOCATOR_CODE = """
+import sys
+from animeddim import runtime
+if sys.argv[1] == "api":
+    from animeddim import pipelines
+    loaded, dev = pipelines.load_for_sampling(device="cpu")
+    pipelines.resolve_settings("cpu", "fp32", steps=1)
+else:
+    from animeddim.cli.sampling import load_for_sampling
+    loaded = load_for_sampling(None, None, "cpu")
+print(runtime.kept_freed_memory())
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's allocator")
+@pytest.mark.parametrize(("caller", "kept"), [("api", "False"), ("command", "True")])
+def test_the_api_leaves_the_allocator_alone_and_the_commands_tune_it(caller, kept):
+    """Loading a model and resolving settings through the Python API on the CPU leaves a
+    caller's process with glibc's defaults (a notebook that draws a few images does not keep
+    its peak memory for ever); the sampling commands make the allocator keep freed memory."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ANIMEDDIM_MALLOC"}
+    out = subprocess.run(
+        [sys.executable, "-c", _ALLOCATOR_CODE, caller],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.split()[-1] == kept

@@ -80,8 +80,9 @@ def kept_freed_memory() -> bool:
 def resolve_device(name: str = "auto", *, host_memory: bool = True) -> torch.device:
     """auto | cpu | cuda | cuda:N | mps -> torch.device, checking that it is present.
 
-    host_memory: on the CPU, also `keep_freed_memory()` (the bench measures its baseline
-    without it)."""
+    host_memory: on the CPU, also `keep_freed_memory()`: the programs' choice (the CLI's
+    commands, the web server, the tour, `train`); the Python API's sampling calls and the
+    bench's baseline pass False, leaving a caller's process as it was."""
     dev = _resolve_device(name)
     if dev.type == "cpu" and host_memory:
         keep_freed_memory()

@@ -244,9 +244,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from ..apps.web import serve
     from ..apps.web.checks import RequestError
     from ..pretrained import SHIPPED
+    from ..runtime import resolve_device
 
     if a.runs and not Path(a.runs).is_dir():
         raise CliError(f"--runs {a.runs!r} is not a folder")
+    resolve_device(a.device or "auto")  # checked; on the CPU the allocator keeps freed memory
     try:
         serve(
             a.models or list(SHIPPED),

@@ -15,8 +15,10 @@ from .common import CliError, _Bars, _is_main, _names
 
 def load_for_sampling(run: str | None, model: str | None, device_name: str | None):
     from ..pipelines import load_for_sampling as load
+    from ..runtime import resolve_device
 
-    loaded = load(run, model, device_name or "auto")
+    # the command's own device: on the CPU its allocator keeps freed memory (the API's doesn't)
+    loaded = load(run, model, resolve_device(device_name or "auto"))
     if run is None and model is None and _is_main():
         # Else a command on one's own data that forgot --run measures the avatars in silence.
         print(

@@ -81,9 +81,14 @@ def default_sampling(loaded: LoadedModel) -> tuple[str, int]:
 
 
 def _device(device: str | torch.device | None) -> torch.device:
+    """The checked device. A library call leaves the process's C allocator as it is (the
+    programs built on the API, `animeddim` and its web app, make it keep freed memory:
+    `runtime.keep_freed_memory`)."""
     from ..runtime import resolve_device
 
-    return device if isinstance(device, torch.device) else resolve_device(device or "auto")
+    if isinstance(device, torch.device):
+        return device
+    return resolve_device(device or "auto", host_memory=False)
 
 
 @dataclass
