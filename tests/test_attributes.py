@@ -198,6 +198,40 @@ def test_csv_labels_and_their_errors(tmp_path: Path) -> None:
     assert csv_labels(note, d, paths).attributes == ["mood"]
 
 
+def test_an_empty_entry_is_null_under_missing_null_and_names_the_remedy_otherwise(
+    tmp_path: Path,
+) -> None:
+    """Partially labelled data: under missing="null" an empty entry is NULL for that image and
+    attribute only, its other labels kept (before: refused, even under missing="null"). Under
+    the default it is still an error, which now says what to do."""
+    from animeddim.labels import UNLABELLED_REMEDY, read_csv_rows
+
+    d = tmp_path / "imgs"
+    for name in ("x.png", "y.png", "z.png"):
+        _write_png(d / name)
+    paths = load_folder(d, 8).paths
+    text = "file,mood,hat,pet\nx.png,happy,,\ny.png, ,no,\nz.png,sad,yes,\n"
+    part = _csv(tmp_path / "p.csv", text)
+    labels = csv_labels(part, d, paths, missing="null")
+    assert labels.vocab == {"mood": ("happy", "sad"), "hat": ("no", "yes"), "pet": ()}
+    assert labels.codes.tolist() == [[0, NULL, NULL], [NULL, 0, NULL], [1, 1, NULL]]
+    assert labels.values(0) == {"mood": "happy", "hat": None, "pet": None}
+    _, rows = read_csv_rows(part, missing="null")
+    assert rows[1] == (3, "y.png", [None, "no", None])
+    for kw, remedy in (({}, UNLABELLED_REMEDY), ({"remedy": "move them out"}, "move them out")):
+        with pytest.raises(LabelError) as e:
+            csv_labels(part, d, paths, **kw)
+        assert str(e.value) == (
+            f"labels file '{part}' row 2 (x.png): the value of hat, pet is empty; fill it in, "
+            f"or {remedy}"
+        )
+    with pytest.raises(LabelError, match=r"row 2 \(\?\): the file name is empty"):
+        csv_labels(_csv(tmp_path / "f.csv", "file,mood\n,happy\n"), d, paths, missing="null")
+    # Under a stored vocabulary (a model's) an empty entry is NULL too.
+    got = csv_labels(part, d, paths, missing="null", vocab={"hat": ("yes", "no")})
+    assert got.codes[:, 0].tolist() == [NULL, 1, 0]
+
+
 def test_csv_values_are_kept_whole_and_rows_named_by_their_line(tmp_path: Path) -> None:
     """A quoted value keeps its line break, comma and unicode line separator (a spreadsheet
     writes them so); a BOM and CRLF are read; an error names the line a row starts on,
@@ -685,3 +719,25 @@ def test_attributes_train_on_class_folders_and_a_csv(tmp_path: Path) -> None:
     )
     assert p.returncode == 2 and "row 3 (blue/0.png): the value of colour is empty" in p.stderr
     assert not (tmp_path / "d.safetensors").exists()
+
+    # Partially labelled: an empty entry is left out of that attribute's loss only.
+    def partial(empty_column: str) -> Path:
+        rows = [f"{c}/{k}.png,{c if k % 4 else ''},{'dark' if k % 2 else ''}{empty_column}"
+                for k in range(12) for c in ("red", "blue")]  # fmt: skip
+        header = "file,colour,shade" + ",unused" * bool(empty_column)
+        return _csv(tmp_path / "part.csv", header + "\n" + "\n".join(rows) + "\n")
+
+    args = ["attributes", "train", "--data", str(tmp_path / "imgs"), "--labels",
+            str(tmp_path / "part.csv"), "--labels-missing", "null", *common, "--out",
+            str(tmp_path / "e.safetensors")]  # fmt: skip
+    part = partial(",")
+    p = run_here(*args, check=False)
+    assert p.returncode == 2
+    assert (
+        f"attribute unused has no value in any row of '{part}': there is nothing to learn; "
+        "fill it in, or remove the column"
+    ) in p.stderr
+    partial("")
+    run_here(*args)
+    vocab = load_classifier(tmp_path / "e.safetensors")[0].config.vocab
+    assert vocab == {"colour": ("blue", "red"), "shade": ("dark",)}

@@ -709,6 +709,66 @@ def test_a_labels_column_that_cannot_teach_anything_is_warned_of(tmp_path, capsy
     assert "attribute colour" not in err
 
 
+def test_partially_labelled_data_trains_under_labels_missing_null(tmp_path, capsys):
+    """An empty entry in the labels CSV is, under --labels-missing null, that attribute unknown
+    for that image (before: refused even then). --attrs-from FILE.csv, edit --labels and the
+    KID of the real images with asked values read it as unknown too. A column that no row
+    fills gives nothing to condition on: named, with the --attributes that leaves it out."""
+    from types import SimpleNamespace
+
+    from conftest import run_main
+
+    from animeddim.data import DataError
+    from animeddim.pipelines.conditional import _image_codes, codes_from_labels
+    from animeddim.pipelines.control import _files_with
+
+    data = tmp_path / "shapes"
+    data.mkdir()
+    rows = ["file,colour,shape,pet"]
+    for i in range(10):
+        Image.new("RGB", (16, 16), (20 * i, 100, 200)).save(data / f"{i}.png")
+        shape = ("round", "square")[i // 2 % 2] if i % 2 == 0 else ""
+        rows.append(f"{i}.png,{'red' if i % 3 else ''},{shape},")
+    labels = data / "labels.csv"
+    labels.write_text("\n".join(rows) + "\n")
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps({"model": TINY_MODEL, "data": {"val_fraction": 0.2}}))
+
+    def train(out: str, *more: str) -> tuple[int, str]:
+        rc, _, err = run_main(capsys, "train", "--data", data, "--out", tmp_path / out,
+                              "--config", cfg, "--labels", labels, "--max-steps", 1, "--no-kid",
+                              "--quiet", "--device", "cpu", "--batch-size", 4, *more)  # fmt: skip
+        return rc, err
+
+    rc, err = train("a")
+    assert rc == 2
+    assert (
+        f"labels file '{labels}' row 2 (0.png): the value of colour, pet is empty; fill it in, "
+        "or pass --labels-missing null to use them as unlabelled"
+    ) in err
+    rc, err = train("b", "--labels-missing", "null")
+    assert rc == 2
+    assert (
+        f"attribute pet has no value in any row of the labels ('{labels}'): there is nothing "
+        "to condition on; fill it in, or leave it out with --attributes colour,shape"
+    ) in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    rc, err = train("c", "--labels-missing", "null", "--attributes", "colour,shape")
+    assert rc == 0, err
+    vocab = json.loads((tmp_path / "c" / "config.json").read_text())["model"]["vocabulary"]
+    assert vocab == {"colour": ["red"], "shape": ["round", "square"]}
+
+    model = SimpleNamespace(vocabulary=vocab)
+    loaded = SimpleNamespace(config=SimpleNamespace(model=model), attribute_rows=None)
+    want = [[NULL, 0], [0, NULL], [0, 1], [NULL, NULL], [0, 0]]
+    assert codes_from_labels(loaded, labels)[:5].tolist() == want
+    paths = [str(data / f"{i}.png") for i in range(5)]
+    assert _image_codes(loaded, data, paths, str(labels)).tolist() == want
+    assert [p.name for p in _files_with(data, labels, {"shape": "square"})] == ["2.png", "6.png"]
+    with pytest.raises(DataError, match=r"shape values: round, square\)$"):
+        _files_with(data, labels, {"shape": "oval"})
+
+
 def test_conditional_training_in_two_processes_equals_one(avatars16, tmp_path):
     from test_distributed import TOLERANCE, animeddim, max_differences, train_args
 

@@ -519,14 +519,22 @@ def labelled_folders(
         elif specs[0] != FOLDERS:
             names, found = None, {}
             for s in specs:
-                cols, rows = read_csv_rows(s)
+                cols, rows = read_csv_rows(s, missing=missing)
                 names = names or cols
                 if cols != names:
                     raise DataError(f"labels file '{s}' has columns {cols}, another has {names}")
                 for _, _, values in rows:
                     for n, v in zip(cols, values, strict=True):
-                        found.setdefault(n, set()).add(v)
-            vocab = {n: tuple(sorted(found[n])) for n in names or []}
+                        if v is not None:  # an empty entry under missing="null"
+                            found.setdefault(n, set()).add(v)
+            vocab = {n: tuple(sorted(found.get(n, ()))) for n in names or []}
+            unfilled = [n for n, values in vocab.items() if not values]
+            if unfilled:
+                where = " and ".join(f"'{s}'" for s in specs)
+                raise DataError(
+                    f"attribute {unfilled[0]} has no value in any row of {where}: there is "
+                    "nothing to learn; fill it in, or remove the column"
+                )
         else:
             classes = sorted({p.name for r in roots for p in r.iterdir() if p.is_dir()})
             vocab = {"class": tuple(classes)}

@@ -33,7 +33,8 @@ def add_parsers(sub: Any, positive_int: Callable[..., Callable[[str], int]]) -> 
         "--labels-missing",
         choices=LABELS_MISSING,
         default="error",
-        help="an image without a label: error, or null (left out of the loss) (default error)",
+        help="an image without a label row, or an empty entry: error, or null (left out of "
+        "the loss of every attribute, or of that one) (default error)",
     )
     p.add_argument(
         "--out",

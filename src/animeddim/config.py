@@ -139,7 +139,8 @@ class DataConfig:
     )
     labels_missing: str = setting(
         "error",
-        "an image without a label: error, or null (trained unlabelled)",
+        "an image without a label row, or an empty entry: error, or null (trained as "
+        "unlabelled for every attribute, or for that one)",
         choices=LABELS_MISSING,
     )
     attributes: str = setting(

@@ -14,9 +14,12 @@ folder named on macOS spells 'grün' as 'u' + a combining diaeresis, the same te
 'grün' typed at a prompt.
 
 The result is a vocabulary (attribute -> ordered values) and, per image, one integer code per
-attribute, aligned with the image list. An empty or unknown entry is an error naming the file
-and row; an image without a label is an error unless ``missing="null"``, which gives it the
-null code :data:`NULL` for every attribute (train it as unlabelled).
+attribute, aligned with the image list. An unknown entry is an error naming the file and row.
+An empty entry, and an image without a label, are errors too unless ``missing="null"``: an
+empty entry then gets the null code :data:`NULL` (that attribute unknown for that image, the
+others kept: partially labelled data), an image without a row :data:`NULL` for every attribute
+(trained as unlabelled). A column that no row fills has no values (``vocab[a] == ()``); what
+trains on it refuses it.
 """
 
 from __future__ import annotations
@@ -48,8 +51,9 @@ class LabelError(DataError):
 class Labels:
     """Attribute codes of an image list.
 
-    ``vocab``: attribute -> its values, in code order. ``codes``: ``(N, A)`` int64, column ``a``
-    holds the index of image n's value in ``vocab[attributes[a]]``, or :data:`NULL`.
+    ``vocab``: attribute -> its values, in code order (none for a column no row fills).
+    ``codes``: ``(N, A)`` int64, column ``a`` holds the index of image n's value in
+    ``vocab[attributes[a]]``, or :data:`NULL`.
     """
 
     vocab: dict[str, tuple[str, ...]]
@@ -88,16 +92,27 @@ def _relative(root: Path, paths: Sequence[str | Path]) -> list[str]:
     return out
 
 
+# For the commands that take --labels-missing (train, attributes train).
+UNLABELLED_REMEDY = "pass --labels-missing null to use them as unlabelled"
+
+
 def read_csv_rows(
-    path: str | Path, attributes: Collection[str] = ()
-) -> tuple[list[str], list[tuple[int, str, list[str]]]]:
+    path: str | Path,
+    attributes: Collection[str] = (),
+    *,
+    missing: str = "error",
+    remedy: str = UNLABELLED_REMEDY,
+) -> tuple[list[str], list[tuple[int, str, list[str | None]]]]:
     """The attribute names and ``(line, file, values)`` rows of a labels CSV.
 
-    Note columns (:data:`NOTE_COLUMNS`) are dropped. Raises :class:`LabelError` for an empty
-    file, a header without attribute columns, duplicate names, a short or long row, an empty
-    entry, a file named twice, or a first column named as one of ``attributes`` (a model's:
-    the file has no file column, and that attribute would be read as file names).
+    Note columns (:data:`NOTE_COLUMNS`) are dropped. An empty value is None under
+    ``missing="null"``, else an error whose message ends with ``remedy``. Raises
+    :class:`LabelError` for an empty file, a header without attribute columns, duplicate
+    names, a short or long row, an empty file name, a file named twice, or a first column
+    named as one of ``attributes`` (a model's: the file has no file column, and that attribute
+    would be read as file names).
     """
+    _check_missing(missing)
     path = Path(path)
     try:
         text = path.read_text("utf-8-sig")
@@ -142,11 +157,15 @@ def read_csv_rows(
                 f"labels file '{path}' row {line}: {len(row)} entries, the header has {len(header)}"
             )
         file = row[0].strip()
-        values = [canonical(row[k].strip()) for k in keep]
-        empty = [n for n, v in zip(names, values, strict=True) if not v]
-        if not file or empty:
-            what = "the file name" if not file else f"the value of {', '.join(empty)}"
-            raise LabelError(f"labels file '{path}' row {line} ({file or '?'}): {what} is empty")
+        if not file:
+            raise LabelError(f"labels file '{path}' row {line} (?): the file name is empty")
+        values: list[str | None] = [canonical(row[k].strip()) or None for k in keep]
+        empty = [n for n, v in zip(names, values, strict=True) if v is None]
+        if empty and missing != "null":
+            raise LabelError(
+                f"labels file '{path}' row {line} ({file}): the value of {', '.join(empty)} is "
+                f"empty; fill it in, or {remedy}"
+            )
         if file in seen:
             raise LabelError(
                 f"labels file '{path}' row {line}: '{file}' is already labelled in row {seen[file]}"
@@ -154,10 +173,6 @@ def read_csv_rows(
         seen[file] = line
         rows.append((line, file, values))
     return names, rows
-
-
-# For the commands that take --labels-missing (train, attributes train).
-UNLABELLED_REMEDY = "pass --labels-missing null to use them as unlabelled"
 
 
 def csv_labels(
@@ -178,11 +193,11 @@ def csv_labels(
     exists but is not in ``paths`` (skipped as unreadable) is ignored. ``others="ignore"``:
     rows for files not under ``root`` are ignored too, with a warning that counts them (the
     labels of a whole data set used for a few of its images), unless none is labelled then.
-    ``remedy``: what the error for unlabelled images (``missing="error"``) tells the user to do.
+    ``remedy``: what the errors for unlabelled images and empty entries (``missing="error"``)
+    tell the user to do.
     """
-    _check_missing(missing)
     path, root = Path(path), Path(root)
-    names, rows = read_csv_rows(path)
+    names, rows = read_csv_rows(path, missing=missing, remedy=remedy)
     if vocab is not None:  # its names as written, NFC or not (a run from before NFC)
         absent = [n for n in vocab if canonical(n) not in names]
         if absent:
@@ -194,7 +209,9 @@ def csv_labels(
     found: dict[str, set[str]] = {n: set() for n in names_used}
     for _, _, values in rows:
         for n in names_used:
-            found[n].add(values[index[n]])
+            v = values[index[n]]
+            if v is not None:
+                found[n].add(v)
     known = {
         n: tuple(vocab[n]) if vocab is not None else tuple(sorted(found[n])) for n in names_used
     }
@@ -218,6 +235,8 @@ def csv_labels(
             continue
         for a, n in enumerate(names_used):
             v = values[index[n]]
+            if v is None:  # this attribute unknown for this image (missing="null")
+                continue
             code = lookup[n].get(v)
             if code is None:
                 raise LabelError(

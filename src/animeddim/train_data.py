@@ -160,6 +160,14 @@ def label_codes(cfg: RunConfig, imageset: data_mod.ImageSet, root: Path) -> np.n
             f"they have: {', '.join(labels.vocab)}"
         )
     keep = asked or labels.attributes
+    unfilled = [a for a in keep if not labels.vocab[a]]  # every entry empty (missing="null")
+    if unfilled:
+        filled = ",".join(a for a in keep if labels.vocab[a])
+        hint = f"leave it out with --attributes {filled}" if filled else "train without --labels"
+        raise ConfigError(
+            f"attribute {unfilled[0]} has no value in any row of the labels ('{dc.labels}'): "
+            f"there is nothing to condition on; fill it in, or {hint}"
+        )
     cfg.model.vocabulary = {a: list(labels.vocab[a]) for a in keep}
     columns = [labels.attributes.index(a) for a in keep]
     codes = np.ascontiguousarray(labels.codes[:, columns])

@@ -167,7 +167,8 @@ def per_image_codes(codes: torch.Tensor, n: int, first_index: int = 0) -> torch.
 def codes_from_labels(loaded: LoadedModel, path: str | Path) -> torch.Tensor:
     """[R x A] codes of the R rows of a labels CSV (file, then attribute columns; e.g. the
     labels.csv of `animeddim data avatars`), in the model's attributes: columns the model
-    does not know are left out, and an attribute the file lacks stays null.
+    does not know are left out, and an attribute the file lacks, or a row leaves empty (a
+    partially labelled training set), stays null.
 
     :raises LabelError: an unreadable or malformed file (`labels.read_csv_rows`).
     :raises UnknownAttribute: an unconditional model, a file with none of its attributes or
@@ -178,7 +179,8 @@ def codes_from_labels(loaded: LoadedModel, path: str | Path) -> torch.Tensor:
     vocab = vocabulary(loaded)
     if not vocab:
         raise UnknownAttribute(f"the model is unconditional: it cannot be asked for '{path}'")
-    names, rows = read_csv_rows(path, vocab)  # names in NFC; the model's as it was written
+    # names in NFC, the model's as it was written; an empty entry is None: not asked
+    names, rows = read_csv_rows(path, vocab, missing="null")
     spelled = {canonical(n): n for n in vocab}
     names = [spelled.get(n, n) for n in names]
     if not any(name in vocab for name in names):
@@ -190,7 +192,7 @@ def codes_from_labels(loaded: LoadedModel, path: str | Path) -> torch.Tensor:
         raise UnknownAttribute(f"labels file '{path}' has no rows")
     out = []
     for line, file, values in rows:
-        asked = {a: v for a, v in zip(names, values, strict=True) if a in vocab}
+        asked = {a: v for a, v in zip(names, values, strict=True) if a in vocab and v is not None}
         try:
             out.append(encode(vocab, asked))
         except UnknownAttribute as e:

@@ -212,7 +212,7 @@ def _files_with(real: Path, labels: Path, asked: Mapping[str, str]) -> list[Path
     from ..data import find_images
     from ..labels import read_csv_rows
 
-    names, rows = read_csv_rows(labels)
+    names, rows = read_csv_rows(labels, missing="null")  # an empty entry matches no value
     missing = [a for a in asked if a not in names]
     if missing:
         raise DataError(
@@ -224,7 +224,7 @@ def _files_with(real: Path, labels: Path, asked: Mapping[str, str]) -> list[Path
     what = ", ".join(f"{a}={v}" for a, v in asked.items())
     if not files:
         a = next(iter(asked))
-        found = sorted({v[col[a]] for _, _, v in rows})
+        found = sorted({v[col[a]] for _, _, v in rows} - {None})
         raise DataError(
             f"no image in '{real}' has {what} (its labels.csv {a} values: {', '.join(found)})"
         )
