@@ -106,6 +106,23 @@ def test_exif_orientation_is_applied(tmp_path: Path, orientation: int, red_at: s
     assert other[2] > 200 and other[0] < 50
 
 
+def test_a_decodable_image_with_corrupt_metadata_is_read_without_a_warning(
+    tmp_path: Path,
+) -> None:
+    """Camera photos often carry EXIF that Pillow calls corrupt; it warned "Corrupt EXIF data"
+    without naming the file (decoding workers printed it with a line of Pillow's source, once
+    per worker). The pixels decode whole and are all that is used, so nothing is said."""
+    pixels = np.full((8, 12, 3), (200, 40, 90), np.uint8)
+    # An IFD that claims one more entry than its bytes hold.
+    exif = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12\x00\x03\xff\xff\xff\xff"
+    path = _save(tmp_path / "photo.jpg", pixels, quality=95, exif=exif)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = load_image(path, None)
+    assert [str(w.message) for w in caught] == []
+    assert out.shape == (8, 12, 3) and np.abs(out.astype(int) - pixels).max() <= 4
+
+
 def test_grayscale_becomes_three_equal_channels(tmp_path: Path) -> None:
     gray = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
     out = load_image(_save(tmp_path / "g.png", gray), None)

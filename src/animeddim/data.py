@@ -159,6 +159,10 @@ def _decode(fileobj: IO[bytes] | bytes, size: int | None) -> np.ndarray:
         fileobj = io.BytesIO(fileobj)
     try:
         with warnings.catch_warnings():
+            # Pillow's other warnings are about metadata of an image that still decodes
+            # ("Corrupt EXIF data", a malformed MPO): they named no file, and decoding workers
+            # printed each with a traceback line. The pixels are all that is used.
+            warnings.simplefilter("ignore")
             # Pillow only warns between 89 and 179 Mpx; any bomb warning is a refusal here.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(fileobj) as im:
