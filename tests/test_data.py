@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, features
 
 from animeddim import data
 from animeddim import io as animeddim_io
@@ -195,6 +195,23 @@ def test_tiff_images_are_read_and_float_ones_refused_with_the_reason(tmp_path: P
     assert [Path(p).name for p in s.paths] == ["a.tif", "b.TIFF"]
     reasons = {Path(k.path).name: k.reason for k in s.skipped}
     assert reasons == {"c.tif": "floating-point pixels (mode F): save it with 8- or 16-bit samples"}
+
+
+def test_jfif_jpe_avif_and_apng_files_are_images(tmp_path: Path) -> None:
+    """JPEGs saved by a browser as .jfif or .jpe, AVIF photos and animated PNGs (.apng) were
+    passed over without a word (not an image extension), though Pillow reads them all."""
+    pixels = np.full((8, 8, 3), (200, 40, 90), np.uint8)
+    _save(tmp_path / "a.jfif", pixels, format="JPEG", quality=95)
+    _save(tmp_path / "b.JPE", pixels, format="JPEG", quality=95)
+    _save(tmp_path / "c.apng", pixels, format="PNG")
+    names = ["a.jfif", "b.JPE", "c.apng"]
+    if features.check("avif"):  # Pillow's wheels have it; a build without it skips the file
+        _save(tmp_path / "d.avif", pixels, quality=95)
+        names.append("d.avif")
+    assert [p.name for p in find_images(tmp_path)] == names
+    s = load_folder(tmp_path, 8, workers=1)
+    assert [Path(p).name for p in s.paths] == names and s.skipped == []
+    assert np.abs(s.images.astype(int) - pixels).max() <= 8
 
 
 def test_one_pixel_image_is_resized_up(tmp_path: Path) -> None:

@@ -29,7 +29,21 @@ from tqdm import tqdm
 
 from .io import default_cache_dir, temp_path, write_text_atomic
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# All read by Pillow; .jfif and .jpe are JPEGs as some browsers save them, .apng animated PNGs.
+IMAGE_EXTENSIONS = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".jfif",
+    ".jpe",
+    ".webp",
+    ".avif",
+    ".bmp",
+    ".gif",
+    ".apng",
+    ".tif",
+    ".tiff",
+)
 
 # 8192 x 8192: far beyond any training image, far below what would exhaust memory (a 64 Mpx RGBA
 # image is 256 MB). Pillow's own limit (~179 Mpx) is too generous for a batch job.
