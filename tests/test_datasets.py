@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import json
 import socket
 import tarfile
 import threading
+import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,6 +157,28 @@ def test_prepare_archive(tmp_path: Path, make: object, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(datasets, "_prepare_one", refuse)
     assert prepare(archive, out, size=16, workers=1) == out
+
+
+@pytest.mark.parametrize("fmt", ["zip", "tgz"])
+def test_a_folder_named_like_an_image_in_an_archive_is_a_folder(tmp_path: Path, fmt: str) -> None:
+    """A folder 'shots.png/' in a .tgz was noted as a skipped file ('not a regular file (link
+    or device)'); in a .zip or a folder it is a folder, as it is now in a .tgz too."""
+    src = tmp_path / "src"
+    (src / "shots.png").mkdir(parents=True)
+    (src / "shots.png" / "a.png").write_bytes(_png(_pixels(1)))
+    archive = tmp_path / f"src.{fmt}"
+    if fmt == "zip":
+        with zipfile.ZipFile(archive, "w") as zf:
+            zf.write(src / "shots.png", "shots.png")
+            zf.write(src / "shots.png" / "a.png", "shots.png/a.png")
+    else:
+        with tarfile.open(archive, "w:gz") as tf:
+            tf.add(src / "shots.png", "shots.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SkippedFilesWarning)
+        out = prepare(archive, tmp_path / "out", size=8, workers=1)
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "manifest.json"]
+    assert json.loads((out / "manifest.json").read_text())["skipped"] == []
 
 
 def load_image_bytes(pixels: np.ndarray, size: int) -> np.ndarray:

@@ -290,8 +290,8 @@ def _archive_members(src: Path) -> Iterator[tuple[str, bytes | None, str | None]
         # "r|*": a forward-only stream, so a gzip'd tar is decompressed exactly once.
         with tarfile.open(src, mode="r|*") as tf:
             for member in tf:
-                if not member.name.lower().endswith(IMAGE_EXTENSIONS):
-                    continue
+                if member.isdir() or not member.name.lower().endswith(IMAGE_EXTENSIONS):
+                    continue  # a folder named like an image ('2024.png/') is no file to skip
                 if not member.isfile():
                     yield member.name, None, "not a regular file (link or device)"
                     continue
