@@ -140,6 +140,16 @@ def test_16bit_png_is_scaled_not_clipped(tmp_path: Path) -> None:
     np.testing.assert_array_equal(out[0, :, 0], [0, 128, 255, 1])
 
 
+def test_16bit_grey_png_with_a_transparent_value_composites_on_white(tmp_path: Path) -> None:
+    """A 16-bit grey PNG marks one value transparent (tRNS); its pixels kept that grey (1000 ->
+    4) where every other transparent background is composited on white."""
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.array([[1000, 65535, 0, 1001]], np.uint16)).save(path, transparency=1000)
+    out = load_image(path, None)
+    np.testing.assert_array_equal(out[0, :, 0], [255, 255, 0, 4])
+    assert (out == out[..., :1]).all()
+
+
 def test_palette_with_transparency_composites_on_white(tmp_path: Path) -> None:
     im = Image.new("P", (4, 4), 1)
     im.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)

@@ -219,6 +219,9 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         # Mode "I" from files holds 16-bit data (PNG/TIFF), so the same scale applies.
         wide = np.asarray(im, dtype=np.float64)
         gray = np.rint(np.clip(wide, 0, 65535) / 257.0).astype(np.uint8)
+        if isinstance(im.info.get("transparency"), int):
+            # A 16-bit grey PNG's tRNS: the pixels of exactly that value are transparent.
+            gray[wide == im.info["transparency"]] = 255
         return Image.fromarray(gray, mode="L").convert("RGB")
     has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         im.mode in ("P", "L", "RGB") and "transparency" in im.info
