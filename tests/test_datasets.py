@@ -34,6 +34,11 @@ def _pixels(seed: int, h: int = 20, w: int = 30) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
+def _save_png(path: Path, pixels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_png(pixels))
+
+
 def _read_all(folder: Path) -> np.ndarray:
     return np.stack([load_image(p, None) for p in sorted(folder.glob("*.png"))])
 
@@ -326,6 +331,46 @@ def test_data_prepare_command(tmp_path: Path) -> None:
     assert [load_image(f, None).shape for f in sorted(out.glob("*.png"))] == [(16, 16, 3)] * 2
     p = run_here("data", "prepare", str(tmp_path / "nope.zip"), "--out", str(out), check=False)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_prepare_never_writes_over_numbered_images_it_did_not_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder of one's own numbered images (video frames, 000000.png ...) was taken for an
+    interrupted prepare: `data prepare SRC --out frames` wrote over them and deleted the rest.
+    Only a folder holding a prepare's manifest, or the note a prepare leaves until it ends, is
+    written into; an interrupted prepare is still done again with the same source."""
+    frames = tmp_path / "frames"
+    for i in range(4):
+        _save_png(frames / f"{i:06d}.png", _pixels(10 + i))
+    before = {p.name: p.read_bytes() for p in frames.iterdir()}
+    src = _make_tgz(tmp_path / "src.tgz")
+    p = run_here("data", "prepare", str(src), "--out", str(frames), "--size", "8", check=False)
+    assert p.returncode == 2 and "is not empty" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in frames.iterdir()} == before
+
+    # Interrupted after its first image: the same source goes on, another one is refused.
+    real = datasets._prepare_one
+    calls = []
+
+    def stop_at_second(data: bytes, size: int) -> tuple[bytes | None, str | None]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(data, size)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(datasets, "_prepare_one", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(src, out, size=8, workers=1)
+    monkeypatch.setattr(datasets, "_prepare_one", real)
+    assert (out / "000000.png").exists() and not (out / "manifest.json").exists()
+    with pytest.raises(DataError, match="already holds images prepared from"):
+        prepare(_make_zip(tmp_path / "other.zip"), out, size=8, workers=1)
+    with pytest.warns(SkippedFilesWarning):
+        prepare(src, out, size=8, workers=1)
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "manifest.json"]
 
 
 def test_data_flowers102_command(tmp_path: Path, server: tuple[str, type]) -> None:

@@ -357,7 +357,9 @@ def prepare(
     in archive order (sorted path order for a folder). Members are read into memory one by one,
     never extracted by name, so '..' or absolute member paths cannot write outside ``out``.
     Skipped members are warned about; no usable image raises :class:`DataError`. Re-running with
-    the same source and size returns at once. Returns ``out``.
+    the same source and size returns at once. An existing ``out`` must be empty, or hold what a
+    prepare of the same source and size wrote there (finished, or interrupted: done again);
+    anything else raises :class:`DataError`. Returns ``out``.
     """
     src, out = Path(src), Path(out)
     if not src.exists():
@@ -368,21 +370,26 @@ def prepare(
         raise DataError(f"output folder '{out}' must not be inside the source folder '{src}'")
     _check_out_creatable(out)
     wanted = _source_id(src, size)
-    manifest_path = out / "manifest.json"
-    previous = _read_json(manifest_path)
+    manifest_path, pending_path = out / "manifest.json", out / _PENDING
+    # The manifest says a prepare finished here, the pending file that one was interrupted;
+    # without either, numbered PNGs are someone's own files (video frames, 000000.png ...).
+    finished = _read_json(manifest_path)
+    previous = finished or _read_json(pending_path)
     if previous is not None:
         if any(previous.get(k) != wanted[k] for k in ("source", "size")):
             raise DataError(
                 f"folder '{out}' already holds images prepared from {previous.get('source')} at "
                 f"size {previous.get('size')}; use another folder"
             )
-        if src.is_file() and {k: previous.get(k) for k in wanted} == wanted:
+        if finished and src.is_file() and {k: finished.get(k) for k in wanted} == wanted:
             return out  # same archive, same size: already done
-    elif out.exists() and any(
-        not (_OUTPUT_NAME.fullmatch(p.name) or is_temp_name(p.name)) for p in out.iterdir()
-    ):
-        raise DataError(f"folder '{out}' is not empty; prepare into a new or empty folder")
+    elif out.exists() and any(not is_temp_name(p.name) for p in out.iterdir()):
+        raise DataError(
+            f"folder '{out}' is not empty (it holds files animeddim did not prepare there); "
+            "prepare into a new or empty folder"
+        )
     out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(pending_path, json.dumps(wanted))
 
     members = _folder_members(src) if src.is_dir() else _archive_members(src)
     count, tried, skipped = 0, 0, []
@@ -415,6 +422,7 @@ def prepare(
             pool.shutdown()
 
     if count == 0:
+        pending_path.unlink(missing_ok=True)  # nothing written: the folder is free again
         first = f" (first: {skipped[0].path}: {skipped[0].reason})" if skipped else ""
         raise DataError(
             f"no usable image in '{src}': {tried} files tried, {len(skipped)} skipped{first}"
@@ -431,6 +439,7 @@ def prepare(
         "skipped": [[s.path, s.reason] for s in skipped],
     }
     write_bytes_atomic(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
+    pending_path.unlink(missing_ok=True)
     return out
 
 
