@@ -187,7 +187,7 @@ def test_csv_labels_and_their_errors(tmp_path: Path) -> None:
     err("", "empty")
     err(
         "file,mood\nx.png,happy\ny.png,angry\nz.png,sad\n",
-        r"row 3 \(y\.png\): unknown mood value 'angry'; known: happy, sad",
+        r"row 3 \(y\.png\): unknown mood value 'angry'; known: 'happy', 'sad'",
         vocab={"mood": ("happy", "sad")},
     )
     # Unlabelled images are allowed when asked for, and get the null code.
@@ -222,8 +222,8 @@ def test_an_empty_entry_is_null_under_missing_null_and_names_the_remedy_otherwis
         with pytest.raises(LabelError) as e:
             csv_labels(part, d, paths, **kw)
         assert str(e.value) == (
-            f"labels file '{part}' row 2 (x.png): the value of hat, pet is empty; fill it in, "
-            f"or {remedy}"
+            f"labels file '{part}' row 2 (x.png): the value of 'hat', 'pet' is empty; fill it "
+            f"in, or {remedy}"
         )
     with pytest.raises(LabelError, match=r"row 2 \(\?\): the file name is empty"):
         csv_labels(_csv(tmp_path / "f.csv", "file,mood\n,happy\n"), d, paths, missing="null")
@@ -245,7 +245,7 @@ def test_csv_values_are_kept_whole_and_rows_named_by_their_line(tmp_path: Path) 
     assert labels.vocab == {"note": ("a, b", "p\u2028q", "two\nlines")}
     assert labels.codes[:, 0].tolist() == [2, 0, 1]
     bad = '\ufefffile,note\r\n\r\nx.png,"two\nlines"\r\n\r\ny.png,\r\n'
-    with pytest.raises(LabelError, match=r"row 6 \(y\.png\): the value of note is empty"):
+    with pytest.raises(LabelError, match=r"row 6 \(y\.png\): the value of 'note' is empty"):
         csv_labels(_csv(tmp_path / "bad.csv", bad), d, paths)
 
 
@@ -717,7 +717,7 @@ def test_attributes_train_on_class_folders_and_a_csv(tmp_path: Path) -> None:
         str(tmp_path / "d.safetensors"),
         check=False,
     )
-    assert p.returncode == 2 and "row 3 (blue/0.png): the value of colour is empty" in p.stderr
+    assert p.returncode == 2 and "row 3 (blue/0.png): the value of 'colour' is empty" in p.stderr
     assert not (tmp_path / "d.safetensors").exists()
 
     # Partially labelled: an empty entry is left out of that attribute's loss only.

@@ -299,11 +299,38 @@ def test_guidance_interval_text_and_its_errors():
 
 
 def test_unknown_attribute_and_value_name_the_known_ones():
-    with pytest.raises(UnknownAttribute, match="knows no attribute 'hat'.*hair, glasses, mouth"):
+    with pytest.raises(UnknownAttribute, match="knows no attribute 'hat'.*'hair', 'glasses', 'mo"):
         encode(VOCAB, {"hat": "yes"})
-    with pytest.raises(UnknownAttribute, match="no glasses value 'maybe'.*no, yes"):
+    with pytest.raises(UnknownAttribute, match="no glasses value 'maybe'.*'no', 'yes'"):
         encode(VOCAB, {"glasses": "maybe"})
     assert encode(VOCAB, {"mouth": "c"}).tolist() == [NULL, NULL, 2]
+
+
+def test_known_values_holding_a_comma_are_listed_unambiguously(tmp_path):
+    """A value may hold a comma ('red, dark'): joined plainly, 'known: red, red, dark' read as
+    three values. Each listed name and value is quoted."""
+    from animeddim.labels import LabelError, csv_labels, quoted
+
+    assert quoted(["red", "red, dark"]) == "'red', 'red, dark'"
+    vocab = {"hair, colour": ["red", "red, dark"]}
+    with pytest.raises(UnknownAttribute) as e:
+        encode(vocab, {"hair, colour": "dark"})
+    assert str(e.value).endswith("known hair, colour values: 'red', 'red, dark'")
+    with pytest.raises(UnknownAttribute) as e:
+        encode(vocab, {"hair": "red"})
+    assert str(e.value).endswith("known attributes: 'hair, colour'")
+    for f in ("a.png", "b.png"):
+        (tmp_path / "img").mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "img" / f)
+    labels = tmp_path / "labels.csv"
+    labels.write_text('file,"hair, colour"\na.png,"red, dark"\nb.png,dark\n', encoding="utf-8")
+    paths = [str(tmp_path / "img" / f) for f in ("a.png", "b.png")]
+    with pytest.raises(LabelError) as e:
+        csv_labels(labels, tmp_path / "img", paths, vocab=vocab)
+    assert str(e.value).endswith("unknown hair, colour value 'dark'; known: 'red', 'red, dark'")
+    with pytest.raises(LabelError) as e:
+        csv_labels(labels, tmp_path / "img", paths, vocab={"hair": ["red"]})
+    assert str(e.value).endswith("has no column for 'hair'")
 
 
 def test_one_text_in_two_unicode_spellings_is_one_value(tmp_path):
@@ -326,7 +353,7 @@ def test_one_text_in_two_unicode_spellings_is_one_value(tmp_path):
     for vocab in (labels.vocab, old):
         for value in (composed, decomposed):
             assert encode(vocab, {"class": value}).tolist() == [0]
-    with pytest.raises(UnknownAttribute, match="no class value 'gruen'; known class values: gr"):
+    with pytest.raises(UnknownAttribute, match="no class value 'gruen'; known class values: 'gr"):
         encode(old, {"class": "gruen"})
 
 
@@ -450,7 +477,7 @@ def test_attrs_from_training_of_a_folders_model_reads_its_class_folders(colour_r
     grown = tmp_path / "grown"  # a class added to the folder since: named, with the known ones
     shutil.copytree(data, grown)
     shutil.copytree(grown / "red", grown / "green")
-    with pytest.raises(UnknownAttribute, match="class folder.s. green .*known class values: blue"):
+    with pytest.raises(UnknownAttribute, match="folder.s. 'green' .*known class values: 'blue'"):
         _folder_rows(loaded, grown)
 
 
@@ -559,8 +586,8 @@ def test_edit_turns_red_images_blue(colour_run, tmp_path):
 def test_unknown_attribute_or_value_exits_2_naming_it(colour_run, tmp_path):
     run, _ = colour_run
     cases = (
-        ("hat=yes", "no attribute 'hat'", "known attributes: class"),
-        ("class=green", "class value 'green'", "known class values: blue, red"),
+        ("hat=yes", "no attribute 'hat'", "known attributes: 'class'"),
+        ("class=green", "class value 'green'", "known class values: 'blue', 'red'"),
     )
     for attr, needle, known in cases:
         p = run_cli(
@@ -590,7 +617,7 @@ def test_unknown_attribute_or_value_exits_2_naming_it(colour_run, tmp_path):
         "cpu",
         check=False,
     )
-    assert p.returncode == 2 and "known attributes: class" in p.stderr, p.stderr
+    assert p.returncode == 2 and "known attributes: 'class'" in p.stderr, p.stderr
     p = run_cli(
         "edit",
         "--run",
@@ -675,7 +702,7 @@ def test_train_init_from_an_unconditional_run_starts_at_its_output(web_runs, tmp
         "cpu",
         check=False,
     )
-    assert p.returncode == 2 and "no attribute colour" in p.stderr and "class" in p.stderr
+    assert p.returncode == 2 and "no attribute 'colour'; they have: 'class'" in p.stderr
 
 
 def test_a_labels_column_that_cannot_teach_anything_is_warned_of(tmp_path, capsys):
@@ -743,8 +770,8 @@ def test_partially_labelled_data_trains_under_labels_missing_null(tmp_path, caps
     rc, err = train("a")
     assert rc == 2
     assert (
-        f"labels file '{labels}' row 2 (0.png): the value of colour, pet is empty; fill it in, "
-        "or pass --labels-missing null to use them as unlabelled"
+        f"labels file '{labels}' row 2 (0.png): the value of 'colour', 'pet' is empty; "
+        "fill it in, or pass --labels-missing null to use them as unlabelled"
     ) in err
     rc, err = train("b", "--labels-missing", "null")
     assert rc == 2
@@ -765,7 +792,7 @@ def test_partially_labelled_data_trains_under_labels_missing_null(tmp_path, caps
     paths = [str(data / f"{i}.png") for i in range(5)]
     assert _image_codes(loaded, data, paths, str(labels)).tolist() == want
     assert [p.name for p in _files_with(data, labels, {"shape": "square"})] == ["2.png", "6.png"]
-    with pytest.raises(DataError, match=r"shape values: round, square\)$"):
+    with pytest.raises(DataError, match=r"shape values: 'round', 'square'\)$"):
         _files_with(data, labels, {"shape": "oval"})
 
 

@@ -97,7 +97,7 @@ def test_target_errors_name_the_problem(loaded, cond_data, cond_classifier, web_
         shutil.copy(cond_data / r["file"], blue)
     lines = ["file,colour"] + [f"{r['file']},blue" for r in rows]
     (blue / "labels.csv").write_text("\n".join(lines) + "\n")
-    refused(DataError, r"no image in .* has colour=red \(its labels.csv colour values: blue\)",
+    refused(DataError, r"no image in .* has colour=red \(its labels.csv colour values: 'blue'\)",
             real=blue)  # fmt: skip
     refused(DataError, "has no column 'band'", real=blue, asked={"band": "top"})
 

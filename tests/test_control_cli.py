@@ -63,7 +63,7 @@ def test_evaluate_attr_errors_are_one_line_and_write_nothing(
     cases = [
         (cond_data, web_runs / "tiny", "colour=red", "the model is unconditional"),
         (bare, cond_run, "colour=red", "has no labels.csv"),
-        (blue, cond_run, "colour=red", "has colour=red (its labels.csv colour values: blue)"),
+        (blue, cond_run, "colour=red", "has colour=red (its labels.csv colour values: 'blue')"),
         (cond_data, cond_run, "colour=green", "the model knows no colour value 'green'"),
         (cond_data, cond_run, "colour", "--attr 'colour': expected NAME=VALUE"),
     ]
@@ -333,7 +333,7 @@ def test_attrs_from_gives_image_i_the_attributes_of_row_i(cond_run, tmp_path, ca
         assert np.array_equal(got, want), i
     bad = {
         "file,colour\na.png,green\n": "row 2 (a.png): the model knows no colour value 'green'",
-        "file,shape\na.png,round\n": "has none of the model's attributes (colour, band)",
+        "file,shape\na.png,round\n": "has none of the model's attributes ('colour', 'band')",
         "file,colour\n": "has no rows",
         # no file column: colour would be read as file names and left out unsaid
         "colour,band\nred,x\n": "its first column is the file column, but it is named 'colour'",

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .attributes_config import ClassifierConfig, TrainSettings
 from .io import read_safetensors, write_bytes_atomic
-from .labels import NULL, Labels
+from .labels import NULL, Labels, quoted
 
 FORMAT = "animeddim-attributes"
 VERSION = 2  # 2: crop branches (a file without crops is still written as version 1)
@@ -268,13 +268,13 @@ def align_labels(labels: Labels, vocab: dict[str, tuple[str, ...]]) -> np.ndarra
     for a, values in vocab.items():
         if a not in labels.vocab:
             raise ClassifierError(
-                f"the labels have no attribute {a!r} (they have {', '.join(labels.vocab)})"
+                f"the labels have no attribute {a!r} (they have {quoted(labels.vocab)})"
             )
         index = {v: k for k, v in enumerate(values)}
         unknown = [v for v in labels.vocab[a] if v not in index]
         if unknown:
             raise ClassifierError(
-                f"attribute {a!r}: the classifier does not know the value(s) {', '.join(unknown)}"
+                f"attribute {a!r}: the classifier does not know the value(s) {quoted(unknown)}"
             )
         remap = np.array([index[v] for v in labels.vocab[a]] + [NULL], dtype=np.int64)
         cols.append(remap[labels.column(a)])  # NULL (-1) indexes the appended NULL
@@ -334,7 +334,7 @@ def check_crops(cfg: ClassifierConfig) -> None:
     for a, box in cfg.crops.items():
         if a not in cfg.vocab:
             raise ClassifierError(
-                f"crop for {a!r}: no such attribute (the labels have {', '.join(cfg.vocab)})"
+                f"crop for {a!r}: no such attribute (the labels have {quoted(cfg.vocab)})"
             )
         top, left, h, w = box
         if (

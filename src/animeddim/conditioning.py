@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .config import ConfigError
-from .labels import canonical
+from .labels import canonical, quoted
 
 NULL = -1  # labels.NULL, unet.NULL
 
@@ -74,7 +74,7 @@ def check_attribute(vocab: Mapping[str, Sequence[str]], name: str) -> None:
         )
     if name not in vocab:
         raise UnknownAttribute(
-            f"the model knows no attribute {name!r}; known attributes: {', '.join(vocab)}"
+            f"the model knows no attribute {name!r}; known attributes: {quoted(vocab)}"
         )
 
 
@@ -91,8 +91,7 @@ def encode(vocab: Mapping[str, Sequence[str]], asked: Mapping[str, str]) -> torc
         value = canonical(value)
         if value not in values:
             raise UnknownAttribute(
-                f"the model knows no {name} value {value!r}; known {name} values: "
-                f"{', '.join(values)}"
+                f"the model knows no {name} value {value!r}; known {name} values: {quoted(values)}"
             )
         codes[names.index(name)] = values.index(value)
     return codes

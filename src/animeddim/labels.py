@@ -28,7 +28,7 @@ import csv
 import io
 import unicodedata
 import warnings
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +79,12 @@ def canonical(text: str) -> str:
     """``text`` in Unicode normal form NFC: how attribute names and values are kept and
     compared, so that two spellings of one text ('\u00fc' and 'u\u0308') are one value."""
     return unicodedata.normalize("NFC", text)
+
+
+def quoted(items: Iterable[str]) -> str:
+    """Names or values for a message, each quoted: ``'red', 'red, dark'`` (a value may hold a
+    comma, which a plain ``", "`` join would make read as two)."""
+    return ", ".join(repr(x) for x in items)
 
 
 def _relative(root: Path, paths: Sequence[str | Path]) -> list[str]:
@@ -163,7 +169,7 @@ def read_csv_rows(
         empty = [n for n, v in zip(names, values, strict=True) if v is None]
         if empty and missing != "null":
             raise LabelError(
-                f"labels file '{path}' row {line} ({file}): the value of {', '.join(empty)} is "
+                f"labels file '{path}' row {line} ({file}): the value of {quoted(empty)} is "
                 f"empty; fill it in, or {remedy}"
             )
         if file in seen:
@@ -201,7 +207,7 @@ def csv_labels(
     if vocab is not None:  # its names as written, NFC or not (a run from before NFC)
         absent = [n for n in vocab if canonical(n) not in names]
         if absent:
-            raise LabelError(f"labels file '{path}' has no column for {', '.join(absent)}")
+            raise LabelError(f"labels file '{path}' has no column for {quoted(absent)}")
         names_used = list(vocab)
     else:
         names_used = names
@@ -241,7 +247,7 @@ def csv_labels(
             if code is None:
                 raise LabelError(
                     f"labels file '{path}' row {line} ({file}): unknown {n} value {v!r}; known: "
-                    f"{', '.join(known[n])}"
+                    f"{quoted(known[n])}"
                 )
             codes[k, a] = code
         labelled[k] = True
@@ -277,7 +283,7 @@ def folder_labels(
         if list(vocab) != [FOLDER_ATTRIBUTE]:
             raise LabelError(
                 f"folder labels have one attribute, '{FOLDER_ATTRIBUTE}'; the "
-                f"vocabulary asks for {', '.join(vocab)}"
+                f"vocabulary asks for {quoted(vocab)}"
             )
         values = tuple(vocab[FOLDER_ATTRIBUTE])
     else:
@@ -290,7 +296,7 @@ def folder_labels(
         if c is None:
             continue
         if c not in lookup:
-            raise LabelError(f"'{root / rels[k]}': unknown class '{c}'; known: {', '.join(values)}")
+            raise LabelError(f"'{root / rels[k]}': unknown class {c!r}; known: {quoted(values)}")
         codes[k, 0] = lookup[c]
     _check_unlabelled(rels, codes[:, 0] != NULL, missing, f"'{root}' (not in a class subfolder)")
     return Labels({FOLDER_ATTRIBUTE: values}, codes)

@@ -138,7 +138,7 @@ def load_data(cfg: RunConfig, root: Path, progress: bool) -> TrainData:
 def label_codes(cfg: RunConfig, imageset: data_mod.ImageSet, root: Path) -> np.ndarray | None:
     """The [N x A] codes of the images from data.labels (None without labels). A new run's
     model.vocabulary is set from them; a run that has one reads the labels under it."""
-    from .labels import canonical, load_labels
+    from .labels import canonical, load_labels, quoted
 
     dc, vocab = cfg.data, cfg.model.vocabulary
     if not dc.labels:
@@ -156,8 +156,8 @@ def label_codes(cfg: RunConfig, imageset: data_mod.ImageSet, root: Path) -> np.n
     unknown = [a for a in asked if a not in labels.vocab]
     if unknown:
         raise ConfigError(
-            f"--attributes: the labels have no attribute {', '.join(unknown)}; "
-            f"they have: {', '.join(labels.vocab)}"
+            f"--attributes: the labels have no attribute {quoted(unknown)}; "
+            f"they have: {quoted(labels.vocab)}"
         )
     keep = asked or labels.attributes
     unfilled = [a for a in keep if not labels.vocab[a]]  # every entry empty (missing="null")

@@ -24,6 +24,7 @@ from ..diffusion.guidance import guided
 from ..diffusion.inversion import ddim_invert
 from ..diffusion.samplers import sample
 from ..io import save_grid, save_pngs, write_text_atomic
+from ..labels import quoted
 from .core import Progress, SampleSettings, _counter, draw, sampling_net
 from .latents import _load_images, _normalised, reconstruction_names
 
@@ -185,8 +186,8 @@ def codes_from_labels(loaded: LoadedModel, path: str | Path) -> torch.Tensor:
     names = [spelled.get(n, n) for n in names]
     if not any(name in vocab for name in names):
         raise UnknownAttribute(
-            f"labels file '{path}' has none of the model's attributes ({', '.join(vocab)}); "
-            f"its columns: {', '.join(names)}"
+            f"labels file '{path}' has none of the model's attributes ({quoted(vocab)}); "
+            f"its columns: {quoted(names)}"
         )
     if not rows:
         raise UnknownAttribute(f"labels file '{path}' has no rows")
@@ -244,8 +245,8 @@ def _folder_rows(loaded: LoadedModel, root: Path) -> torch.Tensor:
     new = [v for v in found if v not in known]
     if new:
         raise UnknownAttribute(
-            f"training folder '{root}' has class folder(s) {', '.join(new)} the model does not "
-            f"know; known class values: {', '.join(known)}"
+            f"training folder '{root}' has class folder(s) {quoted(new)} the model does not "
+            f"know; known class values: {quoted(known)}"
         )
     column = got.column(FOLDER_ATTRIBUTE)
     remap = torch.tensor([known[v] for v in found], dtype=torch.long)
@@ -314,8 +315,7 @@ def _image_codes(
             value = canonical(got.vocab[column][c])
             if value not in known:
                 raise UnknownAttribute(
-                    f"{paths[n]}: the model knows no {name} value {value!r}; known: "
-                    f"{', '.join(known)}"
+                    f"{paths[n]}: the model knows no {name} value {value!r}; known: {quoted(known)}"
                 )
             codes[n, a] = known.index(value)
     return codes

@@ -24,6 +24,7 @@ from ..config import GUIDE_ALWAYS
 from ..config import guidance_interval_words as words
 from ..data import DataError
 from ..io import write_text_atomic
+from ..labels import quoted
 from .conditional import draw_conditional, guidance_interval, per_image_codes, vocabulary
 from .core import Progress, SampleSettings, _nchw, sampling_net
 
@@ -87,11 +88,11 @@ def control_target(
         if known is None:
             raise UnknownAttribute(
                 f"the attribute classifier knows no attribute {a!r}; it knows "
-                f"{', '.join(net.config.vocab)} (give --classifier FILE)"
+                f"{quoted(net.config.vocab)} (give --classifier FILE)"
             )
         if v not in known:
             raise UnknownAttribute(
-                f"the attribute classifier knows no {a} value {v!r}; known: {', '.join(known)}"
+                f"the attribute classifier knows no {a} value {v!r}; known: {quoted(known)}"
             )
     ceiling, kind = _ceiling(meta, asked)
     return ControlTarget(
@@ -163,7 +164,7 @@ def mix_target(
     if not judged:
         raise UnknownAttribute(
             f"the attribute classifier knows none of the model's attributes "
-            f"({', '.join(vocab)}); it knows {', '.join(net.config.vocab)} (give --classifier)"
+            f"({quoted(vocab)}); it knows {quoted(net.config.vocab)} (give --classifier)"
         )
     ceiling, kind = _ceiling(meta, judged)
     return MixTarget(str(labels), codes, vocab, net, judged, ceiling, kind)
@@ -216,7 +217,7 @@ def _files_with(real: Path, labels: Path, asked: Mapping[str, str]) -> list[Path
     missing = [a for a in asked if a not in names]
     if missing:
         raise DataError(
-            f"'{labels}' has no column {missing[0]!r} (its attributes: {', '.join(names)})"
+            f"'{labels}' has no column {missing[0]!r} (its attributes: {quoted(names)})"
         )
     col = {n: k for k, n in enumerate(names)}
     wanted = {f for _, f, v in rows if all(v[col[a]] == x for a, x in asked.items())}
@@ -226,7 +227,7 @@ def _files_with(real: Path, labels: Path, asked: Mapping[str, str]) -> list[Path
         a = next(iter(asked))
         found = sorted({v[col[a]] for _, _, v in rows} - {None})
         raise DataError(
-            f"no image in '{real}' has {what} (its labels.csv {a} values: {', '.join(found)})"
+            f"no image in '{real}' has {what} (its labels.csv {a} values: {quoted(found)})"
         )
     if len(files) < 2:
         raise DataError(f"KID needs at least 2 real images with {what}; '{real}' has 1")
