@@ -249,3 +249,40 @@ def test_a_conditional_run_gets_an_attribute_grid(cond_run, tmp_path):
         s = pipelines.resolve_settings("cpu", "fp32", steps=STEPS, sampler="ddim", seed=3)
         images, _ = pipelines.attribute_grid(loaded, attr, 8, s)
         assert np.array_equal(grid, tile(images.numpy(), 8))
+
+
+def test_attribute_grids_of_names_alike_get_files_of_their_own(tmp_path, monkeypatch):
+    """'hair color' and 'hair/color' were both written as samples-run-by-hair_color.png, the
+    second grid over the first ('Hair_color' too, on a disk that ignores case). Names alike
+    now each get a digest of their own; other names keep the plain file name."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from animeddim import pipelines
+    from animeddim.report.page import _attribute_grids, grid_file_names
+
+    vocab = {"hair color": ("a", "b"), "hair/color": ("c",), "Hair_color": ("d",), "mouth": ("e",)}
+
+    def grid(loaded, attr, seeds, s):  # each attribute's grid its own shade
+        shade = 40 * (1 + list(vocab).index(attr))
+        return torch.full((len(vocab[attr]) * seeds, 8, 8, 3), shade, dtype=torch.uint8), []
+
+    monkeypatch.setattr(pipelines, "vocabulary", lambda loaded: vocab)
+    monkeypatch.setattr(pipelines, "attribute_grid", grid)
+    blocks = _attribute_grids(SimpleNamespace(name="run"), None, tmp_path, 0, 2, "cpu")
+    names = [b[1] for b in blocks if b[0] == "img"]
+    assert len({n.casefold() for n in names}) == 4
+    assert names[3] == "samples-run-by-mouth.png"
+    for name in names[:3]:
+        assert re.fullmatch(r"samples-run-by-[hH]air_color-[0-9a-f]{8}\.png", name), name
+    for k, name in enumerate(names):
+        assert np.asarray(Image.open(tmp_path / name)).max() == 40 * (k + 1)
+    # The same file names whatever the order, and a plain name that is another's suffixed
+    # one is told apart.
+    again = grid_file_names("run", list(reversed(vocab)))
+    assert again == dict(zip(vocab, names, strict=True))
+    suffixed = names[0][len("samples-run-by-") : -len(".png")]
+    both = grid_file_names("run", ["hair color", "hair/color", suffixed])
+    assert len(set(both.values())) == 3

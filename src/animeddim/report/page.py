@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import html
 import math
 import os
+import re
+import unicodedata
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -200,18 +204,45 @@ def _samples(run: RunFiles, loaded, out: Path, seed: int, steps: int, device) ->
 GRID_MAX_VALUES = 16  # attributes with more values get no grid (too tall to read)
 
 
+def grid_file_names(run_name: str, attributes: Sequence[str]) -> dict[str, str]:
+    """The file of each attribute's grid: ``samples-RUN-by-NAME.png``, NAME the attribute's
+    name with every character outside letters, digits, ``_ . -`` made ``_``.
+
+    Two attributes whose names are alike that way ('hair color' and 'hair/color'; 'Hair' and
+    'hair', one file on a disk that ignores case) would write one file, the second grid over
+    the first: each of those gets ``-`` and the first 8 hex digits of its name's SHA-256
+    appended (the same however the vocabulary is ordered); the other names stay plain.
+    """
+
+    def key(slug: str) -> str:  # one file on a disk that ignores case and Unicode form
+        return unicodedata.normalize("NFC", slug).casefold()
+
+    slugs = {a: re.sub(r"[^\w.-]", "_", a) for a in attributes}
+    alike = Counter(key(slug) for slug in slugs.values())
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for a, slug in slugs.items():
+        if alike[key(slug)] > 1:
+            slug += "-" + hashlib.sha256(a.encode("utf-8")).hexdigest()[:8]
+        unique, k = slug, 2
+        while key(unique) in taken:  # a plain name spelled like another's suffixed one
+            unique, k = f"{slug}-{k}", k + 1
+        taken.add(key(unique))
+        names[a] = f"samples-{run_name}-by-{unique}.png"
+    return names
+
+
 def _attribute_grids(run: RunFiles, loaded, out: Path, seed: int, steps: int, device):
     """A conditional model's attribute grids: per attribute of at most GRID_MAX_VALUES
     values, one row per value and SAMPLE_COLS columns (the same starting noises in every
-    row), as `sample --grid-by` draws it."""
-    import re
-
+    row), as `sample --grid-by` draws it, each in its own file (`grid_file_names`)."""
     from ..pipelines import attribute_grid, resolve_settings, vocabulary
 
     vocab = vocabulary(loaded)
     if not vocab:
         return []
     s = resolve_settings(device, "fp32", steps=steps, sampler="ddim", seed=seed)
+    files = grid_file_names(run.name, list(vocab))
     blocks: list[Block] = []
     for attr, values in vocab.items():
         if len(values) > GRID_MAX_VALUES:
@@ -220,8 +251,7 @@ def _attribute_grids(run: RunFiles, loaded, out: Path, seed: int, steps: int, de
             )
             continue
         images, _ = attribute_grid(loaded, attr, SAMPLE_COLS, s)
-        slug = re.sub(r"[^\w.-]", "_", attr)
-        name = f"samples-{run.name}-by-{slug}.png"
+        name = files[attr]
         save_grid(images, out / name, cols=SAMPLE_COLS)
         text = (
             f"By {attr}: rows {', '.join(values)} (top to bottom); columns images "
@@ -245,10 +275,10 @@ def write_report(
 
     Also writes out/report.html (same content, self-contained), fig1-forward-<run>.png,
     fig1-reverse-<run>.png, samples-<run>.png (and samples-<run>-by-<attribute>.png for a
-    conditional model), fig3-kid.png (if any run has KID), fig3-standard-kid.png (if any run
-    was trained with --eval-every),
-    fig4-losses.png, table1.md/.csv, table2-<run>.md/.csv, and steps-table.md/.csv with
-    fig-steps.png when a run has steps.csv. Only files in the run folders are read.
+    conditional model, see `grid_file_names`), fig3-kid.png (if any run has KID),
+    fig3-standard-kid.png (if any run was trained with --eval-every), fig4-losses.png,
+    table1.md/.csv, table2-<run>.md/.csv, and steps-table.md/.csv with fig-steps.png when
+    a run has steps.csv. Only files in the run folders are read.
 
     :param runs: run folders written by `animeddim train` (a list; one folder alone may be
         given as a str or Path).
