@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import struct
@@ -385,6 +386,24 @@ def test_links_that_lead_nowhere_leave_the_data_fingerprint_as_it_was(tmp_path: 
     assert data_fingerprint(find_images(tmp_path), tmp_path) == before
     (tmp_path / "c.png").symlink_to(tmp_path / "a.png")  # a link to an image is an image
     assert data_fingerprint(find_images(tmp_path), tmp_path) != before
+
+
+def test_a_file_name_that_is_not_utf8_is_read_and_fingerprinted(tmp_path: Path) -> None:
+    """A name in Latin-1 (b'caf\\xe9.png', from an old archive or a Windows share) is not UTF-8:
+    `train` ended in a UnicodeEncodeError traceback while taking the data's fingerprint. It is
+    read like any image, and UTF-8 names keep the fingerprint earlier runs recorded."""
+    from animeddim.run_folder import data_fingerprint
+
+    _save(tmp_path / "grün.png", _rgb(4, 4))
+    size = (tmp_path / "grün.png").stat().st_size
+    expected = hashlib.sha256(f"grün.png\0{size}\n".encode()).hexdigest()[:32]
+    assert data_fingerprint(find_images(tmp_path), tmp_path) == f"1:{expected}"
+    try:
+        _save(Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.png")), _rgb(4, 4, 1))
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes UTF-8 names only")
+    assert len(load_folder(tmp_path, 4, workers=1).paths) == 2
+    assert data_fingerprint(find_images(tmp_path), tmp_path).startswith("2:")
 
 
 def test_find_images_missing_or_not_folder(tmp_path: Path) -> None:

@@ -165,7 +165,9 @@ def data_fingerprint(files: Sequence[Path], root: Path) -> str:
             if f.is_symlink():  # broken, or a link to itself
                 continue
             size = -1
-        h.update(f"{f.relative_to(root).as_posix()}\0{size}\n".encode())
+        # fsencode: a name that is not UTF-8 (Latin-1 from an old archive) is its own bytes,
+        # where str.encode raised; UTF-8 names give the bytes they always gave.
+        h.update(os.fsencode(f.relative_to(root).as_posix()) + f"\0{size}\n".encode())
         count += 1
     return f"{count}:{h.hexdigest()[:32]}"
 
