@@ -77,6 +77,13 @@ def test_bad_counts_are_value_errors_and_no_images_are_still_uint8():
         generate(model, batch_size=0, **KW)
     with pytest.raises(ValueError, match="steps must be an integer >= 1, got 0"):
         generate(model, **{**KW, "steps": 0})
+    # A count computed in torch or numpy is an integer; a float one is not.
+    want = generate(model, batch_size=2, **KW)
+    scalars = {"steps": torch.tensor(3), "n": np.int64(5), "batch_size": torch.tensor(2)}
+    assert torch.equal(generate(model, **{**KW, **scalars}), want)
+    for name, value in (("steps", torch.tensor(3.0)), ("n", torch.tensor([5]))):
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= ., got tensor"):
+            generate(model, **{**KW, name: value})
 
 
 def test_shipped_model_samples_are_unchanged():

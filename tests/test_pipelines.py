@@ -202,6 +202,12 @@ def test_wrong_arguments_from_python_are_config_errors_naming_them(loaded, tmp_p
             pipelines.resolve_settings("cpu", **kw)
     s = pipelines.resolve_settings("cpu", steps=np.int64(1), batch_size=2, precision="fp32")
     assert type(s.steps) is int
+    # a 0-d integer tensor too (steps computed in torch), read as its int; not a float one
+    t = pipelines.resolve_settings("cpu", steps=torch.tensor(3), seed=torch.tensor(5))
+    assert (type(t.steps), t.steps, type(t.seed), t.seed) == (int, 3, int, 5)
+    for kw in ({"steps": torch.tensor(3.0)}, {"steps": torch.tensor(True)}, {"seed": 1.0}):
+        with pytest.raises(ConfigError, match="must be an integer"):
+            pipelines.resolve_settings("cpu", **kw)
     for n, first, match in [(-1, 0, "n must be"), (2.0, 0, "n must be"), (1, -1, "first_index")]:
         with pytest.raises(ConfigError, match=match):
             pipelines.draw(loaded, n, s, first_index=first)

@@ -94,6 +94,39 @@ def test_bad_arguments_are_value_errors_naming_them():
     assert torch.equal(sample(model, x, np.int64(3), SCHED), sample(model, x, 3, SCHED))
 
 
+def test_an_integer_scalar_tensor_is_a_step_count_and_a_float_or_bool_one_is_not():
+    """steps computed in torch (torch.tensor(20)) or numpy were refused as 'not an integer';
+    one integer of any kind is now read as its int. A float (even 3.0), a bool and a tensor
+    or array holding more than a scalar (torch.tensor([3]), whose one element operator.index
+    would read) are still refused with the same message."""
+    import re
+
+    import numpy as np
+
+    from animeddim.config import as_integer
+    from animeddim.diffusion.inversion import ddim_invert
+    from animeddim.diffusion.samplers import check_steps
+
+    model, x = Gaussian(), noise(2)
+    want = sample(model, x, 3, SCHED)
+    for steps in (torch.tensor(3), torch.tensor(3, dtype=torch.uint8), np.int32(3), np.array(3)):
+        assert type(check_steps(steps)) is int and check_steps(steps) == 3
+        assert torch.equal(sample(model, x, steps, SCHED), want)
+        assert torch.equal(sample(model, x, steps, SCHED, sampler="dpmpp-2m-logsnr"),
+                           sample(model, x, 3, SCHED, sampler="dpmpp-2m-logsnr"))  # fmt: skip
+    inverted = ddim_invert(model, x, torch.tensor(2), SCHED)
+    assert torch.equal(inverted, ddim_invert(model, x, 2, SCHED))
+    bad = (torch.tensor(3.0), torch.tensor(2.5), torch.tensor(True), torch.tensor([3]),
+           torch.tensor([[3]]), np.array([3]), np.float64(3), np.bool_(True), 3.0, "3",
+           torch.tensor(0), np.int64(-1))  # fmt: skip
+    for steps in bad:
+        message = f"steps must be an integer >= 1, got {steps!r}"
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            sample(model, x, steps, SCHED)
+    assert [as_integer(v) for v in (7, torch.tensor(-2), np.uint8(4), None, [1])] == [
+        7, -2, 4, None, None]  # fmt: skip
+
+
 @pytest.mark.parametrize("steps", [1, 5, 20])
 def test_ddim_with_oracle_recovers_data(steps):
     g = torch.Generator().manual_seed(1)

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import numbers
+import operator
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -37,6 +38,24 @@ IMAGE_CHANNELS = 3  # images are decoded to RGB
 
 
 GUIDE_ALWAYS = (0.0, math.inf)  # the guidance interval (in sigma) that guides at every step
+
+
+def as_integer(value: object) -> int | None:
+    """`value` as an int if it is one integer: an int, a numpy integer, or a 0-d integer array
+    or tensor (``torch.tensor(20)``, what a count computed in torch is); None for a bool (True
+    is not 1 step), a float (even 20.0), a string, or an array or tensor of any shape but ().
+
+    Reads what it is given through ``operator.index``, so torch need not be imported here.
+    """
+    if isinstance(value, bool) or getattr(value, "ndim", 0) != 0:
+        return None
+    item = getattr(value, "item", None)  # a 0-d bool tensor: operator.index makes it 1
+    if callable(item) and isinstance(item(), bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def check_guidance_interval(interval: tuple[float, float]) -> tuple[float, float]:

@@ -7,13 +7,12 @@ same whatever the batch size or the number of processes (EDM's StackedRandomGene
 from __future__ import annotations
 
 import contextlib
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from ..config import ScheduleConfig
+from ..config import ScheduleConfig, as_integer
 from .samplers import (
     Denoiser,
     check_sampler,
@@ -51,6 +50,15 @@ def batch_cond(cond: Any, start: int, stop: int) -> Any:
     return cond
 
 
+def _count(value: int, name: str, least: int) -> int:
+    """`value` as an int if it is an integer >= `least` (`config.as_integer`), else ValueError
+    naming it."""
+    count = as_integer(value)
+    if count is None or count < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    return count
+
+
 def generate(
     model: Denoiser,
     *,
@@ -83,10 +91,8 @@ def generate(
     :raises ValueError: naming the bad argument (`samplers.sample`'s, n < 0, batch_size < 1).
     """
     check_sampler(sampler, eta)
-    check_steps(steps)
-    for name, value, least in (("n", n, 0), ("batch_size", batch_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    steps = check_steps(steps)
+    n, batch_size = _count(n, "n", 0), _count(batch_size, "batch_size", 1)
     x0_range = sampler_x0_range(clip, sampler, mean, std)
     out = []
     for start in range(first_index, first_index + n, batch_size):

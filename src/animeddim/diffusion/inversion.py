@@ -64,7 +64,7 @@ def ddim_invert(
         like the training data).
     :raises ValueError: steps not an integer >= 1.
     """
-    check_steps(steps)
+    steps = check_steps(steps)
 
     def eps_at(x: torch.Tensor, noise_rate: float) -> torch.Tensor:
         return model(x, torch.full((x.shape[0],), noise_rate**2, device=x.device), cond).float()

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..config import ScheduleConfig
+from ..config import ScheduleConfig, as_integer
 from .sampler_names import SAMPLER_INFO
 from .sampler_names import sampler_help as sampler_help  # the CLI reads it from there
 from .schedule import log_snr, predict_x0, rates, time_of_log_snr
@@ -385,11 +385,13 @@ def sampler_spec(name: str) -> SamplerSpec:
 
 
 def check_steps(steps: int, name: str = "steps") -> int:
-    """`steps` as an int if it is an integer >= 1, else ValueError naming it (a float such
-    as 2.5 would make a grid of ceil(2.5) times, 0 would return the noise unchanged)."""
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+    """`steps` as an int if it is an integer >= 1 (numpy's, or a 0-d integer tensor, too:
+    `config.as_integer`), else ValueError naming it (a float such as 2.5 would make a grid
+    of ceil(2.5) times, 0 would return the noise unchanged)."""
+    value = as_integer(steps)
+    if value is None or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {steps!r}")
-    return int(steps)
+    return value
 
 
 def check_sampler(sampler: str, eta: float) -> None:
@@ -452,7 +454,7 @@ def sample(
         [N x C x H x W], or generators that are not one per image.
     """
     check_sampler(sampler, eta)
-    check_steps(steps)
+    steps = check_steps(steps)
     if initial_noise.dim() != 4:
         raise ValueError(
             f"initial_noise must be [N x C x H x W], got shape {tuple(initial_noise.shape)}"

@@ -4,7 +4,6 @@ the part of the API every front end needs first (see the package's docstring).""
 from __future__ import annotations
 
 import contextlib
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import LoadedModel, recommended_sampling
-from ..config import ConfigError, check_guidance_interval
+from ..config import ConfigError, as_integer, check_guidance_interval
 from ..diffusion.generation import generate
 from ..diffusion.inversion import ddim_invert
 from ..diffusion.samplers import (
@@ -122,20 +121,22 @@ SEED_LIMIT = 2**63  # a seed of images is in 0 .. 2**63 - 1, as training's seed
 def check_seed(seed: int, name: str = "seed") -> int:
     """`seed` if it is an integer in 0 .. 2**63 - 1, else ConfigError naming it: outside
     that range image i's generator seed wraps around, so two seeds would draw the same
-    images (-1 those of 2**63 - 1, 2**63 those of 0)."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # numpy's too
+    images (-1 those of 2**63 - 1, 2**63 those of 0). numpy's integers and 0-d integer
+    tensors are integers too (`config.as_integer`)."""
+    value = as_integer(seed)
+    if value is None or not 0 <= value < SEED_LIMIT:
         raise ConfigError(f"{name} must be an integer in 0 .. 2**63 - 1, got {seed!r}")
-    if not 0 <= seed < SEED_LIMIT:
-        raise ConfigError(f"{name} must be an integer in 0 .. 2**63 - 1, got {seed!r}")
-    return int(seed)
+    return value
 
 
 def check_count(value: int, name: str, least: int = 1) -> int:
-    """`value` as an int if it is an integer >= `least` (numpy's too), else ConfigError
-    naming it (a float such as 2.5 steps, or a string, would fail deep inside torch)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+    """`value` as an int if it is an integer >= `least` (numpy's, or a 0-d integer tensor,
+    too: `config.as_integer`), else ConfigError naming it (a float such as 2.5 steps, or a
+    string, would fail deep inside torch)."""
+    count = as_integer(value)
+    if count is None or count < least:
         raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
-    return int(value)
+    return count
 
 
 def resolve_settings(
@@ -161,7 +162,7 @@ def resolve_settings(
         precision or fp16 on the CPU, a guidance interval that is not 0 <= lo < hi, a seed
         outside 0 .. 2**63 - 1).
     """
-    check_seed(seed)
+    seed = check_seed(seed)
     steps, batch_size = check_count(steps, "steps"), check_count(batch_size, "batch_size")
     dev = _device(device)
     try:

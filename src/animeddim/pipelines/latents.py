@@ -141,8 +141,7 @@ def interpolate(
     cfg = loaded.config
     shape = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
     if seeds is not None:
-        for seed in seeds:
-            check_seed(seed)
+        seeds = tuple(check_seed(seed) for seed in seeds)
         a = randn_per_image(image_generators(seeds[0], [0]), shape, settings.device)
         b = randn_per_image(image_generators(seeds[1], [0]), shape, settings.device)
     else:
