@@ -208,6 +208,24 @@ def test_one_run_folder_may_be_given_alone(runs, tmp_path):
     assert "run-a" in page.read_text() and (tmp_path / "one" / "table2-run-a.md").is_file()
 
 
+def test_a_run_trained_on_a_folder_whose_name_is_not_utf8_gets_its_report(runs, tmp_path):
+    """Data in a folder named in Latin-1 (b'caf\\xe9', from an old archive or a Windows share)
+    trained, sampled and resumed, but `report` ended in a UnicodeEncodeError traceback when
+    it wrote the tables, after the figures; they now hold the name as the file system does."""
+    run = copy_run(runs[0], tmp_path / "run")
+    cfg = json.loads((run / "config.json").read_text())
+    try:
+        data = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9"))
+        data.symlink_to(cfg["data"]["abs_path"], target_is_directory=True)
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes UTF-8 names only")
+    cfg["data"]["path"] = cfg["data"]["abs_path"] = str(data)
+    (run / "config.json").write_text(json.dumps(cfg))
+    page = write_report([run], tmp_path / "out", steps=1)
+    assert page.is_file()
+    assert b"caf\xe9" in (tmp_path / "out" / "table1.csv").read_bytes()
+
+
 def test_cells_and_names():
     assert [cell_text(v) for v in (None, "", 0.123456, 3, "x")] == [DASH, DASH, "0.1235", "3", "x"]
     assert sanitise("run b!") == "run-b" and sanitise("..") == "run"

@@ -126,8 +126,12 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Replace `path` with UTF-8 `text` (temporary name, fsync, rename)."""
-    return write_bytes_atomic(path, text.encode("utf-8"))
+    """Replace `path` with UTF-8 `text` (temporary name, fsync, rename).
+
+    A file name that is not UTF-8 (Latin-1 from an old archive) reaches `text` as Python's
+    surrogate escapes; it is written as the bytes the file system holds, not refused.
+    """
+    return write_bytes_atomic(path, text.encode("utf-8", "surrogateescape"))
 
 
 def fsync_dir(d: str | Path) -> None:
