@@ -6,7 +6,10 @@ import hashlib
 import http.server
 import io
 import json
+import os
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
 import warnings
@@ -371,6 +374,25 @@ def test_prepare_never_writes_over_numbered_images_it_did_not_write(
     with pytest.warns(SkippedFilesWarning):
         prepare(src, out, size=8, workers=1)
     assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "manifest.json"]
+
+
+def test_a_folder_name_that_is_not_utf8_is_printed_not_a_traceback(tmp_path: Path) -> None:
+    """Where stdout is strict UTF-8 (most desktops' locales), printing a name in Latin-1
+    (b'caf\\xe9', from an old archive) ended `data prepare`, `invert`, ... in a
+    UnicodeEncodeError traceback after their files were written; it prints as `ls` does."""
+    src = tmp_path / "src"
+    _save_png(src / "a.png", _pixels(1))
+    try:
+        out = os.fsencode(tmp_path) + b"/caf\xe9"
+        os.mkdir(out)
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes UTF-8 names only")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    command = [sys.executable, "-m", "animeddim", "data", "prepare", os.fsencode(src)]
+    p = subprocess.run([*command, b"--out", out, b"--size", b"8"], capture_output=True, env=env)
+    assert p.returncode == 0, p.stderr.decode(errors="replace")
+    assert p.stdout == b"prepared images in " + out + b"\n"
+    assert sorted(os.listdir(out)) == [b"000000.png", b"manifest.json"]
 
 
 def test_data_flowers102_command(tmp_path: Path, server: tuple[str, type]) -> None:

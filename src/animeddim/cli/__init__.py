@@ -86,7 +86,17 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 _shown_warnings: set[str] = set()
 
 
+def _print_names_as_they_are() -> None:
+    """A file name that is not UTF-8 (Latin-1 from an old archive) is held as surrogate
+    escapes, which a strict UTF-8 stdout refused with a traceback once the work was done;
+    such a name is printed as the bytes the file system holds, as `ls` prints it."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None and getattr(sys.stdout, "errors", None) == "strict":
+        reconfigure(errors="surrogateescape")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _print_names_as_they_are()
     parser = build_parser()
     args = parser.parse_args(argv)
     errors = _user_errors()
