@@ -192,6 +192,39 @@ def test_sigkill_during_and_between_saves_then_resume_equals_uninterrupted(
         ).read_bytes()
 
 
+def test_ctrl_c_while_a_best_kid_checkpoint_is_written_keeps_the_epochs_row(
+    avatars16, tmp_path, monkeypatch
+):
+    """Ctrl-C while the epoch end writes best-kid.safetensors (before: the epoch was counted
+    done before its metrics row was written, so the checkpoint the Ctrl-C saved resumed after
+    it: that epoch's row and its best-KID checkpoint were never written). Now the row is
+    written first and the interrupted best-KID checkpoint is written again before stopping."""
+    kids = iter([0.5, 0.4])  # each epoch improves on the one before
+    monkeypatch.setattr(train_mod, "training_inception", lambda cfg, device: (None, None))
+    monkeypatch.setattr(train_mod, "make_kid", lambda *a: lambda *b: next(kids))
+    real_save, cut = ckpt.save, []
+
+    def save(path, *args, **kwargs):
+        if Path(path).name == "best-kid.safetensors" and not cut:
+            cut.append(path)
+            raise KeyboardInterrupt  # as the SIGINT handler does, mid-write
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save", save)
+    run = tmp_path / "run"
+    res = train(tiny_config(avatars16, epochs=2, kid=True), run, **QUIET)
+    assert res.interrupted and cut
+    files = _checkpoints(run)
+    assert [r["epoch"] for r in _metric_rows(run)] == ["1"]
+    assert files["last.safetensors"][1]["epoch"] == 1
+    assert files["best-kid.safetensors"][1]["epoch"] == 1
+    assert files["best-kid.safetensors"][1]["best_kid"] == 0.5
+    res = train(load_run_config(run), run, resume=True, **QUIET)
+    assert not res.interrupted and res.epoch == 2
+    assert [(r["epoch"], r["kid"]) for r in _metric_rows(run)] == [("1", "0.5"), ("2", "0.4")]
+    assert _checkpoints(run)["best-kid.safetensors"][1]["epoch"] == 2
+
+
 def test_checkpoint_save_is_temp_file_fsync_rename_fsync_dir(tmp_path, monkeypatch):
     if not Path("/proc/self/fd").is_dir():
         pytest.skip("needs /proc to name the fsynced files")

@@ -231,6 +231,7 @@ def _epochs(cfg, run_dir, data, state, rt, progress, log, inception, eval_real) 
     standard_kid = make_standard_kid(cfg, inception, eval_real, log) if tc.eval_every else None
     bar = _progress_bar(progress, _bar_total(tc, data.steps_per_epoch), state.step)
     t_start, interrupted, last_row = time.perf_counter(), False, None
+    pending: list[Path] = []  # epoch-end checkpoints not written yet
     last_ckpt = run_dir / "checkpoints" / "last.safetensors"
     images_seen, seconds = 0, 0.0  # since the last epoch end's work
     try:
@@ -248,7 +249,7 @@ def _epochs(cfg, run_dir, data, state, rt, progress, log, inception, eval_real) 
                 state.epoch, state.batch_in_epoch = epoch, 0  # the work waits for its epoch
                 continue
             last_row = end_of_epoch(
-                state, data, cfg, rt, kid_metric, run_dir, save, standard_kid, stop or time_up
+                state, data, cfg, rt, kid_metric, run_dir, standard_kid, stop or time_up
             )
             last_row.update(
                 images_per_s=images_seen / max(seconds, 1e-9),
@@ -256,10 +257,15 @@ def _epochs(cfg, run_dir, data, state, rt, progress, log, inception, eval_real) 
                 wall_seconds=time.perf_counter() - t_start,
             )
             images_seen, seconds = 0, 0.0
-            # Metrics row first: a kill between the two resumes from an earlier checkpoint,
-            # which drops this row and writes it again, instead of losing it.
+            # Metrics row first, the epoch counted done after it: a kill before the epoch's
+            # checkpoint resumes from an earlier one, which drops this row and writes it
+            # again; the checkpoint a Ctrl-C saves counts the epoch only once its row is in.
             if distributed.is_main():
                 append_metrics(run_dir, last_row)
+            pending = close_epoch(state, last_row, run_dir)
+            while pending:  # a Ctrl-C cutting one short writes it again (below)
+                save(pending[0])
+                pending.pop(0)
             save(last_ckpt)
             log(epoch_line(last_row, tc.epochs))
             if time_up:
@@ -268,6 +274,8 @@ def _epochs(cfg, run_dir, data, state, rt, progress, log, inception, eval_real) 
                 break
     except KeyboardInterrupt:
         interrupted = True
+        for path in pending:  # the best checkpoints of the epoch whose row is written
+            save(path, collective=False)
         save(last_ckpt, collective=False)
         log(f"interrupted: checkpoint saved at step {state.step}; continue with --resume {run_dir}")
     finally:
@@ -397,9 +405,10 @@ def _log_progress(state: TrainState, tc, bar, images_per_s: float) -> None:
 
 
 def end_of_epoch(
-    state, data, cfg, rt, kid_metric, run_dir: Path, save, standard_kid_metric=None, last=False
+    state, data, cfg, rt, kid_metric, run_dir: Path, standard_kid_metric=None, last=False
 ) -> dict[str, Any]:
-    """Validation of the EMA network, KID, the sample grid, best-KID checkpoints; the row.
+    """Validation of the EMA network, KID and the sample grid of the epoch after
+    `state.epoch`; its metrics row (`close_epoch` then counts the epoch done).
     `standard_kid_metric`: the --eval-every measure (`train_kid.make_standard_kid`), or None,
     taken every eval_every epochs and at the run's last epoch (`last`: it stops early)."""
     nl, il, cnt = distributed.reduced_sum(state.acc).tolist()
@@ -438,17 +447,24 @@ def end_of_epoch(
     )  # fmt: skip
     if grid is not None:
         save_grid(grid, run_dir / "samples" / f"epoch-{state.epoch + 1:04d}.png", cols=6)
+    return row
+
+
+def close_epoch(state, row: dict[str, Any], run_dir: Path) -> list[Path]:
+    """Count the epoch of `row` as done in `state` (called once its metrics row is written);
+    the best-KID checkpoints it improves on, to be written next, holding this state."""
     state.epoch += 1
     state.batch_in_epoch = 0
     state.acc.zero_()
-    if kid is not None and kid < state.best_kid:
-        state.best_kid = kid
-        save(run_dir / "checkpoints" / "best-kid.safetensors")
+    best = []
+    if row["kid"] is not None and row["kid"] < state.best_kid:
+        state.best_kid = row["kid"]
+        best.append(run_dir / "checkpoints" / "best-kid.safetensors")
     standard_kid = row.get("standard_kid")
     if standard_kid is not None and standard_kid < state.best_standard_kid:
         state.best_standard_kid = standard_kid
-        save(run_dir / "checkpoints" / "best-standard-kid.safetensors")
-    return row
+        best.append(run_dir / "checkpoints" / "best-standard-kid.safetensors")
+    return best
 
 
 def epoch_line(row: dict[str, Any], epochs: int) -> str:
