@@ -3,13 +3,16 @@ drives the page in Chromium)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
+import re
 import shlex
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -23,7 +26,7 @@ pytest.importorskip("httpx2", reason="the test extra is not installed: pip insta
 
 from starlette.testclient import TestClient  # noqa: E402
 
-from animeddim.apps.web import checks, handlers  # noqa: E402
+from animeddim.apps.web import checks, handlers, server  # noqa: E402
 from animeddim.apps.web.checks import Catalog, RequestError  # noqa: E402
 from animeddim.apps.web.handlers import Engine  # noqa: E402
 from animeddim.apps.web.server import create_app  # noqa: E402
@@ -290,7 +293,8 @@ def test_page_and_info(client):
 def test_generate_streams_progress_and_images_the_cli_reproduces(client, runs, tmp_path):
     body = {"model": "run:tiny", "seed": 3, "n": 5, "steps": 4, "sampler": "dpmpp-2m"}
     lines = stream(client.post("/api/generate", json=body))
-    assert lines[0] == {"queued": 0}
+    assert lines[0] == {"job": lines[0]["job"], "queued": 0}
+    assert re.fullmatch("[0-9a-f]{16}", lines[0]["job"])
     progress = [m["progress"] for m in lines if "progress" in m]
     assert progress == [1, 2, 3, 4]
     assert {m["total"] for m in lines if "progress" in m} == {4}
@@ -438,7 +442,7 @@ def _red_face(cond_data) -> bytes:
         ({"changes": '{"colour": 3}'}, "changes must be a JSON object"),
         (
             {"changes": '{"colour": "green"}'},
-            "the model knows no colour value 'green'; known colour values: blue, red",
+            "the model knows no colour value 'green'; known colour values: 'blue', 'red'",
         ),  # fmt: skip
         ({"changes": '{"hat": "yes"}'}, "the model knows no attribute 'hat'; known attributes"),
         ({"guidance": "nan"}, "guidance must be a number from 0 to 20, got 'nan'"),
@@ -484,7 +488,7 @@ def test_interpolate_from_seeds_and_from_faces(client, avatars16):
     r = stream(client.post("/api/interpolate",
                            data={"model": "run:tiny", "seed": "1", "seed_b": "2", "frames": "5",
                                  "steps": "3", "sampler": "ddim"}))[-1]["result"]  # fmt: skip
-    assert decode_data_url(r["strip"]).size == (5 * 16, 16)
+    assert decode_data_url(r["strip"]).size == (5 * 16, 16) and r["frames"] == 5
     gif = decode_data_url(r["gif"])
     assert gif.format == "GIF" and gif.n_frames == 8  # there and back
     faces = sorted(avatars16.glob("*.png"))[:2]
@@ -588,6 +592,243 @@ def _status(url: str) -> dict:
         return json.loads(r.read())
 
 
+def _follow(url: str, job_id: str):
+    """GET /api/job?id=JOB_ID, the stream left open: (connection, response)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    conn.request("GET", "/api/job?id=" + job_id)
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.read()
+    return conn, resp
+
+
+def _stop(url: str, job_id: str) -> dict:
+    """POST /api/stop for `job_id`; its JSON answer."""
+    from urllib.request import Request, urlopen
+
+    body = json.dumps({"job": job_id}).encode()
+    req = Request(url + "/api/stop", body, {"Content-Type": "application/json"})
+    with urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _gone(url: str, job_id: str) -> bool:
+    """Whether /api/job answers 404 for `job_id` (stopped, delivered, or never known)."""
+    from urllib.error import HTTPError
+    from urllib.request import urlopen
+
+    try:
+        urlopen(f"{url}/api/job?id={job_id}", timeout=30).close()
+    except HTTPError as e:
+        return e.code == 404 and json.loads(e.read())["error"].startswith(f"no job {job_id}: ")
+    return False
+
+
+def _until(resp, key: str) -> dict:
+    """The next line of a job's stream that holds `key`."""
+    while True:
+        line = resp.readline()
+        assert line, f"the stream ended before a line with {key!r}"
+        msg = json.loads(line)
+        if key in msg:
+            return msg
+
+
+def _wait(cond, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def _serving(app):
+    """`app` served by uvicorn on a free loopback port in this process, stopping as `serve`
+    stops it; yields its URL."""
+    import threading
+
+    import uvicorn
+
+    from animeddim.apps.web import bind
+
+    sock = bind("127.0.0.1", 0)
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    app.state.stopping = lambda: srv.should_exit
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def paced(monkeypatch):
+    """Every network evaluation 50 ms longer: a job of 250 steps lasts over 12 s, time enough
+    to leave it and come back; it stops within one evaluation when asked."""
+    call = handlers.Progress.__call__
+
+    def slower(self, batch: int) -> None:
+        time.sleep(0.05)
+        call(self, batch)
+
+    monkeypatch.setattr(handlers.Progress, "__call__", slower)
+
+
+LONG = {"model": "run:tiny", "n": 1, "steps": 250, "sampler": "ddim"}  # paced: 12.5 s at least
+SHORT = {"model": "run:tiny", "n": 2, "steps": 3, "sampler": "dpmpp-2m"}
+
+
+def _unfollowed(app, *job_ids: str) -> bool:
+    """Whether the server has seen every client of these jobs go (read from the test thread)."""
+    jobs = dict(app.state.jobs.jobs)
+    return all(not jobs[j].attached for j in job_ids)
+
+
+def test_a_job_runs_on_when_its_client_leaves_and_a_reattach_follows_it(engine, paced):
+    """A page reloaded mid-job lost it: the job stopped as its stream ended. It now runs on;
+    GET /api/job?id= follows it again from where it is (its queue position, its latest
+    progress, then its result), a second client takes it over, and POST /api/stop stops it."""
+    app = create_app(engine)
+    with _serving(app) as url:
+        before = _status(url)
+        conn_a, resp_a = _open_stream(url, LONG)
+        first = json.loads(resp_a.readline())
+        a = first["job"]
+        assert first == {"job": a, "queued": 0} and re.fullmatch("[0-9a-f]{16}", a)
+        seen = _until(resp_a, "progress")["progress"]
+        conn_b, resp_b = _open_stream(url, SHORT)
+        b = json.loads(resp_b.readline())["job"]
+        conn_a.close()  # a reload while A runs and B waits behind it
+        conn_b.close()
+        _wait(lambda: _unfollowed(app, a, b))
+        job_a = app.state.jobs.jobs[a]
+        _wait(lambda: (job_a.latest or {}).get("progress", 0) >= seen + 3)  # A runs on, unfollowed
+        assert _status(url)["running"] and _status(url)["stopped"] == before["stopped"]
+
+        conn_a, resp_a = _follow(url, a)
+        assert json.loads(resp_a.readline()) == {"job": a, "queued": 0}
+        latest = json.loads(resp_a.readline())  # where it is now, not from the start
+        assert latest["progress"] >= seen + 3 and latest["total"] == 250, latest
+        conn_b, resp_b = _follow(url, b)
+        assert json.loads(resp_b.readline()) == {"job": b, "queued": 1}
+        conn_a2, resp_a2 = _follow(url, a)  # another page: it takes A over
+        assert json.loads(resp_a2.readline()) == {"job": a, "queued": 0}
+        assert _until(resp_a, "error") == {"error": server.TAKEN_OVER}
+        assert _stop(url, a) == {"job": a, "stopped": True}
+        assert _until(resp_a2, "error") == {"error": server.STOPPED}
+        lines = [json.loads(x) for x in resp_b.read().splitlines()]  # B runs now
+        for conn in (conn_a, conn_a2, conn_b):
+            conn.close()
+        assert [m["progress"] for m in lines if "progress" in m] == [1, 2, 3], lines
+        assert len(lines[-1]["result"]["images"]) == 2
+        assert _gone(url, a) and _gone(url, b)  # stopped; delivered
+        after = _status(url)
+    assert after["stopped"] == before["stopped"] + 1
+    assert after["completed"] == before["completed"] + 1 and after["failed"] == before["failed"]
+
+
+def test_a_job_that_ends_unfollowed_keeps_its_result_for_a_reattach(engine, paced, monkeypatch):
+    """A job that ends while nobody follows it keeps its result until a reattach takes it (or
+    KEEP_RESULT_S passes); only the newest KEEP_RESULTS such results are kept."""
+    monkeypatch.setattr(server, "KEEP_RESULTS", 1)
+    app = create_app(engine)
+    with _serving(app) as url:
+        before = _status(url)
+        conn_a, resp_a = _open_stream(url, LONG)
+        a = json.loads(resp_a.readline())["job"]
+        ids = []
+        for seed in (1, 2):  # queued behind A; their clients leave
+            conn, resp = _open_stream(url, {**SHORT, "seed": seed})
+            ids.append(json.loads(resp.readline())["job"])
+            conn.close()
+        _wait(lambda: _unfollowed(app, *ids))
+        assert _stop(url, a) == {"job": a, "stopped": True}
+        assert _until(resp_a, "error") == {"error": server.STOPPED}
+        conn_a.close()
+        _wait(lambda: _status(url)["completed"] == before["completed"] + 2)
+        assert _gone(url, ids[0])  # the older result made room for the newer
+        conn, resp = _follow(url, ids[1])
+        lines = [json.loads(x) for x in resp.read().splitlines()]
+        conn.close()
+        assert lines[0] == {"job": ids[1], "queued": 0}
+        assert lines[-1]["result"]["names"] == ["seed2-000000.png", "seed2-000001.png"]
+        assert _gone(url, ids[1])  # delivered
+
+
+def test_one_job_at_a_time_and_a_job_nobody_follows_is_stopped_after_the_grace(engine, paced):
+    """One job runs at a time (the next waits behind it). A job whose client left without
+    stopping it runs on for the grace period (`job_grace_s`, 20 s by default: time for a
+    reload), then stops at its next network evaluation, queued or running, so an abandoned
+    job does not hold the worker."""
+    app = create_app(engine, job_grace_s=1.0)
+    with _serving(app) as url:
+        before = _status(url)
+        conn_a, resp_a = _open_stream(url, LONG)
+        a = json.loads(resp_a.readline())["job"]
+        _until(resp_a, "progress")
+        conn_b, resp_b = _open_stream(url, LONG)
+        first = json.loads(resp_b.readline())
+        b = first["job"]
+        assert first == {"job": b, "queued": 1}  # waits behind the running job
+        left = time.monotonic()
+        conn_b.close()  # leaves while queued: its job never starts
+        conn_a.close()  # leaves while running
+        _wait(lambda: _status(url)["stopped"] == before["stopped"] + 2)
+        assert time.monotonic() - left >= 1.0  # not before the grace
+        now = _status(url)
+        assert now["completed"] == before["completed"] and now["waiting"] == 0
+        assert not now["running"] and _gone(url, a) and _gone(url, b)
+        conn, resp = _open_stream(url, {"model": "run:tiny", "n": 2, "steps": 2})
+        last = [json.loads(x) for x in resp.read().splitlines()][-1]
+        conn.close()
+        assert len(last["result"]["images"]) == 2  # and the server still serves
+
+
+def test_a_job_id_unknown_or_not_one_is_refused_with_the_reason(client):
+    """/api/job and /api/stop name a job by the id its stream began with: none, one that is
+    not an id, or one the server does not hold (delivered, stopped, expired) is refused
+    with the reason; /api/stop takes JSON from this server's own page only."""
+    before = client.get("/api/status").json()
+    r = client.get("/api/job")
+    assert r.status_code == 400
+    assert r.json() == {"error": "no job given: send its id, the first line of its stream"}
+    for bad in ("xyz", "../../etc/passwd", "0123456789ABCDEF", "0" * 17, "\x00" * 16, "a" * 5000):
+        for r in (client.get("/api/job", params={"id": bad}),
+                  client.post("/api/stop", json={"job": bad})):  # fmt: skip
+            assert r.status_code == 400, (bad, r.text)
+            assert r.json()["error"] == (
+                "a job id is 16 hexadecimal digits, as the first line of a job's stream gives "
+                f"it; got {bad[:40]!r}"
+            )
+    for body in ({"job": 5}, {"job": ["0" * 16]}, {"job": None}, {}):
+        r = client.post("/api/stop", json=body)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"].startswith(("a job id is", "no job given")), r.text
+    unknown = "0123456789abcdef"
+    for r in (client.get("/api/job", params={"id": unknown}),
+              client.post("/api/stop", json={"job": unknown})):  # fmt: skip
+        assert r.status_code == 404
+        assert r.json()["error"] == (
+            f"no job {unknown}: it was stopped, or it ended and its result was delivered (or "
+            "kept over 5 minutes), or the server was restarted"
+        )
+    r = client.post("/api/stop", content=json.dumps({"job": unknown}),
+                    headers={"content-type": "text/plain"})  # fmt: skip
+    assert r.status_code == 415
+    r = client.post("/api/stop", json={"job": unknown}, headers={"origin": "http://evil.example"})
+    assert r.status_code == 403 and "this server's own page" in r.json()["error"]
+    lines = stream(client.post("/api/generate", json={"model": "run:tiny", "n": 1, "steps": 1}))
+    assert "result" in lines[-1]
+    assert client.get("/api/job", params={"id": lines[0]["job"]}).status_code == 404  # delivered
+    after = client.get("/api/status").json()
+    assert after == {**before, "completed": before["completed"] + 1}
+
+
 def test_a_request_addressed_to_another_name_is_a_403(web_server):
     """DNS rebinding: a page of another site whose domain is made to resolve to 127.0.0.1
     reaches the server under that domain's name, and could read its answers (a run's curves,
@@ -679,34 +920,6 @@ def test_a_malformed_host_or_origin_is_a_403_not_a_500(engine):
             "jobs are taken only from this server's own page; this request came from a page at "
             "'http://[::1'"
         )
-
-
-def test_one_job_at_a_time_and_a_client_that_leaves_stops_its_job(web_server):
-    import time
-
-    before = _status(web_server)
-    long = {"model": "run:tiny", "n": 64, "steps": 250, "sampler": "ddim"}
-    conn_a, resp_a = _open_stream(web_server, long)
-    assert json.loads(resp_a.readline()) == {"queued": 0}
-    while "progress" not in json.loads(resp_a.readline()):
-        pass
-    conn_b, resp_b = _open_stream(web_server, long)
-    assert json.loads(resp_b.readline()) == {"queued": 1}  # waits behind the running job
-    conn_b.close()  # leaves while queued: its job never starts
-    conn_a.close()  # leaves while running: its job stops at the next network evaluation
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        now = _status(web_server)
-        if now["stopped"] == before["stopped"] + 2 and not now["running"]:
-            break
-        time.sleep(0.1)
-    assert now["stopped"] == before["stopped"] + 2
-    assert now["completed"] == before["completed"] and now["waiting"] == 0
-    # and the server still serves
-    conn, resp = _open_stream(web_server, {"model": "run:tiny", "n": 2, "steps": 2})
-    last = [json.loads(x) for x in resp.read().splitlines()][-1]
-    conn.close()
-    assert len(last["result"]["images"]) == 2
 
 
 def test_serve_warns_off_loopback_and_refuses_a_taken_port():
@@ -945,7 +1158,7 @@ def test_an_unknown_api_path_or_method_is_json_naming_what_exists(client):
     """Under /api/ an unknown path or a method a route does not take was Starlette's plain
     text ("Not Found", "Method Not Allowed"), unlike every other refusal of the API."""
     endpoints = ("/api/info, /api/status, /api/generate, /api/interpolate, /api/invert, "
-                 "/api/edit, /api/run")  # fmt: skip
+                 "/api/edit, /api/job, /api/stop, /api/run")  # fmt: skip
     for path in ("/api/", "/api/jobs/42", "/api/%2e%2e/etc/passwd", "/api/cancel?id=x"):
         r = client.get(path)
         assert r.status_code == 404, path

@@ -384,3 +384,93 @@ def test_the_other_tabs_say_why_their_button_is_disabled_while_a_job_runs(page, 
     _tab(page, "Generate")
     page.fill("#g-n", "16")
     page.fill("#g-steps", "10")
+
+
+def _post_generate(web_server: str, body: dict):
+    """A job posted by another client (as curl would): (connection, response, job id)."""
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    u = urlsplit(web_server)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    conn.request("POST", "/api/generate", json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    return conn, resp, json.loads(resp.readline())["job"]
+
+
+def _stop(web_server: str, job_id: str) -> None:
+    import json
+    from urllib.request import Request, urlopen
+
+    body = json.dumps({"job": job_id}).encode()
+    urlopen(Request(web_server + "/api/stop", body, {"Content-Type": "application/json"})).close()
+
+
+# records the highest value the Generate tab's progress bar shows from now on
+RECORD_BAR = """() => {
+  window.barSeen = 0;
+  new MutationObserver((records) => {
+    for (const r of records) {
+      const v = r.target.tagName === "PROGRESS" ? r.target.value : 0;
+      window.barSeen = Math.max(window.barSeen, v);
+    }
+  }).observe(document.getElementById("g-status"), {subtree: true, attributes: true});
+}"""
+
+
+def test_a_reload_mid_job_follows_the_job_to_its_result(page, web_server, shots):
+    """A reload (or the tab closed and reopened) mid-job stopped the job and lost it. The tab
+    now keeps the job's id and follows it again: its tab with the progress bar and Stop, then
+    the result as a run without a reload shows it. A long job of another client ahead keeps
+    this one waiting for as long as the test needs."""
+    _tab(page, "Generate")
+    blocker = {"model": "avatars-64", "n": 64, "steps": 250, "sampler": "ddim"}
+    conn, _, blocker_id = _post_generate(web_server, blocker)
+    try:
+        page.select_option("#g-model", "run:tiny")
+        page.fill("#g-seed", "3")
+        page.fill("#g-n", "6")
+        page.fill("#g-steps", "10")
+        page.click("#g-go")
+        page.wait_for_selector("#g-status:has-text('waiting for 1 job(s) ahead')")
+        saved = page.evaluate("JSON.parse(sessionStorage.getItem('animeddim.job'))")
+        assert (saved["prefix"], saved["model"]) == ("g", "run:tiny")
+        page.reload()
+        page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+        page.wait_for_selector("#g-status:has-text('waiting for 1 job(s) ahead')")
+        assert page.get_attribute("nav button[data-tab='generate']", "aria-selected") == "true"
+        assert page.locator("#g-status progress").count() == 1
+        assert page.locator("#tab-generate .controls .stop").is_visible()
+        assert page.is_disabled("#g-go")
+        assert page.input_value("#g-model") == "run:tiny"
+        page.evaluate(RECORD_BAR)
+        shots(page, "12-reloaded-mid-job")
+    finally:
+        _stop(web_server, blocker_id)  # the page's job runs now
+        conn.close()
+    page.wait_for_selector("#g-gallery img >> nth=5", timeout=60_000)
+    assert page.locator("#g-gallery img").count() == 6
+    assert page.locator("#g-gallery a").first.get_attribute("download") == "seed3-000000.png"
+    assert page.evaluate("window.barSeen") == 10  # each of its 10 steps shown on the bar
+    assert "done in" in page.inner_text("#g-status")
+    assert page.locator("#tab-generate .controls .stop").is_hidden()
+    assert not page.is_disabled("#g-go")
+    assert page.evaluate("sessionStorage.getItem('animeddim.job')") is None
+    shots(page, "13-reloaded-job-done")
+
+
+def test_a_reload_after_the_job_is_gone_says_so_and_forgets_it(page):
+    """A tab reopened after its job was stopped or its result taken elsewhere (or after a
+    server restart): a short note, the id forgotten, the buttons free."""
+    page.evaluate("""sessionStorage.setItem('animeddim.job', JSON.stringify(
+        {id: '0123456789abcdef', prefix: 'g', model: 'run:tiny', t0: Date.now()}))""")
+    page.reload()
+    page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+    page.wait_for_selector(
+        "#g-status .note:has-text('the job started before the reload has ended')"
+    )
+    assert page.evaluate("sessionStorage.getItem('animeddim.job')") is None
+    assert (
+        not page.is_disabled("#g-go") and page.locator("#tab-generate .controls .stop").is_hidden()
+    )

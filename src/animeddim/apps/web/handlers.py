@@ -50,7 +50,8 @@ CACHED_MODELS = 2  # prepared networks kept in memory
 
 
 class Stopped(Exception):
-    """The client went away: the job stops at its next network evaluation."""
+    """The job was asked to stop (Stop, its client gone past the grace period, the server
+    stopping): it stops at its next network evaluation."""
 
 
 def png_data_url(pixels: np.ndarray) -> str:
@@ -207,6 +208,7 @@ class Engine:
             return {
                 "strip": _file_data_url(strip, "image/png"),
                 "gif": _file_data_url(gif, "image/gif"),
+                "frames": frames,
                 "notes": notes,
             }
 
