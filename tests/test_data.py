@@ -434,6 +434,21 @@ def test_load_folder_skips_and_warns(tmp_path: Path) -> None:
     np.testing.assert_array_equal(result.images[0], load_image(tmp_path / "a.png", 8))
 
 
+def test_a_skipped_file_whose_name_holds_a_newline_is_noted_on_one_line(tmp_path: Path) -> None:
+    """A newline may be part of a file name; the skip note (one line, as every note) broke in
+    two at it. Control characters are shown escaped, other characters as they are."""
+    _save(tmp_path / "good.png", _rgb(4, 4))
+    (tmp_path / "bad\nnäme\t.png").write_text("not a picture")
+    with pytest.warns(SkippedFilesWarning) as record:
+        load_folder(tmp_path, 4, workers=1)
+    (message,) = [str(w.message) for w in record]
+    assert "\n" not in message and "\t" not in message
+    assert f"{tmp_path}/bad\\nnäme\\t.png: not an image" in message
+    (tmp_path / "good.png").unlink()
+    with pytest.raises(DataError, match=r"\(first: .*/bad\\nnäme\\t\.png: not an image"):
+        load_folder(tmp_path, 4, workers=1)
+
+
 def test_load_folder_strict_raises(tmp_path: Path) -> None:
     _mixed_folder(tmp_path)
     with pytest.raises(DataError, match="empty.png"):

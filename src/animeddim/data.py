@@ -381,7 +381,7 @@ def _check_result(root: Path, result: ImageSet, tried: int, strict: bool) -> Non
                 f"no usable image in folder '{root}': no files with extensions "
                 f"{', '.join(IMAGE_EXTENSIONS)} found"
             )
-        first = f" (first: {skipped[0].path}: {skipped[0].reason})" if skipped else ""
+        first = f" (first: {shown(skipped[0].path)}: {skipped[0].reason})" if skipped else ""
         raise DataError(
             f"no usable image in folder '{root}': {tried} files tried, "
             f"{len(skipped)} skipped{first}"
@@ -394,9 +394,15 @@ def _check_result(root: Path, result: ImageSet, tried: int, strict: bool) -> Non
 
 def skip_summary(skipped: Sequence[Skipped], tried: int, limit: int = 5) -> str:
     """One line: how many files were skipped and the first ``limit`` with their reasons."""
-    shown = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:limit])
+    listed = "; ".join(f"{shown(s.path)}: {s.reason}" for s in skipped[:limit])
     more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
-    return f"skipped {len(skipped)} of {tried} files that could not be decoded: {shown}{more}"
+    return f"skipped {len(skipped)} of {tried} files that could not be decoded: {listed}{more}"
+
+
+def shown(name: str) -> str:
+    """A file name on one line: control characters (a newline is allowed in a name) escaped
+    as Python writes them ('bad\\nname.png'), so a note stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
 
 
 def _cache_key(root: Path, rels: list[str], files: list[Path], size: int) -> str:

@@ -43,6 +43,7 @@ from animeddim.data import (
     _pool_context,
     find_images,
     read_error_reason,
+    shown,
     skip_summary,
 )
 from animeddim.io import (
@@ -423,7 +424,7 @@ def prepare(
 
     if count == 0:
         pending_path.unlink(missing_ok=True)  # nothing written: the folder is free again
-        first = f" (first: {skipped[0].path}: {skipped[0].reason})" if skipped else ""
+        first = f" (first: {shown(skipped[0].path)}: {skipped[0].reason})" if skipped else ""
         raise DataError(
             f"no usable image in '{src}': {tried} files tried, {len(skipped)} skipped{first}"
         )
