@@ -348,15 +348,40 @@ def test_resume_on_changed_data_is_an_error_unless_allowed(avatars16, tmp_path):
     stored = json.loads((run / "config.json").read_text())["data"]
     assert stored["abs_path"] == str(data.resolve()) and stored["fingerprint"].startswith("12:")
     (data / "new.png").write_bytes((avatars16 / "avatar-000020.png").read_bytes())
-    p = run_here("train", "--resume", str(run), "--epochs", "2", "--quiet", check=False)
+    resume = ["train", "--resume", str(run), "--epochs", "2", "--max-steps", "0", "--quiet"]
+    p = run_here(*resume, check=False)
     _one_line_exit_2(p, "changed since the run started", "12 files then, 13 now")
     # From another working directory, the run still finds its own (absolute) data folder.
     p = subprocess.run(
-        [sys.executable, "-m", "animeddim", "train", "--resume", str(run), "--epochs", "2",
-         "--quiet", "--allow-changed-data"], cwd=tmp_path / "data", capture_output=True,
-        text=True, check=True,
+        [sys.executable, "-m", "animeddim", *resume, "--allow-changed-data"],
+        cwd=tmp_path / "data", capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert "resuming on changed data" in p.stdout
+
+
+def test_a_resume_with_nothing_left_to_train_is_refused_naming_the_option(avatars16, tmp_path):
+    """A finished run resumed with its --epochs (or fewer), or a run stopped at --max-steps
+    resumed without a higher one (before: exit 0 after 'resuming RUN at epoch 3' and no step,
+    with the smaller --epochs recorded in config.json; or one step past --max-steps, then
+    '--resume continues the epoch' again). Now exit 2 naming the option and what to give;
+    config.json and metrics.csv as they were."""
+    run = tmp_path / "r"  # 24 avatars, 6 held out, batch 6: 3 steps per epoch
+    run_here(*_tiny_args(avatars16, run, "--batch-size", "6", "--no-kid", "--max-steps", "2"))
+    before = (run / "config.json").read_bytes()
+    for extra in ([], ["--max-steps", "1"], ["--epochs", "3"]):
+        p = run_here("train", "--resume", str(run), "--quiet", *extra, check=False)
+        _one_line_exit_2(p, "nothing to train in run folder", "2 step(s) done and --max-steps is")
+        assert "resume with --max-steps above 2 (or 0: no limit) to train on" in p.stderr
+    assert (run / "config.json").read_bytes() == before
+    assert ckpt.read_meta(run / "checkpoints" / "last.safetensors")["step"] == 2
+    run_here("train", "--resume", str(run), "--max-steps", "0", "--quiet")  # finishes epoch 1
+    before = {f: (run / f).read_bytes() for f in ("config.json", "metrics.csv")}
+    for extra in ([], ["--epochs", "1"]):
+        p = run_here("train", "--resume", str(run), "--quiet", *extra, check=False)
+        _one_line_exit_2(p, "1 epoch(s) done and --epochs is 1; resume with --epochs above 1")
+    assert {f: (run / f).read_bytes() for f in before} == before
+    p = run_here("train", "--resume", str(run), "--epochs", "2", "--quiet")
+    assert [r["epoch"] for r in csv.DictReader(open(run / "metrics.csv"))] == ["1", "2"]
 
 
 # Every option combination the parser accepts, on any folder with >= 1 usable image, trains

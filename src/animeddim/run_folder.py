@@ -89,14 +89,14 @@ def check_new_run_dir(run_dir: Path) -> None:
 
 
 def prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
-    """Make `run_dir` ready: a new run's folders and config.json, or a resumed run's cleanup."""
+    """Make `run_dir` ready: a new run's folders and config.json, or a resumed run's cleanup
+    (its config.json is written once its checkpoint is read: `write_config`)."""
     cfg_file = run_dir / "config.json"
     if resume:
         if not cfg_file.is_file():
             raise RunFolderError(f"cannot resume: {str(run_dir)!r} is not an animeddim run folder")
         for d in (run_dir, run_dir / "checkpoints", run_dir / "samples"):
             remove_stale_temp_files(d)  # half-written files of a killed process
-        write_text_atomic(cfg_file, cfg.to_json() + "\n")  # more epochs, another device, ...
         return
     check_new_run_dir(run_dir)
     for d in (run_dir, run_dir / "checkpoints", run_dir / "samples"):
@@ -106,6 +106,31 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     (run_dir / "samples").mkdir(exist_ok=True)
     write_text_atomic(cfg_file, cfg.to_json() + "\n")
+
+
+def write_config(run_dir: Path, cfg: RunConfig) -> None:
+    """Record a resumed run's settings in its config.json (more epochs, another device, ...)."""
+    write_text_atomic(run_dir / "config.json", cfg.to_json() + "\n")
+
+
+def check_left_to_train(
+    run_dir: Path, cfg: RunConfig, epoch: int, step: int, batch_in_epoch: int, steps_per_epoch: int
+) -> None:
+    """RunFolderError when a run resumed at (epoch, step, batch_in_epoch) has nothing left to
+    train: its epochs are done, or it stopped at --max-steps inside an epoch or after its end
+    (one stopped before its epoch end still has that to do)."""
+    tc, why, remedy = cfg.train, [], []
+    if epoch >= tc.epochs:
+        why.append(f"{epoch} epoch(s) done and --epochs is {tc.epochs}")
+        remedy.append(f"--epochs above {epoch}")
+    if tc.max_steps and step >= tc.max_steps and batch_in_epoch < steps_per_epoch:
+        why.append(f"{step} step(s) done and --max-steps is {tc.max_steps}")
+        remedy.append(f"--max-steps above {step} (or 0: no limit)")
+    if why:
+        raise RunFolderError(
+            f"nothing to train in run folder {str(run_dir)!r}: {' and '.join(why)}; resume with "
+            f"{' and '.join(remedy)} to train on"
+        )
 
 
 @contextmanager

@@ -31,6 +31,7 @@ from .io import save_grid
 from .run_folder import (
     append_metrics,
     prepare_run_dir,
+    write_config,
 )
 from .runtime import (
     autocast,
@@ -210,10 +211,12 @@ def train(
             data.on_device = batches_mod.device_images(data.imageset.images, device)
         distributed.on_main(lambda: prepare_run_dir(run_dir, cfg, resume))
 
-        # 4. Network, EMA copy, optimiser; a resumed run's state from its newest checkpoint.
+        # 4. Network, EMA copy, optimiser; a resumed run's state from its newest checkpoint
+        #    (refused if it has nothing left to train, before config.json records anything).
         state = build_state(cfg, rt, init_state, data)
         if resume:
             restore(state, data, run_dir, cfg, rt, log)
+            distributed.on_main(lambda: write_config(run_dir, cfg))
         rt.net = compiled_network(state, cfg, rt, data.steps_per_epoch)
         rt.ema_tensors, rt.live_tensors = float_state(state.ema), float_state(state.model)
 

@@ -19,7 +19,7 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed
 from .config import RunConfig
-from .run_folder import latest_checkpoint, truncate_metrics
+from .run_folder import check_left_to_train, latest_checkpoint, truncate_metrics
 from .runtime import default_compile, fused_adamw_supported, maybe_compile, uses_cuda_graphs
 from .train_data import TrainData
 from .unet import UNet, is_cond_parameter
@@ -152,6 +152,9 @@ def restore(state: TrainState, data: TrainData, run_dir: Path, cfg: RunConfig, r
         setattr(state, key, math.inf if meta.get(key) is None else meta[key])
     if distributed.is_main():
         truncate_metrics(run_dir, state.epoch)
+    check_left_to_train(
+        run_dir, cfg, state.epoch, state.step, state.batch_in_epoch, data.steps_per_epoch
+    )
     log(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step}")
 
 

@@ -117,7 +117,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         if not (run_dir / "metrics.csv").is_file():  # --max-steps stopped it inside epoch 1
             made = (
                 f"checkpoints/ only: stopped at step {res.step}, before the first epoch end "
-                "writes metrics.csv and a sample grid; --resume continues the epoch"
+                f"writes metrics.csv and a sample grid; --resume {run_dir} --max-steps 0 (or a "
+                "higher --max-steps) continues the epoch"
             )
         print(f"run folder: {run_dir} ({made}) after {time.perf_counter() - t:.0f}s")
     return 0
