@@ -357,6 +357,56 @@ def test_one_text_in_two_unicode_spellings_is_one_value(tmp_path):
         encode(old, {"class": "gruen"})
 
 
+def test_a_labels_csv_typed_in_nfc_labels_files_named_in_nfd(tmp_path, capsys):
+    """macOS writes 'grün.png' decomposed (u + U+0308); a labels CSV typed at a keyboard holds
+    it composed. `train --labels` said "'grün.png' is not a file in 'nfd'"; the file column is
+    matched in NFC (so are edit --labels, coverage, attributes train: all read through
+    csv_labels, and evaluate --attr's real images). A typo is still refused, a skipped file
+    named either way is still a file, and one image labelled in both spellings is an error."""
+    from conftest import run_main
+
+    from animeddim.labels import LabelError, canonical, csv_labels
+    from animeddim.pipelines.control import _files_with
+
+    data = tmp_path / "nfd"
+    (data / "sub\u0308").mkdir(parents=True)
+    names = [f"gru\u0308n{i}.png" for i in range(4)] + [
+        f"sub\u0308/ro\u0308t{i}.png" for i in range(4)
+    ]
+    for i, name in enumerate(names):
+        Image.new("RGB", (16, 16), (30 * i, 100, 200)).save(data / name)
+    (data / "bla\u0308u.png").write_bytes(b"not an image")  # skipped as unreadable
+    composed = [canonical(n) for n in names]
+    assert (
+        all(c != n for c, n in zip(composed, names, strict=True))
+        and not (data / composed[0]).exists()
+    )
+    rows = ["file,colour"] + [f"{c},{('red', 'blue')[i % 2]}" for i, c in enumerate(composed)]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join([*rows, "bl\u00e4u.png,red"]) + "\n", encoding="utf-8")
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps({"model": TINY_MODEL, "data": {"val_fraction": 0.25}}))
+    rc, _, err = run_main(capsys, "train", "--data", data, "--out", tmp_path / "run", "--config",
+                          cfg, "--labels", labels, "--max-steps", 1, "--no-kid", "--quiet",
+                          "--device", "cpu", "--batch-size", 2)  # fmt: skip
+    assert rc == 0, err
+    assert "is not a file" not in err
+
+    paths = [data / n for n in names]
+    got = csv_labels(labels, data, paths)
+    assert got.vocab == {"colour": ("blue", "red")}
+    assert got.column("colour").tolist() == [1, 0, 1, 0, 1, 0, 1, 0]
+    blue = _files_with(data, labels, {"colour": "blue"})
+    assert [p.relative_to(data).as_posix() for p in blue] == names[1::2]
+    labels.write_text("\n".join([*rows, "gr\u00fcnx.png,red"]) + "\n", encoding="utf-8")
+    with pytest.raises(LabelError, match="row 10: 'gr\u00fcnx.png' is not a file in"):
+        csv_labels(labels, data, paths)
+    labels.write_text("\n".join([*rows, f"{names[0]},blue"]) + "\n", encoding="utf-8")
+    twice = r"row 10: 'gru\u0308n0.png' is already labelled in row 2 \(as 'gr\u00fcn0.png', the"
+    with pytest.raises(LabelError, match=twice):
+        csv_labels(labels, data, paths)
+
+
 def test_a_vocabulary_with_a_decomposed_attribute_name_still_reads_its_labels(tmp_path):
     """A run from before NFC reading stored its CSV header as written ('fa' + U+0308 + 'rbe');
     the header is now read as 'färbe' composed. Resuming (csv_labels under the stored

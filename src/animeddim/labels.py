@@ -11,7 +11,8 @@ Two sources, as the command line names them:
 
 Names and values are compared and kept in Unicode normal form NFC (:func:`canonical`): a
 folder named on macOS spells 'grün' as 'u' + a combining diaeresis, the same text as the
-'grün' typed at a prompt.
+'grün' typed at a prompt. A row's file is matched to the images in NFC too ('grün.png' typed
+in the CSV labels the 'grün.png' macOS wrote decomposed).
 
 The result is a vocabulary (attribute -> ordered values) and, per image, one integer code per
 attribute, aligned with the image list. An unknown entry is an error naming the file and row.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import unicodedata
 import warnings
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -225,13 +227,19 @@ def csv_labels(
 
     rels = _relative(root, paths)
     position = {rel: k for k, rel in enumerate(rels)}
+    composed: dict[str, int] = {}  # a name typed in NFC finds the NFD name macOS wrote
+    for k, rel in enumerate(rels):
+        composed.setdefault(canonical(rel), k)
+    on_disk = _FileNames(root)
     codes = np.full((len(rels), len(names_used)), NULL, dtype=np.int64)
     labelled = np.zeros(len(rels), dtype=bool)
+    row_of: dict[int, tuple[int, str]] = {}
     elsewhere: list[tuple[int, str]] = []
     for line, file, values in rows:
-        k = position.get(Path(file).as_posix())
+        rel = Path(file).as_posix()
+        k = position.get(rel, composed.get(canonical(rel)))
         if k is None:
-            if not (root / file).is_file():
+            if not on_disk.is_file(file):
                 if others == "ignore":
                     elsewhere.append((line, file))
                     continue
@@ -239,6 +247,13 @@ def csv_labels(
                     f"labels file '{path}' row {line}: '{file}' is not a file in '{root}'"
                 )
             continue
+        if k in row_of:  # one name in two spellings, NFC and NFD
+            first, other = row_of[k]
+            raise LabelError(
+                f"labels file '{path}' row {line}: '{file}' is already labelled in row {first} "
+                f"(as '{other}', the same name in another Unicode spelling)"
+            )
+        row_of[k] = (line, file)
         for a, n in enumerate(names_used):
             v = values[index[n]]
             if v is None:  # this attribute unknown for this image (missing="null")
@@ -265,6 +280,38 @@ def csv_labels(
         )
     _check_unlabelled(rels, labelled, missing, f"labels file '{path}'", remedy)
     return Labels(known, codes)
+
+
+class _FileNames:
+    """Whether a labels CSV's file name is a file under ``root``, its name compared in NFC:
+    the file system keeps names as written (Linux) or in NFD (macOS), and the CSV as typed."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.listings: dict[Path, dict[str, str]] = {}  # folder -> NFC name -> name on disk
+
+    def is_file(self, file: str) -> bool:
+        if (self.root / file).is_file():
+            return True
+        full = self.root / file
+        here = Path(full.anchor) if full.is_absolute() else Path()
+        for part in full.parts[1:] if full.is_absolute() else full.parts:
+            name = part if part in (".", "..") else self._names(here).get(canonical(part))
+            if name is None:
+                return False
+            here = here / name
+        return here.is_file()
+
+    def _names(self, folder: Path) -> dict[str, str]:
+        if folder not in self.listings:
+            try:
+                names = sorted(os.listdir(folder))
+            except OSError:
+                names = []
+            self.listings[folder] = {}
+            for name in names:
+                self.listings[folder].setdefault(canonical(name), name)
+        return self.listings[folder]
 
 
 def folder_labels(

@@ -211,7 +211,7 @@ def mix_accuracy(target: MixTarget, images_u8: torch.Tensor) -> dict[str, Any]:
 def _files_with(real: Path, labels: Path, asked: Mapping[str, str]) -> list[Path]:
     """The images of `real` whose labels.csv row has every asked value."""
     from ..data import find_images
-    from ..labels import read_csv_rows
+    from ..labels import canonical, read_csv_rows
 
     names, rows = read_csv_rows(labels, missing="null")  # an empty entry matches no value
     missing = [a for a in asked if a not in names]
@@ -220,8 +220,12 @@ def _files_with(real: Path, labels: Path, asked: Mapping[str, str]) -> list[Path
             f"'{labels}' has no column {missing[0]!r} (its attributes: {quoted(names)})"
         )
     col = {n: k for k, n in enumerate(names)}
-    wanted = {f for _, f, v in rows if all(v[col[a]] == x for a, x in asked.items())}
-    files = [p for p in find_images(real) if p.relative_to(real).as_posix() in wanted]
+    wanted = {
+        canonical(Path(f).as_posix())  # in NFC, as the file names on disk (NFD on macOS)
+        for _, f, v in rows
+        if all(v[col[a]] == x for a, x in asked.items())
+    }
+    files = [p for p in find_images(real) if canonical(p.relative_to(real).as_posix()) in wanted]
     what = ", ".join(f"{a}={v}" for a, v in asked.items())
     if not files:
         a = next(iter(asked))
