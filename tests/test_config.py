@@ -184,3 +184,44 @@ def test_true_or_false_for_a_number_setting_is_refused_not_taken_as_1_or_0(tmp_p
                           tmp_path / "r")  # fmt: skip
     assert rc == 2 and "learning_rate = True: expected a number" in err, err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_leading_tilde_in_a_path_option_or_a_config_file_is_the_home_folder(
+    tmp_path, monkeypatch, capsys
+):
+    """The shell leaves '~' alone after '=' (`--out=~/runs/x`) and a config file has no shell:
+    `--out=~/runs/x` made a folder named '~' in the current one, and `--data=~/x` or
+    `path = "~/x"` in a config file said the folder did not exist. A path option's or a path
+    setting's leading '~' is the home folder."""
+    from PIL import Image
+
+    home, here = tmp_path / "home", tmp_path / "here"
+    (home / "faces").mkdir(parents=True)
+    here.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(here)
+    for i in range(6):
+        Image.new("RGB", (16, 16), (40 * i, 100, 200)).save(home / "faces" / f"{i}.png")
+    (home / "tiny.json").write_text(
+        json.dumps({"model": TINY_MODEL, "data": {"path": "~/faces", "val_fraction": 0.34}})
+    )
+    assert load_config_file(home / "tiny.json")["data"]["path"] == str(home / "faces")
+    tiny = ("--max-steps", 1, "--no-kid", "--quiet", "--device", "cpu", "--batch-size", 2)
+    rc, _, err = run_main(capsys, "train", "--config=~/tiny.json", "--out=~/runs/a", *tiny)
+    assert rc == 0, err
+    rc, _, err = run_main(capsys, "train", "--config", home / "tiny.json", "--data=~/faces",
+                          "--out=~/runs/b", "--init=~/runs/a", *tiny)  # fmt: skip
+    assert rc == 0, err
+    for run in ("a", "b"):
+        assert (home / "runs" / run / "checkpoints" / "last.safetensors").is_file()
+        saved = json.loads((home / "runs" / run / "config.json").read_text())
+        assert saved["data"]["path"] == str(home / "faces")
+    assert saved["train"]["init"] == str(home / "runs" / "a")
+    assert list(here.iterdir()) == []  # no folder named '~'
+    parser = build_parser()
+    got = parser.parse_args(["kid", "~/a", "~user-that-is-not/b", "--cache-dir=~/c"])
+    assert (got.dir_a, got.dir_b, got.cache_dir) == (
+        str(home / "a"),
+        "~user-that-is-not/b",
+        str(home / "c"),
+    )

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import LABELS_MISSING
+from .config_files import expand_user as PATH
 
 
 def add_parsers(sub: Any, positive_int: Callable[..., Callable[[str], int]]) -> None:
@@ -23,9 +24,12 @@ def add_parsers(sub: Any, positive_int: Callable[..., Callable[[str], int]]) -> 
         dest="attributes_command", required=True, metavar="WHAT", parser_class=type(p_attr)
     )
     p = attr_sub.add_parser("train", help="train an attribute classifier on labelled images")
-    p.add_argument("--data", nargs="+", required=True, metavar="DIR", help="labelled folder(s)")
+    p.add_argument(
+        "--data", type=PATH, nargs="+", required=True, metavar="DIR", help="labelled folder(s)"
+    )
     p.add_argument(
         "--labels",
+        type=PATH,
         help="'folders' (first-level subfolder = class) or FILE.csv (file, attribute columns) "
         "(default: DIR/labels.csv)",
     )
@@ -38,11 +42,14 @@ def add_parsers(sub: Any, positive_int: Callable[..., Callable[[str], int]]) -> 
     )
     p.add_argument(
         "--out",
+        type=PATH,
         default="attributes.safetensors",
         help="classifier file to write; its accuracy goes beside it as .json "
         "(default attributes.safetensors)",
     )
-    p.add_argument("--held-out", metavar="DIR", help="labelled folder to measure accuracy on")
+    p.add_argument(
+        "--held-out", type=PATH, metavar="DIR", help="labelled folder to measure accuracy on"
+    )
     p.add_argument(
         "--image-size",
         type=positive_int("image-size", 8),
@@ -102,6 +109,7 @@ def add_parsers(sub: Any, positive_int: Callable[..., Callable[[str], int]]) -> 
     )
     p.add_argument(
         "--init",
+        type=PATH,
         metavar="CLASSIFIER",
         help="start from this classifier file ('attributes-avatars': the shipped one): its "
         "trunk and every attribute it already reads the same way are kept unchanged; only the "
@@ -113,11 +121,13 @@ def add_parsers(sub: Any, positive_int: Callable[..., Callable[[str], int]]) -> 
     p = attr_sub.add_parser(
         "coverage", help="classified attribute histograms of generated images vs real labels"
     )
-    p.add_argument("samples", help="folder of generated images")
-    p.add_argument("--real", required=True, help="folder of real images with labels.csv")
-    p.add_argument("--classifier", help="classifier file (default: the shipped avatar one)")
+    p.add_argument("samples", type=PATH, help="folder of generated images")
+    p.add_argument("--real", type=PATH, required=True, help="folder of real images with labels.csv")
     p.add_argument(
-        "--out", help="folder for coverage.json/.csv/.md/.png (default SAMPLES-coverage)"
+        "--classifier", type=PATH, help="classifier file (default: the shipped avatar one)"
+    )
+    p.add_argument(
+        "--out", type=PATH, help="folder for coverage.json/.csv/.md/.png (default SAMPLES-coverage)"
     )
     p.add_argument(
         "--force", action="store_true", help="replace an earlier coverage in the --out folder"

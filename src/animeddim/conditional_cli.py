@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .config_files import expand_user as PATH
+
 
 def _guidance(text: str) -> float:
     try:
@@ -93,6 +95,7 @@ def _add_classifier(
 ) -> None:
     p.add_argument(
         "--classifier",
+        type=PATH,
         metavar="FILE",
         help=f"attribute classifier that {does} (default: the shipped avatar one{when})",
     )
@@ -112,6 +115,7 @@ def add_evaluate_options(p: argparse.ArgumentParser) -> None:
             )
     p.add_argument(
         "--attrs-from",
+        type=PATH,
         metavar="FILE.csv",
         help="draw image i of a conditional model under row i of this labels CSV (cycling; "
         "e.g. --real's own labels.csv; 'training': the model's own training labels) and also "
@@ -146,7 +150,7 @@ def add_edit_parser(sub: Any, setup: Callable[[argparse.ArgumentParser], None], 
     """Register ``edit``; `setup` adds the model source and runtime options."""
     p = sub.add_parser("edit", help="change attributes of images (DDIM inversion, regeneration)")
     setup(p)
-    p.add_argument("--images", required=True, help="folder of images to edit")
+    p.add_argument("--images", type=PATH, required=True, help="folder of images to edit")
     p.add_argument(
         "--set",
         action="append",
@@ -157,6 +161,7 @@ def add_edit_parser(sub: Any, setup: Callable[[argparse.ArgumentParser], None], 
     )
     p.add_argument(
         "--labels",
+        type=PATH,
         metavar="FILE.csv|folders",
         help="the images' own labels, inverted under (default: none, inverted under null)",
     )
@@ -173,6 +178,7 @@ def add_edit_parser(sub: Any, setup: Callable[[argparse.ArgumentParser], None], 
     add_attribute_guidance(p, FILE_WEIGHTS)
     p.add_argument(
         "--out",
+        type=PATH,
         required=True,
         help="folder for after/, pairs/, grid.png and edit_summary.json",
     )
@@ -431,7 +437,7 @@ def add_guidance_parser(sub: Any, setup: Callable[[argparse.ArgumentParser], Non
         "guidance", help="guidance study: attribute accuracy and standard KID per weight w"
     )
     setup(p)
-    p.add_argument("--real", required=True, help="folder of real images with labels.csv")
+    p.add_argument("--real", type=PATH, required=True, help="folder of real images with labels.csv")
     p.add_argument(
         "--attr",
         action="append",
@@ -450,7 +456,7 @@ def add_guidance_parser(sub: Any, setup: Callable[[argparse.ArgumentParser], Non
     add_guidance_interval(p, "the interval the model file recommends, else 0,inf")
     add_attribute_guidance(p, "none: each weight of --w guides every attribute")
     _add_classifier(p)
-    p.add_argument("--out", help="folder for guidance.csv/.md (default: the run folder)")
+    p.add_argument("--out", type=PATH, help="folder for guidance.csv/.md (default: the run folder)")
     p.add_argument(
         "--force",
         action="store_true",

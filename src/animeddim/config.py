@@ -108,6 +108,7 @@ def setting(
     minimum: int | None = None,
     metavar: str | None = None,
     cli: bool = True,
+    path: bool = False,
 ) -> Any:
     """A config field with what the CLI needs to offer it as an option.
 
@@ -116,6 +117,8 @@ def setting(
     :param flag: option name(s); default ``--`` + the field name with dashes.
     :param choices: the accepted strings; `minimum`: the smallest accepted integer.
     :param cli: False for settings only a config file sets.
+    :param path: the value may be a file or folder: a leading ``~`` is the home folder, on
+        the command line and in a config file (`config_files.expand_user`).
     """
     meta = {
         "help": help,
@@ -125,6 +128,7 @@ def setting(
         "minimum": minimum,
         "metavar": metavar,
         "cli": cli,
+        "path": path,
     }
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -136,7 +140,11 @@ def setting(
 @dataclass
 class DataConfig:
     path: str = setting(
-        "", "image folder (searched recursively) to train on", flag="--data", metavar="DIR"
+        "",
+        "image folder (searched recursively) to train on",
+        flag="--data",
+        metavar="DIR",
+        path=True,
     )
     val_fraction: float = setting(
         0.2, "share of images held out for validation (Keras example: 80/20)"
@@ -155,6 +163,7 @@ class DataConfig:
         "train a conditional model on these labels: a CSV (file, attribute columns) or "
         "'folders' (the first-level subfolder is the class)",
         metavar="FILE.csv|folders",
+        path=True,
     )
     labels_missing: str = setting(
         "error",
@@ -338,6 +347,7 @@ class TrainConfig:
         "real images for --eval-every: a folder (default: the validation split)",
         metavar="DIR",
         resume=True,
+        path=True,
     )
     eval_images: int = setting(1000, "samples per --eval-every KID", minimum=2, resume=True)
     eval_sampler: str = setting(
@@ -365,6 +375,7 @@ class TrainConfig:
         "start from these weights: a run folder, checkpoint, exported file or shipped model "
         "name (avatars-64); the architecture must match (default: random)",
         metavar="MODEL",
+        path=True,
     )
     cond_drop: float = setting(0.15, "each attribute is dropped to null with this probability")
     loss: str = setting(

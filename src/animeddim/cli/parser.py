@@ -21,6 +21,7 @@ from .commands import (
 )
 from .common import _Bars, _Parser
 from .options import (
+    PATH,
     STEPS,
     _add_clip,
     _add_force,
@@ -55,7 +56,7 @@ def _add_data_command(sub) -> None:
         dest="data_command", required=True, metavar="WHAT", parser_class=_Parser
     )
     p = data_sub.add_parser("avatars", help="render built-in DiceBear 'adventurer' avatars")
-    p.add_argument("--out", required=True, help="folder to write PNGs into")
+    p.add_argument("--out", type=PATH, required=True, help="folder to write PNGs into")
     p.add_argument("--n", type=_positive_int("n"), default=10000, help="how many (default 10000)")
     p.add_argument("--size", type=_positive_int("size", 8), default=64, help="pixels (default 64)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same images (default 0)")
@@ -78,12 +79,12 @@ def _add_data_command(sub) -> None:
     )
     p.set_defaults(func=cmd_data_avatars)
     p = data_sub.add_parser("prepare", help="archive or folder -> ready image folder")
-    p.add_argument("src", help="a .zip/.tar/.tgz archive you downloaded, or a folder")
-    p.add_argument("--out", required=True, help="folder to write PNGs into")
+    p.add_argument("src", type=PATH, help="a .zip/.tar/.tgz archive you downloaded, or a folder")
+    p.add_argument("--out", type=PATH, required=True, help="folder to write PNGs into")
     p.add_argument("--size", type=_positive_int("size", 8), default=64, help="pixels (default 64)")
     p.set_defaults(func=cmd_data_prepare)
     p = data_sub.add_parser("flowers102", help="download and prepare Oxford Flowers 102")
-    p.add_argument("--out", required=True, help="folder for the archive and images/")
+    p.add_argument("--out", type=PATH, required=True, help="folder for the archive and images/")
     p.add_argument("--size", type=_positive_int("size", 8), default=64, help="pixels (default 64)")
     p.add_argument("--url", default=None, help="mirror of 102flowers.tgz (default: official)")
     p.add_argument(
@@ -95,9 +96,11 @@ def _add_data_command(sub) -> None:
 def _add_train_command(sub) -> None:
     """`animeddim train`."""
     p = sub.add_parser("train", help="train a DDIM on an image folder")
-    p.add_argument("--out", help="new run folder")
-    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
-    p.add_argument("--config", help="JSON or TOML file with data/model/schedule/train sections")
+    p.add_argument("--out", type=PATH, help="new run folder")
+    p.add_argument("--resume", type=PATH, metavar="RUN", help="continue the run in this folder")
+    p.add_argument(
+        "--config", type=PATH, help="JSON or TOML file with data/model/schedule/train sections"
+    )
     _add_settings(p)
     p.add_argument(
         "--allow-changed-data",
@@ -115,10 +118,11 @@ def _add_sample_command(sub) -> None:
     _add_model_source(p)
     _add_sampling(p, 64)
     _add_sampler(p)
-    p.add_argument("--out", help="folder for one PNG per image")
-    p.add_argument("--grid", help="write all images tiled into this PNG")
+    p.add_argument("--out", type=PATH, help="folder for one PNG per image")
+    p.add_argument("--grid", type=PATH, help="write all images tiled into this PNG")
     p.add_argument(
         "--trajectory",
+        type=PATH,
         metavar="FILE.png",
         help="also save x_t and predicted-x0 strips of the reverse process",
     )
@@ -129,6 +133,7 @@ def _add_sample_command(sub) -> None:
     )
     p.add_argument(
         "--attrs-from",
+        type=PATH,
         metavar="FILE.csv",
         help="image i is asked the attributes of row i of this labels CSV (cycling), e.g. a "
         "labelled folder's labels.csv, or of the model's own training labels ('training'): "
@@ -140,8 +145,10 @@ def _add_sample_command(sub) -> None:
 def _add_kid_command(sub) -> None:
     """`animeddim kid`."""
     p = sub.add_parser("kid", help="KID (and FID) between two image folders")
-    p.add_argument("dir_a", help="first folder (torch-fidelity's input 1, e.g. generated)")
-    p.add_argument("dir_b", help="second folder (e.g. real images)")
+    p.add_argument(
+        "dir_a", type=PATH, help="first folder (torch-fidelity's input 1, e.g. generated)"
+    )
+    p.add_argument("dir_b", type=PATH, help="second folder (e.g. real images)")
     p.add_argument(
         "--protocol",
         choices=list(KID_PROTOCOLS),
@@ -157,7 +164,7 @@ def _add_evaluate_command(sub) -> None:
     """`animeddim evaluate`."""
     p = sub.add_parser("evaluate", help="generate, then KID/FID against a real folder")
     _add_model_source(p)
-    p.add_argument("--real", required=True, help="folder of real images")
+    p.add_argument("--real", type=PATH, required=True, help="folder of real images")
     _add_sampling(p, 1000, n_min=2)  # KID and FID need two images a side
     _add_sampler(p)
     p.add_argument(
@@ -165,9 +172,10 @@ def _add_evaluate_command(sub) -> None:
         default="standard,paper",
         help="comma-separated: standard, paper (default both)",
     )
-    p.add_argument("--out", help="JSON file (default RUN/eval-<date>.json)")
+    p.add_argument("--out", type=PATH, help="JSON file (default RUN/eval-<date>.json)")
     p.add_argument(
         "--coverage",
+        type=PATH,
         nargs="?",
         const="shipped",
         metavar="CLASSIFIER",
@@ -176,6 +184,7 @@ def _add_evaluate_command(sub) -> None:
     )
     p.add_argument(
         "--samples-out",
+        type=PATH,
         metavar="DIR",
         help="also write the samples drawn as PNGs here (named as `sample --out` names "
         "them), e.g. to judge the same images with another classifier later",
@@ -203,7 +212,7 @@ def _add_steps_command(sub) -> None:
     """`animeddim steps`."""
     p = sub.add_parser("steps", help="steps study: standard KID vs reverse steps, per eta")
     _add_model_source(p)
-    p.add_argument("--real", required=True, help="folder of real images")
+    p.add_argument("--real", type=PATH, required=True, help="folder of real images")
     p.add_argument(
         "--steps",
         type=_int_list,
@@ -229,7 +238,9 @@ def _add_steps_command(sub) -> None:
         default=64,
         help="images per forward pass; does not change the images (default 64)",
     )
-    p.add_argument("--out", help="folder for steps.csv/.md/.png (default: the run folder)")
+    p.add_argument(
+        "--out", type=PATH, help="folder for steps.csv/.md/.png (default: the run folder)"
+    )
     _add_force(p, "an earlier steps study in that folder")
     _add_sample_compile(p)
     _add_runtime(p)
@@ -241,9 +252,9 @@ def _add_invert_command(sub) -> None:
     """`animeddim invert`."""
     p = sub.add_parser("invert", help="DDIM inversion of real images, then regeneration")
     _add_model_source(p)
-    p.add_argument("--images", required=True, help="folder of images to invert")
+    p.add_argument("--images", type=PATH, required=True, help="folder of images to invert")
     p.add_argument("--steps", type=STEPS, default=50, help="(default 50)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", type=PATH, required=True, help="output folder")
     p.add_argument(
         "--batch-size",
         type=_positive_int("batch-size"),
@@ -270,11 +281,13 @@ def _add_interpolate_command(sub) -> None:
     _add_model_source(p)
     ends = p.add_mutually_exclusive_group(required=True)
     ends.add_argument("--seeds", type=int, nargs=2, metavar=("A", "B"), help="two seeds")
-    ends.add_argument("--images", nargs=2, metavar=("X", "Y"), help="two images (inverted)")
+    ends.add_argument(
+        "--images", type=PATH, nargs=2, metavar=("X", "Y"), help="two images (inverted)"
+    )
     p.add_argument("--frames", type=_positive_int("frames", 2), default=16, help="(default 16)")
     p.add_argument("--steps", type=STEPS, help="(default 20; 50 for --images)")
     _add_sampler(p, recommended=False)
-    p.add_argument("--out", required=True, help="FILE.png or FILE.gif: both are written")
+    p.add_argument("--out", type=PATH, required=True, help="FILE.png or FILE.gif: both are written")
     p.add_argument(
         "--batch-size",
         type=_positive_int("batch-size"),
@@ -289,8 +302,12 @@ def _add_interpolate_command(sub) -> None:
 def _add_report_command(sub) -> None:
     """`animeddim report`."""
     p = sub.add_parser("report", help="paper figures and tables from run folders")
-    p.add_argument("--run", action="append", required=True, help="run folder (repeatable)")
-    p.add_argument("--out", required=True, help="folder for report.md/.html, figures, tables")
+    p.add_argument(
+        "--run", type=PATH, action="append", required=True, help="run folder (repeatable)"
+    )
+    p.add_argument(
+        "--out", type=PATH, required=True, help="folder for report.md/.html, figures, tables"
+    )
     p.add_argument(
         "--steps", type=STEPS, default=20, help="DDIM steps for Fig. 1 and samples (default 20)"
     )
@@ -303,8 +320,8 @@ def _add_report_command(sub) -> None:
 def _add_export_command(sub) -> None:
     """`animeddim export`."""
     p = sub.add_parser("export", help="small sampling-only file: EMA weights in fp16 + config")
-    p.add_argument("--run", required=True, help="run folder or checkpoint file")
-    p.add_argument("--out", required=True, help="FILE.safetensors")
+    p.add_argument("--run", type=PATH, required=True, help="run folder or checkpoint file")
+    p.add_argument("--out", type=PATH, required=True, help="FILE.safetensors")
     p.add_argument(
         "--dtype",
         choices=["fp16", "bf16", "fp32"],
@@ -350,7 +367,7 @@ def _add_tour_command(sub) -> None:
         help="guided tour: the whole pipeline on the built-in avatars, sized to this machine "
         "(about 10 minutes)",
     )
-    p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
+    p.add_argument("--out", type=PATH, default="demo-out", help="output folder (default demo-out)")
     p.add_argument(
         "--train-minutes",
         type=float,
@@ -461,7 +478,9 @@ def _add_serve(sub) -> None:
         metavar="NAME",
         help="shipped model to offer; repeat for several (default: every shipped model)",
     )
-    p.add_argument("--runs", metavar="DIR", help="also offer the run folders directly under DIR")
+    p.add_argument(
+        "--runs", type=PATH, metavar="DIR", help="also offer the run folders directly under DIR"
+    )
     p.add_argument(
         "--host",
         default="127.0.0.1",
