@@ -582,11 +582,20 @@ def test_pickle_payload_never_runs_through_the_real_cli(tmp_path):
         ("model", "image_size", 32, "model.image_size is 16 there and 32 in config.json"),
         ("model", "widths", [8, 32], "model.widths is [8, 16] there and [8, 32]"),
         ("schedule", "min_signal_rate", 0.05, "schedule.min_signal_rate is 0.02 there"),
+        # config.json edited by hand (before: the seed and batch size were taken, the learning
+        # rate silently not, as AdamW's comes from the checkpoint; config.json then said so)
+        ("train", "seed", 5, "train.seed is 0 there and 5 in config.json"),
+        ("train", "learning_rate", 0.5, "train.learning_rate is 0.001 there and 0.5"),
+        ("train", "batch_size", 4, "train.batch_size is 6 there and 4 in config.json"),
+        ("data", "val_fraction", 0.5, "data.val_fraction is 0.25 there and 0.5"),
     ],
 )
 def test_resume_with_a_checkpoint_of_another_run_exits_2(
     avatars16, tmp_path, capsys, section, key, value, message
 ):
+    """A checkpoint whose network, schedule, objective, split, optimiser or seed differ from
+    config.json's (another run's checkpoint, or config.json edited by hand): exit 2 naming
+    the setting and both values, config.json and the checkpoint as they were."""
     run = tmp_path / "run"
     train(tiny_config(avatars16, max_steps=1), run, **QUIET)
     d = json.loads((run / "config.json").read_text())
@@ -594,9 +603,27 @@ def test_resume_with_a_checkpoint_of_another_run_exits_2(
     if key == "image_size":
         d["data"]["image_size"] = value
     (run / "config.json").write_text(json.dumps(d))
+    edited = (run / "config.json").read_bytes()
     rc, _, err = run_main(capsys, "train", "--resume", run, "--quiet")
     assert rc == 2
-    _one_line_error(err, "belongs to another run", message)
+    _one_line_error(err, "belongs to another run", message, "back in config.json")
+    assert (run / "config.json").read_bytes() == edited
+
+
+def test_config_json_edited_where_a_resume_may_differ_still_resumes(avatars16, tmp_path, capsys):
+    """What a resumed run may hold otherwise than its checkpoint: the resumable settings, the
+    data folder's place (data moved, config.json edited to say where), the --init record."""
+    data = tmp_path / "moved"
+    run = tmp_path / "run"
+    train(tiny_config(avatars16, max_steps=1), run, **QUIET)
+    shutil.copytree(avatars16, data)
+    d = json.loads((run / "config.json").read_text())
+    d["data"].update(path=str(data), abs_path=str(data.resolve()))
+    d["train"].update(max_steps=0, log_every=1, init="avatars-64")
+    (run / "config.json").write_text(json.dumps(d))
+    rc, out, err = run_main(capsys, "train", "--resume", run, "--quiet")
+    assert rc == 0, err
+    assert "resuming" in out and (run / "metrics.csv").is_file()
 
 
 # --------------------------------------------------------------------------------------------

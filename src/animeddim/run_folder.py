@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, settings
 from .io import file_in_the_way, is_temp_name, remove_stale_temp_files, write_text_atomic
 
 DASH = "–"  # what an empty or missing value prints as
@@ -306,25 +306,42 @@ def latest_checkpoint(
     return tensors, meta
 
 
-OBJECTIVE_SETTINGS = ("loss", "loss_weight", "min_snr_gamma")  # train.*: fixed for a run
+# Settings of the data and train sections that a resumed run's config.json may hold otherwise
+# than its checkpoint, besides those marked resumable: where the data folder is (data moved:
+# config.json edited to say where) and the weights the run started from.
+RECORDS = {("data", "path"), ("data", "abs_path"), ("data", "fingerprint"), ("train", "init")}
+
+
+def _fixed(section: str, part: Any) -> list[str]:
+    """The settings of `section` that stay as the run started (all of model and schedule)."""
+    if section in ("model", "schedule"):
+        return list(vars(part))
+    return [
+        f.name
+        for s, f in settings()
+        if s == section and not f.metadata["resume"] and (s, f.name) not in RECORDS
+    ]
 
 
 def _check_same_run(meta: dict[str, Any], cfg: RunConfig, path: Path) -> None:
-    """CheckpointError unless the checkpoint's network, schedule and objective (loss and its
-    weighting) are those of `cfg`."""
+    """CheckpointError unless the checkpoint's settings that a run keeps (network, schedule,
+    objective, data split, optimiser, seed, ...: all but the resumable ones) are those of
+    `cfg`: a checkpoint of another run, or a config.json edited by hand."""
     try:
         stored = RunConfig.from_dict(meta["config"])
     except (KeyError, ConfigError) as e:
         raise ckpt.CheckpointError(f"{str(path)!r} has no usable config: {e}") from None
-    for part in ("model", "schedule", "train"):
+    for part in ("model", "schedule", "train", "data"):
         mine, theirs = getattr(cfg, part), getattr(stored, part)
-        keys = OBJECTIVE_SETTINGS if part == "train" else vars(mine)
-        diff = [k for k in keys if vars(theirs)[k] != vars(mine)[k]]
+        diff = [k for k in _fixed(part, mine) if vars(theirs)[k] != vars(mine)[k]]
         if diff:
             k = diff[0]
             raise ckpt.CheckpointError(
                 f"{str(path)!r} belongs to another run: {part}.{k} is "
-                f"{getattr(theirs, k)!r} there and {getattr(mine, k)!r} in config.json"
+                f"{getattr(theirs, k)!r} there and {getattr(mine, k)!r} in config.json (a run "
+                "keeps the settings it started with, all but those `train --help` says may "
+                f"change on --resume: put {getattr(theirs, k)!r} back in config.json, or start "
+                "a new run)"
             )
 
 
