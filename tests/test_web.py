@@ -26,7 +26,7 @@ pytest.importorskip("httpx2", reason="the test extra is not installed: pip insta
 
 from starlette.testclient import TestClient  # noqa: E402
 
-from animeddim.apps.web import checks, handlers, server  # noqa: E402
+from animeddim.apps.web import checks, handlers, jobs  # noqa: E402
 from animeddim.apps.web.checks import Catalog, RequestError  # noqa: E402
 from animeddim.apps.web.handlers import Engine  # noqa: E402
 from animeddim.apps.web.server import create_app  # noqa: E402
@@ -685,8 +685,8 @@ SHORT = {"model": "run:tiny", "n": 2, "steps": 3, "sampler": "dpmpp-2m"}
 
 def _unfollowed(app, *job_ids: str) -> bool:
     """Whether the server has seen every client of these jobs go (read from the test thread)."""
-    jobs = dict(app.state.jobs.jobs)
-    return all(not jobs[j].attached for j in job_ids)
+    live = dict(app.state.jobs.jobs)
+    return all(not live[j].attached for j in job_ids)
 
 
 def test_a_job_runs_on_when_its_client_leaves_and_a_reattach_follows_it(engine, paced):
@@ -718,9 +718,9 @@ def test_a_job_runs_on_when_its_client_leaves_and_a_reattach_follows_it(engine, 
         assert json.loads(resp_b.readline()) == {"job": b, "queued": 1}
         conn_a2, resp_a2 = _follow(url, a)  # another page: it takes A over
         assert json.loads(resp_a2.readline()) == {"job": a, "queued": 0}
-        assert _until(resp_a, "error") == {"error": server.TAKEN_OVER}
+        assert _until(resp_a, "error") == {"error": jobs.TAKEN_OVER}
         assert _stop(url, a) == {"job": a, "stopped": True}
-        assert _until(resp_a2, "error") == {"error": server.STOPPED}
+        assert _until(resp_a2, "error") == {"error": jobs.STOPPED}
         lines = [json.loads(x) for x in resp_b.read().splitlines()]  # B runs now
         for conn in (conn_a, conn_a2, conn_b):
             conn.close()
@@ -735,7 +735,7 @@ def test_a_job_runs_on_when_its_client_leaves_and_a_reattach_follows_it(engine, 
 def test_a_job_that_ends_unfollowed_keeps_its_result_for_a_reattach(engine, paced, monkeypatch):
     """A job that ends while nobody follows it keeps its result until a reattach takes it (or
     KEEP_RESULT_S passes); only the newest KEEP_RESULTS such results are kept."""
-    monkeypatch.setattr(server, "KEEP_RESULTS", 1)
+    monkeypatch.setattr(jobs, "KEEP_RESULTS", 1)
     app = create_app(engine)
     with _serving(app) as url:
         before = _status(url)
@@ -748,7 +748,7 @@ def test_a_job_that_ends_unfollowed_keeps_its_result_for_a_reattach(engine, pace
             conn.close()
         _wait(lambda: _unfollowed(app, *ids))
         assert _stop(url, a) == {"job": a, "stopped": True}
-        assert _until(resp_a, "error") == {"error": server.STOPPED}
+        assert _until(resp_a, "error") == {"error": jobs.STOPPED}
         conn_a.close()
         _wait(lambda: _status(url)["completed"] == before["completed"] + 2)
         assert _gone(url, ids[0])  # the older result made room for the newer
@@ -1020,7 +1020,7 @@ def test_a_job_stopped_after_its_stream_ended_logs_nothing():
     import threading
 
     from animeddim.apps.web.handlers import Stopped
-    from animeddim.apps.web.server import JobQueue
+    from animeddim.apps.web.jobs import JobQueue
 
     logged = []
 
