@@ -129,9 +129,29 @@ def test_kid_evaluate_steps_on_a_bad_folder_are_one_line(
         rc, _, err = run_main(capsys, *argv)
         assert rc == 2, (argv, err)
         _one_line(err)
-        wanted = needle if kind != "missing" or argv[0] != "kid" else "not a folder"
-        assert any(w in err for w in ([wanted] if isinstance(wanted, str) else wanted)), err
+        assert any(w in err for w in ([needle] if isinstance(needle, str) else needle)), err
     assert not (tmp_path / "e.json").exists() and not (tmp_path / "st").exists()
+
+
+def test_kid_says_whether_a_folder_is_missing_or_a_file(avatars16, tmp_path, capsys, fake):
+    """`kid MISSING DIR` said "'MISSING' is not a folder", as for a file; it says which (so do
+    `attributes train --data`/`--held-out` and `attributes coverage`)."""
+    good = _folder(tmp_path / "good", avatars16, 3)
+    (tmp_path / "notes.txt").write_text("a file")
+    (tmp_path / "gone").symlink_to(tmp_path / "unmounted")
+    for bad, said in [
+        (tmp_path / "missing", f"'{tmp_path / 'missing'}' does not exist"),
+        (tmp_path / "notes.txt", f"'{tmp_path / 'notes.txt'}' is a file, not a folder"),
+        (tmp_path / "gone", f"'{tmp_path / 'gone'}' is a broken symbolic link (to "),
+    ]:
+        cache = ["--cache-dir", tmp_path / "cache"]
+        for argv in (["kid", good, bad, *cache], ["kid", bad, good, *cache], ["attributes",
+                     "coverage", bad, "--real", good], ["attributes", "train", "--data", bad,
+                     "--out", tmp_path / "a.safetensors"]):  # fmt: skip
+            rc, _, err = run_main(capsys, *argv)
+            assert rc == 2, (argv, err)
+            _one_line(err, said)
+            assert "not a folder" not in err or "is a file" in err
 
 
 @pytest.mark.parametrize("kind", ["mixed sizes", "one usable", "unlabelled image"])

@@ -145,6 +145,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         train_classifier,
     )
     from .cli import CliError
+    from .cli.common import need_folder
     from .outputs import new_file
 
     if not 0 <= a.val_fraction < 1:
@@ -158,8 +159,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     new_file(a.out, a.force)
     new_file(out_json, a.force)
     for d in [*a.data, *([a.held_out] if a.held_out else [])]:
-        if not Path(d).is_dir():
-            raise CliError(f"{d!r} is not a folder")
+        need_folder(d)
     crops = parse_crops(a.crop)
     init = None
     if a.init:
@@ -264,11 +264,11 @@ def held_out_accuracy(net: Any, folder: str | Path) -> dict[str, Any]:
 def cmd_coverage(a: argparse.Namespace) -> int:
     from .attributes import load_classifier
     from .cli import CliError
+    from .cli.common import need_folder
     from .coverage import coverage_of_folders, write_coverage
 
     for d in (a.samples, a.real):
-        if not Path(d).is_dir():
-            raise CliError(f"{d!r} is not a folder")
+        need_folder(d)
     if not (Path(a.real) / "labels.csv").is_file():
         raise CliError(f"real folder {a.real!r} has no labels.csv")
     from .outputs import COVERAGE_NAMES, earlier_outputs, not_inside

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .. import interrupts
 
@@ -62,6 +63,20 @@ _open_bars: set[_Bars] = set()  # closed before an error prints, so it gets a li
 def _close_bars() -> None:
     for bars in list(_open_bars):
         bars.close()
+
+
+def need_folder(path: str | Path) -> None:
+    """Raise `CliError` unless `path` is a folder, saying which it is: missing, a broken
+    link, a file or something else."""
+    p = Path(path)
+    if p.is_dir():
+        return
+    if p.is_symlink() and not p.exists():
+        raise CliError(f"{str(path)!r} is a broken symbolic link (to {str(p.readlink())!r})")
+    if not p.exists():
+        raise CliError(f"{str(path)!r} does not exist")
+    what = "a file" if p.is_file() else "not a regular file"
+    raise CliError(f"{str(path)!r} is {what}, not a folder")
 
 
 def _names(text: str, choices: tuple[str, ...], what: str) -> list[str]:

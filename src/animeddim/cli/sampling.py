@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import conditional_cli, outputs
 from ..config import KID_PROTOCOLS
 from ..diffusion.sampler_names import SAMPLER_NAMES
-from .common import CliError, _Bars, _is_main, _names
+from .common import CliError, _Bars, _is_main, _names, need_folder
 
 
 def load_for_sampling(run: str | None, model: str | None, device_name: str | None):
@@ -171,8 +171,7 @@ def cmd_kid(a: argparse.Namespace) -> int:
     from ..metrics import kid_folders
 
     for d in (a.dir_a, a.dir_b):
-        if not Path(d).is_dir():
-            raise CliError(f"{d!r} is not a folder")
+        need_folder(d)
     r = kid_folders(
         a.dir_a,
         a.dir_b,
