@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, settings, upgrade
+from .config import ConfigError, settings
+from .config_upgrade import upgrade
 
 if sys.version_info >= (3, 11):
     import tomllib
