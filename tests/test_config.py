@@ -225,3 +225,28 @@ def test_a_leading_tilde_in_a_path_option_or_a_config_file_is_the_home_folder(
         "~user-that-is-not/b",
         str(home / "c"),
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('{"train": {"epochs": 5}, "train": {"batch_size": 4}}', "'train'"),
+        ('{"train": {"epochs": 5, "epochs": 2}}', "'epochs'"),
+    ],
+)
+def test_a_json_config_file_giving_a_key_twice_is_one_line(tmp_path, capsys, text, key):
+    """JSON readers keep the last of two equal keys (before: the first [train] section, or
+    the first epochs, was dropped without a word and the run trained without it; TOML refuses
+    the same file). Now exit 2 naming the key, no run folder; a run's config.json alike."""
+    f = tmp_path / "c.json"
+    f.write_text(text)
+    out = tmp_path / "run"
+    rc, _, err = run_main(capsys, "train", "--data", tmp_path, "--out", out, "--config", f)
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"config file '{f}': {key} is given twice in one object" in err
+    assert not out.exists()
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "config.json").write_text(text)
+    rc, _, err = run_main(capsys, "train", "--resume", run)
+    assert rc == 2 and f"{key} is given twice" in err and len(err.strip().splitlines()) == 1

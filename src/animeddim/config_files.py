@@ -29,6 +29,24 @@ def expand_user(path: str) -> str:
     return os.path.expanduser(path) if path.startswith("~") else path
 
 
+def loads_json(text: str) -> Any:
+    """`json.loads`, refusing a key given twice in one object (ConfigError naming it): JSON
+    readers keep the last one, so `{"train": {...}, "train": {...}}` would drop the first
+    section's settings without a word (TOML refuses it too)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ConfigError(
+                f"{key!r} is given twice in one object (the first would be ignored); give it once"
+            )
+        seen.add(key)
+    return dict(pairs)
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a JSON or TOML config file into a plain dict (sections data/model/schedule/train),
     in today's layout (`upgrade`); a path setting's leading ``~`` is the home folder."""
@@ -49,11 +67,11 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
                 raise ConfigError("TOML config files need Python 3.11+; use JSON")
             d = tomllib.loads(text)
         else:
-            d = json.loads(text)
+            d = loads_json(text)
     except ValueError as e:
-        if isinstance(e, ConfigError):
-            raise
         kind = "TOML" if p.suffix.lower() == ".toml" else "JSON"
+        if isinstance(e, ConfigError):
+            raise ConfigError(f"config file {str(p)!r}: {e}") from None
         raise ConfigError(f"config file {str(p)!r} is not valid {kind}: {e}") from None
     if not isinstance(d, dict):
         raise ConfigError(

@@ -30,6 +30,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig, settings
+from .config_files import loads_json
 from .io import file_in_the_way, is_temp_name, remove_stale_temp_files, write_text_atomic
 
 DASH = "–"  # what an empty or missing value prints as
@@ -221,7 +222,7 @@ def load_run_config(run_dir: Path) -> RunConfig:
     if not (Path(run_dir) / "config.json").is_file():
         raise RunFolderError(f"{str(run_dir)!r} is not an animeddim run folder (no config.json)")
     try:
-        d = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        d = loads_json((run_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8 at all
         raise RunFolderError(f"cannot read {str(run_dir / 'config.json')!r}: {e}") from None
     return RunConfig.from_dict(d).validate()
