@@ -154,6 +154,31 @@ def test_kid_says_whether_a_folder_is_missing_or_a_file(avatars16, tmp_path, cap
             assert "not a folder" not in err or "is a file" in err
 
 
+def test_an_fid_that_rounds_to_zero_is_shown_as_0_not_minus_0(
+    avatars16, tmp_path, capsys, fake, monkeypatch
+):
+    """`kid A A` printed `FID -0.000`: the FID of a folder against itself computes as
+    -3.6e-12 (Inception's 2048-d features; a difference of traces in float64). Shown as 0.000
+    by kid, as 0 in the report's tables (which showed -3.638e-12); the JSON and the report's
+    CSV keep the value as computed, and a value below zero beyond rounding keeps its sign."""
+    from animeddim.metrics import folders
+    from animeddim.report.tables import Table, cell_text, to_html, to_markdown
+
+    a = _folder(tmp_path / "a", avatars16, 3)
+    cache = ["--cache-dir", tmp_path / "cache"]
+    for fid, said in [(-3.637978807091713e-12, "FID 0.000 "), (-0.0004, "FID 0.000 ")]:
+        monkeypatch.setattr(folders, "fid_from_features", lambda f1, f2, fid=fid: fid)
+        rc, out, err = run_main(capsys, "kid", a, a, *cache)
+        assert rc == 0, err
+        assert said in out and "-0.000" not in out, out
+        rc, out, err = run_main(capsys, "kid", a, a, "--json", *cache)
+        assert rc == 0 and json.loads(out)["fid"] == fid, out
+    table = Table(["FID", "KID"], [[-3.637978807091713e-12, -0.002], [-0.0, 12.5]], "c")
+    assert "| 0 | -0.002 |" in to_markdown(table) and "| 0 | 12.5 |" in to_markdown(table)
+    assert "<td>0</td><td>-0.002</td>" in to_html(table)
+    assert [cell_text(v) for v in (-1e-6, 0.0, 2.5e-11)] == ["-1e-06", "0", "2.5e-11"]
+
+
 @pytest.mark.parametrize("kind", ["mixed sizes", "one usable", "unlabelled image"])
 def test_evaluate_refuses_a_bad_real_folder_before_drawing(
     kind, run, avatars16, tmp_path, capsys, fake, monkeypatch

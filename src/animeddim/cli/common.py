@@ -79,6 +79,14 @@ def need_folder(path: str | Path) -> None:
     raise CliError(f"{str(path)!r} is {what}, not a folder")
 
 
+def shown(value: float, spec: str) -> str:
+    """`value` formatted by `spec` ('.3f'), a negative that rounds to zero there shown as
+    zero: an FID is >= 0, and the -3.6e-12 of a folder against itself is the float rounding of
+    a difference of traces, not a value below zero (the JSON keeps it as computed)."""
+    text = format(value, spec)
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
 def _names(text: str, choices: tuple[str, ...], what: str) -> list[str]:
     """A comma-separated list of names, each one of `choices`."""
     names = [x.strip() for x in text.split(",") if x.strip()]

@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import conditional_cli, outputs
 from ..config import KID_PROTOCOLS
 from ..diffusion.sampler_names import SAMPLER_NAMES
-from .common import CliError, _Bars, _is_main, _names, need_folder
+from .common import CliError, _Bars, _is_main, _names, need_folder, shown
 
 
 def load_for_sampling(run: str | None, model: str | None, device_name: str | None):
@@ -184,13 +184,14 @@ def cmd_kid(a: argparse.Namespace) -> int:
         print(json.dumps(r, indent=2))
     elif a.protocol == "standard":
         print(
-            f"KID ({r['protocol']} protocol) {r['kid_mean']:.5f} ± {r['kid_std']:.5f}, "
-            f"FID {r['fid']:.3f}  (n {r['n_a']} vs {r['n_b']}, subsets {r['subsets']} of "
+            f"KID ({r['protocol']} protocol) {shown(r['kid_mean'], '.5f')} ± "
+            f"{r['kid_std']:.5f}, FID {shown(r['fid'], '.3f')}  (n {r['n_a']} vs {r['n_b']}, "
+            f"subsets {r['subsets']} of "
             f"{r['subset_size']})"
         )
     else:
         print(
-            f"KID ({r['protocol']} protocol) {r['kid_mean']:.5f}  "
+            f"KID ({r['protocol']} protocol) {shown(r['kid_mean'], '.5f')}  "
             f"({r['subsets']} batches of {r['subset_size']})"
         )
     return 0
@@ -256,12 +257,13 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         print(f"{a.n} samples in {a.samples_out}")
     if "kid_mean" in r:
         print(
-            f"KID (standard protocol) {r['kid_mean']:.5f} ± {r['kid_std']:.5f}, FID "
-            f"{r['fid']:.3f}  ({a.n} images, {a.steps} {a.sampler} steps, eta {a.eta:g}"
+            f"KID (standard protocol) {shown(r['kid_mean'], '.5f')} ± {r['kid_std']:.5f}, FID "
+            f"{shown(r['fid'], '.3f')}  ({a.n} images, {a.steps} {a.sampler} steps, eta {a.eta:g}"
             f"{', x0 clipped' if r['clip_x0'] else ''})"
         )
     if "paper" in r:
-        print(f"KID (paper protocol) {r['paper']['kid']:.5f}  ({r['paper']['batches']} batches)")
+        kid = shown(r["paper"]["kid"], ".5f")
+        print(f"KID (paper protocol) {kid}  ({r['paper']['batches']} batches)")
     if "attributes_asked" in r:
         print("\n".join(conditional_cli.control_lines(r["attributes_asked"])))
     if "attributes_from" in r:

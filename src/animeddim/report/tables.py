@@ -43,12 +43,18 @@ class Table:
     caption: str
 
 
+# Below this a negative number is the float64 rounding of a difference (an FID of two equal
+# sets computes as -3.6e-12): shown as 0, never '-3.638e-12'; the CSV keeps it as computed.
+ROUNDING = 1e-9
+
+
 def cell_text(v: Any) -> str:
-    """How a cell prints: None or "" as a dash, floats to 4 significant digits."""
+    """How a cell prints: None or "" as a dash, floats to 4 significant digits (a negative
+    within :data:`ROUNDING` of zero as 0)."""
     if v is None or (isinstance(v, str) and not v.strip()):
         return DASH
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return "0" if -ROUNDING < v <= 0 else f"{v:.4g}"
     return str(v)
 
 
