@@ -453,23 +453,63 @@ def test_a_damaged_run_folder_is_one_line(command, damage, trained_tiny, tmp_pat
     assert not out.exists() and after == before
 
 
-@pytest.mark.parametrize("kind", ["missing", "no usable image", "a file"])
+@pytest.mark.parametrize(
+    "kind", ["missing", "no usable image", "an undecodable file", "a file not an image"]
+)
 def test_invert_of_bad_images_leaves_no_output_folder(kind, run, avatars16, tmp_path, capsys):
     """invert made OUT/reconstructions before reading --images: a missing folder, one of
-    undecodable files or a file left an empty output folder behind the one-line error."""
+    undecodable files or a file left an empty output folder behind the one-line error. (A
+    file that is an image is inverted: test_invert_takes_one_image_file.)"""
     images = tmp_path / "images"
+    said = str(images)
     if kind == "no usable image":
         images.mkdir()
         (images / "zero.png").write_bytes(b"")
         (images / "text.png").write_text("not a png")
-    elif kind == "a file":
-        images = next(avatars16.glob("*.png"))
+    elif kind == "an undecodable file":
+        images = tmp_path / "text.png"
+        images.write_text("not a png")
+        said = f"no usable image in '{images}': not an image (unrecognised format)"
+    elif kind == "a file not an image":
+        images = tmp_path / "notes.txt"
+        images.write_text("a note")
+        said = f"'{images}' is not an image file: images have the extensions .png, .jpg"
     out = tmp_path / "inverted"
     rc, _, err = run_main(capsys, "invert", "--run", run, "--images", images, "--steps", 1,
                           "--out", out)  # fmt: skip
     assert rc == 2, err
-    _one_line(err, str(images))
+    _one_line(err, said)
     assert not out.exists()
+
+
+def test_invert_takes_one_image_file(run, avatars16, tmp_path, capsys):
+    """`invert --images FILE` refused a single image (`edit`: tests/test_control_cli.py
+    ::test_edit_takes_one_image_file); one image is inverted as a folder holding only it: its
+    reconstruction named by its name, its path in latents.safetensors."""
+    from safetensors import safe_open
+
+    face = tmp_path / "in" / "face.jpg"
+    face.parent.mkdir()
+    Image.open(next(avatars16.glob("*.png"))).convert("RGB").save(face)
+    (tmp_path / "in" / "other.png").write_bytes(b"not read: only the file given is")
+    out = tmp_path / "inverted"
+    rc, stdout, err = run_main(capsys, "invert", "--run", run, "--images", face, "--steps", 2,
+                               "--out", out)  # fmt: skip
+    assert rc == 0, err
+    assert "skipped" not in err and "warning" not in err, err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "latents.safetensors",
+        "reconstructions/face.png",
+        "side-by-side.png",
+    ]
+    assert f"{face}: PSNR " in stdout and "over 1 images" in stdout
+    with safe_open(out / "latents.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["paths"]) == [str(face)]
+        assert f.get_tensor("latents").shape[0] == 1
+    assert Image.open(out / "side-by-side.png").size == (16, 32)
+    rc, _, err = run_main(capsys, "invert", "--run", run, "--images", face, "--out", face)
+    assert rc == 2
+    _one_line(err, "inside the --images file")
 
 
 @pytest.mark.parametrize("minutes", ["0", "-1", "nan", "inf"])

@@ -254,6 +254,24 @@ def test_edit_of_images_that_share_a_name_writes_each(cond_run, cond_data, tmp_p
     assert json.loads((out / "edit_summary.json").read_text())["images"] == 3
 
 
+def test_edit_takes_one_image_file(cond_run, cond_data, tmp_path, capsys):
+    """`edit --images FILE` refused a single image ("is not a folder"); it is edited as a
+    folder holding only it would be: after/NAME.png, pairs/NAME.png, its labels found by its
+    name in --labels (the labels.csv of its folder, whose other rows name the other files)."""
+    red = sorted(_red_images(cond_data, tmp_path / "red", 1).iterdir())[0]
+    for images, more in [(red, []), (cond_data / red.name, ["--labels", cond_data / "labels.csv"])]:
+        out = tmp_path / f"edited-{len(more)}"
+        rc, _, err = run_main(capsys, "edit", "--run", cond_run, "--images", images, "--set",
+                              "colour=blue", "--steps", 2, "--out", out, "--device", "cpu",
+                              *more)  # fmt: skip
+        assert rc == 0, err
+        for part in ("after", "pairs"):
+            assert [f.name for f in (out / part).rglob("*.png")] == [red.name], part
+        summary = json.loads((out / "edit_summary.json").read_text())
+        assert summary["images"] == 1
+        assert "warning" not in err.lower(), err  # the other rows name files in its folder
+
+
 def test_grid_by_pngs_are_named_by_value_and_seed(cond_run, tmp_path, capsys):
     import numpy as np
     from PIL import Image

@@ -150,7 +150,9 @@ def add_edit_parser(sub: Any, setup: Callable[[argparse.ArgumentParser], None], 
     """Register ``edit``; `setup` adds the model source and runtime options."""
     p = sub.add_parser("edit", help="change attributes of images (DDIM inversion, regeneration)")
     setup(p)
-    p.add_argument("--images", type=PATH, required=True, help="folder of images to edit")
+    p.add_argument(
+        "--images", type=PATH, required=True, help="folder of images to edit, or one image file"
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -262,7 +264,7 @@ def cmd_edit(a: argparse.Namespace, load, settings_of, bars) -> int:
     from .pipelines.conditional import EDIT_NAMES
 
     changes = parse_assignments(a.changes, "--set")
-    outputs.not_inside(a.out, [a.images], "--out", "the --images folder")
+    outputs.not_inside(a.out, [a.images], "--out", outputs.images_what(a.images))
     earlier = outputs.signature(
         outputs.earlier_outputs(a.out, EDIT_NAMES, a.force, recursive_in=("after", "pairs"))
     )

@@ -301,6 +301,32 @@ def load_folder(
     return result
 
 
+def load_images(path: str | Path, size: int) -> tuple[ImageSet, Path]:
+    """The images of a folder (:func:`load_folder`), or one image file as a folder holding
+    only it; with the folder their paths are below (a file's own folder).
+
+    A file is read as a folder's files are: it needs an image extension (else
+    :class:`DataError`, as a folder would not look at it), and one that cannot be decoded is
+    a :class:`DataError` with the reason a folder's skip note gives.
+    """
+    path = Path(path)
+    if path.is_dir() or not (path.is_file() or path.is_symlink()):
+        return load_folder(path, size), path  # a folder; a missing path says so there
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise DataError(
+            f"'{shown(str(path))}' is not an image file: images have the extensions "
+            f"{', '.join(IMAGE_EXTENSIONS)}"
+        )
+    if size < 1:
+        raise DataError(f"image size must be a positive integer, got {size}")
+    pixels, reason = _decode_path(str(path), size)
+    if pixels is None:
+        raise DataError(f"no usable image in '{shown(str(path))}': {reason}")
+    images = np.empty((1, size, size, 3), dtype=np.uint8)  # writable, as a folder's are
+    images[0] = pixels
+    return ImageSet(images, [str(path)]), path.parent
+
+
 def _decode_into(
     out: np.ndarray, files: Sequence[Path], size: int, workers: int, progress: bool
 ) -> list[str | None]:

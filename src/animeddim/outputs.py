@@ -89,6 +89,11 @@ def not_inside(
             )
 
 
+def images_what(images: str | Path) -> str:
+    """How `not_inside` names an --images input: a folder, or one image file."""
+    return "the --images file" if Path(images).is_file() else "the --images folder"
+
+
 def earlier_outputs(
     folder: str | Path,
     names: re.Pattern[str] | Sequence[str],

@@ -252,7 +252,9 @@ def _add_invert_command(sub) -> None:
     """`animeddim invert`."""
     p = sub.add_parser("invert", help="DDIM inversion of real images, then regeneration")
     _add_model_source(p)
-    p.add_argument("--images", type=PATH, required=True, help="folder of images to invert")
+    p.add_argument(
+        "--images", type=PATH, required=True, help="folder of images to invert, or one image file"
+    )
     p.add_argument("--steps", type=STEPS, default=50, help="(default 50)")
     p.add_argument("--out", type=PATH, required=True, help="output folder")
     p.add_argument(

@@ -307,7 +307,7 @@ def cmd_steps(a: argparse.Namespace) -> int:
 def cmd_invert(a: argparse.Namespace) -> int:
     from ..pipelines import invert
 
-    outputs.not_inside(a.out, [a.images], "--out", "the --images folder")
+    outputs.not_inside(a.out, [a.images], "--out", outputs.images_what(a.images))
     earlier = outputs.signature(
         outputs.earlier_outputs(
             a.out, outputs.INVERT_NAMES, a.force, recursive_in=("reconstructions",)

@@ -384,9 +384,9 @@ def edit(
     classifier: Any = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Change attributes of the images of a folder: DDIM-invert each under its own labels
-    (`labels`: a CSV or 'folders'; None: all null), regenerate with DDIM from the same noise
-    under the labels with `changes` applied.
+    """Change attributes of the images of a folder (or of one image file, as a folder holding
+    only it): DDIM-invert each under its own labels (`labels`: a CSV or 'folders'; None: all
+    null), regenerate with DDIM from the same noise under the labels with `changes` applied.
 
     Writes out/after/*.png, out/pairs/*.png (before | after; each named as `invert` names
     its reconstructions: the path below `images`, .png), out/grid.png (originals above,
@@ -398,8 +398,8 @@ def edit(
     out = Path(out)
     none = torch.empty(0, len(vocabulary(loaded)), dtype=torch.long)
     edit_codes(loaded, none, changes)  # checked before any image is read
-    real_u8, paths = _load_images(images, loaded.config.model.image_size)
-    source = _image_codes(loaded, Path(images), paths, labels)
+    real_u8, paths, root = _load_images(images, loaded.config.model.image_size)
+    source = _image_codes(loaded, root, paths, labels)
     target = edit_codes(loaded, source, changes)
     (edited,) = regenerate(
         loaded,
@@ -411,7 +411,7 @@ def edit(
         settings=settings,
         progress=progress,
     )
-    names = reconstruction_names(paths, images)  # a.png, a.jpg, sub/a.png: three files
+    names = reconstruction_names(paths, root)  # a.png, a.jpg, sub/a.png: three files
     save_pngs(edited, out / "after", names)
     pairs = torch.cat([real_u8, edited], dim=2)  # side by side: [N x H x 2W x C]
     save_pngs(pairs, out / "pairs", names)

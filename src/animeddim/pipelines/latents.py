@@ -25,11 +25,12 @@ from ..io import save_gif, save_grid, save_pngs, write_bytes_atomic
 from .core import Progress, SampleSettings, _counter, _nchw, check_count, check_seed
 
 
-def _load_images(folder: str | Path, size: int) -> tuple[torch.Tensor, list[str]]:
-    from ..data import load_folder
+def _load_images(images: str | Path, size: int) -> tuple[torch.Tensor, list[str], Path]:
+    """The images of a folder, or of one image file; with the folder their paths are below."""
+    from ..data import load_images
 
-    s = load_folder(folder, size)
-    return torch.from_numpy(np.asarray(s.images)), s.paths
+    s, root = load_images(images, size)
+    return torch.from_numpy(np.asarray(s.images)), s.paths, root
 
 
 def _normalised(loaded: LoadedModel, images_u8: torch.Tensor, device) -> torch.Tensor:
@@ -47,24 +48,25 @@ def invert(
     settings: SampleSettings,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """DDIM-invert the images of a folder to starting noise, regenerate, measure PSNR.
+    """DDIM-invert the images of a folder (or one image file: as a folder holding only it)
+    to starting noise, regenerate, measure PSNR.
 
-    Writes out/latents.safetensors, out/reconstructions/*.png and out/side-by-side.png
-    (originals above, reconstructions below).
+    Writes out/latents.safetensors, out/reconstructions/*.png (each named by its path below
+    the folder, .png) and out/side-by-side.png (originals above, reconstructions below).
 
     :param steps: DDIM steps of the inversion and of the regeneration (an integer >= 1).
     :param settings: its batch size, device and precision are used (the sampler is DDIM).
     :param progress: told ("invert", images done, total) after each batch.
     :return: {"steps", "psnr_db": {image path: PSNR in dB}, "mean_psnr_db", "out"}.
     :raises ConfigError: steps not an integer >= 1. DataError: a missing folder, or one
-        with no usable image.
+        with no usable image; a file that is not a usable image.
     """
     from safetensors.torch import save as st_save
 
     steps = check_count(steps, "steps")
     out = Path(out)
     cfg = loaded.config
-    real_u8, paths = _load_images(images, cfg.model.image_size)  # before any folder is made
+    real_u8, paths, root = _load_images(images, cfg.model.image_size)  # before any folder
     (out / "reconstructions").mkdir(parents=True, exist_ok=True)
     latents, recon = [], []
     done = _counter(progress, "invert", len(real_u8))
@@ -81,7 +83,7 @@ def invert(
         out / "latents.safetensors",
         st_save({"latents": z_all.contiguous()}, {"paths": json.dumps(paths), "steps": str(steps)}),
     )
-    save_pngs(rec, out / "reconstructions", reconstruction_names(paths, images))
+    save_pngs(rec, out / "reconstructions", reconstruction_names(paths, root))
     save_grid(torch.cat([real_u8, rec]), out / "side-by-side.png", cols=len(real_u8))
     values = psnr(real_u8, rec).tolist()
     return {
