@@ -27,23 +27,9 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+# The folder walk lives in image_files; its names are also read from here, as before.
+from .image_files import IMAGE_EXTENSIONS, DataError, Skipped, find_images
 from .io import default_cache_dir, temp_path, write_text_atomic
-
-# All read by Pillow; .jfif and .jpe are JPEGs as some browsers save them, .apng animated PNGs.
-IMAGE_EXTENSIONS = (
-    ".png",
-    ".jpg",
-    ".jpeg",
-    ".jfif",
-    ".jpe",
-    ".webp",
-    ".avif",
-    ".bmp",
-    ".gif",
-    ".apng",
-    ".tif",
-    ".tiff",
-)
 
 # 8192 x 8192: far beyond any training image, far below what would exhaust memory (a 64 Mpx RGBA
 # image is 256 MB). Pillow's own limit (~179 Mpx) is too generous for a batch job.
@@ -54,10 +40,6 @@ AUTO_DISK_BYTES = 4 * 1024**3
 
 # Bump when decoding changes, so disk caches made by older code are not reused.
 _CACHE_VERSION = 1
-
-
-class DataError(ValueError):
-    """A user-facing data problem; the message names the folder or file and what went wrong."""
 
 
 class BadImage(Exception):
@@ -73,12 +55,6 @@ class SkippedFilesWarning(UserWarning):
 
 
 @dataclass
-class Skipped:
-    path: str  # the file (or archive member) as found
-    reason: str  # short reason, e.g. "empty file (0 bytes)"
-
-
-@dataclass
 class ImageSet:
     images: np.ndarray  # (N, size, size, 3) uint8 RGB; a plain array or a read-only np.memmap
     paths: list[str]  # source file of each image, same order as ``images``
@@ -87,53 +63,6 @@ class ImageSet:
 
 # --------------------------------------------------------------------------------------------
 # Finding and decoding single images
-
-
-def find_images(root: Path) -> list[Path]:
-    """All image files under ``root``, recursively, sorted by relative posix path.
-
-    Extensions are matched case-insensitively against :data:`IMAGE_EXTENSIONS`. Directory
-    symlinks are followed, but each real directory is visited once, so symlink loops terminate.
-    A broken symlink with an image name is listed (:func:`load_image` then says it is broken).
-    Unreadable directories are skipped. A missing ``root`` or one that is not a folder raises
-    :class:`DataError`.
-    """
-    root = Path(root)
-    if not root.exists():
-        raise DataError(f"image folder '{root}' does not exist")
-    if not root.is_dir():
-        raise DataError(f"'{root}' is not a folder (expected a folder of images)")
-    found: list[tuple[str, Path]] = []
-    visited: set[str] = set()
-    stack: list[tuple[Path, str]] = [(root, "")]
-    while stack:
-        folder, rel = stack.pop()
-        real = os.path.realpath(folder)
-        if real in visited:
-            continue
-        visited.add(real)
-        try:
-            with os.scandir(folder) as entries:
-                entries_list = list(entries)
-        except OSError:
-            continue  # unreadable folder: its images are simply not found
-        for entry in entries_list:
-            entry_rel = f"{rel}/{entry.name}" if rel else entry.name
-            try:
-                if entry.is_dir(follow_symlinks=True):
-                    stack.append((folder / entry.name, entry_rel))
-                    continue
-            except OSError:
-                pass  # a link to itself (ELOOP): listed below if it has an image name
-            try:
-                # A broken link is listed too, so that loading reports it instead of hiding it.
-                listed = entry.is_symlink() or entry.is_file()
-            except OSError:
-                continue  # vanished entry
-            if listed and entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append((entry_rel, folder / entry.name))
-    found.sort(key=lambda item: item[0])
-    return [path for _, path in found]
 
 
 def load_image(path: Path, size: int | None) -> np.ndarray:
