@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import struct
 import time
@@ -681,3 +682,110 @@ def test_a_cache_on_the_device_gives_the_host_batches(
     flipped = _batches(on_device, np.arange(50), 50, shuffle=False)[0]
     plain = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     assert 0 < int((flipped == plain.flip(3)).flatten(1).all(1).sum()) < 50  # some, not all
+
+
+def _nas_folder(root: Path) -> Path:
+    """Two images, one in a subfolder, beside what a NAS, a desktop and zip tools add."""
+    _save(root / "a.png", _rgb(8, 8, 1))
+    _save(root / "sub" / "b.png", _rgb(8, 8, 2))
+    for i, name in enumerate(
+        [
+            ".Trash-1000/files/old.png",
+            "@eaDir/a.png/SYNOPHOTO_THUMB_M.jpg",
+            "@eaDir/a.png/SYNOPHOTO_THUMB_S.jpg",
+            "__MACOSX/sub/b.png",
+            "sub/.thumbnails/normal/b.png",
+            ".git/shot.png",
+            "sub/#recycle/c.png",
+        ]
+    ):
+        _save(root / name, _rgb(8, 8, 10 + i))
+    return root
+
+
+def test_hidden_and_system_folders_are_passed_over_with_a_note(tmp_path: Path) -> None:
+    """A folder copied from a NAS or a desktop holds '.Trash-1000/', '@eaDir/' (Synology's
+    thumbnails), '__MACOSX/', '.thumbnails/', '.git/': their images were trained on without a
+    word. They are passed over, counted in one note per folder walked (not a skip: --strict
+    takes it)."""
+    from animeddim.data import PassedOverWarning
+    from animeddim.image_files import list_images
+
+    root = _nas_folder(tmp_path / "d")
+    assert [p.relative_to(root).as_posix() for p in find_images(root)] == ["a.png", "sub/b.png"]
+    assert list_images(root).passed_over == {
+        ".Trash-1000/": 1,
+        ".git/": 1,
+        "@eaDir/": 2,
+        "__MACOSX/": 1,
+        "sub/#recycle/": 1,
+        "sub/.thumbnails/": 1,
+    }
+    assert len(find_images(root, everything=True)) == 9  # as they were listed before
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = load_folder(root, 4, workers=1, strict=True)
+    assert [Path(p).name for p in s.paths] == ["a.png", "b.png"] and s.skipped == []
+    assert [(w.category, str(w.message)) for w in caught] == [
+        (
+            PassedOverWarning,
+            "passed over 7 image files in hidden or system folders (thumbnails, trash, zip "
+            "leftovers; not data): .Trash-1000/ (1), .git/ (1), @eaDir/ (2), __MACOSX/ (1), "
+            "sub/#recycle/ (1), and 1 more",
+        )
+    ]
+    # Only passed-over images: the error says where they are.
+    only = tmp_path / "only"
+    _save(only / "@eaDir" / "x.jpg", _rgb(8, 8))
+    with pytest.raises(DataError, match=r"found \(passed over 1 image file in .*@eaDir/ \(1\)\)"):
+        load_folder(only, 4, workers=1)
+    # The folder given may itself be hidden; only what lies below it is passed over.
+    hidden_root = tmp_path / ".cache" / "faces"
+    _save(hidden_root / "x.png", _rgb(8, 8))
+    assert [p.name for p in find_images(hidden_root)] == ["x.png"]
+
+
+def test_a_folder_linked_from_a_hidden_one_is_still_read(tmp_path: Path) -> None:
+    """A real folder is walked once: a link to it from a hidden folder must not take its
+    images out of the data."""
+    _save(tmp_path / "faces" / "x.png", _rgb(8, 8))
+    (tmp_path / ".backup").mkdir()
+    (tmp_path / ".backup" / "faces").symlink_to(tmp_path / "faces")
+    (tmp_path / ".aaa").symlink_to(tmp_path / "faces")
+    assert [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)] == ["faces/x.png"]
+
+
+def test_train_passes_over_hidden_folders_and_resumes_a_run_that_read_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`train` notes what it passed over. A run started before hidden and system folders were
+    passed over recorded the fingerprint of every image: it resumes on the images it began
+    with (not refused as changed data), with a note; a folder changed since is still refused."""
+    from conftest import run_main
+
+    from animeddim.run_folder import data_fingerprint
+
+    root = tmp_path / "d"
+    for i in range(6):
+        _save(root / f"{i}.png", _rgb(8, 8, i))
+    _save(root / "@eaDir" / "0.png" / "SYNOPHOTO_THUMB_M.jpg", _rgb(8, 8, 9))
+    _save(root / ".Trash-1000" / "files" / "z.png", _rgb(8, 8, 10))
+    run = tmp_path / "run"
+    tiny = ["--image-size", 16, "--widths", "8,16", "--block-depth", 1, "--batch-size", 2,
+            "--no-kid", "--quiet", "--device", "cpu"]  # fmt: skip
+    rc, _, err = run_main(capsys, "train", "--data", root, "--out", run, "--max-steps", 1, *tiny)
+    assert rc == 0, err
+    assert "note: passed over 2 image files in hidden or system folders" in err
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"]["fingerprint"] == data_fingerprint(find_images(root), root)
+    assert config["data"]["fingerprint"].startswith("6:")
+    # What an earlier animeddim recorded for this folder: every image, hidden ones too.
+    config["data"]["fingerprint"] = data_fingerprint(find_images(root, everything=True), root)
+    (run / "config.json").write_text(json.dumps(config))
+    rc, _, err = run_main(capsys, "train", "--resume", run, "--max-steps", 2, "--quiet")
+    assert rc == 0, err
+    assert f"this run started on the images in the hidden and system folders of '{root}'" in err
+    assert json.loads((run / "config.json").read_text())["data"]["fingerprint"].startswith("8:")
+    _save(root / "6.png", _rgb(8, 8, 6))
+    rc, _, err = run_main(capsys, "train", "--resume", run, "--max-steps", 3, "--quiet")
+    assert rc == 2 and "cannot resume on changed data" in err, err

@@ -405,3 +405,42 @@ def test_data_flowers102_command(tmp_path: Path, server: tuple[str, type]) -> No
     assert len(list((out / "images").glob("*.png"))) == 2
     p = run_here("data", "flowers102", "--out", str(tmp_path / "f2"), "--url", url, check=False)
     assert p.returncode == 2 and "md5" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("fmt", ["zip", "tgz", "folder"])
+def test_prepare_passes_over_hidden_and_system_folders(tmp_path: Path, fmt: str) -> None:
+    """A zip made on macOS holds '__MACOSX/', a NAS copy '@eaDir/' thumbnails, a desktop one
+    '.Trash-1000/': their images were prepared as data. They are passed over, in archives as in
+    folders, counted in one note; the manifest records them."""
+    members = [
+        ("faces/a.png", _png(_pixels(1))),
+        ("__MACOSX/faces/a.png", _png(_pixels(2))),
+        ("faces/@eaDir/a.png/SYNOPHOTO_THUMB_M.png", _png(_pixels(3))),
+        (".Trash-1000/files/old.png", _png(_pixels(4))),
+        ("./faces/b.png", _png(_pixels(5))),  # tar's './': not a hidden folder
+    ]
+    src = tmp_path / f"src.{fmt}" if fmt != "folder" else tmp_path / "src"
+    if fmt == "zip":
+        with zipfile.ZipFile(src, "w") as zf:
+            for name, blob in members:
+                zf.writestr(name, blob)
+    elif fmt == "tgz":
+        with tarfile.open(src, "w:gz") as tf:
+            for name, blob in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(blob)
+                tf.addfile(info, io.BytesIO(blob))
+    else:
+        for name, blob in members:
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            (src / name).write_bytes(blob)
+    out = tmp_path / "out"
+    p = run_here("data", "prepare", src, "--out", out, "--size", 8)
+    assert sorted(x.name for x in out.iterdir()) == ["000000.png", "000001.png", "manifest.json"]
+    assert p.stderr.splitlines() == [
+        "note: passed over 3 image files in hidden or system folders (thumbnails, trash, zip "
+        "leftovers; not data): .Trash-1000/ (1), __MACOSX/ (1), faces/@eaDir/ (1)"
+    ]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["skipped"] == []
+    assert manifest["passed_over"] == {".Trash-1000/": 1, "__MACOSX/": 1, "faces/@eaDir/": 1}

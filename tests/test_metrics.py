@@ -580,3 +580,18 @@ def test_paper_kid_shuffles_a_class_ordered_folder(tmp_path: Path) -> None:
     )
     assert in_file_order > 0.05
     assert abs(shuffled) < in_file_order / 50  # measured: 0.110 in file order, 0.0004 shuffled
+
+
+def test_folder_features_pass_over_hidden_and_system_folders(tmp_path: Path) -> None:
+    """`kid` and `evaluate` read a folder as `train` does: the thumbnails in '@eaDir/' and the
+    images in '.Trash-1000/' are not measured, and a note (each time, cached or not) says so."""
+    from animeddim.data import PassedOverWarning
+
+    write_pngs(tmp_path / "imgs", smooth_images(3, 0, size=8))
+    plain = folder_features(tmp_path / "imgs", FakeExtractor(), "standard", tmp_path / "c0")
+    write_pngs(tmp_path / "imgs" / "@eaDir", smooth_images(2, 1, size=8))
+    write_pngs(tmp_path / "imgs" / ".Trash-1000", smooth_images(1, 2, size=8))
+    for _ in range(2):  # computed, then from the cache
+        with pytest.warns(PassedOverWarning, match=r"passed over 3 image files .*@eaDir/ \(2\)"):
+            got = folder_features(tmp_path / "imgs", FakeExtractor(), "standard", tmp_path / "c")
+        assert torch.equal(got, plain)

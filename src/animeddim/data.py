@@ -28,7 +28,14 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 # The folder walk lives in image_files; its names are also read from here, as before.
-from .image_files import IMAGE_EXTENSIONS, DataError, Skipped, find_images
+from .image_files import (  # noqa: F401 - find_images is read from here too
+    IMAGE_EXTENSIONS,
+    DataError,
+    Listing,
+    Skipped,
+    find_images,
+    list_images,
+)
 from .io import default_cache_dir, temp_path, write_text_atomic
 
 # 8192 x 8192: far beyond any training image, far below what would exhaust memory (a 64 Mpx RGBA
@@ -52,6 +59,10 @@ class BadImage(Exception):
 
 class SkippedFilesWarning(UserWarning):
     """Some files in a folder or archive were skipped because they could not be decoded."""
+
+
+class PassedOverWarning(UserWarning):
+    """Image files in hidden or system folders (thumbnails, trash) were passed over, not read."""
 
 
 @dataclass
@@ -196,6 +207,7 @@ def load_folder(
     workers: int = 0,
     strict: bool = False,
     progress: bool = False,
+    everything: bool = False,
 ) -> ImageSet:
     """Decode every image under ``root`` once into an ``(N, size, size, 3)`` uint8 array.
 
@@ -204,13 +216,16 @@ def load_folder(
     unchanged) or "auto" (disk when the pixels take more than 4 GiB). ``workers``: decoding
     processes, 0 = one per CPU. Skipped files are reported with a :class:`SkippedFilesWarning`;
     with ``strict`` they raise :class:`DataError`, as does a folder with no usable image.
+    Images in hidden and system folders are passed over, with a :class:`PassedOverWarning`
+    counting them, unless ``everything`` (`image_files.list_images`).
     """
     root = Path(root)
     if size < 1:
         raise DataError(f"image size must be a positive integer, got {size}")
     if cache not in ("memory", "disk", "auto"):
         raise DataError(f"cache must be memory, disk or auto, got {cache!r}")
-    files = find_images(root)
+    listing = list_images(root, everything=everything)
+    files = listing.files
     rels = [p.relative_to(root).as_posix() for p in files]
     if cache == "auto":
         cache = "disk" if len(files) * size * size * 3 > AUTO_DISK_BYTES else "memory"
@@ -226,7 +241,7 @@ def load_folder(
         images = out[:keep] if keep == len(files) else out[:keep].copy()
         result = _image_set(root, images, rels, reasons)
 
-    _check_result(root, result, len(files), strict)
+    _check_result(root, result, len(files), strict, listing)
     return result
 
 
@@ -327,14 +342,16 @@ def _image_set(
     return ImageSet(images, paths, skipped)
 
 
-def _check_result(root: Path, result: ImageSet, tried: int, strict: bool) -> None:
-    """Raise for no usable image or strict skips; otherwise warn about skips."""
+def _check_result(root: Path, result: ImageSet, tried: int, strict: bool, listing: Listing) -> None:
+    """Raise for no usable image or strict skips; otherwise warn about skips and about what
+    was passed over."""
     skipped = result.skipped
     if len(result.paths) == 0:
         if tried == 0:
+            passed = f" ({passed_over_note(listing)})" if listing.passed_over else ""
             raise DataError(
                 f"no usable image in folder '{root}': no files with extensions "
-                f"{', '.join(IMAGE_EXTENSIONS)} found"
+                f"{', '.join(IMAGE_EXTENSIONS)} found{passed}"
             )
         first = f" (first: {shown(skipped[0].path)}: {skipped[0].reason})" if skipped else ""
         raise DataError(
@@ -345,6 +362,25 @@ def _check_result(root: Path, result: ImageSet, tried: int, strict: bool) -> Non
         raise DataError(f"--strict: {skip_summary(skipped, tried)}")
     if skipped:
         warnings.warn(skip_summary(skipped, tried), SkippedFilesWarning, stacklevel=3)
+    note_passed_over(listing)
+
+
+def note_passed_over(listing: Listing) -> None:
+    """A :class:`PassedOverWarning` saying what a folder walk passed over, if anything."""
+    if listing.passed_over:
+        warnings.warn(passed_over_note(listing), PassedOverWarning, stacklevel=4)
+
+
+def passed_over_note(listing: Listing, limit: int = 5) -> str:
+    """One line: how many image files were passed over, and where (the first ``limit``)."""
+    where = list(listing.passed_over.items())
+    total = sum(n for _, n in where)
+    listed = ", ".join(f"{shown(name)} ({n})" for name, n in where[:limit])
+    more = f", and {len(where) - limit} more" if len(where) > limit else ""
+    return (
+        f"passed over {total} image file{'s' if total != 1 else ''} in hidden or system "
+        f"folders (thumbnails, trash, zip leftovers; not data): {listed}{more}"
+    )
 
 
 def skip_summary(skipped: Sequence[Skipped], tried: int, limit: int = 5) -> str:

@@ -37,15 +37,19 @@ from animeddim.data import (
     IMAGE_EXTENSIONS,
     BadImage,
     DataError,
+    Listing,
     Skipped,
     SkippedFilesWarning,
     _decode,
     _pool_context,
-    find_images,
+    list_images,
+    note_passed_over,
+    passed_over_note,
     read_error_reason,
     shown,
     skip_summary,
 )
+from animeddim.image_files import passed_over_folder
 from animeddim.io import (
     file_digest,
     file_in_the_way,
@@ -275,8 +279,21 @@ def _safe_member_name(name: str) -> bool:
     return bool(parts) and not path.is_absolute() and ".." not in parts and ":" not in parts[0]
 
 
-def _archive_members(src: Path) -> Iterator[tuple[str, bytes | None, str | None]]:
-    """Yield ``(name, bytes, None)`` per image member, or ``(name, None, reason)`` to skip it.
+def _passed_over_in(name: str) -> str | None:
+    """The hidden or system folder an archive member lies in ('__MACOSX/'), as a folder walk
+    passes them over (`image_files.passed_over_folder`); None for a member to read."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts[:-1]
+    for i, part in enumerate(parts):
+        if passed_over_folder(part):
+            return "/".join(parts[: i + 1]) + "/"
+    return None
+
+
+def _archive_members(
+    src: Path, passed: dict[str, int]
+) -> Iterator[tuple[str, bytes | None, str | None]]:
+    """Yield ``(name, bytes, None)`` per image member, or ``(name, None, reason)`` to skip it;
+    the members in hidden or system folders are counted in ``passed``, per folder.
 
     Members are streamed one at a time in archive order (a .tgz is never extracted to disk),
     and their names are only reported, never used as output paths.
@@ -286,6 +303,9 @@ def _archive_members(src: Path) -> Iterator[tuple[str, bytes | None, str | None]
             for info in zf.infolist():
                 if info.is_dir() or not info.filename.lower().endswith(IMAGE_EXTENSIONS):
                     continue
+                if (folder := _passed_over_in(info.filename)) is not None:
+                    passed[folder] = passed.get(folder, 0) + 1
+                    continue
                 yield _read_member(info.filename, info.file_size, lambda i=info: zf.open(i))
     elif tarfile.is_tarfile(src):
         # "r|*": a forward-only stream, so a gzip'd tar is decompressed exactly once.
@@ -293,6 +313,9 @@ def _archive_members(src: Path) -> Iterator[tuple[str, bytes | None, str | None]
             for member in tf:
                 if member.isdir() or not member.name.lower().endswith(IMAGE_EXTENSIONS):
                     continue  # a folder named like an image ('2024.png/') is no file to skip
+                if (folder := _passed_over_in(member.name)) is not None:
+                    passed[folder] = passed.get(folder, 0) + 1
+                    continue
                 if not member.isfile():
                     yield member.name, None, "not a regular file (link or device)"
                     continue
@@ -319,8 +342,12 @@ def _read_member(name: str, declared: int, opener: Any) -> tuple[str, bytes | No
     return name, data, None
 
 
-def _folder_members(src: Path) -> Iterator[tuple[str, bytes | None, str | None]]:
-    for path in find_images(src):
+def _folder_members(
+    src: Path, passed: dict[str, int]
+) -> Iterator[tuple[str, bytes | None, str | None]]:
+    listing = list_images(src)
+    passed.update(listing.passed_over)
+    for path in listing.files:
         name = path.relative_to(src).as_posix()
         try:
             yield name, path.read_bytes(), None
@@ -392,7 +419,8 @@ def prepare(
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(pending_path, json.dumps(wanted))
 
-    members = _folder_members(src) if src.is_dir() else _archive_members(src)
+    passed: dict[str, int] = {}  # images in hidden or system folders, not prepared
+    members = _folder_members(src, passed) if src.is_dir() else _archive_members(src, passed)
     count, tried, skipped = 0, 0, []
     workers = max(1, workers or os.cpu_count() or 1)
     pool = (
@@ -422,11 +450,13 @@ def prepare(
         if pool is not None:
             pool.shutdown()
 
+    passed = dict(sorted(passed.items()))  # by folder, as a folder walk gives them
     if count == 0:
         pending_path.unlink(missing_ok=True)  # nothing written: the folder is free again
         first = f" (first: {shown(skipped[0].path)}: {skipped[0].reason})" if skipped else ""
+        also = f"; {passed_over_note(Listing([], passed))}" if passed else ""
         raise DataError(
-            f"no usable image in '{src}': {tried} files tried, {len(skipped)} skipped{first}"
+            f"no usable image in '{src}': {tried} files tried, {len(skipped)} skipped{first}{also}"
         )
     # Files from an earlier run of this source that had more usable images would mix in.
     for stale in out.iterdir():
@@ -434,10 +464,12 @@ def prepare(
             stale.unlink()
     if skipped:
         warnings.warn(skip_summary(skipped, tried), SkippedFilesWarning, stacklevel=2)
+    note_passed_over(Listing([], passed))
     manifest = {
         **wanted,
         "count": count,
         "skipped": [[s.path, s.reason] for s in skipped],
+        **({"passed_over": passed} if passed else {}),
     }
     write_bytes_atomic(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
     pending_path.unlink(missing_ok=True)

@@ -7,7 +7,7 @@ is found the same way.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # All read by Pillow; .jfif and .jpe are JPEGs as some browsers save them, .apng animated PNGs.
@@ -37,11 +37,50 @@ class Skipped:
     reason: str  # short reason, e.g. "empty file (0 bytes)"
 
 
-def find_images(root: Path) -> list[Path]:
-    """All image files under ``root``, recursively, sorted by relative posix path.
+# Folders that NAS boxes, operating systems and zip tools add beside the data: Synology's
+# thumbnails, the resource forks of a zip made on macOS, recycle bins and snapshots. Hidden
+# folders ('.Trash-1000', '.thumbnails', '.git') are passed over by their leading dot.
+SYSTEM_FOLDERS = frozenset(
+    name.casefold()
+    for name in (
+        "@eaDir",
+        "__MACOSX",
+        "#recycle",
+        "#snapshot",
+        "@Recycle",
+        "$RECYCLE.BIN",
+        "System Volume Information",
+    )
+)
+
+
+def passed_over_folder(name: str) -> bool:
+    """True for a folder whose images are not data: hidden ('.x') or a system folder."""
+    return (name.startswith(".") and name not in (".", "..")) or name.casefold() in SYSTEM_FOLDERS
+
+
+@dataclass
+class Listing:
+    """What a folder walk found."""
+
+    files: list[Path]  # the image files to read, sorted by relative posix path
+    # image files passed over, counted per passed-over folder ('@eaDir/', 'a/.thumbnails/')
+    passed_over: dict[str, int] = field(default_factory=dict)
+
+
+def find_images(root: Path, *, everything: bool = False) -> list[Path]:
+    """The image files under ``root`` that are read (:func:`list_images`)."""
+    return list_images(root, everything=everything).files
+
+
+def list_images(root: Path, *, everything: bool = False) -> Listing:
+    """All image files under ``root``, recursively, sorted by relative posix path; those in
+    hidden and system folders (:func:`passed_over_folder`) only counted, unless ``everything``
+    (how animeddim listed a folder before it passed them over).
 
     Extensions are matched case-insensitively against :data:`IMAGE_EXTENSIONS`. Directory
-    symlinks are followed, but each real directory is visited once, so symlink loops terminate.
+    symlinks are followed, but each real directory is visited once, so symlink loops terminate;
+    passed-over folders are walked last, so a folder also linked from one is read.
     A broken symlink with an image name is listed (`data.load_image` then says it is broken).
     Unreadable directories are skipped. A missing ``root`` or one that is not a folder raises
     :class:`DataError`.
@@ -52,10 +91,13 @@ def find_images(root: Path) -> list[Path]:
     if not root.is_dir():
         raise DataError(f"'{root}' is not a folder (expected a folder of images)")
     found: list[tuple[str, Path]] = []
+    passed: dict[str, int] = {}
     visited: set[str] = set()
-    stack: list[tuple[Path, str]] = [(root, "")]
-    while stack:
-        folder, rel = stack.pop()
+    # (folder, its path below root, the passed-over folder it lies in or None)
+    stack: list[tuple[Path, str, str | None]] = [(root, "", None)]
+    later: list[tuple[Path, str, str | None]] = []  # passed-over folders, walked last
+    while stack or later:
+        folder, rel, within = stack.pop() if stack else later.pop()
         real = os.path.realpath(folder)
         if real in visited:
             continue
@@ -69,7 +111,10 @@ def find_images(root: Path) -> list[Path]:
             entry_rel = f"{rel}/{entry.name}" if rel else entry.name
             try:
                 if entry.is_dir(follow_symlinks=True):
-                    stack.append((folder / entry.name, entry_rel))
+                    if within is None and passed_over_folder(entry.name) and not everything:
+                        later.append((folder / entry.name, entry_rel, f"{entry_rel}/"))
+                    else:
+                        stack.append((folder / entry.name, entry_rel, within))
                     continue
             except OSError:
                 pass  # a link to itself (ELOOP): listed below if it has an image name
@@ -79,6 +124,9 @@ def find_images(root: Path) -> list[Path]:
             except OSError:
                 continue  # vanished entry
             if listed and entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append((entry_rel, folder / entry.name))
+                if within is None:
+                    found.append((entry_rel, folder / entry.name))
+                else:
+                    passed[within] = passed.get(within, 0) + 1
     found.sort(key=lambda item: item[0])
-    return [path for _, path in found]
+    return Listing([path for _, path in found], dict(sorted(passed.items())))

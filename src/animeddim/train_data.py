@@ -7,6 +7,7 @@ that cannot train (a batch larger than the split, a 1x1 BatchNorm level, `--out`
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +112,7 @@ def data_root(cfg: RunConfig, resume: bool) -> Path:
 
 def load_data(cfg: RunConfig, root: Path, progress: bool) -> TrainData:
     """Decode the data folder, split it and measure the training split's statistics."""
+    everything, fingerprint = _image_list_of_the_run(cfg, root)
     with distributed.local_main_first():  # one process per node fills the disk cache
         imageset = data_mod.load_folder(
             root,
@@ -118,6 +120,7 @@ def load_data(cfg: RunConfig, root: Path, progress: bool) -> TrainData:
             cache=cfg.data.cache,
             strict=cfg.data.strict,
             progress=progress,
+            everything=everything,
         )
     train_idx, val_idx = data_mod.split_indices(
         len(imageset.images), cfg.data.val_fraction, cfg.data.split_seed
@@ -130,9 +133,37 @@ def load_data(cfg: RunConfig, root: Path, progress: bool) -> TrainData:
         torch.tensor(mean_l, dtype=torch.float32),
         torch.tensor(std_l, dtype=torch.float32).clamp(min=1e-3),
         batches_mod.num_batches(len(train_idx), cfg.train.batch_size, drop_last=True),
-        data_fingerprint(data_mod.find_images(root), root),
+        fingerprint,
         label_codes(cfg, imageset, root),
     )
+
+
+def _image_list_of_the_run(cfg: RunConfig, root: Path) -> tuple[bool, str]:
+    """Whether `root` is read with its hidden and system folders (`data.load_folder`'s
+    `everything`), and the fingerprint of the images read.
+
+    A run started before those were passed over, on a folder holding images in them, trained
+    on them too: it goes on with the images it started with (its fingerprint says which), so
+    that it resumes as it would have, and a note says so. Any other run reads the folder as a
+    new one does; a changed folder is then refused by `check_data`.
+    """
+    if not root.is_dir():
+        return False, ""  # load_folder says what it is
+    listing = data_mod.list_images(root)
+    now, then = data_fingerprint(listing.files, root), cfg.data.fingerprint
+    if not then or now == then or not listing.passed_over:
+        return False, now
+    before = data_fingerprint(data_mod.find_images(root, everything=True), root)
+    if before != then:
+        return False, now
+    warnings.warn(
+        f"this run started on the images in the hidden and system folders of '{root}' too "
+        f"(before they were passed over) and goes on with them, as it began; a new run would "
+        f"have {data_mod.passed_over_note(listing)}",
+        data_mod.PassedOverWarning,
+        stacklevel=3,
+    )
+    return True, before
 
 
 def label_codes(cfg: RunConfig, imageset: data_mod.ImageSet, root: Path) -> np.ndarray | None:

@@ -68,13 +68,17 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Print a warning as one line (no source line), each distinct text once."""
-    from ..data import SkippedFilesWarning
+    from ..data import PassedOverWarning, SkippedFilesWarning
 
     text = str(message)
     if text in _shown_warnings:
         return
     _shown_warnings.add(text)
-    tag = "note" if issubclass(category, SkippedFilesWarning) else f"{_prog()}: warning"
+    tag = (
+        "note"
+        if issubclass(category, (SkippedFilesWarning, PassedOverWarning))
+        else f"{_prog()}: warning"
+    )
     if _open_bars:  # above the progress bar, not glued to it
         from tqdm import tqdm
 

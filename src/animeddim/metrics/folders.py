@@ -20,8 +20,9 @@ from ..data import (
     DataError,
     Skipped,
     SkippedFilesWarning,
-    find_images,
+    list_images,
     load_image,
+    note_passed_over,
     skip_summary,
 )
 from ..io import file_digest, read_safetensors
@@ -118,7 +119,9 @@ def folder_features_with_size(
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol '{protocol}', expected one of {PROTOCOLS}")
     folder = Path(folder)
-    files = find_images(folder)  # sorted by relative path, so feature row i is stable
+    listing = list_images(folder)
+    files = listing.files  # sorted by relative path, so feature row i is stable
+    note_passed_over(listing)
     if len(files) < 2:
         raise DataError(_too_few(folder, len(files), len(files)))
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
