@@ -646,6 +646,43 @@ def test_validation_draws_and_loss_do_not_depend_on_the_batch_size(avatars16):
         assert nl == pytest.approx(got[0][0], rel=1e-6) and il == pytest.approx(got[0][1], rel=1e-6)
 
 
+def test_a_ctrl_c_inside_an_optimiser_step_lands_after_it(
+    avatars16, trained_tiny, tmp_path, monkeypatch
+):
+    """Ctrl-C (or SIGTERM) during an optimiser step, after its forward pass (before: the
+    KeyboardInterrupt landed there, so the checkpoint it saved held the BatchNorm statistics
+    of a batch whose step was not counted; the resumed run took that batch again and ended
+    unlike an uninterrupted one, first BatchNorm's num_batches_tracked one higher). Now the
+    stop waits for the step's end, and the resumed run is bitwise the uninterrupted one."""
+    import signal
+
+    from animeddim import train as train_mod
+
+    real_losses, calls = train_mod.losses, []
+
+    def losses_then_ctrl_c(*args, **kwargs):
+        out = real_losses(*args, **kwargs)  # BatchNorm has seen this batch
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(train_mod, "losses", losses_then_ctrl_c)
+    run = tmp_path / "r"
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        res = train(tiny_config(avatars16, epochs=2), run, progress=False, log=lambda s: None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert res.interrupted and res.step == 2 and len(calls) == 2
+    monkeypatch.undo()
+    train(load_run_config(run), run, resume=True, progress=False, log=lambda s: None)
+    (a, ma), (b, mb) = _weights(trained_tiny), _weights(run)
+    assert ma["step"] == mb["step"] and a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_a_sigterm_whose_raise_was_swallowed_stops_training_at_the_next_step(
     avatars16, tmp_path, monkeypatch
 ):

@@ -263,9 +263,10 @@ def _epochs(cfg, run_dir, data, state, rt, progress, log, inception, eval_real) 
             # Metrics row first, the epoch counted done after it: a kill before the epoch's
             # checkpoint resumes from an earlier one, which drops this row and writes it
             # again; the checkpoint a Ctrl-C saves counts the epoch only once its row is in.
-            if distributed.is_main():
-                append_metrics(run_dir, last_row)
-            pending = close_epoch(state, last_row, run_dir)
+            with interrupts.deferred():  # the row and the epoch counted done go together
+                if distributed.is_main():
+                    append_metrics(run_dir, last_row)
+                pending = close_epoch(state, last_row, run_dir)
             while pending:  # a Ctrl-C cutting one short writes it again (below)
                 save(pending[0])
                 pending.pop(0)
@@ -333,10 +334,11 @@ def train_epoch(state, data, cfg, rt, bar, save, run_dir: Path) -> int:
         images = _normalise(batch, mean_d, std_d)
         if rt.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        if train_step(state, images, cfg, rt, cond):
-            images_seen += images.shape[0] * distributed.world_size()  # global batch
-        state.step += 1
-        state.batch_in_epoch += 1
+        with interrupts.deferred():  # a Ctrl-C lands between steps: checkpoints hold whole ones
+            if train_step(state, images, cfg, rt, cond):
+                images_seen += images.shape[0] * distributed.world_size()  # global batch
+            state.step += 1
+            state.batch_in_epoch += 1
         if state.step % tc.log_every == 0 or state.batch_in_epoch == data.steps_per_epoch:
             _log_progress(state, tc, bar, images_seen / max(time.perf_counter() - t_epoch, 1e-9))
         if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
