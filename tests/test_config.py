@@ -88,6 +88,15 @@ def test_learning_rate_error_names_a_flag_that_exists(avatars16, tmp_path):
     assert "--learning-rate" in run_cli("train", "--help").stdout  # the alias exists too
 
 
+@pytest.mark.parametrize("value", ["-1", "inf", "nan"])
+def test_time_limit_error_names_a_flag_that_exists(tmp_path, capsys, value):
+    """`--time-limit -1` was refused as 'invalid time_limit_minutes', a name no flag has."""
+    rc, _, err = run_main(capsys, "train", "--data", tmp_path, "--out", tmp_path / "r",
+                          "--time-limit", value)  # fmt: skip
+    assert rc == 2 and "time_limit_minutes (--time-limit)" in err and "a number >= 0" in err, err
+    assert not (tmp_path / "r").exists()
+
+
 def test_the_parser_and_every_commands_help_import_no_torch_nor_numpy():
     code = (
         "import sys, contextlib, io\n"

@@ -449,7 +449,7 @@ class TrainConfig:
         )
         _check(
             0 <= self.time_limit_minutes < math.inf,
-            "time_limit_minutes",
+            "time_limit_minutes (--time-limit)",
             self.time_limit_minutes,
             "a number >= 0",
         )
