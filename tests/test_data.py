@@ -784,8 +784,46 @@ def test_train_passes_over_hidden_folders_and_resumes_a_run_that_read_them(
     (run / "config.json").write_text(json.dumps(config))
     rc, _, err = run_main(capsys, "train", "--resume", run, "--max-steps", 2, "--quiet")
     assert rc == 0, err
-    assert f"this run started on the images in the hidden and system folders of '{root}'" in err
+    assert f"this run started on '{root}' before its hidden files and hidden and system" in err
     assert json.loads((run / "config.json").read_text())["data"]["fingerprint"].startswith("8:")
     _save(root / "6.png", _rgb(8, 8, 6))
     rc, _, err = run_main(capsys, "train", "--resume", run, "--max-steps", 3, "--quiet")
     assert rc == 2 and "cannot resume on changed data" in err, err
+
+
+def test_macos_appledouble_files_are_passed_over_not_skipped(tmp_path: Path) -> None:
+    """A folder copied from a Mac holds '._a.png' beside 'a.png' (a few hundred bytes of
+    metadata): each was skipped as "not an image", a note as long as the folder, and --strict
+    refused the folder. They are passed over like any hidden file, counted in one note; a run
+    that started on the folder before resumes on it."""
+    from animeddim.config import RunConfig
+    from animeddim.data import PassedOverWarning
+    from animeddim.run_folder import data_fingerprint
+    from animeddim.train_data import _image_list_of_the_run
+
+    for i in range(3):
+        _save(tmp_path / "sub" / f"{i}.png", _rgb(8, 8, i))
+        (tmp_path / "sub" / f"._{i}.png").write_bytes(b"\x00\x05\x16\x07" + bytes(200))
+    _save(tmp_path / ".cover.png", _rgb(8, 8, 7))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = load_folder(tmp_path, 4, workers=1, strict=True)
+    assert len(s.paths) == 3 and s.skipped == []
+    assert [(w.category, str(w.message)) for w in caught] == [
+        (
+            PassedOverWarning,
+            "passed over 4 hidden image files (such as macOS's '._' metadata; not data): "
+            ".cover.png, sub/._0.png, sub/._1.png, sub/._2.png",
+        )
+    ]
+    _save(tmp_path / "@eaDir" / "t.jpg", _rgb(8, 8))
+    with pytest.warns(PassedOverWarning, match=r"passed over 5 image files, hidden or in hidden "):
+        load_folder(tmp_path, 4, workers=1)
+    # A run started on the folder before recorded them in its fingerprint: not changed data.
+    cfg = RunConfig()
+    cfg.data.fingerprint = data_fingerprint(find_images(tmp_path, everything=True), tmp_path)
+    assert cfg.data.fingerprint.startswith("8:")
+    with pytest.warns(PassedOverWarning, match="goes on with the images it began with"):
+        assert _image_list_of_the_run(cfg, tmp_path) == (True, cfg.data.fingerprint)
+    cfg.data.fingerprint = data_fingerprint(find_images(tmp_path), tmp_path)
+    assert _image_list_of_the_run(cfg, tmp_path) == (False, cfg.data.fingerprint)

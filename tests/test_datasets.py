@@ -418,6 +418,7 @@ def test_prepare_passes_over_hidden_and_system_folders(tmp_path: Path, fmt: str)
         ("faces/@eaDir/a.png/SYNOPHOTO_THUMB_M.png", _png(_pixels(3))),
         (".Trash-1000/files/old.png", _png(_pixels(4))),
         ("./faces/b.png", _png(_pixels(5))),  # tar's './': not a hidden folder
+        ("./faces/._b.png", b"\x00\x05\x16\x07" + bytes(200)),  # macOS's tar adds these
     ]
     src = tmp_path / f"src.{fmt}" if fmt != "folder" else tmp_path / "src"
     if fmt == "zip":
@@ -438,9 +439,15 @@ def test_prepare_passes_over_hidden_and_system_folders(tmp_path: Path, fmt: str)
     p = run_here("data", "prepare", src, "--out", out, "--size", 8)
     assert sorted(x.name for x in out.iterdir()) == ["000000.png", "000001.png", "manifest.json"]
     assert p.stderr.splitlines() == [
-        "note: passed over 3 image files in hidden or system folders (thumbnails, trash, zip "
-        "leftovers; not data): .Trash-1000/ (1), __MACOSX/ (1), faces/@eaDir/ (1)"
+        "note: passed over 4 image files, hidden or in hidden or system folders (macOS's '._' "
+        "metadata, thumbnails, trash, zip leftovers; not data): .Trash-1000/ (1), __MACOSX/ (1), "
+        "faces/._b.png, faces/@eaDir/ (1)"
     ]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["skipped"] == []
-    assert manifest["passed_over"] == {".Trash-1000/": 1, "__MACOSX/": 1, "faces/@eaDir/": 1}
+    assert manifest["passed_over"] == {
+        ".Trash-1000/": 1,
+        "__MACOSX/": 1,
+        "faces/._b.png": 1,
+        "faces/@eaDir/": 1,
+    }

@@ -372,15 +372,26 @@ def note_passed_over(listing: Listing) -> None:
 
 
 def passed_over_note(listing: Listing, limit: int = 5) -> str:
-    """One line: how many image files were passed over, and where (the first ``limit``)."""
+    """One line: how many image files were passed over, and which or where (the first
+    ``limit`` hidden files and folders)."""
     where = list(listing.passed_over.items())
     total = sum(n for _, n in where)
-    listed = ", ".join(f"{shown(name)} ({n})" for name, n in where[:limit])
-    more = f", and {len(where) - limit} more" if len(where) > limit else ""
-    return (
-        f"passed over {total} image file{'s' if total != 1 else ''} in hidden or system "
-        f"folders (thumbnails, trash, zip leftovers; not data): {listed}{more}"
+    folders = any(name.endswith("/") for name, _ in where)
+    files = not all(name.endswith("/") for name, _ in where)
+    listed = ", ".join(
+        f"{shown(name)} ({n})" if name.endswith("/") else shown(name) for name, n in where[:limit]
     )
+    more = f", and {len(where) - limit} more" if len(where) > limit else ""
+    plural = "s" if total != 1 else ""
+    if not files:
+        why = "in hidden or system folders (thumbnails, trash, zip leftovers; not data)"
+        what = f"{total} image file{plural} {why}"
+    elif not folders:
+        what = f"{total} hidden image file{plural} (such as macOS's '._' metadata; not data)"
+    else:
+        why = "macOS's '._' metadata, thumbnails, trash, zip leftovers; not data"
+        what = f"{total} image file{plural}, hidden or in hidden or system folders ({why})"
+    return f"passed over {what}: {listed}{more}"
 
 
 def skip_summary(skipped: Sequence[Skipped], tried: int, limit: int = 5) -> str:

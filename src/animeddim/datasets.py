@@ -49,7 +49,7 @@ from animeddim.data import (
     shown,
     skip_summary,
 )
-from animeddim.image_files import passed_over_folder
+from animeddim.image_files import hidden, passed_over_folder
 from animeddim.io import (
     file_digest,
     file_in_the_way,
@@ -280,13 +280,14 @@ def _safe_member_name(name: str) -> bool:
 
 
 def _passed_over_in(name: str) -> str | None:
-    """The hidden or system folder an archive member lies in ('__MACOSX/'), as a folder walk
-    passes them over (`image_files.passed_over_folder`); None for a member to read."""
-    parts = PurePosixPath(name.replace("\\", "/")).parts[:-1]
-    for i, part in enumerate(parts):
+    """The hidden or system folder an archive member lies in ('__MACOSX/'), or the member
+    itself when it is hidden ('faces/._a.png', as macOS's tar adds them), as a folder walk
+    passes them over (`image_files.list_images`); None for a member to read."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    for i, part in enumerate(parts[:-1]):
         if passed_over_folder(part):
             return "/".join(parts[: i + 1]) + "/"
-    return None
+    return "/".join(parts) if parts and hidden(parts[-1]) else None
 
 
 def _archive_members(

@@ -54,9 +54,15 @@ SYSTEM_FOLDERS = frozenset(
 )
 
 
+def hidden(name: str) -> bool:
+    """True for a hidden file or folder: '.x', macOS's AppleDouble files ('._x.png', a few
+    hundred bytes of metadata beside each file copied from a Mac) among them."""
+    return name.startswith(".") and name not in (".", "..")
+
+
 def passed_over_folder(name: str) -> bool:
     """True for a folder whose images are not data: hidden ('.x') or a system folder."""
-    return (name.startswith(".") and name not in (".", "..")) or name.casefold() in SYSTEM_FOLDERS
+    return hidden(name) or name.casefold() in SYSTEM_FOLDERS
 
 
 @dataclass
@@ -64,7 +70,8 @@ class Listing:
     """What a folder walk found."""
 
     files: list[Path]  # the image files to read, sorted by relative posix path
-    # image files passed over, counted per passed-over folder ('@eaDir/', 'a/.thumbnails/')
+    # image files passed over: hidden ones ('a/._x.png': 1), and those in hidden or system
+    # folders, counted per folder ('@eaDir/': 12, 'a/.thumbnails/': 3)
     passed_over: dict[str, int] = field(default_factory=dict)
 
 
@@ -74,9 +81,9 @@ def find_images(root: Path, *, everything: bool = False) -> list[Path]:
 
 
 def list_images(root: Path, *, everything: bool = False) -> Listing:
-    """All image files under ``root``, recursively, sorted by relative posix path; those in
-    hidden and system folders (:func:`passed_over_folder`) only counted, unless ``everything``
-    (how animeddim listed a folder before it passed them over).
+    """All image files under ``root``, recursively, sorted by relative posix path; hidden ones
+    (:func:`hidden`) and those in hidden and system folders (:func:`passed_over_folder`) only
+    counted, unless ``everything`` (how animeddim listed a folder before it passed them over).
 
     Extensions are matched case-insensitively against :data:`IMAGE_EXTENSIONS`. Directory
     symlinks are followed, but each real directory is visited once, so symlink loops terminate;
@@ -124,9 +131,11 @@ def list_images(root: Path, *, everything: bool = False) -> Listing:
             except OSError:
                 continue  # vanished entry
             if listed and entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                if within is None:
-                    found.append((entry_rel, folder / entry.name))
-                else:
+                if within is not None:
                     passed[within] = passed.get(within, 0) + 1
+                elif hidden(entry.name) and not everything:
+                    passed[entry_rel] = 1
+                else:
+                    found.append((entry_rel, folder / entry.name))
     found.sort(key=lambda item: item[0])
     return Listing([path for _, path in found], dict(sorted(passed.items())))

@@ -142,10 +142,10 @@ def _image_list_of_the_run(cfg: RunConfig, root: Path) -> tuple[bool, str]:
     """Whether `root` is read with its hidden and system folders (`data.load_folder`'s
     `everything`), and the fingerprint of the images read.
 
-    A run started before those were passed over, on a folder holding images in them, trained
-    on them too: it goes on with the images it started with (its fingerprint says which), so
-    that it resumes as it would have, and a note says so. Any other run reads the folder as a
-    new one does; a changed folder is then refused by `check_data`.
+    A run started before those (and hidden files) were passed over, on a folder holding such
+    images, trained on them too: it goes on with the images it started with (its fingerprint
+    says which), so that it resumes as it would have, and a note says so. Any other run reads
+    the folder as a new one does; a changed folder is then refused by `check_data`.
     """
     if not root.is_dir():
         return False, ""  # load_folder says what it is
@@ -157,9 +157,9 @@ def _image_list_of_the_run(cfg: RunConfig, root: Path) -> tuple[bool, str]:
     if before != then:
         return False, now
     warnings.warn(
-        f"this run started on the images in the hidden and system folders of '{root}' too "
-        f"(before they were passed over) and goes on with them, as it began; a new run would "
-        f"have {data_mod.passed_over_note(listing)}",
+        f"this run started on '{root}' before its hidden files and hidden and system folders "
+        f"were passed over, and goes on with the images it began with; a new run would have "
+        f"{data_mod.passed_over_note(listing)}",
         data_mod.PassedOverWarning,
         stacklevel=3,
     )
