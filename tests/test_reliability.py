@@ -666,6 +666,10 @@ def test_config_json_edited_where_a_resume_may_differ_still_resumes(avatars16, t
         (["train", "--data", "{data}", "--out", "{tmp}/r", "--device", "tpu"], "unknown device"),
         (["train", "--data", "{data}", "--out", "{tmp}/r", "--kid-images", "1"], "kid_images"),
         (["train", "--resume", "{tmp}/nope"], "not an animeddim run folder"),
+        # a run's own file (before: "'RUN/config.json' is not an animeddim run folder (no
+        # config.json)"): the folder is named
+        (["train", "--resume", "{run}/config.json"], "is a file; give the run folder that holds"),
+        (["train", "--resume", "{list}"], "list.json' is a file; give the run folder"),
         (["sample", "--run", "{tmp}/nope", "--grid", "{tmp}/g.png"], "neither a run folder"),
         (["sample", "--run", "{tmp}", "--steps", "0", "--grid", "g.png"], "steps must be"),
         (["sample", "--run", "{tmp}", "--steps", "1001", "--grid", "g.png"], "steps must be"),

@@ -219,7 +219,14 @@ def check_same_data(cfg: RunConfig, root: Path, fingerprint: str) -> str | None:
 
 def load_run_config(run_dir: Path) -> RunConfig:
     """The config.json of an existing run folder."""
-    if not (Path(run_dir) / "config.json").is_file():
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():  # its config.json or a checkpoint, say
+        holder = next((d for d in run_dir.parents[:2] if (d / "config.json").is_file()), None)
+        raise RunFolderError(
+            f"{str(run_dir)!r} is a file; give the run folder"
+            + (f" that holds it: {str(holder)!r}" if holder is not None else "")
+        )
+    if not (run_dir / "config.json").is_file():
         raise RunFolderError(f"{str(run_dir)!r} is not an animeddim run folder (no config.json)")
     try:
         d = loads_json((run_dir / "config.json").read_text(encoding="utf-8"))
