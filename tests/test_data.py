@@ -827,3 +827,66 @@ def test_macos_appledouble_files_are_passed_over_not_skipped(tmp_path: Path) -> 
         assert _image_list_of_the_run(cfg, tmp_path) == (True, cfg.data.fingerprint)
     cfg.data.fingerprint = data_fingerprint(find_images(tmp_path), tmp_path)
     assert _image_list_of_the_run(cfg, tmp_path) == (False, cfg.data.fingerprint)
+
+
+def test_heic_photos_and_unreadable_folders_are_noted_not_left_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HEIC photos (an iPhone's, which Pillow cannot read without a plugin) and a subfolder
+    that cannot be read (permission denied) were left out without a word. Both are listed in
+    the skip note with the reason (--strict refuses them); hidden and system folders are
+    passed over as before, whatever they hold."""
+    _save(tmp_path / "a.png", _rgb(8, 8, 1))
+    _save(tmp_path / "b.png", _rgb(8, 8, 2))
+    (tmp_path / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
+    (tmp_path / "c.heif").write_bytes(b"\x00\x00\x00\x18ftypheif" + bytes(64))
+    _save(tmp_path / "sub" / "private" / "d.png", _rgb(8, 8, 3))
+    (tmp_path / "@eaDir").mkdir()
+    (tmp_path / "@eaDir" / "e.heic").write_bytes(bytes(8))
+    (tmp_path / "._c.heic").write_bytes(bytes(8))
+    real_scandir = os.scandir
+
+    def scandir(path):  # root ignores permission bits: the refusal is injected
+        if Path(path).name in ("private", "@eaDir"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    heic = (
+        "HEIC/HEIF photo, not read: Pillow needs the pillow-heif plugin for it; convert it to "
+        "JPEG or PNG"
+    )
+    with pytest.warns(SkippedFilesWarning) as caught:
+        s = load_folder(tmp_path, 4, workers=1)
+    assert [Path(p).name for p in s.paths] == ["a.png", "b.png"]
+    assert str(caught[0].message) == (
+        f"skipped 2 of 4 files that could not be decoded and could not read 1 folder: "
+        f"{tmp_path}/IMG_0001.HEIC: {heic}; {tmp_path}/c.heif: {heic}; "
+        f"{tmp_path}/sub/private/: folder not read: permission denied"
+    )
+    with pytest.raises(DataError, match=r"--strict: skipped 2 of 4 files .* 1 folder"):
+        load_folder(tmp_path, 4, workers=1, strict=True)
+    for name in ("a.png", "b.png", "IMG_0001.HEIC", "c.heif"):
+        os.remove(tmp_path / name)
+    with pytest.raises(DataError, match=r"': could not read 1 folder, its images not found: "):
+        load_folder(tmp_path, 4, workers=1)
+    monkeypatch.setattr(os, "scandir", real_scandir)
+    only_heic = tmp_path / "phone"
+    only_heic.mkdir()
+    (only_heic / "IMG_0002.heic").write_bytes(bytes(8))
+    with pytest.raises(DataError, match=r"1 files tried, 1 skipped \(first: .*pillow-heif"):
+        load_folder(only_heic, 4, workers=1)
+
+
+def test_an_unreadable_image_folder_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The folder given cannot be read: it said "no files with extensions .png, ... found"."""
+    _save(tmp_path / "a.png", _rgb(8, 8))
+
+    def scandir(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match=f"cannot read image folder '{tmp_path}': permission"):
+        load_folder(tmp_path, 4, workers=1)

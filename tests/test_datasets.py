@@ -451,3 +451,42 @@ def test_prepare_passes_over_hidden_and_system_folders(tmp_path: Path, fmt: str)
         "faces/._b.png": 1,
         "faces/@eaDir/": 1,
     }
+
+
+@pytest.mark.parametrize("fmt", ["zip", "tgz", "folder"])
+def test_prepare_notes_heic_photos(tmp_path: Path, fmt: str) -> None:
+    """An iPhone's HEIC photos were left out of `data prepare` without a word: they are noted
+    as skipped, with the reason; those in hidden or system folders stay passed over."""
+    members = [
+        ("photos/a.png", _png(_pixels(1))),
+        ("photos/IMG_0001.HEIC", b"\x00\x00\x00\x18ftypheic" + bytes(64)),
+        ("__MACOSX/photos/._IMG_0001.HEIC", bytes(200)),
+    ]
+    src = tmp_path / f"src.{fmt}" if fmt != "folder" else tmp_path / "src"
+    if fmt == "zip":
+        with zipfile.ZipFile(src, "w") as zf:
+            for name, blob in members:
+                zf.writestr(name, blob)
+    elif fmt == "tgz":
+        with tarfile.open(src, "w:gz") as tf:
+            for name, blob in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(blob)
+                tf.addfile(info, io.BytesIO(blob))
+    else:
+        for name, blob in members:
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            (src / name).write_bytes(blob)
+    out = tmp_path / "out"
+    p = run_here("data", "prepare", src, "--out", out, "--size", 8)
+    heic = (
+        "HEIC/HEIF photo, not read: Pillow needs the pillow-heif plugin for it; convert it to "
+        "JPEG or PNG"
+    )
+    assert p.stderr.splitlines() == [
+        f"note: skipped 1 of 2 files that could not be decoded: photos/IMG_0001.HEIC: {heic}"
+    ]
+    assert sorted(x.name for x in out.iterdir()) == ["000000.png", "manifest.json"]
+    assert json.loads((out / "manifest.json").read_text())["skipped"] == [
+        ["photos/IMG_0001.HEIC", heic]
+    ]

@@ -241,7 +241,9 @@ def load_folder(
         images = out[:keep] if keep == len(files) else out[:keep].copy()
         result = _image_set(root, images, rels, reasons)
 
-    _check_result(root, result, len(files), strict, listing)
+    # HEIC photos and unreadable folders, found but not read: listed with the skipped files
+    result.skipped += listing.unread_in(root)
+    _check_result(root, result, len(files) + len(listing.unread), strict, listing)
     return result
 
 
@@ -354,6 +356,8 @@ def _check_result(root: Path, result: ImageSet, tried: int, strict: bool, listin
                 f"{', '.join(IMAGE_EXTENSIONS)} found{passed}"
             )
         first = f" (first: {shown(skipped[0].path)}: {skipped[0].reason})" if skipped else ""
+        if any(s.path.endswith("/") for s in skipped):  # an unreadable folder is no file tried
+            raise DataError(f"no usable image in folder '{root}': {skip_summary(skipped, tried)}")
         raise DataError(
             f"no usable image in folder '{root}': {tried} files tried, "
             f"{len(skipped)} skipped{first}"
@@ -395,10 +399,20 @@ def passed_over_note(listing: Listing, limit: int = 5) -> str:
 
 
 def skip_summary(skipped: Sequence[Skipped], tried: int, limit: int = 5) -> str:
-    """One line: how many files were skipped and the first ``limit`` with their reasons."""
+    """One line: how many files were skipped and the first ``limit`` with their reasons.
+
+    ``tried`` counts the skipped entries; those that are folders (a path ending in '/': it
+    could not be read) are counted apart, as folders.
+    """
     listed = "; ".join(f"{shown(s.path)}: {s.reason}" for s in skipped[:limit])
     more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
-    return f"skipped {len(skipped)} of {tried} files that could not be decoded: {listed}{more}"
+    folders = sum(s.path.endswith("/") for s in skipped)
+    files, tried = len(skipped) - folders, tried - folders
+    read = f"could not read {folders} folder{'s' if folders != 1 else ''}" if folders else ""
+    if not files:
+        return f"{read}, {'their' if folders != 1 else 'its'} images not found: {listed}{more}"
+    also = f" and {read}" if folders else ""
+    return f"skipped {files} of {tried} files that could not be decoded{also}: {listed}{more}"
 
 
 def shown(name: str) -> str:

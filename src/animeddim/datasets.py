@@ -49,7 +49,7 @@ from animeddim.data import (
     shown,
     skip_summary,
 )
-from animeddim.image_files import hidden, passed_over_folder
+from animeddim.image_files import HEIC_EXTENSIONS, HEIC_REASON, hidden, passed_over_folder
 from animeddim.io import (
     file_digest,
     file_in_the_way,
@@ -67,6 +67,9 @@ FLOWERS102_MD5 = "52808999861908f626f3c1f4e79d11fa"
 # An archive member larger than this is skipped unread: no training image is 256 MB, and reading
 # one into memory is how a zip bomb would hurt.
 MAX_MEMBER_BYTES = 256 * 1024**2
+
+# Member names looked at: images, and HEIC photos (noted as skipped, with the reason).
+_LOOKED_AT = IMAGE_EXTENSIONS + HEIC_EXTENSIONS
 
 _PENDING = ".animeddim-pending.json"  # arguments of a generation run that has not finished
 _OUTPUT_NAME = re.compile(r"\d{6}\.png")  # what prepare() writes, bar manifest.json
@@ -290,6 +293,17 @@ def _passed_over_in(name: str) -> str | None:
     return "/".join(parts) if parts and hidden(parts[-1]) else None
 
 
+def _not_read(name: str, passed: dict[str, int]) -> str | None:
+    """None for an archive member to read; else "" for one passed over (an image counted in
+    ``passed``, per folder), or why it is skipped (a HEIC photo), as a folder walk does."""
+    heic = name.lower().endswith(HEIC_EXTENSIONS)
+    if (folder := _passed_over_in(name)) is not None:
+        if not heic:
+            passed[folder] = passed.get(folder, 0) + 1
+        return ""
+    return HEIC_REASON if heic else None
+
+
 def _archive_members(
     src: Path, passed: dict[str, int]
 ) -> Iterator[tuple[str, bytes | None, str | None]]:
@@ -302,20 +316,22 @@ def _archive_members(
     if zipfile.is_zipfile(src):
         with zipfile.ZipFile(src) as zf:
             for info in zf.infolist():
-                if info.is_dir() or not info.filename.lower().endswith(IMAGE_EXTENSIONS):
+                if info.is_dir() or not info.filename.lower().endswith(_LOOKED_AT):
                     continue
-                if (folder := _passed_over_in(info.filename)) is not None:
-                    passed[folder] = passed.get(folder, 0) + 1
+                if (unread := _not_read(info.filename, passed)) is not None:
+                    if unread:  # a HEIC photo: noted with the reason
+                        yield info.filename, None, unread
                     continue
                 yield _read_member(info.filename, info.file_size, lambda i=info: zf.open(i))
     elif tarfile.is_tarfile(src):
         # "r|*": a forward-only stream, so a gzip'd tar is decompressed exactly once.
         with tarfile.open(src, mode="r|*") as tf:
             for member in tf:
-                if member.isdir() or not member.name.lower().endswith(IMAGE_EXTENSIONS):
+                if member.isdir() or not member.name.lower().endswith(_LOOKED_AT):
                     continue  # a folder named like an image ('2024.png/') is no file to skip
-                if (folder := _passed_over_in(member.name)) is not None:
-                    passed[folder] = passed.get(folder, 0) + 1
+                if (unread := _not_read(member.name, passed)) is not None:
+                    if unread:  # a HEIC photo: noted with the reason
+                        yield member.name, None, unread
                     continue
                 if not member.isfile():
                     yield member.name, None, "not a regular file (link or device)"
@@ -348,6 +364,8 @@ def _folder_members(
 ) -> Iterator[tuple[str, bytes | None, str | None]]:
     listing = list_images(src)
     passed.update(listing.passed_over)
+    for s in listing.unread:  # HEIC photos, unreadable folders
+        yield s.path, None, s.reason
     for path in listing.files:
         name = path.relative_to(src).as_posix()
         try:

@@ -37,6 +37,13 @@ class Skipped:
     reason: str  # short reason, e.g. "empty file (0 bytes)"
 
 
+# Photos Pillow decodes only with a plugin animeddim does not use: named in the skip note.
+HEIC_EXTENSIONS = (".heic", ".heif")
+HEIC_REASON = (
+    "HEIC/HEIF photo, not read: Pillow needs the pillow-heif plugin for it; convert it to JPEG "
+    "or PNG"
+)
+
 # Folders that NAS boxes, operating systems and zip tools add beside the data: Synology's
 # thumbnails, the resource forks of a zip made on macOS, recycle bins and snapshots. Hidden
 # folders ('.Trash-1000', '.thumbnails', '.git') are passed over by their leading dot.
@@ -73,6 +80,18 @@ class Listing:
     # image files passed over: hidden ones ('a/._x.png': 1), and those in hidden or system
     # folders, counted per folder ('@eaDir/': 12, 'a/.thumbnails/': 3)
     passed_over: dict[str, int] = field(default_factory=dict)
+    # what was found but cannot be read, with the reason: HEIC photos ('a/b.heic') and
+    # unreadable folders ('a/private/'), by relative posix path
+    unread: list[Skipped] = field(default_factory=list)
+
+    def unread_in(self, root: Path) -> list[Skipped]:
+        """``unread`` with paths under ``root`` (as skip notes name files), folders ending in /."""
+        return [
+            Skipped(
+                f"{Path(root) / s.path.rstrip('/')}{'/' if s.path.endswith('/') else ''}", s.reason
+            )
+            for s in self.unread
+        ]
 
 
 def find_images(root: Path, *, everything: bool = False) -> list[Path]:
@@ -89,8 +108,8 @@ def list_images(root: Path, *, everything: bool = False) -> Listing:
     symlinks are followed, but each real directory is visited once, so symlink loops terminate;
     passed-over folders are walked last, so a folder also linked from one is read.
     A broken symlink with an image name is listed (`data.load_image` then says it is broken).
-    Unreadable directories are skipped. A missing ``root`` or one that is not a folder raises
-    :class:`DataError`.
+    HEIC photos and unreadable folders are listed in ``unread`` with the reason. A missing
+    ``root``, one that is not a folder or cannot be read raises :class:`DataError`.
     """
     root = Path(root)
     if not root.exists():
@@ -99,6 +118,7 @@ def list_images(root: Path, *, everything: bool = False) -> Listing:
         raise DataError(f"'{root}' is not a folder (expected a folder of images)")
     found: list[tuple[str, Path]] = []
     passed: dict[str, int] = {}
+    unread: list[Skipped] = []
     visited: set[str] = set()
     # (folder, its path below root, the passed-over folder it lies in or None)
     stack: list[tuple[Path, str, str | None]] = [(root, "", None)]
@@ -112,8 +132,13 @@ def list_images(root: Path, *, everything: bool = False) -> Listing:
         try:
             with os.scandir(folder) as entries:
                 entries_list = list(entries)
-        except OSError:
-            continue  # unreadable folder: its images are simply not found
+        except OSError as exc:
+            reason = "permission denied" if isinstance(exc, PermissionError) else exc.strerror
+            if not rel:
+                raise DataError(f"cannot read image folder '{root}': {reason}") from None
+            if within is None or everything:
+                unread.append(Skipped(f"{rel}/", f"folder not read: {reason}"))
+            continue
         for entry in entries_list:
             entry_rel = f"{rel}/{entry.name}" if rel else entry.name
             try:
@@ -130,7 +155,10 @@ def list_images(root: Path, *, everything: bool = False) -> Listing:
                 listed = entry.is_symlink() or entry.is_file()
             except OSError:
                 continue  # vanished entry
-            if listed and entry.name.lower().endswith(IMAGE_EXTENSIONS):
+            if listed and entry.name.lower().endswith(HEIC_EXTENSIONS):
+                if (within is None and not hidden(entry.name)) or everything:
+                    unread.append(Skipped(entry_rel, HEIC_REASON))
+            elif listed and entry.name.lower().endswith(IMAGE_EXTENSIONS):
                 if within is not None:
                     passed[within] = passed.get(within, 0) + 1
                 elif hidden(entry.name) and not everything:
@@ -138,4 +166,5 @@ def list_images(root: Path, *, everything: bool = False) -> Listing:
                 else:
                     found.append((entry_rel, folder / entry.name))
     found.sort(key=lambda item: item[0])
-    return Listing([path for _, path in found], dict(sorted(passed.items())))
+    unread.sort(key=lambda item: item.path)
+    return Listing([path for _, path in found], dict(sorted(passed.items())), unread)

@@ -122,15 +122,16 @@ def folder_features_with_size(
     listing = list_images(folder)
     files = listing.files  # sorted by relative path, so feature row i is stable
     note_passed_over(listing)
+    unread = listing.unread_in(folder)  # HEIC photos, unreadable folders: noted as skipped
     if len(files) < 2:
-        raise DataError(_too_few(folder, len(files), len(files)))
+        raise DataError(_too_few(folder, len(files), len(files) + len(unread), unread))
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = _folder_cache_key(folder, files, protocol, extractor)
     cache_file = cache_dir / f"{protocol}-{key[:40]}.safetensors"
     cached = _read_feature_cache(cache_file)
     if cached is not None:
         features, size, skipped = cached
-        _note_skipped(skipped, len(files))
+        _note_skipped(unread + skipped, len(files) + len(unread))
         return features, size
 
     chunks = []
@@ -148,8 +149,8 @@ def folder_features_with_size(
         progress(len(files), len(files))  # skipped files count as done
     usable = sum(len(c) for c in chunks)
     if usable < 2:
-        raise DataError(_too_few(folder, usable, len(files), skipped))
-    _note_skipped(skipped, len(files))
+        raise DataError(_too_few(folder, usable, len(files) + len(unread), unread + skipped))
+    _note_skipped(unread + skipped, len(files) + len(unread))
     features = torch.cat(chunks).to(torch.float64).contiguous()
     meta = {
         "protocol": protocol,
