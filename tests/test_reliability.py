@@ -610,6 +610,22 @@ def test_resume_with_a_checkpoint_of_another_run_exits_2(
     assert (run / "config.json").read_bytes() == edited
 
 
+def test_resume_from_an_exported_model_in_the_checkpoints_folder_exits_2(
+    avatars16, tmp_path, capsys
+):
+    """An exported model copied over last.safetensors (before: 'the network does not match the
+    network its config describes: 31 missing (e.g. down.0.0.conv1.bias)', naming no file)."""
+    run = tmp_path / "run"
+    train(tiny_config(avatars16, max_steps=1), run, **QUIET)
+    last = run / "checkpoints" / "last.safetensors"
+    rc, _, err = run_main(capsys, "export", "--run", run, "--out", tmp_path / "e.safetensors")
+    assert rc == 0, err
+    shutil.copyfile(tmp_path / "e.safetensors", last)
+    rc, _, err = run_main(capsys, "train", "--resume", run, "--quiet", "--max-steps", "0")
+    assert rc == 2
+    _one_line_error(err, f"'{last}' is not a training checkpoint", "'ema-weights'")
+
+
 def test_config_json_edited_where_a_resume_may_differ_still_resumes(avatars16, tmp_path, capsys):
     """What a resumed run may hold otherwise than its checkpoint: the resumable settings, the
     data folder's place (data moved, config.json edited to say where), the --init record."""

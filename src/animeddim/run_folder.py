@@ -335,6 +335,12 @@ def _check_same_run(meta: dict[str, Any], cfg: RunConfig, path: Path) -> None:
     """CheckpointError unless the checkpoint's settings that a run keeps (network, schedule,
     objective, data split, optimiser, seed, ...: all but the resumable ones) are those of
     `cfg`: a checkpoint of another run, or a config.json edited by hand."""
+    if meta.get("kind") != "training":  # every training checkpoint says so
+        raise ckpt.CheckpointError(
+            f"{str(path)!r} is not a training checkpoint (its kind is {meta.get('kind')!r}: an "
+            "exported model holds the EMA weights alone, not the network, optimiser and step "
+            "a resume needs); move it out of the run's checkpoints folder"
+        )
     try:
         stored = RunConfig.from_dict(meta["config"])
     except (KeyError, ConfigError) as e:
