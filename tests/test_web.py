@@ -566,8 +566,14 @@ def test_serve_without_the_extra_says_how_to_install_it():
 
 
 def test_serve_refuses_a_missing_runs_folder(tmp_path):
+    """A missing --runs folder was reported as "is not a folder", as a file is: it says which."""
     p = run_cli("serve", "--runs", str(tmp_path / "nope"), check=False)
-    assert p.returncode == 2 and "is not a folder" in p.stderr
+    assert p.returncode == 2, p.stderr
+    assert p.stderr == f"animeddim: error: --runs '{tmp_path / 'nope'}' does not exist\n"
+    (tmp_path / "runs.txt").write_text("")
+    p = run_cli("serve", "--runs", str(tmp_path / "runs.txt"), check=False)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.endswith(f"--runs '{tmp_path / 'runs.txt'}' is a file, not a folder\n")
 
 
 # --- a live server, as a user starts it ------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import outputs
-from .common import EXIT_DIVERGED, EXIT_INTERRUPTED, CliError, _is_main, _prog
+from .common import EXIT_DIVERGED, EXIT_INTERRUPTED, CliError, _is_main, _prog, need_folder
 from .options import _flags, _given_settings
 
 
@@ -247,8 +247,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from ..pretrained import SHIPPED
     from ..runtime import resolve_device
 
-    if a.runs and not Path(a.runs).is_dir():
-        raise CliError(f"--runs {a.runs!r} is not a folder")
+    if a.runs:
+        need_folder(a.runs, "--runs")
     resolve_device(a.device or "auto")  # checked; on the CPU the allocator keeps freed memory
     try:
         serve(

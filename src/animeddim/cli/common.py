@@ -65,18 +65,19 @@ def _close_bars() -> None:
         bars.close()
 
 
-def need_folder(path: str | Path) -> None:
+def need_folder(path: str | Path, option: str = "") -> None:
     """Raise `CliError` unless `path` is a folder, saying which it is: missing, a broken
-    link, a file or something else."""
+    link, a file or something else; `option` ('--runs') names the option that gave it."""
     p = Path(path)
     if p.is_dir():
         return
+    given = f"{option} {str(path)!r}" if option else repr(str(path))
     if p.is_symlink() and not p.exists():
-        raise CliError(f"{str(path)!r} is a broken symbolic link (to {str(p.readlink())!r})")
+        raise CliError(f"{given} is a broken symbolic link (to {str(p.readlink())!r})")
     if not p.exists():
-        raise CliError(f"{str(path)!r} does not exist")
+        raise CliError(f"{given} does not exist")
     what = "a file" if p.is_file() else "not a regular file"
-    raise CliError(f"{str(path)!r} is {what}, not a folder")
+    raise CliError(f"{given} is {what}, not a folder")
 
 
 def shown(value: float, spec: str) -> str:
