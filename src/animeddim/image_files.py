@@ -94,6 +94,19 @@ class Listing:
         ]
 
 
+def folder_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a folder, to follow its name in a message ('does not exist', 'is a
+    file, not a folder', 'is a broken symbolic link (to ...)'); None for a folder."""
+    p = Path(path)
+    if p.is_dir():
+        return None
+    if p.is_symlink() and not p.exists():
+        return f"is a broken symbolic link (to {str(p.readlink())!r})"
+    if not p.exists():
+        return "does not exist"
+    return f"is {'a file' if p.is_file() else 'not a regular file'}, not a folder"
+
+
 def find_images(root: Path, *, everything: bool = False) -> list[Path]:
     """The image files under ``root`` that are read (:func:`list_images`)."""
     return list_images(root, everything=everything).files

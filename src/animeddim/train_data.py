@@ -18,6 +18,7 @@ from . import batches as batches_mod
 from . import data as data_mod
 from . import distributed
 from .config import ConfigError, RunConfig
+from .image_files import folder_problem
 from .io import save_grid
 from .run_folder import RunFolderError, check_new_run_dir, check_same_data, data_fingerprint
 
@@ -48,10 +49,11 @@ def check_start(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
     if not cfg.data.path:
         raise ConfigError("no training data: give --data DIR (or data.path in the config file)")
     tc = cfg.train
-    if tc.eval_every and tc.eval_real and not Path(tc.eval_real).is_dir():
+    problem = folder_problem(tc.eval_real) if tc.eval_every and tc.eval_real else None
+    if problem is not None:
         raise ConfigError(
-            f"--eval-real {tc.eval_real!r} is not a folder: give a folder of real images for "
-            "the --eval-every KID (or leave it out to use the validation split)"
+            f"--eval-real {tc.eval_real!r} {problem}: give a folder of real images for the "
+            "--eval-every KID (or leave it out to use the validation split)"
         )
     if resume:
         if not (run_dir / "config.json").is_file():

@@ -68,16 +68,11 @@ def _close_bars() -> None:
 def need_folder(path: str | Path, option: str = "") -> None:
     """Raise `CliError` unless `path` is a folder, saying which it is: missing, a broken
     link, a file or something else; `option` ('--runs') names the option that gave it."""
-    p = Path(path)
-    if p.is_dir():
-        return
-    given = f"{option} {str(path)!r}" if option else repr(str(path))
-    if p.is_symlink() and not p.exists():
-        raise CliError(f"{given} is a broken symbolic link (to {str(p.readlink())!r})")
-    if not p.exists():
-        raise CliError(f"{given} does not exist")
-    what = "a file" if p.is_file() else "not a regular file"
-    raise CliError(f"{given} is {what}, not a folder")
+    from ..image_files import folder_problem
+
+    if (problem := folder_problem(path)) is not None:
+        given = f"{option} {str(path)!r}" if option else repr(str(path))
+        raise CliError(f"{given} {problem}")
 
 
 def shown(value: float, spec: str) -> str:
