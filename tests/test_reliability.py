@@ -402,6 +402,35 @@ def test_write_failure_is_one_line_and_keeps_previous_checkpoint(
     assert _checkpoints(run)["last.safetensors"][1]["step"] == STEPS_PER_EPOCH
 
 
+def test_a_read_only_file_system_names_the_users_file(trained_tiny, tmp_path, monkeypatch, capsys):
+    """On a read-only mount the kernel refuses creating the temporary file and also
+    unlinking it, though it does not exist (before: that second EROFS was the one reported,
+    `Read-only file system: DIR/.seed0-000000.png.tmp-PID`, a name the user never gave)."""
+    real_open, real_unlink = open, Path.unlink
+
+    def read_only_open(file, mode="r", *args, **kwargs):
+        if "w" in mode and ".tmp-" in str(file):
+            raise OSError(errno.EROFS, "Read-only file system", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    def read_only_unlink(self, missing_ok=False):
+        if ".tmp-" in self.name:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(io_mod, "open", read_only_open, raising=False)
+    monkeypatch.setattr(Path, "unlink", read_only_unlink)
+    out = tmp_path / "e.safetensors"
+    rc, _, err = run_main(capsys, "export", "--run", trained_tiny, "--out", out)
+    assert rc == 1
+    _one_line_error(err, f"Read-only file system: {out}")
+    rc, _, err = run_main(capsys, "sample", "--run", trained_tiny, "--n", "2", "--steps", "2",
+                          "--out", tmp_path / "s")  # fmt: skip
+    assert rc == 1 and ".tmp-" not in err and "Traceback" not in err  # above: progress bars
+    assert f"error: Read-only file system: {tmp_path / 's'}{os.sep}seed0-00000" in err, err
+    assert not list(tmp_path.rglob("*.tmp-*")) and not out.exists()
+
+
 def test_unwritable_output_folder_is_one_line(avatars16, tiny_json, capsys):
     # Nobody, root included, can create folders in sysfs: a real unwritable place.
     if not Path("/sys/kernel").is_dir():

@@ -108,14 +108,24 @@ def atomic_file(
             before_rename()
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        _remove_temp(tmp)
         if e.filename is None or str(e.filename) == str(tmp):
             raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove_temp(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def _remove_temp(tmp: Path) -> None:
+    """Remove a temporary file after a failed write, if it is there; a failure to (a read-only
+    file system refuses even the unlink of a name that does not exist) is not the error to
+    report: the write's own is."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
