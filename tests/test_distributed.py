@@ -9,8 +9,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +152,53 @@ def test_global_batch_must_divide_into_processes(avatars16, tmp_path):
     # One line, from rank 0, although every rank finds the error.
     assert p.stderr.count("error: --batch-size 5 is the global batch and must be divisible") == 1
     assert "use 4 or 6" in p.stderr
+
+
+def test_world_size_set_without_torchrun_is_one_line(avatars16, tmp_path):
+    # A WORLD_SIZE left by a scheduler (before: a traceback from torch's rendezvous naming one
+    # variable); each process checks its own environment, before any work.
+    args = train_args(avatars16, tmp_path, "run")
+    for env, named in (
+        ({"WORLD_SIZE": "2"}, "RANK, MASTER_ADDR, MASTER_PORT are not"),
+        ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+         "RANK='2' with WORLD_SIZE=2: expected 0 .. 1"),
+    ):  # fmt: skip
+        p = animeddim(*args, check=False, env=env)
+        assert p.returncode == 2, p.stderr
+        assert p.stderr.splitlines() == [p.stderr.strip()] and named in p.stderr, p.stderr
+        assert "Traceback" not in p.stderr and not (tmp_path / "run").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_ends_a_wait_for_processes_that_never_join(avatars16, tmp_path, sig):
+    """Process 0 of 2 started by hand, process 1 never: torch waits 30 min for it in C++ code
+    where Python's handlers never run (before: Ctrl-C and SIGTERM did nothing for 30 min)."""
+    port = _free_port()
+    env = {**_env(), "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [sys.executable, "-m", "animeddim", *train_args(avatars16, tmp_path, "run")]
+    p = subprocess.Popen(cmd, env={**env, "MASTER_PORT": str(port)}, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # rank 0 listens on MASTER_PORT once it waits for the others
+            assert p.poll() is None and time.monotonic() < deadline, p.poll()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        time.sleep(0.5)
+        p.send_signal(sig)
+        assert p.wait(timeout=15) == -sig  # the default action: nothing was done to save
+    finally:
+        p.kill()
+        p.wait()
+    assert not (tmp_path / "run").exists()
 
 
 def test_helpers_are_identities_in_one_process():

@@ -15,6 +15,9 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import signal
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -41,6 +44,67 @@ def env_world_size() -> int:
 def local_rank() -> int:
     """LOCAL_RANK as set by torchrun: this process's index on its node (0 without torchrun)."""
     return int(os.environ.get("LOCAL_RANK", "0")) if env_world_size() > 1 else 0
+
+
+def check_launch_env(world: int) -> None:
+    """ConfigError unless torchrun's variables describe this process (WORLD_SIZE > 1).
+
+    A WORLD_SIZE left set by a scheduler, or a process started by hand, would otherwise fail
+    in torch's rendezvous with a traceback naming one missing variable.
+    """
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise ConfigError(
+            f"WORLD_SIZE={world} is set but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not: start the processes with torchrun, "
+            "which sets them all (docs/distributed.md), or unset WORLD_SIZE to run one process"
+        )
+    for k, low, high in (
+        ("RANK", 0, world - 1),
+        ("LOCAL_RANK", 0, None),
+        ("MASTER_PORT", 1, 65535),
+    ):
+        v = os.environ.get(k, str(low))
+        if not v.strip().isdigit() or int(v) < low or (high is not None and int(v) > high):
+            within = f"{low} .. {high}" if high is not None else f"an integer >= {low}"
+            raise ConfigError(f"{k}={v!r} with WORLD_SIZE={world}: expected {within}")
+
+
+JOIN_NOTE_S = 10.0  # a join taking longer than this says what it waits for
+
+
+def _join(backend: str, device: torch.device) -> None:
+    """init_process_group, which waits for every process of WORLD_SIZE (torch gives up after
+    30 min). The wait is C++ code that Python signal handlers cannot interrupt, so Ctrl-C and
+    SIGTERM take their default action meanwhile (nothing has been done yet that they could
+    lose); after JOIN_NOTE_S a line says what it waits for."""
+    world, rank_ = env_world_size(), os.environ["RANK"]
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    note = threading.Timer(
+        JOIN_NOTE_S,
+        lambda: print(
+            f"animeddim: process {rank_} of {world} waiting for the others to join at {where} "
+            "(all WORLD_SIZE processes must start; Ctrl-C stops)",
+            file=sys.stderr,
+            flush=True,
+        ),
+    )
+    note.daemon = True
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            if callable(signal.getsignal(s)):  # a Python handler; an ignored signal stays so
+                saved[s] = signal.signal(s, signal.SIG_DFL)
+    note.start()
+    try:
+        if backend == "nccl":
+            tdist.init_process_group("nccl", device_id=device)
+        else:
+            tdist.init_process_group("gloo")
+    finally:
+        note.cancel()
+        for s, handler in saved.items():
+            signal.signal(s, handler)
 
 
 BACKEND_ENV = "ANIMEDDIM_DDP_BACKEND"  # nccl (CUDA's default) or gloo; gloo alone shares GPUs
@@ -75,6 +139,8 @@ def setup(device: torch.device) -> torch.device:
         return device
     if not tdist.is_available():
         raise ConfigError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
+    if not tdist.is_initialized():
+        check_launch_env(env_world_size())
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(
             f"multi-process training runs on CUDA (nccl) or the CPU (gloo), not {device.type!r}"
@@ -92,10 +158,7 @@ def setup(device: torch.device) -> torch.device:
     if not tdist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        if backend == "nccl":
-            tdist.init_process_group("nccl", device_id=device)
-        else:
-            tdist.init_process_group("gloo")
+        _join(backend, device)
     if tdist.get_backend() == "nccl":
         _COMM_DEVICE = torch.device("cuda", torch.cuda.current_device())
     return device
