@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL, run_cli, run_main, shared_dir, tiny_config
+from conftest import TINY_MODEL, copy_run, run_cli, run_main, shared_dir, tiny_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -429,6 +429,43 @@ def test_a_read_only_file_system_names_the_users_file(trained_tiny, tmp_path, mo
     assert rc == 1 and ".tmp-" not in err and "Traceback" not in err  # above: progress bars
     assert f"error: Read-only file system: {tmp_path / 's'}{os.sep}seed0-00000" in err, err
     assert not list(tmp_path.rglob("*.tmp-*")) and not out.exists()
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(
+    trained_tiny, tmp_path, monkeypatch, capsys
+):
+    """A read-only mount (or, for a user other than root, a folder without write permission)
+    under an output (before: `sample` drew every image and `evaluate` measured KID, minutes at
+    their defaults, then failed writing their first file). Root ignores permission bits, so
+    the folder's `os.access` is made to answer no, as it does for root on a read-only mount.
+    One line on stderr: no progress bar, so no work began."""
+    from animeddim import outputs
+
+    run = copy_run(trained_tiny, tmp_path / "run")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    commands = [
+        (locked, ["sample", "--run", run, "--n", "2", "--steps", "2", "--out", locked / "s"]),
+        (locked, ["export", "--run", run, "--out", locked / "e.safetensors"]),
+        (locked, ["report", "--run", run, "--out", locked / "rep", "--steps", "1"]),
+        (run, ["evaluate", "--run", run, "--real", run / "samples", "--n", "2"]),  # RUN/eval-*
+    ]
+    for folder, argv in commands:
+        no_write = {folder}
+
+        def access(path, mode, *args, no_write=no_write, **kwargs):
+            if Path(path) in no_write and mode & os.W_OK:
+                return False
+            return real_access(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(outputs.os, "access", access)
+        before = sorted(p.name for p in folder.rglob("*"))
+        rc, _, err = run_main(capsys, *argv)
+        assert rc == 2, (argv, err)
+        _one_line_error(err, "cannot be written", f"{str(folder)!r} has no write permission")
+        assert sorted(p.name for p in folder.rglob("*")) == before
+        monkeypatch.undo()
 
 
 def test_unwritable_output_folder_is_one_line(avatars16, tiny_json, capsys):

@@ -47,6 +47,29 @@ def _no_file_above(path: Path, flag: str) -> None:
         raise OutputExists(
             f"{flag} {str(path)!r} cannot be created: {str(blocker)!r} is a file, not a folder"
         )
+    _writable(path, flag)
+
+
+def _writable(path: Path, flag: str) -> None:
+    """Refuse an output whose folder cannot be written: a read-only file system, or (for
+    users other than root) a folder without write permission. Before: the command did all
+    its work (minutes of sampling and KID), then failed writing its first file. The folder
+    written into is the deepest one that exists on the way to `path`."""
+    folder = next((p for p in (path, *path.parents) if p.is_dir()), Path("."))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        reason = "a read-only file system" if _read_only(folder) else "no write permission"
+        raise OutputExists(
+            f"{flag} {str(path)!r} cannot be written: {str(folder)!r} is on {reason}"
+            if reason.startswith("a ")
+            else f"{flag} {str(path)!r} cannot be written: {str(folder)!r} has {reason}"
+        )
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # no statvfs (Windows)
+        return False
 
 
 def new_file(path: str | Path, force: bool, flag: str = "--out") -> Path:

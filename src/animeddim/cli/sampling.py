@@ -211,6 +211,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         stem, k = f"eval-{time.strftime('%Y%m%d-%H%M%S')}", 1
         while (out := Path(a.run) / f"{stem}{f'-{k}' if k > 1 else ''}.json").exists():
             k += 1
+        outputs.new_file(out, False, "the default --out")  # a run folder that can be written
     else:
         raise CliError("give --out FILE.json (no run folder to write into)")
     attributes = None
