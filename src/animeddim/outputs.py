@@ -57,12 +57,8 @@ def _writable(path: Path, flag: str) -> None:
     written into is the deepest one that exists on the way to `path`."""
     folder = next((p for p in (path, *path.parents) if p.is_dir()), Path("."))
     if not os.access(folder, os.W_OK | os.X_OK):
-        reason = "a read-only file system" if _read_only(folder) else "no write permission"
-        raise OutputExists(
-            f"{flag} {str(path)!r} cannot be written: {str(folder)!r} is on {reason}"
-            if reason.startswith("a ")
-            else f"{flag} {str(path)!r} cannot be written: {str(folder)!r} has {reason}"
-        )
+        why = "is on a read-only file system" if _read_only(folder) else "has no write permission"
+        raise OutputExists(f"{flag} {str(path)!r} cannot be written: {str(folder)!r} {why}")
 
 
 def _read_only(folder: Path) -> bool:
