@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ from conftest import TINY_MODEL, shared_dir
 from PIL import Image
 
 from animeddim import checkpoint as ckpt
-from animeddim import distributed
+from animeddim import distributed, run_folder
 from animeddim.config import ConfigError
 
 TOLERANCE = 1e-5  # float32 weights after 6 AdamW steps; measured differences are ~2e-7
@@ -199,6 +200,21 @@ def test_a_signal_ends_a_wait_for_processes_that_never_join(avatars16, tmp_path,
         p.kill()
         p.wait()
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_in_use_is_one_line_from_every_rank(one_process_run, tmp_path):
+    """A second torchrun job on a run folder another process holds. Before: rank 0 said so and
+    rank 1 went on to its next collective, so the job ended in rank 1's gloo traceback
+    ('Connection reset by peer'), reported by torchrun as the root cause (exit 1)."""
+    run = tmp_path / "run"
+    shutil.copytree(one_process_run, run)
+    with run_folder.lock(run):
+        p = animeddim("train", "--resume", str(run), "--epochs", "3", nproc=2, check=False)
+    # torchrun's summary: the first process to exit (2), the other stopped by it or exit 2
+    assert p.returncode != 0 and "exitcode  : 2" in p.stderr, p.stderr
+    assert p.stderr.count(f"error: run folder {str(run)!r} is in use by process") == 1
+    assert "[rank" not in p.stderr, p.stderr  # no traceback from any process
+    assert max_differences(one_process_run, run) == {"model": 0.0, "ema": 0.0}
 
 
 def test_helpers_are_identities_in_one_process():

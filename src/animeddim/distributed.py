@@ -301,6 +301,16 @@ def on_main(fn: Callable[[], Any]) -> None:
 
 
 @contextlib.contextmanager
+def held_on_main(make: Callable[[], contextlib.AbstractContextManager]) -> Iterator[None]:
+    """Hold the context `make()` (e.g. the run folder's lock) on rank 0 alone for the body;
+    if entering it raises, every rank raises, as in :func:`on_main` (the other ranks would
+    otherwise wait in their next collective for a process that has gone)."""
+    with contextlib.ExitStack() as stack:
+        on_main(lambda: stack.enter_context(make()))
+        yield
+
+
+@contextlib.contextmanager
 def local_main_first() -> Iterator[None]:
     """Run the body on each node's LOCAL_RANK 0 first, then on the other ranks.
 

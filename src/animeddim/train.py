@@ -196,7 +196,7 @@ def train(
     # 2. Weights to start from, read before any image is decoded (a wrong file fails at once).
     init_state = initial_weights(tc.init, log) if tc.init and not resume else None
 
-    with run_folder.lock(run_dir, log) if distributed.is_main() else nullcontext():
+    with distributed.held_on_main(lambda: run_folder.lock(run_dir, log)):
         # 3. Data: decode once, split, statistics; refuse what cannot train before writing.
         root = data_root(cfg, resume)
         data = load_data(cfg, root, progress)
