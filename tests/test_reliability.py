@@ -259,6 +259,12 @@ def test_resume_before_the_first_checkpoint_is_a_clear_error(avatars16, tmp_path
     assert rc == 2
     _one_line_error(err, "holds no complete checkpoint", "before its first one")
     assert not stale.exists()
+    # last.safetensors gone, best-kid.safetensors kept (before: "the run stopped before its
+    # first one" too, which it had not)
+    _tiny_checkpoint(run / "checkpoints" / "best-kid.safetensors")
+    rc, _, err = run_main(capsys, "train", "--resume", run, "--quiet")
+    assert rc == 2
+    _one_line_error(err, "no last.safetensors or step-N file; it holds best-kid.safetensors")
 
 
 def test_damaged_last_checkpoint_falls_back_to_newest_step_file(avatars16, tmp_path):

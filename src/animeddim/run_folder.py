@@ -303,9 +303,17 @@ def latest_checkpoint(
         except ckpt.CheckpointError as e:
             errors.append(str(e))
     if found is None:
+        others = sorted(f.name for f in d.glob("*.safetensors")) if d.is_dir() else []
+        why = "the run stopped before its first one"
+        if errors:
+            why = errors[0]
+        elif others:  # last.safetensors deleted, say: best-kid is an older state
+            why = (
+                f"no last.safetensors or step-N file; it holds {', '.join(others)}, which a "
+                "resume does not start from"
+            )
         raise ckpt.CheckpointError(
-            f"cannot resume: run folder {str(run_dir)!r} holds no complete checkpoint"
-            + (f" ({errors[0]})" if errors else " (the run stopped before its first one)")
+            f"cannot resume: run folder {str(run_dir)!r} holds no complete checkpoint ({why})"
         )
     tensors, meta, f = found
     if f.name != "last.safetensors":
