@@ -217,6 +217,71 @@ def test_a_run_folder_in_use_is_one_line_from_every_rank(one_process_run, tmp_pa
     assert max_differences(one_process_run, run) == {"model": 0.0, "ema": 0.0}
 
 
+def by_hand(args_of_rank: list[list[str]], cwds: list[Path]) -> list[subprocess.CompletedProcess]:
+    """Processes started by hand as a scheduler starts them (RANK, WORLD_SIZE, MASTER_*), each
+    with its own arguments and working directory."""
+    env = {**_env(), "WORLD_SIZE": str(len(args_of_rank)), "MASTER_ADDR": "127.0.0.1"}
+    env["MASTER_PORT"] = str(_free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "animeddim", *args],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r, (args, cwd) in enumerate(zip(args_of_rank, cwds, strict=True))
+    ]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [
+        subprocess.CompletedProcess(p.args, p.returncode, *o)
+        for p, o in zip(procs, outs, strict=True)
+    ]
+
+
+def test_processes_started_with_other_settings_are_refused(avatars16, tmp_path):
+    """Before: ranks with another --seed trained on other shuffles without a word (each took
+    its slice of another order); another --epochs ended the one in a gloo traceback while the
+    other reported success."""
+    args = train_args(avatars16, tmp_path, "run")
+    p0, p1 = by_hand([args, [*args, "--seed", "5"]], [tmp_path, tmp_path])
+    assert (p0.returncode, p1.returncode) == (2, 2), (p0.stderr, p1.stderr)
+    assert p0.stderr.strip() == (
+        "animeddim: error: process 1 of 2 has train.seed = 5, process 0 has 0: start every "
+        "process with the same command and options (torchrun does, on each node)"
+    )
+    assert p1.stderr == "" and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("node_b", ["no folder", "other images"])
+def test_a_data_folder_that_one_process_sees_otherwise_is_refused(avatars16, tmp_path, node_b):
+    """The same command on two 'nodes' (working directories) where 'data' is not the same
+    folder. Before: the process without it said so, and the other ended in a gloo traceback
+    ('Connection closed by peer'); other images trained on without a word."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "data").symlink_to(avatars16)
+    if node_b == "other images":
+        shutil.copytree(avatars16, b / "data")
+        next((b / "data").glob("*.png")).unlink()
+    args = train_args(Path("data"), tmp_path, "run")
+    p0, p1 = by_hand([args, args], [a, b])
+    assert (p0.returncode, p1.returncode) == (2, 2), (p0.stderr, p1.stderr)
+    assert p1.stderr == "" and "Traceback" not in p0.stderr, p0.stderr
+    assert len(p0.stderr.splitlines()) == 1, p0.stderr
+    if node_b == "no folder":
+        assert "error: process 1 of 2: image folder 'data' does not exist" in p0.stderr
+    else:
+        assert "error: process 1 of 2 has the fingerprint of the images in 'data' = " in p0.stderr
+        assert "every process must read the same images" in p0.stderr
+    assert not any((tmp_path / "run").glob("checkpoints/*"))
+
+
 def test_helpers_are_identities_in_one_process():
     assert not distributed.is_distributed() and distributed.is_main()
     assert (distributed.rank(), distributed.world_size()) == (0, 1)

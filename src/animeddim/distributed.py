@@ -288,16 +288,80 @@ def on_main(fn: Callable[[], Any]) -> None:
         except Exception as e:  # noqa: BLE001 - passed on to the other ranks, then re-raised
             error = e
     if is_distributed():
-        try:
-            box = [pickle.loads(pickle.dumps(error))]
-        except Exception:  # noqa: BLE001 - an exception that does not pickle
-            box = [RuntimeError(f"{type(error).__name__}: {error}")]
+        box = [_portable(error)]
         tdist.broadcast_object_list(box, src=0)
         if not is_main() and box[0] is not None:
             box[0].mirrored = True
             raise box[0]
     if error is not None:
         raise error
+
+
+def on_every(fn: Callable[[], Any]) -> Any:
+    """`fn()` on every rank (e.g. reading what each node sees of the data folder); if it raises
+    on any rank, every rank raises: rank 0 the first failing rank's error, naming that process,
+    the others a copy marked ``mirrored`` (printed once). `fn` must call no collective.
+    """
+    error, result = None, None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - shared with the other ranks, then re-raised
+        error = e
+    if is_distributed():
+        errors = all_gather_object(_portable(error))
+        failed = next((r for r, e in enumerate(errors) if e is not None), None)
+        if failed is not None:
+            if not is_main():
+                mine = error if error is not None else errors[failed]
+                mine.mirrored = True
+                raise mine
+            if failed:  # another process's error: say which
+                first = errors[failed]
+                if first.args and isinstance(first.args[0], str):
+                    first.args = (f"process {failed} of {world_size()}: {first.args[0]}",)
+                raise first
+    if error is not None:
+        raise error
+    return result
+
+
+def check_same(values: dict[str, Any], fix: str) -> None:
+    """ConfigError on every rank unless each rank's `values` (nested dicts are named
+    ``section.key``) equal rank 0's; the message names the first that differs, then `fix`."""
+    if not is_distributed():
+        return
+    flat = _flat(values)
+    everyone = all_gather_object(flat)
+    for r, theirs in enumerate(everyone):
+        for key in sorted(flat.keys() | theirs.keys()):
+            ours, other = everyone[0].get(key), theirs.get(key)
+            if other != ours:
+                error = ConfigError(
+                    f"process {r} of {len(everyone)} has {key} = {other!r}, process 0 has "
+                    f"{ours!r}: {fix}"
+                )
+                error.mirrored = not is_main()  # every rank finds it; rank 0 reports it
+                raise error
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _portable(error: BaseException | None) -> BaseException | None:
+    """`error` as it survives pickling to another process (its text, if it does not)."""
+    if error is None:
+        return None
+    try:
+        return pickle.loads(pickle.dumps(error))
+    except Exception:  # noqa: BLE001 - an exception that does not pickle
+        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 @contextlib.contextmanager

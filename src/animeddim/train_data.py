@@ -114,7 +114,14 @@ def data_root(cfg: RunConfig, resume: bool) -> Path:
 
 def load_data(cfg: RunConfig, root: Path, progress: bool) -> TrainData:
     """Decode the data folder, split it and measure the training split's statistics."""
-    everything, fingerprint = _image_list_of_the_run(cfg, root)
+    # Each process lists the folder (a node may lack it, or hold other images): a failure or
+    # another list in any process is refused by every process, before any image is decoded.
+    everything, fingerprint = distributed.on_every(lambda: _image_list_of_the_run(cfg, root))
+    distributed.check_same(
+        {f"the fingerprint of the images in '{root}'": fingerprint},
+        "every process must read the same images: the data folder at the same path, with the "
+        "same files, on every node",
+    )
     with distributed.local_main_first():  # one process per node fills the disk cache
         imageset = data_mod.load_folder(
             root,
@@ -149,9 +156,7 @@ def _image_list_of_the_run(cfg: RunConfig, root: Path) -> tuple[bool, str]:
     says which), so that it resumes as it would have, and a note says so. Any other run reads
     the folder as a new one does; a changed folder is then refused by `check_data`.
     """
-    if not root.is_dir():
-        return False, ""  # load_folder says what it is
-    listing = data_mod.list_images(root)
+    listing = data_mod.list_images(root)  # DataError for a missing folder or a file
     now, then = data_fingerprint(listing.files, root), cfg.data.fingerprint
     if not then or now == then or not listing.passed_over:
         return False, now
