@@ -26,6 +26,7 @@ from animeddim.batches import device_images, epoch_order, iterate_batches, num_b
 from animeddim.data import (
     BadImage,
     DataError,
+    Skipped,
     SkippedFilesWarning,
     channel_stats,
     find_images,
@@ -467,6 +468,18 @@ def test_load_folder_without_usable_images(tmp_path: Path) -> None:
         load_folder(tmp_path / "missing", 8)
 
 
+def test_one_file_tried_is_said_in_the_singular(tmp_path: Path) -> None:
+    """A folder holding one undecodable file said "1 files tried" (and the skip note with an
+    unreadable subfolder "skipped 1 of 1 files"); one file is "1 file"."""
+    (tmp_path / "x.png").write_text("nope")
+    with pytest.raises(DataError, match=r"': 1 file tried, 1 skipped \(first: "):
+        load_folder(tmp_path, 8)
+    one = [Skipped("x.png", "empty file"), Skipped("sub/", "folder not read: permission denied")]
+    note = "skipped 1 of 1 file that could not be decoded and could not read 1 folder: "
+    assert data.skip_summary(one, 2).startswith(note)
+    assert data.skip_summary(one[:1], 2).startswith("skipped 1 of 2 files that could not be ")
+
+
 def test_load_folder_with_process_pool_matches_serial(tmp_path: Path) -> None:
     for i in range(40):
         _save(tmp_path / f"{i:02d}.png", _rgb(9, 11, i))
@@ -874,7 +887,7 @@ def test_heic_photos_and_unreadable_folders_are_noted_not_left_out(
     only_heic = tmp_path / "phone"
     only_heic.mkdir()
     (only_heic / "IMG_0002.heic").write_bytes(bytes(8))
-    with pytest.raises(DataError, match=r"1 files tried, 1 skipped \(first: .*pillow-heif"):
+    with pytest.raises(DataError, match=r"1 file tried, 1 skipped \(first: .*pillow-heif"):
         load_folder(only_heic, 4, workers=1)
 
 

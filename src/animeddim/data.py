@@ -359,7 +359,7 @@ def _check_result(root: Path, result: ImageSet, tried: int, strict: bool, listin
         if any(s.path.endswith("/") for s in skipped):  # an unreadable folder is no file tried
             raise DataError(f"no usable image in folder '{root}': {skip_summary(skipped, tried)}")
         raise DataError(
-            f"no usable image in folder '{root}': {tried} files tried, "
+            f"no usable image in folder '{root}': {n_files(tried)} tried, "
             f"{len(skipped)} skipped{first}"
         )
     if skipped and strict:
@@ -412,7 +412,12 @@ def skip_summary(skipped: Sequence[Skipped], tried: int, limit: int = 5) -> str:
     if not files:
         return f"{read}, {'their' if folders != 1 else 'its'} images not found: {listed}{more}"
     also = f" and {read}" if folders else ""
-    return f"skipped {files} of {tried} files that could not be decoded{also}: {listed}{more}"
+    return f"skipped {files} of {n_files(tried)} that could not be decoded{also}: {listed}{more}"
+
+
+def n_files(n: int) -> str:
+    """'1 file', '2 files': a count of files as a sentence says it."""
+    return f"{n} file{'s' if n != 1 else ''}"
 
 
 def shown(name: str) -> str:

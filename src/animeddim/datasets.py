@@ -43,6 +43,7 @@ from animeddim.data import (
     _decode,
     _pool_context,
     list_images,
+    n_files,
     note_passed_over,
     passed_over_note,
     read_error_reason,
@@ -475,7 +476,8 @@ def prepare(
         first = f" (first: {shown(skipped[0].path)}: {skipped[0].reason})" if skipped else ""
         also = f"; {passed_over_note(Listing([], passed))}" if passed else ""
         raise DataError(
-            f"no usable image in '{src}': {tried} files tried, {len(skipped)} skipped{first}{also}"
+            f"no usable image in '{src}': {n_files(tried)} tried, {len(skipped)} skipped"
+            f"{first}{also}"
         )
     # Files from an earlier run of this source that had more usable images would mix in.
     for stale in out.iterdir():
