@@ -285,7 +285,7 @@ def test_grid_by_pngs_are_named_by_value_and_seed(cond_run, tmp_path, capsys):
         "colour-red-seed5-000000.png", "colour-red-seed5-000001.png",
     ]  # fmt: skip
     assert "4 images in" in stdout
-    assert "4 images, 3 steps" in stdout  # two values x --n 2, not --n alone
+    assert "4 images, 3 ddim steps" in stdout  # two values x --n 2, not --n alone
     # colour-red-seed5-000001.png is image 1 of seed 5 drawn with colour=red
     rc, _, err = run_main(capsys, *args, "--attr", "colour=red", "--out", one)
     assert rc == 0, err
@@ -549,8 +549,11 @@ def test_an_exports_recommended_sampler_and_steps_are_samplings_default(
     for name, (model, extra) in runs.items():
         rc, stdout, err = run_main(capsys, *args, "--run", model, *extra, "--out", tmp_path / name)
         assert rc == 0, err
+        # what it says is what it did: the file's sampler, or the DDIM an --eta keeps
         if name == "default":
-            assert "2 images, 3 steps" in stdout  # what it says is what it did
+            assert "2 images, 3 dpmpp-2m-logsnr steps, eta 0, x0 clipped: " in stdout
+        if name == "eta":
+            assert "2 images, 20 ddim steps, eta 1: " in stdout
     png = {k: [np.asarray(Image.open(tmp_path / k / f"seed2-{i:06d}.png")) for i in range(2)]
            for k in runs}  # fmt: skip
 

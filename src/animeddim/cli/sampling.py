@@ -117,9 +117,20 @@ def cmd_sample(a: argparse.Namespace) -> int:
         Path(a.grid).parent.mkdir(parents=True, exist_ok=True)
         save_grid(images, Path(a.grid), cols=cols)
         print(f"grid: {a.grid}")
-    n = len(images)  # --grid-by draws --n per value
-    print(f"{n} images, {a.steps} steps, eta {a.eta}: {dt:.1f}s ({n / dt:.2f} images/s)")
+    print(drawn_line(len(images), settings, dt))  # --grid-by draws --n per value
     return 0
+
+
+def drawn_line(n: int, settings, seconds: float) -> str:
+    """What `sample` says it drew: the sampler (the model file may have chosen it, and an
+    --eta > 0 keeps DDIM), its steps, eta and clipping, as `evaluate` says them."""
+    from ..diffusion.samplers import resolve_clip
+
+    clipped = ", x0 clipped" if resolve_clip(settings.clip, settings.sampler) else ""
+    return (
+        f"{n} images, {settings.steps} {settings.sampler} steps, eta {settings.eta:g}{clipped}: "
+        f"{seconds:.1f}s ({n / seconds:.2f} images/s)"
+    )
 
 
 def available_memory() -> int | None:
