@@ -217,10 +217,13 @@ def test_a_run_folder_in_use_is_one_line_from_every_rank(one_process_run, tmp_pa
     assert max_differences(one_process_run, run) == {"model": 0.0, "ema": 0.0}
 
 
-def by_hand(args_of_rank: list[list[str]], cwds: list[Path]) -> list[subprocess.CompletedProcess]:
+def by_hand(
+    args_of_rank: list[list[str]], cwds: list[Path], env: dict[str, str] | None = None
+) -> list[subprocess.CompletedProcess]:
     """Processes started by hand as a scheduler starts them (RANK, WORLD_SIZE, MASTER_*), each
     with its own arguments and working directory."""
-    env = {**_env(), "WORLD_SIZE": str(len(args_of_rank)), "MASTER_ADDR": "127.0.0.1"}
+    env = {**_env(), **(env or {}), "WORLD_SIZE": str(len(args_of_rank))}
+    env["MASTER_ADDR"] = "127.0.0.1"
     env["MASTER_PORT"] = str(_free_port())
     procs = [
         subprocess.Popen(
@@ -280,6 +283,20 @@ def test_a_data_folder_that_one_process_sees_otherwise_is_refused(avatars16, tmp
         assert "error: process 1 of 2 has the fingerprint of the images in 'data' = " in p0.stderr
         assert "every process must read the same images" in p0.stderr
     assert not any((tmp_path / "run").glob("checkpoints/*"))
+
+
+def test_a_process_killed_mid_run_leaves_the_others_one_line(avatars16, tmp_path):
+    """Process 0 SIGKILLed while it writes its 2nd checkpoint (process 1 waits at the barrier
+    after it), as a node lost outside torchrun's watch. Before: process 1's gloo traceback
+    ('Connection reset by peer', a wall of torch frames)."""
+    args = train_args(avatars16, tmp_path, "run", "--checkpoint-every", "1")
+    env = {ckpt.KILL_AT_SAVE_ENV: "2:write"}  # counted in process 0, the one that writes
+    p0, p1 = by_hand([args, args], [tmp_path, tmp_path], env)
+    assert p0.returncode == -signal.SIGKILL and p1.returncode == 1, (p0.stderr, p1.stderr)
+    assert p1.stderr.startswith("animeddim [rank 1]: error: lost contact with another process")
+    assert len(p1.stderr.splitlines()) == 1 and "Traceback" not in p1.stderr, p1.stderr
+    _, meta = ckpt.load(tmp_path / "run" / "checkpoints" / "step-00000001.safetensors")
+    assert meta["step"] == 1  # what was written before survives
 
 
 def test_helpers_are_identities_in_one_process():

@@ -164,6 +164,22 @@ def setup(device: torch.device) -> torch.device:
     return device
 
 
+def lost_peer(error: BaseException) -> str | None:
+    """What went, in one line, if `error` is a collective failing because another process of
+    the group stopped (killed, failed, its node gone): gloo's 'Connection closed by peer',
+    torch's DistError. None for any other error."""
+    text = str(error)
+    gloo = "gloo/transport" in text or "Connection closed by peer" in text
+    if not isinstance(error, RuntimeError) or not (gloo or isinstance(error, tdist.DistError)):
+        return None
+    text = text.split("] ", 1)[1] if text.startswith("[") and "] " in text else text
+    text = text.split(". This is typically", 1)[0].strip().rstrip(".")
+    return (
+        f"lost contact with another process of this job ({text.splitlines()[0]}): it stopped "
+        "or its node went away; its own output says why"
+    )
+
+
 def uses_gloo() -> bool:
     """Whether this process is in a gloo process group (always so on the CPU under torchrun)."""
     return is_distributed() and tdist.get_backend() == "gloo"

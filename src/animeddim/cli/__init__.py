@@ -60,6 +60,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def _lost_peer(error: RuntimeError) -> str | None:
+    d = sys.modules.get("animeddim.distributed")  # imported by the commands that join a group
+    return None if d is None else d.lost_peer(error)
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
     interrupts.seen.add(signum)  # progress updates raise it again if this raise is swallowed
@@ -130,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{_prog()}: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr
         )
+        return 1
+    except RuntimeError as e:  # under torchrun: another process gone mid-collective
+        lost = _lost_peer(e)
+        if lost is None:
+            raise
+        _close_bars()
+        print(f"{_prog()}: error: {lost}", file=sys.stderr)
         return 1
     finally:
         if previous is not None:
