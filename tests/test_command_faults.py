@@ -959,6 +959,21 @@ def test_more_images_than_memory_holds_are_refused_up_front(
     assert not out.exists()
 
 
+def test_steps_refuses_more_images_than_memory_holds_up_front(
+    run, avatars16, tmp_path, capsys, fake, monkeypatch
+):
+    """steps --n whose images cannot be held (each setting draws --n, holds them, then
+    measures them) drew for hours before running out of memory; sample and evaluate refused
+    it up front. Memory for 100 images of 16 px: --n 101 is refused, before any feature."""
+    monkeypatch.setattr(cli_sampling, "available_memory", lambda: 2 * 100 * 16 * 16 * 3)
+    out = tmp_path / "st"
+    rc, _, err = run_main(capsys, "steps", "--run", run, "--real", avatars16, "--n", 101,
+                          "--steps", 1, "--eta", 0, "--out", out)  # fmt: skip
+    assert rc == 2, err
+    _one_line(err, "--n 101 images of 16x16 px need", "draw at most about 100 per call")
+    assert not out.exists() and fake.calls == 0
+
+
 def test_a_grid_named_other_than_png_is_refused(run, tmp_path, capsys):
     """--grid/--trajectory g.jpg wrote PNG bytes under a .jpg name (exit 0); now one line."""
     for flag, name in (("--grid", "g.jpg"), ("--trajectory", "t.txt"), ("--grid", "grid")):

@@ -292,6 +292,7 @@ def cmd_steps(a: argparse.Namespace) -> int:
     from ..pipelines import steps_study
 
     loaded, device = load_for_sampling(a.run, a.model, a.device)
+    check_fits_in_memory(a.n, loaded.config.model.image_size)  # each setting's --n images
     samplers = _names(a.samplers, SAMPLER_NAMES, "sampler")
     if any(not 1 <= s <= 1000 for s in a.steps) or not a.steps:
         raise CliError(f"steps must be in 1..1000, got {a.steps}")
