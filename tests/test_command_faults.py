@@ -974,6 +974,33 @@ def test_steps_refuses_more_images_than_memory_holds_up_front(
     assert not out.exists() and fake.calls == 0
 
 
+def test_steps_refuses_a_deterministic_sampler_without_eta_0(
+    run, avatars16, tmp_path, capsys, fake
+):
+    """A deterministic sampler runs at eta 0 only: `steps --samplers ddim,unipc --eta 0.5,1`
+    measured ddim alone and `--samplers dpmpp-2m --eta 0.5` nothing at all (exit 0, a
+    steps.csv of its header only, an empty table and plot). Refused, naming the sampler and
+    the eta to add, before any feature is computed."""
+    out = tmp_path / "st"
+    for samplers, etas in (("ddim,unipc", "0.5,1"), ("dpmpp-2m", "0.5")):
+        rc, _, err = run_main(capsys, "steps", "--run", run, "--real", avatars16, "--n", 2,
+                              "--steps", 1, "--eta", etas, "--samplers", samplers,
+                              "--out", out)  # fmt: skip
+        assert rc == 2, err
+        sampler = samplers.split(",")[-1]
+        _one_line(err, f"{sampler} is deterministic", f"etas {etas} have no 0",
+                  f"--eta 0,{etas.split(',')[0]}", f"leave {sampler} out")  # fmt: skip
+        assert not out.exists() and fake.calls == 0
+    rc, _, err = run_main(capsys, "steps", "--run", run, "--real", avatars16, "--n", 2,
+                          "--steps", 1, "--eta", "0.5,0", "--samplers", "ddim,unipc",
+                          "--out", out)  # fmt: skip
+    assert rc == 0, err
+    rows = (out / "steps.csv").read_text().splitlines()[1:]
+    assert sorted(r.split(",")[1:3] for r in rows) == [
+        ["0.0", "ddim"], ["0.0", "unipc"], ["0.5", "ddim"]
+    ]  # fmt: skip
+
+
 def test_a_grid_named_other_than_png_is_refused(run, tmp_path, capsys):
     """--grid/--trajectory g.jpg wrote PNG bytes under a .jpg name (exit 0); now one line."""
     for flag, name in (("--grid", "g.jpg"), ("--trajectory", "t.txt"), ("--grid", "grid")):

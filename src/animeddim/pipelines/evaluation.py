@@ -17,7 +17,7 @@ import torch
 
 from .. import metrics
 from ..checkpoint import LoadedModel
-from ..config import guidance_interval_text
+from ..config import ConfigError, guidance_interval_text
 from ..diffusion.samplers import (
     SAMPLERS,
     resolve_clip,
@@ -241,7 +241,16 @@ def steps_study(
 
     :param progress: told about "features (real)", then for each setting a stage named
         after it ("ddim eta 0, 10 steps: sample", "...: features").
+    :raises ConfigError: a deterministic sampler with no eta 0 among `etas` (it would get no
+        row), before any work.
     """
+    for sampler in samplers:  # a deterministic sampler runs at eta 0 only (the loop below)
+        if not SAMPLERS[sampler].stochastic and 0.0 not in etas:
+            raise ConfigError(
+                f"{sampler} is deterministic, it runs at eta 0 only, and the etas "
+                f"{','.join(f'{e:g}' for e in etas)} have no 0: the study would measure "
+                f"nothing for it; add eta 0 (e.g. --eta 0,{etas[0]:g}) or leave {sampler} out"
+            )
     out_dir = Path(out_dir)
     f_real = metrics.folder_features(
         Path(real),
