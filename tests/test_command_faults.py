@@ -1001,6 +1001,26 @@ def test_steps_refuses_a_deterministic_sampler_without_eta_0(
     ]  # fmt: skip
 
 
+def test_interpolate_refuses_more_frames_than_memory_holds_up_front(
+    run, tmp_path, capsys, monkeypatch
+):
+    """interpolate --frames 10**9 (16 px) ended in a RuntimeError traceback from the
+    allocator (its noises are interpolated at once, in float64: 40 bytes per value), and a
+    count that just fits drew for hours first. Refused up front, with the most that fit."""
+    out = tmp_path / "ip.png"
+    args = ["interpolate", "--run", run, "--seeds", 1, 2, "--steps", 1, "--out", out]
+    rc, _, err = run_main(capsys, *args, "--frames", 10**9)
+    assert rc == 2, err
+    _one_line(err, f"--frames {10**9} of 16x16 px need", "GiB are available", "at most about")
+    monkeypatch.setattr(cli_sampling, "available_memory", lambda: 40 * 100 * 16 * 16 * 3)
+    rc, _, err = run_main(capsys, *args, "--frames", 101)
+    assert rc == 2, err
+    _one_line(err, "--frames 101 of 16x16 px need", "give at most about 100 frames")
+    assert not out.exists() and not out.with_suffix(".gif").exists()
+    rc, _, err = run_main(capsys, *args, "--frames", 100)
+    assert rc == 0, err
+
+
 def test_a_grid_named_other_than_png_is_refused(run, tmp_path, capsys):
     """--grid/--trajectory g.jpg wrote PNG bytes under a .jpg name (exit 0); now one line."""
     for flag, name in (("--grid", "g.jpg"), ("--trajectory", "t.txt"), ("--grid", "grid")):
