@@ -225,6 +225,54 @@ def test_ctrl_c_while_a_best_kid_checkpoint_is_written_keeps_the_epochs_row(
     assert _checkpoints(run)["best-kid.safetensors"][1]["epoch"] == 2
 
 
+def test_a_run_stopped_in_an_epochs_kid_writes_that_epochs_throughput_on_resume(
+    avatars16, tmp_path, monkeypatch
+):
+    """Ctrl-C while an epoch end measures KID (the epoch's steps done, its row not written),
+    then a resume (before: the row was written with images_per_s 0 and epoch_seconds ~0,
+    the time of the steps gone with the process). The checkpoint keeps the training images
+    and seconds since the last row, so the resumed row holds the epoch's throughput; resumed
+    from a checkpoint that did not keep them, the two cells are empty, never 0, and the
+    report reads them as missing."""
+    kids = iter([KeyboardInterrupt, 0.5, 0.5])  # Ctrl-C in the first measurement
+
+    def kid(*args):
+        value = next(kids)
+        if value is KeyboardInterrupt:
+            raise KeyboardInterrupt  # as the SIGINT handler does
+        return value
+
+    monkeypatch.setattr(train_mod, "training_inception", lambda cfg, device: (None, None))
+    monkeypatch.setattr(train_mod, "make_kid", lambda *a: kid)
+    run = tmp_path / "run"
+    res = train(tiny_config(avatars16, epochs=1, kid=True), run, **QUIET)
+    assert res.interrupted and not (run / "metrics.csv").exists()
+    last = run / "checkpoints" / "last.safetensors"
+    tensors, meta = ckpt.load(last)
+    assert meta["epoch"] == 0 and meta["batch_in_epoch"] >= 1  # the epoch's steps are done
+    old = copy_run(run, tmp_path / "old")
+
+    res = train(load_run_config(run), run, resume=True, **QUIET)
+    assert not res.interrupted and res.epoch == 1
+    (row,) = csv.DictReader(open(run / "metrics.csv", encoding="utf-8"))
+    assert float(row["images_per_s"]) > 0  # before: 0
+    assert meta["row_images"] == 6 * meta["batch_in_epoch"] and meta["row_seconds"] > 0
+    seconds = float(row["epoch_seconds"])
+    assert seconds >= meta["row_seconds"]  # the steps' time before the Ctrl-C is in it
+    assert float(row["images_per_s"]) == pytest.approx(meta["row_images"] / seconds, rel=1e-4)
+
+    # a checkpoint written before the tally was kept: the row cannot know the time
+    ckpt.save(old / "checkpoints" / "last.safetensors", tensors, {
+        k: v for k, v in meta.items() if k not in ("row_images", "row_seconds")
+    })  # fmt: skip
+    train(load_run_config(old), old, resume=True, **QUIET)
+    (row,) = csv.DictReader(open(old / "metrics.csv", encoding="utf-8"))
+    assert row["images_per_s"] == "" and row["epoch_seconds"] == "" and row["kid"] == "0.5"
+    (read,) = run_folder.read_run(old).rows
+    assert read["images_per_s"] is None and read["epoch_seconds"] is None
+    assert read["wall_seconds"] > 0
+
+
 def test_checkpoint_save_is_temp_file_fsync_rename_fsync_dir(tmp_path, monkeypatch):
     if not Path("/proc/self/fd").is_dir():
         pytest.skip("needs /proc to name the fsynced files")

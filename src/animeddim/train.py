@@ -237,12 +237,9 @@ def _epochs(cfg, run_dir, data, state, rt, progress, log, inception, eval_real) 
     t_start, interrupted, last_row = time.perf_counter(), False, None
     pending: list[Path] = []  # epoch-end checkpoints not written yet
     last_ckpt = run_dir / "checkpoints" / "last.safetensors"
-    images_seen, seconds = 0, 0.0  # since the last epoch end's work
     try:
         while state.epoch < tc.epochs:
-            t_epoch = time.perf_counter()
-            images_seen += train_epoch(state, data, cfg, rt, bar, save, run_dir)
-            seconds += time.perf_counter() - t_epoch
+            train_epoch(state, data, cfg, rt, bar, save, run_dir)
             stop = bool(tc.max_steps) and state.step >= tc.max_steps
             if stop and state.batch_in_epoch < data.steps_per_epoch:  # stopped inside the epoch
                 save(last_ckpt)
@@ -256,11 +253,10 @@ def _epochs(cfg, run_dir, data, state, rt, progress, log, inception, eval_real) 
                 state, data, cfg, rt, kid_metric, run_dir, standard_kid, stop or time_up
             )
             last_row.update(
-                images_per_s=images_seen / max(seconds, 1e-9),
-                epoch_seconds=seconds,
+                images_per_s=state.row_images / state.row_seconds if state.row_seconds else None,
+                epoch_seconds=state.row_seconds,
                 wall_seconds=time.perf_counter() - t_start,
             )
-            images_seen, seconds = 0, 0.0
             # Metrics row first, the epoch counted done after it: a kill before the epoch's
             # checkpoint resumes from an earlier one, which drops this row and writes it
             # again; the checkpoint a Ctrl-C saves counts the epoch only once its row is in.
@@ -308,6 +304,7 @@ def train_epoch(state, data, cfg, rt, bar, save, run_dir: Path) -> int:
     tc = cfg.train
     state.model.train()
     t_epoch, images_seen = time.perf_counter(), 0
+    t_counted = t_epoch  # the steps' time up to here is in state.row_seconds
     mean_d, std_d = data.mean.to(rt.device), data.std.to(rt.device)
     batches = batches_mod.iterate_batches(
         data.pixels,
@@ -339,17 +336,30 @@ def train_epoch(state, data, cfg, rt, bar, save, run_dir: Path) -> int:
         if rt.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with interrupts.deferred():  # a Ctrl-C lands between steps: checkpoints hold whole ones
-            if train_step(state, images, cfg, rt, cond):
-                images_seen += images.shape[0] * distributed.world_size()  # global batch
+            trained = train_step(state, images, cfg, rt, cond)
+            n = images.shape[0] * distributed.world_size() if trained else 0  # global batch
+            images_seen += n
             state.step += 1
             state.batch_in_epoch += 1
+            t_counted = _count(state, n, t_counted)
         if state.step % tc.log_every == 0 or state.batch_in_epoch == data.steps_per_epoch:
             _log_progress(state, tc, bar, images_seen / max(time.perf_counter() - t_epoch, 1e-9))
         if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
             save_step_checkpoint(save, run_dir, state.step, tc.keep_checkpoints)
         if tc.max_steps and state.step >= tc.max_steps:
             break
+    _count(state, 0, t_counted)  # the last step checkpoint's writing
     return images_seen
+
+
+def _count(state: TrainState, images: int, since: float) -> float:
+    """Add `images` and the seconds since `since` to the tally of the next metrics row in
+    `state` (a checkpoint holds it; see `TrainState.row_seconds`); return the time now."""
+    now = time.perf_counter()
+    state.row_images += images
+    if state.row_seconds is not None:
+        state.row_seconds += now - since
+    return now
 
 
 def train_step(
@@ -465,6 +475,7 @@ def close_epoch(state, row: dict[str, Any], run_dir: Path) -> list[Path]:
     state.epoch += 1
     state.batch_in_epoch = 0
     state.acc.zero_()
+    state.row_images, state.row_seconds = 0, 0.0
     best = []
     if row["kid"] is not None and row["kid"] < state.best_kid:
         state.best_kid = row["kid"]
@@ -488,6 +499,8 @@ def epoch_line(row: dict[str, Any], epochs: int) -> str:
         line += f", KID (paper protocol) {row['kid']:.4f}"
     if row.get("standard_kid") is not None:
         line += f", standard KID {row['standard_kid']:.4f}"
+    if row["images_per_s"] is None:  # resumed from a checkpoint that did not keep the time
+        return line
     return line + f", {row['images_per_s']:.1f} img/s"
 
 

@@ -91,6 +91,12 @@ class TrainState:
     batch_in_epoch: int = 0
     best_kid: float = math.inf
     best_standard_kid: float = math.inf  # of the --eval-every measurements
+    # Training images and seconds since the last metrics row: its images_per_s and
+    # epoch_seconds. Kept in checkpoints, so a run stopped between an epoch's steps and its
+    # row (in validation or KID) writes them when resumed; None: not known (a checkpoint
+    # from before they were kept, taken between two rows).
+    row_images: int = 0
+    row_seconds: float | None = 0.0
 
 
 @dataclass
@@ -150,6 +156,9 @@ def restore(state: TrainState, data: TrainData, run_dir: Path, cfg: RunConfig, r
         state.acc.zero_()  # the checkpoint holds the sum over all ranks; rank 0 carries it
     for key in ("best_kid", "best_standard_kid"):  # None: not measured yet
         setattr(state, key, math.inf if meta.get(key) is None else meta[key])
+    at_a_row = state.batch_in_epoch == 0 and state.epoch % cfg.train.epoch_end_every == 0
+    state.row_images = meta.get("row_images", 0)
+    state.row_seconds = meta.get("row_seconds", 0.0 if at_a_row else None)
     if distributed.is_main():
         truncate_metrics(run_dir, state.epoch)
     check_left_to_train(
@@ -218,6 +227,8 @@ def save_checkpoint(
             if math.isfinite(state.best_standard_kid)
             else None,
             "param_groups": state.optimizer.state_dict()["param_groups"],
+            "row_images": state.row_images,
+            "row_seconds": state.row_seconds,
             "precision": rt.precision,
             **(extra or {}),
         }
