@@ -299,6 +299,36 @@ def test_a_process_killed_mid_run_leaves_the_others_one_line(avatars16, tmp_path
     assert meta["step"] == 1  # what was written before survives
 
 
+@pytest.mark.parametrize("case", ["undecodable", "batch too large", "1x1 BatchNorm"])
+def test_an_error_every_process_finds_is_said_once(avatars16, tmp_path, case):
+    """Before: each process printed it ('animeddim [rank 1]: error: ...' under rank 0's line),
+    and a folder of undecodable files stopped rank 0 inside the disk-cache turn while rank 1
+    waited at its barrier, which then said it lost contact."""
+    data = avatars16
+    if case == "undecodable":
+        data = tmp_path / "bad"
+        data.mkdir()
+        for name in ("a.png", "b.png"):
+            (data / name).write_text("not an image")
+    args = train_args(data, tmp_path, "run")
+    if case == "batch too large":
+        args[args.index("--batch-size") + 1] = "40"
+    if case == "1x1 BatchNorm":
+        args += ["--image-size", "8", "--widths", "8,8,8,8", "--batch-size", "2"]
+    p = animeddim(*args, nproc=2, check=False)
+    said = [
+        line for line in p.stderr.splitlines() if line.startswith(("animeddim:", "animeddim ["))
+    ]
+    assert len(said) == 1 and said[0].startswith("animeddim: error: "), p.stderr
+    expected = {
+        "undecodable": "no usable image in folder",
+        "batch too large": "batch_size 40 is larger than the training split",
+        "1x1 BatchNorm": "gives BatchNorm one value per channel",
+    }
+    assert expected[case] in said[0] and "exitcode  : 2" in p.stderr, p.stderr
+    assert not any((tmp_path / "run").glob("checkpoints/*"))
+
+
 def test_helpers_are_identities_in_one_process():
     assert not distributed.is_distributed() and distributed.is_main()
     assert (distributed.rank(), distributed.world_size()) == (0, 1)

@@ -315,14 +315,21 @@ def on_main(fn: Callable[[], Any]) -> None:
 
 def on_every(fn: Callable[[], Any]) -> Any:
     """`fn()` on every rank (e.g. reading what each node sees of the data folder); if it raises
-    on any rank, every rank raises: rank 0 the first failing rank's error, naming that process,
-    the others a copy marked ``mirrored`` (printed once). `fn` must call no collective.
-    """
+    on any rank, every rank raises (:func:`agree`). `fn` must call no collective."""
     error, result = None, None
     try:
         result = fn()
     except Exception as e:  # noqa: BLE001 - shared with the other ranks, then re-raised
         error = e
+    agree(error)
+    return result
+
+
+def agree(error: Exception | None) -> None:
+    """Every rank passes its error or None; if any is an error, every rank raises: rank 0 the
+    first failing rank's error, naming that process when it is another, the other ranks a
+    copy marked ``mirrored`` (the CLI prints it once). A collective: every rank must call it.
+    """
     if is_distributed():
         errors = all_gather_object(_portable(error))
         failed = next((r for r, e in enumerate(errors) if e is not None), None)
@@ -338,7 +345,6 @@ def on_every(fn: Callable[[], Any]) -> Any:
                 raise first
     if error is not None:
         raise error
-    return result
 
 
 def check_same(values: dict[str, Any], fix: str) -> None:
@@ -392,16 +398,22 @@ def held_on_main(make: Callable[[], contextlib.AbstractContextManager]) -> Itera
 
 @contextlib.contextmanager
 def local_main_first() -> Iterator[None]:
-    """Run the body on each node's LOCAL_RANK 0 first, then on the other ranks.
+    """Run the body on each node's LOCAL_RANK 0 first, then on the other ranks; an error in the
+    body on any rank is raised on every rank (:func:`agree`), none waits for a rank that failed.
 
-    For work that fills a cache the others can reuse (the decoded-image disk cache).
+    For work that fills a cache the others can reuse (the decoded-image disk cache). The body
+    must call no collective.
     """
-    first = local_rank() == 0
+    first, error = local_rank() == 0, None
     if not first:
-        barrier()
-    yield
+        agree(None)  # the first processes' turn
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - shared with the other ranks, then re-raised
+        error = e
+    agree(error)
     if first:
-        barrier()
+        agree(None)  # the other processes' turn
 
 
 # --- model ----------------------------------------------------------------------------------

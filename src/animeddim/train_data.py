@@ -72,18 +72,27 @@ def check_batchnorm_batch(cfg: RunConfig, world_size: int) -> None:
     inner = cfg.model.image_size // 2 ** (len(cfg.model.widths) - 1)
     per_rank = cfg.train.batch_size // world_size
     if per_rank * inner * inner < 2:
-        raise ConfigError(
+        error = ConfigError(
             f"with --image-size {cfg.model.image_size} and {len(cfg.model.widths)} widths the "
             f"innermost level is {inner}x{inner} pixels, and a batch of {per_rank} image per "
             "process gives BatchNorm one value per channel: use --batch-size 2 or more "
             "(per process), a larger --image-size or fewer --widths"
         )
+        error.mirrored = not distributed.is_main()  # every rank finds it; rank 0 reports it
+        raise error
 
 
 def check_data(
     cfg: RunConfig, data: TrainData, root: Path, resume: bool, allow_changed: bool, log
 ) -> None:
-    """ConfigError if the split cannot train, or a resume is on other data than the run's."""
+    """ConfigError if the split cannot train, or a resume is on other data than the run's
+    (found by every process: raised once, not once per process)."""
+    distributed.on_every(lambda: _check_data(cfg, data, root, resume, allow_changed, log))
+
+
+def _check_data(
+    cfg: RunConfig, data: TrainData, root: Path, resume: bool, allow_changed: bool, log
+) -> None:
     n, n_train, n_val = len(data.imageset.images), len(data.train_idx), len(data.val_idx)
     if data.steps_per_epoch == 0:
         raise ConfigError(
