@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli, run_here, shared_dir, tiny_config
+from conftest import run_cli, run_here, run_main, shared_dir, tiny_config
 from PIL import Image
 
 from animeddim import datasets
@@ -741,3 +741,42 @@ def test_attributes_train_on_class_folders_and_a_csv(tmp_path: Path) -> None:
     run_here(*args)
     vocab = load_classifier(tmp_path / "e.safetensors")[0].config.vocab
     assert vocab == {"colour": ("blue", "red"), "shade": ("dark",)}
+
+
+@pytest.mark.parametrize("stop", ["Ctrl-C", "SIGTERM"])
+def test_attributes_train_stopped_says_on_its_own_line_that_nothing_was_saved(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, stop: str
+) -> None:
+    """Ctrl-C (or SIGTERM) while `attributes train` trains (before: `animeddim: interrupted`
+    glued to the end of the progress bar's line, '... loss=0.693]animeddim: interrupted',
+    saying nothing of the classifier). The bar is closed first; the message is a line of its
+    own saying that nothing was written and how to go on; exit 130 (143)."""
+    import animeddim.attributes as attributes_mod
+    from animeddim.interrupts import Terminated
+
+    for k in range(6):
+        for cls, rgb in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+            _write_png(tmp_path / "imgs" / cls / f"{k}.png", rgb, size=16)
+    real, calls = attributes_mod._augment, []
+
+    def augment(*args):  # the third optimiser step is where the signal lands
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt if stop == "Ctrl-C" else Terminated()
+        return real(*args)
+
+    monkeypatch.setattr(attributes_mod, "_augment", augment)
+    clf = tmp_path / "c.safetensors"
+    rc, out, err = run_main(
+        capsys, "attributes", "train", "--data", tmp_path / "imgs", "--labels", "folders",
+        "--image-size", "16", "--epochs", "4", "--batch-size", "4", "--out", clf,
+    )  # fmt: skip
+    word = "interrupted" if stop == "Ctrl-C" else "terminated (SIGTERM)"
+    assert rc == (130 if stop == "Ctrl-C" else 143) and not out
+    *bar, last = err.rstrip("\n").split("\n")
+    assert last == (
+        f"animeddim: {word}: nothing saved (the classifier is written once its training ends; "
+        f"{clf} was not written); run the same command again to train it"
+    )
+    assert "classifier:" in bar[-1] and "2/" in bar[-1]  # the bar, ended where it stopped
+    assert not clf.exists() and not clf.with_suffix(".json").exists()

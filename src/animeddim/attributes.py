@@ -436,30 +436,30 @@ def train_classifier(
     )
     columns = [list(cfg.vocab).index(a) for a in trained]
     t0 = time.perf_counter()
-    bar = tqdm(
+    # closed on Ctrl-C too: the message that follows gets a line of its own
+    with tqdm(
         total=s.epochs * steps_per_epoch, desc="classifier", unit="step", disable=not progress
-    )
-    for _ in range(s.epochs):
-        net.eval()  # kept parts keep their BatchNorm statistics
-        for m in parts:
-            m.train()
-        perm = torch.as_tensor(train)[torch.randperm(len(train), generator=g)]
-        for i in range(0, len(perm), s.batch_size):
-            idx = perm[i : i + s.batch_size]
-            logits = net(_augment(x_all[idx], s, g), only=trained)
-            y = y_all[idx]
-            loss = sum(
-                F.cross_entropy(logits[a], y[:, k], ignore_index=NULL)
-                for a, k in zip(trained, columns, strict=True)
-                if (y[:, k] != NULL).any()
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
+    ) as bar:
+        for _ in range(s.epochs):
+            net.eval()  # kept parts keep their BatchNorm statistics
+            for m in parts:
+                m.train()
+            perm = torch.as_tensor(train)[torch.randperm(len(train), generator=g)]
+            for i in range(0, len(perm), s.batch_size):
+                idx = perm[i : i + s.batch_size]
+                logits = net(_augment(x_all[idx], s, g), only=trained)
+                y = y_all[idx]
+                loss = sum(
+                    F.cross_entropy(logits[a], y[:, k], ignore_index=NULL)
+                    for a, k in zip(trained, columns, strict=True)
+                    if (y[:, k] != NULL).any()
+                )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
     net.eval()
     summary: dict[str, Any] = {
         "train_images": len(train),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -136,24 +137,17 @@ def add_parsers(sub: Any, positive_int: Callable[..., Callable[[str], int]]) -> 
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .attributes import (
-        ClassifierConfig,
-        TrainSettings,
-        config_record,
-        labelled_folders,
-        save_classifier,
-        train_classifier,
-    )
+    from .attributes import save_classifier
     from .cli import CliError
-    from .cli.common import need_folder
-    from .outputs import new_file
+    from .cli.common import EXIT_INTERRUPTED, EXIT_TERMINATED, _prog, need_folder
+    from .interrupts import Terminated, deferred
+    from .io import write_text_atomic
+    from .outputs import distinct, new_file
 
     if not 0 <= a.val_fraction < 1:
         raise CliError(f"--val-fraction must be in [0, 1), got {a.val_fraction}")
     if not (math.isfinite(a.lr) and a.lr > 0):  # inf trained to NaN weights and saved them
         raise CliError(f"--lr must be a finite number > 0, got {a.lr}")
-    from .outputs import distinct
-
     out_json = Path(a.out).with_suffix(".json")
     distinct([("--out", Path(a.out)), ("its accuracy JSON", out_json)])
     new_file(a.out, a.force)
@@ -161,6 +155,48 @@ def cmd_train(a: argparse.Namespace) -> int:
     for d in [*a.data, *([a.held_out] if a.held_out else [])]:
         need_folder(d)
     crops = parse_crops(a.crop)
+    t = time.perf_counter()
+    try:
+        net, summary, n_images = _train(a, crops)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
+        stop = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(
+            f"{_prog()}: {stop}: nothing saved (the classifier is written once its training "
+            f"ends; {a.out} was not written); run the same command again to train it",
+            file=sys.stderr,
+        )
+        return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
+    with deferred():  # the classifier and its JSON are written together
+        save_classifier(a.out, net, {"training": summary})
+        write_text_atomic(out_json, json.dumps(summary, indent=2) + "\n")
+    print(
+        f"classifier: {a.out} ({n_images} images, {summary['train_seconds']:.0f}s training, "
+        f"{time.perf_counter() - t:.0f}s in all); accuracy in {out_json}"
+    )
+    for what in ("held_out_accuracy", "val_accuracy"):
+        if what in summary:
+            print(
+                f"{what.replace('_', ' ')}: "
+                + ", ".join(f"{k} {100 * v:.1f}%" for k, v in summary[what].items())
+            )
+            break
+    return 0
+
+
+def _train(
+    a: argparse.Namespace, crops: dict[str, tuple[int, int, int, int]]
+) -> tuple[Any, dict[str, Any], int]:
+    """Read the labelled folders, train the classifier and measure it: the network, the
+    summary its JSON holds and the number of images read. Nothing is written."""
+    from .attributes import (
+        ClassifierConfig,
+        TrainSettings,
+        config_record,
+        labelled_folders,
+        train_classifier,
+    )
+    from .cli import CliError
+
     init = None
     if a.init:
         from .attributes import SHIPPED_CLASSIFIER, load_classifier
@@ -169,7 +205,6 @@ def cmd_train(a: argparse.Namespace) -> int:
         a.image_size = init.config.image_size
         if not crops:
             raise CliError("--init keeps what the classifier reads: give a --crop to train")
-    t = time.perf_counter()
     images, codes, vocab = labelled_folders(
         a.data,
         a.image_size,
@@ -204,23 +239,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     }
     if a.held_out:
         summary.update(held_out_accuracy(net, a.held_out))
-    save_classifier(a.out, net, {"training": summary})
-    out_json = Path(a.out).with_suffix(".json")
-    from .io import write_text_atomic
-
-    write_text_atomic(out_json, json.dumps(summary, indent=2) + "\n")
-    print(
-        f"classifier: {a.out} ({len(images)} images, {summary['train_seconds']:.0f}s training, "
-        f"{time.perf_counter() - t:.0f}s in all); accuracy in {out_json}"
-    )
-    for what in ("held_out_accuracy", "val_accuracy"):
-        if what in summary:
-            print(
-                f"{what.replace('_', ' ')}: "
-                + ", ".join(f"{k} {100 * v:.1f}%" for k, v in summary[what].items())
-            )
-            break
-    return 0
+    return net, summary, len(images)
 
 
 def parse_crops(specs: list[str]) -> dict[str, tuple[int, int, int, int]]:
