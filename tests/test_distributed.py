@@ -329,6 +329,15 @@ def test_an_error_every_process_finds_is_said_once(avatars16, tmp_path, case):
     assert not any((tmp_path / "run").glob("checkpoints/*"))
 
 
+def test_a_global_batch_below_the_number_of_processes_names_one_value(monkeypatch):
+    # Before: '--batch-size 1 ... (2): use 2 or 2'.
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(ConfigError, match=r"number of processes \(2\): use 2$"):
+        distributed.check_global_batch(1)
+    with pytest.raises(ConfigError, match=r"\(2\): use 4 or 6$"):
+        distributed.check_global_batch(5)
+
+
 def test_helpers_are_identities_in_one_process():
     assert not distributed.is_distributed() and distributed.is_main()
     assert (distributed.rank(), distributed.world_size()) == (0, 1)

@@ -215,7 +215,7 @@ def check_global_batch(batch_size: int) -> None:
         lower, upper = batch_size // w * w, (batch_size // w + 1) * w
         error = ConfigError(
             f"--batch-size {batch_size} is the global batch and must be divisible by the "
-            f"number of processes ({w}): use {lower or upper} or {upper}"
+            f"number of processes ({w}): use {f'{lower} or ' if lower else ''}{upper}"
         )
         error.mirrored = not is_main()  # every rank finds it; rank 0 reports it
         raise error
