@@ -87,6 +87,12 @@ def _add_sample_compile(p: argparse.ArgumentParser) -> None:
 
 
 RECOMMENDED = "the model file's recommendation (export --sampler --steps), else"
+# Image i's noise is seeded per image, so the batch size does not choose the images; the
+# network's arithmetic does vary with the batch's shape (a pixel may move by one level).
+BATCH_HELP = (
+    "images per forward pass; the same images whatever it is, up to float rounding (a pixel "
+    "may differ by one level) (default 64)"
+)
 
 
 def _add_sampling(p: argparse.ArgumentParser, n_default: int, n_min: int = 1) -> None:
@@ -117,7 +123,7 @@ def _add_sampling(p: argparse.ArgumentParser, n_default: int, n_min: int = 1) ->
         "--batch-size",
         type=_positive_int("batch-size"),
         default=64,
-        help="images per forward pass; does not change the images (default 64)",
+        help=BATCH_HELP,
     )
     _add_sample_compile(p)
     _add_runtime(p)

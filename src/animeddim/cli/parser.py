@@ -21,6 +21,7 @@ from .commands import (
 )
 from .common import _Bars, _Parser
 from .options import (
+    BATCH_HELP,
     PATH,
     STEPS,
     _add_clip,
@@ -236,7 +237,7 @@ def _add_steps_command(sub) -> None:
         "--batch-size",
         type=_positive_int("batch-size"),
         default=64,
-        help="images per forward pass; does not change the images (default 64)",
+        help=BATCH_HELP,
     )
     p.add_argument(
         "--out", type=PATH, help="folder for steps.csv/.md/.png (default: the run folder)"
@@ -261,7 +262,7 @@ def _add_invert_command(sub) -> None:
         "--batch-size",
         type=_positive_int("batch-size"),
         default=64,
-        help="images per forward pass; does not change the images (default 64)",
+        help=BATCH_HELP,
     )
     _add_force(p, "an earlier inversion in --out")
     _add_runtime(p)
@@ -294,7 +295,7 @@ def _add_interpolate_command(sub) -> None:
         "--batch-size",
         type=_positive_int("batch-size"),
         default=64,
-        help="images per forward pass; does not change the images (default 64)",
+        help=BATCH_HELP,
     )
     _add_force(p, "existing FILE.png / FILE.gif")
     _add_runtime(p)
