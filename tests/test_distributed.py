@@ -338,6 +338,19 @@ def test_a_global_batch_below_the_number_of_processes_names_one_value(monkeypatc
         distributed.check_global_batch(5)
 
 
+def test_sample_processes_started_with_other_options_are_refused(one_process_run, tmp_path):
+    """Before: each process drew its block of its own --n (or --seed) and rank 0 wrote what
+    came: '--n 4' and '--n 6' gave 5 images, the last three those of indices 3..5 named 2..4."""
+    common = ["sample", "--run", str(one_process_run), "--steps", "2", "--out", str(tmp_path / "s")]
+    p0, p1 = by_hand([[*common, "--n", "4"], [*common, "--n", "6"]], [tmp_path, tmp_path])
+    assert (p0.returncode, p1.returncode) == (2, 2), (p0.stderr, p1.stderr)
+    assert p0.stderr.strip() == (
+        "animeddim: error: process 1 of 2 has --n = 6, process 0 has 4: start every process "
+        "with the same command and options (torchrun does, on each node)"
+    )
+    assert p1.stderr == "" and not (tmp_path / "s").exists()
+
+
 def test_helpers_are_identities_in_one_process():
     assert not distributed.is_distributed() and distributed.is_main()
     assert (distributed.rank(), distributed.world_size()) == (0, 1)

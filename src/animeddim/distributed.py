@@ -347,7 +347,10 @@ def agree(error: Exception | None) -> None:
         raise error
 
 
-def check_same(values: dict[str, Any], fix: str) -> None:
+SAME_COMMAND = "start every process with the same command and options (torchrun does, on each node)"
+
+
+def check_same(values: dict[str, Any], fix: str = SAME_COMMAND) -> None:
     """ConfigError on every rank unless each rank's `values` (nested dicts are named
     ``section.key``) equal rank 0's; the message names the first that differs, then `fix`."""
     if not is_distributed():

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .. import conditional_cli, outputs
 from ..config import KID_PROTOCOLS
@@ -65,7 +66,7 @@ def _settings(a: argparse.Namespace, device, loaded=None, **over):
 
 
 def cmd_sample(a: argparse.Namespace) -> int:
-    from ..distributed import shard_images
+    from ..distributed import check_same, shard_images
     from ..io import save_grid
     from ..pipelines import draw, trajectory
 
@@ -81,6 +82,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
     if a.attrs_from and a.grid_by:
         raise CliError("--attrs-from sets every image's attributes: give it without --grid-by")
     loaded, device = load_for_sampling(a.run, a.model, a.device)
+    check_same(_options(a))  # under torchrun each process draws its share of the same images
     if a.out or a.grid:  # --trajectory alone draws its own few images
         check_fits_in_memory(a.n, loaded.config.model.image_size)
     settings = _settings(a, device, loaded)
@@ -131,6 +133,12 @@ def drawn_line(n: int, settings, seconds: float) -> str:
         f"{n} images, {settings.steps} {settings.sampler} steps, eta {settings.eta:g}{clipped}: "
         f"{seconds:.1f}s ({n / seconds:.2f} images/s)"
     )
+
+
+def _options(a: argparse.Namespace) -> dict[str, Any]:
+    """The command's options by flag (`--n`: 4), to compare between processes."""
+    plain = (str, int, float, bool, list, tuple, type(None))
+    return {f"--{k.replace('_', '-')}": v for k, v in vars(a).items() if isinstance(v, plain)}
 
 
 def available_memory() -> int | None:
