@@ -1073,3 +1073,34 @@ def test_a_list_with_an_empty_item_is_refused_not_shortened(capsys, tmp_path):
         assert rc == 2, err
         _one_line(err, f"argument {flag}: expected comma-separated", repr(argv[2]))
     assert not (tmp_path / "r").exists()
+
+
+def test_a_setting_listed_twice_or_one_end_given_twice_is_refused(
+    run, avatars16, tmp_path, capsys, fake
+):
+    """`steps --steps 2,1,2` (or an eta, a sampler twice) measured that setting twice and wrote
+    two rows of it; `evaluate --protocols standard,standard` likewise; `interpolate --seeds 1 1`
+    (or one image twice) wrote 16 identical frames without a word. Each is one line, exit 2,
+    before any work."""
+    out = tmp_path / "st"
+    for flag, value, named in (("--steps", "2,1,2", "--steps: 2"),
+                               ("--eta", "0,0.5,0.0,0.5", "--eta: 0, 0.5"),
+                               ("--samplers", "ddim,unipc,ddim", "--samplers: ddim")):  # fmt: skip
+        rc, _, err = run_main(capsys, "steps", "--run", run, "--real", avatars16, "--n", 2,
+                              flag, value, "--out", out)  # fmt: skip
+        assert rc == 2, err
+        _one_line(err, f"{named} given more than once")
+        assert not out.exists() and fake.calls == 0
+    rc, _, err = run_main(capsys, "evaluate", "--run", run, "--real", avatars16, "--n", 2,
+                          "--protocols", "standard,standard", "--out", out / "e.json")  # fmt: skip
+    assert rc == 2, err
+    _one_line(err, "--protocols: standard given more than once")
+    image = next(Path(avatars16).glob("*.png"))
+    for ends, named in ((("--seeds", 1, 1), "--seeds 1 1"),
+                        (("--images", image, Path(avatars16) / ".." / Path(avatars16).name /
+                          image.name), "twice")):  # fmt: skip
+        rc, _, err = run_main(capsys, "interpolate", "--run", run, *ends, "--frames", 2,
+                              "--out", out / "ip")  # fmt: skip
+        assert rc == 2, err
+        _one_line(err, named, "every frame would be one image")
+        assert not out.exists()

@@ -89,7 +89,19 @@ def _names(text: str, choices: tuple[str, ...], what: str) -> list[str]:
     bad = [x for x in names if x not in choices]
     if bad or not names:
         raise CliError(f"unknown {what}(s) {bad or text!r}: choose from {', '.join(choices)}")
-    return names
+    return once(names, f"--{what}s")
+
+
+def once(values: list, what: str) -> list:
+    """`values`, refused if one is given twice (`--steps 2,1,2` would measure 2 twice and
+    write two rows of it)."""
+    twice = [v for k, v in enumerate(values) if v in values[:k]]
+    if twice:
+        listed = ", ".join(
+            f"{v:g}" if isinstance(v, float) else str(v) for v in dict.fromkeys(twice)
+        )
+        raise CliError(f"{what}: {listed} given more than once; give each once")
+    return values
 
 
 def _is_main() -> bool:

@@ -11,7 +11,7 @@ from typing import Any
 from .. import conditional_cli, outputs
 from ..config import KID_PROTOCOLS
 from ..diffusion.sampler_names import SAMPLER_NAMES
-from .common import CliError, _Bars, _is_main, _names, need_folder, shown
+from .common import CliError, _Bars, _is_main, _names, need_folder, once, shown
 
 
 def load_for_sampling(run: str | None, model: str | None, device_name: str | None):
@@ -319,11 +319,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_steps(a: argparse.Namespace) -> int:
     from ..pipelines import steps_study
 
-    loaded, device = load_for_sampling(a.run, a.model, a.device)
-    check_fits_in_memory(a.n, loaded.config.model.image_size)  # each setting's --n images
     samplers = _names(a.samplers, SAMPLER_NAMES, "sampler")
     if any(not 1 <= s <= 1000 for s in a.steps) or not a.steps:
         raise CliError(f"steps must be in 1..1000, got {a.steps}")
+    once(a.steps, "--steps"), once(a.eta, "--eta")
+    loaded, device = load_for_sampling(a.run, a.model, a.device)
+    check_fits_in_memory(a.n, loaded.config.model.image_size)  # each setting's --n images
     out = Path(a.out) if a.out else (Path(a.run) if a.run and Path(a.run).is_dir() else None)
     if out is None:
         raise CliError("give --out DIR (no run folder to write into)")
@@ -375,6 +376,16 @@ def cmd_interpolate(a: argparse.Namespace) -> int:
         raise CliError(
             "--images are inverted with DDIM and decoded with the same unclipped DDIM: "
             "drop --sampler and --clip-x0"
+        )
+    same = (a.seeds and a.seeds[0] == a.seeds[1]) or (
+        a.images and Path(a.images[0]).resolve() == Path(a.images[1]).resolve()
+    )
+    if same:  # both ends one noise: every frame would be the same image
+        given = f"--seeds {a.seeds[0]} {a.seeds[1]}" if a.seeds else f"--images {a.images[0]} twice"
+        what = "seeds" if a.seeds else "images"
+        raise CliError(
+            f"{given}: both ends are the same, so every frame would be one image; give two "
+            f"different {what}"
         )
     if a.steps is None:  # inverted ends need more steps than a decode from seeds
         a.steps = 50 if a.images else 20
