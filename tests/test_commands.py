@@ -346,3 +346,19 @@ def test_train_eval_every_measures_what_evaluate_measures(
     )  # fmt: skip
     assert rc == 2 and "--eval-real" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "refused").exists()
+
+
+def test_sample_says_when_its_rate_includes_compilation():
+    """`sample --compile` printed '(0.16 images/s)' for 2 images: the seconds of the first
+    call's compilation, not the sampler's speed. The line says when they are included (an
+    explicit --compile, or a job large enough to compile by default)."""
+    from animeddim.cli.sampling import drawn_line
+    from animeddim.pipelines import SampleSettings
+
+    def rate(n, steps, compile):
+        line = drawn_line(n, SampleSettings(steps=steps, compile=compile), 2.0)
+        return line[line.index("(") :]
+
+    assert rate(4, 2, True) == "(2.00 images/s, compilation included)"
+    assert rate(4, 2, False) == "(2.00 images/s)"
+    assert rate(4, 2, None) == "(2.00 images/s)"  # 8 image-steps: not compiled by default
