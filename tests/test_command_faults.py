@@ -1104,3 +1104,31 @@ def test_a_setting_listed_twice_or_one_end_given_twice_is_refused(
         assert rc == 2, err
         _one_line(err, named, "every frame would be one image")
         assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("error", "where"),
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0)"), "GPU"),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 6e11 "
+                      "bytes. Error code 12 (Cannot allocate memory)"), "host"),  # fmt: skip
+    ],
+)
+def test_running_out_of_memory_is_one_line_naming_the_batch_size(
+    run, tmp_path, capsys, monkeypatch, error, where
+):
+    """A --batch-size too large for the GPU ended in torch's OutOfMemoryError traceback (and
+    the CPU allocator's RuntimeError likewise): now one line naming the memory and the option
+    that needs less of it, exit 1, no output written."""
+
+    def draw(*args, **kwargs):
+        raise error
+
+    from animeddim import distributed
+
+    monkeypatch.setattr(distributed, "shard_images", draw)  # imported by sample when it runs
+    out = tmp_path / "s"
+    rc, _, err = run_main(capsys, "sample", "--run", run, "--n", 2, "--out", out)
+    assert rc == 1, err
+    _one_line(err, f"out of {where} memory", str(error).splitlines()[0][:60], "--batch-size")
+    assert not out.exists() or not any(out.iterdir())

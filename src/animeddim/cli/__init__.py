@@ -65,6 +65,22 @@ def _lost_peer(error: RuntimeError) -> str | None:
     return None if d is None else d.lost_peer(error)
 
 
+def _out_of_memory(error: RuntimeError) -> str | None:
+    """What to say for an allocation that failed (a GPU's OutOfMemoryError, the CPU
+    allocator's "can't allocate memory"), else None (a traceback then: a fault of ours).
+    Nothing written is lost by it: checkpoints and outputs are written whole or not at all."""
+    text = str(error)
+    gpu = type(error).__name__ == "OutOfMemoryError"
+    if not (gpu or "can't allocate memory" in text):
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    where = "GPU" if gpu else "host"
+    return (
+        f"out of {where} memory ({first[:200]}); a smaller --batch-size (images per forward "
+        "pass) needs less"
+    )
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
     interrupts.seen.add(signum)  # progress updates raise it again if this raise is swallowed
@@ -137,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     except RuntimeError as e:  # under torchrun: another process gone mid-collective
-        lost = _lost_peer(e)
+        lost = _lost_peer(e) or _out_of_memory(e)
         if lost is None:
             raise
         _close_bars()
