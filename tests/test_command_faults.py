@@ -691,6 +691,56 @@ def test_steps_evaluate_interpolate_report_refuse_existing_outputs(
     assert "animeddim report" in (rep / "report.md").read_text()
 
 
+def test_a_report_stopped_before_its_end_is_written_again_without_force(
+    run, tmp_path, capsys, monkeypatch
+):
+    """Ctrl-C (or a kill) while `report` writes left part of a report, and the same command
+    again was refused: `already holds earlier outputs (fig1-forward-run.png and 5 more); use
+    --force`. A report being written leaves a note in --out until its page is written; with
+    the note there the next call replaces the unfinished report without --force. A whole
+    report is refused as before, also after a `--force` call that failed before writing."""
+    from animeddim.report import page
+
+    rep, note = tmp_path / "rep", tmp_path / "rep" / ".animeddim-report-pending"
+    args = ["report", "--run", run, "--out", rep, "--steps", 1]
+    real_plot = page.plot_losses
+
+    def ctrl_c(*args, **kwargs):  # as the SIGINT handler does, once Fig. 1 and the tables are
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(page, "plot_losses", ctrl_c)
+    rc, _, err = run_main(capsys, *args)
+    assert rc == 130 and not (rep / "report.md").exists()
+    assert "table1.md" in _files(rep) and "fig1-forward-run.png" in _files(rep)
+    noted = note.is_file()
+    monkeypatch.setattr(page, "plot_losses", real_plot)
+    rc, _, err = run_main(capsys, *args)
+    assert rc == 0, err  # before: 2, "already holds earlier outputs (...); use --force"
+    assert noted
+    _one_line(err, f"note: '{rep}' holds a report stopped before its end: written again")
+    assert "animeddim report" in (rep / "report.md").read_text() and not note.exists()
+    whole = _files(rep)
+    assert "fig4-losses.png" in whole
+
+    rc, _, err = run_main(capsys, *args)  # a whole report: --force, as before
+    assert rc == 2 and _files(rep) == whole
+    _one_line(err, "already holds earlier outputs", "--force")
+    rc, _, err = run_main(capsys, "report", "--run", tmp_path / "nope", "--out", rep, "--force")
+    assert rc == 2 and "does not exist" in err and _files(rep) == whole  # nothing started
+    rc, _, err = run_main(capsys, *args)
+    assert rc == 2 and "--force" in err
+
+    # --force stopped part-way leaves a mix of two reports; the next call leaves one
+    (rep / "fig3-kid.png").write_bytes(whole["fig4-losses.png"])  # of a run with KID
+    monkeypatch.setattr(page, "plot_losses", ctrl_c)
+    rc, _, err = run_main(capsys, *args, "--force")
+    assert rc == 130 and note.is_file() and (rep / "fig3-kid.png").is_file()
+    monkeypatch.setattr(page, "plot_losses", real_plot)
+    rc, _, err = run_main(capsys, *args)
+    assert rc == 0, err
+    assert sorted(_files(rep)) == sorted(whole)  # the earlier report's fig3-kid.png is gone
+
+
 def test_evaluate_default_names_never_collide(run, avatars16, capsys, fake, monkeypatch):
     monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20260101-000000")
     before = set(run.glob("eval-*.json"))

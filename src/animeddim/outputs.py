@@ -21,6 +21,9 @@ REPORT_NAMES = re.compile(  # what `report --out DIR` writes
     r"report\.(md|html)|fig[\w.-]*\.png|samples-[\w.-]+\.png|"
     r"(table[\w.-]*|steps-table)\.(md|csv)"
 )
+# Left in --out while a report is written: a report stopped before its end (Ctrl-C, a kill,
+# a full disk) is written again by the next call without --force (`unfinished`).
+REPORT_PENDING = ".animeddim-report-pending"
 STEPS_NAMES = ("steps.csv", "steps.md", "steps.png")
 INVERT_NAMES = ("latents.safetensors", "side-by-side.png")
 COVERAGE_NAMES = ("coverage.json", "coverage.csv", "coverage.md", "coverage.png")
@@ -147,6 +150,13 @@ def earlier_outputs(
             "use --force to replace them (or choose another folder)"
         )
     return found
+
+
+def unfinished(folder: str | Path, note: str) -> bool:
+    """Whether `folder` holds `note` (:data:`REPORT_PENDING`): a command that writes it
+    before its first output and removes it after its last was stopped in between, so the
+    outputs there are its unfinished ones, which the next call replaces without --force."""
+    return (Path(folder) / note).is_file()
 
 
 def remove(files: Iterable[Path]) -> None:

@@ -128,10 +128,16 @@ def cmd_report(a: argparse.Namespace) -> int:
     from ..report import write_report
     from ..runtime import resolve_device
 
-    earlier = outputs.signature(outputs.earlier_outputs(a.out, outputs.REPORT_NAMES, a.force))
-    page = write_report(
-        a.run, Path(a.out), device=resolve_device(a.device), seed=a.seed, steps=a.steps
-    )
+    out = Path(a.out)
+    # a report stopped before its end (Ctrl-C, a kill) is written again without --force
+    replace = a.force or outputs.unfinished(out, outputs.REPORT_PENDING)
+    earlier = outputs.signature(outputs.earlier_outputs(out, outputs.REPORT_NAMES, replace))
+    if earlier and not a.force:
+        print(
+            f"note: {str(out)!r} holds a report stopped before its end: written again",
+            file=sys.stderr,
+        )
+    page = write_report(a.run, out, device=resolve_device(a.device), seed=a.seed, steps=a.steps)
     outputs.remove_unchanged(earlier)  # --force: no figure of an earlier report is left
     print(f"report: {page} and {page.with_suffix('.html')}")
     return 0

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..io import save_grid, write_bytes_atomic, write_text_atomic
+from ..outputs import REPORT_PENDING
 from ..run_folder import DASH, RunFiles, RunFolderError, read_run, unique_names
 from .figures import (
     first_reference_image,
@@ -201,6 +202,10 @@ def _samples(run: RunFiles, loaded, out: Path, seed: int, steps: int, device) ->
     return [("h3", f"Run {run.name}"), ("img", name, f"Samples, run {run.name}"), ("p", text)]
 
 
+PENDING_TEXT = (  # what the note of a report being written says to whoever finds it
+    "A report is being written into this folder. If this file stays, that report was stopped "
+    "before its end: `animeddim report` writes the folder again without --force.\n"
+)
 GRID_MAX_VALUES = 16  # attributes with more values get no grid (too tall to read)
 
 
@@ -278,7 +283,9 @@ def write_report(
     conditional model, see `grid_file_names`), fig3-kid.png (if any run has KID),
     fig3-standard-kid.png (if any run was trained with --eval-every), fig4-losses.png,
     table1.md/.csv, table2-<run>.md/.csv, and steps-table.md/.csv with fig-steps.png when
-    a run has steps.csv. Only files in the run folders are read.
+    a run has steps.csv. Only files in the run folders are read. From the first file to the
+    last, out/.animeddim-report-pending says a report is being written: one stopped before
+    its end leaves it, and `animeddim report` then writes the folder again without --force.
 
     :param runs: run folders written by `animeddim train` (a list; one folder alone may be
         given as a str or Path).
@@ -317,6 +324,10 @@ def write_report(
         ),
     ]
     loaded = {r.name: _load(r, device) for r in data}
+    # From here until the page is written `out` holds part of a report; a call stopped in
+    # between leaves this note, and `animeddim report` then writes it again without --force.
+    pending = out / REPORT_PENDING
+    write_text_atomic(pending, PENDING_TEXT)
 
     # Fig. 1, then the sample grids
     blocks.append(("h2", "Fig. 1. Forward and reverse diffusion"))
@@ -332,6 +343,7 @@ def write_report(
     page = out / "report.md"
     write_text_atomic(page, render_markdown(blocks))
     write_text_atomic(out / "report.html", render_html(blocks, "animeddim report"))
+    pending.unlink(missing_ok=True)
     return page
 
 
