@@ -1160,8 +1160,13 @@ def test_a_setting_listed_twice_or_one_end_given_twice_is_refused(
     ("error", "where"),
     [
         (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0)"), "GPU"),
-        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 6e11 "
-                      "bytes. Error code 12 (Cannot allocate memory)"), "host"),  # fmt: skip
+        (
+            RuntimeError(
+                "DefaultCPUAllocator: can't allocate memory: you tried to allocate 6e11 "
+                "bytes. Error code 12 (Cannot allocate memory)"
+            ),
+            "host",
+        ),  # fmt: skip
     ],
 )
 def test_running_out_of_memory_is_one_line_naming_the_batch_size(
