@@ -329,6 +329,25 @@ def test_an_error_every_process_finds_is_said_once(avatars16, tmp_path, case):
     assert not any((tmp_path / "run").glob("checkpoints/*"))
 
 
+@pytest.mark.parametrize("case", ["nothing to train", "no --init file"])
+def test_a_resume_or_init_every_process_refuses_is_said_once(
+    avatars16, one_process_run, tmp_path, case
+):
+    # Before: 'animeddim [rank 1]: error: ...' under rank 0's line.
+    if case == "nothing to train":
+        shutil.copytree(one_process_run, tmp_path / "run")
+        args = ["train", "--resume", str(tmp_path / "run"), "--quiet"]
+    else:
+        args = train_args(avatars16, tmp_path, "run", "--init", str(tmp_path / "none.safetensors"))
+    p = animeddim(*args, nproc=2, check=False)
+    said = [
+        line for line in p.stderr.splitlines() if line.startswith(("animeddim:", "animeddim ["))
+    ]
+    assert len(said) == 1 and said[0].startswith("animeddim: error: "), p.stderr
+    assert ("nothing to train" if case == "nothing to train" else "none.safetensors") in said[0]
+    assert "exitcode  : 2" in p.stderr, p.stderr
+
+
 def test_a_global_batch_below_the_number_of_processes_names_one_value(monkeypatch):
     # Before: '--batch-size 1 ... (2): use 2 or 2'.
     monkeypatch.setattr(distributed, "world_size", lambda: 2)

@@ -195,7 +195,9 @@ def train(
     distributed.on_main(lambda: check_start(cfg, run_dir, resume))
 
     # 2. Weights to start from, read before any image is decoded (a wrong file fails at once).
-    init_state = initial_weights(tc.init, log) if tc.init and not resume else None
+    init_state = None  # an error every rank finds is said once (as below: on_every)
+    if tc.init and not resume:
+        init_state = distributed.on_every(lambda: initial_weights(tc.init, log))
 
     with distributed.held_on_main(lambda: run_folder.lock(run_dir, log)):
         # 3. Data: decode once, split, statistics; refuse what cannot train before writing.
@@ -216,7 +218,7 @@ def train(
         #    (refused if it has nothing left to train, before config.json records anything).
         state = build_state(cfg, rt, init_state, data)
         if resume:
-            restore(state, data, run_dir, cfg, rt, log)
+            distributed.on_every(lambda: restore(state, data, run_dir, cfg, rt, log))
             distributed.on_main(lambda: write_config(run_dir, cfg))
         rt.net = compiled_network(state, cfg, rt, data.steps_per_epoch)
         rt.ema_tensors, rt.live_tensors = float_state(state.ema), float_state(state.model)
