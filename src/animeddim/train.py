@@ -182,7 +182,7 @@ def train(
     cfg.validate()
     tc = cfg.train
     device = distributed.setup(resolve_device(tc.device))
-    distributed.check_same({**cfg.to_dict(), "run folder": str(run_dir), "resume": resume}, SAME)
+    distributed.check_same({**cfg.to_dict(), "run folder": str(run_dir), "resume": resume})
     distributed.check_global_batch(tc.batch_size)
     check_batchnorm_batch(cfg, distributed.world_size())
     if not distributed.is_main():
@@ -289,9 +289,6 @@ def _epochs(cfg, run_dir, data, state, rt, progress, log, inception, eval_real) 
     skipped, tried = imageset.skipped, len(imageset.paths) + len(imageset.skipped)
     summary = data_mod.skip_summary(skipped, tried) if skipped else ""
     return TrainResult(run_dir, state.epoch, state.step, interrupted, last_row, summary)
-
-
-SAME = "start every process with the same command and options (torchrun does, on each node)"
 
 
 def _quiet(_: str) -> None:
