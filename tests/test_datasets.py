@@ -130,20 +130,32 @@ def _members() -> list[tuple[str, bytes]]:
     ]
 
 
-def _make_zip(path: Path) -> Path:
-    with zipfile.ZipFile(path, "w") as zf:
-        for name, blob in _members():
-            zf.writestr(name, blob)
+def _write_source(path: Path, fmt: str, members: list[tuple[str, bytes]]) -> Path:
+    """`members` (name, bytes) written as `data prepare` reads them: a "zip", a "tgz" or a
+    "folder" at `path`."""
+    if fmt == "zip":
+        with zipfile.ZipFile(path, "w") as zf:
+            for name, blob in members:
+                zf.writestr(name, blob)
+    elif fmt == "tgz":
+        with tarfile.open(path, "w:gz") as tf:
+            for name, blob in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(blob)
+                tf.addfile(info, io.BytesIO(blob))
+    else:
+        for name, blob in members:
+            (path / name).parent.mkdir(parents=True, exist_ok=True)
+            (path / name).write_bytes(blob)
     return path
+
+
+def _make_zip(path: Path) -> Path:
+    return _write_source(path, "zip", _members())
 
 
 def _make_tgz(path: Path) -> Path:
-    with tarfile.open(path, "w:gz") as tf:
-        for name, blob in _members():
-            info = tarfile.TarInfo(name)
-            info.size = len(blob)
-            tf.addfile(info, io.BytesIO(blob))
-    return path
+    return _write_source(path, "tgz", _members())
 
 
 @pytest.mark.parametrize("make", [_make_zip, _make_tgz], ids=["zip", "tgz"])
@@ -420,21 +432,7 @@ def test_prepare_passes_over_hidden_and_system_folders(tmp_path: Path, fmt: str)
         ("./faces/b.png", _png(_pixels(5))),  # tar's './': not a hidden folder
         ("./faces/._b.png", b"\x00\x05\x16\x07" + bytes(200)),  # macOS's tar adds these
     ]
-    src = tmp_path / f"src.{fmt}" if fmt != "folder" else tmp_path / "src"
-    if fmt == "zip":
-        with zipfile.ZipFile(src, "w") as zf:
-            for name, blob in members:
-                zf.writestr(name, blob)
-    elif fmt == "tgz":
-        with tarfile.open(src, "w:gz") as tf:
-            for name, blob in members:
-                info = tarfile.TarInfo(name)
-                info.size = len(blob)
-                tf.addfile(info, io.BytesIO(blob))
-    else:
-        for name, blob in members:
-            (src / name).parent.mkdir(parents=True, exist_ok=True)
-            (src / name).write_bytes(blob)
+    src = _write_source(tmp_path / (f"src.{fmt}" if fmt != "folder" else "src"), fmt, members)
     out = tmp_path / "out"
     p = run_here("data", "prepare", src, "--out", out, "--size", 8)
     assert sorted(x.name for x in out.iterdir()) == ["000000.png", "000001.png", "manifest.json"]
@@ -462,21 +460,7 @@ def test_prepare_notes_heic_photos(tmp_path: Path, fmt: str) -> None:
         ("photos/IMG_0001.HEIC", b"\x00\x00\x00\x18ftypheic" + bytes(64)),
         ("__MACOSX/photos/._IMG_0001.HEIC", bytes(200)),
     ]
-    src = tmp_path / f"src.{fmt}" if fmt != "folder" else tmp_path / "src"
-    if fmt == "zip":
-        with zipfile.ZipFile(src, "w") as zf:
-            for name, blob in members:
-                zf.writestr(name, blob)
-    elif fmt == "tgz":
-        with tarfile.open(src, "w:gz") as tf:
-            for name, blob in members:
-                info = tarfile.TarInfo(name)
-                info.size = len(blob)
-                tf.addfile(info, io.BytesIO(blob))
-    else:
-        for name, blob in members:
-            (src / name).parent.mkdir(parents=True, exist_ok=True)
-            (src / name).write_bytes(blob)
+    src = _write_source(tmp_path / (f"src.{fmt}" if fmt != "folder" else "src"), fmt, members)
     out = tmp_path / "out"
     p = run_here("data", "prepare", src, "--out", out, "--size", 8)
     heic = (
