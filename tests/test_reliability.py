@@ -762,6 +762,33 @@ def test_config_json_edited_where_a_resume_may_differ_still_resumes(avatars16, t
     assert "resuming" in out and (run / "metrics.csv").is_file()
 
 
+def test_a_conditional_run_whose_data_moved_with_its_labels_still_resumes(
+    cond_data, tmp_path, capsys
+):
+    """A conditional run's labels.csv lies in its data folder, so moving the data moves it
+    too: config.json edited to say where both are now resumes, as the data folder's place
+    alone did (before: refused, 'data.labels is .../labels.csv there and ... in config.json').
+    Which source the labels are (none, 'folders' or a CSV file) stays as the run started."""
+    data, moved, run = tmp_path / "data", tmp_path / "moved", tmp_path / "run"
+    shutil.copytree(cond_data, data)
+    cfg = tiny_config(data, max_steps=1)
+    cfg.data.labels = str(data / "labels.csv")
+    train(cfg.validate(), run, **QUIET)
+    shutil.move(data, moved)
+    d = json.loads((run / "config.json").read_text())
+    d["data"].update(path=str(moved), abs_path=str(moved.resolve()))
+    d["data"]["labels"] = str(moved / "labels.csv")
+    d["train"].update(max_steps=0)
+    (run / "config.json").write_text(json.dumps(d))
+    rc, out, err = run_main(capsys, "train", "--resume", run, "--quiet")
+    assert rc == 0, err
+    assert "resuming" in out and (run / "metrics.csv").is_file()
+    cfg = load_run_config(run)
+    cfg.data.labels = "folders"  # another source of labels: another run
+    with pytest.raises(ckpt.CheckpointError, match="belongs to another run: data.labels is"):
+        latest_checkpoint(run, cfg, log=lambda s: None)
+
+
 # --------------------------------------------------------------------------------------------
 # bad options of every command: one table
 

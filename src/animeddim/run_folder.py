@@ -324,8 +324,17 @@ def latest_checkpoint(
 
 # Settings of the data and train sections that a resumed run's config.json may hold otherwise
 # than its checkpoint, besides those marked resumable: where the data folder is (data moved:
-# config.json edited to say where) and the weights the run started from.
+# config.json edited to say where; its labels file too: `_kept`) and the weights the run
+# started from.
 RECORDS = {("data", "path"), ("data", "abs_path"), ("data", "fingerprint"), ("train", "init")}
+
+
+def _kept(section: str, name: str, value: Any) -> Any:
+    """What of a setting a run keeps: its value; of data.labels only its source (none,
+    'folders' or a labels file), as a labels file lying in the data folder moves with it."""
+    if (section, name) == ("data", "labels") and value not in ("", "folders"):
+        return "a labels file"
+    return value
 
 
 def _fixed(section: str, part: Any) -> list[str]:
@@ -355,7 +364,11 @@ def _check_same_run(meta: dict[str, Any], cfg: RunConfig, path: Path) -> None:
         raise ckpt.CheckpointError(f"{str(path)!r} has no usable config: {e}") from None
     for part in ("model", "schedule", "train", "data"):
         mine, theirs = getattr(cfg, part), getattr(stored, part)
-        diff = [k for k in _fixed(part, mine) if vars(theirs)[k] != vars(mine)[k]]
+        diff = [
+            k
+            for k in _fixed(part, mine)
+            if _kept(part, k, vars(theirs)[k]) != _kept(part, k, vars(mine)[k])
+        ]
         if diff:
             k = diff[0]
             raise ckpt.CheckpointError(
