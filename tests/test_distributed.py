@@ -415,3 +415,30 @@ def test_two_gloo_processes_sharing_one_gpu_train_like_one(avatars16, tmp_path):
     diff = max_differences(tmp_path / "one", tmp_path / "two")
     print(f"two gloo processes on one GPU vs one process: {diff}")
     assert diff["model"] < 1e-3 and diff["ema"] < 1e-3, diff
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["evaluate", "--real", "."], ["kid", ".", "."], ["steps", "--real", "."],
+     ["report", "--run", ".", "--out", "r"], ["data", "avatars", "--out", "x"],
+     ["attributes", "coverage", ".", "--real", "."]],
+)  # fmt: skip
+def test_a_one_process_command_under_torchrun_is_refused_once(command, monkeypatch, capsys):
+    """Under torchrun every process of evaluate, kid, steps, report, data or attributes ran the
+    whole job and wrote the same files (evaluate without --out: two processes choosing and
+    writing one eval-DATE.json). Only train and sample share their work; any other command
+    started with WORLD_SIZE > 1 is refused before any work: one line from process 0, exit 2
+    from every process."""
+    from conftest import run_main
+
+    for rank, said in (("0", True), ("1", False)):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", rank)
+        rc, out, err = run_main(capsys, *command)
+        assert rc == 2, err
+        assert "Traceback" not in err and out == ""
+        if said:
+            assert len(err.strip().splitlines()) == 1, err
+            assert f"'{command[0]}' runs in one process" in err and "WORLD_SIZE=2" in err
+        else:
+            assert err == "", err

@@ -60,6 +60,29 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+# The commands that share their work over torchrun's processes (docs/distributed.md). Any other,
+# started by torchrun, would run whole in every process, each writing the same files.
+PARALLEL_COMMANDS = ("train", "sample")
+
+
+def _check_parallel(command: str) -> None:
+    """CliError for a one-process command started by torchrun (or with WORLD_SIZE > 1 set);
+    said by process 0, the others exit with it in silence."""
+    import os
+
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    if command in PARALLEL_COMMANDS or world in ("", "1"):
+        return
+    error = CliError(
+        f"'{command}' runs in one process, and WORLD_SIZE={world[:20]} (torchrun, or a "
+        "scheduler's variable) would have every process do the whole job and write the same "
+        "files; start it without torchrun or unset WORLD_SIZE (train and sample run "
+        "data-parallel)"
+    )
+    error.mirrored = os.environ.get("RANK", "0").strip() not in ("", "0")  # type: ignore[attr-defined]
+    raise error
+
+
 def _lost_peer(error: RuntimeError) -> str | None:
     d = sys.modules.get("animeddim.distributed")  # imported by the commands that join a group
     return None if d is None else d.lost_peer(error)
@@ -130,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     _shown_warnings.clear()
     interrupts.seen.clear()
     try:
+        _check_parallel(args.command)
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
             rc = args.func(args)
