@@ -595,3 +595,23 @@ def test_folder_features_pass_over_hidden_and_system_folders(tmp_path: Path) -> 
         with pytest.warns(PassedOverWarning, match=r"passed over 3 image files .*@eaDir/ \(2\)"):
             got = folder_features(tmp_path / "imgs", FakeExtractor(), "standard", tmp_path / "c")
         assert torch.equal(got, plain)
+
+
+def test_a_folder_of_images_that_are_not_square_is_noted(tmp_path: Path) -> None:
+    """Both protocols resize an image whole to Inception's square, as torch-fidelity does,
+    while training and sampling read centre squares: a real folder of 40x30 photos was
+    measured squashed against unsquashed samples without a word. A note (computed or from the
+    cache) says so and how to make square copies; square images give none."""
+    from animeddim.metrics.folders import NotSquareWarning
+
+    wide = (np.random.default_rng(0).random((3, 40, 30, 3)) * 255).astype(np.uint8)
+    (tmp_path / "wide").mkdir()
+    for k, a in enumerate(wide):
+        Image.fromarray(a).save(tmp_path / "wide" / f"{k}.png")
+    for _ in range(2):  # computed, then from the cache
+        with pytest.warns(NotSquareWarning, match=r"are 40x30, not square.*--size 30"):
+            folder_features(tmp_path / "wide", FakeExtractor(), "standard", tmp_path / "c")
+    write_pngs(tmp_path / "square", smooth_images(3, 0, size=8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NotSquareWarning)
+        folder_features(tmp_path / "square", FakeExtractor(), "standard", tmp_path / "c")
