@@ -804,6 +804,47 @@ def test_train_passes_over_hidden_folders_and_resumes_a_run_that_read_them(
     assert rc == 2 and "cannot resume on changed data" in err, err
 
 
+def test_a_run_started_before_jfif_files_were_read_resumes_on_its_images(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """.jfif, .jpe, .avif and .apng files were not read before; a run started then on a folder
+    holding some (and a NAS's thumbnails, read then) recorded the fingerprint of the images it
+    read, and its resume was refused as changed data. It resumes on those images, with a note
+    naming what a new run would also read; a folder changed since is still refused."""
+    from conftest import run_main
+
+    from animeddim.image_files import EARLIER_EXTENSIONS
+    from animeddim.run_folder import data_fingerprint
+
+    root = tmp_path / "d"
+    for i in range(6):
+        _save(root / f"{i}.png", _rgb(8, 8, i))
+    _save(root / "x.jfif", _rgb(8, 8, 7), format="JPEG")
+    _save(root / "@eaDir" / "0.png" / "SYNOPHOTO_THUMB_M.jpg", _rgb(8, 8, 9))
+    run = tmp_path / "run"
+    tiny = ["--image-size", 16, "--widths", "8,16", "--block-depth", 1, "--batch-size", 2,
+            "--no-kid", "--quiet", "--device", "cpu"]  # fmt: skip
+    rc, _, err = run_main(capsys, "train", "--data", root, "--out", run, "--max-steps", 1, *tiny)
+    assert rc == 0, err
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"]["fingerprint"].startswith("7:")  # six PNGs and the .jfif
+    # What an earlier animeddim recorded for this folder: the thumbnail, not the .jfif.
+    earlier = [
+        p for p in find_images(root, everything=True) if p.suffix.lower() in EARLIER_EXTENSIONS
+    ]
+    config["data"]["fingerprint"] = data_fingerprint(earlier, root)
+    (run / "config.json").write_text(json.dumps(config))
+    rc, _, err = run_main(capsys, "train", "--resume", run, "--max-steps", 2, "--quiet")
+    assert rc == 0, err
+    assert f"this run started on '{root}' before" in err and "x.jfif" in err
+    assert json.loads((run / "config.json").read_text())["data"]["fingerprint"] == (
+        data_fingerprint(earlier, root)
+    )
+    _save(root / "6.png", _rgb(8, 8, 6))
+    rc, _, err = run_main(capsys, "train", "--resume", run, "--max-steps", 3, "--quiet")
+    assert rc == 2 and "cannot resume on changed data" in err, err
+
+
 def test_macos_appledouble_files_are_passed_over_not_skipped(tmp_path: Path) -> None:
     """A folder copied from a Mac holds '._a.png' beside 'a.png' (a few hundred bytes of
     metadata): each was skipped as "not an image", a note as long as the folder, and --strict
@@ -837,9 +878,9 @@ def test_macos_appledouble_files_are_passed_over_not_skipped(tmp_path: Path) -> 
     cfg.data.fingerprint = data_fingerprint(find_images(tmp_path, everything=True), tmp_path)
     assert cfg.data.fingerprint.startswith("8:")
     with pytest.warns(PassedOverWarning, match="goes on with the images it began with"):
-        assert _image_list_of_the_run(cfg, tmp_path) == (True, cfg.data.fingerprint)
+        assert _image_list_of_the_run(cfg, tmp_path) == ({"everything": True}, cfg.data.fingerprint)
     cfg.data.fingerprint = data_fingerprint(find_images(tmp_path), tmp_path)
-    assert _image_list_of_the_run(cfg, tmp_path) == (False, cfg.data.fingerprint)
+    assert _image_list_of_the_run(cfg, tmp_path) == ({}, cfg.data.fingerprint)
 
 
 def test_heic_photos_and_unreadable_folders_are_noted_not_left_out(

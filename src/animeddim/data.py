@@ -208,6 +208,7 @@ def load_folder(
     strict: bool = False,
     progress: bool = False,
     everything: bool = False,
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
 ) -> ImageSet:
     """Decode every image under ``root`` once into an ``(N, size, size, 3)`` uint8 array.
 
@@ -217,14 +218,15 @@ def load_folder(
     processes, 0 = one per CPU. Skipped files are reported with a :class:`SkippedFilesWarning`;
     with ``strict`` they raise :class:`DataError`, as does a folder with no usable image.
     Images in hidden and system folders are passed over, with a :class:`PassedOverWarning`
-    counting them, unless ``everything`` (`image_files.list_images`).
+    counting them, unless ``everything``; ``extensions`` are those of the files read
+    (`image_files.list_images`).
     """
     root = Path(root)
     if size < 1:
         raise DataError(f"image size must be a positive integer, got {size}")
     if cache not in ("memory", "disk", "auto"):
         raise DataError(f"cache must be memory, disk or auto, got {cache!r}")
-    listing = list_images(root, everything=everything)
+    listing = list_images(root, everything=everything, extensions=extensions)
     files = listing.files
     rels = [p.relative_to(root).as_posix() for p in files]
     if cache == "auto":

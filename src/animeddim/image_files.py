@@ -25,6 +25,9 @@ IMAGE_EXTENSIONS = (
     ".tif",
     ".tiff",
 )
+# What animeddim read before .jfif, .jpe, .avif and .apng files were images: a run started
+# then resumes on the images it read (`train_data`).
+EARLIER_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 class DataError(ValueError):
@@ -107,17 +110,22 @@ def folder_problem(path: str | Path) -> str | None:
     return f"is {'a file' if p.is_file() else 'not a regular file'}, not a folder"
 
 
-def find_images(root: Path, *, everything: bool = False) -> list[Path]:
+def find_images(
+    root: Path, *, everything: bool = False, extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+) -> list[Path]:
     """The image files under ``root`` that are read (:func:`list_images`)."""
-    return list_images(root, everything=everything).files
+    return list_images(root, everything=everything, extensions=extensions).files
 
 
-def list_images(root: Path, *, everything: bool = False) -> Listing:
+def list_images(
+    root: Path, *, everything: bool = False, extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+) -> Listing:
     """All image files under ``root``, recursively, sorted by relative posix path; hidden ones
     (:func:`hidden`) and those in hidden and system folders (:func:`passed_over_folder`) only
     counted, unless ``everything`` (how animeddim listed a folder before it passed them over).
 
-    Extensions are matched case-insensitively against :data:`IMAGE_EXTENSIONS`. Directory
+    Extensions are matched case-insensitively against ``extensions`` (:data:`IMAGE_EXTENSIONS`;
+    :data:`EARLIER_EXTENSIONS` lists a folder as animeddim did before). Directory
     symlinks are followed, but each real directory is visited once, so symlink loops terminate;
     passed-over folders are walked last, so a folder also linked from one is read.
     A broken symlink with an image name is listed (`data.load_image` then says it is broken).
@@ -171,7 +179,7 @@ def list_images(root: Path, *, everything: bool = False) -> Listing:
             if listed and entry.name.lower().endswith(HEIC_EXTENSIONS):
                 if (within is None and not hidden(entry.name)) or everything:
                     unread.append(Skipped(entry_rel, HEIC_REASON))
-            elif listed and entry.name.lower().endswith(IMAGE_EXTENSIONS):
+            elif listed and entry.name.lower().endswith(extensions):
                 if within is not None:
                     passed[within] = passed.get(within, 0) + 1
                 elif hidden(entry.name) and not everything:

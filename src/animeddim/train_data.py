@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from . import batches as batches_mod
 from . import data as data_mod
 from . import distributed
 from .config import ConfigError, RunConfig
-from .image_files import folder_problem
+from .image_files import EARLIER_EXTENSIONS, folder_problem
 from .io import save_grid
 from .run_folder import RunFolderError, check_new_run_dir, check_same_data, data_fingerprint
 
@@ -125,7 +126,7 @@ def load_data(cfg: RunConfig, root: Path, progress: bool) -> TrainData:
     """Decode the data folder, split it and measure the training split's statistics."""
     # Each process lists the folder (a node may lack it, or hold other images): a failure or
     # another list in any process is refused by every process, before any image is decoded.
-    everything, fingerprint = distributed.on_every(lambda: _image_list_of_the_run(cfg, root))
+    listed, fingerprint = distributed.on_every(lambda: _image_list_of_the_run(cfg, root))
     distributed.check_same(
         {f"the fingerprint of the images in '{root}'": fingerprint},
         "every process must read the same images: the data folder at the same path, with the "
@@ -138,7 +139,7 @@ def load_data(cfg: RunConfig, root: Path, progress: bool) -> TrainData:
             cache=cfg.data.cache,
             strict=cfg.data.strict,
             progress=progress,
-            everything=everything,
+            **listed,
         )
     train_idx, val_idx = data_mod.split_indices(
         len(imageset.images), cfg.data.val_fraction, cfg.data.split_seed
@@ -156,30 +157,56 @@ def load_data(cfg: RunConfig, root: Path, progress: bool) -> TrainData:
     )
 
 
-def _image_list_of_the_run(cfg: RunConfig, root: Path) -> tuple[bool, str]:
-    """Whether `root` is read with its hidden and system folders (`data.load_folder`'s
-    `everything`), and the fingerprint of the images read.
+def _image_list_of_the_run(cfg: RunConfig, root: Path) -> tuple[dict[str, Any], str]:
+    """How `root` is listed for this run (`data.load_folder`'s keyword arguments: none, or
+    `everything` and `extensions` as an earlier animeddim listed it), and the fingerprint of
+    the images read.
 
-    A run started before those (and hidden files) were passed over, on a folder holding such
-    images, trained on them too: it goes on with the images it started with (its fingerprint
+    A run started before hidden files and hidden and system folders were passed over, or
+    before .jfif, .jpe, .avif and .apng files were read, on a folder holding such images,
+    trained on (or without) them: it goes on with the images it started with (its fingerprint
     says which), so that it resumes as it would have, and a note says so. Any other run reads
     the folder as a new one does; a changed folder is then refused by `check_data`.
     """
     listing = data_mod.list_images(root)  # DataError for a missing folder or a file
     now, then = data_fingerprint(listing.files, root), cfg.data.fingerprint
-    if not then or now == then or not listing.passed_over:
-        return False, now
-    before = data_fingerprint(data_mod.find_images(root, everything=True), root)
-    if before != then:
-        return False, now
+    if not then or now == then:
+        return {}, now
+    for earlier in EARLIER_LISTINGS:
+        files = data_mod.find_images(root, **earlier)
+        if data_fingerprint(files, root) == then:
+            break
+    else:
+        return {}, now
+    before, new_run = [], []
+    if earlier.get("everything"):
+        before.append("its hidden files and hidden and system folders were passed over")
+        if listing.passed_over:
+            new_run.append(data_mod.passed_over_note(listing))
+    if "extensions" in earlier:
+        before.append(".jfif, .jpe, .avif and .apng files were read")
+        kept = set(files)
+        added = [p.relative_to(root).as_posix() for p in listing.files if p not in kept]
+        if added:
+            more = f", and {len(added) - 5} more" if len(added) > 5 else ""
+            listed = ", ".join(data_mod.shown(a) for a in added[:5])
+            new_run.append(f"read {len(added)} more image file(s): {listed}{more}")
     warnings.warn(
-        f"this run started on '{root}' before its hidden files and hidden and system folders "
-        f"were passed over, and goes on with the images it began with; a new run would have "
-        f"{data_mod.passed_over_note(listing)}",
+        f"this run started on '{root}' before {' and before '.join(before)}, and goes on with "
+        f"the images it began with; a new run would have {' and '.join(new_run)}",
         data_mod.PassedOverWarning,
         stacklevel=3,
     )
-    return True, before
+    return earlier, then
+
+
+# How earlier animeddims listed a folder (`data.load_folder`'s keyword arguments): with the
+# hidden and system folders, and without the image extensions added since.
+EARLIER_LISTINGS: tuple[dict[str, Any], ...] = (
+    {"everything": True},
+    {"extensions": EARLIER_EXTENSIONS},
+    {"everything": True, "extensions": EARLIER_EXTENSIONS},
+)
 
 
 def label_codes(cfg: RunConfig, imageset: data_mod.ImageSet, root: Path) -> np.ndarray | None:
