@@ -388,6 +388,41 @@ def test_prepare_never_writes_over_numbered_images_it_did_not_write(
     assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "manifest.json"]
 
 
+def test_a_prepare_that_finds_no_image_keeps_an_interrupted_ones_note(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prepare interrupted after its first image leaves it and the note that says so; a
+    second call that found no usable image removed that note with its own, so the folder's
+    image was then taken for someone else's and every later prepare into it was refused. The
+    note stays, and the same source is prepared there once it has images again."""
+    src = tmp_path / "src"
+    for i in range(2):
+        _save_png(src / f"{i}.png", _pixels(i))
+    real, calls = datasets._prepare_one, []
+
+    def stop_at_second(data: bytes, size: int) -> tuple[bytes | None, str | None]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(data, size)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(datasets, "_prepare_one", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(src, out, size=8, workers=1)
+    monkeypatch.setattr(datasets, "_prepare_one", real)
+    saved = {p.name: p.read_bytes() for p in src.iterdir()}
+    for p in src.iterdir():
+        p.write_bytes(b"not an image")
+    with pytest.raises(DataError, match="no usable image"):
+        prepare(src, out, size=8, workers=1)
+    assert (out / "000000.png").exists() and (out / datasets._PENDING).exists()
+    for name, blob in saved.items():
+        (src / name).write_bytes(blob)
+    prepare(src, out, size=8, workers=1)
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "manifest.json"]
+
+
 def test_a_folder_name_that_is_not_utf8_is_printed_not_a_traceback(tmp_path: Path) -> None:
     """Where stdout is strict UTF-8 (most desktops' locales), printing a name in Latin-1
     (b'caf\\xe9', from an old archive) ended `data prepare`, `invert`, ... in a

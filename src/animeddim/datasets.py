@@ -437,6 +437,7 @@ def prepare(
             "prepare into a new or empty folder"
         )
     out.mkdir(parents=True, exist_ok=True)
+    interrupted = pending_path.is_file()  # an earlier call's images may lie here
     write_text_atomic(pending_path, json.dumps(wanted))
 
     passed: dict[str, int] = {}  # images in hidden or system folders, not prepared
@@ -472,7 +473,8 @@ def prepare(
 
     passed = dict(sorted(passed.items()))  # by folder, as a folder walk gives them
     if count == 0:
-        pending_path.unlink(missing_ok=True)  # nothing written: the folder is free again
+        if not interrupted:  # nothing written here, by this call or an interrupted one
+            pending_path.unlink(missing_ok=True)  # the folder is as it was
         first = f" (first: {shown(skipped[0].path)}: {skipped[0].reason})" if skipped else ""
         also = f"; {passed_over_note(Listing([], passed))}" if passed else ""
         raise DataError(
