@@ -768,6 +768,11 @@ def test_a_folder_linked_from_a_hidden_one_is_still_read(tmp_path: Path) -> None
     assert [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)] == ["faces/x.png"]
 
 
+# `train` options of a one-step run of a tiny network on 8-px images
+TINY_TRAIN = ["--max-steps", 1, "--image-size", 16, "--widths", "8,16", "--block-depth", 1,
+              "--batch-size", 2, "--no-kid", "--quiet", "--device", "cpu"]  # fmt: skip
+
+
 def test_train_passes_over_hidden_folders_and_resumes_a_run_that_read_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -784,9 +789,7 @@ def test_train_passes_over_hidden_folders_and_resumes_a_run_that_read_them(
     _save(root / "@eaDir" / "0.png" / "SYNOPHOTO_THUMB_M.jpg", _rgb(8, 8, 9))
     _save(root / ".Trash-1000" / "files" / "z.png", _rgb(8, 8, 10))
     run = tmp_path / "run"
-    tiny = ["--image-size", 16, "--widths", "8,16", "--block-depth", 1, "--batch-size", 2,
-            "--no-kid", "--quiet", "--device", "cpu"]  # fmt: skip
-    rc, _, err = run_main(capsys, "train", "--data", root, "--out", run, "--max-steps", 1, *tiny)
+    rc, _, err = run_main(capsys, "train", "--data", root, "--out", run, *TINY_TRAIN)
     assert rc == 0, err
     assert "note: passed over 2 image files in hidden or system folders" in err
     config = json.loads((run / "config.json").read_text())
@@ -822,9 +825,7 @@ def test_a_run_started_before_jfif_files_were_read_resumes_on_its_images(
     _save(root / "x.jfif", _rgb(8, 8, 7), format="JPEG")
     _save(root / "@eaDir" / "0.png" / "SYNOPHOTO_THUMB_M.jpg", _rgb(8, 8, 9))
     run = tmp_path / "run"
-    tiny = ["--image-size", 16, "--widths", "8,16", "--block-depth", 1, "--batch-size", 2,
-            "--no-kid", "--quiet", "--device", "cpu"]  # fmt: skip
-    rc, _, err = run_main(capsys, "train", "--data", root, "--out", run, "--max-steps", 1, *tiny)
+    rc, _, err = run_main(capsys, "train", "--data", root, "--out", run, *TINY_TRAIN)
     assert rc == 0, err
     config = json.loads((run / "config.json").read_text())
     assert config["data"]["fingerprint"].startswith("7:")  # six PNGs and the .jfif

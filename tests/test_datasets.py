@@ -348,6 +348,23 @@ def test_data_prepare_command(tmp_path: Path) -> None:
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
 
 
+def _interrupted_after_one_image(src: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`out` as a prepare of `src` leaves it when Ctrl-C lands on its second image."""
+    real, calls = datasets._prepare_one, []
+
+    def stop_at_second(data: bytes, size: int) -> tuple[bytes | None, str | None]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(data, size)
+
+    monkeypatch.setattr(datasets, "_prepare_one", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(src, out, size=8, workers=1)
+    monkeypatch.setattr(datasets, "_prepare_one", real)
+    return out
+
+
 def test_prepare_never_writes_over_numbered_images_it_did_not_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -366,20 +383,7 @@ def test_prepare_never_writes_over_numbered_images_it_did_not_write(
     assert {p.name: p.read_bytes() for p in frames.iterdir()} == before
 
     # Interrupted after its first image: the same source goes on, another one is refused.
-    real = datasets._prepare_one
-    calls = []
-
-    def stop_at_second(data: bytes, size: int) -> tuple[bytes | None, str | None]:
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(data, size)
-
-    out = tmp_path / "out"
-    monkeypatch.setattr(datasets, "_prepare_one", stop_at_second)
-    with pytest.raises(KeyboardInterrupt):
-        prepare(src, out, size=8, workers=1)
-    monkeypatch.setattr(datasets, "_prepare_one", real)
+    out = _interrupted_after_one_image(src, tmp_path / "out", monkeypatch)
     assert (out / "000000.png").exists() and not (out / "manifest.json").exists()
     with pytest.raises(DataError, match="already holds images prepared from"):
         prepare(_make_zip(tmp_path / "other.zip"), out, size=8, workers=1)
@@ -398,19 +402,7 @@ def test_a_prepare_that_finds_no_image_keeps_an_interrupted_ones_note(
     src = tmp_path / "src"
     for i in range(2):
         _save_png(src / f"{i}.png", _pixels(i))
-    real, calls = datasets._prepare_one, []
-
-    def stop_at_second(data: bytes, size: int) -> tuple[bytes | None, str | None]:
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(data, size)
-
-    out = tmp_path / "out"
-    monkeypatch.setattr(datasets, "_prepare_one", stop_at_second)
-    with pytest.raises(KeyboardInterrupt):
-        prepare(src, out, size=8, workers=1)
-    monkeypatch.setattr(datasets, "_prepare_one", real)
+    out = _interrupted_after_one_image(src, tmp_path / "out", monkeypatch)
     saved = {p.name: p.read_bytes() for p in src.iterdir()}
     for p in src.iterdir():
         p.write_bytes(b"not an image")
