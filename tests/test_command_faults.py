@@ -510,6 +510,11 @@ def test_invert_takes_one_image_file(run, avatars16, tmp_path, capsys):
     rc, _, err = run_main(capsys, "invert", "--run", run, "--images", face, "--out", face)
     assert rc == 2
     _one_line(err, "inside the --images file")
+    # a path that is neither: not called an image folder, since a file may have been meant
+    rc, _, err = run_main(capsys, "invert", "--run", run, "--images", tmp_path / "in" / "fcae.jpg",
+                          "--out", tmp_path / "x")  # fmt: skip
+    assert rc == 2
+    _one_line(err, "fcae.jpg' does not exist (an image file or folder)")
 
 
 @pytest.mark.parametrize("minutes", ["0", "-1", "nan", "inf"])

@@ -258,8 +258,10 @@ def load_images(path: str | Path, size: int) -> tuple[ImageSet, Path]:
     a :class:`DataError` with the reason a folder's skip note gives.
     """
     path = Path(path)
+    if not (path.exists() or path.is_symlink()):  # not "image folder 'a.png'": either was meant
+        raise DataError(f"'{shown(str(path))}' does not exist (an image file or folder)")
     if path.is_dir() or not (path.is_file() or path.is_symlink()):
-        return load_folder(path, size), path  # a folder; a missing path says so there
+        return load_folder(path, size), path  # a folder
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         raise DataError(
             f"'{shown(str(path))}' is not an image file: images have the extensions "
