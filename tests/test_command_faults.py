@@ -399,7 +399,7 @@ def test_an_unlabelled_real_image_names_a_remedy_the_command_has(avatars16, tmp_
     out = tmp_path / "cov"
     rc, _, err = run_main(capsys, "attributes", "coverage", samples, "--real", real, "--out", out)
     assert rc == 2, err
-    _one_line(err, "1 image(s) have no label", "move them out of the folder")
+    _one_line(err, "1 image(s) have no label", "move such images out of the folder")
     assert "--labels-missing" not in err and not out.exists()
 
 

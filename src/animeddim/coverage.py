@@ -98,7 +98,7 @@ def real_set(
 
     real_dir = Path(real_dir)
     s = load_folder(real_dir, size or net.config.image_size)
-    remedy = "move them out of the folder (the real set is its labelled images)"
+    remedy = "move such images out of the folder (the real set is its labelled images)"
     labels = csv_labels(real_dir / "labels.csv", real_dir, s.paths, remedy=remedy)
     return np.asarray(s.images), align_labels(labels, net.config.vocab)
 
