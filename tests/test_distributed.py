@@ -299,6 +299,27 @@ def test_a_process_killed_mid_run_leaves_the_others_one_line(avatars16, tmp_path
     assert meta["step"] == 1  # what was written before survives
 
 
+def test_an_elastic_restart_after_a_kill_resumes_the_run(one_process_run, tmp_path):
+    """torchrun --max-restarts 1, process 0 SIGKILLed once its epoch-4 checkpoint is written:
+    torchrun stops process 1 and starts both again, and the same command resumes from that
+    checkpoint. Before: the restarted processes read the killed attempt's addresses from
+    torchrun's store and failed, 'Gloo connectFullMesh failed ... Connection refused'."""
+    run = tmp_path / "run"
+    shutil.copytree(one_process_run, run)  # 2 epochs of 3 steps
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    cmd += ["2", "--max-restarts", "1", "-m", "--", "animeddim", "train", "--resume", str(run)]
+    env = {**_env(), ckpt.KILL_AT_SAVE_ENV: "2:done"}  # the restart makes 1 save: no 2nd kill
+    p = subprocess.run(
+        [*cmd, "--epochs", "5"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert p.returncode == 0, p.stderr
+    assert "Connection refused" not in p.stderr
+    starts = [line for line in p.stdout.splitlines() if line.startswith("resuming")]
+    assert starts == [f"resuming {run} at epoch 3, step 6", f"resuming {run} at epoch 5, step 12"]
+    _, meta = ckpt.load(run / "checkpoints" / "last.safetensors")
+    assert (meta["epoch"], meta["step"]) == (5, 15)
+
+
 @pytest.mark.parametrize("case", ["undecodable", "batch too large", "1x1 BatchNorm"])
 def test_an_error_every_process_finds_is_said_once(avatars16, tmp_path, case):
     """Before: each process printed it ('animeddim [rank 1]: error: ...' under rank 0's line),

@@ -97,14 +97,40 @@ def _join(backend: str, device: torch.device) -> None:
                 saved[s] = signal.signal(s, signal.SIG_DFL)
     note.start()
     try:
+        store = _attempt_store(world)
+        joined = {} if store is None else {"store": store, "rank": int(rank_), "world_size": world}
         if backend == "nccl":
-            tdist.init_process_group("nccl", device_id=device)
+            tdist.init_process_group("nccl", device_id=device, **joined)
         else:
-            tdist.init_process_group("gloo")
+            tdist.init_process_group("gloo", **joined)
     finally:
         note.cancel()
         for s, handler in saved.items():
             signal.signal(s, handler)
+
+
+def _attempt_store(world: int) -> tdist.Store | None:
+    """The store of this elastic attempt under torchrun's agent store, else None (env://).
+
+    torchrun (2.13) keeps one store per job, at the same MASTER_PORT after an elastic restart,
+    and env:// joins it without a per-attempt prefix; each process's gloo (or nccl) address
+    of the attempt before was still there, so a restarted process read its dead peer's and
+    failed: 'Gloo connectFullMesh failed ... Connection refused' (or waited). Keys under
+    TORCHELASTIC_RESTART_COUNT are this attempt's alone, as torch's own launcher once did.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "").strip()
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not attempt.isdigit():
+        return None
+    from torch.distributed.constants import default_pg_timeout  # 30 min, as env:// waits
+
+    agent = tdist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=False,
+        timeout=default_pg_timeout,
+    )
+    return tdist.PrefixStore(f"animeddim/attempt_{attempt}/", agent)
 
 
 BACKEND_ENV = "ANIMEDDIM_DDP_BACKEND"  # nccl (CUDA's default) or gloo; gloo alone shares GPUs
