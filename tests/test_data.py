@@ -846,7 +846,7 @@ def test_a_run_started_before_jfif_files_were_read_resumes_on_its_images(
     assert rc == 2 and "cannot resume on changed data" in err, err
 
 
-def test_macos_appledouble_files_are_passed_over_not_skipped(tmp_path: Path) -> None:
+def test_macos_appledouble_files_are_passed_over_not_skipped(tmp_path: Path, monkeypatch) -> None:
     """A folder copied from a Mac holds '._a.png' beside 'a.png' (a few hundred bytes of
     metadata): each was skipped as "not an image", a note as long as the folder, and --strict
     refused the folder. They are passed over like any hidden file, counted in one note; a run
@@ -879,6 +879,10 @@ def test_macos_appledouble_files_are_passed_over_not_skipped(tmp_path: Path) -> 
     cfg.data.fingerprint = data_fingerprint(find_images(tmp_path, everything=True), tmp_path)
     assert cfg.data.fingerprint.startswith("8:")
     with pytest.warns(PassedOverWarning, match="goes on with the images it began with"):
+        assert _image_list_of_the_run(cfg, tmp_path) == ({"everything": True}, cfg.data.fingerprint)
+    with monkeypatch.context() as m, warnings.catch_warnings():  # under torchrun: said once
+        m.setattr("animeddim.distributed.is_main", lambda: False)
+        warnings.simplefilter("error", PassedOverWarning)
         assert _image_list_of_the_run(cfg, tmp_path) == ({"everything": True}, cfg.data.fingerprint)
     cfg.data.fingerprint = data_fingerprint(find_images(tmp_path), tmp_path)
     assert _image_list_of_the_run(cfg, tmp_path) == ({}, cfg.data.fingerprint)

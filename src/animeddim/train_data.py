@@ -191,12 +191,13 @@ def _image_list_of_the_run(cfg: RunConfig, root: Path) -> tuple[dict[str, Any], 
             more = f", and {len(added) - 5} more" if len(added) > 5 else ""
             listed = ", ".join(data_mod.shown(a) for a in added[:5])
             new_run.append(f"read {len(added)} more image file(s): {listed}{more}")
-    warnings.warn(
-        f"this run started on '{root}' before {' and before '.join(before)}, and goes on with "
-        f"the images it began with; a new run would have {' and '.join(new_run)}",
-        data_mod.PassedOverWarning,
-        stacklevel=3,
-    )
+    if distributed.is_main():  # every process lists the same folder: said once
+        warnings.warn(
+            f"this run started on '{root}' before {' and before '.join(before)}, and goes on "
+            f"with the images it began with; a new run would have {' and '.join(new_run)}",
+            data_mod.PassedOverWarning,
+            stacklevel=3,
+        )
     return earlier, then
 
 
