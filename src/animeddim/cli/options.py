@@ -87,12 +87,19 @@ def _add_sample_compile(p: argparse.ArgumentParser) -> None:
 
 
 RECOMMENDED = "the model file's recommendation (export --sampler --steps), else"
-# Image i's noise is seeded per image, so the batch size does not choose the images; the
-# network's arithmetic does vary with the batch's shape (a pixel may move by one level).
-BATCH_HELP = (
-    "images per forward pass; the same images whatever it is, up to float rounding (a pixel "
-    "may differ by one level) (default 64)"
-)
+
+
+def _add_batch_size(p: argparse.ArgumentParser) -> None:
+    """--batch-size of the sampling commands. Image i's noise is seeded per image, so the batch
+    size does not choose the images; the network's arithmetic does vary with the batch's shape
+    (a pixel may move by one level)."""
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int("batch-size"),
+        default=64,
+        help="images per forward pass; the same images whatever it is, up to float rounding (a "
+        "pixel may differ by one level) (default 64)",
+    )
 
 
 def _add_sampling(p: argparse.ArgumentParser, n_default: int, n_min: int = 1) -> None:
@@ -119,12 +126,7 @@ def _add_sampling(p: argparse.ArgumentParser, n_default: int, n_min: int = 1) ->
         default=0,
         help="image i depends on (seed, i), seed in 0 .. 2**63 - 1 (default 0)",
     )
-    p.add_argument(
-        "--batch-size",
-        type=_positive_int("batch-size"),
-        default=64,
-        help=BATCH_HELP,
-    )
+    _add_batch_size(p)
     _add_sample_compile(p)
     _add_runtime(p)
 

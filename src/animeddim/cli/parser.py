@@ -21,9 +21,9 @@ from .commands import (
 )
 from .common import _Bars, _Parser
 from .options import (
-    BATCH_HELP,
     PATH,
     STEPS,
+    _add_batch_size,
     _add_clip,
     _add_force,
     _add_metrics,
@@ -233,12 +233,7 @@ def _add_steps_command(sub) -> None:
         "--n", type=_positive_int("n", 2), default=1000, help="images per setting (default 1000)"
     )
     p.add_argument("--seed", type=int, default=0, help="(default 0)")
-    p.add_argument(
-        "--batch-size",
-        type=_positive_int("batch-size"),
-        default=64,
-        help=BATCH_HELP,
-    )
+    _add_batch_size(p)
     p.add_argument(
         "--out", type=PATH, help="folder for steps.csv/.md/.png (default: the run folder)"
     )
@@ -258,12 +253,7 @@ def _add_invert_command(sub) -> None:
     )
     p.add_argument("--steps", type=STEPS, default=50, help="(default 50)")
     p.add_argument("--out", type=PATH, required=True, help="output folder")
-    p.add_argument(
-        "--batch-size",
-        type=_positive_int("batch-size"),
-        default=64,
-        help=BATCH_HELP,
-    )
+    _add_batch_size(p)
     _add_force(p, "an earlier inversion in --out")
     _add_runtime(p)
     p.set_defaults(func=cmd_invert)
@@ -291,12 +281,7 @@ def _add_interpolate_command(sub) -> None:
     p.add_argument("--steps", type=STEPS, help="(default 20; 50 for --images)")
     _add_sampler(p, recommended=False)
     p.add_argument("--out", type=PATH, required=True, help="FILE.png or FILE.gif: both are written")
-    p.add_argument(
-        "--batch-size",
-        type=_positive_int("batch-size"),
-        default=64,
-        help=BATCH_HELP,
-    )
+    _add_batch_size(p)
     _add_force(p, "existing FILE.png / FILE.gif")
     _add_runtime(p)
     p.set_defaults(func=cmd_interpolate)

@@ -126,15 +126,10 @@ def cmd_sample(a: argparse.Namespace) -> int:
 def drawn_line(n: int, settings, seconds: float) -> str:
     """What `sample` says it drew: the sampler (the model file may have chosen it, and an
     --eta > 0 keeps DDIM), its steps, eta and clipping, as `evaluate` says them."""
-    import torch
-
     from ..diffusion.samplers import resolve_clip
-    from ..runtime import default_compile_sampler
 
     clipped = ", x0 clipped" if resolve_clip(settings.clip, settings.sampler) else ""
-    compiled = settings.compile
-    if compiled is None:
-        compiled = default_compile_sampler(torch.device(settings.device), n * settings.steps)
+    compiled = settings.compiles(n * settings.steps)
     # the first network call compiles (seconds): the rate is then not the sampler's alone
     rate = f"{n / seconds:.2f} images/s{', compilation included' if compiled else ''}"
     return (

@@ -114,6 +114,13 @@ class SampleSettings:
         """A fresh autocast context for this precision and device (nullcontext for fp32)."""
         return runtime_autocast(torch.device(self.device), self.precision)
 
+    def compiles(self, evaluations: int) -> bool:
+        """Whether a job of `evaluations` image-steps compiles the sampling network: `compile`,
+        else where that pays off (`runtime.default_compile_sampler`)."""
+        if self.compile is not None:
+            return self.compile
+        return default_compile_sampler(torch.device(self.device), evaluations)
+
 
 SEED_LIMIT = 2**63  # a seed of images is in 0 .. 2**63 - 1, as training's seed
 
@@ -190,11 +197,9 @@ def sampling_net(loaded: LoadedModel, s: SampleSettings, evaluations: int) -> In
     """A copy of the network prepared for inference (BatchNorm folded, weights cast once,
     the layout and chunk size that measured fastest, compiled where that pays off for
     `evaluations` image-steps): see `runtime.prepare_inference`."""
-    device = torch.device(s.device)
-    compile = s.compile
-    if compile is None:
-        compile = default_compile_sampler(device, evaluations)
-    return prepare_inference(loaded.model, device, s.precision, compile=compile)
+    return prepare_inference(
+        loaded.model, torch.device(s.device), s.precision, compile=s.compiles(evaluations)
+    )
 
 
 def draw(
