@@ -1,4 +1,5 @@
-"""Which files of an image folder are images: the folder walk, apart from decoding.
+"""Which files of an image folder are images: the folder walk, apart from decoding; and the
+one-line notes on what was passed over or skipped.
 
 No Pillow, numpy or torch here: what `data` decodes, `datasets` prepares and `metrics` measures
 is found the same way.
@@ -7,6 +8,7 @@ is found the same way.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,3 +191,58 @@ def list_images(
     found.sort(key=lambda item: item[0])
     unread.sort(key=lambda item: item.path)
     return Listing([path for _, path in found], dict(sorted(passed.items())), unread)
+
+
+# --------------------------------------------------------------------------------------------
+# Notes: what a folder walk or decoding passed over, skipped or read otherwise, one line each
+
+
+def passed_over_note(listing: Listing, limit: int = 5) -> str:
+    """One line: how many image files were passed over, and which or where (the first
+    ``limit`` hidden files and folders)."""
+    where = list(listing.passed_over.items())
+    total = sum(n for _, n in where)
+    folders = any(name.endswith("/") for name, _ in where)
+    files = not all(name.endswith("/") for name, _ in where)
+    listed = ", ".join(
+        f"{shown(name)} ({n})" if name.endswith("/") else shown(name) for name, n in where[:limit]
+    )
+    more = f", and {len(where) - limit} more" if len(where) > limit else ""
+    plural = "s" if total != 1 else ""
+    if not files:
+        why = "in hidden or system folders (thumbnails, trash, zip leftovers; not data)"
+        what = f"{total} image file{plural} {why}"
+    elif not folders:
+        what = f"{total} hidden image file{plural} (such as macOS's '._' metadata; not data)"
+    else:
+        why = "macOS's '._' metadata, thumbnails, trash, zip leftovers; not data"
+        what = f"{total} image file{plural}, hidden or in hidden or system folders ({why})"
+    return f"passed over {what}: {listed}{more}"
+
+
+def skip_summary(skipped: Sequence[Skipped], tried: int, limit: int = 5) -> str:
+    """One line: how many files were skipped and the first ``limit`` with their reasons.
+
+    ``tried`` counts the skipped entries; those that are folders (a path ending in '/': it
+    could not be read) are counted apart, as folders.
+    """
+    listed = "; ".join(f"{shown(s.path)}: {s.reason}" for s in skipped[:limit])
+    more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
+    folders = sum(s.path.endswith("/") for s in skipped)
+    files, tried = len(skipped) - folders, tried - folders
+    read = f"could not read {folders} folder{'s' if folders != 1 else ''}" if folders else ""
+    if not files:
+        return f"{read}, {'their' if folders != 1 else 'its'} images not found: {listed}{more}"
+    also = f" and {read}" if folders else ""
+    return f"skipped {files} of {n_files(tried)} that could not be decoded{also}: {listed}{more}"
+
+
+def n_files(n: int) -> str:
+    """'1 file', '2 files': a count of files as a sentence says it."""
+    return f"{n} file{'s' if n != 1 else ''}"
+
+
+def shown(name: str) -> str:
+    """A file name on one line: control characters (a newline is allowed in a name) escaped
+    as Python writes them ('bad\\nname.png'), so a note stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
