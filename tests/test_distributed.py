@@ -144,6 +144,135 @@ def test_two_process_sample_equals_one_process(one_process_run, tmp_path):
         assert np.array_equal(a, b), name
 
 
+def _have_inception() -> bool:
+    from animeddim import metrics
+
+    try:
+        metrics.find_inception_weights()
+    except metrics.InceptionWeightsMissing:
+        return False
+    return True
+
+
+needs_weights = pytest.mark.skipif(not _have_inception(), reason="no FID Inception weights")
+
+# Each process computes the Inception features of its own block of images, in other batches
+# than one process does (3 + 3 images, not 6): float32 convolutions then round otherwise, and
+# KID and FID differ by that rounding alone. Measured (CPU, 6 images): relative differences
+# below 1e-6 (printed by `pytest -s`).
+METRIC_TOLERANCE = 1e-4
+
+
+def _real_folder(avatars16: Path, tmp: Path, count: int = 4) -> Path:
+    real = tmp / "real"
+    real.mkdir()
+    for f in sorted(avatars16.glob("*.png"))[:count]:
+        shutil.copy(f, real / f.name)
+    return real
+
+
+def _same_pngs(a: Path, b: Path) -> list[str]:
+    names = sorted(f.name for f in a.glob("*.png"))
+    assert names == sorted(f.name for f in b.glob("*.png"))
+    for name in names:
+        assert np.array_equal(np.asarray(Image.open(a / name)), np.asarray(Image.open(b / name)))
+    return names
+
+
+@needs_weights
+def test_two_process_evaluate_equals_one_process(one_process_run, avatars16, tmp_path):
+    """Each process draws and measures its block of the images; process 0 reads the real
+    folder (and writes its cached features: one file), gathers and writes what one process
+    writes. Before: refused under torchrun ('evaluate' runs in one process)."""
+    real, cache = _real_folder(avatars16, tmp_path), tmp_path / "cache"
+    common = ["evaluate", "--run", str(one_process_run), "--real", str(real), "--n", "6"]
+    common += ["--steps", "2", "--cache-dir", str(cache), "--device", "cpu"]
+    two = animeddim(*common, "--out", str(tmp_path / "two.json"),
+                    "--samples-out", str(tmp_path / "two"), nproc=2)  # fmt: skip
+    assert two.stdout.count("written:") == 1 and two.stdout.count("KID (paper") == 1, two.stdout
+    assert len(list(cache.iterdir())) == 1  # the real features, written once
+    animeddim(*common, "--out", str(tmp_path / "one.json"), "--samples-out", str(tmp_path / "one"))
+    assert len(_same_pngs(tmp_path / "one", tmp_path / "two")) == 6
+    one, two = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("one", "two"))
+    timings = {"seconds", "generate_seconds", "standard_seconds", "date"}
+    assert {
+        k: v for k, v in one.items() if k not in timings | {"kid_mean", "kid_std", "fid", "paper"}
+    } == {
+        k: v for k, v in two.items() if k not in timings | {"kid_mean", "kid_std", "fid", "paper"}
+    }
+    assert one["paper"]["kid"] == two["paper"]["kid"]  # measured on process 0, as one process
+    differences = {k: abs(one[k] - two[k]) / abs(one[k]) for k in ("kid_mean", "kid_std", "fid")}
+    print(f"evaluate, 2 processes vs 1: relative differences {differences}")
+    assert max(differences.values()) < METRIC_TOLERANCE, differences
+
+
+def test_a_sample_stopped_in_one_process_is_finished_by_two(
+    one_process_run, tmp_path, capsys, monkeypatch
+):
+    """`sample --out` stopped (Ctrl-C) after its first batch in one process, then the same
+    command under torchrun: the two processes draw only the rest (in rounds of 2 x 2 that
+    do not line up with the first call's batches), rank 0 writes it, and the folder and
+    grid equal those of one uninterrupted process, byte for byte."""
+    from conftest import run_main
+
+    from animeddim import io as animeddim_io
+
+    common = ["sample", "--run", str(one_process_run), "--n", "7", "--steps", "3"]
+    common += ["--batch-size", "2"]  # rounds of 2 images per process
+    animeddim(*common, "--out", str(tmp_path / "one"), "--grid", str(tmp_path / "one.png"))
+    argv = [*common, "--out", str(tmp_path / "two"), "--grid", str(tmp_path / "two.png")]
+    real = animeddim_io.save_pngs
+
+    def stop_at_second(images, folder, names):
+        if names[0] != "seed0-000000.png":
+            raise KeyboardInterrupt  # as the SIGINT handler does
+        return real(images, folder, names)
+
+    monkeypatch.setattr(animeddim_io, "save_pngs", stop_at_second)
+    rc, stdout, err = run_main(capsys, *argv)
+    assert rc == 130 and "interrupted: 2 of 7 images kept" in stdout, (stdout, err)
+    monkeypatch.undo()
+    p = animeddim(*argv, nproc=2)
+    assert p.stdout.count("images in") == 1 and "5 images, 3 ddim steps" in p.stdout, p.stdout
+    one = {f.name: f.read_bytes() for f in (tmp_path / "one").iterdir()}
+    assert one == {f.name: f.read_bytes() for f in (tmp_path / "two").iterdir()}
+    assert (tmp_path / "one.png").read_bytes() == (tmp_path / "two.png").read_bytes()
+
+
+@needs_weights
+def test_two_process_steps_study_equals_one_process(one_process_run, avatars16, tmp_path):
+    """Every setting's images drawn and measured in blocks over the processes; process 0
+    writes steps.csv/.md/.png. Before: refused under torchrun ('steps' runs in one process)."""
+    real = _real_folder(avatars16, tmp_path)
+    common = ["steps", "--run", str(one_process_run), "--real", str(real), "--n", "4"]
+    common += ["--steps", "1,2", "--samplers", "ddim,unipc", "--cache-dir", str(tmp_path / "c")]
+    two = animeddim(*common, "--out", str(tmp_path / "two"), nproc=2)
+    assert two.stdout.count("steps study:") == 1 and two.stdout.count("unipc, x0 clipped") == 2
+    animeddim(*common, "--out", str(tmp_path / "one"))
+    rows = [list(csv.DictReader(open(tmp_path / k / "steps.csv"))) for k in ("one", "two")]
+    assert len(rows[0]) == 3 * 2 and (tmp_path / "two" / "steps.png").is_file()
+    for r1, r2 in zip(*rows, strict=True):
+        assert float(r2.pop("seconds_per_image")) > 0  # a timing: never the same twice
+        r1.pop("seconds_per_image")
+        assert r1.keys() == r2.keys() and all(
+            r1[k] == r2[k] or float(r1[k]) == pytest.approx(float(r2[k]), rel=METRIC_TOLERANCE)
+            for k in r1
+        ), (r1, r2)
+
+
+def test_an_evaluate_or_steps_option_every_process_refuses_is_said_once(one_process_run, tmp_path):
+    # Each process checks the options (its file system may differ); process 0 says it.
+    for command in ("evaluate", "steps"):
+        p = animeddim(command, "--run", str(one_process_run), "--real", str(tmp_path / "none"),
+                      "--out", str(tmp_path / "out"), nproc=2, check=False)  # fmt: skip
+        said = [
+            line for line in p.stderr.splitlines() if line.startswith(("animeddim:", "animeddim ["))
+        ]
+        assert len(said) == 1 and said[0].startswith("animeddim: error: "), p.stderr
+        assert f"folder {str(tmp_path / 'none')!r} does not exist" in said[0], said
+        assert "exitcode  : 2" in p.stderr and not (tmp_path / "out").exists()
+
+
 def test_global_batch_must_divide_into_processes(avatars16, tmp_path):
     args = train_args(avatars16, tmp_path, "run")
     args[args.index("--batch-size") + 1] = "5"
@@ -440,16 +569,16 @@ def test_two_gloo_processes_sharing_one_gpu_train_like_one(avatars16, tmp_path):
 
 @pytest.mark.parametrize(
     "command",
-    [["evaluate", "--real", "."], ["kid", ".", "."], ["steps", "--real", "."],
-     ["report", "--run", ".", "--out", "r"], ["data", "avatars", "--out", "x"],
-     ["attributes", "coverage", ".", "--real", "."]],
+    [["kid", ".", "."], ["report", "--run", ".", "--out", "r"],
+     ["data", "avatars", "--out", "x"], ["attributes", "coverage", ".", "--real", "."],
+     ["invert", "--images", ".", "--out", "i"], ["interpolate", "--seeds", "1", "2", "--out", "i"],
+     ["edit", "--images", ".", "--set", "hair=red", "--out", "e"]],
 )  # fmt: skip
 def test_a_one_process_command_under_torchrun_is_refused_once(command, monkeypatch, capsys):
-    """Under torchrun every process of evaluate, kid, steps, report, data or attributes ran the
-    whole job and wrote the same files (evaluate without --out: two processes choosing and
-    writing one eval-DATE.json). Only train and sample share their work; any other command
-    started with WORLD_SIZE > 1 is refused before any work: one line from process 0, exit 2
-    from every process."""
+    """Under torchrun every process of kid, report, data, attributes, invert, interpolate or
+    edit ran the whole job and wrote the same files. Only train, sample, evaluate and steps
+    share their work; any other command started with WORLD_SIZE > 1 is refused before any
+    work: one line from process 0, exit 2 from every process."""
     from conftest import run_main
 
     for rank, said in (("0", True), ("1", False)):
@@ -461,5 +590,6 @@ def test_a_one_process_command_under_torchrun_is_refused_once(command, monkeypat
         if said:
             assert len(err.strip().splitlines()) == 1, err
             assert f"'{command[0]}' runs in one process" in err and "WORLD_SIZE=2" in err
+            assert "(train, sample, evaluate and steps share their work" in err
         else:
             assert err == "", err

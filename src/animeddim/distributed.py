@@ -317,16 +317,17 @@ def gather_to_main(t: torch.Tensor) -> torch.Tensor | None:
     return torch.cat([p[:n] for p, n in zip(parts, lengths, strict=True)]).to(t.device)
 
 
-def on_main(fn: Callable[[], Any]) -> None:
+def on_main(fn: Callable[[], Any]) -> Any:
     """Run `fn` on rank 0 alone (e.g. creating the run folder); if it raises, every rank raises.
+    Returns its result on rank 0, None on the other ranks.
 
     The other ranks raise a copy marked ``mirrored = True`` (the CLI prints it once, on rank 0)
     instead of waiting in their next collective for a process that has gone.
     """
-    error = None
+    error = result = None
     if is_main():
         try:
-            fn()
+            result = fn()
         except Exception as e:  # noqa: BLE001 - passed on to the other ranks, then re-raised
             error = e
     if is_distributed():
@@ -337,6 +338,18 @@ def on_main(fn: Callable[[], Any]) -> None:
             raise box[0]
     if error is not None:
         raise error
+    return result
+
+
+def from_main(fn: Callable[[], Any]) -> Any:
+    """`fn()` run on rank 0 alone, as :func:`on_main` (an error there is raised on every
+    rank), and its (picklable) result returned on every rank."""
+    result = on_main(fn)
+    if is_distributed():
+        box = [result]
+        tdist.broadcast_object_list(box, src=0)
+        result = box[0]
+    return result
 
 
 def on_every(fn: Callable[[], Any]) -> Any:
@@ -542,9 +555,17 @@ def shard_images(
     image i depends only on (seed, i) this is exactly the single-process result. Every rank must
     call this.
     """
+    return gather_to_main(own_block(make, n, first_index))
+
+
+def own_block(
+    make: Callable[[int, int], torch.Tensor], n: int, first_index: int = 0
+) -> torch.Tensor:
+    """This rank's block of the images :func:`shard_images` makes: ``make(count, first)`` for
+    its [lo, hi) of `n` (all of them in one process), uint8 even when empty."""
     lo, hi = shard(n)
     part = make(hi - lo, first_index + lo)
-    return gather_to_main(part.to(torch.uint8) if hi == lo else part)  # empty may come as float
+    return part.to(torch.uint8) if hi == lo else part  # empty may come as float
 
 
 def generate(

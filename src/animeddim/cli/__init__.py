@@ -62,7 +62,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 # The commands that share their work over torchrun's processes (docs/distributed.md). Any other,
 # started by torchrun, would run whole in every process, each writing the same files.
-PARALLEL_COMMANDS = ("train", "sample")
+PARALLEL_COMMANDS = ("train", "sample", "evaluate", "steps")
 
 
 def _check_parallel(command: str) -> None:
@@ -73,11 +73,12 @@ def _check_parallel(command: str) -> None:
     world = os.environ.get("WORLD_SIZE", "1").strip()
     if command in PARALLEL_COMMANDS or world in ("", "1"):
         return
+    shared = f"{', '.join(PARALLEL_COMMANDS[:-1])} and {PARALLEL_COMMANDS[-1]}"
     error = CliError(
         f"'{command}' runs in one process, and WORLD_SIZE={world[:20]} (torchrun, or a "
         "scheduler's variable) would have every process do the whole job and write the same "
-        "files; start it without torchrun or unset WORLD_SIZE (train and sample run "
-        "data-parallel)"
+        f"files; start it without torchrun or unset WORLD_SIZE ({shared} share their work "
+        "over torchrun's processes)"
     )
     error.mirrored = os.environ.get("RANK", "0").strip() not in ("", "0")  # type: ignore[attr-defined]
     raise error
@@ -112,7 +113,7 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Print a warning as one line (no source line), each distinct text once."""
-    from ..data import PassedOverWarning, SkippedFilesWarning
+    from ..data import PassedOverWarning, ProfileWarning, SkippedFilesWarning
 
     text = str(message)
     if text in _shown_warnings:
@@ -120,7 +121,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     _shown_warnings.add(text)
     tag = (
         "note"
-        if issubclass(category, (SkippedFilesWarning, PassedOverWarning))
+        if issubclass(category, (SkippedFilesWarning, PassedOverWarning, ProfileWarning))
         else f"{_prog()}: warning"
     )
     if _open_bars:  # above the progress bar, not glued to it

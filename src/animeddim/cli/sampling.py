@@ -240,9 +240,48 @@ def cmd_kid(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
+    from ..distributed import check_same, on_every
     from ..pipelines import evaluate
 
     loaded, device = load_for_sampling(a.run, a.model, a.device)
+    check_same(_options(a))  # under torchrun each process draws its share of the same images
+    plan = on_every(lambda: _evaluate_plan(a, loaded, device))  # an error said once
+    r = evaluate(
+        loaded,
+        a.real,
+        n=a.n,
+        cache_dir=Path(a.cache_dir) if a.cache_dir else None,
+        progress=_Bars(),
+        **plan,
+    )
+    if not _is_main():
+        return 0
+    if a.samples_out:
+        print(f"{a.n} samples in {a.samples_out}")
+    if "kid_mean" in r:
+        print(
+            f"KID (standard protocol) {shown(r['kid_mean'], '.5f')} ± {r['kid_std']:.5f}, FID "
+            f"{shown(r['fid'], '.3f')}  ({a.n} images, {a.steps} {a.sampler} steps, eta {a.eta:g}"
+            f"{', x0 clipped' if r['clip_x0'] else ''})"
+        )
+    if "paper" in r:
+        kid = shown(r["paper"]["kid"], ".5f")
+        print(f"KID (paper protocol) {kid}  ({r['paper']['batches']} batches)")
+    if "attributes_asked" in r:
+        print("\n".join(conditional_cli.control_lines(r["attributes_asked"])))
+    if "attributes_from" in r:
+        print("\n".join(conditional_cli.mix_lines(r["attributes_from"])))
+    if "coverage" in r:
+        from ..attributes_cli import coverage_summary
+
+        print(coverage_summary(r["coverage"]))
+    print(f"written: {plan['out']} ({r['seconds']:.0f}s)")
+    return 0
+
+
+def _evaluate_plan(a: argparse.Namespace, loaded, device) -> dict[str, Any]:
+    """`evaluate`'s options, checked before any work, as `pipelines.evaluate`'s arguments
+    (out, protocols, settings, extractor, attributes, control, mix, guidance, on_samples)."""
     check_fits_in_memory(a.n, loaded.config.model.image_size)
     protocols = _names(a.protocols, KID_PROTOCOLS, "protocol")
     if not Path(a.real).is_dir():
@@ -271,67 +310,35 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         outputs.not_inside(a.samples_out, [a.real], "--samples-out", "the --real folder")
         earlier = outputs.sample_folder(a.samples_out, a.force, flag="--samples-out")
 
-        def keep(images) -> None:  # as soon as they are drawn: a failure later keeps them
+        def keep(images) -> None:  # called on process 0 as soon as they are drawn
             outputs.remove(earlier)
             write_pngs(images, Path(a.samples_out), a.seed)
 
     settings = _settings(a, device, loaded)
-    if control is not None or mix is not None:
+    if (control is not None or mix is not None) and _is_main():
         from ..pipelines import guidance_words
 
         print(guidance_words(loaded, settings, a.guidance))
-    r = evaluate(
-        loaded,
-        a.real,
+    return dict(
+        out=out,
+        protocols=protocols,
+        settings=settings,
+        extractor=_extractor(a),
         attributes=attributes,
         control=control,
         mix=mix,
         guidance=a.guidance,
-        n=a.n,
-        settings=settings,
-        extractor=_extractor(a),
-        out=out,
-        protocols=protocols,
-        cache_dir=Path(a.cache_dir) if a.cache_dir else None,
-        progress=_Bars(),
         on_samples=keep,
     )
-    if a.samples_out:
-        print(f"{a.n} samples in {a.samples_out}")
-    if "kid_mean" in r:
-        print(
-            f"KID (standard protocol) {shown(r['kid_mean'], '.5f')} ± {r['kid_std']:.5f}, FID "
-            f"{shown(r['fid'], '.3f')}  ({a.n} images, {a.steps} {a.sampler} steps, eta {a.eta:g}"
-            f"{', x0 clipped' if r['clip_x0'] else ''})"
-        )
-    if "paper" in r:
-        kid = shown(r["paper"]["kid"], ".5f")
-        print(f"KID (paper protocol) {kid}  ({r['paper']['batches']} batches)")
-    if "attributes_asked" in r:
-        print("\n".join(conditional_cli.control_lines(r["attributes_asked"])))
-    if "attributes_from" in r:
-        print("\n".join(conditional_cli.mix_lines(r["attributes_from"])))
-    if "coverage" in r:
-        from ..attributes_cli import coverage_summary
-
-        print(coverage_summary(r["coverage"]))
-    print(f"written: {out} ({r['seconds']:.0f}s)")
-    return 0
 
 
 def cmd_steps(a: argparse.Namespace) -> int:
+    from ..distributed import check_same, on_every
     from ..pipelines import steps_study
 
-    samplers = _names(a.samplers, SAMPLER_NAMES, "sampler")
-    if any(not 1 <= s <= 1000 for s in a.steps) or not a.steps:
-        raise CliError(f"steps must be in 1..1000, got {a.steps}")
-    once(a.steps, "--steps"), once(a.eta, "--eta")
     loaded, device = load_for_sampling(a.run, a.model, a.device)
-    check_fits_in_memory(a.n, loaded.config.model.image_size)  # each setting's --n images
-    out = Path(a.out) if a.out else (Path(a.run) if a.run and Path(a.run).is_dir() else None)
-    if out is None:
-        raise CliError("give --out DIR (no run folder to write into)")
-    outputs.earlier_outputs(out, outputs.STEPS_NAMES, a.force)  # each is replaced whole
+    check_same(_options(a))  # under torchrun each process draws its share of the same images
+    samplers, out = on_every(lambda: _steps_plan(a, loaded))  # an error said once
     steps_study(
         loaded,
         a.real,
@@ -345,8 +352,23 @@ def cmd_steps(a: argparse.Namespace) -> int:
         cache_dir=Path(a.cache_dir) if a.cache_dir else None,
         progress=_Bars(),
     )
-    print(f"steps study: {out / 'steps.csv'}, {out / 'steps.md'}, {out / 'steps.png'}")
+    if _is_main():
+        print(f"steps study: {out / 'steps.csv'}, {out / 'steps.md'}, {out / 'steps.png'}")
     return 0
+
+
+def _steps_plan(a: argparse.Namespace, loaded) -> tuple[list[str], Path]:
+    """`steps`' samplers and output folder, its options checked before any work."""
+    samplers = _names(a.samplers, SAMPLER_NAMES, "sampler")
+    if any(not 1 <= s <= 1000 for s in a.steps) or not a.steps:
+        raise CliError(f"steps must be in 1..1000, got {a.steps}")
+    once(a.steps, "--steps"), once(a.eta, "--eta")
+    check_fits_in_memory(a.n, loaded.config.model.image_size)  # each setting's --n images
+    out = Path(a.out) if a.out else (Path(a.run) if a.run and Path(a.run).is_dir() else None)
+    if out is None:
+        raise CliError("give --out DIR (no run folder to write into)")
+    outputs.earlier_outputs(out, outputs.STEPS_NAMES, a.force)  # each is replaced whole
+    return samplers, out
 
 
 def cmd_invert(a: argparse.Namespace) -> int:

@@ -353,10 +353,11 @@ def features_with_progress(
     :param images_u8: [N x 3 x H x W] uint8 images.
     :return: [N x D] float64 features.
     """
-    if progress is None:
+    if progress is None and len(images_u8):
         return extractor.features(images_u8, protocol, batch_size=batch_size)
-    total, out = len(images_u8), []
-    progress(0, total)
+    total, out = len(images_u8), []  # none: a torchrun process with no image of its own
+    if progress is not None:
+        progress(0, total)
     for start in range(0, total, batch_size):
         out.append(extractor.features(images_u8[start : start + batch_size], protocol, batch_size))
         progress(min(start + batch_size, total), total)

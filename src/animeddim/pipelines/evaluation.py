@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import metrics
+from .. import distributed, metrics
 from ..checkpoint import LoadedModel
 from ..config import ConfigError, guidance_interval_text
 from ..diffusion.samplers import (
@@ -67,85 +67,179 @@ def evaluate(
         (generated)" and "paper KID" (batches). The real folder is read (and its features
         computed, its labels matched for `attributes`) before any image is drawn.
     :return: the summary, also written to `out` (JSON) when given.
+
+    Under torchrun (joined by `load_for_sampling`) every process calls it with the same
+    arguments: each draws a contiguous block of the n images (image i is the same whatever
+    the number of processes) and computes their standard features; process 0 alone reads
+    the real side (and the feature cache) first, then gathers the images and features,
+    computes every metric, calls `on_samples` and writes the files. Every process returns
+    the summary.
     """
     if control is not None and mix is not None:
         raise ValueError("give control or mix, not both")
-    # The real side first: a folder that cannot be measured (too few usable images, mixed
-    # sizes, labels that do not fit) is refused before minutes of drawing, not after.
+    # The real side first, on process 0 (the one process that reads and writes the feature
+    # cache): a folder that cannot be measured (too few usable images, mixed sizes, labels
+    # that do not fit) is refused by every process before minutes of drawing, not after.
     t_start = time.perf_counter()  # "seconds": the whole evaluation, the real side included
     standard = "standard" in protocols or control is not None
+    reals = distributed.on_main(
+        lambda: _real_side(
+            loaded, real, n, extractor, cache_dir, progress, standard, protocols, attributes
+        )
+    )
+    t0 = time.perf_counter()
+    part = distributed.own_block(_drawer(loaded, settings, control, mix, guidance, progress), n)
+    fake = distributed.gather_to_main(part)  # process 0 waits here for every block
+    t_gen = time.perf_counter() - t0
+    if on_samples is not None:  # as soon as they are drawn: a failure later keeps them
+        distributed.on_main(lambda: on_samples(fake))
     t1 = time.perf_counter()
+    f_fake = _gathered_features(extractor, part, progress, "features (generated)", standard)
+
+    def summary() -> dict[str, Any]:  # on process 0, with every image and feature
+        f_real, t_real, paper_real, coverage_real = reals
+        result: dict[str, Any] = {
+            "checkpoint": str(loaded.path),
+            "checkpoint_step": loaded.meta.get("step"),
+            "real": str(Path(real).resolve()),
+            "n": n,
+            "steps": settings.steps,
+            "eta": settings.eta,
+            "sampler": settings.sampler,
+            "clip_x0": resolve_clip(settings.clip, settings.sampler),
+            "seed": settings.seed,
+            "weights": extractor.weights_id,
+            "generate_seconds": round(t_gen, 2),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        if control is not None or mix is not None:
+            _conditional_summary(
+                result, loaded, settings, control, mix, guidance, fake, f_fake,
+                extractor, cache_dir,
+            )  # fmt: skip
+        if "standard" in protocols:
+            kid_mean, kid_std = metrics.kid_standard(f_real, f_fake)
+            result.update(
+                protocol="standard",
+                protocol_description=metrics.PROTOCOL_DESCRIPTIONS["standard"],
+                kid_mean=kid_mean,
+                kid_std=kid_std,
+                fid=metrics.fid_from_features(f_real, f_fake),
+                n_real=len(f_real),
+                subset_size=metrics.kid_subset_size(len(f_real), len(f_fake)),
+                standard_seconds=round(time.perf_counter() - t1 + t_real, 2),
+            )
+        if paper_real is not None:
+            result["paper"] = _paper_kid(paper_real, fake, n, extractor, paper_batch, progress)
+        if attributes is not None:
+            from ..coverage import coverage, write_coverage
+
+            result["coverage"] = coverage(attributes, fake.numpy(), *coverage_real)
+            if out is not None:
+                write_coverage(
+                    result["coverage"], Path(out).with_name(Path(out).stem + "-coverage")
+                )
+        result["seconds"] = round(time.perf_counter() - t_start, 2)
+        if out is not None:
+            write_text_atomic(Path(out), json.dumps(result, indent=2) + "\n")
+        return result
+
+    return distributed.from_main(summary)
+
+
+def _real_side(
+    loaded: LoadedModel,
+    real: str | Path,
+    n: int,
+    extractor: metrics.FeatureExtractor,
+    cache_dir: Path | None,
+    progress: Progress | None,
+    standard: bool,
+    protocols: Sequence[str],
+    attributes: Any,
+) -> tuple[torch.Tensor | None, float, torch.Tensor | None, Any]:
+    """What `evaluate` compares with, read before any image is drawn: the real folder's
+    standard features (`standard`; cached on disk), the seconds they took, the paper
+    protocol's real images and the coverage's labelled real set (None where not asked)."""
+    t = time.perf_counter()
     f_real = _real_features(real, extractor, cache_dir, progress) if standard else None
-    t_real = time.perf_counter() - t1
+    seconds = time.perf_counter() - t
     paper_real = _paper_real(loaded, real, n) if "paper" in protocols else None
+    coverage_real = None
     if attributes is not None:
         from ..coverage import real_set
 
         coverage_real = real_set(attributes, real)
-    t0 = time.perf_counter()
-    if control is not None:
-        fake = draw_conditional(loaded, n, settings, control.asked, guidance, progress=progress)
-    elif mix is not None:
-        fake = draw_per_image(loaded, n, settings, mix.codes, guidance, progress=progress)
-    else:
-        fake = draw(loaded, n, settings, progress=progress)
-    t_gen = time.perf_counter() - t0
-    if on_samples is not None:
-        on_samples(fake)
-    result: dict[str, Any] = {
-        "checkpoint": str(loaded.path),
-        "checkpoint_step": loaded.meta.get("step"),
-        "real": str(Path(real).resolve()),
-        "n": n,
-        "steps": settings.steps,
-        "eta": settings.eta,
-        "sampler": settings.sampler,
-        "clip_x0": resolve_clip(settings.clip, settings.sampler),
-        "seed": settings.seed,
-        "weights": extractor.weights_id,
-        "generate_seconds": round(t_gen, 2),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    t1 = time.perf_counter()
-    if standard:
-        f_fake = metrics.features_with_progress(
-            extractor, _nchw(fake), "standard", _stage(progress, "features (generated)")
-        )
+    return f_real, seconds, paper_real, coverage_real
+
+
+def _drawer(
+    loaded: LoadedModel,
+    settings: SampleSettings,
+    control: ControlTarget | None,
+    mix: MixTarget | None,
+    guidance: float,
+    progress: Progress | None,
+) -> Callable[[int, int], torch.Tensor]:
+    """make(count, first): images first .. first + count - 1 as `evaluate` draws them, under
+    `control`'s asked attributes, `mix`'s row per image, or unconditioned."""
+
+    def make(count: int, first: int) -> torch.Tensor:
+        if control is not None:
+            return draw_conditional(
+                loaded, count, settings, control.asked, guidance, first, progress=progress
+            )
+        if mix is not None:
+            return draw_per_image(
+                loaded, count, settings, mix.codes, guidance, first, progress=progress
+            )
+        return draw(loaded, count, settings, first, progress=progress)
+
+    return make
+
+
+def _gathered_features(
+    extractor: metrics.FeatureExtractor,
+    part: torch.Tensor,
+    progress: Progress | None,
+    stage: str,
+    wanted: bool = True,
+) -> torch.Tensor | None:
+    """Standard features of this process's uint8 [N x H x W x 3] images, every process's
+    gathered in order on process 0 (None elsewhere, and when not `wanted`). Each process
+    measures its own block: under torchrun the work is shared."""
+    if not wanted:
+        return None
+    f_part = metrics.features_with_progress(
+        extractor, _nchw(part), "standard", _stage(progress, stage)
+    )
+    return distributed.gather_to_main(f_part)
+
+
+def _conditional_summary(
+    result: dict[str, Any],
+    loaded: LoadedModel,
+    settings: SampleSettings,
+    control: ControlTarget | None,
+    mix: MixTarget | None,
+    guidance: float,
+    fake: torch.Tensor,
+    f_fake: torch.Tensor | None,
+    extractor: metrics.FeatureExtractor,
+    cache_dir: Path | None,
+) -> None:
+    """Add what `evaluate --attr` (`control`) or `--attrs-from` (`mix`) reports to `result`:
+    the accuracy of the asked attributes and the guidance they were drawn under."""
     if control is not None:
         f_asked = real_features(control, extractor, cache_dir)[1]  # the same cached features
         result["attributes_asked"] = control_summary(control, fake, f_fake, f_asked)
     if mix is not None:
         result["attributes_from"] = mix_accuracy(mix, fake)
-    if control is not None or mix is not None:
-        result["guidance"] = guidance
-        result["attribute_guidance"] = attribute_guidance(loaded, settings, guidance)
-        if guidance != 1.0 or result["attribute_guidance"]:  # where w applied (in sigma)
-            interval = guidance_interval(loaded, settings)
-            result["guidance_interval"] = guidance_interval_text(interval)
-    if "standard" in protocols:
-        kid_mean, kid_std = metrics.kid_standard(f_real, f_fake)
-        result.update(
-            protocol="standard",
-            protocol_description=metrics.PROTOCOL_DESCRIPTIONS["standard"],
-            kid_mean=kid_mean,
-            kid_std=kid_std,
-            fid=metrics.fid_from_features(f_real, f_fake),
-            n_real=len(f_real),
-            subset_size=metrics.kid_subset_size(len(f_real), len(f_fake)),
-            standard_seconds=round(time.perf_counter() - t1 + t_real, 2),
-        )
-    if paper_real is not None:
-        result["paper"] = _paper_kid(paper_real, fake, n, extractor, paper_batch, progress)
-    if attributes is not None:
-        from ..coverage import coverage, write_coverage
-
-        result["coverage"] = coverage(attributes, fake.numpy(), *coverage_real)
-        if out is not None:
-            write_coverage(result["coverage"], Path(out).with_name(Path(out).stem + "-coverage"))
-    result["seconds"] = round(time.perf_counter() - t_start, 2)
-    if out is not None:
-        write_text_atomic(Path(out), json.dumps(result, indent=2) + "\n")
-    return result
+    result["guidance"] = guidance
+    result["attribute_guidance"] = attribute_guidance(loaded, settings, guidance)
+    if guidance != 1.0 or result["attribute_guidance"]:  # where w applied (in sigma)
+        interval = guidance_interval(loaded, settings)
+        result["guidance_interval"] = guidance_interval_text(interval)
 
 
 def _paper_real(loaded: LoadedModel, real: str | Path, n: int) -> torch.Tensor:
@@ -252,18 +346,14 @@ def steps_study(
                 f"nothing for it; add eta 0 (e.g. --eta 0,{etas[0]:g}) or leave {sampler} out"
             )
     out_dir = Path(out_dir)
-    f_real = metrics.folder_features(
-        Path(real),
-        extractor,
-        "standard",
-        cache_dir=cache_dir,
-        progress=None if progress is None else (lambda d, t: progress("features (real)", d, t)),
-    )
-    rows = []
+    f_real = distributed.on_main(lambda: _real_features(real, extractor, cache_dir, progress))
+    rows: list[dict[str, Any]] = []  # on process 0
+    lo, hi = distributed.shard(n)  # this process's block of each setting's n images
     # One prepared (and maybe compiled) network for the whole study, warmed up on a full
     # batch and the last batch's size, so that no setting's time includes compilation.
-    net = sampling_net(loaded, settings, n * sum(steps) * len(etas) * len(samplers))
-    for size in {min(n, settings.batch_size), n % settings.batch_size or settings.batch_size}:
+    net = sampling_net(loaded, settings, (hi - lo) * sum(steps) * len(etas) * len(samplers))
+    bs = settings.batch_size
+    for size in {min(hi - lo, bs), (hi - lo) % bs or bs} - {0}:
         draw(loaded, size, replace(settings, steps=1), net=net)
     for sampler in samplers:
         for eta in etas:
@@ -273,35 +363,38 @@ def steps_study(
                 cfg = replace(settings, steps=s, eta=eta, sampler=sampler)
                 name = f"{sampler} eta {eta:g}, {s} steps"
                 t = time.perf_counter()
-                fake = draw(loaded, n, cfg, net=net, progress=_prefixed(progress, name))
-                spi = (time.perf_counter() - t) / n
-                f_fake = metrics.features_with_progress(
-                    extractor,
-                    _nchw(fake),
-                    "standard",
-                    None
-                    if progress is None
-                    else (lambda d, t, k=name: progress(f"{k}: features", d, t)),
-                )
-                kid_mean, kid_std = metrics.kid_standard(f_real, f_fake)
-                row = {
-                    "steps": s,
-                    "eta": eta,
-                    "sampler": sampler,
-                    "clip_x0": resolve_clip(settings.clip, sampler),
-                    "kid_mean": kid_mean,
-                    "kid_std": kid_std,
-                    "seconds_per_image": spi,
-                    "protocol": "standard",
-                }
-                rows.append(row)
-                clipped = ", x0 clipped" if row["clip_x0"] else ""
-                log(
-                    f"{sampler}{clipped} eta {eta:g} steps {s}: KID (standard) {kid_mean:.4f} "
-                    f"± {kid_std:.4f}, {spi:.3f} s/image"
-                )
-    write_steps(rows, out_dir)
-    return rows
+                part = draw(loaded, hi - lo, cfg, lo, net=net, progress=_prefixed(progress, name))
+                # the slowest process's drawing time: the study's wall time for n images
+                drawn = distributed.gather_to_main(torch.tensor([time.perf_counter() - t]))
+                f_fake = _gathered_features(extractor, part, progress, f"{name}: features")
+
+                def measure(s=s, eta=eta, sampler=sampler, drawn=drawn, f_fake=f_fake) -> None:
+                    kid_mean, kid_std = metrics.kid_standard(f_real, f_fake)
+                    spi = float(drawn.max()) / n
+                    row = {
+                        "steps": s,
+                        "eta": eta,
+                        "sampler": sampler,
+                        "clip_x0": resolve_clip(settings.clip, sampler),
+                        "kid_mean": kid_mean,
+                        "kid_std": kid_std,
+                        "seconds_per_image": spi,
+                        "protocol": "standard",
+                    }
+                    rows.append(row)
+                    clipped = ", x0 clipped" if row["clip_x0"] else ""
+                    log(
+                        f"{sampler}{clipped} eta {eta:g} steps {s}: KID (standard) "
+                        f"{kid_mean:.4f} ± {kid_std:.4f}, {spi:.3f} s/image"
+                    )
+
+                distributed.on_main(measure)
+
+    def write() -> list[dict[str, Any]]:
+        write_steps(rows, out_dir)
+        return rows
+
+    return distributed.from_main(write)
 
 
 def _prefixed(progress: Progress | None, prefix: str) -> Progress | None:
