@@ -474,3 +474,59 @@ def test_a_reload_after_the_job_is_gone_says_so_and_forgets_it(page):
     assert (
         not page.is_disabled("#g-go") and page.locator("#tab-generate .controls .stop").is_hidden()
     )
+
+
+def test_a_reload_mid_edit_shows_the_inversion_and_the_asked_edit_again(
+    page, web_server, shots, cond_data
+):
+    """An Edit shows under the inversion it edits. Reattached after a reload, its result came
+    alone, without the face it was made from (the inversion's images had gone with the old
+    page) and with the controls back at "keep". The tab keeps them with the job, so the
+    reloaded page shows what the page showed before, then the edit's result of that face."""
+    import csv
+
+    _tab(page, "Invert")
+    page.select_option("#v-model", "run:colours")
+    rows = csv.DictReader(open(cond_data / "labels.csv"))
+    red = next(r["file"] for r in rows if r["colour"] == "red")
+    page.set_input_files("#v-face", str(cond_data / red))
+    page.fill("#v-steps", "20")
+    page.click("#v-go")
+    page.wait_for_selector("#e-panel:visible", timeout=60_000)
+    shown = {k: page.get_attribute(k, "src") for k in ("#v-orig", "#v-recon")}
+    texts = {k: page.inner_text(k) for k in ("#v-psnr", "#v-status")}
+    assert "PSNR" in texts["#v-psnr"] and "done in" in texts["#v-status"]
+    page.select_option("#e-attrs select[data-attr='colour']", "blue")
+    page.fill("#e-guidance", "2")
+    blocker = {"model": "avatars-64", "n": 64, "steps": 250, "sampler": "ddim"}
+    conn, _, blocker_id = _post_generate(web_server, blocker)
+    try:
+        page.click("#e-go")
+        page.wait_for_selector("#e-status:has-text('waiting for 1 job(s) ahead')")
+        page.reload()
+        page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+        page.wait_for_selector("#e-status:has-text('waiting for 1 job(s) ahead')")
+        assert page.get_attribute("nav button[data-tab='invert']", "aria-selected") == "true"
+        assert page.locator("#v-pair").is_visible()
+        assert {k: page.get_attribute(k, "src") for k in shown} == shown
+        assert {k: page.inner_text(k) for k in texts} == texts
+        assert page.input_value("#e-attrs select[data-attr='colour']") == "blue"
+        assert page.input_value("#e-attrs select[data-attr='band']") == "keep"
+        assert (page.input_value("#e-guidance"), page.input_value("#v-steps")) == ("2", "20")
+        assert page.locator("#tab-invert #e-panel .stop").is_visible()
+        shots(page, "14-reloaded-mid-edit")
+    finally:
+        _stop(web_server, blocker_id)  # the page's edit runs now
+        conn.close()
+    page.wait_for_function(
+        "document.querySelector('#e-edited').naturalWidth === 16 && "
+        "!document.querySelector('#e-result').hidden",
+        timeout=60_000,
+    )
+    assert page.inner_text("#e-what") == "edited: colour = blue (guidance 2)"
+    assert page.get_attribute("#e-orig", "src") == shown["#v-orig"]  # the face it was made from
+    assert page.locator("#v-pair").is_visible()
+    assert page.evaluate("sessionStorage.getItem('animeddim.job')") is None
+    edited = _data_url_pixels(page.get_attribute("#e-edited", "src"))
+    assert edited[..., 2].mean() > edited[..., 0].mean() + 40  # blue, as asked before the reload
+    shots(page, "15-reloaded-edit-done")
