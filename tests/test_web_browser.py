@@ -476,6 +476,21 @@ def test_a_reload_after_the_job_is_gone_says_so_and_forgets_it(page):
     )
 
 
+def _server_status(web_server: str) -> dict:
+    import json
+    from urllib.request import urlopen
+
+    with urlopen(web_server + "/api/status", timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _until(cond, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
 def test_a_reload_mid_edit_shows_the_inversion_and_the_asked_edit_again(
     page, web_server, shots, cond_data
 ):
@@ -530,3 +545,75 @@ def test_a_reload_mid_edit_shows_the_inversion_and_the_asked_edit_again(
     edited = _data_url_pixels(page.get_attribute("#e-edited", "src"))
     assert edited[..., 2].mean() > edited[..., 0].mean() + 40  # blue, as asked before the reload
     shots(page, "15-reloaded-edit-done")
+
+
+# Hands the page its /api/generate answer with its lines held back until window.release():
+# the job runs on the server while its id is still on its way to the page.
+HOLD_THE_ID = """() => {
+  const real = window.fetch;
+  const held = new Promise((r) => { window.release = r; });
+  window.fetch = async (url, opts) => {
+    if (url !== "/api/generate") return real(url, opts);
+    window.fetch = real;
+    const res = await real(url, opts);
+    const body = res.body.pipeThrough(new TransformStream(
+      {async transform(chunk, out) { await held; out.enqueue(chunk); }}));
+    window.answered = true;
+    const {status, statusText, headers} = res;
+    return new Response(body, {status, statusText, headers});
+  };
+}"""
+
+
+def test_stop_before_the_jobs_id_came_stops_the_job_at_once(page, web_server):
+    """Stop pressed in the milliseconds before the job's id reached the page only stopped
+    listening: the server, told nothing, ran the job on for its grace (JOB_GRACE_S, 20 s,
+    for a reload to reattach). The page now stops the job as soon as its id comes; a server
+    that never answers is waited for STOP_WAIT_MS at most."""
+    from animeddim.apps.web.jobs import JOB_GRACE_S
+
+    _tab(page, "Generate")
+    page.select_option("#g-model", "avatars-64")
+    page.fill("#g-n", "64")
+    page.fill("#g-steps", "250")
+    before = _server_status(web_server)
+    stops = []
+
+    def record(r) -> None:
+        if r.url.endswith("/api/stop"):
+            stops.append(r.post_data_json)
+
+    page.on("request", record)
+    try:
+        page.evaluate(HOLD_THE_ID)
+        page.click("#g-go")
+        page.wait_for_function("window.answered === true", timeout=30_000)
+        _until(lambda: _server_status(web_server)["running"], timeout=30)  # the job runs
+        assert page.evaluate("sessionStorage.getItem('animeddim.job')") is None  # no id yet
+        page.click("#tab-generate .stop")
+        page.evaluate("window.release()")
+        page.wait_for_selector("#g-status:has-text('stopped')")
+        # stopped by the page's word, not after the grace
+        _until(lambda: _server_status(web_server)["stopped"] == before["stopped"] + 1,
+               timeout=JOB_GRACE_S / 2)  # fmt: skip
+        assert len(stops) == 1 and set(stops[0]) == {"job"}, stops
+        assert page.evaluate("sessionStorage.getItem('animeddim.job')") is None
+        assert not page.is_disabled("#g-go")
+        assert page.locator("#tab-generate .controls .stop").is_hidden()
+
+        held = []  # a request the server never answers: Stop still frees the page
+        page.route("**/api/generate", lambda route: held.append(route))
+        try:
+            page.click("#g-go")
+            _until(lambda: held, timeout=30)
+            page.click("#tab-generate .stop")
+            page.wait_for_selector("#g-status:has-text('stopped')", timeout=30_000)
+            assert not page.is_disabled("#g-go") and len(stops) == 1
+        finally:
+            page.unroute("**/api/generate")
+    finally:
+        page.remove_listener("request", record)
+    after = _server_status(web_server)
+    assert after == {**before, "stopped": before["stopped"] + 1}  # the held one never ran
+    page.fill("#g-n", "16")
+    page.fill("#g-steps", "10")
