@@ -384,6 +384,48 @@ def test_a_resume_with_nothing_left_to_train_is_refused_naming_the_option(avatar
     assert [r["epoch"] for r in csv.DictReader(open(run / "metrics.csv"))] == ["1", "2"]
 
 
+def test_nothing_left_to_train_is_said_before_the_data_is_read(avatars16, tmp_path, monkeypatch):
+    """Before: a resume with nothing left to train was refused only after the data folder
+    was decoded and the Inception network loaded (many seconds); with its data folder gone,
+    it said the folder does not exist instead. Now the checkpoint says it first."""
+    import shutil
+
+    from animeddim import train as train_mod
+
+    data = _folder(avatars16, tmp_path / "data", 12)  # 10 training images, batch 3: 3 steps
+    stopped, done = tmp_path / "stopped", tmp_path / "done"
+    run_here(*_tiny_args(data, stopped, "--batch-size", "3", "--no-kid", "--max-steps", "2"))
+    run_here(*_tiny_args(data, done, "--batch-size", "3", "--no-kid"))
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr(train_mod, "load_data", no_reading)
+    monkeypatch.setattr(train_mod, "training_inception", no_reading)
+    for run, said in ((stopped, r"2 step\(s\) done"), (done, r"1 epoch\(s\) done")):
+        with pytest.raises(RunFolderError, match=rf"nothing to train in run folder .*{said}"):
+            train(load_run_config(run), run, resume=True, progress=False, log=lambda s: None)
+    monkeypatch.undo()
+    shutil.rmtree(data)
+    p = run_here("train", "--resume", str(stopped), "--quiet", check=False)
+    _one_line_exit_2(p, "nothing to train in run folder", "2 step(s) done and --max-steps is 2")
+    p = run_here("train", "--resume", str(done), "--quiet", check=False)
+    _one_line_exit_2(p, "1 epoch(s) done and --epochs is 1; resume with --epochs above 1")
+
+    # A checkpoint that does not say how long its epoch is (written before it did): a run
+    # stopped inside an epoch is refused once the data says it, with the same line.
+    _folder(avatars16, data, 12)
+    last = stopped / "checkpoints" / "last.safetensors"
+    tensors, meta = ckpt.load(last)
+    ckpt.save(last, tensors, {k: v for k, v in meta.items() if k != "steps_per_epoch"})
+    data.rename(tmp_path / "elsewhere")
+    p = run_here("train", "--resume", str(stopped), "--quiet", check=False)
+    _one_line_exit_2(p, "image folder", "does not exist")
+    (tmp_path / "elsewhere").rename(data)
+    p = run_here("train", "--resume", str(stopped), "--quiet", check=False)
+    _one_line_exit_2(p, "nothing to train in run folder", "2 step(s) done and --max-steps is 2")
+
+
 # Every option combination the parser accepts, on any folder with >= 1 usable image, trains
 # to the end or is refused before any work with exit 2 and one sentence.
 PROPERTY_EXAMPLES = 25

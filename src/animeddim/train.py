@@ -28,11 +28,7 @@ from .config import RunConfig
 from .diffusion.objectives import focus_times, objective, target_and_x0
 from .diffusion.schedule import diffuse
 from .io import save_grid
-from .run_folder import (
-    append_metrics,
-    prepare_run_dir,
-    write_config,
-)
+from .run_folder import append_metrics, prepare_run_dir, write_config
 from .runtime import (
     autocast,
     data_on_device,
@@ -67,6 +63,7 @@ from .train_state import (
     float_state,
     initial_weights,
     restore,
+    resume_point,
     save_checkpoint,
     save_step_checkpoint,
 )
@@ -200,9 +197,11 @@ def train(
         init_state = distributed.on_every(lambda: initial_weights(tc.init, log))
 
     with distributed.held_on_main(lambda: run_folder.lock(run_dir, log)):
-        # 3. Data: decode once, split, statistics; refuse what cannot train before writing.
+        # 3. Data: decode once, split, statistics; refuse what cannot train before writing
+        #    (a resumed run with nothing left to train: before any image is read).
+        saved = resume_point(run_dir, cfg, allow_changed_data, log) if resume else None
         root = data_root(cfg, resume)
-        data = load_data(cfg, root, progress)
+        data = load_data(cfg, root, progress, resume)
         check_data(cfg, data, root, resume, allow_changed_data, log)
         inception = training_inception(cfg, device)  # a bad weights file is refused here
         eval_real = eval_real_features(cfg, data, inception)  # and a folder KID cannot read
@@ -212,13 +211,14 @@ def train(
         cfg.data.fingerprint = data.fingerprint
         if data_on_device(tc.data_on_device, data.imageset.images.nbytes, device):
             data.on_device = batches_mod.device_images(data.imageset.images, device)
-        distributed.on_main(lambda: prepare_run_dir(run_dir, cfg, resume))
+        if not resume:  # a resumed run's folder is made ready by `resume_point`
+            distributed.on_main(lambda: prepare_run_dir(run_dir, cfg, resume))
 
         # 4. Network, EMA copy, optimiser; a resumed run's state from its newest checkpoint
         #    (refused if it has nothing left to train, before config.json records anything).
         state = build_state(cfg, rt, init_state, data)
         if resume:
-            distributed.on_every(lambda: restore(state, data, run_dir, cfg, rt, log))
+            distributed.on_every(lambda: restore(state, data, saved, run_dir, cfg, rt, log))
             distributed.on_main(lambda: write_config(run_dir, cfg))
         rt.net = compiled_network(state, cfg, rt, data.steps_per_epoch)
         rt.ema_tensors, rt.live_tensors = float_state(state.ema), float_state(state.model)

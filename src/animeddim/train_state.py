@@ -19,7 +19,12 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed
 from .config import RunConfig
-from .run_folder import check_left_to_train, latest_checkpoint, truncate_metrics
+from .run_folder import (
+    check_left_to_train,
+    latest_checkpoint,
+    prepare_run_dir,
+    truncate_metrics,
+)
 from .runtime import default_compile, fused_adamw_supported, maybe_compile, uses_cuda_graphs
 from .train_data import TrainData
 from .unet import UNet, is_cond_parameter
@@ -142,9 +147,38 @@ def build_state(cfg: RunConfig, rt: Runtime, init_state, data: TrainData) -> Tra
     return TrainState(model, ema, optimizer, acc)
 
 
-def restore(state: TrainState, data: TrainData, run_dir: Path, cfg: RunConfig, rt, log) -> None:
-    """Load the newest checkpoint of `run_dir` into `state` (and its statistics into `data`)."""
-    tensors, meta = latest_checkpoint(run_dir, cfg, log)
+def resume_point(
+    run_dir: Path, cfg: RunConfig, allow_changed_data: bool, log
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The newest checkpoint of `run_dir` (tensors, metadata), read on every process before
+    any image is (the folder made ready first: `prepare_run_dir`): a run with nothing left
+    to train is refused here, in seconds, not after the data and the Inception network are
+    loaded.
+
+    Whether a run stopped at --max-steps has its epoch end still to do depends on the
+    epoch's length: the checkpoint says it (`steps_per_epoch`); one written before it did,
+    or a resume that may find other data (`allow_changed_data`), is decided by `restore`.
+    """
+
+    def read() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, meta = latest_checkpoint(run_dir, cfg, log)
+        batch, per_epoch = meta["batch_in_epoch"], meta.get("steps_per_epoch")
+        # at an epoch's start, an epoch of any length has its steps to do
+        if not batch or (per_epoch and not allow_changed_data):
+            check_left_to_train(run_dir, cfg, meta["epoch"], meta["step"], batch, per_epoch or 1)
+        return tensors, meta
+
+    # the temporary files of a process killed while it wrote, removed before any is read
+    distributed.on_main(lambda: prepare_run_dir(run_dir, cfg, resume=True))
+    return distributed.on_every(read)
+
+
+def restore(
+    state: TrainState, data: TrainData, saved: tuple, run_dir: Path, cfg: RunConfig, rt, log
+) -> None:
+    """Load the checkpoint `saved` (`resume_point`) into `state` (and its statistics into
+    `data`); RunFolderError if the run has nothing left to train on this data."""
+    tensors, meta = saved
     ckpt.load_state_strict(state.model, ckpt.prefixed(tensors, "model"), "the network")
     ckpt.load_state_strict(state.ema, ckpt.prefixed(tensors, "ema"), "the EMA network")
     _restore_optimizer(state.optimizer, tensors, meta["param_groups"])
@@ -229,6 +263,7 @@ def save_checkpoint(
             "param_groups": state.optimizer.state_dict()["param_groups"],
             "row_images": state.row_images,
             "row_seconds": state.row_seconds,
+            "steps_per_epoch": data.steps_per_epoch,  # read by `resume_point`
             "precision": rt.precision,
             **(extra or {}),
         }
