@@ -499,7 +499,7 @@ def test_disk_cache_is_reused_and_invalidated(
     assert isinstance(first.images, np.memmap)
     expected = np.array(first.images)
 
-    def refuse(path: str, size: int) -> None:
+    def refuse(path: str, size: int, profiles: bool = True) -> None:
         raise AssertionError("decoded again despite a valid cache")
 
     monkeypatch.setattr(data, "_decode_path", refuse)
@@ -527,7 +527,7 @@ def test_disk_cache_decodes_under_the_io_temp_name_and_leaves_nothing_on_failure
         _save(root / f"{i}.png", _rgb(10, 10, i))
     seen: list[str] = []
 
-    def fail(mm, files, size, workers, progress):
+    def fail(mm, files, size, workers, progress, profiles):
         seen.extend(p.name for p in cache.iterdir())
         raise RuntimeError("decoding stopped")
 

@@ -27,6 +27,7 @@ KID_PROTOCOLS = ("standard", "paper")  # metrics.kid_folders: torch-fidelity / K
 NAN_POLICIES = ("stop", "skip-batch")
 CACHES = ("memory", "disk", "auto")
 LABELS_MISSING = ("error", "null")  # data.labels_missing: an image without a label row
+PROFILES_TO_SRGB = "srgb"  # data.colour_profiles of a run that applies embedded ICC profiles
 COND_AT = ("blocks", "input", "both")  # model.cond_at: after each block's conv1 / the input
 PREDICTIONS = ("eps", "v")  # model.prediction: what the network outputs (diffusion.objectives)
 LOSSES = ("mae", "mse")  # train.loss: the Keras example's / the paper's eq. 4
@@ -177,9 +178,19 @@ class DataConfig:
     # Set by `train`, checked on resume: the absolute folder and a digest of its image list.
     abs_path: str = setting("", "absolute path of the data folder", cli=False)
     fingerprint: str = setting("", "digest of the image list (names, sizes)", cli=False)
+    # Set by a new run: "srgb". A run started before colour profiles were applied has none
+    # ("") and reads its images as it began, the numbers taken as sRGB whatever their profile.
+    colour_profiles: str = setting("", "embedded colour profiles: srgb (applied) or ''", cli=False)
+
+    @property
+    def profiles_applied(self) -> bool:
+        """Whether the run reads its images with their embedded colour profiles applied."""
+        return self.colour_profiles == PROFILES_TO_SRGB
 
     def validate(self) -> None:
         _check_declared(self, "data.")
+        profiles = self.colour_profiles
+        _check(profiles in ("", PROFILES_TO_SRGB), "data.colour_profiles", profiles, "srgb or ''")
         _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "in [0, 1)")
         _check(
             0 <= self.split_seed < 2**63,

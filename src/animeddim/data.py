@@ -27,6 +27,8 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from .colour_profiles import ProfileNotApplied, to_srgb
+
 # The folder walk lives in image_files; its names are also read from here, as before.
 from .image_files import (  # noqa: F401 - find_images and the note texts are read from here too
     IMAGE_EXTENSIONS,
@@ -39,6 +41,7 @@ from .image_files import (  # noqa: F401 - find_images and the note texts are re
     passed_over_note,
     shown,
     skip_summary,
+    unconverted_note,
 )
 from .io import default_cache_dir, temp_path, write_text_atomic
 
@@ -69,33 +72,51 @@ class PassedOverWarning(UserWarning):
     """Image files in hidden or system folders (thumbnails, trash) were passed over, not read."""
 
 
+class ProfileWarning(UserWarning):
+    """Some images' embedded colour profiles could not be applied: they were read as sRGB."""
+
+
 @dataclass
 class ImageSet:
     images: np.ndarray  # (N, size, size, 3) uint8 RGB; a plain array or a read-only np.memmap
     paths: list[str]  # source file of each image, same order as ``images``
     skipped: list[Skipped] = field(default_factory=list)  # files that could not be used
+    # files read as sRGB because their embedded colour profile could not be applied
+    unconverted: list[Skipped] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
 # Finding and decoding single images
 
 
-def load_image(path: Path, size: int | None) -> np.ndarray:
-    """Decode one image file to RGB.
+def load_image(
+    path: Path, size: int | None, *, profiles: bool = True, notes: list[Skipped] | None = None
+) -> np.ndarray:
+    """Decode one image file to sRGB.
 
     Returns an ``(H, W, 3)`` uint8 array in [0, 255]: the native size when ``size`` is None,
     else the largest central square resized (antialiased bicubic) to ``(size, size, 3)``.
+    An embedded colour profile is applied (`colour_profiles.to_srgb`) unless ``profiles`` is
+    False (how animeddim read images before: the numbers taken as sRGB); one that cannot be is
+    noted in ``notes`` (a :class:`ProfileWarning` without it) and the image read as sRGB.
     Transparent pixels are composited on white; EXIF orientation is applied; 16-bit images are
     scaled (not clipped) to 8 bits. Raises :class:`BadImage` for anything that is not a whole,
     decodable image of at most :data:`MAX_PIXELS` pixels.
     """
+    reasons: list[str] = []
     try:
         if os.stat(path).st_size == 0:
             raise BadImage("empty file (0 bytes)")
         with open(path, "rb") as f:
-            return _decode(f, size)
+            pixels = _decode(f, size, profiles=profiles, notes=reasons)
     except OSError as exc:
         raise BadImage(read_error_reason(path, exc)) from None
+    unconverted = [Skipped(str(path), reason) for reason in reasons]
+    if notes is not None:
+        notes += unconverted
+    elif unconverted:
+        warnings.warn(unconverted_note(unconverted), ProfileWarning, stacklevel=2)
+    return pixels
 
 
 def read_error_reason(path: Path, exc: OSError) -> str:
@@ -109,8 +130,15 @@ def read_error_reason(path: Path, exc: OSError) -> str:
     return f"cannot read: {type(exc).__name__}: {exc}"
 
 
-def _decode(fileobj: IO[bytes] | bytes, size: int | None) -> np.ndarray:
-    """Decode an open binary file or bytes; same contract as :func:`load_image`."""
+def _decode(
+    fileobj: IO[bytes] | bytes,
+    size: int | None,
+    *,
+    profiles: bool = True,
+    notes: list[str] | None = None,
+) -> np.ndarray:
+    """Decode an open binary file or bytes; same contract as :func:`load_image`, the reason
+    an embedded profile was not applied appended to ``notes`` (dropped without it)."""
     if isinstance(fileobj, bytes | bytearray):
         if not fileobj:
             raise BadImage("empty file (0 bytes)")
@@ -135,8 +163,9 @@ def _decode(fileobj: IO[bytes] | bytes, size: int | None) -> np.ndarray:
                 # load() raises on truncated data because ImageFile.LOAD_TRUNCATED_IMAGES is
                 # left False: a half-decoded image would otherwise be padded with grey.
                 im.load()
+                icc = im.info.get("icc_profile") if profiles else None
                 im = ImageOps.exif_transpose(im)
-                rgb = _to_rgb(im)
+                rgb = _to_rgb(im, icc, [] if notes is None else notes)
                 if size is not None:
                     rgb = _centre_square(rgb, size)
                 arr = np.asarray(rgb, dtype=np.uint8)
@@ -154,19 +183,27 @@ def _decode(fileobj: IO[bytes] | bytes, size: int | None) -> np.ndarray:
     return arr
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB, compositing transparency on white."""
+def _to_rgb(im: Image.Image, icc: bytes | None, notes: list[str]) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB in sRGB by the embedded profile ``icc`` (None: the numbers
+    are sRGB; the reason it cannot be applied goes to ``notes``), compositing transparency on
+    white."""
     if im.mode == "F":  # TIFF's 32-bit float samples: no range to read them in (0..1? 0..255?)
         raise BadImage("floating-point pixels (mode F): save it with 8- or 16-bit samples")
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit samples: divide by 257 so 65535 -> 255 and 32768 -> 128 (convert("L") clips).
         # Mode "I" from files holds 16-bit data (PNG/TIFF), so the same scale applies.
         wide = np.asarray(im, dtype=np.float64)
-        gray = np.rint(np.clip(wide, 0, 65535) / 257.0).astype(np.uint8)
+        gray = Image.fromarray(np.rint(np.clip(wide, 0, 65535) / 257.0).astype(np.uint8), mode="L")
         if isinstance(im.info.get("transparency"), int):
             # A 16-bit grey PNG's tRNS: the pixels of exactly that value are transparent.
-            gray[wide == im.info["transparency"]] = 255
-        return Image.fromarray(gray, mode="L").convert("RGB")
+            opaque = (wide != im.info["transparency"]).astype(np.uint8) * 255
+            gray.putalpha(Image.fromarray(opaque, mode="L"))
+        im = gray
+    if icc:
+        try:
+            im = to_srgb(im, icc)
+        except ProfileNotApplied as exc:
+            notes.append(exc.reason)
     has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         im.mode in ("P", "L", "RGB") and "transparency" in im.info
     )
@@ -190,12 +227,17 @@ def _centre_square(im: Image.Image, size: int) -> Image.Image:
     return square.resize((size, size), Image.Resampling.BICUBIC)
 
 
-def _decode_path(path: str, size: int) -> tuple[np.ndarray | None, str | None]:
-    """Worker-side wrapper: ``(pixels, None)`` or ``(None, reason)``, never raises BadImage."""
+def _decode_path(path: str, size: int, profiles: bool = True) -> Decoded:
+    """Worker-side wrapper: ``(pixels, None, notes)`` or ``(None, reason, [])``, never raises
+    BadImage; ``notes``: why the file's colour profile was not applied."""
+    notes: list[Skipped] = []
     try:
-        return load_image(Path(path), size), None
+        return load_image(Path(path), size, profiles=profiles, notes=notes), None, notes
     except BadImage as exc:
-        return None, exc.reason
+        return None, exc.reason, []
+
+
+Decoded = tuple[np.ndarray | None, str | None, list[Skipped]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,6 +255,7 @@ def load_folder(
     progress: bool = False,
     everything: bool = False,
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
+    profiles: bool = True,
 ) -> ImageSet:
     """Decode every image under ``root`` once into an ``(N, size, size, 3)`` uint8 array.
 
@@ -223,7 +266,9 @@ def load_folder(
     with ``strict`` they raise :class:`DataError`, as does a folder with no usable image.
     Images in hidden and system folders are passed over, with a :class:`PassedOverWarning`
     counting them, unless ``everything``; ``extensions`` are those of the files read
-    (`image_files.list_images`).
+    (`image_files.list_images`). ``profiles``: embedded colour profiles are applied (False:
+    read as sRGB, as before they were; `load_image`), those that cannot be noted in one
+    :class:`ProfileWarning`.
     """
     root = Path(root)
     if size < 1:
@@ -239,13 +284,13 @@ def load_folder(
     if not files:
         result = ImageSet(np.empty((0, size, size, 3), np.uint8), [], [])
     elif cache == "disk":
-        result = _load_disk_cached(root, files, rels, size, cache_dir, workers, progress)
+        result = _load_disk_cached(root, files, rels, size, cache_dir, workers, progress, profiles)
     else:
         out = np.empty((len(files), size, size, 3), dtype=np.uint8)
-        reasons = _decode_into(out, files, size, workers, progress)
+        reasons, notes = _decode_into(out, files, size, workers, progress, profiles)
         keep = _compact(out, reasons)
         images = out[:keep] if keep == len(files) else out[:keep].copy()
-        result = _image_set(root, images, rels, reasons)
+        result = _image_set(root, images, rels, reasons, notes)
 
     # HEIC photos and unreadable folders, found but not read: listed with the skipped files
     result.skipped += listing.unread_in(root)
@@ -273,19 +318,23 @@ def load_images(path: str | Path, size: int) -> tuple[ImageSet, Path]:
         )
     if size < 1:
         raise DataError(f"image size must be a positive integer, got {size}")
-    pixels, reason = _decode_path(str(path), size)
+    pixels, reason, notes = _decode_path(str(path), size)
     if pixels is None:
         raise DataError(f"no usable image in '{shown(str(path))}': {reason}")
+    if notes:
+        warnings.warn(unconverted_note(notes), ProfileWarning, stacklevel=2)
     images = np.empty((1, size, size, 3), dtype=np.uint8)  # writable, as a folder's are
     images[0] = pixels
-    return ImageSet(images, [str(path)]), path.parent
+    return ImageSet(images, [str(path)], unconverted=notes), path.parent
 
 
 def _decode_into(
-    out: np.ndarray, files: Sequence[Path], size: int, workers: int, progress: bool
-) -> list[str | None]:
-    """Decode ``files`` into rows of ``out``; returns per file None (ok) or the skip reason."""
+    out: np.ndarray, files: Sequence[Path], size: int, workers: int, progress: bool, profiles: bool
+) -> tuple[list[str | None], list[Skipped]]:
+    """Decode ``files`` into rows of ``out``; returns per file None (ok) or the skip reason,
+    and the files whose colour profile was not applied (`load_image`)."""
     reasons: list[str | None] = [None] * len(files)
+    notes: list[Skipped] = []
     workers = workers or os.cpu_count() or 1
     # A process pool costs ~0.3 s to start; not worth it for a handful of files.
     workers = min(workers, max(1, len(files) // 16))
@@ -296,18 +345,19 @@ def _decode_into(
                 ctx = _pool_context()
                 chunk = max(1, min(64, len(files) // (workers * 4)))
                 with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                    paths, n = [str(p) for p in files], len(files)
                     results = pool.map(
-                        _decode_path, [str(p) for p in files], [size] * len(files), chunksize=chunk
+                        _decode_path, paths, [size] * n, [profiles] * n, chunksize=chunk
                     )
-                    _fill(out, reasons, results, bar)
-                return reasons
+                    _fill(out, reasons, notes, results, bar)
+                return reasons, notes
             except concurrent.futures.process.BrokenProcessPool as exc:
                 # Workers die at start-up when __main__ cannot be re-imported (a script piped
                 # on stdin, a missing `if __name__ == "__main__":` guard): decode here instead.
                 warnings.warn(f"decoding in one process: worker pool failed ({exc})", stacklevel=3)
                 bar.reset()
-        _fill(out, reasons, (_decode_path(str(p), size) for p in files), bar)
-    return reasons
+        _fill(out, reasons, notes, (_decode_path(str(p), size, profiles) for p in files), bar)
+    return reasons, notes
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
@@ -320,10 +370,12 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 def _fill(
     out: np.ndarray,
     reasons: list[str | None],
-    results: Iterator[tuple[np.ndarray | None, str | None]],
+    notes: list[Skipped],
+    results: Iterator[Decoded],
     bar: tqdm,
 ) -> None:
-    for i, (pixels, reason) in enumerate(results):
+    for i, (pixels, reason, unconverted) in enumerate(results):
+        notes += unconverted
         if pixels is None:
             reasons[i] = reason
         else:
@@ -343,13 +395,17 @@ def _compact(out: np.ndarray, reasons: list[str | None]) -> int:
 
 
 def _image_set(
-    root: Path, images: np.ndarray, rels: list[str], reasons: list[str | None]
+    root: Path,
+    images: np.ndarray,
+    rels: list[str],
+    reasons: list[str | None],
+    unconverted: list[Skipped],
 ) -> ImageSet:
     paths = [str(root / rel) for rel, r in zip(rels, reasons, strict=True) if r is None]
     skipped = [
         Skipped(str(root / rel), r) for rel, r in zip(rels, reasons, strict=True) if r is not None
     ]
-    return ImageSet(images, paths, skipped)
+    return ImageSet(images, paths, skipped, unconverted)
 
 
 def _check_result(root: Path, result: ImageSet, tried: int, strict: bool, listing: Listing) -> None:
@@ -374,6 +430,8 @@ def _check_result(root: Path, result: ImageSet, tried: int, strict: bool, listin
         raise DataError(f"--strict: {skip_summary(skipped, tried)}")
     if skipped:
         warnings.warn(skip_summary(skipped, tried), SkippedFilesWarning, stacklevel=3)
+    if result.unconverted:
+        warnings.warn(unconverted_note(result.unconverted), ProfileWarning, stacklevel=3)
     note_passed_over(listing)
 
 
@@ -383,9 +441,10 @@ def note_passed_over(listing: Listing) -> None:
         warnings.warn(passed_over_note(listing), PassedOverWarning, stacklevel=4)
 
 
-def _cache_key(root: Path, rels: list[str], files: list[Path], size: int) -> str:
-    """Hash of everything that determines the decoded array: folder, size, and each file's
-    relative path, byte size and mtime (a changed, added or removed file gives a new key)."""
+def _cache_key(root: Path, rels: list[str], files: list[Path], size: int, profiles: bool) -> str:
+    """Hash of everything that determines the decoded array: folder, size, whether colour
+    profiles are applied, and each file's relative path, byte size and mtime (a changed, added
+    or removed file gives a new key). Without profiles, the key animeddim gave before."""
     entries = []
     for rel, path in zip(rels, files, strict=True):
         try:
@@ -393,7 +452,8 @@ def _cache_key(root: Path, rels: list[str], files: list[Path], size: int) -> str
             entries.append([rel, st.st_size, st.st_mtime_ns])
         except OSError:
             entries.append([rel, -1, -1])
-    blob = json.dumps([_CACHE_VERSION, str(root.resolve()), size, entries])
+    applied = ["icc->srgb"] if profiles else []
+    blob = json.dumps([_CACHE_VERSION, str(root.resolve()), size, entries, *applied])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -405,24 +465,26 @@ def _load_disk_cached(
     cache_dir: Path | None,
     workers: int,
     progress: bool,
+    profiles: bool,
 ) -> ImageSet:
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = _cache_key(root, rels, files, size)
+    key = _cache_key(root, rels, files, size, profiles)
     data_path, meta_path = cache_dir / f"{key}.u8", cache_dir / f"{key}.json"
     row = size * size * 3
 
     cached = _read_cache(data_path, meta_path, key, size)
     if cached is not None:
-        images, reasons = cached
-        return _image_set(root, images, rels, reasons)
+        images, reasons, unconverted = cached
+        notes = [Skipped(str(root / rel), reason) for rel, reason in unconverted]
+        return _image_set(root, images, rels, reasons, notes)
 
     # Decode straight into a file-backed array (the data may not fit in memory), then publish it
     # with an atomic rename, and the metadata last: a crash leaves no half-valid cache entry.
     tmp = temp_path(data_path)  # ".KEY.u8.tmp-PID": a name io.is_temp_name knows
     try:
         mm = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(files), size, size, 3))
-        reasons = _decode_into(mm, files, size, workers, progress)
+        reasons, notes = _decode_into(mm, files, size, workers, progress, profiles)
         keep = _compact(mm, reasons)
         mm.flush()
         del mm
@@ -430,20 +492,24 @@ def _load_disk_cached(
         if keep:
             os.replace(tmp, data_path)
             meta = {"key": key, "size": size, "count": keep, "reasons": reasons}
+            meta["unconverted"] = [
+                [Path(s.path).relative_to(root).as_posix(), s.reason] for s in notes
+            ]
             write_text_atomic(meta_path, json.dumps(meta))
     finally:
         if tmp.exists():
             tmp.unlink()
     if not keep:
-        return _image_set(root, np.empty((0, size, size, 3), np.uint8), rels, reasons)
+        return _image_set(root, np.empty((0, size, size, 3), np.uint8), rels, reasons, notes)
     images = np.memmap(data_path, dtype=np.uint8, mode="r", shape=(keep, size, size, 3))
-    return _image_set(root, images, rels, reasons)
+    return _image_set(root, images, rels, reasons, notes)
 
 
 def _read_cache(
     data_path: Path, meta_path: Path, key: str, size: int
-) -> tuple[np.ndarray, list[str | None]] | None:
-    """The cached array and skip reasons, or None when absent or inconsistent."""
+) -> tuple[np.ndarray, list[str | None], list[tuple[str, str]]] | None:
+    """The cached array, skip reasons and the files whose colour profile was not applied (path
+    below the folder, reason), or None when absent or inconsistent."""
     try:
         meta = json.loads(meta_path.read_text("utf-8"))
         count = int(meta["count"])
@@ -452,7 +518,8 @@ def _read_cache(
         if data_path.stat().st_size != count * size * size * 3:
             return None
         images = np.memmap(data_path, dtype=np.uint8, mode="r", shape=(count, size, size, 3))
-        return images, list(meta["reasons"])
+        unconverted = [(str(rel), str(reason)) for rel, reason in meta.get("unconverted", [])]
+        return images, list(meta["reasons"]), unconverted
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

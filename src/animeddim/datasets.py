@@ -38,6 +38,7 @@ from animeddim.data import (
     BadImage,
     DataError,
     Listing,
+    ProfileWarning,
     Skipped,
     SkippedFilesWarning,
     _decode,
@@ -49,6 +50,7 @@ from animeddim.data import (
     read_error_reason,
     shown,
     skip_summary,
+    unconverted_note,
 )
 from animeddim.image_files import HEIC_EXTENSIONS, HEIC_REASON, hidden, passed_over_folder
 from animeddim.io import (
@@ -375,13 +377,15 @@ def _folder_members(
             yield name, None, read_error_reason(path, exc)
 
 
-def _prepare_one(data: bytes, size: int) -> tuple[bytes | None, str | None]:
-    """Decode, centre-crop and resize one image; returns ``(png_bytes, None)`` or a reason."""
+def _prepare_one(data: bytes, size: int) -> tuple[bytes | None, str | None, list[str]]:
+    """Decode, centre-crop and resize one image; returns ``(png_bytes, None, notes)`` or
+    ``(None, reason, [])``; ``notes``: why its colour profile was not applied."""
+    notes: list[str] = []
     try:
-        pixels = _decode(data, size)
+        pixels = _decode(data, size, notes=notes)
     except BadImage as exc:
-        return None, exc.reason
-    return png_bytes(pixels), None
+        return None, exc.reason, []
+    return png_bytes(pixels), None, notes
 
 
 def _source_id(src: Path, size: int) -> dict[str, Any]:
@@ -442,7 +446,7 @@ def prepare(
 
     passed: dict[str, int] = {}  # images in hidden or system folders, not prepared
     members = _folder_members(src, passed) if src.is_dir() else _archive_members(src, passed)
-    count, tried, skipped = 0, 0, []
+    count, tried, skipped, unconverted = 0, 0, [], []
     workers = max(1, workers or os.cpu_count() or 1)
     pool = (
         concurrent.futures.ProcessPoolExecutor(workers, mp_context=_pool_context())
@@ -461,7 +465,8 @@ def prepare(
                 if pool is not None
                 else (_prepare_one(b, size) for b in blobs)
             )
-            for (name, _), (png, reason) in zip(todo, results, strict=True):
+            for (name, _), (png, reason, notes) in zip(todo, results, strict=True):
+                unconverted += [Skipped(name, note) for note in notes]
                 if png is None:
                     skipped.append(Skipped(name, reason or ""))
                     continue
@@ -487,12 +492,18 @@ def prepare(
             stale.unlink()
     if skipped:
         warnings.warn(skip_summary(skipped, tried), SkippedFilesWarning, stacklevel=2)
+    if unconverted:
+        warnings.warn(unconverted_note(unconverted), ProfileWarning, stacklevel=2)
     note_passed_over(Listing([], passed))
     manifest = {
         **wanted,
         "count": count,
         "skipped": [[s.path, s.reason] for s in skipped],
         **({"passed_over": passed} if passed else {}),
+        # the images' embedded colour profiles were applied (a folder prepared before has
+        # none of this: its images were read as sRGB; it is kept as it is)
+        "colour_profiles": "srgb",
+        **({"unconverted": [[s.path, s.reason] for s in unconverted]} if unconverted else {}),
     }
     write_bytes_atomic(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
     pending_path.unlink(missing_ok=True)

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .words import counted
+
 # All read by Pillow; .jfif and .jpe are JPEGs as some browsers save them, .apng animated PNGs.
 IMAGE_EXTENSIONS = (
     ".png",
@@ -208,15 +210,14 @@ def passed_over_note(listing: Listing, limit: int = 5) -> str:
         f"{shown(name)} ({n})" if name.endswith("/") else shown(name) for name, n in where[:limit]
     )
     more = f", and {len(where) - limit} more" if len(where) > limit else ""
-    plural = "s" if total != 1 else ""
     if not files:
         why = "in hidden or system folders (thumbnails, trash, zip leftovers; not data)"
-        what = f"{total} image file{plural} {why}"
+        what = f"{counted(total, 'image file')} {why}"
     elif not folders:
-        what = f"{total} hidden image file{plural} (such as macOS's '._' metadata; not data)"
+        what = f"{counted(total, 'hidden image file')} (such as macOS's '._' metadata; not data)"
     else:
         why = "macOS's '._' metadata, thumbnails, trash, zip leftovers; not data"
-        what = f"{total} image file{plural}, hidden or in hidden or system folders ({why})"
+        what = f"{counted(total, 'image file')}, hidden or in hidden or system folders ({why})"
     return f"passed over {what}: {listed}{more}"
 
 
@@ -226,20 +227,36 @@ def skip_summary(skipped: Sequence[Skipped], tried: int, limit: int = 5) -> str:
     ``tried`` counts the skipped entries; those that are folders (a path ending in '/': it
     could not be read) are counted apart, as folders.
     """
-    listed = "; ".join(f"{shown(s.path)}: {s.reason}" for s in skipped[:limit])
-    more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
+    listed, more = _listed(skipped, limit)
     folders = sum(s.path.endswith("/") for s in skipped)
     files, tried = len(skipped) - folders, tried - folders
-    read = f"could not read {folders} folder{'s' if folders != 1 else ''}" if folders else ""
+    read = f"could not read {counted(folders, 'folder')}" if folders else ""
     if not files:
         return f"{read}, {'their' if folders != 1 else 'its'} images not found: {listed}{more}"
     also = f" and {read}" if folders else ""
     return f"skipped {files} of {n_files(tried)} that could not be decoded{also}: {listed}{more}"
 
 
+def unconverted_note(unconverted: Sequence[Skipped], limit: int = 5) -> str:
+    """One line: how many images were read as sRGB because their embedded colour profile
+    could not be applied, and the first ``limit`` with the reason."""
+    listed, more = _listed(unconverted, limit)
+    n = len(unconverted)
+    return (
+        f"read {n_files(n)} as sRGB, {'its' if n == 1 else 'their'} embedded colour profile "
+        f"not applied: {listed}{more}"
+    )
+
+
+def _listed(entries: Sequence[Skipped], limit: int) -> tuple[str, str]:
+    """The first ``limit`` entries as 'path: reason; ...', and '; and N more' (or '')."""
+    listed = "; ".join(f"{shown(s.path)}: {s.reason}" for s in entries[:limit])
+    return listed, f"; and {len(entries) - limit} more" if len(entries) > limit else ""
+
+
 def n_files(n: int) -> str:
     """'1 file', '2 files': a count of files as a sentence says it."""
-    return f"{n} file{'s' if n != 1 else ''}"
+    return counted(n, "file")
 
 
 def shown(name: str) -> str:

@@ -201,7 +201,7 @@ def train(
         #    (a resumed run with nothing left to train: before any image is read).
         saved = resume_point(run_dir, cfg, allow_changed_data, log) if resume else None
         root = data_root(cfg, resume)
-        data = load_data(cfg, root, progress)
+        data = load_data(cfg, root, progress, resume)
         check_data(cfg, data, root, resume, allow_changed_data, log)
         inception = training_inception(cfg, device)  # a bad weights file is refused here
         eval_real = eval_real_features(cfg, data, inception)  # and a folder KID cannot read

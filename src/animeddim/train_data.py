@@ -18,7 +18,7 @@ import torch
 from . import batches as batches_mod
 from . import data as data_mod
 from . import distributed
-from .config import ConfigError, RunConfig
+from .config import PROFILES_TO_SRGB, ConfigError, RunConfig
 from .image_files import EARLIER_EXTENSIONS, folder_problem
 from .io import save_grid
 from .run_folder import RunFolderError, check_new_run_dir, check_same_data, data_fingerprint
@@ -122,8 +122,15 @@ def data_root(cfg: RunConfig, resume: bool) -> Path:
     return Path(cfg.data.abs_path or cfg.data.path) if resume else Path(cfg.data.path)
 
 
-def load_data(cfg: RunConfig, root: Path, progress: bool) -> TrainData:
-    """Decode the data folder, split it and measure the training split's statistics."""
+def load_data(cfg: RunConfig, root: Path, progress: bool, resume: bool = False) -> TrainData:
+    """Decode the data folder, split it and measure the training split's statistics.
+
+    A new run applies the images' embedded colour profiles and records so in
+    `data.colour_profiles`; a resumed run reads its images as it began (one started before
+    profiles were applied has no record, and reads them as sRGB: the pixels it trained on).
+    """
+    if not resume:
+        cfg.data.colour_profiles = PROFILES_TO_SRGB
     # Each process lists the folder (a node may lack it, or hold other images): a failure or
     # another list in any process is refused by every process, before any image is decoded.
     listed, fingerprint = distributed.on_every(lambda: _image_list_of_the_run(cfg, root))
@@ -139,6 +146,7 @@ def load_data(cfg: RunConfig, root: Path, progress: bool) -> TrainData:
             cache=cfg.data.cache,
             strict=cfg.data.strict,
             progress=progress,
+            profiles=cfg.data.profiles_applied,
             **listed,
         )
     train_idx, val_idx = data_mod.split_indices(

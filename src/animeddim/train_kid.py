@@ -52,7 +52,9 @@ def eval_real_features(cfg: RunConfig, data, inception) -> torch.Tensor | None:
         images = np.asarray(data.imageset.images[data.val_idx])
         return extractor.features(torch.from_numpy(images).permute(0, 3, 1, 2), "standard")
     try:
-        return metrics.folder_features(Path(tc.eval_real), extractor, "standard")
+        # read as the run reads its own images, so that a resumed run measures as it began
+        profiles = cfg.data.profiles_applied
+        return metrics.folder_features(Path(tc.eval_real), extractor, "standard", profiles=profiles)
     except (DataError, OSError, ValueError) as e:
         raise ConfigError(f"--eval-real {tc.eval_real!r}: {e}") from None
 

@@ -18,12 +18,14 @@ from ..config import ConfigError
 from ..data import (
     BadImage,
     DataError,
+    ProfileWarning,
     Skipped,
     SkippedFilesWarning,
     list_images,
     load_image,
     note_passed_over,
     skip_summary,
+    unconverted_note,
 )
 from ..io import file_digest, read_safetensors
 from .inception import (
@@ -52,9 +54,14 @@ def default_cache_dir() -> Path:
 
 
 def _folder_cache_key(
-    folder: Path, files: Sequence[Path], protocol: str, extractor: FeatureExtractor
+    folder: Path,
+    files: Sequence[Path],
+    protocol: str,
+    extractor: FeatureExtractor,
+    profiles: bool = True,
 ) -> str:
-    """sha256 over protocol, weights identity and each file's relative path and content hash.
+    """sha256 over protocol, weights identity, whether colour profiles are applied and each
+    file's relative path and content hash (without profiles: the key animeddim gave before).
 
     Content, not mtime: a copied folder hits the cache, a rewritten file misses it.
     """
@@ -71,22 +78,30 @@ def _folder_cache_key(
         "weights": extractor.cache_token,
         "files": entries,
     }
+    if profiles:  # the features of images read with their colour profiles applied
+        payload["colour_profiles"] = "srgb"
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def _load_batches(
-    folder: Path, files: Sequence[Path], batch_size: int, skipped: list[Skipped]
+    folder: Path,
+    files: Sequence[Path],
+    batch_size: int,
+    skipped: list[Skipped],
+    unconverted: list[Skipped],
+    profiles: bool = True,
 ) -> Iterator[tuple[torch.Tensor, tuple[int, int]]]:
     """Yield ([B x 3 x H x W] uint8, (H, W)); every image must share the first one's size.
 
-    A file that does not decode is left out and appended to `skipped`, as training does.
+    A file that does not decode is left out and appended to `skipped`, as training does; one
+    whose colour profile is not applied (``profiles``: they are) goes to `unconverted`.
     """
     first: tuple[Path, tuple[int, int]] | None = None
     for start in range(0, len(files), batch_size):
         arrays = []
         for path in files[start : start + batch_size]:
             try:
-                array = load_image(path, size=None)
+                array = load_image(path, size=None, profiles=profiles, notes=unconverted)
             except BadImage as error:
                 skipped.append(Skipped(str(path), error.reason))
                 continue
@@ -114,6 +129,7 @@ def folder_features_with_size(
     cache_dir: Path | None = None,
     batch_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
+    profiles: bool = True,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """:func:`folder_features` plus the folders' common image size (H, W)."""
     if protocol not in PROTOCOLS:
@@ -126,22 +142,23 @@ def folder_features_with_size(
     if len(files) < 2:
         raise DataError(_too_few(folder, len(files), len(files) + len(unread), unread))
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = _folder_cache_key(folder, files, protocol, extractor)
+    key = _folder_cache_key(folder, files, protocol, extractor, profiles)
     cache_file = cache_dir / f"{protocol}-{key[:40]}.safetensors"
     cached = _read_feature_cache(cache_file)
     if cached is not None:
-        features, size, skipped = cached
-        _note_skipped(unread + skipped, len(files) + len(unread))
+        features, size, skipped, unconverted = cached
+        _note_skipped(unread + skipped, len(files) + len(unread), unconverted)
         _note_not_square(folder, size)
         return features, size
 
     chunks = []
     skipped: list[Skipped] = []
+    unconverted: list[Skipped] = []
     size = (0, 0)
     if progress is not None:
         progress(0, len(files))
     done = 0
-    for batch, batch_hw in _load_batches(folder, files, batch_size, skipped):
+    for batch, batch_hw in _load_batches(folder, files, batch_size, skipped, unconverted, profiles):
         chunks.append(extractor.features(batch, protocol, batch_size=batch_size))
         size, done = batch_hw, done + len(batch)
         if progress is not None:
@@ -151,7 +168,7 @@ def folder_features_with_size(
     usable = sum(len(c) for c in chunks)
     if usable < 2:
         raise DataError(_too_few(folder, usable, len(files) + len(unread), unread + skipped))
-    _note_skipped(unread + skipped, len(files) + len(unread))
+    _note_skipped(unread + skipped, len(files) + len(unread), unconverted)
     features = torch.cat(chunks).to(torch.float64).contiguous()
     meta = {
         "protocol": protocol,
@@ -161,6 +178,7 @@ def folder_features_with_size(
         "height": str(size[0]),
         "width": str(size[1]),
         "skipped": json.dumps([[s.path, s.reason] for s in skipped]),
+        "unconverted": json.dumps([[s.path, s.reason] for s in unconverted]),
     }
     try:
         _save_atomic(cache_file, features, meta)
@@ -205,15 +223,21 @@ def _too_few(folder: Path, usable: int, found: int, skipped: Sequence[Skipped] =
     return f"KID and FID need at least 2 images, '{folder}' has {usable} usable ({detail})"
 
 
-def _note_skipped(skipped: Sequence[Skipped], tried: int) -> None:
+def _note_skipped(
+    skipped: Sequence[Skipped], tried: int, unconverted: Sequence[Skipped] = ()
+) -> None:
+    """The notes on the files skipped, and on those read without their colour profile."""
     if skipped:
         warnings.warn(skip_summary(skipped, tried), SkippedFilesWarning, stacklevel=3)
+    if unconverted:
+        warnings.warn(unconverted_note(unconverted), ProfileWarning, stacklevel=3)
 
 
 def _read_feature_cache(
     cache_file: Path,
-) -> tuple[torch.Tensor, tuple[int, int], list[Skipped]] | None:
-    """Features, image size and skipped files from a cache entry; None when there is none.
+) -> tuple[torch.Tensor, tuple[int, int], list[Skipped], list[Skipped]] | None:
+    """Features, image size, skipped files and those read without their colour profile from a
+    cache entry; None when there is none.
 
     A damaged entry (truncated, foreign, rows missing) counts as none: it is computed again
     and replaced, with a warning.
@@ -225,6 +249,7 @@ def _read_feature_cache(
         features = tensors["features"]
         size = (int(meta["height"]), int(meta["width"]))
         skipped = [Skipped(p, r) for p, r in json.loads(meta.get("skipped", "[]"))]
+        unconverted = [Skipped(p, r) for p, r in json.loads(meta.get("unconverted", "[]"))]
         if features.ndim != 2 or len(features) != int(meta["count"]):
             raise ValueError(f"{len(features)} rows, {meta['count']} expected")
     except Exception as e:  # noqa: BLE001 - any damage means: compute again
@@ -234,7 +259,7 @@ def _read_feature_cache(
             stacklevel=3,
         )
         return None
-    return features, size, skipped
+    return features, size, skipped, unconverted
 
 
 def folder_features(
@@ -244,12 +269,14 @@ def folder_features(
     cache_dir: Path | None = None,
     batch_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
+    profiles: bool = True,
 ) -> torch.Tensor:
     """Inception features of every image in a folder, cached on disk.
 
     Images come from ``animeddim.data.find_images`` (sorted) and ``load_image(size=None)``; all
-    must share one size. The cache key hashes the protocol, the weights (name, size) and every
-    file's relative path and bytes, so a second call on unchanged content runs no network.
+    must share one size. The cache key hashes the protocol, the weights (name, size), whether
+    colour profiles are applied and every file's relative path and bytes, so a second call on
+    unchanged content runs no network.
 
     :param folder: image folder.
     :param extractor: an :class:`InceptionFeatures`.
@@ -257,10 +284,12 @@ def folder_features(
     :param cache_dir: where safetensors files go; default ``~/.cache/animeddim/features``.
     :param progress: called with (images done, total) while features are computed (not on
         a cache hit).
+    :param profiles: the images' embedded colour profiles are applied (False: their numbers
+        read as sRGB, as animeddim read them before; a run started then measures so).
     :return: [N x 2048] float64 features in sorted file order.
     """
     features, _ = folder_features_with_size(
-        folder, extractor, protocol, cache_dir, batch_size, progress
+        folder, extractor, protocol, cache_dir, batch_size, progress, profiles
     )
     return features
 
