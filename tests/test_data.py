@@ -30,6 +30,7 @@ from animeddim.data import (
     SkippedFilesWarning,
     channel_stats,
     find_images,
+    list_images,
     load_folder,
     load_image,
     split_indices,
@@ -878,14 +879,15 @@ def test_macos_appledouble_files_are_passed_over_not_skipped(tmp_path: Path, mon
     cfg = RunConfig()
     cfg.data.fingerprint = data_fingerprint(find_images(tmp_path, everything=True), tmp_path)
     assert cfg.data.fingerprint.startswith("8:")
+    earlier = list_images(tmp_path, everything=True)  # the walk decoded: made once
     with pytest.warns(PassedOverWarning, match="goes on with the images it began with"):
-        assert _image_list_of_the_run(cfg, tmp_path) == ({"everything": True}, cfg.data.fingerprint)
+        assert _image_list_of_the_run(cfg, tmp_path) == (earlier, cfg.data.fingerprint)
     with monkeypatch.context() as m, warnings.catch_warnings():  # under torchrun: said once
         m.setattr("animeddim.distributed.is_main", lambda: False)
         warnings.simplefilter("error", PassedOverWarning)
-        assert _image_list_of_the_run(cfg, tmp_path) == ({"everything": True}, cfg.data.fingerprint)
+        assert _image_list_of_the_run(cfg, tmp_path) == (earlier, cfg.data.fingerprint)
     cfg.data.fingerprint = data_fingerprint(find_images(tmp_path), tmp_path)
-    assert _image_list_of_the_run(cfg, tmp_path) == ({}, cfg.data.fingerprint)
+    assert _image_list_of_the_run(cfg, tmp_path) == (list_images(tmp_path), cfg.data.fingerprint)
 
 
 def test_heic_photos_and_unreadable_folders_are_noted_not_left_out(

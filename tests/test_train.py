@@ -426,6 +426,33 @@ def test_nothing_left_to_train_is_said_before_the_data_is_read(avatars16, tmp_pa
     _one_line_exit_2(p, "nothing to train in run folder", "2 step(s) done and --max-steps is 2")
 
 
+def test_training_walks_the_data_folder_once(avatars16, tmp_path, monkeypatch):
+    """Training listed the data folder twice at its start: once for the fingerprint, once to
+    decode it. The walk made for the fingerprint is now the one decoded; a run started before
+    hidden files were passed over decodes the earlier walk its fingerprint matched."""
+    from animeddim import data as data_mod
+    from animeddim.train_data import load_data
+
+    walks, real = [], data_mod.list_images
+
+    def counted(root, **kwargs):
+        walks.append(kwargs)
+        return real(root, **kwargs)
+
+    monkeypatch.setattr(data_mod, "list_images", counted)
+    data = _folder(avatars16, tmp_path / "data", 12)
+    assert len(load_data(tiny_config(data), data, False).imageset.paths) == 12
+    assert walks == [{}]
+    (data / ".hidden.png").write_bytes((avatars16 / "avatar-000020.png").read_bytes())
+    cfg = tiny_config(data)
+    cfg.data.fingerprint = run_folder.data_fingerprint(real(data, everything=True).files, data)
+    walks.clear()
+    with pytest.warns(data_mod.PassedOverWarning, match="goes on with the images it began"):
+        paths = load_data(cfg, data, False).imageset.paths
+    assert walks == [{}, {"everything": True}] and len(paths) == 13
+    assert str(data / ".hidden.png") in paths
+
+
 # Every option combination the parser accepts, on any folder with >= 1 usable image, trains
 # to the end or is refused before any work with exit 2 and one sentence.
 PROPERTY_EXAMPLES = 25

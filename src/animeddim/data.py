@@ -253,8 +253,7 @@ def load_folder(
     workers: int = 0,
     strict: bool = False,
     progress: bool = False,
-    everything: bool = False,
-    extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
+    listing: Listing | None = None,
     profiles: bool = True,
 ) -> ImageSet:
     """Decode every image under ``root`` once into an ``(N, size, size, 3)`` uint8 array.
@@ -265,8 +264,9 @@ def load_folder(
     processes, 0 = one per CPU. Skipped files are reported with a :class:`SkippedFilesWarning`;
     with ``strict`` they raise :class:`DataError`, as does a folder with no usable image.
     Images in hidden and system folders are passed over, with a :class:`PassedOverWarning`
-    counting them, unless ``everything``; ``extensions`` are those of the files read
-    (`image_files.list_images`). ``profiles``: embedded colour profiles are applied (False:
+    counting them. ``listing``: the walk of ``root`` (`image_files.list_images`) when the
+    caller has made it (training lists the folder first, for its fingerprint): the folder is
+    then not walked again. ``profiles``: embedded colour profiles are applied (False:
     read as sRGB, as before they were; `load_image`), those that cannot be noted in one
     :class:`ProfileWarning`.
     """
@@ -275,7 +275,8 @@ def load_folder(
         raise DataError(f"image size must be a positive integer, got {size}")
     if cache not in ("memory", "disk", "auto"):
         raise DataError(f"cache must be memory, disk or auto, got {cache!r}")
-    listing = list_images(root, everything=everything, extensions=extensions)
+    if listing is None:
+        listing = list_images(root)
     files = listing.files
     rels = [p.relative_to(root).as_posix() for p in files]
     if cache == "auto":

@@ -133,7 +133,7 @@ def load_data(cfg: RunConfig, root: Path, progress: bool, resume: bool = False) 
         cfg.data.colour_profiles = PROFILES_TO_SRGB
     # Each process lists the folder (a node may lack it, or hold other images): a failure or
     # another list in any process is refused by every process, before any image is decoded.
-    listed, fingerprint = distributed.on_every(lambda: _image_list_of_the_run(cfg, root))
+    listing, fingerprint = distributed.on_every(lambda: _image_list_of_the_run(cfg, root))
     distributed.check_same(
         {f"the fingerprint of the images in '{root}'": fingerprint},
         "every process must read the same images: the data folder at the same path, with the "
@@ -147,7 +147,7 @@ def load_data(cfg: RunConfig, root: Path, progress: bool, resume: bool = False) 
             strict=cfg.data.strict,
             progress=progress,
             profiles=cfg.data.profiles_applied,
-            **listed,
+            listing=listing,  # the walk made for the fingerprint: the folder is walked once
         )
     train_idx, val_idx = data_mod.split_indices(
         len(imageset.images), cfg.data.val_fraction, cfg.data.split_seed
@@ -165,10 +165,10 @@ def load_data(cfg: RunConfig, root: Path, progress: bool, resume: bool = False) 
     )
 
 
-def _image_list_of_the_run(cfg: RunConfig, root: Path) -> tuple[dict[str, Any], str]:
-    """How `root` is listed for this run (`data.load_folder`'s keyword arguments: none, or
-    `everything` and `extensions` as an earlier animeddim listed it), and the fingerprint of
-    the images read.
+def _image_list_of_the_run(cfg: RunConfig, root: Path) -> tuple[data_mod.Listing, str]:
+    """The walk of `root` this run reads (`image_files.list_images`: as a new run lists it, or
+    with `everything` or the `extensions` of an earlier animeddim), and the fingerprint of the
+    images in it. `data.load_folder` reads that walk: the folder is not walked again.
 
     A run started before hidden files and hidden and system folders were passed over, or
     before .jfif, .jpe, .avif and .apng files were read, on a folder holding such images,
@@ -179,13 +179,14 @@ def _image_list_of_the_run(cfg: RunConfig, root: Path) -> tuple[dict[str, Any], 
     listing = data_mod.list_images(root)  # DataError for a missing folder or a file
     now, then = data_fingerprint(listing.files, root), cfg.data.fingerprint
     if not then or now == then:
-        return {}, now
+        return listing, now
     for earlier in EARLIER_LISTINGS:
-        files = data_mod.find_images(root, **earlier)
+        earlier_listing = data_mod.list_images(root, **earlier)
+        files = earlier_listing.files
         if data_fingerprint(files, root) == then:
             break
     else:
-        return {}, now
+        return listing, now
     before, new_run = [], []
     if earlier.get("everything"):
         before.append("its hidden files and hidden and system folders were passed over")
@@ -206,10 +207,10 @@ def _image_list_of_the_run(cfg: RunConfig, root: Path) -> tuple[dict[str, Any], 
             data_mod.PassedOverWarning,
             stacklevel=3,
         )
-    return earlier, then
+    return earlier_listing, then
 
 
-# How earlier animeddims listed a folder (`data.load_folder`'s keyword arguments): with the
+# How earlier animeddims listed a folder (`image_files.list_images`'s keyword arguments): with the
 # hidden and system folders, and without the image extensions added since.
 EARLIER_LISTINGS: tuple[dict[str, Any], ...] = (
     {"everything": True},
