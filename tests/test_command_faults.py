@@ -858,17 +858,116 @@ def test_signal_during_training_saves_a_checkpoint_then_resume_finishes(
     assert load(out / "checkpoints" / "last.safetensors")[1]["step"] > step
 
 
-def test_sigterm_while_sampling_exits_143_and_leaves_no_file(run, tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_while_sampling_keeps_the_images_drawn_so_far(sig, code, run, tmp_path):
+    """Ctrl-C or SIGTERM of a long `sample --out` kept nothing (the images were held until
+    the end). Each batch is written as soon as it is drawn: the images drawn before the
+    signal stay, are the ones an uninterrupted call draws, and one line says so."""
     out = tmp_path / "s"
-    p = _popen("sample", "--run", run, "--trajectory", tmp_path / "t.png", "--out", out,
-               "--n", 100000, "--steps", 20, "--device", "cpu", "--no-compile")  # fmt: skip
-    assert p.stdout is not None
-    assert p.stdout.readline().startswith("trajectory:")  # now drawing the images
-    p.send_signal(signal.SIGTERM)
-    _, stderr = p.communicate(timeout=120)
-    assert p.returncode == 143
-    _one_line(stderr, "terminated (SIGTERM)")
-    assert not out.exists() or not list(out.iterdir())
+    args = ["sample", "--run", run, "--n", 100000, "--steps", 2, "--batch-size", 2,
+            "--device", "cpu", "--no-compile"]  # fmt: skip
+    p = _popen(*args, "--out", out)
+    _wait_for(lambda: len(list(out.glob("seed*.png"))) >= 4)
+    p.send_signal(sig)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == code, stderr
+    assert "Traceback" not in stderr and "interrupted" not in stderr, stderr
+    kept = sorted(out.glob("seed*.png"))
+    said = [line for line in stdout.splitlines() if line.startswith("interrupted:")]
+    assert said == [
+        f"interrupted: {len(kept)} of 100000 images kept in {str(out)!r}; the same command "
+        f"again goes on from there (draws the other {100000 - len(kept)})"
+    ], stdout
+    assert [f.name for f in kept] == [f"seed0-{i:06d}.png" for i in range(len(kept))]
+    assert not [f for f in out.iterdir() if f.name.startswith(".") and "tmp" in f.name]
+    assert (out / ".animeddim-sample-pending.json").is_file()
+    # the same images as a call that was not stopped (image i depends on the seed and i only)
+    rc = subprocess.run([sys.executable, "-m", "animeddim", *map(str, args[:3]), "--n",
+                         str(len(kept)), *map(str, args[5:]), "--out", str(tmp_path / "whole")],
+                        capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert rc.returncode == 0, rc.stderr
+    assert _files(tmp_path / "whole") == {f.name: f.read_bytes() for f in kept}
+
+
+def _stop_at_write(monkeypatch, writes: int, files: int = 0) -> None:
+    """Ctrl-C (KeyboardInterrupt, as the SIGINT handler raises) at the `writes`-th batch
+    written by `sample --out`, after `files` of its PNGs are written (a kill mid-batch)."""
+    from animeddim import io as animeddim_io
+
+    real, calls = animeddim_io.save_pngs, []
+
+    def save_pngs(images, folder, names):
+        calls.append(names)
+        if len(calls) == writes:
+            real(images[:files], folder, names[:files])
+            raise KeyboardInterrupt
+        return real(images, folder, names)
+
+    monkeypatch.setattr(animeddim_io, "save_pngs", save_pngs)
+
+
+@pytest.mark.parametrize("files", [0, 1], ids=["between-batches", "mid-batch"])
+def test_a_stopped_sample_goes_on_and_equals_an_uninterrupted_one(
+    run, tmp_path, capsys, monkeypatch, files
+):
+    """The same command again after Ctrl-C keeps the images there, draws the rest, and ends
+    with the files (PNGs and grid) an uninterrupted call writes, byte for byte, also when a
+    batch was cut short (a kill while it was written)."""
+    base = ["sample", "--run", run, "--n", 7, "--steps", 2, "--eta", 0.5, "--batch-size", 2]
+    rc, _, err = run_main(capsys, *base, "--out", tmp_path / "whole", "--grid", tmp_path / "w.png")
+    assert rc == 0, err
+    whole = _files(tmp_path / "whole")
+    out, grid = tmp_path / "s", tmp_path / "g.png"
+    argv = [*base, "--out", out, "--grid", grid]
+    with monkeypatch.context() as m:
+        _stop_at_write(m, 3, files)  # two batches written, the third stopped
+        rc, stdout, err = run_main(capsys, *argv)
+    assert rc == 130, err
+    assert f"interrupted: {4 + files} of 7 images kept in {str(out)!r}" in stdout
+    assert not grid.exists() and len(list(out.glob("*.png"))) == 4 + files
+    rc, stdout, err = run_main(capsys, *argv)
+    assert rc == 0, err  # before: 2, "already holds earlier outputs ...; use --force"
+    assert f"note: {str(out)!r} holds {4 + files} of 7 images of this sample" in err
+    assert f"{3 - files} images, 2 ddim steps" in stdout  # the rest only
+    assert _files(out) == whole  # the note is gone: a whole set, refused as before
+    assert grid.read_bytes() == (tmp_path / "w.png").read_bytes()
+    rc, _, err = run_main(capsys, *argv)
+    assert rc == 2
+    _one_line(err, "already holds earlier outputs", "--force")
+
+
+def test_a_stopped_sample_is_not_mixed_with_other_settings(run, tmp_path, capsys, monkeypatch):
+    """The same folder with other settings: refused in one line naming each difference and
+    the remedies, nothing touched; --force replaces the unfinished images, all of them."""
+    out = tmp_path / "s"
+    base = ["sample", "--run", run, "--n", 6, "--batch-size", 2, "--out", out]
+    with monkeypatch.context() as m:
+        _stop_at_write(m, 2)
+        rc, _, err = run_main(capsys, *base, "--steps", 2)
+    assert rc == 130, err
+    before = _files(out)
+    for other, named in (
+        (["--steps", 3], "steps 2 there, 3 now"),
+        (["--steps", 2, "--seed", 1], "seed 0 there, 1 now"),
+        (["--steps", 2, "--n", 8], "n 6 there, 8 now"),
+        (["--steps", 2, "--eta", 1], "eta 0.0 there, 1.0 now"),
+        (["--steps", 2, "--sampler", "dpmpp-2m"], 'sampler "ddim" there, "dpmpp-2m" now'),
+    ):
+        rc, _, err = run_main(capsys, *base, *other)
+        assert rc == 2, err
+        _one_line(err, f"--out {str(out)!r} holds the unfinished samples of other settings",
+                  named, "give another --out, or use --force to replace them")  # fmt: skip
+        assert _files(out) == before
+    exported = tmp_path / "m.safetensors"  # another model file
+    assert run_main(capsys, "export", "--run", run, "--out", exported)[0] == 0
+    rc, _, err = run_main(capsys, *base, "--steps", 2, "--run", exported)
+    assert rc == 2 and _files(out) == before
+    _one_line(err, 'other settings (model "sha256:')
+    rc, _, err = run_main(capsys, *base, "--steps", 3, "--force")
+    assert rc == 0, err
+    rc, _, err = run_main(capsys, *base[:-2], "--steps", 3, "--out", tmp_path / "fresh")
+    assert rc == 0, err
+    assert _files(out) == _files(tmp_path / "fresh")
 
 
 # --------------------------------------------------------------------------------------------

@@ -199,47 +199,48 @@ def asked(a: argparse.Namespace) -> dict[str, str]:
     return parse_assignments(a.attr, "--attr")
 
 
-def sample_conditional(a: argparse.Namespace, loaded, settings, bars) -> Any:
-    """Images of `sample` with --attr/--grid-by/--attrs-from: uint8 [N x H x W x C] (None on
-    the other ranks under torchrun, where each rank draws a block of image indices), the
-    number of grid columns and the PNG names (None: the usual seedS-IIIIII.png)."""
-    from .distributed import is_main, shard_images
-    from .pipelines import (
-        attribute_codes,
-        attribute_grid,
-        draw_per_image,
-        guidance_words,
-        rows_from,
-    )
+def sample_conditional(a: argparse.Namespace, loaded, settings) -> Any:
+    """The `pipelines.folder.Job` of `sample` with --attr/--grid-by/--attrs-from, and what
+    its images are asked, for the note of an unfinished --out: {"attributes": the options
+    and a digest of the codes they give, "guidance": its words}."""
+    import hashlib
+
+    from .distributed import is_main
+    from .outputs import sample_names
+    from .pipelines import attribute_codes, guidance_words, rows_from
+    from .pipelines.conditional import grid_rows
+    from .pipelines.folder import image_job
 
     resolve_guidance(a, loaded)
+    words = guidance_words(loaded, settings, a.guidance)
     if is_main():
-        print(guidance_words(loaded, settings, a.guidance))
+        print(words)
     if a.grid_by:
-        images, values = attribute_grid(
-            loaded, a.grid_by, a.n, settings, asked(a), a.guidance, progress=bars
-        )
-        if not is_main():
-            return None, a.n, None
-        print(f"rows: {a.grid_by} = {', '.join(values)}; columns: images 0..{a.n - 1}")
-        return images, a.n, grid_names(a.grid_by, values, a.seed, a.n)
-    if a.attrs_from:
-        fixed_values = asked(a)
-        codes = rows_from(loaded, a.attrs_from, fixed_values)
-        where = "the model's training labels" if a.attrs_from == "training" else a.attrs_from
-        fixed = "".join(f", {k}={v} in every row" for k, v in fixed_values.items())
-        print(
-            f"attributes: {len(codes)} rows of {where}{fixed}, image i gets row i mod {len(codes)}"
-        )
+        codes, values = grid_rows(loaded, a.grid_by, asked(a))
+        if is_main():
+            print(f"rows: {a.grid_by} = {', '.join(values)}; columns: images 0..{a.n - 1}")
+        names = grid_names(a.grid_by, values, a.seed, a.n)
+        job = image_job(loaded, settings, names, a.n, codes, a.guidance, row_length=a.n)
+        given = f"--grid-by {a.grid_by}"
     else:
-        codes = attribute_codes(loaded, asked(a))[None]  # --attr: one row for every image
-    images = shard_images(
-        lambda count, first: draw_per_image(
-            loaded, count, settings, codes, a.guidance, first, progress=bars
-        ),
-        a.n,
-    )
-    return images, min(8, a.n), None
+        if a.attrs_from:
+            fixed_values = asked(a)
+            codes = rows_from(loaded, a.attrs_from, fixed_values)
+            where = "the model's training labels" if a.attrs_from == "training" else a.attrs_from
+            fixed = "".join(f", {k}={v} in every row" for k, v in fixed_values.items())
+            if is_main():
+                print(
+                    f"attributes: {len(codes)} rows of {where}{fixed}, image i gets row i mod "
+                    f"{len(codes)}"
+                )
+        else:
+            codes = attribute_codes(loaded, asked(a))[None]  # --attr: one row for every image
+        names = sample_names(a.seed, a.n)
+        job = image_job(loaded, settings, names, min(8, a.n), codes, a.guidance)
+        given = f"--attrs-from {a.attrs_from}" if a.attrs_from else ""
+    given = " ".join([given, *(f"--attr {x}" for x in a.attr or ())]).strip()
+    digest = hashlib.sha256(codes.cpu().numpy().tobytes()).hexdigest()[:16]
+    return job, {"attributes": f"{given} (codes sha256:{digest})", "guidance": words}
 
 
 def grid_names(attribute: str, values: list[str], seed: int, n: int) -> list[str]:

@@ -10,6 +10,7 @@ failed run leaves the old ones in place. The files themselves are written atomic
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -17,6 +18,13 @@ from pathlib import Path
 
 # what `sample --out DIR` writes (with --grid-by: ATTR-VALUE-seedS-IIIIII.png)
 SAMPLE_NAME = re.compile(r"([\w.-]+-)?seed-?\d+-\d{6}\.png")
+
+
+def sample_names(seed: int, n: int, first: int = 0) -> list[str]:
+    """The files of images first .. first + n - 1 of `seed`: seedS-IIIIII.png."""
+    return [f"seed{seed}-{i:06d}.png" for i in range(first, first + n)]
+
+
 REPORT_NAMES = re.compile(  # what `report --out DIR` writes
     r"report\.(md|html)|fig[\w.-]*\.png|samples-[\w.-]+\.png|"
     r"(table[\w.-]*|steps-table)\.(md|csv)"
@@ -24,6 +32,9 @@ REPORT_NAMES = re.compile(  # what `report --out DIR` writes
 # Left in --out while a report is written: a report stopped before its end (Ctrl-C, a kill,
 # a full disk) is written again by the next call without --force (`unfinished`).
 REPORT_PENDING = ".animeddim-report-pending"
+# Left in `sample --out DIR` while its images are drawn, holding the settings that draw them:
+# the same command again keeps the images there and draws the rest (`resumable_samples`).
+SAMPLE_PENDING = ".animeddim-sample-pending.json"
 STEPS_NAMES = ("steps.csv", "steps.md", "steps.png")
 INVERT_NAMES = ("latents.safetensors", "side-by-side.png")
 COVERAGE_NAMES = ("coverage.json", "coverage.csv", "coverage.md", "coverage.png")
@@ -157,6 +168,59 @@ def unfinished(folder: str | Path, note: str) -> bool:
     before its first output and removes it after its last was stopped in between, so the
     outputs there are its unfinished ones, which the next call replaces without --force."""
     return (Path(folder) / note).is_file()
+
+
+def read_note(folder: str | Path, note: str) -> dict | None:
+    """The JSON object a pending `note` in `folder` holds: None when there is none, {} when
+    it cannot be read (a note of unknown settings)."""
+    path = Path(folder) / note
+    if not path.is_file():
+        return None
+    try:
+        held = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return held if isinstance(held, dict) else {}
+
+
+def resumable_samples(
+    folder: str | Path,
+    settings: dict,
+    force: bool,
+    own: Sequence[Path] = (),
+    flag: str = "--out",
+) -> tuple[list[Path], dict | None]:
+    """Check `folder` for `sample --out`, which writes its images as they are drawn and
+    leaves :data:`SAMPLE_PENDING` (holding `settings`, JSON values) until the last is: the
+    earlier samples to remove before the first new one is written (with `force`), and the
+    note when the folder holds an unfinished call with these settings, whose images are
+    kept (None otherwise). Unfinished samples of other settings are refused without
+    `force`, naming what differs: they are never mixed with these."""
+    note = read_note(folder, SAMPLE_PENDING)
+    present = Path(folder).is_dir() and any(
+        SAMPLE_NAME.fullmatch(p.name) for p in Path(folder).iterdir()
+    )
+    if note is not None and (note.get("settings") == settings or not present):
+        sample_folder(folder, True, own, flag)  # images that are not samples: refused
+        return [], note
+    if note is not None and not force:
+        raise OutputExists(
+            f"{flag} {str(folder)!r} holds the unfinished samples of other settings "
+            f"({settings_differences(note.get('settings'), settings)}): give another {flag}, "
+            "or use --force to replace them"
+        )
+    return sample_folder(folder, force, own, flag), None
+
+
+def settings_differences(there: object, here: dict) -> str:
+    """'steps 20 there, 10 now; ...' for the keys whose values differ."""
+    if not isinstance(there, dict):
+        return f"its note {SAMPLE_PENDING} cannot be read"
+    return "; ".join(
+        f"{k} {json.dumps(there.get(k))} there, {json.dumps(here.get(k))} now"
+        for k in sorted(there.keys() | here.keys())
+        if there.get(k) != here.get(k)
+    )
 
 
 def remove(files: Iterable[Path]) -> None:

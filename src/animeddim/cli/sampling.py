@@ -11,7 +11,17 @@ from typing import Any
 from .. import conditional_cli, outputs
 from ..config import KID_PROTOCOLS
 from ..diffusion.sampler_names import SAMPLER_NAMES
-from .common import CliError, _Bars, _is_main, _names, need_folder, once, shown
+from .common import (
+    EXIT_INTERRUPTED,
+    CliError,
+    _Bars,
+    _close_bars,
+    _is_main,
+    _names,
+    need_folder,
+    once,
+    shown,
+)
 
 
 def load_for_sampling(run: str | None, model: str | None, device_name: str | None):
@@ -66,9 +76,10 @@ def _settings(a: argparse.Namespace, device, loaded=None, **over):
 
 
 def cmd_sample(a: argparse.Namespace) -> int:
-    from ..distributed import check_same, shard_images
+    from ..distributed import check_same, is_main
     from ..io import save_grid
-    from ..pipelines import draw, trajectory
+    from ..pipelines import trajectory
+    from ..pipelines.folder import draw_job, image_job
 
     if not a.out and not a.grid and not a.trajectory:
         raise CliError("give --out DIR, --grid FILE.png and/or --trajectory FILE.png")
@@ -83,7 +94,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
         raise CliError("--attrs-from sets every image's attributes: give it without --grid-by")
     loaded, device = load_for_sampling(a.run, a.model, a.device)
     check_same(_options(a))  # under torchrun each process draws its share of the same images
-    if a.out or a.grid:  # --trajectory alone draws its own few images
+    if a.grid:  # the grid's images are held until it is written; --out writes them as drawn
         check_fits_in_memory(a.n, loaded.config.model.image_size)
     settings = _settings(a, device, loaded)
     files = [(f, Path(v)) for f, v in (("--grid", a.grid), ("--trajectory", a.trajectory)) if v]
@@ -91,36 +102,154 @@ def cmd_sample(a: argparse.Namespace) -> int:
     for flag, path in files:
         if path.suffix.lower() != ".png":  # written as PNG whatever the name says
             raise CliError(f"{flag} {str(path)!r}: images are written as PNG; name it .png")
-        outputs.new_file(path, a.force, flag)
-    earlier = outputs.sample_folder(a.out, a.force, [p for _, p in files]) if a.out else []
-    if a.trajectory and _is_main():
-        strips = trajectory(loaded, a.trajectory, settings=settings, progress=_Bars("step"))
-        print(f"trajectory: {strips}")
-    if a.trajectory and not a.out and not a.grid:
-        return 0
-    t = time.perf_counter()
-    # Under torchrun each rank draws a block of image indices; rank 0 gathers and writes.
-    bars = _Bars()
-    cols, names = min(8, a.n), None
     if a.attr or a.grid_by or a.attrs_from:
-        images, cols, names = conditional_cli.sample_conditional(a, loaded, settings, bars)
+        job, asked = conditional_cli.sample_conditional(a, loaded, settings)
     else:
-        images = shard_images(
-            lambda count, first: draw(loaded, count, settings, first, progress=bars), a.n
+        names = outputs.sample_names(a.seed, a.n)
+        job, asked = image_job(loaded, settings, names, min(8, a.n)), {}
+    folder = SampleFolder(a, files, job, _folder_settings(a, loaded, settings, asked))
+    try:
+        if a.trajectory and is_main():
+            strips = trajectory(loaded, a.trajectory, settings=settings, progress=_Bars("step"))
+            print(f"trajectory: {strips}")
+        if a.trajectory and not a.out and not a.grid:
+            return 0
+        t = time.perf_counter()
+        images, drawn = draw_job(
+            job,
+            a.out,
+            settings.batch_size,
+            kept=folder.kept,
+            progress=_Bars(),
+            keep_images=bool(a.grid),
+            before_write=folder.begin if folder.earlier else None,
         )
-    if images is None:
+    except KeyboardInterrupt:
+        if not a.out:
+            raise
+        _close_bars()
+        if is_main():
+            kept = folder.count_kept()
+            print(
+                f"interrupted: {kept} of {len(job.names)} images kept in {a.out!r}; the same "
+                f"command again goes on from there (draws the other {len(job.names) - kept})"
+            )
+        return EXIT_INTERRUPTED
+    except Exception:
+        folder.abandon()
+        raise
+    if not is_main():
         return 0
     dt = time.perf_counter() - t
     if a.out:
-        outputs.remove(earlier)  # --force: this call's samples replace them, all of them
-        write_pngs(images, Path(a.out), a.seed, names=names)
-        print(f"{len(images)} images in {a.out}")
+        print(f"{len(job.names)} images in {a.out}")
     if a.grid:
         Path(a.grid).parent.mkdir(parents=True, exist_ok=True)
-        save_grid(images, Path(a.grid), cols=cols)
+        save_grid(images, Path(a.grid), cols=job.cols)
         print(f"grid: {a.grid}")
-    print(drawn_line(len(images), settings, dt))  # --grid-by draws --n per value
+    folder.finish()
+    print(drawn_line(drawn, settings, dt))  # --grid-by draws --n per value
     return 0
+
+
+class SampleFolder:
+    """What `sample --out` finds in and leaves in its folder (checked on process 0, its
+    refusal raised on every process): the images an unfinished call with the same settings
+    left (`kept`, not drawn again), the earlier samples --force replaces (`earlier`,
+    removed just before the first new image is written), and the pending note
+    (`outputs.SAMPLE_PENDING`) that holds the settings from the first image to the last."""
+
+    def __init__(self, a: argparse.Namespace, files, job, settings: dict | None) -> None:
+        from ..distributed import is_main, on_main
+
+        self.out = Path(a.out) if a.out else None
+        self.names, self.settings = job.names, settings
+        self.ours = [str(p.resolve()) for _, p in files]  # --grid, --trajectory
+        self.kept: set[str] = set()
+        self.earlier: list[Path] = []
+        self.begun = False
+        on_main(lambda: self._check(a, files))
+        if self.out is not None and not self.earlier and is_main():
+            self.begin()
+
+    def _check(self, a: argparse.Namespace, files) -> None:
+        from ..pipelines.folder import complete_files
+
+        note, others = None, [p for _, p in files]
+        if self.out is not None:
+            self.earlier, note = outputs.resumable_samples(self.out, self.settings, a.force, others)
+        listed = set(note.get("files", [])) if note else set()
+        for flag, path in files:  # an unfinished call's own grid is replaced
+            outputs.new_file(path, a.force or str(path.resolve()) in listed, flag)
+        if note and self.out is not None:
+            self.kept = complete_files(self.out, self.names, self.settings["image_size"])
+            if self.kept:
+                print(
+                    f"note: {str(self.out)!r} holds {len(self.kept)} of {len(self.names)} "
+                    f"images of this sample, stopped before its end: drawing the other "
+                    f"{len(self.names) - len(self.kept)}",
+                    file=sys.stderr,
+                )
+
+    def begin(self) -> None:
+        """Remove the earlier samples (--force), then leave the note: from here on the
+        folder holds this call's images only."""
+        import json
+
+        from ..io import write_text_atomic
+
+        outputs.remove(self.earlier)
+        note = {"settings": self.settings, "files": self.ours}
+        write_text_atomic(self.out / outputs.SAMPLE_PENDING, json.dumps(note, indent=1) + "\n")
+        self.begun = True
+
+    def count_kept(self) -> int:
+        """Images of this call in the folder (none before `begin`: those are earlier ones)."""
+        if not self.begun:
+            return 0
+        return sum((self.out / name).is_file() for name in self.names)
+
+    def abandon(self) -> None:
+        """After a failure: the note goes if no image of this call is there (the folder is
+        then as it was); else it stays, and the same command goes on."""
+        if self.begun and not self.count_kept():
+            (self.out / outputs.SAMPLE_PENDING).unlink(missing_ok=True)
+
+    def finish(self) -> None:
+        if self.out is not None:
+            (self.out / outputs.SAMPLE_PENDING).unlink(missing_ok=True)
+
+
+def _folder_settings(a: argparse.Namespace, loaded, settings, asked: dict) -> dict | None:
+    """What the images of `sample --out` depend on, as JSON values: the model file's
+    digest, the image size, --n, the seed, sampler, steps, eta, clipping, precision, the
+    kind of device and what the images are asked (`asked`). Other values would draw other
+    images, which an unfinished folder must not be mixed with; the batch size and the
+    number of processes change none of them."""
+    import json
+
+    import torch
+
+    from ..diffusion.samplers import resolve_clip
+    from ..distributed import is_main
+    from ..io import file_digest
+
+    if not a.out or not is_main():
+        return None
+    held = {
+        "model": f"sha256:{file_digest(loaded.path)[:16]}",
+        "image_size": loaded.config.model.image_size,
+        "n": a.n,
+        "seed": settings.seed,
+        "sampler": settings.sampler,
+        "steps": settings.steps,
+        "eta": settings.eta,
+        "clip_x0": bool(resolve_clip(settings.clip, settings.sampler)),
+        "precision": settings.precision,
+        "device": torch.device(settings.device).type,
+        **asked,
+    }
+    return json.loads(json.dumps(held))
 
 
 def drawn_line(n: int, settings, seconds: float) -> str:
@@ -435,9 +564,7 @@ def cmd_interpolate(a: argparse.Namespace) -> int:
     return 0
 
 
-def write_pngs(images_u8, out: Path, seed: int, first_index: int = 0, names=None) -> None:
+def write_pngs(images_u8, out: Path, seed: int) -> None:
     from ..io import save_pngs
 
-    if names is None:
-        names = [f"seed{seed}-{first_index + i:06d}.png" for i in range(len(images_u8))]
-    save_pngs(images_u8, out, names)
+    save_pngs(images_u8, out, outputs.sample_names(seed, len(images_u8)))

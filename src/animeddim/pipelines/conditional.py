@@ -277,17 +277,30 @@ def attribute_grid(
 ) -> tuple[torch.Tensor, list[str]]:
     """One row per value of `attribute`, one column per image index 0 .. seeds - 1 (the same
     starting noises in every row): uint8 [values * seeds x H x W x C] and the row values."""
+    _, values = grid_rows(loaded, attribute, asked)
+    rows = []
+    done = _counter(progress, "grid", len(values))
+    for value in values:
+        row = {**(asked or {}), attribute: value}
+        rows.append(draw_conditional(loaded, seeds, s, row, guidance))
+        done(1)
+    return torch.cat(rows), values
+
+
+def grid_rows(
+    loaded: LoadedModel, attribute: str, asked: Mapping[str, str] | None = None
+) -> tuple[torch.Tensor, list[str]]:
+    """The [V x A] codes of a grid by `attribute` (row r asks its r-th value, and `asked`)
+    and the V values.
+
+    :raises UnknownAttribute: an attribute the model does not know, or one `asked` sets."""
     vocab = vocabulary(loaded)
     check_attribute(vocab, attribute)
     if asked and attribute in asked:
         raise UnknownAttribute(f"--grid-by {attribute} and --attr {attribute}=... both set it")
-    rows = []
-    done = _counter(progress, "grid", len(vocab[attribute]))
-    for value in vocab[attribute]:
-        row = {**(asked or {}), attribute: value}
-        rows.append(draw_conditional(loaded, seeds, s, row, guidance))
-        done(1)
-    return torch.cat(rows), list(vocab[attribute])
+    values = list(vocab[attribute])
+    codes = [attribute_codes(loaded, {**(asked or {}), attribute: v}) for v in values]
+    return torch.stack(codes), values
 
 
 def _image_codes(

@@ -1,0 +1,177 @@
+"""Drawing many images into a folder batch by batch: a job stopped part-way (Ctrl-C, a
+signal, a kill) keeps every batch it finished, and the same job again draws only the rest.
+
+Image i depends only on (seed, i) and its conditioning, never on the batch it was drawn in
+(`diffusion.generation`), so a job finished in several calls writes the same files as one
+call. Under torchrun each round of ``batch_size x processes`` images is split over the
+processes (`distributed.shard_images`) and process 0 writes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import LoadedModel
+from .core import Progress, SampleSettings, _counter
+
+
+@dataclass
+class Job:
+    """The images of one call: image p (0 .. len(names) - 1) is written as ``names[p]``;
+    ``make(count, first)`` draws images first .. first + count - 1 (uint8 [count x H x W x
+    C] on the CPU, each depending on p alone); ``cols``: the columns of their grid."""
+
+    names: list[str]
+    make: Callable[[int, int], torch.Tensor]
+    cols: int
+
+
+def image_job(
+    loaded: LoadedModel,
+    s: SampleSettings,
+    names: list[str],
+    cols: int,
+    codes: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    row_length: int | None = None,
+) -> Job:
+    """The `Job` of `names`: image p is image p of `s.seed`, unconditional (`codes` None)
+    or asked row p mod R of the [R x A] `codes` under guidance weight `guidance`; with
+    `row_length` L (a grid by value) image p mod L, asked row p // L. The sampling network
+    is prepared once, at the first draw, for this process's share of the whole job (so
+    whether it is compiled does not depend on how much a resumed job has left)."""
+    from ..distributed import shard
+    from .conditional import draw_per_image, guided_calls
+    from .core import draw, sampling_net
+
+    lo, hi = shard(len(names))
+    calls = 1 if codes is None else guided_calls(loaded, s, guidance)
+    net: list = []
+    size, channels = loaded.config.model.image_size, loaded.config.model.channels
+
+    def piece(count: int, first: int, rows: torch.Tensor | None) -> torch.Tensor:
+        if not net:
+            net.append(sampling_net(loaded, s, calls * (hi - lo) * s.steps))
+        if rows is None:
+            return draw(loaded, count, s, first, net=net[0])
+        return draw_per_image(loaded, count, s, rows, guidance, first, net=net[0])
+
+    def make(count: int, first: int) -> torch.Tensor:
+        if row_length is None or codes is None:
+            return piece(count, first, codes)
+        parts = [torch.empty(0, size, size, channels, dtype=torch.uint8)]
+        for p in range(first, first + count):  # one piece per row the images fall in
+            row, i = divmod(p, row_length)
+            if p == first or i == 0:
+                k = min(row_length - i, first + count - p)
+                parts.append(piece(k, i, codes[row : row + 1]))
+        return torch.cat(parts)
+
+    return Job(names, make, cols)
+
+
+def complete_files(folder: str | Path, names: Sequence[str], size: int) -> set[str]:
+    """The `names` that `folder` holds as PNGs of size x size px: the images a stopped job
+    finished (files are written whole or not at all: `io.atomic_file`)."""
+    from PIL import Image
+
+    folder, whole = Path(folder), set()
+    for name in names:
+        try:
+            with Image.open(folder / name) as im:
+                if im.format == "PNG" and im.size == (size, size):
+                    whole.add(name)
+        except (OSError, ValueError):  # absent, or not an image: drawn again
+            continue
+    return whole
+
+
+def draw_job(
+    job: Job,
+    out: str | Path | None,
+    batch_size: int,
+    *,
+    kept: Collection[str] = frozenset(),
+    progress: Progress | None = None,
+    keep_images: bool = False,
+    before_write: Callable[[], None] | None = None,
+) -> tuple[torch.Tensor | None, int]:
+    """Draw the images of `job` that `kept` does not name, writing each round's PNGs into
+    `out` (None: none written) as soon as it is drawn.
+
+    :param batch_size: images per forward pass of each process; a round is that many per
+        process, so a stop loses at most one round.
+    :param kept: names already whole in `out` (`complete_files`): not drawn again.
+    :param progress: told ("sample", images done, total) after each round, kept ones first.
+    :param keep_images: return every image (the kept ones read back from `out`) for a grid.
+    :param before_write: called once, just before the first PNG is written.
+    :return: (uint8 [N x H x W x C] with `keep_images` on process 0, else None; the
+        number of images drawn by this call).
+    """
+    from ..distributed import all_gather_object, is_main, shard_images, world_size
+    from ..interrupts import deferred
+    from ..io import save_pngs
+
+    n, step = len(job.names), batch_size * world_size()
+    todo = all_gather_object(_rounds(job.names, set(kept), step))[0]  # process 0 looked
+    count = sum(hi - lo for lo, hi in todo)
+    add = _counter(progress, "sample", n)
+    if count < n:
+        add(n - count)
+    images: dict[int, torch.Tensor] = {}  # the images drawn, by their first index
+    for lo, hi in todo:
+        drawn = shard_images(job.make, hi - lo, lo)
+        if drawn is None:  # another process: process 0 writes
+            continue
+        if out is not None:
+            if before_write is not None:
+                before_write()
+                before_write = None
+            with deferred():  # a signal lands between rounds: each is kept whole
+                save_pngs(drawn, Path(out), job.names[lo:hi])
+        if keep_images:
+            images[lo] = drawn
+        add(hi - lo)
+    if not keep_images or not is_main():
+        return None, count
+    parts, p = [], 0
+    for lo, hi in [*todo, (n, n)]:  # the kept images before each round, read back
+        if p < lo:
+            parts.append(_read(Path(out), job.names[p:lo]))
+        if lo < hi:
+            parts.append(images[lo])
+        p = hi
+    return torch.cat(parts), count
+
+
+def _rounds(names: Sequence[str], kept: set[str], step: int) -> list[tuple[int, int]]:
+    """The (lo, hi) ranges of images to draw, at most `step` each: the images not `kept`,
+    run by run (image p depends on p alone, so drawing only them changes none)."""
+    rounds, p = [], 0
+    while p < len(names):
+        if names[p] in kept:
+            p += 1
+            continue
+        hi = p
+        while hi < min(len(names), p + step) and names[hi] not in kept:
+            hi += 1
+        rounds.append((p, hi))
+        p = hi
+    return rounds
+
+
+def _read(folder: Path, names: Sequence[str]) -> torch.Tensor:
+    """The uint8 [N x H x W x C] pixels of PNGs this module wrote (PNG is lossless)."""
+    from PIL import Image
+
+    pixels = []
+    for name in names:
+        with Image.open(folder / name) as im:
+            a = np.asarray(im)
+        pixels.append(a[..., None] if a.ndim == 2 else a)
+    return torch.from_numpy(np.stack(pixels))
