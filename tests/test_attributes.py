@@ -775,8 +775,57 @@ def test_attributes_train_stopped_says_on_its_own_line_that_nothing_was_saved(
     assert rc == (130 if stop == "Ctrl-C" else 143) and not out
     *bar, last = err.rstrip("\n").split("\n")
     assert last == (
-        f"animeddim: {word}: nothing saved (the classifier is written once its training ends; "
-        f"{clf} was not written); run the same command again to train it"
+        f"animeddim: {word}: nothing saved (stopped in the first epoch; {clf} was not "
+        "written); run the same command again to train it"
     )
     assert "classifier:" in bar[-1] and "2/" in bar[-1]  # the bar, ended where it stopped
     assert not clf.exists() and not clf.with_suffix(".json").exists()
+
+
+def test_attributes_train_stopped_after_an_epoch_goes_on_to_the_same_classifier(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C after some epochs of `attributes train` kept nothing (the classifier is
+    written once training ends). The training state is kept after each epoch, beside --out;
+    the same command again goes on from the last epoch to the weights an uninterrupted call
+    trains, then removes it. A state of other options is not gone on from."""
+    import animeddim.attributes as attributes_mod
+    from animeddim.attributes_cli import pending_path
+
+    for k in range(6):
+        for cls, rgb in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+            _write_png(tmp_path / "imgs" / cls / f"{k}.png", rgb, size=16)
+    args = ["attributes", "train", "--data", tmp_path / "imgs", "--labels", "folders",
+            "--image-size", "16", "--epochs", "4", "--batch-size", "4"]  # fmt: skip
+    whole = tmp_path / "whole.safetensors"
+    assert run_main(capsys, *args, "--out", whole)[0] == 0
+    real, calls = attributes_mod._augment, []
+
+    def augment(*a):  # 3 steps an epoch: the signal lands in the third epoch
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    clf = tmp_path / "c.safetensors"
+    with monkeypatch.context() as m:
+        m.setattr(attributes_mod, "_augment", augment)
+        rc, _, err = run_main(capsys, *args, "--out", clf)
+    pending = pending_path(clf)
+    assert rc == 130 and not clf.exists() and pending.is_file()
+    assert err.rstrip("\n").split("\n")[-1] == (
+        f"animeddim: interrupted: the training so far is kept (epoch 2 of 4, in {pending}); "
+        "run the same command again to go on from there"
+    )
+    rc, _, err = run_main(capsys, *args, "--out", clf)
+    assert rc == 0, err
+    assert f"note: going on from epoch 2 of 4 ({pending})" in err and not pending.exists()
+    a, b = load_classifier(whole)[0].state_dict(), load_classifier(clf)[0].state_dict()
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+    with monkeypatch.context() as m:  # stopped again, then other options: from the start
+        calls.clear()
+        m.setattr(attributes_mod, "_augment", augment)
+        assert run_main(capsys, *args, "--out", tmp_path / "d.safetensors")[0] == 130
+    rc, _, err = run_main(capsys, *args, "--seed", 1, "--out", tmp_path / "d.safetensors")
+    assert rc == 0 and "holds the training of other images or options" in err, err

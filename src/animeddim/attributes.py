@@ -9,10 +9,11 @@ order) and how it was trained, so it rebuilds itself; loading one runs no code.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import asdict, replace
 from importlib.resources import files
 from pathlib import Path
@@ -386,8 +387,15 @@ def train_classifier(
     settings: TrainSettings | None = None,
     init: AttributeNet | None = None,
     progress: bool = False,
+    resume: dict[str, Any] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[AttributeNet, dict[str, Any]]:
     """Train a classifier on uint8 ``(N, H, W, 3)`` images and their ``(N, A)`` codes.
+
+    ``on_epoch(state)`` is called after each epoch with a copy of the training state
+    (``epoch`` done, the network's, optimiser's, schedule's and random generator's states);
+    ``resume``, such a state of the same images and settings, goes on from it to the same
+    classifier an uninterrupted call trains.
 
     Entries coded :data:`NULL` are left out of their attribute's loss. With ``init`` (a
     classifier of the same vocabulary), its trunk, and every attribute it already reads the
@@ -435,12 +443,23 @@ def train_classifier(
         opt, s.learning_rate, total_steps=max(1, s.epochs * steps_per_epoch)
     )
     columns = [list(cfg.vocab).index(a) for a in trained]
+    first = 0
+    if resume is not None:
+        first = int(resume["epoch"])
+        net.load_state_dict(resume["net"])
+        opt.load_state_dict(resume["opt"])
+        sched.load_state_dict(resume["sched"])
+        g.set_state(resume["generator"])
     t0 = time.perf_counter()
     # closed on Ctrl-C too: the message that follows gets a line of its own
     with tqdm(
-        total=s.epochs * steps_per_epoch, desc="classifier", unit="step", disable=not progress
+        total=s.epochs * steps_per_epoch,
+        initial=first * steps_per_epoch,
+        desc="classifier",
+        unit="step",
+        disable=not progress,
     ) as bar:
-        for _ in range(s.epochs):
+        for epoch in range(first, s.epochs):
             net.eval()  # kept parts keep their BatchNorm statistics
             for m in parts:
                 m.train()
@@ -460,6 +479,10 @@ def train_classifier(
                 sched.step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+            if on_epoch is not None:
+                state = {"net": net.state_dict(), "opt": opt.state_dict()}
+                state.update(sched=sched.state_dict(), generator=g.get_state())
+                on_epoch({"epoch": epoch + 1, **copy.deepcopy(state)})
     net.eval()
     summary: dict[str, Any] = {
         "train_images": len(train),

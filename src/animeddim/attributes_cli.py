@@ -156,19 +156,25 @@ def cmd_train(a: argparse.Namespace) -> int:
         need_folder(d)
     crops = parse_crops(a.crop)
     t = time.perf_counter()
+    pending = pending_path(a.out)
+    done: list[int] = []  # the epochs the pending file holds
     try:
-        net, summary, n_images = _train(a, crops)
+        net, summary, n_images = _train(a, crops, pending, done)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
         stop = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        print(
-            f"{_prog()}: {stop}: nothing saved (the classifier is written once its training "
-            f"ends; {a.out} was not written); run the same command again to train it",
-            file=sys.stderr,
+        kept = (
+            f"the training so far is kept (epoch {done[-1]} of {a.epochs}, in {pending}); "
+            "run the same command again to go on from there"
+            if done
+            else f"nothing saved (stopped in the first epoch; {a.out} was not written); run "
+            "the same command again to train it"
         )
+        print(f"{_prog()}: {stop}: {kept}", file=sys.stderr)
         return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
     with deferred():  # the classifier and its JSON are written together
         save_classifier(a.out, net, {"training": summary})
         write_text_atomic(out_json, json.dumps(summary, indent=2) + "\n")
+    pending.unlink(missing_ok=True)
     print(
         f"classifier: {a.out} ({n_images} images, {summary['train_seconds']:.0f}s training, "
         f"{time.perf_counter() - t:.0f}s in all); accuracy in {out_json}"
@@ -183,11 +189,19 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def pending_path(out: str | Path) -> Path:
+    """Where `attributes train --out OUT` keeps its training state after each epoch until the
+    classifier is written: a stopped call's work, which the same command goes on from."""
+    return Path(out).with_name(f".{Path(out).name}.animeddim-pending.pt")
+
+
 def _train(
-    a: argparse.Namespace, crops: dict[str, tuple[int, int, int, int]]
+    a: argparse.Namespace, crops: dict[str, tuple[int, int, int, int]], pending: Path, done: list
 ) -> tuple[Any, dict[str, Any], int]:
     """Read the labelled folders, train the classifier and measure it: the network, the
-    summary its JSON holds and the number of images read. Nothing is written."""
+    summary its JSON holds and the number of images read. Only the `pending` training state
+    is written, after each epoch (its epoch appended to `done`); one of the same images and
+    options found there is gone on from."""
     from .attributes import (
         ClassifierConfig,
         TrainSettings,
@@ -228,6 +242,7 @@ def _train(
         settings=settings,
         init=init,
         progress=True,
+        **_resumable(a, images, codes, vocab, pending, done),
     )
     summary["data"] = [str(Path(d).resolve()) for d in a.data]
     if a.init:
@@ -240,6 +255,49 @@ def _train(
     if a.held_out:
         summary.update(held_out_accuracy(net, a.held_out))
     return net, summary, len(images)
+
+
+def _resumable(a: argparse.Namespace, images, codes, vocab, pending: Path, done: list) -> dict:
+    """`train_classifier`'s resume (the state in `pending` when it was saved for the same
+    images, labels and options) and on_epoch (saving the state there)."""
+    import hashlib
+
+    import torch
+
+    from .io import atomic_file
+
+    digest = hashlib.sha256(images.tobytes())
+    digest.update(codes.tobytes() + json.dumps(vocab, sort_keys=True).encode())
+    options = ("epochs", "batch_size", "lr", "val_fraction", "seed", "flip", "image_size")
+    options += ("final_stride", "crop", "init")
+    key = json.dumps(
+        {"images": digest.hexdigest(), **{k: getattr(a, k, None) for k in options}},
+        sort_keys=True,
+    )
+    resume = None
+    if pending.is_file():
+        try:
+            held = torch.load(pending, weights_only=True)
+        except Exception:  # noqa: BLE001 - a damaged or foreign file: trained from the start
+            held = {}
+        if held.get("key") == key:
+            resume = held["state"]
+            done.append(int(resume["epoch"]))
+            note = f"going on from epoch {done[-1]} of {a.epochs} ({pending})"
+            print(f"note: {note}", file=sys.stderr)
+        else:
+            print(
+                f"note: {pending} holds the training of other images or options: "
+                "training from the start (it is replaced)",
+                file=sys.stderr,
+            )
+
+    def on_epoch(state: dict) -> None:
+        with atomic_file(pending) as f:
+            torch.save({"key": key, "state": state}, f)
+        done.append(state["epoch"])
+
+    return {"resume": resume, "on_epoch": on_epoch}
 
 
 def parse_crops(specs: list[str]) -> dict[str, tuple[int, int, int, int]]:
