@@ -142,8 +142,8 @@ def test_invert_interpolate_and_steps_report_progress(loaded, avatars16, tmp_pat
     )  # fmt: skip
     assert rec.stages() == [
         "features (real)",
-        "dpmpp-2m eta 0, 1 steps: sample",
-        "dpmpp-2m eta 0, 1 steps: features",
+        "dpmpp-2m eta 0, 1 step: sample",  # not "1 steps"
+        "dpmpp-2m eta 0, 1 step: features",
         "dpmpp-2m eta 0, 2 steps: sample",
         "dpmpp-2m eta 0, 2 steps: features",
     ]

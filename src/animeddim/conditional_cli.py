@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config_files import expand_user as PATH
+from .words import counted
 
 
 def _guidance(text: str) -> float:
@@ -292,7 +293,7 @@ def cmd_edit(a: argparse.Namespace, load, settings_of, bars) -> int:
     outputs.remove_unchanged(earlier)  # --force: no edit of an earlier image is left
     what = ", ".join(f"{k}={v}" for k, v in changes.items())
     print(
-        f"{r['images']} images edited ({what}, {a.steps} steps) in "
+        f"{counted(r['images'], 'image')} edited ({what}, {counted(a.steps, 'step')}) in "
         f"{time.perf_counter() - t:.0f}s: after/, pairs/ (before | after), grid.png and "
         f"edit_summary.json in {a.out}"
     )
@@ -425,7 +426,8 @@ def mix_lines(m: dict[str, Any]) -> list[str]:
         ceiling = m["classifier_accuracy"].get(attr)
         beside = "?" if ceiling is None else f"{100 * ceiling:.1f}%"
         lines.append(
-            f"  attribute accuracy {attr}: {100 * r['accuracy']:.1f}% of {r['n']} samples, "
+            f"  attribute accuracy {attr}: {100 * r['accuracy']:.1f}% of "
+            f"{counted(r['n'], 'sample')}, "
             f"{100 * r['mean_per_value']:.1f}% averaged over its {len(r['per_value'])} values "
             f"(lowest {worst[0]}: {100 * worst[1][0]:.1f}% of {worst[1][1]}); the "
             f"classifier's own {on} accuracy on real images: {beside}"
@@ -496,7 +498,7 @@ def cmd_guidance(a: argparse.Namespace, load, settings_of, extractor_of, bars) -
         progress=bars,
     )
     print(
-        f"guidance study ({len(a.weights)} weights, {a.n} images each, "
+        f"guidance study ({counted(len(a.weights), 'weight')}, {counted(a.n, 'image')} each, "
         f"{time.perf_counter() - t:.0f}s): {out / 'guidance.csv'}, {out / 'guidance.md'}"
     )
     return 0

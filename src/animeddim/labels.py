@@ -38,6 +38,7 @@ import numpy as np
 
 from .config import LABELS_MISSING
 from .data import DataError
+from .words import counted
 
 NULL = -1  # the code of an unlabelled entry
 FOLDERS = "folders"  # --labels folders
@@ -162,7 +163,8 @@ def read_csv_rows(
     for line, row in table[1:]:
         if len(row) != len(header):
             raise LabelError(
-                f"labels file '{path}' row {line}: {len(row)} entries, the header has {len(header)}"
+                f"labels file '{path}' row {line}: {counted(len(row), 'entry', 'entries')}, "
+                f"the header has {len(header)}"
             )
         file = row[0].strip()
         if not file:
@@ -274,7 +276,8 @@ def csv_labels(
         )
     if elsewhere:
         warnings.warn(
-            f"labels file '{path}': {len(elsewhere)} of its {len(rows)} rows name files not in "
+            f"labels file '{path}': {len(elsewhere)} of its {counted(len(rows), 'row')} name "
+            f"files not in "
             f"'{root}' and were not used",
             stacklevel=2,
         )

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import outputs
+from ..words import counted
 from .common import EXIT_DIVERGED, EXIT_INTERRUPTED, CliError, _is_main, _prog, need_folder
 from .options import _flags, _given_settings
 
@@ -182,7 +183,8 @@ def cmd_export(a: argparse.Namespace) -> int:
     )
     print(f"exported EMA weights ({a.dtype}) to {out} ({os.path.getsize(out) / 2**20:.1f} MiB)")
     if rows is not None:
-        print(f"with the {len(rows)} rows of its training labels (sample --attrs-from training)")
+        rows_ = counted(len(rows), "row")
+        print(f"with the {rows_} of its training labels (sample --attrs-from training)")
     if a.guidance is not None:
         where = ""
         if a.guidance_interval:
@@ -193,7 +195,8 @@ def cmd_export(a: argparse.Namespace) -> int:
         if a.edit_guidance is not None:
             print(f"recommended guidance for edits {a.edit_guidance:g}: edit's default")
     if sampling:
-        print(f"recommended sampling: {a.steps} {a.sampler} steps (the default for this file)")
+        steps = counted(a.steps, f"{a.sampler} step")
+        print(f"recommended sampling: {steps} (the default for this file)")
     return 0
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from .. import conditional_cli, outputs
 from ..config import KID_PROTOCOLS
 from ..diffusion.sampler_names import SAMPLER_NAMES
+from ..words import counted
 from .common import (
     EXIT_INTERRUPTED,
     CliError,
@@ -142,7 +143,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
         return 0
     dt = time.perf_counter() - t
     if a.out:
-        print(f"{len(job.names)} images in {a.out}")
+        print(f"{counted(len(job.names), 'image')} in {a.out}")
     if a.grid:
         Path(a.grid).parent.mkdir(parents=True, exist_ok=True)
         save_grid(images, Path(a.grid), cols=job.cols)
@@ -262,7 +263,8 @@ def drawn_line(n: int, settings, seconds: float) -> str:
     # the first network call compiles (seconds): the rate is then not the sampler's alone
     rate = f"{n / seconds:.2f} images/s{', compilation included' if compiled else ''}"
     return (
-        f"{n} images, {settings.steps} {settings.sampler} steps, eta {settings.eta:g}{clipped}: "
+        f"{counted(n, 'image')}, {counted(settings.steps, settings.sampler + ' step')}, "
+        f"eta {settings.eta:g}{clipped}: "
         f"{seconds:.1f}s ({rate})"
     )
 
@@ -363,7 +365,7 @@ def cmd_kid(a: argparse.Namespace) -> int:
     else:
         print(
             f"KID ({r['protocol']} protocol) {shown(r['kid_mean'], '.5f')}  "
-            f"({r['subsets']} batches of {r['subset_size']})"
+            f"({counted(r['subsets'], 'batch', 'batches')} of {r['subset_size']})"
         )
     return 0
 
@@ -386,16 +388,17 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if not _is_main():
         return 0
     if a.samples_out:
-        print(f"{a.n} samples in {a.samples_out}")
+        print(f"{counted(a.n, 'sample')} in {a.samples_out}")
     if "kid_mean" in r:
         print(
             f"KID (standard protocol) {shown(r['kid_mean'], '.5f')} ± {r['kid_std']:.5f}, FID "
-            f"{shown(r['fid'], '.3f')}  ({a.n} images, {a.steps} {a.sampler} steps, eta {a.eta:g}"
+            f"{shown(r['fid'], '.3f')}  ({counted(a.n, 'image')}, "
+            f"{counted(a.steps, a.sampler + ' step')}, eta {a.eta:g}"
             f"{', x0 clipped' if r['clip_x0'] else ''})"
         )
     if "paper" in r:
         kid = shown(r["paper"]["kid"], ".5f")
-        print(f"KID (paper protocol) {kid}  ({r['paper']['batches']} batches)")
+        print(f"KID (paper protocol) {kid}  ({counted(r['paper']['batches'], 'batch', 'batches')})")
     if "attributes_asked" in r:
         print("\n".join(conditional_cli.control_lines(r["attributes_asked"])))
     if "attributes_from" in r:
@@ -517,8 +520,9 @@ def cmd_invert(a: argparse.Namespace) -> int:
     for p, v in r["psnr_db"].items():
         print(f"{p}: PSNR {v:.2f} dB")
     print(
-        f"mean PSNR {r['mean_psnr_db']:.2f} dB over {len(r['psnr_db'])} images "
-        f"({a.steps} steps); latents, reconstructions and side-by-side.png in {a.out}"
+        f"mean PSNR {r['mean_psnr_db']:.2f} dB over {counted(len(r['psnr_db']), 'image')} "
+        f"({counted(a.steps, 'step')}); latents, reconstructions and side-by-side.png in "
+        f"{a.out}"
     )
     return 0
 

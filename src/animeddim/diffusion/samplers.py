@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from ..config import ScheduleConfig, as_integer
+from ..words import counted
 from .sampler_names import SAMPLER_INFO
 from .sampler_names import sampler_help as sampler_help  # the CLI reads it from there
 from .schedule import log_snr, predict_x0, rates, time_of_log_snr
@@ -462,7 +463,7 @@ def sample(
     if generators is not None and len(generators) != len(initial_noise):
         raise ValueError(
             f"generators must be one per image: got {len(generators)} for "
-            f"{len(initial_noise)} images"
+            f"{counted(len(initial_noise), 'image')}"
         )
     spec = SAMPLERS[sampler]
     return spec.fn(

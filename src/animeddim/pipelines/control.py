@@ -25,6 +25,7 @@ from ..config import guidance_interval_words as words
 from ..data import DataError
 from ..io import write_text_atomic
 from ..labels import quoted
+from ..words import counted
 from .conditional import draw_conditional, guidance_interval, per_image_codes, vocabulary
 from .core import Progress, SampleSettings, _nchw, sampling_net
 
@@ -397,7 +398,8 @@ def write_guidance(
 
     head = [f"{a}={target.asked[a]} accuracy (ceiling {ceiling(a)})" for a in asked]
     lines = [
-        f"Guidance study: {n} images per w, {settings.steps} {settings.sampler} steps, seed "
+        f"Guidance study: {counted(n, 'image')} per w, "
+        f"{counted(settings.steps, settings.sampler + ' step')}, seed "
         f"{settings.seed}; accuracy judged by the attribute classifier (ceiling: its own "
         f"{target.ceiling_kind} accuracy on real images); KID standard protocol "
         f"(torch-fidelity 0.4.0) against all {target.real.name} images and against the "

@@ -23,6 +23,7 @@ from ..diffusion.samplers import (
     resolve_clip,
 )
 from ..io import write_text_atomic
+from ..words import counted
 from .conditional import attribute_guidance, draw_conditional, draw_per_image, guidance_interval
 from .control import ControlTarget, MixTarget, control_summary, mix_accuracy, real_features
 from .core import Progress, SampleSettings, _nchw, _tell, draw, sampling_net
@@ -361,7 +362,7 @@ def steps_study(
                 continue  # a deterministic sampler runs at eta 0 only
             for s in steps:
                 cfg = replace(settings, steps=s, eta=eta, sampler=sampler)
-                name = f"{sampler} eta {eta:g}, {s} steps"
+                name = f"{sampler} eta {eta:g}, {counted(s, 'step')}"
                 t = time.perf_counter()
                 part = draw(loaded, hi - lo, cfg, lo, net=net, progress=_prefixed(progress, name))
                 # the slowest process's drawing time: the study's wall time for n images

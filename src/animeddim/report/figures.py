@@ -14,6 +14,7 @@ import torch
 from ..config import ScheduleConfig
 from ..io import write_bytes_atomic
 from ..run_folder import RunFiles
+from ..words import counted
 from .tables import Table, cell_text
 
 FORWARD_TIMES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)  # Fig. 1 forward-process times
@@ -135,7 +136,7 @@ def plot_reverse(
     r = reverse_steps(loaded, settings=settings, n=1, columns=REVERSE_COLUMNS, progress=progress)
     titles = [f"step {k + 1}/{steps}\nt = {t:.3g}" for k, t in zip(r.steps, r.times, strict=True)]
     labels = ["x_t", "predicted x_0"]
-    title = f"Reverse diffusion (DDIM, {steps} steps, eta = 0)"
+    title = f"Reverse diffusion (DDIM, {counted(steps, 'step')}, eta = 0)"
     plot_image_rows(
         path, [list(r.noisy[0].numpy()), list(r.pred[0].numpy())], titles, labels, title
     )

@@ -18,6 +18,7 @@ import torch
 from ..io import save_grid, write_bytes_atomic, write_text_atomic
 from ..outputs import REPORT_PENDING
 from ..run_folder import DASH, RunFiles, RunFolderError, read_run, unique_names
+from ..words import counted
 from .figures import (
     first_reference_image,
     plot_forward,
@@ -149,7 +150,8 @@ def _figure1(run: RunFiles, loaded, out: Path, seed: int, steps: int, device) ->
         ("img", rev, f"Reverse diffusion, run {run.name}"),
         (
             "p",
-            f"Reverse process: deterministic DDIM (eta = 0), {steps} steps from the noise of "
+            f"Reverse process: deterministic DDIM (eta = 0), {counted(steps, 'step')} from the "
+            f"noise of "
             f"image 0 of seed {seed}, EMA network of {_ckpt_name(loaded)}. Top: x_t entering "
             "the step; bottom: the network's predicted x_0 at that step (the last one is the "
             "sample).",
@@ -186,7 +188,8 @@ def _samples(run: RunFiles, loaded, out: Path, seed: int, steps: int, device) ->
         save_grid(images, out / name, cols=SAMPLE_COLS)
         text = (
             f"{SAMPLE_ROWS * SAMPLE_COLS} samples of the EMA network of {_ckpt_name(loaded)}: "
-            f"images 0..{SAMPLE_ROWS * SAMPLE_COLS - 1} of seed {seed}, DDIM {steps} steps, "
+            f"images 0..{SAMPLE_ROWS * SAMPLE_COLS - 1} of seed {seed}, DDIM "
+            f"{counted(steps, 'step')}, "
             "eta = 0."
         )
         blocks = [("h3", f"Run {run.name}"), ("img", name, f"Samples, run {run.name}"), ("p", text)]
@@ -261,7 +264,8 @@ def _attribute_grids(run: RunFiles, loaded, out: Path, seed: int, steps: int, de
         text = (
             f"By {attr}: rows {', '.join(values)} (top to bottom); columns images "
             f"0..{SAMPLE_COLS - 1} of seed {seed}, the same starting noise down each column; "
-            f"DDIM {steps} steps, eta = 0, plain conditional sampling (guidance 1), the other "
+            f"DDIM {counted(steps, 'step')}, eta = 0, plain conditional sampling (guidance 1), "
+            f"the other "
             "attributes not asked."
         )
         blocks += [("img", name, f"Samples by {attr}, run {run.name}"), ("p", text)]
