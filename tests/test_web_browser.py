@@ -617,3 +617,30 @@ def test_stop_before_the_jobs_id_came_stops_the_job_at_once(page, web_server):
     assert after == {**before, "stopped": before["stopped"] + 1}  # the held one never ran
     page.fill("#g-n", "16")
     page.fill("#g-steps", "10")
+
+
+def test_one_image_and_one_step_are_said_in_the_singular(page, tmp_path):
+    """Generate of one image said "done in 0.4 s (1 images)"; Invert of one step said
+    "reconstruction after 1 steps"."""
+    from animeddim.datasets import generate_avatars
+
+    _tab(page, "Generate")
+    page.select_option("#g-model", "run:tiny")
+    page.fill("#g-n", "1")
+    page.fill("#g-steps", "2")
+    page.click("#g-go")
+    page.wait_for_selector("#g-status:has-text('done in')", timeout=60_000)
+    assert page.inner_text("#g-status").endswith(" s (1 image)"), page.inner_text("#g-status")
+    assert page.locator("#g-gallery img").count() == 1
+    _tab(page, "Invert")
+    page.select_option("#v-model", "run:tiny")
+    face = sorted(generate_avatars(tmp_path, n=1, size=16, seed=5, workers=1).glob("*.png"))
+    page.set_input_files("#v-face", str(face[0]))
+    page.fill("#v-steps", "1")
+    page.click("#v-go")
+    page.wait_for_selector("#v-psnr:has-text('PSNR')", timeout=60_000)
+    assert page.inner_text("#v-psnr").startswith("reconstruction after 1 step: PSNR ")
+    page.fill("#v-steps", "20")
+    _tab(page, "Generate")
+    page.fill("#g-n", "16")
+    page.fill("#g-steps", "10")
