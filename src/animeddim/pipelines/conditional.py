@@ -25,7 +25,18 @@ from ..diffusion.inversion import ddim_invert
 from ..diffusion.samplers import sample
 from ..io import save_grid, save_pngs, write_text_atomic
 from ..labels import quoted
-from .core import Progress, SampleSettings, _counter, draw, sampling_net
+from .core import (
+    Progress,
+    SampleSettings,
+    _counter,
+    check_codes,
+    check_count,
+    check_guidance,
+    check_loaded,
+    check_settings,
+    draw,
+    sampling_net,
+)
 from .latents import _load_images, _normalised, reconstruction_names
 
 EDIT_SUMMARY = "edit_summary.json"
@@ -109,7 +120,13 @@ def attribute_codes(loaded: LoadedModel, asked: Mapping[str, str]) -> torch.Tens
     """The [A] codes of `asked` (attribute -> value); None when nothing is asked.
 
     :raises UnknownAttribute: naming the attribute or value and listing the known ones.
+        TypeError: `asked` not a mapping (a string such as "glasses=yes").
     """
+    if asked is not None and not isinstance(asked, Mapping):
+        raise TypeError(
+            f"asked attributes must be a dict of attribute -> value (e.g. {{'glasses': 'yes'}}), "
+            f"got {asked!r}"
+        )
     if not asked:
         return None
     return encode(vocabulary(loaded), asked)
@@ -128,8 +145,10 @@ def draw_conditional(
     """`draw` under the asked attributes with classifier-free guidance weight `guidance`:
     uint8 [n x H x W x C]; nothing asked is unconditional sampling (guidance unused).
 
-    :param net: the `sampling_net` to guide (made for this call when None)."""
-    codes = attribute_codes(loaded, asked or {})
+    :param net: the `sampling_net` to guide (made for this call when None).
+    :raises ConfigError: guidance not a number >= 0 (`check_guidance`), or as `draw`."""
+    loaded, guidance = check_loaded(loaded), check_guidance(guidance)
+    codes = attribute_codes(loaded, asked)
     if codes is None:
         return draw(loaded, n, s, first_index, net=net, progress=progress)
     return draw_per_image(loaded, n, s, codes[None], guidance, first_index, progress, net)
@@ -147,7 +166,13 @@ def draw_per_image(
 ) -> torch.Tensor:
     """`draw` where image i (of first_index .. first_index + n - 1) is asked the codes of
     row i mod R of `codes` ([R x A], e.g. `codes_from_labels`), with classifier-free
-    guidance weight `guidance`: uint8 [n x H x W x C]."""
+    guidance weight `guidance`: uint8 [n x H x W x C].
+
+    :raises ConfigError, TypeError: codes not an integer tensor [R x A] the model takes
+        (`check_codes`), guidance not a number >= 0, or as `draw`."""
+    loaded, s, n = check_loaded(loaded), check_settings(s), check_count(n, "n", 0)
+    check_codes(loaded, codes, "codes")
+    guidance = check_guidance(guidance)
     calls = guided_calls(loaded, s, guidance)
     net = guided_net(
         loaded,
@@ -351,7 +376,10 @@ def regenerate(
     (guidance weight `guidance`): one uint8 [N x H x W x C] tensor per target.
 
     :param progress: told ("edit", images done, N) after each batch.
+    :raises ConfigError: steps not an integer >= 1, guidance not a number >= 0.
     """
+    loaded, settings = check_loaded(loaded), check_settings(settings)
+    steps, guidance = check_count(steps, "steps"), check_guidance(guidance)
     cfg = loaded.config
     net = guided_net(loaded, loaded.model, settings, guidance)
     out: list[list[torch.Tensor]] = [[] for _ in targets]
@@ -407,7 +435,11 @@ def edit(
 
     :param classifier: an attribute classifier: the summary then says how many untouched
         attributes it classifies the same before and after (`control.edit_preservation`).
+    :raises ConfigError: steps not an integer >= 1, guidance not a number >= 0 (before any
+        image is read); UnknownAttribute: a change the model cannot make.
     """
+    loaded, settings = check_loaded(loaded), check_settings(settings)
+    steps, guidance = check_count(steps, "steps"), check_guidance(guidance)
     out = Path(out)
     none = torch.empty(0, len(vocabulary(loaded)), dtype=torch.long)
     edit_codes(loaded, none, changes)  # checked before any image is read

@@ -4,7 +4,9 @@ the part of the API every front end needs first (see the package's docstring).""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import math
+import numbers
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,13 +14,19 @@ from typing import Any
 import torch
 
 from ..checkpoint import LoadedModel, recommended_sampling
-from ..config import ConfigError, as_integer, check_guidance_interval
+from ..config import ConfigError, as_integer, check_guidance_interval, parse_guidance_interval
 from ..diffusion.generation import generate
 from ..diffusion.inversion import ddim_invert
 from ..diffusion.samplers import (
     check_sampler,
 )
-from ..runtime import InferenceNet, default_compile_sampler, prepare_inference, resolve_precision
+from ..runtime import (
+    PRECISIONS,
+    InferenceNet,
+    default_compile_sampler,
+    prepare_inference,
+    resolve_precision,
+)
 from ..runtime import autocast as runtime_autocast
 
 Progress = Callable[[str, int, int], None]
@@ -87,6 +95,11 @@ def _device(device: str | torch.device | None) -> torch.device:
 
     if isinstance(device, torch.device):
         return device
+    if device is not None and not isinstance(device, str):  # 0 is not 'auto', nor cuda:0
+        raise ConfigError(
+            f"device must be a string (auto, cpu, cuda, cuda:N or mps) or a torch.device, "
+            f"got {device!r}"
+        )
     return resolve_device(device or "auto", host_memory=False)
 
 
@@ -110,6 +123,28 @@ class SampleSettings:
     # none; None: the model file's recommended ones where w is the file's weight, else none
     attribute_guidance: dict[str, float] | None = None
 
+    def __post_init__(self) -> None:
+        """Checks the fields as `resolve_settings` checks its arguments (ConfigError naming
+        the bad value), so that a hand-made one fails here, not deep inside sampling or, as a
+        seed of -1 or clip="no" would, silently: "no" is true, a seed of -1 draws the images
+        of seed 2**63 - 1. A guidance interval or attribute weights may be given as the CLI
+        writes them ("1,inf", "hair_len=11")."""
+        self.steps = check_count(self.steps, "steps")
+        self.batch_size = check_count(self.batch_size, "batch_size")
+        self.seed = check_seed(self.seed)
+        self.eta = check_sampling(self.sampler, self.eta)
+        self.device = _parsed_device(self.device)
+        if not isinstance(self.precision, str) or self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"precision must be fp32, bf16 or fp16 (resolve_settings also resolves auto), "
+                f"got {self.precision!r}"
+            )
+        for name, value in (("clip", self.clip), ("compile", self.compile)):
+            if value is not None and not isinstance(value, bool):
+                raise ConfigError(f"{name} must be True, False or None, got {value!r}")
+        self.guidance_interval = _checked_interval(self.guidance_interval)
+        self.attribute_guidance = _checked_weights(self.attribute_guidance)
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """A fresh autocast context for this precision and device (nullcontext for fp32)."""
         return runtime_autocast(torch.device(self.device), self.precision)
@@ -120,6 +155,80 @@ class SampleSettings:
         if self.compile is not None:
             return self.compile
         return default_compile_sampler(torch.device(self.device), evaluations)
+
+
+def check_sampling(sampler: str, eta: float) -> float:
+    """eta as a float if `sampler` is registered and allows it (`samplers.check_sampler`),
+    else ConfigError naming the bad one."""
+    try:
+        check_sampler(sampler, eta)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return float(eta)
+
+
+def _parsed_device(device: str | torch.device) -> torch.device:
+    """A device torch can name (cpu, cuda, cuda:N, mps, ...), else ConfigError naming it."""
+    if isinstance(device, torch.device):
+        return device
+    try:
+        if not isinstance(device, str):
+            raise TypeError
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(
+            f"unknown device {device!r}: expected cpu, cuda, cuda:N or mps (a string or a "
+            "torch.device; resolve_settings also takes auto)"
+        ) from None
+
+
+def _checked_interval(interval: Any) -> tuple[float, float] | None:
+    """None, (lo, hi) or 'LO,HI' as the CLI writes it -> a checked (lo, hi) or None."""
+    if interval is None:
+        return None
+    if isinstance(interval, str):
+        return parse_guidance_interval(interval)
+    try:
+        lo, hi = (_number(x) for x in interval)
+    except (TypeError, ValueError):  # not two numbers
+        raise ConfigError(
+            f"guidance_interval must be (LO, HI) in sigma with 0 <= LO < HI (e.g. (1, inf)), "
+            f"got {interval!r}"
+        ) from None
+    return check_guidance_interval((lo, hi))
+
+
+def _number(x: Any) -> float:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError
+    return float(x)
+
+
+def _checked_weights(weights: Any) -> dict[str, float] | None:
+    """None, {attribute: weight} or 'NAME=W,...' as the CLI writes it -> {name: float} with
+    every weight a finite number >= 0 (a NaN weight made every image black)."""
+    if weights is None:
+        return None
+    if isinstance(weights, str):
+        from ..conditioning import parse_attribute_weights
+
+        return parse_attribute_weights(weights)
+    if not isinstance(weights, Mapping):
+        raise ConfigError(
+            f"attribute_guidance must be a dict of attribute -> weight >= 0 (e.g. "
+            f"{{'hair_len': 11}}), got {weights!r}"
+        )
+    out = {}
+    for name, w in weights.items():
+        try:
+            out[name] = _number(w)
+        except TypeError:
+            out[name] = math.nan
+        if not isinstance(name, str) or not (math.isfinite(out[name]) and out[name] >= 0):
+            raise ConfigError(
+                f"attribute_guidance must map attribute names to weights >= 0, got {name!r}: {w!r}"
+            )
+    return out
 
 
 SEED_LIMIT = 2**63  # a seed of images is in 0 .. 2**63 - 1, as training's seed
@@ -167,15 +276,10 @@ def resolve_settings(
     :raises ConfigError: naming the bad value (unknown sampler, eta > 0 for a deterministic
         one, steps or batch size not an integer >= 1, eta not a number in [0, 1], an unknown
         precision or fp16 on the CPU, a guidance interval that is not 0 <= lo < hi, a seed
-        outside 0 .. 2**63 - 1).
+        outside 0 .. 2**63 - 1, clip or compile not a bool or None, an attribute weight that
+        is not a number >= 0: `SampleSettings` checks its fields).
     """
-    seed = check_seed(seed)
-    steps, batch_size = check_count(steps, "steps"), check_count(batch_size, "batch_size")
     dev = _device(device)
-    try:
-        check_sampler(sampler, eta)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     return SampleSettings(
         steps=steps,
         eta=eta,
@@ -186,11 +290,129 @@ def resolve_settings(
         device=dev,
         precision=resolve_precision(precision, dev),
         compile=compile,
-        guidance_interval=(
-            None if guidance_interval is None else check_guidance_interval(guidance_interval)
-        ),
-        attribute_guidance=None if attribute_guidance is None else dict(attribute_guidance),
+        guidance_interval=guidance_interval,
+        attribute_guidance=attribute_guidance,
     )
+
+
+def check_loaded(loaded: Any) -> LoadedModel:
+    """`loaded` if it is a `LoadedModel`, else TypeError saying what it is (the pair that
+    `load_for_sampling` returns, unpacked by mistake, would fail deep inside otherwise)."""
+    if isinstance(loaded, LoadedModel):
+        return loaded
+    got = (
+        "a tuple: load_for_sampling returns (loaded, device); unpack it"
+        if isinstance(loaded, tuple)
+        else f"{type(loaded).__name__} {_short(loaded)}"
+    )
+    raise TypeError(
+        f"expected a loaded model (pipelines.load_for_sampling or open_model), got {got}"
+    )
+
+
+def _short(value: Any) -> str:
+    """repr(value) on one line, at most 80 characters."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_guidance(guidance: Any, name: str = "guidance") -> float:
+    """`guidance` as a float if it is a finite number >= 0 (1: plain conditional; 0: the
+    unconditional prediction), else ConfigError naming it: a NaN or infinite weight drew
+    black images without a word, and the CLI takes only these."""
+    if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real):
+        w = math.nan
+    else:
+        w = float(guidance)
+    if not (math.isfinite(w) and w >= 0):
+        raise ConfigError(f"{name} must be a number >= 0 (1: plain conditional), got {guidance!r}")
+    return w
+
+
+def check_settings(s: Any) -> SampleSettings:
+    """`s` if it is a `SampleSettings`, else TypeError saying what it is."""
+    if not isinstance(s, SampleSettings):
+        raise TypeError(
+            f"expected SampleSettings (pipelines.resolve_settings), got {type(s).__name__} "
+            f"{_short(s)}"
+        )
+    return s
+
+
+def check_codes(loaded: LoadedModel, codes: Any, name: str, rows: int | None = None) -> None:
+    """Refuse attribute codes `loaded` cannot take, naming the bad value: an unconditional
+    model; anything but an integer tensor [R x A] with A the model's attributes and R =
+    `rows` (>= 1 when None); a code outside -1 (not asked) .. values - 1 (the embedding
+    would fail on it, or, for a float or another negative one, silently read null).
+
+    :raises ConfigError, TypeError: naming `name` and what is accepted."""
+    from ..conditioning import NULL
+
+    vocab = loaded.config.model.vocabulary
+    if not vocab:
+        raise ConfigError(f"{name} given, but '{loaded.path}' is an unconditional model")
+    if (
+        not isinstance(codes, torch.Tensor)
+        or codes.dtype.is_floating_point
+        or codes.dtype
+        in (
+            torch.bool,
+            torch.complex64,
+            torch.complex128,
+        )
+    ):
+        what = f"{codes.dtype} tensor" if isinstance(codes, torch.Tensor) else type(codes).__name__
+        raise TypeError(
+            f"{name} must be an integer tensor of attribute codes (e.g. codes_from_labels), "
+            f"got a {what}"
+        )
+    width, want = len(vocab), "R" if rows is None else str(rows)
+    fits = codes.ndim == 2 and codes.shape[1] == width
+    if not fits or (len(codes) != rows if rows is not None else len(codes) < 1):
+        raise ConfigError(
+            f"{name} must have shape [{want} x {width}]{' with R >= 1' if rows is None else ''} "
+            f"(one row per image, one column per attribute: {', '.join(vocab)}), got "
+            f"[{' x '.join(map(str, codes.shape))}]"
+        )
+    sizes = torch.tensor([len(v) for v in vocab.values()], device=codes.device)
+    bad = ((codes < NULL) | (codes >= sizes)).nonzero()
+    if len(bad):
+        i, a = bad[0].tolist()
+        attr = list(vocab)[a]
+        raise ConfigError(
+            f"{name}[{i}, {a}] is {int(codes[i, a])}: attribute {attr!r} takes codes 0 .. "
+            f"{len(vocab[attr]) - 1} (its values in order) or {NULL} (not asked)"
+        )
+
+
+def _net_config(net: Any) -> Any:
+    """The `ModelConfig` of the network inside `net` (an `InferenceNet`, a guidance or
+    progress wrapper, or the network itself), or None when there is none to be found."""
+    from ..unet import UNet
+
+    for _ in range(8):
+        if isinstance(net, UNet):
+            return net.cfg
+        net = getattr(net, "net", None) or getattr(net, "model", None)
+    return None
+
+
+def check_net(loaded: LoadedModel, net: Any) -> None:
+    """ConfigError when `net` holds a network of another configuration than `loaded`'s (a
+    `sampling_net` made from another model): it would run on this model's noise shape and
+    normalisation without complaint (convolutions take any image size) and draw nonsense."""
+    got, want = _net_config(net), loaded.config.model
+    if got is not None and got != want:
+        raise ConfigError(
+            f"net was made from another model ({_net_words(got)}) than the one given "
+            f"({_net_words(want)}, '{loaded.path}'): make it with sampling_net(loaded, ...)"
+        )
+
+
+def _net_words(cfg: Any) -> str:
+    widths = ",".join(map(str, cfg.widths))
+    attrs = f", {len(cfg.vocabulary)} attributes" if cfg.vocabulary else ""
+    return f"{cfg.image_size} px, widths {widths}{attrs}"
 
 
 def sampling_net(loaded: LoadedModel, s: SampleSettings, evaluations: int) -> InferenceNet:
@@ -217,13 +439,19 @@ def draw(
     :param net: the `sampling_net` to use (made for this call when None); pass one to
         share its preparation and compilation between calls.
     :param progress: told ("sample", images done, n) after each batch.
-    :param cond: per-image conditioning (one row per image), passed to the network.
-    :raises ConfigError: n not an integer >= 0 or first_index not one >= 0.
+    :param cond: per-image attribute codes, int [n x A] (`check_codes`), passed to the network.
+    :raises ConfigError: n not an integer >= 0 or first_index not one >= 0; cond the model
+        cannot take; a `net` made from another model. TypeError: `loaded` or `s` of
+        another type.
     """
+    loaded, s = check_loaded(loaded), check_settings(s)
     n, first_index = check_count(n, "n", 0), check_count(first_index, "first_index", 0)
+    if cond is not None:
+        check_codes(loaded, cond, "cond", rows=n)
     cfg = loaded.config
     if net is None:
         net = sampling_net(loaded, s, n * s.steps)
+    check_net(loaded, net)
     return generate(
         net,
         mean=loaded.mean,

@@ -26,7 +26,19 @@ from ..io import write_text_atomic
 from ..words import counted
 from .conditional import attribute_guidance, draw_conditional, draw_per_image, guidance_interval
 from .control import ControlTarget, MixTarget, control_summary, mix_accuracy, real_features
-from .core import Progress, SampleSettings, _nchw, _tell, draw, sampling_net
+from .core import (
+    Progress,
+    SampleSettings,
+    _nchw,
+    _tell,
+    check_count,
+    check_guidance,
+    check_loaded,
+    check_sampling,
+    check_settings,
+    draw,
+    sampling_net,
+)
 
 
 def evaluate(
@@ -75,9 +87,12 @@ def evaluate(
     the real side (and the feature cache) first, then gathers the images and features,
     computes every metric, calls `on_samples` and writes the files. Every process returns
     the summary.
+    :raises ConfigError, TypeError: n < 2, guidance < 0, ... before the real side is read.
     """
     if control is not None and mix is not None:
         raise ValueError("give control or mix, not both")
+    loaded, settings = check_loaded(loaded), check_settings(settings)
+    n, guidance = check_count(n, "n", 2), check_guidance(guidance)
     # The real side first, on process 0 (the one process that reads and writes the feature
     # cache): a folder that cannot be measured (too few usable images, mixed sizes, labels
     # that do not fit) is refused by every process before minutes of drawing, not after.
@@ -337,8 +352,15 @@ def steps_study(
     :param progress: told about "features (real)", then for each setting a stage named
         after it ("ddim eta 0, 10 steps: sample", "...: features").
     :raises ConfigError: a deterministic sampler with no eta 0 among `etas` (it would get no
-        row), before any work.
+        row), an unknown sampler, an eta outside [0, 1], steps not integers >= 1, n not an
+        integer >= 2: before any work.
     """
+    loaded, settings = check_loaded(loaded), check_settings(settings)
+    n = check_count(n, "n", 2)
+    steps = [check_count(k, "steps") for k in steps]
+    etas = [check_sampling("ddim", eta) for eta in etas]
+    for sampler in samplers:
+        check_sampling(sampler, 0.0)
     for sampler in samplers:  # a deterministic sampler runs at eta 0 only (the loop below)
         if not SAMPLERS[sampler].stochastic and 0.0 not in etas:
             raise ConfigError(

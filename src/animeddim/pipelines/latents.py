@@ -22,7 +22,16 @@ from ..diffusion.samplers import (
     sampler_x0_range,
 )
 from ..io import save_gif, save_grid, save_pngs, write_bytes_atomic
-from .core import Progress, SampleSettings, _counter, _nchw, check_count, check_seed
+from .core import (
+    Progress,
+    SampleSettings,
+    _counter,
+    _nchw,
+    check_count,
+    check_loaded,
+    check_seed,
+    check_settings,
+)
 
 
 def _load_images(images: str | Path, size: int) -> tuple[torch.Tensor, list[str], Path]:
@@ -63,6 +72,7 @@ def invert(
     """
     from safetensors.torch import save as st_save
 
+    loaded, settings = check_loaded(loaded), check_settings(settings)
     steps = check_count(steps, "steps")
     out = Path(out)
     cfg = loaded.config
@@ -134,9 +144,11 @@ def interpolate(
     :raises ConfigError: not exactly two seeds or two images, a seed outside
         0 .. 2**63 - 1, frames or invert_steps out of range. DataError: an unusable image.
     """
+    loaded, settings = check_loaded(loaded), check_settings(settings)
     frames = check_count(frames, "frames", 2)
     invert_steps = check_count(invert_steps, "invert_steps")
-    if (seeds is None) == (images is None) or len(seeds if images is None else images) != 2:
+    ends = seeds if images is None else images
+    if (seeds is None) == (images is None) or not _a_pair(ends):
         raise ConfigError(
             f"give two seeds or two images, not both: got seeds={seeds!r}, images={images!r}"
         )
@@ -189,6 +201,11 @@ def interpolate(
     return strip, gif
 
 
+def _a_pair(ends: Any) -> bool:
+    """Whether `ends` is two things (a tuple or list of two, not a string or a number)."""
+    return isinstance(ends, Sequence) and not isinstance(ends, str) and len(ends) == 2
+
+
 def shown_steps(steps: int, columns: int) -> list[int]:
     """Up to `columns` step indices spread evenly over 0 .. steps - 1, first and last
     included (the last alone when columns is 1)."""
@@ -229,6 +246,7 @@ def reverse_steps(
     :param progress: told ("trajectory", network evaluations done, settings.steps) after each.
     :raises ConfigError: n or columns not an integer >= 1.
     """
+    loaded, settings = check_loaded(loaded), check_settings(settings)
     n, columns = check_count(n, "n"), check_count(columns, "columns")
     cfg = loaded.config
     shape = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
