@@ -75,9 +75,11 @@ def test_every_setting_has_help_and_a_cli_option():
 
 
 def test_resume_refuses_fixed_settings_by_their_flag(avatars16, tmp_path):
+    (tmp_path / "config.json").write_text(RunConfig().to_json())
     p = run_cli("train", "--resume", str(tmp_path), "--lr", "0.1", "--seed", "3", check=False)
     assert p.returncode == 2
-    assert "--lr, --seed cannot change when resuming" in p.stderr
+    said = "--lr, --seed cannot change when resuming: --lr is 0.001 in the run, 0.1 given"
+    assert said in p.stderr
 
 
 def test_learning_rate_error_names_a_flag_that_exists(avatars16, tmp_path):

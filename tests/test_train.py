@@ -453,6 +453,66 @@ def test_training_walks_the_data_folder_once(avatars16, tmp_path, monkeypatch):
     assert str(data / ".hidden.png") in paths
 
 
+def _resume_config(*args: str):
+    from animeddim.cli import build_parser
+    from animeddim.cli.commands import resume_config_from_args
+
+    return resume_config_from_args(build_parser().parse_args(["train", "--resume", *args]))
+
+
+def test_resume_takes_the_runs_own_data_folder_and_config_file(avatars16, tmp_path, monkeypatch):
+    """`--resume RUN --data DIR` and `--resume RUN --config FILE` were refused whole, even
+    with the folder the run trained on or the file it started from. Now a setting the run
+    keeps may be given with the run's own value: the folder however spelt (relative, a
+    trailing slash, ~, a symbolic link), the config file the run started from, one of
+    resumable settings (applied as the options would be); the settings are then exactly a
+    plain resume's. Another value is refused in one line naming the setting and both values."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    data = _folder(avatars16, tmp_path / "data", 12)  # 10 training images, batch 3: 3 steps
+    (tmp_path / "link").symlink_to("data")
+    model = {"image_size": 16, "widths": [8, 16], "block_depth": 1, "embedding_dims": 8}
+    train = {"batch_size": 3, "kid": False, "precision": "fp32", "max_steps": 1}
+    started = {"data": {"path": "data"}, "model": model, "train": train}
+    (tmp_path / "start.json").write_text(json.dumps(started))
+    (tmp_path / "more.json").write_text(json.dumps({"train": {"epochs": 2, "log_every": 5}}))
+    started["train"]["batch_size"] = 4
+    (tmp_path / "other.json").write_text(json.dumps(started))
+    run_here("train", "--config", "start.json", "--out", "run", "--quiet")
+
+    plain = _resume_config("run", "--max-steps", "2").to_dict()
+    for same in (["--data", "data/"], ["--data", "./data"], ["--data", "~/data"],
+                 ["--data", str(tmp_path / "link")], ["--config", "start.json"],
+                 ["--config", "start.json", "--data", "data"]):  # fmt: skip
+        assert _resume_config("run", *same, "--max-steps", "2").to_dict() == plain, same
+    options = _resume_config("run", "--epochs", "2", "--log-every", "5").to_dict()
+    assert _resume_config("run", "--config", "more.json").to_dict() == options
+    both = _resume_config("run", "--config", "more.json", "--epochs", "3")
+    assert both.train.epochs == 3  # the options over the file, as for a new run
+
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())
+    p = run_here("train", "--resume", "run", "--config", "start.json", "--data", "./data/",
+                 "--max-steps", "2", "--quiet")  # fmt: skip
+    assert "stopped at step 2" in p.stdout
+    stored["train"]["max_steps"] = 2  # the one setting given otherwise; data.path as it was
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == stored
+
+    (tmp_path / "elsewhere").mkdir()
+    before = (tmp_path / "run" / "config.json").read_bytes()
+    for args, line in (
+        (["--data", "elsewhere"], f"--data cannot change when resuming: --data is "
+         f"'{data.resolve()}' in the run, '{(tmp_path / 'elsewhere').resolve()}' given; leave it "
+         "out (the run keeps its own) or start a new run with --out"),
+        (["--config", "other.json"], "train.batch_size (in 'other.json') cannot change when "
+         "resuming: train.batch_size is 3 in the run, 4 given; leave it out"),
+        (["--config", "other.json", "--seed", "3"], "train.batch_size (in 'other.json'), --seed "
+         "cannot change when resuming: train.batch_size is 3 in the run, 4 given; --seed is 0 "
+         "in the run, 3 given; leave them out"),
+    ):  # fmt: skip
+        _one_line_exit_2(run_here("train", "--resume", "run", *args, check=False), line)
+    assert (tmp_path / "run" / "config.json").read_bytes() == before
+
+
 # Every option combination the parser accepts, on any folder with >= 1 usable image, trains
 # to the end or is refused before any work with exit 2 and one sentence.
 PROPERTY_EXAMPLES = 25

@@ -31,7 +31,13 @@ import torch
 from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig, settings
 from .config_files import loads_json
-from .io import file_in_the_way, is_temp_name, remove_stale_temp_files, write_text_atomic
+from .io import (
+    file_in_the_way,
+    is_temp_name,
+    remove_stale_temp_files,
+    write_bytes_atomic,
+    write_text_atomic,
+)
 
 DASH = "–"  # what an empty or missing value prints as
 
@@ -104,9 +110,12 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
         if d.is_dir():
             remove_stale_temp_files(d)
     (run_dir / "reference.png").unlink(missing_ok=True)  # of the start that failed
+    # config.json before the folders: a start whose config.json cannot be written (a full
+    # disk) leaves a folder the same command takes again, not one --resume cannot read and
+    # a new run refuses ("already holds files").
+    write_text_atomic(cfg_file, cfg.to_json() + "\n")
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     (run_dir / "samples").mkdir(exist_ok=True)
-    write_text_atomic(cfg_file, cfg.to_json() + "\n")
 
 
 def write_config(run_dir: Path, cfg: RunConfig) -> None:
@@ -163,9 +172,12 @@ def lock(run_dir: Path, log: Callable[[str], None] = print) -> Iterator[None]:
         previous = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
         if previous and previous != str(os.getpid()):
             log(f"note: took over the lock of process {previous}, which no longer runs")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         try:
+            try:  # a full disk: the error names the file (the kernel's does not)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, str(path)) from None
             yield
         finally:
             os.ftruncate(fd, 0)  # released cleanly: no PID left to report
@@ -217,6 +229,31 @@ def check_same_data(cfg: RunConfig, root: Path, fingerprint: str) -> str | None:
     return None
 
 
+def resume_changes(run: RunConfig, given: RunConfig) -> list[tuple[str, str]]:
+    """The settings (section, name) a resume cannot change (all but those marked resumable)
+    that `given` (the run's settings with what a resume was given applied) holds otherwise
+    than `run`, compared as `compared` says."""
+    changes = []
+    for section, f in settings():
+        mine, theirs = compared(run, given, section, f)
+        if not f.metadata["resume"] and mine != theirs:
+            changes.append((section, f.name))
+    return changes
+
+
+def compared(run: RunConfig, given: RunConfig, section: str, f: Any) -> tuple[Any, Any]:
+    """The run's value of setting `f` and the given one, as a resume compares them: a folder
+    or file is the same however it is spelt (relative, a trailing slash, a symbolic link:
+    both made absolute and resolved), and the run's data folder is the one it trained on
+    (`data.abs_path`, wherever it is resumed from)."""
+    mine, theirs = getattr(getattr(run, section), f.name), getattr(getattr(given, section), f.name)
+    if mine != theirs and f.metadata["path"] and mine and theirs and isinstance(theirs, str):
+        if (section, f.name) == ("data", "path"):
+            mine = run.data.abs_path or mine
+        return str(Path(mine).resolve()), str(Path(theirs).resolve())
+    return mine, theirs
+
+
 def load_run_config(run_dir: Path) -> RunConfig:
     """The config.json of an existing run folder."""
     run_dir = Path(run_dir)
@@ -236,15 +273,23 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
 
 def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
+    """Add `row` to RUN/metrics.csv (its header first, in a new or empty file).
+
+    The file is written again whole, under a temporary name renamed over it (`io`), rather
+    than appended to: an append cut short by a full disk left half a row, numbers cut off
+    that the report read as they stood, and an error naming no file.
+    """
     path = run_dir / "metrics.csv"
-    new = not path.exists()
-    with open(path, "a", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        before = path.read_bytes()
+    except FileNotFoundError:
+        before = b""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS)
+    if not before:
+        w.writeheader()
+    w.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
+    write_bytes_atomic(path, before + buf.getvalue().encode("utf-8"))
 
 
 def _fmt(v: Any) -> str:

@@ -56,31 +56,56 @@ def cmd_data_flowers102(a: argparse.Namespace) -> int:
 def train_config_from_args(a: argparse.Namespace) -> Any:
     """defaults < --config file < explicit flags."""
     from ..config import RunConfig
+
+    return _config_from_args(a, RunConfig().to_dict()).validate()
+
+
+def _config_from_args(a: argparse.Namespace, base: dict[str, Any]) -> Any:
+    """The settings `base` < the --config file < the options given (not yet `validate`d)."""
+    from ..config import RunConfig
     from ..config_files import load_config_file, merge
 
-    d = RunConfig().to_dict()
-    if a.config:
-        d = merge(d, load_config_file(a.config))
+    d = merge(base, load_config_file(a.config)) if a.config else base
     for (section, name), v in _given_settings(a).items():
         d[section][name] = v
-    return RunConfig.from_dict(d).validate()
+    return RunConfig.from_dict(d)
 
 
 def resume_config_from_args(a: argparse.Namespace) -> Any:
-    """The run's own config.json, with the explicitly given resumable settings applied."""
+    """The run's own config.json, with the resumable settings given (in --config, then as
+    options) applied. A setting the run keeps may be given with the run's own value (the data
+    folder it trained on however spelt, the config file it started from); another value is
+    refused, naming the setting and both values."""
     from ..config import settings
-    from ..run_folder import load_run_config
+    from ..run_folder import load_run_config, resume_changes
 
-    given = _given_settings(a)
-    resumable = {(s, f.name) for s, f in settings() if f.metadata["resume"]}
-    fixed = [_flags(f)[0] for s, f in settings() if (s, f.name) in given.keys() - resumable]
-    fixed += ["--config"] if a.config else []
-    if fixed:
-        raise CliError(f"{', '.join(fixed)} cannot change when resuming; the run keeps its own")
     cfg = load_run_config(Path(a.resume))
-    for (section, name), v in given.items():
-        setattr(getattr(cfg, section), name, v)
+    asked = _config_from_args(a, cfg.to_dict())  # checked once the run's own are kept
+    fields = {(s, f.name): f for s, f in settings()}
+    if changed := resume_changes(cfg, asked):
+        raise CliError(_refused_changes(a, cfg, asked, [(k, fields[k]) for k in changed]))
+    for (section, name), f in fields.items():
+        if f.metadata["resume"]:
+            setattr(getattr(cfg, section), name, getattr(getattr(asked, section), name))
     return cfg.validate()
+
+
+def _refused_changes(a: argparse.Namespace, cfg: Any, asked: Any, changed: list) -> str:
+    """One line naming the settings a resume was given other values of, with both values;
+    `changed`: ((section, name), field) of each."""
+    from ..run_folder import compared
+
+    given, names, said = _given_settings(a), [], []
+    for (section, name), f in changed:
+        label = _flags(f)[0] if (section, name) in given else f"{section}.{name}"
+        mine, theirs = compared(cfg, asked, section, f)
+        names.append(label if (section, name) in given else f"{label} (in {a.config!r})")
+        said.append(f"{label} is {mine!r} in the run, {theirs!r} given")
+    return (
+        f"{', '.join(names)} cannot change when resuming: {'; '.join(said)}; leave "
+        f"{'it' if len(changed) == 1 else 'them'} out (the run keeps its own) or start a new "
+        "run with --out"
+    )
 
 
 def cmd_train(a: argparse.Namespace) -> int:

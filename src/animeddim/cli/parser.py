@@ -98,7 +98,13 @@ def _add_train_command(sub) -> None:
     """`animeddim train`."""
     p = sub.add_parser("train", help="train a DDIM on an image folder")
     p.add_argument("--out", type=PATH, help="new run folder")
-    p.add_argument("--resume", type=PATH, metavar="RUN", help="continue the run in this folder")
+    p.add_argument(
+        "--resume",
+        type=PATH,
+        metavar="RUN",
+        help="continue the run in this folder; --data and the settings that may not change on "
+        "--resume (options or a --config file's) may be given with the run's own values only",
+    )
     p.add_argument(
         "--config", type=PATH, help="JSON or TOML file with data/model/schedule/train sections"
     )
