@@ -485,6 +485,73 @@ def test_a_read_only_file_system_names_the_users_file(trained_tiny, tmp_path, mo
     assert not list(tmp_path.rglob("*.tmp-*")) and not out.exists()
 
 
+def test_a_full_disk_at_a_metrics_row_leaves_metrics_csv_whole_and_names_it(
+    avatars16, tiny_json, tmp_path, monkeypatch, capsys
+):
+    """The disk fills while epoch 2's row is written: half its bytes stored, then ENOSPC
+    (before: metrics.csv was appended to, so it kept half a row, its last number cut short,
+    which the report read as it stood; and the error named no file)."""
+    run = tmp_path / "run"
+    real_open, rows = open, [0]
+
+    def full_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if ("w" in mode or "a" in mode) and "metrics.csv" in str(file):
+            rows[0] += 1
+            if rows[0] == 2:
+                return _FullDisk(f)
+        return f
+
+    monkeypatch.setattr(io_mod, "open", full_open, raising=False)
+    monkeypatch.setattr(run_folder, "open", full_open, raising=False)  # where rows were appended
+    rc, _, err = run_main(capsys, *_train_args(avatars16, run, tiny_json, "--epochs", "3"))
+    assert rc == 1
+    _one_line_error(err, f"No space left on device: {run / 'metrics.csv'}")
+    text = (run / "metrics.csv").read_text(encoding="utf-8")
+    assert text.endswith("\n") and len(text.splitlines()) == 2  # the header and epoch 1's row
+    assert [r["epoch"] for r in _metric_rows(run)] == ["1"] and not _temp_files(run)
+    monkeypatch.undo()  # space again: the run resumes and writes epoch 2's row once
+    rc, _, err = run_main(capsys, "train", "--resume", run, "--quiet")
+    assert rc == 0, err
+    assert [r["epoch"] for r in _metric_rows(run)] == ["1", "2", "3"]
+
+
+@pytest.mark.parametrize("where", ["lock", "config.json"])
+def test_a_full_disk_before_a_run_starts_leaves_nothing_in_the_way(
+    where, avatars16, tiny_json, tmp_path, monkeypatch, capsys
+):
+    """The disk is full when `train` writes its PID into the run's lock file, or its
+    config.json (before: the lock's error named no file, `animeddim: error: No space left on
+    device`; a failed config.json left empty checkpoints/ and samples/ folders, which the
+    same command then refused, `already holds files; use --resume`, and --resume refused as
+    holding no config.json). The same command, with space again, trains."""
+    run = tmp_path / "run"
+    if where == "lock":
+
+        def pwrite(fd, data, offset):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(run_folder.os, "pwrite", pwrite)
+    else:
+        real_open = open
+
+        def full_open(file, mode="r", *args, **kwargs):
+            f = real_open(file, mode, *args, **kwargs)
+            return _FullDisk(f) if "w" in mode and "config.json" in str(file) else f
+
+        monkeypatch.setattr(io_mod, "open", full_open, raising=False)
+    argv = _train_args(avatars16, run, tiny_json)
+    rc, _, err = run_main(capsys, *argv)
+    assert rc == 1
+    named = run / (run_folder.LOCK_NAME if where == "lock" else "config.json")
+    _one_line_error(err, f"No space left on device: {named}")
+    assert not run.exists()  # the folder the failed start made is gone
+    monkeypatch.undo()
+    rc, _, err = run_main(capsys, *argv)
+    assert rc == 0, err
+    assert (run / "checkpoints" / "last.safetensors").is_file()
+
+
 def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(
     trained_tiny, tmp_path, monkeypatch, capsys
 ):
