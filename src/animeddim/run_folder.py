@@ -229,6 +229,31 @@ def check_same_data(cfg: RunConfig, root: Path, fingerprint: str) -> str | None:
     return None
 
 
+def resume_changes(run: RunConfig, given: RunConfig) -> list[tuple[str, str]]:
+    """The settings (section, name) a resume cannot change (all but those marked resumable)
+    that `given` (the run's settings with what a resume was given applied) holds otherwise
+    than `run`, compared as `compared` says."""
+    changes = []
+    for section, f in settings():
+        mine, theirs = compared(run, given, section, f)
+        if not f.metadata["resume"] and mine != theirs:
+            changes.append((section, f.name))
+    return changes
+
+
+def compared(run: RunConfig, given: RunConfig, section: str, f: Any) -> tuple[Any, Any]:
+    """The run's value of setting `f` and the given one, as a resume compares them: a folder
+    or file is the same however it is spelt (relative, a trailing slash, a symbolic link:
+    both made absolute and resolved), and the run's data folder is the one it trained on
+    (`data.abs_path`, wherever it is resumed from)."""
+    mine, theirs = getattr(getattr(run, section), f.name), getattr(getattr(given, section), f.name)
+    if mine != theirs and f.metadata["path"] and mine and theirs and isinstance(theirs, str):
+        if (section, f.name) == ("data", "path"):
+            mine = run.data.abs_path or mine
+        return str(Path(mine).resolve()), str(Path(theirs).resolve())
+    return mine, theirs
+
+
 def load_run_config(run_dir: Path) -> RunConfig:
     """The config.json of an existing run folder."""
     run_dir = Path(run_dir)
