@@ -107,15 +107,29 @@ def atomic_file(
         if before_rename is not None:
             before_rename()
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         _remove_temp(tmp)
-        if e.filename is None or str(e.filename) == str(tmp):
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
-        raise
-    except BaseException:
-        _remove_temp(tmp)
+        failed = _write_error(e)
+        if failed is None:
+            raise
+        if failed.filename is None or str(failed.filename) == str(tmp):
+            raise OSError(failed.errno, failed.strerror or str(failed), str(path)) from None
+        if failed is not e:
+            raise failed from None
         raise
     fsync_dir(path.parent)
+
+
+def _write_error(e: BaseException) -> OSError | None:
+    """The OSError behind a failed write: `e` itself, or the one torch's writers
+    (`torch.save`, `torch.jit.save`) were handling when their own clean-up raised a
+    RuntimeError ("unexpected pos 64 vs 0") over it, which would otherwise end the command in
+    a traceback where a full disk should be one line naming the file."""
+    if isinstance(e, OSError):
+        return e
+    if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError):
+        return e.__context__
+    return None
 
 
 def _remove_temp(tmp: Path) -> None:
