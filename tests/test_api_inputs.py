@@ -160,3 +160,20 @@ def test_the_pair_load_for_sampling_returns_is_refused_with_the_remedy(models, t
             kw = {"steps": [1], **study, **kw}
             pipelines.steps_study(plain, tmp_path / "none", out_dir=tmp_path / "st", **kw)
     assert not any(p.exists() for p in (tmp_path / "inv", tmp_path / "i.gif", tmp_path / "st"))
+
+
+def test_write_report_refuses_steps_seed_or_device_it_cannot_use_first(tmp_path):
+    """`report.write_report(runs, out, steps="5")` died in a comparison (TypeError), a seed
+    of 1.5 was taken, and device "gpu" failed in torch's device parser only once the first
+    run's network was loaded; each is now refused before any folder is read."""
+    from animeddim.report import write_report
+    from animeddim.run_folder import RunFolderError
+
+    for kw, match in [
+        ({"steps": "5"}, "invalid steps = '5': expected an integer >= 1"),
+        ({"seed": 1.5}, r"invalid seed = 1.5: expected an integer in 0 \.\. 2\*\*63 - 1"),
+        ({"device": "gpu"}, "unknown device 'gpu': expected auto, cpu, cuda, cuda:N or mps"),
+    ]:
+        with pytest.raises(RunFolderError, match=match):
+            write_report(tmp_path / "no-run", tmp_path / "report", **kw)
+    assert not (tmp_path / "report").exists()

@@ -296,16 +296,27 @@ def write_report(
     :param device: where the EMA networks sample (Fig. 1 reverse, sample grids).
     :param seed: seed of the forward-process noise and of the sampled images.
     :param steps: DDIM steps of the reverse figure and the sample grids.
-    :raises ReportError: a folder is missing or lacks config.json / metrics.csv.
+    :raises ReportError: a folder is missing or lacks config.json / metrics.csv; steps,
+        seed or device of a kind or value it cannot use (before any folder is read).
     """
+    from ..config import ConfigError, as_integer
+    from ..runtime import resolve_device
+
     if isinstance(runs, (str, os.PathLike)):  # not its characters, one by one
         runs = [runs]
     if not runs:
         raise ReportError("no run folders given")
-    if steps < 1:
+    n_steps, n_seed = as_integer(steps), as_integer(seed)  # "5" failed in a comparison
+    if n_steps is None or n_steps < 1:
         raise ReportError(f"invalid steps = {steps!r}: expected an integer >= 1")
-    if not 0 <= seed < 2**63:  # the seed of a torch generator
+    if n_seed is None or not 0 <= n_seed < 2**63:  # the seed of a torch generator
         raise ReportError(f"invalid seed = {seed!r}: expected an integer in 0 .. 2**63 - 1")
+    steps, seed = n_steps, n_seed
+    try:  # "gpu" failed in torch's device parser once the first network was loaded
+        if not isinstance(device, torch.device):
+            device = resolve_device(device, host_memory=False)
+    except ConfigError as e:
+        raise ReportError(str(e)) from None
     paths = [Path(r) for r in runs]
     # Read every folder before writing anything: a bad one fails fast with no half report.
     data = [read_run(p, name) for p, name in zip(paths, unique_names(paths), strict=True)]
