@@ -1096,6 +1096,23 @@ def test_file_size_limit_in_a_real_process_leaves_no_partial_file(run, tmp_path)
     assert not [f for f in tmp_path.rglob("*") if f.is_file()]
 
 
+def test_data_avatars_on_a_full_disk_names_its_note_and_leaves_none(tmp_path):
+    """`data avatars` writes a note of its arguments first; under a 50-byte file-size limit
+    the kernel refuses the rest of that write, as a full disk does (before: `File too large`
+    naming no file, and the 50 bytes written left in the folder as its note, unreadable)."""
+    folder = tmp_path / "avatars"
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50, 50))
+
+    argv = ["data", "avatars", "--out", str(folder), "--n", "2", "--size", "16", "--workers", "1"]
+    p = subprocess.run([sys.executable, "-m", "animeddim", *argv], capture_output=True, text=True,
+                       timeout=300, preexec_fn=limit)  # fmt: skip
+    assert p.returncode == 1
+    _one_line(p.stderr, f"File too large: {folder / '.animeddim-pending.json'}")
+    assert not list(folder.iterdir())
+
+
 def test_evaluate_coverage_refuses_earlier_coverage_files(run, avatars16, tmp_path, capsys, fake):
     (tmp_path / "coverage.json").write_text("{}")
     argv = ["evaluate", "--run", run, "--real", avatars16, "--n", 2, "--steps", 1, "--out",

@@ -196,12 +196,14 @@ def generate_avatars(
     if not pending_path.exists() and not manifest_path.exists():
         _check_only_avatars(out, size)
 
-    # Record the arguments first, so an interrupted run is resumed only with the same ones.
-    pending_path.write_text(json.dumps(wanted), "utf-8")
+    # Record the arguments first, so an interrupted run is resumed only with the same ones
+    # (atomically: a note cut short by a full disk, unreadable, let the next call render
+    # into a folder of other files, which the note's absence has it refuse).
+    write_text_atomic(pending_path, json.dumps(wanted))
     missing = [i for i, name in enumerate(names) if not (out / name).exists()]
     _render_missing(out, seed, size, missing, workers, progress, balanced)
     _write_labels(out, names, seed, size, balanced, progress)
-    (out / "CREDITS.md").write_text(_credits_text(), "utf-8")
+    write_text_atomic(out / "CREDITS.md", _credits_text())
     # The manifest is written last: its presence means every image is complete.
     write_text_atomic(manifest_path, json.dumps(wanted, indent=2) + "\n")
     pending_path.unlink()
