@@ -371,7 +371,13 @@ def latest_checkpoint(
 # than its checkpoint, besides those marked resumable: where the data folder is (data moved:
 # config.json edited to say where; its labels file too: `_kept`) and the weights the run
 # started from.
-RECORDS = {("data", "path"), ("data", "abs_path"), ("data", "fingerprint"), ("train", "init")}
+RECORDS = {
+    ("data", "path"),
+    ("data", "abs_path"),
+    ("data", "fingerprint"),
+    ("data", "colour_profiles"),  # how the run reads its images: taken from its checkpoint
+    ("train", "init"),
+}
 
 
 def _kept(section: str, name: str, value: Any) -> Any:

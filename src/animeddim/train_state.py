@@ -162,6 +162,9 @@ def resume_point(
 
     def read() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, meta = latest_checkpoint(run_dir, cfg, log)
+        # the run reads its images as it began, whatever config it is resumed with (the
+        # Python API's may be a fresh one): with the colour profiles applied, or without
+        cfg.data.colour_profiles = meta["config"].get("data", {}).get("colour_profiles", "")
         batch, per_epoch = meta["batch_in_epoch"], meta.get("steps_per_epoch")
         # at an epoch's start, an epoch of any length has its steps to do
         if not batch or (per_epoch and not allow_changed_data):
