@@ -110,6 +110,11 @@ def test_conditioning_the_model_cannot_take_is_refused_naming_it(models):
             pipelines.draw_conditional(cond, 1, s, {"glasses": "yes"}, w)
     with pytest.raises(TypeError, match="must be a dict of attribute -> value .* 'glasses=yes'"):
         pipelines.draw_conditional(cond, 1, s, "glasses=yes")
+    # edit's changes as the CLI writes them died in an AttributeError inside `encode`
+    with pytest.raises(TypeError, match="changes must be a dict of attribute -> value"):
+        pipelines.edit(cond, "no-images", "no-out", "glasses=yes", settings=s)
+    with pytest.raises(TypeError, match="got a tuple: load_for_sampling returns"):
+        pipelines.vocabulary((cond, torch.device("cpu")))
 
 
 def test_a_sampling_net_made_from_another_model_is_refused(models):

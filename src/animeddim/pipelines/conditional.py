@@ -44,8 +44,10 @@ EDIT_NAMES = ("grid.png", EDIT_SUMMARY)  # besides everything in after/ and pair
 
 
 def vocabulary(loaded: LoadedModel) -> dict[str, list[str]]:
-    """attribute -> values the model can be asked ({} for an unconditional model)."""
-    return {a: list(v) for a, v in loaded.config.model.vocabulary.items()}
+    """attribute -> values the model can be asked ({} for an unconditional model).
+
+    :raises TypeError: `loaded` not a loaded model (`core.check_loaded`)."""
+    return {a: list(v) for a, v in check_loaded(loaded).config.model.vocabulary.items()}
 
 
 def default_guidance(loaded: LoadedModel) -> float:
@@ -122,14 +124,20 @@ def attribute_codes(loaded: LoadedModel, asked: Mapping[str, str]) -> torch.Tens
     :raises UnknownAttribute: naming the attribute or value and listing the known ones.
         TypeError: `asked` not a mapping (a string such as "glasses=yes").
     """
-    if asked is not None and not isinstance(asked, Mapping):
-        raise TypeError(
-            f"asked attributes must be a dict of attribute -> value (e.g. {{'glasses': 'yes'}}), "
-            f"got {asked!r}"
-        )
+    _check_values(asked, "asked attributes")
     if not asked:
         return None
     return encode(vocabulary(loaded), asked)
+
+
+def _check_values(values: Any, name: str) -> None:
+    """TypeError unless `values` is None or a mapping attribute -> value (a string such as
+    "glasses=yes", as the CLI writes it, failed in an AttributeError inside `encode`)."""
+    if values is not None and not isinstance(values, Mapping):
+        raise TypeError(
+            f"{name} must be a dict of attribute -> value (e.g. {{'glasses': 'yes'}}), "
+            f"got {values!r}"
+        )
 
 
 def draw_conditional(
@@ -404,7 +412,9 @@ def edit_codes(
     """[N x A] codes: `source` with the attributes of `changes` set (the others kept).
 
     :raises UnknownAttribute: no change, or an attribute or value the model does not know.
+        TypeError: `changes` not a mapping.
     """
+    _check_values(changes, "changes")
     if not changes:
         raise UnknownAttribute("give at least one --set NAME=VALUE")
     change = encode(vocabulary(loaded), changes)
