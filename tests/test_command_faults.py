@@ -757,6 +757,68 @@ def test_evaluate_default_names_never_collide(run, avatars16, capsys, fake, monk
     assert made == ["eval-20260101-000000-2.json", "eval-20260101-000000.json"]
 
 
+def test_a_file_output_ending_in_a_slash_is_refused_before_any_work(
+    run, avatars16, tmp_path, capsys, fake, monkeypatch
+):
+    """`--out models/` for a file output (before: the slash was dropped, so `export` wrote
+    the file `models`, `evaluate` the file `results`, `attributes train` `cls` and
+    `cls.json`, `interpolate` `interp.png` and `interp.gif` beside the folder meant; exit 0)."""
+    from animeddim.unet import UNet
+
+    calls = []
+    forward = UNet.forward
+    monkeypatch.setattr(UNet, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    here = tmp_path / "here"
+    here.mkdir()
+    cases = [
+        ["export", "--run", run, "--out", f"{here}/models/"],
+        ["evaluate", "--run", run, "--real", avatars16, "--n", 2, "--steps", 1, "--out",
+         f"{here}/results/"],
+        ["interpolate", "--run", run, "--seeds", 1, 2, "--frames", 2, "--out", f"{here}/interp/"],
+        ["attributes", "train", "--data", avatars16, "--out", f"{here}/cls/", "--epochs", 1],
+    ]  # fmt: skip
+    for argv in cases:
+        rc, _, err = run_main(capsys, *argv)
+        assert rc == 2, (argv, err)
+        _one_line(err, f"--out '{argv[-1] if argv[-2] == '--out' else argv[-3]}' ends in '/', "
+                  "which names a folder; give a file name (e.g. '")  # fmt: skip
+    assert not list(here.iterdir()) and not calls and fake.calls == 0
+
+
+def test_outputs_inside_a_folder_read_as_images_are_refused(
+    trained_tiny, avatars16, tmp_path, capsys, fake
+):
+    """`steps --out` inside `--real`, `report --out` inside a run's data folder, `train
+    --out` inside `--eval-real` (before: steps.png, the report's figures, the run's grids
+    were written among the images: the next `kid`/`steps` on the folder failed on a plot of
+    another size, and the run's own resume was refused, `images in 'REAL' differ in size:
+    ... 'REAL/run/reference.png' is 16x128`; a paper-protocol KID, which resizes, would have
+    counted them)."""
+    data = tmp_path / "data"
+    shutil.copytree(avatars16, data)
+    run = copy_run(trained_tiny, tmp_path / "run")
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["data"]["path"] = cfg["data"]["abs_path"] = str(data)
+    (run / "config.json").write_text(json.dumps(cfg))
+    before = _files(data)
+    tiny = ["--image-size", 16, "--widths", "8,16", "--block-depth", 1, "--no-kid"]
+    cases = [
+        (["steps", "--run", run, "--real", data, "--n", 2, "--steps", 1, "--eta", 0, "--out",
+          data], "is inside the --real folder"),
+        (["steps", "--run", run, "--real", data, "--n", 2, "--steps", 1, "--eta", 0, "--out",
+          data / "study"], "is inside the --real folder"),
+        (["report", "--run", run, "--out", data / "report", "--steps", 1],
+         f"is inside the data folder '{data}'; run '{run}' trained on it"),
+        (["train", "--data", avatars16, "--out", data / "run", *tiny, "--batch-size", 6,
+          "--eval-every", 1, "--eval-real", data], "lies inside --eval-real"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        rc, _, err = run_main(capsys, *argv)
+        assert rc == 2, (argv, err)
+        _one_line(err, message)
+        assert _files(data) == before and fake.calls == 0
+
+
 def test_interpolate_never_writes_over_its_input_image(run, avatars16, tmp_path, capsys):
     x = tmp_path / "x.png"
     shutil.copy(next(avatars16.glob("*.png")), x)

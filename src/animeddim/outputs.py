@@ -84,6 +84,7 @@ def _read_only(folder: Path) -> bool:
 
 def new_file(path: str | Path, force: bool, flag: str = "--out") -> Path:
     """`path`, checked to be writable as a file: absent, or present and `force` given."""
+    file_name(path, flag)
     path = Path(path)
     _no_file_above(path, flag)
     if path.is_dir():
@@ -94,6 +95,18 @@ def new_file(path: str | Path, force: bool, flag: str = "--out") -> Path:
             "another name)"
         )
     return path
+
+
+def file_name(path: str | Path, flag: str = "--out") -> None:
+    """Refuse a file output typed with a trailing slash ('models/'): it names a folder, but
+    `Path` drops the slash, so the file was written under the folder's name ('models', no
+    suffix) beside where the user meant it to go."""
+    text = os.fspath(path)
+    if len(text) > 1 and text.endswith(tuple(s for s in (os.sep, os.altsep) if s)):
+        raise OutputExists(
+            f"{flag} {text!r} ends in {text[-1]!r}, which names a folder; give a file name "
+            f"(e.g. {os.path.join(text, 'NAME')!r})"
+        )
 
 
 def distinct(paths: Sequence[tuple[str, Path]]) -> None:

@@ -65,6 +65,13 @@ def check_start(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
             f"--out {str(run_dir)!r} lies inside --data {str(data)!r}: the next run would train "
             "on this run's own samples; choose an --out outside the data folder"
         )
+    real = Path(tc.eval_real) if tc.eval_every and tc.eval_real else None
+    if real is not None and run_dir.resolve().is_relative_to(real.resolve()):
+        raise ConfigError(  # its reference grid and samples would be read as real images
+            f"--out {str(run_dir)!r} lies inside --eval-real {tc.eval_real!r}: a resume would "
+            "read this run's own grids there as real images (and refuse their size); choose "
+            "an --out outside that folder"
+        )
     check_new_run_dir(run_dir)
 
 

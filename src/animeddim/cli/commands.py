@@ -155,6 +155,12 @@ def cmd_report(a: argparse.Namespace) -> int:
     from ..runtime import resolve_device
 
     out = Path(a.out)
+    for run, data in _data_folders(a.run):  # its figures there would be trained on
+        outputs.not_inside(
+            out, [data], "--out", "the data folder",
+            f"run {run!r} trained on it, and training on it again would read the report's "
+            "figures as images",
+        )  # fmt: skip
     # a report stopped before its end (Ctrl-C, a kill) is written again without --force
     replace = a.force or outputs.unfinished(out, outputs.REPORT_PENDING)
     earlier = outputs.signature(outputs.earlier_outputs(out, outputs.REPORT_NAMES, replace))
@@ -167,6 +173,23 @@ def cmd_report(a: argparse.Namespace) -> int:
     outputs.remove_unchanged(earlier)  # --force: no figure of an earlier report is left
     print(f"report: {page} and {page.with_suffix('.html')}")
     return 0
+
+
+def _data_folders(runs: list[str]) -> list[tuple[str, str]]:
+    """(run, the folder it trained on) for each run whose config.json reads (the report
+    refuses the others itself, in its own words)."""
+    from ..config import ConfigError
+    from ..run_folder import RunFolderError, load_run_config
+
+    found = []
+    for run in runs:
+        try:
+            data = load_run_config(Path(run)).data
+        except (RunFolderError, ConfigError, OSError):
+            continue
+        if data.abs_path or data.path:
+            found.append((run, data.abs_path or data.path))
+    return found
 
 
 def cmd_export(a: argparse.Namespace) -> int:

@@ -499,6 +499,8 @@ def _steps_plan(a: argparse.Namespace, loaded) -> tuple[list[str], Path]:
     out = Path(a.out) if a.out else (Path(a.run) if a.run and Path(a.run).is_dir() else None)
     if out is None:
         raise CliError("give --out DIR (no run folder to write into)")
+    # steps.png in the real folder: the next KID on it reads the plot as a real image
+    outputs.not_inside(out, [a.real], "--out", "the --real folder")
     outputs.earlier_outputs(out, outputs.STEPS_NAMES, a.force)  # each is replaced whole
     return samplers, out
 
@@ -547,6 +549,7 @@ def cmd_interpolate(a: argparse.Namespace) -> int:
         )
     if a.steps is None:  # inverted ends need more steps than a decode from seeds
         a.steps = 50 if a.images else 20
+    outputs.file_name(a.out)  # 'interp/' would write interp.png and interp.gif beside it
     ends = [Path(a.out).with_suffix(".png"), Path(a.out).with_suffix(".gif")]
     for end in ends:
         outputs.new_file(end, a.force)
