@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL, shared_dir
+from conftest import TINY_MODEL, copy_run, shared_dir
 from PIL import Image
 
 from animeddim import checkpoint as ckpt
@@ -413,6 +413,40 @@ def test_a_data_folder_that_one_process_sees_otherwise_is_refused(avatars16, tmp
         assert "error: process 1 of 2 has the fingerprint of the images in 'data' = " in p0.stderr
         assert "every process must read the same images" in p0.stderr
     assert not any((tmp_path / "run").glob("checkpoints/*"))
+
+
+@pytest.mark.parametrize("node_b", ["the same images", "other images"])
+def test_a_run_whose_data_moved_resumes_there_in_two_processes(
+    one_process_run, avatars16, tmp_path, node_b
+):
+    """`--resume RUN --data moved` on two 'nodes' (working directories), each with its own
+    copy of the run's data folder at 'moved': the run goes on there, one note from process
+    0, config.json recording the new place; where one node's copy holds other images every
+    process refuses it, one line, before any step."""
+    run = copy_run(one_process_run, tmp_path / "run")
+    a, b = tmp_path / "a", tmp_path / "b"
+    for node in (a, b):
+        node.mkdir()
+        shutil.copytree(avatars16, node / "moved")
+    if node_b == "other images":
+        next((b / "moved").glob("*.png")).unlink()
+    args = ["train", "--resume", str(run), "--data", "moved", "--epochs", "3", "--quiet"]
+    p0, p1 = by_hand([args, args], [a, b])
+    assert p1.stdout == p1.stderr == "", (p1.stdout, p1.stderr)
+    if node_b == "other images":
+        assert (p0.returncode, p1.returncode) == (2, 2), (p0.stderr, p1.stderr)
+        assert len(p0.stderr.splitlines()) == 1, p0.stderr
+        assert "process 1 of 2 has the fingerprint of the images in 'moved' = " in p0.stderr
+        assert ckpt.read_meta(run / "checkpoints" / "last.safetensors")["epoch"] == 2
+        return
+    assert (p0.returncode, p1.returncode) == (0, 0), (p0.stderr, p1.stderr)
+    notes = [line for line in p0.stdout.splitlines() if line.startswith("note:")]
+    assert notes == [
+        f"note: the run's data folder moved from '{avatars16.resolve()}' to '{a / 'moved'}'"
+    ], p0.stdout
+    stored = json.loads((run / "config.json").read_text())["data"]
+    assert (stored["path"], stored["abs_path"]) == ("moved", str(a / "moved"))
+    assert ckpt.read_meta(run / "checkpoints" / "last.safetensors")["epoch"] == 3
 
 
 def test_a_process_killed_mid_run_leaves_the_others_one_line(avatars16, tmp_path):

@@ -829,6 +829,18 @@ def test_config_json_edited_where_a_resume_may_differ_still_resumes(avatars16, t
     assert "resuming" in out and (run / "metrics.csv").is_file()
 
 
+def _conditional_run_whose_data_moved(cond_data, tmp_path):
+    """A run trained one step on a copy of `cond_data` (data/, its labels.csv in it), the
+    folder then moved to moved/: (data, moved, run)."""
+    data, moved, run = tmp_path / "data", tmp_path / "moved", tmp_path / "run"
+    shutil.copytree(cond_data, data)
+    cfg = tiny_config(data, max_steps=1)
+    cfg.data.labels = str(data / "labels.csv")
+    train(cfg.validate(), run, **QUIET)
+    shutil.move(data, moved)
+    return data, moved, run
+
+
 def test_a_conditional_run_whose_data_moved_with_its_labels_still_resumes(
     cond_data, tmp_path, capsys
 ):
@@ -836,12 +848,7 @@ def test_a_conditional_run_whose_data_moved_with_its_labels_still_resumes(
     too: config.json edited to say where both are now resumes, as the data folder's place
     alone did (before: refused, 'data.labels is .../labels.csv there and ... in config.json').
     Which source the labels are (none, 'folders' or a CSV file) stays as the run started."""
-    data, moved, run = tmp_path / "data", tmp_path / "moved", tmp_path / "run"
-    shutil.copytree(cond_data, data)
-    cfg = tiny_config(data, max_steps=1)
-    cfg.data.labels = str(data / "labels.csv")
-    train(cfg.validate(), run, **QUIET)
-    shutil.move(data, moved)
+    data, moved, run = _conditional_run_whose_data_moved(cond_data, tmp_path)
     d = json.loads((run / "config.json").read_text())
     d["data"].update(path=str(moved), abs_path=str(moved.resolve()))
     d["data"]["labels"] = str(moved / "labels.csv")
@@ -854,6 +861,28 @@ def test_a_conditional_run_whose_data_moved_with_its_labels_still_resumes(
     cfg.data.labels = "folders"  # another source of labels: another run
     with pytest.raises(ckpt.CheckpointError, match="belongs to another run: data.labels is"):
         latest_checkpoint(run, cfg, log=lambda s: None)
+
+
+def test_a_conditional_run_resumed_with_its_moved_data_reads_its_labels_there(
+    cond_data, tmp_path, capsys
+):
+    """`--resume RUN --data NEW` of a conditional run whose labels.csv moved with its data
+    folder (before: refused, '--data cannot change when resuming'; config.json had to be
+    edited by hand, the labels' place too): the labels are read at their place in NEW and
+    config.json records both; a labels file given with --labels at another place is taken."""
+    data, moved, run = _conditional_run_whose_data_moved(cond_data, tmp_path)
+    resume = ["train", "--resume", run, "--data", moved, "--quiet"]
+    rc, out, err = run_main(capsys, *resume, "--max-steps", "2")
+    assert rc == 0, err
+    assert f"note: the run's data folder moved from '{data}' to '{moved}'" in out
+    stored = load_run_config(run).data
+    assert (stored.path, stored.labels) == (str(moved), str(moved / "labels.csv"))
+    shutil.copyfile(moved / "labels.csv", tmp_path / "labels.csv")
+    rc, out, err = run_main(
+        capsys, *resume, "--labels", tmp_path / "labels.csv", "--max-steps", "3"
+    )
+    assert rc == 0, err
+    assert load_run_config(run).data.labels == str(tmp_path / "labels.csv")
 
 
 # --------------------------------------------------------------------------------------------

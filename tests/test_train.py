@@ -497,12 +497,15 @@ def test_resume_takes_the_runs_own_data_folder_and_config_file(avatars16, tmp_pa
     stored["train"]["max_steps"] = 2  # the one setting given otherwise; data.path as it was
     assert json.loads((tmp_path / "run" / "config.json").read_text()) == stored
 
-    (tmp_path / "elsewhere").mkdir()
+    _folder(avatars16, tmp_path / "elsewhere", 3)  # other images: `train` refuses them
     before = (tmp_path / "run" / "config.json").read_bytes()
     for args, line in (
-        (["--data", "elsewhere"], f"--data cannot change when resuming: --data is "
-         f"'{data.resolve()}' in the run, '{(tmp_path / 'elsewhere').resolve()}' given; leave it "
-         "out (the run keeps its own) or start a new run with --out"),
+        (["--data", "elsewhere", "--max-steps", "0"], "cannot resume on changed data: the "
+         f"images in 'elsewhere' are not those the run trained on in '{data.resolve()}' (12 "
+         "files then, 3 now, or files renamed or rewritten); give --data the folder that holds "
+         "them"),
+        (["--labels", "folders"], "--labels cannot change when resuming: --labels is '' in the "
+         "run, 'folders' given; leave it out"),
         (["--config", "other.json"], "train.batch_size (in 'other.json') cannot change when "
          "resuming: train.batch_size is 3 in the run, 4 given; leave it out"),
         (["--config", "other.json", "--seed", "3"], "train.batch_size (in 'other.json'), --seed "
@@ -511,6 +514,67 @@ def test_resume_takes_the_runs_own_data_folder_and_config_file(avatars16, tmp_pa
     ):  # fmt: skip
         _one_line_exit_2(run_here("train", "--resume", "run", *args, check=False), line)
     assert (tmp_path / "run" / "config.json").read_bytes() == before
+
+
+def test_a_run_whose_data_moved_resumes_there_as_if_uninterrupted(avatars16, tmp_path):
+    """A data folder moved (or copied) elsewhere: `--resume RUN --data NEW` was refused ('--data
+    cannot change when resuming'), and config.json had to be edited by hand. Now the images
+    there are checked to be the run's, the run goes on there, bitwise as if uninterrupted,
+    with one note, and config.json records the new place for the next plain --resume."""
+    data = _folder(avatars16, tmp_path / "data", 12)  # 10 training images, batch 3: 3 steps
+    full, run, moved = tmp_path / "full", tmp_path / "run", tmp_path / "moved"
+    run_here(*_tiny_args(data, full, "--batch-size", "3", "--no-kid", "--epochs", "2"))
+    run_here(*_tiny_args(data, run, "--batch-size", "3", "--no-kid", "--epochs", "2",
+                         "--max-steps", "4"))  # fmt: skip
+    data.rename(moved)
+    p = run_here("train", "--resume", str(run), "--max-steps", "0", "--quiet", check=False)
+    _one_line_exit_2(p, f"image folder '{data}' does not exist: the run's data folder; if it "
+                     "moved, resume with --data and its new place")  # fmt: skip
+    p = run_here("train", "--resume", str(run), "--data", str(moved), "--max-steps", "0",
+                 "--quiet")  # fmt: skip
+    notes = [line for line in p.stdout.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: the run's data folder moved from '{data}' to '{moved}'"], p.stdout
+    stored = json.loads((run / "config.json").read_text())["data"]
+    assert stored["path"] == stored["abs_path"] == str(moved)
+    a, b = _weights(full), _weights(run)
+    assert a[1]["step"] == b[1]["step"] == 6
+    for k in a[0]:
+        assert torch.equal(a[0][k], b[0][k]), k
+    rows = [list(csv.DictReader(open(r / "metrics.csv"))) for r in (full, run)]
+    assert [[r["train_noise_loss"], r["val_noise_loss"]] for r in rows[0]] == [
+        [r["train_noise_loss"], r["val_noise_loss"]] for r in rows[1]
+    ]
+    p = run_here("train", "--resume", str(run), "--epochs", "3", "--quiet")  # found there
+    assert "note:" not in p.stdout and "resuming" in p.stdout
+
+
+def test_a_resume_given_a_folder_of_other_images_is_refused_unless_allowed(avatars16, tmp_path):
+    """`--resume RUN --data OTHER` where OTHER's images are not the run's: one line naming
+    both folders, before any image is decoded, config.json untouched; with
+    --allow-changed-data the run trains on OTHER, noted, and records it."""
+    from animeddim import train as train_mod
+
+    data = _folder(avatars16, tmp_path / "data", 12)
+    other = _folder(avatars16, tmp_path / "other", 13)
+    run = tmp_path / "run"
+    run_here(*_tiny_args(data, run, "--batch-size", "3", "--no-kid", "--max-steps", "1"))
+    before = (run / "config.json").read_bytes()
+    resume = ["train", "--resume", str(run), "--data", str(other), "--max-steps", "0", "--quiet"]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(train_mod, "load_data", lambda *a, **k: pytest.fail("images were decoded"))
+        p = run_here(*resume, check=False)
+    _one_line_exit_2(p, f"cannot resume on changed data: the images in '{other}' are not those "
+                     f"the run trained on in '{data}' (12 files then, 13 now, or files renamed "
+                     "or rewritten); give --data the folder that holds them, or resume with "
+                     "--allow-changed-data")  # fmt: skip
+    assert (run / "config.json").read_bytes() == before
+    p = run_here(*resume, "--allow-changed-data")
+    notes = [line for line in p.stdout.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: resuming on changed data (the images in '{other}' are not those "
+                     f"the run trained on in '{data}' (12 files then, 13 now, or files renamed "
+                     "or rewritten))"], p.stdout  # fmt: skip
+    stored = json.loads((run / "config.json").read_text())["data"]
+    assert stored["abs_path"] == str(other) and stored["fingerprint"].startswith("13:")
 
 
 # Every option combination the parser accepts, on any folder with >= 1 usable image, trains

@@ -142,7 +142,8 @@ def setting(
 class DataConfig:
     path: str = setting(
         "",
-        "image folder (searched recursively) to train on",
+        "image folder (searched recursively) to train on; with --resume, where the run's "
+        "images are now if they moved",
         flag="--data",
         metavar="DIR",
         path=True,

@@ -38,6 +38,7 @@ from .io import (
     write_bytes_atomic,
     write_text_atomic,
 )
+from .words import counted
 
 DASH = "–"  # what an empty or missing value prints as
 
@@ -210,35 +211,70 @@ def data_fingerprint(files: Sequence[Path], root: Path) -> str:
     return f"{count}:{h.hexdigest()[:32]}"
 
 
-def check_same_data(cfg: RunConfig, root: Path, fingerprint: str) -> str | None:
-    """What differs between the data a run trained on and `root` now, or None if nothing.
+def check_same_data(
+    cfg: RunConfig, root: Path, fingerprint: str, trained_on: str = ""
+) -> str | None:
+    """What differs between the images a run trained on and those in `root` now, or None if
+    nothing. The images are compared (`data_fingerprint`: names below the folder and sizes),
+    not the folder's place: a folder moved or copied elsewhere holds the same images.
 
+    :param trained_on: where the run read them (its last checkpoint's `data.abs_path`),
+        named when `root` is another folder; default the place `cfg` records.
     Runs written before the data was recorded (no fingerprint) are accepted.
     """
-    if not cfg.data.fingerprint:
+    if not cfg.data.fingerprint or fingerprint == cfg.data.fingerprint:
         return None
-    then_root = cfg.data.abs_path or cfg.data.path
+    then_root = trained_on or cfg.data.abs_path or cfg.data.path
+    n_then, n_now = (int(f.split(":")[0]) for f in (cfg.data.fingerprint, fingerprint))
+    counts = f"{counted(n_then, 'file')} then, {n_now} now, or files renamed or rewritten"
     if Path(then_root).resolve() != root.resolve():
-        return f"the run trained on {then_root!r}, not {str(root.resolve())!r}"
-    if fingerprint != cfg.data.fingerprint:
-        n_then, n_now = cfg.data.fingerprint.split(":")[0], fingerprint.split(":")[0]
         return (
-            f"the images in {then_root!r} changed since the run started ({n_then} files then, "
-            f"{n_now} now, or files renamed or rewritten)"
+            f"the images in {str(root)!r} are not those the run trained on in {then_root!r} "
+            f"({counts})"
         )
-    return None
+    return f"the images in {then_root!r} changed since the run started ({counts})"
 
 
 def resume_changes(run: RunConfig, given: RunConfig) -> list[tuple[str, str]]:
     """The settings (section, name) a resume cannot change (all but those marked resumable)
     that `given` (the run's settings with what a resume was given applied) holds otherwise
-    than `run`, compared as `compared` says."""
+    than `run`, compared as `compared` says. Where the data lies may change (moved or
+    copied: `take_moved_data`): a labels file's place (`_kept`), and the data folder's where
+    the run recorded a fingerprint of its images, checked as they are read (`check_same_data`)."""
     changes = []
     for section, f in settings():
+        key = (section, f.name)
+        if f.metadata["resume"] or (key == ("data", "path") and run.data.fingerprint):
+            continue
         mine, theirs = compared(run, given, section, f)
-        if not f.metadata["resume"] and mine != theirs:
-            changes.append((section, f.name))
+        if _kept(section, f.name, mine) != _kept(section, f.name, theirs):
+            changes.append(key)
     return changes
+
+
+def take_moved_data(run: RunConfig, given: RunConfig) -> None:
+    """Record in `run` the data folder and labels file `given` names where they lie elsewhere
+    than the run's (the data moved or was copied; `resume_changes` found no other change). A
+    labels file the run read from its data folder, not given anew, is taken at its place in
+    the new folder where it is there: it moved with the folder."""
+    where = {f.name: f for s, f in settings() if s == "data"}
+    labels_then, labels_now = compared(run, given, "data", where["labels"])
+    if labels_then != labels_now:
+        run.data.labels = given.data.labels
+    then, now = compared(run, given, "data", where["path"])
+    if then == now:
+        return
+    if labels_then == labels_now and _kept("data", "labels", run.data.labels) != run.data.labels:
+        labels = Path(os.path.abspath(run.data.labels))
+        for base in (Path(then), Path(os.path.abspath(run.data.path))):
+            if labels.is_relative_to(base):
+                moved = Path(given.data.path) / labels.relative_to(base)
+                if moved.is_file():
+                    run.data.labels = str(moved)
+                break
+    # where `train` reads it, recorded as a new run's is: its absolute place once it is read
+    # (each process resolves its own: nodes may reach one folder by other paths)
+    run.data.path, run.data.abs_path = given.data.path, ""
 
 
 def compared(run: RunConfig, given: RunConfig, section: str, f: Any) -> tuple[Any, Any]:

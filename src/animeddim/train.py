@@ -43,6 +43,7 @@ from .train_data import (
     check_data,
     check_start,
     data_root,
+    list_data,
     load_data,
     write_reference,
 )
@@ -201,8 +202,9 @@ def train(
         #    (a resumed run with nothing left to train: before any image is read).
         saved = resume_point(run_dir, cfg, allow_changed_data, log) if resume else None
         root = data_root(cfg, resume)
-        data = load_data(cfg, root, progress, resume)
-        check_data(cfg, data, root, resume, allow_changed_data, log)
+        listed = list_data(cfg, root, saved, allow_changed_data, log)  # a resume: its images
+        data = load_data(cfg, root, progress, resume, listed)
+        check_data(cfg, data)
         inception = training_inception(cfg, device)  # a bad weights file is refused here
         eval_real = eval_real_features(cfg, data, inception)  # and a folder KID cannot read
         if tc.eval_real:

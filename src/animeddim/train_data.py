@@ -90,17 +90,13 @@ def check_batchnorm_batch(cfg: RunConfig, world_size: int) -> None:
         raise error
 
 
-def check_data(
-    cfg: RunConfig, data: TrainData, root: Path, resume: bool, allow_changed: bool, log
-) -> None:
-    """ConfigError if the split cannot train, or a resume is on other data than the run's
-    (found by every process: raised once, not once per process)."""
-    distributed.on_every(lambda: _check_data(cfg, data, root, resume, allow_changed, log))
+def check_data(cfg: RunConfig, data: TrainData) -> None:
+    """ConfigError if the split cannot train (found by every process: raised once, not once
+    per process)."""
+    distributed.on_every(lambda: _check_data(cfg, data))
 
 
-def _check_data(
-    cfg: RunConfig, data: TrainData, root: Path, resume: bool, allow_changed: bool, log
-) -> None:
+def _check_data(cfg: RunConfig, data: TrainData) -> None:
     n, n_train, n_val = len(data.imageset.images), len(data.train_idx), len(data.val_idx)
     if data.steps_per_epoch == 0:
         raise ConfigError(
@@ -113,14 +109,26 @@ def _check_data(
             f"--eval-every compares samples with the validation split, and it has {n_val} "
             "image(s): give --eval-real DIR, or raise --val-fraction"
         )
-    changed = check_same_data(cfg, root, data.fingerprint)
-    if resume and changed:
-        if not allow_changed:
-            raise ConfigError(
-                f"cannot resume on changed data: {changed}; restore the data, or resume with "
-                "--allow-changed-data to train on it as it is now"
-            )
+
+
+def _check_same_images(
+    cfg: RunConfig, root: Path, fingerprint: str, allow_changed: bool, log, trained_on: str
+) -> None:
+    """ConfigError if a resumed run's images are not those it trained on (unless
+    `allow_changed`); a note if they are, in another folder than `trained_on` (its last
+    checkpoint's `data.abs_path`): the data moved or was copied there."""
+    changed = check_same_data(cfg, root, fingerprint, trained_on)
+    moved = bool(trained_on) and Path(trained_on).resolve() != root.resolve()
+    if changed and not allow_changed:
+        remedy = "give --data the folder that holds them" if moved else "restore the data"
+        raise ConfigError(
+            f"cannot resume on changed data: {changed}; {remedy}, or resume with "
+            "--allow-changed-data to train on it as it is now"
+        )
+    if changed:
         log(f"note: resuming on changed data ({changed})")
+    elif moved:
+        log(f"note: the run's data folder moved from {trained_on!r} to {str(root.resolve())!r}")
 
 
 def data_root(cfg: RunConfig, resume: bool) -> Path:
@@ -129,23 +137,47 @@ def data_root(cfg: RunConfig, resume: bool) -> Path:
     return Path(cfg.data.abs_path or cfg.data.path) if resume else Path(cfg.data.path)
 
 
-def load_data(cfg: RunConfig, root: Path, progress: bool, resume: bool = False) -> TrainData:
-    """Decode the data folder, split it and measure the training split's statistics.
-
-    A new run applies the images' embedded colour profiles and records so in
-    `data.colour_profiles`; a resumed run reads its images as it began (one started before
-    profiles were applied has no record, and reads them as sRGB: the pixels it trained on).
-    """
-    if not resume:
-        cfg.data.colour_profiles = PROFILES_TO_SRGB
+def list_data(
+    cfg: RunConfig, root: Path, saved: tuple | None = None, allow_changed: bool = False, log=print
+) -> tuple[data_mod.Listing, str]:
+    """The walk of the data folder a run reads and the fingerprint of its images, the same on
+    every process. A resumed run's (`saved`: its checkpoint, `train_state.resume_point`) are
+    checked to be those it trained on, wherever the folder is now, before any is decoded:
+    ConfigError if not, unless `allow_changed`."""
     # Each process lists the folder (a node may lack it, or hold other images): a failure or
     # another list in any process is refused by every process, before any image is decoded.
-    listing, fingerprint = distributed.on_every(lambda: _image_list_of_the_run(cfg, root))
+    resume = saved is not None
+    listing, fingerprint = distributed.on_every(lambda: _image_list_of_the_run(cfg, root, resume))
     distributed.check_same(
         {f"the fingerprint of the images in '{root}'": fingerprint},
         "every process must read the same images: the data folder at the same path, with the "
         "same files, on every node",
     )
+    if resume:
+        trained_on = saved[1]["config"].get("data", {}).get("abs_path", "")
+        distributed.on_every(
+            lambda: _check_same_images(cfg, root, fingerprint, allow_changed, log, trained_on)
+        )
+    return listing, fingerprint
+
+
+def load_data(
+    cfg: RunConfig,
+    root: Path,
+    progress: bool,
+    resume: bool = False,
+    listed: tuple[data_mod.Listing, str] | None = None,
+) -> TrainData:
+    """Decode the data folder, split it and measure the training split's statistics.
+
+    A new run applies the images' embedded colour profiles and records so in
+    `data.colour_profiles`; a resumed run reads its images as it began (one started before
+    profiles were applied has no record, and reads them as sRGB: the pixels it trained on).
+    `listed`: what `list_data` returned (default: the folder is listed here).
+    """
+    if not resume:
+        cfg.data.colour_profiles = PROFILES_TO_SRGB
+    listing, fingerprint = listed or list_data(cfg, root)
     with distributed.local_main_first():  # one process per node fills the disk cache
         imageset = data_mod.load_folder(
             root,
@@ -172,7 +204,9 @@ def load_data(cfg: RunConfig, root: Path, progress: bool, resume: bool = False) 
     )
 
 
-def _image_list_of_the_run(cfg: RunConfig, root: Path) -> tuple[data_mod.Listing, str]:
+def _image_list_of_the_run(
+    cfg: RunConfig, root: Path, resume: bool = False
+) -> tuple[data_mod.Listing, str]:
     """The walk of `root` this run reads (`image_files.list_images`: as a new run lists it, or
     with `everything` or the `extensions` of an earlier animeddim), and the fingerprint of the
     images in it. `data.load_folder` reads that walk: the folder is not walked again.
@@ -183,6 +217,11 @@ def _image_list_of_the_run(cfg: RunConfig, root: Path) -> tuple[data_mod.Listing
     says which), so that it resumes as it would have, and a note says so. Any other run reads
     the folder as a new one does; a changed folder is then refused by `check_data`.
     """
+    if resume and not root.exists():  # moved, most often: say how to go on there
+        raise data_mod.DataError(
+            f"image folder '{root}' does not exist: the run's data folder; if it moved, resume "
+            "with --data and its new place (its images are checked to be the run's)"
+        )
     listing = data_mod.list_images(root)  # DataError for a missing folder or a file
     now, then = data_fingerprint(listing.files, root), cfg.data.fingerprint
     if not then or now == then:

@@ -75,9 +75,10 @@ def resume_config_from_args(a: argparse.Namespace) -> Any:
     """The run's own config.json, with the resumable settings given (in --config, then as
     options) applied. A setting the run keeps may be given with the run's own value (the data
     folder it trained on however spelt, the config file it started from); another value is
-    refused, naming the setting and both values."""
+    refused, naming the setting and both values. The data folder (and a labels file) may be
+    given at another place, moved or copied there: `train` checks its images are the run's."""
     from ..config import settings
-    from ..run_folder import load_run_config, resume_changes
+    from ..run_folder import load_run_config, resume_changes, take_moved_data
 
     cfg = load_run_config(Path(a.resume))
     asked = _config_from_args(a, cfg.to_dict())  # checked once the run's own are kept
@@ -87,6 +88,7 @@ def resume_config_from_args(a: argparse.Namespace) -> Any:
     for (section, name), f in fields.items():
         if f.metadata["resume"]:
             setattr(getattr(cfg, section), name, getattr(getattr(asked, section), name))
+    take_moved_data(cfg, asked)
     return cfg.validate()
 
 
