@@ -442,7 +442,9 @@ def test_a_damaged_run_folder_is_one_line(command, damage, trained_tiny, tmp_pat
     out = tmp_path / "report"
     args = ["report", "--run", target, "--out", out, "--steps", 1]
     if command != "report":
-        args = ["train", "--resume", target, "--quiet", "--max-steps", 9]
+        # a resume with epochs to train (a finished run is refused before the folder's
+        # files are read: test_nothing_left_to_train_is_said_before_the_data_is_read)
+        args = ["train", "--resume", target, "--quiet", "--max-steps", 9, "--epochs", 3]
     rc, _, err = run_main(capsys, *args)
     assert rc == 2, err
     _one_line(err, says)
@@ -502,7 +504,7 @@ def test_invert_takes_one_image_file(run, avatars16, tmp_path, capsys):
         "reconstructions/face.png",
         "side-by-side.png",
     ]
-    assert f"{face}: PSNR " in stdout and "over 1 images" in stdout
+    assert f"{face}: PSNR " in stdout and "over 1 image " in stdout
     with safe_open(out / "latents.safetensors", "pt") as f:
         assert json.loads(f.metadata()["paths"]) == [str(face)]
         assert f.get_tensor("latents").shape[0] == 1
