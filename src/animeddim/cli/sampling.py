@@ -201,7 +201,10 @@ class SampleFolder:
 
         outputs.remove(self.earlier)
         note = {"settings": self.settings, "files": self.ours}
-        write_text_atomic(self.out / outputs.SAMPLE_PENDING, json.dumps(note, indent=1) + "\n")
+        try:
+            write_text_atomic(self.out / outputs.SAMPLE_PENDING, json.dumps(note, indent=1) + "\n")
+        except OSError as e:  # the folder the user gave, not the note's hidden name
+            raise OSError(e.errno, e.strerror, str(self.out)) from e
         self.begun = True
 
     def count_kept(self) -> int:
