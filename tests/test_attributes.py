@@ -152,7 +152,7 @@ def test_folder_labels(tmp_path: Path) -> None:
     assert labels.column("class").tolist() == [0, 0, 1]
     _write_png(tmp_path / "loose.png")
     paths = load_folder(tmp_path, 8).paths
-    with pytest.raises(LabelError, match=r"1 image\(s\) have no label.*loose\.png.*null"):
+    with pytest.raises(LabelError, match=r"1 image has no label.*loose\.png.*null"):
         folder_labels(tmp_path, paths)
     codes = folder_labels(tmp_path, paths, missing="null").column("class")
     assert codes.tolist() == [0, 0, 1, NULL]

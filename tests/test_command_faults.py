@@ -203,7 +203,7 @@ def test_evaluate_refuses_a_bad_real_folder_before_drawing(
         names = {f.name for f in real.glob("*.png")}
         kept = [r for r in rows[1:] if r.split(",")[0] in names][:2]
         (real / "labels.csv").write_text("\n".join([rows[0], *kept]) + "\n")
-        extra, needle = ["--protocols", "paper", "--coverage"], "have no label"
+        extra, needle = ["--protocols", "paper", "--coverage"], "has no label"
     out = tmp_path / "e.json"
     argv = ["--real", real, "--n", 2, "--steps", 1, "--out", out, "--cache-dir", tmp_path / "c"]
     rc, _, err = run_main(capsys, "evaluate", "--run", run, *argv, *extra)
@@ -399,7 +399,7 @@ def test_an_unlabelled_real_image_names_a_remedy_the_command_has(avatars16, tmp_
     out = tmp_path / "cov"
     rc, _, err = run_main(capsys, "attributes", "coverage", samples, "--real", real, "--out", out)
     assert rc == 2, err
-    _one_line(err, "1 image(s) have no label", "move such images out of the folder")
+    _one_line(err, "1 image has no label", "move such images out of the folder")
     assert "--labels-missing" not in err and not out.exists()
 
 

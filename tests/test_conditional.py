@@ -407,13 +407,19 @@ def test_a_labels_csv_typed_in_nfc_labels_files_named_in_nfd(tmp_path, capsys):
         csv_labels(labels, data, paths)
 
 
+def _loaded_with(vocab: dict) -> LoadedModel:
+    """A loaded model of which only the vocabulary is read (the label-reading functions)."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(model=SimpleNamespace(vocabulary=vocab))
+    return LoadedModel(None, config, None, None, {}, Path("model.safetensors"))
+
+
 def test_a_vocabulary_with_a_decomposed_attribute_name_still_reads_its_labels(tmp_path):
     """A run from before NFC reading stored its CSV header as written ('fa' + U+0308 + 'rbe');
     the header is now read as 'färbe' composed. Resuming (csv_labels under the stored
     vocabulary), --attrs-from FILE.csv and edit --labels still find that column (they said
     'has no column for färbe', 'none of the model's attributes', or left every code null)."""
-    from types import SimpleNamespace
-
     from animeddim.labels import csv_labels
     from animeddim.pipelines.conditional import _image_codes, codes_from_labels
 
@@ -427,8 +433,7 @@ def test_a_vocabulary_with_a_decomposed_attribute_name_still_reads_its_labels(tm
     paths = [str(tmp_path / "img" / f) for f in ("a.png", "b.png")]
     got = csv_labels(labels, tmp_path / "img", paths, vocab=vocab)
     assert got.codes[:, 0].tolist() == [1, 0] and list(got.vocab) == [name]
-    model = SimpleNamespace(vocabulary=vocab)
-    loaded = SimpleNamespace(config=SimpleNamespace(model=model), attribute_rows=None)
+    loaded = _loaded_with(vocab)
     assert codes_from_labels(loaded, labels)[:, 0].tolist() == [1, 0]
     codes = _image_codes(loaded, tmp_path / "img", paths, str(labels))
     assert codes[:, 0].tolist() == [1, 0]
@@ -527,7 +532,7 @@ def test_attrs_from_training_of_a_folders_model_reads_its_class_folders(colour_r
     grown = tmp_path / "grown"  # a class added to the folder since: named, with the known ones
     shutil.copytree(data, grown)
     shutil.copytree(grown / "red", grown / "green")
-    with pytest.raises(UnknownAttribute, match="folder.s. 'green' .*known class values: 'blue'"):
+    with pytest.raises(UnknownAttribute, match="class folder 'green' .*known class values: 'blue'"):
         _folder_rows(loaded, grown)
 
 
@@ -835,8 +840,7 @@ def test_partially_labelled_data_trains_under_labels_missing_null(tmp_path, caps
     vocab = json.loads((tmp_path / "c" / "config.json").read_text())["model"]["vocabulary"]
     assert vocab == {"colour": ["red"], "shape": ["round", "square"]}
 
-    model = SimpleNamespace(vocabulary=vocab)
-    loaded = SimpleNamespace(config=SimpleNamespace(model=model), attribute_rows=None)
+    loaded = _loaded_with(vocab)
     want = [[NULL, 0], [0, NULL], [0, 1], [NULL, NULL], [0, 0]]
     assert codes_from_labels(loaded, labels)[:5].tolist() == want
     paths = [str(data / f"{i}.png") for i in range(5)]

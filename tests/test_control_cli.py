@@ -393,7 +393,7 @@ def test_evaluate_attrs_from_reports_accuracy_per_attribute_and_value(
     assert colour["n"] == 6 and list(colour["per_value"]) == ["red"]  # rows 0-5 are red
     assert (
         f"attribute accuracy colour: {100 * colour['accuracy']:.1f}% of 6 samples, "
-        f"{100 * colour['mean_per_value']:.1f}% averaged over its 1 values"
+        f"{100 * colour['mean_per_value']:.1f}% averaged over its 1 value (lowest red"
     ) in stdout
     assert "the classifier's own validation accuracy on real images: 100.0%" in stdout
     both = tmp_path / "both.json"  # an --attr is set in every row, and judged so

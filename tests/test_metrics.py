@@ -438,6 +438,17 @@ def test_fp16_copy_refuses_to_replace_its_source(inception, tmp_path: Path) -> N
 # Folder features and their cache
 
 
+def test_a_folder_of_one_image_is_counted_in_the_singular(tmp_path: Path, capsys) -> None:
+    """`kid` on a folder holding one image said '... has 1 usable (1 image files found)'."""
+    from conftest import run_main
+
+    write_pngs(tmp_path / "one", smooth_images(1, 0, size=8))
+    write_pngs(tmp_path / "three", smooth_images(3, 1, size=8))
+    rc, _, err = run_main(capsys, "kid", tmp_path / "one", tmp_path / "three")
+    assert rc == 2, err
+    assert err.strip().endswith(f"'{tmp_path / 'one'}' has 1 usable (1 image file found)"), err
+
+
 def test_folder_features_cached_and_invalidated(tmp_path: Path) -> None:
     paths = write_pngs(tmp_path / "imgs", smooth_images(5, 0, size=8))
     cache, fake = tmp_path / "cache", FakeExtractor()

@@ -370,7 +370,7 @@ def test_a_resume_with_nothing_left_to_train_is_refused_naming_the_option(avatar
     before = (run / "config.json").read_bytes()
     for extra in ([], ["--max-steps", "1"], ["--epochs", "3"]):
         p = run_here("train", "--resume", str(run), "--quiet", *extra, check=False)
-        _one_line_exit_2(p, "nothing to train in run folder", "2 step(s) done and --max-steps is")
+        _one_line_exit_2(p, "nothing to train in run folder", "2 steps done and --max-steps is")
         assert "resume with --max-steps above 2 (or 0: no limit) to train on" in p.stderr
     assert (run / "config.json").read_bytes() == before
     assert ckpt.read_meta(run / "checkpoints" / "last.safetensors")["step"] == 2
@@ -378,7 +378,7 @@ def test_a_resume_with_nothing_left_to_train_is_refused_naming_the_option(avatar
     before = {f: (run / f).read_bytes() for f in ("config.json", "metrics.csv")}
     for extra in ([], ["--epochs", "1"]):
         p = run_here("train", "--resume", str(run), "--quiet", *extra, check=False)
-        _one_line_exit_2(p, "1 epoch(s) done and --epochs is 1; resume with --epochs above 1")
+        _one_line_exit_2(p, "1 epoch done and --epochs is 1; resume with --epochs above 1")
     assert {f: (run / f).read_bytes() for f in before} == before
     p = run_here("train", "--resume", str(run), "--epochs", "2", "--quiet")
     assert [r["epoch"] for r in csv.DictReader(open(run / "metrics.csv"))] == ["1", "2"]
@@ -402,15 +402,15 @@ def test_nothing_left_to_train_is_said_before_the_data_is_read(avatars16, tmp_pa
 
     monkeypatch.setattr(train_mod, "load_data", no_reading)
     monkeypatch.setattr(train_mod, "training_inception", no_reading)
-    for run, said in ((stopped, r"2 step\(s\) done"), (done, r"1 epoch\(s\) done")):
+    for run, said in ((stopped, "2 steps done"), (done, "1 epoch done")):
         with pytest.raises(RunFolderError, match=rf"nothing to train in run folder .*{said}"):
             train(load_run_config(run), run, resume=True, progress=False, log=lambda s: None)
     monkeypatch.undo()
     shutil.rmtree(data)
     p = run_here("train", "--resume", str(stopped), "--quiet", check=False)
-    _one_line_exit_2(p, "nothing to train in run folder", "2 step(s) done and --max-steps is 2")
+    _one_line_exit_2(p, "nothing to train in run folder", "2 steps done and --max-steps is 2")
     p = run_here("train", "--resume", str(done), "--quiet", check=False)
-    _one_line_exit_2(p, "1 epoch(s) done and --epochs is 1; resume with --epochs above 1")
+    _one_line_exit_2(p, "1 epoch done and --epochs is 1; resume with --epochs above 1")
 
     # A checkpoint that does not say how long its epoch is (written before it did): a run
     # stopped inside an epoch is refused once the data says it, with the same line.
@@ -423,7 +423,7 @@ def test_nothing_left_to_train_is_said_before_the_data_is_read(avatars16, tmp_pa
     _one_line_exit_2(p, "image folder", "does not exist")
     (tmp_path / "elsewhere").rename(data)
     p = run_here("train", "--resume", str(stopped), "--quiet", check=False)
-    _one_line_exit_2(p, "nothing to train in run folder", "2 step(s) done and --max-steps is 2")
+    _one_line_exit_2(p, "nothing to train in run folder", "2 steps done and --max-steps is 2")
 
 
 def test_training_walks_the_data_folder_once(avatars16, tmp_path, monkeypatch):

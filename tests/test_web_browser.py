@@ -433,12 +433,12 @@ def test_a_reload_mid_job_follows_the_job_to_its_result(page, web_server, shots)
         page.fill("#g-n", "6")
         page.fill("#g-steps", "10")
         page.click("#g-go")
-        page.wait_for_selector("#g-status:has-text('waiting for 1 job(s) ahead')")
+        page.wait_for_selector("#g-status:has-text('waiting for 1 job ahead')")
         saved = page.evaluate("JSON.parse(sessionStorage.getItem('animeddim.job'))")
         assert (saved["prefix"], saved["model"]) == ("g", "run:tiny")
         page.reload()
         page.wait_for_selector("body[data-ready='1']", timeout=30_000)
-        page.wait_for_selector("#g-status:has-text('waiting for 1 job(s) ahead')")
+        page.wait_for_selector("#g-status:has-text('waiting for 1 job ahead')")
         assert page.get_attribute("nav button[data-tab='generate']", "aria-selected") == "true"
         assert page.locator("#g-status progress").count() == 1
         assert page.locator("#tab-generate .controls .stop").is_visible()
@@ -517,10 +517,10 @@ def test_a_reload_mid_edit_shows_the_inversion_and_the_asked_edit_again(
     conn, _, blocker_id = _post_generate(web_server, blocker)
     try:
         page.click("#e-go")
-        page.wait_for_selector("#e-status:has-text('waiting for 1 job(s) ahead')")
+        page.wait_for_selector("#e-status:has-text('waiting for 1 job ahead')")
         page.reload()
         page.wait_for_selector("body[data-ready='1']", timeout=30_000)
-        page.wait_for_selector("#e-status:has-text('waiting for 1 job(s) ahead')")
+        page.wait_for_selector("#e-status:has-text('waiting for 1 job ahead')")
         assert page.get_attribute("nav button[data-tab='invert']", "aria-selected") == "true"
         assert page.locator("#v-pair").is_visible()
         assert {k: page.get_attribute(k, "src") for k in shown} == shown

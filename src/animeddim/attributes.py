@@ -275,7 +275,8 @@ def align_labels(labels: Labels, vocab: dict[str, tuple[str, ...]]) -> np.ndarra
         unknown = [v for v in labels.vocab[a] if v not in index]
         if unknown:
             raise ClassifierError(
-                f"attribute {a!r}: the classifier does not know the value(s) {quoted(unknown)}"
+                f"attribute {a!r}: the classifier does not know the "
+                f"{'value' if len(unknown) == 1 else 'values'} {quoted(unknown)}"
             )
         remap = np.array([index[v] for v in labels.vocab[a]] + [NULL], dtype=np.int64)
         cols.append(remap[labels.column(a)])  # NULL (-1) indexes the appended NULL

@@ -13,6 +13,7 @@ from typing import Any
 
 from .config import LABELS_MISSING
 from .config_files import expand_user as PATH
+from .words import counted
 
 
 def add_parsers(sub: Any, positive_int: Callable[..., Callable[[str], int]]) -> None:
@@ -176,8 +177,9 @@ def cmd_train(a: argparse.Namespace) -> int:
         write_text_atomic(out_json, json.dumps(summary, indent=2) + "\n")
     pending.unlink(missing_ok=True)
     print(
-        f"classifier: {a.out} ({n_images} images, {summary['train_seconds']:.0f}s training, "
-        f"{time.perf_counter() - t:.0f}s in all); accuracy in {out_json}"
+        f"classifier: {a.out} ({counted(n_images, 'image')}, "
+        f"{summary['train_seconds']:.0f}s training, {time.perf_counter() - t:.0f}s in all); "
+        f"accuracy in {out_json}"
     )
     for what in ("held_out_accuracy", "val_accuracy"):
         if what in summary:
@@ -367,7 +369,9 @@ def coverage_summary(result: dict[str, Any]) -> str:
     """One line per attribute: TV and the classifier's floor."""
     from .coverage import summary_rows
 
-    lines = [f"coverage: {result['n_samples']} generated vs {result['n_real']} real images"]
+    lines = [
+        f"coverage: {result['n_samples']} generated vs {counted(result['n_real'], 'real image')}"
+    ]
     for r in summary_rows(result):
         floor = "" if r["tv_floor"] is None else f" (floor {r['tv_floor']:.3f})"
         lines.append(f"  {r['attribute']:<12} TV {r['tv']:.3f}{floor}")

@@ -231,8 +231,8 @@ def sample_conditional(a: argparse.Namespace, loaded, settings) -> Any:
             fixed = "".join(f", {k}={v} in every row" for k, v in fixed_values.items())
             if is_main():
                 print(
-                    f"attributes: {len(codes)} rows of {where}{fixed}, image i gets row i mod "
-                    f"{len(codes)}"
+                    f"attributes: {counted(len(codes), 'row')} of {where}{fixed}, image i gets "
+                    f"row i mod {len(codes)}"
                 )
         else:
             codes = attribute_codes(loaded, asked(a))[None]  # --attr: one row for every image
@@ -417,7 +417,7 @@ def control_lines(c: dict[str, Any]) -> list[str]:
 def mix_lines(m: dict[str, Any]) -> list[str]:
     """What `evaluate --attrs-from` prints of its "attributes_from" summary."""
     on = m["classifier_accuracy_on"]
-    lines = [f"attributes asked per image from {m['labels']} ({m['rows']} rows):"]
+    lines = [f"attributes asked per image from {m['labels']} ({counted(m['rows'], 'row')}):"]
     for attr, r in m["attributes"].items():
         if r["accuracy"] is None:
             lines.append(f"  {attr}: no image was asked a value the classifier knows")
@@ -428,7 +428,8 @@ def mix_lines(m: dict[str, Any]) -> list[str]:
         lines.append(
             f"  attribute accuracy {attr}: {100 * r['accuracy']:.1f}% of "
             f"{counted(r['n'], 'sample')}, "
-            f"{100 * r['mean_per_value']:.1f}% averaged over its {len(r['per_value'])} values "
+            f"{100 * r['mean_per_value']:.1f}% averaged over its "
+            f"{counted(len(r['per_value']), 'value')} "
             f"(lowest {worst[0]}: {100 * worst[1][0]:.1f}% of {worst[1][1]}); the "
             f"classifier's own {on} accuracy on real images: {beside}"
         )

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .diffusion.sampler_names import SAMPLER_NAMES
+from .words import counted
 
 
 class ConfigError(ValueError):
@@ -547,7 +548,7 @@ def _build(cls: type, d: Any, prefix: str) -> Any:
     unknown = sorted(set(d) - set(known))
     if unknown:
         raise ConfigError(
-            f"unknown setting(s) {', '.join(prefix + k for k in unknown)}; "
+            f"{counted(len(unknown), 'unknown setting')} {', '.join(prefix + k for k in unknown)}; "
             f"known in this section: {', '.join(sorted(known))}"
         )
     kwargs = {}

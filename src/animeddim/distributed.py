@@ -26,6 +26,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from .config import ConfigError
+from .words import counted
 
 _COMM_DEVICE = torch.device("cpu")  # where collectives run: this rank's GPU for nccl
 
@@ -176,7 +177,7 @@ def setup(device: torch.device) -> torch.device:
         n = torch.cuda.device_count()
         if local_rank() >= n and backend == "nccl":
             raise ConfigError(
-                f"LOCAL_RANK {local_rank()} but this node has {n} CUDA device(s): "
+                f"LOCAL_RANK {local_rank()} but this node has {counted(n, 'CUDA device')}: "
                 "start at most one process per GPU (torchrun --nproc_per_node), or share "
                 f"GPUs over gloo ({BACKEND_ENV}=gloo)"
             )

@@ -385,6 +385,7 @@ def _check_unlabelled(
     without = [rels[k] for k in np.flatnonzero(~labelled)]
     more = f" and {len(without) - 3} more" if len(without) > 3 else ""
     raise LabelError(
-        f"{len(without)} image(s) have no label in {where}: {', '.join(without[:3])}{more}; "
+        f"{counted(len(without), 'image')} {'has' if len(without) == 1 else 'have'} no label "
+        f"in {where}: {', '.join(without[:3])}{more}; "
         f"label them, or {remedy}"
     )

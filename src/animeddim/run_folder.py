@@ -132,10 +132,10 @@ def check_left_to_train(
     (one stopped before its epoch end still has that to do)."""
     tc, why, remedy = cfg.train, [], []
     if epoch >= tc.epochs:
-        why.append(f"{epoch} epoch(s) done and --epochs is {tc.epochs}")
+        why.append(f"{counted(epoch, 'epoch')} done and --epochs is {tc.epochs}")
         remedy.append(f"--epochs above {epoch}")
     if tc.max_steps and step >= tc.max_steps and batch_in_epoch < steps_per_epoch:
-        why.append(f"{step} step(s) done and --max-steps is {tc.max_steps}")
+        why.append(f"{counted(step, 'step')} done and --max-steps is {tc.max_steps}")
         remedy.append(f"--max-steps above {step} (or 0: no limit)")
     if why:
         raise RunFolderError(

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from .config import ConfigError
+from .words import counted
 
 # Measured on a 2-core AMD EPYC with AVX512-BF16, on a quiet machine (docs/benchmarks.md).
 # Training in bf16: channels_last (interleaved: 35.7 vs 32.6 images/s NCHW) and, for runs
@@ -105,7 +106,9 @@ def _resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for, but this machine has no CUDA GPU")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConfigError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+        raise ConfigError(
+            f"device {name!r}: only {counted(torch.cuda.device_count(), 'CUDA device')}"
+        )
     if dev.type == "mps" and not (
         getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
     ):

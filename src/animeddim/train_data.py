@@ -22,6 +22,7 @@ from .config import PROFILES_TO_SRGB, ConfigError, RunConfig
 from .image_files import EARLIER_EXTENSIONS, folder_problem
 from .io import save_grid
 from .run_folder import RunFolderError, check_new_run_dir, check_same_data, data_fingerprint
+from .words import counted
 
 
 @dataclass
@@ -101,13 +102,13 @@ def _check_data(cfg: RunConfig, data: TrainData) -> None:
     if data.steps_per_epoch == 0:
         raise ConfigError(
             f"batch_size {cfg.train.batch_size} is larger than the training split ({n_train} "
-            f"of {n} images, {n_val} held out for validation): lower --batch-size"
+            f"of {counted(n, 'image')}, {n_val} held out for validation): lower --batch-size"
             + (" or --val-fraction" if n_val else "")
         )
     if cfg.train.eval_every and not cfg.train.eval_real and n_val < 2:
         raise ConfigError(
-            f"--eval-every compares samples with the validation split, and it has {n_val} "
-            "image(s): give --eval-real DIR, or raise --val-fraction"
+            f"--eval-every compares samples with the validation split, and it has "
+            f"{counted(n_val, 'image')}: give --eval-real DIR, or raise --val-fraction"
         )
 
 
@@ -245,7 +246,7 @@ def _image_list_of_the_run(
         if added:
             more = f", and {len(added) - 5} more" if len(added) > 5 else ""
             listed = ", ".join(data_mod.shown(a) for a in added[:5])
-            new_run.append(f"read {len(added)} more image file(s): {listed}{more}")
+            new_run.append(f"read {counted(len(added), 'more image file')}: {listed}{more}")
     if distributed.is_main():  # every process lists the same folder: said once
         warnings.warn(
             f"this run started on '{root}' before {' and before '.join(before)}, and goes on "

@@ -15,6 +15,7 @@ import torch
 from . import distributed
 from .config import ConfigError, RunConfig
 from .diffusion.generation import generate
+from .words import counted
 
 VAL_SEED = 0x5EED  # validation noise and times, and the KID samples, are the same every epoch
 
@@ -114,7 +115,8 @@ def make_kid(cfg: RunConfig, n_val: int, inception, log):
     if min(n_kid, tc.batch_size) < 2:
         log(
             f"note: per-epoch KID disabled: it compares batches of at least 2 validation "
-            f"images, and {n_kid} validation image(s) in batches of {tc.batch_size} give none "
+            f"images, and {counted(n_kid, 'validation image')} in batches of {tc.batch_size} "
+            "give none "
             "(raise --val-fraction, --batch-size or --kid-images, or use --no-kid)"
         )
         return None

@@ -28,6 +28,7 @@ from .run_folder import (
 from .runtime import default_compile, fused_adamw_supported, maybe_compile, uses_cuda_graphs
 from .train_data import TrainData
 from .unet import UNet, is_cond_parameter
+from .words import counted
 
 
 class TrainingDiverged(RuntimeError):
@@ -284,7 +285,9 @@ def initial_weights(spec: str, log: Callable[[str], None]) -> dict[str, torch.Te
     from .pretrained import weights_path
 
     source = ckpt.load_model(weights_path(spec))
-    log(f"starting from the weights of {spec} (trained {source.meta.get('step', '?')} steps)")
+    step = source.meta.get("step")
+    trained = counted(step, "step") if isinstance(step, int) else "? steps"
+    log(f"starting from the weights of {spec} (trained {trained})")
     return source.model.state_dict()
 
 

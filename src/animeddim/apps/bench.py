@@ -42,6 +42,7 @@ from ..runtime import (
 )
 from ..train import ema_update, losses
 from ..unet import UNet
+from ..words import counted
 
 
 @dataclass
@@ -475,7 +476,7 @@ def format_table(r: dict) -> str:
     rows = [
         ("training images/s", "train_images_per_s", ".1f"),
         (
-            f"sampling images/s ({r['sample_steps']} {r['sampler']} steps, "
+            f"sampling images/s ({counted(r['sample_steps'], r['sampler'] + ' step')}, "
             f"batch {r['sample_batch_size']})",
             "sample_images_per_s",
             ".2f",

@@ -27,6 +27,7 @@ from typing import Any
 from ..checkpoint import load_model
 from ..pretrained import pretrained_path
 from ..runtime import autocast, resolve_device, resolve_precision
+from ..words import counted
 
 TRAIN_SEED, EVAL_SEED = 0, 1  # avatar seeds: the held-out set never overlaps training
 EVAL_BUDGET_S = 150.0  # sampling seconds the evaluation may take
@@ -251,7 +252,7 @@ def _grid(out: Path, loaded, settings, plan: TourPlan) -> Path:
 
 def _sampler(plan: TourPlan) -> str:
     name = "DDIM" if plan.sampler == "ddim" else "DPM-Solver++(2M)"
-    return f"{plan.steps} {name} steps"
+    return counted(plan.steps, f"{name} step")
 
 
 def _evaluate(loaded, held_out: Path, settings, plan: TourPlan, shipped_run: Path, device):
@@ -259,7 +260,7 @@ def _evaluate(loaded, held_out: Path, settings, plan: TourPlan, shipped_run: Pat
     from ..pipelines import evaluate
 
     t = _step(
-        f"3/5 evaluating the shipped model: {plan.eval_n} samples ({_sampler(plan)}) vs "
+        f"3/5 evaluating the shipped model: {counted(plan.eval_n, 'sample')} ({_sampler(plan)}) vs "
         f"{2 * plan.eval_n} held-out avatars"
     )
     try:

@@ -132,8 +132,9 @@ def cmd_sample(a: argparse.Namespace) -> int:
         if is_main():
             kept = folder.count_kept()
             print(
-                f"interrupted: {kept} of {len(job.names)} images kept in {a.out!r}; the same "
-                f"command again goes on from there (draws the other {len(job.names) - kept})"
+                f"interrupted: {kept} of {counted(len(job.names), 'image')} kept in {a.out!r}; "
+                "the same command again goes on from there (draws the other "
+                f"{len(job.names) - kept})"
             )
         return EXIT_INTERRUPTED
     except Exception:
@@ -186,8 +187,9 @@ class SampleFolder:
             self.kept = complete_files(self.out, self.names, self.settings["image_size"])
             if self.kept:
                 print(
-                    f"note: {str(self.out)!r} holds {len(self.kept)} of {len(self.names)} "
-                    f"images of this sample, stopped before its end: drawing the other "
+                    f"note: {str(self.out)!r} holds {len(self.kept)} of "
+                    f"{counted(len(self.names), 'image')} of this sample, stopped before its "
+                    "end: drawing the other "
                     f"{len(self.names) - len(self.kept)}",
                     file=sys.stderr,
                 )

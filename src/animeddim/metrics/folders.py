@@ -28,6 +28,7 @@ from ..data import (
     unconverted_note,
 )
 from ..io import file_digest, read_safetensors
+from ..words import counted
 from .inception import (
     PROTOCOL_DESCRIPTIONS,
     PROTOCOLS,
@@ -219,7 +220,7 @@ class CacheWarning(UserWarning):
 
 
 def _too_few(folder: Path, usable: int, found: int, skipped: Sequence[Skipped] = ()) -> str:
-    detail = skip_summary(skipped, found) if skipped else f"{found} image files found"
+    detail = skip_summary(skipped, found) if skipped else f"{counted(found, 'image file')} found"
     return f"KID and FID need at least 2 images, '{folder}' has {usable} usable ({detail})"
 
 

@@ -25,6 +25,7 @@ from ..diffusion.inversion import ddim_invert
 from ..diffusion.samplers import sample
 from ..io import save_grid, save_pngs, write_text_atomic
 from ..labels import quoted
+from ..words import counted
 from .core import (
     Progress,
     SampleSettings,
@@ -278,8 +279,8 @@ def _folder_rows(loaded: LoadedModel, root: Path) -> torch.Tensor:
     new = [v for v in found if v not in known]
     if new:
         raise UnknownAttribute(
-            f"training folder '{root}' has class folder(s) {quoted(new)} the model does not "
-            f"know; known class values: {quoted(known)}"
+            f"training folder '{root}' has {counted(len(new), 'class folder')} {quoted(new)} "
+            f"the model does not know; known class values: {quoted(known)}"
         )
     column = got.column(FOLDER_ATTRIBUTE)
     remap = torch.tensor([known[v] for v in found], dtype=torch.long)

@@ -28,6 +28,7 @@ from ..runtime import (
     resolve_precision,
 )
 from ..runtime import autocast as runtime_autocast
+from ..words import counted
 
 Progress = Callable[[str, int, int], None]
 """progress(stage, done, total): `done` of `total` units (images, frames, batches) of the
@@ -411,7 +412,7 @@ def check_net(loaded: LoadedModel, net: Any) -> None:
 
 def _net_words(cfg: Any) -> str:
     widths = ",".join(map(str, cfg.widths))
-    attrs = f", {len(cfg.vocabulary)} attributes" if cfg.vocabulary else ""
+    attrs = f", {counted(len(cfg.vocabulary), 'attribute')}" if cfg.vocabulary else ""
     return f"{cfg.image_size} px, widths {widths}{attrs}"
 
 
