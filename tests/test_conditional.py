@@ -407,12 +407,12 @@ def test_a_labels_csv_typed_in_nfc_labels_files_named_in_nfd(tmp_path, capsys):
         csv_labels(labels, data, paths)
 
 
-def _loaded_with(vocab: dict) -> LoadedModel:
+def _loaded_with(vocab: dict) -> ckpt.LoadedModel:
     """A loaded model of which only the vocabulary is read (the label-reading functions)."""
     from types import SimpleNamespace
 
     config = SimpleNamespace(model=SimpleNamespace(vocabulary=vocab))
-    return LoadedModel(None, config, None, None, {}, Path("model.safetensors"))
+    return ckpt.LoadedModel(None, config, None, None, {}, Path("model.safetensors"))
 
 
 def test_a_vocabulary_with_a_decomposed_attribute_name_still_reads_its_labels(tmp_path):
@@ -796,7 +796,6 @@ def test_partially_labelled_data_trains_under_labels_missing_null(tmp_path, caps
     for that image (before: refused even then). --attrs-from FILE.csv, edit --labels and the
     KID of the real images with asked values read it as unknown too. A column that no row
     fills gives nothing to condition on: named, with the --attributes that leaves it out."""
-    from types import SimpleNamespace
 
     from conftest import run_main
 
