@@ -784,6 +784,11 @@ def test_a_file_output_ending_in_a_slash_is_refused_before_any_work(
         assert rc == 2, (argv, err)
         _one_line(err, f"--out '{argv[-1] if argv[-2] == '--out' else argv[-3]}' ends in '/', "
                   "which names a folder; give a file name (e.g. '")  # fmt: skip
+    for flag in ("--grid", "--trajectory"):  # before: sample wrote g.png beside g.png/
+        rc, _, err = run_main(capsys, "sample", "--run", run, "--n", 2, "--steps", 1, flag,
+                              f"{here}/g.png/")  # fmt: skip
+        assert rc == 2, err
+        _one_line(err, f"{flag} '{here}/g.png/' ends in '/', which names a folder")
     assert not list(here.iterdir()) and not calls and fake.calls == 0
 
 

@@ -93,6 +93,9 @@ def cmd_sample(a: argparse.Namespace) -> int:
     )
     if a.attrs_from and a.grid_by:
         raise CliError("--attrs-from sets every image's attributes: give it without --grid-by")
+    for flag, value in (("--grid", a.grid), ("--trajectory", a.trajectory)):
+        if value:  # 'g.png/' would lose its slash to Path and write g.png
+            outputs.file_name(value, flag)
     loaded, device = load_for_sampling(a.run, a.model, a.device)
     check_same(_options(a))  # under torchrun each process draws its share of the same images
     if a.grid:  # the grid's images are held until it is written; --out writes them as drawn
