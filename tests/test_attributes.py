@@ -829,3 +829,38 @@ def test_attributes_train_stopped_after_an_epoch_goes_on_to_the_same_classifier(
         assert run_main(capsys, *args, "--out", tmp_path / "d.safetensors")[0] == 130
     rc, _, err = run_main(capsys, *args, "--seed", 1, "--out", tmp_path / "d.safetensors")
     assert rc == 0 and "holds the training of other images or options" in err, err
+
+
+def test_a_stop_as_an_epochs_state_is_kept_names_that_epoch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C landing just as the first epoch's training state is renamed into place (before:
+    the stop's line said 'nothing saved (stopped in the first epoch ...)' while the state of
+    epoch 1 was there, and the next call went on from it): the state is kept and the epoch it
+    holds counted together, so the line names epoch 1."""
+    import os
+    import signal
+
+    import animeddim.io as io_mod
+    from animeddim.attributes_cli import pending_path
+
+    for k in range(6):
+        for cls, rgb in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+            _write_png(tmp_path / "imgs" / cls / f"{k}.png", rgb, size=16)
+    real = io_mod.fsync_dir
+
+    def fsync_dir(folder):  # called once the state is renamed into place
+        real(folder)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(io_mod, "fsync_dir", fsync_dir)
+    clf = tmp_path / "c.safetensors"
+    rc, _, err = run_main(
+        capsys, "attributes", "train", "--data", tmp_path / "imgs", "--labels", "folders",
+        "--image-size", "16", "--epochs", "4", "--batch-size", "4", "--out", clf,
+    )  # fmt: skip
+    assert rc == 130 and pending_path(clf).is_file(), err
+    assert err.rstrip("\n").split("\n")[-1] == (
+        f"animeddim: interrupted: the training so far is kept (epoch 1 of 4, in "
+        f"{pending_path(clf)}); run the same command again to go on from there"
+    )

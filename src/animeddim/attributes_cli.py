@@ -266,6 +266,7 @@ def _resumable(a: argparse.Namespace, images, codes, vocab, pending: Path, done:
 
     import torch
 
+    from .interrupts import deferred
     from .io import atomic_file
 
     digest = hashlib.sha256(images.tobytes())
@@ -295,9 +296,10 @@ def _resumable(a: argparse.Namespace, images, codes, vocab, pending: Path, done:
             )
 
     def on_epoch(state: dict) -> None:
-        with atomic_file(pending) as f:
-            torch.save({"key": key, "state": state}, f)
-        done.append(state["epoch"])
+        with deferred():  # a stop lands after both: the stop's line names the epoch kept
+            with atomic_file(pending) as f:
+                torch.save({"key": key, "state": state}, f)
+            done.append(state["epoch"])
 
     return {"resume": resume, "on_epoch": on_epoch}
 
