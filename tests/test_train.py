@@ -530,6 +530,12 @@ def test_a_run_whose_data_moved_resumes_there_as_if_uninterrupted(avatars16, tmp
     p = run_here("train", "--resume", str(run), "--max-steps", "0", "--quiet", check=False)
     _one_line_exit_2(p, f"image folder '{data}' does not exist: the run's data folder; if it "
                      "moved, resume with --data and its new place")  # fmt: skip
+    # a new place given that does not exist (a typo): it, not the old place, is to correct
+    p = run_here("train", "--resume", str(run), "--data", str(tmp_path / "moves"),
+                 "--max-steps", "0", "--quiet", check=False)  # fmt: skip
+    _one_line_exit_2(p, f"image folder '{tmp_path / 'moves'}' does not exist: give --data the "
+                     "folder the run's images are in now (it trained on them in "
+                     f"'{data}')")  # fmt: skip
     p = run_here("train", "--resume", str(run), "--data", str(moved), "--max-steps", "0",
                  "--quiet")  # fmt: skip
     notes = [line for line in p.stdout.splitlines() if line.startswith("note:")]

@@ -148,14 +148,16 @@ def list_data(
     # Each process lists the folder (a node may lack it, or hold other images): a failure or
     # another list in any process is refused by every process, before any image is decoded.
     resume = saved is not None
-    listing, fingerprint = distributed.on_every(lambda: _image_list_of_the_run(cfg, root, resume))
+    trained_on = saved[1]["config"].get("data", {}).get("abs_path", "") if resume else ""
+    listing, fingerprint = distributed.on_every(
+        lambda: _image_list_of_the_run(cfg, root, resume, trained_on)
+    )
     distributed.check_same(
         {f"the fingerprint of the images in '{root}'": fingerprint},
         "every process must read the same images: the data folder at the same path, with the "
         "same files, on every node",
     )
     if resume:
-        trained_on = saved[1]["config"].get("data", {}).get("abs_path", "")
         distributed.on_every(
             lambda: _check_same_images(cfg, root, fingerprint, allow_changed, log, trained_on)
         )
@@ -206,7 +208,7 @@ def load_data(
 
 
 def _image_list_of_the_run(
-    cfg: RunConfig, root: Path, resume: bool = False
+    cfg: RunConfig, root: Path, resume: bool = False, trained_on: str = ""
 ) -> tuple[data_mod.Listing, str]:
     """The walk of `root` this run reads (`image_files.list_images`: as a new run lists it, or
     with `everything` or the `extensions` of an earlier animeddim), and the fingerprint of the
@@ -216,8 +218,15 @@ def _image_list_of_the_run(
     before .jfif, .jpe, .avif and .apng files were read, on a folder holding such images,
     trained on (or without) them: it goes on with the images it started with (its fingerprint
     says which), so that it resumes as it would have, and a note says so. Any other run reads
-    the folder as a new one does; a changed folder is then refused by `check_data`.
+    the folder as a new one does; a changed folder is then refused by `list_data`. A resumed
+    run's folder that is gone is named with the remedy: `trained_on` is where the run last
+    read its images (another place than `root`: `root` was given as their new one).
     """
+    if resume and not root.exists() and trained_on and Path(trained_on) != root.resolve():
+        raise data_mod.DataError(  # a new place given (--data), where no folder is
+            f"image folder '{root}' does not exist: give --data the folder the run's images "
+            f"are in now (it trained on them in '{trained_on}')"
+        )
     if resume and not root.exists():  # moved, most often: say how to go on there
         raise data_mod.DataError(
             f"image folder '{root}' does not exist: the run's data folder; if it moved, resume "
