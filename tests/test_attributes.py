@@ -743,6 +743,16 @@ def test_attributes_train_on_class_folders_and_a_csv(tmp_path: Path) -> None:
     assert vocab == {"colour": ("blue", "red"), "shade": ("dark",)}
 
 
+def _red_and_blue_training(tmp_path: Path) -> list:
+    """`attributes train` of 6 red and 6 blue 16-px images in class folders, 4 epochs of 3
+    steps (batch 4), without its --out."""
+    for k in range(6):
+        for cls, rgb in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+            _write_png(tmp_path / "imgs" / cls / f"{k}.png", rgb, size=16)
+    return ["attributes", "train", "--data", tmp_path / "imgs", "--labels", "folders",
+            "--image-size", "16", "--epochs", "4", "--batch-size", "4"]  # fmt: skip
+
+
 @pytest.mark.parametrize("stop", ["Ctrl-C", "SIGTERM"])
 def test_attributes_train_stopped_says_on_its_own_line_that_nothing_was_saved(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, stop: str
@@ -754,9 +764,7 @@ def test_attributes_train_stopped_says_on_its_own_line_that_nothing_was_saved(
     import animeddim.attributes as attributes_mod
     from animeddim.interrupts import Terminated
 
-    for k in range(6):
-        for cls, rgb in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
-            _write_png(tmp_path / "imgs" / cls / f"{k}.png", rgb, size=16)
+    argv = _red_and_blue_training(tmp_path)
     real, calls = attributes_mod._augment, []
 
     def augment(*args):  # the third optimiser step is where the signal lands
@@ -767,10 +775,7 @@ def test_attributes_train_stopped_says_on_its_own_line_that_nothing_was_saved(
 
     monkeypatch.setattr(attributes_mod, "_augment", augment)
     clf = tmp_path / "c.safetensors"
-    rc, out, err = run_main(
-        capsys, "attributes", "train", "--data", tmp_path / "imgs", "--labels", "folders",
-        "--image-size", "16", "--epochs", "4", "--batch-size", "4", "--out", clf,
-    )  # fmt: skip
+    rc, out, err = run_main(capsys, *argv, "--out", clf)
     word = "interrupted" if stop == "Ctrl-C" else "terminated (SIGTERM)"
     assert rc == (130 if stop == "Ctrl-C" else 143) and not out
     *bar, last = err.rstrip("\n").split("\n")
@@ -792,11 +797,7 @@ def test_attributes_train_stopped_after_an_epoch_goes_on_to_the_same_classifier(
     import animeddim.attributes as attributes_mod
     from animeddim.attributes_cli import pending_path
 
-    for k in range(6):
-        for cls, rgb in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
-            _write_png(tmp_path / "imgs" / cls / f"{k}.png", rgb, size=16)
-    args = ["attributes", "train", "--data", tmp_path / "imgs", "--labels", "folders",
-            "--image-size", "16", "--epochs", "4", "--batch-size", "4"]  # fmt: skip
+    args = _red_and_blue_training(tmp_path)
     whole = tmp_path / "whole.safetensors"
     assert run_main(capsys, *args, "--out", whole)[0] == 0
     real, calls = attributes_mod._augment, []
@@ -844,9 +845,7 @@ def test_a_stop_as_an_epochs_state_is_kept_names_that_epoch(
     import animeddim.io as io_mod
     from animeddim.attributes_cli import pending_path
 
-    for k in range(6):
-        for cls, rgb in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
-            _write_png(tmp_path / "imgs" / cls / f"{k}.png", rgb, size=16)
+    args = _red_and_blue_training(tmp_path)
     real = io_mod.fsync_dir
 
     def fsync_dir(folder):  # called once the state is renamed into place
@@ -855,10 +854,7 @@ def test_a_stop_as_an_epochs_state_is_kept_names_that_epoch(
 
     monkeypatch.setattr(io_mod, "fsync_dir", fsync_dir)
     clf = tmp_path / "c.safetensors"
-    rc, _, err = run_main(
-        capsys, "attributes", "train", "--data", tmp_path / "imgs", "--labels", "folders",
-        "--image-size", "16", "--epochs", "4", "--batch-size", "4", "--out", clf,
-    )  # fmt: skip
+    rc, _, err = run_main(capsys, *args, "--out", clf)
     assert rc == 130 and pending_path(clf).is_file(), err
     assert err.rstrip("\n").split("\n")[-1] == (
         f"animeddim: interrupted: the training so far is kept (epoch 1 of 4, in "
