@@ -69,6 +69,19 @@ def _tab(page, name: str) -> None:
     page.get_by_role("tab", name=name).click()
 
 
+def _invert_a_red_face(page, cond_data: Path) -> None:
+    """Invert (20 steps) one red face of `cond_data` in the Invert tab, whose model is set,
+    until the Edit panel shows."""
+    import csv
+
+    rows = csv.DictReader(open(cond_data / "labels.csv"))
+    red = next(r["file"] for r in rows if r["colour"] == "red")
+    page.set_input_files("#v-face", str(cond_data / red))
+    page.fill("#v-steps", "20")
+    page.click("#v-go")
+    page.wait_for_selector("#e-panel:visible", timeout=60_000)
+
+
 def test_first_load_asks_nothing_from_outside(page, shots):
     assert page.outside_requests == []
     assert page.locator("#g-model option").all_inner_texts() == [
@@ -237,17 +250,10 @@ def _data_url_pixels(url: str):
 
 
 def test_edit_an_uploaded_face_of_a_conditional_model(page, shots, cond_data):
-    import csv
-
     _tab(page, "Invert")
     page.select_option("#v-model", "run:colours")
     assert page.locator("#v-result").is_hidden()  # another model's inversion is put away
-    rows = csv.DictReader(open(cond_data / "labels.csv"))
-    red = next(r["file"] for r in rows if r["colour"] == "red")
-    page.set_input_files("#v-face", str(cond_data / red))
-    page.fill("#v-steps", "20")
-    page.click("#v-go")
-    page.wait_for_selector("#e-panel:visible", timeout=60_000)
+    _invert_a_red_face(page, cond_data)
     # one control per attribute of the model's vocabulary, each "keep" until changed
     assert page.locator("#e-attrs select").count() == 2
     assert page.locator("#e-attrs select[data-attr='colour'] option").all_inner_texts() == [
@@ -498,16 +504,9 @@ def test_a_reload_mid_edit_shows_the_inversion_and_the_asked_edit_again(
     alone, without the face it was made from (the inversion's images had gone with the old
     page) and with the controls back at "keep". The tab keeps them with the job, so the
     reloaded page shows what the page showed before, then the edit's result of that face."""
-    import csv
-
     _tab(page, "Invert")
     page.select_option("#v-model", "run:colours")
-    rows = csv.DictReader(open(cond_data / "labels.csv"))
-    red = next(r["file"] for r in rows if r["colour"] == "red")
-    page.set_input_files("#v-face", str(cond_data / red))
-    page.fill("#v-steps", "20")
-    page.click("#v-go")
-    page.wait_for_selector("#e-panel:visible", timeout=60_000)
+    _invert_a_red_face(page, cond_data)
     shown = {k: page.get_attribute(k, "src") for k in ("#v-orig", "#v-recon")}
     texts = {k: page.inner_text(k) for k in ("#v-psnr", "#v-status")}
     assert "PSNR" in texts["#v-psnr"] and "done in" in texts["#v-status"]
