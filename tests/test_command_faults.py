@@ -1238,6 +1238,24 @@ def test_more_images_than_memory_holds_are_refused_up_front(
     assert not out.exists()
 
 
+def test_sample_out_refuses_more_images_than_their_names_fit_up_front(
+    run, tmp_path, capsys, monkeypatch
+):
+    """`sample --out` writes each batch as it is drawn, so only --grid is checked against the
+    memory its images take; but it lists the file names of all --n first, and a count whose
+    names no memory holds (--n 10**12: 150 TB) took every byte of memory before the first
+    image. Memory for the names of 100 images: --n 101 is refused in one line, nothing made."""
+    monkeypatch.setattr(
+        cli_sampling, "available_memory", lambda: 100 * cli_sampling.SAMPLE_NAME_BYTES
+    )
+    out = tmp_path / "s"
+    rc, _, err = run_main(capsys, "sample", "--run", run, "--n", 101, "--steps", 1, "--out", out)
+    assert rc == 2, err
+    _one_line(err, "--n 101 images of 16x16 px need", "(their file names alone)",
+              "draw at most about 100 per call")  # fmt: skip
+    assert not out.exists()
+
+
 def test_steps_refuses_more_images_than_memory_holds_up_front(
     run, avatars16, tmp_path, capsys, fake, monkeypatch
 ):

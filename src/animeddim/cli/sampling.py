@@ -98,8 +98,9 @@ def cmd_sample(a: argparse.Namespace) -> int:
             outputs.file_name(value, flag)
     loaded, device = load_for_sampling(a.run, a.model, a.device)
     check_same(_options(a))  # under torchrun each process draws its share of the same images
-    if a.grid:  # the grid's images are held until it is written; --out writes them as drawn
-        check_fits_in_memory(a.n, loaded.config.model.image_size)
+    # the grid's images are held until it is written; --out writes them as drawn, their names
+    # listed first (a count no memory holds would take it all before the first image)
+    check_fits_in_memory(a.n, loaded.config.model.image_size, names_only=not a.grid)
     settings = _settings(a, device, loaded)
     files = [(f, Path(v)) for f, v in (("--grid", a.grid), ("--trajectory", a.trajectory)) if v]
     outputs.distinct(files)
@@ -302,16 +303,25 @@ def available_memory() -> int | None:
     return free
 
 
-def check_fits_in_memory(n: int, image_size: int) -> None:
+# Measured: `sample --out` lists the file names of its --n images, and which are drawn, before
+# the first is (`pipelines.folder`): 75 bytes an image, twice that with a stopped call's kept.
+SAMPLE_NAME_BYTES = 150
+
+
+def check_fits_in_memory(n: int, image_size: int, names_only: bool = False) -> None:
     """CliError when --n images cannot be held in memory until they are written (the drawn
-    uint8 images and their joined copy), instead of failing after hours of drawing."""
-    need, free = 2 * n * image_size * image_size * 3, available_memory()
+    uint8 images and their joined copy; `names_only`: their file names alone, as `sample
+    --out` without --grid holds them), instead of failing after hours of drawing, or taking
+    every byte of memory before the first image."""
+    per_image = SAMPLE_NAME_BYTES if names_only else 2 * image_size * image_size * 3
+    need, free = n * per_image, available_memory()
     if free is not None and need > free:
-        fits = max(1, free // (2 * image_size * image_size * 3))
+        held = " (their file names alone)" if names_only else ""
         raise CliError(
             f"--n {n} images of {image_size}x{image_size} px need {need / 2**30:,.1f} GiB of "
-            f"memory until they are written, and {free / 2**30:,.1f} GiB are available: "
-            f"draw at most about {fits:,} per call (other --seed values give other images)"
+            f"memory until they are written{held}, and {free / 2**30:,.1f} GiB are available: "
+            f"draw at most about {max(1, free // per_image):,} per call (other --seed values "
+            "give other images)"
         )
 
 
