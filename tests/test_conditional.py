@@ -576,6 +576,15 @@ def test_grid_by_rows_are_values_and_columns_seeds(colour_run, tmp_path):
     assert rows[0][..., 2].mean() > rows[0][..., 0].mean() + 50  # blue row
     assert rows[1][..., 0].mean() > rows[1][..., 2].mean() + 50  # red row
     assert im.shape[1] > im.shape[0]  # 3 columns, 2 rows
+    # the grid there: refused in one line (before: after the guidance and rows lines, as if
+    # it were to be drawn)
+    p = run_here("sample", "--run", str(run), "--grid-by", "class", "--n", "3", "--steps", "5",
+                 "--grid", str(grid), "--device", "cpu", check=False)  # fmt: skip
+    assert p.returncode == 2 and p.stdout == "", p.stdout
+    assert p.stderr.strip().splitlines() == [
+        f"animeddim: error: --grid {str(grid)!r} already exists; use --force to replace it "
+        "(or choose another name)"
+    ]
 
 
 def test_edit_turns_red_images_blue(colour_run, tmp_path):

@@ -201,12 +201,12 @@ def asked(a: argparse.Namespace) -> dict[str, str]:
 
 
 def sample_conditional(a: argparse.Namespace, loaded, settings) -> Any:
-    """The `pipelines.folder.Job` of `sample` with --attr/--grid-by/--attrs-from, and what
-    its images are asked, for the note of an unfinished --out: {"attributes": the options
-    and a digest of the codes they give, "guidance": its words}."""
+    """The `pipelines.folder.Job` of `sample` with --attr/--grid-by/--attrs-from; what its
+    images are asked, for the note of an unfinished --out: {"attributes": the options and a
+    digest of the codes they give, "guidance": its words}; and the lines that say so (printed
+    once the outputs are found fit: a refused one is then the only line)."""
     import hashlib
 
-    from .distributed import is_main
     from .outputs import sample_names
     from .pipelines import attribute_codes, guidance_words, rows_from
     from .pipelines.conditional import grid_rows
@@ -214,12 +214,10 @@ def sample_conditional(a: argparse.Namespace, loaded, settings) -> Any:
 
     resolve_guidance(a, loaded)
     words = guidance_words(loaded, settings, a.guidance)
-    if is_main():
-        print(words)
+    said = [words]
     if a.grid_by:
         codes, values = grid_rows(loaded, a.grid_by, asked(a))
-        if is_main():
-            print(f"rows: {a.grid_by} = {', '.join(values)}; columns: images 0..{a.n - 1}")
+        said.append(f"rows: {a.grid_by} = {', '.join(values)}; columns: images 0..{a.n - 1}")
         names = grid_names(a.grid_by, values, a.seed, a.n)
         job = image_job(loaded, settings, names, a.n, codes, a.guidance, row_length=a.n)
         given = f"--grid-by {a.grid_by}"
@@ -229,11 +227,10 @@ def sample_conditional(a: argparse.Namespace, loaded, settings) -> Any:
             codes = rows_from(loaded, a.attrs_from, fixed_values)
             where = "the model's training labels" if a.attrs_from == "training" else a.attrs_from
             fixed = "".join(f", {k}={v} in every row" for k, v in fixed_values.items())
-            if is_main():
-                print(
-                    f"attributes: {counted(len(codes), 'row')} of {where}{fixed}, image i gets "
-                    f"row i mod {len(codes)}"
-                )
+            said.append(
+                f"attributes: {counted(len(codes), 'row')} of {where}{fixed}, image i gets "
+                f"row i mod {len(codes)}"
+            )
         else:
             codes = attribute_codes(loaded, asked(a))[None]  # --attr: one row for every image
         names = sample_names(a.seed, a.n)
@@ -241,7 +238,7 @@ def sample_conditional(a: argparse.Namespace, loaded, settings) -> Any:
         given = f"--attrs-from {a.attrs_from}" if a.attrs_from else ""
     given = " ".join([given, *(f"--attr {x}" for x in a.attr or ())]).strip()
     digest = hashlib.sha256(codes.cpu().numpy().tobytes()).hexdigest()[:16]
-    return job, {"attributes": f"{given} (codes sha256:{digest})", "guidance": words}
+    return job, {"attributes": f"{given} (codes sha256:{digest})", "guidance": words}, said
 
 
 def grid_names(attribute: str, values: list[str], seed: int, n: int) -> list[str]:

@@ -108,11 +108,13 @@ def cmd_sample(a: argparse.Namespace) -> int:
         if path.suffix.lower() != ".png":  # written as PNG whatever the name says
             raise CliError(f"{flag} {str(path)!r}: images are written as PNG; name it .png")
     if a.attr or a.grid_by or a.attrs_from:
-        job, asked = conditional_cli.sample_conditional(a, loaded, settings)
+        job, asked, said = conditional_cli.sample_conditional(a, loaded, settings)
     else:
         names = outputs.sample_names(a.seed, a.n)
-        job, asked = image_job(loaded, settings, names, min(8, a.n)), {}
+        job, asked, said = image_job(loaded, settings, names, min(8, a.n)), {}, []
     folder = SampleFolder(a, files, job, _folder_settings(a, loaded, settings, asked))
+    if said and is_main():  # what the images are asked, once the outputs are found fit
+        print("\n".join(said))
     try:
         if a.trajectory and is_main():
             strips = trajectory(loaded, a.trajectory, settings=settings, progress=_Bars("step"))
