@@ -31,6 +31,8 @@ export ANIMEDDIM_INCEPTION_WEIGHTS=${ANIMEDDIM_INCEPTION_WEIGHTS:-$(realpath "$P
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
   python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
   date -u; } > "$OUT/gpu.txt"
+# a warm machine keeps /tmp: unpack into empty folders, never beside an earlier call's images
+rm -rf "$WORK/avatars64" "$WORK/heldout"
 python3 benchmarks/pack_images.py unpack "$PACK/avatars64.u8.xz" "$WORK/avatars64" > "$OUT/log.txt" 2>&1
 python3 benchmarks/pack_images.py unpack "$PACK/heldout.u8.xz" "$WORK/heldout" >> "$OUT/log.txt" 2>&1
 
