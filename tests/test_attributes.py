@@ -860,3 +860,20 @@ def test_a_stop_as_an_epochs_state_is_kept_names_that_epoch(
         f"animeddim: interrupted: the training so far is kept (epoch 1 of 4, in "
         f"{pending_path(clf)}); run the same command again to go on from there"
     )
+
+
+def test_a_foreign_file_under_the_pending_name_is_trained_over(tmp_path, capsys):
+    """A file at the training state's name that torch loads but that is no state of ours (a
+    list) ended attributes train in an AttributeError traceback; it is trained over, with
+    the note that says so."""
+    import torch
+
+    from animeddim.attributes_cli import pending_path
+
+    args = _red_and_blue_training(tmp_path)
+    clf = tmp_path / "c.safetensors"
+    torch.save([1, 2, 3], pending_path(clf))
+    rc, _, err = run_main(capsys, *args, "--out", clf)
+    assert rc == 0, err
+    assert "holds the training of other images or options: training from the start" in err
+    assert clf.is_file() and not pending_path(clf).exists()

@@ -283,6 +283,8 @@ def _resumable(a: argparse.Namespace, images, codes, vocab, pending: Path, done:
             held = torch.load(pending, weights_only=True)
         except Exception:  # noqa: BLE001 - a damaged or foreign file: trained from the start
             held = {}
+        if not isinstance(held, dict):  # a file of that name saved by something else
+            held = {}
         if held.get("key") == key:
             resume = held["state"]
             done.append(int(resume["epoch"]))
