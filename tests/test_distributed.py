@@ -415,6 +415,24 @@ def test_a_data_folder_that_one_process_sees_otherwise_is_refused(avatars16, tmp
     assert not any((tmp_path / "run").glob("checkpoints/*"))
 
 
+def test_a_labels_file_that_one_process_reads_otherwise_is_refused(cond_data, tmp_path):
+    """The same command on two 'nodes' (working directories) whose 'labels.csv' labels one
+    image otherwise. Before: each process trained on its own labels without a word."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    header, first, *rows = (cond_data / "labels.csv").read_text().splitlines()
+    other = first.replace("red", "blue") if "red" in first else first.replace("blue", "red")
+    (a / "labels.csv").write_text("\n".join([header, first, *rows]) + "\n")
+    (b / "labels.csv").write_text("\n".join([header, other, *rows]) + "\n")
+    args = train_args(cond_data, tmp_path, "run", "--labels", "labels.csv")
+    p0, p1 = by_hand([args, args], [a, b])
+    assert (p0.returncode, p1.returncode) == (2, 2), (p0.stderr, p1.stderr)
+    assert p1.stderr == "" and len(p0.stderr.splitlines()) == 1, p0.stderr
+    assert "process 1 of 2 has the digest of the labels in 'labels.csv' = " in p0.stderr
+    assert "every process must read the same labels" in p0.stderr
+    assert not any((tmp_path / "run").glob("checkpoints/*"))
+
+
 @pytest.mark.parametrize("node_b", ["the same images", "other images"])
 def test_a_run_whose_data_moved_resumes_there_in_two_processes(
     one_process_run, avatars16, tmp_path, node_b

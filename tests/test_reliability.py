@@ -886,6 +886,95 @@ def test_a_conditional_run_resumed_with_its_moved_data_reads_its_labels_there(
     assert load_run_config(run).data.labels == str(tmp_path / "labels.csv")
 
 
+def _refused_writing_nothing(capsys, run: Path, args: list, message: str) -> None:
+    """`animeddim ARGS` exits 2 with one line holding `message`; no file of `run` changed."""
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    rc, _, err = run_main(capsys, *args)
+    assert rc == 2
+    _one_line_error(err, message)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+
+
+def test_a_conditional_run_resumed_on_other_labels_is_refused_unless_allowed(
+    cond_data, tmp_path, capsys
+):
+    """A resume whose labels file (given with --labels, or moved with the data folder) labels
+    one image otherwise than the labels the run trained on (before: taken silently, its
+    vocabulary alone checked): one line naming the file, nothing written. The same labels
+    re-saved with their rows reordered resume; --allow-changed-data trains on the new ones
+    and records their digest."""
+    data, moved, run = _conditional_run_whose_data_moved(cond_data, tmp_path)
+    header, *rows = (moved / "labels.csv").read_text().splitlines()
+    recorded = load_run_config(run).data.labels_digest
+    assert len(recorded) == 64
+    changed = tmp_path / "changed.csv"
+    first = rows[0].split(",")
+    first[1] = "blue" if first[1] == "red" else "red"  # one image's colour
+    changed.write_text("\n".join([header, ",".join(first), *rows[1:]]) + "\n")
+    resume = ["train", "--resume", run, "--data", moved, "--quiet"]
+    _refused_writing_nothing(
+        capsys,
+        run,
+        [*resume, "--labels", changed, "--max-steps", "2"],
+        f"cannot resume on changed labels: the labels in '{changed}' differ from those the run "
+        f"trained on; give --labels the run's labels file ('{data / 'labels.csv'}'), or resume "
+        "with --allow-changed-data to train on these labels",
+    )
+    # the labels file moved with the data folder, and edited there: refused as well
+    shutil.copyfile(changed, moved / "labels.csv")
+    _refused_writing_nothing(
+        capsys,
+        run,
+        [*resume, "--max-steps", "2"],
+        f"the labels in '{moved / 'labels.csv'}' differ from those the run trained on",
+    )
+    # the same labels, re-saved: rows reversed, quoted, CRLF line ends
+    same = tmp_path / "same.csv"
+    quoted_rows = ['"' + r.replace(",", '","') + '"' for r in [header, *reversed(rows)]]
+    same.write_bytes(("\r\n".join(quoted_rows) + "\r\n").encode())
+    rc, _, err = run_main(capsys, *resume, "--labels", same, "--max-steps", "2")
+    assert rc == 0, err
+    assert load_run_config(run).data.labels_digest == recorded
+    rc, out, err = run_main(
+        capsys, *resume, "--labels", changed, "--max-steps", "3", "--allow-changed-data"
+    )
+    assert rc == 0, err
+    assert f"note: resuming on changed labels (the labels in '{changed}' differ" in out
+    stored = load_run_config(run).data
+    assert stored.labels == str(changed) and stored.labels_digest not in ("", recorded)
+
+
+def test_a_conditional_run_that_recorded_no_labels_digest_resumes_on_its_own_file_only(
+    cond_data, tmp_path, capsys
+):
+    """A run started before labels were digested: its own labels file resumes as before (and
+    its digest is recorded then); a labels file at another place cannot be checked, and is
+    refused unless --allow-changed-data."""
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(cond_data, data)
+    cfg = tiny_config(data, max_steps=1)
+    cfg.data.labels = str(data / "labels.csv")
+    train(cfg.validate(), run, **QUIET)
+    d = json.loads((run / "config.json").read_text())
+    del d["data"]["labels_digest"]
+    (run / "config.json").write_text(json.dumps(d))
+    elsewhere = tmp_path / "labels.csv"
+    shutil.copyfile(data / "labels.csv", elsewhere)
+    resume = ["train", "--resume", run, "--quiet"]
+    _refused_writing_nothing(
+        capsys,
+        run,
+        [*resume, "--labels", elsewhere, "--max-steps", "2"],
+        f"cannot resume on changed labels: the labels in '{elsewhere}' cannot be checked: the "
+        "run started before its labels were recorded, and read them from "
+        f"'{data / 'labels.csv'}'; give --labels '{data / 'labels.csv'}', or resume with "
+        "--allow-changed-data",
+    )
+    rc, _, err = run_main(capsys, *resume, "--max-steps", "2")
+    assert rc == 0, err
+    assert len(load_run_config(run).data.labels_digest) == 64
+
+
 # --------------------------------------------------------------------------------------------
 # bad options of every command: one table
 

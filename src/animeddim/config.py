@@ -38,7 +38,6 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 DATA_ON_DEVICE = ("auto", "yes", "no")  # train.data_on_device
 IMAGE_CHANNELS = 3  # images are decoded to RGB
 
-
 GUIDE_ALWAYS = (0.0, math.inf)  # the guidance interval (in sigma) that guides at every step
 
 
@@ -177,9 +176,10 @@ class DataConfig:
     attributes: str = setting(
         "", "comma-separated attributes of the labels to train on (default: all)", metavar="A,B"
     )
-    # Set by `train`, checked on resume: the absolute folder and a digest of its image list.
+    # Set by `train`, checked on resume: the absolute folder, digests of its images and labels.
     abs_path: str = setting("", "absolute path of the data folder", cli=False)
     fingerprint: str = setting("", "digest of the image list (names, sizes)", cli=False)
+    labels_digest: str = setting("", "sha256 of the images' attribute codes", cli=False)
     # Set by a new run: "srgb". A run started before colour profiles were applied has none
     # ("") and reads its images as it began, the numbers taken as sRGB whatever their profile.
     colour_profiles: str = setting("", "embedded colour profiles: srgb (applied) or ''", cli=False)

@@ -26,6 +26,7 @@ trains on it refuses it.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import unicodedata
@@ -364,6 +365,16 @@ def load_labels(
     if str(spec) == FOLDERS:
         return folder_labels(root, paths, missing=missing, vocab=vocab)
     return csv_labels(spec, root, paths, missing=missing, vocab=vocab)
+
+
+def codes_digest(codes: np.ndarray) -> str:
+    """sha256 of ``(N, A)`` attribute codes in the image order (a run's ``data.labels_digest``):
+    what a conditional run trains on, the same for a labels file moved, re-saved or with its
+    rows reordered, another for any image labelled otherwise."""
+    codes = np.ascontiguousarray(codes, dtype="<i8")
+    h = hashlib.sha256(f"{codes.shape[0]}x{codes.shape[1]}:".encode())
+    h.update(codes.tobytes())
+    return h.hexdigest()
 
 
 def _check_missing(missing: str) -> None:

@@ -411,6 +411,7 @@ RECORDS = {
     ("data", "path"),
     ("data", "abs_path"),
     ("data", "fingerprint"),
+    ("data", "labels_digest"),  # recorded as the fingerprint is: new labels allowed on resume
     ("data", "colour_profiles"),  # how the run reads its images: taken from its checkpoint
     ("train", "init"),
 }

@@ -204,13 +204,13 @@ def train(
         root = data_root(cfg, resume)
         listed = list_data(cfg, root, saved, allow_changed_data, log)  # a resume: its images
         data = load_data(cfg, root, progress, resume, listed)
-        check_data(cfg, data)
+        check_data(cfg, data, saved, allow_changed_data, log)  # a resume: its labels too
         inception = training_inception(cfg, device)  # a bad weights file is refused here
         eval_real = eval_real_features(cfg, data, inception)  # and a folder KID cannot read
         if tc.eval_real:
             tc.eval_real = str(Path(tc.eval_real).resolve())  # resumable from anywhere
         cfg.data.abs_path = str(root.resolve())
-        cfg.data.fingerprint = data.fingerprint
+        cfg.data.fingerprint, cfg.data.labels_digest = data.fingerprint, data.labels_digest
         if data_on_device(tc.data_on_device, data.imageset.images.nbytes, device):
             data.on_device = batches_mod.device_images(data.imageset.images, device)
         if not resume:  # a resumed run's folder is made ready by `resume_point`

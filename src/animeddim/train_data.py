@@ -40,6 +40,13 @@ class TrainData:
     on_device: torch.Tensor | None = None  # the uint8 images on the device (data_on_device)
 
     @property
+    def labels_digest(self) -> str:
+        """The digest of `codes` a conditional run records (data.labels_digest); '' without."""
+        from .labels import codes_digest
+
+        return "" if self.codes is None else codes_digest(self.codes)
+
+    @property
     def pixels(self) -> np.ndarray | torch.Tensor:
         """What batches are gathered from: the cache on the device if it was copied there."""
         return self.imageset.images if self.on_device is None else self.on_device
@@ -91,10 +98,28 @@ def check_batchnorm_batch(cfg: RunConfig, world_size: int) -> None:
         raise error
 
 
-def check_data(cfg: RunConfig, data: TrainData) -> None:
-    """ConfigError if the split cannot train (found by every process: raised once, not once
-    per process)."""
+def check_data(
+    cfg: RunConfig,
+    data: TrainData,
+    saved: tuple | None = None,
+    allow_changed: bool = False,
+    log=print,
+) -> None:
+    """ConfigError if the split cannot train, or a resumed conditional run's labels are not
+    those it trained on (`saved`: its checkpoint; unless `allow_changed`); found by every
+    process: raised once, not once per process."""
     distributed.on_every(lambda: _check_data(cfg, data))
+    if data.codes is None:
+        return
+    digest = data.labels_digest
+    distributed.check_same(
+        {f"the digest of the labels in '{cfg.data.labels}'": digest},
+        "every process must read the same labels: the labels file at the same path, with the "
+        "same rows, on every node",
+    )
+    if saved is not None:  # where the run last read its labels (its checkpoint's data.labels)
+        read_from = saved[1]["config"].get("data", {}).get("labels", "")
+        distributed.on_every(lambda: _check_same_labels(cfg, digest, read_from, allow_changed, log))
 
 
 def _check_data(cfg: RunConfig, data: TrainData) -> None:
@@ -110,6 +135,39 @@ def _check_data(cfg: RunConfig, data: TrainData) -> None:
             f"--eval-every compares samples with the validation split, and it has "
             f"{counted(n_val, 'image')}: give --eval-real DIR, or raise --val-fraction"
         )
+
+
+def _check_same_labels(
+    cfg: RunConfig, digest: str, read_from: str, allow_changed: bool, log
+) -> None:
+    """ConfigError if the labels a resumed run read now (`digest`, from `cfg.data.labels`) are
+    not those it trained on (`cfg.data.labels_digest`), unless `allow_changed`. A run that
+    recorded no digest (started before labels were digested) goes on with the labels file it
+    read (`read_from`) or its subfolders' names (checked with its images); a labels file at
+    another place cannot be checked, and is refused as changed labels are."""
+    from .labels import FOLDERS
+
+    given, then = cfg.data.labels, cfg.data.labels_digest
+    same_file = given == FOLDERS or Path(given).resolve() == Path(read_from).resolve()
+    if digest == then or (not then and same_file):
+        return
+    if then:
+        why = f"the labels in {given!r} differ from those the run trained on"
+        remedy = (
+            "restore them" if same_file else f"give --labels the run's labels file ({read_from!r})"
+        )
+    else:
+        why = (
+            f"the labels in {given!r} cannot be checked: the run started before its labels were "
+            f"recorded, and read them from {read_from!r}"
+        )
+        remedy = f"give --labels {read_from!r}"
+    if not allow_changed:
+        raise ConfigError(
+            f"cannot resume on changed labels: {why}; {remedy}, or resume with "
+            "--allow-changed-data to train on these labels"
+        )
+    log(f"note: resuming on changed labels ({why})")
 
 
 def _check_same_images(

@@ -102,10 +102,10 @@ def _add_train_command(sub) -> None:
         "--resume",
         type=PATH,
         metavar="RUN",
-        help="continue the run in this folder; --data may name the folder its images moved or "
-        "were copied to (checked to be the same images; the run records the new place), the "
-        "other settings that may not change on --resume (options or a --config file's) may be "
-        "given with the run's own values only",
+        help="continue the run in this folder; --data and --labels may name where its images "
+        "and labels moved or were copied to (checked to be the same images and labels; the run "
+        "records the new places), the other settings that may not change on --resume "
+        "(options or a --config file's) may be given with the run's own values only",
     )
     p.add_argument(
         "--config", type=PATH, help="JSON or TOML file with data/model/schedule/train sections"
