@@ -225,3 +225,35 @@ def test_wrong_arguments_from_python_are_config_errors_naming_them(loaded, tmp_p
     with pytest.raises(ConfigError, match="n must be an integer >= 1, got 0"):
         pipelines.reverse_steps(loaded, settings=s, n=0)
     assert not out.exists() and not (tmp_path / "inv").exists()  # refused before writing
+
+
+def test_whether_sampling_compiles_is_decided_by_the_whole_job_not_a_process_share(
+    monkeypatch,
+):
+    """A compiled sampling network rounds otherwise than the eager one (bf16: pixels apart),
+    so the number of processes must not change the choice. Before: each process chose by
+    its own share, so 1,000 images at 10 steps compiled in one process (10,000
+    image-steps) and not in each of two (5,000 each)."""
+    from animeddim import distributed, runtime
+    from animeddim.pipelines import core, folder
+
+    monkeypatch.setattr(runtime, "compiler_available", lambda: True)
+    monkeypatch.setattr(distributed, "shard", lambda n: (0, n // 2))  # process 0 of 2
+    chosen = []
+
+    def sampling_net(loaded, s, evaluations):
+        chosen.append(s.compiles(evaluations))
+        return "net"
+
+    monkeypatch.setattr(core, "sampling_net", sampling_net)
+    monkeypatch.setattr(core, "draw", lambda loaded, n, *a, **k: torch.zeros(n, 4, 4, 3))
+    loaded = pipelines.open_model("avatars-64")
+    s = pipelines.resolve_settings("cpu", "fp32", steps=10)
+    names = [f"{i}.png" for i in range(1000)]
+    job = folder.image_job(loaded, s, names, 8)
+    job.make(2, 0)
+    assert chosen == [True] and job.compiled
+    few = folder.image_job(loaded, s, names[:999], 8)  # 9,990 image-steps: eager
+    few.make(2, 0)
+    assert chosen == [True, False] and not few.compiled
+    assert s.decided(10_000).compile is True and s.decided(9_999).compile is False

@@ -112,7 +112,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
     else:
         names = outputs.sample_names(a.seed, a.n)
         job, asked, said = image_job(loaded, settings, names, min(8, a.n)), {}, []
-    folder = SampleFolder(a, files, job, _folder_settings(a, loaded, settings, asked))
+    folder = SampleFolder(a, files, job, _folder_settings(a, loaded, settings, asked, job))
     if said and is_main():  # what the images are asked, once the outputs are found fit
         print("\n".join(said))
     try:
@@ -232,10 +232,11 @@ class SampleFolder:
             (self.out / outputs.SAMPLE_PENDING).unlink(missing_ok=True)
 
 
-def _folder_settings(a: argparse.Namespace, loaded, settings, asked: dict) -> dict | None:
+def _folder_settings(a: argparse.Namespace, loaded, settings, asked: dict, job) -> dict | None:
     """What the images of `sample --out` depend on, as JSON values: the model file's
     digest, the image size, --n, the seed, sampler, steps, eta, clipping, precision, the
-    kind of device and what the images are asked (`asked`). Other values would draw other
+    kind of device, whether the network is compiled (its rounding; `job.compiled`) and what
+    the images are asked (`asked`). Other values would draw other
     images, which an unfinished folder must not be mixed with; the batch size and the
     number of processes change none of them."""
     import json
@@ -259,6 +260,7 @@ def _folder_settings(a: argparse.Namespace, loaded, settings, asked: dict) -> di
         "clip_x0": bool(resolve_clip(settings.clip, settings.sampler)),
         "precision": settings.precision,
         "device": torch.device(settings.device).type,
+        "compiled": job.compiled,
         **asked,
     }
     return json.loads(json.dumps(held))

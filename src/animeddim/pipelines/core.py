@@ -7,7 +7,7 @@ import contextlib
 import math
 import numbers
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +156,12 @@ class SampleSettings:
         if self.compile is not None:
             return self.compile
         return default_compile_sampler(torch.device(self.device), evaluations)
+
+    def decided(self, evaluations: int) -> SampleSettings:
+        """These settings with `compile` decided for a whole job of `evaluations` image-steps:
+        a compiled network rounds otherwise than the eager one (bf16: pixels apart), so the
+        decision is taken once for the job, not by each process for its share."""
+        return replace(self, compile=self.compiles(evaluations))
 
 
 def check_sampling(sampler: str, eta: float) -> float:

@@ -24,7 +24,13 @@ from ..diffusion.samplers import (
 )
 from ..io import write_text_atomic
 from ..words import counted
-from .conditional import attribute_guidance, draw_conditional, draw_per_image, guidance_interval
+from .conditional import (
+    attribute_guidance,
+    draw_conditional,
+    draw_per_image,
+    guidance_interval,
+    guided_calls,
+)
 from .control import ControlTarget, MixTarget, control_summary, mix_accuracy, real_features
 from .core import (
     Progress,
@@ -104,7 +110,7 @@ def evaluate(
         )
     )
     t0 = time.perf_counter()
-    part = distributed.own_block(_drawer(loaded, settings, control, mix, guidance, progress), n)
+    part = distributed.own_block(_drawer(loaded, settings, control, mix, guidance, progress, n), n)
     fake = distributed.gather_to_main(part)  # process 0 waits here for every block
     t_gen = time.perf_counter() - t0
     if on_samples is not None:  # as soon as they are drawn: a failure later keeps them
@@ -196,9 +202,14 @@ def _drawer(
     mix: MixTarget | None,
     guidance: float,
     progress: Progress | None,
+    n: int,
 ) -> Callable[[int, int], torch.Tensor]:
-    """make(count, first): images first .. first + count - 1 as `evaluate` draws them, under
-    `control`'s asked attributes, `mix`'s row per image, or unconditioned."""
+    """make(count, first): images first .. first + count - 1 of the `n` as `evaluate` draws
+    them, under `control`'s asked attributes, `mix`'s row per image, or unconditioned; the
+    network compiled or not as the whole job decides (`SampleSettings.decided`), whatever
+    share of it a process draws."""
+    calls = 1 if control is None and mix is None else guided_calls(loaded, settings, guidance)
+    settings = settings.decided(calls * n * settings.steps)
 
     def make(count: int, first: int) -> torch.Tensor:
         if control is not None:
@@ -374,7 +385,8 @@ def steps_study(
     lo, hi = distributed.shard(n)  # this process's block of each setting's n images
     # One prepared (and maybe compiled) network for the whole study, warmed up on a full
     # batch and the last batch's size, so that no setting's time includes compilation.
-    net = sampling_net(loaded, settings, (hi - lo) * sum(steps) * len(etas) * len(samplers))
+    # compiled or not by the whole study's size, whatever share of it this process draws
+    net = sampling_net(loaded, settings, n * sum(steps) * len(etas) * len(samplers))
     bs = settings.batch_size
     for size in {min(hi - lo, bs), (hi - lo) % bs or bs} - {0}:
         draw(loaded, size, replace(settings, steps=1), net=net)

@@ -29,6 +29,7 @@ class Job:
     names: list[str]
     make: Callable[[int, int], torch.Tensor]
     cols: int
+    compiled: bool = False  # whether its network is compiled (its images' rounding)
 
 
 def image_job(
@@ -43,20 +44,20 @@ def image_job(
     """The `Job` of `names`: image p is image p of `s.seed`, unconditional (`codes` None)
     or asked row p mod R of the [R x A] `codes` under guidance weight `guidance`; with
     `row_length` L (a grid by value) image p mod L, asked row p // L. The sampling network
-    is prepared once, at the first draw, for this process's share of the whole job (so
-    whether it is compiled does not depend on how much a resumed job has left)."""
-    from ..distributed import shard
+    is prepared once, at the first draw; whether it is compiled (which changes the images'
+    rounding) is decided by the whole job's size, so that neither the number of processes
+    nor how much a resumed job has left changes it (`SampleSettings.decided`)."""
     from .conditional import draw_per_image, guided_calls
     from .core import draw, sampling_net
 
-    lo, hi = shard(len(names))
     calls = 1 if codes is None else guided_calls(loaded, s, guidance)
+    s = s.decided(calls * len(names) * s.steps)
     net: list = []
     size, channels = loaded.config.model.image_size, loaded.config.model.channels
 
     def piece(count: int, first: int, rows: torch.Tensor | None) -> torch.Tensor:
         if not net:
-            net.append(sampling_net(loaded, s, calls * (hi - lo) * s.steps))
+            net.append(sampling_net(loaded, s, calls * len(names) * s.steps))
         if rows is None:
             return draw(loaded, count, s, first, net=net[0])
         return draw_per_image(loaded, count, s, rows, guidance, first, net=net[0])
@@ -72,7 +73,7 @@ def image_job(
                 parts.append(piece(k, i, codes[row : row + 1]))
         return torch.cat(parts)
 
-    return Job(names, make, cols)
+    return Job(names, make, cols, bool(s.compile))
 
 
 def complete_files(folder: str | Path, names: Sequence[str], size: int) -> set[str]:
