@@ -80,3 +80,29 @@ def test_bench_samples_its_own_batch_with_any_sampler():
     assert "sampling images/s (3 dpmpp-2m steps, batch 6)" in format_table(r)
     bad = run_cli(*args, "--sampler", "euler", check=False)
     assert bad.returncode == 2 and "invalid choice: 'euler'" in bad.stderr
+
+
+def test_the_tours_copy_of_the_shipped_model_is_whole_or_absent_on_a_full_disk(tmp_path):
+    """Under a 100 KB file-size limit (the kernel refuses the write, as on a full disk) the
+    tour's copy of the shipped weights (4 MB) stopped part-way and left its first 100 KB
+    under the final name, a checkpoint the report could not read; each file the tour copies
+    or writes is now whole or absent."""
+    import resource
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    code = (
+        "from pathlib import Path\n"
+        "from animeddim.apps.tour import _shipped_run_folder\n"
+        f"_shipped_run_folder(Path({str(out)!r}), Path({str(tmp_path / 'none.png')!r}))\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)),
+    )
+    assert p.returncode != 0 and "File too large" in p.stderr, p.stderr
+    assert not [f for f in out.rglob("*") if f.is_file()]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import load_model
+from ..io import write_bytes_atomic, write_text_atomic
 from ..pretrained import pretrained_path
 from ..runtime import autocast, resolve_device, resolve_precision
 from ..words import counted
@@ -145,16 +146,17 @@ def _shipped_run_folder(out: Path, reference_src: Path) -> Path:
     report can show it beside the short run."""
     run = out / "avatars-64-model"
     (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    # each file whole or not at all (a full disk leaves no half checkpoint for the report)
     weights = pretrained_path("avatars-64")
-    shutil.copyfile(weights, run / "checkpoints" / "last.safetensors")
+    write_bytes_atomic(run / "checkpoints" / "last.safetensors", weights.read_bytes())
     model_dir = files("animeddim").joinpath("models")
     for name, dest in (
         ("avatars-64.config.json", "config.json"),
         ("avatars-64.metrics.csv", "metrics.csv"),
     ):
-        (run / dest).write_bytes(model_dir.joinpath(name).read_bytes())
+        write_bytes_atomic(run / dest, model_dir.joinpath(name).read_bytes())
     if reference_src.exists():
-        shutil.copyfile(reference_src, run / "reference.png")
+        write_bytes_atomic(run / "reference.png", reference_src.read_bytes())
     return run
 
 
@@ -214,7 +216,7 @@ def run_tour(
         "plan": asdict(plan),
         "seconds": round(time.perf_counter() - t_all, 1),
     }
-    (out / "demo-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "demo-summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"\ndone in {summary['seconds']:.0f}s")
     print(f"sample grid (shipped model): {grid}")
     print(f"report: {page.with_suffix('.html')} (and {page})")
@@ -309,6 +311,6 @@ def _short_run(out: Path, train_data: Path, plan: TourPlan, shipped_run: Path) -
     ).validate()
     train(cfg, run, progress=True)
     if (run / "reference.png").exists():
-        shutil.copyfile(run / "reference.png", shipped_run / "reference.png")
+        write_bytes_atomic(shipped_run / "reference.png", (run / "reference.png").read_bytes())
     print(f"   {time.perf_counter() - t:.0f}s")
     return run
