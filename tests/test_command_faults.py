@@ -1039,6 +1039,32 @@ def test_a_stopped_sample_is_not_mixed_with_other_settings(run, tmp_path, capsys
     assert _files(out) == _files(tmp_path / "fresh")
 
 
+def test_sample_names_past_a_million_are_recognised_as_samples(tmp_path):
+    """Image 1,000,000 and on is named with seven digits or more (seed0-1000000.png), which
+    the pattern that finds earlier samples (six digits) did not match: such files were
+    refused as 'images that are not samples' even with --force, and a stopped job's images
+    there were not found. Names and pattern agree for any index; six-digit names stay."""
+    from animeddim import outputs
+
+    indices = [0, 999_999, 1_000_000, 12_345_678, 10**12]
+    names = [outputs.sample_names(3, 1, i)[0] for i in indices]
+    assert names[:3] == ["seed3-000000.png", "seed3-999999.png", "seed3-1000000.png"]
+    assert all(outputs.SAMPLE_NAME.fullmatch(n) for n in names), names
+    assert outputs.SAMPLE_NAME.fullmatch("colour-red-seed3-1000000.png")  # --grid-by
+    for other in ("seed3-0000001.png", "seed3-00001.png", "seed3-1000000.jpg"):
+        assert not outputs.SAMPLE_NAME.fullmatch(other), other  # never written by sample
+    out = tmp_path / "s"
+    out.mkdir()
+    for name in names[1:3]:
+        Image.new("RGB", (8, 8)).save(out / name)
+    with pytest.raises(outputs.OutputExists, match="already holds earlier outputs"):
+        outputs.sample_folder(out, force=False)
+    assert sorted(p.name for p in outputs.sample_folder(out, force=True)) == sorted(names[1:3])
+    (out / outputs.SAMPLE_PENDING).write_text(json.dumps({"settings": {"n": 1}}))
+    with pytest.raises(outputs.OutputExists, match="unfinished samples of other settings"):
+        outputs.resumable_samples(out, {"n": 2}, force=False)
+
+
 # --------------------------------------------------------------------------------------------
 # Full disk: every output is written under a temporary name and renamed
 

@@ -16,12 +16,14 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-# what `sample --out DIR` writes (with --grid-by: ATTR-VALUE-seedS-IIIIII.png)
-SAMPLE_NAME = re.compile(r"([\w.-]+-)?seed-?\d+-\d{6}\.png")
+# what `sample --out DIR` writes (with --grid-by: ATTR-VALUE-seedS-IIIIII.png): the image
+# index in six digits, more from 1,000,000 on, without leading zeros (`sample_names`)
+SAMPLE_NAME = re.compile(r"([\w.-]+-)?seed-?\d+-(\d{6}|[1-9]\d{6,})\.png")
 
 
 def sample_names(seed: int, n: int, first: int = 0) -> list[str]:
-    """The files of images first .. first + n - 1 of `seed`: seedS-IIIIII.png."""
+    """The files of images first .. first + n - 1 of `seed`: seedS-IIIIII.png (index
+    1,000,000 and on: seedS-IIIIIII.png, as many digits as it has; `SAMPLE_NAME`)."""
     return [f"seed{seed}-{i:06d}.png" for i in range(first, first + n)]
 
 
