@@ -886,6 +886,36 @@ def test_a_conditional_run_resumed_with_its_moved_data_reads_its_labels_there(
     assert load_run_config(run).data.labels == str(tmp_path / "labels.csv")
 
 
+def test_a_run_given_a_relative_labels_file_resumes_from_another_directory(
+    cond_data, tmp_path, tiny_json, capsys, monkeypatch
+):
+    """`train --labels rel/labels.csv`, resumed from another working directory: the run
+    records its labels file's absolute place, as it does its data folder's (before: 'rel/
+    labels.csv' was kept as given, and the resume exited 2, 'labels file ... does not
+    exist'). The labels it reads there are still checked against those it trained on."""
+    start, other, run = tmp_path / "start", tmp_path / "other", tmp_path / "run"
+    (start / "rel").mkdir(parents=True), other.mkdir()
+    labels = start / "rel" / "labels.csv"
+    shutil.copyfile(cond_data / "labels.csv", labels)
+    monkeypatch.chdir(start)
+    args = _train_args(cond_data, run, tiny_json, "--labels", "rel/labels.csv")
+    rc, _, err = run_main(capsys, *args, "--max-steps", "1")
+    assert rc == 0, err
+    assert load_run_config(run).data.labels == str(labels.resolve())
+    monkeypatch.chdir(other)
+    rc, _, err = run_main(capsys, "train", "--resume", run, "--max-steps", "2", "--quiet")
+    assert rc == 0, err
+    header, first, *rows = labels.read_text().splitlines()
+    other_colour = first.replace("red", "blue") if "red" in first else first.replace("blue", "red")
+    labels.write_text("\n".join([header, other_colour, *rows]) + "\n")
+    _refused_writing_nothing(
+        capsys,
+        run,
+        ["train", "--resume", run, "--max-steps", "3", "--quiet"],
+        f"the labels in '{labels.resolve()}' differ from those the run trained on",
+    )
+
+
 def _refused_writing_nothing(capsys, run: Path, args: list, message: str) -> None:
     """`animeddim ARGS` exits 2 with one line holding `message`; no file of `run` changed."""
     files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}

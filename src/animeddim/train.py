@@ -45,6 +45,7 @@ from .train_data import (
     data_root,
     list_data,
     load_data,
+    record_data,
     write_reference,
 )
 from .train_kid import (
@@ -209,8 +210,7 @@ def train(
         eval_real = eval_real_features(cfg, data, inception)  # and a folder KID cannot read
         if tc.eval_real:
             tc.eval_real = str(Path(tc.eval_real).resolve())  # resumable from anywhere
-        cfg.data.abs_path = str(root.resolve())
-        cfg.data.fingerprint, cfg.data.labels_digest = data.fingerprint, data.labels_digest
+        record_data(cfg, root, data)  # where it lies: resumable from anywhere
         if data_on_device(tc.data_on_device, data.imageset.images.nbytes, device):
             data.on_device = batches_mod.device_images(data.imageset.images, device)
         if not resume:  # a resumed run's folder is made ready by `resume_point`

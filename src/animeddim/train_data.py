@@ -190,6 +190,18 @@ def _check_same_images(
         log(f"note: the run's data folder moved from {trained_on!r} to {str(root.resolve())!r}")
 
 
+def record_data(cfg: RunConfig, root: Path, data: TrainData) -> None:
+    """Record in `cfg` what a run read: the data folder and a labels file by their absolute
+    places (so a resume finds them from any working directory; each process resolves its own:
+    nodes may reach one folder by other paths), the images' fingerprint and labels' digest."""
+    from .labels import FOLDERS
+
+    cfg.data.abs_path = str(root.resolve())
+    if cfg.data.labels not in ("", FOLDERS):
+        cfg.data.labels = str(Path(cfg.data.labels).resolve())
+    cfg.data.fingerprint, cfg.data.labels_digest = data.fingerprint, data.labels_digest
+
+
 def data_root(cfg: RunConfig, resume: bool) -> Path:
     """The data folder: --data for a new run; for a resumed one, where the run trained (the
     absolute path it recorded, whatever the working directory is now)."""
