@@ -646,3 +646,42 @@ def test_a_one_process_command_under_torchrun_is_refused_once(command, monkeypat
             assert "(train, sample, evaluate and steps share their work" in err
         else:
             assert err == "", err
+
+
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [(["sample", "--n", "-1", "--out", "s"], "argument --n: n must be >= 1, got -1"),
+     (["evaluate", "--run", ".", "--steps", "0"], "argument --steps: steps must be in 1..1000"),
+     (["train", "--data", ".", "--out", "r", "--epochs", "-1"], "epochs must be >= 1, got -1"),
+     (["train", "--data", "."], "give --out RUN for a new run"),
+     (["train", "--data", ".", "--out", "r", "--image-size", "15"], "image_size = 15")],
+)  # fmt: skip
+def test_a_bad_option_under_torchrun_is_said_once(command, said, monkeypatch, capsys):
+    """An error of the options found before the processes join (argparse's, a missing --out,
+    a setting's check) was printed by every process of a torchrun launch, the same line once
+    per process. Now the first process on each node (LOCAL_RANK 0) says it; the others exit
+    2 in silence; a process with no LOCAL_RANK goes by its RANK."""
+    from conftest import run_main
+
+    for env, speaks in (
+        ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, True),
+        ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, False),
+        ({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"}, True),  # another node's first
+        ({"WORLD_SIZE": "2", "RANK": "1"}, False),
+    ):
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        rc, out, err = run_main(capsys, *command)
+        assert rc == 2 and out == "", (env, err)
+        if speaks:
+            assert len(err.strip().splitlines()) == 1 and said in err, (env, err)
+        else:
+            assert err == "", (env, err)
+
+
+def test_a_bad_option_is_said_once_by_a_torchrun_launch(tmp_path):
+    p = animeddim("sample", "--n", "-1", "--out", str(tmp_path / "s"), nproc=2, check=False)
+    assert p.stderr.count("error: argument --n: n must be >= 1, got -1") == 1, p.stderr
+    # torchrun's summary: the first process to exit (2), the other stopped by it or exit 2
+    assert "exitcode  : 2" in p.stderr and not (tmp_path / "s").exists(), p.stderr

@@ -25,6 +25,7 @@ from .common import (
     _close_bars,
     _open_bars,
     _prog,
+    _said_by_another_process,
 )
 from .parser import build_parser
 
@@ -163,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_TERMINATED if terminated else rc
     except errors as e:
         _close_bars()
-        if not getattr(e, "mirrored", False):  # torchrun: rank 0's error, raised on all ranks
+        # torchrun: rank 0's error, raised on all ranks, or found before they joined
+        if not (getattr(e, "mirrored", False) or _said_by_another_process()):
             print(f"{_prog()}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as e:

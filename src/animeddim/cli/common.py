@@ -22,7 +22,25 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and a pointer to --help), exit code 2."""
 
     def error(self, message: str):  # type: ignore[override]
+        if _said_by_another_process():
+            self.exit(EXIT_USAGE)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _said_by_another_process() -> bool:
+    """True in a process of a torchrun launch (WORLD_SIZE > 1) other than the first on its
+    node (LOCAL_RANK, else RANK, in 1 .. WORLD_SIZE - 1) while no process group is joined: an
+    error of the options found there is found by that first process too (the same command,
+    on the same file system), which says it once; this one exits with it in silence. Once
+    joined, errors every process finds are agreed on and said by process 0 (`mirrored`)."""
+    import os
+
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    own = os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")).strip()
+    if not (world.isdigit() and own.isdigit() and 0 < int(own) < int(world)):
+        return False  # one process, or an environment each process names for itself
+    d = sys.modules.get("animeddim.distributed")
+    return d is None or not d.is_distributed()
 
 
 class _Bars:
