@@ -1039,6 +1039,49 @@ def test_a_stopped_sample_is_not_mixed_with_other_settings(run, tmp_path, capsys
     assert _files(out) == _files(tmp_path / "fresh")
 
 
+def test_evaluate_stopped_while_drawing_keeps_the_samples_drawn_so_far(
+    run, avatars16, tmp_path, capsys, monkeypatch, fake
+):
+    """Ctrl-C while `evaluate --samples-out` draws (at its third batch of 2) kept nothing:
+    the images were held until every one was drawn. Each batch is now written as soon as it
+    is drawn: the four drawn stay, those of an uninterrupted call, and one line says so; no
+    --out is written, and the same command again needs --force, which draws them all."""
+    from animeddim.pipelines import core
+
+    out, drawn = tmp_path / "s", tmp_path / "whole"
+    args = ["evaluate", "--run", run, "--real", avatars16, "--n", 7, "--steps", 2,
+            "--batch-size", 2, "--protocols", "standard", "--out", tmp_path / "e.json"]  # fmt: skip
+    real, calls = core.generate, []
+
+    def generate(*a, **k):  # a stop as the third batch begins (the SIGINT handler's raise)
+        calls.append(k["n"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(core, "generate", generate)
+        rc, stdout, err = run_main(capsys, *args, "--samples-out", out)
+    assert rc == 130 and "Traceback" not in err, err
+    said = [line for line in stdout.splitlines() if line.startswith("interrupted:")]
+    assert said == [
+        f"interrupted: 4 of 7 samples kept in {str(out)!r}, nothing measured; the same "
+        "command again draws them all (with --force, which replaces them)"
+    ], stdout
+    kept = _files(out)
+    assert sorted(kept) == [f"seed0-{i:06d}.png" for i in range(4)]
+    assert not (tmp_path / "e.json").exists()
+    rc, _, err = run_main(capsys, "sample", "--run", run, "--n", 4, "--steps", 2, "--out", drawn)
+    assert rc == 0, err
+    assert _files(drawn) == kept  # image i depends on the seed and i alone
+    rc, _, err = run_main(capsys, *args, "--samples-out", out)
+    assert rc == 2 and _files(out) == kept
+    _one_line(err, "already holds earlier outputs", "--force")
+    rc, _, err = run_main(capsys, *args, "--samples-out", out, "--force")
+    assert rc == 0, err
+    assert len(_files(out)) == 7 and {k: _files(out)[k] for k in kept} == kept
+
+
 def test_sample_names_past_a_million_are_recognised_as_samples(tmp_path):
     """Image 1,000,000 and on is named with seven digits or more (seed0-1000000.png), which
     the pattern that finds earlier samples (six digits) did not match: such files were

@@ -399,14 +399,18 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     loaded, device = load_for_sampling(a.run, a.model, a.device)
     check_same(_options(a))  # under torchrun each process draws its share of the same images
     plan = on_every(lambda: _evaluate_plan(a, loaded, device))  # an error said once
-    r = evaluate(
-        loaded,
-        a.real,
-        n=a.n,
-        cache_dir=Path(a.cache_dir) if a.cache_dir else None,
-        progress=_Bars(),
-        **plan,
-    )
+    cache = Path(a.cache_dir) if a.cache_dir else None
+    try:
+        r = evaluate(loaded, a.real, n=a.n, cache_dir=cache, progress=_Bars(), **plan)
+    except KeyboardInterrupt:
+        if not a.samples_out:
+            raise
+        _close_bars()
+        if _is_main():  # the batches drawn so far are written, each whole
+            print(f"interrupted: {plan['on_samples'].written} of {counted(a.n, 'sample')} "
+                  f"kept in {a.samples_out!r}, nothing measured; the same command again "
+                  "draws them all (with --force, which replaces them)")  # fmt: skip
+        return EXIT_INTERRUPTED
     if not _is_main():
         return 0
     if a.samples_out:
@@ -436,6 +440,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def _evaluate_plan(a: argparse.Namespace, loaded, device) -> dict[str, Any]:
     """`evaluate`'s options, checked before any work, as `pipelines.evaluate`'s arguments
     (out, protocols, settings, extractor, attributes, control, mix, guidance, on_samples)."""
+    from ..pipelines.folder import BatchWriter
+
     check_fits_in_memory(a.n, loaded.config.model.image_size)
     protocols = _names(a.protocols, KID_PROTOCOLS, "protocol")
     if not Path(a.real).is_dir():
@@ -463,10 +469,8 @@ def _evaluate_plan(a: argparse.Namespace, loaded, device) -> dict[str, Any]:
         outputs.distinct([("--out", out), ("--samples-out", Path(a.samples_out))])
         outputs.not_inside(a.samples_out, [a.real], "--samples-out", "the --real folder")
         earlier = outputs.sample_folder(a.samples_out, a.force, flag="--samples-out")
-
-        def keep(images) -> None:  # called on process 0 as soon as they are drawn
-            outputs.remove(earlier)
-            write_pngs(images, Path(a.samples_out), a.seed)
+        names = outputs.sample_names(a.seed, a.n)  # each batch written as soon as it is drawn
+        keep = BatchWriter(a.samples_out, names, lambda: outputs.remove(earlier))
 
     settings = _settings(a, device, loaded)
     if (control is not None or mix is not None) and _is_main():
@@ -591,9 +595,3 @@ def cmd_interpolate(a: argparse.Namespace) -> int:
     )
     print(f"interpolation: {strip} and {gif}")
     return 0
-
-
-def write_pngs(images_u8, out: Path, seed: int) -> None:
-    from ..io import save_pngs
-
-    save_pngs(images_u8, out, outputs.sample_names(seed, len(images_u8)))

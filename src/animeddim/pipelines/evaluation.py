@@ -25,11 +25,9 @@ from ..diffusion.samplers import (
 from ..io import write_text_atomic
 from ..words import counted
 from .conditional import (
+    attribute_codes,
     attribute_guidance,
-    draw_conditional,
-    draw_per_image,
     guidance_interval,
-    guided_calls,
 )
 from .control import ControlTarget, MixTarget, control_summary, mix_accuracy, real_features
 from .core import (
@@ -45,6 +43,7 @@ from .core import (
     draw,
     sampling_net,
 )
+from .folder import draw_blocks, image_job
 
 
 def evaluate(
@@ -80,8 +79,9 @@ def evaluate(
         report how often each attribute is drawn as asked (`control.mix_accuracy`, under
         "attributes_from"); not with `control`.
 
-    :param on_samples: called with the uint8 [n x H x W x 3] samples once they are drawn,
-        before they are measured (`evaluate --samples-out` writes them).
+    :param on_samples: called on process 0 with each batch of samples as soon as it is
+        drawn (uint8 [k x H x W x 3]) and the index of its first image, a signal held until
+        it returns (`evaluate --samples-out` writes them: `folder.BatchWriter`).
     :param progress: told about the stages "features (real)", "sample", "features
         (generated)" and "paper KID" (batches). The real folder is read (and its features
         computed, its labels matched for `attributes`) before any image is drawn.
@@ -91,8 +91,7 @@ def evaluate(
     arguments: each draws a contiguous block of the n images (image i is the same whatever
     the number of processes) and computes their standard features; process 0 alone reads
     the real side (and the feature cache) first, then gathers the images and features,
-    computes every metric, calls `on_samples` and writes the files. Every process returns
-    the summary.
+    computes every metric and writes the files. Every process returns the summary.
     :raises ConfigError, TypeError: n < 2, guidance < 0, ... before the real side is read.
     """
     if control is not None and mix is not None:
@@ -110,11 +109,10 @@ def evaluate(
         )
     )
     t0 = time.perf_counter()
-    part = distributed.own_block(_drawer(loaded, settings, control, mix, guidance, progress, n), n)
-    fake = distributed.gather_to_main(part)  # process 0 waits here for every block
+    make = _drawer(loaded, settings, control, mix, guidance, n)
+    # each batch handed to on_samples as soon as it is drawn: a stop or a failure keeps them
+    part, fake = draw_blocks(make, n, settings.batch_size, on_samples, progress)
     t_gen = time.perf_counter() - t0
-    if on_samples is not None:  # as soon as they are drawn: a failure later keeps them
-        distributed.on_main(lambda: on_samples(fake))
     t1 = time.perf_counter()
     f_fake = _gathered_features(extractor, part, progress, "features (generated)", standard)
 
@@ -201,28 +199,21 @@ def _drawer(
     control: ControlTarget | None,
     mix: MixTarget | None,
     guidance: float,
-    progress: Progress | None,
     n: int,
 ) -> Callable[[int, int], torch.Tensor]:
     """make(count, first): images first .. first + count - 1 of the `n` as `evaluate` draws
-    them, under `control`'s asked attributes, `mix`'s row per image, or unconditioned; the
-    network compiled or not as the whole job decides (`SampleSettings.decided`), whatever
-    share of it a process draws."""
-    calls = 1 if control is None and mix is None else guided_calls(loaded, settings, guidance)
-    settings = settings.decided(calls * n * settings.steps)
+    them, under `control`'s asked attributes, `mix`'s row per image, or unconditioned (the
+    network prepared once, and compiled or not as the whole job decides: `image_job`)."""
+    from ..outputs import sample_names
 
-    def make(count: int, first: int) -> torch.Tensor:
-        if control is not None:
-            return draw_conditional(
-                loaded, count, settings, control.asked, guidance, first, progress=progress
-            )
-        if mix is not None:
-            return draw_per_image(
-                loaded, count, settings, mix.codes, guidance, first, progress=progress
-            )
-        return draw(loaded, count, settings, first, progress=progress)
-
-    return make
+    codes = None
+    if control is not None:
+        asked = attribute_codes(loaded, control.asked)  # None: nothing asked, unconditioned
+        codes = None if asked is None else asked[None]
+    elif mix is not None:
+        codes = mix.codes
+    names = sample_names(settings.seed, n)
+    return image_job(loaded, settings, names, min(8, n), codes, guidance).make
 
 
 def _gathered_features(

@@ -92,6 +92,73 @@ def complete_files(folder: str | Path, names: Sequence[str], size: int) -> set[s
     return whole
 
 
+class BatchWriter:
+    """Writes batches of images into `out` as they are drawn, image i as ``names[i]``
+    (`draw_job`; `evaluate --samples-out` through `draw_blocks`' on_batch): called with
+    uint8 [k x H x W x C] images and the index of the first; `before_write` is called once,
+    just before the first PNG is written; `written` counts the images written."""
+
+    def __init__(
+        self, out: str | Path, names: Sequence[str], before_write: Callable[[], None] | None
+    ) -> None:
+        self.out, self.names, self.before_write, self.written = Path(out), names, before_write, 0
+
+    def __call__(self, images: torch.Tensor, first: int) -> None:
+        from ..io import save_pngs
+
+        if self.before_write is not None:
+            self.before_write()
+            self.before_write = None
+        save_pngs(images, self.out, self.names[first : first + len(images)])
+        self.written += len(images)
+
+
+def draw_blocks(
+    make: Callable[[int, int], torch.Tensor],
+    n: int,
+    batch_size: int,
+    on_batch: Callable[[torch.Tensor, int], None] | None = None,
+    progress: Progress | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images 0 .. n - 1 of `make` (as `Job.make`), each process drawing its contiguous
+    block (`distributed.shard`) `batch_size` at a time, in rounds of one batch a process.
+
+    :param on_batch: called on process 0 after each round with each process's batch of it
+        (uint8 [k x H x W x C]) and the index of its first image, a signal held until it
+        returns: a `BatchWriter` then loses at most one round to a stop.
+    :param progress: told ("sample", images done, this process's block) after each batch.
+    :return: (this process's block, as `distributed.own_block` draws it; every image in
+        order on process 0, as `distributed.shard_images` gathers them, None elsewhere).
+    """
+    from ..distributed import gather_to_main, is_main, rank, world_size
+    from ..interrupts import deferred
+
+    w = world_size()
+    blocks = [(r * n // w, (r + 1) * n // w) for r in range(w)]
+    lo, hi = blocks[rank()]
+    add = _counter(progress, "sample", hi - lo)
+    mine, every = [], []
+    for k in range(0, max(1, *(b - a for a, b in blocks)), batch_size):  # one round
+        a, b = min(hi, lo + k), min(hi, lo + k + batch_size)
+        part = make(b - a, a)
+        mine.append(part if b > a else part.to(torch.uint8))  # empty may come as float
+        add(b - a)
+        gathered = gather_to_main(mine[-1])
+        if not is_main():
+            continue
+        at = 0
+        for r_lo, r_hi in blocks:  # each process's batch of the round, in rank order
+            first, count = min(r_hi, r_lo + k), min(r_hi, r_lo + k + batch_size)
+            piece, at = gathered[at : at + count - first], at + count - first
+            if count > first:
+                every.append((first, piece))
+                if on_batch is not None:
+                    with deferred():  # a signal lands between batches: each is written whole
+                        on_batch(piece, first)
+    drawn = torch.cat([p for _, p in sorted(every, key=lambda e: e[0])]) if is_main() else None
+    return torch.cat(mine), drawn
+
+
 def draw_job(
     job: Job,
     out: str | Path | None,
@@ -116,8 +183,8 @@ def draw_job(
     """
     from ..distributed import all_gather_object, is_main, shard_images, world_size
     from ..interrupts import deferred
-    from ..io import save_pngs
 
+    write = None if out is None else BatchWriter(out, job.names, before_write)
     n, step = len(job.names), batch_size * world_size()
     todo = all_gather_object(_rounds(job.names, set(kept), step))[0]  # process 0 looked
     count = sum(hi - lo for lo, hi in todo)
@@ -129,12 +196,9 @@ def draw_job(
         drawn = shard_images(job.make, hi - lo, lo)
         if drawn is None:  # another process: process 0 writes
             continue
-        if out is not None:
-            if before_write is not None:
-                before_write()
-                before_write = None
+        if write is not None:
             with deferred():  # a signal lands between rounds: each is kept whole
-                save_pngs(drawn, Path(out), job.names[lo:hi])
+                write(drawn, lo)
         if keep_images:
             images[lo] = drawn
         add(hi - lo)
