@@ -170,6 +170,29 @@ def test_ema_warmup_decay_rises_to_the_set_decay():
     assert ema_decay_at(0, 0.999, False) == 0.999
 
 
+def test_a_run_whose_ema_is_still_mostly_its_untrained_start_says_so(
+    avatars16, trained_tiny, tmp_path
+):
+    """A short run on a small folder (a minute on the CPU) ends with an EMA that is still
+    mostly the random start, and every sample is noise; the end of `train` says so. A run
+    started from trained weights (--init) starts from no noise: nothing to say."""
+    tiny = ["--image-size", 16, "--widths", "8,16", "--block-depth", 1, "--embedding-dims", 8,
+            "--batch-size", 6, "--no-kid", "--quiet", "--precision", "fp32"]  # fmt: skip
+    p = run_here("train", "--data", avatars16, "--out", tmp_path / "a", *tiny)
+    note = [line for line in p.stdout.splitlines() if line.startswith("note: after 3 steps")]
+    assert note == [
+        "note: after 3 steps the EMA weights (decay 0.999), which sampling, validation and the "
+        "KID use, are still 99.7% the untrained start, so they draw noise; train longer (2,302 "
+        "steps bring that under 10%), or start the run with --ema-warmup"
+    ]
+    p = run_here("train", "--data", avatars16, "--out", tmp_path / "b", "--ema-decay", 0.5, *tiny)
+    assert "still 12.5% the untrained start" in p.stdout and "(4 steps bring" in p.stdout
+    others = (["--ema-decay", 0.4], ["--ema-warmup"], ["--init", trained_tiny])  # 6.4%, 10%
+    for i, other in enumerate(others):
+        p = run_here("train", "--data", avatars16, "--out", tmp_path / f"c{i}", *other, *tiny)
+        assert "run folder" in p.stdout and "untrained start" not in p.stdout
+
+
 def test_ema_warmup_first_step_keeps_a_tenth_of_the_start(avatars16, tmp_path):
     """Step 0 with warm-up: ema = 0.1 start + 0.9 network; without: 0.999 start + 0.001
     network. The networks are the same (the EMA does not feed back), so the start follows."""

@@ -327,3 +327,26 @@ def save_step_checkpoint(save_checkpoint, run_dir: Path, step: int, keep: int) -
     old = sorted(d.glob("step-*.safetensors"))
     for f in old[:-keep] if distributed.is_main() else []:
         f.unlink(missing_ok=True)
+
+
+def untrained_ema_note(tc, steps: int) -> str:
+    """One line when the EMA weights, which sampling, validation and the KID use, are still
+    more than a tenth the untrained network a run started from ("" otherwise, and for a
+    run started from trained weights: `train.init`). Without warm-up each step keeps
+    `ema_decay` of the average, so after 136 steps at 0.999 the start is 87% of it."""
+    from .train import ema_decay_at  # train imports this module
+
+    if tc.init:
+        return ""
+    share = 1.0
+    for step in range(steps):
+        share *= ema_decay_at(step, tc.ema_decay, tc.ema_warmup)
+        if share <= 0.1:
+            return ""
+    enough = math.ceil(math.log(0.1) / math.log(tc.ema_decay)) if tc.ema_decay > 0 else 1
+    return (
+        f"note: after {counted(steps, 'step')} the EMA weights (decay {tc.ema_decay:g}), "
+        f"which sampling, validation and the KID use, are still {share * 100:.1f}% the "
+        f"untrained start, so they draw noise; train longer ({enough:,} steps bring that "
+        "under 10%), or start the run with --ema-warmup"
+    )

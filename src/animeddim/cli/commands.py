@@ -114,6 +114,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from ..data import SkippedFilesWarning
     from ..runtime import resolve_device
     from ..train import TrainingDiverged, train
+    from ..train_state import untrained_ema_note
 
     if a.resume and a.out:
         raise CliError("give either --out (new run) or --resume RUN, not both")
@@ -149,6 +150,8 @@ def cmd_train(a: argparse.Namespace) -> int:
                 "higher --max-steps) continues the epoch"
             )
         print(f"run folder: {run_dir} ({made}) after {time.perf_counter() - t:.0f}s")
+        if note := untrained_ema_note(cfg.train, res.step):
+            print(note)
     return 0
 
 
