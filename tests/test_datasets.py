@@ -342,7 +342,8 @@ def test_data_prepare_command(tmp_path: Path) -> None:
     archive = _make_tgz(tmp_path / "src.tgz")
     out = tmp_path / "prepared"
     p = run_here("data", "prepare", str(archive), "--out", str(out), "--size", "16")
-    assert f"prepared images in {out}" in p.stdout and "skipped 2 of 4" in p.stderr
+    said = f"prepared 2 images in {out} (16x16: the largest centred square of each, resized)"
+    assert p.stdout == said + "\n" and "skipped 2 of 4" in p.stderr
     assert [load_image(f, None).shape for f in sorted(out.glob("*.png"))] == [(16, 16, 3)] * 2
     p = run_here("data", "prepare", str(tmp_path / "nope.zip"), "--out", str(out), check=False)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
@@ -430,7 +431,10 @@ def test_a_folder_name_that_is_not_utf8_is_printed_not_a_traceback(tmp_path: Pat
     command = [sys.executable, "-m", "animeddim", "data", "prepare", os.fsencode(src)]
     p = subprocess.run([*command, b"--out", out, b"--size", b"8"], capture_output=True, env=env)
     assert p.returncode == 0, p.stderr.decode(errors="replace")
-    assert p.stdout == b"prepared images in " + out + b"\n"
+    assert (
+        p.stdout
+        == b"prepared 1 image in " + out + b" (8x8: the largest centred square of each, resized)\n"
+    )
     assert sorted(os.listdir(out)) == [b"000000.png", b"manifest.json"]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
@@ -40,7 +41,11 @@ def cmd_data_prepare(a: argparse.Namespace) -> int:
     from ..datasets import prepare
 
     out = prepare(a.src, a.out, size=a.size)
-    print(f"prepared images in {out}")
+    count = json.loads((out / "manifest.json").read_text())["count"]
+    print(
+        f"prepared {counted(count, 'image')} in {out} ({a.size}x{a.size}: the largest centred "
+        "square of each, resized)"
+    )
     return 0
 
 
