@@ -103,8 +103,8 @@ def _bad_folder(kind: str, d: Path, avatars: Path) -> tuple[Path, str]:
     if kind == "missing":
         return d, "does not exist"
     _folder(d, avatars, 2)
-    Image.new("RGB", (24, 24)).save(d / "zz-big.png")
-    return d, "differ in size"
+    Image.new("RGB", (24, 12)).save(d / "zz-big.png")  # sizes as a photo's: width x height
+    return d, f"differ in size: '{sorted(d.glob('*.png'))[0]}' is 16x16, '{d}/zz-big.png' is 24x12"
 
 
 @pytest.mark.parametrize("kind", ["one image", "empty", "missing", "mixed sizes"])

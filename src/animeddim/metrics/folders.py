@@ -110,10 +110,11 @@ def _load_batches(
             if first is None:
                 first = (path, size)
             elif size != first[1]:
-                # torch-fidelity batches a folder as one tensor, so sizes must agree.
+                # torch-fidelity batches a folder as one tensor, so sizes must agree
+                # (said width x height, as image viewers say them; `size` is rows, columns).
                 raise DataError(
                     f"images in '{folder}' differ in size: '{first[0]}' is "
-                    f"{first[1][0]}x{first[1][1]}, '{path}' is {size[0]}x{size[1]}; KID and "
+                    f"{first[1][1]}x{first[1][0]}, '{path}' is {size[1]}x{size[0]}; KID and "
                     "FID compare folders of one image size (resize them, e.g. with "
                     "`animeddim data prepare FOLDER --out NEW --size N`)"
                 )
