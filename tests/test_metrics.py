@@ -615,7 +615,7 @@ def test_a_folder_of_images_that_are_not_square_is_noted(tmp_path: Path) -> None
     cache) says so and how to make square copies; square images give none."""
     from animeddim.metrics.folders import NotSquareWarning
 
-    wide = (np.random.default_rng(0).random((3, 40, 30, 3)) * 255).astype(np.uint8)
+    wide = (np.random.default_rng(0).random((3, 30, 40, 3)) * 255).astype(np.uint8)
     (tmp_path / "wide").mkdir()
     for k, a in enumerate(wide):
         Image.fromarray(a).save(tmp_path / "wide" / f"{k}.png")

@@ -202,12 +202,12 @@ class NotSquareWarning(UserWarning):
 def _note_not_square(folder: Path, size: tuple[int, int]) -> None:
     """Say so when a folder's images are not square: both protocols resize an image whole to
     Inception's square (torch-fidelity's rule), while training and sampling use centre
-    squares, so a folder of 218x178 photos measured against a model's samples compares
+    squares, so a folder of 178x218 photos measured against a model's samples compares
     squashed faces with unsquashed ones."""
     h, w = size
     if h and w and h != w:
         warnings.warn(
-            f"the images of '{folder}' are {h}x{w}, not square: they are resized whole for "
+            f"the images of '{folder}' are {w}x{h}, not square: they are resized whole for "
             "Inception (squashed, as torch-fidelity does), not centre-cropped as training "
             f"reads them; for a like-for-like reference make square copies (animeddim data "
             f"prepare '{folder}' --out NEW --size {min(h, w)})",
