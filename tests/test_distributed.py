@@ -663,10 +663,18 @@ def test_a_one_process_command_under_torchrun_is_refused_once(command, monkeypat
 def test_a_bad_option_under_torchrun_is_said_once(command, said, monkeypatch, capsys):
     """An error of the options found before the processes join (argparse's, a missing --out,
     a setting's check) was printed by every process of a torchrun launch, the same line once
-    per process. Now the first process on each node (LOCAL_RANK 0) says it; the others exit
-    2 in silence; a process with no LOCAL_RANK goes by its RANK."""
+    per process. Now the first process on each node (LOCAL_RANK 0) says it at once; the
+    others first wait to be stopped by torchrun, which stops them when the first fails (not
+    stopped here: after the wait they say it themselves); a process with no LOCAL_RANK goes
+    by its RANK."""
+    import time
+
     from conftest import run_main
 
+    from animeddim.cli.common import FIRST_PROCESS_WAIT_S
+
+    waits: list[float] = []
+    monkeypatch.setattr(time, "sleep", waits.append)
     for env, speaks in (
         ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, True),
         ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, False),
@@ -676,15 +684,16 @@ def test_a_bad_option_under_torchrun_is_said_once(command, said, monkeypatch, ca
         monkeypatch.delenv("LOCAL_RANK", raising=False)
         for k, v in env.items():
             monkeypatch.setenv(k, v)
+        waits.clear()
         rc, out, err = run_main(capsys, *command)
         assert rc == 2 and out == "", (env, err)
-        if speaks:
-            assert len(err.strip().splitlines()) == 1 and said in err, (env, err)
-        else:
-            assert err == "", (env, err)
+        assert len(err.strip().splitlines()) == 1 and said in err, (env, err)
+        assert waits == ([] if speaks else [FIRST_PROCESS_WAIT_S]), env
 
 
 def test_a_bad_option_is_said_once_by_a_torchrun_launch(tmp_path):
+    """Said once, by the first process: the second, exiting at once in silence, had torchrun
+    stop the first before it said anything (no line at all, now and then)."""
     p = animeddim("sample", "--n", "-1", "--out", str(tmp_path / "s"), nproc=2, check=False)
     assert p.stderr.count("error: argument --n: n must be >= 1, got -1") == 1, p.stderr
     # torchrun's summary: the first process to exit (2), the other stopped by it or exit 2

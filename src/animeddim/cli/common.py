@@ -27,12 +27,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+FIRST_PROCESS_WAIT_S = 20.0  # how long a torchrun process waits for the first to say an error
+
+
 def _said_by_another_process() -> bool:
     """True in a process of a torchrun launch (WORLD_SIZE > 1) other than the first on its
     node (LOCAL_RANK, else RANK, in 1 .. WORLD_SIZE - 1) while no process group is joined: an
     error of the options found there is found by that first process too (the same command,
-    on the same file system), which says it once; this one exits with it in silence. Once
-    joined, errors every process finds are agreed on and said by process 0 (`mirrored`)."""
+    on the same file system), which says it once; this one waits to be stopped by torchrun
+    (`FIRST_PROCESS_WAIT_S`; False after it: then it says the error itself). Once joined,
+    errors every process finds are agreed on and said by process 0 (`mirrored`)."""
     import os
 
     world = os.environ.get("WORLD_SIZE", "1").strip()
@@ -40,7 +44,18 @@ def _said_by_another_process() -> bool:
     if not (world.isdigit() and own.isdigit() and 0 < int(own) < int(world)):
         return False  # one process, or an environment each process names for itself
     d = sys.modules.get("animeddim.distributed")
-    return d is None or not d.is_distributed()
+    if d is not None and d.is_distributed():
+        return False
+    # Not at once: torchrun stops every process as soon as one fails, and this one exiting
+    # first would stop the first process before it says the error (nothing said at all).
+    # It fails with the error and this process is stopped meanwhile; if it is not (another
+    # launcher), this one says it after the wait.
+    import signal
+    import time
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # stopped by torchrun: in silence
+    time.sleep(FIRST_PROCESS_WAIT_S)
+    return False
 
 
 class _Bars:
