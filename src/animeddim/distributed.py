@@ -248,9 +248,10 @@ def check_global_batch(batch_size: int) -> None:
         raise error
 
 
-def shard(n: int) -> tuple[int, int]:
-    """This rank's contiguous block [lo, hi) of n items (as batches.iterate_batches slices)."""
-    r, w = rank(), world_size()
+def shard(n: int, r: int | None = None) -> tuple[int, int]:
+    """Rank `r`'s (default: this rank's) contiguous block [lo, hi) of n items (as
+    batches.iterate_batches slices)."""
+    r, w = rank() if r is None else r, world_size()
     return r * n // w, (r + 1) * n // w
 
 

@@ -211,6 +211,12 @@ def data_fingerprint(files: Sequence[Path], root: Path) -> str:
     return f"{count}:{h.hexdigest()[:32]}"
 
 
+def recorded_data(meta: dict[str, Any], name: str) -> str:
+    """The data setting `name` as the checkpoint whose metadata is `meta` recorded it ('' where
+    it recorded none: a checkpoint written before the setting existed)."""
+    return meta["config"].get("data", {}).get(name, "")
+
+
 def check_same_data(
     cfg: RunConfig, root: Path, fingerprint: str, trained_on: str = ""
 ) -> str | None:

@@ -21,7 +21,13 @@ from . import distributed
 from .config import PROFILES_TO_SRGB, ConfigError, RunConfig
 from .image_files import EARLIER_EXTENSIONS, folder_problem
 from .io import save_grid
-from .run_folder import RunFolderError, check_new_run_dir, check_same_data, data_fingerprint
+from .run_folder import (
+    RunFolderError,
+    check_new_run_dir,
+    check_same_data,
+    data_fingerprint,
+    recorded_data,
+)
 from .words import counted
 
 
@@ -118,7 +124,7 @@ def check_data(
         "same rows, on every node",
     )
     if saved is not None:  # where the run last read its labels (its checkpoint's data.labels)
-        read_from = saved[1]["config"].get("data", {}).get("labels", "")
+        read_from = recorded_data(saved[1], "labels")
         distributed.on_every(lambda: _check_same_labels(cfg, digest, read_from, allow_changed, log))
 
 
@@ -218,7 +224,7 @@ def list_data(
     # Each process lists the folder (a node may lack it, or hold other images): a failure or
     # another list in any process is refused by every process, before any image is decoded.
     resume = saved is not None
-    trained_on = saved[1]["config"].get("data", {}).get("abs_path", "") if resume else ""
+    trained_on = recorded_data(saved[1], "abs_path") if resume else ""
     listing, fingerprint = distributed.on_every(
         lambda: _image_list_of_the_run(cfg, root, resume, trained_on)
     )

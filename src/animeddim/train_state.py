@@ -23,6 +23,7 @@ from .run_folder import (
     check_left_to_train,
     latest_checkpoint,
     prepare_run_dir,
+    recorded_data,
     truncate_metrics,
 )
 from .runtime import default_compile, fused_adamw_supported, maybe_compile, uses_cuda_graphs
@@ -165,7 +166,7 @@ def resume_point(
         tensors, meta = latest_checkpoint(run_dir, cfg, log)
         # the run reads its images as it began, whatever config it is resumed with (the
         # Python API's may be a fresh one): with the colour profiles applied, or without
-        cfg.data.colour_profiles = meta["config"].get("data", {}).get("colour_profiles", "")
+        cfg.data.colour_profiles = recorded_data(meta, "colour_profiles")
         batch, per_epoch = meta["batch_in_epoch"], meta.get("steps_per_epoch")
         # at an epoch's start, an epoch of any length has its steps to do
         if not batch or (per_epoch and not allow_changed_data):

@@ -130,11 +130,10 @@ def draw_blocks(
     :return: (this process's block, as `distributed.own_block` draws it; every image in
         order on process 0, as `distributed.shard_images` gathers them, None elsewhere).
     """
-    from ..distributed import gather_to_main, is_main, rank, world_size
+    from ..distributed import gather_to_main, is_main, rank, shard, world_size
     from ..interrupts import deferred
 
-    w = world_size()
-    blocks = [(r * n // w, (r + 1) * n // w) for r in range(w)]
+    blocks = [shard(n, r) for r in range(world_size())]
     lo, hi = blocks[rank()]
     add = _counter(progress, "sample", hi - lo)
     mine, every = [], []
