@@ -12,7 +12,6 @@ import pytest
 from conftest import run_cli, run_here, run_main, shared_dir, tiny_config
 from PIL import Image
 
-from animeddim import datasets
 from animeddim.attributes import (
     ClassifierConfig,
     ClassifierError,
@@ -35,6 +34,7 @@ from animeddim.avatar_labels import (
 from animeddim.coverage import coverage_table, histogram, total_variation
 from animeddim.data import DataError, load_folder
 from animeddim.datasets import avatar_seed, generate_avatars
+from animeddim.datasets import avatars as avatars_module
 from animeddim.labels import NULL, LabelError, csv_labels, folder_labels, load_labels
 
 
@@ -128,7 +128,7 @@ def test_old_avatar_folder_gains_labels_without_rendering(
     def refuse(*args: object) -> np.ndarray:
         raise AssertionError("rendered again")
 
-    monkeypatch.setattr(datasets, "_render_avatar", refuse)
+    monkeypatch.setattr(avatars_module, "_render_avatar", refuse)
     generate_avatars(out, n=3, size=16, workers=1)
     assert (out / "labels.csv").read_text() == before
 

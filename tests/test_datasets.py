@@ -22,9 +22,10 @@ import pytest
 from conftest import run_cli, run_here
 from PIL import Image
 
-from animeddim import datasets
 from animeddim.data import DataError, SkippedFilesWarning, load_folder, load_image
-from animeddim.datasets import download_flowers102, generate_avatars, prepare
+from animeddim.datasets import avatars as avatars_module
+from animeddim.datasets import download_flowers102, generate_avatars, preparation, prepare
+from animeddim.datasets.common import PENDING
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -86,7 +87,7 @@ def test_avatar_rerun_is_a_noop_and_resumes(
     def refuse(seed: int, i: int, size: int) -> np.ndarray:
         raise AssertionError(f"rendered avatar {i} again")
 
-    monkeypatch.setattr(datasets, "_render_avatar", refuse)
+    monkeypatch.setattr(avatars_module, "_render_avatar", refuse)
     assert generate_avatars(out, n=3, size=16, workers=1) == out
     monkeypatch.undo()
 
@@ -94,13 +95,13 @@ def test_avatar_rerun_is_a_noop_and_resumes(
     (out / "manifest.json").unlink()
     (out / "avatar-000001.png").unlink()
     rendered: list[int] = []
-    real = datasets._render_avatar
+    real = avatars_module._render_avatar
 
     def spy(seed: int, i: int, size: int) -> np.ndarray:
         rendered.append(i)
         return real(seed, i, size)
 
-    monkeypatch.setattr(datasets, "_render_avatar", spy)
+    monkeypatch.setattr(avatars_module, "_render_avatar", spy)
     generate_avatars(out, n=3, size=16, workers=1)
     assert rendered == [1]
     np.testing.assert_array_equal(_read_all(out), first)
@@ -175,7 +176,7 @@ def test_prepare_archive(tmp_path: Path, make: object, monkeypatch: pytest.Monke
     def refuse(data: bytes, size: int) -> None:
         raise AssertionError("prepared again")
 
-    monkeypatch.setattr(datasets, "_prepare_one", refuse)
+    monkeypatch.setattr(preparation, "_prepare_one", refuse)
     assert prepare(archive, out, size=16, workers=1) == out
 
 
@@ -351,7 +352,7 @@ def test_data_prepare_command(tmp_path: Path) -> None:
 
 def _interrupted_after_one_image(src: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """`out` as a prepare of `src` leaves it when Ctrl-C lands on its second image."""
-    real, calls = datasets._prepare_one, []
+    real, calls = preparation._prepare_one, []
 
     def stop_at_second(data: bytes, size: int) -> tuple[bytes | None, str | None]:
         calls.append(1)
@@ -359,10 +360,10 @@ def _interrupted_after_one_image(src: Path, out: Path, monkeypatch: pytest.Monke
             raise KeyboardInterrupt
         return real(data, size)
 
-    monkeypatch.setattr(datasets, "_prepare_one", stop_at_second)
+    monkeypatch.setattr(preparation, "_prepare_one", stop_at_second)
     with pytest.raises(KeyboardInterrupt):
         prepare(src, out, size=8, workers=1)
-    monkeypatch.setattr(datasets, "_prepare_one", real)
+    monkeypatch.setattr(preparation, "_prepare_one", real)
     return out
 
 
@@ -409,7 +410,7 @@ def test_a_prepare_that_finds_no_image_keeps_an_interrupted_ones_note(
         p.write_bytes(b"not an image")
     with pytest.raises(DataError, match="no usable image"):
         prepare(src, out, size=8, workers=1)
-    assert (out / "000000.png").exists() and (out / datasets._PENDING).exists()
+    assert (out / "000000.png").exists() and (out / PENDING).exists()
     for name, blob in saved.items():
         (src / name).write_bytes(blob)
     prepare(src, out, size=8, workers=1)

@@ -1,0 +1,176 @@
+"""``prepare``: an archive or folder of images -> a folder of square PNGs and a manifest."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from animeddim.data import (
+    BadImage,
+    DataError,
+    Listing,
+    ProfileWarning,
+    Skipped,
+    SkippedFilesWarning,
+    _decode,
+    _pool_context,
+    n_files,
+    note_passed_over,
+    passed_over_note,
+    shown,
+    skip_summary,
+    unconverted_note,
+)
+from animeddim.io import is_temp_name, png_bytes, write_bytes_atomic, write_text_atomic
+
+from .archives import archive_members, folder_members
+from .common import OUTPUT_NAME, PENDING, check_out_creatable, read_json
+
+
+def _prepare_one(data: bytes, size: int) -> tuple[bytes | None, str | None, list[str]]:
+    """Decode, centre-crop and resize one image; returns ``(png_bytes, None, notes)`` or
+    ``(None, reason, [])``; ``notes``: why its colour profile was not applied."""
+    notes: list[str] = []
+    try:
+        pixels = _decode(data, size, notes=notes)
+    except BadImage as exc:
+        return None, exc.reason, []
+    return png_bytes(pixels), None, notes
+
+
+def _source_id(src: Path, size: int) -> dict[str, Any]:
+    """What identifies a prepared folder: source path, its byte size and mtime, and size."""
+    st = src.stat()
+    return {
+        "source": str(src.resolve()),
+        "source_bytes": st.st_size if src.is_file() else None,
+        "source_mtime_ns": st.st_mtime_ns if src.is_file() else None,
+        "size": size,
+    }
+
+
+def prepare(
+    src: str | Path, out: str | Path, size: int = 64, *, workers: int | None = None
+) -> Path:
+    """Turn an archive (.zip/.tar/.tgz/.tar.gz) or folder of images into ``out/{i:06d}.png``.
+
+    Each image is centre-cropped to its largest square and resized to ``size`` exactly as
+    :func:`animeddim.data.load_image` does; outputs are numbered 0, 1, ... over the usable images
+    in archive order (sorted path order for a folder). Members are read into memory one by one,
+    never extracted by name, so '..' or absolute member paths cannot write outside ``out``.
+    Skipped members are warned about; no usable image raises :class:`DataError`. Re-running with
+    the same source and size returns at once. An existing ``out`` must be empty, or hold what a
+    prepare of the same source and size wrote there (finished, or interrupted: done again);
+    anything else raises :class:`DataError`. Returns ``out``.
+    """
+    src, out = Path(src), Path(out)
+    if not src.exists():
+        raise DataError(f"source '{src}' does not exist")
+    if size < 1:
+        raise DataError(f"image size must be a positive integer, got {size}")
+    if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+        raise DataError(f"output folder '{out}' must not be inside the source folder '{src}'")
+    check_out_creatable(out)
+    wanted = _source_id(src, size)
+    manifest_path, pending_path = out / "manifest.json", out / PENDING
+    # The manifest says a prepare finished here, the pending file that one was interrupted;
+    # without either, numbered PNGs are someone's own files (video frames, 000000.png ...).
+    finished = read_json(manifest_path)
+    previous = finished or read_json(pending_path)
+    if previous is not None:
+        if any(previous.get(k) != wanted[k] for k in ("source", "size")):
+            raise DataError(
+                f"folder '{out}' already holds images prepared from {previous.get('source')} at "
+                f"size {previous.get('size')}; use another folder"
+            )
+        if finished and src.is_file() and {k: finished.get(k) for k in wanted} == wanted:
+            return out  # same archive, same size: already done
+    elif out.exists() and any(not is_temp_name(p.name) for p in out.iterdir()):
+        raise DataError(
+            f"folder '{out}' is not empty (it holds files animeddim did not prepare there); "
+            "prepare into a new or empty folder"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    interrupted = pending_path.is_file()  # an earlier call's images may lie here
+    write_text_atomic(pending_path, json.dumps(wanted))
+
+    passed: dict[str, int] = {}  # images in hidden or system folders, not prepared
+    members = folder_members(src, passed) if src.is_dir() else archive_members(src, passed)
+    count, tried, skipped, unconverted = 0, 0, [], []
+    workers = max(1, workers or os.cpu_count() or 1)
+    pool = (
+        concurrent.futures.ProcessPoolExecutor(workers, mp_context=_pool_context())
+        if workers > 1
+        else None
+    )
+    try:
+        # Work in windows so memory holds at most a few hundred encoded images at once.
+        for window in _windows(members, 64 * workers):
+            tried += len(window)
+            todo = [(name, data) for name, data, reason in window if data is not None]
+            skipped += [Skipped(name, why or "") for name, data, why in window if data is None]
+            blobs = [data for _, data in todo]
+            results = (
+                pool.map(_prepare_one, blobs, [size] * len(blobs), chunksize=8)
+                if pool is not None
+                else (_prepare_one(b, size) for b in blobs)
+            )
+            for (name, _), (png, reason, notes) in zip(todo, results, strict=True):
+                unconverted += [Skipped(name, note) for note in notes]
+                if png is None:
+                    skipped.append(Skipped(name, reason or ""))
+                    continue
+                write_bytes_atomic(out / f"{count:06d}.png", png)
+                count += 1
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+    passed = dict(sorted(passed.items()))  # by folder, as a folder walk gives them
+    if count == 0:
+        if not interrupted:  # nothing written here, by this call or an interrupted one
+            pending_path.unlink(missing_ok=True)  # the folder is as it was
+        first = f" (first: {shown(skipped[0].path)}: {skipped[0].reason})" if skipped else ""
+        also = f"; {passed_over_note(Listing([], passed))}" if passed else ""
+        raise DataError(
+            f"no usable image in '{src}': {n_files(tried)} tried, {len(skipped)} skipped"
+            f"{first}{also}"
+        )
+    # Files from an earlier run of this source that had more usable images would mix in.
+    for stale in out.iterdir():
+        if OUTPUT_NAME.fullmatch(stale.name) and int(stale.name[:6]) >= count:
+            stale.unlink()
+    if skipped:
+        warnings.warn(skip_summary(skipped, tried), SkippedFilesWarning, stacklevel=2)
+    if unconverted:
+        warnings.warn(unconverted_note(unconverted), ProfileWarning, stacklevel=2)
+    note_passed_over(Listing([], passed))
+    manifest = {
+        **wanted,
+        "count": count,
+        "skipped": [[s.path, s.reason] for s in skipped],
+        **({"passed_over": passed} if passed else {}),
+        # the images' embedded colour profiles were applied (a folder prepared before has
+        # none of this: its images were read as sRGB; it is kept as it is)
+        "colour_profiles": "srgb",
+        **({"unconverted": [[s.path, s.reason] for s in unconverted]} if unconverted else {}),
+    }
+    write_bytes_atomic(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
+    pending_path.unlink(missing_ok=True)
+    return out
+
+
+def _windows(items: Iterator[Any], n: int) -> Iterator[list[Any]]:
+    window: list[Any] = []
+    for item in items:
+        window.append(item)
+        if len(window) == n:
+            yield window
+            window = []
+    if window:
+        yield window
