@@ -20,6 +20,7 @@ from .commands import (
     cmd_train,
 )
 from .common import _Bars, _Parser
+from .evaluation import cmd_evaluate, cmd_kid, cmd_steps
 from .options import (
     PATH,
     STEPS,
@@ -40,12 +41,9 @@ from .options import (
 )
 from .sampling import (
     _settings,
-    cmd_evaluate,
     cmd_interpolate,
     cmd_invert,
-    cmd_kid,
     cmd_sample,
-    cmd_steps,
     load_for_sampling,
 )
 

@@ -118,37 +118,14 @@ def evaluate(
 
     def summary() -> dict[str, Any]:  # on process 0, with every image and feature
         f_real, t_real, paper_real, coverage_real = reals
-        result: dict[str, Any] = {
-            "checkpoint": str(loaded.path),
-            "checkpoint_step": loaded.meta.get("step"),
-            "real": str(Path(real).resolve()),
-            "n": n,
-            "steps": settings.steps,
-            "eta": settings.eta,
-            "sampler": settings.sampler,
-            "clip_x0": resolve_clip(settings.clip, settings.sampler),
-            "seed": settings.seed,
-            "weights": extractor.weights_id,
-            "generate_seconds": round(t_gen, 2),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
+        result = _what_was_measured(loaded, real, n, settings, extractor, t_gen)
         if control is not None or mix is not None:
             _conditional_summary(
                 result, loaded, settings, control, mix, guidance, fake, f_fake,
                 extractor, cache_dir,
             )  # fmt: skip
         if "standard" in protocols:
-            kid_mean, kid_std = metrics.kid_standard(f_real, f_fake)
-            result.update(
-                protocol="standard",
-                protocol_description=metrics.PROTOCOL_DESCRIPTIONS["standard"],
-                kid_mean=kid_mean,
-                kid_std=kid_std,
-                fid=metrics.fid_from_features(f_real, f_fake),
-                n_real=len(f_real),
-                subset_size=metrics.kid_subset_size(len(f_real), len(f_fake)),
-                standard_seconds=round(time.perf_counter() - t1 + t_real, 2),
-            )
+            result.update(_standard(f_real, f_fake, time.perf_counter() - t1 + t_real))
         if paper_real is not None:
             result["paper"] = _paper_kid(paper_real, fake, n, extractor, paper_batch, progress)
         if attributes is not None:
@@ -165,6 +142,47 @@ def evaluate(
         return result
 
     return distributed.from_main(summary)
+
+
+def _what_was_measured(
+    loaded: LoadedModel,
+    real: str | Path,
+    n: int,
+    settings: SampleSettings,
+    extractor: metrics.FeatureExtractor,
+    t_gen: float,
+) -> dict[str, Any]:
+    """The head of `evaluate`'s summary: the model, the real folder, the sampling and the
+    feature weights the numbers below it are of."""
+    return {
+        "checkpoint": str(loaded.path),
+        "checkpoint_step": loaded.meta.get("step"),
+        "real": str(Path(real).resolve()),
+        "n": n,
+        "steps": settings.steps,
+        "eta": settings.eta,
+        "sampler": settings.sampler,
+        "clip_x0": resolve_clip(settings.clip, settings.sampler),
+        "seed": settings.seed,
+        "weights": extractor.weights_id,
+        "generate_seconds": round(t_gen, 2),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def _standard(f_real: torch.Tensor, f_fake: torch.Tensor, seconds: float) -> dict[str, Any]:
+    """The standard protocol's part of `evaluate`'s summary: KID (mean, std) and FID."""
+    kid_mean, kid_std = metrics.kid_standard(f_real, f_fake)
+    return dict(
+        protocol="standard",
+        protocol_description=metrics.PROTOCOL_DESCRIPTIONS["standard"],
+        kid_mean=kid_mean,
+        kid_std=kid_std,
+        fid=metrics.fid_from_features(f_real, f_fake),
+        n_real=len(f_real),
+        subset_size=metrics.kid_subset_size(len(f_real), len(f_fake)),
+        standard_seconds=round(seconds, 2),
+    )
 
 
 def _real_side(

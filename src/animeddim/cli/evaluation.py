@@ -1,0 +1,197 @@
+"""Commands that measure a model against real images: kid, evaluate, steps."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import conditional_cli, outputs
+from ..config import KID_PROTOCOLS
+from ..diffusion.sampler_names import SAMPLER_NAMES
+from ..words import counted
+from . import sampling
+from .common import (
+    EXIT_INTERRUPTED,
+    CliError,
+    _Bars,
+    _close_bars,
+    _is_main,
+    _names,
+    need_folder,
+    once,
+    shown,
+)
+from .sampling import _options, _settings, check_fits_in_memory, load_for_sampling
+
+
+def cmd_kid(a: argparse.Namespace) -> int:
+    import json
+
+    from ..metrics import kid_folders
+
+    for d in (a.dir_a, a.dir_b):
+        need_folder(d)
+    r = kid_folders(
+        a.dir_a,
+        a.dir_b,
+        a.protocol,
+        extractor=sampling._extractor(a),
+        cache_dir=Path(a.cache_dir) if a.cache_dir else None,
+        progress=_Bars(),
+    )
+    if a.json:
+        print(json.dumps(r, indent=2))
+    elif a.protocol == "standard":
+        print(
+            f"KID ({r['protocol']} protocol) {shown(r['kid_mean'], '.5f')} ± "
+            f"{r['kid_std']:.5f}, FID {shown(r['fid'], '.3f')}  (n {r['n_a']} vs {r['n_b']}, "
+            f"subsets {r['subsets']} of "
+            f"{r['subset_size']})"
+        )
+    else:
+        print(
+            f"KID ({r['protocol']} protocol) {shown(r['kid_mean'], '.5f')}  "
+            f"({counted(r['subsets'], 'batch', 'batches')} of {r['subset_size']})"
+        )
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from ..distributed import check_same, on_every
+    from ..pipelines import evaluate
+
+    loaded, device = load_for_sampling(a.run, a.model, a.device)
+    check_same(_options(a))  # under torchrun each process draws its share of the same images
+    plan = on_every(lambda: _evaluate_plan(a, loaded, device))  # an error said once
+    cache = Path(a.cache_dir) if a.cache_dir else None
+    try:
+        r = evaluate(loaded, a.real, n=a.n, cache_dir=cache, progress=_Bars(), **plan)
+    except KeyboardInterrupt:
+        if not a.samples_out:
+            raise
+        _close_bars()
+        if _is_main():  # the batches drawn so far are written, each whole
+            print(f"interrupted: {plan['on_samples'].written} of {counted(a.n, 'sample')} "
+                  f"kept in {a.samples_out!r}, nothing measured; the same command again "
+                  "draws them all (with --force, which replaces them)")  # fmt: skip
+        return EXIT_INTERRUPTED
+    if not _is_main():
+        return 0
+    if a.samples_out:
+        print(f"{counted(a.n, 'sample')} in {a.samples_out}")
+    if "kid_mean" in r:
+        print(
+            f"KID (standard protocol) {shown(r['kid_mean'], '.5f')} ± {r['kid_std']:.5f}, FID "
+            f"{shown(r['fid'], '.3f')}  ({counted(a.n, 'image')}, "
+            f"{counted(a.steps, a.sampler + ' step')}, eta {a.eta:g}"
+            f"{', x0 clipped' if r['clip_x0'] else ''})"
+        )
+    if "paper" in r:
+        kid = shown(r["paper"]["kid"], ".5f")
+        print(f"KID (paper protocol) {kid}  ({counted(r['paper']['batches'], 'batch', 'batches')})")
+    if "attributes_asked" in r:
+        print("\n".join(conditional_cli.control_lines(r["attributes_asked"])))
+    if "attributes_from" in r:
+        print("\n".join(conditional_cli.mix_lines(r["attributes_from"])))
+    if "coverage" in r:
+        from ..attributes_cli import coverage_summary
+
+        print(coverage_summary(r["coverage"]))
+    print(f"written: {plan['out']} ({r['seconds']:.0f}s)")
+    return 0
+
+
+def _evaluate_plan(a: argparse.Namespace, loaded, device) -> dict[str, Any]:
+    """`evaluate`'s options, checked before any work, as `pipelines.evaluate`'s arguments
+    (out, protocols, settings, extractor, attributes, control, mix, guidance, on_samples)."""
+    from ..pipelines.folder import BatchWriter
+
+    check_fits_in_memory(a.n, loaded.config.model.image_size)
+    protocols = _names(a.protocols, KID_PROTOCOLS, "protocol")
+    if not Path(a.real).is_dir():
+        raise CliError(f"real-image folder {a.real!r} does not exist")
+    if a.out:
+        out = outputs.new_file(a.out, a.force)
+    elif a.run and Path(a.run).is_dir():  # a new name, never an earlier evaluation's
+        stem, k = f"eval-{time.strftime('%Y%m%d-%H%M%S')}", 1
+        while (out := Path(a.run) / f"{stem}{f'-{k}' if k > 1 else ''}.json").exists():
+            k += 1
+        outputs.new_file(out, False, "the default --out")  # a run folder that can be written
+    else:
+        raise CliError("give --out FILE.json (no run folder to write into)")
+    attributes = None
+    if a.coverage:
+        from ..attributes import load_classifier
+
+        if not (Path(a.real) / "labels.csv").is_file():
+            raise CliError(f"--coverage needs labels: {a.real!r} has no labels.csv")
+        outputs.earlier_outputs(out.parent, outputs.COVERAGE_NAMES, a.force, "--coverage beside")
+        attributes = load_classifier(None if a.coverage == "shipped" else a.coverage)[0]
+    control, mix = conditional_cli.evaluate_target(a, loaded)
+    keep = None
+    if a.samples_out:
+        outputs.distinct([("--out", out), ("--samples-out", Path(a.samples_out))])
+        outputs.not_inside(a.samples_out, [a.real], "--samples-out", "the --real folder")
+        earlier = outputs.sample_folder(a.samples_out, a.force, flag="--samples-out")
+        names = outputs.sample_names(a.seed, a.n)  # each batch written as soon as it is drawn
+        keep = BatchWriter(a.samples_out, names, lambda: outputs.remove(earlier))
+
+    settings = _settings(a, device, loaded)
+    if (control is not None or mix is not None) and _is_main():
+        from ..pipelines import guidance_words
+
+        print(guidance_words(loaded, settings, a.guidance))
+    return dict(
+        out=out,
+        protocols=protocols,
+        settings=settings,
+        extractor=sampling._extractor(a),
+        attributes=attributes,
+        control=control,
+        mix=mix,
+        guidance=a.guidance,
+        on_samples=keep,
+    )
+
+
+def cmd_steps(a: argparse.Namespace) -> int:
+    from ..distributed import check_same, on_every
+    from ..pipelines import steps_study
+
+    loaded, device = load_for_sampling(a.run, a.model, a.device)
+    check_same(_options(a))  # under torchrun each process draws its share of the same images
+    samplers, out = on_every(lambda: _steps_plan(a, loaded))  # an error said once
+    steps_study(
+        loaded,
+        a.real,
+        steps=a.steps,
+        etas=a.eta,
+        samplers=samplers,
+        n=a.n,
+        settings=_settings(a, device, steps=1, eta=0.0),
+        extractor=sampling._extractor(a),
+        out_dir=out,
+        cache_dir=Path(a.cache_dir) if a.cache_dir else None,
+        progress=_Bars(),
+    )
+    if _is_main():
+        print(f"steps study: {out / 'steps.csv'}, {out / 'steps.md'}, {out / 'steps.png'}")
+    return 0
+
+
+def _steps_plan(a: argparse.Namespace, loaded) -> tuple[list[str], Path]:
+    """`steps`' samplers and output folder, its options checked before any work."""
+    samplers = _names(a.samplers, SAMPLER_NAMES, "sampler")
+    if any(not 1 <= s <= 1000 for s in a.steps) or not a.steps:
+        raise CliError(f"steps must be in 1..1000, got {a.steps}")
+    once(a.steps, "--steps"), once(a.eta, "--eta")
+    check_fits_in_memory(a.n, loaded.config.model.image_size)  # each setting's --n images
+    out = Path(a.out) if a.out else (Path(a.run) if a.run and Path(a.run).is_dir() else None)
+    if out is None:
+        raise CliError("give --out DIR (no run folder to write into)")
+    # steps.png in the real folder: the next KID on it reads the plot as a real image
+    outputs.not_inside(out, [a.real], "--out", "the --real folder")
+    outputs.earlier_outputs(out, outputs.STEPS_NAMES, a.force)  # each is replaced whole
+    return samplers, out
