@@ -40,7 +40,7 @@ def cmd_data_avatars(a: argparse.Namespace) -> int:
 def cmd_data_prepare(a: argparse.Namespace) -> int:
     from ..datasets import prepare
 
-    out = prepare(a.src, a.out, size=a.size)
+    out = prepare(a.src, a.out, size=a.size, progress=True)
     count = json.loads((out / "manifest.json").read_text())["count"]
     print(
         f"prepared {counted(count, 'image')} in {out} ({a.size}x{a.size}: the largest centred "

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from animeddim.data import IMAGE_EXTENSIONS, DataError, list_images, read_error_reason
+from animeddim.data import IMAGE_EXTENSIONS, DataError, Listing, list_images, read_error_reason
 from animeddim.image_files import HEIC_EXTENSIONS, HEIC_REASON, hidden, passed_over_folder
 
 # An archive member larger than this is skipped unread: no training image is 256 MB, and reading
@@ -51,7 +51,7 @@ def _not_read(name: str, passed: dict[str, int]) -> str | None:
     return HEIC_REASON if heic else None
 
 
-def archive_members(
+def _archive_members(
     src: Path, passed: dict[str, int]
 ) -> Iterator[tuple[str, bytes | None, str | None]]:
     """Yield ``(name, bytes, None)`` per image member, or ``(name, None, reason)`` to skip it;
@@ -106,11 +106,28 @@ def _read_member(name: str, declared: int, opener: Any) -> tuple[str, bytes | No
     return name, data, None
 
 
-def folder_members(
-    src: Path, passed: dict[str, int]
-) -> Iterator[tuple[str, bytes | None, str | None]]:
-    listing = list_images(src)
-    passed.update(listing.passed_over)
+def read_members(src: Path, passed: dict[str, int]) -> tuple[Iterator[Member], int | None]:
+    """The members of folder or archive ``src`` (see :func:`_archive_members`), and how many
+    it will yield when that is known without reading them: a folder's and a .zip's count,
+    None for a .tar/.tgz (a stream: counting would decompress it twice). The members in
+    hidden or system folders are counted in ``passed`` as they are met (a folder's at once)."""
+    if src.is_dir():
+        listing = list_images(src)
+        passed.update(listing.passed_over)
+        return _folder_members(src, listing), len(listing.unread) + len(listing.files)
+    total = None
+    if zipfile.is_zipfile(src):
+        with zipfile.ZipFile(src) as zf:
+            total = sum(1 for info in zf.infolist() if _yielded(info.filename, info.is_dir()))
+    return _archive_members(src, passed), total
+
+
+def _yielded(name: str, is_dir: bool) -> bool:
+    """Whether :func:`_archive_members` yields the member ``name`` (read, or noted skipped)."""
+    return not is_dir and name.lower().endswith(_LOOKED_AT) and _passed_over_in(name) is None
+
+
+def _folder_members(src: Path, listing: Listing) -> Iterator[Member]:
     for s in listing.unread:  # HEIC photos, unreadable folders
         yield s.path, None, s.reason
     for path in listing.files:

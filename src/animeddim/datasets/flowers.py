@@ -56,7 +56,7 @@ def download_flowers102(
                 f"deleted, try again or {by_hand}"
             )
         os.replace(part, archive)
-    return prepare(archive, images, size)
+    return prepare(archive, images, size, progress=progress)
 
 
 def _download(url: str, part: Path, progress: bool) -> None:

@@ -7,8 +7,11 @@ import json
 import os
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from animeddim.data import (
     BadImage,
@@ -28,7 +31,7 @@ from animeddim.data import (
 )
 from animeddim.io import is_temp_name, png_bytes, write_bytes_atomic, write_text_atomic
 
-from .archives import archive_members, folder_members
+from .archives import Member, read_members
 from .common import OUTPUT_NAME, PENDING, check_out_creatable, read_json
 
 
@@ -55,7 +58,12 @@ def _source_id(src: Path, size: int) -> dict[str, Any]:
 
 
 def prepare(
-    src: str | Path, out: str | Path, size: int = 64, *, workers: int | None = None
+    src: str | Path,
+    out: str | Path,
+    size: int = 64,
+    *,
+    workers: int | None = None,
+    progress: bool = False,
 ) -> Path:
     """Turn an archive (.zip/.tar/.tgz/.tar.gz) or folder of images into ``out/{i:06d}.png``.
 
@@ -66,70 +74,23 @@ def prepare(
     Skipped members are warned about; no usable image raises :class:`DataError`. Re-running with
     the same source and size returns at once. An existing ``out`` must be empty, or hold what a
     prepare of the same source and size wrote there (finished, or interrupted: done again);
-    anything else raises :class:`DataError`. Returns ``out``.
+    anything else raises :class:`DataError`. ``progress``: a tqdm bar on stderr, one step per
+    member read. Returns ``out``.
     """
     src, out = Path(src), Path(out)
-    if not src.exists():
-        raise DataError(f"source '{src}' does not exist")
-    if size < 1:
-        raise DataError(f"image size must be a positive integer, got {size}")
-    if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
-        raise DataError(f"output folder '{out}' must not be inside the source folder '{src}'")
-    check_out_creatable(out)
-    wanted = _source_id(src, size)
+    wanted = _check_prepare(src, out, size)
+    if wanted is None:
+        return out  # same archive, same size: already done
     manifest_path, pending_path = out / "manifest.json", out / PENDING
-    # The manifest says a prepare finished here, the pending file that one was interrupted;
-    # without either, numbered PNGs are someone's own files (video frames, 000000.png ...).
-    finished = read_json(manifest_path)
-    previous = finished or read_json(pending_path)
-    if previous is not None:
-        if any(previous.get(k) != wanted[k] for k in ("source", "size")):
-            raise DataError(
-                f"folder '{out}' already holds images prepared from {previous.get('source')} at "
-                f"size {previous.get('size')}; use another folder"
-            )
-        if finished and src.is_file() and {k: finished.get(k) for k in wanted} == wanted:
-            return out  # same archive, same size: already done
-    elif out.exists() and any(not is_temp_name(p.name) for p in out.iterdir()):
-        raise DataError(
-            f"folder '{out}' is not empty (it holds files animeddim did not prepare there); "
-            "prepare into a new or empty folder"
-        )
     out.mkdir(parents=True, exist_ok=True)
     interrupted = pending_path.is_file()  # an earlier call's images may lie here
     write_text_atomic(pending_path, json.dumps(wanted))
 
     passed: dict[str, int] = {}  # images in hidden or system folders, not prepared
-    members = folder_members(src, passed) if src.is_dir() else archive_members(src, passed)
-    count, tried, skipped, unconverted = 0, 0, [], []
-    workers = max(1, workers or os.cpu_count() or 1)
-    pool = (
-        concurrent.futures.ProcessPoolExecutor(workers, mp_context=_pool_context())
-        if workers > 1
-        else None
-    )
-    try:
-        # Work in windows so memory holds at most a few hundred encoded images at once.
-        for window in _windows(members, 64 * workers):
-            tried += len(window)
-            todo = [(name, data) for name, data, reason in window if data is not None]
-            skipped += [Skipped(name, why or "") for name, data, why in window if data is None]
-            blobs = [data for _, data in todo]
-            results = (
-                pool.map(_prepare_one, blobs, [size] * len(blobs), chunksize=8)
-                if pool is not None
-                else (_prepare_one(b, size) for b in blobs)
-            )
-            for (name, _), (png, reason, notes) in zip(todo, results, strict=True):
-                unconverted += [Skipped(name, note) for note in notes]
-                if png is None:
-                    skipped.append(Skipped(name, reason or ""))
-                    continue
-                write_bytes_atomic(out / f"{count:06d}.png", png)
-                count += 1
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    members, total = read_members(src, passed)
+    with tqdm(total=total, desc="prepare", unit="img", disable=not progress) as bar:
+        tally = _prepare_members(members, out, size, max(1, workers or os.cpu_count() or 1), bar)
+    count, tried, skipped, unconverted = tally.count, tally.tried, tally.skipped, tally.unconverted
 
     passed = dict(sorted(passed.items()))  # by folder, as a folder walk gives them
     if count == 0:
@@ -163,6 +124,88 @@ def prepare(
     write_bytes_atomic(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
     pending_path.unlink(missing_ok=True)
     return out
+
+
+def _check_prepare(src: Path, out: Path, size: int) -> dict[str, Any] | None:
+    """The source id (:func:`_source_id`) a prepare of ``src`` into ``out`` records, or None
+    when ``out`` holds a finished prepare of the same archive at this size; DataError for a
+    missing source, a bad size or an ``out`` it may not write into."""
+    if not src.exists():
+        raise DataError(f"source '{src}' does not exist")
+    if size < 1:
+        raise DataError(f"image size must be a positive integer, got {size}")
+    if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+        raise DataError(f"output folder '{out}' must not be inside the source folder '{src}'")
+    check_out_creatable(out)
+    wanted = _source_id(src, size)
+    # The manifest says a prepare finished here, the pending file that one was interrupted;
+    # without either, numbered PNGs are someone's own files (video frames, 000000.png ...).
+    finished = read_json(out / "manifest.json")
+    previous = finished or read_json(out / PENDING)
+    if previous is not None:
+        if any(previous.get(k) != wanted[k] for k in ("source", "size")):
+            raise DataError(
+                f"folder '{out}' already holds images prepared from {previous.get('source')} at "
+                f"size {previous.get('size')}; use another folder"
+            )
+        if finished and src.is_file() and {k: finished.get(k) for k in wanted} == wanted:
+            return None
+    elif out.exists() and any(not is_temp_name(p.name) for p in out.iterdir()):
+        raise DataError(
+            f"folder '{out}' is not empty (it holds files animeddim did not prepare there); "
+            "prepare into a new or empty folder"
+        )
+    return wanted
+
+
+@dataclass
+class _Tally:
+    """What a prepare made of its source's members."""
+
+    count: int = 0  # images written, 000000.png ...
+    tried: int = 0  # members read or noted
+    skipped: list[Skipped] = field(default_factory=list)
+    unconverted: list[Skipped] = field(default_factory=list)  # profile not applied
+
+
+def _prepare_members(
+    members: Iterator[Member], out: Path, size: int, workers: int, bar: tqdm
+) -> _Tally:
+    """Prepare each member into ``out`` in turn (``workers`` processes), a step of ``bar``
+    each."""
+    tally = _Tally()
+    pool = (
+        concurrent.futures.ProcessPoolExecutor(workers, mp_context=_pool_context())
+        if workers > 1
+        else None
+    )
+    try:
+        # Work in windows so memory holds at most a few hundred encoded images at once.
+        for window in _windows(members, 64 * workers):
+            tally.tried += len(window)
+            todo = [(name, data) for name, data, reason in window if data is not None]
+            tally.skipped += [
+                Skipped(name, why or "") for name, data, why in window if data is None
+            ]
+            bar.update(len(window) - len(todo))
+            blobs = [data for _, data in todo]
+            results = (
+                pool.map(_prepare_one, blobs, [size] * len(blobs), chunksize=8)
+                if pool is not None
+                else (_prepare_one(b, size) for b in blobs)
+            )
+            for (name, _), (png, reason, notes) in zip(todo, results, strict=True):
+                bar.update(1)
+                tally.unconverted += [Skipped(name, note) for note in notes]
+                if png is None:
+                    tally.skipped.append(Skipped(name, reason or ""))
+                    continue
+                write_bytes_atomic(out / f"{tally.count:06d}.png", png)
+                tally.count += 1
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return tally
 
 
 def _windows(items: Iterator[Any], n: int) -> Iterator[list[Any]]:
