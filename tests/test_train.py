@@ -449,6 +449,38 @@ def test_nothing_left_to_train_is_said_before_the_data_is_read(avatars16, tmp_pa
     _one_line_exit_2(p, "nothing to train in run folder", "2 steps done and --max-steps is 2")
 
 
+def test_a_resume_refused_once_the_data_is_read_writes_nothing(avatars16, tmp_path):
+    """A checkpoint written before it recorded its epoch's length, stopped at --max-steps
+    inside an epoch, is refused 'nothing to train' only once the data is read (before: after
+    metrics.csv had been cut to the checkpoint's epoch and written again). No file of the run
+    folder is written: not its metrics.csv, not its config.json."""
+    data = _folder(avatars16, tmp_path / "data", 12)  # 10 training images, batch 3: 3 steps
+    run = tmp_path / "run"
+    run_here(*_tiny_args(data, run, "--batch-size", "3", "--no-kid", "--epochs", "2",
+                         "--max-steps", "5"))  # fmt: skip
+    last = run / "checkpoints" / "last.safetensors"
+    tensors, meta = ckpt.load(last)
+    assert (meta["epoch"], meta["batch_in_epoch"]) == (1, 2)  # inside epoch 2
+    ckpt.save(last, tensors, {k: v for k, v in meta.items() if k != "steps_per_epoch"})
+    # epoch 2's row, as a resume to its end killed before its checkpoint leaves it
+    (row,) = csv.DictReader(open(run / "metrics.csv", encoding="utf-8"))
+    run_folder.append_metrics(run, {**row, "epoch": 2, "step": 6})
+
+    def files() -> dict:
+        return {
+            p: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in run.rglob("*")
+            if p.is_file() and p.name != run_folder.LOCK_NAME
+        }
+
+    before = files()
+    p = run_here("train", "--resume", str(run), "--quiet", check=False)
+    _one_line_exit_2(p, "nothing to train in run folder", "5 steps done and --max-steps is 5")
+    assert files() == before
+    run_here("train", "--resume", str(run), "--max-steps", "0", "--quiet")
+    assert [r["epoch"] for r in csv.DictReader(open(run / "metrics.csv"))] == ["1", "2"]
+
+
 def test_training_walks_the_data_folder_once(avatars16, tmp_path, monkeypatch):
     """Training listed the data folder twice at its start: once for the fingerprint, once to
     decode it. The walk made for the fingerprint is now the one decoded; a run started before

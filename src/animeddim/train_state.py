@@ -198,11 +198,11 @@ def restore(
     at_a_row = state.batch_in_epoch == 0 and state.epoch % cfg.train.epoch_end_every == 0
     state.row_images = meta.get("row_images", 0)
     state.row_seconds = meta.get("row_seconds", 0.0 if at_a_row else None)
-    if distributed.is_main():
-        truncate_metrics(run_dir, state.epoch)
-    check_left_to_train(
+    check_left_to_train(  # before metrics.csv is touched: a refused resume writes nothing
         run_dir, cfg, state.epoch, state.step, state.batch_in_epoch, data.steps_per_epoch
     )
+    if distributed.is_main():
+        truncate_metrics(run_dir, state.epoch)
     log(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step}")
 
 
