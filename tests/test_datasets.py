@@ -26,7 +26,13 @@ from PIL import Image
 from animeddim.data import DataError, SkippedFilesWarning, load_folder, load_image
 from animeddim.datasets import avatars as avatars_module
 from animeddim.datasets import download_flowers102, generate_avatars, preparation, prepare
-from animeddim.datasets.common import PENDING
+from animeddim.datasets.common import (
+    PENDING,
+    avatar_index,
+    avatar_name,
+    output_index,
+    output_name,
+)
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -424,6 +430,36 @@ def test_prepare_never_writes_over_numbered_images_it_did_not_write(
         prepare(_make_zip(tmp_path / "other.zip"), out, size=8, workers=1)
     with pytest.warns(SkippedFilesWarning):
         prepare(src, out, size=8, workers=1)
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "manifest.json"]
+
+
+def test_image_names_past_a_million_are_read_back() -> None:
+    """Image 1,000,000 is written as '1000000.png' (f"{i:06d}"), which the name patterns
+    (six digits) did not match: prepare left such a file of an earlier, longer run in its
+    folder, and an avatar folder's check took one for someone else's file."""
+    for i in (0, 999_999, 1_000_000, 12_345_678):
+        assert output_index(output_name(i)) == i and avatar_index(avatar_name(i)) == i
+    assert output_name(1_000_000) == "1000000.png"
+    assert avatar_name(1_000_000) == "avatar-1000000.png"
+    for name in ("0000000.png", "00000.png", "1000000.jpg", "avatar-1000000.png", "a000001.png"):
+        assert output_index(name) is None, name
+    for name in ("avatar-0000000.png", "avatar-00001.png", "1000000.png", "avatar-1e6.png"):
+        assert avatar_index(name) is None, name
+
+
+def test_prepare_removes_a_stale_image_numbered_past_a_million(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interrupted prepare of a source that had more usable images (here: its image
+    1,000,000) is done again without it: the files past the new count are removed, whatever
+    their number of digits."""
+    src = tmp_path / "src"
+    for i in range(2):
+        _save_png(src / f"{i}.png", _pixels(i))
+    out = _interrupted_after_one_image(src, tmp_path / "out", monkeypatch)
+    _save_png(out / "1000000.png", _pixels(9))
+    _save_png(out / "999999.png", _pixels(9))
+    prepare(src, out, size=8, workers=1)
     assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "manifest.json"]
 
 

@@ -24,7 +24,7 @@ from animeddim.avatar_labels import (
 from animeddim.data import DataError, _decode, _pool_context
 from animeddim.io import is_temp_name, save_png, write_text_atomic
 
-from .common import AVATAR_NAME, PENDING, check_out_creatable, read_json
+from .common import PENDING, avatar_index, avatar_name, check_out_creatable, read_json
 
 AVATAR_STYLE = "adventurer"
 
@@ -66,7 +66,7 @@ def _render_chunk(out: str, seed: int, size: int, indices: list[int], balanced: 
     for i in indices:
         forced = forced_components(seed, i, balanced)
         pixels = _render_avatar(seed, i, size, forced) if forced else _render_avatar(seed, i, size)
-        save_png(Path(out) / f"avatar-{i:06d}.png", pixels)
+        save_png(Path(out) / avatar_name(i), pixels)
     return len(indices)
 
 
@@ -126,7 +126,7 @@ def generate_avatars(
     out.mkdir(parents=True, exist_ok=True)
     wanted = _avatar_manifest(n, size, seed, balanced)
     manifest_path, pending_path = out / "manifest.json", out / PENDING
-    names = [f"avatar-{i:06d}.png" for i in range(n)]
+    names = [avatar_name(i) for i in range(n)]
 
     for previous_path in (manifest_path, pending_path):
         previous = read_json(previous_path)
@@ -161,7 +161,7 @@ def _check_only_avatars(out: Path, size: int) -> None:
     for path in out.iterdir():
         if path.name in ("CREDITS.md", LABELS_FILE) or is_temp_name(path.name):
             continue
-        if not AVATAR_NAME.fullmatch(path.name):
+        if avatar_index(path.name) is None:
             raise DataError(
                 f"folder '{out}' is not empty and holds no avatar set ('{path.name}'); "
                 "use a new or empty folder"

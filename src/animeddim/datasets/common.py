@@ -12,8 +12,12 @@ from animeddim.data import DataError
 from animeddim.io import file_in_the_way
 
 PENDING = ".animeddim-pending.json"  # arguments of a generation run that has not finished
-OUTPUT_NAME = re.compile(r"\d{6}\.png")  # what prepare() writes, bar manifest.json
-AVATAR_NAME = re.compile(r"avatar-\d{6}\.png")
+
+# Image i is named with at least 6 digits: 000000.png ... 999999.png, then 1000000.png (as
+# f"{i:06d}" writes it; the sample names of `outputs` are numbered the same way).
+_NUMBER = r"(\d{6}|[1-9]\d{6,})"
+_OUTPUT_NAME = re.compile(_NUMBER + r"\.png")  # what prepare() writes, bar manifest.json
+_AVATAR_NAME = re.compile(r"avatar-" + _NUMBER + r"\.png")
 
 
 def check_out_creatable(out: Path) -> None:
@@ -30,3 +34,28 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text("utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def output_name(i: int) -> str:
+    """The file name of prepared image ``i``: '000000.png', ..., '1000000.png'."""
+    return f"{i:06d}.png"
+
+
+def avatar_name(i: int) -> str:
+    """The file name of avatar ``i``: 'avatar-000000.png', ..., 'avatar-1000000.png'."""
+    return f"avatar-{i:06d}.png"
+
+
+def output_index(name: str) -> int | None:
+    """``i`` for the name :func:`output_name` gives image ``i``, else None."""
+    return _index(_OUTPUT_NAME, name)
+
+
+def avatar_index(name: str) -> int | None:
+    """``i`` for the name :func:`avatar_name` gives avatar ``i``, else None."""
+    return _index(_AVATAR_NAME, name)
+
+
+def _index(pattern: re.Pattern[str], name: str) -> int | None:
+    match = pattern.fullmatch(name)
+    return int(match[1]) if match else None

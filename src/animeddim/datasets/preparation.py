@@ -32,7 +32,7 @@ from animeddim.data import (
 from animeddim.io import is_temp_name, png_bytes, write_bytes_atomic, write_text_atomic
 
 from .archives import Member, read_members
-from .common import OUTPUT_NAME, PENDING, check_out_creatable, read_json
+from .common import PENDING, check_out_creatable, output_index, output_name, read_json
 
 
 def _prepare_one(data: bytes, size: int) -> tuple[bytes | None, str | None, list[str]]:
@@ -104,7 +104,7 @@ def prepare(
         )
     # Files from an earlier run of this source that had more usable images would mix in.
     for stale in out.iterdir():
-        if OUTPUT_NAME.fullmatch(stale.name) and int(stale.name[:6]) >= count:
+        if (i := output_index(stale.name)) is not None and i >= count:
             stale.unlink()
     if skipped:
         warnings.warn(skip_summary(skipped, tried), SkippedFilesWarning, stacklevel=2)
@@ -200,7 +200,7 @@ def _prepare_members(
                 if png is None:
                     tally.skipped.append(Skipped(name, reason or ""))
                     continue
-                write_bytes_atomic(out / f"{tally.count:06d}.png", png)
+                write_bytes_atomic(out / output_name(tally.count), png)
                 tally.count += 1
     finally:
         if pool is not None:
