@@ -974,35 +974,112 @@ def test_a_conditional_run_resumed_on_other_labels_is_refused_unless_allowed(
     assert stored.labels == str(changed) and stored.labels_digest not in ("", recorded)
 
 
-def test_a_conditional_run_that_recorded_no_labels_digest_resumes_on_its_own_file_only(
+def _as_recorded_before_labels_digests(run: Path, **data) -> None:
+    """RUN's config.json and checkpoints as a run started before labels were digested (and
+    labels files recorded by their absolute place) wrote them: no data.labels_digest, and
+    the data settings `data` (such as a labels file as given: relative)."""
+
+    def before(config: dict) -> None:
+        del config["data"]["labels_digest"]
+        config["data"].update(data)
+
+    d = json.loads((run / "config.json").read_text())
+    before(d)
+    (run / "config.json").write_text(json.dumps(d))
+    for f in (run / "checkpoints").glob("*.safetensors"):
+        tensors, meta = ckpt.load(f)
+        before(meta["config"])
+        ckpt.save(f, tensors, meta)
+
+
+def _relabelled(labels: Path, out: Path) -> Path:
+    """A copy of labels CSV `labels` at `out`, its first image's colour the other one."""
+    header, first, *rows = labels.read_text().splitlines()
+    name, colour, band = first.split(",")
+    first = ",".join([name, {"red": "blue", "blue": "red"}[colour], band])
+    out.write_text("\n".join([header, first, *rows]) + "\n")
+    return out
+
+
+def test_an_old_conditional_run_resumes_on_labels_its_own_file_vouches_for(
     cond_data, tmp_path, capsys
 ):
-    """A run started before labels were digested: its own labels file resumes as before (and
-    its digest is recorded then); a labels file at another place cannot be checked, and is
-    refused unless --allow-changed-data."""
+    """A run started before labels were digested, given --labels at another place: its own
+    labels file, still where it read it, gives the codes it trained on, and those of the file
+    given are compared with them (before: refused whatever they held, 'cannot be checked').
+    The same labels (rows reordered) go on, their digest recorded; others are refused, naming
+    the run's file; its own file resumes as before."""
     data, run = tmp_path / "data", tmp_path / "run"
     shutil.copytree(cond_data, data)
     cfg = tiny_config(data, max_steps=1)
     cfg.data.labels = str(data / "labels.csv")
     train(cfg.validate(), run, **QUIET)
-    d = json.loads((run / "config.json").read_text())
-    del d["data"]["labels_digest"]
-    (run / "config.json").write_text(json.dumps(d))
-    elsewhere = tmp_path / "labels.csv"
-    shutil.copyfile(data / "labels.csv", elsewhere)
-    resume = ["train", "--resume", run, "--quiet"]
+    recorded = load_run_config(run).data.labels_digest
+    _as_recorded_before_labels_digests(run)
+    in_place = copy_run(run, tmp_path / "in-place")
+    relabelled = _relabelled(data / "labels.csv", tmp_path / "relabelled.csv")
+    resume = ["train", "--resume", run, "--quiet", "--max-steps", "2"]
     _refused_writing_nothing(
         capsys,
         run,
-        [*resume, "--labels", elsewhere, "--max-steps", "2"],
-        f"cannot resume on changed labels: the labels in '{elsewhere}' cannot be checked: the "
-        "run started before its labels were recorded, and read them from "
-        f"'{data / 'labels.csv'}'; give --labels '{data / 'labels.csv'}', or resume with "
-        "--allow-changed-data",
+        [*resume, "--labels", relabelled],
+        f"cannot resume on changed labels: the labels in '{relabelled}' differ from those in "
+        f"the run's labels file; give --labels the run's labels file ('{data / 'labels.csv'}'), "
+        "or resume with --allow-changed-data",
     )
-    rc, _, err = run_main(capsys, *resume, "--max-steps", "2")
+    header, *rows = (data / "labels.csv").read_text().splitlines()
+    reordered = tmp_path / "reordered.csv"
+    reordered.write_text("\n".join([header, *reversed(rows)]) + "\n")
+    rc, _, err = run_main(capsys, *resume, "--labels", reordered)
     assert rc == 0, err
-    assert len(load_run_config(run).data.labels_digest) == 64
+    assert load_run_config(run).data.labels_digest == recorded
+    rc, _, err = run_main(capsys, "train", "--resume", in_place, "--quiet", "--max-steps", "2")
+    assert rc == 0, err
+    assert load_run_config(in_place).data.labels_digest == recorded
+
+
+def test_an_old_conditional_run_whose_data_moved_with_its_labels_resumes_there(
+    cond_data, tmp_path, capsys
+):
+    """A run started before labels were digested, its data folder moved with its labels.csv,
+    resumed with --data NEW (before: refused, 'cannot be checked', until --allow-changed-data):
+    the labels file at its place in the moved folder, whose images are the run's by their
+    fingerprint, stands for the one the run read where it holds each attribute's values the
+    run knew; it goes on with a note, the digest recorded from then on. One whose values
+    differ is refused; a labels file elsewhere, the run's own gone, cannot be checked."""
+    data, moved, run = _conditional_run_whose_data_moved(cond_data, tmp_path)
+    recorded = load_run_config(run).data.labels_digest
+    _as_recorded_before_labels_digests(run)
+    resume = ["train", "--resume", run, "--data", moved, "--quiet", "--max-steps", "2"]
+    labels = (moved / "labels.csv").read_text()
+    (moved / "labels.csv").write_text(labels.replace(",blue,", ",red,"))  # no image blue
+    _refused_writing_nothing(
+        capsys,
+        run,
+        resume,
+        f"the labels in '{moved / 'labels.csv'}' differ from those the run trained on: their "
+        "colour values are 'red', the run's 'blue', 'red'",
+    )
+    (moved / "labels.csv").write_text(labels)
+    elsewhere = tmp_path / "elsewhere.csv"
+    shutil.copyfile(moved / "labels.csv", elsewhere)
+    _refused_writing_nothing(
+        capsys,
+        run,
+        [*resume, "--labels", elsewhere],
+        f"cannot resume on changed labels: the labels in '{elsewhere}' cannot be checked: the "
+        f"run started before its labels were recorded, and read them from "
+        f"'{data / 'labels.csv'}', which is gone; nothing else it recorded can vouch for them; "
+        "put that file back there (a copy will do), or resume with --allow-changed-data",
+    )
+    rc, out, err = run_main(capsys, *resume)
+    assert rc == 0, err
+    assert (
+        f"note: the run's labels file moved with its data folder, from '{data / 'labels.csv'}' "
+        f"to '{moved / 'labels.csv'}'"
+    ) in out
+    stored = load_run_config(run).data
+    assert (stored.labels, stored.labels_digest) == (str(moved / "labels.csv"), recorded)
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from . import distributed
 from .config import PROFILES_TO_SRGB, ConfigError, RunConfig
 from .image_files import EARLIER_EXTENSIONS, folder_problem
 from .io import save_grid
+from .resume_labels import check_same_labels
 from .run_folder import (
     RunFolderError,
     check_new_run_dir,
@@ -123,9 +124,11 @@ def check_data(
         "every process must read the same labels: the labels file at the same path, with the "
         "same rows, on every node",
     )
-    if saved is not None:  # where the run last read its labels (its checkpoint's data.labels)
-        read_from = recorded_data(saved[1], "labels")
-        distributed.on_every(lambda: _check_same_labels(cfg, digest, read_from, allow_changed, log))
+    if saved is not None:
+        root = data_root(cfg, resume=True)
+        distributed.on_every(
+            lambda: check_same_labels(cfg, data, saved[1], root, allow_changed, log)
+        )
 
 
 def _check_data(cfg: RunConfig, data: TrainData) -> None:
@@ -141,39 +144,6 @@ def _check_data(cfg: RunConfig, data: TrainData) -> None:
             f"--eval-every compares samples with the validation split, and it has "
             f"{counted(n_val, 'image')}: give --eval-real DIR, or raise --val-fraction"
         )
-
-
-def _check_same_labels(
-    cfg: RunConfig, digest: str, read_from: str, allow_changed: bool, log
-) -> None:
-    """ConfigError if the labels a resumed run read now (`digest`, from `cfg.data.labels`) are
-    not those it trained on (`cfg.data.labels_digest`), unless `allow_changed`. A run that
-    recorded no digest (started before labels were digested) goes on with the labels file it
-    read (`read_from`) or its subfolders' names (checked with its images); a labels file at
-    another place cannot be checked, and is refused as changed labels are."""
-    from .labels import FOLDERS
-
-    given, then = cfg.data.labels, cfg.data.labels_digest
-    same_file = given == FOLDERS or Path(given).resolve() == Path(read_from).resolve()
-    if digest == then or (not then and same_file):
-        return
-    if then:
-        why = f"the labels in {given!r} differ from those the run trained on"
-        remedy = (
-            "restore them" if same_file else f"give --labels the run's labels file ({read_from!r})"
-        )
-    else:
-        why = (
-            f"the labels in {given!r} cannot be checked: the run started before its labels were "
-            f"recorded, and read them from {read_from!r}"
-        )
-        remedy = f"give --labels {read_from!r}"
-    if not allow_changed:
-        raise ConfigError(
-            f"cannot resume on changed labels: {why}; {remedy}, or resume with "
-            "--allow-changed-data to train on these labels"
-        )
-    log(f"note: resuming on changed labels ({why})")
 
 
 def _check_same_images(
