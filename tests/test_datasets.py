@@ -389,7 +389,80 @@ def test_data_prepare_shows_progress(
     assert capsys.readouterr().err == ""
 
 
-def _interrupted_after_one_image(src: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def _with_duplicates_and_small_images(src: Path) -> Path:
+    """A folder of 6 photos: 'a.png', its copy 'c.png', 'd.png' (a's pixels saved again with
+    other bytes: metadata and compression), two smaller than 16 px ('s1.png' 6x10, 's2.png'
+    12x11) and 'z.png'."""
+    from PIL import PngImagePlugin
+
+    _save_png(src / "a.png", _pixels(1))
+    (src / "c.png").write_bytes((src / "a.png").read_bytes())
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "saved again")
+    Image.fromarray(_pixels(1)).save(src / "d.png", pnginfo=info, compress_level=1)
+    assert (src / "d.png").read_bytes() != (src / "a.png").read_bytes()
+    _save_png(src / "s1.png", _pixels(2, 10, 6))
+    _save_png(src / "s2.png", _pixels(3, 11, 12))
+    _save_png(src / "z.png", _pixels(4, 30, 20))
+    return src
+
+
+def test_prepare_leaves_out_duplicates_and_notes_enlarged_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`data prepare` wrote byte-for-byte copies and re-saved copies of a photo as images of
+    their own (trained twice, and leaked into a held-out set) and enlarged photos smaller than
+    --size without a word. Duplicates by their prepared pixels are left out and both are
+    said in a note each and recorded in the manifest; a re-run says the same."""
+    src = _with_duplicates_and_small_images(tmp_path / "src")
+    out = tmp_path / "out"
+    p = run_here("data", "prepare", src, "--out", out, "--size", 16)
+    assert p.stdout.startswith("prepared 4 images in")
+    notes = [
+        "note: 2 images smaller than 16x16 (the centred square of each) were enlarged to it, "
+        "blurring them (the smallest: s1.png, 6x10); a smaller --size keeps them sharp",
+        "note: left out 2 duplicates: their pixels repeat an earlier image's (trained twice, "
+        "and leaked into a held-out set): c.png = a.png, d.png = a.png",
+    ]
+    assert _said(p.stderr) == notes
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["count"] == 4 and manifest["enlarged"] == 2 and manifest["duplicates"] == 2
+    assert manifest["smallest_enlarged"] == [6, 10, "s1.png"]
+    assert manifest["duplicate_of"] == {"c.png": "a.png", "d.png": "a.png"}
+    names = ["a.png", "s1.png", "s2.png", "z.png"]
+    expected = [load_image(src / n, 16) for n in names]
+    np.testing.assert_array_equal(_read_all(out), np.stack(expected))
+
+    # Run again, and after an interruption: the same images, notes and manifest.
+    p = run_here("data", "prepare", src, "--out", out, "--size", 16)
+    assert _said(p.stderr) == notes
+    again = _interrupted_after_one_image(src, tmp_path / "again", monkeypatch, 16)
+    p = run_here("data", "prepare", src, "--out", again, "--size", 16)
+    assert _said(p.stderr) == notes
+    assert json.loads((again / "manifest.json").read_text()) == manifest
+    np.testing.assert_array_equal(_read_all(again), _read_all(out))
+    # An archive prepared before returns at once, and says them again from its manifest.
+    archive = _write_source(
+        tmp_path / "src.zip", "zip", [(n, (src / n).read_bytes()) for n in sorted(os.listdir(src))]
+    )
+    run_here("data", "prepare", archive, "--out", tmp_path / "z", "--size", 16)
+    p = run_here("data", "prepare", archive, "--out", tmp_path / "z", "--size", 16)
+    assert _said(p.stderr) == notes
+
+
+def test_prepare_without_duplicates_or_small_images_says_nothing_more(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for i in range(3):
+        _save_png(src / f"{i}.png", _pixels(i))
+    p = run_here("data", "prepare", src, "--out", tmp_path / "out", "--size", 16)
+    assert _said(p.stderr) == []
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert (manifest["enlarged"], manifest["duplicates"]) == (0, 0)
+
+
+def _interrupted_after_one_image(
+    src: Path, out: Path, monkeypatch: pytest.MonkeyPatch, size: int = 8
+) -> Path:
     """`out` as a prepare of `src` leaves it when Ctrl-C lands on its second image."""
     real, calls = preparation._prepare_one, []
 
@@ -401,7 +474,7 @@ def _interrupted_after_one_image(src: Path, out: Path, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(preparation, "_prepare_one", stop_at_second)
     with pytest.raises(KeyboardInterrupt):
-        prepare(src, out, size=8, workers=1)
+        prepare(src, out, size=size, workers=1)
     monkeypatch.setattr(preparation, "_prepare_one", real)
     return out
 

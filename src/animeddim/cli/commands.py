@@ -38,14 +38,16 @@ def cmd_data_avatars(a: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(a: argparse.Namespace) -> int:
-    from ..datasets import prepare
+    from ..datasets import prepare, prepared_notes
 
     out = prepare(a.src, a.out, size=a.size, progress=True)
-    count = json.loads((out / "manifest.json").read_text())["count"]
+    manifest = json.loads((out / "manifest.json").read_text())
     print(
-        f"prepared {counted(count, 'image')} in {out} ({a.size}x{a.size}: the largest centred "
-        "square of each, resized)"
+        f"prepared {counted(manifest['count'], 'image')} in {out} ({a.size}x{a.size}: the "
+        "largest centred square of each, resized)"
     )
+    for note in prepared_notes(manifest):  # from the manifest: a re-run says them again
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 

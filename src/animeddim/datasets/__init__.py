@@ -12,7 +12,7 @@ The makers, one module each: :mod:`.avatars` (the built-in DiceBear avatars),
 from .archives import MAX_MEMBER_BYTES
 from .avatars import AVATAR_STYLE, avatar_seed, generate_avatars
 from .flowers import FLOWERS102_MD5, FLOWERS102_URL, download_flowers102
-from .preparation import prepare
+from .preparation import prepare, prepared_notes
 
 __all__ = [
     "AVATAR_STYLE",
@@ -23,4 +23,5 @@ __all__ = [
     "download_flowers102",
     "generate_avatars",
     "prepare",
+    "prepared_notes",
 ]

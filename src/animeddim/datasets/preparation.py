@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
+import io
 import json
 import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from PIL import ExifTags, Image
 from tqdm import tqdm
 
 from animeddim.data import (
@@ -30,20 +33,47 @@ from animeddim.data import (
     unconverted_note,
 )
 from animeddim.io import is_temp_name, png_bytes, write_bytes_atomic, write_text_atomic
+from animeddim.words import counted
 
 from .archives import Member, read_members
 from .common import PENDING, check_out_creatable, output_index, output_name, read_json
 
 
-def _prepare_one(data: bytes, size: int) -> tuple[bytes | None, str | None, list[str]]:
-    """Decode, centre-crop and resize one image; returns ``(png_bytes, None, notes)`` or
-    ``(None, reason, [])``; ``notes``: why its colour profile was not applied."""
+class _Prepared(NamedTuple):
+    """One member prepared: its PNG (None when skipped, ``reason`` saying why), why its
+    colour profile was not applied, its width x height as shown upright, and the digest of
+    its prepared pixels."""
+
+    png: bytes | None
+    reason: str | None
+    notes: list[str]
+    source_size: tuple[int, int] = (0, 0)
+    digest: str = ""
+
+
+def _prepare_one(data: bytes, size: int) -> _Prepared:
+    """Decode, centre-crop and resize one image (see :class:`_Prepared`)."""
     notes: list[str] = []
     try:
         pixels = _decode(data, size, notes=notes)
     except BadImage as exc:
-        return None, exc.reason, []
-    return png_bytes(pixels), None, notes
+        return _Prepared(None, exc.reason, [])
+    # Duplicates are told by the prepared pixels, not by the source's bytes: the same bytes
+    # always prepare to the same pixels, so every byte-for-byte copy is found, and so are
+    # copies whose bytes differ but not their pixels (the same picture saved again with other
+    # metadata, compression or without its EXIF; a PNG and a lossless WebP of it). What trains
+    # twice, and leaks into a held-out set, is the pixels, not the file.
+    digest = hashlib.sha256(pixels.tobytes()).hexdigest()
+    return _Prepared(png_bytes(pixels), None, notes, _upright_size(data), digest)
+
+
+def _upright_size(data: bytes) -> tuple[int, int]:
+    """Width x height of a decodable image as it is shown (EXIF orientation applied), read
+    from its header."""
+    with Image.open(io.BytesIO(data)) as im:
+        width, height = im.size
+        turned = im.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+    return (height, width) if turned else (width, height)
 
 
 def _source_id(src: Path, size: int) -> dict[str, Any]:
@@ -71,11 +101,15 @@ def prepare(
     :func:`animeddim.data.load_image` does; outputs are numbered 0, 1, ... over the usable images
     in archive order (sorted path order for a folder). Members are read into memory one by one,
     never extracted by name, so '..' or absolute member paths cannot write outside ``out``.
-    Skipped members are warned about; no usable image raises :class:`DataError`. Re-running with
-    the same source and size returns at once. An existing ``out`` must be empty, or hold what a
-    prepare of the same source and size wrote there (finished, or interrupted: done again);
-    anything else raises :class:`DataError`. ``progress``: a tqdm bar on stderr, one step per
-    member read. Returns ``out``.
+    Skipped members are warned about; no usable image raises :class:`DataError`. An image whose
+    prepared pixels repeat an earlier one's is left out (``duplicate_of`` in the manifest:
+    left-out member -> the one kept); the images smaller than ``size``, enlarged, are counted
+    there too (``enlarged``, ``smallest_enlarged``; :func:`prepared_notes` says both).
+    Re-running with the same source and size returns at once. An existing ``out`` must be
+    empty, or hold what a prepare of the same source and size wrote there (finished, or
+    interrupted: done again, from its first member); anything else raises
+    :class:`DataError`. ``progress``: a tqdm bar on stderr, one step per member read. Returns
+    ``out``.
     """
     src, out = Path(src), Path(out)
     wanted = _check_prepare(src, out, size)
@@ -120,6 +154,7 @@ def prepare(
         # none of this: its images were read as sRGB; it is kept as it is)
         "colour_profiles": "srgb",
         **({"unconverted": [[s.path, s.reason] for s in unconverted]} if unconverted else {}),
+        **tally.manifest(),
     }
     write_bytes_atomic(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
     pending_path.unlink(missing_ok=True)
@@ -166,6 +201,37 @@ class _Tally:
     tried: int = 0  # members read or noted
     skipped: list[Skipped] = field(default_factory=list)
     unconverted: list[Skipped] = field(default_factory=list)  # profile not applied
+    enlarged: int = 0  # images written whose centred square was smaller than the size
+    smallest: tuple[int, int, str] | None = None  # of those: the smallest, (w, h, name)
+    first_of: dict[str, str] = field(default_factory=dict)  # pixel digest -> member
+    duplicates: dict[str, str] = field(default_factory=dict)  # member left out -> earlier one
+
+    def add(self, name: str, done: _Prepared, out: Path, size: int) -> None:
+        """Write member ``name`` as the next image, unless it was skipped or repeats the
+        pixels of an earlier one."""
+        self.unconverted += [Skipped(name, note) for note in done.notes]
+        if done.png is None:
+            self.skipped.append(Skipped(name, done.reason or ""))
+            return
+        if (first := self.first_of.setdefault(done.digest, name)) != name:
+            self.duplicates[name] = first
+            return
+        write_bytes_atomic(out / output_name(self.count), done.png)
+        self.count += 1
+        width, height = done.source_size
+        if min(width, height) < size:
+            self.enlarged += 1
+            if self.smallest is None or min(width, height) < min(self.smallest[:2]):
+                self.smallest = (width, height, name)
+
+    def manifest(self) -> dict[str, Any]:
+        """The manifest's record of the enlarged images and the duplicates left out."""
+        return {
+            "enlarged": self.enlarged,
+            **({"smallest_enlarged": list(self.smallest)} if self.smallest else {}),
+            "duplicates": len(self.duplicates),
+            **({"duplicate_of": self.duplicates} if self.duplicates else {}),
+        }
 
 
 def _prepare_members(
@@ -183,7 +249,7 @@ def _prepare_members(
         # Work in windows so memory holds at most a few hundred encoded images at once.
         for window in _windows(members, 64 * workers):
             tally.tried += len(window)
-            todo = [(name, data) for name, data, reason in window if data is not None]
+            todo = [(name, data) for name, data, _ in window if data is not None]
             tally.skipped += [
                 Skipped(name, why or "") for name, data, why in window if data is None
             ]
@@ -194,18 +260,35 @@ def _prepare_members(
                 if pool is not None
                 else (_prepare_one(b, size) for b in blobs)
             )
-            for (name, _), (png, reason, notes) in zip(todo, results, strict=True):
+            for (name, _), done in zip(todo, results, strict=True):
                 bar.update(1)
-                tally.unconverted += [Skipped(name, note) for note in notes]
-                if png is None:
-                    tally.skipped.append(Skipped(name, reason or ""))
-                    continue
-                write_bytes_atomic(out / output_name(tally.count), png)
-                tally.count += 1
+                tally.add(name, done, out, size)
     finally:
         if pool is not None:
             pool.shutdown()
     return tally
+
+
+def prepared_notes(manifest: dict[str, Any]) -> list[str]:
+    """The notes a prepare's ``manifest`` gives at its end, one line each: the images smaller
+    than its size, enlarged, and the duplicates left out (none for a manifest written before
+    they were recorded)."""
+    notes, size = [], manifest.get("size")
+    if enlarged := manifest.get("enlarged", 0):
+        width, height, name = manifest["smallest_enlarged"]
+        notes.append(
+            f"{counted(enlarged, 'image')} smaller than {size}x{size} (the centred square of "
+            f"each) {'was' if enlarged == 1 else 'were'} enlarged to it, blurring them (the "
+            f"smallest: {shown(name)}, {width}x{height}); a smaller --size keeps them sharp"
+        )
+    if duplicates := manifest.get("duplicate_of", {}):
+        pairs = [f"{shown(d)} = {shown(first)}" for d, first in list(duplicates.items())[:3]]
+        more = ", ..." if len(duplicates) > 3 else ""
+        notes.append(
+            f"left out {counted(len(duplicates), 'duplicate')}: their pixels repeat an earlier "
+            f"image's (trained twice, and leaked into a held-out set): {', '.join(pairs)}{more}"
+        )
+    return notes
 
 
 def _windows(items: Iterator[Any], n: int) -> Iterator[list[Any]]:
