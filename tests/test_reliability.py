@@ -1082,6 +1082,69 @@ def test_an_old_conditional_run_whose_data_moved_with_its_labels_resumes_there(
     assert (stored.labels, stored.labels_digest) == (str(moved / "labels.csv"), recorded)
 
 
+def test_an_old_run_that_recorded_its_labels_file_relative_resumes_from_another_directory(
+    cond_data, tmp_path, tiny_json, capsys, monkeypatch
+):
+    """A run started before labels files were recorded by their absolute place kept
+    `--labels data/labels.csv` as given, relative to the directory it started in; resumed
+    from another one (before: read from there: 'does not exist', or a same-named file
+    there, labelling otherwise, trained on without a word), the file is found from its
+    data folder's recorded place, with a note. Where that cannot tell (an absolute --data, the
+    labels outside it): one line naming the path and the remedy, --labels with its place."""
+    start, other, run = tmp_path / "start", tmp_path / "other", tmp_path / "run"
+    shutil.copytree(cond_data, start / "data")
+    (other / "data").mkdir(parents=True)
+    _relabelled(start / "data" / "labels.csv", other / "data" / "labels.csv")  # not the run's
+    monkeypatch.chdir(start)
+    args = _train_args(Path("data"), run, tiny_json, "--labels", "data/labels.csv")
+    rc, _, err = run_main(capsys, *args, "--max-steps", "1")
+    assert rc == 0, err
+    recorded = load_run_config(run).data.labels_digest
+    _as_recorded_before_labels_digests(run, labels="data/labels.csv")
+    monkeypatch.chdir(other)
+    place = start / "data" / "labels.csv"
+    place.rename(tmp_path / "aside.csv")
+    _refused_writing_nothing(
+        capsys,
+        run,
+        ["train", "--resume", run, "--max-steps", "2", "--quiet"],
+        f"labels file '{place}' does not exist: the run's labels file, recorded as "
+        "'data/labels.csv' relative to the directory it started in; put it back there, or "
+        "resume with --labels and its place now and --allow-changed-data",
+    )
+    (tmp_path / "aside.csv").rename(place)
+    rc, out, err = run_main(capsys, "train", "--resume", run, "--max-steps", "2", "--quiet")
+    assert rc == 0, err
+    assert (
+        "note: the run's labels file 'data/labels.csv', recorded relative to the directory it "
+        f"started in, is read from '{place}'"
+    ) in out
+    stored = load_run_config(run).data
+    assert (stored.labels, stored.labels_digest) == (str(place), recorded)
+
+    (start / "rel").mkdir()
+    shutil.copyfile(place, start / "rel" / "labels.csv")
+    monkeypatch.chdir(start)
+    run = tmp_path / "run-2"
+    args = _train_args(start / "data", run, tiny_json, "--labels", "rel/labels.csv")
+    rc, _, err = run_main(capsys, *args, "--max-steps", "1")
+    assert rc == 0, err
+    _as_recorded_before_labels_digests(run, labels="rel/labels.csv")
+    monkeypatch.chdir(other)
+    resume = ["train", "--resume", run, "--max-steps", "2", "--quiet"]
+    _refused_writing_nothing(
+        capsys,
+        run,
+        resume,
+        f"labels file 'rel/labels.csv' does not exist in '{other}': the run recorded it "
+        "relative to the directory it started in, which it did not record; resume from that "
+        "directory, or give --labels with the file's place",
+    )
+    rc, _, err = run_main(capsys, *resume, "--labels", start / "rel" / "labels.csv")
+    assert rc == 0, err
+    assert load_run_config(run).data.labels_digest == recorded
+
+
 # --------------------------------------------------------------------------------------------
 # bad options of every command: one table
 

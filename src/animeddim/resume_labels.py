@@ -5,7 +5,7 @@ A run records the digest of the attribute codes it trains on (`data.labels_diges
 labels file by its absolute place (`data.labels`). A run started before either was recorded
 kept its labels file as given (relative to the directory it started in, which it did not
 record) and nothing of its labels but their vocabulary (`model.vocabulary`): what it did
-record stands for the rest where it can (`check_same_labels`).
+record stands for the rest where it can (`find_recorded_labels`, `check_same_labels`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,78 @@ if TYPE_CHECKING:
     from .train_data import TrainData
 
 
+def recorded_place(labels: str, data_path: str, abs_path: str) -> str:
+    """The absolute place of a labels file a run recorded as `labels` relative to the
+    directory it started in, found from its data folder as given (`data_path`) and its
+    absolute place (`abs_path`): the start directory is `abs_path` less `data_path`, or, for
+    a data folder reached through a link, the labels file lies in it (`data/labels.csv` of
+    `--data data`). '' where they cannot tell (an absolute data path and a labels file outside
+    it, or a run that recorded no absolute place)."""
+    lab, given = Path(labels), Path(data_path)
+    if not abs_path or given.is_absolute():
+        return ""
+    there = Path(abs_path)
+    n = len(given.parts)
+    if ".." not in given.parts and there.parts[len(there.parts) - n :] == given.parts:
+        return str(Path(*there.parts[: len(there.parts) - n]) / lab)
+    if lab.is_relative_to(given):
+        return str(there / lab.relative_to(given))
+    return ""
+
+
+def find_recorded_labels(cfg: RunConfig, meta: dict[str, Any], log) -> None:
+    """Set `cfg.data.labels` to the place of the labels file a resumed run recorded relative
+    to the directory it started in (a run from before labels files were recorded by their
+    absolute place; `meta`: its checkpoint's metadata), whatever the working directory is
+    now, with a note where that is not what the path reads from here. ConfigError naming the
+    file and the remedy where it is not there, or the place cannot be told and the path leads
+    to no file from here (from here: read as before)."""
+    from .labels import FOLDERS
+
+    labels = cfg.data.labels
+    if labels in ("", FOLDERS) or Path(labels).is_absolute():
+        return
+    if labels != recorded_data(meta, "labels") or not recorded_data(meta, "abs_path"):
+        return  # given anew, or a run that reads its data folder from here too
+    place = recorded_place(labels, recorded_data(meta, "path"), recorded_data(meta, "abs_path"))
+    if not place:
+        if Path(labels).is_file():
+            return
+        raise ConfigError(
+            f"labels file {labels!r} does not exist in {os.getcwd()!r}: the run recorded it "
+            "relative to the directory it started in, which it did not record; resume from "
+            "that directory, or give --labels with the file's place"
+        )
+    if Path(place).resolve() == Path(labels).resolve():
+        return  # resumed from the directory it started in
+    if not Path(place).is_file() and Path(recorded_data(meta, "abs_path")).is_dir():
+        raise ConfigError(  # (a data folder gone too is said next, with its remedy)
+            f"labels file {place!r} does not exist: the run's labels file, recorded as "
+            f"{labels!r} relative to the directory it started in; put it back there, or resume "
+            "with --labels and its place now and --allow-changed-data (the run recorded "
+            "nothing to check other labels by)"
+        )
+    cfg.data.labels = place
+    if Path(place).is_file():
+        log(
+            f"note: the run's labels file {labels!r}, recorded relative to the directory it "
+            f"started in, is read from {place!r}"
+        )
+
+
 def last_read(meta: dict[str, Any], given: str) -> str:
-    """Where the run whose checkpoint's metadata is `meta` last read its labels."""
-    return recorded_data(meta, "labels")
+    """Where the run whose checkpoint's metadata is `meta` last read its labels: the file it
+    recorded, made absolute where it was recorded relative (`recorded_place`). Where that
+    cannot be told, `given` if it names that path (a file at its place from the start
+    directory), else the path as recorded."""
+    labels = recorded_data(meta, "labels")
+    if not labels or Path(labels).is_absolute():
+        return labels
+    place = recorded_place(labels, recorded_data(meta, "path"), recorded_data(meta, "abs_path"))
+    if place:
+        return place
+    ends = Path(os.path.abspath(given)).parts[-len(Path(labels).parts) :]
+    return given if ".." not in Path(labels).parts and ends == Path(labels).parts else labels
 
 
 def check_same_labels(

@@ -19,6 +19,7 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed
 from .config import RunConfig
+from .resume_labels import find_recorded_labels
 from .run_folder import (
     check_left_to_train,
     latest_checkpoint,
@@ -171,6 +172,7 @@ def resume_point(
         # at an epoch's start, an epoch of any length has its steps to do
         if not batch or (per_epoch and not allow_changed_data):
             check_left_to_train(run_dir, cfg, meta["epoch"], meta["step"], batch, per_epoch or 1)
+        find_recorded_labels(cfg, meta, log)  # recorded relative: from where the run started
         return tensors, meta
 
     # the temporary files of a process killed while it wrote, removed before any is read
