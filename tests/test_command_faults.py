@@ -1039,47 +1039,98 @@ def test_a_stopped_sample_is_not_mixed_with_other_settings(run, tmp_path, capsys
     assert _files(out) == _files(tmp_path / "fresh")
 
 
-def test_evaluate_stopped_while_drawing_keeps_the_samples_drawn_so_far(
-    run, avatars16, tmp_path, capsys, monkeypatch, fake
+_TIMES = {"seconds", "generate_seconds", "standard_seconds", "date"}
+
+
+def _measured(path: Path) -> dict:
+    """An evaluation's JSON without its timings and date."""
+    r = json.loads(path.read_text())
+    r["paper"] = {k: v for k, v in r["paper"].items() if k != "seconds"}
+    return {k: v for k, v in r.items() if k not in _TIMES}
+
+
+@pytest.mark.parametrize("files", [0, 1], ids=["between-batches", "mid-batch"])
+def test_a_stopped_evaluate_goes_on_and_equals_an_uninterrupted_one(
+    run, avatars16, tmp_path, capsys, monkeypatch, fake, files
 ):
-    """Ctrl-C while `evaluate --samples-out` draws (at its third batch of 2) kept nothing:
-    the images were held until every one was drawn. Each batch is now written as soon as it
-    is drawn: the four drawn stay, those of an uninterrupted call, and one line says so; no
-    --out is written, and the same command again needs --force, which draws them all."""
+    """Ctrl-C while `evaluate --samples-out` draws (at its third batch of 2, after `files`
+    of its PNGs) keeps the batches drawn, and one line says so; the same command again drew
+    them all, and only with --force. It now goes on as `sample --out` does: it keeps the
+    images there, draws only the others, then measures, and its JSON (KID, FID, paper KID)
+    and folder are those of an uninterrupted call; other settings are refused in one line
+    naming each difference."""
     from animeddim.pipelines import core
 
-    out, drawn = tmp_path / "s", tmp_path / "whole"
-    args = ["evaluate", "--run", run, "--real", avatars16, "--n", 7, "--steps", 2,
-            "--batch-size", 2, "--protocols", "standard", "--out", tmp_path / "e.json"]  # fmt: skip
-    real, calls = core.generate, []
+    base = ["evaluate", "--run", run, "--real", avatars16, "--n", 7, "--steps", 2,
+            "--batch-size", 2, "--protocols", "standard,paper"]  # fmt: skip
+    whole = tmp_path / "whole"
+    rc, _, err = run_main(capsys, *base, "--out", tmp_path / "w.json", "--samples-out", whole)
+    assert rc == 0, err
+    out, result = tmp_path / "s", tmp_path / "e.json"
+    argv = [*base, "--out", result, "--samples-out", out]
+    with monkeypatch.context() as m:
+        _stop_at_write(m, 3, files)  # two batches written, the third stopped
+        rc, stdout, err = run_main(capsys, *argv)
+    assert rc == 130 and "Traceback" not in err, err
+    said = [line for line in stdout.splitlines() if line.startswith("interrupted:")]
+    assert said == [
+        f"interrupted: {4 + files} of 7 samples kept in {str(out)!r}, nothing measured; the "
+        f"same command again goes on from there (draws the other {3 - files}, then measures)"
+    ], stdout
+    assert not result.exists()
+    kept = {name: data for name, data in _files(out).items() if name.endswith(".png")}
+    assert kept == {k: v for k, v in _files(whole).items() if k in kept} and len(kept) == 4 + files
+    before = _files(out)
+    rc, _, err = run_main(capsys, *base, "--steps", 3, "--out", result, "--samples-out", out)
+    assert rc == 2 and _files(out) == before
+    _one_line(err, f"--samples-out {str(out)!r} holds the unfinished samples of other settings",
+              "steps 2 there, 3 now", "give another --samples-out")  # fmt: skip
+    real, drawn = core.generate, []
 
-    def generate(*a, **k):  # a stop as the third batch begins (the SIGINT handler's raise)
-        calls.append(k["n"])
-        if len(calls) == 3:
-            raise KeyboardInterrupt
+    def generate(*a, **k):  # counts the images drawn
+        drawn.append(k["n"])
         return real(*a, **k)
 
     with monkeypatch.context() as m:
         m.setattr(core, "generate", generate)
-        rc, stdout, err = run_main(capsys, *args, "--samples-out", out)
-    assert rc == 130 and "Traceback" not in err, err
-    said = [line for line in stdout.splitlines() if line.startswith("interrupted:")]
-    assert said == [
-        f"interrupted: 4 of 7 samples kept in {str(out)!r}, nothing measured; the same "
-        "command again draws them all (with --force, which replaces them)"
-    ], stdout
-    kept = _files(out)
-    assert sorted(kept) == [f"seed0-{i:06d}.png" for i in range(4)]
-    assert not (tmp_path / "e.json").exists()
-    rc, _, err = run_main(capsys, "sample", "--run", run, "--n", 4, "--steps", 2, "--out", drawn)
-    assert rc == 0, err
-    assert _files(drawn) == kept  # image i depends on the seed and i alone
-    rc, _, err = run_main(capsys, *args, "--samples-out", out)
-    assert rc == 2 and _files(out) == kept
+        rc, stdout, err = run_main(capsys, *argv)
+    assert rc == 0, err  # before: 2, "already holds earlier outputs ...; use --force"
+    said = f"note: {str(out)!r} holds {4 + files} of 7 samples of this evaluation, stopped "
+    assert f"{said}before its end: drawing the other {3 - files}, then measuring all 7" in err
+    assert sum(drawn) == 3 - files  # the others only
+    assert _files(out) == _files(whole)  # the note is gone: a whole set, refused as before
+    assert _measured(result) == _measured(tmp_path / "w.json")  # KID, FID, paper KID
+    rc, _, err = run_main(capsys, *argv, "--out", tmp_path / "again.json")
+    assert rc == 2
     _one_line(err, "already holds earlier outputs", "--force")
-    rc, _, err = run_main(capsys, *args, "--samples-out", out, "--force")
-    assert rc == 0, err
-    assert len(_files(out)) == 7 and {k: _files(out)[k] for k in kept} == kept
+
+
+def test_kept_samples_a_process_cannot_read_are_refused_before_any_drawing(tmp_path):
+    """Each process reads the kept samples of its own block (`evaluate --samples-out` going
+    on under torchrun); one that cannot (a folder not shared by the nodes) is refused in one
+    line naming the folder and the remedy, before any image is drawn."""
+    from animeddim.data import DataError
+    from animeddim.pipelines.folder import Kept, draw_blocks
+
+    names = [f"seed0-{i:06d}.png" for i in range(4)]
+    Image.new("RGB", (8, 8)).save(tmp_path / names[0])
+    drawn = []
+
+    def make(count, first):
+        drawn.append((first, count))
+        return torch.zeros(count, 8, 8, 3, dtype=torch.uint8)
+
+    part, every = draw_blocks(make, 4, 2, kept=Kept(tmp_path, names, frozenset({0})))
+    assert drawn == [(1, 1), (2, 2)] and len(part) == 4 and len(every) == 4  # 0 read back
+    drawn.clear()
+    with pytest.raises(DataError) as e:
+        draw_blocks(make, 4, 2, kept=Kept(tmp_path, names, frozenset({0, 1})))
+    assert drawn == []
+    assert str(e.value) == (
+        f"{str(tmp_path)!r} holds 2 images of a stopped call that process 0 cannot read "
+        f"(e.g. {names[1]}: a folder not shared by the nodes); go on in processes that share "
+        "it (one node, or without torchrun), or give another folder"
+    )
 
 
 def test_sample_names_past_a_million_are_recognised_as_samples(tmp_path):

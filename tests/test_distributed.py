@@ -241,6 +241,52 @@ def test_a_sample_stopped_in_one_process_is_finished_by_two(
 
 
 @needs_weights
+def test_an_evaluate_stopped_in_one_process_is_finished_by_two(
+    one_process_run, avatars16, tmp_path, capsys, monkeypatch
+):
+    """`evaluate --samples-out` stopped (Ctrl-C) in one process while it wrote its third
+    batch (5 of 7 samples kept), then the same command under torchrun: each process reads
+    the kept samples of its block (process 0's are all kept: it draws none) and draws the
+    rest, and the folder and every number of the JSON equal those of an uninterrupted
+    two-process call exactly (each process measures the same block of the same images)."""
+    from conftest import run_main
+
+    from animeddim import io as animeddim_io
+
+    real, cache = _real_folder(avatars16, tmp_path), tmp_path / "cache"
+    common = ["evaluate", "--run", str(one_process_run), "--real", str(real), "--n", "7"]
+    common += ["--steps", "2", "--batch-size", "2", "--cache-dir", str(cache), "--device", "cpu"]
+    animeddim(*common, "--out", str(tmp_path / "whole.json"),
+              "--samples-out", str(tmp_path / "whole"), nproc=2)  # fmt: skip
+    argv = [*common, "--out", str(tmp_path / "e.json"), "--samples-out", str(tmp_path / "s")]
+    save, calls = animeddim_io.save_pngs, []
+
+    def stop_in_third(images, folder, names):
+        calls.append(names)
+        if len(calls) == 3:
+            save(images[:1], folder, names[:1])
+            raise KeyboardInterrupt  # as the SIGINT handler does
+        return save(images, folder, names)
+
+    monkeypatch.setattr(animeddim_io, "save_pngs", stop_in_third)
+    rc, stdout, err = run_main(capsys, *argv)
+    assert rc == 130 and "interrupted: 5 of 7 samples kept" in stdout, (stdout, err)
+    monkeypatch.undo()
+    p = animeddim(*argv, nproc=2)
+    assert p.stdout.count("7 samples in") == 1, p.stdout
+    assert p.stderr.count("holds 5 of 7 samples of this evaluation") == 1, p.stderr
+    assert len(_same_pngs(tmp_path / "whole", tmp_path / "s")) == 7
+    assert not list((tmp_path / "s").glob(".*"))  # the pending note is gone
+    one, two = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("whole", "e"))
+    timings = {"seconds", "generate_seconds", "standard_seconds", "date"}
+    for r in (one, two):
+        r["paper"].pop("seconds")
+    assert {k: v for k, v in one.items() if k not in timings} == {
+        k: v for k, v in two.items() if k not in timings
+    }
+
+
+@needs_weights
 def test_two_process_steps_study_equals_one_process(one_process_run, avatars16, tmp_path):
     """Every setting's images drawn and measured in blocks over the processes; process 0
     writes steps.csv/.md/.png. Before: refused under torchrun ('steps' runs in one process)."""

@@ -205,8 +205,6 @@ def sample_conditional(a: argparse.Namespace, loaded, settings) -> Any:
     images are asked, for the note of an unfinished --out: {"attributes": the options and a
     digest of the codes they give, "guidance": its words}; and the lines that say so (printed
     once the outputs are found fit: a refused one is then the only line)."""
-    import hashlib
-
     from .outputs import sample_names
     from .pipelines import attribute_codes, guidance_words, rows_from
     from .pipelines.conditional import grid_rows
@@ -236,9 +234,18 @@ def sample_conditional(a: argparse.Namespace, loaded, settings) -> Any:
         names = sample_names(a.seed, a.n)
         job = image_job(loaded, settings, names, min(8, a.n), codes, a.guidance)
         given = f"--attrs-from {a.attrs_from}" if a.attrs_from else ""
+    return job, asked_note(a, given, codes, words), said
+
+
+def asked_note(a: argparse.Namespace, given: str, codes, words: str) -> dict[str, str]:
+    """What the images of `sample --out` or `evaluate --samples-out` are asked, for the note
+    of an unfinished folder: {"attributes": the options (`given`, then each --attr) and a
+    digest of the codes they give, "guidance": its words}."""
+    import hashlib
+
     given = " ".join([given, *(f"--attr {x}" for x in a.attr or ())]).strip()
     digest = hashlib.sha256(codes.cpu().numpy().tobytes()).hexdigest()[:16]
-    return job, {"attributes": f"{given} (codes sha256:{digest})", "guidance": words}, said
+    return {"attributes": f"{given} (codes sha256:{digest})", "guidance": words}
 
 
 def grid_names(attribute: str, values: list[str], seed: int, n: int) -> list[str]:

@@ -23,6 +23,7 @@ from .common import (
     once,
     shown,
 )
+from .sample_folder import SampleFolder, folder_settings
 from .sampling import _options, _settings, check_fits_in_memory, load_for_sampling
 
 
@@ -65,21 +66,29 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     loaded, device = load_for_sampling(a.run, a.model, a.device)
     check_same(_options(a))  # under torchrun each process draws its share of the same images
     plan = on_every(lambda: _evaluate_plan(a, loaded, device))  # an error said once
+    folder = _samples_folder(a, loaded, plan)  # None without --samples-out
     cache = Path(a.cache_dir) if a.cache_dir else None
     try:
         r = evaluate(loaded, a.real, n=a.n, cache_dir=cache, progress=_Bars(), **plan)
     except KeyboardInterrupt:
-        if not a.samples_out:
+        if folder is None:
             raise
         _close_bars()
         if _is_main():  # the batches drawn so far are written, each whole
-            print(f"interrupted: {plan['on_samples'].written} of {counted(a.n, 'sample')} "
-                  f"kept in {a.samples_out!r}, nothing measured; the same command again "
-                  "draws them all (with --force, which replaces them)")  # fmt: skip
+            kept = folder.count_kept()
+            rest = f"draws the other {a.n - kept}, then measures" if kept < a.n else "measures"
+            print(f"interrupted: {kept} of {counted(a.n, 'sample')} kept in "
+                  f"{a.samples_out!r}, nothing measured; the same command again goes on "
+                  f"from there ({rest})")  # fmt: skip
         return EXIT_INTERRUPTED
+    except Exception:
+        if folder is not None:
+            folder.abandon()
+        raise
     if not _is_main():
         return 0
-    if a.samples_out:
+    if folder is not None:
+        folder.finish()  # measured and written: a whole set, refused as any finished output
         print(f"{counted(a.n, 'sample')} in {a.samples_out}")
     if "kid_mean" in r:
         print(
@@ -105,9 +114,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 def _evaluate_plan(a: argparse.Namespace, loaded, device) -> dict[str, Any]:
     """`evaluate`'s options, checked before any work, as `pipelines.evaluate`'s arguments
-    (out, protocols, settings, extractor, attributes, control, mix, guidance, on_samples)."""
-    from ..pipelines.folder import BatchWriter
-
+    (out, protocols, settings, extractor, attributes, control, mix, guidance; on_samples and
+    kept are `_samples_folder`'s)."""
     check_fits_in_memory(a.n, loaded.config.model.image_size)
     protocols = _names(a.protocols, KID_PROTOCOLS, "protocol")
     if not Path(a.real).is_dir():
@@ -130,14 +138,9 @@ def _evaluate_plan(a: argparse.Namespace, loaded, device) -> dict[str, Any]:
         outputs.earlier_outputs(out.parent, outputs.COVERAGE_NAMES, a.force, "--coverage beside")
         attributes = load_classifier(None if a.coverage == "shipped" else a.coverage)[0]
     control, mix = conditional_cli.evaluate_target(a, loaded)
-    keep = None
-    if a.samples_out:
+    if a.samples_out:  # the folder itself is looked at by `_samples_folder`
         outputs.distinct([("--out", out), ("--samples-out", Path(a.samples_out))])
         outputs.not_inside(a.samples_out, [a.real], "--samples-out", "the --real folder")
-        earlier = outputs.sample_folder(a.samples_out, a.force, flag="--samples-out")
-        names = outputs.sample_names(a.seed, a.n)  # each batch written as soon as it is drawn
-        keep = BatchWriter(a.samples_out, names, lambda: outputs.remove(earlier))
-
     settings = _settings(a, device, loaded)
     if (control is not None or mix is not None) and _is_main():
         from ..pipelines import guidance_words
@@ -152,8 +155,41 @@ def _evaluate_plan(a: argparse.Namespace, loaded, device) -> dict[str, Any]:
         control=control,
         mix=mix,
         guidance=a.guidance,
-        on_samples=keep,
+        on_samples=None,
+        kept=None,
     )
+
+
+def _samples_folder(a: argparse.Namespace, loaded, plan: dict[str, Any]) -> SampleFolder | None:
+    """`evaluate --samples-out DIR`, looked at (on process 0) once every process has checked
+    the options: as `sample --out` does, a stopped call's samples with the same settings
+    are kept (read back, not drawn: `plan`'s kept), other settings refused, and each batch
+    drawn is written as soon as it is (`plan`'s on_samples), the pending note left in DIR
+    until the evaluation is written. None (and nothing set) without --samples-out."""
+    from ..distributed import from_main
+    from ..pipelines import guidance_words
+    from ..pipelines.evaluation import evaluation_job
+    from ..pipelines.folder import BatchWriter, Kept
+
+    if not a.samples_out:
+        return None
+    settings = plan["settings"]
+    job = evaluation_job(loaded, settings, plan["control"], plan["mix"], a.guidance, a.n)
+    asked = {}
+    if job.codes is not None:  # what the images are asked, as sample's note holds it
+        given = f"--attrs-from {a.attrs_from}" if a.attrs_from else ""
+        words = guidance_words(loaded, settings, a.guidance)
+        asked = conditional_cli.asked_note(a, given, job.codes, words)
+    held = folder_settings(a.samples_out, a.n, loaded, settings, asked, job)
+    what = ("sample", "evaluation")
+    folder = SampleFolder(a.samples_out, a.force, [], job, held, "--samples-out", what)
+    kept = from_main(lambda: sorted(folder.kept))  # process 0 looked; each reads its block
+    before = folder.begin if folder.earlier else None  # --force: the earlier samples go
+    plan["on_samples"] = BatchWriter(a.samples_out, job.names, before, set(kept))
+    if kept:
+        index = {name: i for i, name in enumerate(job.names)}
+        plan["kept"] = Kept(Path(a.samples_out), job.names, frozenset(index[k] for k in kept))
+    return folder
 
 
 def cmd_steps(a: argparse.Namespace) -> int:

@@ -1,8 +1,9 @@
-"""What `sample --out` finds in its folder and leaves there while it draws."""
+"""What `sample --out` and `evaluate --samples-out` find in their folder and leave there
+while they draw: a stopped call's images are kept, and the same command again draws the
+rest."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -11,42 +12,57 @@ from ..words import counted
 
 
 class SampleFolder:
-    """What `sample --out` finds in and leaves in its folder (checked on process 0, its
-    refusal raised on every process): the images an unfinished call with the same settings
-    left (`kept`, not drawn again), the earlier samples --force replaces (`earlier`,
-    removed just before the first new image is written), and the pending note
-    (`outputs.SAMPLE_PENDING`) that holds the settings from the first image to the last."""
+    """What `sample --out` (`evaluate --samples-out`: `flag`) finds in and leaves in its
+    folder `out` (None: no folder; checked on process 0, its refusal raised on every
+    process): the images an unfinished call with the same settings left (`kept`, not drawn
+    again), the earlier samples `force` replaces (`earlier`, removed just before the first
+    new image is written), and the pending note (`outputs.SAMPLE_PENDING`) that holds the
+    settings from the first image to the last. `files`: (flag, path) of the command's other
+    outputs, which may lie in the folder (--grid, --trajectory); `what`: how the note on kept
+    images names them ("image", "sample") and the call ("sample", "evaluation")."""
 
-    def __init__(self, a: argparse.Namespace, files, job, settings: dict | None) -> None:
+    def __init__(
+        self,
+        out: str | Path | None,
+        force: bool,
+        files,
+        job,
+        settings: dict | None,
+        flag: str = "--out",
+        what: tuple[str, str] = ("image", "sample"),
+    ) -> None:
         from ..distributed import is_main, on_main
 
-        self.out = Path(a.out) if a.out else None
-        self.names, self.settings = job.names, settings
+        self.out = Path(out) if out else None
+        self.names, self.settings, self.what = job.names, settings, what
         self.ours = [str(p.resolve()) for _, p in files]  # --grid, --trajectory
         self.kept: set[str] = set()
         self.earlier: list[Path] = []
         self.begun = False
-        on_main(lambda: self._check(a, files))
+        on_main(lambda: self._check(force, files, flag))
         if self.out is not None and not self.earlier and is_main():
             self.begin()
 
-    def _check(self, a: argparse.Namespace, files) -> None:
+    def _check(self, force: bool, files, flag: str) -> None:
         from ..pipelines.folder import complete_files
 
         note, others = None, [p for _, p in files]
         if self.out is not None:
-            self.earlier, note = outputs.resumable_samples(self.out, self.settings, a.force, others)
+            self.earlier, note = outputs.resumable_samples(
+                self.out, self.settings, force, others, flag
+            )
         listed = set(note.get("files", [])) if note else set()
-        for flag, path in files:  # an unfinished call's own grid is replaced
-            outputs.new_file(path, a.force or str(path.resolve()) in listed, flag)
+        for other, path in files:  # an unfinished call's own grid is replaced
+            outputs.new_file(path, force or str(path.resolve()) in listed, other)
         if note and self.out is not None:
             self.kept = complete_files(self.out, self.names, self.settings["image_size"])
             if self.kept:
+                noun, call = self.what
+                then = f", then measuring all {len(self.names)}" if call == "evaluation" else ""
                 print(
                     f"note: {str(self.out)!r} holds {len(self.kept)} of "
-                    f"{counted(len(self.names), 'image')} of this sample, stopped before its "
-                    "end: drawing the other "
-                    f"{len(self.names) - len(self.kept)}",
+                    f"{counted(len(self.names), noun)} of this {call}, stopped before its "
+                    f"end: drawing the other {len(self.names) - len(self.kept)}{then}",
                     file=sys.stderr,
                 )
 
@@ -82,9 +98,10 @@ class SampleFolder:
             (self.out / outputs.SAMPLE_PENDING).unlink(missing_ok=True)
 
 
-def _folder_settings(a: argparse.Namespace, loaded, settings, asked: dict, job) -> dict | None:
-    """What the images of `sample --out` depend on, as JSON values: the model file's
-    digest, the image size, --n, the seed, sampler, steps, eta, clipping, precision, the
+def folder_settings(out, n: int, loaded, settings, asked: dict, job) -> dict | None:
+    """What the images of `sample --out` or `evaluate --samples-out` (`out`; None: no
+    folder, and None returned) depend on, as JSON values: the model file's digest, the image
+    size, --n (`n`), the seed, sampler, steps, eta, clipping, precision, the
     kind of device, whether the network is compiled (its rounding; `job.compiled`) and what
     the images are asked (`asked`). Other values would draw other
     images, which an unfinished folder must not be mixed with; the batch size and the
@@ -97,12 +114,12 @@ def _folder_settings(a: argparse.Namespace, loaded, settings, asked: dict, job) 
     from ..distributed import is_main
     from ..io import file_digest
 
-    if not a.out or not is_main():
+    if not out or not is_main():
         return None
     held = {
         "model": f"sha256:{file_digest(loaded.path)[:16]}",
         "image_size": loaded.config.model.image_size,
-        "n": a.n,
+        "n": n,
         "seed": settings.seed,
         "sampler": settings.sampler,
         "steps": settings.steps,

@@ -18,7 +18,7 @@ from .common import (
     _close_bars,
     _is_main,
 )
-from .sample_folder import SampleFolder, _folder_settings
+from .sample_folder import SampleFolder, folder_settings
 
 
 def load_for_sampling(run: str | None, model: str | None, device_name: str | None):
@@ -108,7 +108,8 @@ def cmd_sample(a: argparse.Namespace) -> int:
     else:
         names = outputs.sample_names(a.seed, a.n)
         job, asked, said = image_job(loaded, settings, names, min(8, a.n)), {}, []
-    folder = SampleFolder(a, files, job, _folder_settings(a, loaded, settings, asked, job))
+    held = folder_settings(a.out, a.n, loaded, settings, asked, job)
+    folder = SampleFolder(a.out, a.force, files, job, held)
     if said and is_main():  # what the images are asked, once the outputs are found fit
         print("\n".join(said))
     try:

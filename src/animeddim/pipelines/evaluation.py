@@ -43,7 +43,7 @@ from .core import (
     draw,
     sampling_net,
 )
-from .folder import draw_blocks, image_job
+from .folder import Job, Kept, draw_blocks, image_job
 
 
 def evaluate(
@@ -62,7 +62,8 @@ def evaluate(
     mix: MixTarget | None = None,
     guidance: float = 1.0,
     progress: Progress | None = None,
-    on_samples: Callable[[torch.Tensor], None] | None = None,
+    on_samples: Callable[[torch.Tensor, int], None] | None = None,
+    kept: Kept | None = None,
 ) -> dict[str, Any]:
     """Generate n images and compare them with the real folder.
 
@@ -82,6 +83,9 @@ def evaluate(
     :param on_samples: called on process 0 with each batch of samples as soon as it is
         drawn (uint8 [k x H x W x 3]) and the index of its first image, a signal held until
         it returns (`evaluate --samples-out` writes them: `folder.BatchWriter`).
+    :param kept: images of these n that a stopped call wrote (`evaluate --samples-out`, the
+        same on every process): read back instead of drawn; the summary is the one an
+        uninterrupted call gives (image i depends on the seed and i alone, PNG is lossless).
     :param progress: told about the stages "features (real)", "sample", "features
         (generated)" and "paper KID" (batches). The real folder is read (and its features
         computed, its labels matched for `attributes`) before any image is drawn.
@@ -109,9 +113,9 @@ def evaluate(
         )
     )
     t0 = time.perf_counter()
-    make = _drawer(loaded, settings, control, mix, guidance, n)
+    make = evaluation_job(loaded, settings, control, mix, guidance, n).make
     # each batch handed to on_samples as soon as it is drawn: a stop or a failure keeps them
-    part, fake = draw_blocks(make, n, settings.batch_size, on_samples, progress)
+    part, fake = draw_blocks(make, n, settings.batch_size, on_samples, progress, kept)
     t_gen = time.perf_counter() - t0
     t1 = time.perf_counter()
     f_fake = _gathered_features(extractor, part, progress, "features (generated)", standard)
@@ -211,17 +215,18 @@ def _real_side(
     return f_real, seconds, paper_real, coverage_real
 
 
-def _drawer(
+def evaluation_job(
     loaded: LoadedModel,
     settings: SampleSettings,
     control: ControlTarget | None,
     mix: MixTarget | None,
     guidance: float,
     n: int,
-) -> Callable[[int, int], torch.Tensor]:
-    """make(count, first): images first .. first + count - 1 of the `n` as `evaluate` draws
-    them, under `control`'s asked attributes, `mix`'s row per image, or unconditioned (the
-    network prepared once, and compiled or not as the whole job decides: `image_job`)."""
+) -> Job:
+    """The `n` images as `evaluate` draws them (named as `sample --out` names them), under
+    `control`'s asked attributes, `mix`'s row per image, or unconditioned (the network
+    prepared once, at the first draw, and compiled or not as the whole job decides:
+    `image_job`)."""
     from ..outputs import sample_names
 
     codes = None
@@ -231,7 +236,7 @@ def _drawer(
     elif mix is not None:
         codes = mix.codes
     names = sample_names(settings.seed, n)
-    return image_job(loaded, settings, names, min(8, n), codes, guidance).make
+    return image_job(loaded, settings, names, min(8, n), codes, guidance)
 
 
 def _gathered_features(

@@ -30,6 +30,7 @@ class Job:
     make: Callable[[int, int], torch.Tensor]
     cols: int
     compiled: bool = False  # whether its network is compiled (its images' rounding)
+    codes: torch.Tensor | None = None  # the attribute codes asked ([R x A]; None: none)
 
 
 def image_job(
@@ -73,7 +74,7 @@ def image_job(
                 parts.append(piece(k, i, codes[row : row + 1]))
         return torch.cat(parts)
 
-    return Job(names, make, cols, bool(s.compile))
+    return Job(names, make, cols, bool(s.compile), codes)
 
 
 def complete_files(folder: str | Path, names: Sequence[str], size: int) -> set[str]:
@@ -92,24 +93,75 @@ def complete_files(folder: str | Path, names: Sequence[str], size: int) -> set[s
     return whole
 
 
+@dataclass(frozen=True)
+class Kept:
+    """The images of a job that a stopped call left whole in `folder` (`complete_files`),
+    by index (image p is ``names[p]``): read back (PNG is lossless) instead of drawn."""
+
+    folder: Path
+    names: Sequence[str]
+    indices: frozenset[int]
+
+    def take(self, make: Callable[[int, int], torch.Tensor], lo: int, hi: int) -> torch.Tensor:
+        """Images lo .. hi - 1, the kept ones read, the others drawn by `make` run by run
+        (image p depends on p alone, so the pixels are those of one uninterrupted draw)."""
+        parts, p = [], lo
+        while p < hi:
+            q, kept = p, p in self.indices
+            while q < hi and (q in self.indices) == kept:
+                q += 1
+            parts.append(_read(self.folder, self.names[p:q]) if kept else make(q - p, p))
+            p = q
+        return torch.cat(parts)
+
+    def check_readable(self, lo: int, hi: int) -> None:
+        """DataError unless this process can read the kept images lo .. hi - 1 (under torchrun
+        each process reads those of its own block, which needs the folder process 0 found
+        them in: a folder shared by the nodes)."""
+        from ..data import DataError
+        from ..distributed import rank
+
+        missing = [self.names[p] for p in sorted(self.indices) if lo <= p < hi]
+        missing = [name for name in missing if not (self.folder / name).is_file()]
+        if missing:
+            raise DataError(
+                f"{str(self.folder)!r} holds {len(self.indices)} images of a stopped call "
+                f"that process {rank()} cannot read (e.g. {missing[0]}: a folder not shared "
+                "by the nodes); go on in processes that share it (one node, or without "
+                "torchrun), or give another folder"
+            )
+
+
 class BatchWriter:
     """Writes batches of images into `out` as they are drawn, image i as ``names[i]``
     (`draw_job`; `evaluate --samples-out` through `draw_blocks`' on_batch): called with
     uint8 [k x H x W x C] images and the index of the first; `before_write` is called once,
-    just before the first PNG is written; `written` counts the images written."""
+    just before the first PNG is written; `written` counts the images written. Images
+    named in `kept` (already whole there: `Kept`) are not written again."""
 
     def __init__(
-        self, out: str | Path, names: Sequence[str], before_write: Callable[[], None] | None
+        self,
+        out: str | Path,
+        names: Sequence[str],
+        before_write: Callable[[], None] | None,
+        kept: Collection[str] = frozenset(),
     ) -> None:
         self.out, self.names, self.before_write, self.written = Path(out), names, before_write, 0
+        self.kept = kept
 
     def __call__(self, images: torch.Tensor, first: int) -> None:
         from ..io import save_pngs
 
+        names = self.names[first : first + len(images)]
+        new = [i for i, name in enumerate(names) if name not in self.kept]
+        if not new:
+            return
         if self.before_write is not None:
             self.before_write()
             self.before_write = None
-        save_pngs(images, self.out, self.names[first : first + len(images)])
+        if len(new) < len(names):
+            images, names = images[new], [names[i] for i in new]
+        save_pngs(images, self.out, names)
         self.written += len(images)
 
 
@@ -119,6 +171,7 @@ def draw_blocks(
     batch_size: int,
     on_batch: Callable[[torch.Tensor, int], None] | None = None,
     progress: Progress | None = None,
+    kept: Kept | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Images 0 .. n - 1 of `make` (as `Job.make`), each process drawing its contiguous
     block (`distributed.shard`) `batch_size` at a time, in rounds of one batch a process.
@@ -127,19 +180,23 @@ def draw_blocks(
         (uint8 [k x H x W x C]) and the index of its first image, a signal held until it
         returns: a `BatchWriter` then loses at most one round to a stop.
     :param progress: told ("sample", images done, this process's block) after each batch.
+    :param kept: images a stopped call left (the same on every process): each process
+        reads those of its block instead of drawing them, checked readable first.
     :return: (this process's block, as `distributed.own_block` draws it; every image in
         order on process 0, as `distributed.shard_images` gathers them, None elsewhere).
     """
-    from ..distributed import gather_to_main, is_main, rank, shard, world_size
+    from ..distributed import gather_to_main, is_main, on_every, rank, shard, world_size
     from ..interrupts import deferred
 
     blocks = [shard(n, r) for r in range(world_size())]
     lo, hi = blocks[rank()]
+    if kept is not None:  # an error said once, by every process, before any drawing
+        on_every(lambda: kept.check_readable(lo, hi))
     add = _counter(progress, "sample", hi - lo)
     mine, every = [], []
     for k in range(0, max(1, *(b - a for a, b in blocks)), batch_size):  # one round
         a, b = min(hi, lo + k), min(hi, lo + k + batch_size)
-        part = make(b - a, a)
+        part = make(b - a, a) if kept is None or b == a else kept.take(make, a, b)
         mine.append(part if b > a else part.to(torch.uint8))  # empty may come as float
         add(b - a)
         gathered = gather_to_main(mine[-1])
