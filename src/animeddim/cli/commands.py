@@ -51,6 +51,18 @@ def cmd_data_prepare(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_split(a: argparse.Namespace) -> int:
+    from ..datasets import split_held_out
+
+    moved = split_held_out(a.folder, a.out, a.held_out, seed=a.seed, progress=True)
+    labels = " with their labels.csv rows" if (Path(a.out) / "labels.csv").is_file() else ""
+    print(
+        f"moved {counted(len(moved), 'image')} of {a.folder} (seed {a.seed}){labels} into "
+        f"{a.out}, held out"
+    )
+    return 0
+
+
 def cmd_data_flowers102(a: argparse.Namespace) -> int:
     from ..datasets import download_flowers102
 

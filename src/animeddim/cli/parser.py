@@ -13,6 +13,7 @@ from .commands import (
     cmd_data_avatars,
     cmd_data_flowers102,
     cmd_data_prepare,
+    cmd_data_split,
     cmd_export,
     cmd_report,
     cmd_serve,
@@ -82,6 +83,20 @@ def _add_data_command(sub) -> None:
     p.add_argument("--out", type=PATH, required=True, help="folder to write PNGs into")
     p.add_argument("--size", type=_positive_int("size", 8), default=64, help="pixels (default 64)")
     p.set_defaults(func=cmd_data_prepare)
+    p = data_sub.add_parser(
+        "split", help="move a random choice of a folder's images into a held-out folder"
+    )
+    p.add_argument("folder", type=PATH, help="a prepared folder (data prepare, data avatars)")
+    p.add_argument(
+        "--held-out",
+        type=_positive_int("held-out"),
+        required=True,
+        metavar="N",
+        help="how many images to move; labels.csv rows go with them",
+    )
+    p.add_argument("--out", type=PATH, required=True, help="new or empty held-out folder")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same choice (default 0)")
+    p.set_defaults(func=cmd_data_split)
     p = data_sub.add_parser("flowers102", help="download and prepare Oxford Flowers 102")
     p.add_argument("--out", type=PATH, required=True, help="folder for the archive and images/")
     p.add_argument("--size", type=_positive_int("size", 8), default=64, help="pixels (default 64)")

@@ -24,7 +24,14 @@ from animeddim.avatar_labels import (
 from animeddim.data import DataError, _decode, _pool_context
 from animeddim.io import is_temp_name, save_png, write_text_atomic
 
-from .common import PENDING, avatar_index, avatar_name, check_out_creatable, read_json
+from .common import (
+    PENDING,
+    avatar_index,
+    avatar_name,
+    check_out_creatable,
+    read_json,
+    split_refusal,
+)
 
 AVATAR_STYLE = "adventurer"
 
@@ -128,6 +135,8 @@ def generate_avatars(
     manifest_path, pending_path = out / "manifest.json", out / PENDING
     names = [avatar_name(i) for i in range(n)]
 
+    if (refused := split_refusal(out, read_json(manifest_path))) is not None:
+        raise DataError(refused)
     for previous_path in (manifest_path, pending_path):
         previous = read_json(previous_path)
         if previous is not None and previous != wanted:

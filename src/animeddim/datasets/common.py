@@ -10,6 +10,7 @@ from typing import Any
 
 from animeddim.data import DataError
 from animeddim.io import file_in_the_way
+from animeddim.words import counted
 
 PENDING = ".animeddim-pending.json"  # arguments of a generation run that has not finished
 
@@ -59,3 +60,19 @@ def avatar_index(name: str) -> int | None:
 def _index(pattern: re.Pattern[str], name: str) -> int | None:
     match = pattern.fullmatch(name)
     return int(match[1]) if match else None
+
+
+def split_refusal(out: Path, manifest: dict[str, Any] | None) -> str | None:
+    """Why ``out`` may not be made again: a folder `animeddim data split` took images from or
+    put them into (a prepare or render done again there would bring them back, or mix them);
+    None for any other."""
+    if not manifest:
+        return None
+    if held := manifest.get("held_out"):
+        moved = ", ".join(f"{counted(h.get('n', 0), 'image')} to '{h.get('folder')}'" for h in held)
+        why = f"had images moved out by data split ({moved})"
+    elif (source := manifest.get("split_from")) is not None:
+        why = f"holds images data split moved from '{source.get('folder')}'"
+    else:
+        return None
+    return f"folder '{out}' {why}; making it again would bring them back: use a new folder"

@@ -36,7 +36,14 @@ from animeddim.io import is_temp_name, png_bytes, write_bytes_atomic, write_text
 from animeddim.words import counted
 
 from .archives import Member, read_members
-from .common import PENDING, check_out_creatable, output_index, output_name, read_json
+from .common import (
+    PENDING,
+    check_out_creatable,
+    output_index,
+    output_name,
+    read_json,
+    split_refusal,
+)
 
 
 class _Prepared(NamedTuple):
@@ -184,7 +191,9 @@ def _check_prepare(src: Path, out: Path, size: int) -> dict[str, Any] | None:
                 f"size {previous.get('size')}; use another folder"
             )
         if finished and src.is_file() and {k: finished.get(k) for k in wanted} == wanted:
-            return None
+            return None  # done (and perhaps split since: kept as it is)
+        if (refused := split_refusal(out, finished)) is not None:
+            raise DataError(refused)
     elif out.exists() and any(not is_temp_name(p.name) for p in out.iterdir()):
         raise DataError(
             f"folder '{out}' is not empty (it holds files animeddim did not prepare there); "

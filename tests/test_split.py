@@ -1,0 +1,213 @@
+"""`animeddim data split`: a held-out set moved out of a prepared folder, safely."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_here
+from test_datasets import _pixels, _said, _save_png
+
+from animeddim.data import DataError, load_folder
+from animeddim.datasets import prepare, split_held_out
+from animeddim.datasets import split as split_module
+from animeddim.labels import csv_labels
+
+
+def _images(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("*.png"))
+
+
+def _labelled(folder: Path) -> list[str]:
+    """The files labels.csv names, after checking it labels exactly the folder's images."""
+    paths = [folder / name for name in _images(folder)]
+    labels = csv_labels(folder / "labels.csv", folder, paths)  # refuses a row for a missing file
+    assert labels.codes.shape[0] == len(paths)
+    lines = (folder / "labels.csv").read_text().splitlines()
+    return sorted(line.split(",")[0] for line in lines[1:])
+
+
+@pytest.fixture
+def avatars(avatars16: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(avatars16, tmp_path / "avatars"))
+
+
+def test_data_split_moves_images_with_their_labels(avatars: Path, tmp_path: Path) -> None:
+    """The README's held-out set was `mkdir` and `mv data/anime/00[01]*.png`: the first
+    images in archive order, labels.csv left naming files that moved (which train refuses)
+    and the manifests untrue. `data split` moves a seeded random choice with its labels."""
+    before = _images(avatars)
+    held = tmp_path / "held"
+    p = run_here("data", "split", avatars, "--held-out", 5, "--out", held, "--seed", 3)
+    assert p.stdout == (
+        f"moved 5 images of {avatars} (seed 3) with their labels.csv rows into {held}, held out\n"
+    )
+    assert any(line.startswith("split: 100%") for line in p.stderr.replace("\r", "\n").split("\n"))
+    assert _said(p.stderr.replace("split:", "prepare:")) == []
+    ours, theirs = _images(avatars), _images(held)
+    assert len(theirs) == 5 and sorted(ours + theirs) == before
+    assert _labelled(avatars) == ours and _labelled(held) == theirs
+    assert (held / "CREDITS.md").read_text() == (avatars / "CREDITS.md").read_text()
+    mine, other = (json.loads((f / "manifest.json").read_text()) for f in (avatars, held))
+    assert mine["held_out"] == [{"folder": str(held.resolve()), "n": 5, "seed": 3}]
+    assert other["split_from"] == {"folder": str(avatars.resolve()), "n": 5, "seed": 3}
+    assert other["style"] == mine["style"] == "adventurer"  # still read as avatars
+
+
+def test_the_same_seed_chooses_the_same_images(avatars16: Path, tmp_path: Path) -> None:
+    chosen = []
+    for k, seed in enumerate((3, 3, 4)):
+        folder = Path(shutil.copytree(avatars16, tmp_path / f"a{k}"))
+        chosen.append(split_held_out(folder, tmp_path / f"h{k}", 5, seed=seed))
+    assert chosen[0] == chosen[1] != chosen[2]
+
+
+def test_a_split_folder_trains_on_its_own_images_not_a_stale_cache(
+    avatars: Path, tmp_path: Path
+) -> None:
+    """The decoded-image cache is keyed on the folder's files: after the split, each folder
+    reads its own images, the moved ones exactly as they were."""
+    cache = tmp_path / "cache"
+    whole = load_folder(avatars, 16, cache="disk", cache_dir=cache, workers=1)
+    moved = split_held_out(avatars, tmp_path / "held", 4)
+    left = load_folder(avatars, 16, cache="disk", cache_dir=cache, workers=1)
+    held = load_folder(tmp_path / "held", 16, cache="disk", cache_dir=cache, workers=1)
+    assert (len(left.paths), len(held.paths)) == (20, 4)
+    index = {Path(p).name: k for k, p in enumerate(whole.paths)}
+    for images, paths in ((left.images, left.paths), (held.images, held.paths)):
+        expected = whole.images[[index[Path(p).name] for p in paths]]
+        np.testing.assert_array_equal(images, expected)
+    assert sorted(Path(p).name for p in held.paths) == sorted(moved)
+
+
+def _prepared(tmp_path: Path, n: int = 6) -> Path:
+    src = tmp_path / "photos"
+    for i in range(n):
+        _save_png(src / f"{i}.png", _pixels(i))
+    return prepare(src, tmp_path / "prepared", size=8, workers=1)
+
+
+def test_a_prepared_folder_keeps_its_manifest_true(tmp_path: Path) -> None:
+    """The manifest's count is its images' count; a prepare done again there would bring
+    the held-out images back into training, so it is refused, and so is a render."""
+    folder = _prepared(tmp_path)
+    split_held_out(folder, tmp_path / "held", 2)
+    assert json.loads((folder / "manifest.json").read_text())["count"] == 4
+    assert json.loads((tmp_path / "held" / "manifest.json").read_text())["count"] == 2
+    assert not (tmp_path / "held" / "labels.csv").exists()
+    p = run_here("data", "prepare", tmp_path / "photos", "--out", folder, "--size", 8, check=False)
+    assert p.returncode == 2 and "moved out by data split" in p.stderr, p.stderr
+    assert len(_images(folder)) == 4
+    p = run_here("data", "avatars", "--out", tmp_path / "held", "--n", 2, check=False)
+    assert p.returncode == 2 and "data split moved from" in p.stderr, p.stderr
+
+
+def test_bad_splits_are_refused_in_one_line(avatars: Path, tmp_path: Path) -> None:
+    """Each refusal is one line, exit 2, before any image moves."""
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("mine")
+    (tmp_path / "afile").write_text("x")
+    pending = tmp_path / "pending"
+    pending.mkdir()
+    (pending / ".animeddim-pending.json").write_text("{}")
+    _save_png(pending / "000000.png", _pixels(1))
+    _save_png(pending / "000001.png", _pixels(2))
+    cases = [
+        (avatars, 5, tmp_path / "full", "--out '{}' is not empty".format(tmp_path / "full")),
+        (avatars, 24, tmp_path / "h", "--held-out 24 leaves no image to train on: "),
+        (avatars, 30, tmp_path / "h", "has 24 images; hold out fewer"),
+        (avatars, 2, avatars / "held", "lie one inside the other"),
+        (avatars, 2, avatars.parent, "lie one inside the other"),
+        (avatars, 2, tmp_path / "afile", "is a file, not a folder"),
+        (
+            tmp_path / "nope",
+            2,
+            tmp_path / "h",
+            "image folder '{}' does not exist".format(tmp_path / "nope"),
+        ),
+        (pending, 1, tmp_path / "h", "unfinished data prepare or data avatars"),
+    ]
+    before = _images(avatars)
+    for folder, n, out, said in cases:
+        p = run_here("data", "split", folder, "--held-out", n, "--out", out, check=False)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert said in p.stderr and "Traceback" not in p.stderr, (said, p.stderr)
+    assert _images(avatars) == before and not (tmp_path / "h").exists()
+    p = run_here("data", "split", avatars, "--held-out", 0, "--out", tmp_path / "h", check=False)
+    assert p.returncode == 2 and "held-out must be >= 1" in p.stderr
+
+
+def test_a_split_stopped_part_way_loses_no_image_and_a_rerun_finishes_it(
+    avatars: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C on the third move: each image is in one of the two folders; the same command
+    finishes the split (another one is refused), as an unstopped split would have made it."""
+    reference = Path(shutil.copytree(avatars, tmp_path / "reference"))
+    split_held_out(reference, tmp_path / "reference-held", 6, seed=1)
+    before, real, calls = _images(avatars), split_module._move, []
+
+    def stop_at_third(src: Path, dst: Path) -> None:
+        calls.append(src)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    held = tmp_path / "held"
+    monkeypatch.setattr(split_module, "_move", stop_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        split_held_out(avatars, held, 6, seed=1)
+    monkeypatch.setattr(split_module, "_move", real)
+    assert sorted(_images(avatars) + _images(held)) == before and len(_images(held)) == 2
+    with pytest.raises(
+        DataError, match=r"holds an unfinished split of .* \(--held-out 6 --seed 1\)"
+    ):
+        split_held_out(avatars, held, 6, seed=2)
+
+    # Stopped again, as the manifests are written: the re-run records the split once.
+    real_write, writes = split_module._write_json, []
+
+    def stop_at_second_manifest(path: Path, value: dict) -> None:
+        writes.append(path)
+        if len(writes) == 2:
+            raise KeyboardInterrupt
+        real_write(path, value)
+
+    monkeypatch.setattr(split_module, "_write_json", stop_at_second_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        split_held_out(avatars, held, 6, seed=1)
+    monkeypatch.setattr(split_module, "_write_json", real_write)
+    p = run_here("data", "split", avatars, "--held-out", 6, "--out", held, "--seed", 1)
+    assert p.stdout.startswith("moved 6 images")
+    assert not (held / split_module.PLAN).exists()
+    assert _images(avatars) == _images(reference) and _images(held) == _images(
+        reference.parent / "reference-held"
+    )
+    for mine, theirs in ((avatars, reference), (held, tmp_path / "reference-held")):
+        assert (mine / "labels.csv").read_text() == (theirs / "labels.csv").read_text()
+        m, t = (json.loads((f / "manifest.json").read_text()) for f in (mine, theirs))
+        for record in (*m.pop("held_out", []), *t.pop("held_out", [])):
+            assert (record.pop("folder"), record) in (
+                (str(held.resolve()), {"n": 6, "seed": 1}),
+                (str((tmp_path / "reference-held").resolve()), {"n": 6, "seed": 1}),
+            )
+        for record in (m.pop("split_from", None), t.pop("split_from", None)):
+            assert record is None or {k: record[k] for k in ("n", "seed")} == {"n": 6, "seed": 1}
+        assert m == t
+
+
+def test_a_split_across_file_systems_copies_then_removes(
+    avatars: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def cross_device(src: object, dst: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(split_module.os, "rename", cross_device)
+    before = {p.name: p.read_bytes() for p in avatars.glob("*.png")}
+    moved = split_held_out(avatars, tmp_path / "held", 3)
+    after = {p.name: p.read_bytes() for p in (tmp_path / "held").glob("*.png")}
+    assert sorted(after) == sorted(moved) and all(after[n] == before[n] for n in after)
+    assert len(_images(avatars)) == 21
