@@ -1058,7 +1058,8 @@ def test_an_old_conditional_run_whose_data_moved_with_its_labels_resumes_there(
         run,
         resume,
         f"the labels in '{moved / 'labels.csv'}' differ from those the run trained on: their "
-        "colour values are 'red', the run's 'blue', 'red'",
+        "colour values are 'red', the run's 'blue', 'red'; restore them, or resume with "
+        "--allow-changed-data",
     )
     (moved / "labels.csv").write_text(labels)
     elsewhere = tmp_path / "elsewhere.csv"

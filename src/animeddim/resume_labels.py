@@ -165,7 +165,7 @@ def _unrecorded(
                     f"the labels in {given!r} differ from those the run trained on: their "
                     f"{a} values are {quoted(now)}, the run's {quoted(values)}"
                 )
-                return why, f"put back the labels file the run read ({read_from!r})"
+                return why, "restore them"  # the run's file, moved and edited there
         log(
             f"note: the run's labels file moved with its data folder, from {read_from!r} to "
             f"{given!r}; the run started before its labels were recorded, so they are checked "
