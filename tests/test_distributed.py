@@ -394,16 +394,20 @@ def test_a_run_folder_in_use_is_one_line_from_every_rank(one_process_run, tmp_pa
 
 
 def by_hand(
-    args_of_rank: list[list[str]], cwds: list[Path], env: dict[str, str] | None = None
+    args_of_rank: list[list[str]],
+    cwds: list[Path],
+    env: dict[str, str] | None = None,
+    main_wait_s: float | None = None,
 ) -> list[subprocess.CompletedProcess]:
     """Processes started by hand as a scheduler starts them (RANK, WORLD_SIZE, MASTER_*), each
-    with its own arguments and working directory."""
+    with its own arguments and working directory; `main_wait_s`: the CLI's
+    MAIN_PROCESS_WAIT_S set to it in each process."""
     env = {**_env(), **(env or {}), "WORLD_SIZE": str(len(args_of_rank))}
     env["MASTER_ADDR"] = "127.0.0.1"
     env["MASTER_PORT"] = str(_free_port())
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "animeddim", *args],
+            [*_cli(main_wait_s), *args],
             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
             cwd=cwd,
             stdout=subprocess.PIPE,
@@ -421,6 +425,16 @@ def by_hand(
         subprocess.CompletedProcess(p.args, p.returncode, *o)
         for p, o in zip(procs, outs, strict=True)
     ]
+
+
+def _cli(main_wait_s: float | None) -> list[str]:
+    if main_wait_s is None:
+        return [sys.executable, "-m", "animeddim"]
+    code = (
+        "import sys; from animeddim.cli import common, main; "
+        f"common.MAIN_PROCESS_WAIT_S = {main_wait_s}; sys.exit(main(sys.argv[1:]))"
+    )
+    return [sys.executable, "-c", code]
 
 
 def test_processes_started_with_other_settings_are_refused(avatars16, tmp_path):
@@ -744,3 +758,57 @@ def test_a_bad_option_is_said_once_by_a_torchrun_launch(tmp_path):
     assert p.stderr.count("error: argument --n: n must be >= 1, got -1") == 1, p.stderr
     # torchrun's summary: the first process to exit (2), the other stopped by it or exit 2
     assert "exitcode  : 2" in p.stderr and not (tmp_path / "s").exists(), p.stderr
+
+
+def _said(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith(("animeddim:", "animeddim ["))]
+
+
+def test_an_error_found_after_joining_is_said_once_by_a_torchrun_launch(tmp_path):
+    """A missing --run is found by every process once they have joined (loading the
+    model). Before: said by each, 'animeddim [rank 1]: error: ...' under process 0's line."""
+    missing = str(tmp_path / "none")
+    p = animeddim("sample", "--run", missing, "--n", "4", "--out", str(tmp_path / "s"),
+                  nproc=2, check=False)  # fmt: skip
+    assert _said(p.stderr) == [
+        f"animeddim: error: {missing!r} is neither a run folder nor a checkpoint file"
+    ], p.stderr
+    # torchrun's summary: the first process to exit (2), the other stopped by it or exit 2
+    assert "exitcode  : 2" in p.stderr and not (tmp_path / "s").exists(), p.stderr
+
+
+def test_an_error_found_after_joining_by_hand_is_said_once(tmp_path):
+    """The same, started by hand (env://): process 0 holds the job's store, and keeps it
+    until process 1 has heard that the error was said (else process 1 said it again)."""
+    missing = str(tmp_path / "none")
+    args = ["sample", "--run", missing, "--n", "4", "--out", str(tmp_path / "s")]
+    p0, p1 = by_hand([args, args], [tmp_path, tmp_path])
+    assert (p0.returncode, p1.returncode) == (2, 2), (p0.stderr, p1.stderr)
+    assert _said(p0.stderr) == [
+        f"animeddim: error: {missing!r} is neither a run folder nor a checkpoint file"
+    ], p0.stderr
+    assert p1.stderr == "", p1.stderr
+
+
+@pytest.mark.parametrize("fails", [0, 1])
+def test_an_error_one_process_alone_finds_after_joining_is_said(one_process_run, tmp_path, fails):
+    """--run 'run' is a run folder in one process's working directory alone (another node's
+    file system): that process says why, the other, waiting for it in a collective, says it
+    lost contact, and both exit non-zero (no process waits for a word that never comes)."""
+    ok, bad = tmp_path / "ok", tmp_path / "bad"
+    ok.mkdir(), bad.mkdir()
+    (ok / "run").symlink_to(one_process_run)
+    args = ["sample", "--run", "run", "--n", "4", "--steps", "1", "--out", str(tmp_path / "s")]
+    cwds = [bad, ok] if fails == 0 else [ok, bad]
+    t = time.perf_counter()
+    procs = by_hand([args, args], cwds, main_wait_s=1)
+    print(f"process {fails} alone fails: both ended after {time.perf_counter() - t:.1f} s")
+    failed, other = procs[fails], procs[1 - fails]
+    assert failed.returncode == 2 and other.returncode == 1, (procs[0].stderr, procs[1].stderr)
+    tag = "animeddim" if fails == 0 else "animeddim [rank 1]"
+    assert _said(failed.stderr) == [
+        f"{tag}: error: 'run' is neither a run folder nor a checkpoint file"
+    ], failed.stderr
+    assert len(_said(other.stderr)) == 1 and "lost contact" in other.stderr, other.stderr
+    assert "Traceback" not in other.stderr and not (tmp_path / "s").exists()
+

@@ -26,6 +26,7 @@ from .common import (
     _open_bars,
     _prog,
     _said_by_another_process,
+    say_error,
 )
 from .parser import build_parser
 
@@ -165,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     except errors as e:
         _close_bars()
         # torchrun: rank 0's error, raised on all ranks, or found before they joined
-        if not (getattr(e, "mirrored", False) or _said_by_another_process()):
-            print(f"{_prog()}: error: {e}", file=sys.stderr)
+        if not _said_by_another_process():
+            say_error(e, getattr(e, "mirrored", False))
         return EXIT_USAGE
     except KeyboardInterrupt as e:
         _close_bars()

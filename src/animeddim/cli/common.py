@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 from pathlib import Path
 
 from .. import interrupts
@@ -56,6 +57,92 @@ def _said_by_another_process() -> bool:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # stopped by torchrun: in silence
     time.sleep(FIRST_PROCESS_WAIT_S)
     return False
+
+
+MAIN_PROCESS_WAIT_S = 10.0  # how long a joined process waits for process 0 to say its error
+_SAID_KEY = "animeddim/said"  # in the job's store: the user error process 0 has said
+
+
+def say_error(error: BaseException, mirrored: bool) -> None:
+    """Print a user error (`mirrored`: a copy of process 0's, which says it) once per job.
+
+    Once the processes have joined, an error found by every process (the same command on
+    the same files: a missing --run) is said by process 0 alone. They may disagree (one
+    node lacks the file), so no collective is used: the others may be busy elsewhere or
+    waiting in another collective, where an all-reduce of an error flag would hang or be
+    paired with the wrong call. The word goes through the job's key-value store (torchrun's
+    agent, or process 0's under env://), which every process reaches at any time: process
+    0 prints, then sets the key; another process with an error waits for that key (at most
+    `MAIN_PROCESS_WAIT_S`, SIGTERM silent: torchrun stops it once process 0 exits) and stays
+    silent if process 0 said the same; if not, it says its own. An error is never unsaid; a
+    store that went away (process 0 gone) makes a process say its own.
+    """
+    d = sys.modules.get("animeddim.distributed")
+    joined = d is not None and d.is_distributed()
+    if mirrored or (joined and not d.is_main() and _main_said(d, str(error))):
+        _store_done(d, joined)
+        return
+    print(f"{_prog()}: error: {error}", file=sys.stderr, flush=True)
+    if joined and d.is_main():
+        _main_says(d, str(error))
+    else:
+        _store_done(d, joined)
+
+
+def _main_says(d, text: str) -> None:
+    """On process 0, after printing: tell the others; a store of its own (env://, no
+    torchrun agent) is kept up until each other process is done with it (or the wait ends),
+    else a process still waiting would find it gone and say the error again."""
+    import os
+    import time
+
+    try:
+        store = _store()
+        store.set(_SAID_KEY, text)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            return
+        others = [f"animeddim/done/{r}" for r in range(1, d.world_size())]
+        deadline = time.monotonic() + MAIN_PROCESS_WAIT_S
+        while not store.check(others) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except (RuntimeError, KeyboardInterrupt):  # a store gone, a Ctrl-C: nothing more to tell
+        return
+
+
+def _main_said(d, text: str) -> bool:
+    """Whether process 0 said `text` (waiting for it: see `say_error`)."""
+    import signal
+    import time
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # stopped by torchrun: in silence
+    deadline = time.monotonic() + MAIN_PROCESS_WAIT_S
+    try:
+        store = _store()
+        while not store.check([_SAID_KEY]):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return store.get(_SAID_KEY).decode() == text
+    except (RuntimeError, KeyboardInterrupt):  # process 0's store gone, or Ctrl-C: say it
+        return False
+
+
+def _store():
+    """The key-value store the process group was joined through (torch keeps it for the
+    default group; torch has no public accessor)."""
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
+
+
+def _store_done(d, joined: bool) -> None:
+    """Tell process 0 (if it keeps the store) that this process is done with it."""
+    if joined and not d.is_main():
+        try:
+            _store().set(f"animeddim/done/{d.rank()}", "1")
+        except RuntimeError:
+            pass
 
 
 class _Bars:
