@@ -398,16 +398,17 @@ def by_hand(
     cwds: list[Path],
     env: dict[str, str] | None = None,
     main_wait_s: float | None = None,
+    program: list[str] | None = None,
 ) -> list[subprocess.CompletedProcess]:
     """Processes started by hand as a scheduler starts them (RANK, WORLD_SIZE, MASTER_*), each
     with its own arguments and working directory; `main_wait_s`: the CLI's
-    MAIN_PROCESS_WAIT_S set to it in each process."""
+    MAIN_PROCESS_WAIT_S set to it in each process; `program`: run instead of the CLI."""
     env = {**_env(), **(env or {}), "WORLD_SIZE": str(len(args_of_rank))}
     env["MASTER_ADDR"] = "127.0.0.1"
     env["MASTER_PORT"] = str(_free_port())
     procs = [
         subprocess.Popen(
-            [*_cli(main_wait_s), *args],
+            [*(program or _cli(main_wait_s)), *args],
             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
             cwd=cwd,
             stdout=subprocess.PIPE,
@@ -812,3 +813,114 @@ def test_an_error_one_process_alone_finds_after_joining_is_said(one_process_run,
     assert len(_said(other.stderr)) == 1 and "lost contact" in other.stderr, other.stderr
     assert "Traceback" not in other.stderr and not (tmp_path / "s").exists()
 
+
+# Each process measures its block of the real folder with a test double of the Inception
+# network (per-channel means and deviations: the same whatever the batches), counting the
+# images it measured; process 0 saves the features. Run twice: the second finds the cache.
+REAL_FEATURES_SCRIPT = """
+import json, sys, torch
+from pathlib import Path
+from animeddim import distributed
+from animeddim.pipelines.real_features import real_folder_features
+
+class Counting:
+    cache_token, weights_id, count = "test-colour-moments", "test", 0
+    def features(self, images, protocol, batch_size=64, bf16=False):
+        self.count += len(images)
+        x = images.double()
+        return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+
+real, cache, out = sys.argv[1:4]
+distributed.setup(torch.device("cpu"))
+counts = []
+for _ in range(2):
+    extractor = Counting()
+    f = real_folder_features(real, extractor, Path(cache))
+    counts.append(extractor.count)
+    if distributed.is_main():
+        torch.save(f, Path(out) / "features.pt")
+    else:
+        assert f is None
+Path(out, f"rank{distributed.rank()}.json").write_text(json.dumps(counts))
+distributed.cleanup()
+"""
+
+
+def _colour_moments(real: Path, tmp: Path) -> torch.Tensor:
+    """The test double's features of `real`, measured in this process."""
+    from animeddim import metrics
+
+    class Moments:
+        cache_token, weights_id = "test-colour-moments", "test"
+
+        def features(self, images, protocol, batch_size=64, bf16=False):
+            x = images.double()
+            return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+
+    return metrics.folder_features(real, Moments(), cache_dir=tmp / "one-process-cache")
+
+
+def test_a_real_folder_every_process_sees_is_measured_in_blocks(avatars16, tmp_path):
+    """On a feature-cache miss under torchrun each process measures its block of the real
+    folder (12 + 12 of 24 images) and process 0 writes the cache once; the features are
+    one process's. Before: process 0 measured all 24 while the other waited."""
+    script, out, cache = tmp_path / "real.py", tmp_path / "out", tmp_path / "cache"
+    script.write_text(REAL_FEATURES_SCRIPT)
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", str(script), str(avatars16), str(cache), str(out)]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
+    assert p.returncode == 0, p.stderr
+    counts = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert counts == [[12, 0], [12, 0]], counts  # a block each, then the cache
+    assert len(list(cache.iterdir())) == 1
+    features = torch.load(out / "features.pt")
+    assert torch.equal(features, _colour_moments(avatars16, tmp_path))
+
+
+def test_a_real_folder_one_process_lacks_is_measured_by_process_0(avatars16, tmp_path):
+    """'real' is the folder in process 0's working directory alone (nodes without shared
+    storage): process 0 measures it whole, as in one process, and nobody waits."""
+    script, out, cache = tmp_path / "real.py", tmp_path / "out", tmp_path / "cache"
+    script.write_text(REAL_FEATURES_SCRIPT)
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (out, a, b):
+        d.mkdir()
+    (a / "real").symlink_to(avatars16)
+    args = ["real", str(cache), str(out)]
+    p0, p1 = by_hand([args, args], [a, b], program=[sys.executable, str(script)])
+    assert (p0.returncode, p1.returncode) == (0, 0), (p0.stderr, p1.stderr)
+    counts = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert counts == [[24, 0], [0, 0]], counts
+    assert torch.equal(torch.load(out / "features.pt"), _colour_moments(avatars16, tmp_path))
+
+
+@needs_weights
+def test_evaluate_with_a_real_folder_process_0_alone_sees(one_process_run, avatars16, tmp_path):
+    """--real 'real' is a folder in process 0's working directory alone (another node's
+    disks): process 0 measures it, each process draws its block, and the summary is one
+    process's. Before: refused, 'process 1 of 2: real-image folder 'real' does not exist'."""
+    real, cache = _real_folder(avatars16, tmp_path), tmp_path / "cache"
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "real").symlink_to(real)
+    common = ["evaluate", "--run", str(one_process_run), "--n", "4", "--steps", "1",
+              "--protocols", "standard", "--device", "cpu"]  # fmt: skip
+    args = [
+        *common,
+        "--real",
+        "real",
+        "--cache-dir",
+        str(cache),
+        "--out",
+        str(tmp_path / "two.json"),
+    ]
+    p0, p1 = by_hand([args, args], [a, b])
+    assert (p0.returncode, p1.returncode) == (0, 0), (p0.stderr, p1.stderr)
+    assert p1.stdout == "" and p0.stdout.count("written:") == 1, p0.stdout
+    animeddim(*common, "--real", str(real), "--cache-dir", str(tmp_path / "c1"),
+              "--out", str(tmp_path / "one.json"))  # fmt: skip
+    one, two = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("one", "two"))
+    assert one["real"] == two["real"] == str(real.resolve()) and one["n_real"] == 4
+    differences = {k: abs(one[k] - two[k]) / abs(one[k]) for k in ("kid_mean", "kid_std", "fid")}
+    assert max(differences.values()) < METRIC_TOLERANCE, differences

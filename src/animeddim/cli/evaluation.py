@@ -118,7 +118,9 @@ def _evaluate_plan(a: argparse.Namespace, loaded, device) -> dict[str, Any]:
     kept are `_samples_folder`'s)."""
     check_fits_in_memory(a.n, loaded.config.model.image_size)
     protocols = _names(a.protocols, KID_PROTOCOLS, "protocol")
-    if not Path(a.real).is_dir():
+    # process 0 alone reads --real where another process lacks it (another node's disks:
+    # pipelines.real_features), so process 0 alone checks it (said once, on every process)
+    if _is_main() and not Path(a.real).is_dir():
         raise CliError(f"real-image folder {a.real!r} does not exist")
     if a.out:
         out = outputs.new_file(a.out, a.force)
@@ -133,7 +135,7 @@ def _evaluate_plan(a: argparse.Namespace, loaded, device) -> dict[str, Any]:
     if a.coverage:
         from ..attributes import load_classifier
 
-        if not (Path(a.real) / "labels.csv").is_file():
+        if _is_main() and not (Path(a.real) / "labels.csv").is_file():
             raise CliError(f"--coverage needs labels: {a.real!r} has no labels.csv")
         outputs.earlier_outputs(out.parent, outputs.COVERAGE_NAMES, a.force, "--coverage beside")
         attributes = load_classifier(None if a.coverage == "shipped" else a.coverage)[0]

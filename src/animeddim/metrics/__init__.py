@@ -23,11 +23,17 @@ replaces that pool by a global mean (the conv stack already ends at 1x1 there).
 """
 
 from .folders import (
+    Block,
     CacheWarning,
+    FolderPlan,
+    block_features,
+    cached_features,
     default_cache_dir,
+    finish_features,
     folder_features,
     folder_features_with_size,
     kid_folders,
+    plan_folder,
 )
 from .inception import (
     PAPER_SIZE,
@@ -73,9 +79,11 @@ __all__ = [
     "WHEEL_PACKAGE",
     "CacheWarning",
     "FeatureExtractor",
+    "FolderPlan",
     "InceptionFeatures",
     "InceptionWeightsMissing",
     "PaperKID",
+    "Block",
     "default_cache_dir",
     "features_with_progress",
     "fid_from_features",
@@ -83,11 +91,15 @@ __all__ = [
     "folder_features",
     "folder_features_with_size",
     "kid_folders",
+    "block_features",
+    "cached_features",
     "kid_standard",
     "kid_subset_size",
     "mmd2_unbiased",
     "paper_kid_batch",
     "paper_order",
+    "finish_features",
     "polynomial_kernel",
     "resize_bilinear_tf1",
 ]
+    "plan_folder",

@@ -7,6 +7,7 @@ import json
 import numbers
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -112,12 +113,7 @@ def _load_batches(
             elif size != first[1]:
                 # torch-fidelity batches a folder as one tensor, so sizes must agree
                 # (said width x height, as image viewers say them; `size` is rows, columns).
-                raise DataError(
-                    f"images in '{folder}' differ in size: '{first[0]}' is "
-                    f"{first[1][1]}x{first[1][0]}, '{path}' is {size[1]}x{size[0]}; KID and "
-                    "FID compare folders of one image size (resize them, e.g. with "
-                    "`animeddim data prepare FOLDER --out NEW --size N`)"
-                )
+                raise DataError(_sizes_differ(folder, first, (path, size)))
             arrays.append(array)
         if arrays:
             batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
@@ -135,47 +131,130 @@ def folder_features_with_size(
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """:func:`folder_features` plus the folders' common image size (H, W)."""
     if protocol not in PROTOCOLS:
+    plan = plan_folder(folder, extractor, protocol, cache_dir, profiles)
+    cached = cached_features(plan)
+    if cached is not None:
+        return cached
+    block = block_features(plan.folder, plan.files, extractor, protocol, batch_size, progress,
+                           profiles)  # fmt: skip
+    return finish_features(plan, extractor, [block], block.features)
+
+
+@dataclass
+class FolderPlan:
+    """A folder to measure: its image files (sorted by relative path, so feature row i is
+    stable), the folders that could not be read and its cache file."""
+
+    folder: Path
+    files: list[Path]
+    unread: list[Skipped]
+    protocol: str
+    profiles: bool
+    cache_file: Path
+
+
+@dataclass
+class Block:
+    """The features of a run of a folder's files (`block_features`): [k x D] float64, the
+    first usable image's path and size (H, W), the files skipped and those read without
+    their colour profile."""
+
+    features: torch.Tensor
+    first: tuple[str, tuple[int, int]] | None
+    skipped: list[Skipped]
+    unconverted: list[Skipped]
+
+
+def plan_folder(
+    folder: Path,
+    extractor: FeatureExtractor,
+    protocol: str = "standard",
+    cache_dir: Path | None = None,
+    profiles: bool = True,
+) -> FolderPlan:
+    """List `folder` and find its cache file (the key reads every file's bytes).
+
+    :raises DataError: a folder with fewer than 2 image files."""
         raise ValueError(f"unknown protocol '{protocol}', expected one of {PROTOCOLS}")
     folder = Path(folder)
     listing = list_images(folder)
-    files = listing.files  # sorted by relative path, so feature row i is stable
     note_passed_over(listing)
     unread = listing.unread_in(folder)  # HEIC photos, unreadable folders: noted as skipped
-    if len(files) < 2:
-        raise DataError(_too_few(folder, len(files), len(files) + len(unread), unread))
+    if len(listing.files) < 2:
+        raise DataError(
+            _too_few(folder, len(listing.files), len(listing.files) + len(unread), unread)
+        )
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = _folder_cache_key(folder, files, protocol, extractor, profiles)
+    key = _folder_cache_key(folder, listing.files, protocol, extractor, profiles)
     cache_file = cache_dir / f"{protocol}-{key[:40]}.safetensors"
-    cached = _read_feature_cache(cache_file)
-    if cached is not None:
-        features, size, skipped, unconverted = cached
-        _note_skipped(unread + skipped, len(files) + len(unread), unconverted)
-        _note_not_square(folder, size)
-        return features, size
+    return FolderPlan(folder, list(listing.files), unread, protocol, profiles, cache_file)
 
-    chunks = []
-    skipped: list[Skipped] = []
-    unconverted: list[Skipped] = []
-    size = (0, 0)
+
+def cached_features(plan: FolderPlan) -> tuple[torch.Tensor, tuple[int, int]] | None:
+    """The cached features and image size of `plan`'s folder (with their notes), or None."""
+    cached = _read_feature_cache(plan.cache_file)
+    if cached is None:
+        return None
+    features, size, skipped, unconverted = cached
+    _note_skipped(plan.unread + skipped, len(plan.files) + len(plan.unread), unconverted)
+    _note_not_square(plan.folder, size)
+    return features, size
+
+
+def block_features(
+    folder: Path,
+    files: Sequence[Path],
+    extractor: FeatureExtractor,
+    protocol: str = "standard",
+    batch_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+    profiles: bool = True,
+) -> Block:
+    """The features of `files` (some of `folder`'s, in their order), in batches of
+    `batch_size`; progress(done, len(files)). :raises DataError: images of two sizes."""
+    chunks, skipped, unconverted = [], [], []
+    size, done = None, 0
     if progress is not None:
         progress(0, len(files))
-    done = 0
-    for batch, batch_hw in _load_batches(folder, files, batch_size, skipped, unconverted, profiles):
+    for batch, hw in _load_batches(folder, files, batch_size, skipped, unconverted, profiles):
+        size = hw  # every image's (H, W): checked by _load_batches
         chunks.append(extractor.features(batch, protocol, batch_size=batch_size))
-        size, done = batch_hw, done + len(batch)
+        done += len(batch)
         if progress is not None:
             progress(done, len(files))
     if progress is not None and done < len(files):
         progress(len(files), len(files))  # skipped files count as done
-    usable = sum(len(c) for c in chunks)
-    if usable < 2:
-        raise DataError(_too_few(folder, usable, len(files) + len(unread), unread + skipped))
-    _note_skipped(unread + skipped, len(files) + len(unread), unconverted)
-    features = torch.cat(chunks).to(torch.float64).contiguous()
+    features = torch.cat(chunks).to(torch.float64) if chunks else torch.empty(0, 0)
+    left_out = {s.path for s in skipped}
+    first = next((str(f) for f in files if str(f) not in left_out), None)
+    return Block(features, None if size is None else (first, size), skipped, unconverted)
+
+
+def finish_features(
+    plan: FolderPlan,
+    extractor: FeatureExtractor,
+    blocks: Sequence[Block],
+    features: torch.Tensor,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The folder's features from its `blocks` in file order (`features`: theirs, joined;
+    a block's own may be left out) and their common image size: checked, noted and cached.
+    :raises DataError: blocks of two image sizes, fewer than 2 usable images."""
+    firsts = [b.first for b in blocks if b.first is not None]
+    for path, hw in firsts[1:]:
+        if hw != firsts[0][1]:
+            raise DataError(_sizes_differ(plan.folder, firsts[0], (path, hw)))
+    skipped = [s for b in blocks for s in b.skipped]
+    unconverted = [s for b in blocks for s in b.unconverted]
+    tried, unread = len(plan.files) + len(plan.unread), plan.unread
+    if len(features) < 2:
+        raise DataError(_too_few(plan.folder, len(features), tried, unread + skipped))
+    _note_skipped(unread + skipped, tried, unconverted)
+    features = features.to(torch.float64).contiguous()
+    size = firsts[0][1]
     meta = {
-        "protocol": protocol,
+        "protocol": plan.protocol,
         "weights": extractor.cache_token,
-        "folder": str(folder),
+        "folder": str(plan.folder),
         "count": str(len(features)),
         "height": str(size[0]),
         "width": str(size[1]),
@@ -183,15 +262,15 @@ def folder_features_with_size(
         "unconverted": json.dumps([[s.path, s.reason] for s in unconverted]),
     }
     try:
-        _save_atomic(cache_file, features, meta)
+        _save_atomic(plan.cache_file, features, meta)
     except OSError as e:  # the cache only saves time: go on without it
         warnings.warn(
-            f"feature cache not written ({e.strerror or e}: {e.filename or cache_dir}); "
-            "computed without it",
+            f"feature cache not written ({e.strerror or e}: "
+            f"{e.filename or plan.cache_file.parent}); computed without it",
             CacheWarning,
             stacklevel=2,
         )
-    _note_not_square(folder, size)
+    _note_not_square(plan.folder, size)
     return features, size
 
 
@@ -221,6 +300,17 @@ class CacheWarning(UserWarning):
 
 
 def _too_few(folder: Path, usable: int, found: int, skipped: Sequence[Skipped] = ()) -> str:
+def _sizes_differ(folder: Path, first: tuple, other: tuple) -> str:
+    """Two (path, (H, W)) of one folder in two sizes, said width x height (as image viewers
+    say them): torch-fidelity batches a folder as one tensor, so sizes must agree."""
+    (a, (ha, wa)), (b, (hb, wb)) = first, other
+    return (
+        f"images in '{folder}' differ in size: '{a}' is {wa}x{ha}, '{b}' is {wb}x{hb}; KID and "
+        "FID compare folders of one image size (resize them, e.g. with "
+        "`animeddim data prepare FOLDER --out NEW --size N`)"
+    )
+
+
     detail = skip_summary(skipped, found) if skipped else f"{counted(found, 'image file')} found"
     return f"KID and FID need at least 2 images, '{folder}' has {usable} usable ({detail})"
 

@@ -44,6 +44,7 @@ from .core import (
     sampling_net,
 )
 from .folder import Job, Kept, draw_blocks, image_job
+from .real_features import real_folder_features
 
 
 def evaluate(
@@ -93,8 +94,10 @@ def evaluate(
 
     Under torchrun (joined by `load_for_sampling`) every process calls it with the same
     arguments: each draws a contiguous block of the n images (image i is the same whatever
-    the number of processes) and computes their standard features; process 0 alone reads
-    the real side (and the feature cache) first, then gathers the images and features,
+    the number of processes) and computes their standard features; the real folder's are
+    read first (process 0 reads and writes the feature cache; on a miss each process
+    measures a block of the folder where all see it: `real_folder_features`), the paper
+    and coverage real sets by process 0 alone, which then gathers the images and features,
     computes every metric and writes the files. Every process returns the summary.
     :raises ConfigError, TypeError: n < 2, guidance < 0, ... before the real side is read.
     """
@@ -107,10 +110,11 @@ def evaluate(
     # that do not fit) is refused by every process before minutes of drawing, not after.
     t_start = time.perf_counter()  # "seconds": the whole evaluation, the real side included
     standard = "standard" in protocols or control is not None
+    t_real = time.perf_counter()  # every process measures a block of it (on a cache miss)
+    f_real = _real_features(real, extractor, cache_dir, progress) if standard else None
+    t_real = time.perf_counter() - t_real
     reals = distributed.on_main(
-        lambda: _real_side(
-            loaded, real, n, extractor, cache_dir, progress, standard, protocols, attributes
-        )
+        lambda: (f_real, t_real, *_real_side(loaded, real, n, protocols, attributes))
     )
     t0 = time.perf_counter()
     make = evaluation_job(loaded, settings, control, mix, guidance, n).make
@@ -193,26 +197,19 @@ def _real_side(
     loaded: LoadedModel,
     real: str | Path,
     n: int,
-    extractor: metrics.FeatureExtractor,
-    cache_dir: Path | None,
-    progress: Progress | None,
-    standard: bool,
     protocols: Sequence[str],
     attributes: Any,
-) -> tuple[torch.Tensor | None, float, torch.Tensor | None, Any]:
-    """What `evaluate` compares with, read before any image is drawn: the real folder's
-    standard features (`standard`; cached on disk), the seconds they took, the paper
-    protocol's real images and the coverage's labelled real set (None where not asked)."""
-    t = time.perf_counter()
-    f_real = _real_features(real, extractor, cache_dir, progress) if standard else None
-    seconds = time.perf_counter() - t
+) -> tuple[torch.Tensor | None, Any]:
+    """What `evaluate` compares with besides the standard features, read on process 0
+    before any image is drawn: the paper protocol's real images and the coverage's
+    labelled real set (None where not asked)."""
     paper_real = _paper_real(loaded, real, n) if "paper" in protocols else None
     coverage_real = None
     if attributes is not None:
         from ..coverage import real_set
 
         coverage_real = real_set(attributes, real)
-    return f_real, seconds, paper_real, coverage_real
+    return paper_real, coverage_real
 
 
 def evaluation_job(
@@ -334,15 +331,11 @@ def _real_features(
     extractor: metrics.FeatureExtractor,
     cache_dir: Path | None,
     progress: Progress | None,
-) -> torch.Tensor:
-    """Standard-protocol features of the real folder (cached on disk)."""
-    return metrics.folder_features(
-        Path(real),
-        extractor,
-        "standard",
-        cache_dir=cache_dir,
-        progress=_stage(progress, "features (real)"),
-    )
+) -> torch.Tensor | None:
+    """Standard-protocol features of the real folder (cached on disk) on process 0, None
+    on the others; every process calls it, and on a cache miss each measures its block
+    (`real_features.real_folder_features`)."""
+    return real_folder_features(real, extractor, cache_dir, _stage(progress, "features (real)"))
 
 
 STEPS_COLUMNS = [
@@ -394,7 +387,7 @@ def steps_study(
                 f"nothing for it; add eta 0 (e.g. --eta 0,{etas[0]:g}) or leave {sampler} out"
             )
     out_dir = Path(out_dir)
-    f_real = distributed.on_main(lambda: _real_features(real, extractor, cache_dir, progress))
+    f_real = _real_features(real, extractor, cache_dir, progress)
     rows: list[dict[str, Any]] = []  # on process 0
     lo, hi = distributed.shard(n)  # this process's block of each setting's n images
     # One prepared (and maybe compiled) network for the whole study, warmed up on a full
