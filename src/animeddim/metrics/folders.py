@@ -130,7 +130,6 @@ def folder_features_with_size(
     profiles: bool = True,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """:func:`folder_features` plus the folders' common image size (H, W)."""
-    if protocol not in PROTOCOLS:
     plan = plan_folder(folder, extractor, protocol, cache_dir, profiles)
     cached = cached_features(plan)
     if cached is not None:
@@ -175,6 +174,7 @@ def plan_folder(
     """List `folder` and find its cache file (the key reads every file's bytes).
 
     :raises DataError: a folder with fewer than 2 image files."""
+    if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol '{protocol}', expected one of {PROTOCOLS}")
     folder = Path(folder)
     listing = list_images(folder)
@@ -299,7 +299,6 @@ class CacheWarning(UserWarning):
     """The feature cache could not be read or written; the features were computed anyway."""
 
 
-def _too_few(folder: Path, usable: int, found: int, skipped: Sequence[Skipped] = ()) -> str:
 def _sizes_differ(folder: Path, first: tuple, other: tuple) -> str:
     """Two (path, (H, W)) of one folder in two sizes, said width x height (as image viewers
     say them): torch-fidelity batches a folder as one tensor, so sizes must agree."""
@@ -311,6 +310,7 @@ def _sizes_differ(folder: Path, first: tuple, other: tuple) -> str:
     )
 
 
+def _too_few(folder: Path, usable: int, found: int, skipped: Sequence[Skipped] = ()) -> str:
     detail = skip_summary(skipped, found) if skipped else f"{counted(found, 'image file')} found"
     return f"KID and FID need at least 2 images, '{folder}' has {usable} usable ({detail})"
 
