@@ -66,10 +66,16 @@ def run(trained_tiny, tmp_path_factory) -> Path:
 _PROGRESS = re.compile(r".*:\s+\d+%\|.*")  # a tqdm bar: "sample:  50%|#####  | 1/2 ..."
 
 
+# the caution on a KID or FID of fewer than 1,000 images (`metrics.few_images_note`), which
+# every KID of these tests' few images carries: test_kid_and_evaluate_on_few_images_say_so
+_FEW = re.compile(r"animeddim: warning: KID (and FID )?of .*, fewer than 1,000: .*")
+
+
 def _lines(err: str) -> list[str]:
-    """What stderr says, without the progress bars (tqdm redraws them with carriage returns)."""
-    parts = re.split(r"[\r\n]+", err)
-    return [line for line in parts if line.strip() and not _PROGRESS.fullmatch(line.strip())]
+    """What stderr says, without the progress bars (tqdm redraws them with carriage returns)
+    and the caution on few images."""
+    parts = [line.strip() for line in re.split(r"[\r\n]+", err)]
+    return [x for x in parts if x and not _PROGRESS.fullmatch(x) and not _FEW.fullmatch(x)]
 
 
 def _one_line(err: str, *needles: str) -> None:
@@ -131,6 +137,51 @@ def test_kid_evaluate_steps_on_a_bad_folder_are_one_line(
         _one_line(err)
         assert any(w in err for w in ([needle] if isinstance(needle, str) else needle)), err
     assert not (tmp_path / "e.json").exists() and not (tmp_path / "st").exists()
+
+
+def _few(sets: str, fid: bool = True) -> str:
+    """The caution on a KID (and FID) of fewer than 1,000 images, `sets` its counts."""
+    fid_words = " and FID is biased upward (two sets of 1,000 avatars of one generator " \
+        "measure FID 11.7 apart)" if fid else ""  # fmt: skip
+    return (
+        f"{'KID and FID' if fid else 'KID'} of {sets}, fewer than 1,000: KID's ± is then not "
+        f"the spread between image sets (each subset of the smaller set is all of it){fid_words}"
+        "; compare values at equal counts only, or measure 1,000 or more a side"
+    )
+
+
+def test_kid_and_evaluate_on_few_images_say_so(run, avatars16, tmp_path, capsys, fake):
+    """`kid`, `evaluate` and `steps` against a few dozen images gave KID ± std and FID
+    without a word, where KID's ± is then no spread between image sets (each subset of the
+    smaller set is all of it) and FID is mostly bias. One line says so (once), and the JSON
+    records it under "notes"; the values are unchanged, and 1,000 images a side say nothing."""
+    from animeddim import metrics
+
+    small, cache = _folder(tmp_path / "small", avatars16, 5), tmp_path / "cache"
+    rc, stdout, err = run_main(capsys, "kid", small, avatars16, "--json", "--cache-dir", cache)
+    assert rc == 0, err
+    r, note = json.loads(stdout), _few(f"5 images in '{small}' and 24 images in '{avatars16}'")
+    assert r["notes"] == [note]
+    assert [x for x in err.splitlines() if "warning" in x] == [f"animeddim: warning: {note}"]
+    f_a, f_b = (metrics.folder_features(d, fake, cache_dir=cache) for d in (small, avatars16))
+    assert (r["kid_mean"], r["kid_std"]) == metrics.kid_standard(f_a, f_b)  # as computed
+    assert r["fid"] == metrics.fid_from_features(f_a, f_b)
+    argv = ["evaluate", "--run", run, "--real", avatars16, "--n", 3, "--steps", 1,
+            "--protocols", "standard", "--cache-dir", cache]  # fmt: skip
+    rc, _, err = run_main(capsys, *argv, "--out", tmp_path / "e.json")
+    assert rc == 0, err
+    note = _few("24 real images and 3 generated images")
+    assert json.loads((tmp_path / "e.json").read_text())["notes"] == [note]
+    assert err.count(note) == 1 and f"animeddim: warning: {note}" in err
+    argv = ["steps", "--run", run, "--real", avatars16, "--n", 3, "--steps", "1,2", "--eta", 0,
+            "--cache-dir", cache, "--out", tmp_path / "st"]  # fmt: skip
+    rc, _, err = run_main(capsys, *argv)
+    assert rc == 0, err
+    assert err.count(_few("24 real images and 3 generated images a setting", fid=False)) == 1
+    assert metrics.few_images_note([(1000, "real images"), (5000, "generated images")]) is None
+    assert "999 generated images, fewer" in metrics.few_images_note(
+        [(1000, "real images"), (999, "generated images")]
+    )
 
 
 def test_kid_says_whether_a_folder_is_missing_or_a_file(avatars16, tmp_path, capsys, fake):

@@ -54,8 +54,11 @@ from .inception import (
     resize_bilinear_tf1,
 )
 from .kid import (
+    FEW_IMAGES,
     PAPER_SHUFFLE_SEED,
+    FewImagesWarning,
     PaperKID,
+    few_images_note,
     fid_from_features,
     kid_standard,
     kid_subset_size,
@@ -63,9 +66,11 @@ from .kid import (
     paper_kid_batch,
     paper_order,
     polynomial_kernel,
+    warn_few_images,
 )
 
 __all__ = [
+    "FEW_IMAGES",
     "PAPER_SHUFFLE_SEED",
     "PAPER_SIZE",
     "PROTOCOL_DESCRIPTIONS",
@@ -80,6 +85,7 @@ __all__ = [
     "Block",
     "CacheWarning",
     "FeatureExtractor",
+    "FewImagesWarning",
     "FolderPlan",
     "InceptionFeatures",
     "InceptionWeightsMissing",
@@ -88,6 +94,7 @@ __all__ = [
     "cached_features",
     "default_cache_dir",
     "features_with_progress",
+    "few_images_note",
     "fid_from_features",
     "find_inception_weights",
     "finish_features",
@@ -102,4 +109,5 @@ __all__ = [
     "plan_folder",
     "polynomial_kernel",
     "resize_bilinear_tf1",
+    "warn_few_images",
 ]

@@ -45,6 +45,7 @@ from .kid import (
     kid_subset_size,
     mmd2_unbiased,
     paper_order,
+    warn_few_images,
 )
 
 _CACHE_FORMAT = 1
@@ -474,6 +475,10 @@ def kid_folders(
             "subsets": subsets,
             "subset_size": used,
             "seed": seed,
+            # a caution where a set is small (also warned): the values are as computed
+            "notes": warn_few_images(
+                [(len(f_a), f"images in '{dir_a}'"), (len(f_b), f"images in '{dir_b}'")]
+            ),
         }
         return result
     f_a = f_a[paper_order(len(f_a), PAPER_SHUFFLE_SEED)]

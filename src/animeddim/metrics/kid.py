@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -46,6 +48,54 @@ def mmd2_unbiased(f_real: torch.Tensor, f_fake: torch.Tensor) -> float:
 def kid_subset_size(n_real: int, n_fake: int, subset_size: int = 1000) -> int:
     """Subset size actually used: torch-fidelity raises when a set is smaller, we clamp."""
     return min(subset_size, n_real, n_fake)
+
+
+# Fewer images than this on a side, and the standard protocol's numbers say less than they
+# seem to. It is the protocol's KID subset size (torch-fidelity's default, `kid_standard`):
+# below it each subset of the smaller set is all of that set, so KID's ± (the spread of the
+# 100 subsets) is no longer how far the value moves between image sets (with both sets that
+# small it is 0, while at 300 images KID moved by about ±0.002 between sets: docs/sampling.md).
+# FID's bias falls as 1/n (Chong & Forsyth 2020, "Effectively Unbiased FID"): two sets of 1,000
+# avatars of one generator measure FID 11.7 apart, half the 23.8 of a model's 1,000 samples
+# against 2,000 real avatars (docs/benchmarks.md, the fp16 Inception copy), so below 1,000
+# images the bias is more than half of such a value. At 1,000 and more (the defaults of
+# evaluate and steps) nothing is said: values there are compared at equal counts.
+FEW_IMAGES = 1000
+
+
+class FewImagesWarning(UserWarning):
+    """A standard-protocol KID or FID of fewer than `FEW_IMAGES` images on a side."""
+
+
+def few_images_note(sets: Sequence[tuple[int, str]], fid: bool = True) -> str | None:
+    """The caution that goes with a standard-protocol KID (and FID, with `fid`) of the
+    `sets` ((count, what they are: "real images")) when one holds fewer than `FEW_IMAGES`
+    images; None otherwise. The values themselves are what they are."""
+    few = [f"{n:,} {what}" for n, what in sets if n < FEW_IMAGES]
+    if not few:
+        return None
+    fid_words = (
+        " and FID is biased upward (two sets of 1,000 avatars of one generator measure FID "
+        "11.7 apart)"
+        if fid
+        else ""
+    )
+    return (
+        f"{'KID and FID' if fid else 'KID'} of {' and '.join(few)}, fewer than "
+        f"{FEW_IMAGES:,}: KID's ± is then not the spread between image sets (each subset of "
+        f"the smaller set is all of it){fid_words}; compare values at equal counts only, or "
+        f"measure {FEW_IMAGES:,} or more a side"
+    )
+
+
+def warn_few_images(sets: Sequence[tuple[int, str]], fid: bool = True) -> list[str]:
+    """`few_images_note`, given as a `FewImagesWarning` (the CLI prints it on one line) and
+    returned as a list (empty when none), the "notes" of a result."""
+    note = few_images_note(sets, fid)
+    if note is None:
+        return []
+    warnings.warn(note, FewImagesWarning, stacklevel=2)
+    return [note]
 
 
 def kid_standard(

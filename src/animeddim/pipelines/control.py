@@ -298,8 +298,11 @@ def control_summary(
     target: ControlTarget, fake: torch.Tensor, f_fake: torch.Tensor, f_subset: torch.Tensor
 ) -> dict[str, Any]:
     """The attribute part of an evaluation: accuracy per asked attribute with the classifier's
-    ceiling beside it, and standard KID against the real images with the asked values."""
+    ceiling beside it, and standard KID against the real images with the asked values (with
+    the caution, under "notes", where either set is small: `metrics.few_images_note`)."""
     kid_mean, kid_std = metrics.kid_standard(f_subset, f_fake)
+    what = ", ".join(f"{k}={v}" for k, v in target.asked.items())
+    sets = [(len(f_subset), f"real images with {what}"), (len(f_fake), "generated images")]
     return {
         "asked": target.asked,
         "accuracy": attribute_accuracy(target, fake),
@@ -309,6 +312,7 @@ def control_summary(
         "kid_std": kid_std,
         "n_real": len(f_subset),
         "protocol": "standard",
+        "notes": metrics.warn_few_images(sets, fid=False),
     }
 
 
@@ -348,6 +352,7 @@ def guidance_study(
             None if stage is None else partial(stage, "features"),
         )
         c = control_summary(target, fake, f_fake, f_sub)
+        metrics.warn_few_images([(len(f_all), "real images"), (n, "generated images")], False)
         kid_mean, kid_std = metrics.kid_standard(f_all, f_fake)
         row = {"guidance": w}
         row.update({f"accuracy_{a}": acc for a, acc in c["accuracy"].items()})

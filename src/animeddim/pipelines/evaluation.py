@@ -179,7 +179,8 @@ def _what_was_measured(
 
 
 def _standard(f_real: torch.Tensor, f_fake: torch.Tensor, seconds: float) -> dict[str, Any]:
-    """The standard protocol's part of `evaluate`'s summary: KID (mean, std) and FID."""
+    """The standard protocol's part of `evaluate`'s summary: KID (mean, std), FID, and the
+    caution where a set is small (`metrics.few_images_note`, under "notes"; also warned)."""
     kid_mean, kid_std = metrics.kid_standard(f_real, f_fake)
     return dict(
         protocol="standard",
@@ -190,6 +191,9 @@ def _standard(f_real: torch.Tensor, f_fake: torch.Tensor, seconds: float) -> dic
         n_real=len(f_real),
         subset_size=metrics.kid_subset_size(len(f_real), len(f_fake)),
         standard_seconds=round(seconds, 2),
+        notes=metrics.warn_few_images(
+            [(len(f_real), "real images"), (len(f_fake), "generated images")]
+        ),
     )
 
 
@@ -411,6 +415,9 @@ def steps_study(
                 f_fake = _gathered_features(extractor, part, progress, f"{name}: features")
 
                 def measure(s=s, eta=eta, sampler=sampler, drawn=drawn, f_fake=f_fake) -> None:
+                    if not rows:  # the counts are those of every setting: said once
+                        sets = [(len(f_real), "real images"), (n, "generated images a setting")]
+                        metrics.warn_few_images(sets, fid=False)
                     kid_mean, kid_std = metrics.kid_standard(f_real, f_fake)
                     spi = float(drawn.max()) / n
                     row = {
