@@ -208,6 +208,26 @@ def test_one_run_folder_may_be_given_alone(runs, tmp_path):
     assert "run-a" in page.read_text() and (tmp_path / "one" / "table2-run-a.md").is_file()
 
 
+def test_a_run_given_twice_is_refused_before_anything_is_written(runs, tmp_path):
+    """`report --run r --run r` (or `r` and `./r/`, or a link to it) wrote the run's figures
+    and tables twice, the second copy as run `r-2`, and Table I showed it as two runs."""
+    a = runs[0]
+    (tmp_path / "link").symlink_to(a)
+    other = a / ".." / a.name  # Path keeps "..": another spelling of the same folder
+    for twice, spelt in (
+        ([a, runs[1], a], ""),
+        ([a, other], f" (as {str(a)!r} and {str(other)!r})"),
+        ([a, tmp_path / "link"], f" (as {str(a)!r} and {str(tmp_path / 'link')!r})"),
+    ):
+        with pytest.raises(ReportError) as e:
+            write_report(twice, tmp_path / "out", steps=1)
+        assert (
+            str(e.value)
+            == f"run folder {str(twice[-1])!r} is given twice{spelt}; give each run once"
+        )
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_run_trained_on_a_folder_whose_name_is_not_utf8_gets_its_report(runs, tmp_path):
     """Data in a folder named in Latin-1 (b'caf\\xe9', from an old archive or a Windows share)
     trained, sampled and resumed, but `report` ended in a UnicodeEncodeError traceback when

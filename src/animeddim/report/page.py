@@ -272,6 +272,18 @@ def _attribute_grids(run: RunFiles, loaded, out: Path, seed: int, steps: int, de
     return blocks
 
 
+def _refuse_a_run_given_twice(paths: Sequence[Path]) -> None:
+    """ReportError if two of `paths` are one folder (spelt alike or not: `run`, `./run/`, a
+    link to it): its figures and tables would be written twice, under two names."""
+    seen: dict[str, Path] = {}
+    for p in paths:
+        key = os.path.realpath(p)
+        if key in seen:
+            spelt = "" if str(seen[key]) == str(p) else f" (as {str(seen[key])!r} and {str(p)!r})"
+            raise ReportError(f"run folder {str(p)!r} is given twice{spelt}; give each run once")
+        seen[key] = p
+
+
 def write_report(
     runs: Sequence[str | Path] | str | Path,
     out: str | Path,
@@ -297,7 +309,8 @@ def write_report(
     :param seed: seed of the forward-process noise and of the sampled images.
     :param steps: DDIM steps of the reverse figure and the sample grids.
     :raises ReportError: a folder is missing or lacks config.json / metrics.csv; steps,
-        seed or device of a kind or value it cannot use (before any folder is read).
+        seed or device of a kind or value it cannot use, a run folder given twice (before
+        any folder is read).
     """
     from ..config import ConfigError, as_integer
     from ..runtime import resolve_device
@@ -318,6 +331,7 @@ def write_report(
     except ConfigError as e:
         raise ReportError(str(e)) from None
     paths = [Path(r) for r in runs]
+    _refuse_a_run_given_twice(paths)
     # Read every folder before writing anything: a bad one fails fast with no half report.
     data = [read_run(p, name) for p, name in zip(paths, unique_names(paths), strict=True)]
     out = Path(out)
