@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 
 import pytest
@@ -86,6 +87,12 @@ def test_guidance_study_table_progress_and_force(
     assert rc == 0, err
     assert "w 3: sample" in err and "w 3: features" in err  # a progress bar per stage
     assert "guidance study (2 weights, 6 images each" in stdout
+    # the caution on KIDs of so few images, said once for each of the two KIDs of every w
+    few = re.findall(r"animeddim: warning: (KID of [^;]*), fewer than 1,000", err)
+    assert sorted(few) == [
+        "KID of 48 real images with colour=red and 6 generated images",
+        "KID of 96 real images and 6 generated images",
+    ], err
     rows = list(csv.DictReader(open(out / "guidance.csv")))
     assert [r["guidance"] for r in rows] == ["0.0", "3.0"]
     assert float(rows[1]["accuracy_colour"]) > float(rows[0]["accuracy_colour"])
