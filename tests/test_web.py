@@ -941,6 +941,38 @@ def test_serve_warns_off_loopback_and_refuses_a_taken_port():
     assert f"port {port} on 0.0.0.0 is in use: choose another with --port" in p.stderr
 
 
+def test_serve_refuses_a_host_it_cannot_listen_on_in_one_line():
+    """`serve --host` given a URL, `host:port` or nothing, or an address that is not this
+    machine's: a URL or an unknown name ended in `animeddim: error: Name or service not
+    known` (exit 1, naming neither the host nor the remedy), an address of another machine
+    in `Cannot assign requested address`, and an empty host listened on every interface."""
+    for host in ("http://localhost:7860", "localhost:7860", "", " "):
+        p = run_cli("serve", "--host", host, "--port", "0", check=False)
+        assert p.returncode == 2, p.stderr
+        assert p.stderr.strip().splitlines()[-1] == (
+            f"animeddim serve: error: argument --host: {host!r} is not an address to listen "
+            "on: give an address or name of this machine alone, without scheme or port "
+            "(127.0.0.1: this machine only; 0.0.0.0: every network interface); the port goes "
+            "in --port (see animeddim serve --help)"
+        )
+    # 192.0.2.1 is an address for documentation (RFC 5737): no machine has it
+    for host in ("nosuch.invalid", "192.0.2.1"):  # the resolver's words for why vary
+        p = run_cli("serve", "--host", host, "--port", "0", check=False)
+        assert p.returncode == 2, p.stderr
+        last = p.stderr.strip().splitlines()[-1]
+        assert last.startswith(
+            f"animeddim: error: --host '{host}' is not an address of this machine ("
+        ), last
+        assert last.endswith(
+            "give one of its own, 127.0.0.1 (this machine only) or 0.0.0.0 (every network "
+            "interface)"
+        ), last
+        assert "Traceback" not in p.stderr
+    parser = build_parser()
+    assert parser.parse_args(["serve", "--host", "[::1]"]).host == "::1"
+    assert parser.parse_args(["serve", "--host", "0.0.0.0"]).host == "0.0.0.0"
+
+
 def test_watch_a_run_shows_the_standard_kid_of_eval_every(runs, tmp_path):
     """A run trained with --eval-every has a standard_kid column; the watch API gives it as
     its own curve (None on the epochs it was not measured), and none for runs without."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 import time
 import warnings
@@ -347,6 +348,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
         if e.errno in (98, 48, 10048):  # address in use (Linux, macOS, Windows)
             raise CliError(
                 f"port {a.port} on {a.host} is in use: choose another with --port"
+            ) from None
+        if isinstance(e, socket.gaierror) or e.errno in (99, 49, 10049):  # not found, not ours
+            raise CliError(
+                f"--host {a.host!r} is not an address of this machine ({e.strerror}): give one of "
+                "its own, 127.0.0.1 (this machine only) or 0.0.0.0 (every network interface)"
             ) from None
         raise
     return 0

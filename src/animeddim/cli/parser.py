@@ -493,6 +493,7 @@ def _add_serve(sub) -> None:
     p.add_argument(
         "--host",
         default="127.0.0.1",
+        type=_listen_host,
         help="address to listen on (default 127.0.0.1: this machine only; another warns)",
     )
     p.add_argument(
@@ -523,6 +524,23 @@ def _host_name(text: str) -> str:
             f"{text!r} is not a host name (give it without scheme or port: example.org)"
         )
     return name
+
+
+def _listen_host(text: str) -> str:
+    """An address or name of this machine to listen on (`127.0.0.1`, `0.0.0.0`, `::1`, also
+    written `[::1]`); a URL, a port or nothing is refused (an empty host listened on every
+    interface, a URL or `host:port` failed only once the app was set up)."""
+    name = text.strip()
+    if name.startswith("[") and name.endswith("]") and _is_ipv6(name[1:-1]):
+        name = name[1:-1]
+    try:
+        return _host_name(name)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an address to listen on: give an address or name of this machine "
+            "alone, without scheme or port (127.0.0.1: this machine only; 0.0.0.0: every "
+            "network interface); the port goes in --port"
+        ) from None
 
 
 def _is_ipv6(name: str) -> bool:
