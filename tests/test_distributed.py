@@ -250,8 +250,7 @@ def test_an_evaluate_stopped_in_one_process_is_finished_by_two(
     rest, and the folder and every number of the JSON equal those of an uninterrupted
     two-process call exactly (each process measures the same block of the same images)."""
     from conftest import run_main
-
-    from animeddim import io as animeddim_io
+    from test_command_faults import _stop_at_write
 
     real, cache = _real_folder(avatars16, tmp_path), tmp_path / "cache"
     common = ["evaluate", "--run", str(one_process_run), "--real", str(real), "--n", "7"]
@@ -259,16 +258,7 @@ def test_an_evaluate_stopped_in_one_process_is_finished_by_two(
     animeddim(*common, "--out", str(tmp_path / "whole.json"),
               "--samples-out", str(tmp_path / "whole"), nproc=2)  # fmt: skip
     argv = [*common, "--out", str(tmp_path / "e.json"), "--samples-out", str(tmp_path / "s")]
-    save, calls = animeddim_io.save_pngs, []
-
-    def stop_in_third(images, folder, names):
-        calls.append(names)
-        if len(calls) == 3:
-            save(images[:1], folder, names[:1])
-            raise KeyboardInterrupt  # as the SIGINT handler does
-        return save(images, folder, names)
-
-    monkeypatch.setattr(animeddim_io, "save_pngs", stop_in_third)
+    _stop_at_write(monkeypatch, 3, 1)  # Ctrl-C once the third batch's first PNG is written
     rc, stdout, err = run_main(capsys, *argv)
     assert rc == 130 and "interrupted: 5 of 7 samples kept" in stdout, (stdout, err)
     monkeypatch.undo()
