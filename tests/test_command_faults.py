@@ -255,12 +255,13 @@ def test_evaluate_refuses_a_bad_real_folder_before_drawing(
         kept = [r for r in rows[1:] if r.split(",")[0] in names][:2]
         (real / "labels.csv").write_text("\n".join([rows[0], *kept]) + "\n")
         extra, needle = ["--protocols", "paper", "--coverage"], "has no label"
-    out = tmp_path / "e.json"
+    out, drawn = tmp_path / "e.json", tmp_path / "drawn"
     argv = ["--real", real, "--n", 2, "--steps", 1, "--out", out, "--cache-dir", tmp_path / "c"]
-    rc, _, err = run_main(capsys, "evaluate", "--run", run, *argv, *extra)
+    rc, _, err = run_main(capsys, "evaluate", "--run", run, *argv, *extra, "--samples-out", drawn)
     assert rc == 2, err
     _one_line(err, needle)
     assert not calls and not out.exists()
+    assert not drawn.exists()  # its pending note, written first, is gone with the folder
 
 
 @pytest.mark.parametrize("command", ["evaluate", "steps"])

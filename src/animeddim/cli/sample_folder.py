@@ -74,6 +74,7 @@ class SampleFolder:
         from ..io import write_text_atomic
 
         outputs.remove(self.earlier)
+        self.made = not self.out.exists()  # removed again if the call fails before an image
         note = {"settings": self.settings, "files": self.ours}
         try:
             write_text_atomic(self.out / outputs.SAMPLE_PENDING, json.dumps(note, indent=1) + "\n")
@@ -89,9 +90,15 @@ class SampleFolder:
 
     def abandon(self) -> None:
         """After a failure: the note goes if no image of this call is there (the folder is
-        then as it was); else it stays, and the same command goes on."""
+        then as it was, and gone if the call made it); else it stays, and the same command
+        goes on."""
         if self.begun and not self.count_kept():
             (self.out / outputs.SAMPLE_PENDING).unlink(missing_ok=True)
+            if self.made:
+                try:
+                    self.out.rmdir()  # only if empty: nothing but the note was written
+                except OSError:
+                    pass
 
     def finish(self) -> None:
         if self.out is not None:
