@@ -579,13 +579,13 @@ def test_serve_refuses_a_missing_runs_folder(tmp_path):
 # --- a live server, as a user starts it ------------------------------------------------------
 
 
-def _open_stream(url: str, body: dict):
+def _open_stream(url: str, body: dict, path: str = "/api/generate"):
     import http.client
     from urllib.parse import urlsplit
 
     u = urlsplit(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
-    conn.request("POST", "/api/generate", json.dumps(body), {"Content-Type": "application/json"})
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.status == 200
     return conn, resp
@@ -793,6 +793,62 @@ def test_one_job_at_a_time_and_a_job_nobody_follows_is_stopped_after_the_grace(e
         last = [json.loads(x) for x in resp.read().splitlines()][-1]
         conn.close()
         assert len(last["result"]["images"]) == 2  # and the server still serves
+
+
+def _refused(url: str, path: str, body: dict) -> tuple[int, str]:
+    """POST `body` as JSON to `path`, expecting a refusal: (status, its error)."""
+    from urllib.error import HTTPError
+    from urllib.request import Request, urlopen
+
+    req = Request(url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        urlopen(req, timeout=30).close()
+    except HTTPError as e:
+        return e.code, json.loads(e.read())["error"]
+    raise AssertionError(f"{path} was not refused")
+
+
+def test_a_job_named_by_its_client_is_followed_by_that_id_and_one_given_up_on_is_refused(
+    engine, paced, monkeypatch
+):
+    """The page names each job itself (`?job=ID`) and keeps the id before it sends the request,
+    so a reload in the moment before the stream's first line comes still finds the job. An id
+    in use is refused (409), and so is one asked for (followed, stopped) before its job came:
+    the page that asked has moved on, and the job would run unfollowed for the grace."""
+    monkeypatch.setattr(jobs, "GIVEN_UP_KEPT", 3)
+    app = create_app(engine)
+    named = "00000000000000a1"
+    with _serving(app) as url:
+        before = _status(url)
+        conn_a, resp_a = _open_stream(url, LONG, "/api/generate?job=" + named)
+        assert json.loads(resp_a.readline()) == {"job": named, "queued": 0}
+        _until(resp_a, "progress")
+        code, error = _refused(url, "/api/generate?job=" + named, SHORT)
+        assert code == 409 and error.startswith(f"job id {named} is in use, or was followed or ")
+        for bad in ("xyz", "00000000000000A1", "", "0" * 17):
+            code, error = _refused(url, "/api/generate?job=" + bad, SHORT)
+            assert (code, error) == (400, "a job id is 16 hexadecimal digits, as the first line "
+                                     f"of a job's stream gives it; got {bad!r}")  # fmt: skip
+        conn, resp = _follow(url, named)  # a reload's page follows it by the name it chose
+        assert json.loads(resp.readline()) == {"job": named, "queued": 0}
+        assert _until(resp_a, "error") == {"error": jobs.TAKEN_OVER}
+        assert _stop(url, named) == {"job": named, "stopped": True}
+        for c in (conn, conn_a):
+            c.close()
+        # followed, or stopped, before its request came: the job is refused when it comes
+        followed, stopped = "00000000000000b2", "00000000000000c3"
+        assert _gone(url, followed)
+        assert _refused(url, "/api/stop", {"job": stopped})[0] == 404
+        for name in (followed, stopped):
+            code, error = _refused(url, "/api/generate?job=" + name, SHORT)
+            assert code == 409 and "the job is not started" in error, error
+        for k in range(3):  # the ids given up on are kept GIVEN_UP_KEPT at most, newest
+            assert _gone(url, f"00000000000000d{k}")
+        assert list(app.state.jobs.given_up) == [f"00000000000000d{k}" for k in range(3)]
+        _wait(lambda: not _status(url)["running"])  # the stop takes effect at its next step
+        after = _status(url)
+    assert after == {**before, "stopped": before["stopped"] + 1}  # none of the refused ran
+    assert app.state.jobs.submitted == 1
 
 
 def test_a_job_id_unknown_or_not_one_is_refused_with_the_reason(client):

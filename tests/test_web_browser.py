@@ -497,6 +497,17 @@ def _until(cond, timeout: float) -> None:
         time.sleep(0.05)
 
 
+def _idle_server(web_server: str) -> dict:
+    """The server's counts once no job runs or waits: an earlier test's job may still be
+    running out its grace on this shared server, and the counts a test compares are its own
+    once that has ended."""
+    from animeddim.apps.web.jobs import JOB_GRACE_S
+
+    _until(lambda: not (s := _server_status(web_server))["running"] and not s["waiting"],
+           timeout=JOB_GRACE_S + 30)  # fmt: skip
+    return _server_status(web_server)
+
+
 def test_a_reload_mid_edit_shows_the_inversion_and_the_asked_edit_again(
     page, web_server, shots, cond_data
 ):
@@ -552,7 +563,7 @@ HOLD_THE_ID = """() => {
   const real = window.fetch;
   const held = new Promise((r) => { window.release = r; });
   window.fetch = async (url, opts) => {
-    if (url !== "/api/generate") return real(url, opts);
+    if (!url.startsWith("/api/generate")) return real(url, opts);
     window.fetch = real;
     const res = await real(url, opts);
     const body = res.body.pipeThrough(new TransformStream(
@@ -567,19 +578,15 @@ HOLD_THE_ID = """() => {
 def test_stop_before_the_jobs_id_came_stops_the_job_at_once(page, web_server):
     """Stop pressed in the milliseconds before the job's id reached the page only stopped
     listening: the server, told nothing, ran the job on for its grace (JOB_GRACE_S, 20 s,
-    for a reload to reattach). The page now stops the job as soon as its id comes; a server
-    that never answers is waited for STOP_WAIT_MS at most."""
+    for a reload to reattach). The page now names its job before sending it, so Stop names
+    it at once; a job whose request the server never got is refused should it come."""
     from animeddim.apps.web.jobs import JOB_GRACE_S
 
     _tab(page, "Generate")
     page.select_option("#g-model", "avatars-64")
     page.fill("#g-n", "64")
     page.fill("#g-steps", "250")
-    # an earlier test's job may still be running out its grace on this shared server: the
-    # counts below are this test's own once it has ended
-    _until(lambda: not (s := _server_status(web_server))["running"] and not s["waiting"],
-           timeout=JOB_GRACE_S + 30)  # fmt: skip
-    before = _server_status(web_server)
+    before = _idle_server(web_server)
     stops = []
 
     def record(r) -> None:
@@ -592,32 +599,83 @@ def test_stop_before_the_jobs_id_came_stops_the_job_at_once(page, web_server):
         page.click("#g-go")
         page.wait_for_function("window.answered === true", timeout=30_000)
         _until(lambda: _server_status(web_server)["running"], timeout=30)  # the job runs
-        assert page.evaluate("sessionStorage.getItem('animeddim.job')") is None  # no id yet
+        saved = page.evaluate("JSON.parse(sessionStorage.getItem('animeddim.job'))")
+        assert saved["answered"] is False  # its stream's first line has not come
         page.click("#tab-generate .stop")
         page.evaluate("window.release()")
         page.wait_for_selector("#g-status:has-text('stopped')")
         # stopped by the page's word, not after the grace
         _until(lambda: _server_status(web_server)["stopped"] == before["stopped"] + 1,
                timeout=JOB_GRACE_S / 2)  # fmt: skip
-        assert len(stops) == 1 and set(stops[0]) == {"job"}, stops
+        assert stops == [{"job": saved["id"]}], stops
         assert page.evaluate("sessionStorage.getItem('animeddim.job')") is None
         assert not page.is_disabled("#g-go")
         assert page.locator("#tab-generate .controls .stop").is_hidden()
 
         held = []  # a request the server never answers: Stop still frees the page
-        page.route("**/api/generate", lambda route: held.append(route))
+        page.route("**/api/generate?*", lambda route: held.append(route))
         try:
             page.click("#g-go")
             _until(lambda: held, timeout=30)
             page.click("#tab-generate .stop")
             page.wait_for_selector("#g-status:has-text('stopped')", timeout=30_000)
-            assert not page.is_disabled("#g-go") and len(stops) == 1
+            # its stop names it too: the server, which never got it, would refuse it
+            assert not page.is_disabled("#g-go") and len(stops) == 2
+            assert held[0].request.url.endswith("?job=" + stops[1]["job"])
         finally:
-            page.unroute("**/api/generate")
+            page.unroute("**/api/generate?*")
     finally:
         page.remove_listener("request", record)
     after = _server_status(web_server)
     assert after == {**before, "stopped": before["stopped"] + 1}  # the held one never ran
+    page.fill("#g-n", "16")
+    page.fill("#g-steps", "10")
+
+
+def test_a_reload_before_the_jobs_id_came_follows_the_job(page, web_server, shots):
+    """A reload in the milliseconds before the job's id reached the page left the job
+    running unfollowed for its grace (JOB_GRACE_S, 20 s), holding the one worker: the
+    reloaded page could not know its id. The page now names its job and keeps the id before
+    sending the request, so the reloaded tab follows the job (and Stop stops it at once). A
+    second tab opened meanwhile has no job of its own and takes none."""
+    from animeddim.apps.web.jobs import JOB_GRACE_S
+
+    _tab(page, "Generate")
+    page.select_option("#g-model", "avatars-64")
+    page.fill("#g-n", "64")
+    page.fill("#g-steps", "250")
+    before = _idle_server(web_server)
+    page.evaluate(HOLD_THE_ID)
+    page.click("#g-go")
+    page.wait_for_function("window.answered === true", timeout=30_000)
+    _until(lambda: _server_status(web_server)["running"], timeout=30)  # the job runs
+    saved = page.evaluate("JSON.parse(sessionStorage.getItem('animeddim.job'))")
+    assert saved["answered"] is False  # its stream's first line has not reached the page
+    page.reload()
+    page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+    page.wait_for_selector("#g-status:has-text('denoising step')", timeout=30_000)
+    now = page.evaluate("JSON.parse(sessionStorage.getItem('animeddim.job'))")
+    assert now == {**saved, "answered": True}  # the server's first line came to this page
+    assert page.is_disabled("#g-go") and page.locator("#tab-generate .controls .stop").is_visible()
+    shots(page, "16-reloaded-before-the-id-came")
+    other = page.context.new_page()  # a second tab: nothing of this tab's job
+    try:
+        other.goto(web_server + "/")
+        other.wait_for_selector("body[data-ready='1']", timeout=30_000)
+        assert other.evaluate("sessionStorage.getItem('animeddim.job')") is None
+        assert not other.is_disabled("#g-go")
+        assert other.locator("#tab-generate .controls .stop").is_hidden()
+    finally:
+        other.close()
+    shown = page.evaluate("document.querySelector('#g-status progress').value")
+    page.wait_for_function(  # still followed here
+        f"document.querySelector('#g-status progress').value > {shown}", timeout=30_000
+    )
+    page.click("#tab-generate .stop")
+    page.wait_for_selector("#g-status:has-text('stopped')")
+    _until(lambda: _server_status(web_server)["stopped"] == before["stopped"] + 1,
+           timeout=JOB_GRACE_S / 2)  # fmt: skip
+    assert _server_status(web_server) == {**before, "stopped": before["stopped"] + 1}
     page.fill("#g-n", "16")
     page.fill("#g-steps", "10")
 

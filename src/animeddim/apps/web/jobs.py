@@ -7,6 +7,11 @@ time, and a new one takes over. A client that goes away without stopping its job
 running for the app's grace (JOB_GRACE_S); if nobody reattaches by then, it is stopped, so an
 abandoned job never holds the one worker. A finished job's result waits for a reattach until it
 is delivered, for KEEP_RESULT_S at most (KEEP_RESULTS of them at most).
+
+The page names each job itself (`?job=ID` on the request, kept in the tab before it is sent), so
+a reload in the moment before the stream's first line came still knows which job to follow. An
+id asked for (followed or stopped) before its job came is refused to that job when it comes
+(HTTP 409): the page that asked has moved on, and the job would otherwise run unfollowed.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ JOB_GRACE_S = 20.0  # a job whose client left runs on this long, waiting for a r
 KEEP_RESULT_S = 300.0  # a finished job's result, not yet delivered, is kept this long ...
 KEEP_RESULTS = 8  # ... and this many such results at most (the oldest go first)
 JOB_ID = re.compile(r"[0-9a-f]{16}")  # secrets.token_hex(8)
+GIVEN_UP_KEPT = 1024  # ids asked for before their job came, remembered to refuse it (newest)
 
 
 class JobQueue:
@@ -95,12 +101,27 @@ class UnknownJob(RequestError):
     status = 404
 
 
+class JobIdTaken(RequestError):
+    """A job named by its client with an id already used or given up on (HTTP 409)."""
+
+    status = 409
+
+
+def _checked_id(job_id: Any) -> str:
+    if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
+        raise RequestError(
+            "a job id is 16 hexadecimal digits, as the first line of a job's stream gives "
+            f"it; got {str(job_id)[:40]!r}"
+        )
+    return job_id
+
+
 class Job:
     """One submitted job: its future and stop flag, its progress, and who follows it. Every
     attribute is read and written on the event loop's thread only."""
 
-    def __init__(self, number: int, stop: threading.Event) -> None:
-        self.id = secrets.token_hex(8)
+    def __init__(self, job_id: str, number: int, stop: threading.Event) -> None:
+        self.id = job_id
         self.number = number  # the order of submission: the jobs ahead have smaller ones
         self.stop = stop
         self.fut: asyncio.Future  # set by Jobs.start once submitted
@@ -146,13 +167,23 @@ class Jobs:
     ) -> None:
         self.queue, self.grace_s, self.stopping = queue, grace_s, stopping
         self.jobs: dict[str, Job] = {}
+        self.given_up: dict[str, None] = {}  # ids asked for before their job came, oldest first
         self.submitted = 0
         self.watchers: set[asyncio.Task] = set()  # referenced, so none is collected early
 
-    def start(self, work: Callable[[Progress], dict]) -> Job:
+    def start(self, work: Callable[[Progress], dict], job_id: str | None = None) -> Job:
+        """Queue `work` as a job named `job_id` (the client's choice), else a new id."""
+        if job_id is None:
+            job_id = secrets.token_hex(8)
+        elif _checked_id(job_id) in self.jobs or job_id in self.given_up:
+            raise JobIdTaken(
+                f"job id {job_id} is in use, or was followed or stopped before this request "
+                "came (a page reloaded or stopped as it was sent): the job is not started; "
+                "name each job with new random digits, or leave ?job= out"
+            )
         loop = asyncio.get_running_loop()
         self.submitted += 1
-        job = Job(self.submitted, threading.Event())
+        job = Job(job_id, self.submitted, threading.Event())
 
         def report(done: int, total: int) -> None:  # on the worker thread
             msg = {"progress": done, "total": total, "unit": progress.unit}
@@ -182,13 +213,14 @@ class Jobs:
         """The job named by `job_id` (from a query or a JSON body), else a RequestError."""
         if job_id is None or job_id == "":
             raise RequestError("no job given: send its id, the first line of its stream")
-        if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
-            raise RequestError(
-                "a job id is 16 hexadecimal digits, as the first line of a job's stream gives "
-                f"it; got {str(job_id)[:40]!r}"
-            )
+        _checked_id(job_id)
         self._prune()
         if job_id not in self.jobs:
+            # Its request may still be on its way (the page names its job before sending
+            # it): that job, should it come, is refused rather than run unfollowed.
+            self.given_up[job_id] = None
+            while len(self.given_up) > GIVEN_UP_KEPT:
+                del self.given_up[next(iter(self.given_up))]
             raise UnknownJob(
                 f"no job {job_id}: it was stopped, or it ended and its result was delivered "
                 f"(or kept over {KEEP_RESULT_S / 60:g} minutes), or the server was restarted"

@@ -1,7 +1,8 @@
 """HTTP for the web app (Starlette + uvicorn): the page, a JSON API, one job at a time.
 
 Long requests (generate, interpolate, invert, edit) answer with their job's stream of JSON lines
-(`jobs`): its id and queue position, progress, then the result or an error. `GET /api/job?id=ID`
+(`jobs`): its id and queue position, progress, then the result or an error (`?job=ID` names
+the job, as the page does before it sends it; else the server does). `GET /api/job?id=ID`
 streams the same lines again from the job's current state (a page reloaded mid-job reattaches);
 `POST /api/stop` with `{"job": ID}` stops it at its next network evaluation, queued or running.
 A job whose client went away runs on for `app.state.job_grace_s`, waiting for a reattach. When
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+from collections.abc import Callable
 from importlib.resources import files
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
@@ -39,7 +41,7 @@ from .checks import (
     check_invert,
     parse_generate,
 )
-from .handlers import Engine, run_summary
+from .handlers import Engine, Progress, run_summary
 from .jobs import JOB_GRACE_S, JobQueue, Jobs, follow
 
 
@@ -220,6 +222,15 @@ async def _form(request: Request, names: tuple[str, ...]) -> tuple[dict[str, Any
     return fields, uploads
 
 
+def _begin(jobs: Jobs, request: Request, work: Callable[[Progress], dict]) -> Response:
+    """Queue `work` as a job, named by the request's `?job=ID` when it has one, and stream it."""
+    try:
+        job = jobs.start(work, request.query_params.get("job"))
+    except RequestError as e:
+        return _refuse(e)
+    return follow(jobs, job)
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     """An unknown path or a method a route does not take: under /api/, JSON naming what exists
     (as every other refusal); elsewhere Starlette's plain text."""
@@ -272,7 +283,7 @@ def create_app(
             req = parse_generate(await _json_body(request), engine.catalog)
         except RequestError as e:
             return _refuse(e)
-        return follow(jobs, jobs.start(lambda p: engine.generate(req, p, runs_arg)))
+        return _begin(jobs, request, lambda p: engine.generate(req, p, runs_arg))
 
     async def interpolate(request: Request) -> Response:
         try:
@@ -280,7 +291,7 @@ def create_app(
             check_interpolate(fields, len(uploads), engine.catalog)
         except RequestError as e:
             return _refuse(e)
-        return follow(jobs, jobs.start(lambda p: engine.interpolate(fields, uploads, p)))
+        return _begin(jobs, request, lambda p: engine.interpolate(fields, uploads, p))
 
     async def invert(request: Request) -> Response:
         try:
@@ -288,7 +299,7 @@ def create_app(
             check_invert(fields, len(uploads), engine.catalog)
         except RequestError as e:
             return _refuse(e)
-        return follow(jobs, jobs.start(lambda p: engine.invert(fields, uploads[0], p)))
+        return _begin(jobs, request, lambda p: engine.invert(fields, uploads[0], p))
 
     async def edit(request: Request) -> Response:
         try:
@@ -296,7 +307,7 @@ def create_app(
             check_edit(fields, len(uploads), engine.catalog)
         except RequestError as e:
             return _refuse(e)
-        return follow(jobs, jobs.start(lambda p: engine.edit(fields, uploads[0], p)))
+        return _begin(jobs, request, lambda p: engine.edit(fields, uploads[0], p))
 
     async def job(request: Request) -> Response:
         """Follow a job again (a page reloaded mid-job): its lines from its current state."""
