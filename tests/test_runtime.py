@@ -247,6 +247,34 @@ def test_bench_runs_both_paths_and_reports_every_number():
     assert isinstance(r["baseline_kept_freed_memory"], bool)
 
 
+def test_bench_refuses_a_network_it_cannot_build_or_train_in_one_line():
+    """`bench --image-size 15` (not a multiple of 8) ended in a RuntimeError traceback from
+    the first skip connection, `--image-size 8 --batch-size 1` (a 1x1 innermost level) in a
+    ValueError traceback from BatchNorm: both are one line, exit 2, before any measure."""
+    from conftest import run_cli
+
+    from animeddim.config import ConfigError
+
+    for args, line in (
+        (
+            ("--image-size", "15"),
+            "animeddim: error: invalid image_size = 15: expected a multiple of 8 (the network "
+            "halves the image 3 times)",
+        ),
+        (
+            ("--image-size", "8", "--batch-size", "1"),
+            "animeddim: error: bench --image-size 8 --batch-size 1: the innermost level is 1x1 "
+            "pixels, and a batch of 1 image gives BatchNorm one value per channel: use "
+            "--batch-size 2 or more, or a larger --image-size",
+        ),
+    ):
+        p = run_cli("bench", *args, "--iters", "1", "--no-kid", "--device", "cpu", check=False)
+        assert p.returncode == 2 and p.stderr.strip() == line, p.stderr
+    with pytest.raises(ConfigError, match="innermost level is 1x1"):
+        bench.run(image_size=8, batch_size=1, device_name="cpu", iters=1, kid=False)
+    assert bench.checked_config(8, 2).image_size == 8  # two 1x1 values per channel train
+
+
 def test_bf16_counts_as_fast_only_where_pytorch_runs_avx512_kernels():
     """Below AVX-512 (an AVX2-only CPU, or ATEN_CPU_CAPABILITY=avx2) bf16 is software
     emulation, so `auto` picks fp32 there whatever /proc/cpuinfo says."""

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..config import RunConfig, UNetConfig
+from ..config import ConfigError, RunConfig, UNetConfig
 from ..diffusion.samplers import sample as run_sampler
 from ..diffusion.schedule import diffuse
 from ..runtime import (
@@ -374,6 +374,24 @@ def feature_rates(batch_size: int, device: torch.device) -> dict[str, float]:
     return out
 
 
+def checked_config(image_size: int, batch_size: int) -> UNetConfig:
+    """The benchmarked network's config; ConfigError, before anything is measured, for an
+    image size it cannot halve to its innermost level (15: a traceback from the first skip
+    connection) or a batch that gives BatchNorm one value per channel there (8 px, batch 1:
+    a traceback from the first training step)."""
+    cfg = UNetConfig(image_size=image_size)
+    cfg.validate()
+    inner = image_size // 2 ** (len(cfg.widths) - 1)
+    if batch_size * inner * inner < 2:
+        raise ConfigError(
+            f"bench --image-size {image_size} --batch-size {batch_size}: the innermost level "
+            f"is {inner}x{inner} pixels, and a batch of {counted(batch_size, 'image')} gives "
+            "BatchNorm one value per channel: use --batch-size 2 or more, or a larger "
+            "--image-size"
+        )
+    return cfg
+
+
 def run(
     image_size: int = 64,
     batch_size: int = 64,
@@ -392,9 +410,9 @@ def run(
     `batch_size`) with `steps` steps of `sampler`; `compile_mode` is the tuned path's."""
     # The baseline runs with the C library's allocator as it comes (unless an earlier call in
     # this process changed it: the JSON says so); the tuned path keeps freed host memory.
+    cfg = checked_config(image_size, batch_size)
     device = resolve_device(device_name, host_memory=False)
     baseline_kept = kept_freed_memory()
-    cfg = UNetConfig(image_size=image_size)
     baseline = run_path(
         "baseline fp32 eager",
         cfg,
