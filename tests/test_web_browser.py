@@ -6,6 +6,7 @@ and keep screenshots: under pytest's tmp dir and in test-artifacts/web/ (gitigno
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -508,6 +509,25 @@ def _idle_server(web_server: str) -> dict:
     return _server_status(web_server)
 
 
+@contextlib.contextmanager
+def _reloaded_while_queued(page, web_server: str, go: str, status: str):
+    """Press `go` while a long job of another client runs, reload the page while the page's
+    job waits behind it, and yield once the reloaded page follows that job again; the job
+    ahead is stopped on leaving, so the page's job runs then."""
+    blocker = {"model": "avatars-64", "n": 64, "steps": 250, "sampler": "ddim"}
+    conn, _, blocker_id = _post_generate(web_server, blocker)
+    try:
+        page.click(go)
+        page.wait_for_selector(f"{status}:has-text('waiting for 1 job ahead')")
+        page.reload()
+        page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+        page.wait_for_selector(f"{status}:has-text('waiting for 1 job ahead')")
+        yield
+    finally:
+        _stop(web_server, blocker_id)
+        conn.close()
+
+
 def test_a_reload_mid_edit_shows_the_inversion_and_the_asked_edit_again(
     page, web_server, shots, cond_data
 ):
@@ -523,14 +543,7 @@ def test_a_reload_mid_edit_shows_the_inversion_and_the_asked_edit_again(
     assert "PSNR" in texts["#v-psnr"] and "done in" in texts["#v-status"]
     page.select_option("#e-attrs select[data-attr='colour']", "blue")
     page.fill("#e-guidance", "2")
-    blocker = {"model": "avatars-64", "n": 64, "steps": 250, "sampler": "ddim"}
-    conn, _, blocker_id = _post_generate(web_server, blocker)
-    try:
-        page.click("#e-go")
-        page.wait_for_selector("#e-status:has-text('waiting for 1 job ahead')")
-        page.reload()
-        page.wait_for_selector("body[data-ready='1']", timeout=30_000)
-        page.wait_for_selector("#e-status:has-text('waiting for 1 job ahead')")
+    with _reloaded_while_queued(page, web_server, "#e-go", "#e-status"):
         assert page.get_attribute("nav button[data-tab='invert']", "aria-selected") == "true"
         assert page.locator("#v-pair").is_visible()
         assert {k: page.get_attribute(k, "src") for k in shown} == shown
@@ -540,9 +553,6 @@ def test_a_reload_mid_edit_shows_the_inversion_and_the_asked_edit_again(
         assert (page.input_value("#e-guidance"), page.input_value("#v-steps")) == ("2", "20")
         assert page.locator("#tab-invert #e-panel .stop").is_visible()
         shots(page, "14-reloaded-mid-edit")
-    finally:
-        _stop(web_server, blocker_id)  # the page's edit runs now
-        conn.close()
     page.wait_for_function(
         "document.querySelector('#e-edited').naturalWidth === 16 && "
         "!document.querySelector('#e-result').hidden",
@@ -678,6 +688,57 @@ def test_a_reload_before_the_jobs_id_came_follows_the_job(page, web_server, shot
     assert _server_status(web_server) == {**before, "stopped": before["stopped"] + 1}
     page.fill("#g-n", "16")
     page.fill("#g-steps", "10")
+
+
+def test_a_reload_mid_edit_keeps_the_face_to_edit_again_without_the_file(
+    page, web_server, shots, cond_data
+):
+    """Reattached after a reload, an Edit showed the inversion it edits and then its result,
+    but the file picker was empty: another edit (another attribute, another strength) was
+    refused with "choose an image file to edit" until the face was chosen again. The page
+    keeps the face it shows (as the model saw it, the pixels the server edits) and says so
+    by the picker; Invert and Edit use it until another file is chosen."""
+    import csv
+
+    import numpy as np
+
+    _tab(page, "Invert")
+    page.select_option("#v-model", "run:colours")
+    _invert_a_red_face(page, cond_data)
+    assert page.locator("#v-kept").is_hidden()  # the chosen file is used
+    face = _data_url_pixels(page.get_attribute("#v-orig", "src"))
+    page.select_option("#e-attrs select[data-attr='colour']", "blue")
+    with _reloaded_while_queued(page, web_server, "#e-go", "#e-status"):
+        assert page.evaluate("document.querySelector('#v-face').files.length") == 0
+        assert page.locator("#v-kept").is_visible()
+    page.wait_for_selector("#e-status:has-text('done in')", timeout=60_000)
+    assert page.inner_text("#v-kept").strip() == (
+        "the face from before the reload (as the model saw it); choose a file for another"
+    )
+    assert np.array_equal(_data_url_pixels(page.get_attribute("#v-kept-img", "src")), face)
+    shots(page, "17-reloaded-edit-keeps-the-face")
+    # another edit of that face: another attribute, another strength, no file chosen
+    page.select_option("#e-attrs select[data-attr='colour']", "keep")
+    page.select_option("#e-attrs select[data-attr='band']", "top")
+    page.fill("#e-guidance", "3")
+    page.click("#e-go")
+    page.wait_for_selector("#e-what:has-text('band = top')", timeout=60_000)
+    assert page.inner_text("#e-what") == "edited: band = top (guidance 3)"
+    assert "done in" in page.inner_text("#e-status")
+    assert np.array_equal(_data_url_pixels(page.get_attribute("#e-orig", "src")), face)
+    page.click("#v-go")  # and inverted again
+    page.wait_for_selector("#v-status:has-text('done in')", timeout=60_000)
+    assert page.inner_text("#v-psnr").startswith("reconstruction after 20 steps: PSNR")
+    assert np.array_equal(_data_url_pixels(page.get_attribute("#v-orig", "src")), face)
+    assert page.locator("#v-kept").is_visible()
+    rows = csv.DictReader(open(cond_data / "labels.csv"))
+    page.set_input_files("#v-face", str(cond_data / next(
+        r["file"] for r in rows if r["colour"] == "blue")))  # fmt: skip
+    assert page.locator("#v-kept").is_hidden()  # another file chosen: that face from now on
+    page.click("#v-go")
+    page.wait_for_selector("#v-status:has-text('done in')", timeout=60_000)
+    blue = _data_url_pixels(page.get_attribute("#v-orig", "src"))
+    assert blue[..., 2].mean() > blue[..., 0].mean() + 40
 
 
 def test_one_image_and_one_step_are_said_in_the_singular(page, tmp_path):
