@@ -362,3 +362,23 @@ def test_sample_says_when_its_rate_includes_compilation():
     assert rate(4, 2, True) == "(2.00 images/s, compilation included)"
     assert rate(4, 2, False) == "(2.00 images/s)"
     assert rate(4, 2, None) == "(2.00 images/s)"  # 8 image-steps: not compiled by default
+
+
+def test_an_option_a_command_lacks_is_said_by_that_command(capsys):
+    """`animeddim kid A B --batch-size 8` said `animeddim: error: unrecognized arguments:
+    --batch-size 8 (see animeddim --help)`, pointing to the help that lists the commands but
+    not their options; the command's own parser says it, naming its own help."""
+    for argv, prog, extra in (
+        (["kid", "a", "b", "--batch-size", "8"], "animeddim kid", "--batch-size 8"),
+        (["sample", "--n", "2", "extra"], "animeddim sample", "extra"),
+        (
+            ["attributes", "train", "--data", "d", "--bogus"],
+            "animeddim attributes train",
+            "--bogus",
+        ),
+        (["data", "avatars", "--out", "x", "--nn", "3"], "animeddim data avatars", "--nn 3"),
+        (["--bogus", "sample"], "animeddim", "--bogus"),
+    ):
+        rc, out, err = run_main(capsys, *argv)
+        assert (rc, out) == (2, ""), err
+        assert err == f"{prog}: error: unrecognized arguments: {extra} (see {prog} --help)\n"

@@ -27,6 +27,15 @@ class _Parser(argparse.ArgumentParser):
             self.exit(EXIT_USAGE)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        # An option the command does not have is said by the command's own parser (argparse
+        # hands it up to the top one, whose line pointed to `animeddim --help`, which lists
+        # the commands but not their options).
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
 
 FIRST_PROCESS_WAIT_S = 20.0  # how long a torchrun process waits for the first to say an error
 
