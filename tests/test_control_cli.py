@@ -118,8 +118,18 @@ def test_guidance_needs_a_place_to_write_and_a_weight(cond_data, capsys):
     rc, _, err = run_main(capsys, "guidance", "--model", "avatars-64", "--real", cond_data,
                           "--attr", "colour=red")  # fmt: skip
     assert rc == 2 and "give --out DIR" in err
-    rc, _, err = run_main(capsys, "guidance", "--real", cond_data, "--attr", "a=b", "--w", "1,x")
-    assert rc == 2 and "--guidance must be a number >= 0, got 'x'" in err
+    # each bad list is named as typed, with --w (before: `--guidance must be a number >= 0,
+    # got 'x'`, a flag guidance does not have; an empty item was dropped: 0,,3 ran 0 and 3;
+    # a weight given twice was drawn and measured twice, two rows of it)
+    for w in ("1,x", "0,nan", "0,,3", "0,3,", "", "-1"):
+        rc, _, err = run_main(capsys, "guidance", "--real", cond_data, "--attr", "a=b", f"--w={w}")
+        assert rc == 2 and err.startswith(
+            "animeddim guidance: error: argument --w: --w needs comma-separated weights >= 0 "
+            f"(e.g. 0,1,2,3,5), got {w!r}"
+        ), err
+    rc, _, err = run_main(capsys, "guidance", "--model", "avatars-64", "--real", cond_data,
+                          "--attr", "colour=red", "--w", "0,3,0", "--out", "o")  # fmt: skip
+    assert (rc, err) == (2, "animeddim: error: --w: 0 given more than once; give each once\n")
 
 
 def _red_images(cond_data, folder, n):

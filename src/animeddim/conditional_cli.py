@@ -75,10 +75,13 @@ def add_attribute_guidance(p: argparse.ArgumentParser, default: str) -> None:
 
 
 def _guidance_list(text: str) -> list[float]:
-    ws = [_guidance(x.strip()) for x in text.split(",") if x.strip()]
-    if not ws:
-        raise argparse.ArgumentTypeError(f"--w needs comma-separated weights >= 0, got {text!r}")
-    return ws
+    """--w: weights >= 0; an empty item ('0,,3') is refused, not dropped: which was meant?"""
+    try:
+        return [_guidance(x.strip()) for x in text.split(",")]
+    except argparse.ArgumentTypeError:  # its words name --guidance, not the --w typed
+        raise argparse.ArgumentTypeError(
+            f"--w needs comma-separated weights >= 0 (e.g. 0,1,2,3,5), got {text!r}"
+        ) from None
 
 
 def _batch_size(text: str) -> int:
@@ -477,9 +480,11 @@ def add_guidance_parser(sub: Any, setup: Callable[[argparse.ArgumentParser], Non
 
 def cmd_guidance(a: argparse.Namespace, load, settings_of, extractor_of, bars) -> int:
     from . import outputs
+    from .cli.common import once
     from .config import ConfigError
     from .pipelines import GUIDANCE_NAMES, control_target, guidance_study
 
+    once(a.weights, "--w")  # a weight twice would be drawn and measured twice, two rows
     out = Path(a.out) if a.out else (Path(a.run) if a.run and Path(a.run).is_dir() else None)
     if out is None:
         raise ConfigError("give --out DIR (no run folder to write into)")
