@@ -382,3 +382,22 @@ def test_an_option_a_command_lacks_is_said_by_that_command(capsys):
         rc, out, err = run_main(capsys, *argv)
         assert (rc, out) == (2, ""), err
         assert err == f"{prog}: error: unrecognized arguments: {extra} (see {prog} --help)\n"
+
+
+def test_data_avatars_and_tour_refuse_sizes_they_cannot_use_up_front(tmp_path, capsys):
+    """`data avatars --size 5000` ended in DiceBear's `OptionsValidationError: Invalid
+    options: /size maximum` traceback (it draws 1..4096 px), leaving its folder behind;
+    `tour --eval-n 1` timed the machine, rendered avatars and sampled a grid, then failed
+    at its evaluation (`n must be an integer >= 2`); one avatar was said as `1 avatars`."""
+    out = tmp_path / "big"
+    rc, _, err = run_main(capsys, "data", "avatars", "--out", out, "--n", 1, "--size", 5000)
+    assert rc == 2 and err == (
+        "animeddim data avatars: error: argument --size: size must be in 8..4096, got 5000 "
+        "(see animeddim data avatars --help)\n"
+    )
+    assert not out.exists()
+    rc, _, err = run_main(capsys, "tour", "--out", tmp_path / "tour", "--eval-n", 1)
+    assert rc == 2 and "argument --eval-n: eval-n must be >= 2, got 1" in err
+    assert not (tmp_path / "tour").exists()
+    rc, stdout, err = run_main(capsys, "data", "avatars", "--out", out, "--n", 1, "--size", 8)
+    assert rc == 0 and stdout.startswith(f"1 avatar (8px, seed 0) in {out} ("), err

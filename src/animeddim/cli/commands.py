@@ -31,7 +31,7 @@ def cmd_data_avatars(a: argparse.Namespace) -> int:
         balanced=a.balanced,
     )
     print(
-        f"{a.n} avatars ({a.size}px, seed {a.seed}) in {out} "
+        f"{counted(a.n, 'avatar')} ({a.size}px, seed {a.seed}) in {out} "
         f"({time.perf_counter() - t:.1f}s); labels in {Path(out) / 'labels.csv'}, "
         f"credits in {Path(out) / 'CREDITS.md'}"
     )

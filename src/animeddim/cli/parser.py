@@ -58,7 +58,12 @@ def _add_data_command(sub) -> None:
     p = data_sub.add_parser("avatars", help="render built-in DiceBear 'adventurer' avatars")
     p.add_argument("--out", type=PATH, required=True, help="folder to write PNGs into")
     p.add_argument("--n", type=_positive_int("n"), default=10000, help="how many (default 10000)")
-    p.add_argument("--size", type=_positive_int("size", 8), default=64, help="pixels (default 64)")
+    p.add_argument(  # DiceBear draws 1..4096 px (larger ended in its validation traceback)
+        "--size",
+        type=_positive_int("size", 8, 4096),
+        default=64,
+        help="pixels, 8 to 4096 (default 64)",
+    )
     p.add_argument("--seed", type=int, default=0, help="same seed, same images (default 0)")
     p.add_argument(
         "--workers",
@@ -385,7 +390,7 @@ def _add_tour_command(sub) -> None:
     )
     p.add_argument(
         "--eval-n",
-        type=_positive_int("eval-n"),
+        type=_positive_int("eval-n", 2),  # KID compares at least 2 images
         default=300,
         help="generated images for the evaluation, at most (default 300; fewer on a slow machine)",
     )
