@@ -211,6 +211,31 @@ def test_tiff_images_are_read_and_float_ones_refused_with_the_reason(tmp_path: P
     assert reasons == {"c.tif": "floating-point pixels (mode F): save it with 8- or 16-bit samples"}
 
 
+def test_tiffs_with_32_bit_or_signed_integer_samples_are_refused_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    """A TIFF of 32-bit integer samples (a scientific camera's, a depth map) opens as mode I,
+    read as 16-bit data: every value above 65535 was clipped, so the image trained as all
+    white; signed samples lost their negative half to black. Such files are skipped with the
+    reason; 16-bit data that Pillow hands over as mode I (values 0..65535) is read as before."""
+    grey = np.arange(36, dtype=np.int32).reshape(6, 6)
+    Image.fromarray(grey * 1_000_000).save(tmp_path / "wide.tif")
+    Image.fromarray(grey - 20).save(tmp_path / "signed.tif")
+    Image.fromarray(grey * 1800).save(tmp_path / "i16.tif")  # mode I, 0 .. 63,000
+    assert Image.open(tmp_path / "wide.tif").mode == "I"
+    with pytest.warns(SkippedFilesWarning):
+        s = load_folder(tmp_path, 6, workers=1)
+    assert [Path(p).name for p in s.paths] == ["i16.tif"]
+    assert np.array_equal(s.images[0, ..., 0], np.rint(grey * 1800 / 257).astype(np.uint8))
+    reasons = {Path(k.path).name: k.reason for k in s.skipped}
+    assert reasons == {
+        "signed.tif": "32-bit or signed integer pixels (mode I, values -20..15): save it with "
+        "8- or 16-bit samples",
+        "wide.tif": "32-bit or signed integer pixels (mode I, values 0..35000000): save it with "
+        "8- or 16-bit samples",
+    }
+
+
 def test_jfif_jpe_avif_and_apng_files_are_images(tmp_path: Path) -> None:
     """JPEGs saved by a browser as .jfif or .jpe, AVIF photos and animated PNGs (.apng) were
     passed over without a word (not an image extension), though Pillow reads them all."""

@@ -193,6 +193,12 @@ def _to_rgb(im: Image.Image, icc: bytes | None, notes: list[str]) -> Image.Image
         # 16-bit samples: divide by 257 so 65535 -> 255 and 32768 -> 128 (convert("L") clips).
         # Mode "I" from files holds 16-bit data (PNG/TIFF), so the same scale applies.
         wide = np.asarray(im, dtype=np.float64)
+        lo, hi = (wide.min(), wide.max()) if wide.size else (0, 0)
+        if lo < 0 or hi > 65535:  # a TIFF's 32-bit or signed samples: clipped, all white
+            raise BadImage(
+                f"32-bit or signed integer pixels (mode I, values {lo:.0f}..{hi:.0f}): save "
+                "it with 8- or 16-bit samples"
+            )
         gray = Image.fromarray(np.rint(np.clip(wide, 0, 65535) / 257.0).astype(np.uint8), mode="L")
         if isinstance(im.info.get("transparency"), int):
             # A 16-bit grey PNG's tRNS: the pixels of exactly that value are transparent.
