@@ -333,6 +333,35 @@ def test_known_values_holding_a_comma_are_listed_unambiguously(tmp_path):
     assert str(e.value).endswith("has no column for 'hair'")
 
 
+def test_a_labels_csv_saved_by_a_spreadsheet_in_other_ways_says_how_to_save_it(tmp_path):
+    """A spreadsheet in a language whose decimal mark is a comma saves CSV with ';' between
+    columns (before: `has no attribute columns after the file column`, the whole header read
+    as one column's name); one saved in a legacy encoding was refused with no remedy."""
+    from animeddim.labels import LabelError, read_csv_rows
+
+    rows = [["file", "colour", "pet"], ["a.png", "red", "cat"]]
+    for sep, shown in ((";", "';'"), ("\t", "'\\t'"), ("|", "'|'")):
+        labels = tmp_path / "labels.csv"
+        labels.write_text("".join(sep.join(r) + "\r\n" for r in rows), encoding="utf-8-sig")
+        with pytest.raises(LabelError) as e:
+            read_csv_rows(labels)
+        assert str(e.value) == (
+            f"labels file '{labels}' separates its columns with {shown}, not commas; save it "
+            "with commas (file,attribute,...)"
+        )
+    labels.write_text("file\na.png\n")  # a file column alone: nothing to say of separators
+    with pytest.raises(LabelError, match="has no attribute columns after the file column$"):
+        read_csv_rows(labels)
+    labels.write_bytes("file,colour\nb\xe4r.png,red\n".encode("latin-1"))
+    with pytest.raises(LabelError) as e:
+        read_csv_rows(labels)
+    assert str(e.value) == (
+        f"labels file '{labels}' is not UTF-8 text; save it as UTF-8 (a spreadsheet's 'CSV UTF-8')"
+    )
+    labels.write_text("".join(",".join(r) + "\r\n" for r in rows), encoding="utf-8-sig")
+    assert read_csv_rows(labels) == (["colour", "pet"], [(2, "a.png", ["red", "cat"])])
+
+
 def test_one_text_in_two_unicode_spellings_is_one_value(tmp_path):
     """A class folder named on macOS spells 'grün' decomposed (u + U+0308); the 'grün' typed
     at a prompt is composed. Labels are read in NFC, --attr is parsed in NFC, and a

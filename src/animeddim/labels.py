@@ -134,7 +134,10 @@ def read_csv_rows(
             f"'{path / 'labels.csv'}')"
         ) from None
     except UnicodeDecodeError:
-        raise LabelError(f"labels file '{path}' is not UTF-8 text") from None
+        raise LabelError(
+            f"labels file '{path}' is not UTF-8 text; save it as UTF-8 (a spreadsheet's "
+            "'CSV UTF-8')"
+        ) from None
     # newline="": a quoted value keeps its line breaks (splitting the text into lines first
     # would join them away); each row is numbered by the line it starts on, blank lines counted
     table, start = [], 1
@@ -155,6 +158,12 @@ def read_csv_rows(
     keep = [k for k, name in enumerate(header) if k > 0 and name not in NOTE_COLUMNS]
     names = [header[k] for k in keep]
     if not names:
+        sep = next((c for c in ";\t|" if len(header) == 1 and c in header[0]), None)
+        if sep is not None:  # a spreadsheet's CSV in a language whose decimal mark is a comma
+            raise LabelError(
+                f"labels file '{path}' separates its columns with {sep!r}, not commas; save it "
+                "with commas (file,attribute,...)"
+            )
         raise LabelError(f"labels file '{path}' has no attribute columns after the file column")
     if "" in names or len(set(names)) != len(names):
         raise LabelError(
