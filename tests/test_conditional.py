@@ -336,7 +336,11 @@ def test_known_values_holding_a_comma_are_listed_unambiguously(tmp_path):
 def test_a_labels_csv_saved_by_a_spreadsheet_in_other_ways_says_how_to_save_it(tmp_path):
     """A spreadsheet in a language whose decimal mark is a comma saves CSV with ';' between
     columns (before: `has no attribute columns after the file column`, the whole header read
-    as one column's name); one saved in a legacy encoding was refused with no remedy."""
+    as one column's name); one saved in a legacy encoding was refused with no remedy, and an
+    archive given as the labels file (`--labels data.zip`) was said to be text in another
+    encoding."""
+    import zipfile
+
     from animeddim.labels import LabelError, read_csv_rows
 
     rows = [["file", "colour", "pet"], ["a.png", "red", "cat"]]
@@ -358,6 +362,15 @@ def test_a_labels_csv_saved_by_a_spreadsheet_in_other_ways_says_how_to_save_it(t
     assert str(e.value) == (
         f"labels file '{labels}' is not UTF-8 text; save it as UTF-8 (a spreadsheet's 'CSV UTF-8')"
     )
+    # a spreadsheet's "Unicode text" (UTF-16, tabs): the encoding is said first
+    labels.write_text("".join("\t".join(r) + "\n" for r in rows), encoding="utf-16")
+    with pytest.raises(LabelError, match="is not UTF-8 text; save it as UTF-8"):
+        read_csv_rows(labels)
+    with zipfile.ZipFile(labels, "w") as z:  # an archive, not text at all
+        z.writestr("labels.csv", "file,colour\na.png,red\n")
+    with pytest.raises(LabelError) as e:
+        read_csv_rows(labels)
+    assert str(e.value) == f"labels file '{labels}' is not a text file (a CSV: file,attribute,...)"
     labels.write_text("".join(",".join(r) + "\r\n" for r in rows), encoding="utf-8-sig")
     assert read_csv_rows(labels) == (["colour", "pet"], [(2, "a.png", ["red", "cat"])])
 

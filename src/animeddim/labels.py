@@ -106,6 +106,21 @@ def _relative(root: Path, paths: Sequence[str | Path]) -> list[str]:
 UNLABELLED_REMEDY = "pass --labels-missing null to use them as unlabelled"
 
 
+def _csv_text(path: Path, data: bytes) -> str:
+    """The text of a labels file; LabelError, with how to save it, for one that is not UTF-8
+    (a spreadsheet's UTF-16 'Unicode text', Latin-1) or not text at all (an archive)."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\0" not in data:
+        try:
+            return data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            pass
+        raise LabelError(
+            f"labels file '{path}' is not UTF-8 text; save it as UTF-8 (a spreadsheet's "
+            "'CSV UTF-8')"
+        )
+    raise LabelError(f"labels file '{path}' is not a text file (a CSV: file,attribute,...)")
+
+
 def read_csv_rows(
     path: str | Path,
     attributes: Collection[str] = (),
@@ -125,18 +140,13 @@ def read_csv_rows(
     _check_missing(missing)
     path = Path(path)
     try:
-        text = path.read_text("utf-8-sig")
+        text = _csv_text(path, path.read_bytes())
     except FileNotFoundError:
         raise LabelError(f"labels file '{path}' does not exist") from None
     except IsADirectoryError:
         raise LabelError(
             f"labels file '{path}' is a folder; give the CSV file itself (e.g. "
             f"'{path / 'labels.csv'}')"
-        ) from None
-    except UnicodeDecodeError:
-        raise LabelError(
-            f"labels file '{path}' is not UTF-8 text; save it as UTF-8 (a spreadsheet's "
-            "'CSV UTF-8')"
         ) from None
     # newline="": a quoted value keeps its line breaks (splitting the text into lines first
     # would join them away); each row is numbered by the line it starts on, blank lines counted
