@@ -401,3 +401,38 @@ def test_data_avatars_and_tour_refuse_sizes_they_cannot_use_up_front(tmp_path, c
     assert not (tmp_path / "tour").exists()
     rc, stdout, err = run_main(capsys, "data", "avatars", "--out", out, "--n", 1, "--size", 8)
     assert rc == 0 and stdout.startswith(f"1 avatar (8px, seed 0) in {out} ("), err
+
+
+def test_an_archive_given_where_a_folder_of_images_goes_says_how_to_make_one(
+    tiny_run, tmp_path, capsys
+):
+    """`train --data faces.zip` (the archive `data prepare` reads) said `'faces.zip' is not
+    a folder (expected a folder of images)`, `kid` `is a file, not a folder`, and `evaluate
+    --real faces.zip` `real-image folder 'faces.zip' does not exist`, which it did."""
+    import tarfile
+    import zipfile
+
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    Image.new("RGB", (16, 16), "red").save(folder / "a.png")
+    zipped, tarred = tmp_path / "faces.zip", tmp_path / "faces.tar.gz"
+    with zipfile.ZipFile(zipped, "w") as z:
+        z.write(folder / "a.png", "a.png")
+    with tarfile.open(tarred, "w:gz") as t:
+        t.add(folder / "a.png", "a.png")
+    hint = (
+        "is an archive, not a folder: make a folder of its images with `animeddim data "
+        "prepare {} --out DIR` (or unpack it) and give that folder\n"
+    )
+    for archive in (zipped, tarred):
+        said = f"'{archive}' " + hint.format(archive)
+        rc, _, err = run_main(capsys, "train", "--data", archive, "--out", tmp_path / "r")
+        assert (rc, err) == (2, f"animeddim: error: {said}")
+        assert not (tmp_path / "r").exists()
+        rc, _, err = run_main(capsys, "kid", archive, folder)
+        assert (rc, err) == (2, f"animeddim: error: {said}")
+    args = ["--run", tiny_run, "--real", zipped, "--n", 2, "--steps", 2, "--out", tmp_path / "e"]
+    rc, _, err = run_main(capsys, "evaluate", *args)
+    assert (rc, err) == (2, f"animeddim: error: real-image folder '{zipped}' {hint.format(zipped)}")
+    rc, _, err = run_main(capsys, "kid", folder / "a.png", folder)  # a file that is no archive
+    assert (rc, err) == (2, f"animeddim: error: '{folder / 'a.png'}' is a file, not a folder\n")

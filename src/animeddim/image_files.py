@@ -8,6 +8,7 @@ is found the same way.
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,7 +112,28 @@ def folder_problem(path: str | Path) -> str | None:
         return f"is a broken symbolic link (to {str(p.readlink())!r})"
     if not p.exists():
         return "does not exist"
-    return f"is {'a file' if p.is_file() else 'not a regular file'}, not a folder"
+    return (
+        archive_problem(p)
+        or f"is {'a file' if p.is_file() else 'not a regular file'}, not a folder"
+    )
+
+
+def archive_problem(path: Path) -> str | None:
+    """For a .zip or .tar(.gz) archive given where a folder of images is read: that it is one,
+    and how to make a folder of its images; None for any other path."""
+    import tarfile
+    import zipfile
+
+    try:
+        archive = path.is_file() and (zipfile.is_zipfile(path) or tarfile.is_tarfile(path))
+    except OSError:  # unreadable: said where it is read
+        return None
+    if not archive:
+        return None
+    return (
+        "is an archive, not a folder: make a folder of its images with `animeddim data "
+        f"prepare {shlex.quote(str(path))} --out DIR` (or unpack it) and give that folder"
+    )
 
 
 def find_images(
@@ -140,6 +162,8 @@ def list_images(
     if not root.exists():
         raise DataError(f"image folder '{root}' does not exist")
     if not root.is_dir():
+        if (problem := archive_problem(root)) is not None:
+            raise DataError(f"'{root}' {problem}")
         raise DataError(f"'{root}' is not a folder (expected a folder of images)")
     found: list[tuple[str, Path]] = []
     passed: dict[str, int] = {}

@@ -120,8 +120,8 @@ def _evaluate_plan(a: argparse.Namespace, loaded, device) -> dict[str, Any]:
     protocols = _names(a.protocols, KID_PROTOCOLS, "protocol")
     # process 0 alone reads --real where another process lacks it (another node's disks:
     # pipelines.real_features), so process 0 alone checks it (said once, on every process)
-    if _is_main() and not Path(a.real).is_dir():
-        raise CliError(f"real-image folder {a.real!r} does not exist")
+    if _is_main():
+        need_folder(a.real, "real-image folder")  # missing, a file, an archive, ...
     if a.out:
         out = outputs.new_file(a.out, a.force)
     elif a.run and Path(a.run).is_dir():  # a new name, never an earlier evaluation's
