@@ -211,3 +211,28 @@ def test_a_split_across_file_systems_copies_then_removes(
     after = {p.name: p.read_bytes() for p in (tmp_path / "held").glob("*.png")}
     assert sorted(after) == sorted(moved) and all(after[n] == before[n] for n in after)
     assert len(_images(avatars)) == 21
+
+
+def test_a_labels_csv_train_cannot_read_is_refused_before_any_move(
+    avatars: Path, tmp_path: Path
+) -> None:
+    """A labels.csv saved by a spreadsheet in Latin-1 ended the split in a UnicodeDecodeError
+    traceback once the images had moved; one with ';' between its columns was left whole
+    (naming the moved images) and the held-out folder got its header alone, while the split
+    said the rows went with the images. Each is one line naming the file and how to save
+    it, exit 2, before any image moves."""
+    rows = (avatars / "labels.csv").read_text().splitlines()
+    saved = {
+        "latin1": ("\n".join(rows) + "\n").replace(",", ",\u00e9", 1).encode("latin-1"),
+        "semicolons": ("\n".join(r.replace(",", ";") for r in rows) + "\n").encode(),
+    }
+    before = _images(avatars)
+    for how, data in saved.items():
+        (avatars / "labels.csv").write_bytes(data)
+        held = tmp_path / f"held-{how}"
+        p = run_here("data", "split", avatars, "--held-out", 5, "--out", held, check=False)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        said = "not UTF-8" if how == "latin1" else "separates its columns with ';'"
+        assert said in p.stderr and "labels.csv" in p.stderr, p.stderr
+        assert _images(avatars) == before and not held.exists()
+        assert (avatars / "labels.csv").read_bytes() == data

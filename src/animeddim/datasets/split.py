@@ -24,7 +24,7 @@ from tqdm import tqdm
 from animeddim.avatar_labels import LABELS_FILE
 from animeddim.data import DataError, list_images
 from animeddim.io import is_temp_name, write_bytes_atomic, write_text_atomic
-from animeddim.labels import canonical
+from animeddim.labels import canonical, read_csv_rows
 from animeddim.words import counted
 
 from .common import PENDING, check_out_creatable, read_json
@@ -41,12 +41,14 @@ def split_held_out(
     and seed, the same choice) into the new folder ``out``, at the same paths below it.
 
     ``folder``'s ``labels.csv``, when it has one, is split with them: each folder keeps the
-    rows of its own images, in the same columns. Its ``manifest.json`` (written by ``data
-    prepare`` or ``data avatars``) records the split under ``held_out``, ``out``'s copy of it
-    under ``split_from``; a prepared folder's ``count`` is its images' count. ``out`` must
-    be new or empty, and ``n`` below the number of images; else :class:`DataError`. A split
-    stopped part-way is finished by calling it again with the same arguments. Returns the
-    moved images' paths below ``folder``, in its order.
+    rows of its own images, in the same columns (one train would refuse, as not UTF-8 or
+    with ';' between its columns, is refused before any move: it could not be split). Its
+    ``manifest.json`` (written by ``data prepare`` or ``data avatars``) records the split
+    under ``held_out``, ``out``'s copy of it under ``split_from``; a prepared folder's
+    ``count`` is its images' count. ``out`` must be new or empty, and ``n`` below the number
+    of images; else :class:`DataError`. A split stopped part-way is finished by calling it
+    again with the same arguments. Returns the moved images' paths below ``folder``, in its
+    order.
     """
     folder, out = Path(folder), Path(out)
     plan = _plan(folder, out, n, seed)
@@ -85,6 +87,8 @@ def _plan(folder: Path, out: Path, n: int, seed: int) -> dict[str, Any]:
             f"'{folder}' holds an unfinished data prepare or data avatars "
             f"({PENDING}); run it again to finish it first"
         )
+    if (folder / LABELS_FILE).is_file():  # its rows go with the images: read as train reads it
+        read_csv_rows(folder / LABELS_FILE, missing="null")  # one not split right is refused
     files = [p.relative_to(folder).as_posix() for p in list_images(folder).files]
     if n < 1:
         raise DataError(f"--held-out must be at least 1, got {n}")
