@@ -70,3 +70,41 @@ def test_a_documented_command_line_parses(where, argv, capsys):
     except SystemExit as e:
         if e.code not in (0, None):  # --help exits 0
             pytest.fail(f"{where}\n  {capsys.readouterr().err.strip()}")
+
+
+_DELIMITER = re.compile(r"\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?")  # | --- | :-: | under a header
+
+
+def _cells(row: str) -> int:
+    """How many cells a markdown table row has, as GitHub counts them: split at each `|` not
+    escaped as `\\|` (inside `code` too), the outer ones optional."""
+    row = row.strip().removeprefix("|")
+    row = row[:-1] if row.endswith("|") and not row.endswith("\\|") else row
+    return len(re.split(r"(?<!\\)\|", row))
+
+
+def _uneven_table_rows() -> list[str]:
+    """'FILE:LINE: N cells, its header M' for each table row of the README and docs whose
+    cell count is not its header's (GitHub drops the extra cells of a longer row, and shows a
+    shorter one with empty cells)."""
+    found = []
+    for doc in DOCS:
+        lines, header, fenced = doc.read_text(encoding="utf-8").splitlines(), None, False
+        for i, line in enumerate(lines):
+            if line.startswith("```"):
+                fenced, header = not fenced, None
+            elif fenced or "|" not in line:
+                header = None
+            elif header is None:
+                below = lines[i + 1].strip() if i + 1 < len(lines) else ""
+                if "-" in below and _DELIMITER.fullmatch(below):
+                    header = _cells(line)
+            elif not _DELIMITER.fullmatch(line.strip()) and _cells(line) != header:
+                where = f"{doc.relative_to(ROOT)}:{i + 1}"
+                found.append(f"{where}: {_cells(line)} cells, its header {header}")
+    return found
+
+
+def test_every_table_row_has_as_many_cells_as_its_header():
+    assert _cells("| a | `x \\| y` | b |") == 3 and _cells("a | b") == 2
+    assert _uneven_table_rows() == []
