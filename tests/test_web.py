@@ -876,8 +876,9 @@ def test_a_job_id_unknown_or_not_one_is_refused_with_the_reason(client):
               client.post("/api/stop", json={"job": unknown})):  # fmt: skip
         assert r.status_code == 404
         assert r.json()["error"] == (
-            f"no job {unknown}: it was stopped, or it ended and its result was delivered (or "
-            "kept over 5 minutes), or the server was restarted"
+            f"no job {unknown}: it was stopped, it ended and its result was delivered (or kept "
+            f"over 5 minutes), the server was restarted, or its request (?job={unknown}) did "
+            "not reach the server, and is refused should it come now; start it again"
         )
     r = client.post("/api/stop", content=json.dumps({"job": unknown}),
                     headers={"content-type": "text/plain"})  # fmt: skip

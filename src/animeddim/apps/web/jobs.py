@@ -222,8 +222,10 @@ class Jobs:
             while len(self.given_up) > GIVEN_UP_KEPT:
                 del self.given_up[next(iter(self.given_up))]
             raise UnknownJob(
-                f"no job {job_id}: it was stopped, or it ended and its result was delivered "
-                f"(or kept over {KEEP_RESULT_S / 60:g} minutes), or the server was restarted"
+                f"no job {job_id}: it was stopped, it ended and its result was delivered (or "
+                f"kept over {KEEP_RESULT_S / 60:g} minutes), the server was restarted, or its "
+                f"request (?job={job_id}) did not reach the server, and is refused should it "
+                "come now; start it again"
             )
         return self.jobs[job_id]
 
