@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 from conftest import copy_run, run_cli, run_here, run_main
@@ -436,3 +437,18 @@ def test_an_archive_given_where_a_folder_of_images_goes_says_how_to_make_one(
     assert (rc, err) == (2, f"animeddim: error: real-image folder '{zipped}' {hint.format(zipped)}")
     rc, _, err = run_main(capsys, "kid", folder / "a.png", folder)  # a file that is no archive
     assert (rc, err) == (2, f"animeddim: error: '{folder / 'a.png'}' is a file, not a folder\n")
+
+
+def test_serve_runs_given_an_archive_is_told_to_unpack_it_not_to_prepare_images(tmp_path):
+    """A .zip of run folders given to `serve --runs` was told to make a folder of its images
+    with `data prepare`, the remedy for an archive of images, which would turn the runs'
+    sample grids into a dataset; it is told to unpack it."""
+    (tmp_path / "runs" / "r1").mkdir(parents=True)
+    (tmp_path / "runs" / "r1" / "config.json").write_text("{}")
+    archive = shutil.make_archive(str(tmp_path / "runs"), "zip", tmp_path / "runs")
+    p = run_cli("serve", "--runs", archive, check=False)
+    assert (p.returncode, p.stderr) == (
+        2,
+        f"animeddim: error: --runs '{archive}' is an archive, not a folder: unpack it and give "
+        "the folder it holds\n",
+    )

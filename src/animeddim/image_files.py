@@ -102,9 +102,11 @@ class Listing:
         ]
 
 
-def folder_problem(path: str | Path) -> str | None:
+def folder_problem(path: str | Path, images: bool = True) -> str | None:
     """Why ``path`` is not a folder, to follow its name in a message ('does not exist', 'is a
-    file, not a folder', 'is a broken symbolic link (to ...)'); None for a folder."""
+    file, not a folder', 'is a broken symbolic link (to ...)'); None for a folder. An archive
+    is said to be one (`archive_problem`; ``images``: a folder of images is wanted, which
+    `data prepare` makes of it, else one to unpack, as `serve --runs`'s)."""
     p = Path(path)
     if p.is_dir():
         return None
@@ -113,14 +115,15 @@ def folder_problem(path: str | Path) -> str | None:
     if not p.exists():
         return "does not exist"
     return (
-        archive_problem(p)
+        archive_problem(p, images)
         or f"is {'a file' if p.is_file() else 'not a regular file'}, not a folder"
     )
 
 
-def archive_problem(path: Path) -> str | None:
+def archive_problem(path: Path, images: bool = True) -> str | None:
     """For a .zip or .tar(.gz) archive given where a folder of images is read: that it is one,
-    and how to make a folder of its images; None for any other path."""
+    and how to make a folder of its images (``images`` False, a folder of anything else:
+    to unpack it); None for any other path."""
     import tarfile
     import zipfile
 
@@ -130,6 +133,8 @@ def archive_problem(path: Path) -> str | None:
         return None
     if not archive:
         return None
+    if not images:
+        return "is an archive, not a folder: unpack it and give the folder it holds"
     return (
         "is an archive, not a folder: make a folder of its images with `animeddim data "
         f"prepare {shlex.quote(str(path))} --out DIR` (or unpack it) and give that folder"

@@ -330,7 +330,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from ..runtime import resolve_device
 
     if a.runs:
-        need_folder(a.runs, "--runs")
+        need_folder(a.runs, "--runs", images=False)  # a folder of run folders
     resolve_device(a.device or "auto")  # checked; on the CPU the allocator keeps freed memory
     try:
         serve(

@@ -194,12 +194,13 @@ def _close_bars() -> None:
         bars.close()
 
 
-def need_folder(path: str | Path, option: str = "") -> None:
+def need_folder(path: str | Path, option: str = "", images: bool = True) -> None:
     """Raise `CliError` unless `path` is a folder, saying which it is: missing, a broken
-    link, a file or something else; `option` ('--runs') names the option that gave it."""
+    link, a file, an archive or something else; `option` ('--runs') names the option that
+    gave it; `images`: a folder of images is wanted (an archive's remedy is `data prepare`)."""
     from ..image_files import folder_problem
 
-    if (problem := folder_problem(path)) is not None:
+    if (problem := folder_problem(path, images)) is not None:
         given = f"{option} {str(path)!r}" if option else repr(str(path))
         raise CliError(f"{given} {problem}")
 
