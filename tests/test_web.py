@@ -576,6 +576,21 @@ def test_serve_refuses_a_missing_runs_folder(tmp_path):
     assert p.stderr.endswith(f"--runs '{tmp_path / 'runs.txt'}' is a file, not a folder\n")
 
 
+def test_serve_refuses_a_run_folder_given_as_runs(tmp_path):
+    """`serve --runs runs/a` (the run itself, not the folder of runs) offered no run: its
+    subfolders hold none, and Watch a run said `start the server with --runs DIR`, which
+    the user had done. It is refused, naming the folder to give."""
+    run = tmp_path / "runs" / "a"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    p = run_cli("serve", "--runs", str(run), check=False)
+    assert (p.returncode, p.stderr) == (
+        2,
+        f"animeddim: error: --runs '{run}' is a run folder; give the folder that holds it "
+        f"(--runs '{tmp_path / 'runs'}'): the run folders directly under it are offered\n",
+    )
+
+
 # --- a live server, as a user starts it ------------------------------------------------------
 
 

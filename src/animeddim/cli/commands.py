@@ -330,7 +330,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from ..runtime import resolve_device
 
     if a.runs:
-        need_folder(a.runs, "--runs", images=False)  # a folder of run folders
+        need_folder(a.runs, "--runs")
+        if (Path(a.runs) / "config.json").is_file():  # its own subfolders hold no run
+            raise CliError(
+                f"--runs {a.runs!r} is a run folder; give the folder that holds it "
+                f"(--runs {str(Path(a.runs).resolve().parent)!r}): the run folders directly "
+                "under it are offered"
+            )
     resolve_device(a.device or "auto")  # checked; on the CPU the allocator keeps freed memory
     try:
         serve(
