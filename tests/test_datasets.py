@@ -460,6 +460,24 @@ def test_prepare_without_duplicates_or_small_images_says_nothing_more(tmp_path: 
     assert (manifest["enlarged"], manifest["duplicates"]) == (0, 0)
 
 
+def test_prepare_says_nothing_of_an_images_damaged_metadata(tmp_path: Path) -> None:
+    """A JPEG whose EXIF is damaged (a tag's data past its end) decodes, and its metadata
+    warnings are silenced where it is decoded; reading its upright size for the note on
+    enlarged images printed Pillow's warning again, with its source line and no file named,
+    from each worker process."""
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 200  # ImageDescription: its data lies past the tag table
+    buf = io.BytesIO()
+    Image.fromarray(_pixels(1)).save(buf, "JPEG", exif=exif.tobytes()[:-150])
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "damaged.jpg").write_bytes(buf.getvalue())
+    _save_png(src / "ok.png", _pixels(2))
+    p = run_cli("data", "prepare", str(src), "--out", str(tmp_path / "out"), "--size", "16")
+    assert _said(p.stderr) == [], p.stderr
+    assert len(list((tmp_path / "out").glob("*.png"))) == 2
+
+
 def _interrupted_after_one_image(
     src: Path, out: Path, monkeypatch: pytest.MonkeyPatch, size: int = 8
 ) -> Path:

@@ -77,9 +77,12 @@ def _prepare_one(data: bytes, size: int) -> _Prepared:
 def _upright_size(data: bytes) -> tuple[int, int]:
     """Width x height of a decodable image as it is shown (EXIF orientation applied), read
     from its header."""
-    with Image.open(io.BytesIO(data)) as im:
-        width, height = im.size
-        turned = im.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+    with warnings.catch_warnings():
+        # damaged metadata ("Corrupt EXIF data"): silenced, as where it was decoded (`_decode`)
+        warnings.simplefilter("ignore")
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            turned = im.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
     return (height, width) if turned else (width, height)
 
 
