@@ -804,6 +804,55 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
     assert not runtime.data_on_device("auto", 10, cpu)  # the host cache is already there
 
 
+class _MeanStd:
+    """Per-channel mean and std as 'features', in place of Inception: what is tested is what
+    the run says about its KID, not the network."""
+
+    cache_token, weights_id = "mean-std:1", "mean-std"
+
+    def features(self, images_u8, protocol, batch_size=64, bf16=False):
+        x = images_u8.double() / 255
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+
+
+def test_eval_every_on_few_images_says_so_once_at_the_start(
+    avatars16, tmp_path, monkeypatch, capsys
+):
+    """train --eval-every measured its standard KID against a few dozen real images (its
+    --eval-real folder, or the validation split) every epoch without the caution `kid` gives
+    there (`metrics.few_images_note`: KID's ± is then no spread between image sets). The run
+    notes it once, at its start (a resume, at its own), in kid's words."""
+    from conftest import run_main
+
+    from animeddim import metrics
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(metrics, "find_inception_weights", lambda: tmp_path / "fake.pt")
+    monkeypatch.setattr(metrics, "InceptionFeatures", lambda *a, **k: _MeanStd())
+    run, real = tmp_path / "run", _folder(avatars16, tmp_path / "real", 5)
+    kid = ["--batch-size", "6", "--no-kid", "--eval-every", "1", "--eval-images", "6",
+           "--eval-steps", "1"]  # fmt: skip
+    rc, out, err = run_main(capsys, *_tiny_args(avatars16, run, *kid, "--eval-real", real,
+                                                "--epochs", "1"))  # fmt: skip
+    assert rc == 0, err
+    sets = [(5, f"images in '{real}'"), (6, "generated images")]
+    note = f"note: --eval-every {metrics.few_images_note(sets, fid=False)}"
+    assert out.splitlines().count(note) == 1 and out.index(note) < out.index("epoch 1/1")
+    assert "KID of 5 images in" in note and "fewer than 1,000" in note
+    rc, out, err = run_main(capsys, "train", "--resume", run, "--epochs", "2", "--quiet")
+    assert rc == 0, err
+    assert out.splitlines().count(note) == 1 and out.index(note) < out.index("epoch 2/2")
+    # Against the validation split (no --eval-real): its count; 1,000 a side: nothing.
+    from animeddim.train_kid import make_standard_kid
+
+    logged: list[str] = []
+    for n in (6, 1000):
+        cfg = tiny_config(avatars16, eval_every=1, eval_images=n)
+        assert make_standard_kid(cfg, (_MeanStd(), None), torch.zeros(n, 4), logged.append)
+    sets = [(6, "validation images"), (6, "generated images")]
+    assert logged == [f"note: --eval-every {metrics.few_images_note(sets, fid=False)}"]
+
+
 def test_bad_values_of_the_gpu_settings_are_one_line_errors(avatars16, tmp_path):
     for args, fragment in (
         (["--compile-mode", "fastest"], "invalid choice: 'fastest'"),

@@ -81,7 +81,8 @@ def make_standard_kid(cfg: RunConfig, inception, real: torch.Tensor | None, log)
     samples of the EMA network against `real` (`eval_real_features`); None with a note when
     no Inception weights exist (`inception`: `training_inception`'s pair). Under torchrun the
     samples are drawn by all ranks and measured on rank 0; every rank returns rank 0's value
-    (the best checkpoint is written by all)."""
+    (the best checkpoint is written by all). Where either set is small the caution `kid` gives
+    (`metrics.few_images_note`) is a note, once: the counts are those of every measure."""
     from . import metrics
 
     tc = cfg.train
@@ -89,6 +90,11 @@ def make_standard_kid(cfg: RunConfig, inception, real: torch.Tensor | None, log)
     if extractor is None:
         log(f"note: --eval-every KID disabled: {missing}")
         return None
+    if real is not None:  # rank 0, which measures
+        what = f"images in {tc.eval_real!r}" if tc.eval_real else "validation images"
+        sets = [(len(real), what), (tc.eval_images, "generated images")]
+        if note := metrics.few_images_note(sets, fid=False):
+            log(f"note: --eval-every {note}")
 
     @torch.no_grad()
     def kid(ema, data, device) -> float:
