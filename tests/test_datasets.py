@@ -611,6 +611,19 @@ def test_data_flowers102_command(tmp_path: Path, server: tuple[str, type]) -> No
     assert p.returncode == 2 and "md5" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_data_flowers102_says_the_notes_data_prepare_says(
+    tmp_path: Path, server: tuple[str, type]
+) -> None:
+    """`data flowers102` prepares its archive as `data prepare` does, but said nothing of the
+    images it enlarged or the duplicates it left out (recorded in the manifest alone)."""
+    url, handler = server
+    md5 = hashlib.md5(handler.payload).hexdigest()
+    args = ["--out", str(tmp_path / "flowers"), "--url", url, "--md5", md5, "--size", "32"]
+    p = run_here("data", "flowers102", *args)
+    (note,) = [line for line in _said(p.stderr) if "enlarged" in line]
+    assert note.startswith("note: 2 images smaller than 32x32"), p.stderr
+
+
 @pytest.mark.parametrize("fmt", ["zip", "tgz", "folder"])
 def test_prepare_passes_over_hidden_and_system_folders(tmp_path: Path, fmt: str) -> None:
     """A zip made on macOS holds '__MACOSX/', a NAS copy '@eaDir/' thumbnails, a desktop one

@@ -39,7 +39,7 @@ def cmd_data_avatars(a: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(a: argparse.Namespace) -> int:
-    from ..datasets import prepare, prepared_notes
+    from ..datasets import prepare
 
     out = prepare(a.src, a.out, size=a.size, progress=True)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -47,9 +47,17 @@ def cmd_data_prepare(a: argparse.Namespace) -> int:
         f"prepared {counted(manifest['count'], 'image')} in {out} ({a.size}x{a.size}: the "
         "largest centred square of each, resized)"
     )
-    for note in prepared_notes(manifest):  # from the manifest: a re-run says them again
-        print(f"note: {note}", file=sys.stderr)
+    _say_prepared_notes(manifest)
     return 0
+
+
+def _say_prepared_notes(manifest: dict) -> None:
+    """The notes of a prepare (`datasets.prepared_notes`: enlarged images, duplicates left
+    out), from its manifest: a re-run that returns at once says them again."""
+    from ..datasets import prepared_notes
+
+    for note in prepared_notes(manifest):
+        print(f"note: {note}", file=sys.stderr)
 
 
 def cmd_data_split(a: argparse.Namespace) -> int:
@@ -70,6 +78,7 @@ def cmd_data_flowers102(a: argparse.Namespace) -> int:
     kw = {k: v for k, v in (("url", a.url), ("md5", a.md5)) if v}
     out = download_flowers102(a.out, size=a.size, **kw)
     print(f"Oxford Flowers 102 images in {out}")
+    _say_prepared_notes(json.loads((out / "manifest.json").read_text()))  # as data prepare
     return 0
 
 
