@@ -261,3 +261,30 @@ def test_a_json_config_file_giving_a_key_twice_is_one_line(tmp_path, capsys, tex
     (run / "config.json").write_text(text)
     rc, _, err = run_main(capsys, "train", "--resume", run)
     assert rc == 2 and f"{key} is given twice" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_config_section_that_is_not_a_section_is_one_line(avatars16, tmp_path, capsys):
+    """`train = 5` in TOML or `"train": null` in JSON ended, with any option of that section
+    also given (`--max-steps 1`), in a TypeError traceback ('int' object does not support
+    item assignment) as the option was put into it; alone, it said `train. must be a
+    table/object, got int`, naming neither the file nor the remedy."""
+    for name, text, got in (
+        ("c.toml", "train = 5\n", "5"),
+        ("c.json", '{"train": null}', "null"),
+        ("d.json", '{"model": [32, 64]}', "[32, 64]"),
+    ):
+        config = tmp_path / name
+        config.write_text(text)
+        section = "model" if "model" in text else "train"
+        for extra in ([], ["--max-steps", "1", "--image-size", "16"]):
+            out = tmp_path / "r"
+            args = ["train", "--data", avatars16, "--out", out, "--config", config, *extra]
+            rc, _, err = run_main(capsys, *args)
+            assert (rc, err) == (
+                2,
+                f"animeddim: error: config file '{config}': '{section}' must be a section "
+                f"([{section}] in TOML, an object in JSON) of settings, got {got}\n",
+            )
+            assert not out.exists()
+    with pytest.raises(ConfigError, match="'train' must be a section"):
+        load_config_file(tmp_path / "c.toml")

@@ -78,6 +78,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             f"config file {str(p)!r} must hold an object with sections "
             f"data/model/schedule/train, not a {type(d).__name__}"
         )
+    for section in dict.fromkeys(section for section, _ in settings()):
+        if section in d and not isinstance(d[section], dict):  # `train = 5`, "train": null
+            raise ConfigError(
+                f"config file {str(p)!r}: {section!r} must be a section ([{section}] in TOML, "
+                f"an object in JSON) of settings, got {json.dumps(d[section], default=str)[:40]}"
+            )
     d = upgrade(d)
     for section, f in settings():
         part = d.get(section)
