@@ -594,6 +594,31 @@ def test_attrs_from_training_finds_a_folders_models_data_from_another_directory(
     assert pipelines.training_rows(loaded)[:, 0].tolist() == [0] * 48 + [1] * 48
 
 
+def test_attrs_from_training_reads_an_old_runs_relative_labels_file_where_a_resume_does(
+    cond_run, cond_data, tmp_path, monkeypatch
+):
+    """A run from before labels files were recorded by their absolute place kept `--data data
+    --labels data/labels.csv` as given, relative to the directory it started in. `sample
+    --attrs-from training` read that path from the working directory ('not at hand' from
+    another one, or a same-named file there that labels otherwise), where `train --resume`
+    finds the file from the run's data folder (`resume_labels.recorded_place`): both agree."""
+    from animeddim import pipelines
+
+    loaded = pipelines.load_for_sampling(cond_run, None, "cpu")[0]
+    want = pipelines.codes_from_labels(loaded, cond_data / "labels.csv")
+    data = loaded.config.data
+    assert Path(data.abs_path) == cond_data.resolve() and cond_data.name == "data"
+    data.path, data.labels = "data", "data/labels.csv"  # started beside its data folder
+    monkeypatch.chdir(tmp_path)
+    assert pipelines.training_rows(loaded).equal(want)
+    (tmp_path / "data").mkdir()  # a same-named file here, its first image the other colour
+    header, first, *rows = (cond_data / "labels.csv").read_text().splitlines()
+    name, colour, band = first.split(",")
+    first = ",".join([name, {"red": "blue", "blue": "red"}[colour], band])
+    (tmp_path / "data" / "labels.csv").write_text("\n".join([header, first, *rows]) + "\n")
+    assert pipelines.training_rows(loaded).equal(want)
+
+
 def test_grid_by_rows_are_values_and_columns_seeds(colour_run, tmp_path):
     run, _ = colour_run
     grid = tmp_path / "grid.png"

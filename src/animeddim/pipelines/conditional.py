@@ -240,12 +240,14 @@ TRAINING = "training"  # `--attrs-from training`: the model's own training label
 
 def training_rows(loaded: LoadedModel) -> torch.Tensor:
     """[R x A] codes of the model's training labels: those stored in an exported file
-    (`checkpoint.export_weights`), else the rows of the labels CSV its config names, or for
+    (`checkpoint.export_weights`), else the rows of the labels CSV its config names (one an
+    older run kept relative is read where `train --resume` reads it), or for
     `--labels folders` the class of each image in a subfolder of its training folder.
 
     :raises UnknownAttribute: an unconditional model, or none of these is there.
     """
     from ..labels import FOLDERS
+    from ..resume_labels import recorded_place
 
     if not vocabulary(loaded):
         raise UnknownAttribute("the model is unconditional: it has no training attributes")
@@ -253,6 +255,10 @@ def training_rows(loaded: LoadedModel) -> torch.Tensor:
         return loaded.attribute_rows
     data = loaded.config.data  # abs_path: where it trained, whatever the working directory
     labels, root = data.labels, Path(data.abs_path or data.path)
+    if labels not in ("", FOLDERS) and not Path(labels).is_absolute():
+        # kept as given by a run from before labels files were recorded by their place:
+        # relative to the directory it started in, found as train --resume finds it
+        labels = recorded_place(labels, data.path, data.abs_path) or labels
     if labels == FOLDERS and (data.abs_path or data.path) and root.is_dir():
         return _folder_rows(loaded, root)
     if labels and labels != FOLDERS and Path(labels).is_file():
