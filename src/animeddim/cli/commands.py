@@ -339,7 +339,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from ..runtime import resolve_device
 
     if a.runs:
-        need_folder(a.runs, "--runs")
+        need_folder(a.runs, "--runs", images=False)  # a folder of run folders
         if (Path(a.runs) / "config.json").is_file():  # its own subfolders hold no run
             raise CliError(
                 f"--runs {a.runs!r} is a run folder; give the folder that holds it "
