@@ -811,7 +811,7 @@ REAL_FEATURES_SCRIPT = """
 import json, sys, torch
 from pathlib import Path
 from animeddim import distributed
-from animeddim.pipelines.real_features import real_folder_features
+from animeddim.pipelines.real_folder import real_folder_features
 
 class Counting:
     cache_token, weights_id, count = "test-colour-moments", "test", 0

@@ -44,7 +44,7 @@ from .core import (
     sampling_net,
 )
 from .folder import Job, Kept, draw_blocks, image_job
-from .real_features import real_folder_features
+from .real_folder import real_folder_features
 
 
 def evaluate(
@@ -338,7 +338,7 @@ def _real_features(
 ) -> torch.Tensor | None:
     """Standard-protocol features of the real folder (cached on disk) on process 0, None
     on the others; every process calls it, and on a cache miss each measures its block
-    (`real_features.real_folder_features`)."""
+    (`real_folder.real_folder_features`)."""
     return real_folder_features(real, extractor, cache_dir, _stage(progress, "features (real)"))
 
 
