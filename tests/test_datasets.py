@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli, run_here
+from conftest import run_cli, run_here, run_main
 from PIL import Image
 
-from animeddim.data import DataError, SkippedFilesWarning, load_folder, load_image
+from animeddim.data import DataError, SkippedFilesWarning, list_images, load_folder, load_image
 from animeddim.datasets import avatars as avatars_module
 from animeddim.datasets import download_flowers102, generate_avatars, preparation, prepare
 from animeddim.datasets.common import (
@@ -351,6 +351,33 @@ def test_data_avatars_command(tmp_path: Path) -> None:
     assert run_here(*args).returncode == 0  # a rerun with the same arguments is a no-op
     p = run_cli(*args[:-4], "--size", "32", check=False)
     assert p.returncode == 2 and "size" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_data_avatars_says_what_the_folder_holds(tmp_path: Path, capsys) -> None:
+    """`data avatars` said 'N avatars ... (0.0s)' from --n, as if it had rendered them, after
+    a run that found them there (a finished set, or a stopped one it finished), and said
+    nothing of other images in the folder (avatars beyond --n of an earlier set whose
+    manifest was removed), which a run on it reads too. The line says what the folder holds
+    once it is done, and how many were rendered."""
+    out = tmp_path / "av"
+    args = ["data", "avatars", "--out", out, "--n", 3, "--size", 16, "--workers", 1]
+    rc, stdout, err = run_main(capsys, *args)
+    assert rc == 0 and stdout.startswith(f"3 avatars (16px, seed 0) in {out} ("), err
+    rc, stdout, err = run_main(capsys, *args)
+    said = f"3 avatars (16px, seed 0) in {out}: all there already, none rendered ("
+    assert rc == 0 and stdout.startswith(said), stdout
+    (out / "avatar-000001.png").unlink()  # one of the set gone: rendered again
+    rc, stdout, err = run_main(capsys, *args)
+    said = f"3 avatars (16px, seed 0) in {out}: 1 rendered, 2 there already ("
+    assert rc == 0 and stdout.startswith(said), stdout
+    (out / "manifest.json").unlink()  # leftovers of an earlier set: taken as a start
+    rc, stdout, err = run_main(capsys, *args[:5], 2, *args[6:])
+    assert rc == 0 and stdout.startswith(f"2 avatars (16px, seed 0) in {out}: all there"), err
+    assert err.splitlines()[-1] == (
+        f"note: '{out}' also holds 1 other image, not among these 2 avatars nor in labels.csv, "
+        "which a run on the folder reads too: move them out, or use a new folder"
+    )
+    assert len(list_images(out).files) == 3
 
 
 def test_data_prepare_command(tmp_path: Path) -> None:

@@ -19,7 +19,9 @@ from .options import _flags, _given_settings
 
 def cmd_data_avatars(a: argparse.Namespace) -> int:
     from ..datasets import generate_avatars
+    from ..datasets.avatars import avatars_on_disk
 
+    before = avatars_on_disk(a.out, a.n)[0]  # of a stopped run, or a finished one
     t = time.perf_counter()
     out = generate_avatars(
         a.out,
@@ -30,11 +32,26 @@ def cmd_data_avatars(a: argparse.Namespace) -> int:
         progress=True,
         balanced=a.balanced,
     )
+    there, others = avatars_on_disk(out, a.n)  # said as they are now, not as asked
+    made = (
+        ""
+        if not before
+        else ": all there already, none rendered"
+        if before == there
+        else f": {there - before} rendered, {before} there already"
+    )
     print(
-        f"{counted(a.n, 'avatar')} ({a.size}px, seed {a.seed}) in {out} "
+        f"{counted(there, 'avatar')} ({a.size}px, seed {a.seed}) in {out}{made} "
         f"({time.perf_counter() - t:.1f}s); labels in {Path(out) / 'labels.csv'}, "
         f"credits in {Path(out) / 'CREDITS.md'}"
     )
+    if others:
+        print(
+            f"note: '{out}' also holds {counted(others, 'other image')}, not among these "
+            f"{counted(a.n, 'avatar')} nor in labels.csv, which a run on the folder reads too: "
+            "move them out, or use a new folder",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -21,7 +21,7 @@ from animeddim.avatar_labels import (
     label_rows,
     write_labels_csv,
 )
-from animeddim.data import DataError, _decode, _pool_context
+from animeddim.data import DataError, _decode, _pool_context, list_images
 from animeddim.io import is_temp_name, save_png, write_text_atomic
 
 from .common import (
@@ -163,6 +163,18 @@ def generate_avatars(
     write_text_atomic(manifest_path, json.dumps(wanted, indent=2) + "\n")
     pending_path.unlink()
     return out
+
+
+def avatars_on_disk(out: str | Path, n: int) -> tuple[int, int]:
+    """What folder ``out`` holds now: (how many of the set's first ``n`` avatars, how many
+    other images, which a run on the folder reads too); (0, 0) for no folder."""
+    out = Path(out)
+    if not out.is_dir():
+        return 0, 0
+    names = {avatar_name(i) for i in range(n)}
+    files = [p.relative_to(out).as_posix() for p in list_images(out).files]
+    ours = sum(f in names for f in files)
+    return ours, len(files) - ours
 
 
 def _check_only_avatars(out: Path, size: int) -> None:
