@@ -250,6 +250,26 @@ def test_edit_force_rules(cond_run, cond_data, tmp_path, capsys):
     assert rc == 2 and "batch-size must be an integer >= 1, got '0'" in err
 
 
+def test_edit_refuses_an_attribute_the_model_lacks_before_saying_what_it_draws(
+    cond_run, web_runs, cond_data, tmp_path, capsys
+):
+    """`edit --run UNCONDITIONAL --set glasses=yes` printed `regenerating with guidance 1
+    (plain conditional)` on stdout, then refused: as if the edit had begun. An attribute or
+    value the model lacks is refused with nothing on stdout."""
+    red = sorted(_red_images(cond_data, tmp_path / "red", 1).iterdir())[0]
+    for run, change, said in (
+        (web_runs / "tiny", "colour=blue", "the model is unconditional: it knows no attributes"),
+        (cond_run, "colour=green", "the model knows no colour value 'green'"),
+        (cond_run, "hat=yes", "the model knows no attribute 'hat'"),
+    ):
+        out = tmp_path / "edited"
+        rc, stdout, err = run_main(capsys, "edit", "--run", run, "--images", red, "--set",
+                                   change, "--steps", 2, "--out", out)  # fmt: skip
+        assert (rc, stdout) == (2, ""), (stdout, err)
+        assert err.startswith(f"animeddim: error: {said}") and len(err.splitlines()) == 1, err
+        assert not out.exists()
+
+
 def test_edit_of_images_that_share_a_name_writes_each(cond_run, cond_data, tmp_path, capsys):
     """a.png, a.jpg and sub/a.png were all written as after/a.png: one edit kept, two lost."""
     from PIL import Image

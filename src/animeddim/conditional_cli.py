@@ -270,7 +270,7 @@ def cmd_edit(a: argparse.Namespace, load, settings_of, bars) -> int:
     from . import outputs
     from .conditioning import parse_assignments
     from .pipelines import edit, guidance_words
-    from .pipelines.conditional import EDIT_NAMES
+    from .pipelines.conditional import EDIT_NAMES, attribute_codes
 
     changes = parse_assignments(a.changes, "--set")
     outputs.not_inside(a.out, [a.images], "--out", outputs.images_what(a.images))
@@ -278,6 +278,7 @@ def cmd_edit(a: argparse.Namespace, load, settings_of, bars) -> int:
         outputs.earlier_outputs(a.out, EDIT_NAMES, a.force, recursive_in=("after", "pairs"))
     )
     loaded, device = load(a.run, a.model, a.device)
+    attribute_codes(loaded, changes)  # an attribute it lacks: refused before the line below
     if a.guidance is None:  # the file's weight for edits, else for sampling, else 1
         from .pipelines import default_edit_guidance
 
