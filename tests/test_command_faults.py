@@ -844,6 +844,39 @@ def test_a_file_output_ending_in_a_slash_is_refused_before_any_work(
     assert not list(here.iterdir()) and not calls and fake.calls == 0
 
 
+def test_a_file_output_that_is_only_an_extension_is_refused_before_any_work(
+    run, avatars16, tmp_path, capsys, fake, monkeypatch
+):
+    """`--grid .png`, `--out .gif`: a name that is only an extension (before: `sample` said
+    `name it .png` of '.png', `interpolate` wrote the hidden files '.gif.png' and
+    '.gif.gif', `export` a hidden '.safetensors'; exit 0)."""
+    from animeddim.unet import UNet
+
+    calls = []
+    forward = UNet.forward
+    monkeypatch.setattr(UNet, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    here = tmp_path / "here"
+    here.mkdir()
+    cases = [
+        ["export", "--run", run, "--out", f"{here}/.safetensors"],
+        ["evaluate", "--run", run, "--real", avatars16, "--n", 2, "--steps", 1, "--out",
+         f"{here}/.json"],
+        ["interpolate", "--run", run, "--seeds", 1, 2, "--frames", 2, "--out", f"{here}/.gif"],
+        ["attributes", "train", "--data", avatars16, "--out", f"{here}/.pt", "--epochs", 1],
+        ["sample", "--run", run, "--n", 2, "--steps", 1, "--grid", f"{here}/.png"],
+        ["sample", "--run", run, "--n", 2, "--steps", 1, "--trajectory", f"{here}/.png"],
+    ]  # fmt: skip
+    for argv in cases:
+        at = next(i for i, v in enumerate(argv) if str(v).startswith(str(here)))
+        flag, value = argv[at - 1], argv[at]
+        rc, _, err = run_main(capsys, *argv)
+        assert rc == 2, (argv, err)
+        name = Path(value).name
+        _one_line(err, f"{flag} '{value}' is only an extension, with no name before it",
+                  f"give a name (e.g. '{here}/NAME{name}')")  # fmt: skip
+    assert not list(here.iterdir()) and not calls and fake.calls == 0
+
+
 def test_outputs_inside_a_folder_read_as_images_are_refused(
     trained_tiny, avatars16, tmp_path, capsys, fake
 ):

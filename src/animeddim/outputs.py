@@ -42,6 +42,10 @@ INVERT_NAMES = ("latents.safetensors", "side-by-side.png")
 COVERAGE_NAMES = ("coverage.json", "coverage.csv", "coverage.md", "coverage.png")
 
 
+# a file name that is only an extension ('.png', '.safetensors'): no name before the dot
+ONLY_EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,15}")
+
+
 class OutputExists(ValueError):
     """An output already exists and --force was not given; the message says which."""
 
@@ -102,12 +106,21 @@ def new_file(path: str | Path, force: bool, flag: str = "--out") -> Path:
 def file_name(path: str | Path, flag: str = "--out") -> None:
     """Refuse a file output typed with a trailing slash ('models/'): it names a folder, but
     `Path` drops the slash, so the file was written under the folder's name ('models', no
-    suffix) beside where the user meant it to go."""
+    suffix) beside where the user meant it to go. Refuse a name that is only an extension
+    ('.png', 'out/.gif'): `Path` reads it as a hidden file with no suffix, so `sample --grid
+    .png` was told to name it .png and `interpolate --out .gif` wrote '.gif.png'."""
     text = os.fspath(path)
     if len(text) > 1 and text.endswith(tuple(s for s in (os.sep, os.altsep) if s)):
         raise OutputExists(
             f"{flag} {text!r} ends in {text[-1]!r}, which names a folder; give a file name "
             f"(e.g. {os.path.join(text, 'NAME')!r})"
+        )
+    name = Path(text).name
+    if ONLY_EXTENSION.fullmatch(name):
+        named = os.path.join(os.path.dirname(text), "NAME" + name)
+        raise OutputExists(
+            f"{flag} {text!r} is only an extension, with no name before it (it would be a "
+            f"hidden file); give a name (e.g. {named!r})"
         )
 
 
