@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import run_here
-from test_datasets import _pixels, _said, _save_png
+from test_datasets import _pixels, _png, _said, _save_png, _write_source
 
 from animeddim.data import DataError, load_folder
 from animeddim.datasets import prepare, split_held_out
@@ -141,6 +141,25 @@ def test_bad_splits_are_refused_in_one_line(avatars: Path, tmp_path: Path) -> No
     assert p.returncode == 2 and "held-out must be >= 1" in p.stderr
 
 
+def _split_stopped(
+    folder: Path, held: Path, n: int, monkeypatch: pytest.MonkeyPatch, *, at: int, step: str
+) -> None:
+    """Split ``n`` images of ``folder`` into ``held`` (seed 1), stopped by a Ctrl-C at the
+    ``at``-th call of the split's ``step`` (``_move``: an image; ``_write_json``: a manifest)."""
+    real, calls = getattr(split_module, step), []
+
+    def stop(*args: Path) -> None:
+        calls.append(args)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        real(*args)
+
+    monkeypatch.setattr(split_module, step, stop)
+    with pytest.raises(KeyboardInterrupt):
+        split_held_out(folder, held, n, seed=1)
+    monkeypatch.setattr(split_module, step, real)
+
+
 def test_a_split_stopped_part_way_loses_no_image_and_a_rerun_finishes_it(
     avatars: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -148,19 +167,8 @@ def test_a_split_stopped_part_way_loses_no_image_and_a_rerun_finishes_it(
     finishes the split (another one is refused), as an unstopped split would have made it."""
     reference = Path(shutil.copytree(avatars, tmp_path / "reference"))
     split_held_out(reference, tmp_path / "reference-held", 6, seed=1)
-    before, real, calls = _images(avatars), split_module._move, []
-
-    def stop_at_third(src: Path, dst: Path) -> None:
-        calls.append(src)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        real(src, dst)
-
-    held = tmp_path / "held"
-    monkeypatch.setattr(split_module, "_move", stop_at_third)
-    with pytest.raises(KeyboardInterrupt):
-        split_held_out(avatars, held, 6, seed=1)
-    monkeypatch.setattr(split_module, "_move", real)
+    before, held = _images(avatars), tmp_path / "held"
+    _split_stopped(avatars, held, 6, monkeypatch, at=3, step="_move")
     assert sorted(_images(avatars) + _images(held)) == before and len(_images(held)) == 2
     with pytest.raises(
         DataError, match=r"holds an unfinished split of .* \(--held-out 6 --seed 1\)"
@@ -168,18 +176,7 @@ def test_a_split_stopped_part_way_loses_no_image_and_a_rerun_finishes_it(
         split_held_out(avatars, held, 6, seed=2)
 
     # Stopped again, as the manifests are written: the re-run records the split once.
-    real_write, writes = split_module._write_json, []
-
-    def stop_at_second_manifest(path: Path, value: dict) -> None:
-        writes.append(path)
-        if len(writes) == 2:
-            raise KeyboardInterrupt
-        real_write(path, value)
-
-    monkeypatch.setattr(split_module, "_write_json", stop_at_second_manifest)
-    with pytest.raises(KeyboardInterrupt):
-        split_held_out(avatars, held, 6, seed=1)
-    monkeypatch.setattr(split_module, "_write_json", real_write)
+    _split_stopped(avatars, held, 6, monkeypatch, at=2, step="_write_json")
     p = run_here("data", "split", avatars, "--held-out", 6, "--out", held, "--seed", 1)
     assert p.stdout.startswith("moved 6 images")
     assert not (held / split_module.PLAN).exists()
@@ -236,3 +233,54 @@ def test_a_labels_csv_train_cannot_read_is_refused_before_any_move(
         assert said in p.stderr and "labels.csv" in p.stderr, p.stderr
         assert _images(avatars) == before and not held.exists()
         assert (avatars / "labels.csv").read_bytes() == data
+
+
+def test_a_stopped_split_is_refused_by_the_command_that_made_the_folder(
+    avatars: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A split stopped after its first move left FOLDER with no sign of it: `data avatars`
+    rendered the moved avatar again (byte-identical in both folders) and `data prepare` of a
+    folder source prepared its moved image again. FOLDER's manifest says the split is under
+    way before the first move, so each is refused, naming the command that finishes it."""
+    held = tmp_path / "held"
+    _split_stopped(avatars, held, 6, monkeypatch, at=2, step="_move")
+    moved = _images(held)
+    assert len(moved) == 1
+    left = _images(avatars)
+    p = run_here("data", "avatars", "--out", avatars, "--n", 24, "--size", 16, check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    finish = f"animeddim data split {avatars} --held-out 6 --out {held.resolve()} --seed 1"
+    assert "unfinished data split" in p.stderr and finish in p.stderr, p.stderr
+    assert _images(avatars) == left and not set(moved) & set(left)
+    # Another split from it would take images the unfinished one means to move.
+    p = run_here("data", "split", avatars, "--held-out", 2, "--out", tmp_path / "h2", check=False)
+    assert p.returncode == 2 and finish in p.stderr, p.stderr
+    assert not (tmp_path / "h2").exists()
+    # The same split command finishes it; the folder is then refused as any split one is.
+    run_here("data", "split", avatars, "--held-out", 6, "--out", held, "--seed", 1)
+    assert len(_images(held)) == 6 and sorted(_images(avatars) + _images(held)) == sorted(
+        left + moved
+    )
+    manifest = json.loads((avatars / "manifest.json").read_text())
+    assert "split_under_way" not in manifest and len(manifest["held_out"]) == 1
+    assert "split_under_way" not in json.loads((held / "manifest.json").read_text())
+    p = run_here("data", "avatars", "--out", avatars, "--n", 24, "--size", 16, check=False)
+    assert p.returncode == 2 and "moved out by data split" in p.stderr, p.stderr
+
+    folder = _prepared(tmp_path)
+    _split_stopped(folder, tmp_path / "held-prepared", 2, monkeypatch, at=2, step="_move")
+    p = run_here("data", "prepare", tmp_path / "photos", "--out", folder, "--size", 8, check=False)
+    assert p.returncode == 2 and "unfinished data split" in p.stderr, p.stderr
+    assert len(_images(folder)) == 5
+    split_held_out(folder, tmp_path / "held-prepared", 2, seed=1)
+    assert json.loads((folder / "manifest.json").read_text())["count"] == 4
+
+    # An archive's prepare there returned at once, saying the images moved were prepared.
+    archive = _write_source(
+        tmp_path / "photos.zip", "zip", [(f"{i}.png", _png(_pixels(i))) for i in range(6)]
+    )
+    folder = prepare(archive, tmp_path / "zipped", size=8, workers=1)
+    _split_stopped(folder, tmp_path / "held-zipped", 2, monkeypatch, at=2, step="_move")
+    p = run_here("data", "prepare", archive, "--out", folder, "--size", 8, check=False)
+    assert p.returncode == 2 and "unfinished data split" in p.stderr, p.stderr
+    assert len(_images(folder)) == 5

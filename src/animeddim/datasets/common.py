@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,9 @@ from animeddim.io import file_in_the_way
 from animeddim.words import counted
 
 PENDING = ".animeddim-pending.json"  # arguments of a generation run that has not finished
+# The manifest's record of a data split begun from the folder and not yet finished (its
+# held-out folder, n and seed), written before the first image moves.
+SPLIT_UNDER_WAY = "split_under_way"
 
 # Image i is named with at least 6 digits: 000000.png ... 999999.png, then 1000000.png (as
 # f"{i:06d}" writes it; the sample names of `outputs` are numbered the same way).
@@ -68,6 +72,12 @@ def split_refusal(out: Path, manifest: dict[str, Any] | None) -> str | None:
     None for any other."""
     if not manifest:
         return None
+    if (finish := finish_split_command(out, manifest)) is not None:
+        return (
+            f"folder '{out}' holds an unfinished data split (its images part-way moved to "
+            f"'{manifest[SPLIT_UNDER_WAY].get('folder')}'); making it again would bring them "
+            f"back: the same command finishes the split: {finish}"
+        )
     if held := manifest.get("held_out"):
         moved = ", ".join(f"{counted(h.get('n', 0), 'image')} to '{h.get('folder')}'" for h in held)
         why = f"had images moved out by data split ({moved})"
@@ -76,3 +86,15 @@ def split_refusal(out: Path, manifest: dict[str, Any] | None) -> str | None:
     else:
         return None
     return f"folder '{out}' {why}; making it again would bring them back: use a new folder"
+
+
+def finish_split_command(folder: Path, manifest: dict[str, Any] | None) -> str | None:
+    """The `animeddim data split` command that finishes the split begun from ``folder``
+    (recorded in its manifest under ``split_under_way``), or None when none is under way."""
+    begun = (manifest or {}).get(SPLIT_UNDER_WAY)
+    if not isinstance(begun, dict):
+        return None
+    return (
+        f"animeddim data split {shlex.quote(str(folder))} --held-out {begun.get('n')} "
+        f"--out {shlex.quote(str(begun.get('folder')))} --seed {begun.get('seed')}"
+    )

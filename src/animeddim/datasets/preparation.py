@@ -38,6 +38,7 @@ from animeddim.words import counted
 from .archives import Member, read_members
 from .common import (
     PENDING,
+    SPLIT_UNDER_WAY,
     check_out_creatable,
     output_index,
     output_name,
@@ -193,8 +194,9 @@ def _check_prepare(src: Path, out: Path, size: int) -> dict[str, Any] | None:
                 f"folder '{out}' already holds images prepared from {previous.get('source')} at "
                 f"size {previous.get('size')}; use another folder"
             )
-        if finished and src.is_file() and {k: finished.get(k) for k in wanted} == wanted:
-            return None  # done (and perhaps split since: kept as it is)
+        done = finished and {k: finished.get(k) for k in wanted} == wanted
+        if done and src.is_file() and SPLIT_UNDER_WAY not in finished:
+            return None  # done (and perhaps split since: kept as it is; one under way is not)
         if (refused := split_refusal(out, finished)) is not None:
             raise DataError(refused)
     elif out.exists() and any(not is_temp_name(p.name) for p in out.iterdir()):

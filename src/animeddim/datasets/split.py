@@ -27,7 +27,13 @@ from animeddim.io import is_temp_name, write_bytes_atomic, write_text_atomic
 from animeddim.labels import canonical, read_csv_rows
 from animeddim.words import counted
 
-from .common import PENDING, check_out_creatable, read_json
+from .common import (
+    PENDING,
+    SPLIT_UNDER_WAY,
+    check_out_creatable,
+    finish_split_command,
+    read_json,
+)
 
 PLAN = ".animeddim-split.json"  # in the held-out folder until the split has finished
 MANIFEST = "manifest.json"
@@ -47,11 +53,14 @@ def split_held_out(
     under ``held_out``, ``out``'s copy of it under ``split_from``; a prepared folder's
     ``count`` is its images' count. ``out`` must be new or empty, and ``n`` below the number
     of images; else :class:`DataError`. A split stopped part-way is finished by calling it
-    again with the same arguments. Returns the moved images' paths below ``folder``, in its
-    order.
+    again with the same arguments; until then ``folder``'s manifest says it is under way
+    (``split_under_way``, written before the first move), so the command that made the folder
+    refuses to make the moved images again there. Returns the moved images' paths below
+    ``folder``, in its order.
     """
     folder, out = Path(folder), Path(out)
     plan = _plan(folder, out, n, seed)
+    _mark_under_way(folder, out, n, seed)
     moved = plan["files"]
     with tqdm(total=len(moved), desc="split", unit="img", disable=not progress) as bar:
         for rel in moved:
@@ -82,6 +91,14 @@ def _plan(folder: Path, out: Path, n: int, seed: int) -> dict[str, Any]:
         return begun
     if out.exists() and any(not is_temp_name(p.name) for p in out.iterdir()):
         raise DataError(f"--out '{out}' is not empty; give a new or empty folder")
+    manifest = read_json(folder / MANIFEST) or {}
+    if (finish := finish_split_command(folder, manifest)) is not None:
+        other = manifest[SPLIT_UNDER_WAY].get("folder")
+        if other != str(out.resolve()):  # its images would be taken from under it
+            raise DataError(
+                f"'{folder}' holds an unfinished data split into '{other}'; finish it "
+                f"first (the same command finishes it): {finish}"
+            )
     if (folder / PENDING).exists():
         raise DataError(
             f"'{folder}' holds an unfinished data prepare or data avatars "
@@ -102,6 +119,20 @@ def _plan(folder: Path, out: Path, n: int, seed: int) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / PLAN, json.dumps(plan))  # before the first move: a re-run finds it
     return plan
+
+
+def _mark_under_way(folder: Path, out: Path, n: int, seed: int) -> None:
+    """Record in ``folder``'s manifest, before the first move, that this split is under way:
+    a data prepare or data avatars that made the folder would otherwise make the moved images
+    again there if the split stopped before its end (`common.split_refusal` reads it)."""
+    manifest = read_json(folder / MANIFEST)
+    under_way = {"folder": str(out.resolve()), "n": n, "seed": seed}
+    if manifest is None or manifest.get(SPLIT_UNDER_WAY) == under_way:
+        return  # a folder of one's own images (nothing makes it again), or marked already
+    if any(h.get("folder") == under_way["folder"] for h in manifest.get("held_out", [])):
+        return  # recorded as finished: stopped only before the plan's removal
+    manifest[SPLIT_UNDER_WAY] = under_way
+    _write_json(folder / MANIFEST, manifest)
 
 
 def _check_places(folder: Path, out: Path) -> str:
@@ -169,16 +200,19 @@ def _split_manifests(folder: Path, out: Path, n: int, seed: int) -> None:
         return  # a folder of one's own images: nothing to keep true
     here, there = str(folder.resolve()), str(out.resolve())
     if not (out / MANIFEST).exists():
-        theirs = {k: v for k, v in manifest.items() if k != "held_out"}
+        theirs = {k: v for k, v in manifest.items() if k not in ("held_out", SPLIT_UNDER_WAY)}
         if "count" in theirs:
             theirs["count"] = n
         theirs["split_from"] = {"folder": here, "n": n, "seed": seed}
         _write_json(out / MANIFEST, theirs)
     held = manifest.get("held_out", [])
-    if not any(h.get("folder") == there for h in held):
-        if "count" in manifest:
-            manifest["count"] -= n
-        manifest["held_out"] = [*held, {"folder": there, "n": n, "seed": seed}]
+    recorded = any(h.get("folder") == there for h in held)
+    if not recorded or SPLIT_UNDER_WAY in manifest:
+        if not recorded:
+            if "count" in manifest:
+                manifest["count"] -= n
+            manifest["held_out"] = [*held, {"folder": there, "n": n, "seed": seed}]
+        manifest.pop(SPLIT_UNDER_WAY, None)  # in the same write: finished, in one step
         _write_json(folder / MANIFEST, manifest)
 
 
