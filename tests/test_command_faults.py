@@ -386,15 +386,19 @@ def test_interpolate_from_a_bad_image_is_one_line(kind, run, avatars16, tmp_path
 
 @pytest.mark.parametrize("seed", [-1, 2**63, 2**70])
 @pytest.mark.parametrize(
-    "command", ["sample", "evaluate", "steps", "interpolate", "report", "attributes train"]
-)
+    "command",
+    ["sample", "evaluate", "steps", "interpolate", "report", "attributes train", "data avatars",
+     "data split"],
+)  # fmt: skip
 def test_a_seed_outside_the_generator_range_is_one_line(
     command, seed, run, avatars16, tmp_path, capsys
 ):
     """Image i's generator is seeded (seed * stride + i + 1) mod 2**63: --seed -1 drew the
     images of 2**63 - 1 and 2**63 those of 0, silently; report and attributes train died
-    with a traceback from torch. Every command refuses such a seed before writing."""
+    with a traceback from torch. Every command refuses such a seed before writing: `data
+    avatars` too (it rendered a set for -1), and `data split` (a traceback from numpy)."""
     out = tmp_path / "out"
+    folder = _folder(tmp_path / "folder", avatars16, 4)
     args = {
         "sample": ["sample", "--run", run, "--n", 1, "--steps", 1, "--grid", out, "--seed", seed],
         "evaluate": ["evaluate", "--run", run, "--real", avatars16, "--n", 2, "--out", out,
@@ -406,12 +410,14 @@ def test_a_seed_outside_the_generator_range_is_one_line(
         "report": ["report", "--run", run, "--out", out, "--seed", seed],
         "attributes train": ["attributes", "train", "--data", avatars16, "--out",
                              out / "a.safetensors", "--seed", seed],
+        "data avatars": ["data", "avatars", "--out", out, "--n", 2, "--size", 16, "--seed", seed],
+        "data split": ["data", "split", folder, "--held-out", 1, "--out", out, "--seed", seed],
     }[command]  # fmt: skip
     rc, _, err = run_main(capsys, *args)
     assert rc == 2, err
     _one_line(err, "seed", str(seed))
     assert "2**63 - 1" in err or str(2**63 - 1) in err
-    assert not out.exists()
+    assert not out.exists() and len(list(folder.iterdir())) == 4
 
 
 def test_seeds_in_range_draw_distinct_images(run, tmp_path, capsys):

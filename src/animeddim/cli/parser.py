@@ -24,6 +24,7 @@ from .common import _Bars, _Parser
 from .evaluation import cmd_evaluate, cmd_kid, cmd_steps
 from .options import (
     PATH,
+    SEED,
     STEPS,
     _add_batch_size,
     _add_clip,
@@ -64,7 +65,9 @@ def _add_data_command(sub) -> None:
         default=64,
         help="pixels, 8 to 4096 (default 64)",
     )
-    p.add_argument("--seed", type=int, default=0, help="same seed, same images (default 0)")
+    p.add_argument(  # DiceBear takes any string; the range is every other command's
+        "--seed", type=SEED, default=0, help="same seed, same images, 0 .. 2**63 - 1 (default 0)"
+    )
     p.add_argument(
         "--workers",
         type=_positive_int("workers"),
@@ -100,7 +103,9 @@ def _add_data_command(sub) -> None:
         help="how many images to move; labels.csv rows go with them",
     )
     p.add_argument("--out", type=PATH, required=True, help="new or empty held-out folder")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same choice (default 0)")
+    p.add_argument(
+        "--seed", type=SEED, default=0, help="same seed, same choice, 0 .. 2**63 - 1 (default 0)"
+    )
     p.set_defaults(func=cmd_data_split)
     p = data_sub.add_parser("flowers102", help="download and prepare Oxford Flowers 102")
     p.add_argument("--out", type=PATH, required=True, help="folder for the archive and images/")
@@ -258,7 +263,7 @@ def _add_steps_command(sub) -> None:
     p.add_argument(
         "--n", type=_positive_int("n", 2), default=1000, help="images per setting (default 1000)"
     )
-    p.add_argument("--seed", type=int, default=0, help="(default 0)")
+    p.add_argument("--seed", type=SEED, default=0, help="0 .. 2**63 - 1 (default 0)")
     _add_batch_size(p)
     p.add_argument(
         "--out", type=PATH, help="folder for steps.csv/.md/.png (default: the run folder)"
@@ -325,7 +330,7 @@ def _add_report_command(sub) -> None:
     p.add_argument(
         "--steps", type=STEPS, default=20, help="DDIM steps for Fig. 1 and samples (default 20)"
     )
-    p.add_argument("--seed", type=int, default=0, help="(default 0)")
+    p.add_argument("--seed", type=SEED, default=0, help="0 .. 2**63 - 1 (default 0)")
     p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N | mps (default cpu)")
     _add_force(p, "an earlier report in --out")
     p.set_defaults(func=cmd_report)
