@@ -489,7 +489,7 @@ def test_a_damaged_run_folder_is_one_line(command, damage, trained_tiny, tmp_pat
     before = _files(run)
     target, says = run, None
     if damage == "a file":
-        target, says = run / "config.json", "is a file; give its run folder"
+        target, says = run / "config.json", f"is a file; give the run folder that holds it: '{run}'"
     elif damage == "metrics row":
         with open(run / "metrics.csv", "a") as f:
             f.write("x,y\n")
@@ -511,6 +511,49 @@ def test_a_damaged_run_folder_is_one_line(command, damage, trained_tiny, tmp_pat
         for files in (before, after):
             files.pop("config.json", None)
     assert not out.exists() and after == before
+
+
+def test_a_runs_checkpoints_folder_or_file_given_as_its_run_names_the_run_folder(
+    run, avatars16, tmp_path, capsys, fake
+):
+    """`--run RUN/checkpoints` (before: `run folder 'RUN/checkpoints' holds no checkpoint
+    (expected 'RUN/checkpoints/checkpoints/last.safetensors')`, or `no config.json and no
+    metrics.csv` from report); a checkpoint file where a run folder is needed (before: `give
+    --out DIR (no run folder to write into)` from steps and evaluate, `is a file; give its run
+    folder` from report): one line naming the run folder to give, nothing written."""
+    ckpts, last, out = run / "checkpoints", run / "checkpoints" / "last.safetensors", tmp_path / "o"
+    before = _files(run)
+    folder_cases = [
+        ["sample", "--n", 1, "--steps", 1, "--grid", out / "g.png"],
+        ["export", "--out", out / "m.safetensors"],
+        ["evaluate", "--real", avatars16, "--n", 2, "--out", out / "e.json"],
+        ["steps", "--real", avatars16, "--n", 2, "--steps", 1, "--out", out],
+        ["interpolate", "--seeds", 1, 2, "--frames", 2, "--out", out / "i.png"],
+        ["invert", "--images", avatars16, "--out", out],
+        ["report", "--out", out],
+    ]  # fmt: skip
+    for argv in folder_cases:
+        rc, _, err = run_main(capsys, *argv, "--run", ckpts)
+        assert rc == 2, (argv, err)
+        _one_line(err, f"'{ckpts}' is the checkpoints folder of a run, not a run folder; "
+                  f"give the run folder '{run}'")  # fmt: skip
+    rc, _, err = run_main(capsys, "train", "--resume", ckpts)
+    assert rc == 2, err
+    _one_line(err, f"'{ckpts}' is the checkpoints folder of a run, not a run folder; give the "
+              f"run folder '{run}'")  # fmt: skip
+    rc, _, err = run_main(capsys, "report", "--run", last, "--out", out)
+    assert rc == 2, err
+    _one_line(err, f"'{last}' is a file; give the run folder that holds it: '{run}'")
+    file_cases = {  # they write into the run folder by default
+        "--out FILE.json": ["evaluate", "--real", avatars16, "--n", 2],
+        "--out DIR": ["steps", "--real", avatars16, "--n", 2, "--steps", 1],
+    }
+    for wanted, argv in file_cases.items():
+        rc, _, err = run_main(capsys, *argv, "--run", last)
+        assert rc == 2, (argv, err)
+        _one_line(err, f"--run '{last}' is a file, so there is no run folder to write into: "
+                  f"give {wanted}, or --run '{run}' (its run folder)")  # fmt: skip
+    assert not out.exists() and _files(run) == before and fake.calls == 0
 
 
 @pytest.mark.parametrize(

@@ -243,6 +243,43 @@ class LoadedModel:
     attribute_rows: torch.Tensor | None = None
 
 
+def holding_run(path: str | Path) -> Path | None:
+    """The run folder (one holding config.json) that `path` lies in, one or two levels up:
+    for a run's checkpoints/ folder, a checkpoint in it or its config.json, the run folder;
+    None for a run folder itself or a path in none."""
+    p = Path(path)
+    if p.is_dir() and (p / "config.json").is_file():
+        return None
+    return next((d for d in p.parents[:2] if (d / "config.json").is_file()), None)
+
+
+def not_a_run_folder(path: str | Path) -> str | None:
+    """What to say of `path`, given where a run folder is asked (--run, --resume), when it is a
+    file or a folder inside a run ('RUN/checkpoints'): which run folder to give. None when it
+    is neither (the caller says what is wrong with it)."""
+    p, holder = Path(path), holding_run(path)
+    if p.exists() and not p.is_dir():
+        return f"{str(p)!r} is a file; give the run folder" + (
+            f" that holds it: {str(holder)!r}" if holder is not None else ""
+        )
+    if holder is None or not p.is_dir():
+        return None
+    what = "the checkpoints folder of a run" if p.name == "checkpoints" else "inside a run"
+    return f"{str(p)!r} is {what}, not a run folder; give the run folder {str(holder)!r}"
+
+
+def no_run_to_write_into(out: str, run: str | Path | None) -> str:
+    """The refusal of a command that writes into the --run folder by default and was given a
+    checkpoint file: `out` is the option to give instead, or the run folder that holds it."""
+    if not run:  # a shipped model (--model)
+        return f"give {out} (no run folder to write into)"
+    holder = holding_run(run)
+    into = f", or --run {str(holder)!r} (its run folder)" if holder else ""
+    return (
+        f"--run {str(run)!r} is a file, so there is no run folder to write into: give {out}{into}"
+    )
+
+
 def resolve(path: str | Path) -> Path:
     """A checkpoint file, or a run folder (its checkpoints/last.safetensors)."""
     if not str(path).strip():  # Path("") is the working folder: never taken silently
@@ -252,7 +289,8 @@ def resolve(path: str | Path) -> Path:
         f = p / "checkpoints" / "last.safetensors"
         if not f.is_file():
             raise CheckpointError(
-                f"run folder {str(p)!r} holds no checkpoint (expected {str(f)!r}); "
+                not_a_run_folder(p)
+                or f"run folder {str(p)!r} holds no checkpoint (expected {str(f)!r}); "
                 "is it an animeddim run folder?"
             )
         return f

@@ -481,6 +481,7 @@ def add_guidance_parser(sub: Any, setup: Callable[[argparse.ArgumentParser], Non
 
 def cmd_guidance(a: argparse.Namespace, load, settings_of, extractor_of, bars) -> int:
     from . import outputs
+    from .checkpoint import no_run_to_write_into
     from .cli.common import need_folder, once
     from .config import ConfigError
     from .pipelines import GUIDANCE_NAMES, control_target, guidance_study
@@ -488,7 +489,7 @@ def cmd_guidance(a: argparse.Namespace, load, settings_of, extractor_of, bars) -
     once(a.weights, "--w")  # a weight twice would be drawn and measured twice, two rows
     out = Path(a.out) if a.out else (Path(a.run) if a.run and Path(a.run).is_dir() else None)
     if out is None:
-        raise ConfigError("give --out DIR (no run folder to write into)")
+        raise ConfigError(no_run_to_write_into("--out DIR", a.run))
     need_folder(a.real, "real-image folder")  # missing, a file, an archive, ...
     outputs.earlier_outputs(out, GUIDANCE_NAMES, a.force)  # each is replaced whole
     if a.attr_guidance is None:  # a sweep of w: every attribute at each w unless told

@@ -299,14 +299,11 @@ def compared(run: RunConfig, given: RunConfig, section: str, f: Any) -> tuple[An
 def load_run_config(run_dir: Path) -> RunConfig:
     """The config.json of an existing run folder."""
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():  # its config.json or a checkpoint, say
-        holder = next((d for d in run_dir.parents[:2] if (d / "config.json").is_file()), None)
+    if not (run_dir / "config.json").is_file():  # its config.json, checkpoints/, ...?
         raise RunFolderError(
-            f"{str(run_dir)!r} is a file; give the run folder"
-            + (f" that holds it: {str(holder)!r}" if holder is not None else "")
+            ckpt.not_a_run_folder(run_dir)
+            or f"{str(run_dir)!r} is not an animeddim run folder (no config.json)"
         )
-    if not (run_dir / "config.json").is_file():
-        raise RunFolderError(f"{str(run_dir)!r} is not an animeddim run folder (no config.json)")
     try:
         d = loads_json((run_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8 at all
@@ -527,14 +524,13 @@ def number_or_none(s: str | None) -> float | None:
 def read_run(path: str | Path, name: str | None = None) -> RunFiles:
     """Parse a run folder; RunFolderError naming the folder if config.json or metrics.csv is bad."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise RunFolderError(f"{str(path)!r} is a file; give its run folder")
-    if not path.is_dir():
+    if not path.exists():
         raise RunFolderError(f"run folder {str(path)!r} does not exist")
     missing = [f for f in ("config.json", "metrics.csv") if not (path / f).is_file()]
-    if missing:
+    if missing:  # a file or a run's checkpoints/ folder: the run folder to give is named
         raise RunFolderError(
-            f"{str(path)!r} is not an animeddim run folder: no {' and no '.join(missing)} "
+            ckpt.not_a_run_folder(path)
+            or f"{str(path)!r} is not an animeddim run folder: no {' and no '.join(missing)} "
             "(both are written by `animeddim train`)"
         )
     try:

@@ -130,7 +130,9 @@ def _evaluate_plan(a: argparse.Namespace, loaded, device) -> dict[str, Any]:
             k += 1
         outputs.new_file(out, False, "the default --out")  # a run folder that can be written
     else:
-        raise CliError("give --out FILE.json (no run folder to write into)")
+        from ..checkpoint import no_run_to_write_into  # here: it loads torch
+
+        raise CliError(no_run_to_write_into("--out FILE.json", a.run))
     attributes = None
     if a.coverage:
         from ..attributes import load_classifier
@@ -228,7 +230,9 @@ def _steps_plan(a: argparse.Namespace, loaded) -> tuple[list[str], Path]:
     check_fits_in_memory(a.n, loaded.config.model.image_size)  # each setting's --n images
     out = Path(a.out) if a.out else (Path(a.run) if a.run and Path(a.run).is_dir() else None)
     if out is None:
-        raise CliError("give --out DIR (no run folder to write into)")
+        from ..checkpoint import no_run_to_write_into  # here: it loads torch
+
+        raise CliError(no_run_to_write_into("--out DIR", a.run))
     # steps.png in the real folder: the next KID on it reads the plot as a real image
     outputs.not_inside(out, [a.real], "--out", "the --real folder")
     outputs.earlier_outputs(out, outputs.STEPS_NAMES, a.force)  # each is replaced whole
