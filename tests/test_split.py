@@ -284,3 +284,37 @@ def test_a_stopped_split_is_refused_by_the_command_that_made_the_folder(
     p = run_here("data", "prepare", archive, "--out", folder, "--size", 8, check=False)
     assert p.returncode == 2 and "unfinished data split" in p.stderr, p.stderr
     assert len(_images(folder)) == 5
+
+
+def test_the_held_out_folder_of_a_stopped_split_names_the_command_that_finishes_it(
+    avatars: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HELDOUT of a stopped split was refused by `data avatars` as a folder holding a foreign
+    file ('.animeddim-split.json') and by `data prepare` as not empty, and a split from it
+    took images the unfinished split had moved there; none said a split was unfinished. Each
+    says so in one line with the finishing command, whose folders are absolute (FOLDER was
+    given as typed, relative), so it finishes the split from any directory."""
+    monkeypatch.chdir(tmp_path)
+    _split_stopped(Path("avatars"), Path("held"), 6, monkeypatch, at=3, step="_move")
+    moved, left = _images(tmp_path / "held"), _images(avatars)
+    finish = (
+        f"animeddim data split {avatars.resolve()} --held-out 6 "
+        f"--out {(tmp_path / 'held').resolve()} --seed 1"
+    )
+    for command in (
+        ("data", "avatars", "--out", "held", "--n", 24, "--size", 16),
+        ("data", "prepare", "avatars", "--out", "held", "--size", 8),
+        ("data", "split", "held", "--held-out", 1, "--out", "h2"),
+        ("data", "avatars", "--out", "avatars", "--n", 24, "--size", 16),
+    ):
+        p = run_here(*command, check=False)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert "unfinished data split" in p.stderr and p.stderr.rstrip().endswith(finish), (
+            command,
+            p.stderr,
+        )
+    assert _images(tmp_path / "held") == moved and _images(avatars) == left
+    assert not (tmp_path / "h2").exists()
+    monkeypatch.chdir(tmp_path / "held")  # the command works from another directory
+    run_here(*finish.split()[1:])
+    assert len(_images(tmp_path / "held")) == 6 and len(_images(avatars)) == 18

@@ -31,6 +31,7 @@ from .common import (
     check_out_creatable,
     read_json,
     split_refusal,
+    unfinished_split_refusal,
 )
 
 AVATAR_STYLE = "adventurer"
@@ -135,8 +136,9 @@ def generate_avatars(
     manifest_path, pending_path = out / "manifest.json", out / PENDING
     names = [avatar_name(i) for i in range(n)]
 
-    if (refused := split_refusal(out, read_json(manifest_path))) is not None:
-        raise DataError(refused)
+    for refused in (unfinished_split_refusal(out), split_refusal(out, read_json(manifest_path))):
+        if refused is not None:
+            raise DataError(refused)
     for previous_path in (manifest_path, pending_path):
         previous = read_json(previous_path)
         if previous is not None and previous != wanted:

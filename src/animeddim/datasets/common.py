@@ -14,6 +14,8 @@ from animeddim.io import file_in_the_way
 from animeddim.words import counted
 
 PENDING = ".animeddim-pending.json"  # arguments of a generation run that has not finished
+# The plan of a data split (which images, from where), in its held-out folder until it ends.
+PLAN = ".animeddim-split.json"
 # The manifest's record of a data split begun from the folder and not yet finished (its
 # held-out folder, n and seed), written before the first image moves.
 SPLIT_UNDER_WAY = "split_under_way"
@@ -94,7 +96,30 @@ def finish_split_command(folder: Path, manifest: dict[str, Any] | None) -> str |
     begun = (manifest or {}).get(SPLIT_UNDER_WAY)
     if not isinstance(begun, dict):
         return None
+    return _split_command(folder.resolve(), begun.get("n"), begun.get("folder"), begun.get("seed"))
+
+
+def unfinished_split_refusal(out: Path) -> str | None:
+    """Why ``out`` may not be written into or split: it is the held-out folder of a data
+    split not yet finished (it holds the split's plan), with the command that finishes it;
+    None for any other folder."""
+    if not (out / PLAN).exists():
+        return None
+    plan = read_json(out / PLAN)
+    if plan is None:  # written atomically: unreadable only if damaged since
+        return f"folder '{out}' holds the damaged plan of an unfinished data split ({PLAN})"
+    source = plan.get("from")
+    finish = _split_command(source, plan.get("n"), out.resolve(), plan.get("seed"))
     return (
-        f"animeddim data split {shlex.quote(str(folder))} --held-out {begun.get('n')} "
-        f"--out {shlex.quote(str(begun.get('folder')))} --seed {begun.get('seed')}"
+        f"folder '{out}' holds an unfinished data split (images part-way moved into it from "
+        f"'{source}'); the same command finishes the split, run it first: {finish}"
+    )
+
+
+def _split_command(folder: object, n: object, out: object, seed: object) -> str:
+    """The `animeddim data split` command line; the folders absolute, as the split records
+    them, so it runs from any directory."""
+    return (
+        f"animeddim data split {shlex.quote(str(folder))} --held-out {n} "
+        f"--out {shlex.quote(str(out))} --seed {seed}"
     )

@@ -44,6 +44,7 @@ from .common import (
     output_name,
     read_json,
     split_refusal,
+    unfinished_split_refusal,
 )
 
 
@@ -183,6 +184,8 @@ def _check_prepare(src: Path, out: Path, size: int) -> dict[str, Any] | None:
     if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
         raise DataError(f"output folder '{out}' must not be inside the source folder '{src}'")
     check_out_creatable(out)
+    if (refused := unfinished_split_refusal(out)) is not None:
+        raise DataError(refused)  # a data split's held-out folder, part-filled
     wanted = _source_id(src, size)
     # The manifest says a prepare finished here, the pending file that one was interrupted;
     # without either, numbered PNGs are someone's own files (video frames, 000000.png ...).

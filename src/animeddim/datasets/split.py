@@ -29,13 +29,14 @@ from animeddim.words import counted
 
 from .common import (
     PENDING,
+    PLAN,
     SPLIT_UNDER_WAY,
     check_out_creatable,
     finish_split_command,
     read_json,
+    unfinished_split_refusal,
 )
 
-PLAN = ".animeddim-split.json"  # in the held-out folder until the split has finished
 MANIFEST = "manifest.json"
 CREDITS = "CREDITS.md"  # the avatars' credit, which their licence asks to go with them
 
@@ -99,6 +100,8 @@ def _plan(folder: Path, out: Path, n: int, seed: int) -> dict[str, Any]:
                 f"'{folder}' holds an unfinished data split into '{other}'; finish it "
                 f"first (the same command finishes it): {finish}"
             )
+    if (refused := unfinished_split_refusal(folder)) is not None:
+        raise DataError(refused)  # the held-out folder of another split: its images would go
     if (folder / PENDING).exists():
         raise DataError(
             f"'{folder}' holds an unfinished data prepare or data avatars "
