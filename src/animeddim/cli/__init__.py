@@ -101,10 +101,9 @@ def _out_of_memory(error: RuntimeError) -> str | None:
         return None
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
     where = "GPU" if gpu else "host"
-    return (
-        f"out of {where} memory ({first[:200]}); a smaller --batch-size (images per forward "
-        "pass) needs less"
-    )
+    # a command whose memory other options set too (bench: --image-size) says which help
+    remedy = getattr(error, "remedy", "a smaller --batch-size (images per forward pass) needs less")
+    return f"out of {where} memory ({first[:200]}); {remedy}"
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:

@@ -329,18 +329,41 @@ def cmd_tour(a: argparse.Namespace) -> int:
 def cmd_bench(a: argparse.Namespace) -> int:
     from ..apps.bench import main as bench_main
 
-    return bench_main(
-        a.image_size,
-        a.batch_size,
-        a.device,
-        a.iters,
-        a.json,
-        a.compile,
-        a.kid,
-        a.sample_batch_size,
-        a.sampler,
-        a.steps,
-        a.compile_mode,
+    try:
+        return bench_main(
+            a.image_size,
+            a.batch_size,
+            a.device,
+            a.iters,
+            a.json,
+            a.compile,
+            a.kid,
+            a.sample_batch_size,
+            a.sampler,
+            a.steps,
+            a.compile_mode,
+        )
+    except RuntimeError as e:  # out of memory (cli.main says it): name what needs less
+        e.remedy = _bench_memory_remedy(a.image_size, a.batch_size)  # type: ignore[attr-defined]
+        raise
+
+
+def _bench_memory_remedy(image_size: int, batch_size: int) -> str:
+    """What helps a bench that ran out of memory: a batch takes memory in proportion to its
+    images and to the square of their size; where one image alone needs more than the host
+    has (or the batch is one image), only a smaller --image-size does."""
+    from .sampling import available_memory
+
+    one, free = 3 * image_size**2 * 4, available_memory()  # one float32 image, before the network
+    if batch_size == 1 or (free is not None and one > free):
+        return (
+            f"a smaller --image-size needs less (one {image_size}x{image_size} px image is "
+            f"{one / 2**30:,.1f} GiB as float32 before the network, so a smaller --batch-size "
+            "cannot help; memory goes with the square of the size)"
+        )
+    return (
+        "a smaller --image-size (memory goes with the square of the size) or --batch-size "
+        "(images per forward pass) needs less"
     )
 
 
