@@ -1239,6 +1239,38 @@ def test_a_stopped_evaluate_goes_on_and_equals_an_uninterrupted_one(
     _one_line(err, "already holds earlier outputs", "--force")
 
 
+@pytest.mark.parametrize("command", ["sample", "evaluate"])
+def test_a_stop_after_the_last_sample_says_that_none_is_left_to_draw(
+    run, avatars16, tmp_path, capsys, monkeypatch, command
+):
+    """A stop once every image was written (evaluate measuring, sample before its grid)
+    said the same command would draw 'the other 0': `sample` said so on stopping, and both
+    on going on ('drawing the other 0, then measuring all 7'). They say what is left."""
+    out = tmp_path / "s"
+    if command == "sample":
+        argv = ["sample", "--out", out, "--grid", tmp_path / "g.png"]
+        stopped, going_on = "images kept", "7 of 7 images of this sample, stopped before its end"
+        left, doing = "(none left to draw)", "none left to draw"
+    else:
+        argv = ["evaluate", "--real", avatars16, "--protocols", "standard",
+                "--out", tmp_path / "e.json", "--samples-out", out]  # fmt: skip
+        stopped, going_on = (
+            "samples kept",
+            "7 of 7 samples of this evaluation, stopped before its end",
+        )
+        left, doing = "(measures)", "measuring them"
+    argv += ["--run", run, "--n", 7, "--steps", 2, "--batch-size", 2]
+    with monkeypatch.context() as m:
+        _stop_at_write(m, 4, 1)  # the last batch (one image) written whole, then Ctrl-C
+        rc, stdout, err = run_main(capsys, *argv)
+    assert rc == 130 and len(list(out.glob("*.png"))) == 7, err
+    said = [line for line in stdout.splitlines() if line.startswith("interrupted:")]
+    assert len(said) == 1 and f"7 of 7 {stopped}" in said[0] and said[0].endswith(left), said
+    rc, stdout, err = run_main(capsys, *argv)
+    assert rc == 0, err
+    assert f"note: {str(out)!r} holds {going_on}: {doing}\n" in err, err
+
+
 def test_kept_samples_a_process_cannot_read_are_refused_before_any_drawing(tmp_path):
     """Each process reads the kept samples of its own block (`evaluate --samples-out` going
     on under torchrun); one that cannot (a folder not shared by the nodes) is refused in one

@@ -58,11 +58,18 @@ class SampleFolder:
             self.kept = complete_files(self.out, self.names, self.settings["image_size"])
             if self.kept:
                 noun, call = self.what
-                then = f", then measuring all {len(self.names)}" if call == "evaluation" else ""
+                rest, measures = len(self.names) - len(self.kept), call == "evaluation"
+                then = f", then measuring all {len(self.names)}" if measures else ""
+                # a stop after the last image (measuring, writing the grid) left none to draw
+                doing = (
+                    f"drawing the other {rest}{then}"
+                    if rest
+                    else ("measuring them" if measures else "none left to draw")
+                )
                 print(
                     f"note: {str(self.out)!r} holds {len(self.kept)} of "
                     f"{counted(len(self.names), noun)} of this {call}, stopped before its "
-                    f"end: drawing the other {len(self.names) - len(self.kept)}{then}",
+                    f"end: {doing}",
                     file=sys.stderr,
                 )
 
@@ -71,10 +78,11 @@ class SampleFolder:
         folder holds this call's images only."""
         import json
 
-        from ..io import write_text_atomic
+        from ..io import missing_folders, write_text_atomic
 
         outputs.remove(self.earlier)
-        self.made = not self.out.exists()  # removed again if the call fails before an image
+        # removed again (innermost first, each if empty) if the call fails before an image
+        self.made = missing_folders(self.out)
         note = {"settings": self.settings, "files": self.ours}
         try:
             write_text_atomic(self.out / outputs.SAMPLE_PENDING, json.dumps(note, indent=1) + "\n")
@@ -90,15 +98,15 @@ class SampleFolder:
 
     def abandon(self) -> None:
         """After a failure: the note goes if no image of this call is there (the folder is
-        then as it was, and gone if the call made it); else it stays, and the same command
-        goes on."""
+        then as it was, and gone, with each folder above it that the call made, if the call
+        made it); else it stays, and the same command goes on."""
         if self.begun and not self.count_kept():
             (self.out / outputs.SAMPLE_PENDING).unlink(missing_ok=True)
-            if self.made:
+            for folder in self.made:  # innermost first
                 try:
-                    self.out.rmdir()  # only if empty: nothing but the note was written
+                    folder.rmdir()  # only if empty: nothing but the note was written
                 except OSError:
-                    pass
+                    break  # one that holds a file holds the folders above it too
 
     def finish(self) -> None:
         if self.out is not None:

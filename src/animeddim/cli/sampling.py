@@ -134,10 +134,11 @@ def cmd_sample(a: argparse.Namespace) -> int:
         _close_bars()
         if is_main():
             kept = folder.count_kept()
+            rest = len(job.names) - kept
             print(
                 f"interrupted: {kept} of {counted(len(job.names), 'image')} kept in {a.out!r}; "
-                "the same command again goes on from there (draws the other "
-                f"{len(job.names) - kept})"
+                "the same command again goes on from there "
+                f"({f'draws the other {rest}' if rest else 'none left to draw'})"
             )
         return EXIT_INTERRUPTED
     except Exception:
