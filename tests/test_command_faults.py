@@ -264,6 +264,23 @@ def test_evaluate_refuses_a_bad_real_folder_before_drawing(
     assert not drawn.exists()  # its pending note, written first, is gone with the folder
 
 
+def test_a_refused_call_removes_every_folder_its_samples_out_made(
+    run, avatars16, tmp_path, capsys, fake
+):
+    """`--samples-out mine/a/b/c`, a and below new: the refused call removed only c, leaving
+    mine/a/b behind. Every folder the call made goes, and only those (mine, there before,
+    stays, empty)."""
+    real = _folder(tmp_path / "real", avatars16, 3)
+    Image.new("RGB", (24, 24)).save(real / "zz-big.png")  # two sizes: refused before drawing
+    (tmp_path / "mine").mkdir()
+    argv = ["--real", real, "--n", 2, "--steps", 1, "--out", tmp_path / "e.json"]
+    drawn = tmp_path / "mine" / "a" / "b" / "c"
+    rc, _, err = run_main(capsys, "evaluate", "--run", run, *argv, "--samples-out", drawn)
+    assert rc == 2, err
+    _one_line(err, "differ in size")
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+
+
 @pytest.mark.parametrize("command", ["evaluate", "steps"])
 def test_fewer_than_two_generated_images_is_a_usage_error(command, run, avatars16, capsys):
     rc, _, err = run_main(capsys, command, "--run", run, "--real", avatars16, "--n", 1)

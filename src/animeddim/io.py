@@ -76,6 +76,17 @@ def file_in_the_way(path: str | Path) -> Path | None:
     return None
 
 
+def missing_folders(path: str | Path) -> list[Path]:
+    """The folders a ``mkdir(parents=True)`` of `path` would make: `path` and each ancestor
+    that does not exist, innermost first (empty when `path` exists)."""
+    missing = []
+    for folder in (Path(path), *Path(path).parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
 def temp_path(path: str | Path) -> Path:
     """The temporary name this process writes `path` under: ".NAME.tmp-PID" beside it."""
     path = Path(path)

@@ -78,10 +78,11 @@ class SampleFolder:
         folder holds this call's images only."""
         import json
 
-        from ..io import write_text_atomic
+        from ..io import missing_folders, write_text_atomic
 
         outputs.remove(self.earlier)
-        self.made = not self.out.exists()  # removed again if the call fails before an image
+        # removed again (innermost first, each if empty) if the call fails before an image
+        self.made = missing_folders(self.out)
         note = {"settings": self.settings, "files": self.ours}
         try:
             write_text_atomic(self.out / outputs.SAMPLE_PENDING, json.dumps(note, indent=1) + "\n")
@@ -97,15 +98,15 @@ class SampleFolder:
 
     def abandon(self) -> None:
         """After a failure: the note goes if no image of this call is there (the folder is
-        then as it was, and gone if the call made it); else it stays, and the same command
-        goes on."""
+        then as it was, and gone, with each folder above it that the call made, if the call
+        made it); else it stays, and the same command goes on."""
         if self.begun and not self.count_kept():
             (self.out / outputs.SAMPLE_PENDING).unlink(missing_ok=True)
-            if self.made:
+            for folder in self.made:  # innermost first
                 try:
-                    self.out.rmdir()  # only if empty: nothing but the note was written
+                    folder.rmdir()  # only if empty: nothing but the note was written
                 except OSError:
-                    pass
+                    break  # one that holds a file holds the folders above it too
 
     def finish(self) -> None:
         if self.out is not None:
