@@ -288,3 +288,27 @@ def test_a_config_section_that_is_not_a_section_is_one_line(avatars16, tmp_path,
             assert not out.exists()
     with pytest.raises(ConfigError, match="'train' must be a section"):
         load_config_file(tmp_path / "c.toml")
+
+
+def test_a_config_path_found_only_beside_the_config_file_names_it(
+    avatars16, tmp_path, capsys, monkeypatch
+):
+    """Relative paths in a config file are read from the working folder (a run records them
+    so, and its resumes read them so). One that is not there but is beside the config file
+    said only `image folder 'faces' does not exist`; now the error names the place meant."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "faces").symlink_to(avatars16)
+    (tmp_path / "configs" / "l.csv").write_text("file,hair\n")
+    for section, name, value in (("data", "path", "faces"), ("data", "labels", "l.csv")):
+        config = {"data": {"path": str(avatars16), name: value}, "model": TINY_MODEL}
+        (tmp_path / "configs" / "c.json").write_text(json.dumps(config))
+        monkeypatch.chdir(tmp_path)
+        rc, _, err = run_main(capsys, "train", "--config", "configs/c.json", "--out", "run")
+        assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert (
+            f"config file 'configs/c.json': {section}.{name} '{value}' does not exist in the "
+            f"working folder '{tmp_path}', where relative paths in a config file are read "
+            f"from; 'configs/{value}', beside the config file, does: write that path (or an "
+            "absolute one) in the config file"
+        ) in err
+        assert not (tmp_path / "run").exists()

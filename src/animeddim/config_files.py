@@ -92,6 +92,25 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return d
 
 
+def check_paths_found(config: str | Path, values: dict[tuple[str, str], str]) -> None:
+    """ConfigError for a relative path setting of config file `config` ((section, name) ->
+    value) that does not exist from the working folder but does beside the config file.
+    Relative paths in a config file are read from the working folder, as on the command line
+    (a run records them so, and its resumes read them so); this names the place meant."""
+    folder = Path(config).parent
+    for (section, name), value in values.items():
+        p = Path(value)
+        if not value or p.is_absolute() or p.exists() or folder == Path("."):
+            continue
+        if (folder / p).exists():
+            raise ConfigError(
+                f"config file {str(config)!r}: {section}.{name} {value!r} does not exist in "
+                f"the working folder {os.getcwd()!r}, where relative paths in a config file "
+                f"are read from; {str(folder / p)!r}, beside the config file, does: write that "
+                "path (or an absolute one) in the config file"
+            )
+
+
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """Deep-merge `override` into a copy of `base` (override wins)."""
     out = dict(base)

@@ -108,11 +108,25 @@ def train_config_from_args(a: argparse.Namespace) -> Any:
 
 def _config_from_args(a: argparse.Namespace, base: dict[str, Any]) -> Any:
     """The settings `base` < the --config file < the options given (not yet `validate`d)."""
-    from ..config import RunConfig
-    from ..config_files import load_config_file, merge
+    from ..config import RunConfig, settings
+    from ..config_files import check_paths_found, load_config_file, merge
 
-    d = merge(base, load_config_file(a.config)) if a.config else base
-    for (section, name), v in _given_settings(a).items():
+    given = _given_settings(a)
+    d = base
+    if a.config:
+        file = load_config_file(a.config)
+        check_paths_found(  # the path settings the options given do not replace
+            a.config,
+            {
+                (s, f.name): v
+                for s, f in settings()
+                if f.metadata["path"]
+                and (s, f.name) not in given
+                and isinstance(v := file.get(s, {}).get(f.name), str)
+            },
+        )
+        d = merge(base, file)
+    for (section, name), v in given.items():
         d[section][name] = v
     return RunConfig.from_dict(d)
 

@@ -131,7 +131,10 @@ def _add_train_command(sub) -> None:
         "(options or a --config file's) may be given with the run's own values only",
     )
     p.add_argument(
-        "--config", type=PATH, help="JSON or TOML file with data/model/schedule/train sections"
+        "--config",
+        type=PATH,
+        help="JSON or TOML file with data/model/schedule/train sections; relative paths in it "
+        "are read from the working folder, as on the command line, not from the file's folder",
     )
     _add_settings(p)
     p.add_argument(
