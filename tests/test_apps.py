@@ -60,6 +60,11 @@ def test_bench_command_at_tiny_sizes():
     assert "share of the fp32 peak: training" in table
     assert r["sample_batch_size"] == 4 and r["sampler"] == "ddim" and r["sample_steps"] == 20
     assert "sampling images/s (20 ddim steps, batch 4)" in table
+    # minutes on a slow CPU: each measurement is said as it starts (before: nothing until the end)
+    said = [line for line in p.stderr.splitlines() if line.startswith("bench: measuring ")]
+    assert [line.split(" measuring ")[1].split(" ")[0] for line in said] == [
+        "baseline", "tuned", "data"
+    ], p.stderr  # fmt: skip
 
 
 def test_bench_samples_its_own_batch_with_any_sampler():

@@ -403,16 +403,20 @@ def run(
     sampler: str = "ddim",
     steps: int = 20,
     compile_mode: str = "default",
+    say: Callable[[str], None] | None = None,
 ) -> dict:
     """Run baseline and tuned paths; return a JSON-able dict of results and ratios.
 
     Both paths train on batches of `batch_size` and sample `sample_batch_size` images (None:
-    `batch_size`) with `steps` steps of `sampler`; `compile_mode` is the tuned path's."""
+    `batch_size`) with `steps` steps of `sampler`; `compile_mode` is the tuned path's. `say`
+    is told each measurement as it starts (minutes on a slow CPU)."""
+    say = say or (lambda _: None)
     # The baseline runs with the C library's allocator as it comes (unless an earlier call in
     # this process changed it: the JSON says so); the tuned path keeps freed host memory.
     cfg = checked_config(image_size, batch_size)
     device = resolve_device(device_name, host_memory=False)
     baseline_kept = kept_freed_memory()
+    say(f"baseline fp32 eager: training, then sampling ({steps} {sampler} steps)")
     baseline = run_path(
         "baseline fp32 eager",
         cfg,
@@ -441,6 +445,7 @@ def run(
     flags += ["compiled sampling"] if do_compile_sample and not do_compile else []
     flags += [f"sampling in chunks of {chunk}"] if chunk else []
     flags += ["channels_last"] if channels_last else []
+    say(f"tuned path ({', '.join(flags)}): training, then sampling")
     tuned = run_path(
         f"tuned ({', '.join(flags)})",
         cfg,
@@ -458,6 +463,7 @@ def run(
         sample_batch_size=sample_batch_size,
         compile_mode=compile_mode,
     )
+    say("data pipeline, then the chip's peak (a matmul, convolutions forward and backward)")
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "device": torch.cuda.get_device_name(device)
@@ -485,6 +491,7 @@ def run(
     result["peak"] = chip_peak(device, peak_precisions(device), iters=max(iters, 3))
     result["peak_share"] = peak_shares(result)
     if kid:
+        say("Inception features")
         result["inception_images_per_s"] = feature_rates(batch_size, device)
     return result
 
@@ -563,6 +570,7 @@ def main(
         sampler,
         steps,
         compile_mode,
+        say=lambda what: print(f"bench: measuring {what}", file=sys.stderr, flush=True),
     )
     print(json.dumps(r, indent=2) if as_json else format_table(r))
     sys.stdout.flush()
