@@ -54,7 +54,8 @@ def _said(err: str) -> list[str]:
     """The lines of a `data prepare`'s stderr, without its progress bar (which tqdm redraws
     with carriage returns)."""
     lines = re.split(r"[\r\n]+", err)
-    return [line for line in lines if line.strip() and not line.startswith("prepare:")]
+    bars = ("prepare:", "prepare again:")
+    return [line for line in lines if line.strip() and not line.startswith(bars)]
 
 
 def _read_all(folder: Path) -> np.ndarray:
@@ -475,6 +476,44 @@ def test_prepare_leaves_out_duplicates_and_notes_enlarged_images(
     run_here("data", "prepare", archive, "--out", tmp_path / "z", "--size", 16)
     p = run_here("data", "prepare", archive, "--out", tmp_path / "z", "--size", 16)
     assert _said(p.stderr) == notes
+
+
+@pytest.mark.parametrize("fmt", ["tgz", "zip"])
+def test_a_name_an_archive_holds_twice_is_prepared_from_its_last_member(
+    fmt: str, tmp_path: Path
+) -> None:
+    """An archive appended to (`tar -r`, `tar -u`) holds a name more than once; extracting
+    it keeps the last member of each name. `data prepare` compared duplicates by member name,
+    so 'a.png' added again with the same pixels was written twice (trained twice), both
+    versions of an updated 'b.png' were prepared, and 'd.png' was left out as a duplicate of
+    b's first version, which extraction replaces. Each name is prepared once, from its last
+    member, with a note; the folder holds what the extracted archive holds."""
+    pixels = {k: _pixels(i) for i, k in enumerate(("a", "b1", "b2", "c1", "c2"))}
+    members = [("a", "a"), ("b", "b1"), ("d", "b1"), ("a", "a"), ("c", "c1"), ("b", "b2")]
+    members.append(("./c", "c2"))  # the same file as 'c.png' once extracted
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile's "Duplicate name"
+        archive = _write_source(
+            tmp_path / f"src.{fmt}", fmt, [(f"{n}.png", _png(pixels[k])) for n, k in members]
+        )
+    out = tmp_path / "out"
+    p = run_here("data", "prepare", archive, "--out", out, "--size", 8)
+    assert p.stdout.startswith("prepared 4 images in"), p.stdout
+    note = (
+        "note: left out 3 archive members that a later member of the same name replaces, "
+        "as extracting the archive does (it was appended to): a.png, b.png, c.png"
+    )
+    assert _said(p.stderr) == [note]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["count"] == 4 and manifest["duplicates"] == 0
+    assert manifest["replaced"] == {"a.png": 1, "b.png": 1, "c.png": 1}
+    extracted = tmp_path / "extracted"
+    for name, key in (("0", "b1"), ("1", "a"), ("2", "b2"), ("3", "c2")):  # d, a, b, ./c
+        _save_png(extracted / f"{name}.png", pixels[key])
+    want = [load_image(f, 8) for f in sorted(extracted.glob("*.png"))]
+    np.testing.assert_array_equal(_read_all(out), np.stack(want))
+    p = run_here("data", "prepare", archive, "--out", out, "--size", 8)  # said again
+    assert _said(p.stderr) == [note]
 
 
 def test_prepare_without_duplicates_or_small_images_says_nothing_more(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
 from PIL import ExifTags, Image
@@ -116,7 +116,9 @@ def prepare(
     Skipped members are warned about; no usable image raises :class:`DataError`. An image whose
     prepared pixels repeat an earlier one's is left out (``duplicate_of`` in the manifest:
     left-out member -> the one kept); the images smaller than ``size``, enlarged, are counted
-    there too (``enlarged``, ``smallest_enlarged``; :func:`prepared_notes` says both).
+    there too (``enlarged``, ``smallest_enlarged``; :func:`prepared_notes` says both). A
+    name an archive holds more than once (appended to) is prepared from its last member, as
+    extracting it does (the earlier ones counted in ``replaced``).
     Re-running with the same source and size returns at once. An existing ``out`` must be
     empty, or hold what a prepare of the same source and size wrote there (finished, or
     interrupted: done again, from its first member); anything else raises
@@ -132,10 +134,19 @@ def prepare(
     interrupted = pending_path.is_file()  # an earlier call's images may lie here
     write_text_atomic(pending_path, json.dumps(wanted))
 
+    workers = max(1, workers or os.cpu_count() or 1)
     passed: dict[str, int] = {}  # images in hidden or system folders, not prepared
     members, total = read_members(src, passed)
     with tqdm(total=total, desc="prepare", unit="img", disable=not progress) as bar:
-        tally = _prepare_members(members, out, size, max(1, workers or os.cpu_count() or 1), bar)
+        tally = _prepare_members(members, out, size, workers, bar)
+    if tally.superseded:
+        # A name repeats (an archive appended to: `tar -r`, `tar -u`): extracting it keeps
+        # the last member of each name, so that one alone is prepared. Which members come
+        # later is known only at the end of a stream: prepared again, without the others.
+        passed, superseded = {}, tally.superseded
+        members, total = read_members(src, passed)
+        with tqdm(total=total, desc="prepare again", unit="img", disable=not progress) as bar:
+            tally = _prepare_members(members, out, size, workers, bar, superseded)
     count, tried, skipped, unconverted = tally.count, tally.tried, tally.skipped, tally.unconverted
 
     passed = dict(sorted(passed.items()))  # by folder, as a folder walk gives them
@@ -222,6 +233,14 @@ class _Tally:
     smallest: tuple[int, int, str] | None = None  # of those: the smallest, (w, h, name)
     first_of: dict[str, str] = field(default_factory=dict)  # pixel digest -> member
     duplicates: dict[str, str] = field(default_factory=dict)  # member left out -> earlier one
+    # members in stream order by name: a name met again supersedes its earlier members
+    places: dict[str, list[int]] = field(default_factory=dict)
+    replaced: dict[str, int] = field(default_factory=dict)  # name -> earlier members left out
+
+    @property
+    def superseded(self) -> frozenset[int]:
+        """The places of the members a later one of the same name supersedes."""
+        return frozenset(k for at in self.places.values() for k in at[:-1])
 
     def add(self, name: str, done: _Prepared, out: Path, size: int) -> None:
         """Write member ``name`` as the next image, unless it was skipped or repeats the
@@ -248,15 +267,23 @@ class _Tally:
             **({"smallest_enlarged": list(self.smallest)} if self.smallest else {}),
             "duplicates": len(self.duplicates),
             **({"duplicate_of": self.duplicates} if self.duplicates else {}),
+            **({"replaced": self.replaced} if self.replaced else {}),
         }
 
 
 def _prepare_members(
-    members: Iterator[Member], out: Path, size: int, workers: int, bar: tqdm
+    members: Iterator[Member],
+    out: Path,
+    size: int,
+    workers: int,
+    bar: tqdm,
+    superseded: frozenset[int] = frozenset(),
 ) -> _Tally:
     """Prepare each member into ``out`` in turn (``workers`` processes), a step of ``bar``
-    each."""
+    each, but those at the places (in stream order) ``superseded`` names (left out, counted
+    in ``replaced``)."""
     tally = _Tally()
+    members = _placed(members, tally, superseded, bar)
     pool = (
         concurrent.futures.ProcessPoolExecutor(workers, mp_context=_pool_context())
         if workers > 1
@@ -286,6 +313,22 @@ def _prepare_members(
     return tally
 
 
+def _placed(
+    members: Iterator[Member], tally: _Tally, superseded: frozenset[int], bar: tqdm
+) -> Iterator[Member]:
+    """``members`` but those at the places ``superseded`` names (a step of ``bar`` each), each
+    member's place recorded under its name in ``tally.places``, each left out in
+    ``tally.replaced``."""
+    for place, member in enumerate(members):
+        # './a.png' and 'a.png' are one file once extracted
+        tally.places.setdefault(PurePosixPath(member[0]).as_posix(), []).append(place)
+        if place in superseded:
+            tally.replaced[member[0]] = tally.replaced.get(member[0], 0) + 1
+            bar.update(1)
+            continue
+        yield member
+
+
 def prepared_notes(manifest: dict[str, Any]) -> list[str]:
     """The notes a prepare's ``manifest`` gives at its end, one line each: the images smaller
     than its size, enlarged, and the duplicates left out (none for a manifest written before
@@ -304,6 +347,14 @@ def prepared_notes(manifest: dict[str, Any]) -> list[str]:
         notes.append(
             f"left out {counted(len(duplicates), 'duplicate')}: their pixels repeat an earlier "
             f"image's (trained twice, and leaked into a held-out set): {', '.join(pairs)}{more}"
+        )
+    if replaced := manifest.get("replaced", {}):
+        names = ", ".join(shown(name) for name in list(replaced)[:3])
+        more = ", ..." if len(replaced) > 3 else ""
+        left = sum(replaced.values())
+        notes.append(
+            f"left out {counted(left, 'archive member')} that a later member of the same name "
+            f"replaces, as extracting the archive does (it was appended to): {names}{more}"
         )
     return notes
 
