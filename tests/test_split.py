@@ -318,3 +318,38 @@ def test_the_held_out_folder_of_a_stopped_split_names_the_command_that_finishes_
     monkeypatch.chdir(tmp_path / "held")  # the command works from another directory
     run_here(*finish.split()[1:])
     assert len(_images(tmp_path / "held")) == 6 and len(_images(avatars)) == 18
+
+
+def test_a_labels_csv_saved_again_before_a_stopped_split_is_finished_is_refused(
+    avatars: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The re-run that finishes a stopped split read labels.csv without the check the first
+    run made: saved again in the meantime in Latin-1 it ended in a UnicodeDecodeError
+    traceback once the other images had moved; with ';' between its columns it was left
+    whole, naming the moved images, and HELDOUT got its header alone. The re-run checks it
+    as train reads it, before any further move; saved right again, the same command
+    finishes the split."""
+    held = tmp_path / "held"
+    good = (avatars / "labels.csv").read_bytes()
+    _split_stopped(avatars, held, 6, monkeypatch, at=3, step="_move")
+    moved, left = _images(held), _images(avatars)
+    rows = good.decode().splitlines()
+    saved = {
+        "not UTF-8": ("\n".join(rows) + "\n").replace(",", ",\u00e9", 1).encode("latin-1"),
+        "separates its columns with ';'": (
+            "\n".join(r.replace(",", ";") for r in rows) + "\n"
+        ).encode(),
+    }
+    for said, data in saved.items():
+        (avatars / "labels.csv").write_bytes(data)
+        p = run_here(
+            "data", "split", avatars, "--held-out", 6, "--out", held, "--seed", 1, check=False
+        )
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert said in p.stderr and "labels.csv" in p.stderr, p.stderr
+        assert _images(held) == moved and _images(avatars) == left
+        assert (avatars / "labels.csv").read_bytes() == data
+    (avatars / "labels.csv").write_bytes(good)
+    run_here("data", "split", avatars, "--held-out", 6, "--out", held, "--seed", 1)
+    assert len(_images(held)) == 6
+    assert _labelled(avatars) == _images(avatars) and _labelled(held) == _images(held)

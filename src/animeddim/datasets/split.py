@@ -89,6 +89,7 @@ def _plan(folder: Path, out: Path, n: int, seed: int) -> dict[str, Any]:
                 f"(--held-out {begun.get('n')} --seed {begun.get('seed')}); run that command "
                 "again to finish it, or give another --out"
             )
+        _check_labels(folder)  # saved again since the stop (a spreadsheet's ';'): not split yet
         return begun
     if out.exists() and any(not is_temp_name(p.name) for p in out.iterdir()):
         raise DataError(f"--out '{out}' is not empty; give a new or empty folder")
@@ -107,8 +108,7 @@ def _plan(folder: Path, out: Path, n: int, seed: int) -> dict[str, Any]:
             f"'{folder}' holds an unfinished data prepare or data avatars "
             f"({PENDING}); run it again to finish it first"
         )
-    if (folder / LABELS_FILE).is_file():  # its rows go with the images: read as train reads it
-        read_csv_rows(folder / LABELS_FILE, missing="null")  # one not split right is refused
+    _check_labels(folder)
     files = [p.relative_to(folder).as_posix() for p in list_images(folder).files]
     if n < 1:
         raise DataError(f"--held-out must be at least 1, got {n}")
@@ -122,6 +122,14 @@ def _plan(folder: Path, out: Path, n: int, seed: int) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / PLAN, json.dumps(plan))  # before the first move: a re-run finds it
     return plan
+
+
+def _check_labels(folder: Path) -> None:
+    """``folder``'s labels.csv, when it has one, read as train reads it: its rows go with the
+    images, so one that could not be split right (not UTF-8, ';' between its columns) is
+    refused (LabelError, a DataError) before any move."""
+    if (folder / LABELS_FILE).is_file():
+        read_csv_rows(folder / LABELS_FILE, missing="null")
 
 
 def _mark_under_way(folder: Path, out: Path, n: int, seed: int) -> None:
