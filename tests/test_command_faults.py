@@ -177,7 +177,7 @@ def test_kid_and_evaluate_on_few_images_say_so(run, avatars16, tmp_path, capsys,
             "--cache-dir", cache, "--out", tmp_path / "st"]  # fmt: skip
     rc, _, err = run_main(capsys, *argv)
     assert rc == 0, err
-    assert err.count(_few("24 real images and 3 generated images a setting", fid=False)) == 1
+    assert err.count(_few("24 real images and 3 generated images per setting", fid=False)) == 1
     assert metrics.few_images_note([(1000, "real images"), (5000, "generated images")]) is None
     assert "999 generated images, fewer" in metrics.few_images_note(
         [(1000, "real images"), (999, "generated images")]

@@ -417,6 +417,25 @@ def test_data_prepare_shows_progress(
     assert capsys.readouterr().err == ""
 
 
+def test_prepare_says_one_enlarged_image_and_one_duplicate_in_the_singular(
+    tmp_path: Path,
+) -> None:
+    """The notes of one enlarged image and one duplicate said "1 image ... was enlarged to it,
+    blurring them (the smallest: ...)" and "left out 1 duplicate: their pixels repeat": the
+    words now agree with the count."""
+    src = tmp_path / "src"
+    _save_png(src / "a.png", _pixels(1))
+    (src / "c.png").write_bytes((src / "a.png").read_bytes())
+    _save_png(src / "s1.png", _pixels(2, 10, 6))
+    p = run_here("data", "prepare", src, "--out", tmp_path / "out", "--size", 16)
+    assert _said(p.stderr) == [
+        "note: 1 image smaller than 16x16 (its centred square) was enlarged to it, blurring it "
+        "(s1.png, 6x10); a smaller --size keeps it sharp",
+        "note: left out 1 duplicate: its pixels repeat an earlier image's (trained twice, and "
+        "leaked into a held-out set): c.png = a.png",
+    ]
+
+
 def _with_duplicates_and_small_images(src: Path) -> Path:
     """A folder of 6 photos: 'a.png', its copy 'c.png', 'd.png' (a's pixels saved again with
     other bytes: metadata and compression), two smaller than 16 px ('s1.png' 6x10, 's2.png'

@@ -336,17 +336,21 @@ def prepared_notes(manifest: dict[str, Any]) -> list[str]:
     notes, size = [], manifest.get("size")
     if enlarged := manifest.get("enlarged", 0):
         width, height, name = manifest["smallest_enlarged"]
+        one = enlarged == 1
         notes.append(
-            f"{counted(enlarged, 'image')} smaller than {size}x{size} (the centred square of "
-            f"each) {'was' if enlarged == 1 else 'were'} enlarged to it, blurring them (the "
-            f"smallest: {shown(name)}, {width}x{height}); a smaller --size keeps them sharp"
+            f"{counted(enlarged, 'image')} smaller than {size}x{size} "
+            f"({'its centred square' if one else 'the centred square of each'}) "
+            f"{'was' if one else 'were'} enlarged to it, blurring {'it' if one else 'them'} "
+            f"({'' if one else 'the smallest: '}{shown(name)}, {width}x{height}); a smaller "
+            f"--size keeps {'it' if one else 'them'} sharp"
         )
     if duplicates := manifest.get("duplicate_of", {}):
         pairs = [f"{shown(d)} = {shown(first)}" for d, first in list(duplicates.items())[:3]]
         more = ", ..." if len(duplicates) > 3 else ""
         notes.append(
-            f"left out {counted(len(duplicates), 'duplicate')}: their pixels repeat an earlier "
-            f"image's (trained twice, and leaked into a held-out set): {', '.join(pairs)}{more}"
+            f"left out {counted(len(duplicates), 'duplicate')}: "
+            f"{'its' if len(duplicates) == 1 else 'their'} pixels repeat an earlier image's "
+            f"(trained twice, and leaked into a held-out set): {', '.join(pairs)}{more}"
         )
     if replaced := manifest.get("replaced", {}):
         names = ", ".join(shown(name) for name in list(replaced)[:3])

@@ -416,7 +416,7 @@ def steps_study(
 
                 def measure(s=s, eta=eta, sampler=sampler, drawn=drawn, f_fake=f_fake) -> None:
                     if not rows:  # the counts are those of every setting: said once
-                        sets = [(len(f_real), "real images"), (n, "generated images a setting")]
+                        sets = [(len(f_real), "real images"), (n, "generated images per setting")]
                         metrics.warn_few_images(sets, fid=False)
                     kid_mean, kid_std = metrics.kid_standard(f_real, f_fake)
                     spi = float(drawn.max()) / n
