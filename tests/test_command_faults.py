@@ -177,7 +177,13 @@ def test_kid_and_evaluate_on_few_images_say_so(run, avatars16, tmp_path, capsys,
             "--cache-dir", cache, "--out", tmp_path / "st"]  # fmt: skip
     rc, _, err = run_main(capsys, *argv)
     assert rc == 0, err
-    assert err.count(_few("24 real images and 3 generated images per setting", fid=False)) == 1
+    note = _few("24 real images and 3 generated images per setting", fid=False)
+    assert err.count(note) == 1
+    # steps.md says it under the table too, as the JSON of kid and evaluate records it; the
+    # CSV, which tools parse, does not
+    table, below = (tmp_path / "st" / "steps.md").read_text().removesuffix("\n").split("\n\n")
+    assert len(table.splitlines()) == 4 and below == f"Note: {note}."
+    assert "fewer than" not in (tmp_path / "st" / "steps.csv").read_text()
     assert metrics.few_images_note([(1000, "real images"), (5000, "generated images")]) is None
     assert "999 generated images, fewer" in metrics.few_images_note(
         [(1000, "real images"), (999, "generated images")]

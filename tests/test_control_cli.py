@@ -12,6 +12,7 @@ import pytest
 from conftest import run_main
 from test_command_faults import FakeExtractor
 
+from animeddim import metrics
 from animeddim.cli import sampling as cli_sampling
 
 
@@ -100,7 +101,13 @@ def test_guidance_study_table_progress_and_force(
     md = (out / "guidance.md").read_text()
     assert "| w | colour=red accuracy (ceiling 100.0%) |" in md
     assert md.splitlines()[2].endswith("| KID vs asked | ± std | s/image |")  # as the CSV
-    assert md.splitlines()[-1].endswith(f"| {float(rows[1]['seconds_per_image']):.3f} |")
+    # the caution under the table, one line each (the CSV, which tools parse, has none)
+    _, table, below = md.removesuffix("\n").split("\n\n")
+    assert table.splitlines()[-1].endswith(f"| {float(rows[1]['seconds_per_image']):.3f} |")
+    sets = [[(96, "real images")], [(48, "real images with colour=red")]]
+    notes = [metrics.few_images_note([*s, (6, "generated images")], fid=False) for s in sets]
+    assert below.splitlines() == [f"Note: {note}." for note in notes]
+    assert "fewer than" not in (out / "guidance.csv").read_text()
     before = (out / "guidance.csv").read_bytes()
     calls = fake.calls
     rc, _, err = run_main(capsys, "guidance", *args)

@@ -338,7 +338,7 @@ def guidance_study(
     """
     f_all, f_sub = real_features(target, extractor, cache_dir, progress)
     net = sampling_net(loaded, settings, 2 * n * settings.steps * len(weights))
-    rows = []
+    rows, notes = [], []
     for w in weights:
         name = f"w {w:g}"
         stage = _prefixed(progress, name)
@@ -352,7 +352,8 @@ def guidance_study(
             None if stage is None else partial(stage, "features"),
         )
         c = control_summary(target, fake, f_fake, f_sub)
-        metrics.warn_few_images([(len(f_all), "real images"), (n, "generated images")], False)
+        sets = [(len(f_all), "real images"), (n, "generated images")]
+        notes = [*metrics.warn_few_images(sets, False), *c["notes"]]  # the same for every w
         kid_mean, kid_std = metrics.kid_standard(f_all, f_fake)
         row = {"guidance": w}
         row.update({f"accuracy_{a}": acc for a, acc in c["accuracy"].items()})
@@ -365,7 +366,8 @@ def guidance_study(
             f"w {w:g}: accuracy {acc}; KID (standard) {kid_mean:.4f} ± {kid_std:.4f}, "
             f"against {target.describe()} {c['kid_mean']:.4f} ± {c['kid_std']:.4f}"
         )
-    write_guidance(rows, target, n, settings, Path(out_dir), guidance_interval(loaded, settings))
+    interval = guidance_interval(loaded, settings)
+    write_guidance(rows, target, n, settings, Path(out_dir), interval, notes)
     return rows
 
 
@@ -386,9 +388,11 @@ def write_guidance(
     settings: SampleSettings,
     out_dir: Path,
     interval: tuple[float, float] = GUIDE_ALWAYS,
+    notes: Sequence[str] = (),
 ) -> None:
     """guidance.csv (one row per w) and guidance.md (the same table, the classifier's
-    accuracy as the ceiling of each accuracy column; `interval`: where w applied)."""
+    accuracy as the ceiling of each accuracy column; `interval`: where w applied; `notes`
+    under it: the few-images caution)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     f = StringIO(newline="")
     w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -421,6 +425,7 @@ def write_guidance(
             f"{r['kid_asked_mean']:.4f} | {r['kid_asked_std']:.4f} | "
             f"{r['seconds_per_image']:.3f} |"
         )
+    lines += ["", *(f"Note: {note}." for note in notes)] if notes else []  # not in the CSV
     write_text_atomic(out_dir / "guidance.md", "\n".join(lines) + "\n")
 
 

@@ -393,6 +393,7 @@ def steps_study(
     out_dir = Path(out_dir)
     f_real = _real_features(real, extractor, cache_dir, progress)
     rows: list[dict[str, Any]] = []  # on process 0
+    notes: list[str] = []  # the few-images caution, on process 0
     lo, hi = distributed.shard(n)  # this process's block of each setting's n images
     # One prepared (and maybe compiled) network for the whole study, warmed up on a full
     # batch and the last batch's size, so that no setting's time includes compilation.
@@ -417,7 +418,7 @@ def steps_study(
                 def measure(s=s, eta=eta, sampler=sampler, drawn=drawn, f_fake=f_fake) -> None:
                     if not rows:  # the counts are those of every setting: said once
                         sets = [(len(f_real), "real images"), (n, "generated images per setting")]
-                        metrics.warn_few_images(sets, fid=False)
+                        notes.extend(metrics.warn_few_images(sets, fid=False))
                     kid_mean, kid_std = metrics.kid_standard(f_real, f_fake)
                     spi = float(drawn.max()) / n
                     row = {
@@ -440,7 +441,7 @@ def steps_study(
                 distributed.on_main(measure)
 
     def write() -> list[dict[str, Any]]:
-        write_steps(rows, out_dir)
+        write_steps(rows, out_dir, notes)
         return rows
 
     return distributed.from_main(write)
@@ -453,7 +454,9 @@ def _prefixed(progress: Progress | None, prefix: str) -> Progress | None:
     return lambda stage, done, total: progress(f"{prefix}: {stage}", done, total)
 
 
-def write_steps(rows: list[dict[str, Any]], out_dir: Path) -> None:
+def write_steps(rows: list[dict[str, Any]], out_dir: Path, notes: Sequence[str] = ()) -> None:
+    """steps.csv, steps.md (the same table, `notes` under it: the few-images caution) and
+    steps.png of a study's `rows`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     f = StringIO(newline="")
     w = csv.DictWriter(f, fieldnames=STEPS_COLUMNS)
@@ -470,6 +473,7 @@ def write_steps(rows: list[dict[str, Any]], out_dir: Path) -> None:
             f"| {r['steps']} | {r['sampler']} | {clipped} | {r['eta']:g} | {r['kid_mean']:.4f} | "
             f"{r['kid_std']:.4f} | {r['seconds_per_image']:.3f} |"
         )
+    lines += ["", *(f"Note: {note}." for note in notes)] if notes else []  # not in the CSV
     write_text_atomic(out_dir / "steps.md", "\n".join(lines) + "\n")
     from ..report import Table, plot_steps, sampler_label
 
