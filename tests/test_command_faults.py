@@ -69,13 +69,14 @@ _PROGRESS = re.compile(r".*:\s+\d+%\|.*")  # a tqdm bar: "sample:  50%|#####  | 
 # the caution on a KID or FID of fewer than 1,000 images (`metrics.few_images_note`), which
 # every KID of these tests' few images carries: test_kid_and_evaluate_on_few_images_say_so
 _FEW = re.compile(r"animeddim: warning: KID (and FID )?of .*, fewer than 1,000: .*")
+_STAGE = re.compile(r"bench: measuring .*")  # bench's progress: a line as each measurement starts
 
 
 def _lines(err: str) -> list[str]:
-    """What stderr says, without the progress bars (tqdm redraws them with carriage returns)
-    and the caution on few images."""
+    """What stderr says, without the progress bars (tqdm redraws them with carriage returns),
+    bench's stage lines and the caution on few images."""
     parts = [line.strip() for line in re.split(r"[\r\n]+", err)]
-    return [x for x in parts if x and not _PROGRESS.fullmatch(x) and not _FEW.fullmatch(x)]
+    return [x for x in parts if x and not any(p.fullmatch(x) for p in (_PROGRESS, _FEW, _STAGE))]
 
 
 def _one_line(err: str, *needles: str) -> None:
