@@ -10,6 +10,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_cli, run_here, tiny_config
@@ -1021,3 +1022,46 @@ def test_a_sigterm_whose_raise_was_swallowed_stops_training_at_the_next_step(
         interrupts.seen.clear()
     assert res.interrupted and res.step == 2 and steps == [0, 1]
     assert _weights(tmp_path / "r")[1]["step"] == 2  # the checkpoint a Ctrl-C would save
+
+
+def test_train_notes_the_images_smaller_than_its_image_size_once(
+    avatars16, tmp_path, monkeypatch, capsys
+):
+    """train enlarged the images smaller than --image-size to it (a 64-px folder trained at
+    128 px: blurry samples) without a word, where `data prepare` at that size names them. One
+    note at the start says how many and the smallest, in prepare's words, from the sizes the
+    decoder saw; a disk cache records them, so a run that reads it says the same without
+    decoding again."""
+    from conftest import run_main
+
+    from animeddim import data as data_mod
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = _folder(avatars16, tmp_path / "faces", 10)
+    rng = np.random.default_rng(0)
+    for name, (h, w) in {"s1.png": (8, 12), "sub/s2.png": (30, 10)}.items():
+        (folder / name).parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name)
+    note = (
+        "note: 2 images smaller than 16x16 (the centred square of each) were enlarged to it, "
+        "blurring them (the smallest: s1.png, 12x8); a smaller --image-size keeps them sharp"
+    )
+    args = ["--batch-size", "4", "--no-kid", "--epochs", "1"]
+    for run, cache in (("memory", "memory"), ("disk", "disk")):
+        rc, out, err = run_main(
+            capsys, *_tiny_args(folder, tmp_path / run, *args, "--cache", cache)
+        )
+        assert rc == 0, err
+        assert out.splitlines().count(note) == 1 and out.index(note) < out.index("epoch 1/1")
+
+    def refuse(path: str, size: int, profiles: bool = True) -> None:
+        raise AssertionError("decoded again despite a valid cache")
+
+    monkeypatch.setattr(data_mod, "_decode_path", refuse)  # the resume reads the disk cache
+    rc, out, err = run_main(capsys, "train", "--resume", tmp_path / "disk", "--epochs", "2")
+    assert rc == 0, err
+    assert out.splitlines().count(note) == 1 and out.index(note) < out.index("epoch 2/2")
+    monkeypatch.undo()
+    rc, out, err = run_main(capsys, *_tiny_args(avatars16, tmp_path / "sharp", *args))
+    assert rc == 0, err
+    assert "enlarged" not in out + err  # images of the training size: nothing to say

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import concurrent.futures.process
-import hashlib
 import io
 import json
 import multiprocessing
@@ -28,6 +27,8 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from .colour_profiles import ProfileNotApplied, to_srgb
+from .decoded_cache import cache_key, read_cache
+from .enlarged import Enlarged
 
 # The folder walk lives in image_files; its names are also read from here, as before.
 from .image_files import (  # noqa: F401 - find_images and the note texts are read from here too
@@ -51,9 +52,6 @@ MAX_PIXELS = 8192 * 8192
 
 # Above this many bytes of decoded pixels, cache="auto" keeps them in a memmap on disk.
 AUTO_DISK_BYTES = 4 * 1024**3
-
-# Bump when decoding changes, so disk caches made by older code are not reused.
-_CACHE_VERSION = 1
 
 
 class BadImage(Exception):
@@ -83,6 +81,9 @@ class ImageSet:
     skipped: list[Skipped] = field(default_factory=list)  # files that could not be used
     # files read as sRGB because their embedded colour profile could not be applied
     unconverted: list[Skipped] = field(default_factory=list)
+    # the images smaller than the size they were read at (enlarged, blurred), and the smallest
+    # (named below the folder)
+    enlarged: Enlarged = field(default_factory=Enlarged)
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,7 +91,12 @@ class ImageSet:
 
 
 def load_image(
-    path: Path, size: int | None, *, profiles: bool = True, notes: list[Skipped] | None = None
+    path: Path,
+    size: int | None,
+    *,
+    profiles: bool = True,
+    notes: list[Skipped] | None = None,
+    source: list[tuple[int, int]] | None = None,
 ) -> np.ndarray:
     """Decode one image file to sRGB.
 
@@ -100,15 +106,16 @@ def load_image(
     False (how animeddim read images before: the numbers taken as sRGB); one that cannot be is
     noted in ``notes`` (a :class:`ProfileWarning` without it) and the image read as sRGB.
     Transparent pixels are composited on white; EXIF orientation is applied; 16-bit images are
-    scaled (not clipped) to 8 bits. Raises :class:`BadImage` for anything that is not a whole,
-    decodable image of at most :data:`MAX_PIXELS` pixels.
+    scaled (not clipped) to 8 bits; ``source`` gets the file's upright width x height. Raises
+    :class:`BadImage` for anything that is not a whole, decodable image of at most
+    :data:`MAX_PIXELS` pixels.
     """
     reasons: list[str] = []
     try:
         if os.stat(path).st_size == 0:
             raise BadImage("empty file (0 bytes)")
         with open(path, "rb") as f:
-            pixels = _decode(f, size, profiles=profiles, notes=reasons)
+            pixels = _decode(f, size, profiles=profiles, notes=reasons, source=source)
     except OSError as exc:
         raise BadImage(read_error_reason(path, exc)) from None
     unconverted = [Skipped(str(path), reason) for reason in reasons]
@@ -136,6 +143,7 @@ def _decode(
     *,
     profiles: bool = True,
     notes: list[str] | None = None,
+    source: list[tuple[int, int]] | None = None,
 ) -> np.ndarray:
     """Decode an open binary file or bytes; same contract as :func:`load_image`, the reason
     an embedded profile was not applied appended to ``notes`` (dropped without it)."""
@@ -164,7 +172,9 @@ def _decode(
                 # left False: a half-decoded image would otherwise be padded with grey.
                 im.load()
                 icc = im.info.get("icc_profile") if profiles else None
-                im = ImageOps.exif_transpose(im)
+                drafted, im = im.size, ImageOps.exif_transpose(im)
+                if source is not None:  # as shown: turned by its EXIF orientation
+                    source.append((height, width) if im.size != drafted else (width, height))
                 rgb = _to_rgb(im, icc, [] if notes is None else notes)
                 if size is not None:
                     rgb = _centre_square(rgb, size)
@@ -234,16 +244,18 @@ def _centre_square(im: Image.Image, size: int) -> Image.Image:
 
 
 def _decode_path(path: str, size: int, profiles: bool = True) -> Decoded:
-    """Worker-side wrapper: ``(pixels, None, notes)`` or ``(None, reason, [])``, never raises
-    BadImage; ``notes``: why the file's colour profile was not applied."""
+    """Worker-side wrapper: ``(pixels, None, notes, (width, height))`` or ``(None, reason, [],
+    None)``, never raises BadImage; ``notes``: why the file's colour profile was not applied."""
     notes: list[Skipped] = []
+    source: list[tuple[int, int]] = []
     try:
-        return load_image(Path(path), size, profiles=profiles, notes=notes), None, notes
+        pixels = load_image(Path(path), size, profiles=profiles, notes=notes, source=source)
+        return pixels, None, notes, source[0]
     except BadImage as exc:
-        return None, exc.reason, []
+        return None, exc.reason, [], None
 
 
-Decoded = tuple[np.ndarray | None, str | None, list[Skipped]]
+Decoded = tuple[np.ndarray | None, str | None, list[Skipped], tuple[int, int] | None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,10 +306,10 @@ def load_folder(
         result = _load_disk_cached(root, files, rels, size, cache_dir, workers, progress, profiles)
     else:
         out = np.empty((len(files), size, size, 3), dtype=np.uint8)
-        reasons, notes = _decode_into(out, files, size, workers, progress, profiles)
+        reasons, notes, sources = _decode_into(out, files, size, workers, progress, profiles)
         keep = _compact(out, reasons)
         images = out[:keep] if keep == len(files) else out[:keep].copy()
-        result = _image_set(root, images, rels, reasons, notes)
+        result = _image_set(root, images, rels, reasons, notes, Enlarged.of(rels, sources, size))
 
     # HEIC photos and unreadable folders, found but not read: listed with the skipped files
     result.skipped += listing.unread_in(root)
@@ -325,22 +337,25 @@ def load_images(path: str | Path, size: int) -> tuple[ImageSet, Path]:
         )
     if size < 1:
         raise DataError(f"image size must be a positive integer, got {size}")
-    pixels, reason, notes = _decode_path(str(path), size)
+    pixels, reason, notes, source = _decode_path(str(path), size)
     if pixels is None:
         raise DataError(f"no usable image in '{shown(str(path))}': {reason}")
     if notes:
         warnings.warn(unconverted_note(notes), ProfileWarning, stacklevel=2)
     images = np.empty((1, size, size, 3), dtype=np.uint8)  # writable, as a folder's are
     images[0] = pixels
-    return ImageSet(images, [str(path)], unconverted=notes), path.parent
+    enlarged = Enlarged.of([path.name], [source], size)
+    return ImageSet(images, [str(path)], unconverted=notes, enlarged=enlarged), path.parent
 
 
 def _decode_into(
     out: np.ndarray, files: Sequence[Path], size: int, workers: int, progress: bool, profiles: bool
-) -> tuple[list[str | None], list[Skipped]]:
+) -> tuple[list[str | None], list[Skipped], list[tuple[int, int] | None]]:
     """Decode ``files`` into rows of ``out``; returns per file None (ok) or the skip reason,
-    and the files whose colour profile was not applied (`load_image`)."""
+    the files whose colour profile was not applied (`load_image`) and per file its upright
+    width x height (None: skipped)."""
     reasons: list[str | None] = [None] * len(files)
+    sources: list[tuple[int, int] | None] = [None] * len(files)
     notes: list[Skipped] = []
     workers = workers or os.cpu_count() or 1
     # A process pool costs ~0.3 s to start; not worth it for a handful of files.
@@ -356,15 +371,16 @@ def _decode_into(
                     results = pool.map(
                         _decode_path, paths, [size] * n, [profiles] * n, chunksize=chunk
                     )
-                    _fill(out, reasons, notes, results, bar)
-                return reasons, notes
+                    _fill(out, (reasons, notes, sources), results, bar)
+                return reasons, notes, sources
             except concurrent.futures.process.BrokenProcessPool as exc:
                 # Workers die at start-up when __main__ cannot be re-imported (a script piped
                 # on stdin, a missing `if __name__ == "__main__":` guard): decode here instead.
                 warnings.warn(f"decoding in one process: worker pool failed ({exc})", stacklevel=3)
                 bar.reset()
-        _fill(out, reasons, notes, (_decode_path(str(p), size, profiles) for p in files), bar)
-    return reasons, notes
+        decoded = (_decode_path(str(p), size, profiles) for p in files)
+        _fill(out, (reasons, notes, sources), decoded, bar)
+    return reasons, notes, sources
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
@@ -375,18 +391,16 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 
 
 def _fill(
-    out: np.ndarray,
-    reasons: list[str | None],
-    notes: list[Skipped],
-    results: Iterator[Decoded],
-    bar: tqdm,
+    out: np.ndarray, found: tuple[list, list, list], results: Iterator[Decoded], bar: tqdm
 ) -> None:
-    for i, (pixels, reason, unconverted) in enumerate(results):
+    """Each of ``results`` into its row of ``out`` and ``found`` (`_decode_into`'s lists)."""
+    reasons, notes, sources = found
+    for i, (pixels, reason, unconverted, source) in enumerate(results):
         notes += unconverted
         if pixels is None:
             reasons[i] = reason
         else:
-            out[i] = pixels
+            out[i], sources[i] = pixels, source
         bar.update(1)
 
 
@@ -407,12 +421,13 @@ def _image_set(
     rels: list[str],
     reasons: list[str | None],
     unconverted: list[Skipped],
+    enlarged: Enlarged,
 ) -> ImageSet:
     paths = [str(root / rel) for rel, r in zip(rels, reasons, strict=True) if r is None]
     skipped = [
         Skipped(str(root / rel), r) for rel, r in zip(rels, reasons, strict=True) if r is not None
     ]
-    return ImageSet(images, paths, skipped, unconverted)
+    return ImageSet(images, paths, skipped, unconverted, enlarged)
 
 
 def _check_result(root: Path, result: ImageSet, tried: int, strict: bool, listing: Listing) -> None:
@@ -448,22 +463,6 @@ def note_passed_over(listing: Listing) -> None:
         warnings.warn(passed_over_note(listing), PassedOverWarning, stacklevel=4)
 
 
-def _cache_key(root: Path, rels: list[str], files: list[Path], size: int, profiles: bool) -> str:
-    """Hash of everything that determines the decoded array: folder, size, whether colour
-    profiles are applied, and each file's relative path, byte size and mtime (a changed, added
-    or removed file gives a new key). Without profiles, the key animeddim gave before."""
-    entries = []
-    for rel, path in zip(rels, files, strict=True):
-        try:
-            st = path.stat()
-            entries.append([rel, st.st_size, st.st_mtime_ns])
-        except OSError:
-            entries.append([rel, -1, -1])
-    applied = ["icc->srgb"] if profiles else []
-    blob = json.dumps([_CACHE_VERSION, str(root.resolve()), size, entries, *applied])
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
-
-
 def _load_disk_cached(
     root: Path,
     files: list[Path],
@@ -476,22 +475,23 @@ def _load_disk_cached(
 ) -> ImageSet:
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = _cache_key(root, rels, files, size, profiles)
+    key = cache_key(root, rels, files, size, profiles)
     data_path, meta_path = cache_dir / f"{key}.u8", cache_dir / f"{key}.json"
     row = size * size * 3
 
-    cached = _read_cache(data_path, meta_path, key, size)
+    cached = read_cache(data_path, meta_path, key, size)
     if cached is not None:
-        images, reasons, unconverted = cached
+        images, reasons, unconverted, enlarged = cached
         notes = [Skipped(str(root / rel), reason) for rel, reason in unconverted]
-        return _image_set(root, images, rels, reasons, notes)
+        return _image_set(root, images, rels, reasons, notes, enlarged)
 
     # Decode straight into a file-backed array (the data may not fit in memory), then publish it
     # with an atomic rename, and the metadata last: a crash leaves no half-valid cache entry.
     tmp = temp_path(data_path)  # ".KEY.u8.tmp-PID": a name io.is_temp_name knows
     try:
         mm = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(files), size, size, 3))
-        reasons, notes = _decode_into(mm, files, size, workers, progress, profiles)
+        reasons, notes, sources = _decode_into(mm, files, size, workers, progress, profiles)
+        enlarged = Enlarged.of(rels, sources, size)
         keep = _compact(mm, reasons)
         mm.flush()
         del mm
@@ -502,33 +502,16 @@ def _load_disk_cached(
             meta["unconverted"] = [
                 [Path(s.path).relative_to(root).as_posix(), s.reason] for s in notes
             ]
+            meta["enlarged"] = enlarged.to_json()
             write_text_atomic(meta_path, json.dumps(meta))
     finally:
         if tmp.exists():
             tmp.unlink()
     if not keep:
-        return _image_set(root, np.empty((0, size, size, 3), np.uint8), rels, reasons, notes)
+        empty = np.empty((0, size, size, 3), np.uint8)
+        return _image_set(root, empty, rels, reasons, notes, enlarged)
     images = np.memmap(data_path, dtype=np.uint8, mode="r", shape=(keep, size, size, 3))
-    return _image_set(root, images, rels, reasons, notes)
-
-
-def _read_cache(
-    data_path: Path, meta_path: Path, key: str, size: int
-) -> tuple[np.ndarray, list[str | None], list[tuple[str, str]]] | None:
-    """The cached array, skip reasons and the files whose colour profile was not applied (path
-    below the folder, reason), or None when absent or inconsistent."""
-    try:
-        meta = json.loads(meta_path.read_text("utf-8"))
-        count = int(meta["count"])
-        if meta["key"] != key or meta["size"] != size or count < 1:
-            return None
-        if data_path.stat().st_size != count * size * size * 3:
-            return None
-        images = np.memmap(data_path, dtype=np.uint8, mode="r", shape=(count, size, size, 3))
-        unconverted = [(str(rel), str(reason)) for rel, reason in meta.get("unconverted", [])]
-        return images, list(meta["reasons"]), unconverted
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    return _image_set(root, images, rels, reasons, notes, enlarged)
 
 
 # --------------------------------------------------------------------------------------------

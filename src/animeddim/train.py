@@ -204,7 +204,7 @@ def train(
         saved = resume_point(run_dir, cfg, allow_changed_data, log) if resume else None
         root = data_root(cfg, resume)
         listed = list_data(cfg, root, saved, allow_changed_data, log)  # a resume: its images
-        data = load_data(cfg, root, progress, resume, listed)
+        data = load_data(cfg, root, progress, resume, listed, log)
         check_data(cfg, data, saved, allow_changed_data, log)  # a resume: its labels too
         inception = training_inception(cfg, device)  # a bad weights file is refused here
         eval_real = eval_real_features(cfg, data, inception)  # and a folder KID cannot read

@@ -216,13 +216,16 @@ def load_data(
     progress: bool,
     resume: bool = False,
     listed: tuple[data_mod.Listing, str] | None = None,
+    log=print,
 ) -> TrainData:
     """Decode the data folder, split it and measure the training split's statistics.
 
     A new run applies the images' embedded colour profiles and records so in
     `data.colour_profiles`; a resumed run reads its images as it began (one started before
     profiles were applied has no record, and reads them as sRGB: the pixels it trained on).
-    `listed`: what `list_data` returned (default: the folder is listed here).
+    `listed`: what `list_data` returned (default: the folder is listed here). The images
+    smaller than --image-size, enlarged to it as they are decoded, are said in one note to
+    `log` (under torchrun `train` gives process 0 alone a `log` that prints).
     """
     if not resume:
         cfg.data.colour_profiles = PROFILES_TO_SRGB
@@ -237,6 +240,8 @@ def load_data(
             profiles=cfg.data.profiles_applied,
             listing=listing,  # the walk made for the fingerprint: the folder is walked once
         )
+    if note := imageset.enlarged.note(cfg.model.image_size, "--image-size"):
+        log(f"note: {note}")
     train_idx, val_idx = data_mod.split_indices(
         len(imageset.images), cfg.data.val_fraction, cfg.data.split_seed
     )

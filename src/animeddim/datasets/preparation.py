@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import io
 import json
 import os
 import warnings
@@ -13,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
-from PIL import ExifTags, Image
 from tqdm import tqdm
 
 from animeddim.data import (
@@ -32,6 +30,7 @@ from animeddim.data import (
     skip_summary,
     unconverted_note,
 )
+from animeddim.enlarged import Enlarged
 from animeddim.io import is_temp_name, png_bytes, write_bytes_atomic, write_text_atomic
 from animeddim.words import counted
 
@@ -63,8 +62,9 @@ class _Prepared(NamedTuple):
 def _prepare_one(data: bytes, size: int) -> _Prepared:
     """Decode, centre-crop and resize one image (see :class:`_Prepared`)."""
     notes: list[str] = []
+    source: list[tuple[int, int]] = []
     try:
-        pixels = _decode(data, size, notes=notes)
+        pixels = _decode(data, size, notes=notes, source=source)
     except BadImage as exc:
         return _Prepared(None, exc.reason, [])
     # Duplicates are told by the prepared pixels, not by the source's bytes: the same bytes
@@ -73,19 +73,7 @@ def _prepare_one(data: bytes, size: int) -> _Prepared:
     # metadata, compression or without its EXIF; a PNG and a lossless WebP of it). What trains
     # twice, and leaks into a held-out set, is the pixels, not the file.
     digest = hashlib.sha256(pixels.tobytes()).hexdigest()
-    return _Prepared(png_bytes(pixels), None, notes, _upright_size(data), digest)
-
-
-def _upright_size(data: bytes) -> tuple[int, int]:
-    """Width x height of a decodable image as it is shown (EXIF orientation applied), read
-    from its header."""
-    with warnings.catch_warnings():
-        # damaged metadata ("Corrupt EXIF data"): silenced, as where it was decoded (`_decode`)
-        warnings.simplefilter("ignore")
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-            turned = im.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
-    return (height, width) if turned else (width, height)
+    return _Prepared(png_bytes(pixels), None, notes, source[0], digest)
 
 
 def _source_id(src: Path, size: int) -> dict[str, Any]:
@@ -229,8 +217,7 @@ class _Tally:
     tried: int = 0  # members read or noted
     skipped: list[Skipped] = field(default_factory=list)
     unconverted: list[Skipped] = field(default_factory=list)  # profile not applied
-    enlarged: int = 0  # images written whose centred square was smaller than the size
-    smallest: tuple[int, int, str] | None = None  # of those: the smallest, (w, h, name)
+    enlarged: Enlarged = field(default_factory=Enlarged)  # images written, enlarged
     first_of: dict[str, str] = field(default_factory=dict)  # pixel digest -> member
     duplicates: dict[str, str] = field(default_factory=dict)  # member left out -> earlier one
     # members in stream order by name: a name met again supersedes its earlier members
@@ -254,17 +241,13 @@ class _Tally:
             return
         write_bytes_atomic(out / output_name(self.count), done.png)
         self.count += 1
-        width, height = done.source_size
-        if min(width, height) < size:
-            self.enlarged += 1
-            if self.smallest is None or min(width, height) < min(self.smallest[:2]):
-                self.smallest = (width, height, name)
+        self.enlarged.add(*done.source_size, name, size)
 
     def manifest(self) -> dict[str, Any]:
         """The manifest's record of the enlarged images and the duplicates left out."""
         return {
-            "enlarged": self.enlarged,
-            **({"smallest_enlarged": list(self.smallest)} if self.smallest else {}),
+            "enlarged": self.enlarged.count,
+            **({"smallest_enlarged": list(self.enlarged.smallest)} if self.enlarged.count else {}),
             "duplicates": len(self.duplicates),
             **({"duplicate_of": self.duplicates} if self.duplicates else {}),
             **({"replaced": self.replaced} if self.replaced else {}),
@@ -335,15 +318,8 @@ def prepared_notes(manifest: dict[str, Any]) -> list[str]:
     they were recorded)."""
     notes, size = [], manifest.get("size")
     if enlarged := manifest.get("enlarged", 0):
-        width, height, name = manifest["smallest_enlarged"]
-        one = enlarged == 1
-        notes.append(
-            f"{counted(enlarged, 'image')} smaller than {size}x{size} "
-            f"({'its centred square' if one else 'the centred square of each'}) "
-            f"{'was' if one else 'were'} enlarged to it, blurring {'it' if one else 'them'} "
-            f"({'' if one else 'the smallest: '}{shown(name)}, {width}x{height}); a smaller "
-            f"--size keeps {'it' if one else 'them'} sharp"
-        )
+        record = Enlarged.from_json([enlarged, *manifest["smallest_enlarged"]])
+        notes.append(record.note(size, "--size"))
     if duplicates := manifest.get("duplicate_of", {}):
         pairs = [f"{shown(d)} = {shown(first)}" for d, first in list(duplicates.items())[:3]]
         more = ", ..." if len(duplicates) > 3 else ""
