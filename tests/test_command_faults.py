@@ -63,6 +63,18 @@ def run(trained_tiny, tmp_path_factory) -> Path:
     return copy_run(trained_tiny, tmp_path_factory.mktemp("faults") / "run")
 
 
+@pytest.fixture
+def unet_calls(monkeypatch) -> list[int]:
+    """One entry per call of the network's forward pass: a test refusing before any work
+    asserts it stays empty."""
+    from animeddim.unet import UNet
+
+    calls: list[int] = []
+    forward = UNet.forward
+    monkeypatch.setattr(UNet, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    return calls
+
+
 _PROGRESS = re.compile(r".*:\s+\d+%\|.*")  # a tqdm bar: "sample:  50%|#####  | 1/2 ..."
 
 
@@ -239,14 +251,10 @@ def test_an_fid_that_rounds_to_zero_is_shown_as_0_not_minus_0(
 
 @pytest.mark.parametrize("kind", ["mixed sizes", "one usable", "unlabelled image"])
 def test_evaluate_refuses_a_bad_real_folder_before_drawing(
-    kind, run, avatars16, tmp_path, capsys, fake, monkeypatch
+    kind, run, avatars16, tmp_path, capsys, fake, monkeypatch, unet_calls
 ):
     # before: every image was drawn (minutes at --n 1000 on a CPU), then the folder refused
-    from animeddim.unet import UNet
-
-    calls = []
-    forward = UNet.forward
-    monkeypatch.setattr(UNet, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    calls = unet_calls
     real = _folder(tmp_path / "real", avatars16, 3)
     extra: list = []
     if kind == "mixed sizes":
@@ -713,14 +721,10 @@ def test_model_takes_a_file_as_run_does_and_an_unknown_name_is_one_line(run, tmp
 
 
 def test_an_output_under_a_file_is_refused_before_any_work(
-    run, avatars16, tmp_path, capsys, fake, monkeypatch
+    run, avatars16, tmp_path, capsys, fake, monkeypatch, unet_calls
 ):
     # before: the drawing ran, then the mkdir failed with exit 1, "File exists: notes.txt"
-    from animeddim.unet import UNet
-
-    calls = []
-    forward = UNet.forward
-    monkeypatch.setattr(UNet, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    calls = unet_calls
     notes = tmp_path / "notes.txt"
     notes.write_text("the user's notes")
     tiny = ["--image-size", 16, "--widths", "8,16", "--block-depth", 1, "--no-kid"]
@@ -885,16 +889,12 @@ def test_evaluate_default_names_never_collide(run, avatars16, capsys, fake, monk
 
 
 def test_a_file_output_ending_in_a_slash_is_refused_before_any_work(
-    run, avatars16, tmp_path, capsys, fake, monkeypatch
+    run, avatars16, tmp_path, capsys, fake, monkeypatch, unet_calls
 ):
     """`--out models/` for a file output (before: the slash was dropped, so `export` wrote
     the file `models`, `evaluate` the file `results`, `attributes train` `cls` and
     `cls.json`, `interpolate` `interp.png` and `interp.gif` beside the folder meant; exit 0)."""
-    from animeddim.unet import UNet
-
-    calls = []
-    forward = UNet.forward
-    monkeypatch.setattr(UNet, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    calls = unet_calls
     here = tmp_path / "here"
     here.mkdir()
     cases = [
@@ -918,16 +918,12 @@ def test_a_file_output_ending_in_a_slash_is_refused_before_any_work(
 
 
 def test_a_file_output_that_is_only_an_extension_is_refused_before_any_work(
-    run, avatars16, tmp_path, capsys, fake, monkeypatch
+    run, avatars16, tmp_path, capsys, fake, monkeypatch, unet_calls
 ):
     """`--grid .png`, `--out .gif`: a name that is only an extension (before: `sample` said
     `name it .png` of '.png', `interpolate` wrote the hidden files '.gif.png' and
     '.gif.gif', `export` a hidden '.safetensors'; exit 0)."""
-    from animeddim.unet import UNet
-
-    calls = []
-    forward = UNet.forward
-    monkeypatch.setattr(UNet, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    calls = unet_calls
     here = tmp_path / "here"
     here.mkdir()
     cases = [
