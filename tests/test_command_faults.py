@@ -1390,7 +1390,7 @@ def test_full_disk_is_one_line_naming_the_users_file_and_leaves_no_partial_file(
     out = tmp_path / "out"
     few = _folder(tmp_path / "few", avatars16, 2)
     argv = {
-        "sample --out": ["sample", "--run", run, "--n", 2, "--steps", 1, "--out", out],
+        "sample --out": ["sample", "--run", run, "--n", 2, "--steps", 1, "--out", out / "a"],
         "sample --grid": ["sample", "--run", run, "--n", 2, "--steps", 1, "--grid", out / "g.png"],
         "export": ["export", "--run", run, "--out", out / "e.safetensors"],
         "interpolate": ["interpolate", "--run", run, "--seeds", 1, 2, "--frames", 2, "--steps", 1,
@@ -1408,8 +1408,9 @@ def test_full_disk_is_one_line_naming_the_users_file_and_leaves_no_partial_file(
     assert rc == 1, err
     _one_line(err, "No space left on device: ")
     named = Path(err.strip().rsplit(": ", 1)[1])
-    if command == "sample --out":  # its first file is the hidden note: the folder is named
-        assert named == out and not [p for p in out.iterdir()], err
+    if command == "sample --out":  # its first file is the hidden note: the folder is named,
+        # and every folder made for it goes (before: out/a was left, empty, and out with it)
+        assert named == out / "a" and not out.exists(), err
     else:
         assert not named.name.startswith(".") and named.parent == out or out in named.parents, err
         assert not named.exists()  # neither empty nor half a file under the final name

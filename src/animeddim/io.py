@@ -87,6 +87,17 @@ def missing_folders(path: str | Path) -> list[Path]:
     return missing
 
 
+def remove_empty_folders(folders: Sequence[Path]) -> None:
+    """Remove `folders` (as :func:`missing_folders` lists them, innermost first) while they
+    are empty: what a call that failed before writing anything made goes, and a folder that
+    holds a file stops the removal (it holds the folders above it too)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
 def temp_path(path: str | Path) -> Path:
     """The temporary name this process writes `path` under: ".NAME.tmp-PID" beside it."""
     path = Path(path)

@@ -78,7 +78,7 @@ class SampleFolder:
         folder holds this call's images only."""
         import json
 
-        from ..io import missing_folders, write_text_atomic
+        from ..io import missing_folders, remove_empty_folders, write_text_atomic
 
         outputs.remove(self.earlier)
         # removed again (innermost first, each if empty) if the call fails before an image
@@ -86,7 +86,11 @@ class SampleFolder:
         note = {"settings": self.settings, "files": self.ours}
         try:
             write_text_atomic(self.out / outputs.SAMPLE_PENDING, json.dumps(note, indent=1) + "\n")
-        except OSError as e:  # the folder the user gave, not the note's hidden name
+        except BaseException as e:  # a full disk, Ctrl-C: the folders made for the note go
+            remove_empty_folders(self.made)
+            if not isinstance(e, OSError):
+                raise
+            # the folder the user gave, not the note's hidden name
             raise OSError(e.errno, e.strerror, str(self.out)) from e
         self.begun = True
 
@@ -100,13 +104,11 @@ class SampleFolder:
         """After a failure: the note goes if no image of this call is there (the folder is
         then as it was, and gone, with each folder above it that the call made, if the call
         made it); else it stays, and the same command goes on."""
+        from ..io import remove_empty_folders
+
         if self.begun and not self.count_kept():
             (self.out / outputs.SAMPLE_PENDING).unlink(missing_ok=True)
-            for folder in self.made:  # innermost first
-                try:
-                    folder.rmdir()  # only if empty: nothing but the note was written
-                except OSError:
-                    break  # one that holds a file holds the folders above it too
+            remove_empty_folders(self.made)  # only if empty: nothing but the note was written
 
     def finish(self) -> None:
         if self.out is not None:
