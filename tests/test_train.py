@@ -329,6 +329,19 @@ def test_failed_start_leaves_nothing_that_blocks_the_fixed_command(avatars16, tm
     _one_line_exit_2(p, "already holds files")
 
 
+def test_a_failed_start_removes_every_folder_its_out_made(avatars16, tmp_path):
+    """`train --out runs/a/b`, runs and below new, refused once the data is read (before:
+    the lock recorded only whether b existed, so runs/a was left behind). Every folder the
+    start made goes, and only those: one there before stays."""
+    out = tmp_path / "runs" / "a" / "b"
+    for there_before in (None, tmp_path / "runs"):
+        if there_before is not None:
+            there_before.mkdir()
+        p = run_here(*_tiny_args(avatars16, out, "--batch-size", "99"), check=False)
+        _one_line_exit_2(p, "larger than the training split")
+        assert [d.name for d in tmp_path.rglob("*")] == ([] if there_before is None else ["runs"])
+
+
 def test_out_inside_data_is_refused(avatars16, tmp_path):
     data = _folder(avatars16, tmp_path / "data", 6)
     p = run_here(*_tiny_args(data, data / "run"), check=False)

@@ -34,6 +34,8 @@ from .config_files import loads_json
 from .io import (
     file_in_the_way,
     is_temp_name,
+    missing_folders,
+    remove_empty_folders,
     remove_stale_temp_files,
     write_bytes_atomic,
     write_text_atomic,
@@ -157,7 +159,7 @@ def lock(run_dir: Path, log: Callable[[str], None] = print) -> Iterator[None]:
     except ImportError:  # pragma: no cover - no flock (Windows): no protection
         yield
         return
-    created = not run_dir.exists()
+    made = missing_folders(run_dir)  # runs/a/b: each of them that is new, innermost first
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -182,9 +184,9 @@ def lock(run_dir: Path, log: Callable[[str], None] = print) -> Iterator[None]:
             yield
         finally:
             os.ftruncate(fd, 0)  # released cleanly: no PID left to report
-            if created and [p.name for p in run_dir.iterdir()] == [LOCK_NAME]:
+            if made and [p.name for p in run_dir.iterdir()] == [LOCK_NAME]:
                 path.unlink()  # a start that failed before writing anything leaves nothing
-                run_dir.rmdir()
+                remove_empty_folders(made)
     finally:
         os.close(fd)
 
