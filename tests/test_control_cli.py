@@ -91,21 +91,22 @@ def test_guidance_study_table_progress_and_force(
     # the caution on KIDs of so few images, said once for each of the two KIDs of every w
     few = re.findall(r"animeddim: warning: (KID of [^;]*), fewer than 1,000", err)
     assert sorted(few) == [
-        "KID of 48 real images with colour=red and 6 generated images",
-        "KID of 96 real images and 6 generated images",
+        "KID of 48 real images with colour=red and 6 generated images per w",
+        "KID of 96 real images and 6 generated images per w",
     ], err
     rows = list(csv.DictReader(open(out / "guidance.csv")))
     assert [r["guidance"] for r in rows] == ["0.0", "3.0"]
     assert float(rows[1]["accuracy_colour"]) > float(rows[0]["accuracy_colour"])
     assert {"kid_mean", "kid_std", "kid_asked_mean", "kid_asked_std"} <= set(rows[0])
     md = (out / "guidance.md").read_text()
+    assert md.startswith("Guidance study: 6 generated images per w, 4 ")  # as below
     assert "| w | colour=red accuracy (ceiling 100.0%) |" in md
     assert md.splitlines()[2].endswith("| KID vs asked | ± std | s/image |")  # as the CSV
     # the caution under the table, one line each (the CSV, which tools parse, has none)
     _, table, below = md.removesuffix("\n").split("\n\n")
     assert table.splitlines()[-1].endswith(f"| {float(rows[1]['seconds_per_image']):.3f} |")
     sets = [[(96, "real images")], [(48, "real images with colour=red")]]
-    notes = [metrics.few_images_note([*s, (6, "generated images")], fid=False) for s in sets]
+    notes = [metrics.few_images_note([*s, (6, "generated images per w")], fid=False) for s in sets]
     assert below.splitlines() == [f"Note: {note}." for note in notes]
     assert "fewer than" not in (out / "guidance.csv").read_text()
     before = (out / "guidance.csv").read_bytes()

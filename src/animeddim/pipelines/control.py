@@ -295,14 +295,19 @@ def real_features(
 
 
 def control_summary(
-    target: ControlTarget, fake: torch.Tensor, f_fake: torch.Tensor, f_subset: torch.Tensor
+    target: ControlTarget,
+    fake: torch.Tensor,
+    f_fake: torch.Tensor,
+    f_subset: torch.Tensor,
+    generated: str = "generated images",
 ) -> dict[str, Any]:
     """The attribute part of an evaluation: accuracy per asked attribute with the classifier's
     ceiling beside it, and standard KID against the real images with the asked values (with
-    the caution, under "notes", where either set is small: `metrics.few_images_note`)."""
+    the caution, under "notes", where either set is small: `metrics.few_images_note`;
+    `generated`: what the caution calls the generated images)."""
     kid_mean, kid_std = metrics.kid_standard(f_subset, f_fake)
     what = ", ".join(f"{k}={v}" for k, v in target.asked.items())
-    sets = [(len(f_subset), f"real images with {what}"), (len(f_fake), "generated images")]
+    sets = [(len(f_subset), f"real images with {what}"), (len(f_fake), generated)]
     return {
         "asked": target.asked,
         "accuracy": attribute_accuracy(target, fake),
@@ -351,8 +356,8 @@ def guidance_study(
             "standard",
             None if stage is None else partial(stage, "features"),
         )
-        c = control_summary(target, fake, f_fake, f_sub)
-        sets = [(len(f_all), "real images"), (n, "generated images")]
+        c = control_summary(target, fake, f_fake, f_sub, GENERATED_PER_W)
+        sets = [(len(f_all), "real images"), (n, GENERATED_PER_W)]
         notes = [*metrics.warn_few_images(sets, False), *c["notes"]]  # the same for every w
         kid_mean, kid_std = metrics.kid_standard(f_all, f_fake)
         row = {"guidance": w}
@@ -379,6 +384,7 @@ def _prefixed(progress: Progress | None, prefix: str) -> Progress | None:
 
 
 GUIDANCE_NAMES = ("guidance.csv", "guidance.md")
+GENERATED_PER_W = "generated images per w"  # the caution's words, as the header counts them
 
 
 def write_guidance(
@@ -407,7 +413,7 @@ def write_guidance(
 
     head = [f"{a}={target.asked[a]} accuracy (ceiling {ceiling(a)})" for a in asked]
     lines = [
-        f"Guidance study: {counted(n, 'image')} per w, "
+        f"Guidance study: {counted(n, 'generated image')} per w, "
         f"{counted(settings.steps, settings.sampler + ' step')}, seed "
         f"{settings.seed}; accuracy judged by the attribute classifier (ceiling: its own "
         f"{target.ceiling_kind} accuracy on real images); KID standard protocol "
