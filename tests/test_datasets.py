@@ -535,6 +535,25 @@ def test_a_name_an_archive_holds_twice_is_prepared_from_its_last_member(
     assert _said(p.stderr) == [note]
 
 
+def test_an_archive_whose_repeated_name_is_last_unusable_leaves_its_folder_as_it_was(
+    tmp_path: Path,
+) -> None:
+    """'a.png' added again as a damaged file: the first pass wrote 000000.png from the
+    replaced member, the second found no usable image, and the refusal (before: it removed
+    the pending note alone) left that image behind, so the same command, even on a mended
+    archive, was refused as 'not empty (it holds files animeddim did not prepare there)'.
+    The folder is left as it was: the mended archive's prepare takes it."""
+    out, good = tmp_path / "out", _png(_pixels(0))
+    archive = _write_source(tmp_path / "src.tgz", "tgz", [("a.png", good), ("a.png", b"bad")])
+    p = run_here("data", "prepare", archive, "--out", out, "--size", 8, check=False)
+    assert p.returncode == 2 and "no usable image" in p.stderr, p.stderr
+    assert _said(p.stderr) == [p.stderr.splitlines()[-1]]
+    assert list(out.iterdir()) == []
+    mended = _write_source(tmp_path / "mended.tgz", "tgz", [("a.png", b"bad"), ("a.png", good)])
+    p = run_here("data", "prepare", mended, "--out", out, "--size", 8)
+    assert p.stdout.startswith("prepared 1 image in"), p.stdout
+
+
 def test_prepare_without_duplicates_or_small_images_says_nothing_more(tmp_path: Path) -> None:
     src = tmp_path / "src"
     for i in range(3):

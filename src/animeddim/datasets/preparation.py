@@ -123,6 +123,7 @@ def prepare(
     write_text_atomic(pending_path, json.dumps(wanted))
 
     workers = max(1, workers or os.cpu_count() or 1)
+    written = 0  # images a first pass wrote, when a second one is needed
     passed: dict[str, int] = {}  # images in hidden or system folders, not prepared
     members, total = read_members(src, passed)
     with tqdm(total=total, desc="prepare", unit="img", disable=not progress) as bar:
@@ -131,7 +132,7 @@ def prepare(
         # A name repeats (an archive appended to: `tar -r`, `tar -u`): extracting it keeps
         # the last member of each name, so that one alone is prepared. Which members come
         # later is known only at the end of a stream: prepared again, without the others.
-        passed, superseded = {}, tally.superseded
+        passed, superseded, written = {}, tally.superseded, tally.count
         members, total = read_members(src, passed)
         with tqdm(total=total, desc="prepare again", unit="img", disable=not progress) as bar:
             tally = _prepare_members(members, out, size, workers, bar, superseded)
@@ -139,7 +140,11 @@ def prepare(
 
     passed = dict(sorted(passed.items()))  # by folder, as a folder walk gives them
     if count == 0:
-        if not interrupted:  # nothing written here, by this call or an interrupted one
+        # Nothing written here by an interrupted call; by this one, only a first pass's images
+        # (the last member of each repeated name unusable), into a folder that held none.
+        if not interrupted and not (written and manifest_path.exists()):
+            for i in range(written):
+                (out / output_name(i)).unlink(missing_ok=True)
             pending_path.unlink(missing_ok=True)  # the folder is as it was
         first = f" (first: {shown(skipped[0].path)}: {skipped[0].reason})" if skipped else ""
         also = f"; {passed_over_note(Listing([], passed))}" if passed else ""
