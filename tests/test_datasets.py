@@ -371,14 +371,46 @@ def test_data_avatars_says_what_the_folder_holds(tmp_path: Path, capsys) -> None
     rc, stdout, err = run_main(capsys, *args)
     said = f"3 avatars (16px, seed 0) in {out}: 1 rendered, 2 there already ("
     assert rc == 0 and stdout.startswith(said), stdout
-    (out / "manifest.json").unlink()  # leftovers of an earlier set: taken as a start
-    rc, stdout, err = run_main(capsys, *args[:5], 2, *args[6:])
-    assert rc == 0 and stdout.startswith(f"2 avatars (16px, seed 0) in {out}: all there"), err
+    Image.new("RGB", (16, 16)).save(out / "mine.png")  # another image put in the folder
+    rc, stdout, err = run_main(capsys, *args)
+    assert rc == 0 and stdout.startswith(f"3 avatars (16px, seed 0) in {out}: all there"), err
     assert err.splitlines()[-1] == (
-        f"note: '{out}' also holds 1 other image, not among these 2 avatars nor in labels.csv, "
+        f"note: '{out}' also holds 1 other image, not among these 3 avatars nor in labels.csv, "
         "which a run on the folder reads too: move them out, or use a new folder"
     )
-    assert len(list_images(out).files) == 3
+    assert len(list_images(out).files) == 4
+
+
+def test_data_avatars_refuses_leftovers_numbered_past_n(tmp_path: Path, capsys) -> None:
+    """`data avatars --n 2` in a folder holding avatar-000000.png .. avatar-000003.png and no
+    manifest (an earlier set of 4 whose manifest.json was removed) took the first two as a
+    start and left the other two beside them (before: exit 0 and a closing note), so the
+    folder held 4 images and labels.csv 2 rows, and a run on it read 2 images without a
+    label. It is refused before any work, naming them and the remedies; nothing in the
+    folder changes, and an --n that covers them takes them into the set."""
+    out = tmp_path / "av"
+    args = ["data", "avatars", "--out", out, "--size", 16, "--workers", 1]
+    assert run_main(capsys, *args, "--n", 4)[0] == 0
+    (out / "manifest.json").unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    rc, stdout, err = run_main(capsys, *args, "--n", 2)
+    assert rc == 2 and stdout == "", stdout
+    assert err.splitlines() == [
+        f"animeddim: error: folder '{out}' holds 2 avatars numbered past --n 2 "
+        "(avatar-000002.png, avatar-000003.png), left by an earlier set whose manifest.json "
+        "is gone; a run on the folder would read them without a row in labels.csv: use a "
+        "new folder, or --n 4 to take them into this set"
+    ]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (out / "avatar-000002.png").unlink()  # one past --n 3: said in the singular
+    rc, _, err = run_main(capsys, *args, "--n", 3)
+    assert rc == 2 and "holds 1 avatar numbered past --n 3 (avatar-000003.png)" in err, err
+    assert "would read it without a row" in err and "--n 4 to take it into" in err
+    rc, stdout, err = run_main(capsys, *args, "--n", 4)
+    assert rc == 0 and stdout.startswith(f"4 avatars (16px, seed 0) in {out}: 1 rendered"), err
+    rows = (out / "labels.csv").read_text().splitlines()[1:]
+    files = sorted(p.name for p in list_images(out).files)
+    assert [row.split(",")[0] for row in rows] == files == [f"avatar-{i:06d}.png" for i in range(4)]
 
 
 def test_data_prepare_command(tmp_path: Path) -> None:

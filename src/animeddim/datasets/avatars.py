@@ -23,6 +23,7 @@ from animeddim.avatar_labels import (
 )
 from animeddim.data import DataError, _decode, _pool_context, list_images
 from animeddim.io import is_temp_name, save_png, write_text_atomic
+from animeddim.words import counted
 
 from .common import (
     PENDING,
@@ -151,7 +152,7 @@ def generate_avatars(
             _write_labels(out, names, seed, size, balanced, progress)
         return out
     if not pending_path.exists() and not manifest_path.exists():
-        _check_only_avatars(out, size)
+        _check_only_avatars(out, size, n)
 
     # Record the arguments first, so an interrupted run is resumed only with the same ones
     # (atomically: a note cut short by a full disk, unreadable, let the next call render
@@ -179,12 +180,15 @@ def avatars_on_disk(out: str | Path, n: int) -> tuple[int, int]:
     return ours, len(files) - ours
 
 
-def _check_only_avatars(out: Path, size: int) -> None:
-    """Without a manifest, accept only leftovers of an avatar run of this size (else DataError)."""
+def _check_only_avatars(out: Path, size: int, n: int) -> None:
+    """Without a manifest, accept only leftovers of an avatar run of this size among the
+    first ``n`` (else DataError): one numbered past them would stay in the folder, read by a
+    run on it, without a row in labels.csv."""
+    past = []
     for path in out.iterdir():
         if path.name in ("CREDITS.md", LABELS_FILE) or is_temp_name(path.name):
             continue
-        if avatar_index(path.name) is None:
+        if (i := avatar_index(path.name)) is None:
             raise DataError(
                 f"folder '{out}' is not empty and holds no avatar set ('{path.name}'); "
                 "use a new or empty folder"
@@ -195,6 +199,19 @@ def _check_only_avatars(out: Path, size: int) -> None:
                     f"folder '{out}' holds avatars of size {im.size[0]}, not {size}; "
                     "use another folder"
                 )
+        if i >= n:
+            past.append(i)
+    if past:
+        past.sort()
+        names = [avatar_name(i) for i in past]
+        shown = ", ".join(names) if len(names) <= 3 else f"{names[0]} ... {names[-1]}"
+        them = "it" if len(past) == 1 else "them"
+        raise DataError(
+            f"folder '{out}' holds {counted(len(past), 'avatar')} numbered past --n {n} "
+            f"({shown}), left by an earlier set whose manifest.json is gone; a run on the "
+            f"folder would read {them} without a row in labels.csv: use a new folder, or "
+            f"--n {past[-1] + 1} to take {them} into this set"
+        )
 
 
 def _write_labels(
