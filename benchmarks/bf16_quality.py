@@ -23,9 +23,9 @@ from animeddim import data as data_mod
 from animeddim.config import RunConfig
 from animeddim.runtime import autocast, fused_adamw_supported
 from animeddim.train import (
-    _normalise,
     ema_update,
     losses,
+    normalise,
     step_generator,
     validate,
 )
@@ -75,7 +75,7 @@ def main() -> None:
             imageset.images, train_idx, tc.batch_size, seed=tc.seed, epoch=epoch,
             shuffle=True, flip=cfg.data.flip, drop_last=True,
         ):  # fmt: skip
-            images = _normalise(batch, mean, std)
+            images = normalise(batch, mean, std)
             g = step_generator(tc.seed, step, CPU)
             noises = torch.randn(images.shape, generator=g)
             t = torch.rand(images.shape[0], generator=g, dtype=torch.float64)

@@ -7,11 +7,9 @@ and flips, so a resumed run sees exactly what an uninterrupted one would have se
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -27,13 +25,11 @@ from . import data as data_mod
 from .config import RunConfig
 from .diffusion.objectives import focus_times, objective, target_and_x0
 from .diffusion.schedule import diffuse
-from .io import save_grid
 from .run_folder import append_metrics, prepare_run_dir, write_config
 from .runtime import (
     autocast,
     data_on_device,
     default_channels_last,
-    prepare_inference,
     resolve_device,
     resolve_precision,
     uses_cuda_graphs,
@@ -48,17 +44,18 @@ from .train_data import (
     record_data,
     write_reference,
 )
+from .train_epoch_end import close_epoch, end_of_epoch, epoch_line
 from .train_kid import (
     VAL_SEED,
-    draw,
     eval_real_features,
     make_kid,
     make_standard_kid,
     training_inception,
 )
+from .train_maths import ema_decay_at, ema_update, learning_rate_at, normalise, step_generator
+from .train_progress import bar_total, log_progress, progress_bar, tally, time_limit_reached
 from .train_state import (
     Runtime,
-    TrainingDiverged,
     TrainState,
     build_state,
     compiled_network,
@@ -69,8 +66,8 @@ from .train_state import (
     save_checkpoint,
     save_step_checkpoint,
 )
+from .train_state import TrainingDiverged as TrainingDiverged  # what `train` raises: said here
 
-GRID_IMAGES = 18  # 3 x 6 sample grid per epoch, as in the Keras example
 VAL_CHUNK = 256  # validation draws come in chunks of this many images (`validation_draws`)
 
 
@@ -86,34 +83,6 @@ class TrainResult:
     interrupted: bool
     last_row: dict[str, Any] | None
     skipped_summary: str = ""  # one line: the data files skipped and why ("" if none)
-
-
-def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """The generator of noises and times of optimiser step `step`."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step * 7919 + 17) % (2**63))
-    return g
-
-
-def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
-    """The EMA decay of optimiser step `step` (0-based): `decay`, or with warm-up
-    min(decay, (1 + step) / (10 + step)) (TensorFlow's ExponentialMovingAverage with
-    num_updates), which reaches 0.999 at step 8,990; step 0 keeps 10% of the start."""
-    return min(decay, (1 + step) / (10 + step)) if warmup else decay
-
-
-def learning_rate_at(step: int, tc) -> float:
-    """The learning rate of optimiser step `step` (0-based): --lr, reached linearly over the
-    first `lr_warmup_images` training images when set (a function of the step alone, so a
-    resumed run goes on where it stopped)."""
-    if not tc.lr_warmup_images:
-        return tc.learning_rate
-    return tc.learning_rate * min(1.0, (step + 1) * tc.batch_size / tc.lr_warmup_images)
-
-
-def ema_update(ema: list[torch.Tensor], live: list[torch.Tensor], decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * live, for all tensors in one fused call."""
-    torch._foreach_lerp_(ema, live, 1.0 - decay)
 
 
 def losses(
@@ -141,10 +110,6 @@ def losses(
         cfg.model.prediction, images, noises, noisy_images, pred, signal_rate, noise_rate
     )
     return objective(pred, target, t, cfg), F.l1_loss(pred_images, images)
-
-
-def _normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
 def train(
@@ -237,7 +202,7 @@ def _epochs(cfg, run_dir, data, state, rt, progress, log, inception, eval_real) 
         write_reference(run_dir, data)
     kid_metric = make_kid(cfg, len(data.val_idx), inception, log) if tc.kid else None
     standard_kid = make_standard_kid(cfg, inception, eval_real, log) if tc.eval_every else None
-    bar = _progress_bar(progress, _bar_total(tc, data.steps_per_epoch), state.step)
+    bar = progress_bar(progress, bar_total(tc, data.steps_per_epoch), state.step)
     t_start, interrupted, last_row = time.perf_counter(), False, None
     pending: list[Path] = []  # epoch-end checkpoints not written yet
     last_ckpt = run_dir / "checkpoints" / "last.safetensors"
@@ -248,13 +213,21 @@ def _epochs(cfg, run_dir, data, state, rt, progress, log, inception, eval_real) 
             if stop and state.batch_in_epoch < data.steps_per_epoch:  # stopped inside the epoch
                 save(last_ckpt)
                 break
-            time_up = _time_up(tc, t_start)
+            time_up = time_limit_reached(tc, t_start)
             epoch = state.epoch + 1
             if epoch % tc.epoch_end_every and epoch < tc.epochs and not (stop or time_up):
                 state.epoch, state.batch_in_epoch = epoch, 0  # the work waits for its epoch
                 continue
             last_row = end_of_epoch(
-                state, data, cfg, rt, kid_metric, run_dir, standard_kid, stop or time_up
+                state,
+                data,
+                cfg,
+                rt,
+                kid_metric,
+                run_dir,
+                standard_kid,
+                stop or time_up,
+                validate=validate,
             )
             last_row.update(
                 images_per_s=state.row_images / state.row_seconds if state.row_seconds else None,
@@ -333,7 +306,7 @@ def train_epoch(state, data, cfg, rt, bar, save, run_dir: Path) -> int:
             cond = conditioning.drop_attributes(
                 cond, tc.cond_drop, g_drop, global_rows=tc.batch_size, first_row=rt.lo
             )
-        images = _normalise(batch, mean_d, std_d)
+        images = normalise(batch, mean_d, std_d)
         if rt.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with interrupts.deferred():  # a Ctrl-C lands between steps: checkpoints hold whole ones
@@ -342,25 +315,15 @@ def train_epoch(state, data, cfg, rt, bar, save, run_dir: Path) -> int:
             images_seen += n
             state.step += 1
             state.batch_in_epoch += 1
-            t_counted = _count(state, n, t_counted)
+            t_counted = tally(state, n, t_counted)
         if state.step % tc.log_every == 0 or state.batch_in_epoch == data.steps_per_epoch:
-            _log_progress(state, tc, bar, images_seen / max(time.perf_counter() - t_epoch, 1e-9))
+            log_progress(state, tc, bar, images_seen / max(time.perf_counter() - t_epoch, 1e-9))
         if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
             save_step_checkpoint(save, run_dir, state.step, tc.keep_checkpoints)
         if tc.max_steps and state.step >= tc.max_steps:
             break
-    _count(state, 0, t_counted)  # the last step checkpoint's writing
+    tally(state, 0, t_counted)  # the last step checkpoint's writing
     return images_seen
-
-
-def _count(state: TrainState, images: int, since: float) -> float:
-    """Add `images` and the seconds since `since` to the tally of the next metrics row in
-    `state` (a checkpoint holds it; see `TrainState.row_seconds`); return the time now."""
-    now = time.perf_counter()
-    state.row_images += images
-    if state.row_seconds is not None:
-        state.row_seconds += now - since
-    return now
 
 
 def train_step(
@@ -405,126 +368,6 @@ def train_step(
         parts = [noise_loss.detach().double(), image_loss.detach().double(), one]
         state.acc += torch.stack(parts) / distributed.world_size()
     return True
-
-
-def _log_progress(state: TrainState, tc, bar, images_per_s: float) -> None:
-    """Read the running losses (the loop's only device->host read); stop if they diverged."""
-    nl, il, cnt = distributed.reduced_sum(state.acc).tolist()
-    if not (math.isfinite(nl) and math.isfinite(il)):
-        raise TrainingDiverged(
-            f"loss became non-finite by step {state.step} (epoch {state.epoch + 1}); "
-            "training stopped, the last good checkpoint is kept "
-            "(lower the learning rate or use --nan-policy skip-batch)"
-        )
-    if bar is not None:
-        bar.set_postfix_str(
-            f"ep {state.epoch + 1}/{tc.epochs} noise {nl / max(cnt, 1):.4f} "
-            f"image {il / max(cnt, 1):.4f} {images_per_s:.1f} img/s"
-        )
-        bar.update(state.step - bar.n)
-
-
-def end_of_epoch(
-    state, data, cfg, rt, kid_metric, run_dir: Path, standard_kid_metric=None, last=False
-) -> dict[str, Any]:
-    """Validation of the EMA network, KID and the sample grid of the epoch after
-    `state.epoch`; its metrics row (`close_epoch` then counts the epoch done).
-    `standard_kid_metric`: the --eval-every measure (`train_kid.make_standard_kid`), or None,
-    taken every eval_every epochs and at the run's last epoch (`last`: it stops early)."""
-    nl, il, cnt = distributed.reduced_sum(state.acc).tolist()
-    if not (math.isfinite(nl) and math.isfinite(il)):
-        raise TrainingDiverged(f"loss became non-finite by step {state.step}")
-    mean_d, std_d = data.mean.to(rt.device), data.std.to(rt.device)
-    images, val_idx = data.imageset.images, data.val_idx
-    val_noise, val_image = validate(
-        state.ema, data.pixels, val_idx, cfg, mean_d, std_d, rt.device, rt.precision_ctx
-    )
-    # Sampling copy of the EMA net: BatchNorm folded, weights cast once.
-    infer = prepare_inference(state.ema, rt.device, rt.precision)
-    kid, t_kid = None, time.perf_counter()
-    if kid_metric is not None:
-        kid = kid_metric(infer, images, val_idx, cfg, data.mean, data.std, rt.device, nullcontext())
-    row = {
-        "epoch": state.epoch + 1,
-        "step": state.step,
-        "train_noise_loss": nl / max(cnt, 1),
-        "train_image_loss": il / max(cnt, 1),
-        "val_noise_loss": val_noise,
-        "val_image_loss": val_image,
-        "kid": kid,
-        "learning_rate": state.optimizer.param_groups[0]["lr"],
-        "kid_seconds": time.perf_counter() - t_kid if kid is not None else None,
-    }
-    tc, epoch = cfg.train, state.epoch + 1
-    last = last or epoch == tc.epochs
-    if standard_kid_metric is not None and (epoch % tc.eval_every == 0 or last):
-        t_std = time.perf_counter()
-        row["standard_kid"] = standard_kid_metric(infer, data, rt.device)
-        row["standard_kid_seconds"] = time.perf_counter() - t_std
-    grid = draw(  # sharded by image index, gathered on rank 0
-        cfg, infer, data, rt.device, n=GRID_IMAGES, seed=cfg.train.seed, steps=20,
-        batch_size=GRID_IMAGES,
-    )  # fmt: skip
-    if grid is not None:
-        save_grid(grid, run_dir / "samples" / f"epoch-{state.epoch + 1:04d}.png", cols=6)
-    return row
-
-
-def close_epoch(state, row: dict[str, Any], run_dir: Path) -> list[Path]:
-    """Count the epoch of `row` as done in `state` (called once its metrics row is written);
-    the best-KID checkpoints it improves on, to be written next, holding this state."""
-    state.epoch += 1
-    state.batch_in_epoch = 0
-    state.acc.zero_()
-    state.row_images, state.row_seconds = 0, 0.0
-    best = []
-    if row["kid"] is not None and row["kid"] < state.best_kid:
-        state.best_kid = row["kid"]
-        best.append(run_dir / "checkpoints" / "best-kid.safetensors")
-    standard_kid = row.get("standard_kid")
-    if standard_kid is not None and standard_kid < state.best_standard_kid:
-        state.best_standard_kid = standard_kid
-        best.append(run_dir / "checkpoints" / "best-standard-kid.safetensors")
-    return best
-
-
-def epoch_line(row: dict[str, Any], epochs: int) -> str:
-    """The log line of one epoch; a validation loss or KID that was not measured is left out."""
-    line = f"epoch {row['epoch']}/{epochs}: noise loss {row['train_noise_loss']:.4f}"
-    if row["val_noise_loss"] is not None:
-        line += f" (val {row['val_noise_loss']:.4f})"
-    line += f", image loss {row['train_image_loss']:.4f}"
-    if row["val_image_loss"] is not None:
-        line += f" (val {row['val_image_loss']:.4f})"
-    if row["kid"] is not None:
-        line += f", KID (paper protocol) {row['kid']:.4f}"
-    if row.get("standard_kid") is not None:
-        line += f", standard KID {row['standard_kid']:.4f}"
-    if row["images_per_s"] is None:  # resumed from a checkpoint that did not keep the time
-        return line
-    return line + f", {row['images_per_s']:.1f} img/s"
-
-
-def _time_up(tc, t_start: float) -> bool:
-    """Whether --time-limit has passed (all ranks agree: their clocks differ)."""
-    return bool(tc.time_limit_minutes) and distributed.any_true(
-        time.perf_counter() - t_start > 60 * tc.time_limit_minutes
-    )
-
-
-def _bar_total(tc, steps_per_epoch: int) -> int | None:
-    if tc.time_limit_minutes:
-        return None  # the clock ends the run: steps and rate, no misleading ETA
-    total = tc.epochs * steps_per_epoch
-    return min(total, tc.max_steps) if tc.max_steps else total
-
-
-def _progress_bar(enabled: bool, total: int | None, initial: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
 
 
 def validation_draws(
@@ -587,7 +430,7 @@ def validate(
         lo, hi = distributed.shard(n_global)
         if hi == lo:  # the last, short batch may leave a rank nothing
             continue
-        x = _normalise(batch, mean, std)
+        x = normalise(batch, mean, std)
         first = b * bs + lo  # this rank's first image, by position in the split
         noises, t = validation_draws(first, first + hi - lo, x.shape[1:], device)
         nl, il = losses(ema, x, noises, t, cfg, precision_ctx)

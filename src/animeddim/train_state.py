@@ -29,6 +29,7 @@ from .run_folder import (
 )
 from .runtime import default_compile, fused_adamw_supported, maybe_compile, uses_cuda_graphs
 from .train_data import TrainData
+from .train_maths import ema_decay_at
 from .unet import UNet, is_cond_parameter
 from .words import counted
 
@@ -337,8 +338,6 @@ def untrained_ema_note(tc, steps: int) -> str:
     more than a tenth the untrained network a run started from ("" otherwise, and for a
     run started from trained weights: `train.init`). Without warm-up each step keeps
     `ema_decay` of the average, so after 136 steps at 0.999 the start is 87% of it."""
-    from .train import ema_decay_at  # train imports this module
-
     if tc.init:
         return ""
     share = 1.0
