@@ -1,6 +1,7 @@
 """Typed settings, one dataclass per concern, stored with every run and checkpoint.
 
-Nothing here imports torch: a config can be read, validated and written anywhere.
+Nothing here imports torch: a config can be read, validated and written anywhere. How a
+setting is declared and its value checked: `config_fields`; shared values: `config_values`.
 """
 
 from __future__ import annotations
@@ -8,19 +9,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import numbers
-import operator
-import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .config_fields import ConfigError, build, check, check_declared, default_of, setting
+from .config_values import (  # the first four re-exported: callers import them from here
+    as_integer,  # noqa: F401
+    check_guidance_interval,  # noqa: F401
+    guidance_interval_text,  # noqa: F401
+    guidance_interval_words,  # noqa: F401
+    parse_guidance_interval,
+)
 from .diffusion.sampler_names import SAMPLER_NAMES
-from .words import counted
-
-
-class ConfigError(ValueError):
-    """A setting has a value animeddim cannot use; the message names it."""
-
 
 # One list per kind of choice (samplers: `diffusion.samplers.SAMPLERS`).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # autocast precisions; auto picks per device
@@ -39,103 +39,6 @@ DATA_ON_DEVICE = ("auto", "yes", "no")  # train.data_on_device
 IMAGE_CHANNELS = 3  # images are decoded to RGB
 
 GUIDE_ALWAYS = (0.0, math.inf)  # the guidance interval (in sigma) that guides at every step
-
-
-def as_integer(value: object) -> int | None:
-    """`value` as an int if it is one integer: an int, a numpy integer, or a 0-d integer array
-    or tensor (``torch.tensor(20)``, what a count computed in torch is); None for a bool (True
-    is not 1 step), a float (even 20.0), a string, or an array or tensor of any shape but ().
-
-    Reads what it is given through ``operator.index``, so torch need not be imported here.
-    """
-    if isinstance(value, bool) or getattr(value, "ndim", 0) != 0:
-        return None
-    item = getattr(value, "item", None)  # a 0-d bool tensor: operator.index makes it 1
-    if callable(item) and isinstance(item(), bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
-def check_guidance_interval(interval: tuple[float, float]) -> tuple[float, float]:
-    """(lo, hi) as floats with 0 <= lo < hi (hi may be inf): the noise levels
-    sigma = noise_rate / signal_rate in (lo, hi] where classifier-free guidance applies.
-
-    :raises ConfigError: naming the interval."""
-    lo, hi = (float(x) for x in interval)
-    if not 0.0 <= lo < hi:  # also refuses nan
-        raise ConfigError(
-            f"a guidance interval needs 0 <= LO < HI (HI may be inf), got {lo:g},{hi:g}"
-        )
-    return lo, hi
-
-
-def parse_guidance_interval(text: str) -> tuple[float, float]:
-    """'LO,HI' (e.g. '1,inf') -> a checked (lo, hi); see `check_guidance_interval`.
-
-    :raises ConfigError: text that is not two numbers, or a bad interval."""
-    parts = str(text).split(",")
-    try:
-        if len(parts) != 2:
-            raise ValueError
-        interval = float(parts[0]), float(parts[1])
-    except ValueError:
-        raise ConfigError(
-            f"a guidance interval is LO,HI in sigma (e.g. 1,inf), got {text!r}"
-        ) from None
-    return check_guidance_interval(interval)
-
-
-def guidance_interval_words(interval: tuple[float, float]) -> str:
-    """(1.0, inf) -> 'noise levels sigma in (1, inf]' (what the CLI and reports print)."""
-    lo, hi = interval
-    return f"noise levels sigma in ({lo:g}, {hi:g}]"
-
-
-def guidance_interval_text(interval: tuple[float, float]) -> str:
-    """(1.0, inf) -> '1,inf' (what `parse_guidance_interval` reads)."""
-    return ",".join(f"{x:g}" for x in interval)
-
-
-def setting(
-    default: Any,
-    help: str,
-    *,
-    resume: bool = False,
-    flag: str | tuple[str, ...] | None = None,
-    choices: tuple[str, ...] | None = None,
-    minimum: int | None = None,
-    metavar: str | None = None,
-    cli: bool = True,
-    path: bool = False,
-) -> Any:
-    """A config field with what the CLI needs to offer it as an option.
-
-    :param help: one line; the CLI adds the default.
-    :param resume: the value may change when a run is resumed (`train --resume`).
-    :param flag: option name(s); default ``--`` + the field name with dashes.
-    :param choices: the accepted strings; `minimum`: the smallest accepted integer.
-    :param cli: False for settings only a config file sets.
-    :param path: the value may be a file or folder: a leading ``~`` is the home folder, on
-        the command line and in a config file (`config_files.expand_user`).
-    """
-    meta = {
-        "help": help,
-        "resume": resume,
-        "flags": (flag,) if isinstance(flag, str) else flag,
-        "choices": choices,
-        "minimum": minimum,
-        "metavar": metavar,
-        "cli": cli,
-        "path": path,
-    }
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    if isinstance(default, dict):
-        return field(default_factory=lambda: dict(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -190,11 +93,11 @@ class DataConfig:
         return self.colour_profiles == PROFILES_TO_SRGB
 
     def validate(self) -> None:
-        _check_declared(self, "data.")
+        check_declared(self, "data.")
         profiles = self.colour_profiles
-        _check(profiles in ("", PROFILES_TO_SRGB), "data.colour_profiles", profiles, "srgb or ''")
-        _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "in [0, 1)")
-        _check(
+        check(profiles in ("", PROFILES_TO_SRGB), "data.colour_profiles", profiles, "srgb or ''")
+        check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "in [0, 1)")
+        check(
             0 <= self.split_seed < 2**63,
             "data.split_seed",
             self.split_seed,
@@ -209,7 +112,7 @@ class ScheduleConfig:
 
     def validate(self) -> None:
         ok = 0.0 < self.min_signal_rate < self.max_signal_rate < 1.0
-        _check(
+        check(
             ok,
             "schedule.min_signal_rate/max_signal_rate",
             (self.min_signal_rate, self.max_signal_rate),
@@ -256,27 +159,27 @@ class UNetConfig:
 
     def validate(self) -> None:
         _check_vocabulary(self.vocabulary)
-        _check_declared(self, "model.")
-        _check(
+        check_declared(self, "model.")
+        check(
             len(self.widths) >= 2 and all(w > 0 for w in self.widths),
             "model.widths",
             self.widths,
             "at least two positive integers",
         )
-        _check(
+        check(
             self.embedding_dims >= 2 and self.embedding_dims % 2 == 0,
             "model.embedding_dims",
             self.embedding_dims,
             "an even integer >= 2",
         )
-        _check(
+        check(
             0 < self.embedding_max_frequency < math.inf,
             "model.embedding_max_frequency",
             self.embedding_max_frequency,
             "a positive number",
         )
         factor = 2 ** (len(self.widths) - 1)
-        _check(
+        check(
             self.image_size % factor == 0,
             "image_size",
             self.image_size,
@@ -415,34 +318,32 @@ class TrainConfig:
     )
 
     def validate(self) -> None:
-        _check_declared(self)
-        _check(
+        check_declared(self)
+        check(
             self.learning_rate > 0 and math.isfinite(self.learning_rate),
             "learning_rate (--lr)",
             self.learning_rate,
             "a positive number",
         )
-        _check(
-            0 <= self.weight_decay < math.inf, "weight_decay", self.weight_decay, "a number >= 0"
-        )
-        _check(0.0 <= self.ema_decay < 1.0, "ema_decay", self.ema_decay, "in [0, 1)")
-        _check(1 <= self.eval_steps <= 1000, "eval_steps", self.eval_steps, "in 1..1000")
-        _check(1 <= self.kid_steps <= 1000, "kid_steps", self.kid_steps, "in 1..1000")
-        _check(0.0 <= self.cond_drop <= 1.0, "cond_drop", self.cond_drop, "in [0, 1]")
-        _check(
+        check(0 <= self.weight_decay < math.inf, "weight_decay", self.weight_decay, "a number >= 0")
+        check(0.0 <= self.ema_decay < 1.0, "ema_decay", self.ema_decay, "in [0, 1)")
+        check(1 <= self.eval_steps <= 1000, "eval_steps", self.eval_steps, "in 1..1000")
+        check(1 <= self.kid_steps <= 1000, "kid_steps", self.kid_steps, "in 1..1000")
+        check(0.0 <= self.cond_drop <= 1.0, "cond_drop", self.cond_drop, "in [0, 1]")
+        check(
             self.loss_weight != "min-snr" or self.loss == "mse",
             "loss_weight",
             self.loss_weight,
             "none with loss mae (min-SNR weights are derived for the squared error: "
             "use --loss mse)",
         )
-        _check(
+        check(
             0 < self.min_snr_gamma < math.inf,
             "min_snr_gamma",
             self.min_snr_gamma,
             "a positive number",
         )
-        _check(
+        check(
             0.0 <= self.noise_focus_share <= 1.0,
             "noise_focus_share",
             self.noise_focus_share,
@@ -452,15 +353,15 @@ class TrainConfig:
             try:
                 parse_guidance_interval(self.noise_focus)
             except ConfigError:
-                _check(False, "noise_focus", self.noise_focus, "LO,HI in sigma, 0 <= LO < HI")
-        _check(0 <= self.seed < 2**63, "seed", self.seed, "an integer in 0 .. 2**63 - 1")
-        _check(
+                check(False, "noise_focus", self.noise_focus, "LO,HI in sigma, 0 <= LO < HI")
+        check(0 <= self.seed < 2**63, "seed", self.seed, "an integer in 0 .. 2**63 - 1")
+        check(
             self.kid_images == 0 or self.kid_images >= 2,
             "kid_images",
             self.kid_images,
             "0 (the whole split) or >= 2 (KID compares batches of at least 2 images)",
         )
-        _check(
+        check(
             0 <= self.time_limit_minutes < math.inf,
             "time_limit_minutes (--time-limit)",
             self.time_limit_minutes,
@@ -481,10 +382,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> RunConfig:
-        """Check every setting (`_coerce`: a numpy number or a tuple from Python is converted)."""
+        """Check every setting (`config_fields.coerce` converts a numpy number or a tuple)."""
         for f in fields(self):
-            part, cls = getattr(self, f.name), type(_default(f))
-            _check(isinstance(part, cls), f.name, part, f"a {cls.__name__} (or use from_dict)")
+            part, cls = getattr(self, f.name), type(default_of(f))
+            check(isinstance(part, cls), f.name, part, f"a {cls.__name__} (or use from_dict)")
             part.validate()
         return self
 
@@ -498,7 +399,7 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         from .config_upgrade import upgrade
 
-        return _build(cls, upgrade(d), "")
+        return build(cls, upgrade(d), "")
 
 
 def settings() -> list[tuple[str, dataclasses.Field]]:
@@ -507,24 +408,6 @@ def settings() -> list[tuple[str, dataclasses.Field]]:
     for part in fields(RunConfig):
         out += [(part.name, f) for f in fields(part.default_factory())]  # type: ignore[misc]
     return out
-
-
-def _check(ok: bool, name: str, value: Any, accepted: str) -> None:
-    if not ok:
-        raise ConfigError(f"invalid {name} = {value!r}: expected {accepted}")
-
-
-def _check_declared(part: Any, prefix: str = "") -> None:
-    """The checks a config's settings declare: type (`_coerce`), `choices`, `minimum`."""
-    for f in fields(part):
-        name, choices, minimum = prefix + f.name, f.metadata["choices"], f.metadata["minimum"]
-        value = _coerce(getattr(part, f.name), _default(f), name)
-        setattr(part, f.name, value)
-        if choices is not None:
-            accepted = " or ".join(choices) if len(choices) == 2 else ", ".join(choices)
-            _check(value in choices, name, value, accepted)
-        if minimum is not None:
-            _check(value >= minimum, name, value, f"an integer >= {minimum}")
 
 
 def _check_vocabulary(vocab: Any) -> None:
@@ -537,64 +420,4 @@ def _check_vocabulary(vocab: Any) -> None:
         and len(set(v)) == len(v)
         for a, v in vocab.items()
     )
-    _check(ok, "model.vocabulary", vocab, "attribute -> a list of distinct value strings")
-
-
-def _build(cls: type, d: Any, prefix: str) -> Any:
-    """Build dataclass `cls` from a dict, rejecting unknown keys and wrong types by name."""
-    if not isinstance(d, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a table/object, got {type(d).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(d) - set(known))
-    if unknown:
-        raise ConfigError(
-            f"{counted(len(unknown), 'unknown setting')} {', '.join(prefix + k for k in unknown)}; "
-            f"known in this section: {', '.join(sorted(known))}"
-        )
-    kwargs = {}
-    for name, value in d.items():
-        default = _default(known[name])
-        if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(type(default), value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, default, f"{prefix}{name}")
-    return cls(**kwargs)
-
-
-def _default(f: dataclasses.Field) -> Any:
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-
-
-def _coerce(value: Any, default: Any, name: str) -> Any:
-    """Check a leaf value against its default's type, converting a tuple, numpy number or Path."""
-    integral = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)  # noqa: E731
-    real = isinstance(value, numbers.Real) and not isinstance(value, bool)  # true is not 1.0
-    if isinstance(value, (list, tuple)):
-        value = [int(v) if integral(v) else v for v in value]
-    elif integral(value) or (real and isinstance(default, float)):
-        value = int(value) if integral(value) else float(value)
-    elif isinstance(value, os.PathLike) and isinstance(default, str):
-        value = os.fspath(value)
-    if isinstance(default, bool) or default is None:  # None: compile's "where it pays off"
-        if not isinstance(value, bool) and value is not None:
-            raise ConfigError(f"invalid {name} = {value!r}: expected true or false")
-        return value
-    if isinstance(default, int) and not isinstance(default, bool):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"invalid {name} = {value!r}: expected an integer")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"invalid {name} = {value!r}: expected a number")
-        return float(value)
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise ConfigError(f"invalid {name} = {value!r}: expected a string")
-        return value
-    if isinstance(default, list):
-        if not isinstance(value, list) or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value
-        ):
-            raise ConfigError(f"invalid {name} = {value!r}: expected a list of integers")
-        return list(value)
-    return value
+    check(ok, "model.vocabulary", vocab, "attribute -> a list of distinct value strings")

@@ -20,7 +20,7 @@ def upgrade(d: Any) -> Any:
     """A settings dict of an earlier animeddim (config.json, checkpoint, config file) in
     today's layout: `data.image_size` is `model.image_size`; `model.channels` (always 3,
     nothing honoured another value) is gone; a whole train section without `loss` was
-    trained with the MAE. Anything else is left to `_build` to judge."""
+    trained with the MAE. Anything else is left to `config_fields.build` to judge."""
     if not isinstance(d, dict):
         return d
     d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
