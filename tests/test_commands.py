@@ -136,6 +136,48 @@ def test_invert_and_interpolate(tiny_run, avatars16, tmp_path, capsys):
         assert rc == 2 and "unclipped DDIM" in err, extra
 
 
+def test_invert_edit_and_interpolate_note_images_smaller_than_the_model_once(
+    tiny_run, cond_run, tmp_path, capsys
+):
+    """`invert`, `edit` and `interpolate --images` read their images at the model's size and
+    enlarged those smaller to it, blurring them, without a word (where `train` and `data
+    prepare` name them). Each says so in one note per call, in their words, the smallest
+    named; images at least as large as the model get none."""
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for name, size in (("a.png", (12, 8)), ("b.png", (20, 20)), ("c.png", (10, 14))):
+        Image.new("RGB", size, (200, 40, 40)).save(faces / name)
+    many = (
+        "note: 2 images smaller than 16x16 (the centred square of each) were enlarged to it, "
+        "blurring them (the smallest: a.png, 12x8); 16x16 is the model's size: images at "
+        "least that large stay sharp"
+    )
+
+    def notes(err: str) -> list[str]:
+        return [line for line in err.splitlines() if "smaller than" in line]
+
+    rc, _, err = run_main(capsys, "invert", "--run", tiny_run, "--images", faces, "--steps", 2,
+                          "--out", tmp_path / "inv")  # fmt: skip
+    assert rc == 0 and notes(err) == [many], err
+    rc, _, err = run_main(capsys, "edit", "--run", cond_run, "--images", faces, "--set",
+                          "colour=blue", "--steps", 2, "--out", tmp_path / "ed")  # fmt: skip
+    assert rc == 0 and notes(err) == [many], err
+    ends = [faces / "a.png", faces / "b.png"]
+    rc, _, err = run_main(capsys, "interpolate", "--run", tiny_run, "--images", *ends,
+                          "--frames", 2, "--steps", 2, "--out", tmp_path / "i.png")  # fmt: skip
+    assert rc == 0 and notes(err) == [
+        f"note: 1 image smaller than 16x16 (its centred square) was enlarged to it, blurring "
+        f"it ({ends[0]}, 12x8); 16x16 is the model's size: images at least that large stay sharp"
+    ], err
+    rc, _, err = run_main(capsys, "interpolate", "--run", tiny_run, "--images", ends[1],
+                          faces / "c.png", "--frames", 2, "--steps", 2,
+                          "--out", tmp_path / "j.png")  # fmt: skip
+    assert rc == 0 and len(notes(err)) == 1 and f"({faces / 'c.png'}, 10x14)" in err, err
+    rc, _, err = run_main(capsys, "invert", "--run", tiny_run, "--images", ends[1], "--steps", 2,
+                          "--out", tmp_path / "inv-b")  # fmt: skip
+    assert rc == 0 and notes(err) == [], err
+
+
 def test_interpolate_steps_default_to_20_from_seeds_and_50_from_images(
     tiny_run, avatars16, tmp_path, capsys, monkeypatch
 ):

@@ -1,18 +1,25 @@
 """Images smaller than the size they are read at: enlarged to it, and blurred by it.
 
 Counted where each image is decoded (its upright width x height comes with its pixels, so
-nothing is read twice), said in one note: by `data prepare` and by `train` at its start.
+nothing is read twice), said in one note: by `data prepare` and by `train` at its start, and
+as an :class:`EnlargedWarning` by the commands that read images at a model's size (`invert`,
+`edit`, `interpolate --images`; the CLI prints it as a note).
 No torch here: the decoding worker processes import `data`, which imports this.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .image_files import shown
 from .words import counted
+
+
+class EnlargedWarning(UserWarning):
+    """Images smaller than the model's size were enlarged to it (:meth:`Enlarged.warn`)."""
 
 
 @dataclass
@@ -55,20 +62,32 @@ class Enlarged:
         count, width, height, name = record
         return cls(int(count), (int(width), int(height), str(name)))
 
-    def note(self, size: int, option: str) -> str | None:
+    def note(self, size: int, option: str | None) -> str | None:
         """One line naming the images enlarged to ``size`` x ``size``, the smallest, and the
-        remedy: a smaller ``option`` (the size option of the command); None when none was."""
+        remedy: a smaller ``option`` (the size option of the command), or with None (a
+        model's size, fixed) images at least that large; None when none was enlarged."""
         if not self.count or self.smallest is None:
             return None
         width, height, name = self.smallest
-        if self.count == 1:
+        one = self.count == 1
+        remedy = (
+            f"a smaller {option} keeps {'it' if one else 'them'} sharp"
+            if option
+            else f"{size}x{size} is the model's size: images at least that large stay sharp"
+        )
+        if one:
             return (
                 f"1 image smaller than {size}x{size} (its centred square) was enlarged to it, "
-                f"blurring it ({shown(name)}, {width}x{height}); a smaller {option} keeps it "
-                "sharp"
+                f"blurring it ({shown(name)}, {width}x{height}); {remedy}"
             )
         return (
             f"{counted(self.count, 'image')} smaller than {size}x{size} (the centred square of "
             f"each) were enlarged to it, blurring them (the smallest: {shown(name)}, "
-            f"{width}x{height}); a smaller {option} keeps them sharp"
+            f"{width}x{height}); {remedy}"
         )
+
+    def warn(self, size: int) -> None:
+        """:meth:`note` for images read at a model's ``size``, as an :class:`EnlargedWarning`
+        (none when no image was enlarged)."""
+        if note := self.note(size, None):
+            warnings.warn(note, EnlargedWarning, stacklevel=3)

@@ -115,16 +115,14 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Print a warning as one line (no source line), each distinct text once."""
     from ..data import PassedOverWarning, ProfileWarning, SkippedFilesWarning
+    from ..enlarged import EnlargedWarning
 
     text = str(message)
     if text in _shown_warnings:
         return
     _shown_warnings.add(text)
-    tag = (
-        "note"
-        if issubclass(category, (SkippedFilesWarning, PassedOverWarning, ProfileWarning))
-        else f"{_prog()}: warning"
-    )
+    notes = (SkippedFilesWarning, PassedOverWarning, ProfileWarning, EnlargedWarning)
+    tag = "note" if issubclass(category, notes) else f"{_prog()}: warning"
     if _open_bars:  # above the progress bar, not glued to it
         from tqdm import tqdm
 

@@ -35,10 +35,12 @@ from .core import (
 
 
 def _load_images(images: str | Path, size: int) -> tuple[torch.Tensor, list[str], Path]:
-    """The images of a folder, or of one image file; with the folder their paths are below."""
+    """The images of a folder, or of one image file, at the model's `size` (those smaller
+    enlarged to it: an `EnlargedWarning` says so); with the folder their paths are below."""
     from ..data import load_images
 
     s, root = load_images(images, size)
+    s.enlarged.warn(size)
     return torch.from_numpy(np.asarray(s.images)), s.paths, root
 
 
@@ -159,15 +161,9 @@ def interpolate(
         a = randn_per_image(image_generators(seeds[0], [0]), shape, settings.device)
         b = randn_per_image(image_generators(seeds[1], [0]), shape, settings.device)
     else:
-        from ..data import BadImage, DataError, load_image
-
         ends = []
         inverted = _counter(progress, "invert", 2)
-        for p in images:
-            try:
-                im = torch.tensor(load_image(Path(p), cfg.model.image_size))[None]
-            except BadImage as e:
-                raise DataError(f"cannot interpolate from '{p}': {e.reason}") from None
+        for im in _read_ends(images, cfg.model.image_size):
             x0 = _normalised(loaded, im, settings.device)
             with settings.autocast():
                 ends.append(ddim_invert(loaded.model, x0, invert_steps, cfg.schedule).float())
@@ -199,6 +195,22 @@ def interpolate(
     # there and back, as in the Keras example's animation
     save_gif(gif, torch.cat([frames_u8, frames_u8.flip(0)[1:-1]]), duration_ms=80)
     return strip, gif
+
+
+def _read_ends(images: Sequence[str | Path], size: int) -> list[torch.Tensor]:
+    """The images of `interpolate`'s ends at the model's `size`, [1 x H x W x 3] uint8 each;
+    those smaller enlarged to it, which one `EnlargedWarning` says for both."""
+    from ..data import BadImage, DataError, load_image
+    from ..enlarged import Enlarged
+
+    ends, sources = [], []
+    for p in images:
+        try:
+            ends.append(torch.tensor(load_image(Path(p), size, source=sources))[None])
+        except BadImage as e:
+            raise DataError(f"cannot interpolate from '{p}': {e.reason}") from None
+    Enlarged.of([str(p) for p in images], sources, size).warn(size)
+    return ends
 
 
 def _a_pair(ends: Any) -> bool:
