@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -563,6 +564,34 @@ def test_disk_cache_decodes_under_the_io_temp_name_and_leaves_nothing_on_failure
     assert len(seen) == 1 and seen[0].endswith(f".u8.tmp-{os.getpid()}"), seen
     assert animeddim_io.is_temp_name(seen[0])
     assert not list(cache.iterdir())
+
+
+def test_a_disk_cache_whose_record_cannot_be_written_leaves_no_pixels_behind(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A full disk as the record (KEY.json: skip reasons, the images enlarged) is written,
+    after the pixels (KEY.u8) are in place: the error names the record, and the pixels,
+    which no read takes without it, go (before: left behind, as large as the decoded folder,
+    on the disk that had filled up)."""
+    root, cache = tmp_path / "imgs", tmp_path / "cache"
+    root.mkdir()
+    for i in range(3):
+        _save(root / f"{i}.png", _rgb(10, 10, i))
+    real = open
+
+    def full(path, mode="r", *a, **kw):
+        if "w" in mode and str(path).endswith(f".json.tmp-{os.getpid()}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(path, mode, *a, **kw)
+
+    monkeypatch.setattr(animeddim_io, "open", full, raising=False)
+    with pytest.raises(OSError, match="No space left on device") as failed:
+        load_folder(root, 8, cache="disk", cache_dir=cache)
+    assert failed.value.filename.endswith(".json") and Path(failed.value.filename).parent == cache
+    assert not list(cache.iterdir())
+    monkeypatch.undo()
+    assert len(load_folder(root, 8, cache="disk", cache_dir=cache).paths) == 3
+    assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".u8"]
 
 
 def test_disk_cache_remembers_skipped(tmp_path: Path) -> None:

@@ -503,7 +503,11 @@ def _load_disk_cached(
                 [Path(s.path).relative_to(root).as_posix(), s.reason] for s in notes
             ]
             meta["enlarged"] = enlarged.to_json()
-            write_text_atomic(meta_path, json.dumps(meta))
+            try:
+                write_text_atomic(meta_path, json.dumps(meta))
+            except BaseException:  # a full disk: the pixels, unread without it, give space back
+                data_path.unlink(missing_ok=True)
+                raise
     finally:
         if tmp.exists():
             tmp.unlink()
