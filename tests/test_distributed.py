@@ -806,7 +806,8 @@ def test_an_error_one_process_alone_finds_after_joining_is_said(one_process_run,
 
 # Each process measures its block of the real folder with a test double of the Inception
 # network (per-channel means and deviations: the same whatever the batches), counting the
-# images it measured; process 0 saves the features. Run twice: the second finds the cache.
+# images it measured and recording what it tells its progress bar; process 0 saves the
+# features. Run twice: the second finds the cache.
 REAL_FEATURES_SCRIPT = """
 import json, sys, torch
 from pathlib import Path
@@ -822,16 +823,16 @@ class Counting:
 
 real, cache, out = sys.argv[1:4]
 distributed.setup(torch.device("cpu"))
-counts = []
+counts, told = [], []
 for _ in range(2):
     extractor = Counting()
-    f = real_folder_features(real, extractor, Path(cache))
+    f = real_folder_features(real, extractor, Path(cache), lambda *said: told.append(said))
     counts.append(extractor.count)
     if distributed.is_main():
         torch.save(f, Path(out) / "features.pt")
     else:
         assert f is None
-Path(out, f"rank{distributed.rank()}.json").write_text(json.dumps(counts))
+Path(out, f"rank{distributed.rank()}.json").write_text(json.dumps([counts, told]))
 distributed.cleanup()
 """
 
@@ -853,7 +854,9 @@ def _colour_moments(real: Path, tmp: Path) -> torch.Tensor:
 def test_a_real_folder_every_process_sees_is_measured_in_blocks(avatars16, tmp_path):
     """On a feature-cache miss under torchrun each process measures its block of the real
     folder (12 + 12 of 24 images) and process 0 writes the cache once; the features are
-    one process's. Before: process 0 measured all 24 while the other waited."""
+    one process's. Before: process 0 measured all 24 while the other waited. Each one's
+    progress bar counts its block and says so, and of how many (before: 'features (real)',
+    12 of 12, under torchrun as if the folder held 12)."""
     script, out, cache = tmp_path / "real.py", tmp_path / "out", tmp_path / "cache"
     script.write_text(REAL_FEATURES_SCRIPT)
     out.mkdir()
@@ -861,8 +864,12 @@ def test_a_real_folder_every_process_sees_is_measured_in_blocks(avatars16, tmp_p
            "2", str(script), str(avatars16), str(cache), str(out)]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
     assert p.returncode == 0, p.stderr
-    counts = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert counts == [[12, 0], [12, 0]], counts  # a block each, then the cache
+    (counts, told), (counts_1, told_1) = [
+        json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)
+    ]
+    assert [counts, counts_1] == [[12, 0], [12, 0]]  # a block each, then the cache
+    assert told == [["features (real, process 0's 12 of 24)", d, 12] for d in (0, 12)], told
+    assert told_1 == [["features (real, process 1's 12 of 24)", d, 12] for d in (0, 12)]
     assert len(list(cache.iterdir())) == 1
     features = torch.load(out / "features.pt")
     assert torch.equal(features, _colour_moments(avatars16, tmp_path))
@@ -880,8 +887,11 @@ def test_a_real_folder_one_process_lacks_is_measured_by_process_0(avatars16, tmp
     args = ["real", str(cache), str(out)]
     p0, p1 = by_hand([args, args], [a, b], program=[sys.executable, str(script)])
     assert (p0.returncode, p1.returncode) == (0, 0), (p0.stderr, p1.stderr)
-    counts = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert counts == [[24, 0], [0, 0]], counts
+    (counts, told), (counts_1, told_1) = [
+        json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)
+    ]
+    assert [counts, counts_1] == [[24, 0], [0, 0]]
+    assert told == [["features (real)", d, 24] for d in (0, 24)] and told_1 == [], told
     assert torch.equal(torch.load(out / "features.pt"), _colour_moments(avatars16, tmp_path))
 
 

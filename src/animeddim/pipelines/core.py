@@ -41,6 +41,11 @@ def _tell(progress: Progress | None, stage: str, done: int, total: int) -> None:
         progress(stage, done, total)
 
 
+def _stage(progress: Progress | None, name: str) -> Callable[[int, int], None] | None:
+    """progress(name, done, total) as a (done, total) callback."""
+    return None if progress is None else (lambda d, t: progress(name, d, t))
+
+
 def _counter(progress: Progress | None, stage: str, total: int) -> Callable[[int], None]:
     """A per-batch callback (images just finished) that reports the running total."""
     done = 0

@@ -34,6 +34,7 @@ from .core import (
     Progress,
     SampleSettings,
     _nchw,
+    _stage,
     _tell,
     check_count,
     check_guidance,
@@ -325,11 +326,6 @@ def _paper_kid(
     }
 
 
-def _stage(progress: Progress | None, name: str) -> Callable[[int, int], None] | None:
-    """progress(name, done, total) as a (done, total) callback."""
-    return None if progress is None else (lambda d, t: progress(name, d, t))
-
-
 def _real_features(
     real: str | Path,
     extractor: metrics.FeatureExtractor,
@@ -339,7 +335,7 @@ def _real_features(
     """Standard-protocol features of the real folder (cached on disk) on process 0, None
     on the others; every process calls it, and on a cache miss each measures its block
     (`real_folder.real_folder_features`)."""
-    return real_folder_features(real, extractor, cache_dir, _stage(progress, "features (real)"))
+    return real_folder_features(real, extractor, cache_dir, progress)
 
 
 STEPS_COLUMNS = [

@@ -9,19 +9,19 @@ be another copy, on some of them: then process 0 measures it alone, as in one pr
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .. import distributed, metrics
+from .core import Progress, _stage
 
 
 def real_folder_features(
     real: str | Path,
     extractor: metrics.FeatureExtractor,
     cache_dir: Path | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> torch.Tensor | None:
     """Standard-protocol features of `real` ([N x D] float64, sorted file order; cached on
     disk), on process 0; None on the other processes. Every process must call it.
@@ -31,6 +31,10 @@ def real_folder_features(
     if every one lists what process 0 lists, each measures its block; if not (a node
     without the folder, or with another copy), process 0 measures it whole. An error (too
     few images, two sizes) is raised on every process.
+
+    :param progress: told (stage, images done, images to do): the stage "features (real)"
+        for the whole folder; for a block, "features (real, process R's K of N)", counting
+        the K images of this process's block (no process knows how far the others are).
     """
     plan: list[metrics.FolderPlan] = []
 
@@ -47,16 +51,19 @@ def real_folder_features(
     if not shared:  # one process, or a folder some process does not see as process 0 does
 
         def whole() -> torch.Tensor:
+            stage = _stage(progress, "features (real)")
             block = metrics.block_features(plan[0].folder, plan[0].files, extractor,
-                                           progress=progress)  # fmt: skip
+                                           progress=stage)  # fmt: skip
             return metrics.finish_features(plan[0], extractor, [block], block.features)[0]
 
         return distributed.on_main(whole)
     folder = Path(real)
     files = [folder / name for name, _, _ in listed]
     lo, hi = distributed.shard(len(files))
+    share = f"features (real, process {distributed.rank()}'s {hi - lo} of {len(files)})"
+    stage = _stage(progress, share)
     block = distributed.on_every(
-        lambda: metrics.block_features(folder, files[lo:hi], extractor, progress=progress)
+        lambda: metrics.block_features(folder, files[lo:hi], extractor, progress=stage)
     )
     blocks = distributed.all_gather_object(
         metrics.Block(torch.empty(0), block.first, block.skipped, block.unconverted)
