@@ -895,32 +895,71 @@ def test_a_real_folder_one_process_lacks_is_measured_by_process_0(avatars16, tmp
     assert torch.equal(torch.load(out / "features.pt"), _colour_moments(avatars16, tmp_path))
 
 
+def _by_hand_and_in_one(
+    common: list[str], real: Path, cache: Path, tmp: Path
+) -> tuple[dict, dict, subprocess.CompletedProcess]:
+    """`common` with --real 'real' in two processes started by hand, 'real' a link to `real`
+    in process 0's working directory alone (another node's disks) (written to
+    tmp/two.json), then in one with --real `real` (tmp/one.json): both JSONs and process
+    0's output; process 1 says nothing."""
+    a, b = tmp / "a", tmp / "b"
+    a.mkdir(), b.mkdir()
+    (a / "real").symlink_to(real)
+    args = [*common, "--real", "real", "--cache-dir", str(cache), "--out", str(tmp / "two.json")]
+    p0, p1 = by_hand([args, args], [a, b])
+    assert (p0.returncode, p1.returncode) == (0, 0), (p0.stderr, p1.stderr)
+    assert p1.stdout == "", p1.stdout
+    animeddim(*common, "--real", str(real), "--cache-dir", str(tmp / "c1"),
+              "--out", str(tmp / "one.json"))  # fmt: skip
+    one, two = (json.loads((tmp / f"{k}.json").read_text()) for k in ("one", "two"))
+    return one, two, p0
+
+
 @needs_weights
 def test_evaluate_with_a_real_folder_process_0_alone_sees(one_process_run, avatars16, tmp_path):
     """--real 'real' is a folder in process 0's working directory alone (another node's
     disks): process 0 measures it, each process draws its block, and the summary is one
     process's. Before: refused, 'process 1 of 2: real-image folder 'real' does not exist'."""
     real, cache = _real_folder(avatars16, tmp_path), tmp_path / "cache"
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir(), b.mkdir()
-    (a / "real").symlink_to(real)
     common = ["evaluate", "--run", str(one_process_run), "--n", "4", "--steps", "1",
               "--protocols", "standard", "--device", "cpu"]  # fmt: skip
-    args = [
-        *common,
-        "--real",
-        "real",
-        "--cache-dir",
-        str(cache),
-        "--out",
-        str(tmp_path / "two.json"),
-    ]
-    p0, p1 = by_hand([args, args], [a, b])
-    assert (p0.returncode, p1.returncode) == (0, 0), (p0.stderr, p1.stderr)
-    assert p1.stdout == "" and p0.stdout.count("written:") == 1, p0.stdout
-    animeddim(*common, "--real", str(real), "--cache-dir", str(tmp_path / "c1"),
-              "--out", str(tmp_path / "one.json"))  # fmt: skip
-    one, two = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("one", "two"))
+    one, two, p0 = _by_hand_and_in_one(common, real, cache, tmp_path)
+    assert p0.stdout.count("written:") == 1, p0.stdout
     assert one["real"] == two["real"] == str(real.resolve()) and one["n_real"] == 4
     differences = {k: abs(one[k] - two[k]) / abs(one[k]) for k in ("kid_mean", "kid_std", "fid")}
     assert max(differences.values()) < METRIC_TOLERANCE, differences
+
+
+def _labelled_real(cond_data: Path, tmp: Path) -> Path:
+    """8 of `cond_data`'s images (4 red, 4 blue) and their rows of its labels.csv."""
+    real = tmp / "labelled"
+    real.mkdir()
+    rows = (cond_data / "labels.csv").read_text().splitlines()
+    kept = [rows[0]] + [rows[1 + i] for i in range(0, 96, 12)]
+    for row in kept[1:]:
+        shutil.copy(cond_data / row.split(",")[0], real)
+    (real / "labels.csv").write_text("\n".join(kept) + "\n")
+    return real
+
+
+@needs_weights
+def test_evaluate_attr_with_a_real_folder_process_0_alone_sees(
+    cond_run, cond_data, cond_classifier, tmp_path
+):
+    """evaluate --attr with --real 'real' in process 0's working directory alone: process 0
+    reads its labels.csv and measures it, each process draws its block under the asked
+    colour, and the summary is one process's. Before: refused, 'process 1 of 2: real folder
+    'real' has no labels.csv: --attr compares with the real images that have the asked
+    values', every process reading the labels."""
+    real = _labelled_real(cond_data, tmp_path)
+    common = ["evaluate", "--run", str(cond_run), "--classifier", str(cond_classifier),
+              "--attr", "colour=red", "--guidance", "3", "--n", "4", "--steps", "2",
+              "--protocols", "standard", "--device", "cpu", "--precision", "fp32"]  # fmt: skip
+    one, two, p0 = _by_hand_and_in_one(common, real, tmp_path / "c2", tmp_path)
+    assert p0.stdout.count("attribute accuracy colour=red:") == 1, p0.stdout
+    asked_1, asked_2 = one["attributes_asked"], two["attributes_asked"]
+    assert asked_1["n_real"] == asked_2["n_real"] == 4  # the red ones of the 8
+    assert asked_1["accuracy"] == asked_2["accuracy"], (asked_1, asked_2)
+    for r1, r2 in ((one, two), (asked_1, asked_2)):
+        differences = {k: abs(r1[k] - r2[k]) / abs(r1[k]) for k in ("kid_mean", "kid_std")}
+        assert max(differences.values()) < METRIC_TOLERANCE, differences

@@ -400,7 +400,13 @@ def evaluate_target(a: argparse.Namespace, loaded) -> tuple[Any, Any]:
         a.guidance = 1.0
     if a.attrs_from:
         return None, mix_target(loaded, a.attrs_from, a.classifier, asked(a))
-    return (control_target(loaded, a.real, asked(a), a.classifier) if a.attr else None), None
+    if not a.attr:
+        return None, None
+    from .distributed import is_main
+
+    # process 0 alone measures the real side, so it alone reads --real's labels: the others
+    # draw under what is asked, and --real need be on process 0's node only
+    return control_target(loaded, a.real, asked(a), a.classifier, read_labels=is_main()), None
 
 
 def control_lines(c: dict[str, Any]) -> list[str]:

@@ -38,7 +38,8 @@ class ControlTarget:
     :param classifier: an `attributes.AttributeNet`.
     :param ceiling: per asked attribute, the classifier's own accuracy on real images
         (None where its file records none); `ceiling_kind` says which split it was.
-    :param real_files: the real images labelled with every asked value (sorted).
+    :param real_files: the real images labelled with every asked value (sorted); empty
+        where the labels were not read (`control_target`'s read_labels).
     """
 
     asked: dict[str, str]
@@ -57,10 +58,14 @@ def control_target(
     real: str | Path,
     asked: Mapping[str, str],
     classifier: str | Path | None = None,
+    read_labels: bool = True,
 ) -> ControlTarget:
     """Check what is asked against the model, the classifier and the real folder's labels.
 
     :param classifier: a classifier file (None: the shipped avatar one).
+    :param read_labels: False: the real folder is not looked at (no check of its labels,
+        `real_files` empty), for a process that only draws under what is asked (under
+        torchrun `evaluate` reads them on process 0 alone, which measures the real side).
     :raises UnknownAttribute: an unconditional model, or an attribute or value the model or
         the classifier does not know.
     :raises DataError: the real folder has no labels.csv, no such column, or fewer than 2
@@ -78,7 +83,7 @@ def control_target(
     encode(vocab, asked)
     real = Path(real)
     labels = real / "labels.csv"
-    if not labels.is_file():
+    if read_labels and not labels.is_file():
         raise DataError(
             f"real folder '{real}' has no labels.csv: --attr compares with the real images "
             "that have the asked values"
@@ -102,7 +107,7 @@ def control_target(
         ceiling=ceiling,
         ceiling_kind=kind,
         real=real,
-        real_files=_files_with(real, labels, asked),
+        real_files=_files_with(real, labels, asked) if read_labels else [],
     )
 
 
