@@ -963,3 +963,30 @@ def test_evaluate_attr_with_a_real_folder_process_0_alone_sees(
     for r1, r2 in ((one, two), (asked_1, asked_2)):
         differences = {k: abs(r1[k] - r2[k]) / abs(r1[k]) for k in ("kid_mean", "kid_std")}
         assert max(differences.values()) < METRIC_TOLERANCE, differences
+
+
+@needs_weights
+@pytest.mark.parametrize("node_b", ["no folder", "an earlier file"])
+def test_evaluate_out_is_checked_and_written_on_process_0s_node(
+    one_process_run, avatars16, tmp_path, node_b
+):
+    """--out 'evals/e.json' (relative), whose folder is in process 0's working directory;
+    process 1's (another node's disks) has no 'evals', or an 'evals/e.json' of an earlier
+    evaluation there. Process 0 alone checks --out and writes it; process 1's files stay
+    as they were. Before: every process checked --out, so the earlier file on process 1's
+    node refused the call, 'process 1 of 2: --out 'evals/e.json' already exists'."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "evals").mkdir()
+    if node_b == "an earlier file":
+        (b / "evals").mkdir()
+        (b / "evals" / "e.json").write_text("{}\n")
+    args = ["evaluate", "--run", str(one_process_run), "--real", str(avatars16), "--n", "4",
+            "--steps", "1", "--protocols", "standard", "--device", "cpu",
+            "--cache-dir", str(tmp_path / "cache"), "--out", "evals/e.json"]  # fmt: skip
+    p0, p1 = by_hand([args, args], [a, b])
+    assert (p0.returncode, p1.returncode) == (0, 0), (p0.stderr, p1.stderr)
+    assert "written: evals/e.json" in p0.stdout and p1.stdout == "", p0.stdout
+    assert json.loads((a / "evals" / "e.json").read_text())["n"] == 4
+    held = {str(f.relative_to(b)): f.read_text() for f in b.rglob("*") if f.is_file()}
+    assert held == ({} if node_b == "no folder" else {"evals/e.json": "{}\n"}), held

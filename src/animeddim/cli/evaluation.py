@@ -122,28 +122,19 @@ def _evaluate_plan(a: argparse.Namespace, loaded, device) -> dict[str, Any]:
     # pipelines.real_features), so process 0 alone checks it (said once, on every process)
     if _is_main():
         need_folder(a.real, "real-image folder")  # missing, a file, an archive, ...
-    if a.out:
-        out = outputs.new_file(a.out, a.force)
-    elif a.run and Path(a.run).is_dir():  # a new name, never an earlier evaluation's
-        stem, k = f"eval-{time.strftime('%Y%m%d-%H%M%S')}", 1
-        while (out := Path(a.run) / f"{stem}{f'-{k}' if k > 1 else ''}.json").exists():
-            k += 1
-        outputs.new_file(out, False, "the default --out")  # a run folder that can be written
-    else:
-        from ..checkpoint import no_run_to_write_into  # here: it loads torch
-
-        raise CliError(no_run_to_write_into("--out FILE.json", a.run))
+    # process 0 alone writes the JSON, on its node, so it alone looks at --out there (another
+    # node may hold another file of that name, or lack its folder); the others (None) agree
+    # on its outcome through `on_every`
+    out = _out_file(a) if _is_main() else None
     attributes = None
     if a.coverage:
         from ..attributes import load_classifier
 
         if _is_main() and not (Path(a.real) / "labels.csv").is_file():
             raise CliError(f"--coverage needs labels: {a.real!r} has no labels.csv")
-        outputs.earlier_outputs(out.parent, outputs.COVERAGE_NAMES, a.force, "--coverage beside")
         attributes = load_classifier(None if a.coverage == "shipped" else a.coverage)[0]
     control, mix = conditional_cli.evaluate_target(a, loaded)
     if a.samples_out:  # the folder itself is looked at by `_samples_folder`
-        outputs.distinct([("--out", out), ("--samples-out", Path(a.samples_out))])
         outputs.not_inside(a.samples_out, [a.real], "--samples-out", "the --real folder")
     settings = _settings(a, device, loaded)
     if (control is not None or mix is not None) and _is_main():
@@ -162,6 +153,27 @@ def _evaluate_plan(a: argparse.Namespace, loaded, device) -> dict[str, Any]:
         on_samples=None,
         kept=None,
     )
+
+
+def _out_file(a: argparse.Namespace) -> Path:
+    """`evaluate`'s JSON file, checked on process 0 (which writes it): --out, or a new name
+    in the run folder; with `--coverage`'s folder beside it and apart from --samples-out."""
+    if a.out:
+        out = outputs.new_file(a.out, a.force)
+    elif a.run and Path(a.run).is_dir():  # a new name, never an earlier evaluation's
+        stem, k = f"eval-{time.strftime('%Y%m%d-%H%M%S')}", 1
+        while (out := Path(a.run) / f"{stem}{f'-{k}' if k > 1 else ''}.json").exists():
+            k += 1
+        outputs.new_file(out, False, "the default --out")  # a run folder that can be written
+    else:
+        from ..checkpoint import no_run_to_write_into  # here: it loads torch
+
+        raise CliError(no_run_to_write_into("--out FILE.json", a.run))
+    if a.coverage:
+        outputs.earlier_outputs(out.parent, outputs.COVERAGE_NAMES, a.force, "--coverage beside")
+    if a.samples_out:
+        outputs.distinct([("--out", out), ("--samples-out", Path(a.samples_out))])
+    return out
 
 
 def _samples_folder(a: argparse.Namespace, loaded, plan: dict[str, Any]) -> SampleFolder | None:
