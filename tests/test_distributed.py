@@ -686,9 +686,15 @@ def test_a_one_process_command_under_torchrun_is_refused_once(command, monkeypat
     """Under torchrun every process of kid, report, data, attributes, invert, interpolate or
     edit ran the whole job and wrote the same files. Only train, sample, evaluate and steps
     share their work; any other command started with WORLD_SIZE > 1 is refused before any
-    work: one line from process 0, exit 2 from every process."""
+    work: one line from process 0, exit 2 from every process. The others end at once: their
+    error is a copy of process 0's, so they do not wait to be stopped as for an option error
+    the first process may not have said yet (before: 20 s each)."""
     from conftest import run_main
 
+    import animeddim.cli as cli
+
+    waits = []
+    monkeypatch.setattr(cli, "_said_by_another_process", lambda: waits.append(1) or False)
     for rank, said in (("0", True), ("1", False)):
         monkeypatch.setenv("WORLD_SIZE", "2")
         monkeypatch.setenv("RANK", rank)
@@ -701,6 +707,7 @@ def test_a_one_process_command_under_torchrun_is_refused_once(command, monkeypat
             assert "(train, sample, evaluate and steps share their work" in err
         else:
             assert err == "", err
+    assert waits == [1], waits  # process 0's check alone; process 1 did not wait
 
 
 @pytest.mark.parametrize(

@@ -162,9 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_TERMINATED if terminated else rc
     except errors as e:
         _close_bars()
-        # torchrun: rank 0's error, raised on all ranks, or found before they joined
-        if not _said_by_another_process():
-            say_error(e, getattr(e, "mirrored", False))
+        # torchrun: rank 0's error, raised on all ranks, or found before they joined; a copy
+        # of process 0's (`mirrored`) ends at once, in silence, as process 0 says it
+        mirrored = getattr(e, "mirrored", False)
+        if mirrored or not _said_by_another_process():
+            say_error(e, mirrored)
         return EXIT_USAGE
     except KeyboardInterrupt as e:
         _close_bars()
