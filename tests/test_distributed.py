@@ -997,3 +997,23 @@ def test_evaluate_out_is_checked_and_written_on_process_0s_node(
     assert json.loads((a / "evals" / "e.json").read_text())["n"] == 4
     held = {str(f.relative_to(b)): f.read_text() for f in b.rglob("*") if f.is_file()}
     assert held == ({} if node_b == "no folder" else {"evals/e.json": "{}\n"}), held
+
+
+@needs_weights
+def test_steps_out_is_checked_and_written_on_process_0s_node(one_process_run, avatars16, tmp_path):
+    """steps --out 'study' (relative): process 1's working directory (another node's disks)
+    holds an earlier study there. Process 0 alone looks for earlier outputs and writes the
+    study; process 1's files stay as they were. Before: every process looked, so the
+    earlier study on process 1's node refused the call."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), (b / "study").mkdir(parents=True)
+    (b / "study" / "steps.csv").write_text("earlier\n")
+    args = ["steps", "--run", str(one_process_run), "--real", str(avatars16), "--n", "4",
+            "--steps", "1", "--eta", "0", "--samplers", "ddim", "--device", "cpu",
+            "--cache-dir", str(tmp_path / "cache"), "--out", "study"]  # fmt: skip
+    p0, p1 = by_hand([args, args], [a, b])
+    assert (p0.returncode, p1.returncode) == (0, 0), (p0.stderr, p1.stderr)
+    assert "steps study: study/steps.csv" in p0.stdout and p1.stdout == "", p0.stdout
+    assert (a / "study" / "steps.md").is_file()
+    held = {str(f.relative_to(b)): f.read_text() for f in b.rglob("*") if f.is_file()}
+    assert held == {"study/steps.csv": "earlier\n"}, held

@@ -247,5 +247,8 @@ def _steps_plan(a: argparse.Namespace, loaded) -> tuple[list[str], Path]:
         raise CliError(no_run_to_write_into("--out DIR", a.run))
     # steps.png in the real folder: the next KID on it reads the plot as a real image
     outputs.not_inside(out, [a.real], "--out", "the --real folder")
-    outputs.earlier_outputs(out, outputs.STEPS_NAMES, a.force)  # each is replaced whole
+    # process 0 alone writes the study, on its node, so it alone looks for earlier outputs
+    # there (another node may hold an earlier study in a folder of that name)
+    if _is_main():
+        outputs.earlier_outputs(out, outputs.STEPS_NAMES, a.force)  # each is replaced whole
     return samplers, out
