@@ -112,7 +112,7 @@ def evaluate(
     t_start = time.perf_counter()  # "seconds": the whole evaluation, the real side included
     standard = "standard" in protocols or control is not None
     t_real = time.perf_counter()  # every process measures a block of it (on a cache miss)
-    f_real = _real_features(real, extractor, cache_dir, progress) if standard else None
+    f_real = real_folder_features(real, extractor, cache_dir, progress) if standard else None
     t_real = time.perf_counter() - t_real
     reals = distributed.on_main(
         lambda: (f_real, t_real, *_real_side(loaded, real, n, protocols, attributes))
@@ -326,18 +326,6 @@ def _paper_kid(
     }
 
 
-def _real_features(
-    real: str | Path,
-    extractor: metrics.FeatureExtractor,
-    cache_dir: Path | None,
-    progress: Progress | None,
-) -> torch.Tensor | None:
-    """Standard-protocol features of the real folder (cached on disk) on process 0, None
-    on the others; every process calls it, and on a cache miss each measures its block
-    (`real_folder.real_folder_features`)."""
-    return real_folder_features(real, extractor, cache_dir, progress)
-
-
 STEPS_COLUMNS = [
     "steps",
     "eta",
@@ -387,7 +375,7 @@ def steps_study(
                 f"nothing for it; add eta 0 (e.g. --eta 0,{etas[0]:g}) or leave {sampler} out"
             )
     out_dir = Path(out_dir)
-    f_real = _real_features(real, extractor, cache_dir, progress)
+    f_real = real_folder_features(real, extractor, cache_dir, progress)
     rows: list[dict[str, Any]] = []  # on process 0
     notes: list[str] = []  # the few-images caution, on process 0
     lo, hi = distributed.shard(n)  # this process's block of each setting's n images
