@@ -145,7 +145,7 @@ def _split_stopped(
     folder: Path, held: Path, n: int, monkeypatch: pytest.MonkeyPatch, *, at: int, step: str
 ) -> None:
     """Split ``n`` images of ``folder`` into ``held`` (seed 1), stopped by a Ctrl-C at the
-    ``at``-th call of the split's ``step`` (``_move``: an image; ``_write_json``: a manifest)."""
+    ``at``-th call of the split's ``step`` (``_move``: an image; ``write_manifest``: a manifest)."""
     real, calls = getattr(split_module, step), []
 
     def stop(*args: Path) -> None:
@@ -176,7 +176,7 @@ def test_a_split_stopped_part_way_loses_no_image_and_a_rerun_finishes_it(
         split_held_out(avatars, held, 6, seed=2)
 
     # Stopped again, as the manifests are written: the re-run records the split once.
-    _split_stopped(avatars, held, 6, monkeypatch, at=2, step="_write_json")
+    _split_stopped(avatars, held, 6, monkeypatch, at=2, step="write_manifest")
     p = run_here("data", "split", avatars, "--held-out", 6, "--out", held, "--seed", 1)
     assert p.stdout.startswith("moved 6 images")
     assert not (held / split_module.PLAN).exists()

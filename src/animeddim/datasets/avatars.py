@@ -26,6 +26,8 @@ from animeddim.io import is_temp_name, save_png, write_text_atomic
 from animeddim.words import counted
 
 from .common import (
+    CREDITS,
+    MANIFEST,
     PENDING,
     avatar_index,
     avatar_name,
@@ -33,6 +35,7 @@ from .common import (
     read_json,
     split_refusal,
     unfinished_split_refusal,
+    write_manifest,
 )
 
 AVATAR_STYLE = "adventurer"
@@ -134,14 +137,14 @@ def generate_avatars(
     check_out_creatable(out)
     out.mkdir(parents=True, exist_ok=True)
     wanted = _avatar_manifest(n, size, seed, balanced)
-    manifest_path, pending_path = out / "manifest.json", out / PENDING
+    manifest_path, pending_path = out / MANIFEST, out / PENDING
     names = [avatar_name(i) for i in range(n)]
 
-    for refused in (unfinished_split_refusal(out), split_refusal(out, read_json(manifest_path))):
+    manifest = read_json(manifest_path)
+    for refused in (unfinished_split_refusal(out), split_refusal(out, manifest)):
         if refused is not None:
             raise DataError(refused)
-    for previous_path in (manifest_path, pending_path):
-        previous = read_json(previous_path)
+    for previous in (manifest, read_json(pending_path)):
         if previous is not None and previous != wanted:
             raise DataError(
                 f"folder '{out}' already holds a different avatar set ({previous}); "
@@ -161,9 +164,9 @@ def generate_avatars(
     missing = [i for i, name in enumerate(names) if not (out / name).exists()]
     _render_missing(out, seed, size, missing, workers, progress, balanced)
     _write_labels(out, names, seed, size, balanced, progress)
-    write_text_atomic(out / "CREDITS.md", _credits_text())
+    write_text_atomic(out / CREDITS, _credits_text())
     # The manifest is written last: its presence means every image is complete.
-    write_text_atomic(manifest_path, json.dumps(wanted, indent=2) + "\n")
+    write_manifest(manifest_path, wanted)
     pending_path.unlink()
     return out
 
@@ -186,7 +189,7 @@ def _check_only_avatars(out: Path, size: int, n: int) -> None:
     run on it, without a row in labels.csv."""
     past = []
     for path in out.iterdir():
-        if path.name in ("CREDITS.md", LABELS_FILE) or is_temp_name(path.name):
+        if path.name in (CREDITS, LABELS_FILE) or is_temp_name(path.name):
             continue
         if (i := avatar_index(path.name)) is None:
             raise DataError(

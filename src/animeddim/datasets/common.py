@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from animeddim.data import DataError
-from animeddim.io import file_in_the_way
+from animeddim.io import file_in_the_way, write_text_atomic
 from animeddim.words import counted
 
+MANIFEST = "manifest.json"  # how a folder was made, written last: its presence means done
+CREDITS = "CREDITS.md"  # the avatars' credit, which their licence asks to go with them
 PENDING = ".animeddim-pending.json"  # arguments of a generation run that has not finished
 # The plan of a data split (which images, from where), in its held-out folder until it ends.
 PLAN = ".animeddim-split.json"
@@ -41,6 +43,11 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text("utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest`` to ``path`` atomically, as indented JSON."""
+    write_text_atomic(path, json.dumps(manifest, indent=2) + "\n")
 
 
 def output_name(i: int) -> str:

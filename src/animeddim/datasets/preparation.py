@@ -36,6 +36,7 @@ from animeddim.words import counted
 
 from .archives import Member, read_members
 from .common import (
+    MANIFEST,
     PENDING,
     SPLIT_UNDER_WAY,
     check_out_creatable,
@@ -44,6 +45,7 @@ from .common import (
     read_json,
     split_refusal,
     unfinished_split_refusal,
+    write_manifest,
 )
 
 
@@ -117,7 +119,7 @@ def prepare(
     wanted = _check_prepare(src, out, size)
     if wanted is None:
         return out  # same archive, same size: already done
-    manifest_path, pending_path = out / "manifest.json", out / PENDING
+    manifest_path, pending_path = out / MANIFEST, out / PENDING
     out.mkdir(parents=True, exist_ok=True)
     interrupted = pending_path.is_file()  # an earlier call's images may lie here
     write_text_atomic(pending_path, json.dumps(wanted))
@@ -172,7 +174,7 @@ def prepare(
         **({"unconverted": [[s.path, s.reason] for s in unconverted]} if unconverted else {}),
         **tally.manifest(),
     }
-    write_bytes_atomic(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_manifest(manifest_path, manifest)
     pending_path.unlink(missing_ok=True)
     return out
 
@@ -193,7 +195,7 @@ def _check_prepare(src: Path, out: Path, size: int) -> dict[str, Any] | None:
     wanted = _source_id(src, size)
     # The manifest says a prepare finished here, the pending file that one was interrupted;
     # without either, numbered PNGs are someone's own files (video frames, 000000.png ...).
-    finished = read_json(out / "manifest.json")
+    finished = read_json(out / MANIFEST)
     previous = finished or read_json(out / PENDING)
     if previous is not None:
         if any(previous.get(k) != wanted[k] for k in ("source", "size")):

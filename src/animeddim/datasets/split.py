@@ -28,6 +28,8 @@ from animeddim.labels import canonical, read_csv_rows
 from animeddim.words import counted
 
 from .common import (
+    CREDITS,
+    MANIFEST,
     PENDING,
     PLAN,
     SPLIT_UNDER_WAY,
@@ -35,10 +37,8 @@ from .common import (
     finish_split_command,
     read_json,
     unfinished_split_refusal,
+    write_manifest,
 )
-
-MANIFEST = "manifest.json"
-CREDITS = "CREDITS.md"  # the avatars' credit, which their licence asks to go with them
 
 
 def split_held_out(
@@ -143,7 +143,7 @@ def _mark_under_way(folder: Path, out: Path, n: int, seed: int) -> None:
     if any(h.get("folder") == under_way["folder"] for h in manifest.get("held_out", [])):
         return  # recorded as finished: stopped only before the plan's removal
     manifest[SPLIT_UNDER_WAY] = under_way
-    _write_json(folder / MANIFEST, manifest)
+    write_manifest(folder / MANIFEST, manifest)
 
 
 def _check_places(folder: Path, out: Path) -> str:
@@ -215,7 +215,7 @@ def _split_manifests(folder: Path, out: Path, n: int, seed: int) -> None:
         if "count" in theirs:
             theirs["count"] = n
         theirs["split_from"] = {"folder": here, "n": n, "seed": seed}
-        _write_json(out / MANIFEST, theirs)
+        write_manifest(out / MANIFEST, theirs)
     held = manifest.get("held_out", [])
     recorded = any(h.get("folder") == there for h in held)
     if not recorded or SPLIT_UNDER_WAY in manifest:
@@ -224,8 +224,4 @@ def _split_manifests(folder: Path, out: Path, n: int, seed: int) -> None:
                 manifest["count"] -= n
             manifest["held_out"] = [*held, {"folder": there, "n": n, "seed": seed}]
         manifest.pop(SPLIT_UNDER_WAY, None)  # in the same write: finished, in one step
-        _write_json(folder / MANIFEST, manifest)
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    write_bytes_atomic(path, (json.dumps(value, indent=2) + "\n").encode())
+        write_manifest(folder / MANIFEST, manifest)
