@@ -42,12 +42,17 @@ def real_folder_features(
         plan.append(metrics.plan_folder(Path(real), extractor, "standard", cache_dir))
         hit = metrics.cached_features(plan[0])
         plan.append(hit)
-        return None if hit is not None else _listed(plan[0].folder, plan[0].files)
+        if hit is not None:
+            return None
+        # one process compares with no other: its files are not listed again
+        return _listed(plan[0].folder, plan[0].files) if distributed.world_size() > 1 else []
 
     listed = distributed.from_main(look)
     if listed is None:  # a cache hit
         return plan[1][0] if plan else None
-    shared = distributed.world_size() > 1 and distributed.all_true(_own_listing(real) == listed)
+    # process 0 compares what it listed (in `look`) rather than listing the folder again
+    own = listed if distributed.is_main() else _own_listing(real)
+    shared = distributed.world_size() > 1 and distributed.all_true(own == listed)
     if not shared:  # one process, or a folder some process does not see as process 0 does
 
         def whole() -> torch.Tensor:
